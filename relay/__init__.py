@@ -1,0 +1,3 @@
+"""relay: a local SMTP relay for applications."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,126 @@
+"""Wiring and lifecycle: startup() -> serve() -> shutdown().
+
+App receives a validated Config and builds the edges (store, transports, listener, HTTP)
+and the scheduler; it owns the order in which they start and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from relay import __version__
+from relay.config import Config, config_warnings
+from relay.errors import StoreError
+from relay.http import build_app, start_http
+from relay.ingest import IngestHandler, start_listener
+from relay.logs import event
+from relay.maildir import MaildirTransport
+from relay.message import NewMessage
+from relay.metrics import Metrics
+from relay.scheduler import Scheduler
+from relay.store import SQLiteStore
+from relay.transport import Transport
+from relay.upstream import UpstreamPool
+
+log = logging.getLogger("relay")
+
+
+def build_transports(config: Config, metrics: Metrics | None = None) -> dict[str, Transport]:
+    transports: dict[str, Transport] = {}
+    for name, acc in config.accounts.items():
+        if acc.transport == "maildir":
+            assert acc.path is not None
+            transports[name] = MaildirTransport(name, acc.path)
+        else:
+            counter = metrics.connections_opened.labels(name).inc if metrics else None
+            transports[name] = UpstreamPool(name, acc, on_connect=counter)
+    return transports
+
+
+class App:
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry, config.accounts)
+        self.store = SQLiteStore(config.queue.path, commit=config.queue.commit)
+        self.transports = build_transports(config, self.metrics)
+        self.scheduler = Scheduler(config, self.store, self.transports, self.metrics)
+        self.handler = IngestHandler(config, self._submit, self.metrics)
+        self.smtp_server: asyncio.Server | None = None
+        self.http_runner: web.AppRunner | None = None
+        self.smtp_port = 0
+        self.http_port = 0
+        self._stopped = asyncio.Event()
+
+    async def _submit(self, message: NewMessage) -> None:
+        await self.store.enqueue(message)
+        self.scheduler.notify(message.account)
+
+    async def startup(self) -> None:
+        for warning in config_warnings(self.config):
+            log.warning("config: %s", warning)
+        await self.store.open()  # StoreError: corrupt, foreign or locked queue file
+        try:
+            await self.scheduler.start()
+            self.smtp_server = await start_listener(self.config, self.handler, self.metrics)
+            self.smtp_port = self.smtp_server.sockets[0].getsockname()[1]
+            if self.config.metrics.enabled:
+                app = build_app(self.registry, self.refresh_gauges, self.ready_problem)
+                self.http_runner, self.http_port = await start_http(
+                    app, self.config.metrics.host, self.config.metrics.port
+                )
+        except BaseException:
+            await self.shutdown()
+            raise
+        event(log, logging.INFO, "started", version=__version__,
+              listen=f"{self.config.listen.host}:{self.smtp_port}",
+              metrics=f"{self.config.metrics.host}:{self.http_port}" if self.http_runner else None,
+              queue=str(self.config.queue.path), accounts=",".join(self.config.accounts))
+
+    async def refresh_gauges(self) -> None:
+        """Queue gauges from the queue file (so they include changes made by the CLI)."""
+        try:
+            counts = await self.store.counts()
+            oldest = await self.store.oldest_ready()
+        except StoreError:
+            return
+        self.metrics.set_queue(counts, oldest, time.time())
+        for name, transport in self.transports.items():
+            self.metrics.connections_open.labels(name).set(transport.open_connections())
+
+    async def ready_problem(self) -> str | None:
+        if self.smtp_server is None or not self.smtp_server.is_serving():
+            return "SMTP listener is not accepting"
+        try:
+            await self.store.execute([])
+        except StoreError as exc:
+            return f"queue not writable: {exc}"
+        return None
+
+    async def serve(self) -> None:
+        await self._stopped.wait()
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Stop accepting, let in-flight sends finish (up to grace), close everything."""
+        self.handler.accepting = False
+        if self.smtp_server is not None:
+            self.smtp_server.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.smtp_server.wait_closed(), 1.0)
+        await self.scheduler.stop(grace)
+        for transport in self.transports.values():
+            await transport.close()
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+            self.http_runner = None
+        await self.store.close()
+        event(log, logging.INFO, "stopped")

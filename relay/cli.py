@@ -1,0 +1,117 @@
+"""Command line: `relay serve`, `relay check-config`, `relay queue ...`, `relay accounts test`.
+
+argparse (standard library): subcommands, help and exit codes without a dependency.
+Exit codes: 0 ok, 1 runtime failure (queue locked, port in use), 2 bad usage or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from relay import __version__
+from relay.config import Config, config_warnings, effective_config, load_config
+from relay.errors import ConfigError, RelayError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _load(args: argparse.Namespace) -> Config:
+    path = args.config or os.environ.get("RELAY_CONFIG")
+    return load_config(path)
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> int:
+    print(f"relay: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(yaml.safe_dump(effective_config(config), sort_keys=False), end="")
+    return EXIT_OK
+
+
+async def _serve(config: Config) -> None:
+    from relay.app import App
+
+    app = App(config)
+    await app.startup()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.request_stop)
+    try:
+        await app.serve()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await app.shutdown(grace=5.0)
+
+
+def _run(coro_factory: object) -> None:
+    """asyncio.run, on uvloop when the optional extra is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro_factory)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coro_factory)  # type: ignore[arg-type]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from relay.logs import setup_logging
+
+    config = _load(args)
+    setup_logging(config.logging.level, config.logging.format)
+    try:
+        _run(_serve(config))
+    except OSError as exc:
+        return _fail(f"cannot listen: {exc.strerror or exc}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", metavar="FILE",
+                        help="YAML config file (default: $RELAY_CONFIG, else built-in defaults)")
+
+    p = sub.add_parser("serve", parents=[common], help="run the relay")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("check-config", parents=[common],
+                       help="validate the config and print it with secrets masked")
+    p.set_defaults(func=cmd_check_config)
+
+    from relay import cli_queue
+
+    cli_queue.add_commands(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except RelayError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    with contextlib.suppress(BrokenPipeError):
+        sys.stdout.flush()
+    return code

@@ -1,0 +1,338 @@
+"""The configuration file: parsed once, validated whole, frozen.
+
+Validation is pydantic's; this module turns its errors into one line per problem that
+starts with the key path (``accounts.gmail.tls: must be one of starttls, implicit, none``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+
+from relay.durations import format_duration, parse_duration
+from relay.errors import ConfigError
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
+ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MASK = "********"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ListenConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: Port = 2525
+    max_message_size: int = Field(default=26_214_400, ge=1024)  # 25 MiB, Gmail's limit
+    max_recipients: int = Field(default=100, ge=1)  # RFC 5321 4.5.3.1.8: at least 100
+    max_connections: int = Field(default=200, ge=1)
+    timeout: Duration = 300.0  # RFC 5321 4.5.3.2.7: server timeout of 5 minutes
+
+
+class QueueConfig(_Frozen):
+    path: Path = Path("relay-data/queue.sqlite3")
+    # group: one sync for all messages committed together (default); per-message: one
+    # sync per message, kept so the benchmark can show what group commit buys.
+    commit: Literal["group", "per-message"] = "group"
+
+
+class MetricsConfig(_Frozen):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 9025
+
+
+class LoggingConfig(_Frozen):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class RetryConfig(_Frozen):
+    initial_delay: Duration = 30.0
+    max_delay: Duration = 1800.0
+    max_age: Duration = 172_800.0
+    jitter: float = Field(default=0.2, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RetryConfig:
+        if self.max_delay < self.initial_delay:
+            raise ValueError("max_delay: must be at least initial_delay")
+        return self
+
+
+class PoolConfig(_Frozen):
+    max_connections: int = Field(default=5, ge=1, le=100)
+    max_messages_per_connection: int = Field(default=100, ge=1)
+    idle_timeout: Duration = 300.0
+
+
+class RateLimitConfig(_Frozen):
+    per_second: int | None = Field(default=None, ge=1)
+    per_minute: int | None = Field(default=None, ge=1)
+    per_hour: int | None = Field(default=None, ge=1)
+    per_day: int | None = Field(default=None, ge=1)
+    on_limit: Literal["defer", "reject"] = "defer"
+
+    def windows(self) -> list[tuple[float, int]]:
+        """(window length in seconds, limit) for each limit that is set."""
+        pairs = [
+            (1.0, self.per_second),
+            (60.0, self.per_minute),
+            (3600.0, self.per_hour),
+            (86400.0, self.per_day),
+        ]
+        return [(w, n) for w, n in pairs if n is not None]
+
+
+class TimeoutsConfig(_Frozen):
+    connect: Duration = 10.0
+    command: Duration = 60.0
+    # RFC 5321 4.5.3.2.6: wait 10 minutes for the reply to the final dot; giving up
+    # sooner and retrying is how duplicates are made.
+    data: Duration = 600.0
+
+
+class AccountConfig(_Frozen):
+    transport: Literal["smtp", "maildir"] = "smtp"
+    # smtp
+    host: str | None = None
+    port: Port | None = None
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    tls_verify: bool = True
+    username: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    password: str | None = Field(default=None, repr=False)
+    pool: PoolConfig = PoolConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    retry: RetryConfig | None = None  # None: the top-level retry block
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    # maildir
+    path: Path | None = None
+
+    _secret: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check(self) -> AccountConfig:
+        if self.transport == "maildir":
+            if self.path is None:
+                raise ValueError("path: required for a maildir account")
+            return self
+        if not self.host:
+            raise ValueError("host: required for an smtp account")
+        sources = [k for k in ("password_env", "password_file", "password") if getattr(self, k)]
+        if len(sources) > 1:
+            raise ValueError(f"{sources[1]}: give only one of {', '.join(sources)}")
+        if self.username and not sources:
+            raise ValueError("username: needs password_env, password_file or password")
+        self._secret = self._read_secret()
+        return self
+
+    def _read_secret(self) -> str | None:
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ValueError(
+                    f"password_env: environment variable {self.password_env} is not set"
+                )
+            return value
+        if self.password_file:
+            try:
+                return self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"password_file: cannot read {self.password_file}: {exc.strerror}"
+                ) from None
+        return self.password
+
+    @property
+    def secret(self) -> str | None:
+        """The resolved password; never logged or printed."""
+        return self._secret
+
+    @property
+    def effective_port(self) -> int:
+        return self.port if self.port is not None else DEFAULT_PORTS[self.tls]
+
+
+class RoutingConfig(_Frozen):
+    default_account: str = "outbox"
+
+
+def _default_accounts() -> dict[str, AccountConfig]:
+    return {"outbox": AccountConfig(transport="maildir", path=Path("relay-data/outbox"))}
+
+
+class Config(_Frozen):
+    listen: ListenConfig = ListenConfig()
+    queue: QueueConfig = QueueConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    retry: RetryConfig = RetryConfig()
+    accounts: dict[str, AccountConfig] = Field(default_factory=_default_accounts)
+    routing: RoutingConfig = RoutingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if not self.accounts:
+            raise ValueError("accounts: at least one account is required")
+        for name in self.accounts:
+            if not ACCOUNT_NAME.match(name):
+                raise ValueError(
+                    f"accounts.{name}: account names use letters, digits, '_', '.', '-'"
+                )
+        if self.routing.default_account not in self.accounts:
+            raise ValueError(
+                f"routing.default_account: no account named {self.routing.default_account!r}"
+                f" (accounts: {', '.join(sorted(self.accounts))})"
+            )
+        return self
+
+    def retry_for(self, account: str) -> RetryConfig:
+        return self.accounts[account].retry or self.retry
+
+
+def _describe(error: Any) -> str:
+    kind, msg, ctx = error["type"], error["msg"], error.get("ctx") or {}
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "literal_error":
+        expected = str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
+        return f"must be one of {expected}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return "must be a whole number"
+    if kind in ("bool_parsing", "bool_type"):
+        return "must be true or false"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return "must be a mapping of keys to values"
+    if kind in ("string_type",):
+        return "must be a string"
+    if kind == "greater_than_equal":
+        return f"must be at least {ctx.get('ge')}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx.get('le')}"
+    return str(msg).removeprefix("Value error, ")
+
+
+def _problem(error: Any) -> str:
+    path = ".".join(str(part) for part in error["loc"])
+    text = _describe(error)
+    # A model validator reports 'key: reason' about a key below its own path.
+    head, sep, rest = text.partition(": ")
+    if sep and re.fullmatch(r"[A-Za-z_][\w.]*", head):
+        path = f"{path}.{head}" if path else head
+        text = rest
+    return f"{path}: {text}" if path else text
+
+
+def parse_config(data: object) -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): must be a mapping of keys to values"])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([_problem(e) for e in exc.errors()]) from None
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate a YAML file; None means the built-in defaults."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+    return parse_config(data)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Things that work but that an operator should know about."""
+    warnings = []
+    for name, acc in config.accounts.items():
+        if acc.transport != "smtp":
+            continue
+        if acc.password:
+            warnings.append(
+                f"accounts.{name}.password: a literal password in the config file;"
+                " prefer password_env or password_file"
+            )
+        if acc.tls == "none" and acc.username and not _is_loopback(acc.host or ""):
+            warnings.append(
+                f"accounts.{name}.tls: none sends the password unencrypted to {acc.host}"
+            )
+        if not acc.tls_verify:
+            warnings.append(f"accounts.{name}.tls_verify: false; certificates are not checked")
+        if acc.password_file and acc.password_file.exists():
+            mode = acc.password_file.stat().st_mode
+            if mode & (stat.S_IRGRP | stat.S_IROTH):
+                warnings.append(
+                    f"accounts.{name}.password_file: {acc.password_file} is readable by"
+                    " other users (chmod 600 it)"
+                )
+    return warnings
+
+
+def effective_config(config: Config) -> dict[str, Any]:
+    """The config as a plain mapping with defaults filled in and secrets masked."""
+    data = config.model_dump(mode="json")
+    for name, acc in data["accounts"].items():
+        if acc.get("password"):
+            acc["password"] = MASK
+        if config.accounts[name].transport == "smtp":
+            acc["port"] = config.accounts[name].effective_port
+        else:
+            for key in list(acc):
+                if key not in ("transport", "path", "retry", "rate_limit"):
+                    del acc[key]
+    _durations_as_text(data)
+    return data
+
+
+def _durations_as_text(node: Any) -> None:
+    duration_keys = {"initial_delay", "max_delay", "max_age", "idle_timeout", "timeout",
+                     "connect", "command", "data"}
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in duration_keys and isinstance(value, int | float):
+                node[key] = format_duration(float(value))
+            else:
+                _durations_as_text(value)

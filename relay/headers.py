@@ -1,0 +1,72 @@
+"""Reading and removing header fields in raw message bytes, without re-serialising.
+
+Only the header section is touched; every other byte of the message passes through as
+it came, so signatures (DKIM) made by the application stay valid.
+"""
+
+from __future__ import annotations
+
+import re
+
+# RFC 5322 2.2: field-name is printable US-ASCII except ':'.
+_FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+_FOLD = (b" ", b"\t")
+
+
+def header_end(body: bytes) -> int:
+    """Offset where the blank line that ends the header section starts (len(body) if none)."""
+    if body.startswith((b"\r\n", b"\n")):
+        return 0
+    ends = [i + skip for i, skip in ((body.find(b"\r\n\r\n"), 2), (body.find(b"\n\n"), 1)) if i >= 0]
+    return min(ends) if ends else len(body)
+
+
+def _lines(section: bytes) -> list[bytes]:
+    return section.splitlines(keepends=True)
+
+
+def parse_headers(body: bytes) -> list[tuple[str, str]]:
+    """(name, unfolded value) for every field in the header section, in order."""
+    fields: list[tuple[str, str]] = []
+    for line in _lines(body[: header_end(body)]):
+        if line.startswith(_FOLD) and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + " " + line.strip().decode("utf-8", "replace"))
+            continue
+        match = _FIELD.match(line)
+        if match:
+            name = match.group(1).decode("ascii")
+            value = line[match.end() :].strip().decode("utf-8", "replace")
+            fields.append((name, value))
+    return fields
+
+
+def get_header(fields: list[tuple[str, str]], name: str) -> str | None:
+    """The first field of that name (case-insensitive), or None."""
+    wanted = name.lower()
+    for key, value in fields:
+        if key.lower() == wanted:
+            return value
+    return None
+
+
+def remove_headers(body: bytes, names: set[str]) -> bytes:
+    """The message without the named fields (and their folded lines); all else unchanged."""
+    wanted = {n.lower() for n in names}
+    end = header_end(body)
+    kept: list[bytes] = []
+    dropping = False
+    removed = False
+    for line in _lines(body[:end]):
+        if line.startswith(_FOLD):
+            if not dropping:
+                kept.append(line)
+            continue
+        match = _FIELD.match(line)
+        dropping = bool(match and match.group(1).decode("ascii").lower() in wanted)
+        removed = removed or dropping
+        if not dropping:
+            kept.append(line)
+    if not removed:
+        return body
+    return b"".join(kept) + body[end:]

@@ -1,0 +1,72 @@
+"""Logging: one line per event, every line of a message's life carrying its queue id.
+
+Text lines read like Postfix's (``ID: delivered account=gmail relay=host:25 ...``); JSON
+lines have stable keys (ts, level, event, queue_id and the event's fields).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}
+
+
+def event(logger: logging.Logger, level: int, name: str, queue_id: str | None = None,
+          **fields: Any) -> None:
+    """Log one event; fields become key=value in text and keys in JSON."""
+    if not logger.isEnabledFor(level):
+        return
+    parts = [f"{queue_id}:" if queue_id else "", name]
+    for key, value in fields.items():
+        if value is None:
+            continue
+        text = str(value)
+        parts.append(f"{key}={json.dumps(text) if (' ' in text or not text) else text}")
+    logger.log(level, " ".join(p for p in parts if p),
+               extra={"event": name, "queue_id": queue_id, "fields": fields})
+
+
+class JsonFormatter(logging.Formatter):
+    """A small formatter of our own so the keys are ours and documented (docs/logging.md)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        name = getattr(record, "event", None)
+        if name:
+            data["event"] = name
+            if getattr(record, "queue_id", None):
+                data["queue_id"] = record.queue_id
+            for key, value in (getattr(record, "fields", None) or {}).items():
+                if value is not None:
+                    data[key] = value
+        else:
+            data["message"] = record.getMessage()
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(LEVELS[level])
+    # aiosmtpd logs every session at INFO ("Peer: ...", "connection lost"); keep it quiet.
+    logging.getLogger("mail.log").setLevel(max(LEVELS[level], logging.WARNING))

@@ -1,0 +1,75 @@
+"""Prometheus metrics: one registry passed in, base units, bounded labels (never addresses)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from relay import __version__
+from relay.message import MessageState
+
+REJECT_REASONS = ("unknown_account", "bad_header", "too_big", "too_many_recipients",
+                  "store_unavailable", "rate_limited", "internal_error")
+# Delivery transactions: milliseconds to minutes (RFC 5321 allows 10 minutes for DATA).
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+# Queue delay: from instant to days (retries run for up to retry.max_age).
+_DELAY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400, 172800)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, accounts: Iterable[str]) -> None:
+        self.registry = registry
+        r = registry
+        acc = ["account"]
+        self.received = Counter("relay_messages_received", "Messages accepted and queued.",
+                                registry=r)
+        self.delivered = Counter("relay_messages_delivered", "Messages delivered.", acc,
+                                 registry=r)
+        self.deferred = Counter("relay_messages_deferred", "Delivery attempts deferred.", acc,
+                                registry=r)
+        self.failed = Counter("relay_messages_failed", "Messages failed permanently.", acc,
+                              registry=r)
+        self.rejected = Counter("relay_messages_rejected",
+                                "Messages refused at the SMTP listener.", ["reason"], registry=r)
+        self.queue = Gauge("relay_queue_messages", "Messages in the queue file by state.",
+                           ["account", "state"], registry=r)
+        self.oldest = Gauge("relay_oldest_message_age_seconds",
+                            "Age of the oldest undelivered message.", acc, registry=r)
+        self.connections_opened = Counter("relay_upstream_connections_opened",
+                                          "Upstream connections opened.", acc, registry=r)
+        self.connections_open = Gauge("relay_upstream_connections_open",
+                                      "Upstream connections open now.", acc, registry=r)
+        self.auth_failures = Counter("relay_upstream_auth_failures",
+                                     "Upstream AUTH failures.", acc, registry=r)
+        self.rate_limited = Counter("relay_rate_limited",
+                                    "Times an account's rate limit held ready messages.", acc,
+                                    registry=r)
+        self.delivery_duration = Histogram("relay_delivery_duration_seconds",
+                                           "Duration of upstream transactions.", acc,
+                                           buckets=_DURATION_BUCKETS, registry=r)
+        self.queue_delay = Histogram("relay_queue_delay_seconds",
+                                     "Time from acceptance to delivery.", acc,
+                                     buckets=_DELAY_BUCKETS, registry=r)
+        self.sessions_active = Gauge("relay_smtp_sessions_active", "Open SMTP client sessions.",
+                                     registry=r)
+        build = Gauge("relay_build_info", "relay version.", ["version"], registry=r)
+        build.labels(__version__).set(1)
+        self.accounts = list(accounts)
+        for name in self.accounts:  # every series exists at zero from the start
+            for metric in (self.delivered, self.deferred, self.failed, self.connections_opened,
+                           self.auth_failures, self.rate_limited, self.delivery_duration,
+                           self.queue_delay, self.oldest, self.connections_open):
+                metric.labels(name)
+            for state in MessageState:
+                self.queue.labels(name, str(state))
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+
+    def set_queue(self, counts: dict[tuple[str, str], int], oldest_created: dict[str, float],
+                  now: float) -> None:
+        for name in self.accounts:
+            for state in MessageState:
+                self.queue.labels(name, str(state)).set(counts.get((name, str(state)), 0))
+            created = oldest_created.get(name)
+            self.oldest.labels(name).set(max(now - created, 0.0) if created else 0.0)

@@ -1,0 +1,111 @@
+"""Turn one delivery attempt into the message's next state. Pure: no I/O, time passed in.
+
+Per recipient: accepted -> delivered, refused 5xx -> failed, refused 4xx -> stays pending
+and is retried. The message is final once no recipient is pending.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+from relay.errors import DeliveryError, TemporaryFailure
+from relay.message import (
+    AttemptResult,
+    MessageState,
+    QueuedMessage,
+    Recipient,
+    RecipientState,
+)
+from relay.retry import Defer, RetryPolicy
+from relay.transport import SendResult
+
+
+def settle(
+    message: QueuedMessage,
+    sent: SendResult | DeliveryError,
+    *,
+    now: float,
+    policy: RetryPolicy,
+    rng: random.Random,
+    resume_at: float | None = None,
+) -> AttemptResult:
+    """The AttemptResult to store. ``resume_at``: the account is backing off until then."""
+    attempts = message.attempts + 1
+    recipients = [replace(r) for r in message.recipients]
+    pending = [r for r in recipients if r.state is RecipientState.PENDING]
+
+    if isinstance(sent, DeliveryError):
+        temp_error: DeliveryError | None = sent
+        reply = sent.reply_text()
+        for r in pending:
+            if not sent.temporary:
+                _finish(r, RecipientState.FAILED, reply)
+        if not sent.temporary:
+            temp_error = None
+    else:
+        reply = sent.reply
+        temp_error = None
+        for r in pending:
+            refused = sent.refused.get(r.address)
+            if refused is None and r.address in sent.accepted:
+                _finish(r, RecipientState.DELIVERED, sent.reply)
+            elif refused is not None and not refused.temporary:
+                _finish(r, RecipientState.FAILED, refused.reply_text())
+            elif refused is not None:
+                temp_error = temp_error or refused
+                r.reply = refused.reply_text()
+        if temp_error and not reply:
+            reply = temp_error.reply_text()
+
+    next_at = message.next_attempt_at
+    last_error = ""
+    if temp_error is not None:
+        decision = policy.decide(
+            temp_error, attempts=attempts, created_at=message.created_at, now=now, rng=rng
+        )
+        if isinstance(decision, Defer):
+            next_at = decision.until if resume_at is None else max(resume_at, now)
+            last_error = decision.reason
+        else:
+            last_error = decision.reason
+            for r in recipients:
+                if r.state is RecipientState.PENDING:
+                    _finish(r, RecipientState.FAILED, decision.reason)
+    failed = [r for r in recipients if r.state is RecipientState.FAILED]
+    if failed and not last_error:
+        last_error = "; ".join(f"<{r.address}>: {r.reply}" for r in failed)[:1000]
+
+    state, outcome = _state_of(recipients)
+    return AttemptResult(
+        id=message.id,
+        account=message.account,
+        state=state,
+        recipients=recipients,
+        attempts=attempts,
+        next_attempt_at=next_at,
+        last_error=last_error,
+        at=now,
+        outcome=outcome,
+        reply=reply,
+    )
+
+
+def _finish(recipient: Recipient, state: RecipientState, reply: str) -> None:
+    recipient.state = state
+    recipient.reply = reply
+
+
+def _state_of(recipients: list[Recipient]) -> tuple[MessageState, str]:
+    states = {r.state for r in recipients}
+    if RecipientState.PENDING in states:
+        partly = RecipientState.DELIVERED in states or RecipientState.FAILED in states
+        return MessageState.DEFERRED, "partial" if partly else "deferred"
+    if RecipientState.DELIVERED in states:
+        return MessageState.DELIVERED, "partial" if RecipientState.FAILED in states else "delivered"
+    return MessageState.FAILED, "failed"
+
+
+def store_failure(reason: str) -> TemporaryFailure:
+    """A local problem (body unreadable) handled like a temporary upstream failure."""
+    return TemporaryFailure(reason)

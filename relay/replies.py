@@ -1,0 +1,41 @@
+"""SMTP replies the listener sends, named, so the listener and its tests share them.
+
+Codes and enhanced codes: RFC 5321 section 4.2, RFC 3463.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    enhanced: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+    def with_text(self, text: str) -> Reply:
+        return Reply(self.code, self.enhanced, text)
+
+
+def queued(queue_id: str) -> str:
+    return f"250 2.0.0 queued as {queue_id}"
+
+
+OK = Reply(250, "2.1.0", "OK")
+RCPT_OK = Reply(250, "2.1.5", "OK")
+# Local errors: the client keeps the message and retries.
+STORE_FAILED = Reply(451, "4.3.0", "Queue unavailable, try again later")
+STORE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+RATE_LIMITED = Reply(451, "4.7.1", "Account over its rate limit, try again later")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down")
+# The message can never be accepted as it is.
+UNKNOWN_ACCOUNT = Reply(550, "5.7.1", "X-Account header names an unknown account")
+BAD_HEADER = Reply(550, "5.6.0", "Malformed header")
+TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+BAD_ADDRESS = Reply(553, "5.1.3", "Malformed address")

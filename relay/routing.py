@@ -1,0 +1,41 @@
+"""Which account a message goes through, and when it may go."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from email.utils import parsedate_to_datetime
+
+from relay.headers import get_header
+
+ACCOUNT_HEADER = "X-Account"
+DEFERRED_HEADER = "Deferred-Delivery"  # RFC 2156
+# Headers that instruct relay and are removed before the message goes upstream.
+CONTROL_HEADERS = {ACCOUNT_HEADER, DEFERRED_HEADER}
+
+
+class RoutingError(ValueError):
+    """The message's headers ask for something relay cannot do; text names the header."""
+
+
+def choose_account(fields: list[tuple[str, str]], default: str, accounts: Collection[str]) -> str:
+    value = get_header(fields, ACCOUNT_HEADER)
+    if value is None:
+        return default
+    name = value.strip()
+    if name not in accounts:
+        raise RoutingError(f"{ACCOUNT_HEADER} header names unknown account {name[:64]!r}")
+    return name
+
+
+def deferred_until(fields: list[tuple[str, str]]) -> float | None:
+    """The Deferred-Delivery time as a Unix timestamp, or None when absent."""
+    value = get_header(fields, DEFERRED_HEADER)
+    if value is None:
+        return None
+    try:
+        when = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        when = None
+    if when is None or when.tzinfo is None:
+        raise RoutingError(f"{DEFERRED_HEADER} header is not an RFC 5322 date with a zone")
+    return when.timestamp()

@@ -1,0 +1,315 @@
+"""The delivery loop: per account, claim due messages in priority order and send them.
+
+Each account has its own worker, so an account that is down, slow or throttled never
+holds up another. A worker sleeps on an asyncio.Event until a message arrives, a send
+finishes, or the next deferred message or rate-limit window comes due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from relay.config import Config
+from relay.errors import DeliveryError, StoreError, TemporaryFailure
+from relay.logs import event
+from relay.message import AttemptResult, MessageState, QueuedMessage
+from relay.metrics import Metrics
+from relay.outcome import settle
+from relay.ratelimit import RateLimiter
+from relay.retry import RetryPolicy
+from relay.store import SQLiteStore
+from relay.transport import SendResult, Transport
+
+log = logging.getLogger("relay.delivery")
+CHANGE_POLL_S = 0.5  # how soon `relay queue ...` changes made by another process are seen
+_FINISH_RETRY_S = 1.0
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+class AccountWorker:
+    """Delivers one account's messages with at most ``concurrency`` sends at once."""
+
+    def __init__(
+        self,
+        name: str,
+        transport: Transport,
+        store: SQLiteStore,
+        policy: RetryPolicy,
+        limiter: RateLimiter,
+        metrics: Metrics,
+        *,
+        concurrency: int,
+        lease_s: float,
+        clock: Callable[[], float],
+        rng: random.Random,
+    ) -> None:
+        self.name = name
+        self.transport = transport
+        self.store = store
+        self.policy = policy
+        self.limiter = limiter
+        self.metrics = metrics
+        self.concurrency = concurrency
+        self.lease_s = lease_s
+        self.clock = clock
+        self.rng = rng
+        self.wake = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self.backoff_until = 0.0
+        self.backoff_failures = 0
+        self.last_account_error = ""
+        self._held = False
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"account-{self.name}")
+
+    def notify(self) -> None:
+        self.idle.clear()
+        self.wake.set()
+
+    def resume(self) -> None:
+        """End an account-wide backoff now (an operator's `queue flush`)."""
+        self.backoff_until = 0.0
+        self.notify()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self.wake.clear()
+            try:
+                timeout = await self._dispatch()
+            except StoreError as exc:
+                event(log, logging.ERROR, "queue_error", account=self.name, reason=str(exc))
+                timeout = _FINISH_RETRY_S
+            if self._stopping:
+                break
+            if timeout is None or timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self.wake.wait()
+
+    async def _dispatch(self) -> float | None:
+        """Start what may go now; return how long to sleep (None: until woken)."""
+        now = self.clock()
+        if now < self.backoff_until:
+            return self.backoff_until - now
+        # While an account is backing off as a whole, one probe at a time.
+        slots = (1 if self.backoff_failures else self.concurrency) - len(self.in_flight)
+        if slots <= 0:
+            return None
+        hold = self.limiter.wait_time(now)
+        if hold == 0:
+            allowed = min(slots, self.limiter.available(now))
+            batch = await self.store.claim_due(self.name, now, allowed, self.lease_s)
+            if batch:
+                self._held = False
+                self.idle.clear()
+                for message in batch:
+                    self.limiter.record(now)
+                    self._start(message)
+                return 0.0
+        due = await self.store.next_due_at(self.name)
+        if due is None or due > now:
+            if not self.in_flight:
+                self.idle.set()
+            return None if due is None else due - now
+        if hold > 0:
+            if not self._held:  # count each hold once, not each wake-up
+                self.metrics.rate_limited.labels(self.name).inc()
+                self._held = True
+            return hold
+        return 0.05  # due but not claimed (the clock moved): look again shortly
+
+    def _start(self, message: QueuedMessage) -> None:
+        task = asyncio.create_task(self._deliver(message), name=f"deliver-{message.id}")
+        self.in_flight[message.id] = task
+        task.add_done_callback(lambda _t, mid=message.id: self._done(mid))
+
+    def _done(self, message_id: str) -> None:
+        self.in_flight.pop(message_id, None)
+        self.wake.set()
+
+    async def _deliver(self, message: QueuedMessage) -> None:
+        started = self.clock()
+        sent: SendResult | DeliveryError
+        try:
+            body = await self.store.load_body(message.id)
+            sent = await self.transport.send(
+                message.sender, message.pending_recipients, body, message.mail_options
+            )
+        except DeliveryError as exc:
+            sent = exc
+        except StoreError as exc:
+            sent = TemporaryFailure(f"queue: {exc}")
+        now = self.clock()
+        resume_at = self._account_health(sent, now)
+        result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
+                        resume_at=resume_at)
+        # The status write must happen even if shutdown cancels us now.
+        await asyncio.shield(self._write(result))
+        self._report(message, result, sent, started)
+
+    async def _write(self, result: AttemptResult) -> None:
+        while True:
+            try:
+                await self.store.finish(result)
+                return
+            except StoreError as exc:
+                event(log, logging.ERROR, "queue_error", result.id, account=self.name,
+                      reason=f"cannot record outcome, will retry: {exc}")
+                await asyncio.sleep(_FINISH_RETRY_S)
+
+    def _account_health(self, sent: SendResult | DeliveryError, now: float) -> float | None:
+        """Back the account off on account-wide failures; return when it resumes."""
+        if not isinstance(sent, DeliveryError) or not sent.account_wide:
+            if self.backoff_failures:
+                event(log, logging.INFO, "account_recovered", account=self.name)
+            self.backoff_failures = 0
+            self.last_account_error = ""
+            return None
+        if now < self.backoff_until:  # another send already backed it off
+            return self.backoff_until
+        self.backoff_failures += 1
+        self.backoff_until = now + self.policy.next_delay(self.backoff_failures, self.rng)
+        self.last_account_error = sent.reply_text()
+        auth = sent.code == 535 or (sent.code is not None and sent.enhanced == "5.7.8")
+        if auth:
+            self.metrics.auth_failures.labels(self.name).inc()
+        event(log, logging.ERROR if auth else logging.WARNING,
+              "account_auth_failed" if auth else "account_backoff", account=self.name,
+              relay=self.transport.peer, reason=sent.reply_text(),
+              until=_iso(self.backoff_until))
+        return self.backoff_until
+
+    def _report(self, message: QueuedMessage, result: AttemptResult,
+                sent: SendResult | DeliveryError, started: float) -> None:
+        account = self.name
+        peer = sent.peer if isinstance(sent, SendResult) else self.transport.peer
+        if isinstance(sent, SendResult):
+            self.metrics.delivery_duration.labels(account).observe(result.at - started)
+        if result.state is MessageState.DELIVERED:
+            self.metrics.delivered.labels(account).inc()
+            self.metrics.queue_delay.labels(account).observe(result.at - message.created_at)
+            event(log, logging.INFO, "delivered", message.id, account=account, relay=peer,
+                  delay=f"{result.at - message.created_at:.3f}", attempt=result.attempts,
+                  reply=result.reply,
+                  failed_recipients=sum(r.state == "failed" for r in result.recipients) or None)
+        elif result.state is MessageState.DEFERRED:
+            self.metrics.deferred.labels(account).inc()
+            event(log, logging.WARNING, "deferred", message.id, account=account, relay=peer,
+                  attempt=result.attempts, reason=result.last_error,
+                  next_attempt=_iso(result.next_attempt_at))
+        else:
+            self.metrics.failed.labels(account).inc()
+            event(log, logging.WARNING, "failed", message.id, account=account, relay=peer,
+                  attempt=result.attempts, reason=result.last_error)
+
+    def stop_claiming(self) -> None:
+        self._stopping = True
+        self.wake.set()
+
+    async def join(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: Config,
+        store: SQLiteStore,
+        transports: dict[str, Transport],
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        rng = rng or random.Random()
+        self.workers: dict[str, AccountWorker] = {}
+        for name, acc in config.accounts.items():
+            t = acc.timeouts
+            self.workers[name] = AccountWorker(
+                name,
+                transports[name],
+                store,
+                RetryPolicy.from_config(config.retry_for(name)),
+                RateLimiter(acc.rate_limit.windows()),
+                metrics,
+                concurrency=acc.pool.max_connections,
+                lease_s=t.connect + 4 * t.command + t.data + 60,
+                clock=clock,
+                rng=rng,
+            )
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        now = self.clock()
+        recovered = await self.store.recover(now)
+        if recovered:
+            event(log, logging.WARNING, "recovered", count=recovered,
+                  reason="messages being delivered when relay stopped are queued again")
+        for name, worker in self.workers.items():
+            if worker.limiter.limited:
+                since = now - worker.limiter.longest_window
+                worker.limiter.restore(await self.store.recent_sends(name, since), now)
+            worker.start()
+        self._watcher = asyncio.create_task(self._watch(), name="queue-watcher")
+
+    def notify(self, account: str) -> None:
+        self.workers[account].notify()
+
+    def wake_all(self) -> None:
+        for worker in self.workers.values():
+            worker.notify()
+
+    async def _watch(self) -> None:
+        """Notice changes made by `relay queue ...` in another process."""
+        while True:
+            await asyncio.sleep(CHANGE_POLL_S)
+            try:
+                if await self.store.changed_elsewhere():
+                    self.wake_all()
+            except StoreError:
+                continue
+
+    async def run_until_idle(self) -> None:
+        """Return once nothing is in flight and nothing is due (tests, `burst` runs)."""
+        while True:
+            await asyncio.gather(*(w.idle.wait() for w in self.workers.values()))
+            await asyncio.sleep(0)
+            if all(w.idle.is_set() and not w.in_flight for w in self.workers.values()):
+                return
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming, give in-flight sends ``grace`` seconds, requeue the rest."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        for worker in self.workers.values():
+            worker.stop_claiming()
+        for worker in self.workers.values():
+            await worker.join()
+        tasks = {mid: t for w in self.workers.values() for mid, t in w.in_flight.items()}
+        if tasks:
+            _, pending = await asyncio.wait(tasks.values(), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            unfinished = [mid for mid, t in tasks.items() if t in pending]
+            if unfinished:
+                with contextlib.suppress(StoreError):
+                    await self.store.requeue(unfinished, self.clock())

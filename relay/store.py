@@ -1,0 +1,491 @@
+"""The durable queue: SQLite in WAL mode with synchronous=FULL, behind ``QueueStore``.
+
+One writer task owns every write. It takes all the writes that are waiting, applies them
+in one transaction and commits once (group commit): one sync covers every session that
+was waiting, and each waiter is answered only after the commit that holds its write.
+Reads (bodies, counts, listings) use a second connection; WAL lets them run beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiosqlite
+
+from relay.errors import StoreError, StoreFullError, StoreLockedError
+from relay.message import (
+    AttemptResult,
+    MessageState,
+    NewMessage,
+    Priority,
+    QueuedMessage,
+    Recipient,
+    RecipientState,
+)
+
+APPLICATION_ID = 0x52454C59  # 'RELY': marks a file as a relay queue
+SCHEMA_VERSION = 1
+READY = "('queued', 'deferred')"
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    account TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    recipients TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    lease_until REAL,
+    last_error TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL,
+    mail_options TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS messages_ready
+    ON messages (account, priority, next_attempt_at) WHERE state IN {READY};
+CREATE INDEX IF NOT EXISTS messages_state ON messages (state, account);
+CREATE TABLE IF NOT EXISTS bodies (id TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS attempts (
+    message_id TEXT NOT NULL,
+    account TEXT NOT NULL,
+    at REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    reply TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_message ON attempts (message_id);
+CREATE INDEX IF NOT EXISTS attempts_account_at ON attempts (account, at);
+"""
+
+COLUMNS = (
+    "id, state, account, priority, sender, recipients, size, attempts, created_at,"
+    " next_attempt_at, last_error, updated_at, mail_options"
+)
+# SQLite result codes that mean "cannot write now, try later" (sqlite3.h).
+_SQLITE_FULL, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN = 13, 8, 10, 14
+
+
+class QueueStore(Protocol):
+    """What the scheduler, listener and CLI need from a queue; SQLite is one."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def enqueue(self, message: NewMessage) -> None: ...
+    async def claim_due(
+        self, account: str, now: float, limit: int, lease_s: float
+    ) -> list[QueuedMessage]: ...
+    async def next_due_at(self, account: str) -> float | None: ...
+    async def load_body(self, message_id: str) -> bytes: ...
+    async def finish(self, result: AttemptResult) -> None: ...
+    async def requeue(self, ids: Sequence[str], now: float) -> None: ...
+    async def counts(self) -> dict[tuple[str, str], int]: ...
+    async def oldest_ready(self) -> dict[str, float]: ...
+    async def recent_sends(self, account: str, since: float) -> list[float]: ...
+    async def changed_elsewhere(self) -> bool: ...
+
+
+def _recipients_json(recipients: Iterable[Recipient]) -> str:
+    return json.dumps([[r.address, str(r.state), r.reply] for r in recipients])
+
+
+def _row_to_message(row: Sequence[Any]) -> QueuedMessage:
+    return QueuedMessage(
+        id=row[0],
+        state=MessageState(row[1]),
+        account=row[2],
+        priority=Priority(row[3]),
+        sender=row[4],
+        recipients=[Recipient(a, RecipientState(s), r) for a, s, r in json.loads(row[5])],
+        size=row[6],
+        attempts=row[7],
+        created_at=row[8],
+        next_attempt_at=row[9],
+        last_error=row[10],
+        updated_at=row[11],
+        mail_options=tuple(row[12].split()) if row[12] else (),
+    )
+
+
+def map_sqlite_error(exc: sqlite3.Error) -> StoreError:
+    """One place that turns sqlite errors into the store's temporary/fatal split."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and (code & 0xFF) in (
+        _SQLITE_FULL,
+        _SQLITE_READONLY,
+        _SQLITE_IOERR,
+        _SQLITE_CANTOPEN,
+    ):
+        return StoreFullError(f"queue not writable: {exc}")
+    return StoreError(f"queue error: {exc}")
+
+
+@dataclass
+class _Op:
+    future: asyncio.Future[Any] = field(init=False)
+    result: Any = None
+
+
+@dataclass
+class _Enqueue(_Op):
+    message: NewMessage = field(kw_only=True)
+
+
+@dataclass
+class _Claim(_Op):
+    account: str = field(kw_only=True)
+    now: float = field(kw_only=True)
+    limit: int = field(kw_only=True)
+    lease_s: float = field(kw_only=True)
+
+
+@dataclass
+class _Finish(_Op):
+    attempt: AttemptResult = field(kw_only=True)
+
+
+@dataclass
+class _Statements(_Op):
+    statements: list[tuple[str, tuple[Any, ...]]] = field(kw_only=True)
+
+
+class SQLiteStore:
+    """The embedded queue. ``commit='per-message'`` syncs each write on its own."""
+
+    def __init__(self, path: Path, *, commit: str = "group", lock: bool = True) -> None:
+        self.path = Path(path)
+        self._group = commit == "group"
+        self._lock = lock
+        self._lock_fd: int | None = None
+        self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._pending: asyncio.Queue[_Op] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._data_version: int | None = None
+        self.commits = 0  # for the benchmark: writes per sync
+
+    # -- lifecycle -------------------------------------------------------------
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._lock:
+            self._take_lock()
+        try:
+            self._db = await self._connect()
+            await self._check_file(self._db)
+            await self._db.executescript(SCHEMA)
+            await self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            await self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await self._db.commit()
+            self._reader = await self._connect()
+        except sqlite3.Error as exc:
+            await self.close()
+            raise StoreError(f"cannot open queue {self.path}: {exc}") from None
+        except StoreError:
+            await self.close()
+            raise
+        self._writer = asyncio.create_task(self._write_loop(), name="queue-writer")
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, timeout=10)
+        await db.execute("PRAGMA journal_mode = WAL")
+        # FULL: the WAL is synced at every commit, so a commit survives power loss.
+        await db.execute("PRAGMA synchronous = FULL")
+        await db.execute("PRAGMA busy_timeout = 10000")
+        return db
+
+    async def _check_file(self, db: aiosqlite.Connection) -> None:
+        async with db.execute("PRAGMA application_id") as cur:
+            app_id = (await cur.fetchone() or (0,))[0]
+        async with db.execute("SELECT count(*) FROM sqlite_master") as cur:
+            tables = (await cur.fetchone() or (0,))[0]
+        if tables and app_id != APPLICATION_ID:
+            raise StoreError(f"{self.path} is not a relay queue file (it holds other data)")
+        async with db.execute("PRAGMA user_version") as cur:
+            version = (await cur.fetchone() or (0,))[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} was written by a newer relay (schema {version}); upgrade relay"
+            )
+
+    def _take_lock(self) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(
+                f"another relay is already using {self.path} (lock {lock_path} is held)"
+            ) from None
+        self._lock_fd = fd
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        for db in (self._reader, self._db):
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await db.close()
+        self._reader = self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- the writer -------------------------------------------------------------
+    async def _submit(self, op: _Op) -> Any:
+        if self._writer is None:
+            raise StoreError("queue is not open")
+        op.future = asyncio.get_running_loop().create_future()
+        self._pending.put_nowait(op)
+        return await op.future
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._pending.get()]
+            while self._group and not self._pending.empty():
+                batch.append(self._pending.get_nowait())
+            try:
+                await self._apply(batch)
+                assert self._db is not None
+                await self._db.commit()
+                self.commits += 1
+            except sqlite3.Error as exc:
+                error = map_sqlite_error(exc)
+                with contextlib.suppress(sqlite3.Error):
+                    assert self._db is not None
+                    await self._db.rollback()
+                for op in batch:
+                    if not op.future.done():
+                        op.future.set_exception(error)
+                continue
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_result(op.result)
+
+    async def _apply(self, batch: list[_Op]) -> None:
+        db = self._db
+        assert db is not None
+        enqueues = [op.message for op in batch if isinstance(op, _Enqueue)]
+        if enqueues:
+            await db.executemany(
+                f"INSERT INTO messages ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        m.id, "queued", m.account, int(m.priority), m.sender,
+                        _recipients_json(Recipient(r) for r in m.recipients), len(m.body),
+                        0, m.created_at, m.not_before, "", m.created_at,
+                        " ".join(m.mail_options),
+                    )
+                    for m in enqueues
+                ],
+            )
+            await db.executemany(
+                "INSERT INTO bodies (id, data) VALUES (?, ?)", [(m.id, m.body) for m in enqueues]
+            )
+        finishes = [op.attempt for op in batch if isinstance(op, _Finish)]
+        if finishes:
+            await self._apply_finishes(db, finishes)
+        for op in batch:
+            if isinstance(op, _Claim):
+                op.result = await self._claim(db, op)
+            elif isinstance(op, _Statements):
+                counts = []
+                for sql, params in op.statements:
+                    cursor = await db.execute(sql, params)
+                    counts.append(cursor.rowcount)
+                    await cursor.close()
+                op.result = counts
+
+    async def _apply_finishes(self, db: aiosqlite.Connection, done: list[AttemptResult]) -> None:
+        await db.executemany(
+            "UPDATE messages SET state=?, recipients=?, attempts=?, next_attempt_at=?,"
+            " last_error=?, lease_until=NULL, updated_at=? WHERE id=?",
+            [
+                (str(a.state), _recipients_json(a.recipients), a.attempts, a.next_attempt_at,
+                 a.last_error, a.at, a.id)
+                for a in done
+            ],
+        )
+        await db.executemany(
+            "INSERT INTO attempts (message_id, account, at, outcome, reply) VALUES (?,?,?,?,?)",
+            [(a.id, a.account, a.at, a.outcome, a.reply) for a in done],
+        )
+        # A delivered body is not needed again; failed ones stay for `queue retry`.
+        delivered = [(a.id,) for a in done if a.state is MessageState.DELIVERED]
+        if delivered:
+            await db.executemany("DELETE FROM bodies WHERE id=?", delivered)
+
+    async def _claim(self, db: aiosqlite.Connection, op: _Claim) -> list[QueuedMessage]:
+        # One range scan of the partial index per priority level: strict priority,
+        # then readiness order (FIFO for new messages) within a level.
+        per_level = (
+            f"SELECT * FROM (SELECT seq FROM messages WHERE account=:a AND priority={{p}}"
+            f" AND state IN {READY} AND next_attempt_at<=:now"
+            f" ORDER BY next_attempt_at, seq LIMIT :n)"
+        )
+        chosen = " UNION ALL ".join(per_level.format(p=int(p)) for p in Priority)
+        sql = (
+            "UPDATE messages SET state='sending', lease_until=:lease, updated_at=:now"
+            f" WHERE seq IN (SELECT seq FROM ({chosen}) LIMIT :n) RETURNING {COLUMNS}"
+        )
+        params = {"a": op.account, "now": op.now, "n": op.limit, "lease": op.now + op.lease_s}
+        async with db.execute(sql, params) as cursor:
+            rows = await cursor.fetchall()
+        messages = [_row_to_message(r) for r in rows]
+        messages.sort(key=lambda m: (m.priority, m.next_attempt_at, m.created_at))
+        return messages
+
+    # -- the scheduler's side ----------------------------------------------------
+    async def enqueue(self, message: NewMessage) -> None:
+        """Return only once the message is committed and synced."""
+        await self._submit(_Enqueue(message=message))
+
+    async def claim_due(
+        self, account: str, now: float, limit: int, lease_s: float
+    ) -> list[QueuedMessage]:
+        if limit <= 0:
+            return []
+        result: list[QueuedMessage] = await self._submit(
+            _Claim(account=account, now=now, limit=limit, lease_s=lease_s)
+        )
+        return result
+
+    async def finish(self, result: AttemptResult) -> None:
+        await self._submit(_Finish(attempt=result))
+
+    async def execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        """Run writes in one transaction; return each statement's row count."""
+        counts: list[int] = await self._submit(_Statements(statements=statements))
+        return counts
+
+    async def requeue(self, ids: Sequence[str], now: float) -> None:
+        """Give claimed messages back (shutdown): they are due again at once."""
+        if ids:
+            await self.execute(
+                [
+                    (
+                        "UPDATE messages SET state='queued', lease_until=NULL, updated_at=?"
+                        " WHERE id=? AND state='sending'",
+                        (now, i),
+                    )
+                    for i in ids
+                ]
+            )
+
+    async def recover(self, now: float) -> int:
+        """At start: messages left 'sending' by a crash go back to the queue."""
+        (count,) = await self.execute(
+            [
+                (
+                    "UPDATE messages SET state='queued', lease_until=NULL, updated_at=?"
+                    " WHERE state='sending'",
+                    (now,),
+                )
+            ]
+        )
+        return count
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        if self._reader is None:
+            raise StoreError("queue is not open")
+        try:
+            async with self._reader.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc) from None
+
+    async def next_due_at(self, account: str) -> float | None:
+        per_level = " UNION ALL ".join(
+            f"SELECT min(next_attempt_at) AS t FROM messages WHERE account=? AND priority={int(p)}"
+            f" AND state IN {READY}"
+            for p in Priority
+        )
+        rows = await self._fetch(f"SELECT min(t) FROM ({per_level})", (account,) * len(Priority))
+        value = rows[0][0] if rows else None
+        return float(value) if value is not None else None
+
+    async def load_body(self, message_id: str) -> bytes:
+        rows = await self._fetch("SELECT data FROM bodies WHERE id=?", (message_id,))
+        if not rows:
+            raise StoreError(f"body of {message_id} is missing from the queue")
+        return bytes(rows[0][0])
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        rows = await self._fetch("SELECT account, state, count(*) FROM messages GROUP BY 1, 2")
+        return {(a, s): n for a, s, n in rows}
+
+    async def oldest_ready(self) -> dict[str, float]:
+        rows = await self._fetch(
+            f"SELECT account, min(created_at) FROM messages WHERE state IN {READY}"
+            " OR state='sending' GROUP BY account"
+        )
+        return {a: t for a, t in rows}
+
+    async def recent_sends(self, account: str, since: float) -> list[float]:
+        rows = await self._fetch(
+            "SELECT at FROM attempts WHERE account=? AND at>? ORDER BY at", (account, since)
+        )
+        return [r[0] for r in rows]
+
+    async def changed_elsewhere(self) -> bool:
+        """True when another process (the CLI) committed since the last call."""
+        if self._db is None:
+            return False
+        async with self._db.execute("PRAGMA data_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        changed = self._data_version is not None and version != self._data_version
+        self._data_version = version
+        return changed
+
+    # -- operators -----------------------------------------------------------------
+    async def list_messages(
+        self, *, state: str | None = None, account: str | None = None, limit: int | None = None
+    ) -> list[QueuedMessage]:
+        where, params = [], []
+        if state:
+            where.append("state=?")
+            params.append(state)
+        if account:
+            where.append("account=?")
+            params.append(account)
+        sql = f"SELECT {COLUMNS} FROM messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [_row_to_message(r) for r in await self._fetch(sql, params)]
+
+    async def get(self, message_id: str) -> QueuedMessage | None:
+        rows = await self._fetch(f"SELECT {COLUMNS} FROM messages WHERE id=?", (message_id,))
+        if not rows:
+            return None
+        message = _row_to_message(rows[0])
+        attempts = await self._fetch(
+            "SELECT at, account, outcome, reply FROM attempts WHERE message_id=? ORDER BY at",
+            (message_id,),
+        )
+        message.attempts_log = [
+            {"at": at, "account": acc, "outcome": out, "reply": reply}
+            for at, acc, out, reply in attempts
+        ]
+        return message
+
+    async def body_if_kept(self, message_id: str) -> bytes | None:
+        rows = await self._fetch("SELECT data FROM bodies WHERE id=?", (message_id,))
+        return bytes(rows[0][0]) if rows else None

@@ -1,0 +1,36 @@
+"""What a delivery transport promises the scheduler (SMTP upstream, Maildir)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from relay.errors import DeliveryError
+
+
+@dataclass
+class SendResult:
+    """Outcome of one transaction that reached DATA (or refused every recipient).
+
+    A failure of the whole transaction is raised as a DeliveryError instead.
+    """
+
+    accepted: list[str]
+    refused: dict[str, DeliveryError] = field(default_factory=dict)
+    reply: str = ""  # the reply to the final dot
+    peer: str = ""  # host:port, for the log line
+
+
+class Transport(Protocol):
+    name: str
+
+    @property
+    def peer(self) -> str: ...
+
+    async def send(
+        self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...]
+    ) -> SendResult: ...
+
+    async def close(self) -> None: ...
+
+    def open_connections(self) -> int: ...

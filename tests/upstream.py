@@ -1,0 +1,493 @@
+"""A real SMTP server (aiosmtpd) that plays the upstream provider in tests.
+
+``FakeUpstream`` listens on 127.0.0.1 (ephemeral port) inside the *current*
+event loop -- no threads -- records every accepted message, counts
+connections and AUTH attempts, and injects faults on request::
+
+    async with FakeUpstream() as up:
+        up.fail_data(451, "4.3.0 try later")
+        ...  # point the relay at (up.host, up.port), user "user", password "secret"
+        await up.wait_for_messages(1)
+        assert up.messages[0].data == expected_bytes
+
+Fault methods are plain (synchronous) methods and may be called before
+``start()`` or while clients are connected; they take effect for the next
+matching command.  Verbs are case-insensitive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import time
+import warnings
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, NoReturn, Self
+
+from aiosmtpd.smtp import (
+    DATA_SIZE_DEFAULT,
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+)
+
+__all__ = ["FakeUpstream", "Received"]
+
+# Verbs accepted by delay() / drop_connection_after().  "GREETING" is the
+# moment right after accept(), before the banner; "DATA" is after the body's
+# final dot has been received, before the final reply.
+_COMMANDS: Final = ("HELO", "EHLO", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY")
+VERBS: Final = frozenset({"GREETING", *_COMMANDS})
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message accepted by the upstream (250 after DATA)."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    data: bytes  # envelope.original_content: exact bytes after dot-unstuffing
+    received_at: float  # time.monotonic()
+    connection_id: int
+    mail_options: tuple[str, ...] = ()  # e.g. ("SMTPUTF8", "BODY=8BITMIME")
+
+
+@dataclass
+class _Reply:
+    code: int
+    text: str
+    remaining: int | None  # None = forever
+
+    @property
+    def line(self) -> str:
+        return f"{self.code} {self.text}"
+
+    def take(self) -> str | None:
+        """Consume one use; return the reply line, or None when used up."""
+        if self.remaining is None:
+            return self.line
+        if self.remaining <= 0:
+            return None
+        self.remaining -= 1
+        return self.line
+
+
+def _verb(verb: str) -> str:
+    v = verb.upper()
+    if v not in VERBS:
+        raise ValueError(f"unknown verb {verb!r}; expected one of {sorted(VERBS)}")
+    return v
+
+
+def _check_times(times: int) -> None:
+    if times < 1:
+        raise ValueError(f"times must be >= 1, got {times}")
+
+
+@dataclass
+class _Faults:
+    greeting: str | None = None
+    data: collections.deque[str] = field(default_factory=collections.deque)
+    message_attempts: dict[bytes, _Reply] = field(default_factory=dict)
+    rcpt: dict[str, _Reply] = field(default_factory=dict)
+    drops: collections.Counter[str] = field(default_factory=collections.Counter)
+    drops_after_accept: int = 0  # DATA: record the message, then drop
+    delays: dict[str, float] = field(default_factory=dict)
+    auth: bool = False
+
+
+class _UpstreamSMTP(SMTP):
+    """aiosmtpd's SMTP protocol plus connection bookkeeping and fault hooks."""
+
+    def __init__(self, upstream: FakeUpstream, handler: _Handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.upstream = upstream
+        self.connection_id = 0
+        self._counted = False
+        # Every command is dispatched through this table (built from the
+        # smtp_* methods in SMTP.__init__); wrap each entry to log the command
+        # and apply delay/drop faults.  functools.wraps keeps the @syntax
+        # attributes that HELP relies on.
+        self._smtp_methods = {
+            verb: self._wrap_command(verb, method) for verb, method in self._smtp_methods.items()
+        }
+
+    def _wrap_command(
+        self, verb: str, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        @functools.wraps(method)
+        async def dispatch(arg: str | None) -> None:
+            self.upstream.commands.append((self.connection_id, verb))
+            if verb != "DATA":  # DATA faults apply after the body (see _Handler)
+                await self.apply_faults(verb)
+            await method(arg)
+
+        return dispatch
+
+    async def apply_faults(self, verb: str) -> None:
+        """Drop the connection, or sleep, if a fault is armed for ``verb``."""
+        self.maybe_drop(verb)
+        await self.maybe_delay(verb)
+
+    def maybe_drop(self, verb: str) -> None:
+        drops = self.upstream.faults.drops
+        if drops[verb] > 0:
+            drops[verb] -= 1
+            self.drop()
+
+    async def maybe_delay(self, verb: str) -> None:
+        seconds = self.upstream.faults.delays.get(verb)
+        if seconds:
+            await asyncio.sleep(seconds)
+
+    def abort(self) -> None:
+        """Close the socket now, discarding anything not yet sent."""
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.abort()
+        elif self.transport is not None:
+            self.transport.close()
+
+    def drop(self) -> NoReturn:
+        """Close the socket without replying and end this session's task."""
+        self.abort()
+        # Unwinds _handle_client exactly like aiosmtpd's own "connection lost"
+        # path (it catches CancelledError, closes the writer and re-raises).
+        raise asyncio.CancelledError
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._counted:  # (would be called again after STARTTLS; we have none)
+            self._counted = True
+            self.connection_id = self.upstream._connection_made(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        try:
+            super().connection_lost(error)
+        finally:
+            if self._counted:
+                self._counted = False
+                self.upstream._connection_lost(self)
+
+    async def _handle_client(self) -> None:
+        await self.apply_faults("GREETING")
+        greeting = self.upstream.faults.greeting
+        if greeting is not None:
+            await self.push(greeting)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    @property
+    def session_task(self) -> asyncio.Task[None] | None:
+        return self._handler_coroutine
+
+
+class _Handler:
+    """aiosmtpd handler hooks (kept separate so FakeUpstream has no handle_* names)."""
+
+    def __init__(self, upstream: FakeUpstream) -> None:
+        self.upstream = upstream
+
+    async def handle_RCPT(
+        self,
+        server: _UpstreamSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        rule = self.upstream.faults.rcpt.get(address)
+        if rule is not None:
+            reply = rule.take()
+            if reply is not None:
+                return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: _UpstreamSMTP, session: Session, envelope: Envelope) -> str:
+        # Called once the whole body has been read, before the final reply.
+        faults = self.upstream.faults
+        server.maybe_drop("DATA")
+        reply = self._verdict(server, envelope)
+        if reply.startswith("250") and faults.drops_after_accept > 0:
+            faults.drops_after_accept -= 1
+            server.drop()
+        # The verdict (and recording) comes first, like a real server that
+        # commits the message and is then slow to answer: a client that gives
+        # up waiting has still delivered it.
+        await server.maybe_delay("DATA")
+        return reply
+
+    def _verdict(self, server: _UpstreamSMTP, envelope: Envelope) -> str:
+        """Reply for this transaction; records the message when accepting it."""
+        faults = self.upstream.faults
+        data = envelope.original_content
+        assert data is not None and envelope.mail_from is not None
+        for marker, rule in faults.message_attempts.items():
+            if marker in data:
+                reply = rule.take()
+                if reply is not None:
+                    return reply
+        if faults.data:
+            return faults.data.popleft()
+        self.upstream._record(
+            Received(
+                mail_from=envelope.mail_from,
+                rcpt_tos=tuple(envelope.rcpt_tos),
+                data=data,
+                received_at=time.monotonic(),
+                connection_id=server.connection_id,
+                mail_options=tuple(envelope.mail_options),
+            )
+        )
+        return "250 2.0.0 OK queued"
+
+
+class FakeUpstream:
+    """A real SMTP server on 127.0.0.1 for the relay to deliver to."""
+
+    host: Final = "127.0.0.1"
+
+    def __init__(
+        self,
+        *,
+        username: str | None = "user",
+        password: str = "secret",
+        hostname: str = "upstream.test",
+        smtputf8: bool = True,
+        data_size_limit: int | None = DATA_SIZE_DEFAULT,
+    ) -> None:
+        self.username = username
+        self.password = password
+        self.hostname = hostname
+        self.smtputf8 = smtputf8
+        self.data_size_limit = data_size_limit
+        self.port = 0
+
+        self.messages: list[Received] = []
+        self.connections_opened = 0
+        self.connections_open = 0
+        self.auth_successes = 0
+        self.auth_failures = 0
+        self.commands: list[tuple[int, str]] = []  # (connection_id, VERB)
+        self.faults = _Faults()
+
+        self._server: asyncio.Server | None = None
+        self._handler = _Handler(self)
+        self._sessions: set[_UpstreamSMTP] = set()
+        # Set (and replaced) whenever messages/connections change; waiters
+        # re-check their predicate on each change.
+        self._changed = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("FakeUpstream already started")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._make_protocol, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening and abort every client connection; waits until closed."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        sessions = list(self._sessions)
+        for session in sessions:
+            session.abort()
+        tasks = [s.session_task for s in sessions if s.session_task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._wait_until(lambda: self.connections_open == 0, 5, "all connections closed")
+        await server.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _make_protocol(self) -> _UpstreamSMTP:
+        auth = self.username is not None
+        with warnings.catch_warnings():
+            # aiosmtpd warns (UserWarning) whenever AUTH is required without
+            # TLS.  That is deliberate here -- a loopback test server speaking
+            # plain TCP -- and the suite runs with filterwarnings=error.
+            warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
+            return _UpstreamSMTP(
+                self,
+                self._handler,
+                hostname=self.hostname,
+                decode_data=False,
+                enable_SMTPUTF8=self.smtputf8,
+                data_size_limit=self.data_size_limit,
+                auth_required=auth,
+                # With no username, leave aiosmtpd's "AUTH needs TLS" default
+                # on: since there is no TLS, AUTH is then neither advertised
+                # in EHLO nor accepted (538).
+                auth_require_tls=not auth,
+                authenticator=self._authenticate,
+                loop=asyncio.get_running_loop(),
+            )
+
+    # -- observations --------------------------------------------------------
+
+    def recipients_received(self) -> list[str]:
+        """Accepted recipients of all recorded messages, in order."""
+        return [rcpt for msg in self.messages for rcpt in msg.rcpt_tos]
+
+    # A timeout argument (rather than asking callers to wrap in asyncio.timeout)
+    # lets the AssertionError say what was awaited and what state was reached.
+    async def wait_for_messages(self, n: int, timeout: float = 10) -> None:  # noqa: ASYNC109
+        """Wait until at least ``n`` messages have been accepted; AssertionError on timeout."""
+        await self._wait_until(lambda: len(self.messages) >= n, timeout, f"at least {n} message(s)")
+
+    async def wait_for_connections_open(self, n: int, timeout: float = 10) -> None:  # noqa: ASYNC109
+        """Wait until exactly ``n`` client connections are open (server's view)."""
+        await self._wait_until(
+            lambda: self.connections_open == n, timeout, f"{n} open connection(s)"
+        )
+
+    async def _wait_until(self, predicate: Callable[[], bool], limit: float, what: str) -> None:
+        try:
+            async with asyncio.timeout(limit):
+                while not predicate():
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(
+                f"FakeUpstream: timed out after {limit}s waiting for {what}; {self._summary()}"
+            ) from None
+
+    def _summary(self) -> str:
+        recent = ", ".join(f"{cid}:{verb}" for cid, verb in self.commands[-15:])
+        return (
+            f"messages={len(self.messages)} recipients={self.recipients_received()} "
+            f"connections_opened={self.connections_opened} "
+            f"connections_open={self.connections_open} "
+            f"auth_successes={self.auth_successes} auth_failures={self.auth_failures} "
+            f"last commands=[{recent}]"
+        )
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _record(self, received: Received) -> None:
+        self.messages.append(received)
+        self._notify()
+
+    def _connection_made(self, session: _UpstreamSMTP) -> int:
+        self.connections_opened += 1
+        self.connections_open += 1
+        self._sessions.add(session)
+        self._notify()
+        return self.connections_opened
+
+    def _connection_lost(self, session: _UpstreamSMTP) -> None:
+        self.connections_open -= 1
+        self._sessions.discard(session)
+        self._notify()
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        ok = (
+            not self.faults.auth
+            and self.username is not None
+            and isinstance(auth_data, LoginPassword)
+            and auth_data.login == self.username.encode()
+            and auth_data.password == self.password.encode()
+        )
+        if ok:
+            self.auth_successes += 1
+            return AuthResult(success=True, auth_data=auth_data)
+        self.auth_failures += 1
+        # handled=False makes aiosmtpd send "535 5.7.8 Authentication
+        # credentials invalid"; its default (handled=True) sends no reply.
+        return AuthResult(success=False, handled=False)
+
+    # -- fault injection -----------------------------------------------------
+
+    def fail_data(self, code: int, text: str, times: int = 1) -> None:
+        """The next ``times`` DATA transactions get ``code text``; nothing is recorded."""
+        _check_times(times)
+        self.faults.data.extend([f"{code} {text}"] * times)
+
+    def fail_message_attempts(self, marker: bytes, code: int, text: str, times: int) -> None:
+        """A DATA whose body contains ``marker`` gets ``code text`` for its first ``times`` tries.
+
+        Counted per marker; afterwards such a message is accepted normally.
+        """
+        _check_times(times)
+        self.faults.message_attempts[marker] = _Reply(code, text, times)
+
+    def refuse_rcpt(self, address: str, code: int, text: str, times: int | None = None) -> None:
+        """RCPT TO ``address`` (exact match) gets ``code text``; ``times=None`` means always."""
+        if times is not None:
+            _check_times(times)
+        self.faults.rcpt[address] = _Reply(code, text, times)
+
+    def greeting(self, code: int | None, text: str = "") -> None:
+        """Send ``code text`` instead of the 220 banner and close; ``None`` restores normal."""
+        self.faults.greeting = None if code is None else f"{code} {text}"
+
+    def drop_connection_after(self, verb: str, times: int = 1, *, accepted: bool = False) -> None:
+        """Abort the connection without replying after receiving ``verb``, ``times`` times.
+
+        "DATA" means after the body's final dot; the message is not recorded,
+        unless ``accepted=True``: then the next ``times`` messages that would
+        be accepted are recorded and the connection dies before the 250 is
+        sent (the "delivered, but the client never heard" case).
+        "GREETING" means right after accept, before the banner.
+        """
+        _check_times(times)
+        v = _verb(verb)
+        if accepted:
+            if v != "DATA":
+                raise ValueError("accepted=True only makes sense for DATA")
+            self.faults.drops_after_accept += times
+        else:
+            self.faults.drops[v] += times
+
+    def delay(self, verb: str, seconds: float) -> None:
+        """Sleep ``seconds`` before replying to ``verb`` (0 removes the delay).
+
+        "DATA" delays the final reply to the body, *after* the message has
+        been recorded (if accepted); "GREETING" delays the banner.
+        """
+        v = _verb(verb)
+        if seconds > 0:
+            self.faults.delays[v] = seconds
+        else:
+            self.faults.delays.pop(v, None)
+
+    def fail_auth(self, enabled: bool = True) -> None:
+        """While enabled, every AUTH answers 535 5.7.8."""
+        self.faults.auth = enabled
+
+    def clear_faults(self) -> None:
+        self.faults = _Faults()
+
+    def close_idle_connections(self) -> None:
+        """Close every open client connection from the server side (no reply sent).
+
+        The server's counters update once the loop has processed the close;
+        ``await wait_for_connections_open(0)`` to observe it.
+        """
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.close()
