@@ -26,6 +26,7 @@ from relay.store import SQLiteStore
 from relay.transport import SendResult, Transport
 
 log = logging.getLogger("relay.delivery")
+FLUSH_KEY = "flush_requested_at"  # written by `relay queue flush`, read by the watcher
 CHANGE_POLL_S = 0.5  # how soon `relay queue ...` changes made by another process are seen
 _FINISH_RETRY_S = 1.0
 
@@ -254,6 +255,7 @@ class Scheduler:
                 rng=rng,
             )
         self._watcher: asyncio.Task[None] | None = None
+        self._flush_seen: str | None = None
 
     async def start(self) -> None:
         now = self.clock()
@@ -266,6 +268,7 @@ class Scheduler:
                 since = now - worker.limiter.longest_window
                 worker.limiter.restore(await self.store.recent_sends(name, since), now)
             worker.start()
+        self._flush_seen = await self.store.get_meta(FLUSH_KEY)
         self._watcher = asyncio.create_task(self._watch(), name="queue-watcher")
 
     def notify(self, account: str) -> None:
@@ -280,10 +283,17 @@ class Scheduler:
         while True:
             await asyncio.sleep(CHANGE_POLL_S)
             try:
-                if await self.store.changed_elsewhere():
-                    self.wake_all()
+                if not await self.store.changed_elsewhere():
+                    continue
+                flush = await self.store.get_meta(FLUSH_KEY)
             except StoreError:
                 continue
+            if flush != self._flush_seen:
+                self._flush_seen = flush
+                for worker in self.workers.values():
+                    worker.resume()
+                event(log, logging.INFO, "flush", reason="requested by relay queue flush")
+            self.wake_all()
 
     async def run_until_idle(self) -> None:
         """Return once nothing is in flight and nothing is due (tests, `burst` runs)."""

@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE INDEX IF NOT EXISTS attempts_message ON attempts (message_id);
 CREATE INDEX IF NOT EXISTS attempts_account_at ON attempts (account, at);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 COLUMNS = (
@@ -451,6 +452,16 @@ class SQLiteStore:
         changed = self._data_version is not None and version != self._data_version
         self._data_version = version
         return changed
+
+    async def get_meta(self, key: str) -> str | None:
+        rows = await self._fetch("SELECT value FROM meta WHERE key=?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.execute(
+            [("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE"
+              " SET value=excluded.value", (key, value))]
+        )
 
     # -- operators -----------------------------------------------------------------
     async def list_messages(

@@ -1,0 +1,114 @@
+"""Shared fixtures: a real fault-injecting upstream, a relay App on free ports, a client."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+from prometheus_client import CollectorRegistry
+
+from relay.app import App
+from relay.config import Config, parse_config
+from tests.upstream import FakeUpstream
+
+FAST_RETRY = {"initial_delay": "100ms", "max_delay": "1s", "max_age": "30s", "jitter": 0}
+
+
+def upstream_account(up: FakeUpstream, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    """An account block for a FakeUpstream: plain SMTP with AUTH on loopback."""
+    secret = tmp_path / f"upstream-{up.port}.secret"
+    secret.write_text(up.password)
+    secret.chmod(0o600)
+    block: dict[str, Any] = {
+        "host": up.host,
+        "port": up.port,
+        "tls": "none",
+        "username": up.username,
+        "password_file": str(secret),
+    }
+    if up.username is None:
+        del block["username"], block["password_file"]
+    block.update(extra)
+    return block
+
+
+def relay_config(tmp_path: Path, accounts: dict[str, Any], **sections: Any) -> Config:
+    """A config on free ports with a queue under tmp_path; the first account is the default."""
+    data: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "metrics": {"host": "127.0.0.1", "port": 0},
+        "queue": {"path": str(tmp_path / "queue.sqlite3")},
+        "retry": dict(FAST_RETRY),
+        "accounts": accounts,
+        "routing": {"default_account": next(iter(accounts))},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_config(data)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as up:
+        yield up
+
+
+StartRelay = Callable[..., Awaitable[App]]
+
+
+@pytest.fixture
+async def start_relay() -> AsyncIterator[StartRelay]:
+    """start_relay(config) -> a started App (on free ports); all are shut down at the end."""
+    apps: list[App] = []
+
+    async def start(config: Config) -> App:
+        app = App(config, registry=CollectorRegistry())
+        await app.startup()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in reversed(apps):
+        await app.shutdown(grace=2.0)
+
+
+async def send(
+    port: int,
+    body: bytes | str,
+    *,
+    sender: str = "app@example.com",
+    recipients: list[str] | None = None,
+    host: str = "127.0.0.1",
+) -> tuple[int, str]:
+    """One message over one connection to the relay; returns the reply to DATA."""
+    data = body.encode() if isinstance(body, str) else body
+    client = aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=30)
+    async with client:
+        try:
+            _, reply = await client.sendmail(sender, recipients or ["to@example.com"], data)
+        except aiosmtplib.SMTPResponseException as exc:
+            return exc.code, exc.message
+    code, _, text = ("250 " + reply).partition(" ")
+    return int(code), text
+
+
+def message(subject: str = "test", *, headers: dict[str, str] | None = None,
+            body: str = "hello\r\n") -> bytes:
+    lines = [f"Subject: {subject}", "From: app@example.com", "To: to@example.com"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+
+
+def metric(app: App, name: str, **labels: str) -> float:
+    value = app.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+os.environ.setdefault("RELAY_TEST", "1")
