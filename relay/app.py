@@ -29,6 +29,7 @@ from relay.transport import Transport
 from relay.upstream import UpstreamPool
 
 log = logging.getLogger("relay")
+ADMIT_CACHE_S = 0.2  # how stale the backlog count used by on_limit: reject may be
 
 
 def build_transports(config: Config, metrics: Metrics | None = None) -> dict[str, Transport]:
@@ -51,7 +52,8 @@ class App:
         self.store = SQLiteStore(config.queue.path, commit=config.queue.commit)
         self.transports = build_transports(config, self.metrics)
         self.scheduler = Scheduler(config, self.store, self.transports, self.metrics)
-        self.handler = IngestHandler(config, self._submit, self.metrics)
+        self.handler = IngestHandler(config, self._submit, self.metrics, self._admit)
+        self._waiting: dict[str, tuple[float, int]] = {}
         self.smtp_server: asyncio.Server | None = None
         self.http_runner: web.AppRunner | None = None
         self.smtp_port = 0
@@ -60,7 +62,24 @@ class App:
 
     async def _submit(self, message: NewMessage) -> None:
         await self.store.enqueue(message)
+        if message.account in self._waiting:
+            at, count = self._waiting[message.account]
+            self._waiting[message.account] = (at, count + 1)
         self.scheduler.notify(message.account)
+
+    async def _admit(self, account: str) -> bool:
+        """rate_limit.on_limit: reject — refuse while the backlog exceeds a window's worth."""
+        if self.config.accounts[account].rate_limit.on_limit != "reject":
+            return True
+        capacity = self.scheduler.workers[account].limiter.window_capacity()
+        if capacity is None:
+            return True
+        now = time.monotonic()
+        at, count = self._waiting.get(account, (0.0, 0))
+        if now - at > ADMIT_CACHE_S:
+            count = await self.store.waiting_count(account)
+            self._waiting[account] = (now, count)
+        return count < capacity
 
     async def startup(self) -> None:
         for warning in config_warnings(self.config):

@@ -173,6 +173,11 @@ class AccountConfig(_Frozen):
         return self.port if self.port is not None else DEFAULT_PORTS[self.tls]
 
 
+class BouncesConfig(_Frozen):
+    # RFC 3464 delivery status notifications to the envelope sender on permanent failure.
+    enabled: bool = False
+
+
 class RoutingConfig(_Frozen):
     default_account: str = "outbox"
 
@@ -189,6 +194,7 @@ class Config(_Frozen):
     retry: RetryConfig = RetryConfig()
     accounts: dict[str, AccountConfig] = Field(default_factory=_default_accounts)
     routing: RoutingConfig = RoutingConfig()
+    bounces: BouncesConfig = BouncesConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:

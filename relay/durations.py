@@ -1,4 +1,4 @@
-"""Durations in config: a number of seconds, or a string such as '500ms', '30s', '5m', '2h', '2d'."""
+"""Durations in config: a number of seconds, or a string: '500ms', '30s', '5m', '2h', '2d'."""
 
 from __future__ import annotations
 

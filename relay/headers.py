@@ -17,7 +17,8 @@ def header_end(body: bytes) -> int:
     """Offset where the blank line that ends the header section starts (len(body) if none)."""
     if body.startswith((b"\r\n", b"\n")):
         return 0
-    ends = [i + skip for i, skip in ((body.find(b"\r\n\r\n"), 2), (body.find(b"\n\n"), 1)) if i >= 0]
+    found = ((body.find(b"\r\n\r\n"), 2), (body.find(b"\n\n"), 1))
+    ends = [i + skip for i, skip in found if i >= 0]
     return min(ends) if ends else len(body)
 
 

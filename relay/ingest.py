@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -22,26 +21,29 @@ from relay.config import Config
 from relay.errors import StoreError, StoreFullError
 from relay.headers import parse_headers, remove_headers
 from relay.logs import event
-from relay.message import NewMessage
+from relay.message import NewMessage, new_queue_id
 from relay.metrics import Metrics
 from relay.priority import priority_from_headers
 from relay.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
 
 log = logging.getLogger("relay.smtpd")
 Submit = Callable[[NewMessage], Awaitable[None]]
+Admit = Callable[[str], Awaitable[bool]]  # False: the account is too far behind its limit
 
 
-def new_queue_id() -> str:
-    """12 hex digits from the clock (sortable) and 8 random: unique without coordination."""
-    return f"{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012X}{secrets.token_hex(4).upper()}"
+async def _always(_: str) -> bool:
+    return True
 
 
 class IngestHandler:
     """aiosmtpd handler hooks; each returns the SMTP reply line."""
 
-    def __init__(self, config: Config, submit: Submit, metrics: Metrics) -> None:
+    def __init__(
+        self, config: Config, submit: Submit, metrics: Metrics, admit: Admit = _always
+    ) -> None:
         self.config = config
         self.submit = submit
+        self.admit = admit
         self.metrics = metrics
         self.accepting = True
 
@@ -72,10 +74,12 @@ class IngestHandler:
             reason = "unknown_account" if "Account" in str(exc) else "bad_header"
             reply = replies.UNKNOWN_ACCOUNT if reason == "unknown_account" else replies.BAD_HEADER
             return self._reject(reason, reply.with_text(str(exc)))
+        if not await self.admit(account):
+            return self._reject("rate_limited", replies.RATE_LIMITED)
         now = time.time()
         message = NewMessage(
             id=new_queue_id(),
-            sender=envelope.mail_from or "",
+            sender=_reverse_path(envelope.mail_from),
             recipients=tuple(envelope.rcpt_tos),
             account=account,
             priority=priority_from_headers(fields),
@@ -105,6 +109,11 @@ class IngestHandler:
         return str(replies.INTERNAL_ERROR)
 
 
+def _reverse_path(mail_from: str | None) -> str:
+    """The envelope sender; '' for the null reverse-path (aiosmtpd reports it as '<>')."""
+    return "" if mail_from in (None, "", "<>") else str(mail_from)
+
+
 def _forwarded_options(envelope: Envelope) -> tuple[str, ...]:
     """MAIL options worth passing upstream: BODY=8BITMIME and SMTPUTF8."""
     keep = []
@@ -124,7 +133,7 @@ def _peer(session: Session) -> str:
     return str(peer)
 
 
-class RelaySMTP(SMTP):  # type: ignore[misc]
+class RelaySMTP(SMTP):
     """aiosmtpd's server with a session gauge."""
 
     def __init__(self, handler: IngestHandler, metrics: Metrics, **kwargs: Any) -> None:

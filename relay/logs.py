@@ -44,8 +44,9 @@ class JsonFormatter(logging.Formatter):
         name = getattr(record, "event", None)
         if name:
             data["event"] = name
-            if getattr(record, "queue_id", None):
-                data["queue_id"] = record.queue_id
+            queue_id = getattr(record, "queue_id", None)
+            if queue_id:
+                data["queue_id"] = queue_id
             for key, value in (getattr(record, "fields", None) or {}).items():
                 if value is not None:
                     data[key] = value

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import enum
+import secrets
+import time
 from dataclasses import dataclass, field
+
+
+def new_queue_id() -> str:
+    """12 hex digits from the clock (sortable) and 8 random: unique without coordination."""
+    return f"{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012X}{secrets.token_hex(4).upper()}"
 
 
 class MessageState(enum.StrEnum):

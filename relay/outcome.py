@@ -36,27 +36,9 @@ def settle(
     pending = [r for r in recipients if r.state is RecipientState.PENDING]
 
     if isinstance(sent, DeliveryError):
-        temp_error: DeliveryError | None = sent
-        reply = sent.reply_text()
-        for r in pending:
-            if not sent.temporary:
-                _finish(r, RecipientState.FAILED, reply)
-        if not sent.temporary:
-            temp_error = None
+        reply, temp_error = _apply_error(pending, sent)
     else:
-        reply = sent.reply
-        temp_error = None
-        for r in pending:
-            refused = sent.refused.get(r.address)
-            if refused is None and r.address in sent.accepted:
-                _finish(r, RecipientState.DELIVERED, sent.reply)
-            elif refused is not None and not refused.temporary:
-                _finish(r, RecipientState.FAILED, refused.reply_text())
-            elif refused is not None:
-                temp_error = temp_error or refused
-                r.reply = refused.reply_text()
-        if temp_error and not reply:
-            reply = temp_error.reply_text()
+        reply, temp_error = _apply_result(pending, sent)
 
     next_at = message.next_attempt_at
     last_error = ""
@@ -89,6 +71,35 @@ def settle(
         outcome=outcome,
         reply=reply,
     )
+
+
+def _apply_error(
+    pending: list[Recipient], error: DeliveryError
+) -> tuple[str, DeliveryError | None]:
+    """The whole transaction failed: permanent fails every pending recipient."""
+    if error.temporary:
+        return error.reply_text(), error
+    for r in pending:
+        _finish(r, RecipientState.FAILED, error.reply_text())
+    return error.reply_text(), None
+
+
+def _apply_result(
+    pending: list[Recipient], sent: SendResult
+) -> tuple[str, DeliveryError | None]:
+    """Per recipient: accepted, refused for good, or refused for now (the first such error)."""
+    temp_error: DeliveryError | None = None
+    for r in pending:
+        refused = sent.refused.get(r.address)
+        if refused is None and r.address in sent.accepted:
+            _finish(r, RecipientState.DELIVERED, sent.reply)
+        elif refused is not None and not refused.temporary:
+            _finish(r, RecipientState.FAILED, refused.reply_text())
+        elif refused is not None:
+            temp_error = temp_error or refused
+            r.reply = refused.reply_text()
+    reply = sent.reply or (temp_error.reply_text() if temp_error else "")
+    return reply, temp_error
 
 
 def _finish(recipient: Recipient, state: RecipientState, reply: str) -> None:

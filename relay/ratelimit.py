@@ -9,10 +9,18 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+# Float tolerance: waiting exactly wait_time() must make the next send allowed.
+_EPSILON = 1e-6
+# Limits are counted when a send starts, but the upstream counts arrivals, which lag by
+# the transaction's varying latency; each window is held this much longer so the limit
+# holds at the upstream's end too.
+SAFETY_MARGIN_S = 0.05
+
 
 class RateLimiter:
     def __init__(self, windows: Iterable[tuple[float, int]]) -> None:
-        self._windows = [(float(w), int(n), deque[float]()) for w, n in windows]
+        self._nominal = [(float(w), int(n)) for w, n in windows]
+        self._windows = [(w + SAFETY_MARGIN_S, n, deque[float]()) for w, n in self._nominal]
 
     @property
     def limited(self) -> bool:
@@ -20,7 +28,7 @@ class RateLimiter:
 
     def _prune(self, now: float) -> None:
         for window, _, sent in self._windows:
-            while sent and sent[0] <= now - window:
+            while sent and sent[0] + window <= now + _EPSILON:
                 sent.popleft()
 
     def wait_time(self, now: float) -> float:
@@ -49,9 +57,16 @@ class RateLimiter:
                 self.record(t)
         self._prune(now)
 
-    def backlog_windows(self, queued: int) -> bool:
-        """True when more than one full window's worth is waiting (for on_limit: reject)."""
-        return any(queued > limit for _, limit, _ in self._windows)
+    def window_capacity(self) -> int | None:
+        """How many sends all limits together allow over the longest window (None: no limit).
+
+        per_second 10 alone: 10; per_minute 100 with per_day 2000: 2000. A backlog larger
+        than this is 'more than one window's worth behind' (rate_limit.on_limit: reject).
+        """
+        if not self._nominal:
+            return None
+        longest = max(w for w, _ in self._nominal)
+        return min(int(limit * longest / window + 1e-9) for window, limit in self._nominal)
 
     @property
     def longest_window(self) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 from relay.headers import get_header
@@ -36,6 +37,9 @@ def deferred_until(fields: list[tuple[str, str]]) -> float | None:
         when = parsedate_to_datetime(value.strip())
     except (TypeError, ValueError, IndexError):
         when = None
-    if when is None or when.tzinfo is None:
-        raise RoutingError(f"{DEFERRED_HEADER} header is not an RFC 5322 date with a zone")
+    if when is None:
+        raise RoutingError(f"{DEFERRED_HEADER} header is not an RFC 5322 date")
+    if when.tzinfo is None:
+        # RFC 5322 3.3: '-0000' is UTC with no local zone known; Python reads it as naive.
+        when = when.replace(tzinfo=UTC)
     return when.timestamp()

@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from relay.bounce import build_dsn, should_bounce
 from relay.config import Config
 from relay.errors import DeliveryError, StoreError, TemporaryFailure
 from relay.logs import event
-from relay.message import AttemptResult, MessageState, QueuedMessage
+from relay.message import (
+    AttemptResult,
+    MessageState,
+    NewMessage,
+    Priority,
+    QueuedMessage,
+    Recipient,
+    RecipientState,
+    new_queue_id,
+)
 from relay.metrics import Metrics
 from relay.outcome import settle
 from relay.ratelimit import RateLimiter
@@ -29,6 +41,7 @@ log = logging.getLogger("relay.delivery")
 FLUSH_KEY = "flush_requested_at"  # written by `relay queue flush`, read by the watcher
 CHANGE_POLL_S = 0.5  # how soon `relay queue ...` changes made by another process are seen
 _FINISH_RETRY_S = 1.0
+Bounce = Callable[[QueuedMessage, list[Recipient], bytes], Awaitable[None]]
 
 
 def _iso(ts: float) -> str:
@@ -51,8 +64,10 @@ class AccountWorker:
         lease_s: float,
         clock: Callable[[], float],
         rng: random.Random,
+        bounce: Bounce | None = None,
     ) -> None:
         self.name = name
+        self.bounce = bounce
         self.transport = transport
         self.store = store
         self.policy = policy
@@ -134,15 +149,16 @@ class AccountWorker:
     def _start(self, message: QueuedMessage) -> None:
         task = asyncio.create_task(self._deliver(message), name=f"deliver-{message.id}")
         self.in_flight[message.id] = task
-        task.add_done_callback(lambda _t, mid=message.id: self._done(mid))
+        task.add_done_callback(functools.partial(self._done, message.id))
 
-    def _done(self, message_id: str) -> None:
+    def _done(self, message_id: str, _task: asyncio.Task[None]) -> None:
         self.in_flight.pop(message_id, None)
         self.wake.set()
 
     async def _deliver(self, message: QueuedMessage) -> None:
         started = self.clock()
         sent: SendResult | DeliveryError
+        body = b""
         try:
             body = await self.store.load_body(message.id)
             sent = await self.transport.send(
@@ -152,6 +168,9 @@ class AccountWorker:
             sent = exc
         except StoreError as exc:
             sent = TemporaryFailure(f"queue: {exc}")
+        except Exception as exc:  # a bug must not strand the message in 'sending'
+            log.exception("unexpected error delivering %s", message.id)
+            sent = TemporaryFailure(f"internal error: {type(exc).__name__}")
         now = self.clock()
         resume_at = self._account_health(sent, now)
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
@@ -159,6 +178,12 @@ class AccountWorker:
         # The status write must happen even if shutdown cancels us now.
         await asyncio.shield(self._write(result))
         self._report(message, result, sent, started)
+        if self.bounce is not None:
+            was_pending = set(message.pending_recipients)
+            failed = [r for r in result.recipients
+                      if r.state is RecipientState.FAILED and r.address in was_pending]
+            if should_bounce(message.sender, failed):
+                await self.bounce(message, failed, body)
 
     async def _write(self, result: AttemptResult) -> None:
         while True:
@@ -238,6 +263,8 @@ class Scheduler:
     ) -> None:
         self.store = store
         self.clock = clock
+        self.bounce_account = config.routing.default_account if config.bounces.enabled else None
+        self._hostname = socket.gethostname()
         rng = rng or random.Random()
         self.workers: dict[str, AccountWorker] = {}
         for name, acc in config.accounts.items():
@@ -253,6 +280,7 @@ class Scheduler:
                 lease_s=t.connect + 4 * t.command + t.data + 60,
                 clock=clock,
                 rng=rng,
+                bounce=self._send_bounce if self.bounce_account else None,
             )
         self._watcher: asyncio.Task[None] | None = None
         self._flush_seen: str | None = None
@@ -273,6 +301,27 @@ class Scheduler:
 
     def notify(self, account: str) -> None:
         self.workers[account].notify()
+
+    async def _send_bounce(
+        self, message: QueuedMessage, failed: list[Recipient], original: bytes
+    ) -> None:
+        """Queue an RFC 3464 notice to the sender through the default account."""
+        assert self.bounce_account is not None
+        now = self.clock()
+        dsn = build_dsn(queue_id=message.id, sender=message.sender, failed=failed,
+                        original=original, reporting_mta=self._hostname,
+                        arrival=message.created_at, now=now)
+        bounce = NewMessage(id=new_queue_id(), sender="", recipients=(message.sender,),
+                            account=self.bounce_account, priority=Priority.NORMAL, body=dsn,
+                            created_at=now, not_before=now)
+        try:
+            await self.store.enqueue(bounce)
+        except StoreError as exc:
+            event(log, logging.ERROR, "bounce_failed", message.id, reason=str(exc))
+            return
+        event(log, logging.INFO, "bounced", message.id, bounce_id=bounce.id,
+              to=f"<{message.sender}>", failed=len(failed))
+        self.notify(self.bounce_account)
 
     def wake_all(self) -> None:
         for worker in self.workers.values():

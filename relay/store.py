@@ -88,6 +88,7 @@ class QueueStore(Protocol):
         self, account: str, now: float, limit: int, lease_s: float
     ) -> list[QueuedMessage]: ...
     async def next_due_at(self, account: str) -> float | None: ...
+    async def waiting_count(self, account: str) -> int: ...
     async def load_body(self, message_id: str) -> bytes: ...
     async def finish(self, result: AttemptResult) -> None: ...
     async def requeue(self, ids: Sequence[str], now: float) -> None: ...
@@ -130,6 +131,20 @@ def map_sqlite_error(exc: sqlite3.Error) -> StoreError:
     ):
         return StoreFullError(f"queue not writable: {exc}")
     return StoreError(f"queue error: {exc}")
+
+
+# One range scan of the partial index per priority level: strict priority, then
+# readiness order within a level (FIFO for new messages).
+_PER_LEVEL = (
+    "SELECT * FROM (SELECT seq FROM messages WHERE account=:a AND priority={p}"
+    f" AND state IN {READY} AND next_attempt_at<=:now ORDER BY next_attempt_at, seq LIMIT :n)"
+)
+CLAIM_SQL = (
+    "UPDATE messages SET state='sending', lease_until=:lease, updated_at=:now WHERE seq IN"
+    " (SELECT seq FROM ("
+    + " UNION ALL ".join(_PER_LEVEL.format(p=int(p)) for p in Priority)
+    + f") LIMIT :n) RETURNING {COLUMNS}"
+)
 
 
 @dataclass
@@ -331,20 +346,8 @@ class SQLiteStore:
             await db.executemany("DELETE FROM bodies WHERE id=?", delivered)
 
     async def _claim(self, db: aiosqlite.Connection, op: _Claim) -> list[QueuedMessage]:
-        # One range scan of the partial index per priority level: strict priority,
-        # then readiness order (FIFO for new messages) within a level.
-        per_level = (
-            f"SELECT * FROM (SELECT seq FROM messages WHERE account=:a AND priority={{p}}"
-            f" AND state IN {READY} AND next_attempt_at<=:now"
-            f" ORDER BY next_attempt_at, seq LIMIT :n)"
-        )
-        chosen = " UNION ALL ".join(per_level.format(p=int(p)) for p in Priority)
-        sql = (
-            "UPDATE messages SET state='sending', lease_until=:lease, updated_at=:now"
-            f" WHERE seq IN (SELECT seq FROM ({chosen}) LIMIT :n) RETURNING {COLUMNS}"
-        )
         params = {"a": op.account, "now": op.now, "n": op.limit, "lease": op.now + op.lease_s}
-        async with db.execute(sql, params) as cursor:
+        async with db.execute(CLAIM_SQL, params) as cursor:
             rows = await cursor.fetchall()
         messages = [_row_to_message(r) for r in rows]
         messages.sort(key=lambda m: (m.priority, m.next_attempt_at, m.created_at))
@@ -418,6 +421,15 @@ class SQLiteStore:
         rows = await self._fetch(f"SELECT min(t) FROM ({per_level})", (account,) * len(Priority))
         value = rows[0][0] if rows else None
         return float(value) if value is not None else None
+
+    async def waiting_count(self, account: str) -> int:
+        """Messages of an account not yet finished (queued, deferred or being sent)."""
+        rows = await self._fetch(
+            "SELECT count(*) FROM messages WHERE account=? AND state IN"
+            " ('queued', 'deferred', 'sending')",
+            (account,),
+        )
+        return int(rows[0][0])
 
     async def load_body(self, message_id: str) -> bytes:
         rows = await self._fetch("SELECT data FROM bodies WHERE id=?", (message_id,))
@@ -500,3 +512,117 @@ class SQLiteStore:
     async def body_if_kept(self, message_id: str) -> bytes | None:
         rows = await self._fetch("SELECT data FROM bodies WHERE id=?", (message_id,))
         return bytes(rows[0][0]) if rows else None
+
+    # Operator bulk changes run as set-based statements over windows of this many seq
+    # values, one transaction each: no window holds the write lock long enough to make
+    # the server's writer wait (busy_timeout is 10 s), and the caller can show progress.
+    OPERATOR_CHUNK = 5000
+
+    class Progress(Protocol):
+        """Called after each committed window with the number of messages done so far."""
+
+        def __call__(self, done: int) -> None: ...
+
+    @staticmethod
+    def _selection(
+        states: Sequence[str], ids: Sequence[str], updated_before: float | None
+    ) -> tuple[str, list[Any]]:
+        clauses = [f"state IN ({','.join('?' * len(states))})"]
+        params: list[Any] = list(states)
+        if ids:
+            clauses.append(f"id IN ({','.join('?' * len(ids))})")
+            params.extend(ids)
+        if updated_before is not None:
+            clauses.append("updated_at < ?")
+            params.append(updated_before)
+        return " AND ".join(clauses), params
+
+    async def _in_windows(
+        self,
+        where: str,
+        params: list[Any],
+        templates: Sequence[str],
+        lead: tuple[Any, ...],
+        progress: Progress | None,
+        chunk: int,
+    ) -> int:
+        """Run each template (``{where}`` filled in) per seq window; sum the last's counts.
+
+        Parameters are ``lead`` (for a SET clause), then the window's and ``params``.
+        """
+        rows = await self._fetch(f"SELECT min(seq), max(seq) FROM messages WHERE {where}", params)
+        if not rows or rows[0][0] is None:
+            return 0
+        low, high = int(rows[0][0]), int(rows[0][1])
+        window = f"seq BETWEEN ? AND ? AND {where}"
+        done = 0
+        for start in range(low, high + 1, chunk):
+            values = (*lead, start, start + chunk - 1, *params)
+            counts = await self.execute([(t.format(where=window), values) for t in templates])
+            done += counts[-1]
+            if progress is not None:
+                progress(done)
+        return done
+
+    async def update_messages(
+        self,
+        *,
+        states: Sequence[str],
+        to_state: str,
+        now: float,
+        ids: Sequence[str] = (),
+        due_now: bool = False,
+        reset_failed: bool = False,
+        needs_body: bool = False,
+        progress: Progress | None = None,
+        chunk: int = OPERATOR_CHUNK,
+    ) -> int:
+        """Move the messages in ``states`` (all, or just ``ids``) to ``to_state``; count them.
+
+        ``reset_failed`` turns a failed message's failed recipients back to pending.
+        Bodies are never read.
+        """
+        where, params = self._selection(states, ids, None)
+        if needs_body:
+            where += " AND EXISTS (SELECT 1 FROM bodies b WHERE b.id = messages.id)"
+        sets = "state=?, lease_until=NULL, updated_at=?"
+        lead: tuple[Any, ...] = (to_state, now)
+        if due_now:
+            sets += ", next_attempt_at=?"
+            lead += (now,)
+        if reset_failed:
+            # recipients is a JSON list of [address, state, reply]; rewritten in SQL so a
+            # bulk retry never round-trips rows through Python.
+            sets += (
+                ", recipients = CASE WHEN state='failed' THEN (SELECT json_group_array("
+                "json_array(json_extract(r.value, '$[0]'),"
+                " iif(json_extract(r.value, '$[1]')='failed', 'pending',"
+                " json_extract(r.value, '$[1]')),"
+                " iif(json_extract(r.value, '$[1]')='failed', '', json_extract(r.value, '$[2]'))))"
+                " FROM json_each(messages.recipients) AS r) ELSE recipients END"
+            )
+        return await self._in_windows(
+            where, params, [f"UPDATE messages SET {sets} WHERE {{where}}"], lead, progress, chunk
+        )
+
+    async def delete_messages(
+        self,
+        *,
+        states: Sequence[str],
+        ids: Sequence[str] = (),
+        updated_before: float | None = None,
+        progress: Progress | None = None,
+        chunk: int = OPERATOR_CHUNK,
+    ) -> int:
+        """Delete matching messages with their bodies and attempts; count them."""
+        where, params = self._selection(states, ids, updated_before)
+        templates = [
+            "DELETE FROM bodies WHERE id IN (SELECT id FROM messages WHERE {where})",
+            "DELETE FROM attempts WHERE message_id IN (SELECT id FROM messages WHERE {where})",
+            "DELETE FROM messages WHERE {where}",
+        ]
+        return await self._in_windows(where, params, templates, (), progress, chunk)
+
+    async def state_of(self, message_id: str) -> MessageState | None:
+        rows = await self._fetch("SELECT state FROM messages WHERE id=?", (message_id,))
+        return MessageState(rows[0][0]) if rows else None

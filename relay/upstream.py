@@ -86,6 +86,7 @@ class UpstreamPool:
         self._limit = asyncio.Semaphore(account.pool.max_connections)
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
+        self._closing: set[asyncio.Task[None]] = set()  # QUITs under way, kept referenced
         self._closed = False
 
     @property
@@ -110,6 +111,9 @@ class UpstreamPool:
             await client.connect(timeout=acc.timeouts.connect)
             if self._on_connect:
                 self._on_connect()
+            # connect() skips EHLO when there is no login; the extension checks need it.
+            if client.is_ehlo_or_helo_needed:
+                await client.ehlo(timeout=acc.timeouts.command)
             if acc.username:
                 await client.login(acc.username, acc.secret or "", timeout=acc.timeouts.command)
         except BaseException as exc:
@@ -141,7 +145,7 @@ class UpstreamPool:
         self._busy.discard(conn)
         pool = self.account.pool
         if self._closed or not healthy or conn.sent >= pool.max_messages_per_connection:
-            asyncio.ensure_future(self._quit(conn))
+            self._quit_later(conn)
             return
         conn.last_used = time.monotonic()
         conn.expiry = asyncio.get_running_loop().call_later(
@@ -152,7 +156,12 @@ class UpstreamPool:
     def _expire(self, conn: _Connection) -> None:
         if conn in self._idle:
             self._idle.remove(conn)
-            asyncio.ensure_future(self._quit(conn))
+            self._quit_later(conn)
+
+    def _quit_later(self, conn: _Connection) -> None:
+        task = asyncio.create_task(self._quit(conn))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _quit(self, conn: _Connection) -> None:
         if conn.client.is_connected:
@@ -229,13 +238,15 @@ class UpstreamPool:
         if smtp.supports_extension("size"):
             options.insert(0, f"SIZE={len(body)}")
         encoding = "utf-8" if utf8 else "ascii"
-        await smtp.mail(sender, options=options, encoding=encoding, timeout=timeouts.command)
+        await self._mail_from(smtp, sender, options, encoding)
         refused: dict[str, DeliveryError] = {}
         for rcpt in recipients:
             try:
                 await smtp.rcpt(rcpt, encoding=encoding, timeout=timeouts.command)
             except aiosmtplib.SMTPRecipientRefused as exc:
                 refused[rcpt] = map_smtp_error(exc)
+            except ValueError as exc:  # aiosmtplib refuses to send the address at all
+                refused[rcpt] = PermanentFailure(str(exc), code=553, enhanced="5.1.3")
         accepted = [r for r in recipients if r not in refused]
         if not accepted:
             await smtp.rset(timeout=timeouts.command)
@@ -248,6 +259,23 @@ class UpstreamPool:
             reply=f"{response.code} {response.message}",
             peer=self.peer,
         )
+
+    async def _mail_from(
+        self, smtp: aiosmtplib.SMTP, sender: str, options: list[str], encoding: str
+    ) -> None:
+        timeout = self.account.timeouts.command
+        try:
+            if sender:
+                await smtp.mail(sender, options=options, encoding=encoding, timeout=timeout)
+                return
+        except ValueError as exc:
+            raise PermanentFailure(str(exc), code=553, enhanced="5.1.7") from None
+        # The null reverse-path (bounces, RFC 5321 4.5.5): aiosmtplib will not quote '<>',
+        # so the command is sent as is.
+        args = [b"FROM:<>", *(o.encode("ascii") for o in options)]
+        response = await smtp.execute_command(b"MAIL", *args, timeout=timeout)
+        if response.code != 250:
+            raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
 
     async def check(self) -> list[tuple[str, str]]:
         """Connect, TLS, AUTH, NOOP: each step with 'ok' or why it failed (accounts test)."""
@@ -274,7 +302,8 @@ class UpstreamPool:
         for conn in idle:
             if conn.expiry:
                 conn.expiry.cancel()
-        await asyncio.gather(*(self._quit(c) for c in idle), return_exceptions=True)
+        await asyncio.gather(*(self._quit(c) for c in idle), *self._closing,
+                             return_exceptions=True)
         for conn in list(self._busy):
             conn.client.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -112,3 +113,36 @@ def metric(app: App, name: str, **labels: str) -> float:
 
 
 os.environ.setdefault("RELAY_TEST", "1")
+
+
+async def send_many(port: int, bodies: list[bytes], *, sessions: int = 5,
+                    recipients: list[str] | None = None) -> list[tuple[int, str]]:
+    """Send over `sessions` persistent connections at once; replies in input order."""
+    replies: list[tuple[int, str]] = [(0, "")] * len(bodies)
+
+    async def session(indexes: list[int]) -> None:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=30)
+        async with client:
+            for i in indexes:
+                try:
+                    _, reply = await client.sendmail(
+                        "app@example.com", recipients or ["to@example.com"], bodies[i]
+                    )
+                    replies[i] = (250, reply)
+                except aiosmtplib.SMTPResponseException as exc:
+                    replies[i] = (exc.code, exc.message)
+
+    chunks = [list(range(len(bodies)))[k::sessions] for k in range(sessions)]
+    await asyncio.gather(*(session(c) for c in chunks if c))
+    return replies
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0,
+                     what: str = "condition") -> None:
+    """Wait for a condition that no event announces (a metric, a queue state)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
