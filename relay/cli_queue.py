@@ -1,28 +1,46 @@
 """`relay queue ...` and `relay accounts test`: operate on the queue file directly.
 
 These run in their own process beside `relay serve`; the server notices the changes
-(SQLite's data_version) within a second.
+(SQLite's data_version) within a second. Operations over many messages are set-based
+statements in windows (SQLiteStore.update_messages / delete_messages): bodies are never
+loaded, and 100,000 messages take seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import sys
+import os
 import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
-from relay.config import Config
+from relay.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _fail, _load
+from relay.config import AccountConfig, Config
+from relay.durations import format_duration, parse_duration
+from relay.errors import StoreError
 from relay.headers import parse_headers
-from relay.message import QueuedMessage
+from relay.message import MessageState, QueuedMessage
+from relay.queueops import (
+    DELETE,
+    DELETE_FORCED,
+    FLUSH,
+    HOLD,
+    PURGE,
+    RELEASE,
+    RETRY,
+    RETRY_ALL,
+    Operation,
+    refusal,
+)
 from relay.store import SQLiteStore
 
-
-def _config(args: argparse.Namespace) -> Config:
-    from relay.cli import _load
-
-    return _load(args)
+STATES = [str(s) for s in MessageState]
+DONE = {"hold": "held", "release": "released, due now", "retry": "queued, due now",
+        "delete": "deleted"}
 
 
 def _as_dict(m: QueuedMessage) -> dict[str, Any]:
@@ -49,8 +67,6 @@ def _iso(ts: float) -> str:
 
 
 async def _open(config: Config) -> SQLiteStore:
-    from relay.errors import StoreError
-
     if not config.queue.path.exists():
         raise StoreError(f"no queue at {config.queue.path} (has `relay serve` run here?)")
     store = SQLiteStore(config.queue.path, lock=False)
@@ -58,21 +74,74 @@ async def _open(config: Config) -> SQLiteStore:
     return store
 
 
+@contextlib.asynccontextmanager
+async def _queue(args: argparse.Namespace) -> AsyncIterator[SQLiteStore]:
+    store = await _open(_load(args))
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _apply(
+    store: SQLiteStore,
+    op: Operation,
+    *,
+    ids: Sequence[str] = (),
+    updated_before: float | None = None,
+    progress: SQLiteStore.Progress | None = None,
+) -> int:
+    """Carry out ``op`` on ``ids`` (or on every message in its states); count the changed."""
+    if op.target is None:
+        return await store.delete_messages(
+            states=op.states, ids=ids, updated_before=updated_before, progress=progress
+        )
+    assert updated_before is None
+    return await store.update_messages(
+        states=op.states, to_state=str(op.target), now=time.time(), ids=ids,
+        due_now=op.due_now, reset_failed=op.reset_failed, needs_body=op.needs_body,
+        progress=progress,
+    )
+
+
+def _each(args: argparse.Namespace, op: Operation) -> int:
+    """``op`` on each ID named; one line per message, refusals on stderr."""
+
+    async def run() -> int:
+        refused = 0
+        async with _queue(args) as store:
+            for message_id in dict.fromkeys(args.ids):
+                if await _apply(store, op, ids=[message_id]):
+                    print(f"{message_id}: {DONE[op.name]}")
+                else:
+                    refused += 1
+                    _fail(refusal(op, message_id, await store.state_of(message_id)))
+        return EXIT_FAILURE if refused else EXIT_OK
+
+    return asyncio.run(run())
+
+
+def _bulk(args: argparse.Namespace, op: Operation, updated_before: float | None = None) -> int:
+    async def run() -> int:
+        async with _queue(args) as store:
+            # The store reports after each window: the place for a progress bar.
+            return await _apply(store, op, updated_before=updated_before)
+
+    return asyncio.run(run())
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     async def run() -> list[QueuedMessage]:
-        store = await _open(_config(args))
-        try:
+        async with _queue(args) as store:
             return await store.list_messages(state=args.state, account=args.account)
-        finally:
-            await store.close()
 
     messages = asyncio.run(run())
     if args.json:
         print(json.dumps([_as_dict(m) for m in messages], indent=2))
-        return 0
+        return EXIT_OK
     if not messages:
         print("queue is empty")
-        return 0
+        return EXIT_OK
     print(f"{'ID':<20} {'STATE':<9} {'ACCOUNT':<12} {'PRIO':<6} {'TRIES':>5} "
           f"{'CREATED':<20} SENDER -> RECIPIENTS")
     for m in messages:
@@ -82,21 +151,17 @@ def cmd_list(args: argparse.Namespace) -> int:
         if m.last_error:
             print(f"{'':<20} last error: {m.last_error}")
     print(f"-- {len(messages)} message(s)")
-    return 0
+    return EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     async def run() -> tuple[QueuedMessage | None, bytes | None]:
-        store = await _open(_config(args))
-        try:
+        async with _queue(args) as store:
             return await store.get(args.id), await store.body_if_kept(args.id)
-        finally:
-            await store.close()
 
     message, body = asyncio.run(run())
     if message is None:
-        print(f"relay: no message {args.id} in the queue", file=sys.stderr)
-        return 1
+        return _fail(f"no message {args.id} in the queue")
     data = _as_dict(message)
     data["headers"] = [[k, v] for k, v in parse_headers(body)] if body is not None else None
     data["attempt_log"] = [
@@ -104,7 +169,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     ]
     if args.json:
         print(json.dumps(data, indent=2))
-        return 0
+        return EXIT_OK
     for key in ("id", "state", "account", "priority", "sender", "size", "attempts",
                 "created_at", "next_attempt_at", "last_error"):
         print(f"{key + ':':<17}{data[key]}")
@@ -117,15 +182,150 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("attempts:")
     for a in data["attempt_log"]:
         print(f"  {a['at']} {a['account']} {a['outcome']}: {a['reply']}")
-    return 0
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    if bool(args.ids) == args.all:
+        return _fail("queue retry: give message IDs or --all (one of them)", EXIT_USAGE)
+    if args.ids:
+        return _each(args, RETRY)
+    count = _bulk(args, RETRY_ALL)
+    if not count:
+        return _fail("no deferred messages to retry")
+    print(f"{count} deferred message(s) queued, due now")
+    return EXIT_OK
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    from relay.scheduler import FLUSH_KEY
+
+    async def run() -> int:
+        async with _queue(args) as store:
+            count = await _apply(store, FLUSH)
+            # Written last: the server sees it and ends account-wide backoffs too.
+            await store.set_meta(FLUSH_KEY, repr(time.time()))
+            return count
+
+    count = asyncio.run(run())
+    print(f"{count} deferred message(s) due now; accounts backing off resume")
+    return EXIT_OK
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    return _each(args, HOLD)
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    return _each(args, RELEASE)
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    if bool(args.ids) == bool(args.state):
+        return _fail("queue delete: give message IDs or --state (one of them)", EXIT_USAGE)
+    op = DELETE_FORCED if args.force else DELETE
+    if args.ids:
+        return _each(args, op)
+    if args.state == MessageState.SENDING and not args.force:
+        return _fail("not deleting 'sending' messages: workers are delivering them right now"
+                     " and deleting the rows cannot stop those sends, so they may still"
+                     " arrive; wait for the attempts to finish, or use --force")
+    count = _bulk(args, Operation("delete", frozenset({MessageState(args.state)}), None))
+    if not count:
+        return _fail(f"no {args.state} messages to delete")
+    print(f"deleted {count} {args.state} message(s)")
+    return EXIT_OK
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    try:
+        age = parse_duration(args.older_than)
+    except ValueError as exc:
+        return _fail(f"queue purge: --older-than {exc}", EXIT_USAGE)
+    count = _bulk(args, PURGE, updated_before=time.time() - age)
+    print(f"purged {count} delivered/failed record(s) older than {format_duration(age)}")
+    return EXIT_OK
+
+
+# -- accounts test ----------------------------------------------------------------------
+Step = tuple[str, bool | None, str]  # name, ok (None: not tried), what happened
+
+
+def smtp_steps(account: AccountConfig, peer: str, checked: list[tuple[str, str]]) -> list[Step]:
+    """UpstreamPool.check() as connect, tls, auth, noop: each ok, failed or not tried."""
+    if checked and checked[0][0] == "connect":
+        return [(name, name != "noop" or text.startswith("ok"), text) for name, text in checked]
+    failed_step, reason = checked[0] if checked else ("connect", "no result")
+    tls = "ok" if account.tls != "none" else "off (tls: none)"
+    if failed_step == "auth":  # AUTH comes after the connection and TLS succeeded
+        reached = [("connect", True, f"ok ({peer})"), ("tls", True, tls)]
+    elif "tls" in reason.lower():
+        reached = [("connect", True, f"ok ({peer})")]
+        failed_step = "tls"
+    else:
+        reached, failed_step = [], "connect"
+    steps: list[Step] = [*reached, (failed_step, False, reason)]
+    names = [s[0] for s in steps]
+    return steps + [(n, None, "not tried") for n in ("connect", "tls", "auth", "noop")
+                    if n not in names]
+
+
+def maildir_steps(path: Path) -> list[Step]:
+    """Is the Maildir there (or can it be made), and can a file be written in it?"""
+    if not path.exists():
+        parent = next((p for p in path.parents if p.exists()), Path("."))
+        if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
+            return [("directory", True, f"ok ({path} will be created in {parent})")]
+        return [("directory", False, f"{path} is missing and {parent} is not a writable"
+                 " directory")]
+    if not path.is_dir():
+        return [("directory", False, f"{path} is not a directory")]
+    steps: list[Step] = [("directory", True, f"ok ({path})")]
+    probe = (path / "tmp" if (path / "tmp").is_dir() else path) / f".relay-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return [*steps, ("write", False, f"cannot write in {probe.parent}: {exc.strerror}")]
+    return [*steps, ("write", True, "ok")]
+
+
+async def _check_account(name: str, account: AccountConfig) -> list[Step]:
+    if account.transport == "maildir":
+        assert account.path is not None
+        return maildir_steps(account.path)
+    from relay.upstream import UpstreamPool
+
+    pool = UpstreamPool(name, account)
+    try:
+        return smtp_steps(account, pool.peer, await pool.check())
+    finally:
+        await pool.close()
+
+
+def cmd_accounts_test(args: argparse.Namespace) -> int:
+    config = _load(args)
+    account = config.accounts.get(args.name)
+    if account is None:
+        return _fail(f"no account named {args.name!r} (accounts: {', '.join(config.accounts)})")
+    if account.transport == "maildir":
+        print(f"account {args.name}: maildir {account.path}")
+    else:  # never the password
+        print(f"account {args.name}: smtp {account.host}:{account.effective_port}"
+              f" tls={account.tls} user={account.username or '(none)'}")
+    steps = asyncio.run(_check_account(args.name, account))
+    for step, ok, text in steps:
+        print(f"  {step + ':':<11}{text if ok is not False else 'FAILED: ' + text}")
+    return EXIT_OK if all(ok for _, ok, _ in steps) else EXIT_FAILURE
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     queue = sub.add_parser("queue", help="inspect or act on the queue")
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
-    p = qsub.add_parser("list", parents=[common], help="list messages")
-    p.add_argument("--state", choices=["queued", "deferred", "sending", "held", "delivered",
-                                       "failed"])
+    p = qsub.add_parser("list", parents=[common],
+                        help="list messages, including delivered/failed records not yet purged")
+    p.add_argument("--state", choices=STATES)
     p.add_argument("--account")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
@@ -133,3 +333,35 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
+    p = qsub.add_parser("retry", parents=[common],
+                        help="make messages due now; a failed message is queued again")
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--all", action="store_true", help="every deferred message")
+    p.set_defaults(func=cmd_retry)
+    p = qsub.add_parser("flush", parents=[common],
+                        help="every deferred message due now; backed-off accounts resume")
+    p.set_defaults(func=cmd_flush)
+    for name, func, text in (("hold", cmd_hold, "put queued/deferred messages aside"),
+                             ("release", cmd_release, "queue held messages again, due now")):
+        p = qsub.add_parser(name, parents=[common], help=text)
+        p.add_argument("ids", nargs="+", metavar="ID")
+        p.set_defaults(func=func)
+    p = qsub.add_parser("delete", parents=[common],
+                        help="remove messages with their bodies and attempts")
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--state", choices=STATES, help="every message in this state")
+    p.add_argument("--force", action="store_true",
+                   help="also messages being delivered right now")
+    p.set_defaults(func=cmd_delete)
+    p = qsub.add_parser("purge", parents=[common],
+                        help="delete delivered/failed records last changed before a time")
+    p.add_argument("--older-than", required=True, metavar="DURATION",
+                   help="e.g. 7d, 12h, 30m")
+    p.set_defaults(func=cmd_purge)
+
+    accounts = sub.add_parser("accounts", help="check upstream accounts")
+    asub = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
+    p = asub.add_parser("test", parents=[common],
+                        help="connect, TLS, AUTH and NOOP against one account")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_accounts_test)

@@ -34,8 +34,71 @@ ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MASK = "********"
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ListenUserConfig(_Frozen):
+    """A client allowed to AUTH to the listener; the password is never stored in clear."""
+
+    password_env: str | None = None
+    password_file: Path | None = None
+    # An argon2 hash (argon2-cffi), as printed by `relay hash-password`.
+    password_hash: str | None = None
+    # X-Account values this user may choose; None: any account.
+    accounts: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ListenUserConfig:
+        sources = [k for k in ("password_env", "password_file", "password_hash")
+                   if getattr(self, k)]
+        if len(sources) != 1:
+            raise ValueError("password_hash: give exactly one of password_env, password_file,"
+                             " password_hash")
+        if self.password_hash and not self.password_hash.startswith("$argon2"):
+            raise ValueError("password_hash: must be an argon2 hash (see `relay hash-password`)")
+        if self.password_env and self.password_env not in os.environ:
+            raise ValueError(f"password_env: environment variable {self.password_env} is not set")
+        if self.password_file and not self.password_file.is_file():
+            raise ValueError(f"password_file: cannot read {self.password_file}")
+        return self
+
+
+class ListenAuthConfig(_Frozen):
+    required: bool = False
+    users: dict[str, ListenUserConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _users_if_required(self) -> ListenAuthConfig:
+        if self.required and not self.users:
+            raise ValueError("users: auth.required needs at least one user")
+        return self
+
+
+class ListenTLSConfig(_Frozen):
+    cert: Path
+    key: Path
+    # True: refuse MAIL before STARTTLS (RFC 3207). AUTH always waits for TLS when TLS is on.
+    required: bool = False
+
+    @model_validator(mode="after")
+    def _files(self) -> ListenTLSConfig:
+        for key in ("cert", "key"):
+            if not getattr(self, key).is_file():
+                raise ValueError(f"{key}: no such file {getattr(self, key)}")
+        return self
+
+
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
 
 
 class ListenConfig(_Frozen):
@@ -45,6 +108,39 @@ class ListenConfig(_Frozen):
     max_recipients: int = Field(default=100, ge=1)  # RFC 5321 4.5.3.1.8: at least 100
     max_connections: int = Field(default=200, ge=1)
     timeout: Duration = 300.0  # RFC 5321 4.5.3.2.7: server timeout of 5 minutes
+    # After this many rejected commands in one session: 421 and close.
+    max_bad_commands: int = Field(default=10, ge=1)
+    # reject (default, like Postfix smtpd_forbid_bare_newline): 550 5.5.2 for a bare LF or
+    # CR in DATA; normalize: accept and turn them into CRLF.
+    bare_newlines: Literal["reject", "normalize"] = "reject"
+    # Clients allowed to connect (CIDR); None means loopback only.
+    allowed_networks: list[str] | None = None
+    auth: ListenAuthConfig = ListenAuthConfig()
+    tls: ListenTLSConfig | None = None
+
+    @model_validator(mode="after")
+    def _safe_exposure(self) -> ListenConfig:
+        for cidr in self.allowed_networks or []:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"allowed_networks: {cidr!r} is not a CIDR network") from None
+        if not _is_loopback(self.host):
+            if not self.auth.required and self.allowed_networks is None:
+                raise ValueError(
+                    f"host: {self.host} is not a loopback address; set auth.required: true"
+                    " or an explicit allowed_networks, or relay would be an open relay"
+                )
+            if self.auth.users and self.tls is None:
+                raise ValueError(
+                    "tls: listener AUTH on a non-loopback address needs tls (cert and key),"
+                    " or passwords would cross the network in clear"
+                )
+        return self
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        cidrs = self.allowed_networks if self.allowed_networks is not None else LOOPBACK_NETWORKS
+        return [ipaddress.ip_network(c, strict=False) for c in cidrs]
 
 
 class QueueConfig(_Frozen):
@@ -205,6 +301,12 @@ class Config(_Frozen):
                 raise ValueError(
                     f"accounts.{name}: account names use letters, digits, '_', '.', '-'"
                 )
+        for user, spec in self.listen.auth.users.items():
+            for name in spec.accounts or []:
+                if name not in self.accounts:
+                    raise ValueError(
+                        f"listen.auth.users.{user}.accounts: no account named {name!r}"
+                    )
         if self.routing.default_account not in self.accounts:
             raise ValueError(
                 f"routing.default_account: no account named {self.routing.default_account!r}"
@@ -279,15 +381,6 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
     return parse_config(data)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def config_warnings(config: Config) -> list[str]:

@@ -8,15 +8,20 @@ aiosmtpd.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import re
 import socket
+import ssl
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay import replies
+from relay.auth import ListenerAuth
 from relay.config import Config
 from relay.errors import StoreError, StoreFullError
 from relay.headers import parse_headers, remove_headers
@@ -44,6 +49,7 @@ class IngestHandler:
         self.config = config
         self.submit = submit
         self.admit = admit
+        self.auth = ListenerAuth(config.listen.auth)
         self.metrics = metrics
         self.accepting = True
 
@@ -51,12 +57,49 @@ class IngestHandler:
         self.metrics.rejected.labels(reason).inc()
         return str(reply)
 
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
+        auth_data: Any,
+    ) -> AuthResult:
+        if isinstance(auth_data, LoginPassword):
+            username = auth_data.login.decode("utf-8", "replace")
+            if self.auth.check(username, auth_data.password):
+                return AuthResult(success=True, auth_data=username)
+            event(log, logging.WARNING, "auth_failed", client=_peer(session),
+                  user=username[:64])
+        # handled=False: aiosmtpd answers 535 5.7.8 itself.
+        return AuthResult(success=False, handled=False)
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if not self.auth.enabled:  # aiosmtpd offers AUTH even with nobody to log in
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
+        # RFC 2034: our 4xx/5xx replies carry enhanced status codes.
+        return [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        mail_options: list[str],
+    ) -> str:
+        problem = _address_problem(address, allow_null=True)
+        if problem:
+            return self._reject("bad_address", replies.BAD_ADDRESS.with_text(problem))
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return str(replies.OK)
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         rcpt_options: list[str],
     ) -> str:
         if len(envelope.rcpt_tos) >= self.config.listen.max_recipients:
             return self._reject("too_many_recipients", replies.TOO_MANY_RECIPIENTS)
+        problem = _address_problem(address, allow_null=False)
+        if problem:
+            return self._reject("bad_address", replies.BAD_ADDRESS.with_text(problem))
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RCPT_OK)
@@ -65,6 +108,10 @@ class IngestHandler:
         if not self.accepting:
             return str(replies.SHUTTING_DOWN)
         raw = envelope.original_content or b""
+        if has_bare_newline(raw):
+            if self.config.listen.bare_newlines == "reject":
+                return self._reject("bare_newline", replies.BARE_NEWLINE)
+            raw = normalize_newlines(raw)
         fields = parse_headers(raw)
         try:
             account = choose_account(fields, self.config.routing.default_account,
@@ -74,6 +121,9 @@ class IngestHandler:
             reason = "unknown_account" if "Account" in str(exc) else "bad_header"
             reply = replies.UNKNOWN_ACCOUNT if reason == "unknown_account" else replies.BAD_HEADER
             return self._reject(reason, reply.with_text(str(exc)))
+        user = session.auth_data if session.authenticated else None
+        if not self.auth.may_use(user, account):
+            return self._reject("access_denied", replies.ACCOUNT_NOT_ALLOWED)
         if not await self.admit(account):
             return self._reject("rate_limited", replies.RATE_LIMITED)
         now = time.time()
@@ -109,6 +159,37 @@ class IngestHandler:
         return str(replies.INTERNAL_ERROR)
 
 
+# RFC 5321 4.5.3.1.1 and 4.5.3.1.3: local part at most 64 octets, path at most 256 (so an
+# address at most 254).
+MAX_LOCAL_PART, MAX_ADDRESS = 64, 254
+
+
+def _address_problem(address: str, *, allow_null: bool) -> str | None:
+    if address in ("", "<>"):
+        return None if allow_null else "Null recipient not allowed"
+    octets = address.encode("utf-8", "surrogateescape")
+    if len(octets) > MAX_ADDRESS:
+        return f"Address longer than {MAX_ADDRESS} octets"
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        return "Address must be local-part@domain"
+    if len(local.encode("utf-8", "surrogateescape")) > MAX_LOCAL_PART:
+        return f"Local part longer than {MAX_LOCAL_PART} octets"
+    if any(c in address for c in " <>()[],;\\\"") and not local.startswith('"'):
+        return "Address contains characters not allowed outside quotes"
+    return None
+
+
+def has_bare_newline(data: bytes) -> bool:
+    """A CR or LF that is not part of CRLF (the raw material of SMTP smuggling)."""
+    pairs = data.count(b"\r\n")
+    return data.count(b"\n") != pairs or data.count(b"\r") != pairs
+
+
+def normalize_newlines(data: bytes) -> bytes:
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+
+
 def _reverse_path(mail_from: str | None) -> str:
     """The envelope sender; '' for the null reverse-path (aiosmtpd reports it as '<>')."""
     return "" if mail_from in (None, "", "<>") else str(mail_from)
@@ -133,20 +214,137 @@ def _peer(session: Session) -> str:
     return str(peer)
 
 
-class RelaySMTP(SMTP):
-    """aiosmtpd's server with a session gauge."""
+# RFC 3463 enhanced codes for aiosmtpd's own replies, which mostly lack them.
+_ENHANCED_BY_CODE = {
+    421: "4.3.0", 451: "4.3.0", 452: "4.3.1", 454: "4.7.0", 500: "5.5.2", 501: "5.5.4",
+    502: "5.5.1", 503: "5.5.1", 504: "5.5.4", 530: "5.7.0", 550: "5.0.0", 552: "5.3.4",
+    553: "5.1.3", 554: "5.0.0", 555: "5.5.4",
+}
+_REWORDED = {
+    "552 Error: message size exceeds fixed maximum message size":
+        str(replies.TOO_BIG),
+    "552 Error: Too much mail data": str(replies.TOO_BIG),
+    "500 Line too long (see RFC5321 4.5.3.1.6)":
+        "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6: at most 1000 octets)",
+}
+# Request methods a browser may send: a web page must not be able to talk SMTP to us.
+_HTTP_VERBS = ("GET", "POST", "PUT", "HEAD", "OPTIONS", "CONNECT", "DELETE", "PATCH")
+_ENHANCED_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}\b")
 
-    def __init__(self, handler: IngestHandler, metrics: Metrics, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self._metrics = metrics
+
+def with_enhanced_code(status: str) -> str:
+    """Add an RFC 3463 code to a 4xx/5xx reply that has none (one place for all of them)."""
+    if status in _REWORDED:
+        return _REWORDED[status]
+    code, sep, text = status.partition(" ")
+    if not code.isdigit() or int(code) < 400 or _ENHANCED_RE.match(text):
+        return status
+    enhanced = _ENHANCED_BY_CODE.get(int(code), f"{code[0]}.0.0")
+    return f"{code} {enhanced} {text.removeprefix('Error: ')}" if sep else status
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's server, hardened: access control at connect, session and error limits,
+    enhanced status codes, no cross-protocol requests, a session gauge."""
+
+    def __init__(self, handler: IngestHandler, limits: SessionLimits, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            # aiosmtpd warns when AUTH is allowed without TLS; relay allows that only on
+            # loopback (config refuses it elsewhere).
+            warnings.simplefilter("ignore", UserWarning)
+            super().__init__(handler, **kwargs)
+        self._limits = limits
+        self._refusal: str | None = None
+        self._bad_commands = 0
+        for verb in _HTTP_VERBS:
+            self._smtp_methods[verb] = self._cross_protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._metrics.sessions_active.inc()
+        self._limits.sessions += 1
+        self._limits.metrics.sessions_active.inc()
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) else None
+        if not self._limits.allowed(host):
+            self._refusal = "554 5.7.1 Access denied: your address is not allowed to relay"
+            self._limits.metrics.rejected.labels("access_denied").inc()
+        elif self._limits.sessions > self._limits.max_sessions:
+            self._refusal = "421 4.7.0 Too many connections, try again later"
+            self._limits.metrics.rejected.labels("too_many_connections").inc()
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._metrics.sessions_active.dec()
+        self._limits.sessions -= 1
+        self._limits.metrics.sessions_active.dec()
         super().connection_lost(exc)
+
+    async def _handle_client(self) -> None:
+        if self._refusal is not None:
+            await self.push(self._refusal)
+            self._close()
+            return
+        await super()._handle_client()
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, bytes):
+            await super().push(status)
+            return
+        status = with_enhanced_code(status)
+        if status.startswith("552 "):
+            self._limits.metrics.rejected.labels("too_big").inc()
+        await super().push(status)
+        if status[:3] in ("500", "501", "502", "503", "504", "555"):
+            self._bad_commands += 1
+            if self._bad_commands >= self._limits.max_bad_commands:
+                await super().push("421 4.7.0 Too many errors, closing connection")
+                self._close()
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd closes idle sessions silently; RFC 5321 4.2.2 wants a 421 first.
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
+        super()._timeout_cb()
+
+    async def _cross_protocol(self, arg: str | None) -> None:
+        """An HTTP request line: drop the connection without a word (no SMTP from browsers)."""
+        self._limits.metrics.rejected.labels("cross_protocol").inc()
+        event(log, logging.WARNING, "rejected", reason="HTTP request on the SMTP port",
+              client=_peer(self.session) if self.session else None)
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class SessionLimits:
+    """Listener-wide state shared by all sessions: counts and access rules."""
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.max_sessions = config.listen.max_connections
+        self.max_bad_commands = config.listen.max_bad_commands
+        self.networks = config.listen.networks()
+        self.sessions = 0
+
+    def allowed(self, host: str | None) -> bool:
+        if host is None:  # a Unix socket: local by definition
+            return True
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    tls = config.listen.tls
+    if tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    return context
 
 
 async def start_listener(
@@ -156,16 +354,26 @@ async def start_listener(
     listen = config.listen
     hostname = socket.gethostname()  # once, not a getfqdn() per connection
     loop = asyncio.get_running_loop()
+    limits = SessionLimits(config, metrics)
+    tls_context = _tls_context(config)
+    auth = handler.auth
 
     def factory() -> RelaySMTP:
         return RelaySMTP(
             handler,
-            metrics,
+            limits,
             data_size_limit=listen.max_message_size,
             enable_SMTPUTF8=True,
             hostname=hostname,
             ident="relay",
             timeout=listen.timeout,
+            tls_context=tls_context,
+            require_starttls=bool(listen.tls and listen.tls.required),
+            auth_required=auth.required,
+            # With TLS configured, AUTH waits for STARTTLS; without it (loopback only, see
+            # config) plain AUTH is allowed.
+            auth_require_tls=tls_context is not None,
+            authenticator=handler.authenticate if auth.enabled else None,
             loop=loop,
         )
 

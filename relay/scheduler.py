@@ -297,6 +297,7 @@ class Scheduler:
                 worker.limiter.restore(await self.store.recent_sends(name, since), now)
             worker.start()
         self._flush_seen = await self.store.get_meta(FLUSH_KEY)
+        await self.store.changed_elsewhere()  # the baseline: later CLI changes are seen
         self._watcher = asyncio.create_task(self._watch(), name="queue-watcher")
 
     def notify(self, account: str) -> None:

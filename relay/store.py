@@ -33,8 +33,9 @@ from relay.message import (
 )
 
 APPLICATION_ID = 0x52454C59  # 'RELY': marks a file as a relay queue
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the sends table
 READY = "('queued', 'deferred')"
+SENDS_KEPT_S = 2 * 86400.0  # longer than the longest rate-limit window (per_day)
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS messages (
@@ -68,6 +69,10 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_message ON attempts (message_id);
 CREATE INDEX IF NOT EXISTS attempts_account_at ON attempts (account, at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- When each account sent, for rate limits across restarts. Kept apart from attempts so
+-- that deleting or purging messages never makes a restarted relay forget recent sends.
+CREATE TABLE IF NOT EXISTS sends (account TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS sends_account_at ON sends (account, at);
 """
 
 COLUMNS = (
@@ -198,11 +203,13 @@ class SQLiteStore:
             self._take_lock()
         try:
             self._db = await self._connect()
-            await self._check_file(self._db)
-            await self._db.executescript(SCHEMA)
-            await self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            await self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            await self._db.commit()
+            if await self._check_file(self._db) != SCHEMA_VERSION:
+                # Only when needed: a write here would wake a running server for nothing
+                # each time `relay queue list` opens the file.
+                await self._db.executescript(SCHEMA)
+                await self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                await self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                await self._db.commit()
             self._reader = await self._connect()
         except sqlite3.Error as exc:
             await self.close()
@@ -220,7 +227,8 @@ class SQLiteStore:
         await db.execute("PRAGMA busy_timeout = 10000")
         return db
 
-    async def _check_file(self, db: aiosqlite.Connection) -> None:
+    async def _check_file(self, db: aiosqlite.Connection) -> int:
+        """Refuse foreign or newer files; return the file's schema version."""
         async with db.execute("PRAGMA application_id") as cur:
             app_id = (await cur.fetchone() or (0,))[0]
         async with db.execute("SELECT count(*) FROM sqlite_master") as cur:
@@ -233,6 +241,7 @@ class SQLiteStore:
             raise StoreError(
                 f"{self.path} was written by a newer relay (schema {version}); upgrade relay"
             )
+        return int(version)
 
     def _take_lock(self) -> None:
         lock_path = self.path.with_name(self.path.name + ".lock")
@@ -337,8 +346,13 @@ class SQLiteStore:
             ],
         )
         await db.executemany(
-            "INSERT INTO attempts (message_id, account, at, outcome, reply) VALUES (?,?,?,?,?)",
-            [(a.id, a.account, a.at, a.outcome, a.reply) for a in done],
+            # Only for rows that still exist (an operator may have deleted one mid-send).
+            "INSERT INTO attempts (message_id, account, at, outcome, reply)"
+            " SELECT ?,?,?,?,? WHERE EXISTS (SELECT 1 FROM messages WHERE id=?)",
+            [(a.id, a.account, a.at, a.outcome, a.reply, a.id) for a in done],
+        )
+        await db.executemany(
+            "INSERT INTO sends (account, at) VALUES (?, ?)", [(a.account, a.at) for a in done]
         )
         # A delivered body is not needed again; failed ones stay for `queue retry`.
         delivered = [(a.id,) for a in done if a.state is MessageState.DELIVERED]
@@ -391,14 +405,16 @@ class SQLiteStore:
             )
 
     async def recover(self, now: float) -> int:
-        """At start: messages left 'sending' by a crash go back to the queue."""
-        (count,) = await self.execute(
+        """At start: messages left 'sending' by a crash go back to the queue (and send
+        times older than the longest rate window, a day, are dropped)."""
+        count, _ = await self.execute(
             [
                 (
                     "UPDATE messages SET state='queued', lease_until=NULL, updated_at=?"
                     " WHERE state='sending'",
                     (now,),
-                )
+                ),
+                ("DELETE FROM sends WHERE at < ?", (now - SENDS_KEPT_S,)),
             ]
         )
         return count
@@ -450,7 +466,7 @@ class SQLiteStore:
 
     async def recent_sends(self, account: str, since: float) -> list[float]:
         rows = await self._fetch(
-            "SELECT at FROM attempts WHERE account=? AND at>? ORDER BY at", (account, since)
+            "SELECT at FROM sends WHERE account=? AND at>? ORDER BY at", (account, since)
         )
         return [r[0] for r in rows]
 

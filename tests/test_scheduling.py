@@ -337,3 +337,24 @@ async def test_claim_is_an_indexed_query(tmp_path: Path) -> None:
     assert "messages_ready" in details
     assert "SCAN messages" not in details.replace("SCAN messages USING", "")
     db.close()
+
+
+async def test_deleting_records_does_not_reset_rate_limits(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """Purging delivered records must not let a restarted relay exceed a daily limit."""
+    account = upstream_account(upstream, tmp_path, rate_limit={"per_day": 2})
+    config = relay_config(tmp_path, {"up": account})
+    app = await start_relay(config)
+    await send_many(app.smtp_port, [message("d1"), message("d2")], sessions=1)
+    await upstream.wait_for_messages(2)
+    await app.scheduler.run_until_idle()
+    # What `relay queue purge` / `delete` do to the records:
+    await app.store.execute([("DELETE FROM attempts", ()), ("DELETE FROM messages", ()),
+                             ("DELETE FROM bodies", ())])
+    await app.shutdown(grace=1)
+    app2 = await start_relay(config)
+    await send(app2.smtp_port, message("d3"))
+    await wait_until(lambda: metric(app2, "relay_rate_limited_total", account="up") >= 1,
+                     what="the third message held by the daily limit")
+    assert len(upstream.messages) == 2

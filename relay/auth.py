@@ -1,0 +1,79 @@
+"""Listener AUTH: who may submit mail, and which accounts each user may choose.
+
+Passwords come from an environment variable, a file, or an argon2 hash (argon2-cffi);
+they are resolved once at start and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from relay.config import ListenAuthConfig, ListenUserConfig
+
+_HASHER = PasswordHasher()
+
+
+def hash_password(password: str) -> str:
+    """An argon2id hash for listen.auth.users.NAME.password_hash."""
+    return _HASHER.hash(password)
+
+
+class _User:
+    def __init__(self, spec: ListenUserConfig) -> None:
+        self.hash = spec.password_hash
+        self.secret: bytes | None = None
+        if spec.password_env:
+            self.secret = os.environ[spec.password_env].encode()
+        elif spec.password_file:
+            self.secret = spec.password_file.read_text(encoding="utf-8").strip().encode()
+        self.accounts = frozenset(spec.accounts) if spec.accounts is not None else None
+
+    def verify(self, password: bytes) -> bool:
+        if self.secret is not None:
+            return hmac.compare_digest(self.secret, password)
+        assert self.hash is not None
+        try:
+            return _HASHER.verify(self.hash, password)
+        except (VerificationError, InvalidHashError):
+            return False
+
+
+class ListenerAuth:
+    def __init__(self, config: ListenAuthConfig) -> None:
+        self.required = config.required
+        self._users = {name: _User(spec) for name, spec in config.users.items()}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._users)
+
+    def check(self, username: str, password: bytes) -> bool:
+        user = self._users.get(username)
+        if user is None:
+            _burn_a_verification(password)  # unknown names cost the same: no enumeration
+            return False
+        return user.verify(password)
+
+    def may_use(self, username: str | None, account: str) -> bool:
+        """Whether an authenticated user may send through that account."""
+        if username is None:
+            return not self.required
+        user = self._users.get(username)
+        return user is not None and (user.accounts is None or account in user.accounts)
+
+
+_dummy_hash: str | None = None
+
+
+def _burn_a_verification(password: bytes) -> None:
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = _HASHER.hash("relay: not a real user")
+    try:
+        _HASHER.verify(_dummy_hash, password)
+    except VerificationError:
+        pass
