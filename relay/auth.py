@@ -6,6 +6,7 @@ they are resolved once at start and never logged.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
 
@@ -73,7 +74,5 @@ def _burn_a_verification(password: bytes) -> None:
     global _dummy_hash
     if _dummy_hash is None:
         _dummy_hash = _HASHER.hash("relay: not a real user")
-    try:
+    with contextlib.suppress(VerificationError):
         _HASHER.verify(_dummy_hash, password)
-    except VerificationError:
-        pass

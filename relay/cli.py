@@ -24,8 +24,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def _load(args: argparse.Namespace) -> Config:
-    path = args.config or os.environ.get("RELAY_CONFIG")
-    return load_config(path)
+    path = args.config or os.environ.get("RELAY_CONFIG") or None
+    return load_config(path, secrets=getattr(args, "needs_secrets", True))
 
 
 def _fail(message: str, code: int = EXIT_FAILURE) -> int:
@@ -45,11 +45,12 @@ async def _serve(config: Config) -> None:
     from relay.app import App
 
     app = App(config)
-    await app.startup()
     loop = asyncio.get_running_loop()
+    # Before startup: a supervisor may send SIGTERM as soon as it sees the 'started' line.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.request_stop)
     try:
+        await app.startup()
         await app.serve()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -79,8 +80,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from relay.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            return _fail("the two passwords differ", EXIT_USAGE)
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        return _fail("empty password", EXIT_USAGE)
+    print(hash_password(password))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="A local SMTP relay for applications: accepts mail on localhost, queues it"
+        " durably, delivers it through pooled upstream accounts.",
+    )
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
@@ -93,9 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="validate the config and print it with secrets masked")
     p.set_defaults(func=cmd_check_config)
 
+    p = sub.add_parser("hash-password",
+                       help="print an argon2 hash for listen.auth.users.NAME.password_hash")
+    p.set_defaults(func=cmd_hash_password)
+
     from relay import cli_queue
 
     cli_queue.add_commands(sub, common)
+    from relay import bench
+
+    bench.add_command(sub)
     return parser
 
 

@@ -322,6 +322,7 @@ def cmd_accounts_test(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     queue = sub.add_parser("queue", help="inspect or act on the queue")
+    queue.set_defaults(needs_secrets=False)  # the queue file only; no upstream passwords
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
     p = qsub.add_parser("list", parents=[common],
                         help="list messages, including delivered/failed records not yet purged")

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
@@ -58,7 +59,7 @@ class ListenUserConfig(_Frozen):
     accounts: list[str] | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> ListenUserConfig:
+    def _one_source(self, info: ValidationInfo) -> ListenUserConfig:
         sources = [k for k in ("password_env", "password_file", "password_hash")
                    if getattr(self, k)]
         if len(sources) != 1:
@@ -66,6 +67,8 @@ class ListenUserConfig(_Frozen):
                              " password_hash")
         if self.password_hash and not self.password_hash.startswith("$argon2"):
             raise ValueError("password_hash: must be an argon2 hash (see `relay hash-password`)")
+        if not (info.context or {}).get("secrets", True):
+            return self
         if self.password_env and self.password_env not in os.environ:
             raise ValueError(f"password_env: environment variable {self.password_env} is not set")
         if self.password_file and not self.password_file.is_file():
@@ -227,7 +230,7 @@ class AccountConfig(_Frozen):
     _secret: str | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
-    def _check(self) -> AccountConfig:
+    def _check(self, info: ValidationInfo) -> AccountConfig:
         if self.transport == "maildir":
             if self.path is None:
                 raise ValueError("path: required for a maildir account")
@@ -239,7 +242,8 @@ class AccountConfig(_Frozen):
             raise ValueError(f"{sources[1]}: give only one of {', '.join(sources)}")
         if self.username and not sources:
             raise ValueError("username: needs password_env, password_file or password")
-        self._secret = self._read_secret()
+        if (info.context or {}).get("secrets", True):
+            self._secret = self._read_secret()
         return self
 
     def _read_secret(self) -> str | None:
@@ -315,7 +319,13 @@ class Config(_Frozen):
         return self
 
     def retry_for(self, account: str) -> RetryConfig:
-        return self.accounts[account].retry or self.retry
+        """The top-level retry block with the account's own keys laid over it."""
+        own = self.accounts[account].retry
+        if own is None:
+            return self.retry
+        return RetryConfig.model_validate(
+            {**self.retry.model_dump(), **own.model_dump(include=own.model_fields_set)}
+        )
 
 
 def _describe(error: Any) -> str:
@@ -353,19 +363,22 @@ def _problem(error: Any) -> str:
     return f"{path}: {text}" if path else text
 
 
-def parse_config(data: object) -> Config:
-    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+def parse_config(data: object, *, secrets: bool = True) -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem.
+
+    secrets=False skips reading passwords (commands that never connect upstream).
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(top level): must be a mapping of keys to values"])
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={"secrets": secrets})
     except ValidationError as exc:
         raise ConfigError([_problem(e) for e in exc.errors()]) from None
 
 
-def load_config(path: str | os.PathLike[str] | None) -> Config:
+def load_config(path: str | os.PathLike[str] | None, *, secrets: bool = True) -> Config:
     """Read and validate a YAML file; None means the built-in defaults."""
     if path is None:
         return Config()
@@ -380,7 +393,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
-    return parse_config(data)
+    return parse_config(data, secrets=secrets)
 
 
 def config_warnings(config: Config) -> list[str]:
@@ -400,14 +413,22 @@ def config_warnings(config: Config) -> list[str]:
             )
         if not acc.tls_verify:
             warnings.append(f"accounts.{name}.tls_verify: false; certificates are not checked")
-        if acc.password_file and acc.password_file.exists():
-            mode = acc.password_file.stat().st_mode
-            if mode & (stat.S_IRGRP | stat.S_IROTH):
-                warnings.append(
-                    f"accounts.{name}.password_file: {acc.password_file} is readable by"
-                    " other users (chmod 600 it)"
-                )
+        if acc.password_file:
+            warnings += _readable_by_others(f"accounts.{name}.password_file", acc.password_file)
+        if (acc.password or acc.password_env or acc.password_file) and not acc.username:
+            warnings.append(f"accounts.{name}: a password without a username is not used")
+    for user, spec in config.listen.auth.users.items():
+        if spec.password_file:
+            warnings += _readable_by_others(
+                f"listen.auth.users.{user}.password_file", spec.password_file
+            )
     return warnings
+
+
+def _readable_by_others(key: str, path: Path) -> list[str]:
+    if path.exists() and path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        return [f"{key}: {path} is readable by other users (chmod 600 it)"]
+    return []
 
 
 def effective_config(config: Config) -> dict[str, Any]:
@@ -420,7 +441,7 @@ def effective_config(config: Config) -> dict[str, Any]:
             acc["port"] = config.accounts[name].effective_port
         else:
             for key in list(acc):
-                if key not in ("transport", "path", "retry", "rate_limit"):
+                if key not in ("transport", "path", "retry", "rate_limit", "pool", "timeouts"):
                     del acc[key]
     _durations_as_text(data)
     return data

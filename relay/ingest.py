@@ -302,7 +302,7 @@ class RelaySMTP(SMTP):
         # aiosmtpd closes idle sessions silently; RFC 5321 4.2.2 wants a 421 first.
         if self.transport is not None and not self.transport.is_closing():
             self._writer.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
-        super()._timeout_cb()
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     async def _cross_protocol(self, arg: str | None) -> None:
         """An HTTP request line: drop the connection without a word (no SMTP from browsers)."""

@@ -118,6 +118,10 @@ class AccountWorker:
         """Start what may go now; return how long to sleep (None: until woken)."""
         now = self.clock()
         if now < self.backoff_until:
+            if not self.in_flight:
+                due = await self.store.next_due_at(self.name)
+                if due is None or due >= self.backoff_until:
+                    self.idle.set()  # nothing could go before the backoff ends anyway
             return self.backoff_until - now
         # While an account is backing off as a whole, one probe at a time.
         slots = (1 if self.backoff_failures else self.concurrency) - len(self.in_flight)

@@ -48,8 +48,10 @@ def map_smtp_error(exc: BaseException, *, connecting: bool = False) -> DeliveryE
         return cls(text or "no text", code=exc.code, enhanced=enhanced, account_wide=account_wide)
     if isinstance(exc, ssl.SSLError):
         return TemporaryFailure(f"TLS failure: {exc.reason or exc}", account_wide=True)
-    if isinstance(exc, socket.gaierror):
-        return TemporaryFailure(f"DNS lookup failed: {exc.strerror}", account_wide=True)
+    # aiosmtplib wraps a failed DNS lookup in its own connect error; look at the cause.
+    cause = exc if isinstance(exc, socket.gaierror) else exc.__cause__
+    if isinstance(cause, socket.gaierror):
+        return TemporaryFailure(f"DNS lookup failed: {cause.strerror}", account_wide=True)
     if isinstance(exc, TimeoutError):
         return TemporaryFailure("timed out waiting for the upstream", account_wide=connecting)
     if isinstance(exc, aiosmtplib.SMTPNotSupported):

@@ -25,7 +25,7 @@ from relay.retry import Defer, Fail, RetryPolicy
 from relay.routing import RoutingError, choose_account, deferred_until
 from relay.transport import SendResult
 
-# -- rate limits -------------------------------------------------------------------------
+# -- rate limits
 
 
 @settings(max_examples=200, deadline=None)
@@ -68,7 +68,7 @@ def test_rate_limiter_restore_holds_across_restart() -> None:
     assert RateLimiter([(1.0, 1), (60.0, 100)]).window_capacity() == 60
 
 
-# -- retry ---------------------------------------------------------------------------------
+# -- retry
 
 
 def test_retry_doubles_to_the_cap_with_bounded_jitter() -> None:
@@ -95,7 +95,7 @@ def test_retry_decisions() -> None:
     assert isinstance(expired, Fail) and "expired" in expired.reason
 
 
-# -- priority and headers -------------------------------------------------------------------
+# -- priority and headers
 
 
 @pytest.mark.parametrize(
@@ -154,7 +154,7 @@ def test_routing_and_deferred_delivery() -> None:
         deferred_until([("Deferred-Delivery", "next tuesday")])
 
 
-# -- outcome ---------------------------------------------------------------------------------
+# -- outcome
 
 
 def _queued(*addresses: str, attempts: int = 0) -> QueuedMessage:

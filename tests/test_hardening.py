@@ -36,7 +36,7 @@ async def _session(port: int) -> RawSMTP:
     return client
 
 
-# -- 1. limits --------------------------------------------------------------------------------
+# -- 1. limits --
 
 
 async def test_size_limits_answer_552_534(
@@ -156,7 +156,7 @@ async def test_upstream_without_smtputf8_fails_with_a_clear_reason(
         assert "SMTPUTF8" in row.last_error and up.messages == []
 
 
-# -- 2. SMTP smuggling --------------------------------------------------------------------------
+# -- 2. SMTP smuggling
 
 SMUGGLING_ENDINGS = [b"\n.\r\n", b"\r\n.\n", b"\n.\n", b"\r.\r", b"\r\n.\r"]
 
@@ -213,7 +213,7 @@ def test_aiosmtpd_is_a_fixed_version() -> None:
     assert parts >= (1, 4, 6)
 
 
-# -- 3. cross-protocol and internal errors -------------------------------------------------------
+# -- 3. cross-protocol and internal errors --
 
 
 @pytest.mark.parametrize("verb", ["GET", "POST", "PUT", "CONNECT", "HEAD", "OPTIONS"])
@@ -244,7 +244,7 @@ async def test_internal_error_answers_451_430_and_keeps_serving(
     assert (await send(app.smtp_port, message("fine")))[0] == 250
 
 
-# -- 4. addresses ------------------------------------------------------------------------------------
+# -- 4. addresses --
 
 
 @pytest.mark.parametrize(
@@ -282,7 +282,7 @@ async def test_recipient_addresses(
     await client.close()
 
 
-# -- 5. access -----------------------------------------------------------------------------------------
+# -- 5. access --
 
 
 async def test_clients_outside_allowed_networks_get_554_571(
@@ -341,16 +341,24 @@ async def test_listener_auth_and_per_user_accounts(
     assert all(secret not in record.getMessage() for record in caplog.records)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI for a cert")
-async def test_starttls_listener(
-    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
-) -> None:
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
          "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )
+    return cert, key
+
+
+async def test_starttls_listener(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    self_signed: tuple[Path, Path],
+) -> None:
+    cert, key = self_signed
     app = await _relay(tmp_path, upstream, start_relay,
                        tls={"cert": str(cert), "key": str(key), "required": True})
     plain = await _session(app.smtp_port)

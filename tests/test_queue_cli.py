@@ -309,7 +309,7 @@ def test_every_operation_keeps_to_the_transition_table() -> None:
     assert all(op.allowed_by_transitions() for op in OPERATIONS)
 
 
-# -- beside a running server ---------------------------------------------------------------
+# -- beside a running server
 @pytest.fixture
 async def served(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
@@ -411,7 +411,7 @@ async def test_a_change_made_right_after_the_server_starts_is_noticed(
     await upstream.wait_for_messages(1, timeout=1.5)
 
 
-# -- accounts test -------------------------------------------------------------------------
+# -- accounts test
 def account_lines(out: str) -> dict[str, str]:
     lines = [line.strip().split(":", 1) for line in out.splitlines()[1:]]
     return {step: text.strip() for step, text in lines}

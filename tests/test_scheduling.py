@@ -46,7 +46,7 @@ async def _wait_for_subject(up: FakeUpstream, subject: str, timeout: float = 10)
         await up.wait_for_messages(len(up.messages) + 1, timeout=left)
 
 
-# -- 1. priority --------------------------------------------------------------------------
+# -- 1. priority
 
 
 async def test_high_priority_overtakes_a_low_backlog(
@@ -95,7 +95,7 @@ async def test_fifo_within_a_priority(
                      "Subject: m3 NORMAL", "Subject: m0 LOW", "Subject: m5 LOW"]
 
 
-# -- 2. rate limits ---------------------------------------------------------------------------
+# -- 2. rate limits
 
 
 async def test_rate_limit_holds_over_every_sliding_window(
@@ -151,7 +151,7 @@ async def test_on_limit_reject_answers_451_471(
     assert metric(app, "relay_messages_rejected_total", reason="rate_limited") == len(rejected)
 
 
-# -- 3. isolation ------------------------------------------------------------------------------
+# -- 3. isolation
 
 
 async def test_a_slow_or_dead_account_never_delays_another(
@@ -179,7 +179,7 @@ async def test_a_slow_or_dead_account_never_delays_another(
         assert slow.connections_open <= 2
 
 
-# -- 4. retry and account backoff ----------------------------------------------------------------
+# -- 4. retry and account backoff
 
 
 async def test_account_wide_failure_backs_off_with_one_probe(
@@ -271,7 +271,7 @@ async def test_temporary_failures_are_retried_not_failed(
         await upstream.wait_for_messages(1)
 
 
-# -- 5. scheduled sending ------------------------------------------------------------------------
+# -- 5. scheduled sending
 
 
 async def test_deferred_delivery_header(
@@ -293,7 +293,7 @@ async def test_deferred_delivery_header(
     assert code == 550 and "Deferred-Delivery" in text
 
 
-# -- 6. bounces ---------------------------------------------------------------------------------
+# -- 6. bounces
 
 
 async def test_bounce_to_sender_on_permanent_failure_but_never_to_null_sender(
@@ -320,7 +320,7 @@ async def test_bounce_to_sender_on_permanent_failure_but_never_to_null_sender(
     assert metric(app, "relay_messages_failed_total", account="up") == 2
 
 
-# -- 8. scale ---------------------------------------------------------------------------------
+# -- 8. scale
 
 
 async def test_claim_is_an_indexed_query(tmp_path: Path) -> None:

@@ -352,11 +352,11 @@ class FakeUpstream:
 
     # A timeout argument (rather than asking callers to wrap in asyncio.timeout)
     # lets the AssertionError say what was awaited and what state was reached.
-    async def wait_for_messages(self, n: int, timeout: float = 10) -> None:  # noqa: ASYNC109
+    async def wait_for_messages(self, n: int, timeout: float = 10) -> None:
         """Wait until at least ``n`` messages have been accepted; AssertionError on timeout."""
         await self._wait_until(lambda: len(self.messages) >= n, timeout, f"at least {n} message(s)")
 
-    async def wait_for_connections_open(self, n: int, timeout: float = 10) -> None:  # noqa: ASYNC109
+    async def wait_for_connections_open(self, n: int, timeout: float = 10) -> None:
         """Wait until exactly ``n`` client connections are open (server's view)."""
         await self._wait_until(
             lambda: self.connections_open == n, timeout, f"{n} open connection(s)"

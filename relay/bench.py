@@ -1,0 +1,768 @@
+"""`relay bench`: relay against a bare aiosmtpd server and Postfix, in one run on this machine.
+
+Each case starts its servers fresh (relay as ``python -m relay serve`` on a new queue
+file), drives load with Postfix's smtp-source when installed (else the built-in client)
+and stops them. Cases are interleaved within a round; each relay figure is reported with
+the median over rounds of its ratio to the baseline measured in the same round.
+docs/performance.md explains the method and keeps the figures of a full run.
+
+Usage: relay bench [--quick] [--rounds N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from relay.benchsink import (
+    HOST,
+    BareServer,
+    BenchSetupError,
+    PostfixInstance,
+    ServerProcess,
+    Sink,
+    cpu_s,
+    find_tool,
+    free_port,
+    postfix_problem,
+    rss_mb,
+    until,
+    wait_for_banner,
+)
+from relay.config import parse_config
+from relay.errors import StoreError
+from relay.loadgen import Load, LoadResult, percentile, run_builtin, run_smtp_source
+
+T = TypeVar("T")
+RELAY, PER_MESSAGE, BARE, POSTFIX = "relay", "relay_per_message", "bare", "postfix"
+LABELS = {RELAY: "relay", PER_MESSAGE: "per-msg commit", BARE: "bare aiosmtpd", POSTFIX: "postfix"}
+# case -> (description, systems measured in it); the order is rotated each round.
+CASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ingest_conn": ("durable ingest, 1 connection/message, msgs/s", (RELAY, BARE, POSTFIX)),
+    "ingest_sess": ("durable ingest, persistent sessions, msgs/s", (RELAY, BARE, POSTFIX)),
+    "ack": ("ack latency, persistent sessions, delivering", (RELAY, PER_MESSAGE, BARE)),
+    "e2e": ("end-to-end, msgs/s", (RELAY, POSTFIX)),
+}
+FULL = {"rounds": 3, "messages": 5000, "e2e_messages": 20_000, "queued": 100_000}
+QUICK = {"rounds": 1, "messages": 300, "e2e_messages": 1000, "queued": 2000}
+MIN_RATE = 20.0  # msgs/s: below this a load is cut off (every wait here is bounded)
+QUIET_S = 0.5  # a sink count that has not moved for this long is final
+WARMUP_PER_SESSION = 5  # untimed messages per sender before each measurement
+
+
+@dataclass(frozen=True)
+class Options:
+    rounds: int
+    messages: int
+    e2e_messages: int
+    queued: int
+    size: int = 10_240
+    sessions: int = 20
+    load: str = "auto"
+    sink: str = "auto"
+    postfix: bool = True
+    json_path: str | None = None
+    workdir: str | None = None
+    keep: bool = False
+
+
+@dataclass
+class Sample:
+    round: int
+    case: str
+    system: str
+    messages: int
+    tool: str = ""
+    rate: float | None = None  # msgs/s; end-to-end: first sent to last received
+    ingest_rate: float | None = None  # end-to-end cases: the sender's own rate
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    startup_s: float | None = None
+    rss_mb: float | None = None
+    cpu_s: float | None = None
+    verified: bool | None = None
+    error: str | None = None
+
+    def take(self, result: LoadResult) -> None:
+        self.tool = result.tool
+        self.rate = result.rate if result.accepted else None
+        if result.latencies_s:
+            for q in (50, 90, 99):
+                value = percentile(result.latencies_s, q)
+                setattr(self, f"p{q}_ms", None if value is None else value * 1000)
+        if result.failed or result.errors:
+            self.error = f"{result.failed} failed: {'; '.join(result.errors)}"
+
+
+class RelayProcess(ServerProcess):
+    """``python -m relay serve`` with one account, on a queue file under ``root``."""
+
+    def __init__(self, root: Path, *, upstream_port: int, commit: str = "group") -> None:
+        super().__init__("relay")
+        self.root = root
+        self.queue = root / "queue.sqlite3"
+        self.upstream_port = upstream_port
+        self.commit = commit
+        self.startup_s = 0.0
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "listen": {"host": HOST, "port": self.port},
+            "queue": {"path": str(self.queue), "commit": self.commit},
+            "metrics": {"enabled": True, "host": HOST, "port": 0},
+            "logging": {"level": "info", "format": "text"},
+            "accounts": {
+                "sink": {
+                    "host": HOST,
+                    "port": self.upstream_port,
+                    "tls": "none",
+                    "pool": {"max_connections": 5},
+                }
+            },
+            "routing": {"default_account": "sink"},
+        }
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        """Spawn and wait for the 220 greeting; startup_s is the time that took."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        parse_config(self.config())  # fail here, not in the child, on a bad config
+        path = self.root / "relay.yaml"
+        path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        log = self.root / "relay.log"
+        started = time.perf_counter()
+        with log.open("ab") as stderr:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "relay",
+                "serve",
+                "--config",
+                str(path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        try:
+            await wait_for_banner(self.port, started + timeout_s, self.proc)
+        except BenchSetupError as exc:
+            await self.stop()
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+            raise BenchSetupError(f"relay: {exc}: {tail}") from None
+        self.startup_s = time.perf_counter() - started
+
+    async def __aenter__(self) -> RelayProcess:
+        await self.start()
+        return self
+
+
+async def queue_states(path: Path, *, drained_within_s: float = 0.0) -> dict[str, int]:
+    """Messages per state in a queue file (through relay's store, as `relay queue` does).
+
+    With ``drained_within_s``, poll until nothing is queued, deferred or sending.
+    """
+    from relay.store import SQLiteStore
+
+    store = SQLiteStore(path, lock=False)
+    await store.open()
+    deadline = time.perf_counter() + drained_within_s
+    try:
+        while True:
+            states: dict[str, int] = {}
+            for (_account, state), n in (await store.counts()).items():
+                states[state] = states.get(state, 0) + n
+            pending = sum(states.get(s, 0) for s in ("queued", "deferred", "sending"))
+            if not pending or time.perf_counter() >= deadline:
+                return states
+            await asyncio.sleep(0.1)
+    finally:
+        await store.close()
+
+
+class Bench:
+    def __init__(self, options: Options, workdir: Path) -> None:
+        self.options = options
+        self.workdir = workdir
+        self.smtp_source = find_tool("smtp-source") if options.load != "builtin" else None
+        self.smtp_sink = find_tool("smtp-sink") if options.sink != "aiosmtpd" else None
+        if options.load == "smtp-source" and not self.smtp_source:
+            raise BenchSetupError("--load smtp-source: smtp-source is not installed")
+        if options.sink == "smtp-sink" and not self.smtp_sink:
+            raise BenchSetupError("--sink smtp-sink: smtp-sink is not installed")
+        self.postfix_reason = postfix_problem() if options.postfix else "disabled (--no-postfix)"
+        self._dirs = 0
+
+    def _dir(self, name: str) -> Path:
+        self._dirs += 1
+        return self.workdir / f"{self._dirs:03d}-{name}"
+
+    def _done_with(self, path: Path) -> None:
+        if not self.options.keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def systems(self, case: str) -> list[str]:
+        return [s for s in CASES[case][1] if s != POSTFIX or self.postfix_reason is None]
+
+    async def _send(
+        self, port: int, messages: int, *, persistent: bool, builtin: bool = False
+    ) -> LoadResult:
+        opts = self.options
+        load = Load(messages, opts.sessions, opts.size, persistent)
+        timeout_s = max(60.0, messages / MIN_RATE)
+        if self.smtp_source and not builtin:
+            return await run_smtp_source(self.smtp_source, HOST, port, load, timeout_s=timeout_s)
+        return await run_builtin(HOST, port, load, timeout_s=timeout_s)
+
+    async def _warm(self, port: int, *, persistent: bool, builtin: bool = False) -> int:
+        """Untimed messages first, so every system is measured warm (Postfix has forked
+        its smtpd and cleanup processes, relay has its pool); return how many went in."""
+        result = await self._send(
+            port, WARMUP_PER_SESSION * self.options.sessions, persistent=persistent, builtin=builtin
+        )
+        if not result.accepted:
+            raise BenchSetupError(f"warm-up: nothing accepted ({'; '.join(result.errors)})")
+        return result.accepted
+
+    # -- cases -----------------------------------------------------------------------
+    async def ingest(self, system: str, sample: Sample, *, persistent: bool) -> None:
+        """Accept-and-commit only: relay's account points at a closed port, Postfix holds."""
+        n = sample.messages
+        paused = free_port()  # nothing listens there: delivery is paused
+        root = self._dir(f"{sample.case}-{system}")
+        try:
+            if system == POSTFIX:
+                async with PostfixInstance(root, sink_port=paused, hold=True) as postfix:
+                    warm = await self._warm(postfix.port, persistent=persistent)
+                    result = await self._send(postfix.port, n, persistent=persistent)
+                    sample.take(result)
+                    expected = warm + result.accepted
+                    sample.verified = await until(lambda: postfix.queued(["hold"]) >= expected, 10)
+            elif system == BARE:
+                async with BareServer() as bare:
+                    await self._warm(bare.port, persistent=persistent)
+                    sample.take(await self._send(bare.port, n, persistent=persistent))
+            else:
+                async with RelayProcess(root, upstream_port=paused) as relay:
+                    warm = await self._warm(relay.port, persistent=persistent)
+                    cpu_before = cpu_s(relay.pid)
+                    result = await self._send(relay.port, n, persistent=persistent)
+                    self._process_figures(sample, relay, cpu_before)
+                sample.take(result)
+                states = await queue_states(relay.queue)
+                sample.verified = sum(states.values()) == warm + result.accepted
+        finally:
+            self._done_with(root)
+
+    async def ack(self, system: str, sample: Sample) -> None:
+        """The built-in client times end of DATA to 250 while relay also delivers."""
+        n = sample.messages
+        if system == BARE:
+            async with BareServer() as bare:
+                await self._warm(bare.port, persistent=True, builtin=True)
+                sample.take(await self._send(bare.port, n, persistent=True, builtin=True))
+            return
+        commit = "per-message" if system == PER_MESSAGE else "group"
+        root = self._dir(f"ack-{system}")
+        try:
+            async with (
+                Sink(self.smtp_sink) as sink,
+                RelayProcess(root, upstream_port=sink.port, commit=commit) as relay,
+            ):
+                await self._warm(relay.port, persistent=True, builtin=True)
+                cpu_before = cpu_s(relay.pid)
+                result = await self._send(relay.port, n, persistent=True, builtin=True)
+                self._process_figures(sample, relay, cpu_before)
+            sample.take(result)
+        finally:
+            self._done_with(root)
+
+    async def e2e(self, system: str, sample: Sample) -> None:
+        """First message sent to last received by the sink, ingest and delivery at once."""
+        n = sample.messages
+        root = self._dir(f"e2e-{system}")
+        wait_s = max(60.0, n / MIN_RATE)
+        try:
+            async with Sink(self.smtp_sink) as sink:
+                server: RelayProcess | PostfixInstance
+                if system == POSTFIX:
+                    server = PostfixInstance(root, sink_port=sink.port, hold=False)
+                else:
+                    server = RelayProcess(root, upstream_port=sink.port)
+                async with server:
+                    sink.expect(WARMUP_PER_SESSION * self.options.sessions)
+                    warm = await self._warm(server.port, persistent=True)
+                    await sink.wait(wait_s)
+                    cpu_before = cpu_s(server.pid) if isinstance(server, RelayProcess) else None
+                    sink.expect(n)
+                    started = time.perf_counter()
+                    result = await self._send(server.port, n, persistent=True)
+                    reached = await sink.wait(wait_s)
+                    if isinstance(server, RelayProcess):
+                        self._process_figures(sample, server, cpu_before)
+                        states = await queue_states(server.queue, drained_within_s=30)
+                        left = sum(states.get(s, 0) for s in ("queued", "deferred", "sending"))
+                    else:
+                        postfix = server
+                        await until(lambda: postfix.queued() == 0, 30)
+                        left = postfix.queued()
+                    received = await sink.settle(QUIET_S) - warm
+            sample.take(result)
+            sample.ingest_rate = sample.rate
+            sample.rate = n / (reached - started) if reached else None
+            sample.verified = reached is not None and received == n and left == 0
+            if not sample.verified:
+                problem = f"sink got {received} of {n}, {left} left in the queue"
+                sample.error = f"{sample.error}; {problem}" if sample.error else problem
+        finally:
+            self._done_with(root)
+
+    def _process_figures(
+        self, sample: Sample, relay: RelayProcess, cpu_before: float | None
+    ) -> None:
+        """Start-up time, RSS now, and CPU seconds since ``cpu_before``."""
+        sample.startup_s = relay.startup_s
+        sample.rss_mb = rss_mb(relay.pid)
+        cpu_now = cpu_s(relay.pid)
+        if cpu_now is not None and cpu_before is not None:
+            sample.cpu_s = cpu_now - cpu_before
+
+    async def queued(self) -> dict[str, Any]:
+        """Fill a paused relay with ``queued`` messages; RSS, then start-up over them."""
+        n = self.options.queued
+        root = self._dir("queued")
+        out: dict[str, Any] = {"messages": n}
+        paused = free_port()
+        try:
+            async with RelayProcess(root, upstream_port=paused) as relay:
+                result = await self._send(relay.port, n, persistent=True)
+                out["fill_rate"] = result.rate
+                out["fill_error"] = "; ".join(result.errors) or None
+                out["rss_after_fill_mb"] = rss_mb(relay.pid)
+            states = await queue_states(relay.queue)
+            out["in_queue"] = sum(states.values())
+            out["queue_file_mb"] = (
+                sum(p.stat().st_size for p in root.glob("queue.sqlite3*")) / 2**20
+            )
+            async with RelayProcess(root, upstream_port=paused) as again:
+                out["startup_s"] = again.startup_s
+                await asyncio.sleep(2.0)  # its scheduler has claimed (and failed) a batch
+                out["rss_after_restart_mb"] = rss_mb(again.pid)
+        finally:
+            self._done_with(root)
+        return out
+
+    # -- the run ---------------------------------------------------------------------
+    async def measure(self, case: str, system: str, round_: int) -> Sample:
+        n = self.options.e2e_messages if case == "e2e" else self.options.messages
+        sample = Sample(round=round_, case=case, system=system, messages=n)
+        runs: dict[str, Callable[[], Awaitable[None]]] = {
+            "ingest_conn": lambda: self.ingest(system, sample, persistent=False),
+            "ingest_sess": lambda: self.ingest(system, sample, persistent=True),
+            "ack": lambda: self.ack(system, sample),
+            "e2e": lambda: self.e2e(system, sample),
+        }
+        try:
+            await runs[case]()
+        except (BenchSetupError, StoreError, OSError) as exc:
+            sample.error = str(exc)
+            if system == POSTFIX and isinstance(exc, BenchSetupError):
+                # Fall back cleanly: the remaining cases run without the Postfix baseline.
+                self.postfix_reason = f"could not start a private instance: {exc}"
+        _progress(sample)
+        return sample
+
+    async def run(self) -> tuple[list[Sample], dict[str, Any] | None]:
+        samples = []
+        for round_ in range(1, self.options.rounds + 1):
+            for case in CASES:
+                systems = self.systems(case)
+                shift = (round_ - 1) % len(systems)
+                for system in systems[shift:] + systems[:shift]:
+                    samples.append(await self.measure(case, system, round_))
+        queued = None
+        if self.options.queued:
+            try:
+                queued = await self.queued()
+            except (BenchSetupError, StoreError, OSError) as exc:
+                queued = {"messages": self.options.queued, "error": str(exc)}
+            print(f"queued: {_fmt_dict(queued)}", file=sys.stderr)
+        return samples, queued
+
+
+def _progress(s: Sample) -> None:
+    parts = [f"round {s.round} {s.case:<11} {LABELS[s.system]:<15}"]
+    if s.rate is not None:
+        parts.append(f"{s.rate:8.0f} msgs/s")
+    if s.ingest_rate is not None:
+        parts.append(f"(sent at {s.ingest_rate:.0f}/s)")
+    if s.p99_ms is not None:
+        parts.append(f"p50/p90/p99 {s.p50_ms:.1f}/{s.p90_ms:.1f}/{s.p99_ms:.1f} ms")
+    if s.verified is False:
+        parts.append("NOT VERIFIED")
+    if s.error:
+        parts.append(f"error: {s.error}")
+    print(" ".join(parts), file=sys.stderr, flush=True)
+
+
+def _fmt_dict(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+
+
+# -- figures, ratios, targets -------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _value(samples: list[Sample], case: str, system: str, attr: str, round_: int) -> float | None:
+    for s in samples:
+        if s.case == case and s.system == system and s.round == round_:
+            value = getattr(s, attr)
+            return float(value) if value is not None else None
+    return None
+
+
+def summarize(samples: list[Sample], rounds: int) -> dict[str, Any]:
+    """Medians per case and system, and medians of same-round ratios relay/baseline."""
+    figures: dict[str, Any] = {}
+    for case, (_, systems) in CASES.items():
+        attrs = ["p50_ms", "p90_ms", "p99_ms"] if case == "ack" else ["rate"]
+        if case == "e2e":
+            attrs.append("ingest_rate")
+        entry: dict[str, Any] = {}
+        for system in systems:
+            entry[system] = {
+                a: _median(
+                    [
+                        v
+                        for r in range(1, rounds + 1)
+                        if (v := _value(samples, case, system, a, r)) is not None
+                    ]
+                )
+                for a in attrs
+            }
+        attr = "p99_ms" if case == "ack" else "rate"
+        for base in systems[1:]:
+            ratios = []
+            for r in range(1, rounds + 1):
+                mine, theirs = (
+                    _value(samples, case, RELAY, attr, r),
+                    _value(samples, case, base, attr, r),
+                )
+                if mine is not None and theirs:
+                    ratios.append(mine / theirs)
+            entry[f"ratio_{base}"] = _median(ratios)
+        figures[case] = entry
+    relay_runs = [s for s in samples if s.system == RELAY and s.startup_s is not None]
+    figures["relay_startup_s"] = _median([s.startup_s for s in relay_runs if s.startup_s])
+    figures["rss_after_e2e_mb"] = _median(
+        [s.rss_mb for s in samples if s.case == "e2e" and s.system == RELAY and s.rss_mb]
+    )
+    figures["relay_cpu_ms_per_msg"] = {
+        case: _median(
+            [
+                1000 * s.cpu_s / s.messages
+                for s in samples
+                if s.case == case and s.system == RELAY and s.cpu_s
+            ]
+        )
+        for case in CASES
+    }
+    return figures
+
+
+@dataclass
+class Target:
+    name: str
+    value: float | None
+    op: str
+    threshold: float
+    unit: str = ""
+
+    @property
+    def passed(self) -> bool | None:
+        if self.value is None:
+            return None
+        if self.op == ">=":
+            return self.value >= self.threshold
+        if self.op == "<=":
+            return self.value <= self.threshold
+        return self.value < self.threshold
+
+
+def targets(figures: dict[str, Any], queued: dict[str, Any] | None) -> list[Target]:
+    ic, isess, ack, e2e = (figures[c] for c in ("ingest_conn", "ingest_sess", "ack", "e2e"))
+    n = queued["messages"] if queued else 0
+    rss = [queued.get(k) for k in ("rss_after_fill_mb", "rss_after_restart_mb")] if queued else []
+    rss_values = [v for v in rss if v is not None]
+    return [
+        Target("ingest 1 conn/msg vs postfix", ic.get("ratio_postfix"), ">=", 1.0, "x"),
+        Target("ingest 1 conn/msg vs bare aiosmtpd", ic.get("ratio_bare"), ">=", 0.8, "x"),
+        Target("ingest persistent vs postfix", isess.get("ratio_postfix"), ">=", 1.0, "x"),
+        Target("ingest persistent vs bare aiosmtpd", isess.get("ratio_bare"), ">=", 0.8, "x"),
+        Target("ingest persistent", isess[RELAY]["rate"], ">=", 1000, " msgs/s"),
+        Target("end-to-end vs postfix", e2e.get("ratio_postfix"), ">=", 1.0, "x"),
+        Target("ack p99", ack[RELAY]["p99_ms"], "<=", 25, " ms"),
+        Target("ack p99 vs per-message commit", ack.get(f"ratio_{PER_MESSAGE}"), "<=", 0.6, "x"),
+        Target(f"RSS with {n:,} queued", max(rss_values) if rss_values else None, "<=", 64, " MB"),
+        Target(
+            f"start-up with {n:,} queued", queued.get("startup_s") if queued else None, "<", 5, " s"
+        ),
+    ]
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    f, opts, queued = report["figures"], report["options"], report["queued"]
+    head = (
+        f"relay bench: {opts['rounds']} round(s); {opts['messages']:,} messages per case, "
+        f"{opts['e2e_messages']:,} end-to-end; {opts['size']:,}-byte payload; "
+        f"{opts['sessions']} sessions\n"
+        f"load: {report['tools']['load']} (ack latency: built-in client); "
+        f"sink: {report['tools']['sink']}; postfix: "
+        f"{report['tools']['postfix'] or 'not measured'}\n"
+    )
+    cols = ["relay", "per-msg commit", "bare aiosmtpd", "postfix", "÷bare", "÷postfix", "÷per-msg"]
+    lines = [f"{'figure (median of rounds)':<38}" + "".join(f"{c:>15}" for c in cols)]
+
+    def row(label: str, entry: dict[str, Any], attr: str, digits: int) -> None:
+        cells = [
+            _num((entry.get(s) or {}).get(attr), digits)
+            for s in (RELAY, PER_MESSAGE, BARE, POSTFIX)
+        ]
+        cells += [_num(entry.get(f"ratio_{b}"), 2) for b in (BARE, POSTFIX, PER_MESSAGE)]
+        lines.append(f"{label:<38}" + "".join(f"{c:>15}" for c in cells))
+
+    row("(1) ingest, 1 conn/msg (msgs/s)", f["ingest_conn"], "rate", 0)
+    row("(2) ingest, persistent (msgs/s)", f["ingest_sess"], "rate", 0)
+    row("(3) end-to-end (msgs/s)", f["e2e"], "rate", 0)
+    row(
+        "    its ingest while delivering",
+        {k: v for k, v in f["e2e"].items() if not k.startswith("ratio")},
+        "ingest_rate",
+        0,
+    )
+    ack = f["ack"]
+    for q in ("p50", "p90", "p99"):
+        entry = ack if q == "p99" else {k: v for k, v in ack.items() if not k.startswith("ratio")}
+        row(f"(4) ack {q} (ms)", entry, f"{q}_ms", 1)
+    lines.append("")
+    cpu = f["relay_cpu_ms_per_msg"]
+    lines.append(
+        "relay CPU per message (ms): " + ", ".join(f"{case} {_num(cpu[case], 2)}" for case in CASES)
+    )
+    lines.append(
+        f"(5) relay RSS after end-to-end run: {_num(f['rss_after_e2e_mb'], 1)} MB; "
+        f"start-up, fresh queue: {_num(f['relay_startup_s'], 2)} s"
+    )
+    if queued:
+        lines.append(
+            f"    {queued['messages']:,} queued (delivery paused; "
+            f"{_num(queued.get('queue_file_mb'), 0)} MB file, filled at "
+            f"{_num(queued.get('fill_rate'), 0)} msgs/s): RSS "
+            f"{_num(queued.get('rss_after_fill_mb'), 1)} MB after filling, "
+            f"{_num(queued.get('rss_after_restart_mb'), 1)} MB after restart;"
+            f" start-up {_num(queued.get('startup_s'), 2)} s"
+        )
+        if queued.get("error"):
+            lines.append(f"    error: {queued['error']}")
+    lines.append("")
+    title = "target (information, not an assertion)"
+    lines.append(f"{title:<44}{'value':>12}  {'wanted':<16}result")
+    for t in report["targets"]:
+        digits = 2 if t["unit"] in ("x", " s") else (1 if t["unit"] in (" MB", " ms") else 0)
+        wanted = f"{t['op']} {t['threshold']:g}{t['unit']}"
+        result = {True: "pass", False: "FAIL", None: "n/a"}[t["passed"]]
+        value = "-" if t["value"] is None else _num(t["value"], digits) + t["unit"]
+        lines.append(f"{t['name']:<44}{value:>12}  {wanted:<16}{result}")
+    problems = [s for s in report["samples"] if s["error"] or s["verified"] is False]
+    if problems:
+        lines.append("")
+        lines.append("problems:")
+        for s in problems:
+            lines.append(
+                f"  round {s['round']} {s['case']} {s['system']}: {s['error'] or 'not verified'}"
+            )
+    return head + "\n".join(lines) + "\n"
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    info: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_before": os.getloadavg(),
+    }
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        info["uvloop"] = importlib.metadata.version("uvloop")
+    here = Path(__file__).resolve().parent.parent
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        info["git"] = (
+            subprocess.run(
+                ["git", "-C", str(here), "describe", "--always", "--dirty"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
+    postconf = find_tool("postconf")
+    if postconf:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            info["postfix"] = subprocess.run(
+                [postconf, "-d", "-h", "mail_version"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+    return info
+
+
+async def run_bench(options: Options, workdir: Path) -> dict[str, Any]:
+    info = machine()
+    started = time.time()
+    bench = Bench(options, workdir)
+    if bench.postfix_reason:
+        print(f"postfix baseline skipped: {bench.postfix_reason}", file=sys.stderr)
+    samples, queued = await bench.run()
+    info["loadavg_after"] = os.getloadavg()
+    info["duration_s"] = round(time.time() - started, 1)
+    figures = summarize(samples, options.rounds)
+    return {
+        "machine": info,
+        "options": asdict(options),
+        "cases": {case: description for case, (description, _) in CASES.items()},
+        "tools": {
+            "load": "smtp-source" if bench.smtp_source else "built-in client",
+            "sink": "smtp-sink" if bench.smtp_sink else "aiosmtpd",
+            "postfix": None if bench.postfix_reason else info.get("postfix", "yes"),
+            "postfix_skipped_because": bench.postfix_reason,
+        },
+        "figures": figures,
+        "queued": queued,
+        "targets": [{**asdict(t), "passed": t.passed} for t in targets(figures, queued)],
+        "samples": [asdict(s) for s in samples],
+    }
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def add_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure relay against bare aiosmtpd and Postfix",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 round, small counts: under a minute (figures are rough)",
+    )
+    p.add_argument("--rounds", type=int, help="rounds; medians are taken over them (3)")
+    p.add_argument("--messages", type=int, help="messages per ingest/latency case (5000)")
+    p.add_argument("--e2e-messages", type=int, help="messages per end-to-end case (20000)")
+    p.add_argument(
+        "--queued", type=int, help="messages queued for the RSS/start-up figures; 0 skips (100000)"
+    )
+    p.add_argument("--size", type=int, default=10_240, help="payload bytes (10240)")
+    p.add_argument("--sessions", type=int, default=20, help="concurrent senders (20)")
+    p.add_argument("--load", choices=("auto", "smtp-source", "builtin"), default="auto")
+    p.add_argument("--sink", choices=("auto", "smtp-sink", "aiosmtpd"), default="auto")
+    p.add_argument(
+        "--no-postfix", dest="postfix", action="store_false", help="skip the Postfix baseline"
+    )
+    p.add_argument("--json", dest="json_path", metavar="FILE", help="also write JSON here")
+    p.add_argument("--workdir", metavar="DIR", help="where queues go (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep queue files and logs")
+    p.set_defaults(func=cmd_bench)
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    defaults = QUICK if args.quick else FULL
+    values = {f.name: getattr(args, f.name) for f in fields(Options) if hasattr(args, f.name)}
+    for key, default in defaults.items():
+        if values.get(key) is None:
+            values[key] = default
+    return Options(**values)
+
+
+def _rounded(node: Any) -> Any:
+    """Floats to 4 decimals: the figures are not that precise, and the JSON reads easier."""
+    if isinstance(node, float):
+        return round(node, 4)
+    if isinstance(node, dict):
+        return {k: _rounded(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [_rounded(v) for v in node]
+    return node
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, on uvloop when installed: the same event loop as `relay serve`."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    options = options_from(args)
+    if (
+        min(options.rounds, options.messages, options.e2e_messages, options.sessions, options.size)
+        < 1
+        or options.queued < 0
+    ):
+        print("relay bench: counts must be positive", file=sys.stderr)
+        return 2
+    workdir = Path(options.workdir or tempfile.mkdtemp(prefix="relay-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not options.workdir:
+        workdir.chmod(0o711)  # Postfix's daemons (user postfix) must pass through it
+    try:
+        report = _run(run_bench(options, workdir))
+    except BenchSetupError as exc:
+        print(f"relay bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if not options.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(render(report))
+    text = json.dumps(_rounded(report), indent=2)
+    print(text)
+    if options.json_path:
+        Path(options.json_path).write_text(text + "\n")
+    failed = [s for s in report["samples"] if s["error"] or s["verified"] is False]
+    return 1 if failed or (report["queued"] or {}).get("error") else 0

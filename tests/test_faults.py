@@ -1,0 +1,126 @@
+"""Local and upstream faults (issue 5): nothing acknowledged is lost, nothing leaks."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.app import App
+from relay.errors import StoreError
+from tests.conftest import (
+    StartRelay,
+    message,
+    relay_config,
+    send,
+    send_many,
+    upstream_account,
+    wait_until,
+)
+from tests.upstream import FakeUpstream
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs of its own, so 'disk full' is real and harms nothing else."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_disk_full_answers_452_and_recovers_by_itself(
+    tmp_path: Path, small_disk: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    upstream.fail_data(451, "4.3.0 hold everything", times=10_000)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * 600_000)
+    config = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                          queue={"path": str(small_disk / "queue.sqlite3")})
+    app = await start_relay(config)
+    acknowledged: list[str] = []
+    refusal = ""
+    for i in range(40):
+        code, text = await send(app.smtp_port, message(f"fill {i}", body=("z" * 998 + "\r\n") * 40))
+        if code == 250:
+            acknowledged.append(text.split()[-1])
+            continue
+        refusal = f"{code} {text}"
+        break
+    assert refusal.startswith("452 4.3.1"), refusal
+    assert acknowledged, "some messages fit before the disk filled"
+    for queue_id in acknowledged:  # every 250 is really on disk
+        assert await app.store.get(queue_id) is not None
+
+    filler.unlink()  # space returns; no restart
+    code, text = await send(app.smtp_port, message("after space returns"))
+    assert code == 250, text
+    acknowledged.append(text.split()[-1])
+    upstream.clear_faults()
+    await upstream.wait_for_messages(len(acknowledged), timeout=20)
+    received = {m.data.split(b"\r\n")[0] for m in upstream.messages}
+    assert len(received) == len(acknowledged)
+
+
+async def test_corrupt_queue_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "queue.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    config = relay_config(tmp_path, {"up": {"transport": "maildir", "path": str(tmp_path)}})
+    app = App(config)
+    with pytest.raises(StoreError, match=r"cannot open queue .*not a database"):
+        await app.startup()
+
+
+async def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "queue.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE customers (id INTEGER, name TEXT)")
+    db.commit()
+    db.close()
+    config = relay_config(tmp_path, {"up": {"transport": "maildir", "path": str(tmp_path)}})
+    with pytest.raises(StoreError, match="not a relay queue file"):
+        await App(config).startup()
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM customers").fetchone() == (0,)
+
+
+async def test_second_relay_on_the_same_queue_is_refused(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    config = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)})
+    await start_relay(config)
+    with pytest.raises(StoreError, match="another relay is already using"):
+        await App(config).startup()
+
+
+async def test_upstream_fault_storm_loses_nothing_and_leaks_no_connections(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """Drops, resets, 421s and slow replies in turn: every message arrives, pools stay
+    within max_connections, and no connection is left open beyond what a pool keeps."""
+    account = upstream_account(upstream, tmp_path, pool={"max_connections": 3},
+                               timeouts={"command": "1s", "data": "1s"})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    upstream.drop_connection_after("RCPT", times=3)
+    upstream.drop_connection_after("DATA", times=3)
+    upstream.fail_data(421, "4.3.2 closing", times=3)
+    upstream.delay("MAIL", 1.5)  # longer than the command timeout: timeouts too
+    bodies = [message(f"storm {i}") for i in range(30)]
+    replies = await send_many(app.smtp_port, bodies, sessions=5)
+    assert all(code == 250 for code, _ in replies)
+    await wait_until(lambda: upstream.connections_opened >= 2, what="first attempts")
+    upstream.delay("MAIL", 0)
+    await upstream.wait_for_messages(30, timeout=30)
+    await app.scheduler.run_until_idle()
+    subjects = {m.data.split(b"\r\n")[0] for m in upstream.messages}
+    assert len(subjects) == 30
+    assert upstream.connections_open <= 3
+    assert app.transports["up"].open_connections() <= 3

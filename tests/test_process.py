@@ -1,0 +1,295 @@
+"""`relay serve` as a real process: crash safety under load, signals, startup refusals.
+
+The relay runs in a subprocess (``python -m relay serve --config FILE``); the
+FakeUpstream it delivers to runs in the test's own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+import yaml
+
+from tests.conftest import FAST_RETRY, message, send, upstream_account
+from tests.upstream import FakeUpstream
+
+pytestmark = pytest.mark.slow
+
+STARTUP_DEADLINE_S = 20.0
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (bind to 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(tmp_path: Path, up: FakeUpstream, *, name: str = "relay.yaml",
+                 listen_port: int | None = None, **account: Any) -> Path:
+    data = {
+        "listen": {"host": "127.0.0.1", "port": listen_port or free_port()},
+        "metrics": {"enabled": False},
+        "queue": {"path": str(tmp_path / "queue.sqlite3")},
+        "retry": dict(FAST_RETRY),
+        "logging": {"level": "info"},
+        "accounts": {"up": upstream_account(up, tmp_path, **account)},
+        "routing": {"default_account": "up"},
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+class RelayProcess:
+    """A `relay serve` subprocess whose stderr is collected line by line as it comes."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, config: Path) -> None:
+        self.proc = proc
+        self.port = int(yaml.safe_load(config.read_text())["listen"]["port"])
+        self.lines: list[str] = []
+        self.started = asyncio.Event()
+        # Called from the reader the moment the `started` line arrives (before any waiter
+        # wakes): how a supervisor that watches the log would react.
+        self.on_started: Callable[[], None] | None = None
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            if "relay: started " in line:
+                if self.on_started is not None:
+                    self.on_started()
+                self.started.set()
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    async def wait_started(self) -> None:
+        """Wait for the `started` log line; fail early (with stderr) if the process exits."""
+        exited = asyncio.ensure_future(self.proc.wait())
+        started = asyncio.ensure_future(self.started.wait())
+        try:
+            await asyncio.wait({exited, started}, timeout=STARTUP_DEADLINE_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            started.cancel()
+        if not self.started.is_set():
+            await self.finish_reading()
+            raise AssertionError(f"relay did not start (exit {self.proc.returncode}):\n"
+                                 f"{self.stderr}")
+
+    async def exit_code(self, within: float) -> int:
+        """Wait for the process to exit; fail if it runs longer than ``within`` seconds."""
+        try:
+            async with asyncio.timeout(within):
+                code = await self.proc.wait()
+        except TimeoutError:
+            raise AssertionError(f"relay still running after {within}s:\n{self.stderr}") from None
+        await self.finish_reading()
+        return code
+
+    async def finish_reading(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await self._reader
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        await self.finish_reading()
+
+
+Launch = Callable[[Path], Awaitable[RelayProcess]]
+
+
+@pytest.fixture
+async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
+    """launch(config) -> a running `relay serve` (not yet waited for); all killed at the end."""
+    started: list[RelayProcess] = []
+
+    async def run(config: Path) -> RelayProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", "serve", "--config", str(config),
+            cwd=tmp_path,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        relay = RelayProcess(proc, config)
+        started.append(relay)
+        return relay
+
+    yield run
+    for relay in started:
+        await relay.kill()
+
+
+def load_body(marker: str) -> bytes:
+    return message(f"load {marker}", headers={"Message-ID": f"<{marker}@example.com>"},
+                   body=f"marker={marker}\r\n.dot line\r\ncaf\u00e9\r\n")
+
+
+async def test_kill_9_under_load_loses_no_acknowledged_message(
+    tmp_path: Path, upstream: FakeUpstream, launch: Launch
+) -> None:
+    """Every message that got a 250 before SIGKILL is delivered after a restart."""
+    # A slow upstream (the reply to DATA comes 20 ms after the message is recorded) keeps
+    # a backlog in the queue and deliveries in flight at the moment of the kill.
+    in_flight_bound = 2
+    upstream.delay("DATA", 0.02)
+    config = write_config(tmp_path, upstream, pool={"max_connections": in_flight_bound})
+    relay = await launch(config)
+    await relay.wait_started()
+
+    acked: dict[str, bytes] = {}
+    enough = asyncio.Event()
+
+    async def client(c: int) -> None:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False,
+                               timeout=10)
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            async with smtp:
+                for i in range(100_000):
+                    marker = f"k9-{c}-{i}"
+                    data = load_body(marker)
+                    await smtp.sendmail("app@example.com", [f"r{c}@example.com"], data)
+                    acked[marker] = data  # only after the 250
+                    if len(acked) >= 200:
+                        enough.set()
+
+    clients = [asyncio.create_task(client(c)) for c in range(10)]
+    async with asyncio.timeout(30):
+        await enough.wait()
+    relay.proc.send_signal(signal.SIGKILL)
+    assert await relay.exit_code(within=5) == -signal.SIGKILL
+    async with asyncio.timeout(15):
+        await asyncio.gather(*clients)
+    delivered_before = len(upstream.messages)
+    assert delivered_before < len(acked), "no backlog at the kill: the test proves nothing"
+    upstream.delay("DATA", 0)  # the restarted relay may go at full speed
+
+    restarted = await launch(config)
+    await restarted.wait_started()
+    async with asyncio.timeout(30):
+        while not set(acked) <= (seen := {marker_of(m.data) for m in upstream.messages}):
+            await upstream.wait_for_messages(len(upstream.messages) + 1, timeout=30)
+    assert seen >= set(acked)
+
+    counts = Counter(marker_of(m.data) for m in upstream.messages)
+    duplicates = sum(n - 1 for n in counts.values())
+    print(f"\nkill -9 under load: {len(acked)} acknowledged, {delivered_before} delivered"
+          f" before the kill, {len(counts)} distinct delivered, {duplicates} duplicate(s)")
+    for m in upstream.messages:
+        marker = marker_of(m.data)
+        if marker in acked:
+            assert m.data == acked[marker]
+    assert duplicates <= in_flight_bound
+
+    restarted.proc.send_signal(signal.SIGTERM)
+    assert await restarted.exit_code(within=10) == 0
+
+
+def marker_of(data: bytes) -> str:
+    start = data.index(b"marker=") + len(b"marker=")
+    return data[start : data.index(b"\r\n", start)].decode()
+
+
+async def test_sigterm_while_idle_exits_cleanly(
+    tmp_path: Path, upstream: FakeUpstream, launch: Launch
+) -> None:
+    """SIGTERM on an idle relay: exit code 0 within 5 s, with a `stopped` line."""
+    relay = await launch(write_config(tmp_path, upstream))
+    await relay.wait_started()
+    relay.proc.send_signal(signal.SIGTERM)
+    assert await relay.exit_code(within=5) == 0
+    assert any(line.endswith("relay: stopped") for line in relay.lines), relay.stderr
+    assert "Traceback" not in relay.stderr
+
+
+async def test_sigterm_as_soon_as_started_is_logged_is_graceful(
+    tmp_path: Path, upstream: FakeUpstream, launch: Launch
+) -> None:
+    """`started` means signals are handled: a SIGTERM sent on that line still exits 0."""
+    config = write_config(tmp_path, upstream)
+    for attempt in range(5):  # the window is short; a few tries make a miss unlikely
+        relay = await launch(config)
+        relay.on_started = lambda r=relay: r.proc.send_signal(signal.SIGTERM)
+        await relay.wait_started()
+        code = await relay.exit_code(within=5)
+        assert code == 0, f"attempt {attempt}: exit {code}, stderr:\n{relay.stderr}"
+        assert relay.lines[-1].endswith("relay: stopped"), relay.stderr
+
+
+async def test_serve_with_bad_config_exits_with_key_lines(
+    tmp_path: Path, upstream: FakeUpstream, launch: Launch
+) -> None:
+    """A bad config stops `relay serve` before it starts: `config error: key: why`, no traceback."""
+    config = write_config(tmp_path, upstream, tls="ssl")
+    data = yaml.safe_load(config.read_text())
+    data["retry"]["initial_delay"] = "30 parsecs"
+    config.write_text(yaml.safe_dump(data))
+
+    relay = await launch(config)
+    code = await relay.exit_code(within=STARTUP_DEADLINE_S)
+    assert code != 0
+    assert "Traceback" not in relay.stderr
+    assert relay.lines, "no output"
+    assert all(line.startswith("config error: ") for line in relay.lines), relay.stderr
+    assert "config error: accounts.up.tls: must be one of starttls, implicit, none" in relay.lines
+    assert any(line.startswith("config error: retry.initial_delay: ") for line in relay.lines)
+    assert not relay.started.is_set()
+
+
+async def test_second_relay_on_same_queue_refuses_to_start(
+    tmp_path: Path, upstream: FakeUpstream, launch: Launch
+) -> None:
+    """A second `relay serve` on a queue file in use exits non-zero naming the lock."""
+    first = await launch(write_config(tmp_path, upstream))
+    await first.wait_started()
+    second = await launch(write_config(tmp_path, upstream, name="second.yaml"))
+    code = await second.exit_code(within=STARTUP_DEADLINE_S)
+    assert code != 0
+    assert "Traceback" not in second.stderr
+    assert "another relay is already using" in second.stderr
+    assert str(tmp_path / "queue.sqlite3") in second.stderr
+    assert not second.started.is_set()
+
+    # The first one is unharmed.
+    code, _ = await send(first.port, message("still here"))
+    assert code == 250
+    await upstream.wait_for_messages(1)
+    first.proc.send_signal(signal.SIGTERM)
+    assert await first.exit_code(within=5) == 0
+
+
+async def test_serve_on_a_port_in_use_exits_with_a_clear_message(
+    tmp_path: Path, upstream: FakeUpstream, launch: Launch
+) -> None:
+    """If the listen port is taken, `relay serve` says so and exits 1, without a traceback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        relay = await launch(
+            write_config(tmp_path, upstream, listen_port=busy.getsockname()[1])
+        )
+        code = await relay.exit_code(within=STARTUP_DEADLINE_S)
+    assert code == 1
+    assert "relay: cannot listen" in relay.stderr
+    assert "Traceback" not in relay.stderr
+    assert not relay.started.is_set()
