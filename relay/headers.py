@@ -17,9 +17,12 @@ def header_end(body: bytes) -> int:
     """Offset where the blank line that ends the header section starts (len(body) if none)."""
     if body.startswith((b"\r\n", b"\n")):
         return 0
-    found = ((body.find(b"\r\n\r\n"), 2), (body.find(b"\n\n"), 1))
-    ends = [i + skip for i, skip in found if i >= 0]
-    return min(ends) if ends else len(body)
+    crlf = body.find(b"\r\n\r\n")
+    # An LF-only blank line counts only if it comes first; never scan the body for one.
+    lf = body.find(b"\n\n", 0, crlf if crlf >= 0 else len(body))
+    if lf >= 0:
+        return lf + 1
+    return crlf + 2 if crlf >= 0 else len(body)
 
 
 def _lines(section: bytes) -> list[bytes]:

@@ -8,6 +8,8 @@ aiosmtpd.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import ipaddress
 import logging
 import re
@@ -42,6 +44,11 @@ async def _always(_: str) -> bool:
 
 class IngestHandler:
     """aiosmtpd handler hooks; each returns the SMTP reply line."""
+
+    def __dir__(self) -> list[str]:
+        # aiosmtpd scans dir(handler) on every connection for handle_*/auth_* hooks;
+        # listing only those makes a new session much cheaper (docs/performance.md).
+        return _hook_names(type(self), ("handle_", "auth_"))
 
     def __init__(
         self, config: Config, submit: Submit, metrics: Metrics, admit: Admit = _always
@@ -195,6 +202,23 @@ def _reverse_path(mail_from: str | None) -> str:
     return "" if mail_from in (None, "", "<>") else str(mail_from)
 
 
+@functools.cache
+def _hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    return [name for name in object.__dir__(cls) if name.startswith(prefixes)] + [
+        name for name in dir(cls) if name.startswith(prefixes)
+    ]
+
+
+# RFC 5321 4.1.2 Path = "<" Mailbox ">": the plain dot-atom@domain form most clients send.
+# Anything else (quoted local parts, address literals, odd spacing) takes aiosmtpd's parser.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(
+    rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    rf"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)>(.*)",
+    re.DOTALL,
+)
+
+
 def _forwarded_options(envelope: Envelope) -> tuple[str, ...]:
     """MAIL options worth passing upstream: BODY=8BITMIME and SMTPUTF8."""
     keep = []
@@ -248,16 +272,39 @@ class RelaySMTP(SMTP):
     enhanced status codes, no cross-protocol requests, a session gauge."""
 
     def __init__(self, handler: IngestHandler, limits: SessionLimits, **kwargs: Any) -> None:
-        with warnings.catch_warnings():
-            # aiosmtpd warns when AUTH is allowed without TLS; relay allows that only on
-            # loopback (config refuses it elsewhere).
-            warnings.simplefilter("ignore", UserWarning)
+        if kwargs.get("auth_required") and not kwargs.get("auth_require_tls"):
+            with warnings.catch_warnings():
+                # aiosmtpd warns when AUTH is allowed without TLS; relay allows that only
+                # on loopback (config refuses it elsewhere).
+                warnings.simplefilter("ignore", UserWarning)
+                super().__init__(handler, **kwargs)
+        else:
             super().__init__(handler, **kwargs)
         self._limits = limits
         self._refusal: str | None = None
         self._bad_commands = 0
+        self._continued: list[str] = []
         for verb in _HTTP_VERBS:
             self._smtp_methods[verb] = self._cross_protocol
+
+    def __dir__(self) -> list[str]:
+        # aiosmtpd builds its command and AUTH tables from dir(self) on every connection.
+        return _hook_names(type(self), ("smtp_", "auth_"))
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd parses every MAIL/RCPT path with email's RFC 5322 header parser
+        # (about 50 us); the common simple form is matched directly.
+        match = _SIMPLE_PATH.match(arg) if arg else None
+        limit = self.local_part_limit  # 0: no limit
+        if match and (not limit or len(match.group(1).rpartition("@")[0]) <= limit):
+            return match.group(1), match.group(2).lstrip()
+        try:
+            result: tuple[str | None, str | None] = super()._getaddr(arg)
+        except (IndexError, ValueError):
+            # The email parser crashes on some fragments ('<', '"', 'x@'): that is a
+            # malformed address (501/553), not an internal error.
+            return None, None
+        return result
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._limits.sessions += 1
@@ -289,6 +336,12 @@ class RelaySMTP(SMTP):
             await super().push(status)
             return
         status = with_enhanced_code(status)
+        if len(status) > 3 and status[3] == "-":
+            self._continued.append(status)  # a multi-line reply goes out in one write
+            return
+        if self._continued:
+            status = "\r\n".join([*self._continued, status])
+            self._continued.clear()
         if status.startswith("552 "):
             self._limits.metrics.rejected.labels("too_big").inc()
         await super().push(status)
@@ -378,3 +431,10 @@ async def start_listener(
         )
 
     return await loop.create_server(factory, host=listen.host, port=listen.port)
+
+
+# aiosmtpd calls inspect.signature(handle_EHLO) for every session to pick the hook's
+# calling convention; computed once here, inspect reads it back from __signature__.
+IngestHandler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+    IngestHandler.handle_EHLO
+)

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import secrets
 import time
 from dataclasses import dataclass, field
 
 
+_ID_PREFIX = secrets.token_hex(2).upper()  # per process
+_ID_COUNTER = itertools.count()
+
+
 def new_queue_id() -> str:
-    """12 hex digits from the clock (sortable) and 8 random: unique without coordination."""
-    return f"{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012X}{secrets.token_hex(4).upper()}"
+    """20 hex digits: milliseconds (sortable), a per-process random part and a counter.
+
+    Unique without coordination or a system call per message.
+    """
+    millis = int(time.time() * 1000) & 0xFFFFFFFFFFF
+    return f"{millis:011X}{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFF:05X}"
 
 
 class MessageState(enum.StrEnum):

@@ -14,9 +14,13 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+from aiosmtpd.smtp import SMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.auth import hash_password
 from relay.config import ConfigError, parse_config
+from relay.ingest import RelaySMTP
 from tests.conftest import StartRelay, message, metric, relay_config, send, upstream_account
 from tests.smtpclient import RawSMTP
 from tests.upstream import FakeUpstream
@@ -369,3 +373,64 @@ async def test_starttls_listener(
     async with client:
         await client.sendmail("app@example.com", ["to@example.com"], message("over tls"))
     await upstream.wait_for_messages(1)
+
+
+# -- the listener's fast paths agree with aiosmtpd --
+
+_PATH_ALPHABET = "abcXYZ019.-_+@<>\"[] ()!#$%&'*/=?^`{|}~;:,\\"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(
+    st.text(alphabet=_PATH_ALPHABET, max_size=40),
+    st.builds(lambda local, domain, rest: f"<{local}@{domain}>{rest}",
+              st.text(alphabet="abc.+-_'", min_size=1, max_size=12),
+              st.text(alphabet="abc.-0", min_size=1, max_size=12),
+              st.sampled_from(["", " SIZE=10", "  BODY=8BITMIME", "junk", " "])),
+))
+def test_fast_address_parsing_matches_aiosmtpd(arg: str) -> None:
+    """RelaySMTP._getaddr's shortcut returns exactly what aiosmtpd's parser would, and
+    where that parser crashes (it raises IndexError on '<' or '0@'), 'malformed'."""
+    smtp = _bare_smtp()
+    try:
+        expected = SMTP._getaddr(smtp, arg)
+    except (IndexError, ValueError):
+        expected = (None, None)
+    assert smtp._getaddr(arg) == expected
+
+
+@pytest.mark.parametrize("fragment", ["<", '"', "0@", "<a@"])
+async def test_address_fragments_get_a_syntax_reply_not_an_internal_error(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay, fragment: str
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay)
+    client = await _session(app.smtp_port)
+    answer = await client.cmd(f"MAIL FROM:{fragment}")
+    assert answer[:3] in ("501", "553"), answer
+    await client.close()
+
+
+def _bare_smtp() -> RelaySMTP:
+    global _SMTP_FOR_PARSING
+    if _SMTP_FOR_PARSING is None:
+        from prometheus_client import CollectorRegistry
+
+        from relay.config import Config
+        from relay.ingest import IngestHandler, SessionLimits
+        from relay.metrics import Metrics
+
+        config = Config()
+        metrics = Metrics(CollectorRegistry(), config.accounts)
+
+        async def submit(_: object) -> None:
+            return None
+
+        loop = asyncio.new_event_loop()
+        handler = IngestHandler(config, submit, metrics)
+        _SMTP_FOR_PARSING = RelaySMTP(handler, SessionLimits(config, metrics), hostname="x",
+                                      loop=loop)
+        loop.close()
+    return _SMTP_FOR_PARSING
+
+
+_SMTP_FOR_PARSING: RelaySMTP | None = None
