@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -18,12 +19,12 @@ from relay import __version__
 from relay.config import Config, config_warnings
 from relay.errors import StoreError
 from relay.http import build_app, start_http
-from relay.ingest import IngestHandler, start_listener
+from relay.ingest import IngestHandler, SessionLimits, start_listener
 from relay.logs import event
 from relay.maildir import MaildirTransport
 from relay.message import NewMessage
 from relay.metrics import Metrics
-from relay.scheduler import Scheduler
+from relay.scheduler import AccountWorker, Scheduler
 from relay.store import SQLiteStore
 from relay.transport import Transport
 from relay.upstream import UpstreamPool
@@ -32,9 +33,13 @@ log = logging.getLogger("relay")
 ADMIT_CACHE_S = 0.2  # how stale the backlog count used by on_limit: reject may be
 
 
-def build_transports(config: Config, metrics: Metrics | None = None) -> dict[str, Transport]:
+def build_transports(
+    config: Config, metrics: Metrics | None = None, names: Iterable[str] | None = None
+) -> dict[str, Transport]:
     transports: dict[str, Transport] = {}
     for name, acc in config.accounts.items():
+        if names is not None and name not in names:
+            continue
         if acc.transport == "maildir":
             assert acc.path is not None
             transports[name] = MaildirTransport(name, acc.path)
@@ -53,6 +58,8 @@ class App:
         self.transports = build_transports(config, self.metrics)
         self.scheduler = Scheduler(config, self.store, self.transports, self.metrics)
         self.handler = IngestHandler(config, self._submit, self.metrics, self._admit)
+        self.limits = SessionLimits(config, self.metrics)
+        self._retiring: set[asyncio.Task[None]] = set()
         self._waiting: dict[str, tuple[float, int]] = {}
         self.smtp_server: asyncio.Server | None = None
         self.http_runner: web.AppRunner | None = None
@@ -87,7 +94,7 @@ class App:
         await self.store.open()  # StoreError: corrupt, foreign or locked queue file
         try:
             await self.scheduler.start()
-            self.smtp_server = await start_listener(self.config, self.handler, self.metrics)
+            self.smtp_server = await start_listener(self.config, self.handler, self.limits)
             self.smtp_port = self.smtp_server.sockets[0].getsockname()[1]
             if self.config.metrics.enabled:
                 app = build_app(self.registry, self.refresh_gauges, self.ready_problem)
@@ -122,6 +129,60 @@ class App:
             return f"queue not writable: {exc}"
         return None
 
+    async def reload(self, new: Config) -> list[str]:
+        """Apply a new, already validated config without dropping connections or messages.
+
+        Accounts, limits, routing, retry, bounces and listener users take effect; what
+        needs new sockets or another queue file keeps its old value until a restart (the
+        returned notes say which).
+        """
+        old = self.config
+        notes = []
+        for key, before, after in (
+            ("listen.host/port", (old.listen.host, old.listen.port),
+             (new.listen.host, new.listen.port)),
+            ("listen.tls", old.listen.tls, new.listen.tls),
+            ("queue", old.queue, new.queue),
+            ("metrics", old.metrics, new.metrics),
+        ):
+            if before != after:
+                notes.append(f"{key} changed: takes effect at the next restart")
+        listen = new.listen.model_copy(
+            update={"host": old.listen.host, "port": old.listen.port, "tls": old.listen.tls})
+        new = new.model_copy(update={"listen": listen, "queue": old.queue,
+                                     "metrics": old.metrics})
+        changed = {
+            name for name, acc in new.accounts.items()
+            if name not in old.accounts or acc != old.accounts[name]
+            or acc.secret != old.accounts[name].secret
+            or new.retry_for(name) != old.retry_for(name)
+        }
+        removed = set(old.accounts) - set(new.accounts)
+        self.metrics.add_accounts(new.accounts)
+        fresh = build_transports(new, self.metrics, names=changed)
+        retired_transports = [self.transports.pop(n) for n in changed | removed
+                              if n in self.transports]
+        self.transports.update(fresh)
+        retired = await self.scheduler.replace_accounts(new, self.transports, changed)
+        self.config = new
+        self.handler.configure(new)
+        self.limits.configure(new)
+        self._waiting.clear()
+        task = asyncio.create_task(self._retire(retired, retired_transports))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        for name in sorted(removed):
+            notes.append(f"account {name} removed: its queued messages wait until it returns")
+        event(log, logging.INFO, "reloaded", changed=",".join(sorted(changed)) or None,
+              removed=",".join(sorted(removed)) or None)
+        return notes
+
+    async def _retire(self, workers: list[AccountWorker], transports: list[Transport]) -> None:
+        """Old workers finish their sends on their old connections, then those close."""
+        await self.scheduler.drain(workers, grace=30.0)
+        for transport in transports:
+            await transport.close()
+
     async def serve(self) -> None:
         await self._stopped.wait()
 
@@ -136,6 +197,8 @@ class App:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.smtp_server.wait_closed(), 1.0)
         await self.scheduler.stop(grace)
+        if self._retiring:
+            await asyncio.wait(self._retiring, timeout=grace)
         for transport in self.transports.values():
             await transport.close()
         if self.http_runner is not None:

@@ -9,16 +9,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import yaml
 
 from relay import __version__
 from relay.config import Config, config_warnings, effective_config, load_config
 from relay.errors import ConfigError, RelayError
+
+if TYPE_CHECKING:
+    from relay.app import App
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -41,21 +46,47 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, path: str | None) -> None:
     from relay.app import App
 
     app = App(config)
     loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hangup() -> None:
+        task = asyncio.create_task(_reload(app, path))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     # Before startup: a supervisor may send SIGTERM as soon as it sees the 'started' line.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await app.startup()
         await app.serve()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await app.shutdown(grace=5.0)
+
+
+async def _reload(app: App, path: str | None) -> None:
+    """SIGHUP: read the config again; an invalid one leaves the running one in place."""
+    from relay.logs import event, setup_logging
+
+    log = logging.getLogger("relay")
+    try:
+        new = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            event(log, logging.ERROR, "reload_rejected", reason=problem)
+        event(log, logging.ERROR, "reload_rejected",
+              reason="the new config is invalid; still running with the previous one")
+        return
+    setup_logging(new.logging.level, new.logging.format, new.logging.file)
+    for note in await app.reload(new):
+        event(log, logging.WARNING, "reload_note", reason=note)
 
 
 def _run(coro_factory: object) -> None:
@@ -72,9 +103,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relay.logs import setup_logging
 
     config = _load(args)
-    setup_logging(config.logging.level, config.logging.format)
+    setup_logging(config.logging.level, config.logging.format, config.logging.file)
     try:
-        _run(_serve(config))
+        _run(_serve(config, args.config or os.environ.get("RELAY_CONFIG") or None))
     except OSError as exc:
         return _fail(f"cannot listen: {exc.strerror or exc}")
     return EXIT_OK
@@ -122,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     from relay import cli_queue
 
     cli_queue.add_commands(sub, common)
+    from relay import cli_status
+
+    cli_status.add_command(sub, common)
     from relay import bench
 
     bench.add_command(sub)

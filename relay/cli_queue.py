@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _fail, _load
+from relay.cli_progress import ProgressBar
 from relay.config import AccountConfig, Config
 from relay.durations import format_duration, parse_duration
 from relay.errors import StoreError
@@ -121,11 +122,23 @@ def _each(args: argparse.Namespace, op: Operation) -> int:
     return asyncio.run(run())
 
 
+async def _with_progress(
+    store: SQLiteStore, op: Operation, updated_before: float | None = None
+) -> int:
+    """``op`` on every message in its states, with a progress bar on a terminal."""
+    bar = ProgressBar(op.name, None)
+    # Counted only for a bar; purge's "old enough" is not counted beforehand (no total).
+    if bar.enabled and updated_before is None:
+        counts = await store.counts()
+        bar.total = sum(n for (_, state), n in counts.items() if state in op.states)
+    with bar:
+        return await _apply(store, op, updated_before=updated_before, progress=bar)
+
+
 def _bulk(args: argparse.Namespace, op: Operation, updated_before: float | None = None) -> int:
     async def run() -> int:
         async with _queue(args) as store:
-            # The store reports after each window: the place for a progress bar.
-            return await _apply(store, op, updated_before=updated_before)
+            return await _with_progress(store, op, updated_before)
 
     return asyncio.run(run())
 
@@ -202,7 +215,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with _queue(args) as store:
-            count = await _apply(store, FLUSH)
+            count = await _with_progress(store, FLUSH)
             # Written last: the server sees it and ends account-wide backoffs too.
             await store.set_meta(FLUSH_KEY, repr(time.time()))
             return count

@@ -162,6 +162,9 @@ class MetricsConfig(_Frozen):
 class LoggingConfig(_Frozen):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+    # None: stderr (systemd's journal, docker logs). A file is reopened when logrotate
+    # moves it (logging.handlers.WatchedFileHandler).
+    file: Path | None = None
 
 
 class RetryConfig(_Frozen):

@@ -8,7 +8,6 @@ aiosmtpd.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import ipaddress
 import logging
@@ -53,12 +52,16 @@ class IngestHandler:
     def __init__(
         self, config: Config, submit: Submit, metrics: Metrics, admit: Admit = _always
     ) -> None:
-        self.config = config
         self.submit = submit
         self.admit = admit
-        self.auth = ListenerAuth(config.listen.auth)
         self.metrics = metrics
         self.accepting = True
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Take a new config (SIGHUP): routing, accounts, limits and listener users."""
+        self.config = config
+        self.auth = ListenerAuth(config.listen.auth)
 
     def _reject(self, reason: str, reply: replies.Reply) -> str:
         self.metrics.rejected.labels(reason).inc()
@@ -91,9 +94,10 @@ class IngestHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         mail_options: list[str],
     ) -> str:
-        problem = _address_problem(address, allow_null=True)
+        utf8 = any(o.upper() == "SMTPUTF8" for o in mail_options)
+        problem = _address_problem(address, allow_null=True) or _encoding_problem(address, utf8)
         if problem:
-            return self._reject("bad_address", replies.BAD_ADDRESS.with_text(problem))
+            return self._reject("bad_address", problem)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return str(replies.OK)
@@ -104,9 +108,11 @@ class IngestHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= self.config.listen.max_recipients:
             return self._reject("too_many_recipients", replies.TOO_MANY_RECIPIENTS)
-        problem = _address_problem(address, allow_null=False)
+        problem = _address_problem(address, allow_null=False) or _encoding_problem(
+            address, envelope.smtp_utf8
+        )
         if problem:
-            return self._reject("bad_address", replies.BAD_ADDRESS.with_text(problem))
+            return self._reject("bad_address", problem)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RCPT_OK)
@@ -171,20 +177,32 @@ class IngestHandler:
 MAX_LOCAL_PART, MAX_ADDRESS = 64, 254
 
 
-def _address_problem(address: str, *, allow_null: bool) -> str | None:
+def _address_problem(address: str, *, allow_null: bool) -> replies.Reply | None:
+    bad = replies.BAD_ADDRESS
     if address in ("", "<>"):
-        return None if allow_null else "Null recipient not allowed"
+        return None if allow_null else bad.with_text("Null recipient not allowed")
     octets = address.encode("utf-8", "surrogateescape")
     if len(octets) > MAX_ADDRESS:
-        return f"Address longer than {MAX_ADDRESS} octets"
+        return bad.with_text(f"Address longer than {MAX_ADDRESS} octets")
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
-        return "Address must be local-part@domain"
+        return bad.with_text("Address must be local-part@domain")
     if len(local.encode("utf-8", "surrogateescape")) > MAX_LOCAL_PART:
-        return f"Local part longer than {MAX_LOCAL_PART} octets"
+        return bad.with_text(f"Local part longer than {MAX_LOCAL_PART} octets")
     if any(c in address for c in " <>()[],;\\\"") and not local.startswith('"'):
-        return "Address contains characters not allowed outside quotes"
+        return bad.with_text("Address contains characters not allowed outside quotes")
     return None
+
+
+def _encoding_problem(address: str, smtputf8: bool) -> replies.Reply | None:
+    """RFC 6531 3.4: non-ASCII addresses only with SMTPUTF8, and only as valid UTF-8."""
+    if address.isascii():
+        return None
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:  # aiosmtpd keeps undecodable bytes as lone surrogates
+        return replies.NOT_UTF8_ADDRESS
+    return None if smtputf8 else replies.NEEDS_SMTPUTF8
 
 
 def has_bare_newline(data: bytes) -> bool:
@@ -202,11 +220,15 @@ def _reverse_path(mail_from: str | None) -> str:
     return "" if mail_from in (None, "", "<>") else str(mail_from)
 
 
-@functools.cache
+_HOOK_NAMES: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+
+
 def _hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
-    return [name for name in object.__dir__(cls) if name.startswith(prefixes)] + [
-        name for name in dir(cls) if name.startswith(prefixes)
-    ]
+    """The attribute names of cls with these prefixes, computed once per class."""
+    key = (cls.__qualname__, prefixes)
+    if key not in _HOOK_NAMES:
+        _HOOK_NAMES[key] = sorted(name for name in dir(cls) if name.startswith(prefixes))
+    return _HOOK_NAMES[key]
 
 
 # RFC 5321 4.1.2 Path = "<" Mailbox ">": the plain dot-atom@domain form most clients send.
@@ -253,6 +275,7 @@ _REWORDED = {
 }
 # Request methods a browser may send: a web page must not be able to talk SMTP to us.
 _HTTP_VERBS = ("GET", "POST", "PUT", "HEAD", "OPTIONS", "CONNECT", "DELETE", "PATCH")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ENHANCED_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}\b")
 
 
@@ -335,7 +358,9 @@ class RelaySMTP(SMTP):
         if isinstance(status, bytes):
             await super().push(status)
             return
-        status = with_enhanced_code(status)
+        # aiosmtpd echoes client text (an unknown command) into some replies; a CR or LF
+        # in it would break the reply's framing, so control characters never go out.
+        status = with_enhanced_code(_CONTROL.sub("?", status))
         if len(status) > 3 and status[3] == "-":
             self._continued.append(status)  # a multi-line reply goes out in one write
             return
@@ -374,10 +399,14 @@ class SessionLimits:
 
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.metrics = metrics
+        self.sessions = 0
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Take new limits (SIGHUP); sessions already open keep theirs."""
         self.max_sessions = config.listen.max_connections
         self.max_bad_commands = config.listen.max_bad_commands
         self.networks = config.listen.networks()
-        self.sessions = 0
 
     def allowed(self, host: str | None) -> bool:
         if host is None:  # a Unix socket: local by definition
@@ -401,17 +430,16 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
 
 
 async def start_listener(
-    config: Config, handler: IngestHandler, metrics: Metrics
+    config: Config, handler: IngestHandler, limits: SessionLimits
 ) -> asyncio.Server:
     """Bind listen.host:listen.port in the running loop (port 0: any free port)."""
-    listen = config.listen
     hostname = socket.gethostname()  # once, not a getfqdn() per connection
     loop = asyncio.get_running_loop()
-    limits = SessionLimits(config, metrics)
     tls_context = _tls_context(config)
-    auth = handler.auth
 
     def factory() -> RelaySMTP:
+        listen = handler.config.listen  # read per session: a reload applies to new ones
+        auth = handler.auth
         return RelaySMTP(
             handler,
             limits,
@@ -430,7 +458,7 @@ async def start_listener(
             loop=loop,
         )
 
-    return await loop.create_server(factory, host=listen.host, port=listen.port)
+    return await loop.create_server(factory, host=config.listen.host, port=config.listen.port)
 
 
 # aiosmtpd calls inspect.signature(handle_EHLO) for every session to pick the hook's

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+from relay.errors import ConfigError
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
@@ -57,8 +61,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str = "info", fmt: str = "text", file: Path | None = None) -> None:
+    """Log to stderr, or to ``file``: reopened when logrotate moves it (no copytruncate)."""
+    handler: logging.Handler
+    if file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        try:
+            handler = logging.handlers.WatchedFileHandler(file, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"logging.file: cannot open {file}: {exc.strerror}"]) from None
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -67,6 +79,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        old.close()  # a log file's handler closes its file (a stream handler keeps stderr)
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
     # aiosmtpd logs every session at INFO ("Peer: ...", "connection lost"); keep it quiet.

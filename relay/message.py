@@ -8,7 +8,6 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-
 _ID_PREFIX = secrets.token_hex(2).upper()  # per process
 _ID_COUNTER = itertools.count()
 

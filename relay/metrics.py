@@ -56,16 +56,23 @@ class Metrics:
                                      registry=r)
         build = Gauge("relay_build_info", "relay version.", ["version"], registry=r)
         build.labels(__version__).set(1)
-        self.accounts = list(accounts)
-        for name in self.accounts:  # every series exists at zero from the start
+        self.accounts: list[str] = []
+        self.add_accounts(accounts)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+
+    def add_accounts(self, names: Iterable[str]) -> None:
+        """Create each account's series at zero, so they exist before the first event."""
+        for name in names:
+            if name in self.accounts:
+                continue
+            self.accounts.append(name)
             for metric in (self.delivered, self.deferred, self.failed, self.connections_opened,
                            self.auth_failures, self.rate_limited, self.delivery_duration,
                            self.queue_delay, self.oldest, self.connections_open):
                 metric.labels(name)
             for state in MessageState:
                 self.queue.labels(name, str(state))
-        for reason in REJECT_REASONS:
-            self.rejected.labels(reason)
 
     def set_queue(self, counts: dict[tuple[str, str], int], oldest_created: dict[str, float],
                   now: float) -> None:

@@ -39,6 +39,9 @@ UNKNOWN_ACCOUNT = Reply(550, "5.7.1", "X-Account header names an unknown account
 BAD_HEADER = Reply(550, "5.6.0", "Malformed header")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 BAD_ADDRESS = Reply(553, "5.1.3", "Malformed address")
+# RFC 6531 3.4 / RFC 6533: non-ASCII mailboxes.
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter")
+NOT_UTF8_ADDRESS = Reply(553, "5.6.7", "Address is not valid UTF-8")
 # Postfix's smtpd_forbid_bare_newline answer: a bare LF/CR could smuggle a second message.
 BARE_NEWLINE = Reply(550, "5.5.2", "Bare <LF> or <CR> in message data, use <CRLF>")
 ACCOUNT_NOT_ALLOWED = Reply(550, "5.7.1", "This user may not send through that account")

@@ -8,6 +8,7 @@ finishes, or the next deferred message or rate-limit window comes due.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from relay.bounce import build_dsn, should_bounce
 from relay.config import Config
 from relay.errors import DeliveryError, StoreError, TemporaryFailure
+from relay.health import AccountHealth, HealthHook, HealthPublisher
 from relay.logs import event
 from relay.message import (
     AttemptResult,
@@ -65,9 +67,11 @@ class AccountWorker:
         clock: Callable[[], float],
         rng: random.Random,
         bounce: Bounce | None = None,
+        health: HealthHook | None = None,
     ) -> None:
         self.name = name
         self.bounce = bounce
+        self.health = health  # told of each change of backoff, for `relay status`
         self.transport = transport
         self.store = store
         self.policy = policy
@@ -80,6 +84,11 @@ class AccountWorker:
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
         self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self.settling: set[asyncio.Task[None]] = set()  # outcome writes under way
+        self.ready: collections.deque[QueuedMessage] = collections.deque()  # claimed, unsent
+        # Claim-ahead depth: one pool's worth, but not for rate-limited accounts (it would
+        # spend their budget early and gain nothing at their pace).
+        self.prefetch = 0 if limiter.limited else concurrency
         self.backoff_until = 0.0
         self.backoff_failures = 0
         self.last_account_error = ""
@@ -92,12 +101,14 @@ class AccountWorker:
 
     def notify(self) -> None:
         self.idle.clear()
-        self.wake.set()
+        if self.clock() >= self.backoff_until:  # a backed-off account has nothing to do
+            self.wake.set()
 
     def resume(self) -> None:
         """End an account-wide backoff now (an operator's `queue flush`)."""
         self.backoff_until = 0.0
         self.notify()
+        self.wake.set()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -114,33 +125,34 @@ class AccountWorker:
                     async with asyncio.timeout(timeout):
                         await self.wake.wait()
 
+    def _slots(self) -> int:
+        # While an account is backing off as a whole, one probe at a time.
+        return (1 if self.backoff_failures else self.concurrency) - len(self.in_flight)
+
     async def _dispatch(self) -> float | None:
         """Start what may go now; return how long to sleep (None: until woken)."""
         now = self.clock()
         if now < self.backoff_until:
-            if not self.in_flight:
+            if not self.in_flight and not self.settling and not self.ready:
                 due = await self.store.next_due_at(self.name)
                 if due is None or due >= self.backoff_until:
                     self.idle.set()  # nothing could go before the backoff ends anyway
             return self.backoff_until - now
-        # While an account is backing off as a whole, one probe at a time.
-        slots = (1 if self.backoff_failures else self.concurrency) - len(self.in_flight)
-        if slots <= 0:
+        self._start_ready()
+        slots = self._slots()
+        # Claim ahead: a claim is a commit (a sync), so claimed messages wait in `ready`
+        # and a finishing send starts the next at once instead of waiting for the disk.
+        want = slots + self.prefetch - len(self.ready)
+        if want <= 0:
             return None
         hold = self.limiter.wait_time(now)
-        if hold == 0:
-            allowed = min(slots, self.limiter.available(now))
-            batch = await self.store.claim_due(self.name, now, allowed, self.lease_s)
-            if batch:
-                self._held = False
-                self.idle.clear()
-                for message in batch:
-                    self.limiter.record(now)
-                    self._start(message)
-                return 0.0
+        if hold == 0 and await self._claim(now, want):
+            return 0.0
+        if self.in_flight or self.ready:
+            return None  # a finishing send wakes us
         due = await self.store.next_due_at(self.name)
         if due is None or due > now:
-            if not self.in_flight:
+            if not self.settling:
                 self.idle.set()
             return None if due is None else due - now
         if hold > 0:
@@ -150,6 +162,27 @@ class AccountWorker:
             return hold
         return 0.05  # due but not claimed (the clock moved): look again shortly
 
+    async def _claim(self, now: float, want: int) -> bool:
+        """Claim up to `want` due messages within the rate limit; start what can start."""
+        allowed = min(want, self.limiter.available(now))
+        batch = await self.store.claim_due(self.name, now, allowed, self.lease_s)
+        if not batch:
+            return False
+        self._held = False
+        self.idle.clear()
+        for _ in batch:
+            self.limiter.record(now)
+        self.ready.extend(batch)
+        self._start_ready()
+        return True
+
+    def _start_ready(self) -> None:
+        """Hand claimed messages to free slots (also called as each send finishes)."""
+        if self._stopping or self.clock() < self.backoff_until:
+            return
+        while self.ready and self._slots() > 0:
+            self._start(self.ready.popleft())
+
     def _start(self, message: QueuedMessage) -> None:
         task = asyncio.create_task(self._deliver(message), name=f"deliver-{message.id}")
         self.in_flight[message.id] = task
@@ -157,6 +190,7 @@ class AccountWorker:
 
     def _done(self, message_id: str, _task: asyncio.Task[None]) -> None:
         self.in_flight.pop(message_id, None)
+        self._start_ready()
         self.wake.set()
 
     async def _deliver(self, message: QueuedMessage) -> None:
@@ -179,8 +213,22 @@ class AccountWorker:
         resume_at = self._account_health(sent, now)
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
                         resume_at=resume_at)
-        # The status write must happen even if shutdown cancels us now.
-        await asyncio.shield(self._write(result))
+        # The slot is free once the upstream has answered: recording the outcome (a
+        # commit, and so a sync) happens beside the next send instead of before it. The
+        # row stays 'sending' until then, so it cannot be claimed twice; shutdown waits
+        # for these writes (see settling).
+        task = asyncio.create_task(self._record(message, result, sent, started, body),
+                                   name=f"record-{message.id}")
+        self.settling.add(task)
+        task.add_done_callback(self._recorded)
+
+    def _recorded(self, task: asyncio.Task[None]) -> None:
+        self.settling.discard(task)
+        self.wake.set()
+
+    async def _record(self, message: QueuedMessage, result: AttemptResult,
+                      sent: SendResult | DeliveryError, started: float, body: bytes) -> None:
+        await self._write(result)
         self._report(message, result, sent, started)
         if self.bounce is not None:
             was_pending = set(message.pending_recipients)
@@ -202,10 +250,13 @@ class AccountWorker:
     def _account_health(self, sent: SendResult | DeliveryError, now: float) -> float | None:
         """Back the account off on account-wide failures; return when it resumes."""
         if not isinstance(sent, DeliveryError) or not sent.account_wide:
-            if self.backoff_failures:
+            recovered = self.backoff_failures > 0
+            if recovered:
                 event(log, logging.INFO, "account_recovered", account=self.name)
             self.backoff_failures = 0
             self.last_account_error = ""
+            if recovered and self.health is not None:
+                self.health(AccountHealth(self.name, self.backoff_until, 0))
             return None
         if now < self.backoff_until:  # another send already backed it off
             return self.backoff_until
@@ -219,6 +270,9 @@ class AccountWorker:
               "account_auth_failed" if auth else "account_backoff", account=self.name,
               relay=self.transport.peer, reason=sent.reply_text(),
               until=_iso(self.backoff_until))
+        if self.health is not None:
+            self.health(AccountHealth(self.name, self.backoff_until, self.backoff_failures,
+                                      self.last_account_error, auth))
         return self.backoff_until
 
     def _report(self, message: QueuedMessage, result: AttemptResult,
@@ -267,27 +321,68 @@ class Scheduler:
     ) -> None:
         self.store = store
         self.clock = clock
+        self.metrics = metrics
         self.bounce_account = config.routing.default_account if config.bounces.enabled else None
         self._hostname = socket.gethostname()
-        rng = rng or random.Random()
-        self.workers: dict[str, AccountWorker] = {}
-        for name, acc in config.accounts.items():
-            t = acc.timeouts
-            self.workers[name] = AccountWorker(
-                name,
-                transports[name],
-                store,
-                RetryPolicy.from_config(config.retry_for(name)),
-                RateLimiter(acc.rate_limit.windows()),
-                metrics,
-                concurrency=acc.pool.max_connections,
-                lease_s=t.connect + 4 * t.command + t.data + 60,
-                clock=clock,
-                rng=rng,
-                bounce=self._send_bounce if self.bounce_account else None,
-            )
+        self.rng = rng or random.Random()
+        self.health = HealthPublisher(store.set_meta, clock)
+        self.workers: dict[str, AccountWorker] = {
+            name: self._make_worker(name, config, transports[name]) for name in config.accounts
+        }
         self._watcher: asyncio.Task[None] | None = None
         self._flush_seen: str | None = None
+
+    def _make_worker(self, name: str, config: Config, transport: Transport) -> AccountWorker:
+        acc = config.accounts[name]
+        t = acc.timeouts
+        return AccountWorker(
+            name,
+            transport,
+            self.store,
+            RetryPolicy.from_config(config.retry_for(name)),
+            RateLimiter(acc.rate_limit.windows()),
+            self.metrics,
+            concurrency=acc.pool.max_connections,
+            lease_s=t.connect + 4 * t.command + t.data + 60,
+            clock=self.clock,
+            rng=self.rng,
+            bounce=self._send_bounce if self.bounce_account else None,
+            health=self.health.update,
+        )
+
+    async def _start_worker(self, worker: AccountWorker, now: float) -> None:
+        if worker.limiter.limited:
+            since = now - worker.limiter.longest_window
+            worker.limiter.restore(await self.store.recent_sends(worker.name, since), now)
+        worker.start()
+
+    async def replace_accounts(
+        self, config: Config, transports: dict[str, Transport], names: set[str]
+    ) -> list[AccountWorker]:
+        """Reload: new workers for the named accounts (added or changed); accounts no
+        longer configured stop. Returns the retired workers, for the caller to drain."""
+        self.bounce_account = config.routing.default_account if config.bounces.enabled else None
+        retired = [w for n, w in self.workers.items() if n in names or n not in config.accounts]
+        for worker in retired:
+            worker.stop_claiming()
+            del self.workers[worker.name]
+        now = self.clock()
+        for name in names:
+            self.workers[name] = self._make_worker(name, config, transports[name])
+            await self._start_worker(self.workers[name], now)
+        return retired
+
+    async def drain(self, workers: list[AccountWorker], grace: float) -> None:
+        """Let retired workers finish their sends; what they claimed ahead is requeued."""
+        for worker in workers:
+            await worker.join()
+        claimed = [m.id for w in workers for m in w.ready]
+        if claimed:
+            with contextlib.suppress(StoreError):
+                await self.store.requeue(claimed, self.clock())
+        busy = [t for w in workers for t in (*w.in_flight.values(), *w.settling)]
+        if busy:
+            await asyncio.wait(busy, timeout=grace)
 
     async def start(self) -> None:
         now = self.clock()
@@ -295,11 +390,8 @@ class Scheduler:
         if recovered:
             event(log, logging.WARNING, "recovered", count=recovered,
                   reason="messages being delivered when relay stopped are queued again")
-        for name, worker in self.workers.items():
-            if worker.limiter.limited:
-                since = now - worker.limiter.longest_window
-                worker.limiter.restore(await self.store.recent_sends(name, since), now)
-            worker.start()
+        for worker in self.workers.values():
+            await self._start_worker(worker, now)
         self._flush_seen = await self.store.get_meta(FLUSH_KEY)
         await self.store.changed_elsewhere()  # the baseline: later CLI changes are seen
         self._watcher = asyncio.create_task(self._watch(), name="queue-watcher")
@@ -354,7 +446,8 @@ class Scheduler:
         while True:
             await asyncio.gather(*(w.idle.wait() for w in self.workers.values()))
             await asyncio.sleep(0)
-            if all(w.idle.is_set() and not w.in_flight for w in self.workers.values()):
+            if all(w.idle.is_set() and not w.in_flight and not w.settling
+                   for w in self.workers.values()):
                 return
 
     async def stop(self, grace: float) -> None:
@@ -367,6 +460,10 @@ class Scheduler:
             worker.stop_claiming()
         for worker in self.workers.values():
             await worker.join()
+        claimed = [m.id for w in self.workers.values() for m in w.ready]
+        if claimed:  # claimed ahead but never sent: due again at once
+            with contextlib.suppress(StoreError):
+                await self.store.requeue(claimed, self.clock())
         tasks = {mid: t for w in self.workers.values() for mid, t in w.in_flight.items()}
         if tasks:
             _, pending = await asyncio.wait(tasks.values(), timeout=grace)
@@ -377,3 +474,7 @@ class Scheduler:
             if unfinished:
                 with contextlib.suppress(StoreError):
                     await self.store.requeue(unfinished, self.clock())
+        # Outcomes already decided are written before the store closes.
+        recording = [t for w in self.workers.values() for t in w.settling]
+        if recording:
+            await asyncio.wait(recording, timeout=grace)

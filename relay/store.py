@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,7 @@ from relay.message import (
     RecipientState,
 )
 
+log = logging.getLogger("relay.store")
 APPLICATION_ID = 0x52454C59  # 'RELY': marks a file as a relay queue
 SCHEMA_VERSION = 2  # 2: the sends table
 READY = "('queued', 'deferred')"
@@ -283,23 +285,40 @@ class SQLiteStore:
             batch = [await self._pending.get()]
             while self._group and not self._pending.empty():
                 batch.append(self._pending.get_nowait())
-            try:
-                await self._apply(batch)
-                assert self._db is not None
-                await self._db.commit()
-                self.commits += 1
-            except sqlite3.Error as exc:
-                error = map_sqlite_error(exc)
-                with contextlib.suppress(sqlite3.Error):
-                    assert self._db is not None
-                    await self._db.rollback()
+            error = await self._commit(batch)
+            if error is not None and len(batch) > 1 and not isinstance(error, StoreFullError):
+                # One bad write must not fail the others: each again on its own.
                 for op in batch:
-                    if not op.future.done():
-                        op.future.set_exception(error)
+                    self._settle([op], await self._commit([op]))
                 continue
-            for op in batch:
-                if not op.future.done():
-                    op.future.set_result(op.result)
+            self._settle(batch, error)
+
+    async def _commit(self, batch: list[_Op]) -> StoreError | None:
+        """Apply and commit a batch; never raises (the writer must outlive any bad write)."""
+        db = self._db
+        assert db is not None
+        try:
+            await self._apply(batch)
+            await db.commit()
+        except Exception as exc:  # sqlite3 errors, and e.g. text sqlite cannot encode
+            with contextlib.suppress(sqlite3.Error):
+                await db.rollback()
+            if isinstance(exc, sqlite3.Error):
+                return map_sqlite_error(exc)
+            log.exception("queue write failed")
+            return StoreError(f"queue write failed: {type(exc).__name__}")
+        self.commits += 1
+        return None
+
+    @staticmethod
+    def _settle(batch: list[_Op], error: StoreError | None) -> None:
+        for op in batch:
+            if op.future.done():
+                continue
+            if error is None:
+                op.future.set_result(op.result)
+            else:
+                op.future.set_exception(error)
 
     async def _apply(self, batch: list[_Op]) -> None:
         db = self._db
@@ -642,3 +661,16 @@ class SQLiteStore:
     async def state_of(self, message_id: str) -> MessageState | None:
         rows = await self._fetch("SELECT state FROM messages WHERE id=?", (message_id,))
         return MessageState(rows[0][0]) if rows else None
+
+    async def attempt_counts(
+        self, accounts: Sequence[str], since: float
+    ) -> dict[tuple[str, str], int]:
+        """Delivery attempts after ``since``: (account, outcome) -> count (`relay status`)."""
+        if not accounts:
+            return {}
+        rows = await self._fetch(  # per account, a range of the attempts_account_at index
+            f"SELECT account, outcome, count(*) FROM attempts WHERE account IN"
+            f" ({','.join('?' * len(accounts))}) AND at > ? GROUP BY 1, 2",
+            (*accounts, since),
+        )
+        return {(a, o): int(n) for a, o, n in rows}

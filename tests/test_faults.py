@@ -124,3 +124,35 @@ async def test_upstream_fault_storm_loses_nothing_and_leaks_no_connections(
     assert len(subjects) == 30
     assert upstream.connections_open <= 3
     assert app.transports["up"].open_connections() <= 3
+
+
+async def test_one_bad_write_fails_alone_and_the_writer_survives(tmp_path: Path) -> None:
+    """Text sqlite cannot store (a lone surrogate) fails that message only: the others in
+    the same group commit are stored, and the queue keeps accepting afterwards."""
+    import asyncio
+    import time
+
+    from relay.message import NewMessage, Priority
+    from relay.store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "queue.sqlite3")
+    await store.open()
+    now = time.time()
+
+    def new(mid: str, sender: str) -> NewMessage:
+        return NewMessage(id=mid, sender=sender, recipients=("b@example.com",), account="a",
+                          priority=Priority.NORMAL, body=b"x", created_at=now, not_before=now)
+
+    try:
+        results = await asyncio.gather(
+            store.enqueue(new("GOOD1", "a@example.com")),
+            store.enqueue(new("BAD", "\udcff@example.com")),
+            store.enqueue(new("GOOD2", "a@example.com")),
+            return_exceptions=True,
+        )
+        assert results[0] is None and results[2] is None
+        assert isinstance(results[1], StoreError)
+        await store.enqueue(new("LATER", "a@example.com"))
+        assert {m.id for m in await store.list_messages()} == {"GOOD1", "GOOD2", "LATER"}
+    finally:
+        await store.close()

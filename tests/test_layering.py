@@ -12,9 +12,9 @@ LAYERS = {
     "core": (1, {"config", "headers", "routing", "priority", "ratelimit", "retry", "outcome",
                  "bounce", "queueops"}),
     "edges": (2, {"ingest", "store", "upstream", "maildir", "metrics", "http", "logs", "auth"}),
-    "orchestration": (3, {"app", "scheduler"}),
-    "entry": (4, {"cli", "cli_queue", "bench", "benchsink", "loadgen", "__main__",
-                  "__init__"}),
+    "orchestration": (3, {"app", "scheduler", "health"}),
+    "entry": (4, {"cli", "cli_queue", "cli_status", "cli_progress", "bench", "benchsink",
+                  "loadgen", "__main__", "__init__"}),
 }
 LEVEL = {module: level for level, modules in LAYERS.values() for module in modules}
 # Libraries that only their edge may import.

@@ -1,0 +1,315 @@
+"""`relay status`: the queue by account and state, recent attempts, and account health.
+
+One screen, like Postfix's `postqueue -p` and `qshape` together. Counts and attempt rates
+come from the queue file. Account health (backing off, AUTH failing) is known only to the
+running server, which publishes each change into the queue file (relay/health.py); this
+reads the latest, and says when no server is running to have published it.
+
+``gather`` does the I/O; ``summarise`` (the ``--json`` document) and ``render`` (the text)
+are pure. The JSON document's keys are stable:
+
+    generated_at, queue                      when (UTC), and the queue file
+    server.running                           a `relay serve` holds the queue's lock
+    server.health_reported_at                when that server last reported a change, or null
+    accounts.NAME.queue.STATE                messages per state (every MessageState)
+    accounts.NAME.undelivered                queued + deferred + sending
+    accounts.NAME.oldest_undelivered_age_s   seconds, or null
+    accounts.NAME.attempts.WINDOW.OUTCOME    WINDOW last_minute | last_hour,
+                                             OUTCOME delivered | deferred | failed | partial
+    accounts.NAME.health.state               one of HEALTH_STATES
+    accounts.NAME.health.backoff_until       UTC time while backing off, else null
+    accounts.NAME.health.backoff_left_s      seconds to it, else null
+    accounts.NAME.health.failures            account-wide failures in a row
+    accounts.NAME.health.last_error          the upstream's reply to the last of them
+    totals.queue, totals.undelivered, totals.attempts   the same, over all accounts
+    oldest_undelivered                       null, or id, account, state, created_at, age_s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relay.cli import EXIT_OK, _load
+from relay.config import Config
+from relay.health import HEALTH_KEY, AccountHealth, HealthReport, decode
+from relay.message import MessageState, QueuedMessage
+
+S = MessageState
+STATES = [str(s) for s in MessageState]
+# Waiting to be delivered, as relay_oldest_message_age_seconds counts them; a held
+# message was put aside by an operator and is counted but not "oldest".
+UNDELIVERED = (S.QUEUED, S.DEFERRED, S.SENDING)
+OUTCOMES = ("delivered", "deferred", "failed", "partial")  # AttemptResult.outcome
+WINDOWS = (("last_minute", 60.0), ("last_hour", 3600.0))
+HEALTH_STATES = ("ok", "backing_off", "probing", "auth_failing", "unknown", "not_configured")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything `relay status` shows, as read at ``now``."""
+
+    now: float
+    queue: str
+    configured: Sequence[str]  # account names in config order
+    counts: Mapping[tuple[str, str], int]  # (account, state) -> messages
+    oldest_by_account: Mapping[str, float]  # account -> created_at of its oldest undelivered
+    oldest: QueuedMessage | None  # the oldest undelivered message of all
+    attempts: Mapping[str, Mapping[tuple[str, str], int]]  # window -> (account, outcome) -> n
+    server_running: bool
+    health: HealthReport | None  # None: no report from the server that is running now
+    flush_at: float | None = None  # the last `relay queue flush`
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def account_health(snap: Snapshot, name: str) -> dict[str, Any]:
+    """One account's health: state (one of HEALTH_STATES), its backoff, failures, error."""
+    result: dict[str, Any] = {"state": "ok", "backoff_until": None, "backoff_left_s": None,
+                              "failures": 0, "last_error": ""}
+    if name not in snap.configured:
+        return {**result, "state": "not_configured"}
+    if not snap.server_running:
+        return {**result, "state": "unknown"}
+    h: AccountHealth | None = snap.health.accounts.get(name) if snap.health else None
+    if h is None or h.failures == 0:
+        return result
+    assert snap.health is not None
+    flushed = snap.flush_at is not None and snap.flush_at > snap.health.published_at
+    waiting = snap.now < h.backoff_until and not flushed
+    state = "auth_failing" if h.auth else "backing_off" if waiting else "probing"
+    return {"state": state, "backoff_until": _iso(h.backoff_until) if waiting else None,
+            "backoff_left_s": round(h.backoff_until - snap.now, 3) if waiting else None,
+            "failures": h.failures, "last_error": h.last_error}
+
+
+def _accounts(snap: Snapshot) -> list[str]:
+    seen = {a for a, _ in snap.counts} | {a for w in snap.attempts.values() for a, _ in w}
+    return [*snap.configured, *sorted(seen - set(snap.configured))]
+
+
+def _attempts(snap: Snapshot, accounts: Sequence[str]) -> dict[str, dict[str, int]]:
+    return {window: {o: sum(snap.attempts.get(window, {}).get((a, o), 0) for a in accounts)
+                     for o in OUTCOMES}
+            for window, _ in WINDOWS}
+
+
+def summarise(snap: Snapshot) -> dict[str, Any]:
+    """The `relay status --json` document (its keys: the module's docstring)."""
+    accounts: dict[str, Any] = {}
+    for name in _accounts(snap):
+        queue = {s: snap.counts.get((name, s), 0) for s in STATES}
+        created = snap.oldest_by_account.get(name)
+        accounts[name] = {
+            "queue": queue,
+            "undelivered": sum(queue[str(s)] for s in UNDELIVERED),
+            "oldest_undelivered_age_s": None if created is None else round(snap.now - created, 3),
+            "attempts": _attempts(snap, [name]),
+            "health": account_health(snap, name),
+        }
+    totals = {s: sum(a["queue"][s] for a in accounts.values()) for s in STATES}
+    oldest = snap.oldest
+    return {
+        "generated_at": _iso(snap.now),
+        "queue": snap.queue,
+        "server": {
+            "running": snap.server_running,
+            "health_reported_at": _iso(snap.health.published_at) if snap.health else None,
+        },
+        "accounts": accounts,
+        "totals": {
+            "queue": totals,
+            "undelivered": sum(totals[str(s)] for s in UNDELIVERED),
+            "attempts": _attempts(snap, list(accounts)),
+        },
+        "oldest_undelivered": None if oldest is None else {
+            "id": oldest.id, "account": oldest.account, "state": str(oldest.state),
+            "created_at": _iso(oldest.created_at),
+            "age_s": round(snap.now - oldest.created_at, 3),
+        },
+    }
+
+
+# -- text ---------------------------------------------------------------------------------
+def age(seconds: float) -> str:
+    """A short, rounded duration: 45s, 12m, 3h 12m, 2d 4h."""
+    s = max(int(seconds), 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+_WIDTH = {s: max(len(s), 6) + 1 for s in STATES}
+_SHORT = {"delivered": "DLVD", "deferred": "DEFR", "failed": "FAIL", "partial": "PART"}
+
+
+def _queue_lines(summary: dict[str, Any]) -> list[str]:
+    head = "".join(f"{s.upper():>{_WIDTH[s]}}" for s in STATES)
+    lines = [f"{'QUEUE':<14}{head}{'OLDEST':>9}"]
+    rows = [(n, a["queue"], a["oldest_undelivered_age_s"]) for n, a in summary["accounts"].items()]
+    ages = [r[2] for r in rows if r[2] is not None]
+    rows.append(("total", summary["totals"]["queue"], max(ages, default=None)))
+    for name, queue, oldest_s in rows:
+        cells = "".join(f"{queue[s]:>{_WIDTH[s]}}" for s in STATES)
+        lines.append(f"{name:<14}{cells}{'-' if oldest_s is None else age(oldest_s):>9}")
+    oldest = summary["oldest_undelivered"]
+    if oldest:
+        lines.append(f"oldest undelivered: {oldest['id']} ({oldest['account']},"
+                     f" {oldest['state']}), {age(oldest['age_s'])} old")
+    else:
+        lines.append("nothing waiting to be delivered")
+    return lines
+
+
+def _attempt_cells(counts: dict[str, int]) -> str:
+    tried = sum(counts.values())
+    errors = counts["deferred"] + counts["failed"]
+    share = f"{100 * errors / tried:.0f}%" if tried else "-"
+    return "".join(f"{counts[o]:>6}" for o in OUTCOMES) + f"{share:>6}"
+
+
+def _attempt_lines(summary: dict[str, Any]) -> list[str]:
+    names = "".join(f"{_SHORT[o]:>6}" for o in OUTCOMES) + f"{'ERR%':>6}"
+    lines = [f"{'ATTEMPTS':<14}{' last minute ':-^30}  {' last hour ':-^30}",
+             f"{'':<14}{names}  {names}"]
+    rows = [(n, a["attempts"]) for n, a in summary["accounts"].items()]
+    rows.append(("total", summary["totals"]["attempts"]))
+    for name, windows in rows:
+        cells = "  ".join(_attempt_cells(windows[w]) for w, _ in WINDOWS)
+        lines.append(f"{name:<14}{cells}")
+    lines.append("DLVD delivered, DEFR deferred, FAIL failed, PART partly delivered or refused;")
+    lines.append("ERR% deferred and failed as a share of all attempts")
+    return lines
+
+
+def _health_text(h: dict[str, Any]) -> str:
+    state = h["state"]
+    if state == "ok":
+        return "ok"
+    if state == "not_configured":
+        return "not in the config; its messages wait until it is back"
+    if state == "unknown":
+        return "unknown"
+    if h["backoff_until"] is not None:
+        wait = f"backing off until {h['backoff_until']} (in {age(h['backoff_left_s'])})"
+    else:
+        wait = "backoff over, sending one message at a time to test it"
+    what = "AUTH failing" if state == "auth_failing" else "failing"
+    return f"{what} ({h['failures']} in a row): {h['last_error']}; {wait}"
+
+
+def _health_lines(summary: dict[str, Any], lock: str) -> list[str]:
+    server = summary["server"]
+    if not server["running"]:
+        return ["account health: unknown, as relay serve is not running",
+                f"  (nothing holds the queue's lock {lock})"]
+    if server["health_reported_at"]:
+        head = f"account health, as reported by the running server at" \
+               f" {server['health_reported_at']}:"
+    else:
+        head = "account health (the running server has reported no backoff since it started):"
+    return [head] + [f"  {name:<14}{_health_text(a['health'])}"
+                     for name, a in summary["accounts"].items()]
+
+
+def render(summary: dict[str, Any]) -> str:
+    """The text of `relay status`, from the ``summarise`` document."""
+    queue = summary["queue"]
+    lines = [f"relay status of {queue} at {summary['generated_at']}", "",
+             *_queue_lines(summary), "", *_attempt_lines(summary), "",
+             *_health_lines(summary, str(lock_path(Path(queue))))]
+    return "\n".join(lines) + "\n"
+
+
+# -- I/O ----------------------------------------------------------------------------------
+def lock_path(queue: Path) -> Path:
+    """The lock `relay serve` holds on its queue (store.SQLiteStore._take_lock)."""
+    return queue.with_name(queue.name + ".lock")
+
+
+def server_running(queue: Path) -> bool:
+    """True while a `relay serve` holds the queue's lock; the lock is taken and let go at once
+    otherwise (a server starting in that instant would refuse, as it would beside any holder).
+    """
+    try:
+        fd = os.open(lock_path(queue), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+async def gather(config: Config, now: float) -> Snapshot:
+    from relay.cli_queue import _open
+    from relay.scheduler import FLUSH_KEY
+
+    running = server_running(config.queue.path)
+    store = await _open(config)
+    try:
+        firsts = [m for s in UNDELIVERED
+                  for m in await store.list_messages(state=str(s), limit=1)]
+        accounts = list(config.accounts)
+        attempts = {w: await store.attempt_counts(accounts, now - span) for w, span in WINDOWS}
+        report = decode(await store.get_meta(HEALTH_KEY))
+        flush = await store.get_meta(FLUSH_KEY)
+        snap = Snapshot(
+            now=now, queue=str(config.queue.path), configured=accounts,
+            counts=await store.counts(), oldest_by_account=await store.oldest_ready(),
+            oldest=min(firsts, key=lambda m: m.created_at, default=None),
+            attempts=attempts, server_running=running,
+            # A report from a process that is gone is from an earlier run of the server.
+            health=report if running and report and process_alive(report.pid) else None,
+            flush_at=float(flush) if flush else None,
+        )
+    finally:
+        await store.close()
+    return snap
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    now = time.time()
+    summary = summarise(asyncio.run(gather(config, now)))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(render(summary), end="")
+    return EXIT_OK
+
+
+def add_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("status", parents=[common],
+                       help="the queue by account and state, recent attempts, account health")
+    p.add_argument("--json", action="store_true", help="one JSON document with stable keys")
+    p.set_defaults(func=cmd_status, needs_secrets=False)
