@@ -258,14 +258,14 @@ class AccountWorker:
             if recovered and self.health is not None:
                 self.health(AccountHealth(self.name, self.backoff_until, 0))
             return None
+        auth = sent.code == 535 or (sent.code is not None and sent.enhanced == "5.7.8")
+        if auth:  # every refused login counts, also those already inside a backoff
+            self.metrics.auth_failures.labels(self.name).inc()
         if now < self.backoff_until:  # another send already backed it off
             return self.backoff_until
         self.backoff_failures += 1
         self.backoff_until = now + self.policy.next_delay(self.backoff_failures, self.rng)
         self.last_account_error = sent.reply_text()
-        auth = sent.code == 535 or (sent.code is not None and sent.enhanced == "5.7.8")
-        if auth:
-            self.metrics.auth_failures.labels(self.name).inc()
         event(log, logging.ERROR if auth else logging.WARNING,
               "account_auth_failed" if auth else "account_backoff", account=self.name,
               relay=self.transport.peer, reason=sent.reply_text(),
@@ -279,7 +279,8 @@ class AccountWorker:
                 sent: SendResult | DeliveryError, started: float) -> None:
         account = self.name
         peer = sent.peer if isinstance(sent, SendResult) else self.transport.peer
-        if isinstance(sent, SendResult):
+        if not (isinstance(sent, DeliveryError) and sent.account_wide):
+            # Every attempt that reached a transaction, failed ones too (the slow cases).
             self.metrics.delivery_duration.labels(account).observe(result.at - started)
         if result.state is MessageState.DELIVERED:
             self.metrics.delivered.labels(account).inc()
