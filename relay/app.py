@@ -14,10 +14,11 @@ from collections.abc import Iterable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from relay import __version__
-from relay.config import Config, config_warnings
-from relay.errors import StoreError
+from relay.config import Config, ListenConfig, config_warnings, problem_line
+from relay.errors import ConfigError, StoreError
 from relay.http import build_app, start_http
 from relay.ingest import IngestHandler, SessionLimits, start_listener
 from relay.logs import event
@@ -147,8 +148,16 @@ class App:
         ):
             if before != after:
                 notes.append(f"{key} changed: takes effect at the next restart")
-        listen = new.listen.model_copy(
-            update={"host": old.listen.host, "port": old.listen.port, "tls": old.listen.tls})
+        # The address stays until a restart, so the new access rules are checked against
+        # it: a reload must never turn a listener on a public address into an open relay.
+        try:
+            listen = ListenConfig.model_validate({
+                **new.listen.model_dump(), "host": old.listen.host, "port": old.listen.port,
+                "tls": old.listen.tls.model_dump() if old.listen.tls else None,
+            })
+        except ValidationError as exc:
+            raise ConfigError([problem_line({**e, "loc": ("listen", *e["loc"])})
+                               for e in exc.errors()]) from None
         new = new.model_copy(update={"listen": listen, "queue": old.queue,
                                      "metrics": old.metrics})
         changed = {

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +49,7 @@ from relay.benchsink import (
 from relay.config import parse_config
 from relay.errors import StoreError
 from relay.loadgen import Load, LoadResult, percentile, run_builtin, run_smtp_source
+from relay.runner import run
 
 T = TypeVar("T")
 RELAY, PER_MESSAGE, BARE, POSTFIX = "relay", "relay_per_message", "bare", "postfix"
@@ -729,13 +730,7 @@ def _rounded(node: Any) -> Any:
     return node
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run, on uvloop when installed: the same event loop as `relay serve`."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+_run = run  # the same event loop as `relay serve`
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from relay.runner import run
+
 HOST = "127.0.0.1"
 _COUNTER = re.compile(rb"mesg=(\d+)")
 POSTFIX_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
@@ -517,12 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any)")
     parser.add_argument("--count", action="store_true", help="print mesg=N after each message")
     args = parser.parse_args(argv)
-    try:  # the same event loop as `relay serve` (relay/cli.py)
-        import uvloop
-    except ImportError:
-        asyncio.run(_serve(args.port, args.count))
-    else:
-        uvloop.run(_serve(args.port, args.count))
+    run(_serve(args.port, args.count))  # the same event loop as `relay serve`
     return 0
 
 

@@ -21,6 +21,7 @@ import yaml
 from relay import __version__
 from relay.config import Config, config_warnings, effective_config, load_config
 from relay.errors import ConfigError, RelayError
+from relay.runner import run
 
 if TYPE_CHECKING:
     from relay.app import App
@@ -78,25 +79,18 @@ async def _reload(app: App, path: str | None) -> None:
     log = logging.getLogger("relay")
     try:
         new = load_config(path)
+        notes = await app.reload(new)
+        setup_logging(new.logging.level, new.logging.format, new.logging.file)
     except ConfigError as exc:
         for problem in exc.problems:
             event(log, logging.ERROR, "reload_rejected", reason=problem)
         event(log, logging.ERROR, "reload_rejected",
               reason="the new config is invalid; still running with the previous one")
         return
-    setup_logging(new.logging.level, new.logging.format, new.logging.file)
-    for note in await app.reload(new):
+    for note in notes:
         event(log, logging.WARNING, "reload_note", reason=note)
 
 
-def _run(coro_factory: object) -> None:
-    """asyncio.run, on uvloop when the optional extra is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro_factory)  # type: ignore[arg-type]
-    else:
-        uvloop.run(coro_factory)  # type: ignore[arg-type]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -105,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     setup_logging(config.logging.level, config.logging.format, config.logging.file)
     try:
-        _run(_serve(config, args.config or os.environ.get("RELAY_CONFIG") or None))
+        run(_serve(config, args.config or os.environ.get("RELAY_CONFIG") or None))
     except OSError as exc:
         return _fail(f"cannot listen: {exc.strerror or exc}")
     return EXIT_OK

@@ -355,7 +355,8 @@ def _describe(error: Any) -> str:
     return str(msg).removeprefix("Value error, ")
 
 
-def _problem(error: Any) -> str:
+def problem_line(error: Any) -> str:
+    """One pydantic error as 'key.path: reason'."""
     path = ".".join(str(part) for part in error["loc"])
     text = _describe(error)
     # A model validator reports 'key: reason' about a key below its own path.
@@ -378,7 +379,7 @@ def parse_config(data: object, *, secrets: bool = True) -> Config:
     try:
         return Config.model_validate(data, context={"secrets": secrets})
     except ValidationError as exc:
-        raise ConfigError([_problem(e) for e in exc.errors()]) from None
+        raise ConfigError([problem_line(e) for e in exc.errors()]) from None
 
 
 def load_config(path: str | os.PathLike[str] | None, *, secrets: bool = True) -> Config:

@@ -189,6 +189,8 @@ def _address_problem(address: str, *, allow_null: bool) -> replies.Reply | None:
         return bad.with_text("Address must be local-part@domain")
     if len(local.encode("utf-8", "surrogateescape")) > MAX_LOCAL_PART:
         return bad.with_text(f"Local part longer than {MAX_LOCAL_PART} octets")
+    if _CONTROL.search(address):  # RFC 5321 4.1.2: no control characters in a mailbox
+        return bad.with_text("Address contains control characters")
     if any(c in address for c in " <>()[],;\\\"") and not local.startswith('"'):
         return bad.with_text("Address contains characters not allowed outside quotes")
     return None
@@ -323,9 +325,10 @@ class RelaySMTP(SMTP):
             return match.group(1), match.group(2).lstrip()
         try:
             result: tuple[str | None, str | None] = super()._getaddr(arg)
-        except (IndexError, ValueError):
-            # The email parser crashes on some fragments ('<', '"', 'x@'): that is a
-            # malformed address (501/553), not an internal error.
+        except Exception:
+            # The email parser crashes on some fragments ('<', '"', 'x@', '0@[' raise
+            # IndexError, AttributeError...): that is a malformed address (501/553), not
+            # an internal error.
             return None, None
         return result
 
@@ -370,7 +373,8 @@ class RelaySMTP(SMTP):
         if status.startswith("552 "):
             self._limits.metrics.rejected.labels("too_big").inc()
         await super().push(status)
-        if status[:3] in ("500", "501", "502", "503", "504", "555"):
+        # Syntax errors and failed logins both count: no unlimited password guessing.
+        if status[:3] in ("500", "501", "502", "503", "504", "535", "555"):
             self._bad_commands += 1
             if self._bad_commands >= self._limits.max_bad_commands:
                 await super().push("421 4.7.0 Too many errors, closing connection")

@@ -93,6 +93,7 @@ class AccountWorker:
         self.backoff_failures = 0
         self.last_account_error = ""
         self._held = False
+        self._notices = 0  # bumped by notify(): an idle verdict older than this is stale
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -100,6 +101,7 @@ class AccountWorker:
         self._task = asyncio.create_task(self._run(), name=f"account-{self.name}")
 
     def notify(self) -> None:
+        self._notices += 1
         self.idle.clear()
         if self.clock() >= self.backoff_until:  # a backed-off account has nothing to do
             self.wake.set()
@@ -126,17 +128,20 @@ class AccountWorker:
                         await self.wake.wait()
 
     def _slots(self) -> int:
-        # While an account is backing off as a whole, one probe at a time.
-        return (1 if self.backoff_failures else self.concurrency) - len(self.in_flight)
+        # While an account is backing off as a whole, one probe at a time. A slot is busy
+        # until its outcome is recorded: a crash then re-sends at most one pool's worth.
+        limit = 1 if self.backoff_failures else self.concurrency
+        return limit - len(self.in_flight) - len(self.settling)
 
     async def _dispatch(self) -> float | None:
         """Start what may go now; return how long to sleep (None: until woken)."""
         now = self.clock()
+        notices = self._notices
         if now < self.backoff_until:
             if not self.in_flight and not self.settling and not self.ready:
                 due = await self.store.next_due_at(self.name)
                 if due is None or due >= self.backoff_until:
-                    self.idle.set()  # nothing could go before the backoff ends anyway
+                    self._mark_idle(notices)  # nothing could go before the backoff ends
             return self.backoff_until - now
         self._start_ready()
         slots = self._slots()
@@ -153,7 +158,7 @@ class AccountWorker:
         due = await self.store.next_due_at(self.name)
         if due is None or due > now:
             if not self.settling:
-                self.idle.set()
+                self._mark_idle(notices)
             return None if due is None else due - now
         if hold > 0:
             if not self._held:  # count each hold once, not each wake-up
@@ -161,6 +166,11 @@ class AccountWorker:
                 self._held = True
             return hold
         return 0.05  # due but not claimed (the clock moved): look again shortly
+
+    def _mark_idle(self, notices: int) -> None:
+        """Idle, unless a message arrived while we were looking (then look again)."""
+        if notices == self._notices:
+            self.idle.set()
 
     async def _claim(self, now: float, want: int) -> bool:
         """Claim up to `want` due messages within the rate limit; start what can start."""
@@ -224,6 +234,7 @@ class AccountWorker:
 
     def _recorded(self, task: asyncio.Task[None]) -> None:
         self.settling.discard(task)
+        self._start_ready()
         self.wake.set()
 
     async def _record(self, message: QueuedMessage, result: AttemptResult,
@@ -367,6 +378,7 @@ class Scheduler:
         for worker in retired:
             worker.stop_claiming()
             del self.workers[worker.name]
+            self.health.update(AccountHealth(worker.name, 0.0, 0))  # a fresh start
         now = self.clock()
         for name in names:
             self.workers[name] = self._make_worker(name, config, transports[name])

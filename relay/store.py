@@ -200,7 +200,11 @@ class SQLiteStore:
 
     # -- lifecycle -------------------------------------------------------------
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Messages are private: a new queue directory and file are for relay's user only
+        # (SQLite gives its -wal and -shm files the database file's permissions).
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         if self._lock:
             self._take_lock()
         try:

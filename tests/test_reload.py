@@ -119,3 +119,23 @@ async def test_sighup_in_a_real_process(tmp_path: Path, upstream: FakeUpstream) 
 async def _send_port(port: int, subject: str) -> int:
     code, _ = await send(port, message(subject))
     return code
+
+
+async def test_reload_cannot_open_a_public_listener(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """The address changes only at a restart, so new access rules are checked against
+    the old address: 'allow everyone' on a public address is refused, not applied."""
+    import pytest
+
+    from relay.errors import ConfigError
+
+    public = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                          listen={"host": "0.0.0.0", "allowed_networks": ["127.0.0.0/8"],
+                                  "port": 0})
+    app = await start_relay(public)
+    loopback_open = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                                 listen={"host": "127.0.0.1", "port": 0})
+    with pytest.raises(ConfigError, match=r"listen\.host: 0\.0\.0\.0 is not a loopback address"):
+        await app.reload(loopback_open)
+    assert app.limits.networks == public.listen.networks()

@@ -1,0 +1,20 @@
+"""Run the event loop: uvloop when the optional extra is installed, else asyncio's own."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar, cast
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, on uvloop if present (pip install 'relay[uvloop]'; about +10%)."""
+    try:
+        # Imported by name so that type checking is the same with or without the extra.
+        uvloop: Any = importlib.import_module("uvloop")
+    except ImportError:
+        return asyncio.run(coro)
+    return cast(T, uvloop.run(coro))
