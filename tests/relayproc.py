@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,9 @@ class RelayProcess:
         self.port = int(yaml.safe_load(config.read_text())["listen"]["port"])
         self.lines: list[str] = []
         self.started = asyncio.Event()
+        # Called from the reader the moment the `started` line arrives (before any waiter
+        # wakes): how a supervisor that watches the log would react.
+        self.on_started: Callable[[], None] | None = None
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -72,6 +76,8 @@ class RelayProcess:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.lines.append(line)
             if "relay: started " in line:
+                if self.on_started is not None:
+                    self.on_started()
                 self.started.set()
 
     @property
