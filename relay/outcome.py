@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from relay.errors import DeliveryError, TemporaryFailure
+from relay.errors import DeliveryError
 from relay.message import (
     AttemptResult,
     MessageState,
@@ -116,7 +116,3 @@ def _state_of(recipients: list[Recipient]) -> tuple[MessageState, str]:
         return MessageState.DELIVERED, "partial" if RecipientState.FAILED in states else "delivered"
     return MessageState.FAILED, "failed"
 
-
-def store_failure(reason: str) -> TemporaryFailure:
-    """A local problem (body unreadable) handled like a temporary upstream failure."""
-    return TemporaryFailure(reason)

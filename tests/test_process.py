@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import signal
 import socket
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -36,14 +35,7 @@ async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
     started: list[RelayProcess] = []
 
     async def run(config: Path) -> RelayProcess:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay", "serve", "--config", str(config),
-            cwd=tmp_path,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        relay = RelayProcess(proc, config)
+        relay = await RelayProcess.spawn(config, cwd=tmp_path)
         started.append(relay)
         return relay
 
