@@ -227,10 +227,17 @@ class SQLiteStore:
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, timeout=10)
-        await db.execute("PRAGMA journal_mode = WAL")
-        # FULL: the WAL is synced at every commit, so a commit survives power loss.
-        await db.execute("PRAGMA synchronous = FULL")
-        await db.execute("PRAGMA busy_timeout = 10000")
+        try:
+            await db.execute("PRAGMA journal_mode = WAL")
+            # FULL: the WAL is synced at every commit, so a commit survives power loss.
+            await db.execute("PRAGMA synchronous = FULL")
+            await db.execute("PRAGMA busy_timeout = 10000")
+        except BaseException:
+            # Close it here: aiosqlite's worker thread is not a daemon, so a connection
+            # left open on a corrupt file would keep the process from ever exiting.
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                await db.close()
+            raise
         return db
 
     async def _check_file(self, db: aiosqlite.Connection) -> int:

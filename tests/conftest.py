@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import aiosqlite
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -53,6 +56,31 @@ def relay_config(tmp_path: Path, accounts: dict[str, Any], **sections: Any) -> C
         else:
             data[key] = value
     return parse_config(data)
+
+
+def _sqlite_workers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if "_connection_worker_thread" in t.name]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_sqlite_connections() -> Any:
+    """Fail the test that leaves an aiosqlite connection open.
+
+    aiosqlite's worker thread is not a daemon: one connection left open keeps the
+    interpreter from exiting, so the leak would show only as a CI run that never ends.
+    """
+    before = set(_sqlite_workers())
+    yield
+    leaked = [t for t in _sqlite_workers() if t not in before]
+    for thread in leaked:
+        thread.join(timeout=2.0)
+    leaked = [t for t in leaked if t.is_alive()]
+    if leaked:
+        # Stop them so that the rest of the run, and its exit, go on.
+        for obj in gc.get_objects():
+            if isinstance(obj, aiosqlite.Connection) and obj._thread in leaked:
+                obj.stop()
+        pytest.fail(f"{len(leaked)} aiosqlite connection(s) left open by this test")
 
 
 @pytest.fixture

@@ -197,3 +197,20 @@ async def test_serve_on_a_port_in_use_exits_with_a_clear_message(
     assert "relay: cannot listen" in relay.stderr
     assert "Traceback" not in relay.stderr
     assert not relay.started.is_set()
+
+
+async def test_serve_on_a_corrupt_queue_file_exits_promptly(
+    tmp_path: Path, upstream: FakeUpstream, launch: Launch
+) -> None:
+    """A queue file that is not a database stops `relay serve` with the reason, and it exits.
+
+    It used to print the reason and then hang for ever: the failed SQLite connection was
+    never closed, and aiosqlite's worker thread is not a daemon.
+    """
+    (tmp_path / "queue.sqlite3").write_bytes(b"this is not a database" * 100)
+    relay = await launch(write_config(tmp_path, upstream))
+    code = await relay.exit_code(within=STARTUP_DEADLINE_S)
+    assert code != 0
+    assert "Traceback" not in relay.stderr
+    assert "not a database" in relay.stderr
+    assert not relay.started.is_set()
