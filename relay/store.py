@@ -3,7 +3,11 @@
 One writer task owns every write. It takes all the writes that are waiting, applies them
 in one transaction and commits once (group commit): one sync covers every session that
 was waiting, and each waiter is answered only after the commit that holds its write.
-Reads (bodies, counts, listings) use a second connection; WAL lets them run beside it.
+The write connection lives on a thread of its own, and a whole batch (every statement,
+then the commit) is one call to it: with aiosqlite each statement would be a round trip
+through the event loop, and under load those waits, not the sync, made a commit slow.
+Reads (bodies, counts, listings) use a second connection through aiosqlite; WAL lets
+them run beside the writer.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 
@@ -34,6 +39,14 @@ from relay.message import (
 )
 
 log = logging.getLogger("relay.store")
+T = TypeVar("T")
+# The same settings for both connections.
+PRAGMAS = (
+    "PRAGMA journal_mode = WAL",
+    # FULL: the WAL is synced at every commit, so a commit survives power loss.
+    "PRAGMA synchronous = FULL",
+    "PRAGMA busy_timeout = 10000",
+)
 APPLICATION_ID = 0x52454C59  # 'RELY': marks a file as a relay queue
 SCHEMA_VERSION = 2  # 2: the sends table
 READY = "('queued', 'deferred')"
@@ -191,7 +204,8 @@ class SQLiteStore:
         self._group = commit == "group"
         self._lock = lock
         self._lock_fd: int | None = None
-        self._db: aiosqlite.Connection | None = None
+        self._db: sqlite3.Connection | None = None  # used only on the writer thread
+        self._write_thread: ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
         self._pending: asyncio.Queue[_Op] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
@@ -207,15 +221,9 @@ class SQLiteStore:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         if self._lock:
             self._take_lock()
+        self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
         try:
-            self._db = await self._connect()
-            if await self._check_file(self._db) != SCHEMA_VERSION:
-                # Only when needed: a write here would wake a running server for nothing
-                # each time `relay queue list` opens the file.
-                await self._db.executescript(SCHEMA)
-                await self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                await self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                await self._db.commit()
+            self._db = await self._in_writer(self._open_writer)
             self._reader = await self._connect()
         except sqlite3.Error as exc:
             await self.close()
@@ -225,13 +233,16 @@ class SQLiteStore:
             raise
         self._writer = asyncio.create_task(self._write_loop(), name="queue-writer")
 
+    async def _in_writer(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._write_thread is None:
+            raise StoreError("queue is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._write_thread, fn, *args)
+
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, timeout=10)
         try:
-            await db.execute("PRAGMA journal_mode = WAL")
-            # FULL: the WAL is synced at every commit, so a commit survives power loss.
-            await db.execute("PRAGMA synchronous = FULL")
-            await db.execute("PRAGMA busy_timeout = 10000")
+            for pragma in PRAGMAS:
+                await db.execute(pragma)
         except BaseException:
             # Close it here: aiosqlite's worker thread is not a daemon, so a connection
             # left open on a corrupt file would keep the process from ever exiting.
@@ -240,16 +251,31 @@ class SQLiteStore:
             raise
         return db
 
-    async def _check_file(self, db: aiosqlite.Connection) -> int:
+    def _open_writer(self) -> sqlite3.Connection:
+        """(writer thread) Connect, check the file, create the schema if needed."""
+        db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
+        try:
+            for pragma in PRAGMAS:
+                db.execute(pragma)
+            if self._check_file(db) != SCHEMA_VERSION:
+                # Only when needed: a write here would wake a running server for nothing
+                # each time `relay queue list` opens the file.
+                db.executescript(SCHEMA)
+                db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                db.commit()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _check_file(self, db: sqlite3.Connection) -> int:
         """Refuse foreign or newer files; return the file's schema version."""
-        async with db.execute("PRAGMA application_id") as cur:
-            app_id = (await cur.fetchone() or (0,))[0]
-        async with db.execute("SELECT count(*) FROM sqlite_master") as cur:
-            tables = (await cur.fetchone() or (0,))[0]
+        app_id = db.execute("PRAGMA application_id").fetchone()[0]
+        tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if tables and app_id != APPLICATION_ID:
             raise StoreError(f"{self.path} is not a relay queue file (it holds other data)")
-        async with db.execute("PRAGMA user_version") as cur:
-            version = (await cur.fetchone() or (0,))[0]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} was written by a newer relay (schema {version}); upgrade relay"
@@ -274,11 +300,16 @@ class SQLiteStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
             self._writer = None
-        for db in (self._reader, self._db):
-            if db is not None:
-                with contextlib.suppress(sqlite3.Error, ValueError):
-                    await db.close()
+        if self._reader is not None:
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                await self._reader.close()
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                await self._in_writer(self._db.close)
+        if self._write_thread is not None:
+            self._write_thread.shutdown(wait=True)
         self._reader = self._db = None
+        self._write_thread = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -306,14 +337,18 @@ class SQLiteStore:
 
     async def _commit(self, batch: list[_Op]) -> StoreError | None:
         """Apply and commit a batch; never raises (the writer must outlive any bad write)."""
+        return await self._in_writer(self._commit_now, batch)
+
+    def _commit_now(self, batch: list[_Op]) -> StoreError | None:
+        """(writer thread) The batch's statements and the commit, or a rollback."""
         db = self._db
         assert db is not None
         try:
-            await self._apply(batch)
-            await db.commit()
+            self._apply(db, batch)
+            db.commit()
         except Exception as exc:  # sqlite3 errors, and e.g. text sqlite cannot encode
             with contextlib.suppress(sqlite3.Error):
-                await db.rollback()
+                db.rollback()
             if isinstance(exc, sqlite3.Error):
                 return map_sqlite_error(exc)
             log.exception("queue write failed")
@@ -331,12 +366,10 @@ class SQLiteStore:
             else:
                 op.future.set_exception(error)
 
-    async def _apply(self, batch: list[_Op]) -> None:
-        db = self._db
-        assert db is not None
+    def _apply(self, db: sqlite3.Connection, batch: list[_Op]) -> None:
         enqueues = [op.message for op in batch if isinstance(op, _Enqueue)]
         if enqueues:
-            await db.executemany(
+            db.executemany(
                 f"INSERT INTO messages ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
@@ -348,25 +381,21 @@ class SQLiteStore:
                     for m in enqueues
                 ],
             )
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO bodies (id, data) VALUES (?, ?)", [(m.id, m.body) for m in enqueues]
             )
         finishes = [op.attempt for op in batch if isinstance(op, _Finish)]
         if finishes:
-            await self._apply_finishes(db, finishes)
+            self._apply_finishes(db, finishes)
         for op in batch:
             if isinstance(op, _Claim):
-                op.result = await self._claim(db, op)
+                op.result = self._claim(db, op)
             elif isinstance(op, _Statements):
-                counts = []
-                for sql, params in op.statements:
-                    cursor = await db.execute(sql, params)
-                    counts.append(cursor.rowcount)
-                    await cursor.close()
-                op.result = counts
+                op.result = [db.execute(sql, params).rowcount for sql, params in op.statements]
 
-    async def _apply_finishes(self, db: aiosqlite.Connection, done: list[AttemptResult]) -> None:
-        await db.executemany(
+    @staticmethod
+    def _apply_finishes(db: sqlite3.Connection, done: list[AttemptResult]) -> None:
+        db.executemany(
             "UPDATE messages SET state=?, recipients=?, attempts=?, next_attempt_at=?,"
             " last_error=?, lease_until=NULL, updated_at=? WHERE id=?",
             [
@@ -375,24 +404,24 @@ class SQLiteStore:
                 for a in done
             ],
         )
-        await db.executemany(
+        db.executemany(
             # Only for rows that still exist (an operator may have deleted one mid-send).
             "INSERT INTO attempts (message_id, account, at, outcome, reply)"
             " SELECT ?,?,?,?,? WHERE EXISTS (SELECT 1 FROM messages WHERE id=?)",
             [(a.id, a.account, a.at, a.outcome, a.reply, a.id) for a in done],
         )
-        await db.executemany(
+        db.executemany(
             "INSERT INTO sends (account, at) VALUES (?, ?)", [(a.account, a.at) for a in done]
         )
         # A delivered body is not needed again; failed ones stay for `queue retry`.
         delivered = [(a.id,) for a in done if a.state is MessageState.DELIVERED]
         if delivered:
-            await db.executemany("DELETE FROM bodies WHERE id=?", delivered)
+            db.executemany("DELETE FROM bodies WHERE id=?", delivered)
 
-    async def _claim(self, db: aiosqlite.Connection, op: _Claim) -> list[QueuedMessage]:
+    @staticmethod
+    def _claim(db: sqlite3.Connection, op: _Claim) -> list[QueuedMessage]:
         params = {"a": op.account, "now": op.now, "n": op.limit, "lease": op.now + op.lease_s}
-        async with db.execute(CLAIM_SQL, params) as cursor:
-            rows = await cursor.fetchall()
+        rows = db.execute(CLAIM_SQL, params).fetchall()
         messages = [_row_to_message(r) for r in rows]
         messages.sort(key=lambda m: (m.priority, m.next_attempt_at, m.created_at))
         return messages
@@ -502,10 +531,10 @@ class SQLiteStore:
 
     async def changed_elsewhere(self) -> bool:
         """True when another process (the CLI) committed since the last call."""
-        if self._db is None:
+        db = self._db
+        if db is None:
             return False
-        async with self._db.execute("PRAGMA data_version") as cursor:
-            row = await cursor.fetchone()
+        row = await self._in_writer(lambda: db.execute("PRAGMA data_version").fetchone())
         version = int(row[0]) if row else 0
         changed = self._data_version is not None and version != self._data_version
         self._data_version = version
