@@ -1,7 +1,11 @@
-"""SMTP upstream accounts: a pool of authenticated aiosmtplib connections per account.
+"""SMTP upstream accounts: a pool of authenticated connections per account.
 
-This is the only module that imports aiosmtplib, and ``map_smtp_error`` is the one place
-its exceptions become relay's TemporaryFailure / PermanentFailure.
+aiosmtplib opens each connection (TCP, TLS or STARTTLS with verification, EHLO, AUTH);
+then relay's own ``_Channel`` takes the transport over and runs the transactions, with
+the whole envelope in one write where the server offers PIPELINING (RFC 2920).
+aiosmtplib reads one reply per command, so it cannot pipeline. This is the only module
+that imports aiosmtplib, and ``map_smtp_error`` is the one place its exceptions and the
+channel's become relay's TemporaryFailure / PermanentFailure.
 """
 
 from __future__ import annotations
@@ -13,13 +17,17 @@ import re
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import aiosmtplib
 
+from relay import smtpwire
 from relay.config import AccountConfig
 from relay.errors import DeliveryError, PermanentFailure, TemporaryFailure
+from relay.smtpwire import Reply
 from relay.transport import SendResult
 
 log = logging.getLogger("relay.upstream")
@@ -62,12 +70,95 @@ def map_smtp_error(exc: BaseException, *, connecting: bool = False) -> DeliveryE
     return TemporaryFailure(f"unexpected error: {type(exc).__name__}")
 
 
+class ChannelClosed(ConnectionError):
+    """The connection ended, or the server broke the protocol, before the reply came."""
+
+
+class _Channel(asyncio.Protocol):
+    """An authenticated upstream session: writes commands, reads replies in order."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._reader = smtpwire.ReplyReader()
+        self._replies: deque[Reply] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed_because: str | None = None
+        self.replies_read = 0
+        transport.set_protocol(self)
+
+    @property
+    def is_connected(self) -> bool:
+        return self._closed_because is None and not self._transport.is_closing()
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._replies.extend(self._reader.feed(data))
+        except smtpwire.WireError as exc:
+            self._end(f"upstream broke the protocol: {exc}")
+            self._transport.abort()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._end("upstream closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(f"connection lost: {exc}" if exc else "upstream closed the connection")
+
+    def _end(self, why: str) -> None:
+        if self._closed_because is None:
+            self._closed_because = why
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- for the pool ----------------------------------------------------------------
+    def write(self, *chunks: bytes) -> None:
+        if self._replies:
+            # A reply nobody asked for (a 421 before an idle close): out of step.
+            raise ChannelClosed(f"upstream said unasked: {self._replies[0]}")
+        if not self.is_connected:
+            raise ChannelClosed(self._closed_because or "connection closed")
+        self._transport.writelines(chunks)
+
+    async def reply(self, within: float) -> Reply:
+        if not self._replies and self._closed_because is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(within):
+                    await self._waiter
+            finally:
+                self._waiter = None
+        if not self._replies:
+            raise ChannelClosed(self._closed_because or "connection closed")
+        self.replies_read += 1
+        return self._replies.popleft()
+
+    async def command(self, line: bytes, within: float) -> Reply:
+        self.write(line)
+        return await self.reply(within)
+
+    def close(self) -> None:
+        self._end("closed by relay")
+        self._transport.close()
+
+
 @dataclass(eq=False)
 class _Connection:
-    client: aiosmtplib.SMTP
+    channel: _Channel
+    extensions: frozenset[str]  # lower-case EHLO keywords
     sent: int = 0
     last_used: float = field(default_factory=time.monotonic)
     expiry: asyncio.TimerHandle | None = None
+
+
+def _refusal(reply: Reply, what: str) -> DeliveryError:
+    enhanced, text = _split_enhanced(reply.text)
+    cls = PermanentFailure if 500 <= reply.code < 600 else TemporaryFailure
+    return cls(text or f"{what} refused", code=reply.code, enhanced=enhanced)
 
 
 class UpstreamPool:
@@ -118,12 +209,16 @@ class UpstreamPool:
                 await client.ehlo(timeout=acc.timeouts.command)
             if acc.username:
                 await client.login(acc.username, acc.secret or "", timeout=acc.timeouts.command)
+            # (uvloop's transports are not asyncio.Transport subclasses: no isinstance.)
+            transport = cast(asyncio.Transport | None, client.transport)
+            if transport is None or transport.is_closing():
+                raise ChannelClosed("connection closed during setup")
         except BaseException as exc:
             client.close()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise map_smtp_error(exc, connecting=True) from None
-        return _Connection(client)
+        return _Connection(_Channel(transport), frozenset(client.esmtp_extensions))
 
     async def _acquire(self) -> tuple[_Connection, bool]:
         """A live connection, and whether it was reused from the pool."""
@@ -131,14 +226,16 @@ class UpstreamPool:
             conn = self._idle.pop()
             if conn.expiry:
                 conn.expiry.cancel()
-            if not conn.client.is_connected:
-                conn.client.close()
+            if not conn.channel.is_connected:
+                conn.channel.close()
                 continue
             if time.monotonic() - conn.last_used > NOOP_AFTER_IDLE_S:
                 try:
-                    await conn.client.noop(timeout=self.account.timeouts.command)
-                except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                    conn.client.close()
+                    reply = await conn.channel.command(b"NOOP\r\n", self.account.timeouts.command)
+                except (OSError, TimeoutError):
+                    reply = None
+                if reply is None or reply.code != 250:
+                    conn.channel.close()
                     continue
             return conn, True
         return await self._connect(), False
@@ -166,10 +263,10 @@ class UpstreamPool:
         task.add_done_callback(self._closing.discard)
 
     async def _quit(self, conn: _Connection) -> None:
-        if conn.client.is_connected:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                await conn.client.quit(timeout=5)
-        conn.client.close()
+        if conn.channel.is_connected:
+            with contextlib.suppress(OSError, TimeoutError):
+                await conn.channel.command(b"QUIT\r\n", 5)
+        conn.channel.close()
 
     async def send(
         self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...]
@@ -179,43 +276,41 @@ class UpstreamPool:
             self._busy.add(conn)
             healthy = False
             try:
+                answered = conn.channel.replies_read
                 try:
                     result = await self._transaction(conn, sender, recipients, body, mail_options)
-                except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
-                    if not reused:
+                except ChannelClosed:
+                    if not reused or conn.channel.replies_read != answered:
                         raise
-                    # The server closed a pooled connection meanwhile: not a delivery
-                    # failure. Replace it and try once more on a fresh one.
-                    conn.client.close()
+                    # The server closed a pooled connection meanwhile, before it answered
+                    # anything of this transaction: not a delivery failure. Replace the
+                    # connection and try once more.
+                    conn.channel.close()
                     self._busy.discard(conn)
                     conn = await self._connect()
                     self._busy.add(conn)
                     result = await self._transaction(conn, sender, recipients, body, mail_options)
                 healthy = True
                 return result
-            except aiosmtplib.SMTPResponseException as exc:
-                # A refused transaction leaves a usable connection (aiosmtplib sent RSET
-                # only in sendmail; do it here).
-                healthy = await self._reset(conn)
-                raise map_smtp_error(exc) from None
             except DeliveryError:
                 healthy = await self._reset(conn)
                 raise
-            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError) as exc:
                 raise map_smtp_error(exc) from None
             finally:
                 if not healthy:
-                    conn.client.close()
+                    conn.channel.close()
                 self._release(conn, healthy)
 
     async def _reset(self, conn: _Connection) -> bool:
-        if not conn.client.is_connected:
+        """RSET after a refused transaction, so the connection can be used again."""
+        if not conn.channel.is_connected:
             return False
         try:
-            await conn.client.rset(timeout=self.account.timeouts.command)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            reply = await conn.channel.command(b"RSET\r\n", self.account.timeouts.command)
+        except (OSError, TimeoutError):
             return False
-        return True
+        return reply.code == 250
 
     async def _transaction(
         self,
@@ -225,59 +320,97 @@ class UpstreamPool:
         body: bytes,
         mail_options: tuple[str, ...],
     ) -> SendResult:
-        timeouts = self.account.timeouts
-        smtp = conn.client
+        """MAIL, RCPT..., DATA: in one write if the server pipelines, else one by one."""
+        channel = conn.channel
+        mail, rcpts, refused = self._envelope(conn, sender, recipients, len(body), mail_options)
+        if not rcpts:
+            return SendResult(accepted=[], refused=refused, peer=self.peer)
+        mail_reply, rcpt_replies, data_reply = await self._exchange(conn, mail, rcpts)
+        accepted: list[str] = []
+        for (rcpt, _), reply in zip(rcpts, rcpt_replies, strict=False):
+            if reply.code in (250, 251):
+                accepted.append(rcpt)
+            else:
+                refused[rcpt] = _refusal(reply, "recipient")
+        if data_reply is not None and data_reply.code == 354 and not (
+            mail_reply.code == 250 and accepted
+        ):
+            # RFC 2920 3.1: a server may start DATA although nothing before it was
+            # accepted. End that empty transaction; its reply means nothing.
+            channel.write(smtpwire.END_OF_DATA)
+            await channel.reply(self.account.timeouts.data)
+            data_reply = None
+        if mail_reply.code != 250:
+            raise _refusal(mail_reply, "sender")
+        if not accepted:
+            if not await self._reset(conn):  # the server still holds the MAIL
+                channel.close()
+            return SendResult(accepted=[], refused=refused, peer=self.peer)
+        if data_reply is None or data_reply.code != 354:
+            raise _refusal(data_reply or Reply(451, "no reply to DATA"), "DATA")
+        channel.write(*smtpwire.data_lines(body))
+        final = await channel.reply(self.account.timeouts.data)
+        conn.sent += 1
+        if final.code != 250:
+            raise _refusal(final, "message")
+        return SendResult(accepted=accepted, refused=refused, reply=str(final), peer=self.peer)
+
+    def _envelope(
+        self,
+        conn: _Connection,
+        sender: str,
+        recipients: list[str],
+        size: int,
+        mail_options: tuple[str, ...],
+    ) -> tuple[bytes, list[tuple[str, bytes]], dict[str, DeliveryError]]:
+        """The MAIL line, (recipient, RCPT line) pairs, and recipients that cannot be sent."""
+        extensions = conn.extensions
         options = list(mail_options)
         utf8 = any(o.upper() == "SMTPUTF8" for o in options)
-        if utf8 and not smtp.supports_extension("smtputf8"):
+        if utf8 and "smtputf8" not in extensions:
             raise PermanentFailure(
                 "upstream does not support SMTPUTF8, needed for this message's addresses",
                 code=553,
                 enhanced="5.6.7",
             )
-        if not smtp.supports_extension("8bitmime"):
+        if "8bitmime" not in extensions:
             options = [o for o in options if not o.upper().startswith("BODY=")]
-        if smtp.supports_extension("size"):
-            options.insert(0, f"SIZE={len(body)}")
-        encoding = "utf-8" if utf8 else "ascii"
-        await self._mail_from(smtp, sender, options, encoding)
+        if "size" in extensions:
+            options.insert(0, f"SIZE={size}")
+        try:
+            mail = smtpwire.mail_from(sender, options, utf8=utf8)
+        except ValueError as exc:
+            raise PermanentFailure(
+                f"cannot send sender address: {exc}", code=553, enhanced="5.1.7"
+            ) from None
+        rcpts: list[tuple[str, bytes]] = []
         refused: dict[str, DeliveryError] = {}
         for rcpt in recipients:
             try:
-                await smtp.rcpt(rcpt, encoding=encoding, timeout=timeouts.command)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                refused[rcpt] = map_smtp_error(exc)
-            except ValueError as exc:  # aiosmtplib refuses to send the address at all
-                refused[rcpt] = PermanentFailure(str(exc), code=553, enhanced="5.1.3")
-        accepted = [r for r in recipients if r not in refused]
-        if not accepted:
-            await smtp.rset(timeout=timeouts.command)
-            return SendResult(accepted=[], refused=refused, peer=self.peer)
-        response = await smtp.data(body, timeout=timeouts.data)
-        conn.sent += 1
-        return SendResult(
-            accepted=accepted,
-            refused=refused,
-            reply=f"{response.code} {response.message}",
-            peer=self.peer,
-        )
+                rcpts.append((rcpt, smtpwire.rcpt_to(rcpt, utf8=utf8)))
+            except ValueError as exc:
+                refused[rcpt] = PermanentFailure(
+                    f"cannot send recipient address: {exc}", code=553, enhanced="5.1.3"
+                )
+        return mail, rcpts, refused
 
-    async def _mail_from(
-        self, smtp: aiosmtplib.SMTP, sender: str, options: list[str], encoding: str
-    ) -> None:
-        timeout = self.account.timeouts.command
-        try:
-            if sender:
-                await smtp.mail(sender, options=options, encoding=encoding, timeout=timeout)
-                return
-        except ValueError as exc:
-            raise PermanentFailure(str(exc), code=553, enhanced="5.1.7") from None
-        # The null reverse-path (bounces, RFC 5321 4.5.5): aiosmtplib will not quote '<>',
-        # so the command is sent as is.
-        args = [b"FROM:<>", *(o.encode("ascii") for o in options)]
-        response = await smtp.execute_command(b"MAIL", *args, timeout=timeout)
-        if response.code != 250:
-            raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+    async def _exchange(
+        self, conn: _Connection, mail: bytes, rcpts: list[tuple[str, bytes]]
+    ) -> tuple[Reply, list[Reply], Reply | None]:
+        """Send the envelope and DATA; the replies to MAIL, each RCPT, and DATA if sent."""
+        channel, within = conn.channel, self.account.timeouts.command
+        if "pipelining" in conn.extensions:
+            channel.write(mail, *(line for _, line in rcpts), b"DATA\r\n")
+            mail_reply = await channel.reply(within)
+            rcpt_replies = [await channel.reply(within) for _ in rcpts]
+            return mail_reply, rcpt_replies, await channel.reply(within)
+        mail_reply = await channel.command(mail, within)
+        if mail_reply.code != 250:
+            return mail_reply, [], None
+        rcpt_replies = [await channel.command(line, within) for _, line in rcpts]
+        if not any(r.code in (250, 251) for r in rcpt_replies):
+            return mail_reply, rcpt_replies, None
+        return mail_reply, rcpt_replies, await channel.command(b"DATA\r\n", within)
 
     async def check(self) -> list[tuple[str, str]]:
         """Connect, TLS, AUTH, NOOP: each step with 'ok' or why it failed (accounts test)."""
@@ -291,9 +424,9 @@ class UpstreamPool:
         steps.append(("tls", "ok" if self.account.tls != "none" else "off (tls: none)"))
         steps.append(("auth", "ok" if self.account.username else "none configured"))
         try:
-            response = await conn.client.noop(timeout=self.account.timeouts.command)
-            steps.append(("noop", f"ok ({response.code})"))
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            reply = await conn.channel.command(b"NOOP\r\n", self.account.timeouts.command)
+            steps.append(("noop", f"ok ({reply.code})"))
+        except (OSError, TimeoutError) as exc:
             steps.append(("noop", map_smtp_error(exc).reply_text()))
         await self._quit(conn)
         return steps
@@ -307,5 +440,5 @@ class UpstreamPool:
         await asyncio.gather(*(self._quit(c) for c in idle), *self._closing,
                              return_exceptions=True)
         for conn in list(self._busy):
-            conn.client.close()
+            conn.channel.close()
 

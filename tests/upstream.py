@@ -194,6 +194,21 @@ class _Handler:
     def __init__(self, upstream: FakeUpstream) -> None:
         self.upstream = upstream
 
+    async def handle_EHLO(
+        self,
+        server: _UpstreamSMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.upstream.pipelining:
+            # aiosmtpd reads commands one line at a time, so it serves pipelined
+            # clients correctly; it only does not say so.
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
+
     async def handle_RCPT(
         self,
         server: _UpstreamSMTP,
@@ -262,12 +277,14 @@ class FakeUpstream:
         password: str = "secret",
         hostname: str = "upstream.test",
         smtputf8: bool = True,
+        pipelining: bool = True,
         data_size_limit: int | None = DATA_SIZE_DEFAULT,
     ) -> None:
         self.username = username
         self.password = password
         self.hostname = hostname
         self.smtputf8 = smtputf8
+        self.pipelining = pipelining
         self.data_size_limit = data_size_limit
         self.port = 0
 
