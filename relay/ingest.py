@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from relay import replies
 from relay.auth import ListenerAuth
@@ -31,6 +31,7 @@ from relay.message import NewMessage, new_queue_id
 from relay.metrics import Metrics
 from relay.priority import priority_from_headers
 from relay.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
+from relay.smtpdata import DataReader, DataState
 
 log = logging.getLogger("relay.smtpd")
 Submit = Callable[[NewMessage], Awaitable[None]]
@@ -292,7 +293,56 @@ def with_enhanced_code(status: str) -> str:
     return f"{code} {enhanced} {text.removeprefix('Error: ')}" if sep else status
 
 
-class RelaySMTP(SMTP):
+# StreamReader.read(n) hands over at most n buffered bytes; this is "all of them".
+_EVERYTHING = 1 << 40
+
+
+class ChunkedDataSMTP(SMTP):
+    """aiosmtpd's server with its DATA command reading whole chunks (see smtpdata)."""
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd's checks before the 354, unchanged.
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        reader = DataReader(size_limit=self.data_size_limit, line_limit=self.line_length_limit)
+        try:
+            while not reader.feed(await self._reader.read(_EVERYTHING) or self._lost()):
+                pass
+        except asyncio.CancelledError:  # the connection went (aiosmtpd: eof_received)
+            self._writer.close()
+            raise
+        if reader.rest and not self._reader.at_eof():
+            # The client's next commands, read with the data: back to the (now empty)
+            # stream, in order, for the command loop.
+            self._reader.feed_data(reader.rest)
+        if reader.state is DataState.TOO_LONG:
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+        elif reader.state is DataState.TOO_MUCH:
+            await self.push("552 Error: Too much mail data")
+        if reader.state is not DataState.NOMINAL:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        content = reader.content()
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
+
+    def _lost(self) -> bytes:
+        """(end of stream inside DATA) end the session as aiosmtpd does when cancelled."""
+        raise asyncio.CancelledError
+
+
+class RelaySMTP(ChunkedDataSMTP):
     """aiosmtpd's server, hardened: access control at connect, session and error limits,
     enhanced status codes, no cross-protocol requests, a session gauge."""
 
