@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import shutil
-import subprocess
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -343,19 +341,6 @@ async def test_listener_auth_and_per_user_accounts(
         await upstream.wait_for_messages(1)
         assert other.messages == []
     assert all(secret not in record.getMessage() for record in caplog.records)
-
-
-@pytest.fixture
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
-    return cert, key
 
 
 async def test_starttls_listener(

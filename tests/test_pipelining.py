@@ -9,12 +9,14 @@ held more than one command, which a client in lock-step never sends.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.message import MessageState, RecipientState
 from tests.conftest import StartRelay, message, relay_config, send, wait_until
@@ -63,10 +65,9 @@ class _Session(asyncio.Protocol):
         self.accepted: list[str] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's: no subclass)
         self.up.connections += 1
-        transport.write(b"220 scripted ESMTP\r\n")
+        self.transport.write(b"220 scripted ESMTP\r\n")
 
     def data_received(self, data: bytes) -> None:
         if not self.in_data and data.count(b"\r\n") > 1 and not self.up.pipelining:
@@ -238,3 +239,56 @@ async def test_each_recipient_gets_its_own_outcome_either_way(
         await up.wait_for_messages(3)
         assert up.connections_opened == 1
         assert [v for _, v in up.commands].count("RSET") >= 1
+
+
+class _Keep:
+    """aiosmtpd handler: offers PIPELINING, keeps what it gets."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        assert isinstance(envelope.original_content, bytes)
+        self.messages.append(envelope.original_content)
+        return "250 2.0.0 ok"
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+async def test_pipelined_delivery_over_tls(
+    tmp_path: Path, start_relay: StartRelay, self_signed: tuple[Path, Path], mode: str
+) -> None:
+    """The channel takes over the TLS transport aiosmtplib set up, and reuses it."""
+    cert, key = self_signed
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    keep = _Keep()
+    loop = asyncio.get_running_loop()
+    connections = 0
+
+    def session() -> SMTP:
+        nonlocal connections
+        connections += 1
+        if mode == "starttls":
+            return SMTP(keep, hostname="tls.test", tls_context=context, require_starttls=True)
+        return SMTP(keep, hostname="tls.test")
+
+    server = await loop.create_server(session, "127.0.0.1", 0,
+                                      ssl=context if mode == "implicit" else None)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        account = {"host": "127.0.0.1", "port": port, "tls": mode, "tls_verify": False, **FAST}
+        app = await start_relay(relay_config(tmp_path, {"up": account}))
+        bodies = [message(f"tls {i}", body=f".dot {i}\r\n") for i in range(3)]
+        for n, body in enumerate(bodies, 1):  # one after another: one connection does
+            code, _ = await send(app.smtp_port, body)
+            assert code == 250
+            await wait_until(lambda n=n: len(keep.messages) == n, what=f"message {n} over TLS")
+        assert sorted(keep.messages) == sorted(bodies)
+        assert connections == 1
+    finally:
+        server.close()
