@@ -31,7 +31,7 @@ from relay.message import NewMessage, new_queue_id
 from relay.metrics import Metrics
 from relay.priority import priority_from_headers
 from relay.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
-from relay.smtpdata import DataReader, DataState
+from relay.smtpdata import DataReader, DataState, has_bare_newline, normalize_newlines
 
 log = logging.getLogger("relay.smtpd")
 Submit = Callable[[NewMessage], Awaitable[None]]
@@ -206,16 +206,6 @@ def _encoding_problem(address: str, smtputf8: bool) -> replies.Reply | None:
     except UnicodeEncodeError:  # aiosmtpd keeps undecodable bytes as lone surrogates
         return replies.NOT_UTF8_ADDRESS
     return None if smtputf8 else replies.NEEDS_SMTPUTF8
-
-
-def has_bare_newline(data: bytes) -> bool:
-    """A CR or LF that is not part of CRLF (the raw material of SMTP smuggling)."""
-    pairs = data.count(b"\r\n")
-    return data.count(b"\n") != pairs or data.count(b"\r") != pairs
-
-
-def normalize_newlines(data: bytes) -> bytes:
-    return re.sub(rb"\r\n|\r|\n", b"\r\n", data)
 
 
 def _reverse_path(mail_from: str | None) -> str:

@@ -11,8 +11,21 @@ leading dot is removed from each line. Pure: the listener feeds it what it reads
 from __future__ import annotations
 
 import enum
+import re
 
 _DOT = 0x2E
+_LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+
+
+def has_bare_newline(data: bytes) -> bool:
+    """A CR or LF that is not part of CRLF (the raw material of SMTP smuggling)."""
+    pairs = data.count(b"\r\n")
+    return data.count(b"\n") != pairs or data.count(b"\r") != pairs
+
+
+def normalize_newlines(data: bytes) -> bytes:
+    """Every CR, LF and CRLF as CRLF."""
+    return _LINE_ENDINGS.sub(b"\r\n", data)
 
 
 class DataState(enum.Enum):

@@ -11,12 +11,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from relay.smtpdata import has_bare_newline, normalize_newlines
+
 # A reply line longer than this (RFC 5321 4.5.3.1.5 allows 512) or a multi-line reply
 # with more than MAX_REPLY bytes is a broken or hostile server, not a reply.
 MAX_REPLY_LINE = 8192
 MAX_REPLY = 4 * MAX_REPLY_LINE
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
-_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 END_OF_DATA = b".\r\n"
 
@@ -90,8 +91,8 @@ def data_lines(body: bytes) -> list[bytes]:
     Ingest already stores CRLF-only bodies, so the common case only looks, and copies
     nothing; the list is written with writelines.
     """
-    if body.count(b"\r") != body.count(b"\n") or body.count(b"\r\n") != body.count(b"\n"):
-        body = _LINE_ENDINGS.sub(b"\r\n", body)
+    if has_bare_newline(body):
+        body = normalize_newlines(body)
     if body.startswith(b".") or b"\n." in body:
         body = _LEADING_DOT.sub(b"..", body)
     if body and not body.endswith(b"\r\n"):

@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 
 from relay.app import App
 from relay.headers import header_end, parse_headers, remove_headers
-from relay.ingest import normalize_newlines
 from relay.message import Priority
 from relay.priority import priority_from_headers
 from relay.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
+from relay.smtpdata import normalize_newlines
 from tests.conftest import StartRelay, message, metric, relay_config, upstream_account
 from tests.upstream import FakeUpstream
 
