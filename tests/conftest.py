@@ -10,7 +10,7 @@ import subprocess
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosmtplib
 import aiosqlite
@@ -20,6 +20,9 @@ from prometheus_client import CollectorRegistry
 from relay.app import App
 from relay.config import Config, parse_config
 from tests.upstream import FakeUpstream
+
+if TYPE_CHECKING:  # (relayproc imports this module)
+    from tests.relayproc import RelayProcess
 
 FAST_RETRY = {"initial_delay": "100ms", "max_delay": "1s", "max_age": "30s", "jitter": 0}
 
@@ -189,3 +192,23 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )
     return cert, key
+
+
+Launch = Callable[[Path], Awaitable["RelayProcess"]]
+
+
+@pytest.fixture
+async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
+    """launch(config) -> a running `relay serve` (not yet waited for); all killed at the end."""
+    from tests.relayproc import RelayProcess
+
+    started: list[RelayProcess] = []
+
+    async def run(config: Path) -> RelayProcess:
+        relay = await RelayProcess.spawn(config, cwd=tmp_path)
+        started.append(relay)
+        return relay
+
+    yield run
+    for relay in started:
+        await relay.kill()

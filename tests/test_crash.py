@@ -19,7 +19,6 @@ import re
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +27,8 @@ import pytest
 
 from relay.message import MessageState
 from relay.store import SQLiteStore
-from tests.conftest import message
-from tests.relayproc import RelayProcess, write_config
+from tests.conftest import Launch, message
+from tests.relayproc import write_config
 from tests.upstream import FakeUpstream
 
 pytestmark = pytest.mark.slow
@@ -45,22 +44,6 @@ DRAIN_DEADLINE_S = 25.0
 QUEUED = re.compile(r"^2\.0\.0 queued as ([0-9A-F]+)$")
 RECOVERED = re.compile(r"\brecovered count=(\d+)")
 
-Launch = Callable[[Path], Awaitable[RelayProcess]]
-
-
-@pytest.fixture
-async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
-    """launch(config) -> a running `relay serve` (not yet waited for); all killed at the end."""
-    started: list[RelayProcess] = []
-
-    async def run(config: Path) -> RelayProcess:
-        relay = await RelayProcess.spawn(config, cwd=tmp_path)
-        started.append(relay)
-        return relay
-
-    yield run
-    for relay in started:
-        await relay.kill()
 
 
 def body_for(marker: str) -> bytes:

@@ -11,37 +11,20 @@ import contextlib
 import signal
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiosmtplib
 import pytest
 import yaml
 
-from tests.conftest import message, send
-from tests.relayproc import STARTUP_DEADLINE_S, RelayProcess, write_config
+from tests.conftest import Launch, message, send
+from tests.relayproc import STARTUP_DEADLINE_S, write_config
 from tests.upstream import FakeUpstream
 
 pytestmark = pytest.mark.slow
 
 
 
-Launch = Callable[[Path], Awaitable[RelayProcess]]
-
-
-@pytest.fixture
-async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
-    """launch(config) -> a running `relay serve` (not yet waited for); all killed at the end."""
-    started: list[RelayProcess] = []
-
-    async def run(config: Path) -> RelayProcess:
-        relay = await RelayProcess.spawn(config, cwd=tmp_path)
-        started.append(relay)
-        return relay
-
-    yield run
-    for relay in started:
-        await relay.kill()
 
 
 def load_body(marker: str) -> bytes:
