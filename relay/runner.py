@@ -1,4 +1,4 @@
-"""Run the event loop: uvloop when the optional extra is installed, else asyncio's own."""
+"""Run the event loop: uvloop (a default dependency on Linux and macOS), else asyncio's own."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ T = TypeVar("T")
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run, on uvloop if present (pip install 'relay[uvloop]'; about +10%)."""
+    """asyncio.run, on uvloop if present (installed with relay where it has wheels; about +10%)."""
     try:
-        # Imported by name so that type checking is the same with or without the extra.
+        # Imported by name so that type checking is the same with or without uvloop.
         uvloop: Any = importlib.import_module("uvloop")
     except ImportError:
         return asyncio.run(coro)
