@@ -221,6 +221,19 @@ def test_dashboard_is_importable_grafana_json() -> None:
             assert used <= variables, (panel["title"], used)
 
 
+def test_dashboard_and_docs_agree_that_failed_attempts_are_timed() -> None:
+    """The scheduler observes failed attempts too (see `exposition`: 3 delivered + 1 deferred
+    make a count of 4); the duration panel and docs/monitoring.md must both say so."""
+    doc = json.loads(DASHBOARD.read_text())
+    (panel,) = [p for p in doc["panels"] if any(
+        "relay_delivery_duration_seconds" in t["expr"] for t in p.get("targets", []))]
+    (row,) = [line for line in MONITORING_DOC.read_text().splitlines()
+              if line.startswith("| `relay_delivery_duration_seconds` |")]
+    for text in (panel["description"], row):
+        assert "failed ones included" in text
+        assert "not included" not in text
+
+
 # -- deployment files ---------------------------------------------------------------
 
 
