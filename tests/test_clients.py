@@ -93,7 +93,7 @@ def snippet(name: str, port: int | None) -> str:
 
 # Every block a test below runs, so that a block marked for a test no test runs is caught.
 RUN_HERE = {"smtplib", "django-settings", "django-send", "nodemailer", "swaks", "curl",
-            "curl-crlf"}
+            "curl-crlf", "phpmailer"}
 
 
 def test_every_block_on_the_page_is_run_or_says_why_not() -> None:
@@ -227,23 +227,39 @@ async def test_django_smtp_backend(routed: Routed) -> None:
 # -- Node.js: nodemailer ------------------------------------------------------------
 
 
-async def test_nodemailer(routed: Routed, tmp_path: Path) -> None:
+async def run_node(tmp_path: Path, code: str) -> tuple[int, str]:
+    """As the page says: an ES module, send.mjs, with nodemailer in node_modules beside it
+    (ES modules resolve packages from there, not from NODE_PATH)."""
     if shutil.which("node") is None:
         pytest.skip("node is not installed (Debian: apt-get install nodejs)")
     modules = NODE_PREFIX / "node_modules"
     if not (modules / "nodemailer" / "package.json").is_file():
         pytest.skip(f"nodemailer is not installed in {NODE_PREFIX} (.ci/run does it:"
                     f" npm install --prefix {NODE_PREFIX} {NODEMAILER})")
-    # As the page says: an ES module named send.mjs, with nodemailer in node_modules
-    # beside it (ES modules resolve packages from there, not from NODE_PATH).
     (tmp_path / "node_modules").symlink_to(modules, target_is_directory=True)
-    (tmp_path / "send.mjs").write_text(snippet("nodemailer", routed.port))
-    code, out = await run("node", "send.mjs", cwd=tmp_path)
+    (tmp_path / "send.mjs").write_text(code)
+    return await run("node", "send.mjs", cwd=tmp_path)
+
+
+async def test_nodemailer(routed: Routed, tmp_path: Path) -> None:
+    code, out = await run_node(tmp_path, snippet("nodemailer", routed.port))
     assert code == 0, out
     assert out.startswith("250 2.0.0 queued as "), out
     got = await delivered_through(routed, "ses", "Your password reset code", Priority.HIGH)
     assert b"Your password reset code is 123456." in got.data
     assert b"\r\nX-Priority: 1 (Highest)\r\n" in got.data  # what priority: "high" writes
+
+
+async def test_nodemailer_sees_an_unknown_account_at_once(routed: Routed,
+                                                         tmp_path: Path) -> None:
+    """As the page says: sendMail rejects with relay's code and reply; the script fails."""
+    block = snippet("nodemailer", routed.port)
+    assert block.count('"ses"') == 1
+    code, out = await run_node(tmp_path, block.replace('"ses"', '"sse"'))
+    assert code != 0
+    assert "responseCode: 550" in out, out
+    assert "unknown account 'sse'" in out, out
+    assert await routed.app.store.list_messages() == []
 
 
 # -- swaks --------------------------------------------------------------------------
@@ -291,13 +307,65 @@ async def test_curl_with_crlf_option_converts_a_unix_file(routed: Routed, tmp_pa
     assert b"\r\n\r\nWritten with LF line ends.\r\n" in got.data
 
 
+# -- PHP: PHPMailer -----------------------------------------------------------------
+
+# Debian's libphp-phpmailer, which .ci/run installs; elsewhere, Composer's vendor/.
+PHPMAILER_AUTOLOAD = Path(os.environ.get("RELAY_TEST_PHPMAILER_AUTOLOAD")
+                          or "/usr/share/php/libphp-phpmailer/autoload.php")
+
+
+async def run_php(routed: Routed, tmp_path: Path, code: str,
+                  *php_options: str) -> tuple[int, str]:
+    """The block as send.php beside a Composer-style vendor/autoload.php."""
+    write_php(tmp_path, code)
+    return await run("php", *php_options, "send.php", cwd=tmp_path)
+
+
+def write_php(tmp_path: Path, code: str) -> None:
+    if shutil.which("php") is None:
+        pytest.skip("php is not installed (Debian: apt-get install php-cli)")
+    if not PHPMAILER_AUTOLOAD.is_file():
+        pytest.skip(f"PHPMailer is not installed: no {PHPMAILER_AUTOLOAD}"
+                    " (Debian: apt-get install libphp-phpmailer)")
+    (tmp_path / "vendor").mkdir()
+    (tmp_path / "vendor" / "autoload.php").write_text(
+        f"<?php\nrequire {str(PHPMAILER_AUTOLOAD)!r};\n")
+    (tmp_path / "send.php").write_text(code)
+
+
+async def test_phpmailer(routed: Routed, tmp_path: Path) -> None:
+    code, out = await run_php(routed, tmp_path, snippet("phpmailer", routed.port))
+    assert code == 0, out
+    got = await delivered_through(routed, "ses", "Your password reset code", Priority.HIGH)
+    assert b"Your password reset code is 123456." in got.data
+
+
+async def test_phpmailer_sees_an_unknown_account_at_once(routed: Routed, tmp_path: Path) -> None:
+    """As the page says: PHPMailer throws its Exception; $mail->ErrorInfo has relay's reply.
+
+    The block runs unchanged; a file PHP loads before it prints ErrorInfo at exit.
+    """
+    block = snippet("phpmailer", routed.port)
+    assert block.count("'ses'") == 1
+    (tmp_path / "show-error.php").write_text(
+        "<?php register_shutdown_function(function () {"
+        " echo 'ErrorInfo: ', $GLOBALS['mail']->ErrorInfo, PHP_EOL; });\n")
+    code, out = await run_php(routed, tmp_path, block.replace("'ses'", "'sse'"),
+                              "-d", "auto_prepend_file=show-error.php")
+    assert code != 0
+    assert "Uncaught PHPMailer\\PHPMailer\\Exception: SMTP Error: data not accepted." in out
+    (error_info,) = [line for line in out.splitlines() if line.startswith("ErrorInfo: ")]
+    assert "Detail: X-Account header names unknown account 'sse'" in error_info
+    assert await routed.app.store.list_messages() == []
+
+
 # -- what CI installs ---------------------------------------------------------------
 
 
 def test_ci_installs_every_client_the_page_tests() -> None:
     """.ci/run installs the clients above, so that CI runs these tests, skipping none."""
     ci = CI_SCRIPT.read_text(encoding="utf-8")
-    for package in ("nodejs", "npm", "swaks", "curl"):
+    for package in ("nodejs", "npm", "swaks", "curl", "php-cli", "libphp-phpmailer"):
         assert re.search(rf"\b{package}\b", ci), package
     assert NODEMAILER in ci
     assert ".cache/relay-tests/node" in ci and "RELAY_TEST_NODE_PREFIX" in ci
