@@ -180,6 +180,23 @@ class RetryConfig(_Frozen):
         return self
 
 
+class RetryOverride(_Frozen):
+    """An account's retry block: only the keys it sets, laid over the top-level block.
+
+    No cross-key checks here: a block alone is not a policy, so the order of delays is
+    checked on the merged one (``Config.retry_for``), the policy that actually runs.
+    """
+
+    initial_delay: Duration | None = None
+    max_delay: Duration | None = None
+    max_age: Duration | None = None
+    jitter: float | None = Field(default=None, ge=0, le=1)
+
+    def keys(self) -> dict[str, float]:
+        """The keys this block sets, and their values."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class PoolConfig(_Frozen):
     max_connections: int = Field(default=5, ge=1, le=100)
     max_messages_per_connection: int = Field(default=100, ge=1)
@@ -225,7 +242,7 @@ class AccountConfig(_Frozen):
     password: str | None = Field(default=None, repr=False)
     pool: PoolConfig = PoolConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
-    retry: RetryConfig | None = None  # None: the top-level retry block
+    retry: RetryOverride | None = None  # None: the top-level retry block
     timeouts: TimeoutsConfig = TimeoutsConfig()
     # maildir
     path: Path | None = None
@@ -314,6 +331,8 @@ class Config(_Frozen):
                     raise ValueError(
                         f"listen.auth.users.{user}.accounts: no account named {name!r}"
                     )
+        for name in self.accounts:
+            self._check_retry(name)
         if self.routing.default_account not in self.accounts:
             raise ValueError(
                 f"routing.default_account: no account named {self.routing.default_account!r}"
@@ -321,14 +340,35 @@ class Config(_Frozen):
             )
         return self
 
+    def _check_retry(self, account: str) -> None:
+        """Refuse an account whose merged policy is out of order, naming where each part is set."""
+        own = self.accounts[account].retry
+        if own is None:
+            return
+        merged = self.retry_for(account)
+        if merged.max_delay >= merged.initial_delay:
+            return
+        mine = own.keys()
+        if "max_delay" in mine:
+            key, rule = "max_delay", "must be at least initial_delay"
+        else:
+            key, rule = "initial_delay", "must be at most max_delay"
+
+        def source(k: str) -> str:
+            return f"accounts.{account}.retry" if k in mine else "top-level retry"
+
+        raise ValueError(
+            f"accounts.{account}.retry.{key}: {rule} in the merged policy, which has"
+            f" initial_delay {format_duration(merged.initial_delay)} ({source('initial_delay')})"
+            f" and max_delay {format_duration(merged.max_delay)} ({source('max_delay')})"
+        )
+
     def retry_for(self, account: str) -> RetryConfig:
-        """The top-level retry block with the account's own keys laid over it."""
+        """The policy an account runs with: the top-level block, the account's keys over it."""
         own = self.accounts[account].retry
         if own is None:
             return self.retry
-        return RetryConfig.model_validate(
-            {**self.retry.model_dump(), **own.model_dump(include=own.model_fields_set)}
-        )
+        return self.retry.model_copy(update=own.keys())
 
 
 def _describe(error: Any) -> str:
@@ -439,6 +479,8 @@ def effective_config(config: Config) -> dict[str, Any]:
     """The config as a plain mapping with defaults filled in and secrets masked."""
     data = config.model_dump(mode="json")
     for name, acc in data["accounts"].items():
+        # The merged policy the account runs with, not the keys its block happens to set.
+        acc["retry"] = config.retry_for(name).model_dump(mode="json")
         if acc.get("password"):
             acc["password"] = MASK
         if config.accounts[name].transport == "smtp":

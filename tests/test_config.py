@@ -15,6 +15,7 @@ from relay.config import (
     load_config,
     parse_config,
 )
+from relay.durations import parse_duration
 from relay.errors import ConfigError
 
 GMAIL = "accounts:\n  gmail:\n    host: smtp.gmail.com\n"
@@ -76,6 +77,21 @@ BAD_CONFIGS = {
         GMAIL + "    username: me\n    password: a\n    password_file: /nonexistent\n"
         + ROUTE_GMAIL,
         "accounts.gmail.password: give only one of password_file, password",
+    ),
+    # An account's retry block is checked merged with the top-level one (issue 19.1).
+    "account initial_delay beyond the merged max_delay": (
+        "retry:\n  max_delay: 20m\n" + GMAIL + "    retry:\n      initial_delay: 45m\n"
+        + ROUTE_GMAIL,
+        "accounts.gmail.retry.initial_delay: must be at most max_delay in the merged policy,"
+        " which has initial_delay 45m (accounts.gmail.retry) and max_delay 20m"
+        " (top-level retry)",
+    ),
+    "account max_delay below the merged initial_delay": (
+        "retry:\n  initial_delay: 10m\n  max_delay: 1h\n" + GMAIL
+        + "    retry:\n      max_delay: 5m\n" + ROUTE_GMAIL,
+        "accounts.gmail.retry.max_delay: must be at least initial_delay in the merged policy,"
+        " which has initial_delay 10m (top-level retry) and max_delay 5m"
+        " (accounts.gmail.retry)",
     ),
     "not a mapping": (
         "- listen\n- queue\n",
@@ -271,6 +287,67 @@ def test_check_config_without_file_prints_the_defaults(
     assert shown["listen"]["port"] == 2525
     assert shown["accounts"]["outbox"]["transport"] == "maildir"
     assert shown["retry"]["initial_delay"] == "30s"
+
+
+# -- an account's retry block: merged over the top-level one, everywhere (issue 19.1)
+
+MERGED_RETRY = """\
+retry:
+  initial_delay: 2m
+  max_delay: 2h
+accounts:
+  short-lived:
+    transport: maildir
+    path: outbox
+    retry:
+      max_age: 1d
+  slow-start:
+    transport: maildir
+    path: outbox
+    retry:
+      initial_delay: 45m
+  plain:
+    transport: maildir
+    path: outbox
+routing:
+  default_account: plain
+"""
+
+
+def test_account_retry_block_overrides_only_the_keys_it_sets() -> None:
+    """initial_delay 45m is valid under a top-level max_delay 2h, though not under 30m."""
+    config = parse_config(yaml.safe_load(MERGED_RETRY))
+    policy = {name: config.retry_for(name).model_dump() for name in config.accounts}
+    assert policy == {
+        "short-lived": {"initial_delay": 120.0, "max_delay": 7200.0, "max_age": 86400.0,
+                        "jitter": 0.2},
+        "slow-start": {"initial_delay": 2700.0, "max_delay": 7200.0, "max_age": 172800.0,
+                       "jitter": 0.2},
+        "plain": {"initial_delay": 120.0, "max_delay": 7200.0, "max_age": 172800.0,
+                  "jitter": 0.2},
+    }
+
+
+def test_check_config_prints_each_accounts_merged_retry_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What check-config shows for an account is the policy its deliveries run with."""
+    path = write(tmp_path, MERGED_RETRY)
+    code, out, err = run_cli(["check-config", "--config", str(path)], capsys)
+    assert (code, err) == (0, "")
+    shown = yaml.safe_load(out)
+    assert shown["accounts"]["short-lived"]["retry"] == {
+        "initial_delay": "2m", "max_delay": "2h", "max_age": "1d", "jitter": 0.2}
+    assert shown["accounts"]["slow-start"]["retry"] == {
+        "initial_delay": "45m", "max_delay": "2h", "max_age": "2d", "jitter": 0.2}
+    assert shown["accounts"]["plain"]["retry"] == shown["retry"]
+    config = load_config(path)
+    for name, account in shown["accounts"].items():
+        runs = config.retry_for(name)
+        printed = account["retry"]
+        assert [parse_duration(printed[k]) for k in ("initial_delay", "max_delay", "max_age")] \
+            == [runs.initial_delay, runs.max_delay, runs.max_age], name
+        assert printed["jitter"] == runs.jitter
 
 
 # -- defaults and warnings
