@@ -110,6 +110,9 @@ class ListenConfig(_Frozen):
     max_message_size: int = Field(default=26_214_400, ge=1024)  # 25 MiB, Gmail's limit
     max_recipients: int = Field(default=100, ge=1)  # RFC 5321 4.5.3.1.8: at least 100
     max_connections: int = Field(default=200, ge=1)
+    # Concurrent sessions from one client address (Postfix: smtpd_client_connection_count
+    # _limit, 50): one busy or hostile client cannot take every slot.
+    max_connections_per_client: int = Field(default=20, ge=1)
     timeout: Duration = 300.0  # RFC 5321 4.5.3.2.7: server timeout of 5 minutes
     # After this many rejected commands in one session: 421 and close.
     max_bad_commands: int = Field(default=10, ge=1)

@@ -346,6 +346,7 @@ class RelaySMTP(ChunkedDataSMTP):
         else:
             super().__init__(handler, **kwargs)
         self._limits = limits
+        self._client: str | None = None
         self._refusal: str | None = None
         self._bad_commands = 0
         self._continued: list[str] = []
@@ -373,21 +374,18 @@ class RelaySMTP(ChunkedDataSMTP):
         return result
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._limits.sessions += 1
-        self._limits.metrics.sessions_active.inc()
+        if self._original_transport is not None:
+            # aiosmtpd calls this again after the STARTTLS handshake, for the same
+            # session: it was counted (and checked) when the TCP connection came.
+            super().connection_made(transport)
+            return
         peer = transport.get_extra_info("peername")
-        host = peer[0] if isinstance(peer, tuple) else None
-        if not self._limits.allowed(host):
-            self._refusal = "554 5.7.1 Access denied: your address is not allowed to relay"
-            self._limits.metrics.rejected.labels("access_denied").inc()
-        elif self._limits.sessions > self._limits.max_sessions:
-            self._refusal = "421 4.7.0 Too many connections, try again later"
-            self._limits.metrics.rejected.labels("too_many_connections").inc()
+        self._client = peer[0] if isinstance(peer, tuple) else None
+        self._refusal = self._limits.open_session(self._client)
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._limits.sessions -= 1
-        self._limits.metrics.sessions_active.dec()
+        self._limits.close_session(self._client)
         super().connection_lost(exc)
 
     async def _handle_client(self) -> None:
@@ -444,13 +442,41 @@ class SessionLimits:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.metrics = metrics
         self.sessions = 0
+        self.per_client: dict[str | None, int] = {}
         self.configure(config)
 
     def configure(self, config: Config) -> None:
         """Take new limits (SIGHUP); sessions already open keep theirs."""
         self.max_sessions = config.listen.max_connections
+        self.max_per_client = config.listen.max_connections_per_client
         self.max_bad_commands = config.listen.max_bad_commands
         self.networks = config.listen.networks()
+
+    def open_session(self, host: str | None) -> str | None:
+        """Count a new connection (always: close_session uncounts it); the refusal, if any."""
+        self.sessions += 1
+        self.per_client[host] = self.per_client.get(host, 0) + 1
+        self.metrics.sessions_active.inc()
+        if not self.allowed(host):
+            self.metrics.rejected.labels("access_denied").inc()
+            return "554 5.7.1 Access denied: your address is not allowed to relay"
+        if self.sessions > self.max_sessions:
+            self.metrics.rejected.labels("too_many_connections").inc()
+            return "421 4.7.0 Too many connections, try again later"
+        # A Unix socket (host None) has no client address to tell clients apart.
+        if host is not None and self.per_client[host] > self.max_per_client:
+            self.metrics.rejected.labels("too_many_client_connections").inc()
+            return "421 4.7.0 Too many connections from your address, try again later"
+        return None
+
+    def close_session(self, host: str | None) -> None:
+        self.sessions -= 1
+        left = self.per_client.get(host, 0) - 1
+        if left > 0:
+            self.per_client[host] = left
+        else:  # forget the address: the table holds only clients connected now
+            self.per_client.pop(host, None)
+        self.metrics.sessions_active.dec()
 
     def allowed(self, host: str | None) -> bool:
         if host is None:  # a Unix socket: local by definition
