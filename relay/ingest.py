@@ -22,6 +22,7 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from relay import replies
+from relay.addresses import recipient_key
 from relay.auth import ListenerAuth
 from relay.config import Config
 from relay.errors import StoreError, StoreFullError
@@ -107,13 +108,20 @@ class IngestHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         rcpt_options: list[str],
     ) -> str:
-        if len(envelope.rcpt_tos) >= self.config.listen.max_recipients:
-            return self._reject("too_many_recipients", replies.TOO_MANY_RECIPIENTS)
         problem = _address_problem(address, allow_null=False) or _encoding_problem(
             address, envelope.smtp_utf8
         )
         if problem:
             return self._reject("bad_address", problem)
+        # The same mailbox twice is stored (and delivered) once; before the limit check,
+        # so a repeat never gets a 452 that would make the client send it again.
+        key = recipient_key(address)
+        seen = _recipient_keys(envelope)
+        if key in seen:
+            return str(replies.RCPT_DUPLICATE)
+        if len(envelope.rcpt_tos) >= self.config.listen.max_recipients:
+            return self._reject("too_many_recipients", replies.TOO_MANY_RECIPIENTS)
+        seen.add(key)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RCPT_OK)
@@ -206,6 +214,20 @@ def _encoding_problem(address: str, smtputf8: bool) -> replies.Reply | None:
     except UnicodeEncodeError:  # aiosmtpd keeps undecodable bytes as lone surrogates
         return replies.NOT_UTF8_ADDRESS
     return None if smtputf8 else replies.NEEDS_SMTPUTF8
+
+
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope plus the recipients' mailbox keys, to find repeats in O(1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rcpt_keys: set[str] = set()
+
+
+def _recipient_keys(envelope: Envelope) -> set[str]:
+    if isinstance(envelope, RelayEnvelope):
+        return envelope.rcpt_keys
+    return {recipient_key(a) for a in envelope.rcpt_tos}
 
 
 def _reverse_path(mail_from: str | None) -> str:
@@ -352,6 +374,9 @@ class RelaySMTP(ChunkedDataSMTP):
         self._continued: list[str] = []
         for verb in _HTTP_VERBS:
             self._smtp_methods[verb] = self._cross_protocol
+
+    def _create_envelope(self) -> Envelope:
+        return RelayEnvelope()
 
     def __dir__(self) -> list[str]:
         # aiosmtpd builds its command and AUTH tables from dir(self) on every connection.

@@ -27,6 +27,7 @@ def queued(queue_id: str) -> str:
 
 OK = Reply(250, "2.1.0", "OK")
 RCPT_OK = Reply(250, "2.1.5", "OK")
+RCPT_DUPLICATE = Reply(250, "2.1.5", "OK (duplicate recipient: it gets one copy)")
 # Local errors: the client keeps the message and retries.
 STORE_FAILED = Reply(451, "4.3.0", "Queue unavailable, try again later")
 STORE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")

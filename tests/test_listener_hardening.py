@@ -56,3 +56,29 @@ async def test_sessions_per_client_address_are_limited(
     await second.close()
     await asyncio.sleep(0.1)
     assert app.limits.per_client == {}  # nothing kept for clients that left
+
+
+# -- 7. duplicate recipients --
+
+
+async def test_duplicate_recipients_are_stored_and_delivered_once(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay, max_recipients=2)
+    client = await _session(app.smtp_port)
+    await client.cmd("MAIL FROM:<a@example.com>")
+    answers = [await client.cmd(f"RCPT TO:<{r}>") for r in (
+        "x@Example.COM", "x@example.com", "X@example.com", "x@EXAMPLE.com")]
+    # The repeats of x@example.com get 250, even with max_recipients already reached.
+    assert [a[:9] for a in answers] == ["250 2.1.5"] * 4
+    assert (await client.cmd("DATA")).startswith("354")
+    await client.send_raw(message("twice") + b".\r\n")
+    queued = await client.reply()
+    assert queued.startswith("250 2.0.0 queued as")
+    await client.close()
+    row = await app.store.get(queued.split()[-1])
+    assert row is not None
+    assert [r.address for r in row.recipients] == ["x@Example.COM", "X@example.com"]
+    await upstream.wait_for_messages(1)
+    await app.scheduler.run_until_idle()
+    assert [m.rcpt_tos for m in upstream.messages] == [("x@Example.COM", "X@example.com")]
