@@ -79,6 +79,11 @@ class ListenUserConfig(_Frozen):
 class ListenAuthConfig(_Frozen):
     required: bool = False
     users: dict[str, ListenUserConfig] = Field(default_factory=dict)
+    # Failed logins from one client address within failure_window before its AUTH
+    # commands get 421 4.7.0 for lockout (Postfix's anvil does the same per client).
+    max_failures: int = Field(default=10, ge=1)
+    failure_window: Duration = 600.0
+    lockout: Duration = 600.0
 
     @model_validator(mode="after")
     def _users_if_required(self) -> ListenAuthConfig:

@@ -8,6 +8,9 @@ aiosmtpd.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import concurrent.futures
 import inspect
 import ipaddress
 import logging
@@ -33,6 +36,7 @@ from relay.metrics import Metrics
 from relay.priority import priority_from_headers
 from relay.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
 from relay.smtpdata import DataReader, DataState, has_bare_newline, normalize_newlines
+from relay.throttle import FailureThrottle
 
 log = logging.getLogger("relay.smtpd")
 Submit = Callable[[NewMessage], Awaitable[None]]
@@ -41,6 +45,18 @@ Admit = Callable[[str], Awaitable[bool]]  # False: the account is too far behind
 
 async def _always(_: str) -> bool:
     return True
+
+
+# Password verifications run here, at most two at once: argon2 holds ~19 MiB per
+# verification, so a burst of guesses costs bounded memory and two cores at most.
+_AUTH_WORKERS: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _auth_workers() -> concurrent.futures.ThreadPoolExecutor:
+    if not _AUTH_WORKERS:
+        _AUTH_WORKERS.append(concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="relay-auth"))
+    return _AUTH_WORKERS[0]
 
 
 class IngestHandler:
@@ -69,16 +85,15 @@ class IngestHandler:
         self.metrics.rejected.labels(reason).inc()
         return str(reply)
 
-    def authenticate(
-        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
-        auth_data: Any,
-    ) -> AuthResult:
-        if isinstance(auth_data, LoginPassword):
-            username = auth_data.login.decode("utf-8", "replace")
-            if self.auth.check(username, auth_data.password):
-                return AuthResult(success=True, auth_data=username)
-            event(log, logging.WARNING, "auth_failed", client=_peer(session),
-                  user=username[:64])
+    async def verify_login(self, session: Session, login: LoginPassword) -> AuthResult:
+        """Check a login in a worker thread: argon2 takes ~20 ms that the loop must not."""
+        username = login.login.decode("utf-8", "replace")
+        auth = self.auth  # the users at the time of the AUTH command, whatever a reload does
+        ok = await asyncio.get_running_loop().run_in_executor(
+            _auth_workers(), auth.check, username, login.password)
+        if ok:
+            return AuthResult(success=True, auth_data=username)
+        event(log, logging.WARNING, "auth_failed", client=_peer(session), user=username[:64])
         # handled=False: aiosmtpd answers 535 5.7.8 itself.
         return AuthResult(success=False, handled=False)
 
@@ -230,6 +245,13 @@ def _recipient_keys(envelope: Envelope) -> set[str]:
     return {recipient_key(a) for a in envelope.rcpt_tos}
 
 
+def _b64(text: str | bytes) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
 def _reverse_path(mail_from: str | None) -> str:
     """The envelope sender; '' for the null reverse-path (aiosmtpd reports it as '<>')."""
     return "" if mail_from in (None, "", "<>") else str(mail_from)
@@ -367,6 +389,7 @@ class RelaySMTP(ChunkedDataSMTP):
                 super().__init__(handler, **kwargs)
         else:
             super().__init__(handler, **kwargs)
+        self._handler = handler
         self._limits = limits
         self._client: str | None = None
         self._refusal: str | None = None
@@ -377,6 +400,102 @@ class RelaySMTP(ChunkedDataSMTP):
 
     def _create_envelope(self) -> Envelope:
         return RelayEnvelope()
+
+    # AUTH: aiosmtpd's PLAIN and LOGIN call the authenticator synchronously on the loop;
+    # these parse the same way and verify in a worker thread (IngestHandler.verify_login).
+
+    async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False)
+        else:
+            blob = _b64(args[1])
+            if blob is None:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False)
+        assert isinstance(blob, bytes)
+        try:  # RFC 4616: authzid NUL authcid NUL passwd
+            _authzid, login, password = blob.split(b"\x00")
+        except ValueError:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False)
+        return await self._verify(LoginPassword(login, password))
+
+    async def auth_LOGIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False)
+        else:
+            login = _b64(args[1])
+            if login is None:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False)
+        assert isinstance(login, bytes) and isinstance(password, bytes)
+        return await self._verify(LoginPassword(login, password))
+
+    async def _verify(self, login: LoginPassword) -> AuthResult:
+        throttle, client = self._limits.auth_throttle, self._client
+        if client is not None and throttle.locked(client, time.monotonic()):
+            return await self._auth_locked_out()
+        assert self.session is not None
+        result = await self._handler.verify_login(self.session, login)
+        if not result.success and client is not None and throttle.failed(
+                client, time.monotonic()):
+            event(log, logging.WARNING, "auth_locked", client=_peer(self.session),
+                  failures=throttle.limit, lockout=f"{throttle.lockout:g}s")
+            return await self._auth_locked_out()
+        return result
+
+    async def _auth_locked_out(self) -> AuthResult:
+        """Postfix anvil's answer to a client over its login-failure rate: 421, close."""
+        self._limits.metrics.rejected.labels("auth_locked").inc()
+        await self.push("421 4.7.0 Too many failed logins from your address, try again later")
+        self._close()
+        return AuthResult(success=False)
+
+    async def challenge_auth(
+        self, challenge: str | bytes, encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> bytes | Any:
+        """aiosmtpd's, but an over-long reply line is the client's mistake: RFC 4954's
+        500 5.5.6 (a bad command), not an exception and a 451."""
+        data = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(data) if encode_to_b64 else data))
+        line = await self._read_line()
+        if line is None:
+            await self.push("500 5.5.6 Authentication exchange line is too long")
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":  # RFC 4954 4: the client cancels
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        decoded = _b64(blob)
+        if decoded is None:
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
+        return decoded
+
+    async def _read_line(self) -> bytes | None:
+        """One line; None (its bytes dropped up to its end) if longer than the limit."""
+        try:
+            return await self._reader.readuntil()
+        except asyncio.IncompleteReadError as error:  # the client went: what it sent
+            return error.partial
+        except asyncio.LimitOverrunError as error:
+            await self._reader.readexactly(error.consumed)
+        while True:
+            try:
+                await self._reader.readuntil()
+                return None
+            except asyncio.IncompleteReadError:
+                return None
+            except asyncio.LimitOverrunError as error:
+                await self._reader.readexactly(error.consumed)
 
     def __dir__(self) -> list[str]:
         # aiosmtpd builds its command and AUTH tables from dir(self) on every connection.
@@ -468,6 +587,9 @@ class SessionLimits:
         self.metrics = metrics
         self.sessions = 0
         self.per_client: dict[str | None, int] = {}
+        auth = config.listen.auth
+        self.auth_throttle = FailureThrottle(auth.max_failures, auth.failure_window,
+                                             auth.lockout)
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -476,6 +598,8 @@ class SessionLimits:
         self.max_per_client = config.listen.max_connections_per_client
         self.max_bad_commands = config.listen.max_bad_commands
         self.networks = config.listen.networks()
+        auth = config.listen.auth
+        self.auth_throttle.configure(auth.max_failures, auth.failure_window, auth.lockout)
 
     def open_session(self, host: str | None) -> str | None:
         """Count a new connection (always: close_session uncounts it); the refusal, if any."""
@@ -549,7 +673,6 @@ async def start_listener(
             # With TLS configured, AUTH waits for STARTTLS; without it (loopback only, see
             # config) plain AUTH is allowed.
             auth_require_tls=tls_context is not None,
-            authenticator=handler.authenticate if auth.enabled else None,
             loop=loop,
         )
 

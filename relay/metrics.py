@@ -12,7 +12,7 @@ from relay.message import MessageState
 REJECT_REASONS = ("unknown_account", "bad_header", "too_big", "too_many_recipients",
                   "store_unavailable", "rate_limited", "internal_error", "bad_address",
                   "bare_newline", "access_denied", "too_many_connections", "cross_protocol",
-                  "too_many_client_connections")
+                  "too_many_client_connections", "auth_locked")
 # Delivery transactions: milliseconds to minutes (RFC 5321 allows 10 minutes for DATA).
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 # Queue delay: from instant to days (retries run for up to retry.max_age).

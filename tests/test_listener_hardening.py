@@ -4,13 +4,22 @@ upstream, raw SMTP from the tests."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import logging
+import threading
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
+import pytest
+from argon2 import PasswordHasher, extract_parameters
 
-from tests.conftest import StartRelay, message, metric, send
+from relay.auth import ListenerAuth, hash_password
+from relay.config import Config, ListenAuthConfig, ListenUserConfig
+from relay.throttle import FailureThrottle
+from tests.conftest import StartRelay, message, metric, relay_config, send, upstream_account
 from tests.smtpclient import RawSMTP
-from tests.test_hardening import _relay, _session
+from tests.test_hardening import _auth_plain, _relay, _session
 from tests.upstream import FakeUpstream
 
 # -- 10. STARTTLS sessions are counted once --
@@ -82,3 +91,103 @@ async def test_duplicate_recipients_are_stored_and_delivered_once(
     await upstream.wait_for_messages(1)
     await app.scheduler.run_until_idle()
     assert [m.rcpt_tos for m in upstream.messages] == [("x@Example.COM", "X@example.com")]
+
+
+# -- 9. listener AUTH: off the loop, throttled per client, same cost for every failure --
+
+
+def _auth_config(tmp_path: Path, upstream: FakeUpstream, **auth: Any) -> Config:
+    users = {"app": {"password_hash": hash_password("right")}}
+    return relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                        listen={"auth": {"users": users, **auth}, "max_bad_commands": 50})
+
+
+async def test_password_verification_runs_in_a_worker_thread(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await start_relay(_auth_config(tmp_path, upstream))
+    threads: list[str] = []
+    real_check = app.handler.auth.check
+
+    def check(username: str, password: bytes) -> bool:  # the real check, and where it ran
+        threads.append(threading.current_thread().name)
+        return real_check(username, password)
+
+    app.handler.auth.check = check  # type: ignore[method-assign]
+    client = await _session(app.smtp_port)
+    assert (await client.cmd(_auth_plain("app", "wrong"))).startswith("535 5.7.8")
+    assert (await client.cmd(_auth_plain("nobody", "x"))).startswith("535 5.7.8")
+    assert (await client.cmd(_auth_plain("app", "right"))).startswith("235")
+    await client.close()
+    assert len(threads) == 3
+    assert all(name.startswith("relay-auth") for name in threads), threads
+
+
+async def test_failed_logins_from_one_address_lock_it_out(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = await start_relay(_auth_config(tmp_path, upstream, max_failures=3, lockout="1s"))
+    first = await _session(app.smtp_port)
+    for _ in range(2):
+        assert (await first.cmd(_auth_plain("app", "wrong"))).startswith("535 5.7.8")
+    assert (await first.cmd(_auth_plain("app", "wrong"))).startswith("421 4.7.0")
+    assert await first.closed()
+    # Locked: even the right password is not checked from this address for a while.
+    second = await _session(app.smtp_port)
+    assert (await second.cmd(_auth_plain("app", "right"))).startswith("421 4.7.0")
+    assert await second.closed()
+    assert metric(app, "relay_messages_rejected_total", reason="auth_locked") == 2
+    assert any("auth_locked" in r.getMessage() for r in caplog.records)
+    await asyncio.sleep(1.1)  # the lockout ends
+    third = await _session(app.smtp_port)
+    assert (await third.cmd(_auth_plain("app", "right"))).startswith("235")
+    await third.close()
+
+
+def test_unknown_users_cost_a_verification_with_the_users_parameters() -> None:
+    cheap = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    auth = ListenerAuth(ListenAuthConfig(users={
+        "app": ListenUserConfig(password_hash=cheap.hash("right"))}))
+    assert auth.decoy_parameters == extract_parameters(cheap.hash("x"))
+    assert not auth.check("nobody", b"right") and not auth.check("app", b"wrong")
+    assert auth.check("app", b"right")
+
+
+def test_failure_throttle_window_and_lockout() -> None:
+    throttle = FailureThrottle(limit=3, window=10.0, lockout=60.0)
+    assert not throttle.failed("a", 0.0) and not throttle.failed("a", 1.0)
+    assert not throttle.failed("a", 10.5)  # the first fell out of the window
+    assert not throttle.locked("a", 10.5) and not throttle.failed("b", 10.5)
+    assert throttle.failed("a", 10.9)  # three within ten seconds: 1.0, 10.5, 10.9
+    assert throttle.locked("a", 70.8) and not throttle.locked("b", 10.9)
+    assert not throttle.locked("a", 70.9)
+
+
+# -- 11. over-long lines inside AUTH are bad commands, not internal errors --
+
+
+async def test_overlong_auth_reply_is_a_counted_bad_command(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                          listen={"auth": {"users": {"app": {"password_hash": hash_password(
+                              "right")}}}, "max_bad_commands": 3})
+    app = await start_relay(config)
+    client = await _session(app.smtp_port)
+    for _ in range(3):
+        assert (await client.cmd("AUTH LOGIN")).startswith("334 ")
+        answer = await client.cmd(b"A" * 3000)
+        assert answer.startswith("500 5.5.6"), answer
+    assert (await client.reply()).startswith("421 4.7.0 Too many errors")
+    assert await client.closed()
+    assert metric(app, "relay_messages_rejected_total", reason="internal_error") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    # An over-long line after the user name, and then a good login, in a new session.
+    client = await _session(app.smtp_port)
+    await client.cmd("AUTH LOGIN")
+    assert (await client.cmd(base64.b64encode(b"app"))).startswith("334 ")
+    assert (await client.cmd(b"B" * 70_000)).startswith("500 5.5.6")
+    assert (await client.cmd(_auth_plain("app", "right"))).startswith("235")
+    await client.close()
