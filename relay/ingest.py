@@ -22,7 +22,16 @@ import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+    syntax,
+)
 
 from relay import replies
 from relay.addresses import recipient_key
@@ -392,6 +401,7 @@ class RelaySMTP(ChunkedDataSMTP):
         self._handler = handler
         self._limits = limits
         self._client: str | None = None
+        self._released = False
         self._refusal: str | None = None
         self._bad_commands = 0
         self._continued: list[str] = []
@@ -529,7 +539,9 @@ class RelaySMTP(ChunkedDataSMTP):
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._limits.close_session(self._client)
+        if not self._released:  # aiosmtpd calls this itself after a failed TLS handshake
+            self._released = True
+            self._limits.close_session(self._client)
         super().connection_lost(exc)
 
     async def _handle_client(self) -> None:
@@ -567,6 +579,16 @@ class RelaySMTP(ChunkedDataSMTP):
         if self.transport is not None and not self.transport.is_closing():
             self._writer.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # The client's TLS handshake failed (not TLS, or it refused our certificate):
+            # its problem, not an internal error. aiosmtpd closes the connection.
+            event(log, logging.WARNING, "rejected", reason="TLS handshake failed",
+                  client=_peer(self.session) if self.session else None)
+            return "421 4.7.0 TLS handshake failed"
+        status: str = await super().handle_exception(error)
+        return status
 
     async def _cross_protocol(self, arg: str | None) -> None:
         """An HTTP request line: drop the connection without a word (no SMTP from browsers)."""

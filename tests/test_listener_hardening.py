@@ -191,3 +191,22 @@ async def test_overlong_auth_reply_is_a_counted_bad_command(
     assert (await client.cmd(b"B" * 70_000)).startswith("500 5.5.6")
     assert (await client.cmd(_auth_plain("app", "right"))).startswith("235")
     await client.close()
+
+
+async def test_failed_tls_handshake_is_the_clients_problem(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    self_signed: tuple[Path, Path], caplog: pytest.LogCaptureFixture,
+) -> None:
+    cert, key = self_signed
+    app = await _relay(tmp_path, upstream, start_relay, max_connections=2,
+                       tls={"cert": str(cert), "key": str(key)})
+    for _ in range(3):
+        client = await _session(app.smtp_port)
+        assert (await client.cmd("STARTTLS")).startswith("220")
+        await client.send_raw(b"this is not a TLS ClientHello\r\n" * 20)
+        assert await client.closed()
+    await asyncio.sleep(0.1)
+    assert metric(app, "relay_smtp_sessions_active") == 0
+    assert metric(app, "relay_messages_rejected_total", reason="internal_error") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert (await send(app.smtp_port, message("after")))[0] == 250
