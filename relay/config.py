@@ -124,6 +124,9 @@ class ListenConfig(_Frozen):
     # reject (default, like Postfix smtpd_forbid_bare_newline): 550 5.5.2 for a bare LF or
     # CR in DATA; normalize: accept and turn them into CRLF.
     bare_newlines: Literal["reject", "normalize"] = "reject"
+    # true: MAIL FROM/RCPT TO paths must follow RFC 5321 4.1.2 (501 otherwise); false:
+    # aiosmtpd's lenient RFC 5322 parser, like Postfix's strict_rfc821_envelopes = no.
+    strict_addresses: bool = True
     # Clients allowed to connect (CIDR); None means loopback only.
     allowed_networks: list[str] | None = None
     auth: ListenAuthConfig = ListenAuthConfig()

@@ -210,3 +210,54 @@ async def test_failed_tls_handshake_is_the_clients_problem(
     assert metric(app, "relay_messages_rejected_total", reason="internal_error") == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert (await send(app.smtp_port, message("after")))[0] == 250
+
+
+# -- issue 19.2: RFC 5321 path syntax --
+
+MALFORMED_PATHS = ["<a b@example.com>", "<x@example.com", "<foo@>", "<@@>", "a@example.com",
+                   "<a@example.com>junk", "<a..b@example.com>", "<a@-example.com>",
+                   "<a@[999.1.1.1]>"]
+
+
+async def test_malformed_paths_get_501_and_are_counted(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay, max_bad_commands=100)
+    client = await _session(app.smtp_port)
+    for path in MALFORMED_PATHS:
+        assert (await client.cmd(f"MAIL FROM:{path}")).startswith("501 5.1.7"), path
+    assert (await client.cmd("MAIL FROM:<a@example.com>")).startswith("250")
+    for path in MALFORMED_PATHS:
+        assert (await client.cmd(f"RCPT TO:{path}")).startswith("501 5.1.3"), path
+    await client.close()
+    assert metric(app, "relay_messages_rejected_total", reason="bad_address") == (
+        2 * len(MALFORMED_PATHS))
+
+
+async def test_well_formed_paths_of_every_kind_are_accepted(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay)
+    client = await _session(app.smtp_port)
+    assert (await client.cmd("MAIL FROM:<> SIZE=100")).startswith("250")
+    for path in ['<"john smith"@example.com>', "<@relay.example,@b.example:u@example.com>",
+                 "<o'brien+tag@sub-domain.example.com>"]:
+        assert (await client.cmd(f"RCPT TO:{path}")).startswith("250"), path
+    assert (await client.cmd("DATA")).startswith("354")
+    await client.send_raw(message("kinds") + b".\r\n")
+    assert (await client.reply()).startswith("250 2.0.0")
+    await client.close()
+    await upstream.wait_for_messages(1)
+    assert upstream.messages[0].rcpt_tos == (
+        '"john smith"@example.com', "u@example.com", "o'brien+tag@sub-domain.example.com")
+
+
+async def test_strict_addresses_off_takes_what_aiosmtpd_takes(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay, strict_addresses=False)
+    client = await _session(app.smtp_port)
+    assert (await client.cmd("MAIL FROM:a.@example.com")).startswith("250")  # no <>
+    assert (await client.cmd("RCPT TO:<foo@>")).startswith("501 5.1.3")  # still counted
+    await client.close()
+    assert metric(app, "relay_messages_rejected_total", reason="bad_address") == 1
