@@ -113,6 +113,8 @@ class ListenConfig(_Frozen):
     host: str = "127.0.0.1"
     port: Port = 2525
     max_message_size: int = Field(default=26_214_400, ge=1024)  # 25 MiB, Gmail's limit
+    # The header section (Postfix's header_size_limit, 102,400 bytes): refused beyond it.
+    max_header_size: int = Field(default=102_400, ge=1024)
     max_recipients: int = Field(default=100, ge=1)  # RFC 5321 4.5.3.1.8: at least 100
     max_connections: int = Field(default=200, ge=1)
     # Concurrent sessions from one client address (Postfix: smtpd_client_connection_count

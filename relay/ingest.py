@@ -38,7 +38,7 @@ from relay.addresses import parse_path, recipient_key
 from relay.auth import ListenerAuth
 from relay.config import Config
 from relay.errors import StoreError, StoreFullError
-from relay.headers import parse_headers, remove_headers
+from relay.headers import header_section_exceeds, parse_headers, remove_headers
 from relay.logs import event
 from relay.message import NewMessage, new_queue_id
 from relay.metrics import Metrics
@@ -158,6 +158,10 @@ class IngestHandler:
             if self.config.listen.bare_newlines == "reject":
                 return self.reject("bare_newline", replies.BARE_NEWLINE)
             raw = normalize_newlines(raw)
+        limit = self.config.listen.max_header_size
+        if header_section_exceeds(raw, limit):
+            return self.reject("header_too_big", replies.HEADER_TOO_BIG.with_text(
+                f"Header section exceeds {limit} bytes"))
         fields = parse_headers(raw)
         try:
             account = choose_account(fields, self.config.routing.default_account,
@@ -319,6 +323,7 @@ _REWORDED = {
     "500 Line too long (see RFC5321 4.5.3.1.6)":
         "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6: at most 1000 octets)",
 }
+_TOO_BIG = str(replies.TOO_BIG)
 # Request methods a browser may send: a web page must not be able to talk SMTP to us.
 _HTTP_VERBS = ("GET", "POST", "PUT", "HEAD", "OPTIONS", "CONNECT", "DELETE", "PATCH")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -596,7 +601,7 @@ class RelaySMTP(ChunkedDataSMTP):
         if self._continued:
             status = "\r\n".join([*self._continued, status])
             self._continued.clear()
-        if status.startswith("552 "):
+        if status == _TOO_BIG:  # aiosmtpd's own size refusals (SIZE=, DATA), reworded
             self._limits.metrics.rejected.labels("too_big").inc()
         await super().push(status)
         # Syntax errors and failed logins both count: no unlimited password guessing.

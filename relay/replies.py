@@ -39,6 +39,8 @@ SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down")
 UNKNOWN_ACCOUNT = Reply(550, "5.7.1", "X-Account header names an unknown account")
 BAD_HEADER = Reply(550, "5.6.0", "Malformed header")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+# Refused, not cut (Postfix cuts at header_size_limit): a cut header breaks signatures.
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Header section too large")
 BAD_ADDRESS = Reply(553, "5.1.3", "Malformed address")
 # RFC 5321 4.1.2 path syntax (Postfix's wording); RFC 3463: 5.1.7 sender, 5.1.3 recipient.
 BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,17 @@ from argon2 import PasswordHasher, extract_parameters
 
 from relay.auth import ListenerAuth, hash_password
 from relay.config import Config, ListenAuthConfig, ListenUserConfig
+from relay.headers import header_section_exceeds, parse_headers
 from relay.throttle import FailureThrottle
-from tests.conftest import StartRelay, message, metric, relay_config, send, upstream_account
+from tests.conftest import (
+    StartRelay,
+    message,
+    metric,
+    relay_config,
+    send,
+    upstream_account,
+    wait_until,
+)
 from tests.smtpclient import RawSMTP
 from tests.test_hardening import _auth_plain, _relay, _session
 from tests.upstream import FakeUpstream
@@ -261,3 +271,57 @@ async def test_strict_addresses_off_takes_what_aiosmtpd_takes(
     assert (await client.cmd("RCPT TO:<foo@>")).startswith("501 5.1.3")  # still counted
     await client.close()
     assert metric(app, "relay_messages_rejected_total", reason="bad_address") == 1
+
+
+# -- 8. nothing per message blocks the loop: header section bounded, parsing linear --
+
+
+def _folded(lines: int) -> bytes:
+    return b"Subject: start\r\n" + b" x\r\n" * lines + b"From: a@example.com\r\n\r\nbody\r\n"
+
+
+async def test_header_section_over_the_limit_is_refused_552_534(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay, max_header_size=4096)
+    code, text = await send(app.smtp_port, _folded(2000))  # 8 KB of one folded field
+    assert code == 552 and text.startswith("5.3.4 Header section exceeds 4096 bytes")
+    assert metric(app, "relay_messages_rejected_total", reason="header_too_big") == 1
+    assert metric(app, "relay_messages_rejected_total", reason="too_big") == 0
+    # A big body after a small header section is not a big header section, nor is a
+    # message whose first line is not a header field at all.
+    assert (await send(app.smtp_port, message(body=("y" * 900 + "\r\n") * 20)))[0] == 250
+    assert (await send(app.smtp_port, b"no header here\r\n" + (b"z" * 900 + b"\r\n") * 10)
+            )[0] == 250
+    assert await app.store.counts() != {}
+
+
+async def test_the_default_limit_refuses_a_field_folded_400000_times(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay)
+    code, text = await send(app.smtp_port, _folded(400_000))
+    assert code == 552 and "102400 bytes" in text
+
+
+def test_folded_fields_unfold_to_one_value() -> None:
+    fields = parse_headers(_folded(50_000))
+    assert fields[0] == ("Subject", "start" + " x" * 50_000)
+    assert fields[1] == ("From", "a@example.com")
+
+
+def test_header_section_size_ends_at_the_first_line_that_is_not_a_field() -> None:
+    assert not header_section_exceeds(b"A: 1\r\n\r\n" + b"b" * 5000, 1024)
+    assert header_section_exceeds(b"A: 1\r\n" + b" folded\r\n" * 200 + b"\r\n", 1024)
+    assert not header_section_exceeds(b"A: 1\r\nnot a field\r\n" + b"b" * 5000, 1024)
+
+
+async def test_event_loop_lag_is_exported(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay)
+    await asyncio.sleep(0.01)  # let the monitor start its first sleep
+    time.sleep(0.6)  # noqa: ASYNC251 (holding the loop, as a slow parse would, is the point)
+    await wait_until(lambda: metric(app, "relay_event_loop_lag_seconds_count") >= 1,
+                     what="a lag sample")
+    assert metric(app, "relay_event_loop_lag_seconds_sum") >= 0.1
