@@ -35,16 +35,21 @@ def parse_headers(body: bytes) -> list[tuple[str, str]]:
     Linear in the section's size: a field's folded lines are collected and joined once
     (adding to the value per line was quadratic: seconds for a field folded 400,000 times).
     """
-    fields: list[tuple[str, list[str]]] = []
+    fields: list[tuple[str, str]] = []
+    folded: dict[int, list[str]] = {}  # field index -> its value's parts, joined at the end
     for line in _lines(body[: header_end(body)]):
         if line.startswith(_FOLD) and fields:
-            fields[-1][1].append(line.strip().decode("utf-8", "replace"))
+            last = len(fields) - 1
+            parts = folded.get(last) or folded.setdefault(last, [fields[last][1]])
+            parts.append(line.strip().decode("utf-8", "replace"))
             continue
         match = _FIELD.match(line)
         if match:
             name = match.group(1).decode("ascii")
-            fields.append((name, [line[match.end() :].strip().decode("utf-8", "replace")]))
-    return [(name, " ".join(parts)) for name, parts in fields]
+            fields.append((name, line[match.end() :].strip().decode("utf-8", "replace")))
+    for index, parts in folded.items():
+        fields[index] = (fields[index][0], " ".join(parts))
+    return fields
 
 
 def header_section_exceeds(body: bytes, limit: int) -> bool:
