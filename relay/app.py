@@ -24,7 +24,7 @@ from relay.ingest import IngestHandler, SessionLimits, start_listener
 from relay.logs import event
 from relay.maildir import MaildirTransport
 from relay.message import NewMessage
-from relay.metrics import Metrics
+from relay.metrics import Metrics, watch_loop_lag
 from relay.scheduler import AccountWorker, Scheduler
 from relay.store import SQLiteStore
 from relay.transport import Transport
@@ -67,6 +67,7 @@ class App:
         self.smtp_port = 0
         self.http_port = 0
         self._stopped = asyncio.Event()
+        self._loop_lag: asyncio.Task[None] | None = None
 
     async def _submit(self, message: NewMessage) -> None:
         await self.store.enqueue(message)
@@ -93,6 +94,7 @@ class App:
         for warning in config_warnings(self.config):
             log.warning("config: %s", warning)
         await self.store.open()  # StoreError: corrupt, foreign or locked queue file
+        self._loop_lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag))
         try:
             await self.scheduler.start()
             self.smtp_server = await start_listener(self.config, self.handler, self.limits)
@@ -214,4 +216,9 @@ class App:
             await self.http_runner.cleanup()
             self.http_runner = None
         await self.store.close()
+        if self._loop_lag is not None:
+            self._loop_lag.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_lag
+            self._loop_lag = None
         event(log, logging.INFO, "stopped")

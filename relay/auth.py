@@ -12,14 +12,13 @@ import hmac
 import os
 import secrets
 
-from argon2 import PasswordHasher
+from argon2 import Parameters, PasswordHasher, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from relay.config import ListenAuthConfig, ListenUserConfig
 
 # OWASP's minimum argon2id parameters (19 MiB, 2 passes): about 20 ms a verification.
-# aiosmtpd calls the authenticator synchronously, so each failed login blocks the event
-# loop that long; successful logins are remembered (below) and cost nothing after the first.
+# The listener runs verifications in a worker thread, never on the event loop.
 _HASHER = PasswordHasher(time_cost=2, memory_cost=19_456, parallelism=1)
 
 
@@ -60,22 +59,33 @@ class _User:
 
 
 class ListenerAuth:
+    """Checks listener logins; ``check`` blocks for an argon2 verification (use a thread)."""
+
     def __init__(self, config: ListenAuthConfig) -> None:
         self.required = config.required
         self._users = {name: _User(spec) for name, spec in config.users.items()}
+        # A failure for an unknown user, or for a password_env/file user (compared in
+        # microseconds), costs one verification against this decoy, made with the
+        # parameters of the costliest configured hash: failure timing does not tell
+        # which user names exist.
+        self._decoy_hasher, self._decoy = _decoy([u.hash for u in self._users.values()
+                                                  if u.hash])
 
     @property
     def enabled(self) -> bool:
         return bool(self._users)
 
+    @property
+    def decoy_parameters(self) -> Parameters:
+        return extract_parameters(self._decoy)
+
     def check(self, username: str, password: bytes) -> bool:
         user = self._users.get(username)
         if user is not None and user.verify(password):
             return True
-        # Every failure costs one argon2 verification, whoever the user and wherever the
-        # password comes from: failure timing does not tell which user names exist.
         if user is None or user.hash is None:
-            _burn_a_verification(password)
+            with contextlib.suppress(VerificationError):
+                self._decoy_hasher.verify(self._decoy, password)
         return False
 
     def may_use(self, username: str | None, account: str) -> bool:
@@ -86,12 +96,23 @@ class ListenerAuth:
         return user is not None and (user.accounts is None or account in user.accounts)
 
 
-_dummy_hash: str | None = None
+_DECOYS: dict[tuple[object, ...], str] = {}
 
 
-def _burn_a_verification(password: bytes) -> None:
-    global _dummy_hash
-    if _dummy_hash is None:
-        _dummy_hash = _HASHER.hash("relay: not a real user")
-    with contextlib.suppress(VerificationError):
-        _HASHER.verify(_dummy_hash, password)
+def _decoy(hashes: list[str]) -> tuple[PasswordHasher, str]:
+    """A hasher and a hash of no one's password, with the costliest of these hashes'
+    parameters (relay's own without any)."""
+    candidates = []
+    for known in hashes:
+        with contextlib.suppress(InvalidHashError):
+            candidates.append(extract_parameters(known))
+    hasher = _HASHER
+    if candidates:
+        params = max(candidates, key=lambda p: (p.memory_cost * p.time_cost, p.parallelism))
+        hasher = PasswordHasher.from_parameters(params)
+    # One hashing per parameter set, not one per start of a listener or reload.
+    key = (hasher.type, hasher.time_cost, hasher.memory_cost, hasher.parallelism,
+           hasher.hash_len, hasher.salt_len)
+    if key not in _DECOYS:
+        _DECOYS[key] = hasher.hash("relay: not a user")
+    return hasher, _DECOYS[key]

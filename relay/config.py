@@ -79,6 +79,11 @@ class ListenUserConfig(_Frozen):
 class ListenAuthConfig(_Frozen):
     required: bool = False
     users: dict[str, ListenUserConfig] = Field(default_factory=dict)
+    # Failed logins from one client address within failure_window before its AUTH
+    # commands get 421 4.7.0 for lockout (Postfix's anvil does the same per client).
+    max_failures: int = Field(default=10, ge=1)
+    failure_window: Duration = 600.0
+    lockout: Duration = 600.0
 
     @model_validator(mode="after")
     def _users_if_required(self) -> ListenAuthConfig:
@@ -108,14 +113,22 @@ class ListenConfig(_Frozen):
     host: str = "127.0.0.1"
     port: Port = 2525
     max_message_size: int = Field(default=26_214_400, ge=1024)  # 25 MiB, Gmail's limit
+    # The header section (Postfix's header_size_limit, 102,400 bytes): refused beyond it.
+    max_header_size: int = Field(default=102_400, ge=1024)
     max_recipients: int = Field(default=100, ge=1)  # RFC 5321 4.5.3.1.8: at least 100
     max_connections: int = Field(default=200, ge=1)
+    # Concurrent sessions from one client address (Postfix: smtpd_client_connection_count
+    # _limit, 50): one busy or hostile client cannot take every slot.
+    max_connections_per_client: int = Field(default=20, ge=1)
     timeout: Duration = 300.0  # RFC 5321 4.5.3.2.7: server timeout of 5 minutes
     # After this many rejected commands in one session: 421 and close.
     max_bad_commands: int = Field(default=10, ge=1)
     # reject (default, like Postfix smtpd_forbid_bare_newline): 550 5.5.2 for a bare LF or
     # CR in DATA; normalize: accept and turn them into CRLF.
     bare_newlines: Literal["reject", "normalize"] = "reject"
+    # true: MAIL FROM/RCPT TO paths must follow RFC 5321 4.1.2 (501 otherwise); false:
+    # aiosmtpd's lenient RFC 5322 parser, like Postfix's strict_rfc821_envelopes = no.
+    strict_addresses: bool = True
     # Clients allowed to connect (CIDR); None means loopback only.
     allowed_networks: list[str] | None = None
     auth: ListenAuthConfig = ListenAuthConfig()

@@ -30,19 +30,39 @@ def _lines(section: bytes) -> list[bytes]:
 
 
 def parse_headers(body: bytes) -> list[tuple[str, str]]:
-    """(name, unfolded value) for every field in the header section, in order."""
+    """(name, unfolded value) for every field in the header section, in order.
+
+    Linear in the section's size: a field's folded lines are collected and joined once
+    (adding to the value per line was quadratic: seconds for a field folded 400,000 times).
+    """
     fields: list[tuple[str, str]] = []
+    folded: dict[int, list[str]] = {}  # field index -> its value's parts, joined at the end
     for line in _lines(body[: header_end(body)]):
         if line.startswith(_FOLD) and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + " " + line.strip().decode("utf-8", "replace"))
+            last = len(fields) - 1
+            parts = folded.get(last) or folded.setdefault(last, [fields[last][1]])
+            parts.append(line.strip().decode("utf-8", "replace"))
             continue
         match = _FIELD.match(line)
         if match:
             name = match.group(1).decode("ascii")
-            value = line[match.end() :].strip().decode("utf-8", "replace")
-            fields.append((name, value))
+            fields.append((name, line[match.end() :].strip().decode("utf-8", "replace")))
+    for index, parts in folded.items():
+        fields[index] = (fields[index][0], " ".join(parts))
     return fields
+
+
+def header_section_exceeds(body: bytes, limit: int) -> bool:
+    """Whether the header section is longer than limit bytes (reads at most limit + 1).
+
+    As in Postfix, the section ends at the blank line or at the first line that is neither
+    a field nor a folded continuation; what follows is body.
+    """
+    if header_end(body) <= limit:
+        return False
+    # False at the first line that ends the section before the limit.
+    return all(line.startswith(_FOLD) or _FIELD.match(line)
+               for line in _lines(body[: limit + 1]))
 
 
 def get_header(fields: list[tuple[str, str]], name: str) -> str | None:
@@ -58,7 +78,7 @@ def remove_headers(body: bytes, names: set[str]) -> bytes:
     """The message without the named fields (and their folded lines); all else unchanged."""
     wanted = {n.lower() for n in names}
     end = header_end(body)
-    kept: list[bytes] = []
+    kept: list[bytes | memoryview] = []
     dropping = False
     removed = False
     for line in _lines(body[:end]):
@@ -73,4 +93,5 @@ def remove_headers(body: bytes, names: set[str]) -> bytes:
             kept.append(line)
     if not removed:
         return body
-    return b"".join(kept) + body[end:]
+    kept.append(memoryview(body)[end:])  # the body is copied once, into the result
+    return b"".join(kept)

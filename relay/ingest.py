@@ -8,6 +8,9 @@ aiosmtpd.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import concurrent.futures
 import inspect
 import ipaddress
 import logging
@@ -19,19 +22,30 @@ import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+    syntax,
+)
 
 from relay import replies
+from relay.addresses import parse_path, recipient_key
 from relay.auth import ListenerAuth
 from relay.config import Config
 from relay.errors import StoreError, StoreFullError
-from relay.headers import parse_headers, remove_headers
+from relay.headers import header_section_exceeds, parse_headers, remove_headers
 from relay.logs import event
 from relay.message import NewMessage, new_queue_id
 from relay.metrics import Metrics
 from relay.priority import priority_from_headers
 from relay.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
 from relay.smtpdata import DataReader, DataState, has_bare_newline, normalize_newlines
+from relay.throttle import FailureThrottle
 
 log = logging.getLogger("relay.smtpd")
 Submit = Callable[[NewMessage], Awaitable[None]]
@@ -40,6 +54,18 @@ Admit = Callable[[str], Awaitable[bool]]  # False: the account is too far behind
 
 async def _always(_: str) -> bool:
     return True
+
+
+# Password verifications run here, at most two at once: argon2 holds ~19 MiB per
+# verification, so a burst of guesses costs bounded memory and two cores at most.
+_AUTH_WORKERS: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _auth_workers() -> concurrent.futures.ThreadPoolExecutor:
+    if not _AUTH_WORKERS:
+        _AUTH_WORKERS.append(concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="relay-auth"))
+    return _AUTH_WORKERS[0]
 
 
 class IngestHandler:
@@ -64,20 +90,19 @@ class IngestHandler:
         self.config = config
         self.auth = ListenerAuth(config.listen.auth)
 
-    def _reject(self, reason: str, reply: replies.Reply) -> str:
+    def reject(self, reason: str, reply: replies.Reply) -> str:
         self.metrics.rejected.labels(reason).inc()
         return str(reply)
 
-    def authenticate(
-        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
-        auth_data: Any,
-    ) -> AuthResult:
-        if isinstance(auth_data, LoginPassword):
-            username = auth_data.login.decode("utf-8", "replace")
-            if self.auth.check(username, auth_data.password):
-                return AuthResult(success=True, auth_data=username)
-            event(log, logging.WARNING, "auth_failed", client=_peer(session),
-                  user=username[:64])
+    async def verify_login(self, session: Session, login: LoginPassword) -> AuthResult:
+        """Check a login in a worker thread: argon2 takes ~20 ms that the loop must not."""
+        username = login.login.decode("utf-8", "replace")
+        auth = self.auth  # the users at the time of the AUTH command, whatever a reload does
+        ok = await asyncio.get_running_loop().run_in_executor(
+            _auth_workers(), auth.check, username, login.password)
+        if ok:
+            return AuthResult(success=True, auth_data=username)
+        event(log, logging.WARNING, "auth_failed", client=_peer(session), user=username[:64])
         # handled=False: aiosmtpd answers 535 5.7.8 itself.
         return AuthResult(success=False, handled=False)
 
@@ -98,7 +123,7 @@ class IngestHandler:
         utf8 = any(o.upper() == "SMTPUTF8" for o in mail_options)
         problem = _address_problem(address, allow_null=True) or _encoding_problem(address, utf8)
         if problem:
-            return self._reject("bad_address", problem)
+            return self.reject("bad_address", problem)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return str(replies.OK)
@@ -107,13 +132,20 @@ class IngestHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         rcpt_options: list[str],
     ) -> str:
-        if len(envelope.rcpt_tos) >= self.config.listen.max_recipients:
-            return self._reject("too_many_recipients", replies.TOO_MANY_RECIPIENTS)
         problem = _address_problem(address, allow_null=False) or _encoding_problem(
             address, envelope.smtp_utf8
         )
         if problem:
-            return self._reject("bad_address", problem)
+            return self.reject("bad_address", problem)
+        # The same mailbox twice is stored (and delivered) once; before the limit check,
+        # so a repeat never gets a 452 that would make the client send it again.
+        key = recipient_key(address)
+        seen = _recipient_keys(envelope)
+        if key in seen:
+            return str(replies.RCPT_DUPLICATE)
+        if len(envelope.rcpt_tos) >= self.config.listen.max_recipients:
+            return self.reject("too_many_recipients", replies.TOO_MANY_RECIPIENTS)
+        seen.add(key)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RCPT_OK)
@@ -124,8 +156,12 @@ class IngestHandler:
         raw = envelope.original_content or b""
         if has_bare_newline(raw):
             if self.config.listen.bare_newlines == "reject":
-                return self._reject("bare_newline", replies.BARE_NEWLINE)
+                return self.reject("bare_newline", replies.BARE_NEWLINE)
             raw = normalize_newlines(raw)
+        limit = self.config.listen.max_header_size
+        if header_section_exceeds(raw, limit):
+            return self.reject("header_too_big", replies.HEADER_TOO_BIG.with_text(
+                f"Header section exceeds {limit} bytes"))
         fields = parse_headers(raw)
         try:
             account = choose_account(fields, self.config.routing.default_account,
@@ -134,12 +170,12 @@ class IngestHandler:
         except RoutingError as exc:
             reason = "unknown_account" if "Account" in str(exc) else "bad_header"
             reply = replies.UNKNOWN_ACCOUNT if reason == "unknown_account" else replies.BAD_HEADER
-            return self._reject(reason, reply.with_text(str(exc)))
+            return self.reject(reason, reply.with_text(str(exc)))
         user = session.auth_data if session.authenticated else None
         if not self.auth.may_use(user, account):
-            return self._reject("access_denied", replies.ACCOUNT_NOT_ALLOWED)
+            return self.reject("access_denied", replies.ACCOUNT_NOT_ALLOWED)
         if not await self.admit(account):
-            return self._reject("rate_limited", replies.RATE_LIMITED)
+            return self.reject("rate_limited", replies.RATE_LIMITED)
         now = time.time()
         message = NewMessage(
             id=new_queue_id(),
@@ -156,10 +192,10 @@ class IngestHandler:
             await self.submit(message)
         except StoreFullError as exc:
             event(log, logging.ERROR, "rejected", reason=str(exc), client=_peer(session))
-            return self._reject("store_unavailable", replies.STORE_FULL)
+            return self.reject("store_unavailable", replies.STORE_FULL)
         except StoreError as exc:
             event(log, logging.ERROR, "rejected", reason=str(exc), client=_peer(session))
-            return self._reject("store_unavailable", replies.STORE_FAILED)
+            return self.reject("store_unavailable", replies.STORE_FAILED)
         self.metrics.received.inc()
         event(log, logging.INFO, "received", message.id, client=_peer(session),
               sender=f"<{message.sender}>", size=len(raw), nrcpt=len(message.recipients),
@@ -206,6 +242,27 @@ def _encoding_problem(address: str, smtputf8: bool) -> replies.Reply | None:
     except UnicodeEncodeError:  # aiosmtpd keeps undecodable bytes as lone surrogates
         return replies.NOT_UTF8_ADDRESS
     return None if smtputf8 else replies.NEEDS_SMTPUTF8
+
+
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope plus the recipients' mailbox keys, to find repeats in O(1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rcpt_keys: set[str] = set()
+
+
+def _recipient_keys(envelope: Envelope) -> set[str]:
+    if isinstance(envelope, RelayEnvelope):
+        return envelope.rcpt_keys
+    return {recipient_key(a) for a in envelope.rcpt_tos}
+
+
+def _b64(text: str | bytes) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _reverse_path(mail_from: str | None) -> str:
@@ -266,6 +323,7 @@ _REWORDED = {
     "500 Line too long (see RFC5321 4.5.3.1.6)":
         "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6: at most 1000 octets)",
 }
+_TOO_BIG = str(replies.TOO_BIG)
 # Request methods a browser may send: a web page must not be able to talk SMTP to us.
 _HTTP_VERBS = ("GET", "POST", "PUT", "HEAD", "OPTIONS", "CONNECT", "DELETE", "PATCH")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -345,12 +403,115 @@ class RelaySMTP(ChunkedDataSMTP):
                 super().__init__(handler, **kwargs)
         else:
             super().__init__(handler, **kwargs)
+        self._handler = handler
         self._limits = limits
+        self._client: str | None = None
+        self._released = False
+        self._bad_path: replies.Reply | None = None  # inside MAIL or RCPT: its syntax reply
         self._refusal: str | None = None
         self._bad_commands = 0
         self._continued: list[str] = []
         for verb in _HTTP_VERBS:
             self._smtp_methods[verb] = self._cross_protocol
+
+    def _create_envelope(self) -> Envelope:
+        return RelayEnvelope()
+
+    # AUTH: aiosmtpd's PLAIN and LOGIN call the authenticator synchronously on the loop;
+    # these parse the same way and verify in a worker thread (IngestHandler.verify_login).
+
+    async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False)
+        else:
+            blob = _b64(args[1])
+            if blob is None:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False)
+        assert isinstance(blob, bytes)
+        try:  # RFC 4616: authzid NUL authcid NUL passwd
+            _authzid, login, password = blob.split(b"\x00")
+        except ValueError:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False)
+        return await self._verify(LoginPassword(login, password))
+
+    async def auth_LOGIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False)
+        else:
+            login = _b64(args[1])
+            if login is None:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False)
+        assert isinstance(login, bytes) and isinstance(password, bytes)
+        return await self._verify(LoginPassword(login, password))
+
+    async def _verify(self, login: LoginPassword) -> AuthResult:
+        throttle, client = self._limits.auth_throttle, self._client
+        if client is not None and throttle.locked(client, time.monotonic()):
+            return await self._auth_locked_out()
+        assert self.session is not None
+        result = await self._handler.verify_login(self.session, login)
+        if not result.success and client is not None and throttle.failed(
+                client, time.monotonic()):
+            event(log, logging.WARNING, "auth_locked", client=_peer(self.session),
+                  failures=throttle.limit, lockout=f"{throttle.lockout:g}s")
+            return await self._auth_locked_out()
+        return result
+
+    async def _auth_locked_out(self) -> AuthResult:
+        """Postfix anvil's answer to a client over its login-failure rate: 421, close."""
+        self._limits.metrics.rejected.labels("auth_locked").inc()
+        await self.push("421 4.7.0 Too many failed logins from your address, try again later")
+        self._close()
+        return AuthResult(success=False)
+
+    async def challenge_auth(
+        self, challenge: str | bytes, encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> bytes | Any:
+        """aiosmtpd's, but an over-long reply line is the client's mistake: RFC 4954's
+        500 5.5.6 (a bad command), not an exception and a 451."""
+        data = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(data) if encode_to_b64 else data))
+        line = await self._read_line()
+        if line is None:
+            await self.push("500 5.5.6 Authentication exchange line is too long")
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":  # RFC 4954 4: the client cancels
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        decoded = _b64(blob)
+        if decoded is None:
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
+        return decoded
+
+    async def _read_line(self) -> bytes | None:
+        """One line; None (its bytes dropped up to its end) if longer than the limit."""
+        try:
+            return await self._reader.readuntil()
+        except asyncio.IncompleteReadError as error:  # the client went: what it sent
+            return error.partial
+        except asyncio.LimitOverrunError as error:
+            await self._reader.readexactly(error.consumed)
+        while True:
+            try:
+                await self._reader.readuntil()
+                return None
+            except asyncio.IncompleteReadError:
+                return None
+            except asyncio.LimitOverrunError as error:
+                await self._reader.readexactly(error.consumed)
 
     def __dir__(self) -> list[str]:
         # aiosmtpd builds its command and AUTH tables from dir(self) on every connection.
@@ -358,36 +519,64 @@ class RelaySMTP(ChunkedDataSMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses every MAIL/RCPT path with email's RFC 5322 header parser
-        # (about 50 us); the common simple form is matched directly.
+        # (about 50 us), which also takes what RFC 5321 does not ('<a b@x>', '<a@x');
+        # the common simple form is matched directly.
         match = _SIMPLE_PATH.match(arg) if arg else None
         limit = self.local_part_limit  # 0: no limit
-        if match and (not limit or len(match.group(1).rpartition("@")[0]) <= limit):
+        if (match and (not limit or len(match.group(1).rpartition("@")[0]) <= limit)
+                and match.group(2)[:1] in ("", " ")):
             return match.group(1), match.group(2).lstrip()
+        if not arg:
+            return "", ""
+        if self._handler.config.listen.strict_addresses:
+            parsed = parse_path(arg)
+            if parsed is None or (limit and len(parsed[0].rpartition("@")[0]) > limit):
+                return None, None
+            return parsed
         try:
             result: tuple[str | None, str | None] = super()._getaddr(arg)
         except Exception:
             # The email parser crashes on some fragments ('<', '"', 'x@', '0@[' raise
-            # IndexError, AttributeError...): that is a malformed address (501/553), not
-            # an internal error.
+            # IndexError, AttributeError...): that is a malformed address, not an
+            # internal error.
             return None, None
         return result
 
+    # aiosmtpd answers a path it cannot parse with this, for MAIL and RCPT alike; relay
+    # answers RFC 5321's 501 with the RFC 3463 code for the sender or the recipient.
+    _MALFORMED = "553 5.1.3 Error: malformed address"
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self._bad_path = replies.BAD_SENDER_SYNTAX
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self._bad_path = None
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self._bad_path = replies.BAD_RECIPIENT_SYNTAX
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self._bad_path = None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._limits.sessions += 1
-        self._limits.metrics.sessions_active.inc()
+        if self._original_transport is not None:
+            # aiosmtpd calls this again after the STARTTLS handshake, for the same
+            # session: it was counted (and checked) when the TCP connection came.
+            super().connection_made(transport)
+            return
         peer = transport.get_extra_info("peername")
-        host = peer[0] if isinstance(peer, tuple) else None
-        if not self._limits.allowed(host):
-            self._refusal = "554 5.7.1 Access denied: your address is not allowed to relay"
-            self._limits.metrics.rejected.labels("access_denied").inc()
-        elif self._limits.sessions > self._limits.max_sessions:
-            self._refusal = "421 4.7.0 Too many connections, try again later"
-            self._limits.metrics.rejected.labels("too_many_connections").inc()
+        self._client = peer[0] if isinstance(peer, tuple) else None
+        self._refusal = self._limits.open_session(self._client)
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._limits.sessions -= 1
-        self._limits.metrics.sessions_active.dec()
+        if not self._released:  # aiosmtpd calls this itself after a failed TLS handshake
+            self._released = True
+            self._limits.close_session(self._client)
         super().connection_lost(exc)
 
     async def _handle_client(self) -> None:
@@ -401,6 +590,8 @@ class RelaySMTP(ChunkedDataSMTP):
         if isinstance(status, bytes):
             await super().push(status)
             return
+        if status == self._MALFORMED and self._bad_path is not None:
+            status = self._handler.reject("bad_address", self._bad_path)
         # aiosmtpd echoes client text (an unknown command) into some replies; a CR or LF
         # in it would break the reply's framing, so control characters never go out.
         status = with_enhanced_code(_CONTROL.sub("?", status))
@@ -410,7 +601,7 @@ class RelaySMTP(ChunkedDataSMTP):
         if self._continued:
             status = "\r\n".join([*self._continued, status])
             self._continued.clear()
-        if status.startswith("552 "):
+        if status == _TOO_BIG:  # aiosmtpd's own size refusals (SIZE=, DATA), reworded
             self._limits.metrics.rejected.labels("too_big").inc()
         await super().push(status)
         # Syntax errors and failed logins both count: no unlimited password guessing.
@@ -425,6 +616,16 @@ class RelaySMTP(ChunkedDataSMTP):
         if self.transport is not None and not self.transport.is_closing():
             self._writer.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # The client's TLS handshake failed (not TLS, or it refused our certificate):
+            # its problem, not an internal error. aiosmtpd closes the connection.
+            event(log, logging.WARNING, "rejected", reason="TLS handshake failed",
+                  client=_peer(self.session) if self.session else None)
+            return "421 4.7.0 TLS handshake failed"
+        status: str = await super().handle_exception(error)
+        return status
 
     async def _cross_protocol(self, arg: str | None) -> None:
         """An HTTP request line: drop the connection without a word (no SMTP from browsers)."""
@@ -444,13 +645,46 @@ class SessionLimits:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.metrics = metrics
         self.sessions = 0
+        self.per_client: dict[str | None, int] = {}
+        auth = config.listen.auth
+        self.auth_throttle = FailureThrottle(auth.max_failures, auth.failure_window,
+                                             auth.lockout)
         self.configure(config)
 
     def configure(self, config: Config) -> None:
         """Take new limits (SIGHUP); sessions already open keep theirs."""
         self.max_sessions = config.listen.max_connections
+        self.max_per_client = config.listen.max_connections_per_client
         self.max_bad_commands = config.listen.max_bad_commands
         self.networks = config.listen.networks()
+        auth = config.listen.auth
+        self.auth_throttle.configure(auth.max_failures, auth.failure_window, auth.lockout)
+
+    def open_session(self, host: str | None) -> str | None:
+        """Count a new connection (always: close_session uncounts it); the refusal, if any."""
+        self.sessions += 1
+        self.per_client[host] = self.per_client.get(host, 0) + 1
+        self.metrics.sessions_active.inc()
+        if not self.allowed(host):
+            self.metrics.rejected.labels("access_denied").inc()
+            return "554 5.7.1 Access denied: your address is not allowed to relay"
+        if self.sessions > self.max_sessions:
+            self.metrics.rejected.labels("too_many_connections").inc()
+            return "421 4.7.0 Too many connections, try again later"
+        # A Unix socket (host None) has no client address to tell clients apart.
+        if host is not None and self.per_client[host] > self.max_per_client:
+            self.metrics.rejected.labels("too_many_client_connections").inc()
+            return "421 4.7.0 Too many connections from your address, try again later"
+        return None
+
+    def close_session(self, host: str | None) -> None:
+        self.sessions -= 1
+        left = self.per_client.get(host, 0) - 1
+        if left > 0:
+            self.per_client[host] = left
+        else:  # forget the address: the table holds only clients connected now
+            self.per_client.pop(host, None)
+        self.metrics.sessions_active.dec()
 
     def allowed(self, host: str | None) -> bool:
         if host is None:  # a Unix socket: local by definition
@@ -498,7 +732,6 @@ async def start_listener(
             # With TLS configured, AUTH waits for STARTTLS; without it (loopback only, see
             # config) plain AUTH is allowed.
             auth_require_tls=tls_context is not None,
-            authenticator=handler.authenticate if auth.enabled else None,
             loop=loop,
         )
 

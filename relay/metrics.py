@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -11,9 +12,16 @@ from relay.message import MessageState
 
 REJECT_REASONS = ("unknown_account", "bad_header", "too_big", "too_many_recipients",
                   "store_unavailable", "rate_limited", "internal_error", "bad_address",
-                  "bare_newline", "access_denied", "too_many_connections", "cross_protocol")
+                  "bare_newline", "access_denied", "too_many_connections", "cross_protocol",
+                  "too_many_client_connections", "auth_locked",
+                  "header_too_big")
 # Delivery transactions: milliseconds to minutes (RFC 5321 allows 10 minutes for DATA).
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+# Event loop lag: a healthy loop wakes within a millisecond; a stall shows in seconds.
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# How often the lag is sampled: twice a second costs nothing and misses no stall that
+# long; a shorter one is seen only if a sample falls into it.
+LOOP_LAG_INTERVAL_S = 0.5
 # Queue delay: from instant to days (retries run for up to retry.max_age).
 _DELAY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400, 172800)
 
@@ -52,6 +60,10 @@ class Metrics:
         self.queue_delay = Histogram("relay_queue_delay_seconds",
                                      "Time from acceptance to delivery.", acc,
                                      buckets=_DELAY_BUCKETS, registry=r)
+        self.loop_lag = Histogram("relay_event_loop_lag_seconds",
+                                  "How late the event loop ran a timer: time no session,"
+                                  " delivery or HTTP request made progress.",
+                                  buckets=_LAG_BUCKETS, registry=r)
         self.sessions_active = Gauge("relay_smtp_sessions_active", "Open SMTP client sessions.",
                                      registry=r)
         build = Gauge("relay_build_info", "relay version.", ["version"], registry=r)
@@ -81,3 +93,16 @@ class Metrics:
                 self.queue.labels(name, str(state)).set(counts.get((name, str(state)), 0))
             created = oldest_created.get(name)
             self.oldest.labels(name).set(max(now - created, 0.0) if created else 0.0)
+
+
+async def watch_loop_lag(histogram: Histogram, interval: float = LOOP_LAG_INTERVAL_S) -> None:
+    """Observe how much later than asked each sleep wakes up: the event loop's lag.
+
+    Anything that holds the loop (a slow parse, a blocking call) delays every timer, so
+    one task that sleeps and checks the clock sees every stall longer than its interval.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(interval)
+        histogram.observe(max(0.0, loop.time() - start - interval))

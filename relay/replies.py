@@ -27,6 +27,7 @@ def queued(queue_id: str) -> str:
 
 OK = Reply(250, "2.1.0", "OK")
 RCPT_OK = Reply(250, "2.1.5", "OK")
+RCPT_DUPLICATE = Reply(250, "2.1.5", "OK (duplicate recipient: it gets one copy)")
 # Local errors: the client keeps the message and retries.
 STORE_FAILED = Reply(451, "4.3.0", "Queue unavailable, try again later")
 STORE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
@@ -38,7 +39,12 @@ SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down")
 UNKNOWN_ACCOUNT = Reply(550, "5.7.1", "X-Account header names an unknown account")
 BAD_HEADER = Reply(550, "5.6.0", "Malformed header")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+# Refused, not cut (Postfix cuts at header_size_limit): a cut header breaks signatures.
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Header section too large")
 BAD_ADDRESS = Reply(553, "5.1.3", "Malformed address")
+# RFC 5321 4.1.2 path syntax (Postfix's wording); RFC 3463: 5.1.7 sender, 5.1.3 recipient.
+BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
 # RFC 6531 3.4 / RFC 6533: non-ASCII mailboxes.
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter")
 NOT_UTF8_ADDRESS = Reply(553, "5.6.7", "Address is not valid UTF-8")

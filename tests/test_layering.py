@@ -10,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "relay"
 LAYERS = {
     "vocabulary": (0, {"message", "errors", "replies", "transport", "durations", "runner"}),
     "core": (1, {"config", "headers", "routing", "priority", "ratelimit", "retry", "outcome",
-                 "bounce", "queueops", "smtpwire", "smtpdata"}),
+                 "bounce", "queueops", "smtpwire", "smtpdata", "addresses",
+                 "throttle"}),
     "edges": (2, {"ingest", "store", "upstream", "maildir", "metrics", "http", "logs", "auth"}),
     "orchestration": (3, {"app", "scheduler", "health"}),
     "entry": (4, {"cli", "cli_queue", "cli_status", "cli_progress", "bench", "benchsink",
