@@ -73,24 +73,39 @@ async def _serve(config: Config, path: str | None) -> None:
 
 
 async def _reload(app: App, path: str | None) -> None:
-    """SIGHUP: read the config again; an invalid one leaves the running one in place."""
-    from relay.logs import event, setup_logging
+    """SIGHUP: read the config again; one that is invalid or cannot be applied leaves the
+    running one in place (logging included)."""
+    from relay.logs import build_handler, event, install_handler
 
     log = logging.getLogger("relay")
     try:
         new = load_config(path)
-        notes = await app.reload(new)
-        setup_logging(new.logging.level, new.logging.format, new.logging.file)
+        handler = build_handler(new.logging.format, new.logging.file)
     except ConfigError as exc:
-        for problem in exc.problems:
-            event(log, logging.ERROR, "reload_rejected", reason=problem)
-        event(log, logging.ERROR, "reload_rejected",
-              reason="the new config is invalid; still running with the previous one")
+        _rejected(log, exc.problems)
         return
+    try:
+        notes = await app.reload(new)
+    except ConfigError as exc:
+        handler.close()
+        _rejected(log, exc.problems)
+        return
+    except Exception as exc:  # e.g. the queue file, read for new rate windows
+        handler.close()
+        _rejected(log, [f"cannot apply the new config: {exc}"])
+        return
+    install_handler(handler, new.logging.level)
     for note in notes:
         event(log, logging.WARNING, "reload_note", reason=note)
 
 
+def _rejected(log: logging.Logger, problems: list[str]) -> None:
+    from relay.logs import event
+
+    for problem in problems:
+        event(log, logging.ERROR, "reload_rejected", reason=problem)
+    event(log, logging.ERROR, "reload_rejected",
+          reason="the new config is invalid; still running with the previous one")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
