@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import signal
 import sqlite3
 from pathlib import Path
 
 import aiosmtplib
+import pytest
 
-from tests.conftest import Launch, message
+from relay.errors import ConfigError
+from tests.conftest import (
+    Launch,
+    StartRelay,
+    message,
+    metric,
+    relay_config,
+    send,
+    upstream_account,
+    wait_until,
+)
 from tests.relayproc import write_config
 from tests.upstream import FakeUpstream
 
@@ -68,3 +80,92 @@ async def test_sigterm_mid_stream_answers_every_committed_message(
     assert set(acked) - set(stored) == set(), "answered 250 but not in the queue file"
     assert stored == acked
     assert "Traceback" not in relay.stderr
+
+
+async def test_reload_removing_the_account_of_a_message_being_committed_answers_250(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """A message routed under the old config is committed and answered 250 although a
+    SIGHUP removed its account before the commit returned; it waits in the queue."""
+    async with FakeUpstream() as second:
+        both = {"up": upstream_account(upstream, tmp_path),
+                "second": upstream_account(second, tmp_path)}
+        app = await start_relay(relay_config(tmp_path, both))
+        only_second = relay_config(tmp_path, {"second": both["second"]})
+        with contextlib.closing(sqlite3.connect(app.config.queue.path, timeout=10)) as lock:
+            lock.execute("BEGIN IMMEDIATE")  # the commit waits: a slow disk, a CLI command
+            sending = asyncio.create_task(send(app.smtp_port, message("routed to up")))
+            await wait_until(lambda: app._committing == 1, what="the message in the writer")
+            await app.reload(only_second)
+            lock.rollback()
+        code, text = await sending
+        assert code == 250, text
+        queue_id = QUEUED.search(text)
+        assert queue_id
+        with contextlib.closing(sqlite3.connect(app.config.queue.path)) as db:
+            row = db.execute("SELECT account, state FROM messages WHERE id=?",
+                             (queue_id.group(1),)).fetchone()
+        assert row == ("up", "queued")  # waits until the account returns
+        assert metric(app, "relay_messages_rejected_total", reason="internal_error") == 0
+
+
+async def test_two_reloads_at_once_run_one_after_the_other(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two SIGHUPs in a row: the second reload sees the first one's result, so an account
+    both add is started once, not restarted by the second (its connections dropped)."""
+    caplog.set_level(logging.INFO, logger="relay")
+    async with FakeUpstream() as second:
+        first = upstream_account(upstream, tmp_path)
+        app = await start_relay(relay_config(tmp_path, {"up": first}))
+        # A rate limit makes the new worker read its send times: an await mid-reload.
+        added = relay_config(tmp_path, {"up": first, "second": upstream_account(
+            second, tmp_path, rate_limit={"per_minute": 100})})
+        notes = await asyncio.gather(app.reload(added), app.reload(added))
+        assert notes == [[], []]
+        reloads = [m for m in caplog.messages if m.startswith("reloaded")]
+        assert reloads == ["reloaded changed=second", "reloaded"]
+        worker = app.scheduler.workers["second"]
+        assert worker.transport is app.transports["second"]
+        await app.reload(added)  # unchanged: the worker the first reload started stays
+        assert app.scheduler.workers["second"] is worker
+        assert (await send(app.smtp_port, message("x", headers={"X-Account": "second"})))[0] \
+            == 250
+        await second.wait_for_messages(1)
+
+
+async def test_reload_that_weakens_tls_logs_the_start_warnings(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    account = upstream_account(upstream, tmp_path)
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    caplog.set_level(logging.WARNING, logger="relay")
+    weak = relay_config(tmp_path, {"up": {**account, "host": "localhost",
+                                          "tls_verify": False}})
+    await app.reload(weak)
+    assert "config: accounts.up.tls_verify: false; certificates are not checked" in \
+        caplog.messages
+
+
+async def test_a_reload_that_cannot_be_applied_leaves_the_old_config_running(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """A CA file that is not PEM (it passed validation: it exists) fails while the new
+    pools are built, before anything is switched."""
+    account = upstream_account(upstream, tmp_path)
+    old = relay_config(tmp_path, {"up": account})
+    app = await start_relay(old)
+    worker, pool = app.scheduler.workers["up"], app.transports["up"]
+    bad_ca = tmp_path / "ca.pem"
+    bad_ca.write_text("not a certificate\n")
+    broken = relay_config(tmp_path, {"up": {**account, "tls": "starttls",
+                                            "tls_ca_file": str(bad_ca)},
+                                     "more": account})
+    with pytest.raises(ConfigError, match=r"accounts\.up\.tls_ca_file: "):
+        await app.reload(broken)
+    assert app.config is old
+    assert app.scheduler.workers == {"up": worker} and app.transports == {"up": pool}
+    assert (await send(app.smtp_port, message("still the old config")))[0] == 250
+    await upstream.wait_for_messages(1)
