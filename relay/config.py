@@ -219,6 +219,8 @@ class AccountConfig(_Frozen):
     port: Port | None = None
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     tls_verify: bool = True
+    # A private CA's certificate(s), PEM, trusted for this account beside the system's.
+    tls_ca_file: Path | None = None
     username: str | None = None
     password_env: str | None = None
     password_file: Path | None = None
@@ -240,6 +242,12 @@ class AccountConfig(_Frozen):
             return self
         if not self.host:
             raise ValueError("host: required for an smtp account")
+        if self.tls_ca_file is not None:
+            if self.tls == "none" or not self.tls_verify:
+                raise ValueError("tls_ca_file: certificates are not checked with"
+                                 f" {'tls: none' if self.tls == 'none' else 'tls_verify: false'}")
+            if not self.tls_ca_file.is_file():
+                raise ValueError(f"tls_ca_file: no such file {self.tls_ca_file}")
         sources = [k for k in ("password_env", "password_file", "password") if getattr(self, k)]
         if len(sources) > 1:
             raise ValueError(f"{sources[1]}: give only one of {', '.join(sources)}")
