@@ -446,9 +446,8 @@ def _readable_by_others(key: str, path: Path) -> list[str]:
 def effective_config(config: Config) -> dict[str, Any]:
     """The config as a plain mapping with defaults filled in and secrets masked."""
     data = config.model_dump(mode="json")
+    _mask_secrets(data)
     for name, acc in data["accounts"].items():
-        if acc.get("password"):
-            acc["password"] = MASK
         if config.accounts[name].transport == "smtp":
             acc["port"] = config.accounts[name].effective_port
         else:
@@ -457,6 +456,24 @@ def effective_config(config: Config) -> dict[str, Any]:
                     del acc[key]
     _durations_as_text(data)
     return data
+
+
+# Keys whose values are secrets (or, as a password hash, let one be guessed offline);
+# password_env and password_file only say where a secret is, and are shown.
+_SECRET_KEY = re.compile(r"(^|_)(password|passwd|secret|token|hash|api_key|private_key)$")
+
+
+def _mask_secrets(node: Any) -> None:
+    """Replace every set secret-like value, at any depth, by MASK."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(key, str) and _SECRET_KEY.search(key) and value:
+                node[key] = MASK
+            else:
+                _mask_secrets(value)
+    elif isinstance(node, list):
+        for item in node:
+            _mask_secrets(item)
 
 
 def _durations_as_text(node: Any) -> None:
