@@ -14,13 +14,14 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import yaml
 
 from relay import __version__
 from relay.config import Config, config_warnings, effective_config, load_config
 from relay.errors import ConfigError, RelayError
+from relay.printable import escape
 from relay.runner import run
 
 if TYPE_CHECKING:
@@ -34,15 +35,24 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(path, secrets=getattr(args, "needs_secrets", True))
 
 
+def out(*lines: str, file: TextIO | None = None) -> None:
+    """Print each of ``lines`` as one line, control characters escaped: what the queue
+    holds comes from clients and upstreams, and a CR, LF or ESC sequence in a header
+    or a reply must not forge a line or drive the terminal. Every CLI printer uses it
+    (JSON output needs not: json.dumps escapes them itself)."""
+    for line in lines:
+        print(escape(line), file=file or sys.stdout)
+
+
 def _fail(message: str, code: int = EXIT_FAILURE) -> int:
-    print(f"relay: {message}", file=sys.stderr)
+    out(f"relay: {message}", file=sys.stderr)
     return code
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     for warning in config_warnings(config):
-        print(f"warning: {warning}", file=sys.stderr)
+        out(f"warning: {warning}", file=sys.stderr)
     print(yaml.safe_dump(effective_config(config), sort_keys=False), end="")
     return EXIT_OK
 
@@ -133,7 +143,7 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
         password = sys.stdin.readline().rstrip("\n")
     if not password:
         return _fail("empty password", EXIT_USAGE)
-    print(hash_password(password))
+    out(hash_password(password))
     return EXIT_OK
 
 
@@ -178,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
+            out(f"config error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except RelayError as exc:
         return _fail(str(exc))
