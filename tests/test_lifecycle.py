@@ -7,6 +7,7 @@ FakeUpstream, the queue file on disk.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
+from relay.auth import hash_password
 from relay.errors import ConfigError
 from tests.conftest import (
     Launch,
@@ -29,6 +31,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.relayproc import write_config
+from tests.smtpclient import RawSMTP
 from tests.upstream import FakeUpstream
 
 QUEUED = re.compile(r"queued as ([0-9A-F]+)")
@@ -169,3 +172,31 @@ async def test_a_reload_that_cannot_be_applied_leaves_the_old_config_running(
     assert app.scheduler.workers == {"up": worker} and app.transports == {"up": pool}
     assert (await send(app.smtp_port, message("still the old config")))[0] == 250
     await upstream.wait_for_messages(1)
+
+
+async def test_an_authenticated_session_logs_no_aiosmtpd_warnings(
+    tmp_path: Path, start_relay: StartRelay, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """AUTH required without TLS (loopback) and a successful login: aiosmtpd warned about
+    both on every session (issue 19 point 4). A Maildir account: no other aiosmtpd
+    server (the FakeUpstream is one) in the log."""
+    users = {"app": {"password_hash": hash_password("right")}}
+    box = tmp_path / "box"
+    config = relay_config(tmp_path, {"box": {"transport": "maildir", "path": str(box)}},
+                          listen={"auth": {"required": True, "users": users}})
+    caplog.set_level(logging.WARNING)
+    app = await start_relay(config)
+    client = await RawSMTP.connect(app.smtp_port)
+    await client.reply()
+    await client.cmd("EHLO client.example")
+    login = base64.b64encode(b"\0app\0right").decode()
+    assert (await client.cmd(f"AUTH PLAIN {login}")).startswith("235")
+    await client.cmd("MAIL FROM:<a@example.com>")
+    await client.cmd("RCPT TO:<b@example.com>")
+    await client.cmd("DATA")
+    await client.send_raw(message("authenticated") + b".\r\n")
+    assert (await client.reply()).startswith("250")
+    await client.close()
+    await app.scheduler.run_until_idle()
+    assert len(list((box / "new").iterdir())) == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "mail.log"] == []
