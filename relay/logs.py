@@ -46,6 +46,10 @@ class TextFormatter(logging.Formatter):
             record.message = escape(record.message)
         return super().formatMessage(record)
 
+    def formatException(self, ei: Any) -> str:
+        # Line by line: an exception's message may quote a client's bytes.
+        return "\n".join(escape(line) for line in super().formatException(ei).splitlines())
+
 
 class JsonFormatter(logging.Formatter):
     """A small formatter of our own so the keys are ours and documented (docs/logging.md).
