@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from relay import __version__
+from relay.auth import ListenerAuth
 from relay.config import Config, ListenConfig, config_warnings, problem_line
 from relay.errors import ConfigError, StoreError
 from relay.http import build_app, start_http
@@ -196,7 +197,12 @@ class App:
             or new.retry_for(name) != old.retry_for(name)
         }
         removed = set(old.accounts) - set(new.accounts)
-        # 1. What may fail: new connections pools (TLS files) and workers (the queue file).
+        # 1. What may fail: listener users (password files), new connection pools (TLS
+        # files) and workers (the queue file).
+        try:
+            auth = ListenerAuth(new.listen.auth)
+        except (OSError, KeyError) as exc:
+            raise ConfigError([f"listen.auth.users: cannot read a password: {exc}"]) from None
         fresh = build_transports(new, self.metrics, names=changed)
         try:
             workers = await self.scheduler.prepare_workers(new, fresh, changed)
@@ -211,7 +217,7 @@ class App:
         self.transports.update(fresh)
         retired = self.scheduler.swap_workers(new, workers)
         self.config = new
-        self.handler.configure(new)
+        self.handler.configure(new, auth)
         self.limits.configure(new)
         self._waiting.clear()
         task = asyncio.create_task(self._retire(retired, retired_transports))

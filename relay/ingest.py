@@ -85,10 +85,12 @@ class IngestHandler:
         self.accepting = True
         self.configure(config)
 
-    def configure(self, config: Config) -> None:
-        """Take a new config (SIGHUP): routing, accounts, limits and listener users."""
+    def configure(self, config: Config, auth: ListenerAuth | None = None) -> None:
+        """Take a new config (SIGHUP): routing, accounts, limits and listener users
+        (``auth``, built beforehand by a reload so that reading its files cannot fail
+        half-way through the switch)."""
         self.config = config
-        self.auth = ListenerAuth(config.listen.auth)
+        self.auth = auth or ListenerAuth(config.listen.auth)
 
     def _reject(self, reason: str, reply: replies.Reply) -> str:
         self.metrics.rejected.labels(reason).inc()
