@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import re
 import signal
@@ -200,3 +201,29 @@ async def test_an_authenticated_session_logs_no_aiosmtpd_warnings(
     await app.scheduler.run_until_idle()
     assert len(list((box / "new").iterdir())) == 1
     assert [r.getMessage() for r in caplog.records if r.name == "mail.log"] == []
+
+
+async def test_a_reload_whose_log_file_cannot_be_opened_changes_nothing(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGHUP with an unopenable logging.file: rejected, and the accounts stay as they
+    were (the log file used to be opened after the switch: 'rejected', yet applied)."""
+    from relay.cli import _reload
+
+    account = upstream_account(upstream, tmp_path)
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    before = app.config
+    path = tmp_path / "relay.yaml"
+    data = {"listen": {"host": "127.0.0.1", "port": 0},
+            "metrics": {"host": "127.0.0.1", "port": 0},
+            "queue": {"path": str(before.queue.path)},
+            "logging": {"file": str(tmp_path / "no-such-dir" / "relay.log")},
+            "accounts": {"up": account, "more": account},
+            "routing": {"default_account": "up"}}
+    path.write_text(json.dumps(data))
+    caplog.set_level(logging.ERROR, logger="relay")
+    await _reload(app, str(path))
+    assert app.config is before and set(app.scheduler.workers) == {"up"}
+    assert any(m.startswith("reload_rejected reason=\"logging.file: cannot open")
+               for m in caplog.messages), caplog.messages
