@@ -301,14 +301,17 @@ class SQLiteStore:
         with its callers never told: a session would get no 250 for a queued message and
         its client would send it again. Writes submitted from now on are refused.
         """
+        cancelled = False
         if self._writer is not None:
             writer, self._writer = self._writer, None
             self._pending.put_nowait(None)  # the writer stops once it reaches this
             try:
                 await asyncio.wait({writer})  # (never raises the writer's own exception)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # still close the files (and release the lock)
                 writer.cancel()
-                raise
+                cancelled = True
+            if writer.done() and not writer.cancelled() and writer.exception() is not None:
+                log.error("queue writer had stopped: %r", writer.exception())
             while not self._pending.empty():  # only if the writer died: fail, never hang
                 op = self._pending.get_nowait()
                 if op is not None:
@@ -326,6 +329,8 @@ class SQLiteStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if cancelled:
+            raise asyncio.CancelledError
 
     # -- the writer -------------------------------------------------------------
     async def _submit(self, op: _Op) -> Any:
