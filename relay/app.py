@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from relay import __version__
+from relay.auth import ListenerAuth
 from relay.config import Config, ListenConfig, config_warnings, problem_line
 from relay.errors import ConfigError, StoreError
 from relay.http import build_app, start_http
@@ -68,9 +69,25 @@ class App:
         self.http_port = 0
         self._stopped = asyncio.Event()
         self._loop_lag: asyncio.Task[None] | None = None
+        self._reloading = asyncio.Lock()  # two SIGHUPs in a row: one reload after the other
+        self._started = False
+        self._closed = False
+        self._committing = 0  # sessions waiting for their message's commit
+        self._answered = asyncio.Event()  # set whenever _committing is 0
+        self._answered.set()
 
     async def _submit(self, message: NewMessage) -> None:
-        await self.store.enqueue(message)
+        """Commit a routed message. Once the commit returns nothing may raise: the
+        session answers 250 even if a reload removed the account meanwhile (the message
+        then waits until the account returns)."""
+        self._committing += 1
+        self._answered.clear()
+        try:
+            await self.store.enqueue(message)
+        finally:
+            self._committing -= 1
+            if not self._committing:
+                self._answered.set()
         if message.account in self._waiting:
             at, count = self._waiting[message.account]
             self._waiting[message.account] = (at, count + 1)
@@ -78,9 +95,11 @@ class App:
 
     async def _admit(self, account: str) -> bool:
         """rate_limit.on_limit: reject — refuse while the backlog exceeds a window's worth."""
-        if self.config.accounts[account].rate_limit.on_limit != "reject":
-            return True
-        capacity = self.scheduler.workers[account].limiter.window_capacity()
+        acc = self.config.accounts.get(account)
+        worker = self.scheduler.workers.get(account)
+        if acc is None or worker is None or acc.rate_limit.on_limit != "reject":
+            return True  # (an account a reload just removed: its messages wait)
+        capacity = worker.limiter.window_capacity()
         if capacity is None:
             return True
         now = time.monotonic()
@@ -91,11 +110,13 @@ class App:
         return count < capacity
 
     async def startup(self) -> None:
-        for warning in config_warnings(self.config):
-            log.warning("config: %s", warning)
-        await self.store.open()  # StoreError: corrupt, foreign or locked queue file
-        self._loop_lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag))
+        """Open the queue, start delivery, then the listener and HTTP. A failure is logged
+        as ``start_failed`` and what was opened is closed again (no ``stopped``: nothing
+        had started)."""
+        log_config_warnings(self.config)
         try:
+            await self.store.open()  # StoreError: corrupt, foreign or locked queue file
+            self._loop_lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag))
             await self.scheduler.start()
             self.smtp_server = await start_listener(self.config, self.handler, self.limits)
             self.smtp_port = self.smtp_server.sockets[0].getsockname()[1]
@@ -104,9 +125,12 @@ class App:
                 self.http_runner, self.http_port = await start_http(
                     app, self.config.metrics.host, self.config.metrics.port
                 )
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                event(log, logging.ERROR, "start_failed", reason=_reason(exc))
             await self.shutdown()
             raise
+        self._started = True
         event(log, logging.INFO, "started", version=__version__,
               listen=f"{self.config.listen.host}:{self.smtp_port}",
               metrics=f"{self.config.metrics.host}:{self.http_port}" if self.http_runner else None,
@@ -137,8 +161,14 @@ class App:
 
         Accounts, limits, routing, retry, bounces and listener users take effect; what
         needs new sockets or another queue file keeps its old value until a restart (the
-        returned notes say which).
+        returned notes say which). All that can fail comes first; the switch itself has no
+        await, so a session sees the old config or the new one, never half of each. A
+        failed reload leaves the old config running. Reloads run one at a time.
         """
+        async with self._reloading:
+            return await self._reload(new)
+
+    async def _reload(self, new: Config) -> list[str]:
         old = self.config
         notes = []
         for key, before, after in (
@@ -169,14 +199,27 @@ class App:
             or new.retry_for(name) != old.retry_for(name)
         }
         removed = set(old.accounts) - set(new.accounts)
-        self.metrics.add_accounts(new.accounts)
+        # 1. What may fail: listener users (password files), new connection pools (TLS
+        # files) and workers (the queue file).
+        try:
+            auth = ListenerAuth(new.listen.auth)
+        except (OSError, KeyError) as exc:
+            raise ConfigError([f"listen.auth.users: cannot read a password: {exc}"]) from None
         fresh = build_transports(new, self.metrics, names=changed)
+        try:
+            workers = await self.scheduler.prepare_workers(new, fresh, changed)
+        except BaseException:
+            for transport in fresh.values():
+                await transport.close()
+            raise
+        # 2. The switch: no await from here to the end.
+        self.metrics.add_accounts(new.accounts)
         retired_transports = [self.transports.pop(n) for n in changed | removed
                               if n in self.transports]
         self.transports.update(fresh)
-        retired = await self.scheduler.replace_accounts(new, self.transports, changed)
+        retired = self.scheduler.swap_workers(new, workers)
         self.config = new
-        self.handler.configure(new)
+        self.handler.configure(new, auth)
         self.limits.configure(new)
         self._waiting.clear()
         task = asyncio.create_task(self._retire(retired, retired_transports))
@@ -186,6 +229,7 @@ class App:
             notes.append(f"account {name} removed: its queued messages wait until it returns")
         event(log, logging.INFO, "reloaded", changed=",".join(sorted(changed)) or None,
               removed=",".join(sorted(removed)) or None)
+        log_config_warnings(new)  # a reload that weakens TLS says so, as a start does
         return notes
 
     async def _retire(self, workers: list[AccountWorker], transports: list[Transport]) -> None:
@@ -201,7 +245,11 @@ class App:
         self._stopped.set()
 
     async def shutdown(self, grace: float = 5.0) -> None:
-        """Stop accepting, let in-flight sends finish (up to grace), close everything."""
+        """Stop accepting, let in-flight sends finish (up to grace), let the queue writer
+        commit what sessions submitted and answer them, close everything. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self.handler.accepting = False
         if self.smtp_server is not None:
             self.smtp_server.close()
@@ -215,10 +263,28 @@ class App:
         if self.http_runner is not None:
             await self.http_runner.cleanup()
             self.http_runner = None
-        await self.store.close()
+        await self.store.close()  # every write already submitted is committed first
+        # Each session whose message was committed resumes and sends its 250 before the
+        # loop ends (a later submit is refused: the client gets 451 and keeps its copy).
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._answered.wait(), grace)
         if self._loop_lag is not None:
             self._loop_lag.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_lag
             self._loop_lag = None
-        event(log, logging.INFO, "stopped")
+        if self._started:
+            event(log, logging.INFO, "stopped")
+
+
+def log_config_warnings(config: Config) -> None:
+    """What works but weakens security (tls_verify: false...): at start and at reload."""
+    for warning in config_warnings(config):
+        log.warning("config: %s", warning)
+
+
+def _reason(exc: BaseException) -> str:
+    """A start failure in words, without errno numbers or a traceback."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return str(exc) or type(exc).__name__

@@ -14,13 +14,14 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import yaml
 
 from relay import __version__
 from relay.config import Config, config_warnings, effective_config, load_config
 from relay.errors import ConfigError, RelayError
+from relay.printable import escape
 from relay.runner import run
 
 if TYPE_CHECKING:
@@ -34,15 +35,24 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(path, secrets=getattr(args, "needs_secrets", True))
 
 
+def out(*lines: str, file: TextIO | None = None) -> None:
+    """Print each of ``lines`` as one line, control characters escaped: what the queue
+    holds comes from clients and upstreams, and a CR, LF or ESC sequence in a header
+    or a reply must not forge a line or drive the terminal. Every CLI printer uses it
+    (JSON output needs not: json.dumps escapes them itself)."""
+    for line in lines:
+        print(escape(line), file=file or sys.stdout)
+
+
 def _fail(message: str, code: int = EXIT_FAILURE) -> int:
-    print(f"relay: {message}", file=sys.stderr)
+    out(f"relay: {message}", file=sys.stderr)
     return code
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     for warning in config_warnings(config):
-        print(f"warning: {warning}", file=sys.stderr)
+        out(f"warning: {warning}", file=sys.stderr)
     print(yaml.safe_dump(effective_config(config), sort_keys=False), end="")
     return EXIT_OK
 
@@ -73,24 +83,39 @@ async def _serve(config: Config, path: str | None) -> None:
 
 
 async def _reload(app: App, path: str | None) -> None:
-    """SIGHUP: read the config again; an invalid one leaves the running one in place."""
-    from relay.logs import event, setup_logging
+    """SIGHUP: read the config again; one that is invalid or cannot be applied leaves the
+    running one in place (logging included)."""
+    from relay.logs import build_handler, event, install_handler
 
     log = logging.getLogger("relay")
     try:
         new = load_config(path)
-        notes = await app.reload(new)
-        setup_logging(new.logging.level, new.logging.format, new.logging.file)
+        handler = build_handler(new.logging.format, new.logging.file)
     except ConfigError as exc:
-        for problem in exc.problems:
-            event(log, logging.ERROR, "reload_rejected", reason=problem)
-        event(log, logging.ERROR, "reload_rejected",
-              reason="the new config is invalid; still running with the previous one")
+        _rejected(log, exc.problems)
         return
+    try:
+        notes = await app.reload(new)
+    except ConfigError as exc:
+        handler.close()
+        _rejected(log, exc.problems)
+        return
+    except Exception as exc:  # e.g. the queue file, read for new rate windows
+        handler.close()
+        _rejected(log, [f"cannot apply the new config: {exc}"])
+        return
+    install_handler(handler, new.logging.level)
     for note in notes:
         event(log, logging.WARNING, "reload_note", reason=note)
 
 
+def _rejected(log: logging.Logger, problems: list[str]) -> None:
+    from relay.logs import event
+
+    for problem in problems:
+        event(log, logging.ERROR, "reload_rejected", reason=problem)
+    event(log, logging.ERROR, "reload_rejected",
+          reason="the new config is invalid; still running with the previous one")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -118,7 +143,7 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
         password = sys.stdin.readline().rstrip("\n")
     if not password:
         return _fail("empty password", EXIT_USAGE)
-    print(hash_password(password))
+    out(hash_password(password))
     return EXIT_OK
 
 
@@ -163,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
+            out(f"config error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except RelayError as exc:
         return _fail(str(exc))

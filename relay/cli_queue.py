@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from relay.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _fail, _load
+from relay.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _fail, _load, out
 from relay.cli_progress import ProgressBar
 from relay.config import AccountConfig, Config
 from relay.durations import format_duration, parse_duration
@@ -113,7 +113,7 @@ def _each(args: argparse.Namespace, op: Operation) -> int:
         async with _queue(args) as store:
             for message_id in dict.fromkeys(args.ids):
                 if await _apply(store, op, ids=[message_id]):
-                    print(f"{message_id}: {DONE[op.name]}")
+                    out(f"{message_id}: {DONE[op.name]}")
                 else:
                     refused += 1
                     _fail(refusal(op, message_id, await store.state_of(message_id)))
@@ -153,17 +153,17 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps([_as_dict(m) for m in messages], indent=2))
         return EXIT_OK
     if not messages:
-        print("queue is empty")
+        out("queue is empty")
         return EXIT_OK
-    print(f"{'ID':<20} {'STATE':<9} {'ACCOUNT':<12} {'PRIO':<6} {'TRIES':>5} "
+    out(f"{'ID':<20} {'STATE':<9} {'ACCOUNT':<12} {'PRIO':<6} {'TRIES':>5} "
           f"{'CREATED':<20} SENDER -> RECIPIENTS")
     for m in messages:
         rcpts = ", ".join(r.address for r in m.recipients)
-        print(f"{m.id:<20} {m.state!s:<9} {m.account:<12} {m.priority.name.lower():<6} "
+        out(f"{m.id:<20} {m.state!s:<9} {m.account:<12} {m.priority.name.lower():<6} "
               f"{m.attempts:>5} {_iso(m.created_at):<20} <{m.sender}> -> {rcpts}")
         if m.last_error:
-            print(f"{'':<20} last error: {m.last_error}")
-    print(f"-- {len(messages)} message(s)")
+            out(f"{'':<20} last error: {m.last_error}")
+    out(f"-- {len(messages)} message(s)")
     return EXIT_OK
 
 
@@ -185,16 +185,16 @@ def cmd_show(args: argparse.Namespace) -> int:
         return EXIT_OK
     for key in ("id", "state", "account", "priority", "sender", "size", "attempts",
                 "created_at", "next_attempt_at", "last_error"):
-        print(f"{key + ':':<17}{data[key]}")
-    print("recipients:")
+        out(f"{key + ':':<17}{data[key]}")
+    out("recipients:")
     for r in data["recipients"]:
-        print(f"  <{r['address']}> {r['state']} {r['reply']}".rstrip())
-    print("headers:" if body is not None else "headers:        (body no longer kept)")
+        out(f"  <{r['address']}> {r['state']} {r['reply']}".rstrip())
+    out("headers:" if body is not None else "headers:        (body no longer kept)")
     for k, v in data["headers"] or []:
-        print(f"  {k}: {v}")
-    print("attempts:")
+        out(f"  {k}: {v}")
+    out("attempts:")
     for a in data["attempt_log"]:
-        print(f"  {a['at']} {a['account']} {a['outcome']}: {a['reply']}")
+        out(f"  {a['at']} {a['account']} {a['outcome']}: {a['reply']}")
     return EXIT_OK
 
 
@@ -206,7 +206,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     count = _bulk(args, RETRY_ALL)
     if not count:
         return _fail("no deferred messages to retry")
-    print(f"{count} deferred message(s) queued, due now")
+    out(f"{count} deferred message(s) queued, due now")
     return EXIT_OK
 
 
@@ -221,7 +221,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
             return count
 
     count = asyncio.run(run())
-    print(f"{count} deferred message(s) due now; accounts backing off resume")
+    out(f"{count} deferred message(s) due now; accounts backing off resume")
     return EXIT_OK
 
 
@@ -246,7 +246,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     count = _bulk(args, Operation("delete", frozenset({MessageState(args.state)}), None))
     if not count:
         return _fail(f"no {args.state} messages to delete")
-    print(f"deleted {count} {args.state} message(s)")
+    out(f"deleted {count} {args.state} message(s)")
     return EXIT_OK
 
 
@@ -256,7 +256,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(f"queue purge: --older-than {exc}", EXIT_USAGE)
     count = _bulk(args, PURGE, updated_before=time.time() - age)
-    print(f"purged {count} delivered/failed record(s) older than {format_duration(age)}")
+    out(f"purged {count} delivered/failed record(s) older than {format_duration(age)}")
     return EXIT_OK
 
 
@@ -323,13 +323,13 @@ def cmd_accounts_test(args: argparse.Namespace) -> int:
     if account is None:
         return _fail(f"no account named {args.name!r} (accounts: {', '.join(config.accounts)})")
     if account.transport == "maildir":
-        print(f"account {args.name}: maildir {account.path}")
+        out(f"account {args.name}: maildir {account.path}")
     else:  # never the password
-        print(f"account {args.name}: smtp {account.host}:{account.effective_port}"
+        out(f"account {args.name}: smtp {account.host}:{account.effective_port}"
               f" tls={account.tls} user={account.username or '(none)'}")
     steps = asyncio.run(_check_account(args.name, account))
     for step, ok, text in steps:
-        print(f"  {step + ':':<11}{text if ok is not False else 'FAILED: ' + text}")
+        out(f"  {step + ':':<11}{text if ok is not False else 'FAILED: ' + text}")
     return EXIT_OK if all(ok for _, ok, _ in steps) else EXIT_FAILURE
 
 

@@ -42,6 +42,7 @@ from relay.cli import EXIT_OK, _load
 from relay.config import Config
 from relay.health import HEALTH_KEY, AccountHealth, HealthReport, decode
 from relay.message import MessageState, QueuedMessage
+from relay.printable import escape
 
 S = MessageState
 STATES = [str(s) for s in MessageState]
@@ -232,7 +233,8 @@ def render(summary: dict[str, Any]) -> str:
     lines = [f"relay status of {queue} at {summary['generated_at']}", "",
              *_queue_lines(summary), "", *_attempt_lines(summary), "",
              *_health_lines(summary, str(lock_path(Path(queue))))]
-    return "\n".join(lines) + "\n"
+    # One escape per line, as cli.out: last errors come from upstreams.
+    return "\n".join(escape(line) for line in lines) + "\n"
 
 
 # -- I/O ----------------------------------------------------------------------------------

@@ -249,6 +249,8 @@ class AccountConfig(_Frozen):
     port: Port | None = None
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     tls_verify: bool = True
+    # A private CA's certificate(s), PEM, trusted for this account beside the system's.
+    tls_ca_file: Path | None = None
     username: str | None = None
     password_env: str | None = None
     password_file: Path | None = None
@@ -270,6 +272,12 @@ class AccountConfig(_Frozen):
             return self
         if not self.host:
             raise ValueError("host: required for an smtp account")
+        if self.tls_ca_file is not None:
+            if self.tls == "none" or not self.tls_verify:
+                raise ValueError("tls_ca_file: certificates are not checked with"
+                                 f" {'tls: none' if self.tls == 'none' else 'tls_verify: false'}")
+            if not self.tls_ca_file.is_file():
+                raise ValueError(f"tls_ca_file: no such file {self.tls_ca_file}")
         sources = [k for k in ("password_env", "password_file", "password") if getattr(self, k)]
         if len(sources) > 1:
             raise ValueError(f"{sources[1]}: give only one of {', '.join(sources)}")
@@ -491,11 +499,10 @@ def _readable_by_others(key: str, path: Path) -> list[str]:
 def effective_config(config: Config) -> dict[str, Any]:
     """The config as a plain mapping with defaults filled in and secrets masked."""
     data = config.model_dump(mode="json")
+    _mask_secrets(data)
     for name, acc in data["accounts"].items():
         # The merged policy the account runs with, not the keys its block happens to set.
         acc["retry"] = config.retry_for(name).model_dump(mode="json")
-        if acc.get("password"):
-            acc["password"] = MASK
         if config.accounts[name].transport == "smtp":
             acc["port"] = config.accounts[name].effective_port
         else:
@@ -504,6 +511,24 @@ def effective_config(config: Config) -> dict[str, Any]:
                     del acc[key]
     _durations_as_text(data)
     return data
+
+
+# Keys whose values are secrets (or, as a password hash, let one be guessed offline);
+# password_env and password_file only say where a secret is, and are shown.
+_SECRET_KEY = re.compile(r"(^|_)(password|passwd|secret|token|hash|api_key|private_key)$")
+
+
+def _mask_secrets(node: Any) -> None:
+    """Replace every set secret-like value, at any depth, by MASK."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(key, str) and _SECRET_KEY.search(key) and value:
+                node[key] = MASK
+            else:
+                _mask_secrets(value)
+    elif isinstance(node, list):
+        for item in node:
+            _mask_secrets(item)
 
 
 def _durations_as_text(node: Any) -> None:

@@ -51,6 +51,32 @@ log = logging.getLogger("relay.smtpd")
 Submit = Callable[[NewMessage], Awaitable[None]]
 Admit = Callable[[str], Awaitable[bool]]  # False: the account is too far behind its limit
 
+# aiosmtpd logs this on mail.log for every session whose server requires AUTH without
+# TLS. relay allows that only on loopback (config refuses it elsewhere), so each session
+# would repeat a warning that does not apply: dropped here, once, and nothing else.
+_AUTH_WITHOUT_TLS = "auth_required == True but auth_require_tls == False"
+
+
+def _not_auth_without_tls(record: logging.LogRecord) -> bool:
+    return record.getMessage() != _AUTH_WITHOUT_TLS
+
+
+logging.getLogger("mail.log").addFilter(_not_auth_without_tls)
+
+
+class _Session(Session):
+    """aiosmtpd's Session without the deprecated ``login_data``: aiosmtpd itself sets it
+    after every successful AUTH, and logs a deprecation warning each time. relay reads
+    ``auth_data`` (the user name its authenticator returns) and never this."""
+
+    @property
+    def login_data(self) -> Any:
+        return None
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        pass
+
 
 async def _always(_: str) -> bool:
     return True
@@ -85,10 +111,12 @@ class IngestHandler:
         self.accepting = True
         self.configure(config)
 
-    def configure(self, config: Config) -> None:
-        """Take a new config (SIGHUP): routing, accounts, limits and listener users."""
+    def configure(self, config: Config, auth: ListenerAuth | None = None) -> None:
+        """Take a new config (SIGHUP): routing, accounts, limits and listener users
+        (``auth``, built beforehand by a reload so that reading its files cannot fail
+        half-way through the switch)."""
         self.config = config
-        self.auth = ListenerAuth(config.listen.auth)
+        self.auth = auth or ListenerAuth(config.listen.auth)
 
     def reject(self, reason: str, reply: replies.Reply) -> str:
         self.metrics.rejected.labels(reason).inc()
@@ -516,6 +544,9 @@ class RelaySMTP(ChunkedDataSMTP):
     def __dir__(self) -> list[str]:
         # aiosmtpd builds its command and AUTH tables from dir(self) on every connection.
         return _hook_names(type(self), ("smtp_", "auth_"))
+
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses every MAIL/RCPT path with email's RFC 5322 header parser

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.errors import ConfigError
+from relay.printable import escape, field_value
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
@@ -25,18 +26,35 @@ def event(logger: logging.Logger, level: int, name: str, queue_id: str | None = 
     """Log one event; fields become key=value in text and keys in JSON."""
     if not logger.isEnabledFor(level):
         return
-    parts = [f"{queue_id}:" if queue_id else "", name]
+    parts = [f"{escape(queue_id)}:" if queue_id else "", name]
     for key, value in fields.items():
         if value is None:
             continue
-        text = str(value)
-        parts.append(f"{key}={json.dumps(text) if (' ' in text or not text) else text}")
+        # Values come from clients and upstreams: escaped, so none can forge a line.
+        parts.append(f"{key}={field_value(str(value))}")
     logger.log(level, " ".join(p for p in parts if p),
                extra={"event": name, "queue_id": queue_id, "fields": fields})
 
 
+class TextFormatter(logging.Formatter):
+    """The text format; a message not made by event() (a library's, a config warning) is
+    escaped here, so no log line carries a raw control character. Tracebacks keep their
+    lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if getattr(record, "event", None) is None:
+            record.message = escape(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        # Line by line: an exception's message may quote a client's bytes.
+        return "\n".join(escape(line) for line in super().formatException(ei).splitlines())
+
+
 class JsonFormatter(logging.Formatter):
-    """A small formatter of our own so the keys are ours and documented (docs/logging.md)."""
+    """A small formatter of our own so the keys are ours and documented (docs/logging.md).
+
+    json.dumps (ensure_ascii) writes every control character as an escape."""
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
@@ -63,6 +81,12 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str = "info", fmt: str = "text", file: Path | None = None) -> None:
     """Log to stderr, or to ``file``: reopened when logrotate moves it (no copytruncate)."""
+    install_handler(build_handler(fmt, file), level)
+
+
+def build_handler(fmt: str = "text", file: Path | None = None) -> logging.Handler:
+    """The handler for a logging config; ConfigError (naming the key) if the file cannot be
+    opened. Nothing is changed yet, so a reload can check this before switching."""
     handler: logging.Handler
     if file is None:
         handler = logging.StreamHandler(sys.stderr)
@@ -71,11 +95,13 @@ def setup_logging(level: str = "info", fmt: str = "text", file: Path | None = No
             handler = logging.handlers.WatchedFileHandler(file, encoding="utf-8")
         except OSError as exc:
             raise ConfigError([f"logging.file: cannot open {file}: {exc.strerror}"]) from None
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    return handler
+
+
+def install_handler(handler: logging.Handler, level: str = "info") -> None:
+    """Make ``handler`` the only one on the root logger."""
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -368,21 +368,32 @@ class Scheduler:
             worker.limiter.restore(await self.store.recent_sends(worker.name, since), now)
         worker.start()
 
-    async def replace_accounts(
+    async def prepare_workers(
         self, config: Config, transports: dict[str, Transport], names: set[str]
-    ) -> list[AccountWorker]:
-        """Reload: new workers for the named accounts (added or changed); accounts no
-        longer configured stop. Returns the retired workers, for the caller to drain."""
+    ) -> dict[str, AccountWorker]:
+        """Reload, step 1: new workers for the named accounts (added or changed), their
+        rate windows restored. May fail (the queue file); changes nothing running."""
+        now = self.clock()
+        fresh = {name: self._make_worker(name, config, transports[name]) for name in names}
+        for worker in fresh.values():
+            if worker.limiter.limited:
+                since = now - worker.limiter.longest_window
+                worker.limiter.restore(await self.store.recent_sends(worker.name, since), now)
+        return fresh
+
+    def swap_workers(self, config: Config, fresh: dict[str, AccountWorker]) -> list[AccountWorker]:
+        """Reload, step 2, without an await (no session sees half of it): the prepared
+        workers start, accounts no longer configured stop. Returns the retired workers,
+        for the caller to drain."""
         self.bounce_account = config.routing.default_account if config.bounces.enabled else None
-        retired = [w for n, w in self.workers.items() if n in names or n not in config.accounts]
+        retired = [w for n, w in self.workers.items() if n in fresh or n not in config.accounts]
         for worker in retired:
             worker.stop_claiming()
             del self.workers[worker.name]
             self.health.update(AccountHealth(worker.name, 0.0, 0))  # a fresh start
-        now = self.clock()
-        for name in names:
-            self.workers[name] = self._make_worker(name, config, transports[name])
-            await self._start_worker(self.workers[name], now)
+        for name, worker in fresh.items():
+            self.workers[name] = worker
+            worker.start()
         return retired
 
     async def drain(self, workers: list[AccountWorker], grace: float) -> None:
@@ -410,7 +421,11 @@ class Scheduler:
         self._watcher = asyncio.create_task(self._watch(), name="queue-watcher")
 
     def notify(self, account: str) -> None:
-        self.workers[account].notify()
+        """Wake the account's worker; an account removed by a reload has none (its
+        messages wait until it returns)."""
+        worker = self.workers.get(account)
+        if worker is not None:
+            worker.notify()
 
     async def _send_bounce(
         self, message: QueuedMessage, failed: list[Recipient], original: bytes

@@ -207,7 +207,7 @@ class SQLiteStore:
         self._db: sqlite3.Connection | None = None  # used only on the writer thread
         self._write_thread: ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._pending: asyncio.Queue[_Op] = asyncio.Queue()
+        self._pending: asyncio.Queue[_Op | None] = asyncio.Queue()  # None: stop
         self._writer: asyncio.Task[None] | None = None
         self._data_version: int | None = None
         self.commits = 0  # for the benchmark: writes per sync
@@ -295,11 +295,27 @@ class SQLiteStore:
         self._lock_fd = fd
 
     async def close(self) -> None:
+        """Commit and answer every write already submitted, then close.
+
+        Cancelling the writer instead would leave a batch committed by the writer thread
+        with its callers never told: a session would get no 250 for a queued message and
+        its client would send it again. Writes submitted from now on are refused.
+        """
+        cancelled = False
         if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-            self._writer = None
+            writer, self._writer = self._writer, None
+            self._pending.put_nowait(None)  # the writer stops once it reaches this
+            try:
+                await asyncio.wait({writer})  # (never raises the writer's own exception)
+            except asyncio.CancelledError:  # still close the files (and release the lock)
+                writer.cancel()
+                cancelled = True
+            if writer.done() and not writer.cancelled() and writer.exception() is not None:
+                log.error("queue writer had stopped: %r", writer.exception())
+            while not self._pending.empty():  # only if the writer died: fail, never hang
+                op = self._pending.get_nowait()
+                if op is not None:
+                    self._settle([op], StoreError("queue closed before this write"))
         if self._reader is not None:
             with contextlib.suppress(sqlite3.Error, ValueError):
                 await self._reader.close()
@@ -313,6 +329,8 @@ class SQLiteStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if cancelled:
+            raise asyncio.CancelledError
 
     # -- the writer -------------------------------------------------------------
     async def _submit(self, op: _Op) -> Any:
@@ -323,10 +341,19 @@ class SQLiteStore:
         return await op.future
 
     async def _write_loop(self) -> None:
-        while True:
-            batch = [await self._pending.get()]
-            while self._group and not self._pending.empty():
-                batch.append(self._pending.get_nowait())
+        stopping = False
+        while not stopping:
+            first = await self._pending.get()
+            batch = [] if first is None else [first]
+            stopping = first is None
+            while self._group and not stopping and not self._pending.empty():
+                op = self._pending.get_nowait()
+                if op is None:
+                    stopping = True
+                else:
+                    batch.append(op)
+            if not batch:
+                continue
             error = await self._commit(batch)
             if error is not None and len(batch) > 1 and not isinstance(error, StoreFullError):
                 # One bad write must not fail the others: each again on its own.

@@ -26,7 +26,7 @@ import aiosmtplib
 
 from relay import smtpwire
 from relay.config import AccountConfig
-from relay.errors import DeliveryError, PermanentFailure, TemporaryFailure
+from relay.errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
 from relay.smtpwire import Reply
 from relay.transport import SendResult
 
@@ -161,6 +161,21 @@ def _refusal(reply: Reply, what: str) -> DeliveryError:
     return cls(text or f"{what} refused", code=reply.code, enhanced=enhanced)
 
 
+def _tls_context(name: str, account: AccountConfig) -> ssl.SSLContext | None:
+    """With tls_ca_file: the system's CAs and the account's own (Postfix's
+    smtp_tls_CAfile), built once so that a bad file fails the start or reload."""
+    if account.tls_ca_file is None or account.tls == "none":
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    try:
+        context.load_verify_locations(cafile=account.tls_ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise ConfigError([f"accounts.{name}.tls_ca_file: cannot load"
+                           f" {account.tls_ca_file}: {reason}"]) from None
+    return context
+
+
 class UpstreamPool:
     """At most pool.max_connections connections to one account, reused between messages."""
 
@@ -176,6 +191,7 @@ class UpstreamPool:
         self.account = account
         self._local_hostname = local_hostname or socket.gethostname()
         self._on_connect = on_connect
+        self._tls_context = _tls_context(name, account)
         self._limit = asyncio.Semaphore(account.pool.max_connections)
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
@@ -197,6 +213,7 @@ class UpstreamPool:
             use_tls=acc.tls == "implicit",
             start_tls=acc.tls == "starttls",  # required, never opportunistic
             validate_certs=acc.tls_verify,
+            tls_context=self._tls_context,  # None: aiosmtplib's (system CAs, tls_verify)
             timeout=acc.timeouts.command,
             local_hostname=self._local_hostname,
         )

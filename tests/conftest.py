@@ -6,9 +6,11 @@ import asyncio
 import gc
 import os
 import shutil
+import ssl
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -192,6 +194,34 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )
     return cert, key
+
+
+@dataclass(frozen=True)
+class PrivateCA:
+    """A CA made for one test, and a server certificate it signed for 127.0.0.1/localhost."""
+
+    ca_cert: Path
+    server_context: ssl.SSLContext  # for a FakeUpstream that offers STARTTLS
+
+
+@pytest.fixture
+def private_ca(tmp_path: Path) -> PrivateCA:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make certificates")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=relay test CA", "-keyout", "ca.key", "-out", "ca.pem")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+            "-keyout", "server.key", "-out", "server.csr")
+    (tmp_path / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "1", "-extfile", "san.ext", "-out", "server.pem")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    return PrivateCA(tmp_path / "ca.pem", context)
 
 
 Launch = Callable[[Path], Awaitable["RelayProcess"]]

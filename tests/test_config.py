@@ -277,6 +277,21 @@ def test_check_config_masks_every_secret(
     assert "warning: accounts.literal.password:" in err
 
 
+def test_check_config_masks_listener_password_hashes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A listener user's argon2 hash lets a password be guessed offline: masked too."""
+    from relay.auth import hash_password
+
+    digest = hash_password("listener-pw")
+    text = ("listen:\n  auth:\n    users:\n"
+            f"      app:\n        password_hash: '{digest}'\n")
+    code, out, err = run_cli(["check-config", "--config", str(write(tmp_path, text))], capsys)
+    assert code == 0
+    assert digest not in out + err and "$argon2" not in out + err
+    assert yaml.safe_load(out)["listen"]["auth"]["users"]["app"]["password_hash"] == "********"
+
+
 def test_check_config_without_file_prints_the_defaults(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -206,10 +206,13 @@ def test_docker_config_loads_and_fits_the_image(monkeypatch: pytest.MonkeyPatch)
     assert config.queue.path == volume / "queue.sqlite3"
     outbox = config.accounts[config.routing.default_account]
     assert outbox.transport == "maildir" and outbox.path == volume / "outbox"
-    assert config.listen.host == "0.0.0.0" and config.metrics.host == "0.0.0.0"
-    # Listening on every interface, so who may connect must be private networks only.
+    assert config.listen.host == "0.0.0.0"
+    # Listening on every interface, so who may connect must be loopback and Docker's
+    # default bridge only: not whole private ranges, where a LAN may keep its addresses.
     networks = [ipaddress.ip_network(n) for n in config.listen.allowed_networks or []]
-    assert networks and all(n.is_private or n.is_loopback for n in networks)
+    assert networks and all(n.is_loopback or n == ipaddress.ip_network("172.17.0.0/16")
+                            for n in networks)
+    assert config.metrics.host == "127.0.0.1", "/metrics inside the container only"
     assert config.metrics.enabled, "the image's HEALTHCHECK reads /healthz"
 
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")

@@ -457,7 +457,11 @@ def test_queue_file_is_private(tmp_path: Path) -> None:
     from relay.store import SQLiteStore
 
     store = SQLiteStore(tmp_path / "new-dir" / "queue.sqlite3")
-    aio.run(store.open())
-    aio.run(store.close())
+
+    async def open_and_close() -> None:  # in one loop: close() waits for the writer task
+        await store.open()
+        await store.close()
+
+    aio.run(open_and_close())
     assert stat.S_IMODE((tmp_path / "new-dir").stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "new-dir" / "queue.sqlite3").stat().st_mode) == 0o600

@@ -8,7 +8,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "relay"
 # Lower number = lower layer. A module may import its own layer or lower ones.
 LAYERS = {
-    "vocabulary": (0, {"message", "errors", "replies", "transport", "durations", "runner"}),
+    "vocabulary": (0, {"message", "errors", "replies", "transport", "durations", "runner",
+                    "printable"}),
     "core": (1, {"config", "headers", "routing", "priority", "ratelimit", "retry", "outcome",
                  "bounce", "queueops", "smtpwire", "smtpdata", "addresses",
                  "throttle"}),

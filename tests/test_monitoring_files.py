@@ -9,6 +9,7 @@ Each tool's test is skipped, saying why, where the tool is missing.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shutil
@@ -24,6 +25,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.cli import EXIT_USAGE
+from relay.config import load_config
 from relay.message import MessageState
 from relay.metrics import REJECT_REASONS
 from tests.conftest import (
@@ -42,6 +44,7 @@ ALERTS = ROOT / "config" / "prometheus-alerts.yml"
 DASHBOARD = ROOT / "config" / "grafana-dashboard.json"
 UNIT = ROOT / "config" / "relay.service"
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
+COMPOSE_RELAY = ROOT / "deploy" / "relay.yaml"  # mounted over the image's config
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 MONITORING_DOC = ROOT / "docs" / "monitoring.md"
 
@@ -257,7 +260,7 @@ def test_compose_publishes_on_loopback_and_mounts_the_rules() -> None:
     assert mounts[f"/etc/prometheus/{rule_file}"] == ALERTS.resolve()
     # The job names the alerts select on, and targets that exist in the compose project.
     jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
-    docker_config = yaml.safe_load((ROOT / "config" / "relay.docker.yaml").read_text())
+    docker_config = yaml.safe_load(COMPOSE_RELAY.read_text())
     assert jobs["relay"]["static_configs"][0]["targets"] == [
         f"relay:{docker_config['metrics']['port']}"
     ]
@@ -268,6 +271,25 @@ def test_compose_publishes_on_loopback_and_mounts_the_rules() -> None:
     assert address.split(":")[0] in services
     selected = {m for r in alert_rules() for m in re.findall(r'job="([^"]+)"', r["expr"])}
     assert selected <= jobs.keys()
+
+
+def test_compose_opens_relay_to_its_own_network_only() -> None:
+    """relay's config in compose admits loopback and the project's fixed subnet, nothing
+    wider; the image's own config keeps /metrics inside the container."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert "./relay.yaml:/etc/relay/relay.yaml:ro" in compose["services"]["relay"]["volumes"]
+    (subnet,) = [c["subnet"] for c in compose["networks"]["default"]["ipam"]["config"]]
+    config = load_config(COMPOSE_RELAY)
+    networks = {ipaddress.ip_network(n) for n in config.listen.allowed_networks or []}
+    loopback = {n for n in networks if n.is_loopback}
+    assert networks - loopback == {ipaddress.ip_network(subnet)}
+    assert ipaddress.ip_network(subnet).prefixlen >= 24
+    image = load_config(ROOT / "config" / "relay.docker.yaml")
+    assert image.metrics.host == "127.0.0.1"
+    image_data = image.model_dump(exclude={"listen", "metrics"})
+    assert config.model_dump(exclude={"listen", "metrics"}) == image_data
+    assert config.listen.port == image.listen.port
+    assert config.metrics.port == image.metrics.port
 
 
 def _compose_command() -> list[str] | None:

@@ -156,6 +156,10 @@ async def test_second_relay_on_same_queue_refuses_to_start(
     assert "another relay is already using" in second.stderr
     assert str(tmp_path / "queue.sqlite3") in second.stderr
     assert not second.started.is_set()
+    # It never started, so it did not stop either (issue 19 point 4).
+    (failed,) = [line for line in second.lines if "relay: start_failed reason=" in line]
+    assert "another relay is already using" in failed
+    assert not any(line.endswith("relay: stopped") for line in second.lines), second.stderr
 
     # The first one is unharmed.
     code, _ = await send(first.port, message("still here"))
@@ -180,6 +184,10 @@ async def test_serve_on_a_port_in_use_exits_with_a_clear_message(
     assert "relay: cannot listen" in relay.stderr
     assert "Traceback" not in relay.stderr
     assert not relay.started.is_set()
+    # `start_failed` once, and no `stopped` (it used to log `stopped` twice).
+    (failed,) = [line for line in relay.lines if "relay: start_failed reason=" in line]
+    assert "address already in use" in failed
+    assert not any(line.endswith("relay: stopped") for line in relay.lines), relay.stderr
 
 
 async def test_serve_on_a_corrupt_queue_file_exits_promptly(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import ssl
 import time
 import warnings
 from collections.abc import Awaitable, Callable
@@ -279,8 +280,10 @@ class FakeUpstream:
         smtputf8: bool = True,
         pipelining: bool = True,
         data_size_limit: int | None = DATA_SIZE_DEFAULT,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.username = username
+        self.tls_context = tls_context  # STARTTLS offered (and required) with this
         self.password = password
         self.hostname = hostname
         self.smtputf8 = smtputf8
@@ -358,6 +361,8 @@ class FakeUpstream:
                 # in EHLO nor accepted (538).
                 auth_require_tls=not auth,
                 authenticator=self._authenticate,
+                tls_context=self.tls_context,
+                require_starttls=self.tls_context is not None,
                 loop=asyncio.get_running_loop(),
             )
 
