@@ -110,7 +110,7 @@ class QueueStore(Protocol):
     async def next_due_at(self, account: str) -> float | None: ...
     async def waiting_count(self, account: str) -> int: ...
     async def load_body(self, message_id: str) -> bytes: ...
-    async def finish(self, result: AttemptResult) -> None: ...
+    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> None: ...
     async def requeue(self, ids: Sequence[str], now: float) -> None: ...
     async def counts(self) -> dict[tuple[str, str], int]: ...
     async def oldest_ready(self) -> dict[str, float]: ...
@@ -189,6 +189,7 @@ class _Claim(_Op):
 @dataclass
 class _Finish(_Op):
     attempt: AttemptResult = field(kw_only=True)
+    bounce: NewMessage | None = field(default=None, kw_only=True)
 
 
 @dataclass
@@ -368,6 +369,9 @@ class SQLiteStore:
 
     def _apply(self, db: sqlite3.Connection, batch: list[_Op]) -> None:
         enqueues = [op.message for op in batch if isinstance(op, _Enqueue)]
+        # A bounce is committed with the outcome that causes it: one cannot be lost
+        # without the other.
+        enqueues += [op.bounce for op in batch if isinstance(op, _Finish) and op.bounce]
         if enqueues:
             db.executemany(
                 f"INSERT INTO messages ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -441,8 +445,9 @@ class SQLiteStore:
         )
         return result
 
-    async def finish(self, result: AttemptResult) -> None:
-        await self._submit(_Finish(attempt=result))
+    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> None:
+        """Record an attempt's outcome and queue its bounce, if any, in one transaction."""
+        await self._submit(_Finish(attempt=result, bounce=bounce))
 
     async def execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
         """Run writes in one transaction; return each statement's row count."""
