@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -584,54 +583,33 @@ def delivered_targets(delivered: dict[str, Any] | None) -> list[Target]:
 
 
 async def fill_delivered(path: Path, n: int, *, account: str) -> None:
-    """Write ``n`` delivered messages with one attempt each straight into a new queue file
-    (SQL, not SMTP: a million through the listener would take the whole run)."""
+    """A new queue file holding ``n`` delivered messages, each with one attempt, a day
+    old (through the store in one statement: a million over SMTP would take the run)."""
     from relay.store import SQLiteStore
 
     store = SQLiteStore(path, lock=False)
-    await store.open()  # the current schema, with its count triggers
-    await store.close()
-    now = time.time()
-
-    def fill() -> None:
-        db = sqlite3.connect(path)
-        try:
-            db.execute("PRAGMA synchronous = OFF")
-            db.execute(
-                "WITH RECURSIVE i(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM i WHERE k < ?)"
-                " INSERT INTO messages (id, state, account, priority, sender, recipients, size,"
-                " attempts, created_at, next_attempt_at, last_error, updated_at, mail_options)"
-                " SELECT printf('D%019d', k), 'delivered', ?, 3, 'app@example.com',"
-                " '[[\"to@example.com\", \"delivered\", \"250 2.0.0 ok\"]]', 10240, 1,"
-                " ? + k * 1e-4, ? + k * 1e-4, '', ? + k * 1e-4 + 1, '' FROM i",
-                (n, account, now - 86400, now - 86400, now - 86400),
-            )
-            db.execute(
-                "INSERT INTO attempts (message_id, account, at, outcome, reply)"
-                " SELECT id, account, updated_at, 'delivered', '250 2.0.0 ok' FROM messages"
-            )
-            db.commit()
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            db.close()
-
-    await asyncio.to_thread(fill)
+    await store.open()
+    try:
+        await store.add_delivered_records(n, account=account, at=time.time() - 86400)
+    finally:
+        await store.close()
 
 
 async def scrape_times(port: int, times: int) -> list[float]:
-    """Seconds per GET /metrics, body read in full, one after another."""
-    import aiohttp
-
-    url = f"http://{HOST}:{port}/metrics"
+    """Seconds per GET /metrics, a new connection each, response read in full."""
     out = []
-    async with aiohttp.ClientSession() as http:
-        for _ in range(times):
-            started = time.perf_counter()
-            async with http.get(url) as response:
-                await response.read()
-                if response.status != 200:
-                    raise BenchSetupError(f"GET /metrics answered {response.status}")
-            out.append(time.perf_counter() - started)
+    for _ in range(times):
+        started = time.perf_counter()
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            writer.write(f"GET /metrics HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
+            response = await reader.read()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        out.append(time.perf_counter() - started)
+        if not response.startswith(b"HTTP/1.1 200") and not response.startswith(b"HTTP/1.0 200"):
+            raise BenchSetupError(f"GET /metrics answered {response[:40]!r}")
     return out
 
 

@@ -798,6 +798,20 @@ class SQLiteStore:
         ]
         return await self._in_windows(where, params, templates, (), progress, chunk)
 
+    async def add_delivered_records(self, n: int, *, account: str, at: float) -> None:
+        """For `relay bench`: ``n`` synthetic delivered messages with one attempt each."""
+        await self.execute([
+            ("WITH RECURSIVE i(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM i WHERE k < ?)"
+             f" INSERT INTO messages ({COLUMNS})"
+             " SELECT printf('D%019d', k), 'delivered', ?, 3, 'app@example.com',"
+             " '[[\"to@example.com\", \"delivered\", \"250 2.0.0 ok\"]]', 10240, 1,"
+             " ? + k * 1e-4, ? + k * 1e-4, '', ? + k * 1e-4, '' FROM i",
+             (n, account, at, at, at)),
+            ("INSERT INTO attempts (message_id, account, at, outcome, reply)"
+             " SELECT id, account, updated_at, 'delivered', '250 2.0.0 ok' FROM messages"
+             " WHERE id LIKE 'D%' AND state='delivered'", ()),
+        ])
+
     async def state_of(self, message_id: str) -> MessageState | None:
         rows = await self._fetch("SELECT state FROM messages WHERE id=?", (message_id,))
         return MessageState(rows[0][0]) if rows else None
