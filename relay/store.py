@@ -8,6 +8,10 @@ then the commit) is one call to it: with aiosqlite each statement would be a rou
 through the event loop, and under load those waits, not the sync, made a commit slow.
 Reads (bodies, counts, listings) use a second connection through aiosqlite; WAL lets
 them run beside the writer.
+
+The file stays bounded: the server prunes delivered records and old send times a small
+batch at a time (``start_pruning``), and per-state counts live in a table kept by
+triggers, so nothing on a hot or periodic path reads every row.
 """
 
 from __future__ import annotations
