@@ -118,6 +118,7 @@ class App:
             await self.store.open()  # StoreError: corrupt, foreign or locked queue file
             self._loop_lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag))
             await self.scheduler.start()
+            self.store.start_pruning(self.config.queue.keep_delivered, time.time)
             self.smtp_server = await start_listener(self.config, self.handler, self.limits)
             self.smtp_port = self.smtp_server.sockets[0].getsockname()[1]
             if self.config.metrics.enabled:

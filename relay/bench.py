@@ -61,8 +61,10 @@ CASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ack": ("ack latency, persistent sessions, delivering", (RELAY, PER_MESSAGE, BARE)),
     "e2e": ("end-to-end, msgs/s", (RELAY, POSTFIX)),
 }
-FULL = {"rounds": 3, "messages": 5000, "e2e_messages": 20_000, "queued": 100_000}
-QUICK = {"rounds": 1, "messages": 300, "e2e_messages": 1000, "queued": 2000}
+FULL = {"rounds": 3, "messages": 5000, "e2e_messages": 20_000, "queued": 100_000,
+        "delivered": 1_000_000}
+QUICK = {"rounds": 1, "messages": 300, "e2e_messages": 1000, "queued": 2000, "delivered": 2000}
+SCRAPES = 20  # GET /metrics this many times over a queue of delivered records
 MIN_RATE = 20.0  # msgs/s: below this a load is cut off (every wait here is bounded)
 QUIET_S = 0.5  # a sink count that has not moved for this long is final
 WARMUP_PER_SESSION = 5  # untimed messages per sender before each measurement
@@ -74,6 +76,7 @@ class Options:
     messages: int
     e2e_messages: int
     queued: int
+    delivered: int = 0
     size: int = 10_240
     sessions: int = 20
     load: str = "auto"
@@ -123,12 +126,13 @@ class RelayProcess(ServerProcess):
         self.upstream_port = upstream_port
         self.commit = commit
         self.startup_s = 0.0
+        self.metrics_port = 0
 
     def config(self) -> dict[str, Any]:
         return {
             "listen": {"host": HOST, "port": self.port},
             "queue": {"path": str(self.queue), "commit": self.commit},
-            "metrics": {"enabled": True, "host": HOST, "port": 0},
+            "metrics": {"enabled": True, "host": HOST, "port": self.metrics_port},
             "logging": {"level": "info", "format": "text"},
             "accounts": {
                 "sink": {
@@ -145,6 +149,7 @@ class RelayProcess(ServerProcess):
         """Spawn and wait for the 220 greeting; startup_s is the time that took."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.metrics_port = free_port()
         parse_config(self.config())  # fail here, not in the child, on a bad config
         path = self.root / "relay.yaml"
         path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
@@ -370,6 +375,29 @@ class Bench:
             self._done_with(root)
         return out
 
+    async def delivered(self) -> dict[str, Any]:
+        """A queue file holding ``delivered`` delivered records, all younger than
+        queue.keep_delivered (none is pruned: the worst case): /metrics time and RSS."""
+        n = self.options.delivered
+        root = self._dir("delivered")
+        out: dict[str, Any] = {"messages": n}
+        try:
+            started = time.perf_counter()
+            await fill_delivered(root / "queue.sqlite3", n, account="sink")
+            out["fill_s"] = time.perf_counter() - started
+            out["queue_file_mb"] = (
+                sum(p.stat().st_size for p in root.glob("queue.sqlite3*")) / 2**20
+            )
+            async with RelayProcess(root, upstream_port=free_port()) as relay:
+                out["startup_s"] = relay.startup_s
+                times = await scrape_times(relay.metrics_port, SCRAPES)
+                out["scrape_p50_ms"] = statistics.median(times) * 1000
+                out["scrape_max_ms"] = max(times) * 1000
+                out["rss_mb"] = rss_mb(relay.pid)
+        finally:
+            self._done_with(root)
+        return out
+
     # -- the run ---------------------------------------------------------------------
     async def measure(self, case: str, system: str, round_: int) -> Sample:
         n = self.options.e2e_messages if case == "e2e" else self.options.messages
@@ -390,7 +418,7 @@ class Bench:
         _progress(sample)
         return sample
 
-    async def run(self) -> tuple[list[Sample], dict[str, Any] | None]:
+    async def run(self) -> tuple[list[Sample], dict[str, Any] | None, dict[str, Any] | None]:
         samples = []
         for round_ in range(1, self.options.rounds + 1):
             for case in CASES:
@@ -405,7 +433,14 @@ class Bench:
             except (BenchSetupError, StoreError, OSError) as exc:
                 queued = {"messages": self.options.queued, "error": str(exc)}
             print(f"queued: {_fmt_dict(queued)}", file=sys.stderr)
-        return samples, queued
+        delivered = None
+        if self.options.delivered:
+            try:
+                delivered = await self.delivered()
+            except (BenchSetupError, StoreError, OSError) as exc:
+                delivered = {"messages": self.options.delivered, "error": str(exc)}
+            print(f"delivered: {_fmt_dict(delivered)}", file=sys.stderr)
+        return samples, queued, delivered
 
 
 def _progress(s: Sample) -> None:
@@ -510,7 +545,10 @@ class Target:
         return self.value < self.threshold
 
 
-def targets(figures: dict[str, Any], queued: dict[str, Any] | None) -> list[Target]:
+def targets(
+    figures: dict[str, Any], queued: dict[str, Any] | None,
+    delivered: dict[str, Any] | None = None,
+) -> list[Target]:
     ic, isess, ack, e2e = (figures[c] for c in ("ingest_conn", "ingest_sess", "ack", "e2e"))
     n = queued["messages"] if queued else 0
     rss = [queued.get(k) for k in ("rss_after_fill_mb", "rss_after_restart_mb")] if queued else []
@@ -528,7 +566,51 @@ def targets(figures: dict[str, Any], queued: dict[str, Any] | None) -> list[Targ
         Target(
             f"start-up with {n:,} queued", queued.get("startup_s") if queued else None, "<", 5, " s"
         ),
+        *delivered_targets(delivered),
     ]
+
+
+def delivered_targets(delivered: dict[str, Any] | None) -> list[Target]:
+    """Issue 11.17: /metrics and RSS must not grow with the delivered records kept."""
+    if not delivered:
+        return []
+    n = delivered["messages"]
+    return [
+        Target(f"/metrics, {n:,} delivered (slowest)", delivered.get("scrape_max_ms"), "<",
+               50, " ms"),
+        Target(f"RSS with {n:,} delivered", delivered.get("rss_mb"), "<=", 64, " MB"),
+    ]
+
+
+async def fill_delivered(path: Path, n: int, *, account: str) -> None:
+    """A new queue file holding ``n`` delivered messages, each with one attempt, a day
+    old (through the store in one statement: a million over SMTP would take the run)."""
+    from relay.store import SQLiteStore
+
+    store = SQLiteStore(path, lock=False)
+    await store.open()
+    try:
+        await store.add_delivered_records(n, account=account, at=time.time() - 86400)
+    finally:
+        await store.close()
+
+
+async def scrape_times(port: int, times: int) -> list[float]:
+    """Seconds per GET /metrics, a new connection each, response read in full."""
+    out = []
+    for _ in range(times):
+        started = time.perf_counter()
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            writer.write(f"GET /metrics HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
+            response = await reader.read()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        out.append(time.perf_counter() - started)
+        if not response.startswith(b"HTTP/1.1 200") and not response.startswith(b"HTTP/1.0 200"):
+            raise BenchSetupError(f"GET /metrics answered {response[:40]!r}")
+    return out
 
 
 # -- output -------------------------------------------------------------------------------
@@ -594,6 +676,18 @@ def render(report: dict[str, Any]) -> str:
         )
         if queued.get("error"):
             lines.append(f"    error: {queued['error']}")
+    delivered = report.get("delivered")
+    if delivered:
+        lines.append(
+            f"(6) {delivered['messages']:,} delivered records kept"
+            f" ({_num(delivered.get('queue_file_mb'), 0)} MB file): GET /metrics"
+            f" {_num(delivered.get('scrape_p50_ms'), 1)} ms median,"
+            f" {_num(delivered.get('scrape_max_ms'), 1)} ms slowest of {SCRAPES};"
+            f" RSS {_num(delivered.get('rss_mb'), 1)} MB;"
+            f" start-up {_num(delivered.get('startup_s'), 2)} s"
+        )
+        if delivered.get("error"):
+            lines.append(f"    error: {delivered['error']}")
     lines.append("")
     title = "target (information, not an assertion)"
     lines.append(f"{title:<44}{'value':>12}  {'wanted':<16}result")
@@ -656,7 +750,7 @@ async def run_bench(options: Options, workdir: Path) -> dict[str, Any]:
     bench = Bench(options, workdir)
     if bench.postfix_reason:
         print(f"postfix baseline skipped: {bench.postfix_reason}", file=sys.stderr)
-    samples, queued = await bench.run()
+    samples, queued, delivered = await bench.run()
     info["loadavg_after"] = os.getloadavg()
     info["duration_s"] = round(time.time() - started, 1)
     figures = summarize(samples, options.rounds)
@@ -672,7 +766,10 @@ async def run_bench(options: Options, workdir: Path) -> dict[str, Any]:
         },
         "figures": figures,
         "queued": queued,
-        "targets": [{**asdict(t), "passed": t.passed} for t in targets(figures, queued)],
+        "delivered": delivered,
+        "targets": [
+            {**asdict(t), "passed": t.passed} for t in targets(figures, queued, delivered)
+        ],
         "samples": [asdict(s) for s in samples],
     }
 
@@ -696,6 +793,10 @@ def add_command(sub: Any) -> None:
     p.add_argument("--e2e-messages", type=int, help="messages per end-to-end case (20000)")
     p.add_argument(
         "--queued", type=int, help="messages queued for the RSS/start-up figures; 0 skips (100000)"
+    )
+    p.add_argument(
+        "--delivered", type=int,
+        help="delivered records kept for the /metrics and RSS figure; 0 skips (1000000)",
     )
     p.add_argument("--size", type=int, default=10_240, help="payload bytes (10240)")
     p.add_argument("--sessions", type=int, default=20, help="concurrent senders (20)")
@@ -739,6 +840,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         min(options.rounds, options.messages, options.e2e_messages, options.sessions, options.size)
         < 1
         or options.queued < 0
+        or options.delivered < 0
     ):
         print("relay bench: counts must be positive", file=sys.stderr)
         return 2
@@ -760,4 +862,5 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if options.json_path:
         Path(options.json_path).write_text(text + "\n")
     failed = [s for s in report["samples"] if s["error"] or s["verified"] is False]
-    return 1 if failed or (report["queued"] or {}).get("error") else 0
+    errors = [(report[k] or {}).get("error") for k in ("queued", "delivered")]
+    return 1 if failed or any(errors) else 0

@@ -164,6 +164,9 @@ class QueueConfig(_Frozen):
     # group: one sync for all messages committed together (default); per-message: one
     # sync per message, kept so the benchmark can show what group commit buys.
     commit: Literal["group", "per-message"] = "group"
+    # Delivered messages (their envelope and attempts; the body is gone already) stay
+    # this long for `relay queue show`, then are pruned, a small batch at a time.
+    keep_delivered: Duration = 7 * 86400.0
 
 
 class MetricsConfig(_Frozen):

@@ -7,6 +7,8 @@ reader never sees half a message and a delivered message survives a crash.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import itertools
 import os
 import socket
@@ -17,6 +19,25 @@ from relay.errors import TemporaryFailure
 from relay.transport import SendResult
 
 _counter = itertools.count()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked (a full or size-limited filesystem): loop."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # no progress and no error: treat as a full disk, never as done
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[n:]
+
+
+def _fsync_dir(path: Path) -> None:
+    """Sync a directory, so a rename into it survives a crash."""
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class MaildirTransport:
@@ -35,20 +56,32 @@ class MaildirTransport:
         now = time.time()
         unique = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}.{self._host}"
         tmp = self.path / "tmp" / unique
+        new = self.path / "new" / unique
         # Maildir files use the local newline; a Return-Path records the envelope sender.
         data = b"Return-Path: <" + sender.encode() + b">\n" + body.replace(b"\r\n", b"\n")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path / "new" / unique)
-        dir_fd = os.open(self.path / "new", os.O_RDONLY)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+                written = os.fstat(fd).st_size
+                if written != len(data):
+                    raise OSError(errno.EIO, f"wrote {written} of {len(data)} bytes")
+            finally:
+                os.close(fd)
+            os.rename(tmp, new)
+        except BaseException:
+            # A cut-off file must never reach new/: the message stays queued instead.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            _fsync_dir(self.path / "new")
+        except OSError:
+            # Not durable yet: take it back and retry, unless a reader already took it.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(new)
+                raise
         return unique
 
     async def send(
@@ -57,7 +90,8 @@ class MaildirTransport:
         try:
             unique = await asyncio.to_thread(self._deliver, sender, body)
         except OSError as exc:
-            raise TemporaryFailure(f"maildir {self.path}: {exc.strerror}") from None
+            reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "error")
+            raise TemporaryFailure(f"maildir {self.path}: {reason}") from None
         return SendResult(
             accepted=list(recipients), reply=f"250 2.0.0 saved as {unique}", peer=self.peer
         )

@@ -15,9 +15,9 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
-from relay.bounce import build_dsn, should_bounce
+from relay.bounce import build_dsn, needs_smtputf8, should_bounce
 from relay.config import Config
 from relay.errors import DeliveryError, StoreError, TemporaryFailure
 from relay.health import AccountHealth, HealthHook, HealthPublisher
@@ -43,7 +43,8 @@ log = logging.getLogger("relay.delivery")
 FLUSH_KEY = "flush_requested_at"  # written by `relay queue flush`, read by the watcher
 CHANGE_POLL_S = 0.5  # how soon `relay queue ...` changes made by another process are seen
 _FINISH_RETRY_S = 1.0
-Bounce = Callable[[QueuedMessage, list[Recipient], bytes], Awaitable[None]]
+# Builds the bounce for a message's newly failed recipients (None: no bounce).
+Bounce = Callable[[QueuedMessage, list[Recipient], bytes], NewMessage | None]
 
 
 def _iso(ts: float) -> str:
@@ -239,19 +240,24 @@ class AccountWorker:
 
     async def _record(self, message: QueuedMessage, result: AttemptResult,
                       sent: SendResult | DeliveryError, started: float, body: bytes) -> None:
-        await self._write(result)
+        was_pending = set(message.pending_recipients)
+        failed = [r for r in result.recipients
+                  if r.state is RecipientState.FAILED and r.address in was_pending]
+        bounce = None
+        # Never to <>: a bounce is sent from <>, so a bounce never causes another.
+        if self.bounce is not None and should_bounce(message.sender, failed):
+            bounce = self.bounce(message, failed, body)
+        await self._write(result, bounce)  # the outcome and its bounce in one commit
         self._report(message, result, sent, started)
-        if self.bounce is not None:
-            was_pending = set(message.pending_recipients)
-            failed = [r for r in result.recipients
-                      if r.state is RecipientState.FAILED and r.address in was_pending]
-            if should_bounce(message.sender, failed):
-                await self.bounce(message, failed, body)
+        if bounce is not None:
+            event(log, logging.INFO, "bounced", message.id, bounce_id=bounce.id,
+                  to=f"<{message.sender}>", failed=len(failed))
+            self.notify()  # a bounce goes through the failed message's own account
 
-    async def _write(self, result: AttemptResult) -> None:
+    async def _write(self, result: AttemptResult, bounce: NewMessage | None = None) -> None:
         while True:
             try:
-                await self.store.finish(result)
+                await self.store.finish(result, bounce)
                 return
             except StoreError as exc:
                 event(log, logging.ERROR, "queue_error", result.id, account=self.name,
@@ -334,7 +340,7 @@ class Scheduler:
         self.store = store
         self.clock = clock
         self.metrics = metrics
-        self.bounce_account = config.routing.default_account if config.bounces.enabled else None
+        self.bounces = config.bounces.enabled
         self._hostname = socket.gethostname()
         self.rng = rng or random.Random()
         self.health = HealthPublisher(store.set_meta, clock)
@@ -358,7 +364,7 @@ class Scheduler:
             lease_s=t.connect + 4 * t.command + t.data + 60,
             clock=self.clock,
             rng=self.rng,
-            bounce=self._send_bounce if self.bounce_account else None,
+            bounce=self._make_bounce,
             health=self.health.update,
         )
 
@@ -385,7 +391,7 @@ class Scheduler:
         """Reload, step 2, without an await (no session sees half of it): the prepared
         workers start, accounts no longer configured stop. Returns the retired workers,
         for the caller to drain."""
-        self.bounce_account = config.routing.default_account if config.bounces.enabled else None
+        self.bounces = config.bounces.enabled  # read at each failure: applies to every worker
         retired = [w for n, w in self.workers.items() if n in fresh or n not in config.accounts]
         for worker in retired:
             worker.stop_claiming()
@@ -427,26 +433,29 @@ class Scheduler:
         if worker is not None:
             worker.notify()
 
-    async def _send_bounce(
+    def _make_bounce(
         self, message: QueuedMessage, failed: list[Recipient], original: bytes
-    ) -> None:
-        """Queue an RFC 3464 notice to the sender through the default account."""
-        assert self.bounce_account is not None
+    ) -> NewMessage | None:
+        """An RFC 3464 notice to the sender, through the failed message's own account
+        (its credentials and From domain, not the default account's)."""
+        if not self.bounces:
+            return None
         now = self.clock()
-        dsn = build_dsn(queue_id=message.id, sender=message.sender, failed=failed,
-                        original=original, reporting_mta=self._hostname,
-                        arrival=message.created_at, now=now)
-        bounce = NewMessage(id=new_queue_id(), sender="", recipients=(message.sender,),
-                            account=self.bounce_account, priority=Priority.NORMAL, body=dsn,
-                            created_at=now, not_before=now)
         try:
-            await self.store.enqueue(bounce)
-        except StoreError as exc:
-            event(log, logging.ERROR, "bounce_failed", message.id, reason=str(exc))
-            return
-        event(log, logging.INFO, "bounced", message.id, bounce_id=bounce.id,
-              to=f"<{message.sender}>", failed=len(failed))
-        self.notify(self.bounce_account)
+            dsn = build_dsn(queue_id=message.id, sender=message.sender, failed=failed,
+                            original=original, reporting_mta=self._hostname,
+                            arrival=message.created_at, now=now)
+        except Exception as exc:  # a bug here must not keep the outcome from being recorded
+            log.exception("cannot build the bounce for %s", message.id)
+            event(log, logging.ERROR, "bounce_failed", message.id,
+                  reason=f"internal error: {type(exc).__name__}")
+            return None
+        options = ["SMTPUTF8"] if needs_smtputf8(message.sender) else []
+        if not dsn.isascii():
+            options.append("BODY=8BITMIME")
+        return NewMessage(id=new_queue_id(), sender="", recipients=(message.sender,),
+                          account=message.account, priority=Priority.NORMAL, body=dsn,
+                          created_at=now, not_before=now, mail_options=tuple(options))
 
     def wake_all(self) -> None:
         for worker in self.workers.values():

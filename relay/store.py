@@ -8,6 +8,10 @@ then the commit) is one call to it: with aiosqlite each statement would be a rou
 through the event loop, and under load those waits, not the sync, made a commit slow.
 Reads (bodies, counts, listings) use a second connection through aiosqlite; WAL lets
 them run beside the writer.
+
+The file stays bounded: the server prunes delivered records and old send times a small
+batch at a time (``start_pruning``), and per-state counts live in a table kept by
+triggers, so nothing on a hot or periodic path reads every row.
 """
 
 from __future__ import annotations
@@ -48,9 +52,13 @@ PRAGMAS = (
     "PRAGMA busy_timeout = 10000",
 )
 APPLICATION_ID = 0x52454C59  # 'RELY': marks a file as a relay queue
-SCHEMA_VERSION = 2  # 2: the sends table
+SCHEMA_VERSION = 3  # 2: the sends table; 3: per-state counts, index of delivered rows
 READY = "('queued', 'deferred')"
 SENDS_KEPT_S = 2 * 86400.0  # longer than the longest rate-limit window (per_day)
+# Pruning deletes at most this many messages (or sends) per transaction: a batch holds
+# the write lock for a few milliseconds, so sessions waiting for a commit barely notice.
+PRUNE_BATCH = 500
+PRUNE_INTERVAL_S = 60.0  # how often the pruner looks once it has caught up
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS messages (
@@ -88,6 +96,42 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- that deleting or purging messages never makes a restarted relay forget recent sends.
 CREATE TABLE IF NOT EXISTS sends (account TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS sends_account_at ON sends (account, at);
+CREATE INDEX IF NOT EXISTS sends_at ON sends (at);
+-- Delivered messages by age, for pruning without reading every delivered row.
+CREATE INDEX IF NOT EXISTS messages_delivered ON messages (updated_at) WHERE state='delivered';
+-- Messages per account and state, kept by triggers in the transaction of every change
+-- (the server's and the CLI's alike), so /metrics reads a few rows instead of counting
+-- the whole messages table on every scrape.
+CREATE TABLE IF NOT EXISTS counts (
+    account TEXT NOT NULL,
+    state TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (account, state)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS counts_insert AFTER INSERT ON messages BEGIN
+    INSERT INTO counts (account, state, n) VALUES (NEW.account, NEW.state, 1)
+        ON CONFLICT (account, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS counts_delete AFTER DELETE ON messages BEGIN
+    UPDATE counts SET n = n - 1 WHERE account = OLD.account AND state = OLD.state;
+END;
+CREATE TRIGGER IF NOT EXISTS counts_update AFTER UPDATE OF state, account ON messages
+    WHEN OLD.state IS NOT NEW.state OR OLD.account IS NOT NEW.account BEGIN
+    UPDATE counts SET n = n - 1 WHERE account = OLD.account AND state = OLD.state;
+    INSERT INTO counts (account, state, n) VALUES (NEW.account, NEW.state, 1)
+        ON CONFLICT (account, state) DO UPDATE SET n = n + 1;
+END;
+"""
+# From any older schema: what SCHEMA adds, and the counts of the rows already there.
+MIGRATE = f"""
+BEGIN;
+{SCHEMA}
+DELETE FROM counts;
+INSERT INTO counts (account, state, n)
+    SELECT account, state, count(*) FROM messages GROUP BY account, state;
+PRAGMA application_id = {APPLICATION_ID};
+PRAGMA user_version = {SCHEMA_VERSION};
+COMMIT;
 """
 
 COLUMNS = (
@@ -110,7 +154,7 @@ class QueueStore(Protocol):
     async def next_due_at(self, account: str) -> float | None: ...
     async def waiting_count(self, account: str) -> int: ...
     async def load_body(self, message_id: str) -> bytes: ...
-    async def finish(self, result: AttemptResult) -> None: ...
+    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> None: ...
     async def requeue(self, ids: Sequence[str], now: float) -> None: ...
     async def counts(self) -> dict[tuple[str, str], int]: ...
     async def oldest_ready(self) -> dict[str, float]: ...
@@ -189,6 +233,7 @@ class _Claim(_Op):
 @dataclass
 class _Finish(_Op):
     attempt: AttemptResult = field(kw_only=True)
+    bounce: NewMessage | None = field(default=None, kw_only=True)
 
 
 @dataclass
@@ -210,6 +255,7 @@ class SQLiteStore:
         self._pending: asyncio.Queue[_Op | None] = asyncio.Queue()  # None: stop
         self._writer: asyncio.Task[None] | None = None
         self._data_version: int | None = None
+        self._pruner: asyncio.Task[None] | None = None
         self.commits = 0  # for the benchmark: writes per sync
 
     # -- lifecycle -------------------------------------------------------------
@@ -259,11 +305,9 @@ class SQLiteStore:
                 db.execute(pragma)
             if self._check_file(db) != SCHEMA_VERSION:
                 # Only when needed: a write here would wake a running server for nothing
-                # each time `relay queue list` opens the file.
-                db.executescript(SCHEMA)
-                db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                db.commit()
+                # each time `relay queue list` opens the file. One transaction: a crash
+                # mid-way leaves the old schema, and the next open migrates again.
+                db.executescript(MIGRATE)
         except BaseException:
             db.close()
             raise
@@ -302,6 +346,11 @@ class SQLiteStore:
         its client would send it again. Writes submitted from now on are refused.
         """
         cancelled = False
+        if self._pruner is not None:
+            self._pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruner
+            self._pruner = None
         if self._writer is not None:
             writer, self._writer = self._writer, None
             self._pending.put_nowait(None)  # the writer stops once it reaches this
@@ -395,6 +444,9 @@ class SQLiteStore:
 
     def _apply(self, db: sqlite3.Connection, batch: list[_Op]) -> None:
         enqueues = [op.message for op in batch if isinstance(op, _Enqueue)]
+        # A bounce is committed with the outcome that causes it: one cannot be lost
+        # without the other.
+        enqueues += [op.bounce for op in batch if isinstance(op, _Finish) and op.bounce]
         if enqueues:
             db.executemany(
                 f"INSERT INTO messages ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -468,8 +520,9 @@ class SQLiteStore:
         )
         return result
 
-    async def finish(self, result: AttemptResult) -> None:
-        await self._submit(_Finish(attempt=result))
+    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> None:
+        """Record an attempt's outcome and queue its bounce, if any, in one transaction."""
+        await self._submit(_Finish(attempt=result, bounce=bounce))
 
     async def execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
         """Run writes in one transaction; return each statement's row count."""
@@ -491,16 +544,15 @@ class SQLiteStore:
             )
 
     async def recover(self, now: float) -> int:
-        """At start: messages left 'sending' by a crash go back to the queue (and send
-        times older than the longest rate window, a day, are dropped)."""
-        count, _ = await self.execute(
+        """At start: messages left 'sending' by a crash go back to the queue. (Old send
+        times are left to the pruner: one big delete here would hold up the start.)"""
+        [count] = await self.execute(
             [
                 (
                     "UPDATE messages SET state='queued', lease_until=NULL, updated_at=?"
                     " WHERE state='sending'",
                     (now,),
                 ),
-                ("DELETE FROM sends WHERE at < ?", (now - SENDS_KEPT_S,)),
             ]
         )
         return count
@@ -540,15 +592,67 @@ class SQLiteStore:
         return bytes(rows[0][0])
 
     async def counts(self) -> dict[tuple[str, str], int]:
-        rows = await self._fetch("SELECT account, state, count(*) FROM messages GROUP BY 1, 2")
-        return {(a, s): n for a, s, n in rows}
+        """Messages per (account, state), from the counts table: no scan of messages."""
+        rows = await self._fetch("SELECT account, state, n FROM counts WHERE n > 0")
+        return {(a, s): int(n) for a, s, n in rows}
 
     async def oldest_ready(self) -> dict[str, float]:
+        # Ranges of the messages_state index: undelivered rows only, however many
+        # delivered rows the file keeps.
         rows = await self._fetch(
-            f"SELECT account, min(created_at) FROM messages WHERE state IN {READY}"
-            " OR state='sending' GROUP BY account"
+            "SELECT account, min(created_at) FROM messages"
+            " WHERE state IN ('queued', 'deferred', 'sending') GROUP BY account"
         )
         return {a: t for a, t in rows}
+
+    async def prune(self, now: float, keep_delivered_s: float,
+                    batch: int = PRUNE_BATCH) -> tuple[int, int]:
+        """One batch: delivered messages older than ``keep_delivered_s`` with their
+        attempts, and send times older than SENDS_KEPT_S. Returns (messages, sends)."""
+        old = ("SELECT id FROM messages WHERE state='delivered' AND updated_at < ?"
+               " ORDER BY updated_at LIMIT ?")
+        before = now - keep_delivered_s
+        counts = await self.execute([
+            (f"DELETE FROM attempts WHERE message_id IN ({old})", (before, batch)),
+            (f"DELETE FROM bodies WHERE id IN ({old})", (before, batch)),
+            (f"DELETE FROM messages WHERE id IN ({old})", (before, batch)),
+            ("DELETE FROM sends WHERE rowid IN (SELECT rowid FROM sends WHERE at < ?"
+             " ORDER BY at LIMIT ?)", (now - SENDS_KEPT_S, batch)),
+        ])
+        return counts[2], counts[3]
+
+    async def prune_all(self, now: float, keep_delivered_s: float,
+                        batch: int = PRUNE_BATCH) -> int:
+        """Prune in batches until nothing is left to prune; return messages removed.
+
+        Each batch is its own transaction, and the loop yields between them, so new
+        messages are committed in between instead of waiting for the whole prune."""
+        total = 0
+        while True:
+            messages, sends = await self.prune(now, keep_delivered_s, batch)
+            total += messages
+            if messages < batch and sends < batch:
+                return total
+            await asyncio.sleep(0)
+
+    def start_pruning(self, keep_delivered_s: float,
+                      clock: Callable[[], float], interval_s: float = PRUNE_INTERVAL_S) -> None:
+        """Prune now and every ``interval_s`` until the store closes (the server only:
+        the CLI opens the same file and leaves that to the server)."""
+        self._pruner = asyncio.create_task(
+            self._prune_loop(keep_delivered_s, clock, interval_s), name="queue-pruner")
+
+    async def _prune_loop(self, keep_delivered_s: float, clock: Callable[[], float],
+                          interval_s: float) -> None:
+        while True:
+            try:
+                removed = await self.prune_all(clock(), keep_delivered_s)
+            except StoreError as exc:  # a full disk: try again at the next interval
+                log.warning("queue pruning failed, will retry: %s", exc)
+            else:
+                if removed:
+                    log.debug("pruned %d delivered messages", removed)
+            await asyncio.sleep(interval_s)
 
     async def recent_sends(self, account: str, since: float) -> list[float]:
         rows = await self._fetch(
@@ -724,6 +828,20 @@ class SQLiteStore:
             "DELETE FROM messages WHERE {where}",
         ]
         return await self._in_windows(where, params, templates, (), progress, chunk)
+
+    async def add_delivered_records(self, n: int, *, account: str, at: float) -> None:
+        """For `relay bench`: ``n`` synthetic delivered messages with one attempt each."""
+        await self.execute([
+            ("WITH RECURSIVE i(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM i WHERE k < ?)"
+             f" INSERT INTO messages ({COLUMNS})"
+             " SELECT printf('D%019d', k), 'delivered', ?, 3, 'app@example.com',"
+             " '[[\"to@example.com\", \"delivered\", \"250 2.0.0 ok\"]]', 10240, 1,"
+             " ? + k * 1e-4, ? + k * 1e-4, '', ? + k * 1e-4, '' FROM i",
+             (n, account, at, at, at)),
+            ("INSERT INTO attempts (message_id, account, at, outcome, reply)"
+             " SELECT id, account, updated_at, 'delivered', '250 2.0.0 ok' FROM messages"
+             " WHERE id LIKE 'D%' AND state='delivered'", ()),
+        ])
 
     async def state_of(self, message_id: str) -> MessageState | None:
         rows = await self._fetch("SELECT state FROM messages WHERE id=?", (message_id,))

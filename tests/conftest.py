@@ -122,13 +122,15 @@ async def send(
     sender: str = "app@example.com",
     recipients: list[str] | None = None,
     host: str = "127.0.0.1",
+    mail_options: list[str] | None = None,
 ) -> tuple[int, str]:
     """One message over one connection to the relay; returns the reply to DATA."""
     data = body.encode() if isinstance(body, str) else body
     client = aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=30)
     async with client:
         try:
-            _, reply = await client.sendmail(sender, recipients or ["to@example.com"], data)
+            _, reply = await client.sendmail(sender, recipients or ["to@example.com"], data,
+                                             mail_options=mail_options)
         except aiosmtplib.SMTPResponseException as exc:
             return exc.code, exc.message
     code, _, text = ("250 " + reply).partition(" ")

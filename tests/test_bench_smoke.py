@@ -62,5 +62,7 @@ def test_quick_bench_prints_figures_and_json(tmp_path: Path) -> None:
     assert figures["ack"]["relay"]["p99_ms"] > 0
     assert figures["ack"]["ratio_relay_per_message"] > 0
     assert report["queued"]["in_queue"] == 50 and report["queued"]["startup_s"] > 0
+    assert report["delivered"]["messages"] == 2000 and report["delivered"]["scrape_max_ms"] > 0
+    assert "(6) 2,000 delivered records kept" in proc.stdout
     assert report["tools"]["postfix"] is None
     assert all(s["verified"] is not False and not s["error"] for s in report["samples"])

@@ -207,3 +207,27 @@ def test_state_transitions_table() -> None:
     assert can_transition(MessageState.SENDING, MessageState.DEFERRED)
     assert not can_transition(MessageState.DELIVERED, MessageState.QUEUED)
     assert not can_transition(MessageState.HELD, MessageState.SENDING)
+
+
+# -- bounces (issue 11.6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(address=st.text(min_size=1, max_size=40), reply=st.text(max_size=300))
+def test_dsn_never_gains_a_header_from_an_address_or_a_reply(address: str, reply: str) -> None:
+    """Any recipient address and upstream reply (multi-line, control characters,
+    non-ASCII): the DSN builds, and its status blocks hold exactly the fields we set."""
+    import email
+    import email.policy
+
+    from relay.bounce import build_dsn
+
+    failed = [Recipient(address, RecipientState.FAILED, "550 5.1.1 " + reply)]
+    dsn = build_dsn(queue_id="Q1", sender="app@example.com", failed=failed,
+                    original=b"Subject: hi\r\n\r\nbody\r\n", reporting_mta="relay.test",
+                    arrival=0.0, now=0.0)
+    report = email.message_from_bytes(dsn, policy=email.policy.SMTP)
+    status = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    [_, block] = status.get_payload()
+    assert block.keys() == ["Final-Recipient", "Action", "Status", "Diagnostic-Code"]
+    assert all(line.isascii() and len(line) < 1000 for line in bytes(status).splitlines())

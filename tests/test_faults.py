@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from relay.errors import StoreError
 from tests.conftest import (
     StartRelay,
     message,
+    metric,
     relay_config,
     send,
     send_many,
@@ -23,12 +25,10 @@ from tests.conftest import (
 from tests.upstream import FakeUpstream
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs of its own, so 'disk full' is real and harms nothing else."""
-    mount = tmp_path / "small"
+def _tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of its own, so 'disk full' is real and harms nothing else."""
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
@@ -36,6 +36,22 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs."""
+    yield from _tmpfs(tmp_path / "small", "1m")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: one 100 KB message cannot fit; grow it with remount_size."""
+    yield from _tmpfs(tmp_path / "tiny", "64k")
+
+
+def remount_size(mount: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
 
 
 async def test_disk_full_answers_452_and_recovers_by_itself(
@@ -69,6 +85,57 @@ async def test_disk_full_answers_452_and_recovers_by_itself(
     await upstream.wait_for_messages(len(acknowledged), timeout=20)
     received = {m.data.split(b"\r\n")[0] for m in upstream.messages}
     assert len(received) == len(acknowledged)
+
+
+async def test_maildir_full_disk_never_delivers_a_cut_off_file(
+    tmp_path: Path, tiny_disk: Path, start_relay: StartRelay
+) -> None:
+    """A short write is a temporary failure: nothing reaches new/, the tmp file is
+    removed, the message stays queued and is delivered whole once space returns."""
+    box = tiny_disk / "box"
+    app = await start_relay(relay_config(tmp_path, {"box": {"transport": "maildir",
+                                                            "path": str(box)}}))
+    body = message("big", body=("y" * 998 + "\r\n") * 100)  # ~100 KB on a 64 KiB disk
+    code, text = await send(app.smtp_port, body)
+    assert code == 250, text
+    queue_id = text.split()[-1]
+    await wait_until(lambda: metric(app, "relay_messages_deferred_total", account="box") >= 2,
+                     what="two deferred attempts")
+    assert metric(app, "relay_messages_delivered_total", account="box") == 0
+    assert list((box / "new").iterdir()) == [] and list((box / "tmp").iterdir()) == []
+    stored = await app.store.get(queue_id)
+    assert stored is not None and "No space left" in stored.last_error
+
+    remount_size(tiny_disk, "1m")  # space returns; no restart
+    await wait_until(lambda: metric(app, "relay_messages_delivered_total", account="box") == 1,
+                     what="delivery once space returned")
+    [delivered] = list((box / "new").iterdir())
+    assert delivered.read_bytes() == b"Return-Path: <app@example.com>\n" + body.replace(
+        b"\r\n", b"\n")
+    assert list((box / "tmp").iterdir()) == []
+
+
+def test_maildir_file_size_limit_is_a_temporary_failure(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE (another real short write, then EFBIG) in a child process."""
+    script = (
+        "import asyncio, resource, signal\n"
+        "from pathlib import Path\n"
+        "from relay.maildir import MaildirTransport\n"
+        "from relay.errors import TemporaryFailure\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (10000, 10000))\n"
+        f"box = MaildirTransport('box', Path({str(tmp_path / 'box')!r}))\n"
+        "try:\n"
+        "    asyncio.run(box.send('a@example.com', ['b@example.com'], b'x' * 50000, ()))\n"
+        "except TemporaryFailure as exc:\n"
+        "    print('temporary:', exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("temporary:") and "too large" in done.stdout
+    for sub in ("new", "tmp"):
+        assert list((tmp_path / "box" / sub).iterdir()) == []
 
 
 async def test_corrupt_queue_file_is_a_clear_error(tmp_path: Path) -> None:

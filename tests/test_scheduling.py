@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import logging
 import socket
+import sqlite3
 import time
 from email.utils import formatdate
 from pathlib import Path
@@ -318,6 +321,87 @@ async def test_bounce_to_sender_on_permanent_failure_but_never_to_null_sender(
     assert b"Final-Recipient: rfc822; gone@example.com" in dsn.data
     assert b"Status: 5.1.1" in dsn.data and b"Subject: doomed" in dsn.data
     assert metric(app, "relay_messages_failed_total", account="up") == 2
+
+
+async def test_bounce_goes_through_the_failed_messages_account_and_is_clean(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """Issue 11.6: a non-ASCII recipient and a multi-line reply neither crash the DSN nor
+    add a header to it; the bounce uses the account the message used, not the default."""
+    async with FakeUpstream() as other:
+        reply = "5.1.1 no such user\nX-Injected: yes\n5.1.1 see the help page"
+        for address in ("gone@example.com", "jörg@exämple.com"):
+            other.refuse_rcpt(address, 550, reply)
+        config = relay_config(tmp_path, {"main": upstream_account(upstream, tmp_path),
+                                         "other": upstream_account(other, tmp_path)},
+                              bounces={"enabled": True})
+        app = await start_relay(config)
+        code, text = await send(app.smtp_port, message("doomed", headers={"X-Account": "other"}),
+                                recipients=["gone@example.com", "jörg@exämple.com"],
+                                mail_options=["SMTPUTF8"])
+        assert code == 250, text
+        await other.wait_for_messages(1, timeout=10)
+        await app.scheduler.run_until_idle()
+        assert upstream.messages == []  # nothing through the default account
+        [dsn] = other.messages
+        assert dsn.mail_from in ("", "<>") and dsn.rcpt_tos == ("app@example.com",)
+        report = email.message_from_bytes(dsn.data, policy=email.policy.SMTP)
+        assert "X-Injected" not in report
+        status = next(p for p in report.walk()
+                      if p.get_content_type() == "message/delivery-status")
+        blocks = status.get_payload()
+        assert all("X-Injected" not in block for block in blocks)
+        finals = [b["Final-Recipient"] for b in blocks[1:]]
+        assert finals == ["rfc822; gone@example.com", "utf-8; j\\x{F6}rg@ex\\x{E4}mple.com"]
+        diagnostic = " ".join(blocks[1]["Diagnostic-Code"].split())  # unfolded
+        assert diagnostic == ("smtp; 550 5.1.1 no such user X-Injected: yes"
+                              " 5.1.1 see the help page")
+        assert all(line.isascii() for line in bytes(status).splitlines())
+
+
+async def test_a_failed_bounce_bounces_no_further(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """A bounce is from <>, so when it fails in turn nothing more is sent."""
+    upstream.refuse_rcpt("gone@example.com", 550, "5.1.1 no such user")
+    upstream.refuse_rcpt("bad@example.com", 550, "5.1.1 no such sender")
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                                         bounces={"enabled": True}))
+    await send(app.smtp_port, message("doomed"), sender="bad@example.com",
+               recipients=["gone@example.com"])
+    await wait_until(lambda: metric(app, "relay_messages_failed_total", account="up") == 2,
+                     what="the message and its bounce failed")
+    await app.scheduler.run_until_idle()
+    rows = await app.store.list_messages()
+    assert sorted((m.sender, m.state) for m in rows) == [("", "failed"),
+                                                          ("bad@example.com", "failed")]
+
+
+async def test_bounce_is_committed_with_the_failure_that_causes_it(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """If the bounce cannot be written, neither is the failure: the message is not
+    'failed' without its bounce, and once writes work both are committed together."""
+    upstream.refuse_rcpt("gone@example.com", 550, "5.1.1 no such user")
+    config = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                          bounces={"enabled": True})
+    app = await start_relay(config)
+    db = sqlite3.connect(config.queue.path)
+    db.execute("CREATE TRIGGER no_bounces BEFORE INSERT ON messages WHEN NEW.sender=''"
+               " BEGIN SELECT RAISE(ABORT, 'bounces cannot be written'); END")
+    db.commit()
+    _, text = await send(app.smtp_port, message("doomed"), recipients=["gone@example.com"])
+    queue_id = text.split()[-1]
+    await wait_until(lambda: "cannot record outcome" in caplog.text, what="a failed write")
+    assert await app.store.state_of(queue_id) is MessageState.SENDING
+    assert [m for m in await app.store.list_messages() if m.sender == ""] == []
+    db.execute("DROP TRIGGER no_bounces")
+    db.commit()
+    db.close()
+    await upstream.wait_for_messages(1, timeout=10)
+    assert upstream.messages[0].rcpt_tos == ("app@example.com",)
+    assert await app.store.state_of(queue_id) is MessageState.FAILED
 
 
 # -- 8. scale

@@ -66,7 +66,10 @@ class _Reply:
 
     @property
     def line(self) -> str:
-        return f"{self.code} {self.text}"
+        """One reply line, or a multi-line reply (RFC 5321 4.2.1) when text has newlines."""
+        lines = self.text.split("\n")
+        return "\r\n".join(f"{self.code}-{t}" for t in lines[:-1]) + (
+            "\r\n" if len(lines) > 1 else "") + f"{self.code} {lines[-1]}"
 
     def take(self) -> str | None:
         """Consume one use; return the reply line, or None when used up."""
