@@ -561,8 +561,10 @@ class SQLiteStore:
         if self._reader is None:
             raise StoreError("queue is not open")
         try:
-            async with self._reader.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
+            # Execute and fetch in one call on aiosqlite's thread. As two awaits, another
+            # task's read could run between them, inside this statement's read snapshot,
+            # and miss a commit made before it started (a 250'd message "not found").
+            return list(await self._reader.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc) from None
 
