@@ -8,9 +8,11 @@ they hand to the handler must be equal, whatever the bytes, and however TCP spli
 from __future__ import annotations
 
 import asyncio
+from unittest import mock
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from relay.ingest import ChunkedDataSMTP
@@ -64,10 +66,16 @@ _pieces = st.one_of(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_pieces, max_size=12).map(b"".join), st.integers(1, 9))
+@example(b".\r\n.\r\n.\r\n.\r\n.", 2)  # found by this test: see below
 async def test_same_transcript_and_message_as_aiosmtpd(body: bytes, pieces: int) -> None:
     payload = body + b"\r\n.\r\nNOOP\r\n"
-    theirs = await _transcript(SMTP, payload, pieces)
-    ours = await _transcript(ChunkedDataSMTP, payload, pieces)
+    # Lines after an early end of data are commands; after five unknown ones aiosmtpd
+    # closes the connection while this client is still writing, and the reset can cut
+    # either transcript short at a random point (b'.\r\n.\r\n.\r\n.\r\n.' did). That
+    # limit is not what is compared here, so it is lifted for both servers.
+    with mock.patch.object(aiosmtpd.smtp, "BOGUS_LIMIT", 1_000_000):
+        theirs = await _transcript(SMTP, payload, pieces)
+        ours = await _transcript(ChunkedDataSMTP, payload, pieces)
     assert ours == theirs
 
 
