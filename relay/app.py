@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Iterable
 
@@ -17,7 +18,13 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from relay import __version__
-from relay.config import Config, ListenConfig, config_warnings, problem_line
+from relay.config import (
+    Config,
+    ListenConfig,
+    config_warnings,
+    effective_hostname,
+    problem_line,
+)
 from relay.errors import ConfigError, StoreError
 from relay.http import build_app, start_http
 from relay.ingest import IngestHandler, SessionLimits, start_listener
@@ -38,6 +45,7 @@ def build_transports(
     config: Config, metrics: Metrics | None = None, names: Iterable[str] | None = None
 ) -> dict[str, Transport]:
     transports: dict[str, Transport] = {}
+    hostname = effective_hostname(config, socket.getfqdn())
     for name, acc in config.accounts.items():
         if names is not None and name not in names:
             continue
@@ -46,7 +54,9 @@ def build_transports(
             transports[name] = MaildirTransport(name, acc.path)
         else:
             counter = metrics.connections_opened.labels(name).inc if metrics else None
-            transports[name] = UpstreamPool(name, acc, on_connect=counter)
+            transports[name] = UpstreamPool(
+                name, acc, local_hostname=hostname, on_connect=counter
+            )
     return transports
 
 
