@@ -278,3 +278,17 @@ async def test_a_mixed_attempt_logs_the_permanent_failures_when_they_happen(
         assert by_name["recipients_failed"]["reason"] == (
             "<gone@example.com>: 550 5.1.1 no such user")
         assert "busy" in by_name["deferred"]["reason"]
+
+
+async def test_starttls_stays_required_after_the_ehlo_rework(
+    tmp_path: Path, start_relay: StartRelay
+) -> None:
+    """relay now sends EHLO and STARTTLS itself: a server without STARTTLS still gets
+    neither the password nor the message."""
+    async with FakeUpstream() as up:
+        app = await relay_for(up, tmp_path, start_relay, account={"tls": "starttls"})
+        queue_id = await deliver(app, message("plain?"))
+        record = await app.store.get(queue_id)
+        assert record is not None and record.state is MessageState.DEFERRED
+        assert "STARTTLS" in record.last_error
+        assert [verb for _, verb in up.commands] == ["EHLO"]
