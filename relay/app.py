@@ -158,6 +158,9 @@ class App:
         ):
             if before != after:
                 notes.append(f"{key} changed: takes effect at the next restart")
+        if new.hostname != old.hostname:
+            notes.append("hostname changed: used in EHLO from now on; the listener banner"
+                         " changes at the next restart")
         # The address stays until a restart, so the new access rules are checked against
         # it: a reload must never turn a listener on a public address into an open relay.
         try:
@@ -175,6 +178,7 @@ class App:
             if name not in old.accounts or acc != old.accounts[name]
             or acc.secret != old.accounts[name].secret
             or new.retry_for(name) != old.retry_for(name)
+            or (new.hostname != old.hostname and acc.transport == "smtp")
         }
         removed = set(old.accounts) - set(new.accounts)
         self.metrics.add_accounts(new.accounts)

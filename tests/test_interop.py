@@ -292,3 +292,18 @@ async def test_starttls_stays_required_after_the_ehlo_rework(
         assert record is not None and record.state is MessageState.DEFERRED
         assert "STARTTLS" in record.last_error
         assert [verb for _, verb in up.commands] == ["EHLO"]
+
+
+async def test_a_reloaded_hostname_is_the_ehlo_name_of_new_connections(
+    tmp_path: Path, start_relay: StartRelay
+) -> None:
+    async with FakeUpstream() as up:
+        account = upstream_account(up, tmp_path, **FAST)
+        app = await start_relay(relay_config(tmp_path, {"up": account},
+                                             hostname="old.example.com"))
+        await deliver(app, message("before"))
+        notes = await app.reload(relay_config(tmp_path, {"up": account},
+                                              hostname="new.example.com"))
+        assert any(n.startswith("hostname changed") for n in notes)
+        await deliver(app, message("after"))
+        assert up.ehlo_names == ["old.example.com", "new.example.com"]
