@@ -328,9 +328,10 @@ class UpstreamPool:
             try:
                 return await self._attempt(conn, reused, sender, recipients, body, mail_options)
             except _Replace:
-                # Not this message's fault: it goes out at once on another connection,
-                # within the same attempt. Once only; then it is an ordinary deferral.
-                conn, _ = await self._acquire()
+                # Not this message's fault: it goes out at once on a fresh connection
+                # (pooled ones may be as spent), within the same attempt. Once only; then
+                # it is an ordinary deferral.
+                conn = await self._connect()
                 try:
                     return await self._attempt(
                         conn, False, sender, recipients, body, mail_options
