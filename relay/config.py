@@ -478,7 +478,7 @@ def _readable_by_others(key: str, path: Path) -> list[str]:
     return []
 
 
-LOCAL_LITERAL = "[address literal of each connection's local address]"
+LOCAL_LITERAL = "(an address literal of each connection's local address)"
 
 
 def effective_config(config: Config, fqdn: str = "") -> dict[str, Any]:
