@@ -111,8 +111,7 @@ async def test_an_unasked_421_on_an_idle_connection_is_not_an_attempt(
     async with FakeUpstream() as up:
         app = await relay_for(up, tmp_path, start_relay)
         await deliver(app, message("one"))
-        for session in list(up._sessions):
-            await session.push("421 4.4.2 idle too long")
+        await up.say_unasked("421 4.4.2 idle too long")
         queue_id = await deliver(app, message("two"))
         record = await final(app, queue_id)
         assert record.state is MessageState.DELIVERED

@@ -547,6 +547,12 @@ class FakeUpstream:
     def clear_faults(self) -> None:
         self.faults = _Faults()
 
+    async def say_unasked(self, line: str) -> None:
+        """Send ``line`` to every open connection without being asked (a 421 before an
+        idle close, as servers do); the connections stay open."""
+        for session in list(self._sessions):
+            await session.push(line)
+
     def close_idle_connections(self) -> None:
         """Close every open client connection from the server side (no reply sent).
 
