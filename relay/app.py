@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Iterable
 
@@ -18,7 +19,13 @@ from pydantic import ValidationError
 
 from relay import __version__
 from relay.auth import ListenerAuth
-from relay.config import Config, ListenConfig, config_warnings, problem_line
+from relay.config import (
+    Config,
+    ListenConfig,
+    config_warnings,
+    effective_hostname,
+    problem_line,
+)
 from relay.errors import ConfigError, StoreError
 from relay.http import build_app, start_http
 from relay.ingest import IngestHandler, SessionLimits, start_listener
@@ -39,6 +46,7 @@ def build_transports(
     config: Config, metrics: Metrics | None = None, names: Iterable[str] | None = None
 ) -> dict[str, Transport]:
     transports: dict[str, Transport] = {}
+    hostname = effective_hostname(config, socket.getfqdn())
     for name, acc in config.accounts.items():
         if names is not None and name not in names:
             continue
@@ -47,7 +55,9 @@ def build_transports(
             transports[name] = MaildirTransport(name, acc.path)
         else:
             counter = metrics.connections_opened.labels(name).inc if metrics else None
-            transports[name] = UpstreamPool(name, acc, on_connect=counter)
+            transports[name] = UpstreamPool(
+                name, acc, local_hostname=hostname, on_connect=counter
+            )
     return transports
 
 
@@ -181,6 +191,9 @@ class App:
         ):
             if before != after:
                 notes.append(f"{key} changed: takes effect at the next restart")
+        if new.hostname != old.hostname:
+            notes.append("hostname changed: used in EHLO from now on; the listener banner"
+                         " changes at the next restart")
         # The address stays until a restart, so the new access rules are checked against
         # it: a reload must never turn a listener on a public address into an open relay.
         try:
@@ -198,6 +211,7 @@ class App:
             if name not in old.accounts or acc != old.accounts[name]
             or acc.secret != old.accounts[name].secret
             or new.retry_for(name) != old.retry_for(name)
+            or (new.hostname != old.hostname and acc.transport == "smtp")
         }
         removed = set(old.accounts) - set(new.accounts)
         # 1. What may fail: listener users (password files), new connection pools (TLS

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
@@ -53,7 +54,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     for warning in config_warnings(config):
         out(f"warning: {warning}", file=sys.stderr)
-    print(yaml.safe_dump(effective_config(config), sort_keys=False), end="")
+    print(yaml.safe_dump(effective_config(config, socket.getfqdn()), sort_keys=False), end="")
     return EXIT_OK
 
 

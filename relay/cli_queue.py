@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from relay.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _fail, _load, out
 from relay.cli_progress import ProgressBar
-from relay.config import AccountConfig, Config
+from relay.config import AccountConfig, Config, effective_hostname
 from relay.durations import format_duration, parse_duration
 from relay.errors import StoreError
 from relay.headers import parse_headers
@@ -304,13 +305,13 @@ def maildir_steps(path: Path) -> list[Step]:
     return [*steps, ("write", True, "ok")]
 
 
-async def _check_account(name: str, account: AccountConfig) -> list[Step]:
+async def _check_account(name: str, account: AccountConfig, hostname: str | None) -> list[Step]:
     if account.transport == "maildir":
         assert account.path is not None
         return maildir_steps(account.path)
     from relay.upstream import UpstreamPool
 
-    pool = UpstreamPool(name, account)
+    pool = UpstreamPool(name, account, local_hostname=hostname)
     try:
         return smtp_steps(account, pool.peer, await pool.check())
     finally:
@@ -327,7 +328,8 @@ def cmd_accounts_test(args: argparse.Namespace) -> int:
     else:  # never the password
         out(f"account {args.name}: smtp {account.host}:{account.effective_port}"
               f" tls={account.tls} user={account.username or '(none)'}")
-    steps = asyncio.run(_check_account(args.name, account))
+    hostname = effective_hostname(config, socket.getfqdn())
+    steps = asyncio.run(_check_account(args.name, account, hostname))
     for step, ok, text in steps:
         out(f"  {step + ':':<11}{text if ok is not False else 'FAILED: ' + text}")
     return EXIT_OK if all(ok for _, ok, _ in steps) else EXIT_FAILURE

@@ -33,6 +33,39 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
 ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MASK = "********"
+# RFC 5321 4.1.2 Domain (at least two labels: Postfix's reject_non_fqdn_helo_hostname and
+# many providers refuse a bare name), or an address literal such as [192.0.2.1].
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_FQDN = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})+\.?$")
+_ADDRESS_LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]$")
+
+
+def _hostname(value: object) -> object:
+    if value is None or not isinstance(value, str):
+        return value
+    if _ADDRESS_LITERAL.match(value):
+        try:
+            ipaddress.ip_address(value[1:-1].removeprefix("IPv6:"))
+        except ValueError:
+            raise ValueError(f"{value!r} is not a valid address literal") from None
+        return value
+    if not _FQDN.match(value):
+        raise ValueError(
+            f"{value!r} is not a fully qualified domain name (it needs a dot) or an"
+            " address literal like [192.0.2.1]"
+        )
+    return value.rstrip(".")
+
+
+Hostname = Annotated[str, BeforeValidator(_hostname)]
+
+
+def default_hostname(fqdn: str) -> str | None:
+    """The machine's FQDN if it is one (has a dot); None: use an address literal."""
+    try:
+        return str(_hostname(fqdn))
+    except ValueError:
+        return None
 
 
 def _is_loopback(host: str) -> bool:
@@ -262,6 +295,8 @@ class AccountConfig(_Frozen):
     rate_limit: RateLimitConfig = RateLimitConfig()
     retry: RetryOverride | None = None  # None: the top-level retry block
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    # The EHLO name for this account; None: the top-level hostname.
+    ehlo_name: Hostname | None = None
     # maildir
     path: Path | None = None
 
@@ -331,6 +366,9 @@ def _default_accounts() -> dict[str, AccountConfig]:
 
 
 class Config(_Frozen):
+    # Like Postfix's myhostname: the EHLO name to upstreams and the listener's banner.
+    # None: socket.getfqdn(), or an address literal where that has no dot.
+    hostname: Hostname | None = None
     listen: ListenConfig = ListenConfig()
     queue: QueueConfig = QueueConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -393,6 +431,11 @@ class Config(_Frozen):
         if own is None:
             return self.retry
         return self.retry.model_copy(update=own.keys())
+
+
+def effective_hostname(config: Config, fqdn: str) -> str | None:
+    """``hostname`` or the FQDN (pass socket.getfqdn()); None: an address literal."""
+    return config.hostname or default_hostname(fqdn)
 
 
 def _describe(error: Any) -> str:
@@ -499,15 +542,24 @@ def _readable_by_others(key: str, path: Path) -> list[str]:
     return []
 
 
-def effective_config(config: Config) -> dict[str, Any]:
-    """The config as a plain mapping with defaults filled in and secrets masked."""
+LOCAL_LITERAL = "(an address literal of each connection's local address)"
+
+
+def effective_config(config: Config, fqdn: str = "") -> dict[str, Any]:
+    """The config as a plain mapping with defaults filled in and secrets masked.
+
+    ``fqdn`` (socket.getfqdn()) fills in the default hostname and EHLO names.
+    """
     data = config.model_dump(mode="json")
     _mask_secrets(data)
+    hostname = effective_hostname(config, fqdn) or LOCAL_LITERAL
+    data["hostname"] = hostname
     for name, acc in data["accounts"].items():
         # The merged policy the account runs with, not the keys its block happens to set.
         acc["retry"] = config.retry_for(name).model_dump(mode="json")
         if config.accounts[name].transport == "smtp":
             acc["port"] = config.accounts[name].effective_port
+            acc["ehlo_name"] = acc.get("ehlo_name") or hostname
         else:
             for key in list(acc):
                 if key not in ("transport", "path", "retry", "rate_limit", "pool", "timeouts"):

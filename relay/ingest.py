@@ -36,7 +36,7 @@ from aiosmtpd.smtp import (
 from relay import replies
 from relay.addresses import parse_path, recipient_key
 from relay.auth import ListenerAuth
-from relay.config import Config
+from relay.config import Config, effective_hostname
 from relay.errors import StoreError, StoreFullError
 from relay.headers import header_section_exceeds, parse_headers, remove_headers
 from relay.logs import event
@@ -45,6 +45,7 @@ from relay.metrics import Metrics
 from relay.priority import priority_from_headers
 from relay.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
 from relay.smtpdata import DataReader, DataState, has_bare_newline, normalize_newlines
+from relay.smtpwire import address_literal
 from relay.throttle import FailureThrottle
 
 log = logging.getLogger("relay.smtpd")
@@ -742,7 +743,9 @@ async def start_listener(
     config: Config, handler: IngestHandler, limits: SessionLimits
 ) -> asyncio.Server:
     """Bind listen.host:listen.port in the running loop (port 0: any free port)."""
-    hostname = socket.gethostname()  # once, not a getfqdn() per connection
+    # Once, not a getfqdn() per connection; with no FQDN, the bound address as a literal.
+    hostname = effective_hostname(config, socket.getfqdn())
+    banner: list[str] = [hostname] if hostname else []
     loop = asyncio.get_running_loop()
     tls_context = _tls_context(config)
 
@@ -754,7 +757,7 @@ async def start_listener(
             limits,
             data_size_limit=listen.max_message_size,
             enable_SMTPUTF8=True,
-            hostname=hostname,
+            hostname=banner[0],
             ident="relay",
             timeout=listen.timeout,
             tls_context=tls_context,
@@ -766,7 +769,10 @@ async def start_listener(
             loop=loop,
         )
 
-    return await loop.create_server(factory, host=config.listen.host, port=config.listen.port)
+    server = await loop.create_server(factory, host=config.listen.host, port=config.listen.port)
+    if not banner:  # (set before the loop can accept a connection)
+        banner.append(address_literal(str(server.sockets[0].getsockname()[0])))
+    return server
 
 
 # aiosmtpd calls inspect.signature(handle_EHLO) for every session to pick the hook's

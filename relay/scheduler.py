@@ -47,6 +47,10 @@ _FINISH_RETRY_S = 1.0
 Bounce = Callable[[QueuedMessage, list[Recipient], bytes], NewMessage | None]
 
 
+def _addresses(recipients: list[Recipient]) -> str:
+    return ",".join(f"<{r.address}>" for r in recipients)
+
+
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
@@ -315,6 +319,25 @@ class AccountWorker:
             self.metrics.failed.labels(account).inc()
             event(log, logging.WARNING, "failed", message.id, account=account, relay=peer,
                   attempt=result.attempts, reason=result.last_error)
+        if result.outcome == "partial":
+            self._report_recipients(message, result, peer)
+
+    def _report_recipients(self, message: QueuedMessage, result: AttemptResult,
+                           peer: str) -> None:
+        """A mixed attempt: a line for each kind the message's own line does not show,
+        so a recipient refused for good is in the log when it happens, not at the end."""
+        tried = set(message.pending_recipients)
+        now = [r for r in result.recipients if r.address in tried]
+        delivered = [r for r in now if r.state is RecipientState.DELIVERED]
+        failed = [r for r in now if r.state is RecipientState.FAILED]
+        if delivered and result.state is not MessageState.DELIVERED:
+            event(log, logging.INFO, "recipients_delivered", message.id, account=self.name,
+                  relay=peer, attempt=result.attempts, to=_addresses(delivered),
+                  reply=delivered[0].reply)
+        if failed:
+            event(log, logging.WARNING, "recipients_failed", message.id, account=self.name,
+                  relay=peer, attempt=result.attempts, to=_addresses(failed),
+                  reason="; ".join(f"<{r.address}>: {r.reply}" for r in failed)[:1000])
 
     def stop_claiming(self) -> None:
         self._stopping = True

@@ -7,6 +7,7 @@ several of them, and commands built from addresses that ingest already checked.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -65,6 +66,16 @@ class ReplyReader:
         if len(self._buffer) > MAX_REPLY_LINE:
             raise WireError("reply line too long")
         return replies
+
+
+def address_literal(ip: str) -> str:
+    """RFC 5321 4.1.3 address literal: '[192.0.2.1]' or '[IPv6:2001:db8::1]'."""
+    address = ipaddress.ip_address(ip.split("%", 1)[0])  # without an IPv6 zone (%eth0)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"[{address.ipv4_mapped}]"
+        return f"[IPv6:{address.compressed}]"
+    return f"[{address}]"
 
 
 def command(verb: bytes, *args: bytes) -> bytes:

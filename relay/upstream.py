@@ -74,6 +74,28 @@ class ChannelClosed(ConnectionError):
     """The connection ended, or the server broke the protocol, before the reply came."""
 
 
+class ServiceClosing(ChannelClosed):
+    """The server answered 421: RFC 5321 3.8, it is closing the session, whatever it does."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def _closing_error(exc: ServiceClosing) -> DeliveryError:
+    """A 421 as the message's temporary failure, the server's text kept for the log."""
+    enhanced, text = _split_enhanced(exc.reply.text)
+    return TemporaryFailure(text or "service closing", code=421, enhanced=enhanced)
+
+
+def _too_many_recipients(error: DeliveryError) -> bool:
+    """RFC 5321 4.5.3.1.10: '452 too many recipients' (552 from older servers, which the
+    RFC says to treat as temporary) means 'send the rest in another transaction'."""
+    return error.code in (452, 552) and (
+        error.enhanced in ("4.5.3", "5.5.3") or "too many recipients" in error.reason.lower()
+    )
+
+
 class _Channel(asyncio.Protocol):
     """An authenticated upstream session: writes commands, reads replies in order."""
 
@@ -135,7 +157,14 @@ class _Channel(asyncio.Protocol):
         if not self._replies:
             raise ChannelClosed(self._closed_because or "connection closed")
         self.replies_read += 1
-        return self._replies.popleft()
+        reply = self._replies.popleft()
+        if reply.code == 421:
+            # The session is over even if the server leaves the socket open (Exim's "too
+            # many messages in this connection" at MAIL): never RSET and reuse it.
+            self._end(str(reply))
+            self._transport.close()
+            raise ServiceClosing(reply)
+        return reply
 
     async def command(self, line: bytes, within: float) -> Reply:
         self.write(line)
@@ -157,8 +186,28 @@ class _Connection:
 
 def _refusal(reply: Reply, what: str) -> DeliveryError:
     enhanced, text = _split_enhanced(reply.text)
-    cls = PermanentFailure if 500 <= reply.code < 600 else TemporaryFailure
-    return cls(text or f"{what} refused", code=reply.code, enhanced=enhanced)
+    error = TemporaryFailure(text or f"{what} refused", code=reply.code, enhanced=enhanced)
+    if 500 <= reply.code < 600 and not _too_many_recipients(error):
+        return PermanentFailure(error.reason, code=reply.code, enhanced=enhanced)
+    return error
+
+
+class _Replace(Exception):
+    """This connection cannot carry the message, another may at once (421, or a pooled
+    connection the server closed meanwhile); ``error`` if none can."""
+
+    def __init__(self, error: DeliveryError) -> None:
+        super().__init__(error.reason)
+        self.error = error
+
+
+def _local_literal(client: aiosmtplib.SMTP) -> str:
+    """RFC 5321 4.1.4: with no domain name to give, the connection's own address."""
+    transport = client.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if not sockname:
+        raise ChannelClosed("connection closed during setup")
+    return smtpwire.address_literal(str(sockname[0]))
 
 
 def _tls_context(name: str, account: AccountConfig) -> ssl.SSLContext | None:
@@ -187,9 +236,10 @@ class UpstreamPool:
         local_hostname: str | None = None,
         on_connect: Callable[[], None] | None = None,
     ) -> None:
+        """``local_hostname``: the top-level hostname; None: an address literal."""
         self.name = name
         self.account = account
-        self._local_hostname = local_hostname or socket.gethostname()
+        self._ehlo_name = account.ehlo_name or local_hostname
         self._on_connect = on_connect
         self._tls_context = _tls_context(name, account)
         self._limit = asyncio.Semaphore(account.pool.max_connections)
@@ -211,18 +261,20 @@ class UpstreamPool:
             hostname=acc.host,
             port=acc.effective_port,
             use_tls=acc.tls == "implicit",
-            start_tls=acc.tls == "starttls",  # required, never opportunistic
+            start_tls=False,  # below, once the EHLO name is known
             validate_certs=acc.tls_verify,
             tls_context=self._tls_context,  # None: aiosmtplib's (system CAs, tls_verify)
             timeout=acc.timeouts.command,
-            local_hostname=self._local_hostname,
+            local_hostname=self._ehlo_name or "localhost",  # (connect() sends no EHLO)
         )
         try:
             await client.connect(timeout=acc.timeouts.connect)
             if self._on_connect:
                 self._on_connect()
-            # connect() skips EHLO when there is no login; the extension checks need it.
-            if client.is_ehlo_or_helo_needed:
+            client.local_hostname = self._ehlo_name or _local_literal(client)
+            await client.ehlo(timeout=acc.timeouts.command)
+            if acc.tls == "starttls":  # required, never opportunistic
+                await client.starttls(timeout=acc.timeouts.command)
                 await client.ehlo(timeout=acc.timeouts.command)
             if acc.username:
                 await client.login(acc.username, acc.secret or "", timeout=acc.timeouts.command)
@@ -290,34 +342,92 @@ class UpstreamPool:
     ) -> SendResult:
         async with self._limit:
             conn, reused = await self._acquire()
-            self._busy.add(conn)
-            healthy = False
             try:
-                answered = conn.channel.replies_read
+                return await self._attempt(conn, reused, sender, recipients, body, mail_options)
+            except _Replace:
+                # Not this message's fault: it goes out at once on a fresh connection
+                # (pooled ones may be as spent), within the same attempt. Once only; then
+                # it is an ordinary deferral.
+                conn = await self._connect()
                 try:
-                    result = await self._transaction(conn, sender, recipients, body, mail_options)
-                except ChannelClosed:
-                    if not reused or conn.channel.replies_read != answered:
-                        raise
-                    # The server closed a pooled connection meanwhile, before it answered
-                    # anything of this transaction: not a delivery failure. Replace the
-                    # connection and try once more.
+                    return await self._attempt(
+                        conn, False, sender, recipients, body, mail_options
+                    )
+                except _Replace as again:
+                    raise again.error from None
+
+    async def _attempt(
+        self,
+        conn: _Connection,
+        reused: bool,
+        sender: str,
+        recipients: list[str],
+        body: bytes,
+        mail_options: tuple[str, ...],
+    ) -> SendResult:
+        """Deliver on one connection; raise _Replace if another connection should try."""
+        self._busy.add(conn)
+        healthy = False
+        answered = conn.channel.replies_read
+        try:
+            result = await self._deliver_all(conn, sender, recipients, body, mail_options)
+            healthy = conn.channel.is_connected
+            return result
+        except ServiceClosing as exc:
+            raise _Replace(_closing_error(exc)) from None
+        except ChannelClosed as exc:
+            if reused and conn.channel.replies_read == answered:
+                # The server closed a pooled connection meanwhile, before it answered
+                # anything of this transaction: not a delivery failure.
+                raise _Replace(map_smtp_error(exc)) from None
+            raise map_smtp_error(exc) from None
+        except DeliveryError:
+            healthy = await self._reset(conn)
+            raise
+        except (OSError, TimeoutError) as exc:
+            raise map_smtp_error(exc) from None
+        finally:
+            if not healthy:
+                conn.channel.close()
+            self._release(conn, healthy)
+
+    async def _deliver_all(
+        self,
+        conn: _Connection,
+        sender: str,
+        recipients: list[str],
+        body: bytes,
+        mail_options: tuple[str, ...],
+    ) -> SendResult:
+        """Transactions on one connection until no recipient is left over by '452 too many
+        recipients' (RFC 5321 4.5.3.1.10): the rest go at once, not after a retry delay."""
+        total = await self._transaction(conn, sender, recipients, body, mail_options)
+        while total.accepted:
+            rest = [r for r, e in total.refused.items() if _too_many_recipients(e)]
+            if not rest:
+                break
+            try:
+                more = await self._transaction(conn, sender, rest, body, mail_options)
+            except (DeliveryError, OSError, TimeoutError) as exc:
+                # Some recipients already have the message: only the rest wait for a retry.
+                if isinstance(exc, ServiceClosing):
+                    error = _closing_error(exc)
+                elif isinstance(exc, DeliveryError):
+                    error = exc
+                else:
+                    error = map_smtp_error(exc)
+                if not (isinstance(exc, DeliveryError) and await self._reset(conn)):
                     conn.channel.close()
-                    self._busy.discard(conn)
-                    conn = await self._connect()
-                    self._busy.add(conn)
-                    result = await self._transaction(conn, sender, recipients, body, mail_options)
-                healthy = True
-                return result
-            except DeliveryError:
-                healthy = await self._reset(conn)
-                raise
-            except (OSError, TimeoutError) as exc:
-                raise map_smtp_error(exc) from None
-            finally:
-                if not healthy:
-                    conn.channel.close()
-                self._release(conn, healthy)
+                total.refused.update(dict.fromkeys(rest, error))
+                break
+            for rcpt in rest:
+                del total.refused[rcpt]
+            total.refused.update(more.refused)
+            if not more.accepted:
+                break  # no progress: the rest are deferred with the server's reply
+            total.accepted += more.accepted
+            total.reply = f"{total.reply}; {more.reply}"
+        return total
 
     async def _reset(self, conn: _Connection) -> bool:
         """RSET after a refused transaction, so the connection can be used again."""
@@ -339,7 +449,7 @@ class UpstreamPool:
     ) -> SendResult:
         """MAIL, RCPT..., DATA: in one write if the server pipelines, else one by one."""
         channel = conn.channel
-        mail, rcpts, refused = self._envelope(conn, sender, recipients, len(body), mail_options)
+        mail, rcpts, refused = self._envelope(conn, sender, recipients, body, mail_options)
         if not rcpts:
             return SendResult(accepted=[], refused=refused, peer=self.peer)
         mail_reply, rcpt_replies, data_reply = await self._exchange(conn, mail, rcpts)
@@ -377,7 +487,7 @@ class UpstreamPool:
         conn: _Connection,
         sender: str,
         recipients: list[str],
-        size: int,
+        body: bytes,
         mail_options: tuple[str, ...],
     ) -> tuple[bytes, list[tuple[str, bytes]], dict[str, DeliveryError]]:
         """The MAIL line, (recipient, RCPT line) pairs, and recipients that cannot be sent."""
@@ -391,9 +501,18 @@ class UpstreamPool:
                 enhanced="5.6.7",
             )
         if "8bitmime" not in extensions:
+            if not body.isascii():
+                # RFC 6152: 8-bit data only to a server that offers 8BITMIME. relay does
+                # not convert to quoted-printable: that would break DKIM signatures.
+                raise PermanentFailure(
+                    "upstream does not support 8BITMIME and this message has 8-bit data;"
+                    " relay does not convert it (see docs/configuration.md)",
+                    code=554,
+                    enhanced="5.6.3",
+                )
             options = [o for o in options if not o.upper().startswith("BODY=")]
         if "size" in extensions:
-            options.insert(0, f"SIZE={size}")
+            options.insert(0, f"SIZE={len(body)}")
         try:
             mail = smtpwire.mail_from(sender, options, utf8=utf8)
         except ValueError as exc:

@@ -128,8 +128,13 @@ async def test_a_messages_life_in_json_carries_the_documented_keys(
     for line in lines:
         check_line(line, documented)
     life = [x for x in lines if x.get("queue_id") == queue_id]
-    assert [x["event"] for x in life] == ["received", "deferred", "delivered"]
-    received, deferred, delivered = life
+    # Which recipient failed, and why, is on a line of its own (the 451 at DATA left
+    # the first attempt's RCPT replies moot, so the 550 comes at the second).
+    assert [x["event"] for x in life] == ["received", "deferred", "delivered",
+                                          "recipients_failed"]
+    received, deferred, delivered, failed_now = life
+    assert failed_now["attempt"] == 2 and failed_now["to"] == "<gone@example.com>"
+    assert failed_now["reason"] == "<gone@example.com>: 550 5.1.1 no such user"
     assert received == {
         "ts": received["ts"], "level": "info", "logger": "relay.smtpd", "event": "received",
         "queue_id": queue_id, "client": received["client"], "sender": "<app@example.com>",

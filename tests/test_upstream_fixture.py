@@ -276,3 +276,36 @@ async def test_stop_closes_open_clients() -> None:
     assert up.connections_open == 0
     with pytest.raises(aiosmtplib.SMTPServerDisconnected):
         await noop
+
+
+async def test_reply_to_answers_instead_and_keeps_or_closes_the_connection(
+    up: FakeUpstream,
+) -> None:
+    up.reply_to("MAIL", 421, "4.7.0 too many messages in this connection", after=1)
+    async with client(up) as smtp:
+        await smtp.sendmail("a@example.com", ["b@example.com"], MESSAGE)
+        with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
+            await smtp.mail("a@example.com")
+        assert refused.value.code == 421
+    up.reply_to("RCPT", 421, "4.3.2 shutting down", close=True)
+    smtp = client(up)
+    await smtp.connect()
+    await smtp.mail("a@example.com")
+    with pytest.raises(aiosmtplib.SMTPResponseException):
+        await smtp.rcpt("b@example.com")
+    await up.wait_for_connections_open(0)
+    smtp.close()
+
+
+async def test_recipient_limit_ehlo_names_and_no_8bitmime() -> None:
+    async with FakeUpstream(recipient_limit=1, eightbitmime=False) as up:
+        smtp = aiosmtplib.SMTP(hostname=up.host, port=up.port, username="user",
+                               password="secret", start_tls=False, timeout=2,
+                               local_hostname="client.example.com")
+        async with smtp:
+            assert not smtp.supports_extension("8bitmime")
+            errors, _ = await smtp.sendmail("a@example.com", ["b@example.com",
+                                                              "c@example.com"], b"x\r\n")
+        assert errors["c@example.com"][0] == 452
+        assert up.recipients_received() == ["b@example.com"]
+        assert up.ehlo_names == ["client.example.com"]

@@ -63,6 +63,7 @@ class _Reply:
     code: int
     text: str
     remaining: int | None  # None = forever
+    skip: int = 0  # let this many through first
 
     @property
     def line(self) -> str:
@@ -73,6 +74,9 @@ class _Reply:
 
     def take(self) -> str | None:
         """Consume one use; return the reply line, or None when used up."""
+        if self.skip > 0:
+            self.skip -= 1
+            return None
         if self.remaining is None:
             return self.line
         if self.remaining <= 0:
@@ -103,6 +107,8 @@ class _Faults:
     drops_after_accept: int = 0  # DATA: record the message, then drop
     delays: dict[str, float] = field(default_factory=dict)
     auth: bool = False
+    # verb -> (reply, close after it): answered instead of running the command
+    replies: dict[str, tuple[_Reply, bool]] = field(default_factory=dict)
 
 
 class _UpstreamSMTP(SMTP):
@@ -129,6 +135,8 @@ class _UpstreamSMTP(SMTP):
             self.upstream.commands.append((self.connection_id, verb))
             if verb != "DATA":  # DATA faults apply after the body (see _Handler)
                 await self.apply_faults(verb)
+            if await self.maybe_reply(verb):
+                return
             await method(arg)
 
         return dispatch
@@ -137,6 +145,19 @@ class _UpstreamSMTP(SMTP):
         """Drop the connection, or sleep, if a fault is armed for ``verb``."""
         self.maybe_drop(verb)
         await self.maybe_delay(verb)
+
+    async def maybe_reply(self, verb: str) -> bool:
+        """Answer ``verb`` with an armed reply (and close, if asked); True if it did."""
+        armed = self.upstream.faults.replies.get(verb)
+        line = armed[0].take() if armed else None
+        if armed is None or line is None:
+            return False
+        await self.push(line)
+        if armed[1]:
+            assert self.transport is not None
+            self.transport.close()  # (close, not abort: the reply goes out first)
+            raise asyncio.CancelledError
+        return True
 
     def maybe_drop(self, verb: str) -> None:
         drops = self.upstream.faults.drops
@@ -207,6 +228,9 @@ class _Handler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
+        self.upstream.ehlo_names.append(hostname)
+        if not self.upstream.eightbitmime:  # (aiosmtpd always offers it)
+            responses.remove("250-8BITMIME")
         if self.upstream.pipelining:
             # aiosmtpd reads commands one line at a time, so it serves pipelined
             # clients correctly; it only does not say so.
@@ -226,6 +250,9 @@ class _Handler:
             reply = rule.take()
             if reply is not None:
                 return reply
+        limit = self.upstream.recipient_limit
+        if limit is not None and len(envelope.rcpt_tos) >= limit:
+            return "452 4.5.3 Error: too many recipients"  # Postfix's smtpd_recipient_limit
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
@@ -282,6 +309,8 @@ class FakeUpstream:
         hostname: str = "upstream.test",
         smtputf8: bool = True,
         pipelining: bool = True,
+        eightbitmime: bool = True,
+        recipient_limit: int | None = None,
         data_size_limit: int | None = DATA_SIZE_DEFAULT,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
@@ -291,6 +320,9 @@ class FakeUpstream:
         self.hostname = hostname
         self.smtputf8 = smtputf8
         self.pipelining = pipelining
+        self.eightbitmime = eightbitmime
+        # Per transaction: further RCPTs get "452 4.5.3 Error: too many recipients".
+        self.recipient_limit = recipient_limit
         self.data_size_limit = data_size_limit
         self.port = 0
 
@@ -300,6 +332,7 @@ class FakeUpstream:
         self.auth_successes = 0
         self.auth_failures = 0
         self.commands: list[tuple[int, str]] = []  # (connection_id, VERB)
+        self.ehlo_names: list[str] = []  # the name given in each EHLO, in order
         self.faults = _Faults()
 
         self._server: asyncio.Server | None = None
@@ -466,6 +499,21 @@ class FakeUpstream:
             _check_times(times)
         self.faults.rcpt[address] = _Reply(code, text, times)
 
+    def reply_to(self, verb: str, code: int, text: str, times: int = 1, *,
+                 close: bool = False, after: int = 0) -> None:
+        """Answer the next ``times`` ``verb`` commands with ``code text`` instead of running
+        them; ``close=True`` closes the connection after the reply (a 421 and hang-up),
+        else it stays open (Exim's 421 "too many messages in this connection" at MAIL).
+
+        "DATA" is the DATA command itself; see fail_data for the reply after the dot.
+        ``after``: let that many ``verb`` commands run normally first.
+        """
+        _check_times(times)
+        v = _verb(verb)
+        if v == "GREETING":
+            raise ValueError("use greeting() for the banner")
+        self.faults.replies[v] = (_Reply(code, text, times, after), close)
+
     def greeting(self, code: int | None, text: str = "") -> None:
         """Send ``code text`` instead of the 220 banner and close; ``None`` restores normal."""
         self.faults.greeting = None if code is None else f"{code} {text}"
@@ -506,6 +554,12 @@ class FakeUpstream:
 
     def clear_faults(self) -> None:
         self.faults = _Faults()
+
+    async def say_unasked(self, line: str) -> None:
+        """Send ``line`` to every open connection without being asked (a 421 before an
+        idle close, as servers do); the connections stay open."""
+        for session in list(self._sessions):
+            await session.push(line)
 
     def close_idle_connections(self) -> None:
         """Close every open client connection from the server side (no reply sent).
