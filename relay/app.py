@@ -56,6 +56,7 @@ class App:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, config.accounts)
         self.store = SQLiteStore(config.queue.path, commit=config.queue.commit)
+        self.store.on_internal_error = self.metrics.internal_errors.labels("queue_writer").inc
         self.transports = build_transports(config, self.metrics)
         self.scheduler = Scheduler(config, self.store, self.transports, self.metrics)
         self.handler = IngestHandler(config, self._submit, self.metrics, self._admit)

@@ -12,6 +12,10 @@ from relay.message import MessageState
 REJECT_REASONS = ("unknown_account", "bad_header", "too_big", "too_many_recipients",
                   "store_unavailable", "rate_limited", "internal_error", "bad_address",
                   "bare_newline", "access_denied", "too_many_connections", "cross_protocol")
+# Where relay_internal_errors_total is counted (each is restarted after an error).
+INTERNAL_COMPONENTS = ("account_worker", "delivery", "lease_sweep", "queue_writer")
+# relay_account_backoffs_total reasons (scheduler.backoff_reason; relay.refusals.REASONS).
+BACKOFF_REASONS = ("quota", "auth", "sender_not_allowed", "throttled", "refused", "connect")
 # Delivery transactions: milliseconds to minutes (RFC 5321 allows 10 minutes for DATA).
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 # Queue delay: from instant to days (retries run for up to retry.max_age).
@@ -52,6 +56,14 @@ class Metrics:
         self.queue_delay = Histogram("relay_queue_delay_seconds",
                                      "Time from acceptance to delivery.", acc,
                                      buckets=_DELAY_BUCKETS, registry=r)
+        self.account_backoffs = Counter("relay_account_backoffs",
+                                        "Times an account backed off as a whole, by why.",
+                                        ["account", "reason"], registry=r)
+        self.internal_errors = Counter("relay_internal_errors",
+                                       "Unexpected errors in a background task (restarted).",
+                                       ["component"], registry=r)
+        for component in INTERNAL_COMPONENTS:
+            self.internal_errors.labels(component)
         self.sessions_active = Gauge("relay_smtp_sessions_active", "Open SMTP client sessions.",
                                      registry=r)
         build = Gauge("relay_build_info", "relay version.", ["version"], registry=r)
@@ -73,6 +85,8 @@ class Metrics:
                 metric.labels(name)
             for state in MessageState:
                 self.queue.labels(name, str(state))
+            for reason in BACKOFF_REASONS:
+                self.account_backoffs.labels(name, reason)
 
     def set_queue(self, counts: dict[tuple[str, str], int], oldest_created: dict[str, float],
                   now: float) -> None:

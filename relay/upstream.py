@@ -27,6 +27,7 @@ import aiosmtplib
 from relay import smtpwire
 from relay.config import AccountConfig
 from relay.errors import DeliveryError, PermanentFailure, TemporaryFailure
+from relay.refusals import account_refusal
 from relay.smtpwire import Reply
 from relay.transport import SendResult
 
@@ -34,6 +35,11 @@ log = logging.getLogger("relay.upstream")
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
 # Reuse a connection without a NOOP only if it was used this recently.
 NOOP_AFTER_IDLE_S = 5.0
+# After the server refused a connection at the greeting (421, "too many connections from
+# your host": Postfix smtpd_client_connection_count_limit), try one more this much later.
+CAPACITY_PROBE_S = 10.0
+# SASL mechanisms relay can use, strongest first (aiosmtplib's order).
+AUTH_MECHANISMS = ("cram-md5", "plain", "login")
 
 
 def _split_enhanced(text: str) -> tuple[str | None, str]:
@@ -41,6 +47,19 @@ def _split_enhanced(text: str) -> tuple[str | None, str]:
     if match:
         return match.group(1), text[match.end() :]
     return None, text
+
+
+def choose_mechanism(configured: str, advertised: list[str]) -> str | None:
+    """The one SASL mechanism to try: the configured one, or the strongest both offer.
+
+    Only one: aiosmtplib's login() tries each advertised mechanism in turn, so a wrong
+    password would cost two or three failed logins per attempt (Postfix logs auth=0/2),
+    and providers lock accounts by failed-login counts.
+    """
+    offered = [m.lower() for m in advertised]
+    if configured != "auto":
+        return configured if configured in offered else None
+    return next((m for m in AUTH_MECHANISMS if m in offered), None)
 
 
 def map_smtp_error(exc: BaseException, *, connecting: bool = False) -> DeliveryError:
@@ -52,8 +71,13 @@ def map_smtp_error(exc: BaseException, *, connecting: bool = False) -> DeliveryE
         account_wide = connecting or isinstance(
             exc, aiosmtplib.SMTPAuthenticationError | aiosmtplib.SMTPConnectResponseError
         )
+        reason = None
+        if account_wide:
+            auth = isinstance(exc, aiosmtplib.SMTPAuthenticationError)
+            reason = "auth" if auth else account_refusal(exc.code, enhanced, text) or "refused"
         cls = PermanentFailure if 500 <= exc.code < 600 and not account_wide else TemporaryFailure
-        return cls(text or "no text", code=exc.code, enhanced=enhanced, account_wide=account_wide)
+        return cls(text or "no text", code=exc.code, enhanced=enhanced, account_wide=account_wide,
+                   account_reason=reason)
     if isinstance(exc, ssl.SSLError):
         return TemporaryFailure(f"TLS failure: {exc.reason or exc}", account_wide=True)
     # aiosmtplib wraps a failed DNS lookup in its own connect error; look at the cause.
@@ -161,6 +185,16 @@ def _refusal(reply: Reply, what: str) -> DeliveryError:
     return cls(text or f"{what} refused", code=reply.code, enhanced=enhanced)
 
 
+def _sender_refusal(reply: Reply) -> DeliveryError:
+    """MAIL FROM refused: about the account (quota, login: defer, back off) or the message."""
+    enhanced, text = _split_enhanced(reply.text)
+    reason = account_refusal(reply.code, enhanced, text) if reply.code != 421 else None
+    if reason is None:
+        return _refusal(reply, "sender")
+    return TemporaryFailure(text or "sender refused", code=reply.code, enhanced=enhanced,
+                            account_reason=reason)
+
+
 class UpstreamPool:
     """At most pool.max_connections connections to one account, reused between messages."""
 
@@ -176,7 +210,17 @@ class UpstreamPool:
         self.account = account
         self._local_hostname = local_hostname or socket.gethostname()
         self._on_connect = on_connect
-        self._limit = asyncio.Semaphore(account.pool.max_connections)
+        # Connections in use may not exceed _capacity: max_connections, lowered while the
+        # server refuses more (421 at the greeting), raised again one at a time.
+        self._capacity = account.pool.max_connections
+        self._in_use = 0
+        self._slot_freed = asyncio.Event()
+        self._raise_at = 0.0  # monotonic
+        # AUTH: until a login has worked, connections log in one at a time, and one that
+        # waited while another's login was refused does not try at all (11.3).
+        self._login_lock = asyncio.Lock()
+        self._login_proven = False
+        self._logins_refused = 0
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
         self._closing: set[asyncio.Task[None]] = set()  # QUITs under way, kept referenced
@@ -189,7 +233,74 @@ class UpstreamPool:
     def open_connections(self) -> int:
         return len(self._idle) + len(self._busy)
 
+    @property
+    def capacity(self) -> int:
+        """How many connections the server lets us have now (at most max_connections)."""
+        return self._capacity
+
+    async def _take_slot(self) -> None:
+        while self._in_use >= self._capacity:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        self._in_use += 1
+
+    def _give_slot(self) -> None:
+        self._in_use -= 1
+        if self._capacity < self.account.pool.max_connections and (
+            time.monotonic() >= self._raise_at
+        ):
+            self._capacity += 1  # try one more; a new 421 lowers it again
+            self._raise_at = time.monotonic() + CAPACITY_PROBE_S
+        self._slot_freed.set()
+
+    def _refused_connection(self, exc: DeliveryError) -> bool:
+        """A 421 at the greeting while our other connections work: too many connections,
+        not an account failure. Lower the capacity and wait for one of ours instead."""
+        others = self._in_use - 1  # working or being opened; this one is still counted
+        if exc.code != 421 or others < 1:
+            return False
+        capacity = max(1, min(others, self._capacity - 1))
+        if capacity < self._capacity:
+            log.warning("%s: upstream refused connection %d (%s); using %d",
+                        self.name, self._in_use, exc.reply_text(), capacity)
+        self._capacity = capacity
+        self._raise_at = time.monotonic() + CAPACITY_PROBE_S
+        return True
+
     async def _connect(self) -> _Connection:
+        if not self.account.username or self._login_proven:
+            return await self._open()
+        refused = self._logins_refused
+        async with self._login_lock:
+            if self._logins_refused != refused:
+                # Another connection's login was refused while this one waited: do not
+                # spend another failed login on the same password.
+                raise TemporaryFailure("not logging in: the account's last login was refused",
+                                       account_reason="auth")
+            return await self._open()
+
+    async def _login(self, client: aiosmtplib.SMTP) -> None:
+        """AUTH with one mechanism; counts a refused login (see choose_mechanism)."""
+        acc = self.account
+        assert acc.username is not None
+        if not client.supports_extension("auth"):
+            raise aiosmtplib.SMTPException("the server does not offer AUTH")
+        mechanism = choose_mechanism(acc.auth_mechanism, client.server_auth_methods)
+        if mechanism is None:
+            raise aiosmtplib.SMTPException(
+                f"no usable AUTH mechanism (server offers {' '.join(client.server_auth_methods)};"
+                f" auth_mechanism: {acc.auth_mechanism})"
+            )
+        method = getattr(client, f"auth_{mechanism.replace('-', '')}")
+        try:
+            await method(acc.username, acc.secret or "", timeout=acc.timeouts.command)
+        except aiosmtplib.SMTPAuthenticationError:
+            self._logins_refused += 1
+            self._login_proven = False
+            raise
+        self._login_proven = True
+
+    async def _open(self) -> _Connection:
         acc = self.account
         client = aiosmtplib.SMTP(
             hostname=acc.host,
@@ -208,7 +319,7 @@ class UpstreamPool:
             if client.is_ehlo_or_helo_needed:
                 await client.ehlo(timeout=acc.timeouts.command)
             if acc.username:
-                await client.login(acc.username, acc.secret or "", timeout=acc.timeouts.command)
+                await self._login(client)
             # (uvloop's transports are not asyncio.Transport subclasses: no isinstance.)
             transport = cast(asyncio.Transport | None, client.transport)
             if transport is None or transport.is_closing():
@@ -271,36 +382,48 @@ class UpstreamPool:
     async def send(
         self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...]
     ) -> SendResult:
-        async with self._limit:
-            conn, reused = await self._acquire()
-            self._busy.add(conn)
-            healthy = False
+        while True:
+            await self._take_slot()
             try:
-                answered = conn.channel.replies_read
-                try:
-                    result = await self._transaction(conn, sender, recipients, body, mail_options)
-                except ChannelClosed:
-                    if not reused or conn.channel.replies_read != answered:
-                        raise
-                    # The server closed a pooled connection meanwhile, before it answered
-                    # anything of this transaction: not a delivery failure. Replace the
-                    # connection and try once more.
-                    conn.channel.close()
-                    self._busy.discard(conn)
-                    conn = await self._connect()
-                    self._busy.add(conn)
-                    result = await self._transaction(conn, sender, recipients, body, mail_options)
-                healthy = True
-                return result
-            except DeliveryError:
-                healthy = await self._reset(conn)
+                conn, reused = await self._acquire()
+                break
+            except DeliveryError as exc:
+                lowered = self._refused_connection(exc)
+                self._give_slot()
+                if not lowered:
+                    raise
+            except BaseException:
+                self._give_slot()
                 raise
-            except (OSError, TimeoutError) as exc:
-                raise map_smtp_error(exc) from None
-            finally:
-                if not healthy:
-                    conn.channel.close()
-                self._release(conn, healthy)
+        self._busy.add(conn)
+        healthy = False
+        try:
+            answered = conn.channel.replies_read
+            try:
+                result = await self._transaction(conn, sender, recipients, body, mail_options)
+            except ChannelClosed:
+                if not reused or conn.channel.replies_read != answered:
+                    raise
+                # The server closed a pooled connection meanwhile, before it answered
+                # anything of this transaction: not a delivery failure. Replace the
+                # connection and try once more.
+                conn.channel.close()
+                self._busy.discard(conn)
+                conn = await self._connect()
+                self._busy.add(conn)
+                result = await self._transaction(conn, sender, recipients, body, mail_options)
+            healthy = True
+            return result
+        except DeliveryError:
+            healthy = await self._reset(conn)
+            raise
+        except (OSError, TimeoutError) as exc:
+            raise map_smtp_error(exc) from None
+        finally:
+            if not healthy:
+                conn.channel.close()
+            self._release(conn, healthy)
+            self._give_slot()
 
     async def _reset(self, conn: _Connection) -> bool:
         """RSET after a refused transaction, so the connection can be used again."""
@@ -341,7 +464,7 @@ class UpstreamPool:
             await channel.reply(self.account.timeouts.data)
             data_reply = None
         if mail_reply.code != 250:
-            raise _refusal(mail_reply, "sender")
+            raise _sender_refusal(mail_reply)
         if not accepted:
             if not await self._reset(conn):  # the server still holds the MAIL
                 channel.close()

@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "relay"
 LAYERS = {
     "vocabulary": (0, {"message", "errors", "replies", "transport", "durations", "runner"}),
     "core": (1, {"config", "headers", "routing", "priority", "ratelimit", "retry", "outcome",
+                 "refusals",
                  "bounce", "queueops", "smtpwire", "smtpdata"}),
     "edges": (2, {"ingest", "store", "upstream", "maildir", "metrics", "http", "logs", "auth"}),
     "orchestration": (3, {"app", "scheduler", "health"}),
