@@ -42,6 +42,7 @@ from relay.transport import SendResult, Transport
 log = logging.getLogger("relay.delivery")
 FLUSH_KEY = "flush_requested_at"  # written by `relay queue flush`, read by the watcher
 CHANGE_POLL_S = 0.5  # how soon `relay queue ...` changes made by another process are seen
+CLOCK_JUMP_S = 1.0  # a larger difference between wall and monotonic time is a jump
 LEASE_SWEEP_S = 30.0  # how often expired leases are looked for (11.14)
 _FINISH_RETRY_S = 1.0
 Bounce = Callable[[QueuedMessage, list[Recipient], bytes], Awaitable[None]]
@@ -80,6 +81,7 @@ class AccountWorker:
         health: HealthHook | None = None,
         auth_policy: RetryPolicy | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        age_clock: Callable[[float], float] | None = None,
     ) -> None:
         self.name = name
         self.bounce = bounce
@@ -97,6 +99,8 @@ class AccountWorker:
         # After a refused login: its own, longer floor (config auth_backoff).
         self.auth_policy = auth_policy or RetryPolicy(60.0, 1800.0, float("inf"), 0.0)
         self.auth_failures = 0
+        # The clock messages age by: the wall clock less a jump not yet reconciled.
+        self.age_clock: Callable[[float], float] = age_clock or (lambda now: now)
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
         self.in_flight: dict[str, asyncio.Task[None]] = {}
@@ -269,7 +273,7 @@ class AccountWorker:
         now = self.clock()
         resume_at = self._account_health(sent, now)
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
-                        resume_at=resume_at)
+                        resume_at=resume_at, age_now=self.age_clock(now))
         duration = self.mono() - started
         # The slot is free once the upstream has answered: recording the outcome (a
         # commit, and so a sync) happens beside the next send instead of before it. The
@@ -400,6 +404,7 @@ class Scheduler:
         self.mono = monotonic
         self.lease_sweep_s = LEASE_SWEEP_S
         self._next_sweep = 0.0
+        self._skew = clock() - monotonic()  # wall minus monotonic: changes when it jumps
         self.metrics = metrics
         self.bounce_account = config.routing.default_account if config.bounces.enabled else None
         self._hostname = socket.gethostname()
@@ -430,7 +435,36 @@ class Scheduler:
             health=self.health.update,
             auth_policy=RetryPolicy(auth.initial, auth.max, float("inf"), jitter=0.0),
             monotonic=self.mono,
+            age_clock=self._age_now,
         )
+
+    def _clock_jump(self) -> float:
+        """How far the wall clock jumped since its stored times were last reconciled."""
+        return (self.clock() - self.mono()) - self._skew
+
+    def _age_now(self, now: float) -> float:
+        """``now`` less a forward jump not yet reconciled (_reconcile_clock): a clock set
+        ahead must not expire and bounce deferred mail at its next attempt."""
+        jump = self._clock_jump()
+        return now - jump if jump > CLOCK_JUMP_S else now
+
+    async def _reconcile_clock(self) -> None:
+        """After a wall-clock jump, move stored times of unfinished messages with it.
+
+        Backoffs and rate windows run on monotonic time and need nothing; due times,
+        ages and leases are stored in wall time: without this a backward jump of an hour
+        would hold every deferred message an hour longer, and a forward jump would make
+        them all due, and old enough to expire, at once.
+        """
+        jump = self._clock_jump()
+        if abs(jump) <= CLOCK_JUMP_S:
+            return
+        moved = await self.store.shift_times(jump)
+        self._skew += jump
+        event(log, logging.WARNING, "clock_jump", count=moved, seconds=f"{jump:+.0f}",
+              reason="the wall clock jumped; due times and ages of queued messages moved"
+                     " with it")
+        self.wake_all()
 
     async def _start_worker(self, worker: AccountWorker, now: float) -> None:
         if worker.limiter.limited:
@@ -531,6 +565,7 @@ class Scheduler:
         while True:
             await asyncio.sleep(CHANGE_POLL_S)
             try:
+                await self._reconcile_clock()
                 await self._sweep_leases()
             except StoreError:
                 pass

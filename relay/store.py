@@ -486,6 +486,17 @@ class SQLiteStore:
             ]
         )
 
+    async def shift_times(self, delta: float) -> int:
+        """The wall clock jumped by ``delta`` seconds: move the stored times of unfinished
+        messages with it, so their age, due time and lease keep their real length."""
+        counts = await self.execute([(
+            "UPDATE messages SET created_at = created_at + ?, next_attempt_at ="
+            " next_attempt_at + ?, lease_until = lease_until + ?"
+            " WHERE state IN ('queued', 'deferred', 'held', 'sending')",
+            (delta, delta, delta),
+        )])
+        return counts[0]
+
     async def requeue_expired(self, now: float, *, keep: Sequence[str] = ()) -> int:
         """Messages still 'sending' after their lease ran out (a delivery that died without
         a restart) are queued again, except ``keep`` (this process is still on them)."""

@@ -256,13 +256,14 @@ class UpstreamPool:
     def _refused_connection(self, exc: DeliveryError) -> bool:
         """A 421 at the greeting while our other connections work: too many connections,
         not an account failure. Lower the capacity and wait for one of ours instead."""
-        others = self._in_use - 1  # working or being opened; this one is still counted
+        # Others working, being opened (this one is still counted) or idle in the pool.
+        others = self._in_use - 1 + len(self._idle)
         if exc.code != 421 or others < 1:
             return False
         capacity = max(1, min(others, self._capacity - 1))
         if capacity < self._capacity:
-            log.warning("%s: upstream refused connection %d (%s); using %d",
-                        self.name, self._in_use, exc.reply_text(), capacity)
+            log.warning("%s: upstream refused another connection (%s); using at most %d",
+                        self.name, exc.reply_text(), capacity)
         self._capacity = capacity
         self._raise_at = time.monotonic() + CAPACITY_PROBE_S
         return True

@@ -99,6 +99,9 @@ class _Faults:
     drops_after_accept: int = 0  # DATA: record the message, then drop
     delays: dict[str, float] = field(default_factory=dict)
     auth: bool = False
+    mail: _Reply | None = None
+    # Postfix smtpd_client_connection_count_limit: 421 at the greeting beyond this many.
+    connection_limit: int | None = None
 
 
 class _UpstreamSMTP(SMTP):
@@ -176,6 +179,10 @@ class _UpstreamSMTP(SMTP):
     async def _handle_client(self) -> None:
         await self.apply_faults("GREETING")
         greeting = self.upstream.faults.greeting
+        limit = self.upstream.faults.connection_limit
+        if limit is not None and self.upstream.connections_open > limit:
+            self.upstream.connections_refused += 1
+            greeting = "421 4.7.0 upstream.test Error: too many connections from 127.0.0.1"
         if greeting is not None:
             await self.push(greeting)
             assert self.transport is not None
@@ -208,6 +215,23 @@ class _Handler:
             # clients correctly; it only does not say so.
             responses.insert(len(responses) - 1, "250-PIPELINING")
         return responses
+
+    async def handle_MAIL(
+        self,
+        server: _UpstreamSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        rule = self.upstream.faults.mail
+        if rule is not None:
+            reply = rule.take()
+            if reply is not None:
+                return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self,
@@ -293,6 +317,7 @@ class FakeUpstream:
         self.connections_open = 0
         self.auth_successes = 0
         self.auth_failures = 0
+        self.connections_refused = 0  # by limit_connections()
         self.commands: list[tuple[int, str]] = []  # (connection_id, VERB)
         self.faults = _Faults()
 
@@ -491,6 +516,17 @@ class FakeUpstream:
             self.faults.delays[v] = seconds
         else:
             self.faults.delays.pop(v, None)
+
+    def fail_mail(self, code: int, text: str, times: int | None = None) -> None:
+        """MAIL FROM gets ``code text``; ``times=None`` means always (until cleared)."""
+        if times is not None:
+            _check_times(times)
+        self.faults.mail = _Reply(code, text, times)
+
+    def limit_connections(self, limit: int | None) -> None:
+        """Beyond ``limit`` open connections, answer the greeting with 421 and close
+        (Postfix's smtpd_client_connection_count_limit); None removes the limit."""
+        self.faults.connection_limit = limit
 
     def fail_auth(self, enabled: bool = True) -> None:
         """While enabled, every AUTH answers 535 5.7.8."""
