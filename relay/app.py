@@ -46,7 +46,9 @@ def build_transports(
             transports[name] = MaildirTransport(name, acc.path)
         else:
             counter = metrics.connections_opened.labels(name).inc if metrics else None
-            transports[name] = UpstreamPool(name, acc, on_connect=counter)
+            transports[name] = UpstreamPool(
+                name, acc, on_connect=counter,
+                login_hold_s=config.auth_backoff_for(name).initial)
     return transports
 
 

@@ -105,6 +105,7 @@ class AccountWorker:
         self.idle = asyncio.Event()
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self.settling: set[asyncio.Task[None]] = set()  # outcome writes under way
+        self.recording: set[str] = set()  # ids whose outcome is being written
         self.ready: collections.deque[QueuedMessage] = collections.deque()  # claimed, unsent
         # Claim-ahead depth: one pool's worth, but not for rate-limited accounts (it would
         # spend their budget early and gain nothing at their pace).
@@ -177,7 +178,10 @@ class AccountWorker:
         slots = self._slots()
         # Claim ahead: a claim is a commit (a sync), so claimed messages wait in `ready`
         # and a finishing send starts the next at once instead of waiting for the disk.
-        want = slots + self.prefetch - len(self.ready)
+        # No claiming ahead while probing a backed-off account: what it claimed would show
+        # as 'sending' without a connection, and go back if the probe fails.
+        prefetch = 0 if self.backoff_failures else self.prefetch
+        want = slots + prefetch - len(self.ready)
         if want <= 0:
             return None
         hold = self.limiter.wait_time(mono)
@@ -282,7 +286,9 @@ class AccountWorker:
         task = asyncio.create_task(self._record(message, result, sent, duration, body),
                                    name=f"record-{message.id}")
         self.settling.add(task)
+        self.recording.add(message.id)
         task.add_done_callback(self._recorded)
+        task.add_done_callback(lambda _: self.recording.discard(message.id))
 
     def _recorded(self, task: asyncio.Task[None]) -> None:
         self.settling.discard(task)
@@ -546,7 +552,7 @@ class Scheduler:
 
     def _held_here(self) -> list[str]:
         """Messages this process is sending, has claimed ahead or is recording."""
-        ids = [mid for w in self.workers.values() for mid in w.in_flight]
+        ids = [mid for w in self.workers.values() for mid in (*w.in_flight, *w.recording)]
         return ids + [m.id for w in self.workers.values() for m in w.ready]
 
     async def _sweep_leases(self) -> None:

@@ -205,6 +205,7 @@ class UpstreamPool:
         *,
         local_hostname: str | None = None,
         on_connect: Callable[[], None] | None = None,
+        login_hold_s: float = 60.0,
     ) -> None:
         self.name = name
         self.account = account
@@ -221,6 +222,10 @@ class UpstreamPool:
         self._login_lock = asyncio.Lock()
         self._login_proven = False
         self._logins_refused = 0
+        # After a refused login no connection logs in for this long (auth_backoff.initial):
+        # sends already under way when the account backed off must not each try once.
+        self._login_hold_s = login_hold_s
+        self._login_hold_until = 0.0  # monotonic
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
         self._closing: set[asyncio.Task[None]] = set()  # QUITs under way, kept referenced
@@ -273,7 +278,7 @@ class UpstreamPool:
             return await self._open()
         refused = self._logins_refused
         async with self._login_lock:
-            if self._logins_refused != refused:
+            if self._logins_refused != refused or time.monotonic() < self._login_hold_until:
                 # Another connection's login was refused while this one waited: do not
                 # spend another failed login on the same password.
                 raise TemporaryFailure("not logging in: the account's last login was refused",
@@ -298,6 +303,7 @@ class UpstreamPool:
         except aiosmtplib.SMTPAuthenticationError:
             self._logins_refused += 1
             self._login_proven = False
+            self._login_hold_until = time.monotonic() + self._login_hold_s
             raise
         self._login_proven = True
 

@@ -17,13 +17,14 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
+from relay import upstream as upstream_module
 from relay.app import App
 from relay.errors import TemporaryFailure
 from relay.message import MessageState
 from relay.metrics import BACKOFF_REASONS
 from relay.refusals import AUTH, QUOTA, REASONS, SENDER, THROTTLED, account_refusal
 from relay.retry import Defer, Fail, RetryPolicy
-from relay.upstream import choose_mechanism
+from relay.upstream import UpstreamPool, choose_mechanism
 from tests.conftest import (
     StartRelay,
     message,
@@ -187,7 +188,8 @@ async def test_auth_mechanism_is_configurable(
 
 
 async def test_connection_limit_lowers_the_pool_without_a_backoff(
-    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """421 at the greeting while other connections work: fewer connections, no backoff."""
     upstream.limit_connections(2)
@@ -203,6 +205,17 @@ async def test_connection_limit_lowers_the_pool_without_a_backoff(
     assert metric(app, "relay_messages_deferred_total", account="up") == 0
     assert sum(metric(app, "relay_account_backoffs_total", account="up", reason=r)
                for r in BACKOFF_REASONS) == 0
+    pool = app.transports["up"]
+    assert isinstance(pool, UpstreamPool) and pool.capacity < 5
+
+    # The limit goes away: the pool tries one more connection at a time, back up to 5.
+    upstream.limit_connections(None)
+    monkeypatch.setattr(upstream_module, "CAPACITY_PROBE_S", 0.0)
+    pool._raise_at = 0.0
+    await send_many(app.smtp_port, [message(f"d{i}") for i in range(40)], sessions=5)
+    await upstream.wait_for_messages(80, timeout=20)
+    await app.scheduler.run_until_idle()
+    assert pool.capacity == 5
 
 
 # -- 11.14 leases and background tasks -------------------------------------------------
@@ -252,6 +265,33 @@ async def test_an_error_in_an_account_worker_is_counted_and_survived(
     assert (await send(app.smtp_port, message("survives")))[0] == 250
     await upstream.wait_for_messages(1, timeout=10)
     assert metric(app, "relay_internal_errors_total", component="account_worker") == 1
+
+
+async def test_an_error_in_a_delivery_task_gives_the_message_back(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug after the send (outside its try) must not leave the row 'sending'."""
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream,
+                                                                           tmp_path)}))
+    worker = app.scheduler.workers["up"]
+    real = worker._account_health
+    calls = {"n": 0}
+
+    def flaky(*args: Any) -> float | None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug after the send")
+        return real(*args)
+
+    monkeypatch.setattr(worker, "_account_health", flaky)
+    _, text = await send(app.smtp_port, message("given back"))
+    await wait_until(lambda: metric(app, "relay_internal_errors_total",
+                                    component="delivery") == 1, what="the error counted")
+    await wait_until(lambda: upstream.messages.__len__() >= 2, what="a second send")
+    await app.scheduler.run_until_idle()
+    row = await app.store.get(text.split()[-1])
+    assert row is not None and row.state is MessageState.DELIVERED
 
 
 async def test_a_dead_queue_writer_fails_readyz_and_data_at_once(
