@@ -37,7 +37,7 @@ from relay.outcome import settle
 from relay.ratelimit import RateLimiter
 from relay.retry import RetryPolicy
 from relay.store import SQLiteStore
-from relay.transport import SendResult, Transport
+from relay.transport import LoginHold, SendResult, Transport
 
 log = logging.getLogger("relay.delivery")
 FLUSH_KEY = "flush_requested_at"  # written by `relay queue flush`, read by the watcher
@@ -131,6 +131,8 @@ class AccountWorker:
     def resume(self) -> None:
         """End an account-wide backoff now (an operator's `queue flush`)."""
         self.backoff_until = 0.0
+        if isinstance(self.transport, LoginHold):
+            self.transport.end_login_hold()
         self.notify()
         self.wake.set()
 

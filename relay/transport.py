@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from relay.errors import DeliveryError
 
@@ -34,3 +34,11 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
     def open_connections(self) -> int: ...
+
+
+@runtime_checkable
+class LoginHold(Protocol):
+    """A transport that holds logins back after a refused one (UpstreamPool)."""
+
+    def end_login_hold(self) -> None:
+        """An operator asked to try now (`relay queue flush`): allow the next login."""

@@ -285,6 +285,10 @@ class UpstreamPool:
                                        account_reason="auth")
             return await self._open()
 
+    def end_login_hold(self) -> None:
+        """Allow the next login now (`relay queue flush` ends the account's backoff)."""
+        self._login_hold_until = 0.0
+
     async def _login(self, client: aiosmtplib.SMTP) -> None:
         """AUTH with one mechanism; counts a refused login (see choose_mechanism)."""
         acc = self.account
