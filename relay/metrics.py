@@ -13,7 +13,7 @@ REJECT_REASONS = ("unknown_account", "bad_header", "too_big", "too_many_recipien
                   "store_unavailable", "rate_limited", "internal_error", "bad_address",
                   "bare_newline", "access_denied", "too_many_connections", "cross_protocol")
 # Where relay_internal_errors_total is counted (each is restarted after an error).
-INTERNAL_COMPONENTS = ("account_worker", "delivery", "lease_sweep", "queue_writer")
+INTERNAL_COMPONENTS = ("account_worker", "delivery", "queue_watcher", "queue_writer")
 # relay_account_backoffs_total reasons (scheduler.backoff_reason; relay.refusals.REASONS).
 BACKOFF_REASONS = ("quota", "auth", "sender_not_allowed", "throttled", "refused", "connect")
 # Delivery transactions: milliseconds to minutes (RFC 5321 allows 10 minutes for DATA).

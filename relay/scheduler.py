@@ -569,29 +569,33 @@ class Scheduler:
             self.wake_all()
 
     async def _watch(self) -> None:
-        """Notice changes made by `relay queue ...` in another process; sweep leases."""
+        """Every CHANGE_POLL_S: clock jumps, expired leases, changes by `relay queue ...`.
+
+        A bug in one round is logged and counted, and the next round runs: this task
+        must outlive anything it meets.
+        """
         while True:
             await asyncio.sleep(CHANGE_POLL_S)
             try:
-                await self._reconcile_clock()
-                await self._sweep_leases()
+                await self._watch_once()
             except StoreError:
-                pass
+                continue  # the queue file is unavailable; try again next round
             except Exception:
-                log.exception("lease sweep failed")
-                self.metrics.internal_errors.labels("lease_sweep").inc()
-            try:
-                if not await self.store.changed_elsewhere():
-                    continue
-                flush = await self.store.get_meta(FLUSH_KEY)
-            except StoreError:
-                continue
-            if flush != self._flush_seen:
-                self._flush_seen = flush
-                for worker in self.workers.values():
-                    worker.resume()
-                event(log, logging.INFO, "flush", reason="requested by relay queue flush")
-            self.wake_all()
+                log.exception("queue watcher failed; it goes on")
+                self.metrics.internal_errors.labels("queue_watcher").inc()
+
+    async def _watch_once(self) -> None:
+        await self._reconcile_clock()
+        await self._sweep_leases()
+        if not await self.store.changed_elsewhere():
+            return
+        flush = await self.store.get_meta(FLUSH_KEY)
+        if flush != self._flush_seen:
+            self._flush_seen = flush
+            for worker in self.workers.values():
+                worker.resume()
+            event(log, logging.INFO, "flush", reason="requested by relay queue flush")
+        self.wake_all()
 
     async def run_until_idle(self) -> None:
         """Return once nothing is in flight and nothing is due (tests, `burst` runs)."""

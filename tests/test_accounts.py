@@ -294,6 +294,27 @@ async def test_an_error_in_a_delivery_task_gives_the_message_back(
     assert row is not None and row.state is MessageState.DELIVERED
 
 
+async def test_an_error_in_the_queue_watcher_is_counted_and_survived(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream,
+                                                                           tmp_path)}))
+    real = app.scheduler._reconcile_clock
+    rounds = {"n": 0}
+
+    async def flaky() -> None:
+        rounds["n"] += 1
+        if rounds["n"] == 1:
+            raise RuntimeError("a bug in the watcher")
+        await real()
+
+    monkeypatch.setattr(app.scheduler, "_reconcile_clock", flaky)
+    await wait_until(lambda: rounds["n"] >= 3, what="two more watcher rounds")
+    assert metric(app, "relay_internal_errors_total", component="queue_watcher") == 1
+    assert app.scheduler._watcher is not None and not app.scheduler._watcher.done()
+
+
 async def test_a_dead_queue_writer_fails_readyz_and_data_at_once(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:
