@@ -149,6 +149,27 @@ async def test_a_sender_refusal_still_fails_the_message(
                for r in BACKOFF_REASONS) == 0
 
 
+async def test_claims_go_back_when_the_account_backs_off(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """11.13: during a backoff no message shows as 'sending'; hold works on them."""
+    upstream.greeting(421, "4.3.2 down for maintenance")
+    account = upstream_account(upstream, tmp_path, pool={"max_connections": 3},
+                               retry={"initial_delay": "1h", "max_delay": "1h",
+                                      "max_age": "2d", "jitter": 0})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    replies = await send_many(app.smtp_port, [message(f"h{i}") for i in range(10)], sessions=2)
+    worker = app.scheduler.workers["up"]
+    await wait_until(lambda: worker.backoff_failures >= 1, what="a backoff")
+    await wait_until(lambda: not worker.in_flight and not worker.settling, what="writes")
+    counts = await app.store.counts()
+    assert counts.get(("up", "sending"), 0) == 0
+    assert counts.get(("up", "failed"), 0) == 0
+    held = await app.store.update_messages(states=["queued", "deferred"], to_state="held",
+                                           now=time.time(), ids=[replies[0][1].split()[-1]])
+    assert held == 1
+
+
 # -- 11.3 / 17.4 refused logins -------------------------------------------------------
 
 
