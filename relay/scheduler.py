@@ -214,6 +214,11 @@ class AccountWorker:
         batch = await self.store.claim_due(self.name, now, allowed, self.lease_s)
         if not batch:
             return False
+        if self.mono() < self.backoff_until:
+            # The account backed off while the claim was being committed: give these
+            # back at once, as _account_health did with the others.
+            self._give_back([m.id for m in batch], self.clock(), due_at=self.resume_at)
+            return False
         self._held = False
         self.idle.clear()
         for _ in batch:
