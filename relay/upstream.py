@@ -294,13 +294,13 @@ class UpstreamPool:
         acc = self.account
         assert acc.username is not None
         if not client.supports_extension("auth"):
-            raise aiosmtplib.SMTPException("the server does not offer AUTH")
+            raise TemporaryFailure("the upstream does not offer AUTH", account_reason="auth")
         mechanism = choose_mechanism(acc.auth_mechanism, client.server_auth_methods)
         if mechanism is None:
-            raise aiosmtplib.SMTPException(
-                f"no usable AUTH mechanism (server offers {' '.join(client.server_auth_methods)};"
-                f" auth_mechanism: {acc.auth_mechanism})"
-            )
+            offered = " ".join(client.server_auth_methods) or "none"
+            raise TemporaryFailure(
+                f"no usable AUTH mechanism (the upstream offers {offered};"
+                f" auth_mechanism: {acc.auth_mechanism})", account_reason="auth")
         method = getattr(client, f"auth_{mechanism.replace('-', '')}")
         try:
             await method(acc.username, acc.secret or "", timeout=acc.timeouts.command)

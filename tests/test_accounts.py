@@ -205,6 +205,19 @@ async def test_auth_mechanism_is_configurable(
     assert upstream.auth_successes == 1
 
 
+async def test_an_auth_mechanism_the_server_lacks_backs_the_account_off(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    account = upstream_account(upstream, tmp_path, auth_mechanism="cram-md5")
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    _, text = await send(app.smtp_port, message("no cram"))
+    await wait_until(lambda: metric(app, "relay_account_backoffs_total", account="up",
+                                    reason="auth") == 1, what="an auth backoff")
+    assert upstream.auth_failures == 0  # nothing was tried
+    row = await app.store.get(text.split()[-1])
+    assert row is not None and row.state is not MessageState.FAILED
+
+
 # -- 17.2 too many connections ---------------------------------------------------------
 
 
