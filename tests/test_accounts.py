@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from relay import upstream as upstream_module
 from relay.app import App
+from relay.benchsink import PostfixInstance, free_port, postfix_problem
 from relay.errors import TemporaryFailure
 from relay.message import MessageState
 from relay.metrics import BACKOFF_REASONS
@@ -436,3 +439,44 @@ async def test_a_forward_clock_jump_does_not_expire_deferred_mail(
         assert metric(app, "relay_messages_delivered_total", account="up") == 1
     finally:
         await app.shutdown(grace=2.0)
+
+
+# -- 17.2 against a real Postfix --------------------------------------------------------
+
+
+class LimitedPostfix(PostfixInstance):
+    """A private Postfix that holds what it accepts and allows 2 connections per client."""
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        with (self.root / "etc" / "main.cf").open("a") as main:
+            # Loopback is in mynetworks, which the limits exempt by default.
+            main.write("smtpd_client_connection_count_limit = 2\n"
+                       "smtpd_client_event_limit_exceptions =\n")
+
+
+@pytest.mark.skipif(postfix_problem() is not None, reason=postfix_problem() or "")
+async def test_postfix_connection_count_limit_is_not_an_account_failure(
+    tmp_path: Path, start_relay: StartRelay
+) -> None:
+    root = Path(tempfile.mkdtemp(prefix="relay-postfix-"))  # the postfix user must enter it
+    try:
+        async with LimitedPostfix(root, sink_port=free_port(), hold=True) as postfix:
+            account = {"host": "127.0.0.1", "port": postfix.port, "tls": "none",
+                       "pool": {"max_connections": 5},
+                       "retry": {"initial_delay": "5s", "max_delay": "5s", "max_age": "1h",
+                                 "jitter": 0}}
+            app = await start_relay(relay_config(tmp_path, {"pf": account}))
+            await send_many(app.smtp_port, [message(f"p{i}") for i in range(20)], sessions=5)
+            await wait_until(lambda: metric(app, "relay_messages_delivered_total",
+                                            account="pf") == 20, timeout=30,
+                             what="20 deliveries to Postfix")
+            assert postfix.queued(["hold"]) == 20
+            assert metric(app, "relay_messages_deferred_total", account="pf") == 0
+            assert sum(metric(app, "relay_account_backoffs_total", account="pf", reason=r)
+                       for r in BACKOFF_REASONS) == 0
+            pool = app.transports["pf"]
+            assert isinstance(pool, UpstreamPool) and pool.capacity <= 2
+            assert "Connection concurrency limit exceeded" in (root / "maillog").read_text()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
