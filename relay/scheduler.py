@@ -37,7 +37,7 @@ from relay.outcome import settle
 from relay.ratelimit import RateLimiter
 from relay.retry import RetryPolicy
 from relay.store import SQLiteStore
-from relay.transport import LoginHold, SendResult, Transport
+from relay.transport import PoolControl, SendResult, Transport
 
 log = logging.getLogger("relay.delivery")
 FLUSH_KEY = "flush_requested_at"  # written by `relay queue flush`, read by the watcher
@@ -131,7 +131,7 @@ class AccountWorker:
     def resume(self) -> None:
         """End an account-wide backoff now (an operator's `queue flush`)."""
         self.backoff_until = 0.0
-        if isinstance(self.transport, LoginHold):
+        if isinstance(self.transport, PoolControl):
             self.transport.end_login_hold()
         self.notify()
         self.wake.set()
@@ -158,8 +158,14 @@ class AccountWorker:
     def _slots(self) -> int:
         # While an account is backing off as a whole, one probe at a time. A slot is busy
         # until its outcome is recorded: a crash then re-sends at most one pool's worth.
-        limit = 1 if self.backoff_failures else self.concurrency
+        limit = 1 if self.backoff_failures else self._capacity()
         return limit - len(self.in_flight) - len(self.settling)
+
+    def _capacity(self) -> int:
+        """Sends at once: the pool size, less while the server refuses more connections."""
+        if isinstance(self.transport, PoolControl):
+            return max(1, min(self.concurrency, self.transport.capacity))
+        return self.concurrency
 
     def _wall_at(self, mono_at: float) -> float:
         """The wall-clock time (for storing) of a monotonic instant."""
@@ -177,12 +183,13 @@ class AccountWorker:
                     self._mark_idle(notices)  # nothing could go before the backoff ends
             return self.backoff_until - mono
         self._start_ready()
+        self._trim_ready(now)
         slots = self._slots()
         # Claim ahead: a claim is a commit (a sync), so claimed messages wait in `ready`
         # and a finishing send starts the next at once instead of waiting for the disk.
         # No claiming ahead while probing a backed-off account: what it claimed would show
         # as 'sending' without a connection, and go back if the probe fails.
-        prefetch = 0 if self.backoff_failures else self.prefetch
+        prefetch = 0 if self.backoff_failures else min(self.prefetch, self._capacity())
         want = slots + prefetch - len(self.ready)
         if want <= 0:
             return None
@@ -226,6 +233,15 @@ class AccountWorker:
         self.ready.extend(batch)
         self._start_ready()
         return True
+
+    def _trim_ready(self, now: float) -> None:
+        """Keep at most one claimed-ahead message per usable connection: after the server
+        lowered the pool (421 "too many connections"), give the rest back to the queue,
+        so that a new high-priority message does not wait behind them (11.13)."""
+        ids = []
+        while len(self.ready) > self._capacity():
+            ids.append(self.ready.pop().id)  # the last claimed: the lowest priority
+        self._give_back(ids, now)
 
     def _start_ready(self) -> None:
         """Hand claimed messages to free slots (also called as each send finishes)."""

@@ -37,8 +37,13 @@ class Transport(Protocol):
 
 
 @runtime_checkable
-class LoginHold(Protocol):
-    """A transport that holds logins back after a refused one (UpstreamPool)."""
+class PoolControl(Protocol):
+    """A transport whose usable connections vary (UpstreamPool): the scheduler sends no
+    more at once, and claims no more ahead, than it has connections."""
+
+    @property
+    def capacity(self) -> int:
+        """Connections the server lets us have now (421 "too many connections" lowers it)."""
 
     def end_login_hold(self) -> None:
         """An operator asked to try now (`relay queue flush`): allow the next login."""

@@ -208,6 +208,27 @@ async def test_auth_mechanism_is_configurable(
     assert upstream.auth_successes == 1
 
 
+async def test_claims_ahead_follow_a_lowered_pool(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """11.13: at most one message claimed ahead per usable connection, also once the
+    server has lowered the pool (a high-priority arrival waits behind no more)."""
+    upstream.limit_connections(2)
+    upstream.delay("DATA", 0.1)
+    account = upstream_account(upstream, tmp_path, pool={"max_connections": 5})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    pool, worker = app.transports["up"], app.scheduler.workers["up"]
+    assert isinstance(pool, UpstreamPool)
+    sending = asyncio.create_task(
+        send_many(app.smtp_port, [message(f"r{i}") for i in range(40)], sessions=5))
+    await wait_until(lambda: pool.capacity < 5, what="the pool lowered")
+    await asyncio.sleep(0.3)  # a few sends finish, and the worker looks again
+    assert len(worker.ready) <= pool.capacity
+    await sending
+    await upstream.wait_for_messages(40, timeout=20)
+    await app.scheduler.run_until_idle()
+
+
 async def test_an_auth_mechanism_the_server_lacks_backs_the_account_off(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:
@@ -234,6 +255,8 @@ async def test_connection_limit_lowers_the_pool_without_a_backoff(
                                retry={"initial_delay": "5s", "max_delay": "5s",
                                       "max_age": "1h", "jitter": 0})
     app = await start_relay(relay_config(tmp_path, {"up": account}))
+    pool = app.transports["up"]
+    assert isinstance(pool, UpstreamPool)
     await send_many(app.smtp_port, [message(f"c{i}") for i in range(40)], sessions=5)
     await upstream.wait_for_messages(40, timeout=20)
     await app.scheduler.run_until_idle()
@@ -242,8 +265,7 @@ async def test_connection_limit_lowers_the_pool_without_a_backoff(
     assert metric(app, "relay_messages_deferred_total", account="up") == 0
     assert sum(metric(app, "relay_account_backoffs_total", account="up", reason=r)
                for r in BACKOFF_REASONS) == 0
-    pool = app.transports["up"]
-    assert isinstance(pool, UpstreamPool) and pool.capacity < 5
+    assert pool.capacity < 5
 
     # The limit goes away: the pool tries one more connection at a time, back up to 5.
     upstream.limit_connections(None)
