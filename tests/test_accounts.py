@@ -12,6 +12,7 @@ import random
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -374,24 +375,40 @@ async def test_an_error_in_the_queue_watcher_is_counted_and_survived(
     assert app.scheduler._watcher is not None and not app.scheduler._watcher.done()
 
 
-async def test_a_dead_queue_writer_fails_readyz_and_data_at_once(
+async def test_a_dead_queue_writer_is_restarted(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:
     app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream,
                                                                            tmp_path)}))
-    assert app.store.writer_alive
     writer = app.store._writer
-    assert writer is not None
+    assert writer is not None and app.store.writer_alive
     writer.cancel()
     await asyncio.gather(writer, return_exceptions=True)
-    assert not app.store.writer_alive
+    await asyncio.sleep(0)
+    assert app.store.writer_alive
+    assert metric(app, "relay_internal_errors_total", component="queue_writer") == 1
+    assert (await send(app.smtp_port, message("after a restart")))[0] == 250
+    await upstream.wait_for_messages(1)
+
+
+async def test_a_queue_writer_that_cannot_run_fails_readyz_and_data_at_once(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream,
+                                                                           tmp_path)}))
+    thread = app.store._write_thread
+    assert thread is not None
+    thread.shutdown(wait=True)  # the writer's thread is gone: no write can run
     async with asyncio.timeout(5):  # at once, not after a client timeout
         code, text = await send(app.smtp_port, message("nowhere"))
     assert code == 451, text
     url = f"http://127.0.0.1:{app.http_port}/readyz"
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
         assert resp.status == 503
-        assert "writer" in await resp.text()
+        assert "queue" in await resp.text()
+    assert metric(app, "relay_internal_errors_total", component="queue_writer") >= 1
+    # A thread again, so that the fixture can close the store.
+    app.store._write_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
 
 
 # -- 11.18 clock jumps ----------------------------------------------------------------
