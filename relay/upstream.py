@@ -195,6 +195,43 @@ def _sender_refusal(reply: Reply) -> DeliveryError:
                             account_reason=reason)
 
 
+class _Slots:
+    """A semaphore whose size can change: the connections the server lets us have.
+
+    ``limit`` is pool.max_connections; ``size`` drops while the server refuses more
+    connections (421 at the greeting) and rises again by one every CAPACITY_PROBE_S.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = self.size = limit
+        self.in_use = 0
+        self.raise_at = 0.0  # monotonic
+        self._freed = asyncio.Event()
+
+    async def acquire(self) -> None:
+        while self.in_use >= self.size:
+            self._freed.clear()
+            await self._freed.wait()
+        self.in_use += 1
+
+    def release(self) -> None:
+        self.in_use -= 1
+        if self.size < self.limit and time.monotonic() >= self.raise_at:
+            self.size += 1  # try one more; a new 421 lowers it again
+            self.raise_at = time.monotonic() + CAPACITY_PROBE_S
+        self._freed.set()
+
+    def lower(self, to: int) -> None:
+        self.size = max(1, min(to, self.size - 1))
+        self.raise_at = time.monotonic() + CAPACITY_PROBE_S
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *_: object) -> None:
+        self.release()
+
+
 class UpstreamPool:
     """At most pool.max_connections connections to one account, reused between messages."""
 
@@ -211,12 +248,7 @@ class UpstreamPool:
         self.account = account
         self._local_hostname = local_hostname or socket.gethostname()
         self._on_connect = on_connect
-        # Connections in use may not exceed _capacity: max_connections, lowered while the
-        # server refuses more (421 at the greeting), raised again one at a time.
-        self._capacity = account.pool.max_connections
-        self._in_use = 0
-        self._slot_freed = asyncio.Event()
-        self._raise_at = 0.0  # monotonic
+        self._limit = _Slots(account.pool.max_connections)
         # AUTH: until a login has worked, connections log in one at a time, and one that
         # waited while another's login was refused does not try at all (11.3).
         self._login_lock = asyncio.Lock()
@@ -241,36 +273,19 @@ class UpstreamPool:
     @property
     def capacity(self) -> int:
         """How many connections the server lets us have now (at most max_connections)."""
-        return self._capacity
+        return self._limit.size
 
-    async def _take_slot(self) -> None:
-        while self._in_use >= self._capacity:
-            self._slot_freed.clear()
-            await self._slot_freed.wait()
-        self._in_use += 1
-
-    def _give_slot(self) -> None:
-        self._in_use -= 1
-        if self._capacity < self.account.pool.max_connections and (
-            time.monotonic() >= self._raise_at
-        ):
-            self._capacity += 1  # try one more; a new 421 lowers it again
-            self._raise_at = time.monotonic() + CAPACITY_PROBE_S
-        self._slot_freed.set()
-
-    def _refused_connection(self, exc: DeliveryError) -> bool:
-        """A 421 at the greeting while our other connections work: too many connections,
-        not an account failure. Lower the capacity and wait for one of ours instead."""
-        # Others working, being opened (this one is still counted) or idle in the pool.
-        others = self._in_use - 1 + len(self._idle)
+    def _too_many_connections(self, exc: DeliveryError) -> bool:
+        """A 421 at the greeting while our other connections work: the server limits
+        connections per client, not an account failure. Use fewer connections."""
+        # Others working, being opened (this one is counted in in_use) or idle.
+        others = self._limit.in_use - 1 + len(self._idle)
         if exc.code != 421 or others < 1:
             return False
-        capacity = max(1, min(others, self._capacity - 1))
-        if capacity < self._capacity:
+        if others < self._limit.size:
             log.warning("%s: upstream refused another connection (%s); using at most %d",
-                        self.name, exc.reply_text(), capacity)
-        self._capacity = capacity
-        self._raise_at = time.monotonic() + CAPACITY_PROBE_S
+                        self.name, exc.reply_text(), others)
+        self._limit.lower(others)
         return True
 
     async def _connect(self) -> _Connection:
@@ -360,7 +375,22 @@ class UpstreamPool:
                     conn.channel.close()
                     continue
             return conn, True
-        return await self._connect(), False
+        try:
+            return await self._connect(), False
+        except DeliveryError as exc:
+            if not self._too_many_connections(exc):
+                raise
+        await self._wait_for_ours()
+        return await self._acquire()
+
+    async def _wait_for_ours(self) -> None:
+        """Give our slot up until one of our connections is free (the pool is smaller)."""
+        self._limit.release()
+        try:
+            await self._limit.acquire()
+        except BaseException:
+            self._limit.in_use += 1  # the caller's `async with` gives it back
+            raise
 
     def _release(self, conn: _Connection, healthy: bool) -> None:
         self._busy.discard(conn)
@@ -393,48 +423,36 @@ class UpstreamPool:
     async def send(
         self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...]
     ) -> SendResult:
-        while True:
-            await self._take_slot()
+        async with self._limit:
+            conn, reused = await self._acquire()
+            self._busy.add(conn)
+            healthy = False
             try:
-                conn, reused = await self._acquire()
-                break
-            except DeliveryError as exc:
-                lowered = self._refused_connection(exc)
-                self._give_slot()
-                if not lowered:
-                    raise
-            except BaseException:
-                self._give_slot()
+                answered = conn.channel.replies_read
+                try:
+                    result = await self._transaction(conn, sender, recipients, body, mail_options)
+                except ChannelClosed:
+                    if not reused or conn.channel.replies_read != answered:
+                        raise
+                    # The server closed a pooled connection meanwhile, before it answered
+                    # anything of this transaction: not a delivery failure. Replace the
+                    # connection and try once more.
+                    conn.channel.close()
+                    self._busy.discard(conn)
+                    conn = await self._connect()
+                    self._busy.add(conn)
+                    result = await self._transaction(conn, sender, recipients, body, mail_options)
+                healthy = True
+                return result
+            except DeliveryError:
+                healthy = await self._reset(conn)
                 raise
-        self._busy.add(conn)
-        healthy = False
-        try:
-            answered = conn.channel.replies_read
-            try:
-                result = await self._transaction(conn, sender, recipients, body, mail_options)
-            except ChannelClosed:
-                if not reused or conn.channel.replies_read != answered:
-                    raise
-                # The server closed a pooled connection meanwhile, before it answered
-                # anything of this transaction: not a delivery failure. Replace the
-                # connection and try once more.
-                conn.channel.close()
-                self._busy.discard(conn)
-                conn = await self._connect()
-                self._busy.add(conn)
-                result = await self._transaction(conn, sender, recipients, body, mail_options)
-            healthy = True
-            return result
-        except DeliveryError:
-            healthy = await self._reset(conn)
-            raise
-        except (OSError, TimeoutError) as exc:
-            raise map_smtp_error(exc) from None
-        finally:
-            if not healthy:
-                conn.channel.close()
-            self._release(conn, healthy)
-            self._give_slot()
+            except (OSError, TimeoutError) as exc:
+                raise map_smtp_error(exc) from None
+            finally:
+                if not healthy:
+                    conn.channel.close()
+                self._release(conn, healthy)
 
     async def _reset(self, conn: _Connection) -> bool:
         """RSET after a refused transaction, so the connection can be used again."""

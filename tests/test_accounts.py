@@ -271,7 +271,7 @@ async def test_connection_limit_lowers_the_pool_without_a_backoff(
     # The limit goes away: the pool tries one more connection at a time, back up to 5.
     upstream.limit_connections(None)
     monkeypatch.setattr(upstream_module, "CAPACITY_PROBE_S", 0.0)
-    pool._raise_at = 0.0
+    pool._limit.raise_at = 0.0
     await send_many(app.smtp_port, [message(f"d{i}") for i in range(40)], sessions=5)
     await upstream.wait_for_messages(80, timeout=20)
     await app.scheduler.run_until_idle()
