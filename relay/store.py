@@ -232,22 +232,7 @@ class SQLiteStore:
         except StoreError:
             await self.close()
             raise
-        self._start_writer()
-
-    def _start_writer(self) -> None:
         self._writer = asyncio.create_task(self._write_loop(), name="queue-writer")
-        self._writer.add_done_callback(self._writer_ended)
-
-    def _writer_ended(self, task: asyncio.Task[None]) -> None:
-        """The writer must outlive anything but close(): if it ended, start another."""
-        if task is not self._writer:
-            return  # close() took it away
-        error = None if task.cancelled() else task.exception()
-        log.error("queue writer stopped (%s); starting it again",
-                  "cancelled" if error is None else type(error).__name__, exc_info=error)
-        if self.on_internal_error is not None:
-            self.on_internal_error()
-        self._start_writer()
 
     async def _in_writer(self, fn: Callable[..., T], *args: Any) -> T:
         if self._write_thread is None:
@@ -312,10 +297,10 @@ class SQLiteStore:
 
     async def close(self) -> None:
         if self._writer is not None:
-            writer, self._writer = self._writer, None  # (so that it is not restarted)
-            writer.cancel()
+            self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await writer
+                await self._writer
+            self._writer = None
         if self._reader is not None:
             with contextlib.suppress(sqlite3.Error, ValueError):
                 await self._reader.close()
