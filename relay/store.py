@@ -488,10 +488,15 @@ class SQLiteStore:
 
     async def shift_times(self, delta: float) -> int:
         """The wall clock jumped by ``delta`` seconds: move the stored times of unfinished
-        messages with it, so their age, due time and lease keep their real length."""
+        messages with it, so their age, retry delay and lease keep their real length.
+
+        A time a client asked for (Deferred-Delivery: never tried, due after arrival) is
+        a time of day and stays.
+        """
         counts = await self.execute([(
-            "UPDATE messages SET created_at = created_at + ?, next_attempt_at ="
-            " next_attempt_at + ?, lease_until = lease_until + ?"
+            "UPDATE messages SET created_at = created_at + ?, lease_until = lease_until + ?,"
+            " next_attempt_at = CASE WHEN attempts = 0 AND next_attempt_at > created_at"
+            " THEN next_attempt_at ELSE next_attempt_at + ? END"
             " WHERE state IN ('queued', 'deferred', 'held', 'sending')",
             (delta, delta, delta),
         )])

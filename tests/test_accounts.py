@@ -24,10 +24,11 @@ from relay import upstream as upstream_module
 from relay.app import App
 from relay.benchsink import PostfixInstance, free_port, postfix_problem
 from relay.errors import TemporaryFailure
-from relay.message import MessageState
+from relay.message import AttemptResult, MessageState, NewMessage, Priority, Recipient
 from relay.metrics import BACKOFF_REASONS
 from relay.refusals import AUTH, QUOTA, REASONS, SENDER, THROTTLED, account_refusal
 from relay.retry import Defer, Fail, RetryPolicy
+from relay.store import SQLiteStore
 from relay.upstream import UpstreamPool, choose_mechanism
 from tests.conftest import (
     StartRelay,
@@ -415,6 +416,32 @@ async def test_a_queue_writer_that_cannot_run_fails_readyz_and_data_at_once(
 
 
 # -- 11.18 clock jumps ----------------------------------------------------------------
+
+
+async def test_a_clock_jump_moves_retry_times_but_not_a_requested_time(
+    tmp_path: Path
+) -> None:
+    store = SQLiteStore(tmp_path / "queue.sqlite3")
+    await store.open()
+    try:
+        at = 1_000_000.0
+        for mid, not_before in (("RETRY", at), ("SCHEDULED", at + 7200)):
+            await store.enqueue(NewMessage(
+                id=mid, sender="a@example.com", recipients=("b@example.com",),
+                account="up", priority=Priority.NORMAL, body=message(mid),
+                created_at=at, not_before=not_before))
+        claimed = await store.claim_due("up", at, 1, lease_s=60)
+        await store.finish(AttemptResult(
+            id=claimed[0].id, account="up", state=MessageState.DEFERRED,
+            recipients=[Recipient("b@example.com")], attempts=1, next_attempt_at=at + 600,
+            last_error="451 busy", at=at, outcome="deferred", reply="451 busy"))
+        assert await store.shift_times(-3600.0) == 2
+        retry, scheduled = await store.get("RETRY"), await store.get("SCHEDULED")
+        assert retry is not None and scheduled is not None
+        assert (retry.created_at, retry.next_attempt_at) == (at - 3600, at + 600 - 3600)
+        assert (scheduled.created_at, scheduled.next_attempt_at) == (at - 3600, at + 7200)
+    finally:
+        await store.close()
 
 
 class JumpingClock:
