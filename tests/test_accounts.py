@@ -18,6 +18,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from relay import upstream as upstream_module
@@ -71,6 +73,14 @@ QUOTA_REPLY = "5.4.5 Daily user sending quota exceeded. Learn more at https://su
 def test_account_refusal_table(code: int, enhanced: str | None, text: str,
                                expected: str | None) -> None:
     assert account_refusal(code, enhanced, text) == expected
+
+
+@given(text=st.text(max_size=200),
+       enhanced=st.sampled_from(["5.1.1", "5.1.8", "5.3.4", "5.6.0", "5.1.0"]))
+def test_a_message_class_is_never_an_account_refusal(text: str, enhanced: str) -> None:
+    """Whatever the text says ("... exceeded the size limit ..."), these concern the message."""
+    assert account_refusal(550, enhanced, text) is None
+    assert account_refusal(552, None, text) is None
 
 
 def test_every_reason_is_a_metric_label() -> None:
