@@ -56,8 +56,8 @@ def build_transports(
         else:
             counter = metrics.connections_opened.labels(name).inc if metrics else None
             transports[name] = UpstreamPool(
-                name, acc, local_hostname=hostname, on_connect=counter
-            )
+                name, acc, local_hostname=hostname, on_connect=counter,
+                login_hold_s=config.auth_backoff_for(name).initial)
     return transports
 
 
@@ -67,6 +67,7 @@ class App:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, config.accounts)
         self.store = SQLiteStore(config.queue.path, commit=config.queue.commit)
+        self.store.on_internal_error = self.metrics.internal_errors.labels("queue_writer").inc
         self.transports = build_transports(config, self.metrics)
         self.scheduler = Scheduler(config, self.store, self.transports, self.metrics)
         self.handler = IngestHandler(config, self._submit, self.metrics, self._admit)

@@ -22,7 +22,7 @@ from typing import Any
 from relay.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _fail, _load, out
 from relay.cli_progress import ProgressBar
 from relay.config import AccountConfig, Config, effective_hostname
-from relay.durations import format_duration, parse_duration
+from relay.durations import format_duration, parse_duration, parse_since
 from relay.errors import StoreError
 from relay.headers import parse_headers
 from relay.message import MessageState, QueuedMessage
@@ -35,6 +35,7 @@ from relay.queueops import (
     RELEASE,
     RETRY,
     RETRY_ALL,
+    RETRY_FAILED,
     Operation,
     refusal,
 )
@@ -91,6 +92,8 @@ async def _apply(
     *,
     ids: Sequence[str] = (),
     updated_before: float | None = None,
+    account: str | None = None,
+    updated_since: float | None = None,
     progress: SQLiteStore.Progress | None = None,
 ) -> int:
     """Carry out ``op`` on ``ids`` (or on every message in its states); count the changed."""
@@ -102,7 +105,7 @@ async def _apply(
     return await store.update_messages(
         states=op.states, to_state=str(op.target), now=time.time(), ids=ids,
         due_now=op.due_now, reset_failed=op.reset_failed, needs_body=op.needs_body,
-        progress=progress,
+        account=account, updated_since=updated_since, progress=progress,
     )
 
 
@@ -124,7 +127,7 @@ def _each(args: argparse.Namespace, op: Operation) -> int:
 
 
 async def _with_progress(
-    store: SQLiteStore, op: Operation, updated_before: float | None = None
+    store: SQLiteStore, op: Operation, updated_before: float | None = None, **filters: Any
 ) -> int:
     """``op`` on every message in its states, with a progress bar on a terminal."""
     bar = ProgressBar(op.name, None)
@@ -133,7 +136,7 @@ async def _with_progress(
         counts = await store.counts()
         bar.total = sum(n for (_, state), n in counts.items() if state in op.states)
     with bar:
-        return await _apply(store, op, updated_before=updated_before, progress=bar)
+        return await _apply(store, op, updated_before=updated_before, progress=bar, **filters)
 
 
 def _bulk(args: argparse.Namespace, op: Operation, updated_before: float | None = None) -> int:
@@ -200,14 +203,32 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    if bool(args.ids) == args.all:
-        return _fail("queue retry: give message IDs or --all (one of them)", EXIT_USAGE)
+    bulk = args.all or args.state is not None
+    if bool(args.ids) == bulk:
+        return _fail("queue retry: give message IDs, --all or --state (one of them)",
+                     EXIT_USAGE)
     if args.ids:
+        if args.account or args.since:
+            return _fail("queue retry: --account and --since go with --all or --state",
+                         EXIT_USAGE)
         return _each(args, RETRY)
-    count = _bulk(args, RETRY_ALL)
+    since = None
+    if args.since:
+        try:
+            since = parse_since(args.since, time.time())
+        except ValueError as exc:
+            return _fail(f"queue retry: --since {exc}", EXIT_USAGE)
+    op = RETRY_FAILED if args.state == "failed" else RETRY_ALL
+    state = "failed" if op is RETRY_FAILED else "deferred"
+
+    async def run() -> int:
+        async with _queue(args) as store:
+            return await _with_progress(store, op, account=args.account, updated_since=since)
+
+    count = asyncio.run(run())
     if not count:
-        return _fail("no deferred messages to retry")
-    out(f"{count} deferred message(s) queued, due now")
+        return _fail(f"no {state} messages to retry")
+    out(f"{count} {state} message(s) queued, due now")
     return EXIT_OK
 
 
@@ -353,6 +374,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                         help="make messages due now; a failed message is queued again")
     p.add_argument("ids", nargs="*", metavar="ID")
     p.add_argument("--all", action="store_true", help="every deferred message")
+    p.add_argument("--state", choices=["deferred", "failed"],
+                   help="every message in this state (failed: those whose body is kept)")
+    p.add_argument("--account", help="with --all/--state: only this account's messages")
+    p.add_argument("--since", metavar="WHEN",
+                   help="with --all/--state: only those changed since (2h, 1d, or a UTC"
+                        " time such as 2026-11-30T10:00:00Z)")
     p.set_defaults(func=cmd_retry)
     p = qsub.add_parser("flush", parents=[common],
                         help="every deferred message due now; backed-off accounts resume")

@@ -246,6 +246,23 @@ class RetryOverride(_Frozen):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class AuthBackoffConfig(_Frozen):
+    """How long an account waits after the upstream refused its login (535).
+
+    Its own floor, apart from retry delays: providers lock an account after a few failed
+    logins, so a wrong password is tried once a minute at most, then less often.
+    """
+
+    initial: Duration = 60.0
+    max: Duration = 1800.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AuthBackoffConfig:
+        if self.max < self.initial:
+            raise ValueError("max: must be at least initial")
+        return self
+
+
 class PoolConfig(_Frozen):
     max_connections: int = Field(default=5, ge=1, le=100)
     max_messages_per_connection: int = Field(default=100, ge=1)
@@ -291,6 +308,9 @@ class AccountConfig(_Frozen):
     password_env: str | None = None
     password_file: Path | None = None
     password: str | None = Field(default=None, repr=False)
+    # auto: the strongest mechanism both sides offer (cram-md5, plain, login); one per login.
+    auth_mechanism: Literal["auto", "cram-md5", "plain", "login"] = "auto"
+    auth_backoff: AuthBackoffConfig | None = None  # None: the top-level auth_backoff
     pool: PoolConfig = PoolConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
     retry: RetryOverride | None = None  # None: the top-level retry block
@@ -374,6 +394,7 @@ class Config(_Frozen):
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     retry: RetryConfig = RetryConfig()
+    auth_backoff: AuthBackoffConfig = AuthBackoffConfig()
     accounts: dict[str, AccountConfig] = Field(default_factory=_default_accounts)
     routing: RoutingConfig = RoutingConfig()
     bounces: BouncesConfig = BouncesConfig()
@@ -424,6 +445,10 @@ class Config(_Frozen):
             f" initial_delay {format_duration(merged.initial_delay)} ({source('initial_delay')})"
             f" and max_delay {format_duration(merged.max_delay)} ({source('max_delay')})"
         )
+
+    def auth_backoff_for(self, account: str) -> AuthBackoffConfig:
+        """The account's own auth_backoff, or the top-level one."""
+        return self.accounts[account].auth_backoff or self.auth_backoff
 
     def retry_for(self, account: str) -> RetryConfig:
         """The policy an account runs with: the top-level block, the account's keys over it."""
@@ -588,7 +613,7 @@ def _mask_secrets(node: Any) -> None:
 
 def _durations_as_text(node: Any) -> None:
     duration_keys = {"initial_delay", "max_delay", "max_age", "idle_timeout", "timeout",
-                     "connect", "command", "data"}
+                     "connect", "command", "data", "initial", "max"}
     if isinstance(node, dict):
         for key, value in node.items():
             if key in duration_keys and isinstance(value, int | float):

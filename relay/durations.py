@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import calendar
 import re
+import time
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -35,3 +37,20 @@ def format_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
+
+
+def parse_since(text: str, now: float) -> float:
+    """A point in time given as an age ('2h': two hours ago) or a UTC time
+    ('2026-11-30T10:00:00Z', '2026-11-30 10:00', '2026-11-30'); epoch seconds."""
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    cleaned = text.strip().rstrip("Zz").replace("T", " ")
+    for form in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
+        try:
+            return float(calendar.timegm(time.strptime(cleaned, form)))
+        except ValueError:
+            continue
+    raise ValueError(f"must be an age such as 2h or 1d, or a UTC time such as"
+                     f" 2026-11-30T10:00:00Z, not {text!r}")

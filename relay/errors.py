@@ -49,13 +49,17 @@ class DeliveryError(RelayError):
         code: int | None = None,
         enhanced: str | None = None,
         account_wide: bool = False,
+        account_reason: str | None = None,
     ) -> None:
         self.reason = reason
         self.code = code
         self.enhanced = enhanced
         # True when the failure says nothing about this message but about the account
         # (connection refused, 421 at greeting, AUTH failure): back the account off.
-        self.account_wide = account_wide
+        self.account_wide = account_wide or account_reason is not None
+        # Why, as a short label (relay.refusals.REASONS, "auth", "connect"...), for the
+        # backoff log line and relay_account_backoffs_total.
+        self.account_reason = account_reason
         super().__init__(reason)
 
     def reply_text(self) -> str:

@@ -15,6 +15,10 @@ REJECT_REASONS = ("unknown_account", "bad_header", "too_big", "too_many_recipien
                   "bare_newline", "access_denied", "too_many_connections", "cross_protocol",
                   "too_many_client_connections", "auth_locked",
                   "header_too_big")
+# Where relay_internal_errors_total is counted (each is restarted after an error).
+INTERNAL_COMPONENTS = ("account_worker", "delivery", "queue_watcher", "queue_writer")
+# relay_account_backoffs_total reasons (scheduler.backoff_reason; relay.refusals.REASONS).
+BACKOFF_REASONS = ("quota", "auth", "sender_not_allowed", "throttled", "refused", "connect")
 # Delivery transactions: milliseconds to minutes (RFC 5321 allows 10 minutes for DATA).
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 # Event loop lag: a healthy loop wakes within a millisecond; a stall shows in seconds.
@@ -64,6 +68,14 @@ class Metrics:
                                   "How late the event loop ran a timer: time no session,"
                                   " delivery or HTTP request made progress.",
                                   buckets=_LAG_BUCKETS, registry=r)
+        self.account_backoffs = Counter("relay_account_backoffs",
+                                        "Times an account backed off as a whole, by why.",
+                                        ["account", "reason"], registry=r)
+        self.internal_errors = Counter("relay_internal_errors",
+                                       "Unexpected errors in a background task (restarted).",
+                                       ["component"], registry=r)
+        for component in INTERNAL_COMPONENTS:
+            self.internal_errors.labels(component)
         self.sessions_active = Gauge("relay_smtp_sessions_active", "Open SMTP client sessions.",
                                      registry=r)
         build = Gauge("relay_build_info", "relay version.", ["version"], registry=r)
@@ -85,6 +97,8 @@ class Metrics:
                 metric.labels(name)
             for state in MessageState:
                 self.queue.labels(name, str(state))
+            for reason in BACKOFF_REASONS:
+                self.account_backoffs.labels(name, reason)
 
     def set_queue(self, counts: dict[tuple[str, str], int], oldest_created: dict[str, float],
                   now: float) -> None:

@@ -29,8 +29,10 @@ def settle(
     policy: RetryPolicy,
     rng: random.Random,
     resume_at: float | None = None,
+    age_now: float | None = None,
 ) -> AttemptResult:
-    """The AttemptResult to store. ``resume_at``: the account is backing off until then."""
+    """The AttemptResult to store. ``resume_at``: the account is backing off until then;
+    ``age_now``: the clock for the message's age (RetryPolicy.decide)."""
     attempts = message.attempts + 1
     recipients = [replace(r) for r in message.recipients]
     pending = [r for r in recipients if r.state is RecipientState.PENDING]
@@ -44,7 +46,8 @@ def settle(
     last_error = ""
     if temp_error is not None:
         decision = policy.decide(
-            temp_error, attempts=attempts, created_at=message.created_at, now=now, rng=rng
+            temp_error, attempts=attempts, created_at=message.created_at, now=now, rng=rng,
+            age_now=age_now,
         )
         if isinstance(decision, Defer):
             next_at = decision.until if resume_at is None else max(resume_at, now)

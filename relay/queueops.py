@@ -43,12 +43,15 @@ RETRY = Operation(
     due_now=True, reset_failed=True, needs_body=True,
 )
 RETRY_ALL = Operation("retry", frozenset({S.DEFERRED}), S.QUEUED, due_now=True)
+# A way out of a misclassified refusal (an account problem taken for the message's).
+RETRY_FAILED = Operation("retry", frozenset({S.FAILED}), S.QUEUED,
+                         due_now=True, reset_failed=True, needs_body=True)
 # Like `postqueue -f`: deferred messages stay deferred but are due now.
 FLUSH = Operation("flush", frozenset({S.DEFERRED}), S.DEFERRED, due_now=True)
 DELETE = Operation("delete", frozenset(set(S) - {S.SENDING}), None)
 DELETE_FORCED = Operation("delete", frozenset(S), None)
 PURGE = Operation("purge", frozenset({S.DELIVERED, S.FAILED}), None)
-OPERATIONS = (HOLD, RELEASE, RETRY, RETRY_ALL, FLUSH, DELETE, DELETE_FORCED, PURGE)
+OPERATIONS = (HOLD, RELEASE, RETRY, RETRY_ALL, RETRY_FAILED, FLUSH, DELETE, DELETE_FORCED, PURGE)
 
 SENDING_NOTE = (
     "a worker is delivering it right now and deleting the row cannot stop that send, so"

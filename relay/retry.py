@@ -51,15 +51,22 @@ class RetryPolicy:
         created_at: float,
         now: float,
         rng: random.Random,
+        age_now: float | None = None,
     ) -> Decision:
-        """Fail permanent errors and expired messages; defer everything else."""
+        """Fail permanent errors and expired messages; defer everything else.
+
+        ``now`` places the next attempt (it is stored); ``age_now`` (default ``now``) is
+        the clock the message's age is read on, so that a forward jump of the wall clock
+        can be left out of it (AccountWorker.age_clock).
+        """
         reason = error.reply_text()
         if not error.temporary:
             return Fail(reason)
-        until = now + self.next_delay(attempts, rng)
-        if until - created_at > self.max_age:
-            if now - created_at >= self.max_age:
+        age = (now if age_now is None else age_now) - created_at
+        delay = self.next_delay(attempts, rng)
+        if age + delay > self.max_age:
+            if age >= self.max_age:
                 return Fail(f"expired after {attempts} attempts; last error: {reason}")
             # One last attempt right at the deadline rather than giving up early.
-            until = created_at + self.max_age
-        return Defer(until, reason)
+            delay = self.max_age - age
+        return Defer(now + delay, reason)

@@ -37,11 +37,13 @@ from relay.outcome import settle
 from relay.ratelimit import RateLimiter
 from relay.retry import RetryPolicy
 from relay.store import SQLiteStore
-from relay.transport import SendResult, Transport
+from relay.transport import PoolControl, SendResult, Transport
 
 log = logging.getLogger("relay.delivery")
 FLUSH_KEY = "flush_requested_at"  # written by `relay queue flush`, read by the watcher
 CHANGE_POLL_S = 0.5  # how soon `relay queue ...` changes made by another process are seen
+CLOCK_JUMP_S = 1.0  # a larger difference between wall and monotonic time is a jump
+LEASE_SWEEP_S = 30.0  # how often expired leases are looked for (11.14)
 _FINISH_RETRY_S = 1.0
 # Builds the bounce for a message's newly failed recipients (None: no bounce).
 Bounce = Callable[[QueuedMessage, list[Recipient], bytes], NewMessage | None]
@@ -49,6 +51,15 @@ Bounce = Callable[[QueuedMessage, list[Recipient], bytes], NewMessage | None]
 
 def _addresses(recipients: list[Recipient]) -> str:
     return ",".join(f"<{r.address}>" for r in recipients)
+
+
+def backoff_reason(error: DeliveryError) -> str:
+    """The label for relay_account_backoffs_total: a fixed, small set."""
+    if error.account_reason is not None:
+        return error.account_reason
+    if error.code == 535 or error.enhanced == "5.7.8":
+        return "auth"
+    return "refused" if error.code is not None else "connect"
 
 
 def _iso(ts: float) -> str:
@@ -73,6 +84,9 @@ class AccountWorker:
         rng: random.Random,
         bounce: Bounce | None = None,
         health: HealthHook | None = None,
+        auth_policy: RetryPolicy | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        age_clock: Callable[[float], float] | None = None,
     ) -> None:
         self.name = name
         self.bounce = bounce
@@ -84,17 +98,25 @@ class AccountWorker:
         self.metrics = metrics
         self.concurrency = concurrency
         self.lease_s = lease_s
-        self.clock = clock
+        self.clock = clock  # wall time: only for what is stored (due times, ages)
+        self.mono = monotonic  # backoffs and rate windows: immune to clock jumps
         self.rng = rng
+        # After a refused login: its own, longer floor (config auth_backoff).
+        self.auth_policy = auth_policy or RetryPolicy(60.0, 1800.0, float("inf"), 0.0)
+        self.auth_failures = 0
+        # The clock messages age by: the wall clock less a jump not yet reconciled.
+        self.age_clock: Callable[[float], float] = age_clock or (lambda now: now)
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self.settling: set[asyncio.Task[None]] = set()  # outcome writes under way
+        self.recording: set[str] = set()  # ids whose outcome is being written
         self.ready: collections.deque[QueuedMessage] = collections.deque()  # claimed, unsent
         # Claim-ahead depth: one pool's worth, but not for rate-limited accounts (it would
         # spend their budget early and gain nothing at their pace).
         self.prefetch = 0 if limiter.limited else concurrency
-        self.backoff_until = 0.0
+        self.backoff_until = 0.0  # monotonic
+        self.resume_at = 0.0  # the same instant in wall time, as stored in due times
         self.backoff_failures = 0
         self.last_account_error = ""
         self._held = False
@@ -108,12 +130,14 @@ class AccountWorker:
     def notify(self) -> None:
         self._notices += 1
         self.idle.clear()
-        if self.clock() >= self.backoff_until:  # a backed-off account has nothing to do
+        if self.mono() >= self.backoff_until:  # a backed-off account has nothing to do
             self.wake.set()
 
     def resume(self) -> None:
         """End an account-wide backoff now (an operator's `queue flush`)."""
         self.backoff_until = 0.0
+        if isinstance(self.transport, PoolControl):
+            self.transport.end_login_hold()
         self.notify()
         self.wake.set()
 
@@ -125,6 +149,10 @@ class AccountWorker:
             except StoreError as exc:
                 event(log, logging.ERROR, "queue_error", account=self.name, reason=str(exc))
                 timeout = _FINISH_RETRY_S
+            except Exception:  # a bug: log, count, and go on rather than stop delivering
+                log.exception("account worker %s failed; restarting it", self.name)
+                self.metrics.internal_errors.labels("account_worker").inc()
+                timeout = _FINISH_RETRY_S
             if self._stopping:
                 break
             if timeout is None or timeout > 0:
@@ -135,28 +163,43 @@ class AccountWorker:
     def _slots(self) -> int:
         # While an account is backing off as a whole, one probe at a time. A slot is busy
         # until its outcome is recorded: a crash then re-sends at most one pool's worth.
-        limit = 1 if self.backoff_failures else self.concurrency
+        limit = 1 if self.backoff_failures else self._capacity()
         return limit - len(self.in_flight) - len(self.settling)
+
+    def _capacity(self) -> int:
+        """Sends at once: the pool size, less while the server refuses more connections."""
+        if isinstance(self.transport, PoolControl):
+            return max(1, min(self.concurrency, self.transport.capacity))
+        return self.concurrency
+
+    def _wall_at(self, mono_at: float) -> float:
+        """The wall-clock time (for storing) of a monotonic instant."""
+        return self.clock() + (mono_at - self.mono())
 
     async def _dispatch(self) -> float | None:
         """Start what may go now; return how long to sleep (None: until woken)."""
         now = self.clock()
+        mono = self.mono()
         notices = self._notices
-        if now < self.backoff_until:
+        if mono < self.backoff_until:
             if not self.in_flight and not self.settling and not self.ready:
                 due = await self.store.next_due_at(self.name)
-                if due is None or due >= self.backoff_until:
+                if due is None or due >= self.resume_at:
                     self._mark_idle(notices)  # nothing could go before the backoff ends
-            return self.backoff_until - now
+            return self.backoff_until - mono
         self._start_ready()
+        self._trim_ready(now)
         slots = self._slots()
         # Claim ahead: a claim is a commit (a sync), so claimed messages wait in `ready`
         # and a finishing send starts the next at once instead of waiting for the disk.
-        want = slots + self.prefetch - len(self.ready)
+        # No claiming ahead while probing a backed-off account: what it claimed would show
+        # as 'sending' without a connection, and go back if the probe fails.
+        prefetch = 0 if self.backoff_failures else min(self.prefetch, self._capacity())
+        want = slots + prefetch - len(self.ready)
         if want <= 0:
             return None
-        hold = self.limiter.wait_time(now)
-        if hold == 0 and await self._claim(now, want):
+        hold = self.limiter.wait_time(mono)
+        if hold == 0 and await self._claim(now, mono, want):
             return 0.0
         if self.in_flight or self.ready:
             return None  # a finishing send wakes us
@@ -177,23 +220,37 @@ class AccountWorker:
         if notices == self._notices:
             self.idle.set()
 
-    async def _claim(self, now: float, want: int) -> bool:
+    async def _claim(self, now: float, mono: float, want: int) -> bool:
         """Claim up to `want` due messages within the rate limit; start what can start."""
-        allowed = min(want, self.limiter.available(now))
+        allowed = min(want, self.limiter.available(mono))
         batch = await self.store.claim_due(self.name, now, allowed, self.lease_s)
         if not batch:
+            return False
+        if self.mono() < self.backoff_until:
+            # The account backed off while the claim was being committed: give these
+            # back at once, as _account_health did with the others.
+            self._give_back([m.id for m in batch], self.clock(), due_at=self.resume_at)
             return False
         self._held = False
         self.idle.clear()
         for _ in batch:
-            self.limiter.record(now)
+            self.limiter.record(mono)
         self.ready.extend(batch)
         self._start_ready()
         return True
 
+    def _trim_ready(self, now: float) -> None:
+        """Keep at most one claimed-ahead message per usable connection: after the server
+        lowered the pool (421 "too many connections"), give the rest back to the queue,
+        so that a new high-priority message does not wait behind them (11.13)."""
+        ids = []
+        while len(self.ready) > self._capacity():
+            ids.append(self.ready.pop().id)  # the last claimed: the lowest priority
+        self._give_back(ids, now)
+
     def _start_ready(self) -> None:
         """Hand claimed messages to free slots (also called as each send finishes)."""
-        if self._stopping or self.clock() < self.backoff_until:
+        if self._stopping or self.mono() < self.backoff_until:
             return
         while self.ready and self._slots() > 0:
             self._start(self.ready.popleft())
@@ -203,13 +260,34 @@ class AccountWorker:
         self.in_flight[message.id] = task
         task.add_done_callback(functools.partial(self._done, message.id))
 
-    def _done(self, message_id: str, _task: asyncio.Task[None]) -> None:
+    def _done(self, message_id: str, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(message_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug outside the send itself: the row would stay 'sending' until its lease
+            # ran out. Give it back now.
+            log.error("delivery of %s failed", message_id, exc_info=task.exception())
+            self.metrics.internal_errors.labels("delivery").inc()
+            self._give_back([message_id], self.clock())
         self._start_ready()
         self.wake.set()
 
+    def _give_back(self, ids: list[str], now: float, due_at: float | None = None) -> None:
+        """Return claimed rows to the queue in the background (due at ``due_at``)."""
+        if not ids:
+            return
+        task = asyncio.create_task(self._requeue(ids, now, due_at), name=f"requeue-{self.name}")
+        self.settling.add(task)
+        task.add_done_callback(self._recorded)
+
+    async def _requeue(self, ids: list[str], now: float, due_at: float | None) -> None:
+        try:
+            await self.store.requeue(ids, now, due_at=due_at)
+        except StoreError as exc:  # their leases return them (Scheduler._sweep_leases)
+            event(log, logging.ERROR, "queue_error", account=self.name,
+                  reason=f"cannot give claimed messages back: {exc}")
+
     async def _deliver(self, message: QueuedMessage) -> None:
-        started = self.clock()
+        started = self.mono()
         sent: SendResult | DeliveryError
         body = b""
         try:
@@ -227,15 +305,18 @@ class AccountWorker:
         now = self.clock()
         resume_at = self._account_health(sent, now)
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
-                        resume_at=resume_at)
+                        resume_at=resume_at, age_now=self.age_clock(now))
+        duration = self.mono() - started
         # The slot is free once the upstream has answered: recording the outcome (a
         # commit, and so a sync) happens beside the next send instead of before it. The
         # row stays 'sending' until then, so it cannot be claimed twice; shutdown waits
         # for these writes (see settling).
-        task = asyncio.create_task(self._record(message, result, sent, started, body),
+        task = asyncio.create_task(self._record(message, result, sent, duration, body),
                                    name=f"record-{message.id}")
         self.settling.add(task)
+        self.recording.add(message.id)
         task.add_done_callback(self._recorded)
+        task.add_done_callback(lambda _: self.recording.discard(message.id))
 
     def _recorded(self, task: asyncio.Task[None]) -> None:
         self.settling.discard(task)
@@ -243,7 +324,7 @@ class AccountWorker:
         self.wake.set()
 
     async def _record(self, message: QueuedMessage, result: AttemptResult,
-                      sent: SendResult | DeliveryError, started: float, body: bytes) -> None:
+                      sent: SendResult | DeliveryError, duration: float, body: bytes) -> None:
         was_pending = set(message.pending_recipients)
         failed = [r for r in result.recipients
                   if r.state is RecipientState.FAILED and r.address in was_pending]
@@ -252,7 +333,7 @@ class AccountWorker:
         if self.bounce is not None and should_bounce(message.sender, failed):
             bounce = self.bounce(message, failed, body)
         await self._write(result, bounce)  # the outcome and its bounce in one commit
-        self._report(message, result, sent, started)
+        self._report(message, result, sent, duration)
         if bounce is not None:
             event(log, logging.INFO, "bounced", message.id, bounce_id=bounce.id,
                   to=f"<{message.sender}>", failed=len(failed))
@@ -269,40 +350,55 @@ class AccountWorker:
                 await asyncio.sleep(_FINISH_RETRY_S)
 
     def _account_health(self, sent: SendResult | DeliveryError, now: float) -> float | None:
-        """Back the account off on account-wide failures; return when it resumes."""
+        """Back the account off on account-wide failures; return when it resumes (wall)."""
+        mono = self.mono()
         if not isinstance(sent, DeliveryError) or not sent.account_wide:
             recovered = self.backoff_failures > 0
             if recovered:
                 event(log, logging.INFO, "account_recovered", account=self.name)
             self.backoff_failures = 0
+            self.auth_failures = 0
             self.last_account_error = ""
             if recovered and self.health is not None:
-                self.health(AccountHealth(self.name, self.backoff_until, 0))
+                self.health(AccountHealth(self.name, self._wall_at(self.backoff_until), 0))
             return None
-        auth = sent.code == 535 or (sent.code is not None and sent.enhanced == "5.7.8")
-        if auth:  # every refused login counts, also those already inside a backoff
+        refused_login = sent.code == 535 or (sent.code is not None and sent.enhanced == "5.7.8")
+        if refused_login:  # every refused login counts, also those already inside a backoff
             self.metrics.auth_failures.labels(self.name).inc()
-        if now < self.backoff_until:  # another send already backed it off
-            return self.backoff_until
+        if mono < self.backoff_until:  # another send already backed it off
+            return self._wall_at(self.backoff_until)
+        reason = backoff_reason(sent)
+        auth = reason == "auth"
         self.backoff_failures += 1
-        self.backoff_until = now + self.policy.next_delay(self.backoff_failures, self.rng)
+        if auth:  # its own floor: a provider locks an account after a few failed logins
+            self.auth_failures += 1
+            delay = self.auth_policy.next_delay(self.auth_failures, self.rng)
+        else:
+            delay = self.policy.next_delay(self.backoff_failures, self.rng)
+        self.backoff_until = mono + delay
+        resume_at = self.resume_at = now + delay
         self.last_account_error = sent.reply_text()
+        self.metrics.account_backoffs.labels(self.name, reason).inc()
         event(log, logging.ERROR if auth else logging.WARNING,
               "account_auth_failed" if auth else "account_backoff", account=self.name,
-              relay=self.transport.peer, reason=sent.reply_text(),
-              until=_iso(self.backoff_until))
+              relay=self.transport.peer, reason=sent.reply_text(), why=reason,
+              until=_iso(resume_at))
+        # Claimed-ahead messages go back to the queue, due when the account resumes: while
+        # it backs off, 'sending' means a connection carries the message now (11.13).
+        ready, self.ready = [m.id for m in self.ready], collections.deque()
+        self._give_back(ready, now, due_at=resume_at)
         if self.health is not None:
-            self.health(AccountHealth(self.name, self.backoff_until, self.backoff_failures,
+            self.health(AccountHealth(self.name, resume_at, self.backoff_failures,
                                       self.last_account_error, auth))
-        return self.backoff_until
+        return resume_at
 
     def _report(self, message: QueuedMessage, result: AttemptResult,
-                sent: SendResult | DeliveryError, started: float) -> None:
+                sent: SendResult | DeliveryError, duration: float) -> None:
         account = self.name
         peer = sent.peer if isinstance(sent, SendResult) else self.transport.peer
         if not (isinstance(sent, DeliveryError) and sent.account_wide):
             # Every attempt that reached a transaction, failed ones too (the slow cases).
-            self.metrics.delivery_duration.labels(account).observe(result.at - started)
+            self.metrics.delivery_duration.labels(account).observe(duration)
         if result.state is MessageState.DELIVERED:
             self.metrics.delivered.labels(account).inc()
             self.metrics.queue_delay.labels(account).observe(result.at - message.created_at)
@@ -359,9 +455,14 @@ class Scheduler:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.clock = clock
+        self.mono = monotonic
+        self.lease_sweep_s = LEASE_SWEEP_S
+        self._next_sweep = 0.0
+        self._skew = clock() - monotonic()  # wall minus monotonic: changes when it jumps
         self.metrics = metrics
         self.bounces = config.bounces.enabled
         self._hostname = socket.gethostname()
@@ -376,6 +477,7 @@ class Scheduler:
     def _make_worker(self, name: str, config: Config, transport: Transport) -> AccountWorker:
         acc = config.accounts[name]
         t = acc.timeouts
+        auth = config.auth_backoff_for(name)
         return AccountWorker(
             name,
             transport,
@@ -389,12 +491,46 @@ class Scheduler:
             rng=self.rng,
             bounce=self._make_bounce,
             health=self.health.update,
+            auth_policy=RetryPolicy(auth.initial, auth.max, float("inf"), jitter=0.0),
+            monotonic=self.mono,
+            age_clock=self._age_now,
         )
+
+    def _clock_jump(self) -> float:
+        """How far the wall clock jumped since its stored times were last reconciled."""
+        return (self.clock() - self.mono()) - self._skew
+
+    def _age_now(self, now: float) -> float:
+        """``now`` less a forward jump not yet reconciled (_reconcile_clock): a clock set
+        ahead must not expire and bounce deferred mail at its next attempt."""
+        jump = self._clock_jump()
+        return now - jump if jump > CLOCK_JUMP_S else now
+
+    async def _reconcile_clock(self) -> None:
+        """After a wall-clock jump, move stored times of unfinished messages with it.
+
+        Backoffs and rate windows run on monotonic time and need nothing; due times,
+        ages and leases are stored in wall time: without this a backward jump of an hour
+        would hold every deferred message an hour longer, and a forward jump would make
+        them all due, and old enough to expire, at once.
+        """
+        jump = self._clock_jump()
+        if abs(jump) <= CLOCK_JUMP_S:
+            return
+        moved = await self.store.shift_times(jump)
+        self._skew += jump
+        event(log, logging.WARNING, "clock_jump", count=moved, seconds=f"{jump:+.0f}",
+              reason="the wall clock jumped; due times and ages of queued messages moved"
+                     " with it")
+        self.wake_all()
 
     async def _start_worker(self, worker: AccountWorker, now: float) -> None:
         if worker.limiter.limited:
             since = now - worker.limiter.longest_window
-            worker.limiter.restore(await self.store.recent_sends(worker.name, since), now)
+            # Stored send times are wall-clock; the limiter counts in monotonic time.
+            offset = self.mono() - now
+            sent = await self.store.recent_sends(worker.name, since)
+            worker.limiter.restore([t + offset for t in sent], self.mono())
         worker.start()
 
     async def prepare_workers(
@@ -484,22 +620,50 @@ class Scheduler:
         for worker in self.workers.values():
             worker.notify()
 
+    def _held_here(self) -> list[str]:
+        """Messages this process is sending, has claimed ahead or is recording."""
+        ids = [mid for w in self.workers.values() for mid in (*w.in_flight, *w.recording)]
+        return ids + [m.id for w in self.workers.values() for m in w.ready]
+
+    async def _sweep_leases(self) -> None:
+        """Requeue rows whose lease ran out without a restart (a delivery that died)."""
+        if self.mono() < self._next_sweep:
+            return
+        self._next_sweep = self.mono() + self.lease_sweep_s
+        swept = await self.store.requeue_expired(self.clock(), keep=self._held_here())
+        if swept:
+            event(log, logging.WARNING, "recovered", count=swept,
+                  reason="lease expired: messages left 'sending' are queued again")
+            self.wake_all()
+
     async def _watch(self) -> None:
-        """Notice changes made by `relay queue ...` in another process."""
+        """Every CHANGE_POLL_S: clock jumps, expired leases, changes by `relay queue ...`.
+
+        A bug in one round is logged and counted, and the next round runs: this task
+        must outlive anything it meets.
+        """
         while True:
             await asyncio.sleep(CHANGE_POLL_S)
             try:
-                if not await self.store.changed_elsewhere():
-                    continue
-                flush = await self.store.get_meta(FLUSH_KEY)
+                await self._watch_once()
             except StoreError:
-                continue
-            if flush != self._flush_seen:
-                self._flush_seen = flush
-                for worker in self.workers.values():
-                    worker.resume()
-                event(log, logging.INFO, "flush", reason="requested by relay queue flush")
-            self.wake_all()
+                continue  # the queue file is unavailable; try again next round
+            except Exception:
+                log.exception("queue watcher failed; it goes on")
+                self.metrics.internal_errors.labels("queue_watcher").inc()
+
+    async def _watch_once(self) -> None:
+        await self._reconcile_clock()
+        await self._sweep_leases()
+        if not await self.store.changed_elsewhere():
+            return
+        flush = await self.store.get_meta(FLUSH_KEY)
+        if flush != self._flush_seen:
+            self._flush_seen = flush
+            for worker in self.workers.values():
+                worker.resume()
+            event(log, logging.INFO, "flush", reason="requested by relay queue flush")
+        self.wake_all()
 
     async def run_until_idle(self) -> None:
         """Return once nothing is in flight and nothing is due (tests, `burst` runs)."""

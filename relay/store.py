@@ -257,6 +257,7 @@ class SQLiteStore:
         self._data_version: int | None = None
         self._pruner: asyncio.Task[None] | None = None
         self.commits = 0  # for the benchmark: writes per sync
+        self.on_internal_error: Callable[[], None] | None = None  # counted by the app
 
     # -- lifecycle -------------------------------------------------------------
     async def open(self) -> None:
@@ -382,9 +383,17 @@ class SQLiteStore:
             raise asyncio.CancelledError
 
     # -- the writer -------------------------------------------------------------
+    @property
+    def writer_alive(self) -> bool:
+        """False when the task that commits every write is not running (see /readyz)."""
+        return self._writer is not None and not self._writer.done()
+
     async def _submit(self, op: _Op) -> Any:
         if self._writer is None:
             raise StoreError("queue is not open")
+        if self._writer.done():
+            # Answer at once (451 to DATA, /readyz fails) rather than wait forever.
+            raise StoreError("queue writer is not running")
         op.future = asyncio.get_running_loop().create_future()
         self._pending.put_nowait(op)
         return await op.future
@@ -403,13 +412,22 @@ class SQLiteStore:
                     batch.append(op)
             if not batch:
                 continue
-            error = await self._commit(batch)
-            if error is not None and len(batch) > 1 and not isinstance(error, StoreFullError):
-                # One bad write must not fail the others: each again on its own.
-                for op in batch:
-                    self._settle([op], await self._commit([op]))
-                continue
-            self._settle(batch, error)
+            try:
+                await self._write_batch(batch)
+            except Exception as exc:  # a bug: fail this batch, keep the writer running
+                log.exception("queue writer failed; it goes on with the next write")
+                if self.on_internal_error is not None:
+                    self.on_internal_error()
+                self._settle(batch, StoreError(f"queue write failed: {type(exc).__name__}"))
+
+    async def _write_batch(self, batch: list[_Op]) -> None:
+        error = await self._commit(batch)
+        if error is not None and len(batch) > 1 and not isinstance(error, StoreFullError):
+            # One bad write must not fail the others: each again on its own.
+            for op in batch:
+                self._settle([op], await self._commit([op]))
+            return
+        self._settle(batch, error)
 
     async def _commit(self, batch: list[_Op]) -> StoreError | None:
         """Apply and commit a batch; never raises (the writer must outlive any bad write)."""
@@ -529,19 +547,54 @@ class SQLiteStore:
         counts: list[int] = await self._submit(_Statements(statements=statements))
         return counts
 
-    async def requeue(self, ids: Sequence[str], now: float) -> None:
-        """Give claimed messages back (shutdown): they are due again at once."""
-        if ids:
-            await self.execute(
-                [
-                    (
-                        "UPDATE messages SET state='queued', lease_until=NULL, updated_at=?"
-                        " WHERE id=? AND state='sending'",
-                        (now, i),
-                    )
-                    for i in ids
-                ]
-            )
+    async def requeue(self, ids: Sequence[str], now: float, *, due_at: float | None = None
+                      ) -> None:
+        """Give claimed messages back: due again at once (shutdown), or deferred until
+        ``due_at`` (their account backs off; no attempt is counted)."""
+        if not ids:
+            return
+        lead: tuple[float, ...] = ()
+        if due_at is None:
+            sql = "state='queued'"
+        else:
+            sql, lead = "state='deferred', next_attempt_at=max(next_attempt_at, ?)", (due_at,)
+        await self.execute(
+            [
+                (f"UPDATE messages SET {sql}, lease_until=NULL, updated_at=?"
+                 " WHERE id=? AND state='sending'", (*lead, now, i))
+                for i in ids
+            ]
+        )
+
+    async def shift_times(self, delta: float) -> int:
+        """The wall clock jumped by ``delta`` seconds: move the stored times of unfinished
+        messages with it, so their age, retry delay and lease keep their real length.
+
+        A time a client asked for (Deferred-Delivery: never tried, due after arrival) is
+        a time of day and stays.
+        """
+        counts = await self.execute([(
+            "UPDATE messages SET created_at = created_at + ?, lease_until = lease_until + ?,"
+            " next_attempt_at = CASE WHEN attempts = 0 AND next_attempt_at > created_at"
+            " THEN next_attempt_at ELSE next_attempt_at + ? END"
+            " WHERE state IN ('queued', 'deferred', 'held', 'sending')",
+            (delta, delta, delta),
+        )])
+        return counts[0]
+
+    async def requeue_expired(self, now: float, *, keep: Sequence[str] = ()) -> int:
+        """Messages still 'sending' after their lease ran out (a delivery that died without
+        a restart) are queued again, except ``keep`` (this process is still on them)."""
+        rows = await self._fetch(
+            "SELECT id FROM messages WHERE state='sending' AND lease_until < ?", (now,))
+        ids = [r[0] for r in rows if r[0] not in set(keep)]
+        if not ids:
+            return 0
+        counts = await self.execute(
+            [("UPDATE messages SET state='queued', lease_until=NULL, updated_at=?"
+              " WHERE id=? AND state='sending' AND lease_until < ?", (now, i, now)) for i in ids]
+        )
+        return sum(counts)
 
     async def recover(self, now: float) -> int:
         """At start: messages left 'sending' by a crash go back to the queue. (Old send
@@ -733,7 +786,8 @@ class SQLiteStore:
 
     @staticmethod
     def _selection(
-        states: Sequence[str], ids: Sequence[str], updated_before: float | None
+        states: Sequence[str], ids: Sequence[str], updated_before: float | None,
+        account: str | None = None, updated_since: float | None = None,
     ) -> tuple[str, list[Any]]:
         clauses = [f"state IN ({','.join('?' * len(states))})"]
         params: list[Any] = list(states)
@@ -743,6 +797,12 @@ class SQLiteStore:
         if updated_before is not None:
             clauses.append("updated_at < ?")
             params.append(updated_before)
+        if account is not None:
+            clauses.append("account = ?")
+            params.append(account)
+        if updated_since is not None:
+            clauses.append("updated_at >= ?")
+            params.append(updated_since)
         return " AND ".join(clauses), params
 
     async def _in_windows(
@@ -782,15 +842,18 @@ class SQLiteStore:
         due_now: bool = False,
         reset_failed: bool = False,
         needs_body: bool = False,
+        account: str | None = None,
+        updated_since: float | None = None,
         progress: Progress | None = None,
         chunk: int = OPERATOR_CHUNK,
     ) -> int:
-        """Move the messages in ``states`` (all, or just ``ids``) to ``to_state``; count them.
+        """Move the messages in ``states`` (all, or just ``ids``; of one ``account``; last
+        changed at or after ``updated_since``) to ``to_state``; count them.
 
         ``reset_failed`` turns a failed message's failed recipients back to pending.
         Bodies are never read.
         """
-        where, params = self._selection(states, ids, None)
+        where, params = self._selection(states, ids, None, account, updated_since)
         if needs_body:
             where += " AND EXISTS (SELECT 1 FROM bodies b WHERE b.id = messages.id)"
         sets = "state=?, lease_until=NULL, updated_at=?"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from relay.errors import DeliveryError
 
@@ -34,3 +34,16 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
     def open_connections(self) -> int: ...
+
+
+@runtime_checkable
+class PoolControl(Protocol):
+    """A transport whose usable connections vary (UpstreamPool): the scheduler sends no
+    more at once, and claims no more ahead, than it has connections."""
+
+    @property
+    def capacity(self) -> int:
+        """Connections the server lets us have now (421 "too many connections" lowers it)."""
+
+    def end_login_hold(self) -> None:
+        """An operator asked to try now (`relay queue flush`): allow the next login."""

@@ -27,6 +27,7 @@ import aiosmtplib
 from relay import smtpwire
 from relay.config import AccountConfig
 from relay.errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
+from relay.refusals import account_refusal
 from relay.smtpwire import Reply
 from relay.transport import SendResult
 
@@ -34,6 +35,11 @@ log = logging.getLogger("relay.upstream")
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
 # Reuse a connection without a NOOP only if it was used this recently.
 NOOP_AFTER_IDLE_S = 5.0
+# After the server refused a connection at the greeting (421, "too many connections from
+# your host": Postfix smtpd_client_connection_count_limit), try one more this much later.
+CAPACITY_PROBE_S = 10.0
+# SASL mechanisms relay can use, strongest first (aiosmtplib's order).
+AUTH_MECHANISMS = ("cram-md5", "plain", "login")
 
 
 def _split_enhanced(text: str) -> tuple[str | None, str]:
@@ -41,6 +47,19 @@ def _split_enhanced(text: str) -> tuple[str | None, str]:
     if match:
         return match.group(1), text[match.end() :]
     return None, text
+
+
+def choose_mechanism(configured: str, advertised: list[str]) -> str | None:
+    """The one SASL mechanism to try: the configured one, or the strongest both offer.
+
+    Only one: aiosmtplib's login() tries each advertised mechanism in turn, so a wrong
+    password would cost two or three failed logins per attempt (Postfix logs auth=0/2),
+    and providers lock accounts by failed-login counts.
+    """
+    offered = [m.lower() for m in advertised]
+    if configured != "auto":
+        return configured if configured in offered else None
+    return next((m for m in AUTH_MECHANISMS if m in offered), None)
 
 
 def map_smtp_error(exc: BaseException, *, connecting: bool = False) -> DeliveryError:
@@ -52,8 +71,13 @@ def map_smtp_error(exc: BaseException, *, connecting: bool = False) -> DeliveryE
         account_wide = connecting or isinstance(
             exc, aiosmtplib.SMTPAuthenticationError | aiosmtplib.SMTPConnectResponseError
         )
+        reason = None
+        if account_wide:
+            auth = isinstance(exc, aiosmtplib.SMTPAuthenticationError)
+            reason = "auth" if auth else account_refusal(exc.code, enhanced, text) or "refused"
         cls = PermanentFailure if 500 <= exc.code < 600 and not account_wide else TemporaryFailure
-        return cls(text or "no text", code=exc.code, enhanced=enhanced, account_wide=account_wide)
+        return cls(text or "no text", code=exc.code, enhanced=enhanced, account_wide=account_wide,
+                   account_reason=reason)
     if isinstance(exc, ssl.SSLError):
         return TemporaryFailure(f"TLS failure: {exc.reason or exc}", account_wide=True)
     # aiosmtplib wraps a failed DNS lookup in its own connect error; look at the cause.
@@ -225,6 +249,53 @@ def _tls_context(name: str, account: AccountConfig) -> ssl.SSLContext | None:
     return context
 
 
+def _sender_refusal(reply: Reply) -> DeliveryError:
+    """MAIL FROM refused: about the account (quota, login: defer, back off) or the message."""
+    enhanced, text = _split_enhanced(reply.text)
+    reason = account_refusal(reply.code, enhanced, text) if reply.code != 421 else None
+    if reason is None:
+        return _refusal(reply, "sender")
+    return TemporaryFailure(text or "sender refused", code=reply.code, enhanced=enhanced,
+                            account_reason=reason)
+
+
+class _Slots:
+    """A semaphore whose size can change: the connections the server lets us have.
+
+    ``limit`` is pool.max_connections; ``size`` drops while the server refuses more
+    connections (421 at the greeting) and rises again by one every CAPACITY_PROBE_S.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = self.size = limit
+        self.in_use = 0
+        self.raise_at = 0.0  # monotonic
+        self._freed = asyncio.Event()
+
+    async def acquire(self) -> None:
+        while self.in_use >= self.size:
+            self._freed.clear()
+            await self._freed.wait()
+        self.in_use += 1
+
+    def release(self) -> None:
+        self.in_use -= 1
+        if self.size < self.limit and time.monotonic() >= self.raise_at:
+            self.size += 1  # try one more; a new 421 lowers it again
+            self.raise_at = time.monotonic() + CAPACITY_PROBE_S
+        self._freed.set()
+
+    def lower(self, to: int) -> None:
+        self.size = max(1, min(to, self.size - 1))
+        self.raise_at = time.monotonic() + CAPACITY_PROBE_S
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *_: object) -> None:
+        self.release()
+
+
 class UpstreamPool:
     """At most pool.max_connections connections to one account, reused between messages."""
 
@@ -235,6 +306,7 @@ class UpstreamPool:
         *,
         local_hostname: str | None = None,
         on_connect: Callable[[], None] | None = None,
+        login_hold_s: float = 60.0,
     ) -> None:
         """``local_hostname``: the top-level hostname; None: an address literal."""
         self.name = name
@@ -242,7 +314,16 @@ class UpstreamPool:
         self._ehlo_name = account.ehlo_name or local_hostname
         self._on_connect = on_connect
         self._tls_context = _tls_context(name, account)
-        self._limit = asyncio.Semaphore(account.pool.max_connections)
+        self._limit = _Slots(account.pool.max_connections)
+        # AUTH: until a login has worked, connections log in one at a time, and one that
+        # waited while another's login was refused does not try at all (11.3).
+        self._login_lock = asyncio.Lock()
+        self._login_proven = False
+        self._logins_refused = 0
+        # After a refused login no connection logs in for this long (auth_backoff.initial):
+        # sends already under way when the account backed off must not each try once.
+        self._login_hold_s = login_hold_s
+        self._login_hold_until = 0.0  # monotonic
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
         self._closing: set[asyncio.Task[None]] = set()  # QUITs under way, kept referenced
@@ -255,7 +336,63 @@ class UpstreamPool:
     def open_connections(self) -> int:
         return len(self._idle) + len(self._busy)
 
+    @property
+    def capacity(self) -> int:
+        """How many connections the server lets us have now (at most max_connections)."""
+        return self._limit.size
+
+    def _too_many_connections(self, exc: DeliveryError) -> bool:
+        """A 421 at the greeting while our other connections work: the server limits
+        connections per client, not an account failure. Use fewer connections."""
+        # Others working, being opened (this one is counted in in_use) or idle.
+        others = self._limit.in_use - 1 + len(self._idle)
+        if exc.code != 421 or others < 1:
+            return False
+        if others < self._limit.size:
+            log.warning("%s: upstream refused another connection (%s); using at most %d",
+                        self.name, exc.reply_text(), others)
+        self._limit.lower(others)
+        return True
+
     async def _connect(self) -> _Connection:
+        if not self.account.username or self._login_proven:
+            return await self._open()
+        refused = self._logins_refused
+        async with self._login_lock:
+            if self._logins_refused != refused or time.monotonic() < self._login_hold_until:
+                # Another connection's login was refused while this one waited: do not
+                # spend another failed login on the same password.
+                raise TemporaryFailure("not logging in: the account's last login was refused",
+                                       account_reason="auth")
+            return await self._open()
+
+    def end_login_hold(self) -> None:
+        """Allow the next login now (`relay queue flush` ends the account's backoff)."""
+        self._login_hold_until = 0.0
+
+    async def _login(self, client: aiosmtplib.SMTP) -> None:
+        """AUTH with one mechanism; counts a refused login (see choose_mechanism)."""
+        acc = self.account
+        assert acc.username is not None
+        if not client.supports_extension("auth"):
+            raise TemporaryFailure("the upstream does not offer AUTH", account_reason="auth")
+        mechanism = choose_mechanism(acc.auth_mechanism, client.server_auth_methods)
+        if mechanism is None:
+            offered = " ".join(client.server_auth_methods) or "none"
+            raise TemporaryFailure(
+                f"no usable AUTH mechanism (the upstream offers {offered};"
+                f" auth_mechanism: {acc.auth_mechanism})", account_reason="auth")
+        method = getattr(client, f"auth_{mechanism.replace('-', '')}")
+        try:
+            await method(acc.username, acc.secret or "", timeout=acc.timeouts.command)
+        except aiosmtplib.SMTPAuthenticationError:
+            self._logins_refused += 1
+            self._login_proven = False
+            self._login_hold_until = time.monotonic() + self._login_hold_s
+            raise
+        self._login_proven = True
+
+    async def _open(self) -> _Connection:
         acc = self.account
         client = aiosmtplib.SMTP(
             hostname=acc.host,
@@ -277,7 +414,7 @@ class UpstreamPool:
                 await client.starttls(timeout=acc.timeouts.command)
                 await client.ehlo(timeout=acc.timeouts.command)
             if acc.username:
-                await client.login(acc.username, acc.secret or "", timeout=acc.timeouts.command)
+                await self._login(client)
             # (uvloop's transports are not asyncio.Transport subclasses: no isinstance.)
             transport = cast(asyncio.Transport | None, client.transport)
             if transport is None or transport.is_closing():
@@ -307,7 +444,22 @@ class UpstreamPool:
                     conn.channel.close()
                     continue
             return conn, True
-        return await self._connect(), False
+        try:
+            return await self._connect(), False
+        except DeliveryError as exc:
+            if not self._too_many_connections(exc):
+                raise
+        await self._wait_for_ours()
+        return await self._acquire()
+
+    async def _wait_for_ours(self) -> None:
+        """Give our slot up until one of our connections is free (the pool is smaller)."""
+        self._limit.release()
+        try:
+            await self._limit.acquire()
+        except BaseException:
+            self._limit.in_use += 1  # the caller's `async with` gives it back
+            raise
 
     def _release(self, conn: _Connection, healthy: bool) -> None:
         self._busy.discard(conn)
@@ -468,7 +620,7 @@ class UpstreamPool:
             await channel.reply(self.account.timeouts.data)
             data_reply = None
         if mail_reply.code != 250:
-            raise _refusal(mail_reply, "sender")
+            raise _sender_refusal(mail_reply)
         if not accepted:
             if not await self._reset(conn):  # the server still holds the MAIL
                 channel.close()

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # (relayproc imports this module)
     from tests.relayproc import RelayProcess
 
 FAST_RETRY = {"initial_delay": "100ms", "max_delay": "1s", "max_age": "30s", "jitter": 0}
+FAST_AUTH_BACKOFF = {"initial": "100ms", "max": "1s"}  # the default's 1 minute is for real use
 
 
 def upstream_account(up: FakeUpstream, tmp_path: Path, **extra: Any) -> dict[str, Any]:
@@ -54,6 +55,7 @@ def relay_config(tmp_path: Path, accounts: dict[str, Any], **sections: Any) -> C
         "metrics": {"host": "127.0.0.1", "port": 0},
         "queue": {"path": str(tmp_path / "queue.sqlite3")},
         "retry": dict(FAST_RETRY),
+        "auth_backoff": dict(FAST_AUTH_BACKOFF),
         "accounts": accounts,
         "routing": {"default_account": next(iter(accounts))},
     }

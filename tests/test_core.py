@@ -231,3 +231,4 @@ def test_dsn_never_gains_a_header_from_an_address_or_a_reply(address: str, reply
     [_, block] = status.get_payload()
     assert block.keys() == ["Final-Recipient", "Action", "Status", "Diagnostic-Code"]
     assert all(line.isascii() and len(line) < 1000 for line in bytes(status).splitlines())
+

@@ -11,7 +11,7 @@ LAYERS = {
     "vocabulary": (0, {"message", "errors", "replies", "transport", "durations", "runner",
                     "printable"}),
     "core": (1, {"config", "headers", "routing", "priority", "ratelimit", "retry", "outcome",
-                 "bounce", "queueops", "smtpwire", "smtpdata", "addresses",
+                 "bounce", "queueops", "smtpwire", "smtpdata", "addresses", "refusals",
                  "throttle"}),
     "edges": (2, {"ingest", "store", "upstream", "maildir", "metrics", "http", "logs", "auth"}),
     "orchestration": (3, {"app", "scheduler", "health"}),

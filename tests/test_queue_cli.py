@@ -233,6 +233,29 @@ async def test_retry_of_a_failed_message_resets_its_failed_recipients(relay: Rel
     assert got.pending_recipients == ["a@example.com", "b@example.com"]
 
 
+async def test_retry_state_failed_puts_failed_messages_back(relay: Relay) -> None:
+    """The way out of a misclassified refusal: failed messages, by account and since when."""
+    now = time.time()
+    await seed(relay.queue, {"OLD": S.FAILED}, at=now - 3 * DAY)
+    await seed(relay.queue, {"NEW": S.FAILED, "D": S.DEFERRED, "OK": S.DELIVERED}, at=now)
+    nobody = await relay("queue", "retry", "--state", "failed", "--account", "nobody")
+    assert nobody.code == 1 and "no failed messages to retry" in nobody.err
+    recent = await relay("queue", "retry", "--state", "failed", "--account", "outbox",
+                         "--since", "1d")
+    assert (recent.code, recent.out) == (0, "1 failed message(s) queued, due now\n")
+    assert await relay.states() == {"OLD": "failed", "NEW": "queued", "D": "deferred",
+                                    "OK": "delivered"}
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 4 * DAY))
+    older = await relay("queue", "retry", "--state", "failed", "--since", when)
+    assert (older.code, older.out) == (0, "1 failed message(s) queued, due now\n")
+    shown = await relay.json("queue", "show", "OLD")
+    assert shown["state"] == "queued"
+    assert [r["state"] for r in shown["recipients"]] == ["pending"]
+    bad = await relay("queue", "retry", "--state", "failed", "--since", "yesterday")
+    assert bad.code == 2 and "--since" in bad.err
+    assert (await relay("queue", "retry", "NEW", "--account", "outbox")).code == 2
+
+
 async def test_retry_all_makes_every_deferred_message_due_now(relay: Relay) -> None:
     await seed(relay.queue, {"D1": S.DEFERRED, "D2": S.DEFERRED, "F": S.FAILED, "Q": S.QUEUED})
     result = await relay("queue", "retry", "--all")

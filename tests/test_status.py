@@ -186,7 +186,8 @@ async def test_status_shows_what_the_running_server_reports(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = write_config(tmp_path, {
-        "up": upstream_account(upstream, tmp_path, retry=SLOW_RETRY),
+        "up": upstream_account(upstream, tmp_path, retry=SLOW_RETRY,
+                               auth_backoff={"initial": "1h", "max": "1h"}),
         "outbox": {"transport": "maildir", "path": str(tmp_path / "box")},
     })
     status = Status(config, capsys)
@@ -205,7 +206,7 @@ async def test_status_shows_what_the_running_server_reports(
     up = data["accounts"]["up"]
     assert up["health"]["state"] == "auth_failing"
     assert up["health"]["last_error"].startswith("535")
-    assert 3500 < up["health"]["backoff_left_s"] <= 3600  # retry.initial_delay 1h
+    assert 3500 < up["health"]["backoff_left_s"] <= 3600  # auth_backoff.initial 1h
     assert up["queue"]["deferred"] == 1 and up["undelivered"] == 1
     assert up["attempts"]["last_minute"]["deferred"] == 1
     assert data["accounts"]["outbox"]["health"]["state"] == "ok"

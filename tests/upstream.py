@@ -109,6 +109,9 @@ class _Faults:
     auth: bool = False
     # verb -> (reply, close after it): answered instead of running the command
     replies: dict[str, tuple[_Reply, bool]] = field(default_factory=dict)
+    mail: _Reply | None = None
+    # Postfix smtpd_client_connection_count_limit: 421 at the greeting beyond this many.
+    connection_limit: int | None = None
 
 
 class _UpstreamSMTP(SMTP):
@@ -201,6 +204,10 @@ class _UpstreamSMTP(SMTP):
     async def _handle_client(self) -> None:
         await self.apply_faults("GREETING")
         greeting = self.upstream.faults.greeting
+        limit = self.upstream.faults.connection_limit
+        if limit is not None and self.upstream.connections_open > limit:
+            self.upstream.connections_refused += 1
+            greeting = "421 4.7.0 upstream.test Error: too many connections from 127.0.0.1"
         if greeting is not None:
             await self.push(greeting)
             assert self.transport is not None
@@ -236,6 +243,23 @@ class _Handler:
             # clients correctly; it only does not say so.
             responses.insert(len(responses) - 1, "250-PIPELINING")
         return responses
+
+    async def handle_MAIL(
+        self,
+        server: _UpstreamSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        rule = self.upstream.faults.mail
+        if rule is not None:
+            reply = rule.take()
+            if reply is not None:
+                return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self,
@@ -331,6 +355,7 @@ class FakeUpstream:
         self.connections_open = 0
         self.auth_successes = 0
         self.auth_failures = 0
+        self.connections_refused = 0  # by limit_connections()
         self.commands: list[tuple[int, str]] = []  # (connection_id, VERB)
         self.ehlo_names: list[str] = []  # the name given in each EHLO, in order
         self.faults = _Faults()
@@ -547,6 +572,17 @@ class FakeUpstream:
             self.faults.delays[v] = seconds
         else:
             self.faults.delays.pop(v, None)
+
+    def fail_mail(self, code: int, text: str, times: int | None = None) -> None:
+        """MAIL FROM gets ``code text``; ``times=None`` means always (until cleared)."""
+        if times is not None:
+            _check_times(times)
+        self.faults.mail = _Reply(code, text, times)
+
+    def limit_connections(self, limit: int | None) -> None:
+        """Beyond ``limit`` open connections, answer the greeting with 421 and close
+        (Postfix's smtpd_client_connection_count_limit); None removes the limit."""
+        self.faults.connection_limit = limit
 
     def fail_auth(self, enabled: bool = True) -> None:
         """While enabled, every AUTH answers 535 5.7.8."""

@@ -1,0 +1,75 @@
+"""Which upstream refusals concern the account rather than the message. Pure.
+
+A 5xx to MAIL FROM usually means "not this sender" and fails the message. Some say
+instead that the *account* may not send now (a quota, missing or refused login, a sender
+the account may not use): every other message would get the same answer, so failing them
+all bounces a whole queue over one account problem. Those are deferred, and the account
+backs off as a whole (scheduler.AccountWorker) until an operator or the quota resets.
+
+``account_refusal`` returns a short reason label (a metric label: a fixed, small set) or
+None when the reply is about the message.
+"""
+
+from __future__ import annotations
+
+import re
+
+QUOTA = "quota"
+AUTH = "auth"
+SENDER = "sender_not_allowed"
+THROTTLED = "throttled"
+REASONS = (QUOTA, AUTH, SENDER, THROTTLED)
+
+# Enhanced status codes (RFC 3463, RFC 4954 section 6) that name the account.
+_ENHANCED: dict[str, str] = {
+    "5.4.5": QUOTA,  # Gmail: "Daily user sending quota exceeded"
+    "4.4.5": QUOTA,
+    "5.7.8": AUTH,  # RFC 4954: authentication credentials invalid
+    "5.7.9": AUTH,  # RFC 4954: mechanism too weak
+    "5.7.11": AUTH,  # RFC 4954: encryption required for requested mechanism
+    "5.7.14": AUTH,  # Gmail: "please log in via your web browser"
+    "5.7.3": SENDER,  # Microsoft 365: SendAsDenied (5.7.60 below)
+    "5.7.60": SENDER,  # Microsoft 365: "client does not have permissions to send as this sender"
+    "5.7.708": THROTTLED,  # Microsoft 365: traffic not accepted from this IP
+}
+# Classes that are about this message whatever the text says ("exceeded the size limit").
+_MESSAGE_CLASSES = ("5.1.", "5.3.", "5.6.", "4.3.4", "5.3.4")
+# Reply codes that are about the session's login, whatever the text (RFC 4954).
+_CODES: dict[int, str] = {530: AUTH, 534: AUTH, 535: AUTH, 538: AUTH}
+# Provider texts, lower case; the first that appears in the reply decides.
+_TEXTS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), reason)
+    for pattern, reason in (
+        (r"sending (quota|limit)", QUOTA),  # Gmail 5.4.5, Zoho, Yahoo
+        (r"daily (user )?(sending )?(quota|limit)", QUOTA),
+        (r"(message|recipient|rate) limit (exceeded|reached)", QUOTA),
+        (r"too many (messages|emails|mails) (sent|today)", QUOTA),
+        (r"outgoing (mail|message)s? (quota|limit)", QUOTA),
+        (r"exceeded (the|your)? ?(\w+ )?(quota|limit)", QUOTA),
+        (r"authentication required", AUTH),
+        (r"(must|need to|please) (authenticate|log ?in|sign ?in)", AUTH),
+        (r"not (logged in|authenticated)", AUTH),
+        (r"sender (address )?(is )?not (allowed|authori[sz]ed|permitted)", SENDER),
+        (r"not (allowed|authori[sz]ed|permitted) to send (as|from|on behalf)", SENDER),
+        (r"does not have permissions? to send as", SENDER),  # Microsoft 365
+        (r"sender address rejected: not owned by (auth|user)", SENDER),  # Postfix
+        (r"try again later", THROTTLED),
+        (r"temporarily (blocked|suspended|disabled)", THROTTLED),
+        (r"account (is )?(suspended|disabled|blocked|locked)", THROTTLED),
+    )
+)
+
+
+def account_refusal(code: int, enhanced: str | None, text: str) -> str | None:
+    """The reason label when a refusal of MAIL FROM concerns the account, else None."""
+    if code in _CODES:
+        return _CODES[code]
+    if code == 552 or (enhanced is not None and enhanced.startswith(_MESSAGE_CLASSES)):
+        return None  # too big, bad address or content: the next message may well pass
+    if enhanced is not None and enhanced in _ENHANCED:
+        return _ENHANCED[enhanced]
+    lowered = " ".join(text.lower().split())
+    for pattern, reason in _TEXTS:
+        if pattern.search(lowered):
+            return reason
+    return None
