@@ -2,6 +2,11 @@
 
 Pure: the caller passes the time. Every window is exact (it keeps the send times that
 fall inside it), so limits hold over *any* window, not just aligned buckets.
+
+A send counts from its claim (``reserve``) to its end (``complete``), and is recorded at
+the time it *ended*: the upstream counts a message when it arrives, which is after the
+claim by the connection set-up and the transaction, so a send recorded at its claim
+could leave its window before it had even arrived and let the next batch in beside it.
 """
 
 from __future__ import annotations
@@ -11,16 +16,18 @@ from collections.abc import Iterable
 
 # Float tolerance: waiting exactly wait_time() must make the next send allowed.
 _EPSILON = 1e-6
-# Limits are counted when a send starts, but the upstream counts arrivals, which lag by
-# the transaction's varying latency; each window is held this much longer so the limit
-# holds at the upstream's end too.
+# Sends are recorded when they end, at or after their arrival upstream; each window is
+# held this much longer still, for the upstream's own clock and processing.
 SAFETY_MARGIN_S = 0.05
+# wait_time() when every allowed send is still under way: until one ends (it wakes us).
+UNTIL_A_SEND_ENDS = float("inf")
 
 
 class RateLimiter:
     def __init__(self, windows: Iterable[tuple[float, int]]) -> None:
         self._nominal = [(float(w), int(n)) for w, n in windows]
         self._windows = [(w + SAFETY_MARGIN_S, n, deque[float]()) for w, n in self._nominal]
+        self.in_flight = 0  # reserved, not yet complete: counts in every window
 
     @property
     def limited(self) -> bool:
@@ -32,19 +39,36 @@ class RateLimiter:
                 sent.popleft()
 
     def wait_time(self, now: float) -> float:
-        """Seconds until one more send is allowed (0.0: now)."""
+        """Seconds until one more send is allowed (0.0: now; UNTIL_A_SEND_ENDS: when one
+        of the sends under way ends)."""
         self._prune(now)
         wait = 0.0
         for window, limit, sent in self._windows:
-            if len(sent) >= limit:
-                wait = max(wait, sent[len(sent) - limit] + window - now)
+            over = len(sent) + self.in_flight - limit  # this many must leave the window
+            if over >= len(sent):
+                return UNTIL_A_SEND_ENDS
+            if over >= 0:
+                wait = max(wait, sent[over] + window - now)
         return wait
 
     def available(self, now: float) -> int:
         """How many sends are allowed right now, all windows considered."""
         self._prune(now)
-        room = [limit - len(sent) for _, limit, sent in self._windows]
+        room = [limit - len(sent) - self.in_flight for _, limit, sent in self._windows]
         return max(min(room), 0) if room else 1_000_000
+
+    def reserve(self, count: int = 1) -> None:
+        """Sends claimed: they count in every window until they end or are cancelled."""
+        self.in_flight += count
+
+    def complete(self, now: float) -> None:
+        """A reserved send ended (delivered or not): it counts from ``now``."""
+        self.in_flight = max(self.in_flight - 1, 0)
+        self.record(now)
+
+    def cancel(self, count: int = 1) -> None:
+        """Reserved sends given back unsent: they do not count."""
+        self.in_flight = max(self.in_flight - count, 0)
 
     def record(self, now: float) -> None:
         for _, _, sent in self._windows:

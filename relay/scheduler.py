@@ -233,8 +233,7 @@ class AccountWorker:
             return False
         self._held = False
         self.idle.clear()
-        for _ in batch:
-            self.limiter.record(mono)
+        self.limiter.reserve(len(batch))  # each counts until its send ends (_deliver)
         self.ready.extend(batch)
         self._start_ready()
         return True
@@ -246,6 +245,7 @@ class AccountWorker:
         ids = []
         while len(self.ready) > self._capacity():
             ids.append(self.ready.pop().id)  # the last claimed: the lowest priority
+        self.limiter.cancel(len(ids))
         self._give_back(ids, now)
 
     def _start_ready(self) -> None:
@@ -302,6 +302,8 @@ class AccountWorker:
         except Exception as exc:  # a bug must not strand the message in 'sending'
             log.exception("unexpected error delivering %s", message.id)
             sent = TemporaryFailure(f"internal error: {type(exc).__name__}")
+        finally:
+            self.limiter.complete(self.mono())  # counts from its end: see ratelimit
         now = self.clock()
         resume_at = self._account_health(sent, now)
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
@@ -386,6 +388,7 @@ class AccountWorker:
         # Claimed-ahead messages go back to the queue, due when the account resumes: while
         # it backs off, 'sending' means a connection carries the message now (11.13).
         ready, self.ready = [m.id for m in self.ready], collections.deque()
+        self.limiter.cancel(len(ready))
         self._give_back(ready, now, due_at=resume_at)
         if self.health is not None:
             self.health(AccountHealth(self.name, resume_at, self.backoff_failures,

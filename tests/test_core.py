@@ -20,7 +20,7 @@ from relay.message import (
 )
 from relay.outcome import settle
 from relay.priority import priority_from_headers
-from relay.ratelimit import SAFETY_MARGIN_S, RateLimiter
+from relay.ratelimit import SAFETY_MARGIN_S, UNTIL_A_SEND_ENDS, RateLimiter
 from relay.retry import Defer, Fail, RetryPolicy
 from relay.routing import RoutingError, choose_account, deferred_until
 from relay.transport import SendResult
@@ -232,3 +232,44 @@ def test_dsn_never_gains_a_header_from_an_address_or_a_reply(address: str, reply
     assert block.keys() == ["Final-Recipient", "Action", "Status", "Diagnostic-Code"]
     assert all(line.isascii() and len(line) < 1000 for line in bytes(status).splitlines())
 
+
+@settings(max_examples=200, deadline=None)
+@given(
+    limits=st.lists(
+        st.tuples(st.sampled_from([1.0, 2.0, 5.0]), st.integers(1, 4)), min_size=1, max_size=2,
+    ),
+    durations=st.lists(st.floats(0, 4), min_size=1, max_size=30),
+)
+def test_rate_limiter_counts_a_send_until_it_ends(
+    limits: list[tuple[float, int]], durations: list[float]
+) -> None:
+    """Sends that take a while (a slow upstream): claimed only when wait_time() says 0 and
+    recorded when they end, no window ever holds more than N arrivals at the upstream."""
+    limiter = RateLimiter(limits)
+    now, ends, running = 0.0, [], []  # running: end times of sends under way
+    for duration in durations:
+        while True:
+            running.sort()
+            while running and running[0] <= now:  # sends that ended by now
+                limiter.complete(running.pop(0))
+            wait = limiter.wait_time(now)
+            if wait == 0:
+                break
+            now = running[0] if wait == UNTIL_A_SEND_ENDS else now + wait
+        limiter.reserve()
+        running.append(now + duration)
+        ends.append(now + duration)  # it arrives upstream at the latest when it ends
+    for window, limit in limits:
+        for start in ends:
+            inside = [t for t in ends if start <= t < start + window - 1e-6]
+            assert len(inside) <= limit
+
+
+def test_rate_limiter_cancelled_reservations_do_not_count() -> None:
+    limiter = RateLimiter([(1.0, 2)])
+    limiter.reserve(2)
+    assert limiter.available(0.0) == 0 and limiter.wait_time(0.0) == UNTIL_A_SEND_ENDS
+    limiter.cancel(1)
+    assert limiter.available(0.0) == 1 and limiter.wait_time(0.0) == 0
+    limiter.complete(0.5)
+    assert limiter.available(0.6) == 1 and limiter.wait_time(0.6) == 0
