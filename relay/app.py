@@ -18,25 +18,25 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from relay import __version__
-from relay.auth import ListenerAuth
-from relay.config import (
+from relay.config.schema import (
     Config,
     ListenConfig,
     config_warnings,
     effective_hostname,
     problem_line,
 )
+from relay.delivery.maildir import MaildirTransport
+from relay.delivery.scheduler import AccountWorker, Scheduler
+from relay.delivery.smtp.upstream import UpstreamPool
+from relay.delivery.transport import Transport
 from relay.errors import ConfigError, StoreError
-from relay.http import build_app, start_http
-from relay.ingest import IngestHandler, SessionLimits, start_listener
-from relay.logs import event
-from relay.maildir import MaildirTransport
-from relay.message import NewMessage
-from relay.metrics import Metrics, watch_loop_lag
-from relay.scheduler import AccountWorker, Scheduler
-from relay.store import SQLiteStore
-from relay.transport import Transport
-from relay.upstream import UpstreamPool
+from relay.ingest.auth import ListenerAuth
+from relay.ingest.listener import IngestHandler, SessionLimits, start_listener
+from relay.observe.http import build_app, start_http
+from relay.observe.logs import event
+from relay.observe.metrics import Metrics, watch_loop_lag
+from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.types import NewMessage
 
 log = logging.getLogger("relay")
 ADMIT_CACHE_S = 0.2  # how stale the backlog count used by on_limit: reject may be

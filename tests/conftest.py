@@ -20,7 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from relay.app import App
-from relay.config import Config, parse_config
+from relay.config.schema import Config, parse_config
 from tests.upstream import FakeUpstream
 
 if TYPE_CHECKING:  # (relayproc imports this module)

@@ -22,16 +22,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from relay import upstream as upstream_module
 from relay.app import App
-from relay.benchsink import PostfixInstance, free_port, postfix_problem
+from relay.bench.sink import PostfixInstance, free_port, postfix_problem
+from relay.delivery.refusals import AUTH, QUOTA, REASONS, SENDER, THROTTLED, account_refusal
+from relay.delivery.retry import Defer, Fail, RetryPolicy
+from relay.delivery.smtp import upstream as upstream_module
+from relay.delivery.smtp.upstream import UpstreamPool, choose_mechanism
 from relay.errors import TemporaryFailure
-from relay.message import AttemptResult, MessageState, NewMessage, Priority, Recipient
-from relay.metrics import BACKOFF_REASONS
-from relay.refusals import AUTH, QUOTA, REASONS, SENDER, THROTTLED, account_refusal
-from relay.retry import Defer, Fail, RetryPolicy
-from relay.store import SQLiteStore
-from relay.upstream import UpstreamPool, choose_mechanism
+from relay.observe.metrics import BACKOFF_REASONS
+from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.types import AttemptResult, MessageState, NewMessage, Priority, Recipient
 from tests.conftest import (
     StartRelay,
     message,

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from relay.app import App
-from relay.message import Priority
+from relay.queue.types import Priority
 from tests.conftest import StartRelay, relay_config, upstream_account
 from tests.upstream import FakeUpstream, Received
 

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relay import cli
-from relay.config import (
+from relay.cli import commands as cli
+from relay.config.durations import parse_duration
+from relay.config.schema import (
     PoolConfig,
     RateLimitConfig,
     config_warnings,
     load_config,
     parse_config,
 )
-from relay.durations import parse_duration
 from relay.errors import ConfigError
 
 GMAIL = "accounts:\n  gmail:\n    host: smtp.gmail.com\n"
@@ -281,7 +281,7 @@ def test_check_config_masks_listener_password_hashes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A listener user's argon2 hash lets a password be guessed offline: masked too."""
-    from relay.auth import hash_password
+    from relay.ingest.auth import hash_password
 
     digest = hash_password("listener-pw")
     text = ("listen:\n  auth:\n    users:\n"

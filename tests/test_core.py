@@ -8,9 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.delivery.outcome import settle
+from relay.delivery.priority import priority_from_headers
+from relay.delivery.ratelimit import SAFETY_MARGIN_S, UNTIL_A_SEND_ENDS, RateLimiter
+from relay.delivery.retry import Defer, Fail, RetryPolicy
+from relay.delivery.routing import RoutingError, choose_account, deferred_until
+from relay.delivery.transport import SendResult
 from relay.errors import PermanentFailure, TemporaryFailure
-from relay.headers import parse_headers, remove_headers
-from relay.message import (
+from relay.queue.types import (
     MessageState,
     Priority,
     QueuedMessage,
@@ -18,12 +23,7 @@ from relay.message import (
     RecipientState,
     can_transition,
 )
-from relay.outcome import settle
-from relay.priority import priority_from_headers
-from relay.ratelimit import SAFETY_MARGIN_S, UNTIL_A_SEND_ENDS, RateLimiter
-from relay.retry import Defer, Fail, RetryPolicy
-from relay.routing import RoutingError, choose_account, deferred_until
-from relay.transport import SendResult
+from relay.smtp.headers import parse_headers, remove_headers
 
 # -- rate limits
 
@@ -220,7 +220,7 @@ def test_dsn_never_gains_a_header_from_an_address_or_a_reply(address: str, reply
     import email
     import email.policy
 
-    from relay.bounce import build_dsn
+    from relay.delivery.bounce import build_dsn
 
     failed = [Recipient(address, RecipientState.FAILED, "550 5.1.1 " + reply)]
     dsn = build_dsn(queue_id="Q1", sender="app@example.com", failed=failed,

@@ -25,8 +25,8 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from relay.message import MessageState
-from relay.store import SQLiteStore
+from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.types import MessageState
 from tests.conftest import Launch, message
 from tests.relayproc import write_config
 from tests.upstream import FakeUpstream

@@ -19,8 +19,8 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from relay.config import Config, load_config
-from relay.durations import format_duration, parse_duration
+from relay.config.durations import format_duration, parse_duration
+from relay.config.schema import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "relay.example.yaml"

@@ -120,7 +120,7 @@ def test_maildir_file_size_limit_is_a_temporary_failure(tmp_path: Path) -> None:
     script = (
         "import asyncio, resource, signal\n"
         "from pathlib import Path\n"
-        "from relay.maildir import MaildirTransport\n"
+        "from relay.delivery.maildir import MaildirTransport\n"
         "from relay.errors import TemporaryFailure\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (10000, 10000))\n"
@@ -199,8 +199,8 @@ async def test_one_bad_write_fails_alone_and_the_writer_survives(tmp_path: Path)
     import asyncio
     import time
 
-    from relay.message import NewMessage, Priority
-    from relay.store import SQLiteStore
+    from relay.queue.sqlite.store import SQLiteStore
+    from relay.queue.types import NewMessage, Priority
 
     store = SQLiteStore(tmp_path / "queue.sqlite3")
     await store.open()

@@ -25,11 +25,11 @@ from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 
 from relay.app import App
-from relay.headers import header_end, parse_headers, remove_headers
-from relay.message import Priority
-from relay.priority import priority_from_headers
-from relay.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
-from relay.smtpdata import normalize_newlines
+from relay.delivery.priority import priority_from_headers
+from relay.delivery.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
+from relay.queue.types import Priority
+from relay.smtp.data import normalize_newlines
+from relay.smtp.headers import header_end, parse_headers, remove_headers
 from tests.conftest import StartRelay, message, metric, relay_config, upstream_account
 from tests.upstream import FakeUpstream
 
@@ -95,7 +95,7 @@ def first(fs: list[Field], name: str) -> str | None:
 
 
 def expected_priority(fs: list[Field]) -> Priority:
-    """README and relay/priority.py: the first header that names a priority decides."""
+    """README and relay/delivery/priority.py: the first header that names a priority decides."""
     x_priority = first(fs, "X-Priority")
     if x_priority is not None:
         match = re.match(r"\s*([1-5])\b", x_priority)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 
-from relay.store import APPLICATION_ID, SENDS_KEPT_S, SQLiteStore
+from relay.queue.sqlite.store import APPLICATION_ID, SENDS_KEPT_S, SQLiteStore
 from tests.conftest import (
     StartRelay,
     message,

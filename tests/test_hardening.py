@@ -16,10 +16,10 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.addresses import parse_path
-from relay.auth import hash_password
-from relay.config import ConfigError, parse_config
-from relay.ingest import RelaySMTP
+from relay.config.schema import ConfigError, parse_config
+from relay.ingest.addresses import parse_path
+from relay.ingest.auth import hash_password
+from relay.ingest.listener import RelaySMTP
 from tests.conftest import StartRelay, message, metric, relay_config, send, upstream_account
 from tests.smtpclient import RawSMTP
 from tests.upstream import FakeUpstream
@@ -403,9 +403,9 @@ def _bare_smtp(*, strict: bool = True) -> RelaySMTP:
     if strict not in _SMTP_FOR_PARSING:
         from prometheus_client import CollectorRegistry
 
-        from relay.config import Config, ListenConfig
-        from relay.ingest import IngestHandler, SessionLimits
-        from relay.metrics import Metrics
+        from relay.config.schema import Config, ListenConfig
+        from relay.ingest.listener import IngestHandler, SessionLimits
+        from relay.observe.metrics import Metrics
 
         config = Config(listen=ListenConfig(strict_addresses=strict))
         metrics = Metrics(CollectorRegistry(), config.accounts)
@@ -454,7 +454,7 @@ def test_queue_file_is_private(tmp_path: Path) -> None:
     import asyncio as aio
     import stat
 
-    from relay.store import SQLiteStore
+    from relay.queue.sqlite.store import SQLiteStore
 
     store = SQLiteStore(tmp_path / "new-dir" / "queue.sqlite3")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.auth import hash_password
-from relay.cli import main
-from relay.logs import build_handler
+from relay.cli.commands import main
+from relay.ingest.auth import hash_password
+from relay.observe.logs import build_handler
 from relay.printable import escape, field_value
 from tests.conftest import StartRelay, message, relay_config, upstream_account
 from tests.smtpclient import RawSMTP

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from relay.app import App
-from relay.config import LOCAL_LITERAL, effective_config, parse_config
+from relay.config.schema import LOCAL_LITERAL, effective_config, parse_config
 from relay.errors import ConfigError
-from relay.message import MessageState, QueuedMessage
-from relay.smtpwire import address_literal
+from relay.queue.types import MessageState, QueuedMessage
+from relay.smtp.wire import address_literal
 from tests.conftest import StartRelay, message, relay_config, send, upstream_account
 from tests.upstream import FakeUpstream
 

@@ -1,29 +1,59 @@
-"""The package's layers import only downwards (../shared/STYLE.md), checked with ast."""
+"""The package's layers import only downwards (../shared/STYLE.md), checked with ast.
+
+Each module's layer comes from its subpackage (the longest matching prefix below), so a
+new module inherits the rules of the folder it is put in.
+"""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "relay"
 # Lower number = lower layer. A module may import its own layer or lower ones.
-LAYERS = {
-    "vocabulary": (0, {"message", "errors", "replies", "transport", "durations", "runner",
-                    "printable"}),
-    "core": (1, {"config", "headers", "routing", "priority", "ratelimit", "retry", "outcome",
-                 "bounce", "queueops", "smtpwire", "smtpdata", "addresses", "refusals",
-                 "throttle"}),
-    "edges": (2, {"ingest", "store", "upstream", "maildir", "metrics", "http", "logs", "auth"}),
-    "orchestration": (3, {"app", "scheduler", "health"}),
-    "entry": (4, {"cli", "cli_queue", "cli_status", "cli_progress", "bench", "benchsink",
-                  "loadgen", "__main__", "__init__"}),
+VOCABULARY, CORE, EDGE, ORCHESTRATION, ENTRY = range(5)
+LAYER = {
+    "relay.errors": VOCABULARY, "relay.printable": VOCABULARY, "relay.runner": VOCABULARY,
+    "relay.queue": VOCABULARY, "relay.delivery.transport": VOCABULARY,
+    "relay.smtp": CORE, "relay.config": CORE, "relay.delivery": CORE,
+    "relay.ingest": EDGE, "relay.queue.sqlite": EDGE, "relay.delivery.smtp": EDGE,
+    "relay.delivery.maildir": EDGE, "relay.observe": EDGE,
+    "relay.app": ORCHESTRATION, "relay.delivery.scheduler": ORCHESTRATION,
+    "relay.delivery.health": ORCHESTRATION,
+    "relay.cli": ENTRY, "relay.bench": ENTRY, "relay.__main__": ENTRY, "relay": ENTRY,
 }
-LEVEL = {module: level for level, modules in LAYERS.values() for module in modules}
+# Each edge is one of these parts; edges do not import each other, except the shared ones.
+EDGES = ("relay.ingest", "relay.queue.sqlite", "relay.delivery.smtp", "relay.delivery.maildir",
+         "relay.observe")
+SHARED_EDGES = ("relay.observe", "relay.ingest.auth")
 # Libraries that only their edge may import.
-OWNED = {"aiosmtpd": {"ingest", "bench", "benchsink", "loadgen"},
-         "aiosmtplib": {"upstream", "bench", "benchsink", "loadgen"},
-         "aiosqlite": {"store"}, "sqlite3": {"store"},
-         "aiohttp": {"http", "app"}, "prometheus_client": {"metrics", "http", "app"}}
+OWNED = {"aiosmtpd": ("relay.ingest", "relay.bench"),
+         "aiosmtplib": ("relay.delivery.smtp", "relay.bench"),
+         "aiosqlite": ("relay.queue.sqlite",), "sqlite3": ("relay.queue.sqlite",),
+         "aiohttp": ("relay.observe.http", "relay.app"),
+         "prometheus_client": ("relay.observe", "relay.app")}
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _longest(name: str, prefixes: object) -> str | None:
+    found = [p for p in prefixes if _within(name, p)]  # type: ignore[attr-defined]
+    return max(found, key=len) if found else None
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def _imports(path: Path) -> set[str]:
@@ -33,27 +63,58 @@ def _imports(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
 def test_every_module_has_a_layer() -> None:
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
-    assert modules - set(LEVEL) == set(), "add new modules to LAYERS"
+    missing = [m for m in _modules() if _longest(m, LAYER) is None]
+    assert missing == [], "add new packages to LAYER"
+
+
+def test_every_subpackage_says_what_lives_there() -> None:
+    bare = [m for m, p in _modules().items() if p.name == "__init__.py" and not
+            ast.get_docstring(ast.parse(p.read_text()))]
+    assert bare == []
 
 
 def test_imports_point_down_and_libraries_stay_in_their_edge() -> None:
+    modules = _modules()
     problems = []
-    for path in sorted(PACKAGE.glob("*.py")):
-        module = path.stem
+    for module, path in modules.items():
+        level = LAYER[_longest(module, LAYER) or ""]
+        edge = _longest(module, EDGES)
         for name in _imports(path):
             top = name.split(".")[0]
-            if top == "relay" and "." in name:
-                target = name.split(".")[1]
-                if target in LEVEL and LEVEL[target] > LEVEL[module]:
-                    problems.append(f"{module} (layer {LEVEL[module]}) imports {target}")
-                if LEVEL[module] == 2 and LEVEL.get(target) == 2 and target not in (
-                        "logs", "metrics", "auth") and module != target:
-                    problems.append(f"edge {module} imports edge {target}")
-            elif top in OWNED and module not in OWNED[top]:
+            if top == "relay":
+                if name not in modules:  # `from relay.x import Name`: judge relay.x
+                    name = name.rpartition(".")[0]
+                key = _longest(name, LAYER)
+                if key is None or key == "relay":
+                    continue  # relay's own __init__ (the version) is importable from anywhere
+                if LAYER[key] > level:
+                    problems.append(f"{module} (layer {level}) imports {name} ({LAYER[key]})")
+                target_edge = _longest(name, EDGES)
+                if (edge and target_edge and target_edge != edge
+                        and _longest(name, SHARED_EDGES) is None):
+                    problems.append(f"edge {module} imports edge {name}")
+            elif top in OWNED and not any(_within(module, p) for p in OWNED[top]):
                 problems.append(f"{module} imports {top}, which belongs to {OWNED[top]}")
     assert problems == []
+
+
+def test_serve_does_not_import_the_benchmark() -> None:
+    """`relay serve` loads the CLI and the app, never relay.bench (sinks, Postfix, loadgen)."""
+    code = (
+        "import sys\n"
+        "from relay.cli.commands import build_parser\n"
+        "import relay.app\n"
+        "args = build_parser().parse_args(['serve'])\n"
+        "assert args.func.__name__ == 'cmd_serve'\n"
+        "print(sorted(m for m in sys.modules if m.startswith('relay.')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    loaded = done.stdout.split("'")
+    assert "relay.app" in loaded and "relay.cli.commands" in loaded
+    assert [m for m in loaded if m.startswith("relay.bench")] == []

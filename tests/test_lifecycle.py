@@ -19,8 +19,8 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from relay.auth import hash_password
 from relay.errors import ConfigError
+from relay.ingest.auth import hash_password
 from tests.conftest import (
     Launch,
     StartRelay,
@@ -209,7 +209,7 @@ async def test_a_reload_whose_log_file_cannot_be_opened_changes_nothing(
 ) -> None:
     """SIGHUP with an unopenable logging.file: rejected, and the accounts stay as they
     were (the log file used to be opened after the switch: 'rejected', yet applied)."""
-    from relay.cli import _reload
+    from relay.cli.commands import _reload
 
     account = upstream_account(upstream, tmp_path)
     app = await start_relay(relay_config(tmp_path, {"up": account}))

@@ -15,10 +15,10 @@ import aiosmtplib
 import pytest
 from argon2 import PasswordHasher, extract_parameters
 
-from relay.auth import ListenerAuth, hash_password
-from relay.config import Config, ListenAuthConfig, ListenUserConfig
-from relay.headers import header_section_exceeds, parse_headers
-from relay.throttle import FailureThrottle
+from relay.config.schema import Config, ListenAuthConfig, ListenUserConfig
+from relay.ingest.auth import ListenerAuth, hash_password
+from relay.ingest.throttle import FailureThrottle
+from relay.smtp.headers import header_section_exceeds, parse_headers
 from tests.conftest import (
     StartRelay,
     message,

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.cli import main
-from relay.logs import JsonFormatter, event, setup_logging
+from relay.cli.commands import main
+from relay.observe.logs import JsonFormatter, event, setup_logging
 from tests.conftest import StartRelay, message, relay_config, send, upstream_account
 from tests.upstream import FakeUpstream
 
@@ -58,7 +58,7 @@ def documented_events() -> dict[str, dict[str, Any]]:
 def emitted_events() -> dict[str, set[str]]:
     """Every event name passed to relay.logs.event(...) in relay/, with its field names."""
     found: dict[str, set[str]] = {}
-    for path in sorted((ROOT / "relay").glob("*.py")):
+    for path in sorted((ROOT / "relay").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
                     and node.func.id == "event" and len(node.args) >= 3):

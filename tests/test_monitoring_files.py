@@ -24,10 +24,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.cli import EXIT_USAGE
-from relay.config import load_config
-from relay.message import MessageState
-from relay.metrics import REJECT_REASONS
+from relay.cli.commands import EXIT_USAGE
+from relay.config.schema import load_config
+from relay.observe.metrics import REJECT_REASONS
+from relay.queue.types import MessageState
 from tests.conftest import (
     StartRelay,
     message,

@@ -18,7 +18,7 @@ from typing import Any, cast
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay.message import MessageState, RecipientState
+from relay.queue.types import MessageState, RecipientState
 from tests.conftest import StartRelay, message, relay_config, send, wait_until
 from tests.upstream import FakeUpstream
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from relay.app import App
-from relay.benchsink import BenchSetupError, PostfixInstance, postfix_problem
-from relay.message import MessageState
+from relay.bench.sink import BenchSetupError, PostfixInstance, postfix_problem
+from relay.queue.types import MessageState
 from tests.conftest import StartRelay, message, relay_config, send
 from tests.upstream import FakeUpstream
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relay.cli import main
-from relay.cli_progress import render
-from relay.message import AttemptResult, MessageState, NewMessage, Priority, Recipient
-from relay.store import SQLiteStore
+from relay.cli.commands import main
+from relay.cli.progress import render
+from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.types import AttemptResult, MessageState, NewMessage, Priority, Recipient
 from tests.conftest import message
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,9 +19,11 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.cli import main
-from relay.config import Config, load_config
-from relay.message import (
+from relay.cli.commands import main
+from relay.config.schema import Config, load_config
+from relay.queue.ops import OPERATIONS
+from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.types import (
     AttemptResult,
     MessageState,
     NewMessage,
@@ -29,8 +31,6 @@ from relay.message import (
     Recipient,
     RecipientState,
 )
-from relay.queueops import OPERATIONS
-from relay.store import SQLiteStore
 from tests.conftest import FAST_RETRY, StartRelay, message, send, upstream_account
 from tests.upstream import FakeUpstream
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.message import MessageState
-from relay.scheduler import FLUSH_KEY
-from relay.store import CLAIM_SQL
+from relay.delivery.scheduler import FLUSH_KEY
+from relay.queue.sqlite.store import CLAIM_SQL
+from relay.queue.types import MessageState
 from tests.conftest import (
     StartRelay,
     message,
@@ -82,7 +82,7 @@ async def test_fifo_within_a_priority(
 
     stopped = App(config)
     await stopped.store.open()
-    from relay.message import NewMessage, Priority
+    from relay.queue.types import NewMessage, Priority
 
     now = time.time()
     for i, prio in enumerate([Priority.LOW, Priority.NORMAL, Priority.HIGH, Priority.NORMAL,
@@ -411,7 +411,7 @@ async def test_claim_is_an_indexed_query(tmp_path: Path) -> None:
     """Picking the next message uses the partial index, never a scan of the queue."""
     import sqlite3
 
-    from relay.store import SCHEMA
+    from relay.queue.sqlite.store import SCHEMA
 
     db = sqlite3.connect(tmp_path / "plan.sqlite3")
     db.executescript(SCHEMA)

@@ -15,8 +15,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from relay.ingest import ChunkedDataSMTP
-from relay.smtpdata import DataReader, DataState
+from relay.ingest.listener import ChunkedDataSMTP
+from relay.smtp.data import DataReader, DataState
 
 SIZE_LIMIT = 3000
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.smtpwire import (
+from relay.smtp.wire import (
     MAX_REPLY_LINE,
     Reply,
     ReplyReader,

@@ -21,8 +21,8 @@ import aiosmtplib
 import pytest
 
 from relay.app import App
-from relay.config import load_config
-from relay.message import MessageState, RecipientState
+from relay.config.schema import load_config
+from relay.queue.types import MessageState, RecipientState
 from tests.conftest import StartRelay, message, metric, relay_config, send, upstream_account
 from tests.upstream import FakeUpstream, Received
 

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.cli import main
-from relay.cli_status import Snapshot, age, render, summarise
-from relay.config import load_config
-from relay.health import HEALTH_KEY, AccountHealth, HealthReport, decode, encode
-from relay.message import AttemptResult, MessageState, NewMessage, Priority, QueuedMessage
-from relay.store import SQLiteStore
+from relay.cli.commands import main
+from relay.cli.status import Snapshot, age, render, summarise
+from relay.config.schema import load_config
+from relay.delivery.health import HEALTH_KEY, AccountHealth, HealthReport, decode, encode
+from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.types import AttemptResult, MessageState, NewMessage, Priority, QueuedMessage
 from tests.conftest import StartRelay, message, send, upstream_account
 from tests.upstream import FakeUpstream
 

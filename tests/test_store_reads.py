@@ -14,8 +14,8 @@ import contextlib
 import time
 from pathlib import Path
 
-from relay.message import NewMessage, Priority, new_queue_id
-from relay.store import SQLiteStore
+from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.types import NewMessage, Priority, new_queue_id
 
 
 def _message(n: int) -> NewMessage:

@@ -6,7 +6,7 @@ from collections.abc import Collection
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
-from relay.headers import get_header
+from relay.smtp.headers import get_header
 
 ACCOUNT_HEADER = "X-Account"
 DEFERRED_HEADER = "Deferred-Delivery"  # RFC 2156

@@ -15,8 +15,8 @@ import socket
 import time
 from pathlib import Path
 
+from relay.delivery.transport import SendResult
 from relay.errors import TemporaryFailure
-from relay.transport import SendResult
 
 _counter = itertools.count()
 

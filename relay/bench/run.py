@@ -31,7 +31,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from relay.benchsink import (
+from relay.bench.loadgen import Load, LoadResult, percentile, run_builtin, run_smtp_source
+from relay.bench.sink import (
     HOST,
     BareServer,
     BenchSetupError,
@@ -46,9 +47,8 @@ from relay.benchsink import (
     until,
     wait_for_banner,
 )
-from relay.config import parse_config
+from relay.config.schema import parse_config
 from relay.errors import StoreError
-from relay.loadgen import Load, LoadResult, percentile, run_builtin, run_smtp_source
 from relay.runner import run
 
 T = TypeVar("T")
@@ -185,7 +185,7 @@ async def queue_states(path: Path, *, drained_within_s: float = 0.0) -> dict[str
 
     With ``drained_within_s``, poll until nothing is queued, deferred or sending.
     """
-    from relay.store import SQLiteStore
+    from relay.queue.sqlite.store import SQLiteStore
 
     store = SQLiteStore(path, lock=False)
     await store.open()
@@ -585,7 +585,7 @@ def delivered_targets(delivered: dict[str, Any] | None) -> list[Target]:
 async def fill_delivered(path: Path, n: int, *, account: str) -> None:
     """A new queue file holding ``n`` delivered messages, each with one attempt, a day
     old (through the store in one statement: a million over SMTP would take the run)."""
-    from relay.store import SQLiteStore
+    from relay.queue.sqlite.store import SQLiteStore
 
     store = SQLiteStore(path, lock=False)
     await store.open()
@@ -775,40 +775,6 @@ async def run_bench(options: Options, workdir: Path) -> dict[str, Any]:
 
 
 # -- command line ---------------------------------------------------------------------------
-
-
-def add_command(sub: Any) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="measure relay against bare aiosmtpd and Postfix",
-        description=__doc__.splitlines()[0],
-    )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="1 round, small counts: under a minute (figures are rough)",
-    )
-    p.add_argument("--rounds", type=int, help="rounds; medians are taken over them (3)")
-    p.add_argument("--messages", type=int, help="messages per ingest/latency case (5000)")
-    p.add_argument("--e2e-messages", type=int, help="messages per end-to-end case (20000)")
-    p.add_argument(
-        "--queued", type=int, help="messages queued for the RSS/start-up figures; 0 skips (100000)"
-    )
-    p.add_argument(
-        "--delivered", type=int,
-        help="delivered records kept for the /metrics and RSS figure; 0 skips (1000000)",
-    )
-    p.add_argument("--size", type=int, default=10_240, help="payload bytes (10240)")
-    p.add_argument("--sessions", type=int, default=20, help="concurrent senders (20)")
-    p.add_argument("--load", choices=("auto", "smtp-source", "builtin"), default="auto")
-    p.add_argument("--sink", choices=("auto", "smtp-sink", "aiosmtpd"), default="auto")
-    p.add_argument(
-        "--no-postfix", dest="postfix", action="store_false", help="skip the Postfix baseline"
-    )
-    p.add_argument("--json", dest="json_path", metavar="FILE", help="also write JSON here")
-    p.add_argument("--workdir", metavar="DIR", help="where queues go (default: a temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep queue files and logs")
-    p.set_defaults(func=cmd_bench)
 
 
 def options_from(args: argparse.Namespace) -> Options:

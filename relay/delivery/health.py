@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from relay.errors import StoreError
-from relay.logs import event
+from relay.observe.logs import event
 
 log = logging.getLogger("relay.delivery")
 HEALTH_KEY = "account_health"

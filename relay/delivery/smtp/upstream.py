@@ -24,12 +24,12 @@ from typing import cast
 
 import aiosmtplib
 
-from relay import smtpwire
-from relay.config import AccountConfig
+from relay.config.schema import AccountConfig
+from relay.delivery.refusals import account_refusal
+from relay.delivery.transport import SendResult
 from relay.errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
-from relay.refusals import account_refusal
-from relay.smtpwire import Reply
-from relay.transport import SendResult
+from relay.smtp import wire as smtpwire
+from relay.smtp.wire import Reply
 
 log = logging.getLogger("relay.upstream")
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")

@@ -19,14 +19,12 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from relay.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _fail, _load, out
-from relay.cli_progress import ProgressBar
-from relay.config import AccountConfig, Config, effective_hostname
-from relay.durations import format_duration, parse_duration, parse_since
+from relay.cli.commands import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _fail, _load, out
+from relay.cli.progress import ProgressBar
+from relay.config.durations import format_duration, parse_duration, parse_since
+from relay.config.schema import AccountConfig, Config, effective_hostname
 from relay.errors import StoreError
-from relay.headers import parse_headers
-from relay.message import MessageState, QueuedMessage
-from relay.queueops import (
+from relay.queue.ops import (
     DELETE,
     DELETE_FORCED,
     FLUSH,
@@ -39,7 +37,9 @@ from relay.queueops import (
     Operation,
     refusal,
 )
-from relay.store import SQLiteStore
+from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.types import MessageState, QueuedMessage
+from relay.smtp.headers import parse_headers
 
 STATES = [str(s) for s in MessageState]
 DONE = {"hold": "held", "release": "released, due now", "retry": "queued, due now",
@@ -233,7 +233,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
-    from relay.scheduler import FLUSH_KEY
+    from relay.delivery.scheduler import FLUSH_KEY
 
     async def run() -> int:
         async with _queue(args) as store:
@@ -330,7 +330,7 @@ async def _check_account(name: str, account: AccountConfig, hostname: str | None
     if account.transport == "maildir":
         assert account.path is not None
         return maildir_steps(account.path)
-    from relay.upstream import UpstreamPool
+    from relay.delivery.smtp.upstream import UpstreamPool
 
     pool = UpstreamPool(name, account, local_hostname=hostname)
     try:

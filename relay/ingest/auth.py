@@ -15,7 +15,7 @@ import secrets
 from argon2 import Parameters, PasswordHasher, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from relay.config import ListenAuthConfig, ListenUserConfig
+from relay.config.schema import ListenAuthConfig, ListenUserConfig
 
 # OWASP's minimum argon2id parameters (19 MiB, 2 passes): about 20 ms a verification.
 # The listener runs verifications in a worker thread, never on the event loop.

@@ -33,20 +33,20 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
-from relay import replies
-from relay.addresses import parse_path, recipient_key
-from relay.auth import ListenerAuth
-from relay.config import Config, effective_hostname
+from relay.config.schema import Config, effective_hostname
+from relay.delivery.priority import priority_from_headers
+from relay.delivery.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
 from relay.errors import StoreError, StoreFullError
-from relay.headers import header_section_exceeds, parse_headers, remove_headers
-from relay.logs import event
-from relay.message import NewMessage, new_queue_id
-from relay.metrics import Metrics
-from relay.priority import priority_from_headers
-from relay.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
-from relay.smtpdata import DataReader, DataState, has_bare_newline, normalize_newlines
-from relay.smtpwire import address_literal
-from relay.throttle import FailureThrottle
+from relay.ingest.addresses import parse_path, recipient_key
+from relay.ingest.auth import ListenerAuth
+from relay.ingest.throttle import FailureThrottle
+from relay.observe.logs import event
+from relay.observe.metrics import Metrics
+from relay.queue.types import NewMessage, new_queue_id
+from relay.smtp import replies
+from relay.smtp.data import DataReader, DataState, has_bare_newline, normalize_newlines
+from relay.smtp.headers import header_section_exceeds, parse_headers, remove_headers
+from relay.smtp.wire import address_literal
 
 log = logging.getLogger("relay.smtpd")
 Submit = Callable[[NewMessage], Awaitable[None]]

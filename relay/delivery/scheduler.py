@@ -17,12 +17,18 @@ import socket
 import time
 from collections.abc import Callable
 
-from relay.bounce import build_dsn, needs_smtputf8, should_bounce
-from relay.config import Config
+from relay.config.schema import Config
+from relay.delivery.bounce import build_dsn, needs_smtputf8, should_bounce
+from relay.delivery.health import AccountHealth, HealthHook, HealthPublisher
+from relay.delivery.outcome import settle
+from relay.delivery.ratelimit import RateLimiter
+from relay.delivery.retry import RetryPolicy
+from relay.delivery.transport import PoolControl, SendResult, Transport
 from relay.errors import DeliveryError, StoreError, TemporaryFailure
-from relay.health import AccountHealth, HealthHook, HealthPublisher
-from relay.logs import event
-from relay.message import (
+from relay.observe.logs import event
+from relay.observe.metrics import Metrics
+from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.types import (
     AttemptResult,
     MessageState,
     NewMessage,
@@ -32,12 +38,6 @@ from relay.message import (
     RecipientState,
     new_queue_id,
 )
-from relay.metrics import Metrics
-from relay.outcome import settle
-from relay.ratelimit import RateLimiter
-from relay.retry import RetryPolicy
-from relay.store import SQLiteStore
-from relay.transport import PoolControl, SendResult, Transport
 
 log = logging.getLogger("relay.delivery")
 FLUSH_KEY = "flush_requested_at"  # written by `relay queue flush`, read by the watcher

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 import yaml
 
 from relay import __version__
-from relay.config import Config, config_warnings, effective_config, load_config
+from relay.config.schema import Config, config_warnings, effective_config, load_config
 from relay.errors import ConfigError, RelayError
 from relay.printable import escape
 from relay.runner import run
@@ -86,7 +86,7 @@ async def _serve(config: Config, path: str | None) -> None:
 async def _reload(app: App, path: str | None) -> None:
     """SIGHUP: read the config again; one that is invalid or cannot be applied leaves the
     running one in place (logging included)."""
-    from relay.logs import build_handler, event, install_handler
+    from relay.observe.logs import build_handler, event, install_handler
 
     log = logging.getLogger("relay")
     try:
@@ -111,7 +111,7 @@ async def _reload(app: App, path: str | None) -> None:
 
 
 def _rejected(log: logging.Logger, problems: list[str]) -> None:
-    from relay.logs import event
+    from relay.observe.logs import event
 
     for problem in problems:
         event(log, logging.ERROR, "reload_rejected", reason=problem)
@@ -120,7 +120,7 @@ def _rejected(log: logging.Logger, problems: list[str]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.logs import setup_logging
+    from relay.observe.logs import setup_logging
 
     config = _load(args)
     setup_logging(config.logging.level, config.logging.format, config.logging.file)
@@ -134,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_hash_password(args: argparse.Namespace) -> int:
     import getpass
 
-    from relay.auth import hash_password
+    from relay.ingest.auth import hash_password
 
     if sys.stdin.isatty():
         password = getpass.getpass("Password: ")
@@ -170,13 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print an argon2 hash for listen.auth.users.NAME.password_hash")
     p.set_defaults(func=cmd_hash_password)
 
-    from relay import cli_queue
+    from relay.cli import queue as cli_queue
 
     cli_queue.add_commands(sub, common)
-    from relay import cli_status
+    from relay.cli import status as cli_status
 
     cli_status.add_command(sub, common)
-    from relay import bench
+    from relay.cli import bench
 
     bench.add_command(sub)
     return parser

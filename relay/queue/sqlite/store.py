@@ -32,7 +32,7 @@ from typing import Any, Protocol, TypeVar
 import aiosqlite
 
 from relay.errors import StoreError, StoreFullError, StoreLockedError
-from relay.message import (
+from relay.queue.types import (
     AttemptResult,
     MessageState,
     NewMessage,

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from relay.smtpdata import has_bare_newline, normalize_newlines
+from relay.smtp.data import has_bare_newline, normalize_newlines
 
 # A reply line longer than this (RFC 5321 4.5.3.1.5 allows 512) or a multi-line reply
 # with more than MAX_REPLY bytes is a broken or hostile server, not a reply.

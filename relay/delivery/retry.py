@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from relay.config import RetryConfig
+from relay.config.schema import RetryConfig
 from relay.errors import DeliveryError
 
 

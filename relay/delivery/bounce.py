@@ -12,8 +12,8 @@ from email import policy
 from email.message import EmailMessage, Message
 from email.utils import formatdate, make_msgid
 
-from relay.headers import header_end
-from relay.message import Recipient
+from relay.queue.types import Recipient
+from relay.smtp.headers import header_end
 
 HEADERS_KEPT = 64 * 1024  # at most this much of the original header section is returned
 FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters

@@ -2,7 +2,7 @@
 
 One screen, like Postfix's `postqueue -p` and `qshape` together. Counts and attempt rates
 come from the queue file. Account health (backing off, AUTH failing) is known only to the
-running server, which publishes each change into the queue file (relay/health.py); this
+running server, which publishes each change into the queue file (relay/delivery/health.py); this
 reads the latest, and says when no server is running to have published it.
 
 ``gather`` does the I/O; ``summarise`` (the ``--json`` document) and ``render`` (the text)
@@ -38,11 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relay.cli import EXIT_OK, _load
-from relay.config import Config
-from relay.health import HEALTH_KEY, AccountHealth, HealthReport, decode
-from relay.message import MessageState, QueuedMessage
+from relay.cli.commands import EXIT_OK, _load
+from relay.config.schema import Config
+from relay.delivery.health import HEALTH_KEY, AccountHealth, HealthReport, decode
 from relay.printable import escape
+from relay.queue.types import MessageState, QueuedMessage
 
 S = MessageState
 STATES = [str(s) for s in MessageState]
@@ -273,8 +273,8 @@ def process_alive(pid: int) -> bool:
 
 
 async def gather(config: Config, now: float) -> Snapshot:
-    from relay.cli_queue import _open
-    from relay.scheduler import FLUSH_KEY
+    from relay.cli.queue import _open
+    from relay.delivery.scheduler import FLUSH_KEY
 
     running = server_running(config.queue.path)
     store = await _open(config)

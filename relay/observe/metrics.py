@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from relay import __version__
-from relay.message import MessageState
+from relay.queue.types import MessageState
 
 REJECT_REASONS = ("unknown_account", "bad_header", "too_big", "too_many_recipients",
                   "store_unavailable", "rate_limited", "internal_error", "bad_address",

@@ -9,16 +9,16 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+from relay.delivery.retry import Defer, RetryPolicy
+from relay.delivery.transport import SendResult
 from relay.errors import DeliveryError
-from relay.message import (
+from relay.queue.types import (
     AttemptResult,
     MessageState,
     QueuedMessage,
     Recipient,
     RecipientState,
 )
-from relay.retry import Defer, RetryPolicy
-from relay.transport import SendResult
 
 
 def settle(

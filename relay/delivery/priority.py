@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
-from relay.headers import get_header
-from relay.message import Priority
+from relay.queue.types import Priority
+from relay.smtp.headers import get_header
 
 _X_PRIORITY = re.compile(r"^\s*([1-5])\b")
 _PRIORITY = {"urgent": Priority.HIGH, "normal": Priority.NORMAL, "non-urgent": Priority.LOW}

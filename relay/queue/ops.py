@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.message import TRANSITIONS, MessageState
+from relay.queue.types import TRANSITIONS, MessageState
 
 S = MessageState
 

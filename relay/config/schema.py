@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from relay.durations import format_duration, parse_duration
+from relay.config.durations import format_duration, parse_duration
 from relay.errors import ConfigError
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]

@@ -1,6 +1,6 @@
 """The servers the benchmark starts besides relay, each in its own process.
 
-- ``python -m relay.benchsink``: a bare aiosmtpd server that answers 250 and keeps
+- ``python -m relay.bench.sink``: a bare aiosmtpd server that answers 250 and keeps
   nothing. It is the baseline relay's ingest is compared with, and the counting sink when
   Postfix's smtp-sink is not installed. It prints ``listening PORT`` once bound and, with
   ``--count``, ``mesg=N`` after each message, the counter ``smtp-sink -c`` prints too.
@@ -153,14 +153,14 @@ class ServerProcess:
 
 
 class BareServer(ServerProcess):
-    """``python -m relay.benchsink``: answers 250 to everything, stores nothing."""
+    """``python -m relay.bench.sink``: answers 250 to everything, stores nothing."""
 
     def __init__(self, *, count: bool = False) -> None:
         super().__init__("aiosmtpd sink" if count else "bare aiosmtpd")
         self.count = count
 
     async def start(self, timeout_s: float = 30.0) -> None:
-        args = [sys.executable, "-m", "relay.benchsink"] + (["--count"] if self.count else [])
+        args = [sys.executable, "-m", "relay.bench.sink"] + (["--count"] if self.count else [])
         self.proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE
         )
@@ -491,7 +491,7 @@ async def _serve(port: int, count: bool) -> None:
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
-        # The same session settings as relay's listener (relay/ingest.py).
+        # The same session settings as relay's listener (relay/ingest/listener.py).
         return SMTP(
             handler,
             data_size_limit=26_214_400,
@@ -514,7 +514,7 @@ async def _serve(port: int, count: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m relay.benchsink", description="A bare aiosmtpd server: 250 to everything."
+        prog="python -m relay.bench.sink", description="A bare aiosmtpd server: 250 to everything."
     )
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any)")
     parser.add_argument("--count", action="store_true", help="print mesg=N after each message")

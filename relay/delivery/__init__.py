@@ -1,0 +1,6 @@
+"""Delivery: the scheduler and account workers, and the pure policy they apply (routing,
+priority, retry, rate limits, outcomes, bounces, account refusals).
+
+Transports are edges in their own modules (``smtp/``, ``maildir``); policy modules stay
+pure (time passed in). The scheduler and health reporter are orchestration.
+"""
