@@ -36,6 +36,7 @@ from relay.observe.http import build_app, start_http
 from relay.observe.logs import event
 from relay.observe.metrics import Metrics, watch_loop_lag
 from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.store import QueueStore
 from relay.queue.types import NewMessage
 
 log = logging.getLogger("relay")
@@ -66,7 +67,7 @@ class App:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, config.accounts)
-        self.store = SQLiteStore(config.queue.path, commit=config.queue.commit)
+        self.store: QueueStore = SQLiteStore(config.queue.path, commit=config.queue.commit)
         self.store.on_internal_error = self.metrics.internal_errors.labels("queue_writer").inc
         self.transports = build_transports(config, self.metrics)
         self.scheduler = Scheduler(config, self.store, self.transports, self.metrics)
@@ -163,7 +164,7 @@ class App:
         if self.smtp_server is None or not self.smtp_server.is_serving():
             return "SMTP listener is not accepting"
         try:
-            await self.store.execute([])
+            await self.store.check_writable()
         except StoreError as exc:
             return f"queue not writable: {exc}"
         return None

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from relay.delivery.scheduler import FLUSH_KEY
 from relay.queue.sqlite.store import CLAIM_SQL
 from relay.queue.types import MessageState
 from tests.conftest import (
@@ -201,7 +200,7 @@ async def test_account_wide_failure_backs_off_with_one_probe(
     assert upstream.connections_opened <= 6
     assert metric(app, "relay_messages_failed_total", account="up") == 0
     upstream.greeting(None)
-    await app.store.set_meta(FLUSH_KEY, str(time.time()))  # what `relay queue flush` does
+    await app.store.request_flush(time.time())  # what `relay queue flush` does
     app.scheduler.workers["up"].resume()
     await upstream.wait_for_messages(20, timeout=10)
     await app.scheduler.run_until_idle()
@@ -434,8 +433,7 @@ async def test_deleting_records_does_not_reset_rate_limits(
     await upstream.wait_for_messages(2)
     await app.scheduler.run_until_idle()
     # What `relay queue purge` / `delete` do to the records:
-    await app.store.execute([("DELETE FROM attempts", ()), ("DELETE FROM messages", ()),
-                             ("DELETE FROM bodies", ())])
+    await app.store.delete_messages(states=[str(s) for s in MessageState])
     await app.shutdown(grace=1)
     app2 = await start_relay(config)
     await send(app2.smtp_port, message("d3"))

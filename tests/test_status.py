@@ -20,7 +20,7 @@ import yaml
 from relay.cli.commands import main
 from relay.cli.status import Snapshot, age, render, summarise
 from relay.config.schema import load_config
-from relay.delivery.health import HEALTH_KEY, AccountHealth, HealthReport, decode, encode
+from relay.delivery.health import AccountHealth, HealthReport, decode, encode
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.types import AttemptResult, MessageState, NewMessage, Priority, QueuedMessage
 from tests.conftest import StartRelay, message, send, upstream_account
@@ -197,7 +197,7 @@ async def test_status_shows_what_the_running_server_reports(
     queue_id = reply.split()[-1]
 
     async def published() -> HealthReport | None:
-        found = decode(await app.store.get_meta(HEALTH_KEY))
+        found = decode(await app.store.read_health())
         return found if found and found.accounts["up"].failures else None
 
     await poll(published, "the server to publish the auth failure")
@@ -260,7 +260,7 @@ async def test_without_a_running_server_status_says_so(
     # A report left by a server that has stopped is not shown as current.
     store = SQLiteStore(queue, lock=False)
     await store.open()
-    await store.set_meta(HEALTH_KEY, encode(report(AccountHealth("outbox", NOW, 4, "x"))))
+    await store.publish_health(encode(report(AccountHealth("outbox", NOW, 4, "x"))))
     await store.close()
     (tmp_path / "queue.sqlite3.lock").touch()  # as a stopped server leaves it
 
@@ -289,7 +289,7 @@ async def test_a_report_from_an_earlier_run_is_not_shown_as_current(
     gone = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
     await gone.wait()  # a process that published a report, then ended
     stale = HealthReport(gone.pid, NOW, {"outbox": AccountHealth("outbox", NOW, 4)})
-    await app.store.set_meta(HEALTH_KEY, encode(stale))
+    await app.store.publish_health(encode(stale))
     data = await Status(config, capsys).json()
     assert data["server"] == {"running": True, "health_reported_at": None}
     assert data["accounts"]["outbox"]["health"]["state"] == "ok"

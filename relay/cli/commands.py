@@ -15,43 +15,21 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 import yaml
 
 from relay import __version__
+from relay.cli.common import EXIT_OK, EXIT_USAGE, fail, load, out
 from relay.config.schema import Config, config_warnings, effective_config, load_config
 from relay.errors import ConfigError, RelayError
-from relay.printable import escape
 from relay.runner import run
 
 if TYPE_CHECKING:
     from relay.app import App
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-def _load(args: argparse.Namespace) -> Config:
-    path = args.config or os.environ.get("RELAY_CONFIG") or None
-    return load_config(path, secrets=getattr(args, "needs_secrets", True))
-
-
-def out(*lines: str, file: TextIO | None = None) -> None:
-    """Print each of ``lines`` as one line, control characters escaped: what the queue
-    holds comes from clients and upstreams, and a CR, LF or ESC sequence in a header
-    or a reply must not forge a line or drive the terminal. Every CLI printer uses it
-    (JSON output needs not: json.dumps escapes them itself)."""
-    for line in lines:
-        print(escape(line), file=file or sys.stdout)
-
-
-def _fail(message: str, code: int = EXIT_FAILURE) -> int:
-    out(f"relay: {message}", file=sys.stderr)
-    return code
-
-
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = load(args)
     for warning in config_warnings(config):
         out(f"warning: {warning}", file=sys.stderr)
     print(yaml.safe_dump(effective_config(config, socket.getfqdn()), sort_keys=False), end="")
@@ -122,12 +100,12 @@ def _rejected(log: logging.Logger, problems: list[str]) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay.observe.logs import setup_logging
 
-    config = _load(args)
+    config = load(args)
     setup_logging(config.logging.level, config.logging.format, config.logging.file)
     try:
         run(_serve(config, args.config or os.environ.get("RELAY_CONFIG") or None))
     except OSError as exc:
-        return _fail(f"cannot listen: {exc.strerror or exc}")
+        return fail(f"cannot listen: {exc.strerror or exc}")
     return EXIT_OK
 
 
@@ -139,11 +117,11 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     if sys.stdin.isatty():
         password = getpass.getpass("Password: ")
         if getpass.getpass("Again: ") != password:
-            return _fail("the two passwords differ", EXIT_USAGE)
+            return fail("the two passwords differ", EXIT_USAGE)
     else:
         password = sys.stdin.readline().rstrip("\n")
     if not password:
-        return _fail("empty password", EXIT_USAGE)
+        return fail("empty password", EXIT_USAGE)
     out(hash_password(password))
     return EXIT_OK
 
@@ -192,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out(f"config error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except RelayError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     except KeyboardInterrupt:
         return 130
     with contextlib.suppress(BrokenPipeError):

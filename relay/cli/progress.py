@@ -39,7 +39,7 @@ def render(label: str, done: int, total: int | None, elapsed: float, width: int,
 
 
 class ProgressBar:
-    """Call it with the number done so far (``SQLiteStore.Progress``); use it as a context.
+    """Call it with the number done so far (``relay.queue.store.Progress``); use it as a context.
 
     Draws only when ``stream`` is a terminal, and clears its line when done, so the
     command's own result line is all that stays.

@@ -2,7 +2,7 @@
 
 These run in their own process beside `relay serve`; the server notices the changes
 (SQLite's data_version) within a second. Operations over many messages are set-based
-statements in windows (SQLiteStore.update_messages / delete_messages): bodies are never
+statements in windows (QueueStore.update_messages / delete_messages): bodies are never
 loaded, and 100,000 messages take seconds.
 """
 
@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relay.cli.commands import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _fail, _load, out
+from relay.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail, load, out, queue_of
 from relay.cli.progress import ProgressBar
 from relay.config.durations import format_duration, parse_duration, parse_since
-from relay.config.schema import AccountConfig, Config, effective_hostname
-from relay.errors import StoreError
+from relay.config.schema import AccountConfig, effective_hostname
 from relay.queue.ops import (
     DELETE,
     DELETE_FORCED,
@@ -37,7 +35,7 @@ from relay.queue.ops import (
     Operation,
     refusal,
 )
-from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.store import Progress, QueueStore
 from relay.queue.types import MessageState, QueuedMessage
 from relay.smtp.headers import parse_headers
 
@@ -69,32 +67,15 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-async def _open(config: Config) -> SQLiteStore:
-    if not config.queue.path.exists():
-        raise StoreError(f"no queue at {config.queue.path} (has `relay serve` run here?)")
-    store = SQLiteStore(config.queue.path, lock=False)
-    await store.open()
-    return store
-
-
-@contextlib.asynccontextmanager
-async def _queue(args: argparse.Namespace) -> AsyncIterator[SQLiteStore]:
-    store = await _open(_load(args))
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
 async def _apply(
-    store: SQLiteStore,
+    store: QueueStore,
     op: Operation,
     *,
     ids: Sequence[str] = (),
     updated_before: float | None = None,
     account: str | None = None,
     updated_since: float | None = None,
-    progress: SQLiteStore.Progress | None = None,
+    progress: Progress | None = None,
 ) -> int:
     """Carry out ``op`` on ``ids`` (or on every message in its states); count the changed."""
     if op.target is None:
@@ -114,20 +95,20 @@ def _each(args: argparse.Namespace, op: Operation) -> int:
 
     async def run() -> int:
         refused = 0
-        async with _queue(args) as store:
+        async with queue_of(args) as store:
             for message_id in dict.fromkeys(args.ids):
                 if await _apply(store, op, ids=[message_id]):
                     out(f"{message_id}: {DONE[op.name]}")
                 else:
                     refused += 1
-                    _fail(refusal(op, message_id, await store.state_of(message_id)))
+                    fail(refusal(op, message_id, await store.state_of(message_id)))
         return EXIT_FAILURE if refused else EXIT_OK
 
     return asyncio.run(run())
 
 
 async def _with_progress(
-    store: SQLiteStore, op: Operation, updated_before: float | None = None, **filters: Any
+    store: QueueStore, op: Operation, updated_before: float | None = None, **filters: Any
 ) -> int:
     """``op`` on every message in its states, with a progress bar on a terminal."""
     bar = ProgressBar(op.name, None)
@@ -141,7 +122,7 @@ async def _with_progress(
 
 def _bulk(args: argparse.Namespace, op: Operation, updated_before: float | None = None) -> int:
     async def run() -> int:
-        async with _queue(args) as store:
+        async with queue_of(args) as store:
             return await _with_progress(store, op, updated_before)
 
     return asyncio.run(run())
@@ -149,7 +130,7 @@ def _bulk(args: argparse.Namespace, op: Operation, updated_before: float | None 
 
 def cmd_list(args: argparse.Namespace) -> int:
     async def run() -> list[QueuedMessage]:
-        async with _queue(args) as store:
+        async with queue_of(args) as store:
             return await store.list_messages(state=args.state, account=args.account)
 
     messages = asyncio.run(run())
@@ -173,12 +154,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     async def run() -> tuple[QueuedMessage | None, bytes | None]:
-        async with _queue(args) as store:
+        async with queue_of(args) as store:
             return await store.get(args.id), await store.body_if_kept(args.id)
 
     message, body = asyncio.run(run())
     if message is None:
-        return _fail(f"no message {args.id} in the queue")
+        return fail(f"no message {args.id} in the queue")
     data = _as_dict(message)
     data["headers"] = [[k, v] for k, v in parse_headers(body)] if body is not None else None
     data["attempt_log"] = [
@@ -205,11 +186,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     bulk = args.all or args.state is not None
     if bool(args.ids) == bulk:
-        return _fail("queue retry: give message IDs, --all or --state (one of them)",
+        return fail("queue retry: give message IDs, --all or --state (one of them)",
                      EXIT_USAGE)
     if args.ids:
         if args.account or args.since:
-            return _fail("queue retry: --account and --since go with --all or --state",
+            return fail("queue retry: --account and --since go with --all or --state",
                          EXIT_USAGE)
         return _each(args, RETRY)
     since = None
@@ -217,29 +198,27 @@ def cmd_retry(args: argparse.Namespace) -> int:
         try:
             since = parse_since(args.since, time.time())
         except ValueError as exc:
-            return _fail(f"queue retry: --since {exc}", EXIT_USAGE)
+            return fail(f"queue retry: --since {exc}", EXIT_USAGE)
     op = RETRY_FAILED if args.state == "failed" else RETRY_ALL
     state = "failed" if op is RETRY_FAILED else "deferred"
 
     async def run() -> int:
-        async with _queue(args) as store:
+        async with queue_of(args) as store:
             return await _with_progress(store, op, account=args.account, updated_since=since)
 
     count = asyncio.run(run())
     if not count:
-        return _fail(f"no {state} messages to retry")
+        return fail(f"no {state} messages to retry")
     out(f"{count} {state} message(s) queued, due now")
     return EXIT_OK
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
-    from relay.delivery.scheduler import FLUSH_KEY
-
     async def run() -> int:
-        async with _queue(args) as store:
+        async with queue_of(args) as store:
             count = await _with_progress(store, FLUSH)
             # Written last: the server sees it and ends account-wide backoffs too.
-            await store.set_meta(FLUSH_KEY, repr(time.time()))
+            await store.request_flush(time.time())
             return count
 
     count = asyncio.run(run())
@@ -257,17 +236,17 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     if bool(args.ids) == bool(args.state):
-        return _fail("queue delete: give message IDs or --state (one of them)", EXIT_USAGE)
+        return fail("queue delete: give message IDs or --state (one of them)", EXIT_USAGE)
     op = DELETE_FORCED if args.force else DELETE
     if args.ids:
         return _each(args, op)
     if args.state == MessageState.SENDING and not args.force:
-        return _fail("not deleting 'sending' messages: workers are delivering them right now"
+        return fail("not deleting 'sending' messages: workers are delivering them right now"
                      " and deleting the rows cannot stop those sends, so they may still"
                      " arrive; wait for the attempts to finish, or use --force")
     count = _bulk(args, Operation("delete", frozenset({MessageState(args.state)}), None))
     if not count:
-        return _fail(f"no {args.state} messages to delete")
+        return fail(f"no {args.state} messages to delete")
     out(f"deleted {count} {args.state} message(s)")
     return EXIT_OK
 
@@ -276,7 +255,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     try:
         age = parse_duration(args.older_than)
     except ValueError as exc:
-        return _fail(f"queue purge: --older-than {exc}", EXIT_USAGE)
+        return fail(f"queue purge: --older-than {exc}", EXIT_USAGE)
     count = _bulk(args, PURGE, updated_before=time.time() - age)
     out(f"purged {count} delivered/failed record(s) older than {format_duration(age)}")
     return EXIT_OK
@@ -340,10 +319,10 @@ async def _check_account(name: str, account: AccountConfig, hostname: str | None
 
 
 def cmd_accounts_test(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = load(args)
     account = config.accounts.get(args.name)
     if account is None:
-        return _fail(f"no account named {args.name!r} (accounts: {', '.join(config.accounts)})")
+        return fail(f"no account named {args.name!r} (accounts: {', '.join(config.accounts)})")
     if account.transport == "maildir":
         out(f"account {args.name}: maildir {account.path}")
     else:  # never the password

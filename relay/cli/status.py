@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relay.cli.commands import EXIT_OK, _load
+from relay.cli.common import EXIT_OK, load, open_queue
 from relay.config.schema import Config
-from relay.delivery.health import HEALTH_KEY, AccountHealth, HealthReport, decode
+from relay.delivery.health import AccountHealth, HealthReport, decode
 from relay.printable import escape
 from relay.queue.types import MessageState, QueuedMessage
 
@@ -273,18 +273,15 @@ def process_alive(pid: int) -> bool:
 
 
 async def gather(config: Config, now: float) -> Snapshot:
-    from relay.cli.queue import _open
-    from relay.delivery.scheduler import FLUSH_KEY
-
     running = server_running(config.queue.path)
-    store = await _open(config)
+    store = await open_queue(config)
     try:
         firsts = [m for s in UNDELIVERED
                   for m in await store.list_messages(state=str(s), limit=1)]
         accounts = list(config.accounts)
         attempts = {w: await store.attempt_counts(accounts, now - span) for w, span in WINDOWS}
-        report = decode(await store.get_meta(HEALTH_KEY))
-        flush = await store.get_meta(FLUSH_KEY)
+        report = decode(await store.read_health())
+        flush = await store.flush_requested()
         snap = Snapshot(
             now=now, queue=str(config.queue.path), configured=accounts,
             counts=await store.counts(), oldest_by_account=await store.oldest_ready(),
@@ -300,7 +297,7 @@ async def gather(config: Config, now: float) -> Snapshot:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = load(args)
     now = time.time()
     summary = summarise(asyncio.run(gather(config, now)))
     if args.json:

@@ -2,8 +2,8 @@
 
 Only the server knows that an account is backing off (scheduler.AccountWorker), and
 another process cannot ask it. So the scheduler reports each change here, and this writes
-every account's latest state into the queue file's ``meta`` table as one small JSON value
-(``HEALTH_KEY``), which `relay status` reads.
+every account's latest state into the queue as one small JSON value
+(``QueueStore.publish_health``), which `relay status` reads.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from relay.errors import StoreError
 from relay.observe.logs import event
 
 log = logging.getLogger("relay.delivery")
-HEALTH_KEY = "account_health"
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class HealthPublisher:
     in the next, so a burst of failures costs at most two writes.
     """
 
-    def __init__(self, write: Callable[[str, str], Awaitable[None]],
+    def __init__(self, write: Callable[[str], Awaitable[None]],
                  clock: Callable[[], float]) -> None:
         self._write = write
         self._clock = clock
@@ -96,7 +95,7 @@ class HealthPublisher:
             self._dirty = False
             report = HealthReport(os.getpid(), self._clock(), dict(self._accounts))
             try:
-                await self._write(HEALTH_KEY, encode(report))
+                await self._write(encode(report))
             except StoreError as exc:  # best effort: the next change writes again
                 event(log, logging.WARNING, "queue_error",
                       reason=f"cannot publish account health: {exc}")

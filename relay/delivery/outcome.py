@@ -73,6 +73,7 @@ def settle(
         at=now,
         outcome=outcome,
         reply=reply,
+        claim=message.claim,
     )
 
 

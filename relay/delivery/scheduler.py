@@ -27,7 +27,7 @@ from relay.delivery.transport import PoolControl, SendResult, Transport
 from relay.errors import DeliveryError, StoreError, TemporaryFailure
 from relay.observe.logs import event
 from relay.observe.metrics import Metrics
-from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.store import QueueStore
 from relay.queue.types import (
     AttemptResult,
     MessageState,
@@ -40,7 +40,6 @@ from relay.queue.types import (
 )
 
 log = logging.getLogger("relay.delivery")
-FLUSH_KEY = "flush_requested_at"  # written by `relay queue flush`, read by the watcher
 CHANGE_POLL_S = 0.5  # how soon `relay queue ...` changes made by another process are seen
 CLOCK_JUMP_S = 1.0  # a larger difference between wall and monotonic time is a jump
 LEASE_SWEEP_S = 30.0  # how often expired leases are looked for (11.14)
@@ -73,7 +72,7 @@ class AccountWorker:
         self,
         name: str,
         transport: Transport,
-        store: SQLiteStore,
+        store: QueueStore,
         policy: RetryPolicy,
         limiter: RateLimiter,
         metrics: Metrics,
@@ -452,7 +451,7 @@ class Scheduler:
     def __init__(
         self,
         config: Config,
-        store: SQLiteStore,
+        store: QueueStore,
         transports: dict[str, Transport],
         metrics: Metrics,
         *,
@@ -470,7 +469,7 @@ class Scheduler:
         self.bounces = config.bounces.enabled
         self._hostname = socket.gethostname()
         self.rng = rng or random.Random()
-        self.health = HealthPublisher(store.set_meta, clock)
+        self.health = HealthPublisher(store.publish_health, clock)
         self.workers: dict[str, AccountWorker] = {
             name: self._make_worker(name, config, transports[name]) for name in config.accounts
         }
@@ -584,7 +583,7 @@ class Scheduler:
                   reason="messages being delivered when relay stopped are queued again")
         for worker in self.workers.values():
             await self._start_worker(worker, now)
-        self._flush_seen = await self.store.get_meta(FLUSH_KEY)
+        self._flush_seen = await self.store.flush_requested()
         await self.store.changed_elsewhere()  # the baseline: later CLI changes are seen
         self._watcher = asyncio.create_task(self._watch(), name="queue-watcher")
 
@@ -660,7 +659,7 @@ class Scheduler:
         await self._sweep_leases()
         if not await self.store.changed_elsewhere():
             return
-        flush = await self.store.get_meta(FLUSH_KEY)
+        flush = await self.store.flush_requested()
         if flush != self._flush_seen:
             self._flush_seen = flush
             for worker in self.workers.values():

@@ -88,6 +88,15 @@ class NewMessage:
     mail_options: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Claim:
+    """Who holds a claimed message, and until when: once ``lease_until`` passes without an
+    outcome, the message goes back to the queue for any process to claim."""
+
+    owner: str
+    lease_until: float
+
+
 @dataclass
 class QueuedMessage:
     """A row of the queue without its body (bodies are loaded only when sending)."""
@@ -106,6 +115,7 @@ class QueuedMessage:
     updated_at: float = 0.0
     mail_options: tuple[str, ...] = ()
     attempts_log: list[dict[str, object]] = field(default_factory=list)
+    claim: Claim | None = None  # set when claimed for delivery
 
     @property
     def pending_recipients(self) -> list[str]:
@@ -126,3 +136,4 @@ class AttemptResult:
     at: float
     outcome: str  # delivered | deferred | failed | partial
     reply: str
+    claim: Claim | None = None  # the claim this result settles

@@ -22,18 +22,21 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from relay.errors import StoreError, StoreFullError, StoreLockedError
+from relay.queue.store import OPERATOR_CHUNK, Progress
 from relay.queue.types import (
     AttemptResult,
+    Claim,
     MessageState,
     NewMessage,
     Priority,
@@ -52,6 +55,8 @@ PRAGMAS = (
     "PRAGMA busy_timeout = 10000",
 )
 APPLICATION_ID = 0x52454C59  # 'RELY': marks a file as a relay queue
+FLUSH_KEY = "flush_requested_at"  # meta: written by `relay queue flush`, read by the server
+HEALTH_KEY = "account_health"  # meta: the server's account health, read by `relay status`
 SCHEMA_VERSION = 3  # 2: the sends table; 3: per-state counts, index of delivered rows
 READY = "('queued', 'deferred')"
 SENDS_KEPT_S = 2 * 86400.0  # longer than the longest rate-limit window (per_day)
@@ -142,26 +147,6 @@ COLUMNS = (
 _SQLITE_FULL, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN = 13, 8, 10, 14
 
 
-class QueueStore(Protocol):
-    """What the scheduler, listener and CLI need from a queue; SQLite is one."""
-
-    async def open(self) -> None: ...
-    async def close(self) -> None: ...
-    async def enqueue(self, message: NewMessage) -> None: ...
-    async def claim_due(
-        self, account: str, now: float, limit: int, lease_s: float
-    ) -> list[QueuedMessage]: ...
-    async def next_due_at(self, account: str) -> float | None: ...
-    async def waiting_count(self, account: str) -> int: ...
-    async def load_body(self, message_id: str) -> bytes: ...
-    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> None: ...
-    async def requeue(self, ids: Sequence[str], now: float) -> None: ...
-    async def counts(self) -> dict[tuple[str, str], int]: ...
-    async def oldest_ready(self) -> dict[str, float]: ...
-    async def recent_sends(self, account: str, since: float) -> list[float]: ...
-    async def changed_elsewhere(self) -> bool: ...
-
-
 def _recipients_json(recipients: Iterable[Recipient]) -> str:
     return json.dumps([[r.address, str(r.state), r.reply] for r in recipients])
 
@@ -228,6 +213,7 @@ class _Claim(_Op):
     now: float = field(kw_only=True)
     limit: int = field(kw_only=True)
     lease_s: float = field(kw_only=True)
+    owner: str = field(kw_only=True)
 
 
 @dataclass
@@ -244,8 +230,12 @@ class _Statements(_Op):
 class SQLiteStore:
     """The embedded queue. ``commit='per-message'`` syncs each write on its own."""
 
-    def __init__(self, path: Path, *, commit: str = "group", lock: bool = True) -> None:
+    def __init__(self, path: Path, *, commit: str = "group", lock: bool = True,
+                 owner: str | None = None) -> None:
         self.path = Path(path)
+        # Only one process claims from a SQLite queue today (the lock); the owner is kept
+        # in each Claim for the multi-process stores, not yet in a column.
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self._group = commit == "group"
         self._lock = lock
         self._lock_fd: int | None = None
@@ -520,6 +510,8 @@ class SQLiteStore:
         params = {"a": op.account, "now": op.now, "n": op.limit, "lease": op.now + op.lease_s}
         rows = db.execute(CLAIM_SQL, params).fetchall()
         messages = [_row_to_message(r) for r in rows]
+        for m in messages:
+            m.claim = Claim(op.owner, op.now + op.lease_s)
         messages.sort(key=lambda m: (m.priority, m.next_attempt_at, m.created_at))
         return messages
 
@@ -534,13 +526,17 @@ class SQLiteStore:
         if limit <= 0:
             return []
         result: list[QueuedMessage] = await self._submit(
-            _Claim(account=account, now=now, limit=limit, lease_s=lease_s)
+            _Claim(account=account, now=now, limit=limit, lease_s=lease_s, owner=self.owner)
         )
         return result
 
     async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> None:
         """Record an attempt's outcome and queue its bounce, if any, in one transaction."""
         await self._submit(_Finish(attempt=result, bounce=bounce))
+
+    async def check_writable(self) -> None:
+        """An empty transaction through the writer: raises StoreError if it cannot commit."""
+        await self.execute([])
 
     async def execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
         """Run writes in one transaction; return each statement's row count."""
@@ -736,6 +732,18 @@ class SQLiteStore:
               " SET value=excluded.value", (key, value))]
         )
 
+    async def request_flush(self, at: float) -> None:
+        await self.set_meta(FLUSH_KEY, repr(at))
+
+    async def flush_requested(self) -> str | None:
+        return await self.get_meta(FLUSH_KEY)
+
+    async def publish_health(self, report: str) -> None:
+        await self.set_meta(HEALTH_KEY, report)
+
+    async def read_health(self) -> str | None:
+        return await self.get_meta(HEALTH_KEY)
+
     # -- operators -----------------------------------------------------------------
     async def list_messages(
         self, *, state: str | None = None, account: str | None = None, limit: int | None = None
@@ -777,12 +785,7 @@ class SQLiteStore:
     # Operator bulk changes run as set-based statements over windows of this many seq
     # values, one transaction each: no window holds the write lock long enough to make
     # the server's writer wait (busy_timeout is 10 s), and the caller can show progress.
-    OPERATOR_CHUNK = 5000
-
-    class Progress(Protocol):
-        """Called after each committed window with the number of messages done so far."""
-
-        def __call__(self, done: int) -> None: ...
+    OPERATOR_CHUNK = OPERATOR_CHUNK
 
     @staticmethod
     def _selection(

@@ -1,0 +1,58 @@
+"""What every `relay` command shares: exit codes, escaped output, loading the config,
+opening the queue. Public, so command modules import it instead of each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from typing import TextIO
+
+from relay.config.schema import Config, load_config
+from relay.errors import StoreError
+from relay.printable import escape
+from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.store import QueueStore
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def load(args: argparse.Namespace) -> Config:
+    """The config named by ``--config``, else $RELAY_CONFIG, else the built-in defaults."""
+    path = args.config or os.environ.get("RELAY_CONFIG") or None
+    return load_config(path, secrets=getattr(args, "needs_secrets", True))
+
+
+def out(*lines: str, file: TextIO | None = None) -> None:
+    """Print each of ``lines`` as one line, control characters escaped: what the queue
+    holds comes from clients and upstreams, and a CR, LF or ESC sequence in a header
+    or a reply must not forge a line or drive the terminal. Every CLI printer uses it
+    (JSON output needs not: json.dumps escapes them itself)."""
+    for line in lines:
+        print(escape(line), file=file or sys.stdout)
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> int:
+    out(f"relay: {message}", file=sys.stderr)
+    return code
+
+
+async def open_queue(config: Config) -> QueueStore:
+    """The queue beside a running server (no lock): operator commands share it."""
+    if not config.queue.path.exists():
+        raise StoreError(f"no queue at {config.queue.path} (has `relay serve` run here?)")
+    store = SQLiteStore(config.queue.path, lock=False)
+    await store.open()
+    return store
+
+
+@contextlib.asynccontextmanager
+async def queue_of(args: argparse.Namespace) -> AsyncIterator[QueueStore]:
+    store = await open_queue(load(args))
+    try:
+        yield store
+    finally:
+        await store.close()

@@ -1,0 +1,104 @@
+"""The queue interface: what the listener, scheduler, app, CLI and status use of a store.
+
+Written for several relay processes on one queue (SQLite now, PostgreSQL later): a claim
+carries its owner and a lease expiry (``Claim``), a message whose lease runs out goes back
+to the queue (``requeue_expired``), and an attempt's result names the claim it settles.
+Shared state between processes (a flush request, account health) is a method here, not a
+key the callers know. relay.queue.sqlite.SQLiteStore implements it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from relay.queue.types import AttemptResult, MessageState, NewMessage, QueuedMessage
+
+OPERATOR_CHUNK = 5000  # messages per committed window of an operator operation
+
+
+class Progress(Protocol):
+    """Called after each committed window with the number of messages done so far."""
+
+    def __call__(self, done: int) -> None: ...
+
+
+class QueueStore(Protocol):
+    """A durable message queue. Every write returns only once it is durable."""
+
+    owner: str  # who this store's claims belong to ("host:pid")
+    on_internal_error: Callable[[], None] | None  # counted by the app
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    @property
+    def writer_alive(self) -> bool: ...
+    async def check_writable(self) -> None:
+        """Raise StoreError unless a write would be accepted now (readiness)."""
+
+    # -- the listener's and scheduler's side -----------------------------------------
+    async def enqueue(self, message: NewMessage) -> None: ...
+    async def claim_due(
+        self, account: str, now: float, limit: int, lease_s: float
+    ) -> list[QueuedMessage]:
+        """Claim up to ``limit`` due messages; each carries its ``Claim`` (owner, lease)."""
+    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> None:
+        """Settle ``result.claim``: record the attempt and queue its bounce together."""
+    async def requeue(self, ids: Sequence[str], now: float, *, due_at: float | None = None
+                      ) -> None: ...
+    async def requeue_expired(self, now: float, *, keep: Sequence[str] = ()) -> int: ...
+    async def recover(self, now: float) -> int: ...
+    async def shift_times(self, delta: float) -> int: ...
+    async def next_due_at(self, account: str) -> float | None: ...
+    async def waiting_count(self, account: str) -> int: ...
+    async def load_body(self, message_id: str) -> bytes: ...
+    async def recent_sends(self, account: str, since: float) -> list[float]: ...
+    async def changed_elsewhere(self) -> bool: ...
+    def start_pruning(self, keep_delivered_s: float, clock: Callable[[], float]) -> None: ...
+
+    # -- shared state between processes ----------------------------------------------
+    async def request_flush(self, at: float) -> None:
+        """Ask the running server to try every deferred message now (`relay queue flush`)."""
+    async def flush_requested(self) -> str | None:
+        """The latest flush request, opaque: the server acts when it changes."""
+    async def publish_health(self, report: str) -> None:
+        """Store the server's account health report for `relay status`."""
+    async def read_health(self) -> str | None: ...
+
+    # -- reports and operator operations ---------------------------------------------
+    async def counts(self) -> dict[tuple[str, str], int]: ...
+    async def oldest_ready(self) -> dict[str, float]: ...
+    async def attempt_counts(
+        self, accounts: Sequence[str], since: float
+    ) -> dict[tuple[str, str], int]: ...
+    async def list_messages(
+        self, *, state: str | None = None, account: str | None = None, limit: int | None = None
+    ) -> list[QueuedMessage]: ...
+    async def get(self, message_id: str) -> QueuedMessage | None: ...
+    async def state_of(self, message_id: str) -> MessageState | None: ...
+    async def body_if_kept(self, message_id: str) -> bytes | None: ...
+    async def update_messages(
+        self,
+        *,
+        states: Sequence[str],
+        to_state: str,
+        now: float,
+        ids: Sequence[str] = (),
+        due_now: bool = False,
+        reset_failed: bool = False,
+        needs_body: bool = False,
+        account: str | None = None,
+        updated_since: float | None = None,
+        progress: Progress | None = None,
+        chunk: int = OPERATOR_CHUNK,
+    ) -> int: ...
+    async def delete_messages(
+        self,
+        *,
+        states: Sequence[str],
+        ids: Sequence[str] = (),
+        updated_before: float | None = None,
+        progress: Progress | None = None,
+        chunk: int = OPERATOR_CHUNK,
+    ) -> int: ...
