@@ -8,7 +8,8 @@ from pathlib import Path
 
 import aiohttp
 
-from relay.queue.sqlite.store import APPLICATION_ID, SENDS_KEPT_S, SQLiteStore
+from relay.queue.sqlite.schema import APPLICATION_ID, SENDS_KEPT_S
+from relay.queue.sqlite.store import SQLiteStore
 from tests.conftest import (
     StartRelay,
     message,

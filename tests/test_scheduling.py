@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.queue.sqlite.store import CLAIM_SQL
+from relay.queue.sqlite.schema import CLAIM_SQL
 from relay.queue.types import MessageState
 from tests.conftest import (
     StartRelay,
@@ -410,7 +410,7 @@ async def test_claim_is_an_indexed_query(tmp_path: Path) -> None:
     """Picking the next message uses the partial index, never a scan of the queue."""
     import sqlite3
 
-    from relay.queue.sqlite.store import SCHEMA
+    from relay.queue.sqlite.schema import SCHEMA
 
     db = sqlite3.connect(tmp_path / "plan.sqlite3")
     db.executescript(SCHEMA)

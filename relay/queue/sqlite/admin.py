@@ -1,0 +1,207 @@
+"""What `relay queue` and `relay status` do to a SQLite queue: listings, one message,
+bulk state changes and deletes in committed windows, attempt counts.
+
+A mixin of SQLiteStore: it reads through the store's read connection (``_fetch``) and
+writes through its writer (``execute``), so operator changes queue behind the server's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from relay.queue.sqlite.schema import COLUMNS, row_to_message
+from relay.queue.store import OPERATOR_CHUNK, Progress
+from relay.queue.types import MessageState, QueuedMessage
+
+
+class OperatorQueries:
+    """The operator's side of SQLiteStore."""
+
+    if TYPE_CHECKING:
+        async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]: ...
+        async def execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]: ...
+
+    # -- operators -----------------------------------------------------------------
+    async def list_messages(
+        self, *, state: str | None = None, account: str | None = None, limit: int | None = None
+    ) -> list[QueuedMessage]:
+        where, params = [], []
+        if state:
+            where.append("state=?")
+            params.append(state)
+        if account:
+            where.append("account=?")
+            params.append(account)
+        sql = f"SELECT {COLUMNS} FROM messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [row_to_message(r) for r in await self._fetch(sql, params)]
+
+    async def get(self, message_id: str) -> QueuedMessage | None:
+        rows = await self._fetch(f"SELECT {COLUMNS} FROM messages WHERE id=?", (message_id,))
+        if not rows:
+            return None
+        message = row_to_message(rows[0])
+        attempts = await self._fetch(
+            "SELECT at, account, outcome, reply FROM attempts WHERE message_id=? ORDER BY at",
+            (message_id,),
+        )
+        message.attempts_log = [
+            {"at": at, "account": acc, "outcome": out, "reply": reply}
+            for at, acc, out, reply in attempts
+        ]
+        return message
+
+    async def body_if_kept(self, message_id: str) -> bytes | None:
+        rows = await self._fetch("SELECT data FROM bodies WHERE id=?", (message_id,))
+        return bytes(rows[0][0]) if rows else None
+
+    # Operator bulk changes run as set-based statements over windows of this many seq
+    # values, one transaction each: no window holds the write lock long enough to make
+    # the server's writer wait (busy_timeout is 10 s), and the caller can show progress.
+    OPERATOR_CHUNK = OPERATOR_CHUNK
+
+    @staticmethod
+    def _selection(
+        states: Sequence[str], ids: Sequence[str], updated_before: float | None,
+        account: str | None = None, updated_since: float | None = None,
+    ) -> tuple[str, list[Any]]:
+        clauses = [f"state IN ({','.join('?' * len(states))})"]
+        params: list[Any] = list(states)
+        if ids:
+            clauses.append(f"id IN ({','.join('?' * len(ids))})")
+            params.extend(ids)
+        if updated_before is not None:
+            clauses.append("updated_at < ?")
+            params.append(updated_before)
+        if account is not None:
+            clauses.append("account = ?")
+            params.append(account)
+        if updated_since is not None:
+            clauses.append("updated_at >= ?")
+            params.append(updated_since)
+        return " AND ".join(clauses), params
+
+    async def _in_windows(
+        self,
+        where: str,
+        params: list[Any],
+        templates: Sequence[str],
+        lead: tuple[Any, ...],
+        progress: Progress | None,
+        chunk: int,
+    ) -> int:
+        """Run each template (``{where}`` filled in) per seq window; sum the last's counts.
+
+        Parameters are ``lead`` (for a SET clause), then the window's and ``params``.
+        """
+        rows = await self._fetch(f"SELECT min(seq), max(seq) FROM messages WHERE {where}", params)
+        if not rows or rows[0][0] is None:
+            return 0
+        low, high = int(rows[0][0]), int(rows[0][1])
+        window = f"seq BETWEEN ? AND ? AND {where}"
+        done = 0
+        for start in range(low, high + 1, chunk):
+            values = (*lead, start, start + chunk - 1, *params)
+            counts = await self.execute([(t.format(where=window), values) for t in templates])
+            done += counts[-1]
+            if progress is not None:
+                progress(done)
+        return done
+
+    async def update_messages(
+        self,
+        *,
+        states: Sequence[str],
+        to_state: str,
+        now: float,
+        ids: Sequence[str] = (),
+        due_now: bool = False,
+        reset_failed: bool = False,
+        needs_body: bool = False,
+        account: str | None = None,
+        updated_since: float | None = None,
+        progress: Progress | None = None,
+        chunk: int = OPERATOR_CHUNK,
+    ) -> int:
+        """Move the messages in ``states`` (all, or just ``ids``; of one ``account``; last
+        changed at or after ``updated_since``) to ``to_state``; count them.
+
+        ``reset_failed`` turns a failed message's failed recipients back to pending.
+        Bodies are never read.
+        """
+        where, params = self._selection(states, ids, None, account, updated_since)
+        if needs_body:
+            where += " AND EXISTS (SELECT 1 FROM bodies b WHERE b.id = messages.id)"
+        sets = "state=?, lease_until=NULL, updated_at=?"
+        lead: tuple[Any, ...] = (to_state, now)
+        if due_now:
+            sets += ", next_attempt_at=?"
+            lead += (now,)
+        if reset_failed:
+            # recipients is a JSON list of [address, state, reply]; rewritten in SQL so a
+            # bulk retry never round-trips rows through Python.
+            sets += (
+                ", recipients = CASE WHEN state='failed' THEN (SELECT json_group_array("
+                "json_array(json_extract(r.value, '$[0]'),"
+                " iif(json_extract(r.value, '$[1]')='failed', 'pending',"
+                " json_extract(r.value, '$[1]')),"
+                " iif(json_extract(r.value, '$[1]')='failed', '', json_extract(r.value, '$[2]'))))"
+                " FROM json_each(messages.recipients) AS r) ELSE recipients END"
+            )
+        return await self._in_windows(
+            where, params, [f"UPDATE messages SET {sets} WHERE {{where}}"], lead, progress, chunk
+        )
+
+    async def delete_messages(
+        self,
+        *,
+        states: Sequence[str],
+        ids: Sequence[str] = (),
+        updated_before: float | None = None,
+        progress: Progress | None = None,
+        chunk: int = OPERATOR_CHUNK,
+    ) -> int:
+        """Delete matching messages with their bodies and attempts; count them."""
+        where, params = self._selection(states, ids, updated_before)
+        templates = [
+            "DELETE FROM bodies WHERE id IN (SELECT id FROM messages WHERE {where})",
+            "DELETE FROM attempts WHERE message_id IN (SELECT id FROM messages WHERE {where})",
+            "DELETE FROM messages WHERE {where}",
+        ]
+        return await self._in_windows(where, params, templates, (), progress, chunk)
+
+    async def add_delivered_records(self, n: int, *, account: str, at: float) -> None:
+        """For `relay bench`: ``n`` synthetic delivered messages with one attempt each."""
+        await self.execute([
+            ("WITH RECURSIVE i(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM i WHERE k < ?)"
+             f" INSERT INTO messages ({COLUMNS})"
+             " SELECT printf('D%019d', k), 'delivered', ?, 3, 'app@example.com',"
+             " '[[\"to@example.com\", \"delivered\", \"250 2.0.0 ok\"]]', 10240, 1,"
+             " ? + k * 1e-4, ? + k * 1e-4, '', ? + k * 1e-4, '' FROM i",
+             (n, account, at, at, at)),
+            ("INSERT INTO attempts (message_id, account, at, outcome, reply)"
+             " SELECT id, account, updated_at, 'delivered', '250 2.0.0 ok' FROM messages"
+             " WHERE id LIKE 'D%' AND state='delivered'", ()),
+        ])
+
+    async def state_of(self, message_id: str) -> MessageState | None:
+        rows = await self._fetch("SELECT state FROM messages WHERE id=?", (message_id,))
+        return MessageState(rows[0][0]) if rows else None
+
+    async def attempt_counts(
+        self, accounts: Sequence[str], since: float
+    ) -> dict[tuple[str, str], int]:
+        """Delivery attempts after ``since``: (account, outcome) -> count (`relay status`)."""
+        if not accounts:
+            return {}
+        rows = await self._fetch(  # per account, a range of the attempts_account_at index
+            f"SELECT account, outcome, count(*) FROM attempts WHERE account IN"
+            f" ({','.join('?' * len(accounts))}) AND at > ? GROUP BY 1, 2",
+            (*accounts, since),
+        )
+        return {(a, o): int(n) for a, o, n in rows}

@@ -1,0 +1,158 @@
+"""The SQLite queue's file: pragmas, schema and its migration, the claim statement, and
+the mapping between rows and the queue's types. Shared by the store's writer, its reads
+and its operator operations.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from relay.errors import StoreError, StoreFullError
+from relay.queue.types import MessageState, Priority, QueuedMessage, Recipient, RecipientState
+
+# The same settings for both connections.
+PRAGMAS = (
+    "PRAGMA journal_mode = WAL",
+    # FULL: the WAL is synced at every commit, so a commit survives power loss.
+    "PRAGMA synchronous = FULL",
+    "PRAGMA busy_timeout = 10000",
+)
+APPLICATION_ID = 0x52454C59  # 'RELY': marks a file as a relay queue
+FLUSH_KEY = "flush_requested_at"  # meta: written by `relay queue flush`, read by the server
+HEALTH_KEY = "account_health"  # meta: the server's account health, read by `relay status`
+SCHEMA_VERSION = 3  # 2: the sends table; 3: per-state counts, index of delivered rows
+READY = "('queued', 'deferred')"
+SENDS_KEPT_S = 2 * 86400.0  # longer than the longest rate-limit window (per_day)
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    account TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    recipients TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    lease_until REAL,
+    last_error TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL,
+    mail_options TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS messages_ready
+    ON messages (account, priority, next_attempt_at) WHERE state IN {READY};
+CREATE INDEX IF NOT EXISTS messages_state ON messages (state, account);
+CREATE TABLE IF NOT EXISTS bodies (id TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS attempts (
+    message_id TEXT NOT NULL,
+    account TEXT NOT NULL,
+    at REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    reply TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_message ON attempts (message_id);
+CREATE INDEX IF NOT EXISTS attempts_account_at ON attempts (account, at);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- When each account sent, for rate limits across restarts. Kept apart from attempts so
+-- that deleting or purging messages never makes a restarted relay forget recent sends.
+CREATE TABLE IF NOT EXISTS sends (account TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS sends_account_at ON sends (account, at);
+CREATE INDEX IF NOT EXISTS sends_at ON sends (at);
+-- Delivered messages by age, for pruning without reading every delivered row.
+CREATE INDEX IF NOT EXISTS messages_delivered ON messages (updated_at) WHERE state='delivered';
+-- Messages per account and state, kept by triggers in the transaction of every change
+-- (the server's and the CLI's alike), so /metrics reads a few rows instead of counting
+-- the whole messages table on every scrape.
+CREATE TABLE IF NOT EXISTS counts (
+    account TEXT NOT NULL,
+    state TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (account, state)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS counts_insert AFTER INSERT ON messages BEGIN
+    INSERT INTO counts (account, state, n) VALUES (NEW.account, NEW.state, 1)
+        ON CONFLICT (account, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS counts_delete AFTER DELETE ON messages BEGIN
+    UPDATE counts SET n = n - 1 WHERE account = OLD.account AND state = OLD.state;
+END;
+CREATE TRIGGER IF NOT EXISTS counts_update AFTER UPDATE OF state, account ON messages
+    WHEN OLD.state IS NOT NEW.state OR OLD.account IS NOT NEW.account BEGIN
+    UPDATE counts SET n = n - 1 WHERE account = OLD.account AND state = OLD.state;
+    INSERT INTO counts (account, state, n) VALUES (NEW.account, NEW.state, 1)
+        ON CONFLICT (account, state) DO UPDATE SET n = n + 1;
+END;
+"""
+# From any older schema: what SCHEMA adds, and the counts of the rows already there.
+MIGRATE = f"""
+BEGIN;
+{SCHEMA}
+DELETE FROM counts;
+INSERT INTO counts (account, state, n)
+    SELECT account, state, count(*) FROM messages GROUP BY account, state;
+PRAGMA application_id = {APPLICATION_ID};
+PRAGMA user_version = {SCHEMA_VERSION};
+COMMIT;
+"""
+
+COLUMNS = (
+    "id, state, account, priority, sender, recipients, size, attempts, created_at,"
+    " next_attempt_at, last_error, updated_at, mail_options"
+)
+# SQLite result codes that mean "cannot write now, try later" (sqlite3.h).
+_SQLITE_FULL, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN = 13, 8, 10, 14
+
+
+def recipients_json(recipients: Iterable[Recipient]) -> str:
+    return json.dumps([[r.address, str(r.state), r.reply] for r in recipients])
+
+
+def row_to_message(row: Sequence[Any]) -> QueuedMessage:
+    return QueuedMessage(
+        id=row[0],
+        state=MessageState(row[1]),
+        account=row[2],
+        priority=Priority(row[3]),
+        sender=row[4],
+        recipients=[Recipient(a, RecipientState(s), r) for a, s, r in json.loads(row[5])],
+        size=row[6],
+        attempts=row[7],
+        created_at=row[8],
+        next_attempt_at=row[9],
+        last_error=row[10],
+        updated_at=row[11],
+        mail_options=tuple(row[12].split()) if row[12] else (),
+    )
+
+
+def map_sqlite_error(exc: sqlite3.Error) -> StoreError:
+    """One place that turns sqlite errors into the store's temporary/fatal split."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and (code & 0xFF) in (
+        _SQLITE_FULL,
+        _SQLITE_READONLY,
+        _SQLITE_IOERR,
+        _SQLITE_CANTOPEN,
+    ):
+        return StoreFullError(f"queue not writable: {exc}")
+    return StoreError(f"queue error: {exc}")
+
+
+# One range scan of the partial index per priority level: strict priority, then
+# readiness order within a level (FIFO for new messages).
+_PER_LEVEL = (
+    "SELECT * FROM (SELECT seq FROM messages WHERE account=:a AND priority={p}"
+    f" AND state IN {READY} AND next_attempt_at<=:now ORDER BY next_attempt_at, seq LIMIT :n)"
+)
+CLAIM_SQL = (
+    "UPDATE messages SET state='sending', lease_until=:lease, updated_at=:now WHERE seq IN"
+    " (SELECT seq FROM ("
+    + " UNION ALL ".join(_PER_LEVEL.format(p=int(p)) for p in Priority)
+    + f") LIMIT :n) RETURNING {COLUMNS}"
+)

@@ -1,0 +1,131 @@
+"""What the SQLite store's writer does with a batch of writes, on its own thread: apply
+every statement of the batch in one transaction, then answer each waiter.
+
+The store (store.SQLiteStore) owns the thread, the connection and the commit; these are
+the statements and the answers, kept apart so they read on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.errors import StoreError
+from relay.queue.sqlite.schema import CLAIM_SQL, COLUMNS, recipients_json, row_to_message
+from relay.queue.types import (
+    AttemptResult,
+    Claim,
+    MessageState,
+    NewMessage,
+    QueuedMessage,
+    Recipient,
+)
+
+
+@dataclass
+class Op:
+    future: asyncio.Future[Any] = field(init=False)
+    result: Any = None
+
+
+@dataclass
+class Enqueue(Op):
+    message: NewMessage = field(kw_only=True)
+
+
+@dataclass
+class ClaimDue(Op):
+    account: str = field(kw_only=True)
+    now: float = field(kw_only=True)
+    limit: int = field(kw_only=True)
+    lease_s: float = field(kw_only=True)
+    owner: str = field(kw_only=True)
+
+
+@dataclass
+class Finish(Op):
+    attempt: AttemptResult = field(kw_only=True)
+    bounce: NewMessage | None = field(default=None, kw_only=True)
+
+
+@dataclass
+class Statements(Op):
+    statements: list[tuple[str, tuple[Any, ...]]] = field(kw_only=True)
+
+
+def settle(batch: list[Op], error: StoreError | None) -> None:
+    for op in batch:
+        if op.future.done():
+            continue
+        if error is None:
+            op.future.set_result(op.result)
+        else:
+            op.future.set_exception(error)
+
+
+def apply(db: sqlite3.Connection, batch: list[Op]) -> None:
+    enqueues = [op.message for op in batch if isinstance(op, Enqueue)]
+    # A bounce is committed with the outcome that causes it: one cannot be lost
+    # without the other.
+    enqueues += [op.bounce for op in batch if isinstance(op, Finish) and op.bounce]
+    if enqueues:
+        db.executemany(
+            f"INSERT INTO messages ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                (
+                    m.id, "queued", m.account, int(m.priority), m.sender,
+                    recipients_json(Recipient(r) for r in m.recipients), len(m.body),
+                    0, m.created_at, m.not_before, "", m.created_at,
+                    " ".join(m.mail_options),
+                )
+                for m in enqueues
+            ],
+        )
+        db.executemany(
+            "INSERT INTO bodies (id, data) VALUES (?, ?)", [(m.id, m.body) for m in enqueues]
+        )
+    finishes = [op.attempt for op in batch if isinstance(op, Finish)]
+    if finishes:
+        _apply_finishes(db, finishes)
+    for op in batch:
+        if isinstance(op, ClaimDue):
+            op.result = _claim(db, op)
+        elif isinstance(op, Statements):
+            op.result = [db.execute(sql, params).rowcount for sql, params in op.statements]
+
+
+def _apply_finishes(db: sqlite3.Connection, done: list[AttemptResult]) -> None:
+    db.executemany(
+        "UPDATE messages SET state=?, recipients=?, attempts=?, next_attempt_at=?,"
+        " last_error=?, lease_until=NULL, updated_at=? WHERE id=?",
+        [
+            (str(a.state), recipients_json(a.recipients), a.attempts, a.next_attempt_at,
+             a.last_error, a.at, a.id)
+            for a in done
+        ],
+    )
+    db.executemany(
+        # Only for rows that still exist (an operator may have deleted one mid-send).
+        "INSERT INTO attempts (message_id, account, at, outcome, reply)"
+        " SELECT ?,?,?,?,? WHERE EXISTS (SELECT 1 FROM messages WHERE id=?)",
+        [(a.id, a.account, a.at, a.outcome, a.reply, a.id) for a in done],
+    )
+    db.executemany(
+        "INSERT INTO sends (account, at) VALUES (?, ?)", [(a.account, a.at) for a in done]
+    )
+    # A delivered body is not needed again; failed ones stay for `queue retry`.
+    delivered = [(a.id,) for a in done if a.state is MessageState.DELIVERED]
+    if delivered:
+        db.executemany("DELETE FROM bodies WHERE id=?", delivered)
+
+
+def _claim(db: sqlite3.Connection, op: ClaimDue) -> list[QueuedMessage]:
+    params = {"a": op.account, "now": op.now, "n": op.limit, "lease": op.now + op.lease_s}
+    rows = db.execute(CLAIM_SQL, params).fetchall()
+    messages = [row_to_message(r) for r in rows]
+    for m in messages:
+        m.claim = Claim(op.owner, op.now + op.lease_s)
+    messages.sort(key=lambda m: (m.priority, m.next_attempt_at, m.created_at))
+    return messages
