@@ -308,10 +308,11 @@ class AccountWorker:
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
                         resume_at=resume_at, age_now=self.age_clock(now))
         duration = self.mono() - started
-        # The slot is free once the upstream has answered: recording the outcome (a
-        # commit, and so a sync) happens beside the next send instead of before it. The
-        # row stays 'sending' until then, so it cannot be claimed twice; shutdown waits
-        # for these writes (see settling).
+        # Recording the outcome (a commit, and so a sync) is a task of its own: the send
+        # task ends once the upstream has answered, but its slot stays busy until the
+        # outcome is written (_slots counts settling), so a crash re-sends at most one
+        # pool's worth. The row stays 'sending' until then, so it cannot be claimed
+        # twice; shutdown waits for these writes (see settling).
         task = asyncio.create_task(self._record(message, result, sent, duration, body),
                                    name=f"record-{message.id}")
         self.settling.add(task)

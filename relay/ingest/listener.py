@@ -1,8 +1,8 @@
 """The SMTP listener (aiosmtpd): validate, parse, commit, answer ``250 2.0.0 queued as ID``.
 
 A thin seam: header parsing, routing and priority are the pure core's; committing is the
-``submit`` callback's (the store, through the app). This is the only module that imports
-aiosmtpd.
+``submit`` callback's (the store, through the app). relay.ingest is the only package
+(besides relay.bench) that imports aiosmtpd.
 """
 
 from __future__ import annotations

@@ -44,13 +44,6 @@ TRANSITIONS: dict[MessageState, frozenset[MessageState]] = {
     S.DELIVERED: frozenset(),
     S.FAILED: frozenset({S.QUEUED}),  # an operator's `queue retry` of a failed message
 }
-# States a worker may pick up when due.
-READY_STATES = (S.QUEUED, S.DEFERRED)
-
-
-def can_transition(src: MessageState, dst: MessageState) -> bool:
-    return dst in TRANSITIONS[src]
-
 
 class Priority(enum.IntEnum):
     """Lower sorts first."""

@@ -86,7 +86,6 @@ class SQLiteStore(OperatorQueries):
         self._writer: asyncio.Task[None] | None = None
         self._data_version: int | None = None
         self._pruner: asyncio.Task[None] | None = None
-        self.commits = 0  # for the benchmark: writes per sync
         self.on_internal_error: Callable[[], None] | None = None  # counted by the app
 
     # -- lifecycle -------------------------------------------------------------
@@ -277,7 +276,6 @@ class SQLiteStore(OperatorQueries):
                 return map_sqlite_error(exc)
             log.exception("queue write failed")
             return StoreError(f"queue write failed: {type(exc).__name__}")
-        self.commits += 1
         return None
 
     # -- the scheduler's side ----------------------------------------------------
