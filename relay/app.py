@@ -26,9 +26,10 @@ from relay.config.schema import (
     problem_line,
 )
 from relay.delivery.maildir import MaildirTransport
-from relay.delivery.scheduler import AccountWorker, Scheduler
+from relay.delivery.scheduler import Scheduler
 from relay.delivery.smtp.upstream import UpstreamPool
 from relay.delivery.transport import Transport
+from relay.delivery.worker import AccountWorker
 from relay.errors import ConfigError, StoreError
 from relay.ingest.auth import ListenerAuth
 from relay.ingest.listener import IngestHandler, SessionLimits, start_listener

@@ -21,7 +21,7 @@ LAYER = {
     "relay.ingest": EDGE, "relay.queue.sqlite": EDGE, "relay.delivery.smtp": EDGE,
     "relay.delivery.maildir": EDGE, "relay.observe": EDGE,
     "relay.app": ORCHESTRATION, "relay.delivery.scheduler": ORCHESTRATION,
-    "relay.delivery.health": ORCHESTRATION,
+    "relay.delivery.health": ORCHESTRATION, "relay.delivery.worker": ORCHESTRATION,
     "relay.cli": ENTRY, "relay.bench": ENTRY, "relay.__main__": ENTRY, "relay": ENTRY,
 }
 # Each edge is one of these parts; edges do not import each other, except the shared ones.

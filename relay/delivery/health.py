@@ -1,6 +1,6 @@
 """Each account's health as the running server sees it, published for `relay status`.
 
-Only the server knows that an account is backing off (scheduler.AccountWorker), and
+Only the server knows that an account is backing off (worker.AccountWorker), and
 another process cannot ask it. So the scheduler reports each change here, and this writes
 every account's latest state into the queue as one small JSON value
 (``QueueStore.publish_health``), which `relay status` reads.

@@ -4,7 +4,7 @@ A 5xx to MAIL FROM usually means "not this sender" and fails the message. Some s
 instead that the *account* may not send now (a quota, missing or refused login, a sender
 the account may not use): every other message would get the same answer, so failing them
 all bounces a whole queue over one account problem. Those are deferred, and the account
-backs off as a whole (scheduler.AccountWorker) until an operator or the quota resets.
+backs off as a whole (worker.AccountWorker) until an operator or the quota resets.
 
 ``account_refusal`` returns a short reason label (a metric label: a fixed, small set) or
 None when the reply is about the message.

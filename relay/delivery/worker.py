@@ -1,0 +1,442 @@
+"""One account's delivery loop: claim due messages in priority order and send them.
+
+Each account has its own worker, so an account that is down, slow or throttled never
+holds up another. A worker sleeps on an asyncio.Event until a message arrives, a send
+finishes, or the next deferred message or rate-limit window comes due; it keeps the
+account's state (backoff, rate limiter, health) and applies the pure policy modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from relay.delivery.bounce import should_bounce
+from relay.delivery.health import AccountHealth, HealthHook
+from relay.delivery.outcome import settle
+from relay.delivery.ratelimit import RateLimiter
+from relay.delivery.retry import RetryPolicy
+from relay.delivery.transport import PoolControl, SendResult, Transport
+from relay.errors import DeliveryError, StoreError, TemporaryFailure
+from relay.observe.logs import event
+from relay.observe.metrics import Metrics
+from relay.queue.store import QueueStore
+from relay.queue.types import (
+    AttemptResult,
+    MessageState,
+    NewMessage,
+    QueuedMessage,
+    Recipient,
+    RecipientState,
+)
+
+log = logging.getLogger("relay.delivery")
+_FINISH_RETRY_S = 1.0
+# Builds the bounce for a message's newly failed recipients (None: no bounce).
+Bounce = Callable[[QueuedMessage, list[Recipient], bytes], NewMessage | None]
+
+
+def _addresses(recipients: list[Recipient]) -> str:
+    return ",".join(f"<{r.address}>" for r in recipients)
+
+
+def backoff_reason(error: DeliveryError) -> str:
+    """The label for relay_account_backoffs_total: a fixed, small set."""
+    if error.account_reason is not None:
+        return error.account_reason
+    if error.code == 535 or error.enhanced == "5.7.8":
+        return "auth"
+    return "refused" if error.code is not None else "connect"
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+class AccountWorker:
+    """Delivers one account's messages with at most ``concurrency`` sends at once."""
+
+    def __init__(
+        self,
+        name: str,
+        transport: Transport,
+        store: QueueStore,
+        policy: RetryPolicy,
+        limiter: RateLimiter,
+        metrics: Metrics,
+        *,
+        concurrency: int,
+        lease_s: float,
+        clock: Callable[[], float],
+        rng: random.Random,
+        bounce: Bounce | None = None,
+        health: HealthHook | None = None,
+        auth_policy: RetryPolicy | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        age_clock: Callable[[float], float] | None = None,
+    ) -> None:
+        self.name = name
+        self.bounce = bounce
+        self.health = health  # told of each change of backoff, for `relay status`
+        self.transport = transport
+        self.store = store
+        self.policy = policy
+        self.limiter = limiter
+        self.metrics = metrics
+        self.concurrency = concurrency
+        self.lease_s = lease_s
+        self.clock = clock  # wall time: only for what is stored (due times, ages)
+        self.mono = monotonic  # backoffs and rate windows: immune to clock jumps
+        self.rng = rng
+        # After a refused login: its own, longer floor (config auth_backoff).
+        self.auth_policy = auth_policy or RetryPolicy(60.0, 1800.0, float("inf"), 0.0)
+        self.auth_failures = 0
+        # The clock messages age by: the wall clock less a jump not yet reconciled.
+        self.age_clock: Callable[[float], float] = age_clock or (lambda now: now)
+        self.wake = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self.settling: set[asyncio.Task[None]] = set()  # outcome writes under way
+        self.recording: set[str] = set()  # ids whose outcome is being written
+        self.ready: collections.deque[QueuedMessage] = collections.deque()  # claimed, unsent
+        # Claim-ahead depth: one pool's worth, but not for rate-limited accounts (it would
+        # spend their budget early and gain nothing at their pace).
+        self.prefetch = 0 if limiter.limited else concurrency
+        self.backoff_until = 0.0  # monotonic
+        self.resume_at = 0.0  # the same instant in wall time, as stored in due times
+        self.backoff_failures = 0
+        self.last_account_error = ""
+        self._held = False
+        self._notices = 0  # bumped by notify(): an idle verdict older than this is stale
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"account-{self.name}")
+
+    def notify(self) -> None:
+        self._notices += 1
+        self.idle.clear()
+        if self.mono() >= self.backoff_until:  # a backed-off account has nothing to do
+            self.wake.set()
+
+    def resume(self) -> None:
+        """End an account-wide backoff now (an operator's `queue flush`)."""
+        self.backoff_until = 0.0
+        if isinstance(self.transport, PoolControl):
+            self.transport.end_login_hold()
+        self.notify()
+        self.wake.set()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self.wake.clear()
+            try:
+                timeout = await self._dispatch()
+            except StoreError as exc:
+                event(log, logging.ERROR, "queue_error", account=self.name, reason=str(exc))
+                timeout = _FINISH_RETRY_S
+            except Exception:  # a bug: log, count, and go on rather than stop delivering
+                log.exception("account worker %s failed; restarting it", self.name)
+                self.metrics.internal_errors.labels("account_worker").inc()
+                timeout = _FINISH_RETRY_S
+            if self._stopping:
+                break
+            if timeout is None or timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self.wake.wait()
+
+    def _slots(self) -> int:
+        # While an account is backing off as a whole, one probe at a time. A slot is busy
+        # until its outcome is recorded: a crash then re-sends at most one pool's worth.
+        limit = 1 if self.backoff_failures else self._capacity()
+        return limit - len(self.in_flight) - len(self.settling)
+
+    def _capacity(self) -> int:
+        """Sends at once: the pool size, less while the server refuses more connections."""
+        if isinstance(self.transport, PoolControl):
+            return max(1, min(self.concurrency, self.transport.capacity))
+        return self.concurrency
+
+    def _wall_at(self, mono_at: float) -> float:
+        """The wall-clock time (for storing) of a monotonic instant."""
+        return self.clock() + (mono_at - self.mono())
+
+    async def _dispatch(self) -> float | None:
+        """Start what may go now; return how long to sleep (None: until woken)."""
+        now = self.clock()
+        mono = self.mono()
+        notices = self._notices
+        if mono < self.backoff_until:
+            if not self.in_flight and not self.settling and not self.ready:
+                due = await self.store.next_due_at(self.name)
+                if due is None or due >= self.resume_at:
+                    self._mark_idle(notices)  # nothing could go before the backoff ends
+            return self.backoff_until - mono
+        self._start_ready()
+        self._trim_ready(now)
+        slots = self._slots()
+        # Claim ahead: a claim is a commit (a sync), so claimed messages wait in `ready`
+        # and a finishing send starts the next at once instead of waiting for the disk.
+        # No claiming ahead while probing a backed-off account: what it claimed would show
+        # as 'sending' without a connection, and go back if the probe fails.
+        prefetch = 0 if self.backoff_failures else min(self.prefetch, self._capacity())
+        want = slots + prefetch - len(self.ready)
+        if want <= 0:
+            return None
+        hold = self.limiter.wait_time(mono)
+        if hold == 0 and await self._claim(now, mono, want):
+            return 0.0
+        if self.in_flight or self.ready:
+            return None  # a finishing send wakes us
+        due = await self.store.next_due_at(self.name)
+        if due is None or due > now:
+            if not self.settling:
+                self._mark_idle(notices)
+            return None if due is None else due - now
+        if hold > 0:
+            if not self._held:  # count each hold once, not each wake-up
+                self.metrics.rate_limited.labels(self.name).inc()
+                self._held = True
+            return hold
+        return 0.05  # due but not claimed (the clock moved): look again shortly
+
+    def _mark_idle(self, notices: int) -> None:
+        """Idle, unless a message arrived while we were looking (then look again)."""
+        if notices == self._notices:
+            self.idle.set()
+
+    async def _claim(self, now: float, mono: float, want: int) -> bool:
+        """Claim up to `want` due messages within the rate limit; start what can start."""
+        allowed = min(want, self.limiter.available(mono))
+        batch = await self.store.claim_due(self.name, now, allowed, self.lease_s)
+        if not batch:
+            return False
+        if self.mono() < self.backoff_until:
+            # The account backed off while the claim was being committed: give these
+            # back at once, as _account_health did with the others.
+            self._give_back([m.id for m in batch], self.clock(), due_at=self.resume_at)
+            return False
+        self._held = False
+        self.idle.clear()
+        self.limiter.reserve(len(batch))  # each counts until its send ends (_deliver)
+        self.ready.extend(batch)
+        self._start_ready()
+        return True
+
+    def _trim_ready(self, now: float) -> None:
+        """Keep at most one claimed-ahead message per usable connection: after the server
+        lowered the pool (421 "too many connections"), give the rest back to the queue,
+        so that a new high-priority message does not wait behind them (11.13)."""
+        ids = []
+        while len(self.ready) > self._capacity():
+            ids.append(self.ready.pop().id)  # the last claimed: the lowest priority
+        self.limiter.cancel(len(ids))
+        self._give_back(ids, now)
+
+    def _start_ready(self) -> None:
+        """Hand claimed messages to free slots (also called as each send finishes)."""
+        if self._stopping or self.mono() < self.backoff_until:
+            return
+        while self.ready and self._slots() > 0:
+            self._start(self.ready.popleft())
+
+    def _start(self, message: QueuedMessage) -> None:
+        task = asyncio.create_task(self._deliver(message), name=f"deliver-{message.id}")
+        self.in_flight[message.id] = task
+        task.add_done_callback(functools.partial(self._done, message.id))
+
+    def _done(self, message_id: str, task: asyncio.Task[None]) -> None:
+        self.in_flight.pop(message_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug outside the send itself: the row would stay 'sending' until its lease
+            # ran out. Give it back now.
+            log.error("delivery of %s failed", message_id, exc_info=task.exception())
+            self.metrics.internal_errors.labels("delivery").inc()
+            self._give_back([message_id], self.clock())
+        self._start_ready()
+        self.wake.set()
+
+    def _give_back(self, ids: list[str], now: float, due_at: float | None = None) -> None:
+        """Return claimed rows to the queue in the background (due at ``due_at``)."""
+        if not ids:
+            return
+        task = asyncio.create_task(self._requeue(ids, now, due_at), name=f"requeue-{self.name}")
+        self.settling.add(task)
+        task.add_done_callback(self._recorded)
+
+    async def _requeue(self, ids: list[str], now: float, due_at: float | None) -> None:
+        try:
+            await self.store.requeue(ids, now, due_at=due_at)
+        except StoreError as exc:  # their leases return them (Scheduler._sweep_leases)
+            event(log, logging.ERROR, "queue_error", account=self.name,
+                  reason=f"cannot give claimed messages back: {exc}")
+
+    async def _deliver(self, message: QueuedMessage) -> None:
+        started = self.mono()
+        sent: SendResult | DeliveryError
+        body = b""
+        try:
+            body = await self.store.load_body(message.id)
+            sent = await self.transport.send(
+                message.sender, message.pending_recipients, body, message.mail_options
+            )
+        except DeliveryError as exc:
+            sent = exc
+        except StoreError as exc:
+            sent = TemporaryFailure(f"queue: {exc}")
+        except Exception as exc:  # a bug must not strand the message in 'sending'
+            log.exception("unexpected error delivering %s", message.id)
+            sent = TemporaryFailure(f"internal error: {type(exc).__name__}")
+        finally:
+            self.limiter.complete(self.mono())  # counts from its end: see ratelimit
+        now = self.clock()
+        resume_at = self._account_health(sent, now)
+        result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
+                        resume_at=resume_at, age_now=self.age_clock(now))
+        duration = self.mono() - started
+        # Recording the outcome (a commit, and so a sync) is a task of its own: the send
+        # task ends once the upstream has answered, but its slot stays busy until the
+        # outcome is written (_slots counts settling), so a crash re-sends at most one
+        # pool's worth. The row stays 'sending' until then, so it cannot be claimed
+        # twice; shutdown waits for these writes (see settling).
+        task = asyncio.create_task(self._record(message, result, sent, duration, body),
+                                   name=f"record-{message.id}")
+        self.settling.add(task)
+        self.recording.add(message.id)
+        task.add_done_callback(self._recorded)
+        task.add_done_callback(lambda _: self.recording.discard(message.id))
+
+    def _recorded(self, task: asyncio.Task[None]) -> None:
+        self.settling.discard(task)
+        self._start_ready()
+        self.wake.set()
+
+    async def _record(self, message: QueuedMessage, result: AttemptResult,
+                      sent: SendResult | DeliveryError, duration: float, body: bytes) -> None:
+        was_pending = set(message.pending_recipients)
+        failed = [r for r in result.recipients
+                  if r.state is RecipientState.FAILED and r.address in was_pending]
+        bounce = None
+        # Never to <>: a bounce is sent from <>, so a bounce never causes another.
+        if self.bounce is not None and should_bounce(message.sender, failed):
+            bounce = self.bounce(message, failed, body)
+        await self._write(result, bounce)  # the outcome and its bounce in one commit
+        self._report(message, result, sent, duration)
+        if bounce is not None:
+            event(log, logging.INFO, "bounced", message.id, bounce_id=bounce.id,
+                  to=f"<{message.sender}>", failed=len(failed))
+            self.notify()  # a bounce goes through the failed message's own account
+
+    async def _write(self, result: AttemptResult, bounce: NewMessage | None = None) -> None:
+        while True:
+            try:
+                await self.store.finish(result, bounce)
+                return
+            except StoreError as exc:
+                event(log, logging.ERROR, "queue_error", result.id, account=self.name,
+                      reason=f"cannot record outcome, will retry: {exc}")
+                await asyncio.sleep(_FINISH_RETRY_S)
+
+    def _account_health(self, sent: SendResult | DeliveryError, now: float) -> float | None:
+        """Back the account off on account-wide failures; return when it resumes (wall)."""
+        mono = self.mono()
+        if not isinstance(sent, DeliveryError) or not sent.account_wide:
+            recovered = self.backoff_failures > 0
+            if recovered:
+                event(log, logging.INFO, "account_recovered", account=self.name)
+            self.backoff_failures = 0
+            self.auth_failures = 0
+            self.last_account_error = ""
+            if recovered and self.health is not None:
+                self.health(AccountHealth(self.name, self._wall_at(self.backoff_until), 0))
+            return None
+        refused_login = sent.code == 535 or (sent.code is not None and sent.enhanced == "5.7.8")
+        if refused_login:  # every refused login counts, also those already inside a backoff
+            self.metrics.auth_failures.labels(self.name).inc()
+        if mono < self.backoff_until:  # another send already backed it off
+            return self._wall_at(self.backoff_until)
+        reason = backoff_reason(sent)
+        auth = reason == "auth"
+        self.backoff_failures += 1
+        if auth:  # its own floor: a provider locks an account after a few failed logins
+            self.auth_failures += 1
+            delay = self.auth_policy.next_delay(self.auth_failures, self.rng)
+        else:
+            delay = self.policy.next_delay(self.backoff_failures, self.rng)
+        self.backoff_until = mono + delay
+        resume_at = self.resume_at = now + delay
+        self.last_account_error = sent.reply_text()
+        self.metrics.account_backoffs.labels(self.name, reason).inc()
+        event(log, logging.ERROR if auth else logging.WARNING,
+              "account_auth_failed" if auth else "account_backoff", account=self.name,
+              relay=self.transport.peer, reason=sent.reply_text(), why=reason,
+              until=_iso(resume_at))
+        # Claimed-ahead messages go back to the queue, due when the account resumes: while
+        # it backs off, 'sending' means a connection carries the message now (11.13).
+        ready, self.ready = [m.id for m in self.ready], collections.deque()
+        self.limiter.cancel(len(ready))
+        self._give_back(ready, now, due_at=resume_at)
+        if self.health is not None:
+            self.health(AccountHealth(self.name, resume_at, self.backoff_failures,
+                                      self.last_account_error, auth))
+        return resume_at
+
+    def _report(self, message: QueuedMessage, result: AttemptResult,
+                sent: SendResult | DeliveryError, duration: float) -> None:
+        account = self.name
+        peer = sent.peer if isinstance(sent, SendResult) else self.transport.peer
+        if not (isinstance(sent, DeliveryError) and sent.account_wide):
+            # Every attempt that reached a transaction, failed ones too (the slow cases).
+            self.metrics.delivery_duration.labels(account).observe(duration)
+        if result.state is MessageState.DELIVERED:
+            self.metrics.delivered.labels(account).inc()
+            self.metrics.queue_delay.labels(account).observe(result.at - message.created_at)
+            event(log, logging.INFO, "delivered", message.id, account=account, relay=peer,
+                  delay=f"{result.at - message.created_at:.3f}", attempt=result.attempts,
+                  reply=result.reply,
+                  failed_recipients=sum(r.state == "failed" for r in result.recipients) or None)
+        elif result.state is MessageState.DEFERRED:
+            self.metrics.deferred.labels(account).inc()
+            event(log, logging.WARNING, "deferred", message.id, account=account, relay=peer,
+                  attempt=result.attempts, reason=result.last_error,
+                  next_attempt=_iso(result.next_attempt_at))
+        else:
+            self.metrics.failed.labels(account).inc()
+            event(log, logging.WARNING, "failed", message.id, account=account, relay=peer,
+                  attempt=result.attempts, reason=result.last_error)
+        if result.outcome == "partial":
+            self._report_recipients(message, result, peer)
+
+    def _report_recipients(self, message: QueuedMessage, result: AttemptResult,
+                           peer: str) -> None:
+        """A mixed attempt: a line for each kind the message's own line does not show,
+        so a recipient refused for good is in the log when it happens, not at the end."""
+        tried = set(message.pending_recipients)
+        now = [r for r in result.recipients if r.address in tried]
+        delivered = [r for r in now if r.state is RecipientState.DELIVERED]
+        failed = [r for r in now if r.state is RecipientState.FAILED]
+        if delivered and result.state is not MessageState.DELIVERED:
+            event(log, logging.INFO, "recipients_delivered", message.id, account=self.name,
+                  relay=peer, attempt=result.attempts, to=_addresses(delivered),
+                  reply=delivered[0].reply)
+        if failed:
+            event(log, logging.WARNING, "recipients_failed", message.id, account=self.name,
+                  relay=peer, attempt=result.attempts, to=_addresses(failed),
+                  reason="; ".join(f"<{r.address}>: {r.reply}" for r in failed)[:1000])
+
+    def stop_claiming(self) -> None:
+        self._stopping = True
+        self.wake.set()
+
+    async def join(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
