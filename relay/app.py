@@ -32,7 +32,8 @@ from relay.delivery.transport import Transport
 from relay.delivery.worker import AccountWorker
 from relay.errors import ConfigError, StoreError
 from relay.ingest.auth import ListenerAuth
-from relay.ingest.listener import IngestHandler, SessionLimits, start_listener
+from relay.ingest.handler import IngestHandler
+from relay.ingest.listener import SessionLimits, start_listener
 from relay.observe.http import build_app, start_http
 from relay.observe.logs import event
 from relay.observe.metrics import Metrics, watch_loop_lag

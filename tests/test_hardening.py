@@ -404,7 +404,8 @@ def _bare_smtp(*, strict: bool = True) -> RelaySMTP:
         from prometheus_client import CollectorRegistry
 
         from relay.config.schema import Config, ListenConfig
-        from relay.ingest.listener import IngestHandler, SessionLimits
+        from relay.ingest.handler import IngestHandler
+        from relay.ingest.listener import SessionLimits
         from relay.observe.metrics import Metrics
 
         config = Config(listen=ListenConfig(strict_addresses=strict))

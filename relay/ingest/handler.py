@@ -1,0 +1,328 @@
+"""The listener's handler: what relay does with each SMTP command of a session (AUTH,
+MAIL, RCPT, DATA), as a thin seam over the pure core: validate, parse, commit through the
+``submit`` callback, answer ``250 2.0.0 queued as ID``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiosmtpd.smtp import (
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+)
+
+from relay.config.schema import Config
+from relay.delivery.priority import priority_from_headers
+from relay.delivery.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
+from relay.errors import StoreError, StoreFullError
+from relay.ingest.addresses import recipient_key
+from relay.ingest.auth import ListenerAuth
+from relay.observe.logs import event
+from relay.observe.metrics import Metrics
+from relay.queue.types import NewMessage, new_queue_id
+from relay.smtp import replies
+from relay.smtp.data import has_bare_newline, normalize_newlines
+from relay.smtp.headers import header_section_exceeds, parse_headers, remove_headers
+
+log = logging.getLogger("relay.smtpd")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+Submit = Callable[[NewMessage], Awaitable[None]]
+Admit = Callable[[str], Awaitable[bool]]  # False: the account is too far behind its limit
+
+# aiosmtpd logs this on mail.log for every session whose server requires AUTH without
+# TLS. relay allows that only on loopback (config refuses it elsewhere), so each session
+# would repeat a warning that does not apply: dropped here, once, and nothing else.
+_AUTH_WITHOUT_TLS = "auth_required == True but auth_require_tls == False"
+
+
+def _not_auth_without_tls(record: logging.LogRecord) -> bool:
+    return record.getMessage() != _AUTH_WITHOUT_TLS
+
+
+logging.getLogger("mail.log").addFilter(_not_auth_without_tls)
+
+
+class _Session(Session):
+    """aiosmtpd's Session without the deprecated ``login_data``: aiosmtpd itself sets it
+    after every successful AUTH, and logs a deprecation warning each time. relay reads
+    ``auth_data`` (the user name its authenticator returns) and never this."""
+
+    @property
+    def login_data(self) -> Any:
+        return None
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        pass
+
+
+async def _always(_: str) -> bool:
+    return True
+
+
+# Password verifications run here, at most two at once: argon2 holds ~19 MiB per
+# verification, so a burst of guesses costs bounded memory and two cores at most.
+_AUTH_WORKERS: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _auth_workers() -> concurrent.futures.ThreadPoolExecutor:
+    if not _AUTH_WORKERS:
+        _AUTH_WORKERS.append(concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="relay-auth"))
+    return _AUTH_WORKERS[0]
+
+
+class IngestHandler:
+    """aiosmtpd handler hooks; each returns the SMTP reply line."""
+
+    def __dir__(self) -> list[str]:
+        # aiosmtpd scans dir(handler) on every connection for handle_*/auth_* hooks;
+        # listing only those makes a new session much cheaper (docs/performance.md).
+        return _hook_names(type(self), ("handle_", "auth_"))
+
+    def __init__(
+        self, config: Config, submit: Submit, metrics: Metrics, admit: Admit = _always
+    ) -> None:
+        self.submit = submit
+        self.admit = admit
+        self.metrics = metrics
+        self.accepting = True
+        self.configure(config)
+
+    def configure(self, config: Config, auth: ListenerAuth | None = None) -> None:
+        """Take a new config (SIGHUP): routing, accounts, limits and listener users
+        (``auth``, built beforehand by a reload so that reading its files cannot fail
+        half-way through the switch)."""
+        self.config = config
+        self.auth = auth or ListenerAuth(config.listen.auth)
+
+    def reject(self, reason: str, reply: replies.Reply) -> str:
+        self.metrics.rejected.labels(reason).inc()
+        return str(reply)
+
+    async def verify_login(self, session: Session, login: LoginPassword) -> AuthResult:
+        """Check a login in a worker thread: argon2 takes ~20 ms that the loop must not."""
+        username = login.login.decode("utf-8", "replace")
+        auth = self.auth  # the users at the time of the AUTH command, whatever a reload does
+        ok = await asyncio.get_running_loop().run_in_executor(
+            _auth_workers(), auth.check, username, login.password)
+        if ok:
+            return AuthResult(success=True, auth_data=username)
+        event(log, logging.WARNING, "auth_failed", client=_peer(session), user=username[:64])
+        # handled=False: aiosmtpd answers 535 5.7.8 itself.
+        return AuthResult(success=False, handled=False)
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if not self.auth.enabled:  # aiosmtpd offers AUTH even with nobody to log in
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
+        # RFC 2034: our 4xx/5xx replies carry enhanced status codes.
+        return [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        mail_options: list[str],
+    ) -> str:
+        utf8 = any(o.upper() == "SMTPUTF8" for o in mail_options)
+        problem = _address_problem(address, allow_null=True) or _encoding_problem(address, utf8)
+        if problem:
+            return self.reject("bad_address", problem)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return str(replies.OK)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        problem = _address_problem(address, allow_null=False) or _encoding_problem(
+            address, envelope.smtp_utf8
+        )
+        if problem:
+            return self.reject("bad_address", problem)
+        # The same mailbox twice is stored (and delivered) once; before the limit check,
+        # so a repeat never gets a 452 that would make the client send it again.
+        key = recipient_key(address)
+        seen = _recipient_keys(envelope)
+        if key in seen:
+            return str(replies.RCPT_DUPLICATE)
+        if len(envelope.rcpt_tos) >= self.config.listen.max_recipients:
+            return self.reject("too_many_recipients", replies.TOO_MANY_RECIPIENTS)
+        seen.add(key)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return str(replies.RCPT_OK)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if not self.accepting:
+            return str(replies.SHUTTING_DOWN)
+        raw = envelope.original_content or b""
+        if has_bare_newline(raw):
+            if self.config.listen.bare_newlines == "reject":
+                return self.reject("bare_newline", replies.BARE_NEWLINE)
+            raw = normalize_newlines(raw)
+        limit = self.config.listen.max_header_size
+        if header_section_exceeds(raw, limit):
+            return self.reject("header_too_big", replies.HEADER_TOO_BIG.with_text(
+                f"Header section exceeds {limit} bytes"))
+        fields = parse_headers(raw)
+        try:
+            account = choose_account(fields, self.config.routing.default_account,
+                                     self.config.accounts)
+            not_before = deferred_until(fields)
+        except RoutingError as exc:
+            reason = "unknown_account" if "Account" in str(exc) else "bad_header"
+            reply = replies.UNKNOWN_ACCOUNT if reason == "unknown_account" else replies.BAD_HEADER
+            return self.reject(reason, reply.with_text(str(exc)))
+        user = session.auth_data if session.authenticated else None
+        if not self.auth.may_use(user, account):
+            return self.reject("access_denied", replies.ACCOUNT_NOT_ALLOWED)
+        if not await self.admit(account):
+            return self.reject("rate_limited", replies.RATE_LIMITED)
+        now = time.time()
+        message = NewMessage(
+            id=new_queue_id(),
+            sender=_reverse_path(envelope.mail_from),
+            recipients=tuple(envelope.rcpt_tos),
+            account=account,
+            priority=priority_from_headers(fields),
+            body=remove_headers(raw, CONTROL_HEADERS),
+            created_at=now,
+            not_before=max(now, not_before or now),
+            mail_options=_forwarded_options(envelope),
+        )
+        try:
+            await self.submit(message)
+        except StoreFullError as exc:
+            event(log, logging.ERROR, "rejected", reason=str(exc), client=_peer(session))
+            return self.reject("store_unavailable", replies.STORE_FULL)
+        except StoreError as exc:
+            event(log, logging.ERROR, "rejected", reason=str(exc), client=_peer(session))
+            return self.reject("store_unavailable", replies.STORE_FAILED)
+        self.metrics.received.inc()
+        event(log, logging.INFO, "received", message.id, client=_peer(session),
+              sender=f"<{message.sender}>", size=len(raw), nrcpt=len(message.recipients),
+              account=account, priority=message.priority.name.lower())
+        return replies.queued(message.id)
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd's default answers 500 and names the exception class.
+        log.exception("unexpected error in an SMTP session", exc_info=error)
+        self.metrics.rejected.labels("internal_error").inc()
+        return str(replies.INTERNAL_ERROR)
+
+
+# RFC 5321 4.5.3.1.1 and 4.5.3.1.3: local part at most 64 octets, path at most 256 (so an
+# address at most 254).
+MAX_LOCAL_PART, MAX_ADDRESS = 64, 254
+
+
+def _address_problem(address: str, *, allow_null: bool) -> replies.Reply | None:
+    bad = replies.BAD_ADDRESS
+    if address in ("", "<>"):
+        return None if allow_null else bad.with_text("Null recipient not allowed")
+    octets = address.encode("utf-8", "surrogateescape")
+    if len(octets) > MAX_ADDRESS:
+        return bad.with_text(f"Address longer than {MAX_ADDRESS} octets")
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        return bad.with_text("Address must be local-part@domain")
+    if len(local.encode("utf-8", "surrogateescape")) > MAX_LOCAL_PART:
+        return bad.with_text(f"Local part longer than {MAX_LOCAL_PART} octets")
+    if _CONTROL.search(address):  # RFC 5321 4.1.2: no control characters in a mailbox
+        return bad.with_text("Address contains control characters")
+    if any(c in address for c in " <>()[],;\\\"") and not local.startswith('"'):
+        return bad.with_text("Address contains characters not allowed outside quotes")
+    return None
+
+
+def _encoding_problem(address: str, smtputf8: bool) -> replies.Reply | None:
+    """RFC 6531 3.4: non-ASCII addresses only with SMTPUTF8, and only as valid UTF-8."""
+    if address.isascii():
+        return None
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:  # aiosmtpd keeps undecodable bytes as lone surrogates
+        return replies.NOT_UTF8_ADDRESS
+    return None if smtputf8 else replies.NEEDS_SMTPUTF8
+
+
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope plus the recipients' mailbox keys, to find repeats in O(1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rcpt_keys: set[str] = set()
+
+
+def _recipient_keys(envelope: Envelope) -> set[str]:
+    if isinstance(envelope, RelayEnvelope):
+        return envelope.rcpt_keys
+    return {recipient_key(a) for a in envelope.rcpt_tos}
+
+
+def _b64(text: str | bytes) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _reverse_path(mail_from: str | None) -> str:
+    """The envelope sender; '' for the null reverse-path (aiosmtpd reports it as '<>')."""
+    return "" if mail_from in (None, "", "<>") else str(mail_from)
+
+
+_HOOK_NAMES: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+
+
+def _hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    """The attribute names of cls with these prefixes, computed once per class."""
+    key = (cls.__qualname__, prefixes)
+    if key not in _HOOK_NAMES:
+        _HOOK_NAMES[key] = sorted(name for name in dir(cls) if name.startswith(prefixes))
+    return _HOOK_NAMES[key]
+
+
+# RFC 5321 4.1.2 Path = "<" Mailbox ">": the plain dot-atom@domain form most clients send.
+# Anything else (quoted local parts, address literals, odd spacing) takes aiosmtpd's parser.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(
+    rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    rf"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)>(.*)",
+    re.DOTALL,
+)
+
+
+def _forwarded_options(envelope: Envelope) -> tuple[str, ...]:
+    """MAIL options worth passing upstream: BODY=8BITMIME and SMTPUTF8."""
+    keep = []
+    for option in envelope.mail_options:
+        upper = option.upper()
+        if upper.startswith("BODY=") or upper == "SMTPUTF8":
+            keep.append(upper)
+    if envelope.smtp_utf8 and "SMTPUTF8" not in keep:
+        keep.append("SMTPUTF8")
+    return tuple(keep)
+
+
+def _peer(session: Session) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
