@@ -18,13 +18,9 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from relay import __version__
-from relay.config.schema import (
-    Config,
-    ListenConfig,
-    config_warnings,
-    effective_hostname,
-    problem_line,
-)
+from relay.config.loading import problem_line
+from relay.config.report import config_warnings
+from relay.config.schema import Config, ListenConfig, effective_hostname
 from relay.delivery.maildir import MaildirTransport
 from relay.delivery.scheduler import Scheduler
 from relay.delivery.smtp.upstream import UpstreamPool

@@ -20,7 +20,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from relay.app import App
-from relay.config.schema import Config, parse_config
+from relay.config.loading import parse_config
+from relay.config.schema import Config
 from tests.upstream import FakeUpstream
 
 if TYPE_CHECKING:  # (relayproc imports this module)

@@ -9,13 +9,9 @@ import yaml
 
 from relay.cli import commands as cli
 from relay.config.durations import parse_duration
-from relay.config.schema import (
-    PoolConfig,
-    RateLimitConfig,
-    config_warnings,
-    load_config,
-    parse_config,
-)
+from relay.config.loading import load_config, parse_config
+from relay.config.report import config_warnings
+from relay.config.schema import PoolConfig, RateLimitConfig
 from relay.errors import ConfigError
 
 GMAIL = "accounts:\n  gmail:\n    host: smtp.gmail.com\n"

@@ -20,7 +20,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from relay.config.durations import format_duration, parse_duration
-from relay.config.schema import Config, load_config
+from relay.config.loading import load_config
+from relay.config.schema import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "relay.example.yaml"

@@ -16,7 +16,8 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.config.schema import ConfigError, parse_config
+from relay.config.loading import parse_config
+from relay.config.schema import ConfigError
 from relay.ingest.addresses import parse_path
 from relay.ingest.auth import hash_password
 from relay.ingest.listener import RelaySMTP

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from relay.app import App
-from relay.config.schema import LOCAL_LITERAL, effective_config, parse_config
+from relay.config.loading import parse_config
+from relay.config.report import LOCAL_LITERAL, effective_config
 from relay.errors import ConfigError
 from relay.queue.types import MessageState, QueuedMessage
 from relay.smtp.wire import address_literal

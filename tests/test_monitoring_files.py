@@ -25,7 +25,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.cli.commands import EXIT_USAGE
-from relay.config.schema import load_config
+from relay.config.loading import load_config
 from relay.observe.metrics import REJECT_REASONS
 from relay.queue.types import MessageState
 from tests.conftest import (

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from relay.cli.commands import main
-from relay.config.schema import Config, load_config
+from relay.config.loading import load_config
+from relay.config.schema import Config
 from relay.queue.ops import OPERATIONS
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.types import (

@@ -21,7 +21,7 @@ import aiosmtplib
 import pytest
 
 from relay.app import App
-from relay.config.schema import load_config
+from relay.config.loading import load_config
 from relay.queue.types import MessageState, RecipientState
 from tests.conftest import StartRelay, message, metric, relay_config, send, upstream_account
 from tests.upstream import FakeUpstream, Received

@@ -19,7 +19,7 @@ import yaml
 
 from relay.cli.commands import main
 from relay.cli.status import Snapshot, age, render, summarise
-from relay.config.schema import load_config
+from relay.config.loading import load_config
 from relay.delivery.health import AccountHealth, HealthReport, decode, encode
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.types import AttemptResult, MessageState, NewMessage, Priority, QueuedMessage

@@ -47,7 +47,7 @@ from relay.bench.sink import (
     until,
     wait_for_banner,
 )
-from relay.config.schema import parse_config
+from relay.config.loading import parse_config
 from relay.errors import StoreError
 from relay.runner import run
 

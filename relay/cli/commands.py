@@ -21,7 +21,9 @@ import yaml
 
 from relay import __version__
 from relay.cli.common import EXIT_OK, EXIT_USAGE, fail, load, out
-from relay.config.schema import Config, config_warnings, effective_config, load_config
+from relay.config.loading import load_config
+from relay.config.report import config_warnings, effective_config
+from relay.config.schema import Config
 from relay.errors import ConfigError, RelayError
 from relay.runner import run
 

@@ -11,7 +11,8 @@ import sys
 from collections.abc import AsyncIterator
 from typing import TextIO
 
-from relay.config.schema import Config, load_config
+from relay.config.loading import load_config
+from relay.config.schema import Config
 from relay.errors import StoreError
 from relay.printable import escape
 from relay.queue.sqlite.store import SQLiteStore

@@ -1,7 +1,7 @@
-"""The configuration file: parsed once, validated whole, frozen.
+"""The configuration's schema: pydantic models, validated whole, frozen.
 
-Validation is pydantic's; this module turns its errors into one line per problem that
-starts with the key path (``accounts.gmail.tls: must be one of starttls, implicit, none``).
+Loading a file and turning pydantic's errors into one line per problem is
+relay.config.loading's; what `relay check-config` prints and warns is relay.config.report's.
 """
 
 from __future__ import annotations
@@ -9,24 +9,20 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import stat
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
-    ValidationError,
     ValidationInfo,
     model_validator,
 )
 
 from relay.config.durations import format_duration, parse_duration
-from relay.errors import ConfigError
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -68,7 +64,7 @@ def default_hostname(fqdn: str) -> str | None:
         return None
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -174,7 +170,7 @@ class ListenConfig(_Frozen):
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 raise ValueError(f"allowed_networks: {cidr!r} is not a CIDR network") from None
-        if not _is_loopback(self.host):
+        if not is_loopback(self.host):
             if not self.auth.required and self.allowed_networks is None:
                 raise ValueError(
                     f"host: {self.host} is not a loopback address; set auth.required: true"
@@ -461,162 +457,3 @@ class Config(_Frozen):
 def effective_hostname(config: Config, fqdn: str) -> str | None:
     """``hostname`` or the FQDN (pass socket.getfqdn()); None: an address literal."""
     return config.hostname or default_hostname(fqdn)
-
-
-def _describe(error: Any) -> str:
-    kind, msg, ctx = error["type"], error["msg"], error.get("ctx") or {}
-    if kind == "missing":
-        return "required"
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "literal_error":
-        expected = str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
-        return f"must be one of {expected}"
-    if kind in ("int_parsing", "int_type", "int_from_float"):
-        return "must be a whole number"
-    if kind in ("bool_parsing", "bool_type"):
-        return "must be true or false"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return "must be a mapping of keys to values"
-    if kind in ("string_type",):
-        return "must be a string"
-    if kind == "greater_than_equal":
-        return f"must be at least {ctx.get('ge')}"
-    if kind == "less_than_equal":
-        return f"must be at most {ctx.get('le')}"
-    return str(msg).removeprefix("Value error, ")
-
-
-def problem_line(error: Any) -> str:
-    """One pydantic error as 'key.path: reason'."""
-    path = ".".join(str(part) for part in error["loc"])
-    text = _describe(error)
-    # A model validator reports 'key: reason' about a key below its own path.
-    head, sep, rest = text.partition(": ")
-    if sep and re.fullmatch(r"[A-Za-z_][\w.]*", head):
-        path = f"{path}.{head}" if path else head
-        text = rest
-    return f"{path}: {text}" if path else text
-
-
-def parse_config(data: object, *, secrets: bool = True) -> Config:
-    """Validate a parsed YAML document; raise ConfigError listing every problem.
-
-    secrets=False skips reading passwords (commands that never connect upstream).
-    """
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(["(top level): must be a mapping of keys to values"])
-    try:
-        return Config.model_validate(data, context={"secrets": secrets})
-    except ValidationError as exc:
-        raise ConfigError([problem_line(e) for e in exc.errors()]) from None
-
-
-def load_config(path: str | os.PathLike[str] | None, *, secrets: bool = True) -> Config:
-    """Read and validate a YAML file; None means the built-in defaults."""
-    if path is None:
-        return Config()
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
-    return parse_config(data, secrets=secrets)
-
-
-def config_warnings(config: Config) -> list[str]:
-    """Things that work but that an operator should know about."""
-    warnings = []
-    for name, acc in config.accounts.items():
-        if acc.transport != "smtp":
-            continue
-        if acc.password:
-            warnings.append(
-                f"accounts.{name}.password: a literal password in the config file;"
-                " prefer password_env or password_file"
-            )
-        if acc.tls == "none" and acc.username and not _is_loopback(acc.host or ""):
-            warnings.append(
-                f"accounts.{name}.tls: none sends the password unencrypted to {acc.host}"
-            )
-        if not acc.tls_verify:
-            warnings.append(f"accounts.{name}.tls_verify: false; certificates are not checked")
-        if acc.password_file:
-            warnings += _readable_by_others(f"accounts.{name}.password_file", acc.password_file)
-        if (acc.password or acc.password_env or acc.password_file) and not acc.username:
-            warnings.append(f"accounts.{name}: a password without a username is not used")
-    for user, spec in config.listen.auth.users.items():
-        if spec.password_file:
-            warnings += _readable_by_others(
-                f"listen.auth.users.{user}.password_file", spec.password_file
-            )
-    return warnings
-
-
-def _readable_by_others(key: str, path: Path) -> list[str]:
-    if path.exists() and path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH):
-        return [f"{key}: {path} is readable by other users (chmod 600 it)"]
-    return []
-
-
-LOCAL_LITERAL = "(an address literal of each connection's local address)"
-
-
-def effective_config(config: Config, fqdn: str = "") -> dict[str, Any]:
-    """The config as a plain mapping with defaults filled in and secrets masked.
-
-    ``fqdn`` (socket.getfqdn()) fills in the default hostname and EHLO names.
-    """
-    data = config.model_dump(mode="json")
-    _mask_secrets(data)
-    hostname = effective_hostname(config, fqdn) or LOCAL_LITERAL
-    data["hostname"] = hostname
-    for name, acc in data["accounts"].items():
-        # The merged policy the account runs with, not the keys its block happens to set.
-        acc["retry"] = config.retry_for(name).model_dump(mode="json")
-        if config.accounts[name].transport == "smtp":
-            acc["port"] = config.accounts[name].effective_port
-            acc["ehlo_name"] = acc.get("ehlo_name") or hostname
-        else:
-            for key in list(acc):
-                if key not in ("transport", "path", "retry", "rate_limit", "pool", "timeouts"):
-                    del acc[key]
-    _durations_as_text(data)
-    return data
-
-
-# Keys whose values are secrets (or, as a password hash, let one be guessed offline);
-# password_env and password_file only say where a secret is, and are shown.
-_SECRET_KEY = re.compile(r"(^|_)(password|passwd|secret|token|hash|api_key|private_key)$")
-
-
-def _mask_secrets(node: Any) -> None:
-    """Replace every set secret-like value, at any depth, by MASK."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if isinstance(key, str) and _SECRET_KEY.search(key) and value:
-                node[key] = MASK
-            else:
-                _mask_secrets(value)
-    elif isinstance(node, list):
-        for item in node:
-            _mask_secrets(item)
-
-
-def _durations_as_text(node: Any) -> None:
-    duration_keys = {"initial_delay", "max_delay", "max_age", "idle_timeout", "timeout",
-                     "connect", "command", "data", "initial", "max"}
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in duration_keys and isinstance(value, int | float):
-                node[key] = format_duration(float(value))
-            else:
-                _durations_as_text(value)

@@ -1,0 +1,103 @@
+"""Reporting the configuration: the effective config `relay check-config` prints (secrets
+masked, durations as text) and the warnings it gives.
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+from relay.config.durations import format_duration
+from relay.config.schema import MASK, Config, effective_hostname, is_loopback
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Things that work but that an operator should know about."""
+    warnings = []
+    for name, acc in config.accounts.items():
+        if acc.transport != "smtp":
+            continue
+        if acc.password:
+            warnings.append(
+                f"accounts.{name}.password: a literal password in the config file;"
+                " prefer password_env or password_file"
+            )
+        if acc.tls == "none" and acc.username and not is_loopback(acc.host or ""):
+            warnings.append(
+                f"accounts.{name}.tls: none sends the password unencrypted to {acc.host}"
+            )
+        if not acc.tls_verify:
+            warnings.append(f"accounts.{name}.tls_verify: false; certificates are not checked")
+        if acc.password_file:
+            warnings += _readable_by_others(f"accounts.{name}.password_file", acc.password_file)
+        if (acc.password or acc.password_env or acc.password_file) and not acc.username:
+            warnings.append(f"accounts.{name}: a password without a username is not used")
+    for user, spec in config.listen.auth.users.items():
+        if spec.password_file:
+            warnings += _readable_by_others(
+                f"listen.auth.users.{user}.password_file", spec.password_file
+            )
+    return warnings
+
+
+def _readable_by_others(key: str, path: Path) -> list[str]:
+    if path.exists() and path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        return [f"{key}: {path} is readable by other users (chmod 600 it)"]
+    return []
+
+
+LOCAL_LITERAL = "(an address literal of each connection's local address)"
+
+
+def effective_config(config: Config, fqdn: str = "") -> dict[str, Any]:
+    """The config as a plain mapping with defaults filled in and secrets masked.
+
+    ``fqdn`` (socket.getfqdn()) fills in the default hostname and EHLO names.
+    """
+    data = config.model_dump(mode="json")
+    _mask_secrets(data)
+    hostname = effective_hostname(config, fqdn) or LOCAL_LITERAL
+    data["hostname"] = hostname
+    for name, acc in data["accounts"].items():
+        # The merged policy the account runs with, not the keys its block happens to set.
+        acc["retry"] = config.retry_for(name).model_dump(mode="json")
+        if config.accounts[name].transport == "smtp":
+            acc["port"] = config.accounts[name].effective_port
+            acc["ehlo_name"] = acc.get("ehlo_name") or hostname
+        else:
+            for key in list(acc):
+                if key not in ("transport", "path", "retry", "rate_limit", "pool", "timeouts"):
+                    del acc[key]
+    _durations_as_text(data)
+    return data
+
+
+# Keys whose values are secrets (or, as a password hash, let one be guessed offline);
+# password_env and password_file only say where a secret is, and are shown.
+_SECRET_KEY = re.compile(r"(^|_)(password|passwd|secret|token|hash|api_key|private_key)$")
+
+
+def _mask_secrets(node: Any) -> None:
+    """Replace every set secret-like value, at any depth, by MASK."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(key, str) and _SECRET_KEY.search(key) and value:
+                node[key] = MASK
+            else:
+                _mask_secrets(value)
+    elif isinstance(node, list):
+        for item in node:
+            _mask_secrets(item)
+
+
+def _durations_as_text(node: Any) -> None:
+    duration_keys = {"initial_delay", "max_delay", "max_age", "idle_timeout", "timeout",
+                     "connect", "command", "data", "initial", "max"}
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in duration_keys and isinstance(value, int | float):
+                node[key] = format_duration(float(value))
+            else:
+                _durations_as_text(value)
