@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +27,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from relay.bench.loadgen import Load, LoadResult, percentile, run_builtin, run_smtp_source
+from relay.bench.loadgen import Load, LoadResult, run_builtin, run_smtp_source
+from relay.bench.render import machine, render
 from relay.bench.sink import (
     HOST,
     BareServer,
@@ -47,24 +44,26 @@ from relay.bench.sink import (
     until,
     wait_for_banner,
 )
+from relay.bench.stats import (
+    BARE,
+    CASES,
+    LABELS,
+    PER_MESSAGE,
+    POSTFIX,
+    SCRAPES,
+    Sample,
+    fmt_dict,
+    summarize,
+    targets,
+)
 from relay.config.loading import parse_config
 from relay.errors import StoreError
 from relay.runner import run
 
 T = TypeVar("T")
-RELAY, PER_MESSAGE, BARE, POSTFIX = "relay", "relay_per_message", "bare", "postfix"
-LABELS = {RELAY: "relay", PER_MESSAGE: "per-msg commit", BARE: "bare aiosmtpd", POSTFIX: "postfix"}
-# case -> (description, systems measured in it); the order is rotated each round.
-CASES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "ingest_conn": ("durable ingest, 1 connection/message, msgs/s", (RELAY, BARE, POSTFIX)),
-    "ingest_sess": ("durable ingest, persistent sessions, msgs/s", (RELAY, BARE, POSTFIX)),
-    "ack": ("ack latency, persistent sessions, delivering", (RELAY, PER_MESSAGE, BARE)),
-    "e2e": ("end-to-end, msgs/s", (RELAY, POSTFIX)),
-}
 FULL = {"rounds": 3, "messages": 5000, "e2e_messages": 20_000, "queued": 100_000,
         "delivered": 1_000_000}
 QUICK = {"rounds": 1, "messages": 300, "e2e_messages": 1000, "queued": 2000, "delivered": 2000}
-SCRAPES = 20  # GET /metrics this many times over a queue of delivered records
 MIN_RATE = 20.0  # msgs/s: below this a load is cut off (every wait here is bounded)
 QUIET_S = 0.5  # a sink count that has not moved for this long is final
 WARMUP_PER_SESSION = 5  # untimed messages per sender before each measurement
@@ -86,34 +85,6 @@ class Options:
     workdir: str | None = None
     keep: bool = False
 
-
-@dataclass
-class Sample:
-    round: int
-    case: str
-    system: str
-    messages: int
-    tool: str = ""
-    rate: float | None = None  # msgs/s; end-to-end: first sent to last received
-    ingest_rate: float | None = None  # end-to-end cases: the sender's own rate
-    p50_ms: float | None = None
-    p90_ms: float | None = None
-    p99_ms: float | None = None
-    startup_s: float | None = None
-    rss_mb: float | None = None
-    cpu_s: float | None = None
-    verified: bool | None = None
-    error: str | None = None
-
-    def take(self, result: LoadResult) -> None:
-        self.tool = result.tool
-        self.rate = result.rate if result.accepted else None
-        if result.latencies_s:
-            for q in (50, 90, 99):
-                value = percentile(result.latencies_s, q)
-                setattr(self, f"p{q}_ms", None if value is None else value * 1000)
-        if result.failed or result.errors:
-            self.error = f"{result.failed} failed: {'; '.join(result.errors)}"
 
 
 class RelayProcess(ServerProcess):
@@ -432,14 +403,14 @@ class Bench:
                 queued = await self.queued()
             except (BenchSetupError, StoreError, OSError) as exc:
                 queued = {"messages": self.options.queued, "error": str(exc)}
-            print(f"queued: {_fmt_dict(queued)}", file=sys.stderr)
+            print(f"queued: {fmt_dict(queued)}", file=sys.stderr)
         delivered = None
         if self.options.delivered:
             try:
                 delivered = await self.delivered()
             except (BenchSetupError, StoreError, OSError) as exc:
                 delivered = {"messages": self.options.delivered, "error": str(exc)}
-            print(f"delivered: {_fmt_dict(delivered)}", file=sys.stderr)
+            print(f"delivered: {fmt_dict(delivered)}", file=sys.stderr)
         return samples, queued, delivered
 
 
@@ -457,129 +428,6 @@ def _progress(s: Sample) -> None:
         parts.append(f"error: {s.error}")
     print(" ".join(parts), file=sys.stderr, flush=True)
 
-
-def _fmt_dict(d: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
-
-
-# -- figures, ratios, targets -------------------------------------------------------------
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def _value(samples: list[Sample], case: str, system: str, attr: str, round_: int) -> float | None:
-    for s in samples:
-        if s.case == case and s.system == system and s.round == round_:
-            value = getattr(s, attr)
-            return float(value) if value is not None else None
-    return None
-
-
-def summarize(samples: list[Sample], rounds: int) -> dict[str, Any]:
-    """Medians per case and system, and medians of same-round ratios relay/baseline."""
-    figures: dict[str, Any] = {}
-    for case, (_, systems) in CASES.items():
-        attrs = ["p50_ms", "p90_ms", "p99_ms"] if case == "ack" else ["rate"]
-        if case == "e2e":
-            attrs.append("ingest_rate")
-        entry: dict[str, Any] = {}
-        for system in systems:
-            entry[system] = {
-                a: _median(
-                    [
-                        v
-                        for r in range(1, rounds + 1)
-                        if (v := _value(samples, case, system, a, r)) is not None
-                    ]
-                )
-                for a in attrs
-            }
-        attr = "p99_ms" if case == "ack" else "rate"
-        for base in systems[1:]:
-            ratios = []
-            for r in range(1, rounds + 1):
-                mine, theirs = (
-                    _value(samples, case, RELAY, attr, r),
-                    _value(samples, case, base, attr, r),
-                )
-                if mine is not None and theirs:
-                    ratios.append(mine / theirs)
-            entry[f"ratio_{base}"] = _median(ratios)
-        figures[case] = entry
-    relay_runs = [s for s in samples if s.system == RELAY and s.startup_s is not None]
-    figures["relay_startup_s"] = _median([s.startup_s for s in relay_runs if s.startup_s])
-    figures["rss_after_e2e_mb"] = _median(
-        [s.rss_mb for s in samples if s.case == "e2e" and s.system == RELAY and s.rss_mb]
-    )
-    figures["relay_cpu_ms_per_msg"] = {
-        case: _median(
-            [
-                1000 * s.cpu_s / s.messages
-                for s in samples
-                if s.case == case and s.system == RELAY and s.cpu_s
-            ]
-        )
-        for case in CASES
-    }
-    return figures
-
-
-@dataclass
-class Target:
-    name: str
-    value: float | None
-    op: str
-    threshold: float
-    unit: str = ""
-
-    @property
-    def passed(self) -> bool | None:
-        if self.value is None:
-            return None
-        if self.op == ">=":
-            return self.value >= self.threshold
-        if self.op == "<=":
-            return self.value <= self.threshold
-        return self.value < self.threshold
-
-
-def targets(
-    figures: dict[str, Any], queued: dict[str, Any] | None,
-    delivered: dict[str, Any] | None = None,
-) -> list[Target]:
-    ic, isess, ack, e2e = (figures[c] for c in ("ingest_conn", "ingest_sess", "ack", "e2e"))
-    n = queued["messages"] if queued else 0
-    rss = [queued.get(k) for k in ("rss_after_fill_mb", "rss_after_restart_mb")] if queued else []
-    rss_values = [v for v in rss if v is not None]
-    return [
-        Target("ingest 1 conn/msg vs postfix", ic.get("ratio_postfix"), ">=", 1.0, "x"),
-        Target("ingest 1 conn/msg vs bare aiosmtpd", ic.get("ratio_bare"), ">=", 0.8, "x"),
-        Target("ingest persistent vs postfix", isess.get("ratio_postfix"), ">=", 1.0, "x"),
-        Target("ingest persistent vs bare aiosmtpd", isess.get("ratio_bare"), ">=", 0.8, "x"),
-        Target("ingest persistent", isess[RELAY]["rate"], ">=", 1000, " msgs/s"),
-        Target("end-to-end vs postfix", e2e.get("ratio_postfix"), ">=", 1.0, "x"),
-        Target("ack p99", ack[RELAY]["p99_ms"], "<=", 25, " ms"),
-        Target("ack p99 vs per-message commit", ack.get(f"ratio_{PER_MESSAGE}"), "<=", 0.6, "x"),
-        Target(f"RSS with {n:,} queued", max(rss_values) if rss_values else None, "<=", 64, " MB"),
-        Target(
-            f"start-up with {n:,} queued", queued.get("startup_s") if queued else None, "<", 5, " s"
-        ),
-        *delivered_targets(delivered),
-    ]
-
-
-def delivered_targets(delivered: dict[str, Any] | None) -> list[Target]:
-    """Issue 11.17: /metrics and RSS must not grow with the delivered records kept."""
-    if not delivered:
-        return []
-    n = delivered["messages"]
-    return [
-        Target(f"/metrics, {n:,} delivered (slowest)", delivered.get("scrape_max_ms"), "<",
-               50, " ms"),
-        Target(f"RSS with {n:,} delivered", delivered.get("rss_mb"), "<=", 64, " MB"),
-    ]
 
 
 async def fill_delivered(path: Path, n: int, *, account: str) -> None:
@@ -612,136 +460,6 @@ async def scrape_times(port: int, times: int) -> list[float]:
             raise BenchSetupError(f"GET /metrics answered {response[:40]!r}")
     return out
 
-
-# -- output -------------------------------------------------------------------------------
-
-
-def _num(value: float | None, digits: int = 0) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.{digits}f}"
-
-
-def render(report: dict[str, Any]) -> str:
-    f, opts, queued = report["figures"], report["options"], report["queued"]
-    head = (
-        f"relay bench: {opts['rounds']} round(s); {opts['messages']:,} messages per case, "
-        f"{opts['e2e_messages']:,} end-to-end; {opts['size']:,}-byte payload; "
-        f"{opts['sessions']} sessions\n"
-        f"load: {report['tools']['load']} (ack latency: built-in client); "
-        f"sink: {report['tools']['sink']}; postfix: "
-        f"{report['tools']['postfix'] or 'not measured'}\n"
-    )
-    cols = ["relay", "per-msg commit", "bare aiosmtpd", "postfix", "÷bare", "÷postfix", "÷per-msg"]
-    lines = [f"{'figure (median of rounds)':<38}" + "".join(f"{c:>15}" for c in cols)]
-
-    def row(label: str, entry: dict[str, Any], attr: str, digits: int) -> None:
-        cells = [
-            _num((entry.get(s) or {}).get(attr), digits)
-            for s in (RELAY, PER_MESSAGE, BARE, POSTFIX)
-        ]
-        cells += [_num(entry.get(f"ratio_{b}"), 2) for b in (BARE, POSTFIX, PER_MESSAGE)]
-        lines.append(f"{label:<38}" + "".join(f"{c:>15}" for c in cells))
-
-    row("(1) ingest, 1 conn/msg (msgs/s)", f["ingest_conn"], "rate", 0)
-    row("(2) ingest, persistent (msgs/s)", f["ingest_sess"], "rate", 0)
-    row("(3) end-to-end (msgs/s)", f["e2e"], "rate", 0)
-    row(
-        "    its ingest while delivering",
-        {k: v for k, v in f["e2e"].items() if not k.startswith("ratio")},
-        "ingest_rate",
-        0,
-    )
-    ack = f["ack"]
-    for q in ("p50", "p90", "p99"):
-        entry = ack if q == "p99" else {k: v for k, v in ack.items() if not k.startswith("ratio")}
-        row(f"(4) ack {q} (ms)", entry, f"{q}_ms", 1)
-    lines.append("")
-    cpu = f["relay_cpu_ms_per_msg"]
-    lines.append(
-        "relay CPU per message (ms): " + ", ".join(f"{case} {_num(cpu[case], 2)}" for case in CASES)
-    )
-    lines.append(
-        f"(5) relay RSS after end-to-end run: {_num(f['rss_after_e2e_mb'], 1)} MB; "
-        f"start-up, fresh queue: {_num(f['relay_startup_s'], 2)} s"
-    )
-    if queued:
-        lines.append(
-            f"    {queued['messages']:,} queued (delivery paused; "
-            f"{_num(queued.get('queue_file_mb'), 0)} MB file, filled at "
-            f"{_num(queued.get('fill_rate'), 0)} msgs/s): RSS "
-            f"{_num(queued.get('rss_after_fill_mb'), 1)} MB after filling, "
-            f"{_num(queued.get('rss_after_restart_mb'), 1)} MB after restart;"
-            f" start-up {_num(queued.get('startup_s'), 2)} s"
-        )
-        if queued.get("error"):
-            lines.append(f"    error: {queued['error']}")
-    delivered = report.get("delivered")
-    if delivered:
-        lines.append(
-            f"(6) {delivered['messages']:,} delivered records kept"
-            f" ({_num(delivered.get('queue_file_mb'), 0)} MB file): GET /metrics"
-            f" {_num(delivered.get('scrape_p50_ms'), 1)} ms median,"
-            f" {_num(delivered.get('scrape_max_ms'), 1)} ms slowest of {SCRAPES};"
-            f" RSS {_num(delivered.get('rss_mb'), 1)} MB;"
-            f" start-up {_num(delivered.get('startup_s'), 2)} s"
-        )
-        if delivered.get("error"):
-            lines.append(f"    error: {delivered['error']}")
-    lines.append("")
-    title = "target (information, not an assertion)"
-    lines.append(f"{title:<44}{'value':>12}  {'wanted':<16}result")
-    for t in report["targets"]:
-        digits = 2 if t["unit"] in ("x", " s") else (1 if t["unit"] in (" MB", " ms") else 0)
-        wanted = f"{t['op']} {t['threshold']:g}{t['unit']}"
-        result = {True: "pass", False: "FAIL", None: "n/a"}[t["passed"]]
-        value = "-" if t["value"] is None else _num(t["value"], digits) + t["unit"]
-        lines.append(f"{t['name']:<44}{value:>12}  {wanted:<16}{result}")
-    problems = [s for s in report["samples"] if s["error"] or s["verified"] is False]
-    if problems:
-        lines.append("")
-        lines.append("problems:")
-        for s in problems:
-            lines.append(
-                f"  round {s['round']} {s['case']} {s['system']}: {s['error'] or 'not verified'}"
-            )
-    return head + "\n".join(lines) + "\n"
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    info: dict[str, Any] = {
-        "nproc": os.cpu_count(),
-        "cpu": model,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_before": os.getloadavg(),
-    }
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        info["uvloop"] = importlib.metadata.version("uvloop")
-    here = Path(__file__).resolve().parent.parent
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        info["git"] = (
-            subprocess.run(
-                ["git", "-C", str(here), "describe", "--always", "--dirty"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            or None
-        )
-    postconf = find_tool("postconf")
-    if postconf:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            info["postfix"] = subprocess.run(
-                [postconf, "-d", "-h", "mail_version"], capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-    return info
 
 
 async def run_bench(options: Options, workdir: Path) -> dict[str, Any]:
