@@ -112,6 +112,18 @@ def test_only_the_wiring_names_the_sqlite_store() -> None:
     assert naming <= wiring
 
 
+def test_policy_takes_plain_values_not_config_models() -> None:
+    """Config is translated once at the edge: the pure core never sees a pydantic model."""
+    pure = ("relay.smtp", "relay.queue", "relay.delivery")
+    wiring = ("relay.queue.sqlite", "relay.delivery.smtp", "relay.delivery.scheduler",
+              "relay.delivery.worker", "relay.delivery.health", "relay.delivery.maildir")
+    reading = sorted(module for module, path in _modules().items()
+                     if any(_within(module, p) for p in pure)
+                     and not any(_within(module, w) for w in wiring)
+                     and any(_within(name, "relay.config.schema") for name in _imports(path)))
+    assert reading == []
+
+
 def test_serve_does_not_import_the_benchmark() -> None:
     """`relay serve` loads the CLI and the app, never relay.bench (sinks, Postfix, loadgen)."""
     code = (

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from relay.config.schema import RetryConfig
 from relay.errors import DeliveryError
 
 
@@ -25,14 +24,12 @@ Decision = Defer | Fail
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """Plain values (seconds): the scheduler translates the config's retry block once."""
+
     initial_delay: float
     max_delay: float
     max_age: float
     jitter: float = 0.2
-
-    @classmethod
-    def from_config(cls, cfg: RetryConfig) -> RetryPolicy:
-        return cls(cfg.initial_delay, cfg.max_delay, cfg.max_age, cfg.jitter)
 
     def next_delay(self, attempts: int, rng: random.Random) -> float:
         """Delay after the given number of failed attempts (1 = after the first)."""

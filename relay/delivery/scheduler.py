@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from relay.config.schema import Config
+from relay.config.schema import Config, RetryConfig
 from relay.delivery.bounce import build_dsn, needs_smtputf8
 from relay.delivery.health import AccountHealth, HealthPublisher
 from relay.delivery.ratelimit import RateLimiter
@@ -36,6 +36,12 @@ log = logging.getLogger("relay.delivery")
 CHANGE_POLL_S = 0.5  # how soon `relay queue ...` changes made by another process are seen
 CLOCK_JUMP_S = 1.0  # a larger difference between wall and monotonic time is a jump
 LEASE_SWEEP_S = 30.0  # how often expired leases are looked for (11.14)
+
+
+
+def _retry_policy(cfg: RetryConfig) -> RetryPolicy:
+    """The config's merged retry block as the runtime policy: translated here, once."""
+    return RetryPolicy(cfg.initial_delay, cfg.max_delay, cfg.max_age, cfg.jitter)
 
 
 class Scheduler:
@@ -75,7 +81,7 @@ class Scheduler:
             name,
             transport,
             self.store,
-            RetryPolicy.from_config(config.retry_for(name)),
+            _retry_policy(config.retry_for(name)),
             RateLimiter(acc.rate_limit.windows()),
             self.metrics,
             concurrency=acc.pool.max_connections,
