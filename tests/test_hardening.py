@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.config.loading import parse_config
-from relay.config.schema import ConfigError
+from relay.errors import ConfigError
 from relay.ingest.addresses import parse_path
 from relay.ingest.auth import hash_password
 from relay.ingest.listener import RelaySMTP

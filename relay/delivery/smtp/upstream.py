@@ -1,11 +1,11 @@
 """SMTP upstream accounts: a pool of authenticated connections per account.
 
 aiosmtplib opens each connection (TCP, TLS or STARTTLS with verification, EHLO, AUTH);
-then relay's own ``_Channel`` takes the transport over and runs the transactions, with
+then relay's own ``Channel`` takes the transport over and runs the transactions, with
 the whole envelope in one write where the server offers PIPELINING (RFC 2920).
-aiosmtplib reads one reply per command, so it cannot pipeline. This is the only module
-that imports aiosmtplib, and ``map_smtp_error`` is the one place its exceptions and the
-channel's become relay's TemporaryFailure / PermanentFailure.
+aiosmtplib reads one reply per command, so it cannot pipeline. The pool is here; the
+channel is channel.py, and errors.py is the one place aiosmtplib's exceptions and the
+channel's replies become relay's TemporaryFailure / PermanentFailure.
 """
 
 from __future__ import annotations
@@ -13,40 +13,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-import socket
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import cast
 
 import aiosmtplib
 
 from relay.config.schema import AccountConfig
-from relay.delivery.refusals import account_refusal
+from relay.delivery.smtp.channel import Channel, Connection
+from relay.delivery.smtp.errors import (
+    ChannelClosed,
+    ServiceClosing,
+    closing_error,
+    map_smtp_error,
+    refusal,
+    sender_refusal,
+    too_many_recipients,
+)
 from relay.delivery.transport import SendResult
 from relay.errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
 from relay.smtp import wire as smtpwire
 from relay.smtp.wire import Reply
 
 log = logging.getLogger("relay.upstream")
-_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
+
+
 # Reuse a connection without a NOOP only if it was used this recently.
 NOOP_AFTER_IDLE_S = 5.0
+
+
 # After the server refused a connection at the greeting (421, "too many connections from
 # your host": Postfix smtpd_client_connection_count_limit), try one more this much later.
 CAPACITY_PROBE_S = 10.0
+
+
 # SASL mechanisms relay can use, strongest first (aiosmtplib's order).
 AUTH_MECHANISMS = ("cram-md5", "plain", "login")
-
-
-def _split_enhanced(text: str) -> tuple[str | None, str]:
-    match = _ENHANCED.match(text)
-    if match:
-        return match.group(1), text[match.end() :]
-    return None, text
 
 
 def choose_mechanism(configured: str, advertised: list[str]) -> str | None:
@@ -60,160 +63,6 @@ def choose_mechanism(configured: str, advertised: list[str]) -> str | None:
     if configured != "auto":
         return configured if configured in offered else None
     return next((m for m in AUTH_MECHANISMS if m in offered), None)
-
-
-def map_smtp_error(exc: BaseException, *, connecting: bool = False) -> DeliveryError:
-    """Translate an aiosmtplib or socket error: 4xx/timeouts/disconnects are temporary."""
-    if isinstance(exc, DeliveryError):
-        return exc
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        enhanced, text = _split_enhanced(exc.message)
-        account_wide = connecting or isinstance(
-            exc, aiosmtplib.SMTPAuthenticationError | aiosmtplib.SMTPConnectResponseError
-        )
-        reason = None
-        if account_wide:
-            auth = isinstance(exc, aiosmtplib.SMTPAuthenticationError)
-            reason = "auth" if auth else account_refusal(exc.code, enhanced, text) or "refused"
-        cls = PermanentFailure if 500 <= exc.code < 600 and not account_wide else TemporaryFailure
-        return cls(text or "no text", code=exc.code, enhanced=enhanced, account_wide=account_wide,
-                   account_reason=reason)
-    if isinstance(exc, ssl.SSLError):
-        return TemporaryFailure(f"TLS failure: {exc.reason or exc}", account_wide=True)
-    # aiosmtplib wraps a failed DNS lookup in its own connect error; look at the cause.
-    cause = exc if isinstance(exc, socket.gaierror) else exc.__cause__
-    if isinstance(cause, socket.gaierror):
-        return TemporaryFailure(f"DNS lookup failed: {cause.strerror}", account_wide=True)
-    if isinstance(exc, TimeoutError):
-        return TemporaryFailure("timed out waiting for the upstream", account_wide=connecting)
-    if isinstance(exc, aiosmtplib.SMTPNotSupported):
-        return TemporaryFailure(f"upstream lacks a required extension: {exc}", account_wide=True)
-    if isinstance(exc, ConnectionError | OSError | aiosmtplib.SMTPException):
-        text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        return TemporaryFailure(f"connection failed: {text}", account_wide=connecting)
-    return TemporaryFailure(f"unexpected error: {type(exc).__name__}")
-
-
-class ChannelClosed(ConnectionError):
-    """The connection ended, or the server broke the protocol, before the reply came."""
-
-
-class ServiceClosing(ChannelClosed):
-    """The server answered 421: RFC 5321 3.8, it is closing the session, whatever it does."""
-
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(str(reply))
-        self.reply = reply
-
-
-def _closing_error(exc: ServiceClosing) -> DeliveryError:
-    """A 421 as the message's temporary failure, the server's text kept for the log."""
-    enhanced, text = _split_enhanced(exc.reply.text)
-    return TemporaryFailure(text or "service closing", code=421, enhanced=enhanced)
-
-
-def _too_many_recipients(error: DeliveryError) -> bool:
-    """RFC 5321 4.5.3.1.10: '452 too many recipients' (552 from older servers, which the
-    RFC says to treat as temporary) means 'send the rest in another transaction'."""
-    return error.code in (452, 552) and (
-        error.enhanced in ("4.5.3", "5.5.3") or "too many recipients" in error.reason.lower()
-    )
-
-
-class _Channel(asyncio.Protocol):
-    """An authenticated upstream session: writes commands, reads replies in order."""
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._reader = smtpwire.ReplyReader()
-        self._replies: deque[Reply] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._closed_because: str | None = None
-        self.replies_read = 0
-        transport.set_protocol(self)
-
-    @property
-    def is_connected(self) -> bool:
-        return self._closed_because is None and not self._transport.is_closing()
-
-    # -- asyncio.Protocol ------------------------------------------------------------
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._replies.extend(self._reader.feed(data))
-        except smtpwire.WireError as exc:
-            self._end(f"upstream broke the protocol: {exc}")
-            self._transport.abort()
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self._end("upstream closed the connection")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._end(f"connection lost: {exc}" if exc else "upstream closed the connection")
-
-    def _end(self, why: str) -> None:
-        if self._closed_because is None:
-            self._closed_because = why
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    # -- for the pool ----------------------------------------------------------------
-    def write(self, *chunks: bytes) -> None:
-        if self._replies:
-            # A reply nobody asked for (a 421 before an idle close): out of step.
-            raise ChannelClosed(f"upstream said unasked: {self._replies[0]}")
-        if not self.is_connected:
-            raise ChannelClosed(self._closed_because or "connection closed")
-        self._transport.writelines(chunks)
-
-    async def reply(self, within: float) -> Reply:
-        if not self._replies and self._closed_because is None:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(within):
-                    await self._waiter
-            finally:
-                self._waiter = None
-        if not self._replies:
-            raise ChannelClosed(self._closed_because or "connection closed")
-        self.replies_read += 1
-        reply = self._replies.popleft()
-        if reply.code == 421:
-            # The session is over even if the server leaves the socket open (Exim's "too
-            # many messages in this connection" at MAIL): never RSET and reuse it.
-            self._end(str(reply))
-            self._transport.close()
-            raise ServiceClosing(reply)
-        return reply
-
-    async def command(self, line: bytes, within: float) -> Reply:
-        self.write(line)
-        return await self.reply(within)
-
-    def close(self) -> None:
-        self._end("closed by relay")
-        self._transport.close()
-
-
-@dataclass(eq=False)
-class _Connection:
-    channel: _Channel
-    extensions: frozenset[str]  # lower-case EHLO keywords
-    sent: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-    expiry: asyncio.TimerHandle | None = None
-
-
-def _refusal(reply: Reply, what: str) -> DeliveryError:
-    enhanced, text = _split_enhanced(reply.text)
-    error = TemporaryFailure(text or f"{what} refused", code=reply.code, enhanced=enhanced)
-    if 500 <= reply.code < 600 and not _too_many_recipients(error):
-        return PermanentFailure(error.reason, code=reply.code, enhanced=enhanced)
-    return error
 
 
 class _Replace(Exception):
@@ -247,16 +96,6 @@ def _tls_context(name: str, account: AccountConfig) -> ssl.SSLContext | None:
         raise ConfigError([f"accounts.{name}.tls_ca_file: cannot load"
                            f" {account.tls_ca_file}: {reason}"]) from None
     return context
-
-
-def _sender_refusal(reply: Reply) -> DeliveryError:
-    """MAIL FROM refused: about the account (quota, login: defer, back off) or the message."""
-    enhanced, text = _split_enhanced(reply.text)
-    reason = account_refusal(reply.code, enhanced, text) if reply.code != 421 else None
-    if reason is None:
-        return _refusal(reply, "sender")
-    return TemporaryFailure(text or "sender refused", code=reply.code, enhanced=enhanced,
-                            account_reason=reason)
 
 
 class _Slots:
@@ -324,8 +163,8 @@ class UpstreamPool:
         # sends already under way when the account backed off must not each try once.
         self._login_hold_s = login_hold_s
         self._login_hold_until = 0.0  # monotonic
-        self._idle: list[_Connection] = []
-        self._busy: set[_Connection] = set()
+        self._idle: list[Connection] = []
+        self._busy: set[Connection] = set()
         self._closing: set[asyncio.Task[None]] = set()  # QUITs under way, kept referenced
         self._closed = False
 
@@ -354,7 +193,7 @@ class UpstreamPool:
         self._limit.lower(others)
         return True
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Connection:
         if not self.account.username or self._login_proven:
             return await self._open()
         refused = self._logins_refused
@@ -392,7 +231,7 @@ class UpstreamPool:
             raise
         self._login_proven = True
 
-    async def _open(self) -> _Connection:
+    async def _open(self) -> Connection:
         acc = self.account
         client = aiosmtplib.SMTP(
             hostname=acc.host,
@@ -424,9 +263,9 @@ class UpstreamPool:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise map_smtp_error(exc, connecting=True) from None
-        return _Connection(_Channel(transport), frozenset(client.esmtp_extensions))
+        return Connection(Channel(transport), frozenset(client.esmtp_extensions))
 
-    async def _acquire(self) -> tuple[_Connection, bool]:
+    async def _acquire(self) -> tuple[Connection, bool]:
         """A live connection, and whether it was reused from the pool."""
         while self._idle:
             conn = self._idle.pop()
@@ -461,7 +300,7 @@ class UpstreamPool:
             self._limit.in_use += 1  # the caller's `async with` gives it back
             raise
 
-    def _release(self, conn: _Connection, healthy: bool) -> None:
+    def _release(self, conn: Connection, healthy: bool) -> None:
         self._busy.discard(conn)
         pool = self.account.pool
         if self._closed or not healthy or conn.sent >= pool.max_messages_per_connection:
@@ -473,17 +312,17 @@ class UpstreamPool:
         )
         self._idle.append(conn)
 
-    def _expire(self, conn: _Connection) -> None:
+    def _expire(self, conn: Connection) -> None:
         if conn in self._idle:
             self._idle.remove(conn)
             self._quit_later(conn)
 
-    def _quit_later(self, conn: _Connection) -> None:
+    def _quit_later(self, conn: Connection) -> None:
         task = asyncio.create_task(self._quit(conn))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _quit(self, conn: _Connection) -> None:
+    async def _quit(self, conn: Connection) -> None:
         if conn.channel.is_connected:
             with contextlib.suppress(OSError, TimeoutError):
                 await conn.channel.command(b"QUIT\r\n", 5)
@@ -510,7 +349,7 @@ class UpstreamPool:
 
     async def _attempt(
         self,
-        conn: _Connection,
+        conn: Connection,
         reused: bool,
         sender: str,
         recipients: list[str],
@@ -526,7 +365,7 @@ class UpstreamPool:
             healthy = conn.channel.is_connected
             return result
         except ServiceClosing as exc:
-            raise _Replace(_closing_error(exc)) from None
+            raise _Replace(closing_error(exc)) from None
         except ChannelClosed as exc:
             if reused and conn.channel.replies_read == answered:
                 # The server closed a pooled connection meanwhile, before it answered
@@ -545,7 +384,7 @@ class UpstreamPool:
 
     async def _deliver_all(
         self,
-        conn: _Connection,
+        conn: Connection,
         sender: str,
         recipients: list[str],
         body: bytes,
@@ -555,7 +394,7 @@ class UpstreamPool:
         recipients' (RFC 5321 4.5.3.1.10): the rest go at once, not after a retry delay."""
         total = await self._transaction(conn, sender, recipients, body, mail_options)
         while total.accepted:
-            rest = [r for r, e in total.refused.items() if _too_many_recipients(e)]
+            rest = [r for r, e in total.refused.items() if too_many_recipients(e)]
             if not rest:
                 break
             try:
@@ -563,7 +402,7 @@ class UpstreamPool:
             except (DeliveryError, OSError, TimeoutError) as exc:
                 # Some recipients already have the message: only the rest wait for a retry.
                 if isinstance(exc, ServiceClosing):
-                    error = _closing_error(exc)
+                    error = closing_error(exc)
                 elif isinstance(exc, DeliveryError):
                     error = exc
                 else:
@@ -581,7 +420,7 @@ class UpstreamPool:
             total.reply = f"{total.reply}; {more.reply}"
         return total
 
-    async def _reset(self, conn: _Connection) -> bool:
+    async def _reset(self, conn: Connection) -> bool:
         """RSET after a refused transaction, so the connection can be used again."""
         if not conn.channel.is_connected:
             return False
@@ -593,7 +432,7 @@ class UpstreamPool:
 
     async def _transaction(
         self,
-        conn: _Connection,
+        conn: Connection,
         sender: str,
         recipients: list[str],
         body: bytes,
@@ -610,7 +449,7 @@ class UpstreamPool:
             if reply.code in (250, 251):
                 accepted.append(rcpt)
             else:
-                refused[rcpt] = _refusal(reply, "recipient")
+                refused[rcpt] = refusal(reply, "recipient")
         if data_reply is not None and data_reply.code == 354 and not (
             mail_reply.code == 250 and accepted
         ):
@@ -620,23 +459,23 @@ class UpstreamPool:
             await channel.reply(self.account.timeouts.data)
             data_reply = None
         if mail_reply.code != 250:
-            raise _sender_refusal(mail_reply)
+            raise sender_refusal(mail_reply)
         if not accepted:
             if not await self._reset(conn):  # the server still holds the MAIL
                 channel.close()
             return SendResult(accepted=[], refused=refused, peer=self.peer)
         if data_reply is None or data_reply.code != 354:
-            raise _refusal(data_reply or Reply(451, "no reply to DATA"), "DATA")
+            raise refusal(data_reply or Reply(451, "no reply to DATA"), "DATA")
         channel.write(*smtpwire.data_lines(body))
         final = await channel.reply(self.account.timeouts.data)
         conn.sent += 1
         if final.code != 250:
-            raise _refusal(final, "message")
+            raise refusal(final, "message")
         return SendResult(accepted=accepted, refused=refused, reply=str(final), peer=self.peer)
 
     def _envelope(
         self,
-        conn: _Connection,
+        conn: Connection,
         sender: str,
         recipients: list[str],
         body: bytes,
@@ -683,7 +522,7 @@ class UpstreamPool:
         return mail, rcpts, refused
 
     async def _exchange(
-        self, conn: _Connection, mail: bytes, rcpts: list[tuple[str, bytes]]
+        self, conn: Connection, mail: bytes, rcpts: list[tuple[str, bytes]]
     ) -> tuple[Reply, list[Reply], Reply | None]:
         """Send the envelope and DATA; the replies to MAIL, each RCPT, and DATA if sent."""
         channel, within = conn.channel, self.account.timeouts.command
@@ -729,4 +568,3 @@ class UpstreamPool:
                              return_exceptions=True)
         for conn in list(self._busy):
             conn.channel.close()
-
