@@ -3,8 +3,6 @@ trusted blindly (issue 11 point 16). The CA is made in the test with openssl."""
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -46,9 +44,8 @@ async def test_without_the_ca_the_certificate_is_refused(
         await wait_until(lambda: metric(app, "relay_messages_deferred_total", account="up")
                          >= 1, what="a deferral")
         assert up.messages == [] and up.auth_successes == 0
-        with contextlib.closing(sqlite3.connect(app.config.queue.path)) as db:
-            (last_error,) = db.execute("SELECT last_error FROM messages").fetchone()
-        assert "CERTIFICATE_VERIFY_FAILED" in last_error
+        (deferred,) = await app.store.list_messages()
+        assert "CERTIFICATE_VERIFY_FAILED" in deferred.last_error
 
 
 def test_tls_ca_file_is_checked_with_the_key_named(tmp_path: Path) -> None:
