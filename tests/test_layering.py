@@ -105,7 +105,7 @@ def test_imports_point_down_and_libraries_stay_in_their_edge() -> None:
 
 def test_only_the_wiring_names_the_sqlite_store() -> None:
     """Everything else holds a relay.queue.store.QueueStore, so a second store can replace it."""
-    wiring = {"relay.app", "relay.cli.common", "relay.bench.run"}
+    wiring = {"relay.app", "relay.cli.common", "relay.bench.relayproc"}
     naming = {module for module, path in _modules().items()
               if not _within(module, "relay.queue.sqlite")
               and any(_within(name, "relay.queue.sqlite") for name in _imports(path))}

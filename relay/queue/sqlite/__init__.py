@@ -1,4 +1,6 @@
-"""The SQLite queue store: schema, the batching writer, queries, operator operations.
+"""The SQLite queue store: schema.py (file, schema, row mapping), writer.py (one batch's
+statements), store.py (SQLiteStore: lifecycle, writer task, scheduler's side), admin.py
+(operator queries) and prune.py (keeping the file bounded).
 
 An edge: the only package that imports sqlite3 or aiosqlite. May import relay.queue,
 relay.errors and relay.observe.
