@@ -7,6 +7,7 @@ imports aiosmtpd.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto as sslproto
 import base64
 import inspect
 import ipaddress
@@ -16,6 +17,7 @@ import socket
 import ssl
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from aiosmtpd.smtp import (
@@ -84,6 +86,25 @@ def with_enhanced_code(status: str) -> str:
 _EVERYTHING = 1 << 40
 
 
+class _SessionReader(asyncio.StreamReader):
+    """The session's input. Every chunk that arrives calls ``on_data`` (the idle timer
+    counts reads, not commands); the end of input while a line is awaited ends the
+    session as a cancel does (aiosmtpd's way), after every command before it is done."""
+
+    on_data: Callable[[], None] | None = None
+
+    def feed_data(self, data: Any) -> None:
+        super().feed_data(data)
+        if self.on_data is not None:
+            self.on_data()
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:
+        try:
+            return await super().readuntil(separator)
+        except asyncio.IncompleteReadError:  # end of input: the client has no more
+            raise asyncio.CancelledError from None
+
+
 class ChunkedDataSMTP(SMTP):
     """aiosmtpd's server with its DATA command reading whole chunks (see smtpdata)."""
 
@@ -120,9 +141,17 @@ class ChunkedDataSMTP(SMTP):
             return
         content = reader.content()
         self.envelope.content = self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
+        self._committing = True
+        try:
+            # Shielded: a client that goes mid-commit does not cut the commit (and its
+            # log line) in half; the message is on disk or refused, never in between.
+            status = await asyncio.shield(self._call_handler_hook("DATA"))
+        finally:
+            self._committing = False
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
+
+    _committing = False  # inside the DATA hook: the server is busy, not the client idle
 
     def _lost(self) -> bytes:
         """(end of stream inside DATA) end the session as aiosmtpd does when cancelled."""
@@ -150,6 +179,12 @@ class RelaySMTP(ChunkedDataSMTP):
         self._refusal: str | None = None
         self._bad_commands = 0
         self._continued: list[str] = []
+        # The input stream: aiosmtpd's, with reads resetting the idle timer and the end
+        # of input ending the session only once the commands before it are answered.
+        reader = _SessionReader(loop=self.loop, limit=self.line_length_limit)
+        reader.on_data = self._reset_timeout
+        asyncio.StreamReaderProtocol.__init__(
+            self, reader, client_connected_cb=self._cb_client_connected, loop=self.loop)
         for verb in _HTTP_VERBS:
             self._smtp_methods[verb] = self._cross_protocol
 
@@ -316,10 +351,53 @@ class RelaySMTP(ChunkedDataSMTP):
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self._released:  # aiosmtpd calls this itself after a failed TLS handshake
-            self._released = True
-            self._limits.close_session(self._client)
+        # Once per session, whoever reports it first: asyncio (plain TCP, or TLS after
+        # its handshake), the TLS layer (_TLSLayer, in any TLS state), or aiosmtpd itself
+        # after a failed handshake.
+        if self._released:
+            return
+        self._released = True
+        self._limits.close_session(self._client)
         super().connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        """The client will send nothing more (a half-close, or TLS close_notify).
+
+        aiosmtpd cancels the session here, even mid-commit: a message could be on disk
+        with its 250 never written. Instead the input ends (_SessionReader): the commands
+        already received are carried out and answered, then the session ends."""
+        if self._reader is not None:
+            self._reader.feed_eof()
+        # Keep the TCP connection open for the replies; TLS cannot stay half-open.
+        return self.session is None or self.session.ssl is None
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's, with a TLS layer that reports the end of the TCP connection in every
+        TLS state, and a 503 inside TLS (aiosmtpd starts a second handshake and dies)."""
+        if arg:
+            await self.push("501 Syntax: STARTTLS")
+            return
+        if self._tls_protocol is not None:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        assert self.tls_context is not None and self.transport is not None
+        await self.push("220 Ready to start TLS")
+        waiter = self.loop.create_future()
+        self._tls_protocol = _TLSLayer(self.loop, self, self.tls_context, waiter,
+                                       server_side=True, on_lost=self.connection_lost)
+        self._original_transport = self.transport
+        self._original_transport.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            raise TLSSetupException() from error
+        if self._released:  # the connection ended before the handshake did
+            raise asyncio.CancelledError
 
     async def _handle_client(self) -> None:
         if self._refusal is not None:
@@ -354,8 +432,15 @@ class RelaySMTP(ChunkedDataSMTP):
                 self._close()
 
     def _timeout_cb(self) -> None:
-        # aiosmtpd closes idle sessions silently; RFC 5321 4.2.2 wants a 421 first.
-        if self.transport is not None and not self.transport.is_closing():
+        if self._committing:  # relay is busy with the message, not the client idle
+            self._reset_timeout()
+            return
+        handshaking = self._tls_protocol is not None and self.session is not None and (
+            self.session.ssl is None)
+        # aiosmtpd closes idle sessions silently; RFC 5321 4.2.2 wants a 421 first (not
+        # in the middle of a TLS handshake: plain text there is noise to the client).
+        if self.transport is not None and not self.transport.is_closing() and not (
+                handshaking):
             self._writer.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
@@ -379,6 +464,22 @@ class RelaySMTP(ChunkedDataSMTP):
     def _close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+class _TLSLayer(sslproto.SSLProtocol):
+    """asyncio's TLS protocol, telling the session when the TCP connection under it ends.
+
+    asyncio tells the session (the app protocol) only after a completed handshake; a
+    client that sent STARTTLS and then nothing, or went mid-handshake, would keep its
+    session slot forever."""
+
+    def __init__(self, *args: Any, on_lost: Callable[[Any], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_lost = on_lost
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._on_lost(exc)
 
 
 class SessionLimits:

@@ -1,0 +1,153 @@
+"""Listener, round two: what a hostile-client attack found (real listener over loopback,
+real upstream, raw SMTP from the tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import StartRelay, message, metric, wait_until
+from tests.smtpclient import RawSMTP
+from tests.test_hardening import _relay, _session
+from tests.upstream import FakeUpstream
+
+
+def _client_tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# -- 1. STARTTLS, then no handshake: the slot is released at the timeout --
+
+
+async def test_starttls_without_handshake_releases_the_slot_at_the_timeout(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    self_signed: tuple[Path, Path],
+) -> None:
+    cert, key = self_signed
+    app = await _relay(tmp_path, upstream, start_relay, max_connections_per_client=2,
+                       timeout="300ms", tls={"cert": str(cert), "key": str(key)})
+    stuck = []
+    for _ in range(2):
+        client = await _session(app.smtp_port)
+        assert (await client.cmd("STARTTLS")).startswith("220")
+        stuck.append(client)
+    assert metric(app, "relay_smtp_sessions_active") == 2
+    for client in stuck:  # the server ends them at listen.timeout
+        assert await client.closed(timeout=5)
+    await wait_until(lambda: metric(app, "relay_smtp_sessions_active") == 0,
+                     what="the stuck sessions slots released", timeout=3)
+    assert app.limits.sessions == 0 and app.limits.per_client == {}
+    fresh = await RawSMTP.connect(app.smtp_port)
+    assert (await fresh.reply()).startswith("220 ")
+    await fresh.close()
+
+
+async def test_client_leaving_during_the_tls_handshake_releases_the_slot(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    self_signed: tuple[Path, Path],
+) -> None:
+    cert, key = self_signed
+    app = await _relay(tmp_path, upstream, start_relay,
+                       tls={"cert": str(cert), "key": str(key)})
+    for _ in range(3):
+        client = await _session(app.smtp_port)
+        assert (await client.cmd("STARTTLS")).startswith("220")
+        await client.send_raw(b"\x16\x03\x01\x00")  # half a ClientHello, then gone
+        await client.close()
+    await wait_until(lambda: metric(app, "relay_smtp_sessions_active") == 0,
+                     what="the slots released")
+    assert app.limits.sessions == 0
+
+
+# -- 2. half-close after QUIT: every committed message gets its 250 --
+
+
+async def test_half_closed_client_gets_every_reply(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay)
+    replies = []
+    for i in range(12):
+        client = await _session(app.smtp_port)
+        assert (await client.cmd("MAIL FROM:<a@example.com>")).startswith("250")
+        assert (await client.cmd("RCPT TO:<b@example.com>")).startswith("250")
+        assert (await client.cmd("DATA")).startswith("354")
+        client.writer.write(message(f"half {i}") + b".\r\nQUIT\r\n")
+        if i % 3:
+            await asyncio.sleep(0.001 * (i % 3))
+        client.writer.write_eof()  # like `nc -N`: nothing more to send, still reading
+        replies.append((await asyncio.wait_for(client.reader.read(), 10)).decode())
+        await client.close()
+    for reply in replies:
+        assert "250 2.0.0 queued as" in reply and "221" in reply, reply
+    await upstream.wait_for_messages(12)
+    await wait_until(lambda: metric(app, "relay_smtp_sessions_active") == 0,
+                     what="the sessions closed")
+
+
+async def test_half_close_without_quit_ends_the_session_after_the_reply(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay)
+    client = await _session(app.smtp_port)
+    client.writer.write(b"NOOP\r\nNOOP\r\n")
+    client.writer.write_eof()
+    answer = (await asyncio.wait_for(client.reader.read(), 10)).decode()
+    assert answer.count("250") == 2
+    await client.close()
+    await wait_until(lambda: metric(app, "relay_smtp_sessions_active") == 0,
+                     what="the session closed")
+
+
+# -- 3. STARTTLS inside TLS --
+
+
+async def test_starttls_inside_tls_is_503_and_the_session_goes_on(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    self_signed: tuple[Path, Path], caplog: pytest.LogCaptureFixture,
+) -> None:
+    cert, key = self_signed
+    app = await _relay(tmp_path, upstream, start_relay, max_bad_commands=2,
+                       tls={"cert": str(cert), "key": str(key)})
+    client = await _session(app.smtp_port)
+    assert (await client.cmd("STARTTLS")).startswith("220")
+    await client.writer.start_tls(_client_tls())
+    assert "250" in await client.cmd("EHLO client.example")
+    assert (await client.cmd("STARTTLS")).startswith("503 5.5.1")
+    assert (await client.cmd("NOOP")).startswith("250")
+    # counted as a bad command: the second one ends the session
+    assert (await client.cmd("STARTTLS")).startswith("503 5.5.1")
+    assert (await client.reply()).startswith("421 4.7.0")
+    assert await client.closed()
+    await wait_until(lambda: metric(app, "relay_smtp_sessions_active") == 0,
+                     what="the session closed")
+    assert not [r for r in caplog.records if r.exc_info or "Fatal error" in r.getMessage()]
+
+
+# -- 4. the idle timeout counts every read, not only commands --
+
+
+async def test_slow_data_transfer_is_not_cut_at_the_idle_timeout(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay, timeout="400ms")
+    client = await _session(app.smtp_port)
+    assert (await client.cmd("MAIL FROM:<a@example.com>")).startswith("250")
+    assert (await client.cmd("RCPT TO:<b@example.com>")).startswith("250")
+    assert (await client.cmd("DATA")).startswith("354")
+    await client.send_raw(b"Subject: slow\r\n\r\n")
+    for i in range(8):  # 8 x 150 ms: three times the timeout, never idle for long
+        await asyncio.sleep(0.15)
+        await client.send_raw(b"line %d\r\n" % i)
+    await client.send_raw(b".\r\n")
+    assert (await client.reply()).startswith("250 2.0.0")
+    # and idle is still idle
+    assert (await client.reply()).startswith("421 4.4.2")
+    assert await client.closed()
+
