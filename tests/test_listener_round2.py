@@ -6,12 +6,23 @@ from __future__ import annotations
 import asyncio
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import StartRelay, message, metric, wait_until
+from relay.config.schema import Config, ListenAuthConfig
+from relay.ingest.auth import hash_password
+from relay.ingest.throttle import client_key
+from tests.conftest import (
+    StartRelay,
+    message,
+    metric,
+    relay_config,
+    upstream_account,
+    wait_until,
+)
 from tests.smtpclient import RawSMTP
-from tests.test_hardening import _relay, _session
+from tests.test_hardening import _auth_plain, _relay, _session
 from tests.upstream import FakeUpstream
 
 
@@ -151,3 +162,82 @@ async def test_slow_data_transfer_is_not_cut_at_the_idle_timeout(
     assert (await client.reply()).startswith("421 4.4.2")
     assert await client.closed()
 
+
+
+# -- 5. AUTH lockout per (client, user); all of loopback is one client --
+
+
+async def _session_from(port: int, local: str) -> RawSMTP:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0))
+    client = RawSMTP(reader, writer)
+    assert (await client.reply()).startswith("220 ")
+    assert "250" in await client.cmd("EHLO client.example")
+    return client
+
+
+def _two_users(tmp_path: Path, upstream: FakeUpstream, **auth: Any) -> Config:
+    users = {"billing": {"password_hash": hash_password("right")},
+             "alerts": {"password_hash": hash_password("right")}}
+    return relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                        listen={"auth": {"users": users, **auth}, "max_bad_commands": 50})
+
+
+async def test_one_users_failures_do_not_lock_out_the_other_local_apps(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await start_relay(_two_users(tmp_path, upstream, max_failures=2))
+    client = await _session(app.smtp_port)
+    assert (await client.cmd(_auth_plain("billing", "wrong"))).startswith("535 5.7.8")
+    assert (await client.cmd(_auth_plain("billing", "wrong"))).startswith("421 4.7.0")
+    assert await client.closed()
+    other = await _session(app.smtp_port)  # another app, same address: not locked
+    assert (await other.cmd(_auth_plain("alerts", "right"))).startswith("235")
+    await other.close()
+    again = await _session_from(app.smtp_port, "127.0.0.9")  # another 127.x: same client
+    assert (await again.cmd(_auth_plain("billing", "right"))).startswith("421 4.7.0")
+    assert await again.closed()
+
+
+async def test_rotating_loopback_addresses_shares_one_failure_budget(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await start_relay(_two_users(tmp_path, upstream, max_failures=2,
+                                       max_failures_per_client=3))
+    for n, user in enumerate(["u1", "u2"], start=2):
+        client = await _session_from(app.smtp_port, f"127.0.0.{n}")
+        assert (await client.cmd(_auth_plain(user, "guess"))).startswith("535 5.7.8")
+        await client.close()
+    client = await _session_from(app.smtp_port, "127.0.0.4")
+    assert (await client.cmd(_auth_plain("u3", "guess"))).startswith("421 4.7.0")
+    assert await client.closed()
+    client = await _session_from(app.smtp_port, "127.0.0.5")
+    assert (await client.cmd(_auth_plain("alerts", "right"))).startswith("421 4.7.0")
+    assert await client.closed()
+
+
+async def test_rotating_loopback_addresses_shares_one_connection_limit(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay, max_connections_per_client=2)
+    first = await _session_from(app.smtp_port, "127.0.0.2")
+    second = await _session_from(app.smtp_port, "127.0.0.3")
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.smtp_port,
+                                                   local_addr=("127.0.0.4", 0))
+    third = RawSMTP(reader, writer)
+    assert (await third.reply()).startswith("421 4.7.0 Too many connections from your")
+    assert await third.closed()
+    await first.close()
+    await second.close()
+    await wait_until(lambda: app.limits.per_client == {}, what="the table emptied")
+
+
+def test_client_key_folds_loopback_and_mapped_addresses() -> None:
+    assert client_key("127.0.0.1") == client_key("127.8.9.10") == client_key("::1")
+    assert client_key("::ffff:127.0.0.2") == client_key("127.0.0.1")
+    assert client_key("::ffff:192.0.2.1") == "192.0.2.1" == client_key("192.0.2.1")
+    assert client_key(None) is None
+
+
+def test_per_client_failure_budget_must_cover_the_per_user_one() -> None:
+    with pytest.raises(ValueError, match="max_failures_per_client"):
+        ListenAuthConfig(max_failures=10, max_failures_per_client=5)

@@ -108,9 +108,12 @@ class ListenUserConfig(_Frozen):
 class ListenAuthConfig(_Frozen):
     required: bool = False
     users: dict[str, ListenUserConfig] = Field(default_factory=dict)
-    # Failed logins from one client address within failure_window before its AUTH
-    # commands get 421 4.7.0 for lockout (Postfix's anvil does the same per client).
+    # Failed logins for one user name from one client within failure_window before that
+    # user's AUTH from that client gets 421 4.7.0 for lockout (like Postfix's anvil);
+    # max_failures_per_client counts every user name from the client (all of loopback
+    # is one client).
     max_failures: int = Field(default=10, ge=1)
+    max_failures_per_client: int = Field(default=50, ge=1)
     failure_window: Duration = 600.0
     lockout: Duration = 600.0
 
@@ -118,6 +121,9 @@ class ListenAuthConfig(_Frozen):
     def _users_if_required(self) -> ListenAuthConfig:
         if self.required and not self.users:
             raise ValueError("users: auth.required needs at least one user")
+        if self.max_failures_per_client < self.max_failures:
+            raise ValueError("max_failures_per_client: must be at least max_failures"
+                             f" ({self.max_failures})")
         return self
 
 

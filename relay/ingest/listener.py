@@ -43,7 +43,7 @@ from relay.ingest.handler import (
     _peer,
     _Session,
 )
-from relay.ingest.throttle import FailureThrottle
+from relay.ingest.throttle import LoginThrottle, client_key
 from relay.observe.logs import event
 from relay.observe.metrics import Metrics
 from relay.smtp import replies
@@ -174,6 +174,7 @@ class RelaySMTP(ChunkedDataSMTP):
         self._handler = handler
         self._limits = limits
         self._client: str | None = None
+        self._client_key: str | None = None  # who the client counts as (client_key)
         self._released = False
         self._bad_path: replies.Reply | None = None  # inside MAIL or RCPT: its syntax reply
         self._refusal: str | None = None
@@ -229,16 +230,20 @@ class RelaySMTP(ChunkedDataSMTP):
         return await self._verify(LoginPassword(login, password))
 
     async def _verify(self, login: LoginPassword) -> AuthResult:
-        throttle, client = self._limits.auth_throttle, self._client
-        if client is not None and throttle.locked(client, time.monotonic()):
+        throttle, client = self._limits.auth_throttle, self._client_key
+        user = login.login.decode("utf-8", "replace")
+        if client is not None and throttle.locked(client, user, time.monotonic()):
             return await self._auth_locked_out()
         assert self.session is not None
         result = await self._handler.verify_login(self.session, login)
-        if not result.success and client is not None and throttle.failed(
-                client, time.monotonic()):
-            event(log, logging.WARNING, "auth_locked", client=_peer(self.session),
-                  failures=throttle.limit, lockout=f"{throttle.lockout:g}s")
-            return await self._auth_locked_out()
+        if not result.success and client is not None:
+            locked = throttle.failed(client, user, time.monotonic())
+            if locked is not None:
+                limit = throttle.client.limit if locked == "client" else throttle.user.limit
+                event(log, logging.WARNING, "auth_locked", client=_peer(self.session),
+                      user=user[:64] if locked == "user" else None, failures=limit,
+                      lockout=f"{throttle.lockout:g}s")
+                return await self._auth_locked_out()
         return result
 
     async def _auth_locked_out(self) -> AuthResult:
@@ -347,6 +352,7 @@ class RelaySMTP(ChunkedDataSMTP):
             return
         peer = transport.get_extra_info("peername")
         self._client = peer[0] if isinstance(peer, tuple) else None
+        self._client_key = client_key(self._client)
         self._refusal = self._limits.open_session(self._client)
         super().connection_made(transport)
 
@@ -490,8 +496,8 @@ class SessionLimits:
         self.sessions = 0
         self.per_client: dict[str | None, int] = {}
         auth = config.listen.auth
-        self.auth_throttle = FailureThrottle(auth.max_failures, auth.failure_window,
-                                             auth.lockout)
+        self.auth_throttle = LoginThrottle(auth.max_failures, auth.max_failures_per_client,
+                                           auth.failure_window, auth.lockout)
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -501,12 +507,14 @@ class SessionLimits:
         self.max_bad_commands = config.listen.max_bad_commands
         self.networks = config.listen.networks()
         auth = config.listen.auth
-        self.auth_throttle.configure(auth.max_failures, auth.failure_window, auth.lockout)
+        self.auth_throttle.configure(auth.max_failures, auth.max_failures_per_client,
+                                     auth.failure_window, auth.lockout)
 
     def open_session(self, host: str | None) -> str | None:
         """Count a new connection (always: close_session uncounts it); the refusal, if any."""
         self.sessions += 1
-        self.per_client[host] = self.per_client.get(host, 0) + 1
+        client = client_key(host)
+        self.per_client[client] = self.per_client.get(client, 0) + 1
         self.metrics.sessions_active.inc()
         if not self.allowed(host):
             self.metrics.rejected.labels("access_denied").inc()
@@ -515,18 +523,19 @@ class SessionLimits:
             self.metrics.rejected.labels("too_many_connections").inc()
             return "421 4.7.0 Too many connections, try again later"
         # A Unix socket (host None) has no client address to tell clients apart.
-        if host is not None and self.per_client[host] > self.max_per_client:
+        if client is not None and self.per_client[client] > self.max_per_client:
             self.metrics.rejected.labels("too_many_client_connections").inc()
             return "421 4.7.0 Too many connections from your address, try again later"
         return None
 
     def close_session(self, host: str | None) -> None:
         self.sessions -= 1
-        left = self.per_client.get(host, 0) - 1
+        client = client_key(host)
+        left = self.per_client.get(client, 0) - 1
         if left > 0:
-            self.per_client[host] = left
-        else:  # forget the address: the table holds only clients connected now
-            self.per_client.pop(host, None)
+            self.per_client[client] = left
+        else:  # forget the client: the table holds only clients connected now
+            self.per_client.pop(client, None)
         self.metrics.sessions_active.dec()
 
     def allowed(self, host: str | None) -> bool:
