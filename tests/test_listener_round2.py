@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from relay.config.schema import Config, ListenAuthConfig
+from relay.ingest.addresses import recipient_key
 from relay.ingest.auth import hash_password
 from relay.ingest.throttle import client_key
 from tests.conftest import (
@@ -241,3 +242,32 @@ def test_client_key_folds_loopback_and_mapped_addresses() -> None:
 def test_per_client_failure_budget_must_cover_the_per_user_one() -> None:
     with pytest.raises(ValueError, match="max_failures_per_client"):
         ListenAuthConfig(max_failures=10, max_failures_per_client=5)
+
+
+# -- 6. equivalent recipients are one recipient --
+
+
+def test_recipient_key_unquotes_and_uses_a_labels() -> None:
+    assert recipient_key('"r"@example.com') == recipient_key("r@example.com")
+    assert recipient_key('"r.s"@Example.COM') == recipient_key("r.s@example.com")
+    assert recipient_key('"\\r"@example.com') == recipient_key("r@example.com")
+    assert recipient_key("a@xn--tda.example") == recipient_key("a@Ü.example")
+    # quotes that matter, and the local part's case, are kept
+    assert recipient_key('"a b"@example.com') != recipient_key("ab@example.com")
+    assert recipient_key("R@example.com") != recipient_key("r@example.com")
+
+
+async def test_equivalent_recipients_are_delivered_once(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay)
+    client = await _session(app.smtp_port)
+    assert (await client.cmd("MAIL FROM:<a@example.com> SMTPUTF8")).startswith("250")
+    for rcpt in ("r@example.com", '"r"@example.com', "a@xn--tda.example", "a@ü.example"):
+        assert (await client.cmd(f"RCPT TO:<{rcpt}>")).startswith("250 2.1.5")
+    assert (await client.cmd("DATA")).startswith("354")
+    await client.send_raw(message("once each") + b".\r\n")
+    assert (await client.reply()).startswith("250 2.0.0")
+    await client.close()
+    await upstream.wait_for_messages(1)
+    assert upstream.messages[0].rcpt_tos == ("r@example.com", "a@xn--tda.example")

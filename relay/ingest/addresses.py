@@ -13,10 +13,38 @@ def recipient_key(address: str) -> str:
     """The mailbox an address names, for finding duplicates in one envelope.
 
     RFC 5321 2.4: the domain is case-insensitive, the local part may not be (only the
-    receiving host can say), so the local part is compared as given.
+    receiving host can say), so the local part is compared as given, except for quoting
+    that changes nothing (RFC 5321 4.1.2: ``"r"`` and ``r`` are the same local part).
+    An internationalised domain and its A-label form (IDNA) are the same domain.
     """
     local, at, domain = address.rpartition("@")
-    return f"{local}{at}{domain.lower()}"
+    if not at:
+        return address
+    return f"{_local_key(local)}@{_domain_key(domain)}"
+
+
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _local_key(local: str) -> str:
+    """A quoted local part without its quotes when it needs none, else canonically quoted."""
+    if len(local) < 2 or not (local.startswith('"') and local.endswith('"')):
+        return local
+    text = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    if _DOT_ATOM.fullmatch(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _domain_key(domain: str) -> str:
+    """Lower case, and IDNA labels in their A-label (xn--) form: one spelling per domain."""
+    lowered = domain.lower()
+    if lowered.startswith("[") or lowered.isascii():
+        return lowered
+    try:
+        return lowered.encode("idna").decode("ascii")
+    except UnicodeError:  # not a valid IDN: compared as given (lower case)
+        return lowered
 
 
 # RFC 5321 4.1.2, with RFC 6531 3.3's UTF-8 in atoms, quoted strings and domain labels
@@ -26,6 +54,7 @@ def recipient_key(address: str) -> str:
 _UTF8 = "\u0080-\U0010ffff"
 _ATOM = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~\-{_UTF8}]+"
 _QUOTED = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"'
+_DOT_ATOM = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")  # a local part that needs no quotes
 _LABEL = rf"[A-Za-z0-9{_UTF8}][A-Za-z0-9\-{_UTF8}]*(?<!-)"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
 _PATH = re.compile(
