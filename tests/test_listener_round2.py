@@ -271,3 +271,35 @@ async def test_equivalent_recipients_are_delivered_once(
     await client.close()
     await upstream.wait_for_messages(1)
     assert upstream.messages[0].rcpt_tos == ("r@example.com", "a@xn--tda.example")
+
+
+# -- 7. address literals and <Postmaster> --
+
+
+@pytest.mark.parametrize("strict", [True, False])
+async def test_address_literals_and_postmaster_are_accepted(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay, strict: bool
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay, strict_addresses=strict)
+    client = await _session(app.smtp_port)
+    assert (await client.cmd("MAIL FROM:<a@[127.0.0.1]>")).startswith("250")
+    for rcpt in ("<a@[IPv6:::1]>", "<Postmaster>", "<b@[127.0.0.1]>"):
+        answer = await client.cmd(f"RCPT TO:{rcpt}")
+        assert answer.startswith("250 2.1.5"), (rcpt, answer)
+    assert (await client.cmd("DATA")).startswith("354")
+    await client.send_raw(message("literal") + b".\r\n")
+    assert (await client.reply()).startswith("250 2.0.0")
+    await client.close()
+    await upstream.wait_for_messages(1)
+    assert upstream.messages[0].mail_from == "a@[127.0.0.1]"
+    assert upstream.messages[0].rcpt_tos == ("a@[IPv6:::1]", "Postmaster", "b@[127.0.0.1]")
+
+
+async def test_postmaster_without_domain_is_only_a_recipient(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay)
+    client = await _session(app.smtp_port)
+    assert (await client.cmd("MAIL FROM:<Postmaster>")).startswith("501 5.1.7")
+    assert (await client.cmd("MAIL FROM:<a@[300.0.0.1]>")).startswith("501 5.1.7")
+    await client.close()

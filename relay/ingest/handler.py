@@ -236,6 +236,8 @@ def _address_problem(address: str, *, allow_null: bool) -> replies.Reply | None:
     bad = replies.BAD_ADDRESS
     if address in ("", "<>"):
         return None if allow_null else bad.with_text("Null recipient not allowed")
+    if not allow_null and address.lower() == "postmaster":  # RFC 5321 4.1.1.3: <Postmaster>
+        return None
     octets = address.encode("utf-8", "surrogateescape")
     if len(octets) > MAX_ADDRESS:
         return bad.with_text(f"Address longer than {MAX_ADDRESS} octets")
@@ -246,9 +248,17 @@ def _address_problem(address: str, *, allow_null: bool) -> replies.Reply | None:
         return bad.with_text(f"Local part longer than {MAX_LOCAL_PART} octets")
     if _CONTROL.search(address):  # RFC 5321 4.1.2: no control characters in a mailbox
         return bad.with_text("Address contains control characters")
-    if any(c in address for c in " <>()[],;\\\"") and not local.startswith('"'):
+    # Outside quotes in the local part, and outside an address literal's brackets in the
+    # domain (RFC 5321 4.1.3: a@[127.0.0.1], a@[IPv6:::1]; the parser checked its form).
+    literal = domain.startswith("[") and domain.endswith("]")
+    if (not local.startswith('"') and _has_special(local)) or (
+            not literal and _has_special(domain)):
         return bad.with_text("Address contains characters not allowed outside quotes")
     return None
+
+
+def _has_special(text: str) -> bool:
+    return any(c in text for c in " <>()[],;\\\"")
 
 
 def _encoding_problem(address: str, smtputf8: bool) -> replies.Reply | None:

@@ -68,6 +68,7 @@ _REWORDED = {
 _TOO_BIG = str(replies.TOO_BIG)
 # Request methods a browser may send: a web page must not be able to talk SMTP to us.
 _HTTP_VERBS = ("GET", "POST", "PUT", "HEAD", "OPTIONS", "CONNECT", "DELETE", "PATCH")
+_POSTMASTER = re.compile(r" *<(postmaster)>(?: (.*))?", re.IGNORECASE | re.DOTALL)
 _ENHANCED_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}\b")
 
 
@@ -310,6 +311,10 @@ class RelaySMTP(ChunkedDataSMTP):
             return match.group(1), match.group(2).lstrip()
         if not arg:
             return "", ""
+        if self._bad_path is replies.BAD_RECIPIENT_SYNTAX:  # inside RCPT
+            postmaster = _POSTMASTER.fullmatch(arg)
+            if postmaster:  # RFC 5321 4.1.1.3: MUST be accepted, with no domain
+                return postmaster.group(1), (postmaster.group(2) or "").lstrip(" ")
         if self._handler.config.listen.strict_addresses:
             parsed = parse_path(arg)
             if parsed is None or (limit and len(parsed[0].rpartition("@")[0]) > limit):
