@@ -4,6 +4,7 @@ real upstream, raw SMTP from the tests)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from pathlib import Path
 from typing import Any
@@ -303,3 +304,26 @@ async def test_postmaster_without_domain_is_only_a_recipient(
     assert (await client.cmd("MAIL FROM:<Postmaster>")).startswith("501 5.1.7")
     assert (await client.cmd("MAIL FROM:<a@[300.0.0.1]>")).startswith("501 5.1.7")
     await client.close()
+
+
+# -- 8. relay's bad-command limit, not aiosmtpd's, and no log line per unknown command --
+
+
+async def test_unknown_commands_meet_relays_limit_quietly(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="mail.log")
+    app = await _relay(tmp_path, upstream, start_relay, max_bad_commands=8)
+    client = await _session(app.smtp_port)
+    for _ in range(7):
+        assert (await client.cmd("XYZZY")).startswith('500 5.5.2 command "XYZZY" not recognized')
+    assert (await client.cmd("XYZZY")).startswith("500 5.5.2")
+    assert (await client.reply()).startswith("421 4.7.0 Too many errors")
+    assert await client.closed()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING
+                and r.name == "mail.log"]
+    other = await _session(app.smtp_port)
+    help_text = await other.cmd("HELP XYZZY")
+    assert help_text.startswith("501") and "XYZZY" not in help_text.partition(":")[2]
+    await other.close()
