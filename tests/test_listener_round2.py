@@ -327,3 +327,20 @@ async def test_unknown_commands_meet_relays_limit_quietly(
     help_text = await other.cmd("HELP XYZZY")
     assert help_text.startswith("501") and "XYZZY" not in help_text.partition(":")[2]
     await other.close()
+
+
+# -- 9. a DATA line is at most 1000 octets, CRLF included --
+
+
+async def test_data_line_of_1001_octets_is_refused(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay)
+    client = await _session(app.smtp_port)
+    for length, answer in ((998, "250 2.0.0"), (999, "500 5.5.2 Line too long")):
+        assert (await client.cmd("MAIL FROM:<a@example.com>")).startswith("250")
+        assert (await client.cmd("RCPT TO:<b@example.com>")).startswith("250")
+        assert (await client.cmd("DATA")).startswith("354")
+        await client.send_raw(b"Subject: long\r\n\r\n" + b"x" * length + b"\r\n.\r\n")
+        assert (await client.reply()).startswith(answer), length
+    await client.close()

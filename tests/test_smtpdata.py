@@ -11,11 +11,12 @@ import asyncio
 from unittest import mock
 
 import aiosmtpd.smtp
+import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from relay.ingest.listener import ChunkedDataSMTP
+from relay.ingest.listener import ChunkedDataSMTP, RelaySMTP
 from relay.smtp.data import DataReader, DataState
 
 SIZE_LIMIT = 3000
@@ -77,6 +78,27 @@ async def test_same_transcript_and_message_as_aiosmtpd(body: bytes, pieces: int)
         theirs = await _transcript(SMTP, payload, pieces)
         ours = await _transcript(ChunkedDataSMTP, payload, pieces)
     assert ours == theirs
+
+
+class _StockAtRFCLimit(SMTP):
+    line_length_limit = 1000
+
+
+class _ChunkedAtRFCLimit(ChunkedDataSMTP):
+    line_length_limit = 1000
+
+
+@pytest.mark.parametrize("length", [998, 999, 1000, 1001])
+async def test_same_answers_at_rfc_5321s_line_limit(length: int) -> None:
+    """A deliberate deviation: relay's listener (RelaySMTP) allows 1000 octets a line,
+    CRLF included (RFC 5321 4.5.3.1.6), where stock aiosmtpd allows 1001. The reader is
+    compared at aiosmtpd's limit above and, here, with both servers at relay's."""
+    assert RelaySMTP.line_length_limit == 1000 < SMTP.line_length_limit
+    payload = b"y" * length + b"\r\n.\r\nNOOP\r\n"
+    theirs = await _transcript(_StockAtRFCLimit, payload, 3)
+    ours = await _transcript(_ChunkedAtRFCLimit, payload, 3)
+    assert ours == theirs
+    assert (b"500 Line too long" in ours[0]) == (length + 2 > 1000)
 
 
 def _feed(chunks: list[bytes], *, size_limit: int = 0) -> DataReader:

@@ -180,6 +180,10 @@ class RelaySMTP(ChunkedDataSMTP):
     """aiosmtpd's server, hardened: access control at connect, session and error limits,
     enhanced status codes, no cross-protocol requests, a session gauge."""
 
+    # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets, CRLF included (aiosmtpd
+    # allows 1001). Also the input stream's line limit, far above any command's.
+    line_length_limit = 1000
+
     def __init__(self, handler: IngestHandler, limits: SessionLimits, **kwargs: Any) -> None:
         if kwargs.get("auth_required") and not kwargs.get("auth_require_tls"):
             with warnings.catch_warnings():
