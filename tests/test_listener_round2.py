@@ -344,3 +344,31 @@ async def test_data_line_of_1001_octets_is_refused(
         await client.send_raw(b"Subject: long\r\n\r\n" + b"x" * length + b"\r\n.\r\n")
         assert (await client.reply()).startswith(answer), length
     await client.close()
+
+
+# -- 10. VRFY and AUTH PLAIN = --
+
+
+async def test_vrfy_is_252_and_not_a_bad_command(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay, max_bad_commands=2)
+    client = await _session(app.smtp_port)
+    for arg in ("alice", "<a@example.com>", "Some User <u@example.com>"):
+        assert (await client.cmd(f"VRFY {arg}")).startswith("252 2.1.5")
+    assert (await client.cmd("NOOP")).startswith("250")
+    await client.close()
+
+
+async def test_auth_plain_with_an_empty_initial_response_is_not_bad_base64(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    users = {"app": {"password_hash": hash_password("right")}}
+    app = await start_relay(relay_config(
+        tmp_path, {"up": upstream_account(upstream, tmp_path)},
+        listen={"auth": {"users": users}}))
+    client = await _session(app.smtp_port)
+    answer = await client.cmd("AUTH PLAIN =")
+    assert answer.startswith("501 5.5.2 Empty authentication response"), answer
+    assert (await client.cmd(_auth_plain("app", "right"))).startswith("235")
+    await client.close()

@@ -224,11 +224,14 @@ class RelaySMTP(ChunkedDataSMTP):
             if blob is MISSING:
                 return AuthResult(success=False)
         else:
-            blob = _b64(args[1])
+            blob = _initial_response(args[1])
             if blob is None:
                 await self.push("501 5.5.2 Can't decode base64")
                 return AuthResult(success=False)
         assert isinstance(blob, bytes)
+        if not blob:
+            await self.push("501 5.5.2 Empty authentication response")
+            return AuthResult(success=False)
         try:  # RFC 4616: authzid NUL authcid NUL passwd
             _authzid, login, password = blob.split(b"\x00")
         except ValueError:
@@ -242,7 +245,7 @@ class RelaySMTP(ChunkedDataSMTP):
             if login is MISSING:
                 return AuthResult(success=False)
         else:
-            login = _b64(args[1])
+            login = _initial_response(args[1])
             if login is None:
                 await self.push("501 5.5.2 Can't decode base64")
                 return AuthResult(success=False)
@@ -251,6 +254,19 @@ class RelaySMTP(ChunkedDataSMTP):
             return AuthResult(success=False)
         assert isinstance(login, bytes) and isinstance(password, bytes)
         return await self._verify(LoginPassword(login, password))
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        """RFC 5321 3.5.3: relay cannot verify a mailbox but takes mail for any, so 252,
+        whatever the argument's form (a user name or a mailbox; aiosmtpd wants a path
+        and answers 502, a bad command, otherwise)."""
+        if await self.check_auth_needed("VRFY"):
+            return
+        if not arg:
+            await self.push("501 Syntax: VRFY <address>")
+            return
+        await self.push("252 2.1.5 Cannot VRFY user, but will accept message and attempt"
+                        " delivery")
 
     async def _verify(self, login: LoginPassword) -> AuthResult:
         throttle, client = self._limits.auth_throttle, self._client_key
@@ -518,6 +534,11 @@ class _TLSLayer(sslproto.SSLProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._on_lost(exc)
+
+
+def _initial_response(text: str) -> bytes | None:
+    """An AUTH initial response: base64, or "=" for an empty one (RFC 4954 4)."""
+    return b"" if text == "=" else _b64(text)
 
 
 class SessionLimits:
