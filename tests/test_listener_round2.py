@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -372,3 +374,33 @@ async def test_auth_plain_with_an_empty_initial_response_is_not_bad_base64(
     assert answer.startswith("501 5.5.2 Empty authentication response"), answer
     assert (await client.cmd(_auth_plain("app", "right"))).startswith("235")
     await client.close()
+
+
+async def test_client_leaving_mid_commit_does_not_cut_the_commit(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.smtpd")
+    app = await _relay(tmp_path, upstream, start_relay)
+    real_submit = app.handler.submit
+    committing = asyncio.Event()
+
+    async def slow_submit(new: Any) -> None:  # the real commit, after a slow disk's pause
+        committing.set()
+        await asyncio.sleep(0.3)
+        await real_submit(new)
+
+    app.handler.submit = slow_submit
+    client = await _session(app.smtp_port)
+    assert (await client.cmd("MAIL FROM:<a@example.com>")).startswith("250")
+    assert (await client.cmd("RCPT TO:<b@example.com>")).startswith("250")
+    assert (await client.cmd("DATA")).startswith("354")
+    await client.send_raw(message("leaving") + b".\r\n")
+    await committing.wait()
+    sock = client.writer.get_extra_info("socket")  # gone before the 250, with a reset
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.writer.transport.abort()
+    await upstream.wait_for_messages(1)  # stored, so delivered...
+    await wait_until(lambda: any(getattr(r, "event", None) == "received"
+                                 for r in caplog.records), what="...and logged as received")
+    assert metric(app, "relay_smtp_sessions_active") == 0

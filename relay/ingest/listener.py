@@ -143,11 +143,16 @@ class ChunkedDataSMTP(SMTP):
             return
         content = reader.content()
         self.envelope.content = self.envelope.original_content = content
+        # Shielded: a client that goes mid-commit does not cut the commit in half (the
+        # write itself goes on in the store's thread): the message is stored and logged
+        # as received, or refused, never stored without its log line.
+        commit = asyncio.ensure_future(self._call_handler_hook("DATA"))
         self._committing = True
         try:
-            # Shielded: a client that goes mid-commit does not cut the commit (and its
-            # log line) in half; the message is on disk or refused, never in between.
-            status = await asyncio.shield(self._call_handler_hook("DATA"))
+            status = await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            commit.add_done_callback(_log_orphan_failure)
+            raise
         finally:
             self._committing = False
         self._set_post_data_state()  # type: ignore[no-untyped-call]
@@ -158,6 +163,12 @@ class ChunkedDataSMTP(SMTP):
     def _lost(self) -> bytes:
         """(end of stream inside DATA) end the session as aiosmtpd does when cancelled."""
         raise asyncio.CancelledError
+
+
+def _log_orphan_failure(commit: asyncio.Future[Any]) -> None:
+    """A commit that went on after its client left: an error is logged, not lost."""
+    if not commit.cancelled() and commit.exception() is not None:
+        log.error("commit failed after the client left", exc_info=commit.exception())
 
 
 class _CommandTable(dict[str, Any]):
