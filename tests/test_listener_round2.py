@@ -404,3 +404,21 @@ async def test_client_leaving_mid_commit_does_not_cut_the_commit(
     await wait_until(lambda: any(getattr(r, "event", None) == "received"
                                  for r in caplog.records), what="...and logged as received")
     assert metric(app, "relay_smtp_sessions_active") == 0
+
+
+async def test_half_close_right_after_a_pipelined_transaction(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """The end of input arrives while relay is still busy with an earlier command (a
+    password check, in a worker thread): the commands after the data (QUIT) are still
+    carried out."""
+    app = await start_relay(_two_users(tmp_path, upstream))
+    client = await _session(app.smtp_port)
+    client.writer.write(_auth_plain("billing", "right").encode() + b"\r\n"
+                        b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+                        + message("pipelined") + b".\r\nQUIT\r\n")
+    client.writer.write_eof()
+    answer = (await asyncio.wait_for(client.reader.read(), 10)).decode()
+    await client.close()
+    assert "250 2.0.0 queued as" in answer and answer.endswith("221 Bye\r\n"), answer
+    await upstream.wait_for_messages(1)

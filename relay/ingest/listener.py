@@ -100,6 +100,12 @@ class _SessionReader(asyncio.StreamReader):
         if self.on_data is not None:
             self.on_data()
 
+    def give_back(self, data: bytes) -> None:
+        """Put bytes read too far back in front, even after the end of input (a client
+        that sent its data and QUIT, then half-closed)."""
+        # StreamReader's buffer (aiosmtpd's STARTTLS clears it the same way).
+        self._buffer[:0] = data  # type: ignore[attr-defined]
+
     async def readuntil(self, separator: Any = b"\n") -> bytes:
         try:
             return await super().readuntil(separator)
@@ -130,10 +136,8 @@ class ChunkedDataSMTP(SMTP):
         except asyncio.CancelledError:  # the connection went (aiosmtpd: eof_received)
             self._writer.close()
             raise
-        if reader.rest and not self._reader.at_eof():
-            # The client's next commands, read with the data: back to the (now empty)
-            # stream, in order, for the command loop.
-            self._reader.feed_data(reader.rest)
+        if reader.rest:
+            self._give_back(reader.rest)
         if reader.state is DataState.TOO_LONG:
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
         elif reader.state is DataState.TOO_MUCH:
@@ -159,6 +163,13 @@ class ChunkedDataSMTP(SMTP):
         await self.push("250 OK" if status is MISSING else status)
 
     _committing = False  # inside the DATA hook: the server is busy, not the client idle
+
+    def _give_back(self, rest: bytes) -> None:
+        """The client's next commands, read with the data: back to the (now empty)
+        stream, in order, for the command loop (a stream past its end takes nothing:
+        aiosmtpd's own reader loses them there too)."""
+        if not self._reader.at_eof():
+            self._reader.feed_data(rest)
 
     def _lost(self) -> bytes:
         """(end of stream inside DATA) end the session as aiosmtpd does when cancelled."""
@@ -225,6 +236,10 @@ class RelaySMTP(ChunkedDataSMTP):
 
     def _create_envelope(self) -> Envelope:
         return RelayEnvelope()
+
+    def _give_back(self, rest: bytes) -> None:
+        assert isinstance(self._reader, _SessionReader)
+        self._reader.give_back(rest)
 
     # AUTH: aiosmtpd's PLAIN and LOGIN call the authenticator synchronously on the loop;
     # these parse the same way and verify in a worker thread (IngestHandler.verify_login).
