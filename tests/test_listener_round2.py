@@ -151,14 +151,14 @@ async def test_starttls_inside_tls_is_503_and_the_session_goes_on(
 async def test_slow_data_transfer_is_not_cut_at_the_idle_timeout(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:
-    app = await _relay(tmp_path, upstream, start_relay, timeout="400ms")
+    app = await _relay(tmp_path, upstream, start_relay, timeout="600ms")
     client = await _session(app.smtp_port)
     assert (await client.cmd("MAIL FROM:<a@example.com>")).startswith("250")
     assert (await client.cmd("RCPT TO:<b@example.com>")).startswith("250")
     assert (await client.cmd("DATA")).startswith("354")
     await client.send_raw(b"Subject: slow\r\n\r\n")
-    for i in range(8):  # 8 x 150 ms: three times the timeout, never idle for long
-        await asyncio.sleep(0.15)
+    for i in range(7):  # 7 x 200 ms: over twice the timeout, never idle for long
+        await asyncio.sleep(0.2)
         await client.send_raw(b"line %d\r\n" % i)
     await client.send_raw(b".\r\n")
     assert (await client.reply()).startswith("250 2.0.0")
