@@ -4,6 +4,7 @@ masked, durations as text) and the warnings it gives.
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 from pathlib import Path
@@ -40,6 +41,24 @@ def config_warnings(config: Config) -> list[str]:
                 f"listen.auth.users.{user}.password_file", spec.password_file
             )
     return warnings
+
+
+def unresolved_secrets(config: Config) -> list[str]:
+    """Secrets this environment could not resolve: fine for the operator commands (they
+    never read them), fatal for `relay serve` and `relay accounts test`, which do."""
+    found: list[tuple[str, str | None, Path | None]] = [
+        (f"accounts.{name}", acc.password_env, acc.password_file)
+        for name, acc in config.accounts.items() if acc.transport == "smtp"
+    ]
+    found += [(f"listen.auth.users.{user}", spec.password_env, spec.password_file)
+              for user, spec in config.listen.auth.users.items()]
+    problems = []
+    for key, env, path in found:
+        if env and env not in os.environ:
+            problems.append(f"{key}.password_env: environment variable {env} is not set here")
+        if path and not os.access(path, os.R_OK):
+            problems.append(f"{key}.password_file: cannot read {path} here")
+    return problems
 
 
 def _readable_by_others(key: str, path: Path) -> list[str]:
