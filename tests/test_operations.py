@@ -7,8 +7,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from relay.cli.commands import main
+from relay.config.loading import load_config, load_config_with_sources
+from relay.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,3 +97,80 @@ def test_serve_and_accounts_test_still_need_the_secrets(
         err = capsys.readouterr().err
         assert ("config error: accounts.gmail.password_env: environment variable"
                 " RELAY_TEST_GMAIL_PASSWORD is not set") in err
+
+
+# -- config from the environment -------------------------------------------------------
+
+ENV_CONFIG = """\
+queue: {path: "${QDIR:-/var/lib/relay}/queue.sqlite3"}
+routing: {default_account: gmail}
+accounts:
+  gmail:
+    host: ${SMTP_HOST}
+    port: ${SMTP_PORT:-587}
+    username: "$${literal}"
+    password_env: RELAY_TEST_GMAIL_PASSWORD
+"""
+
+
+def test_env_substitution_and_relay_overrides_as_a_container_would_set_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """${VAR} and ${VAR:-default} fill values; RELAY_ overrides single keys and wins over
+    the file; check-config says where each value came from."""
+    path = tmp_path / "relay.yaml"
+    path.write_text(ENV_CONFIG)
+    env = {"SMTP_HOST": "smtp.example.net", "RELAY_CONFIG": "/ignored.yaml",
+           "RELAY_LISTEN__HOST": "0.0.0.0",
+           "RELAY_LISTEN__ALLOWED_NETWORKS": "[10.0.0.0/8, 192.168.0.0/16]",
+           "RELAY_ACCOUNTS__GMAIL__PORT": "465", "RELAY_ACCOUNTS__GMAIL__TLS": "implicit"}
+    config, sources = load_config_with_sources(path, secrets=False, environ=env)
+    gmail = config.accounts["gmail"]
+    assert gmail.host == "smtp.example.net"
+    assert gmail.port == 465  # the override wins over ${SMTP_PORT:-587}
+    assert gmail.username == "${literal}"
+    assert str(config.queue.path) == "/var/lib/relay/queue.sqlite3"
+    assert config.listen.host == "0.0.0.0"
+    assert [str(n) for n in config.listen.allowed_networks] == ["10.0.0.0/8", "192.168.0.0/16"]
+    assert sources["accounts.gmail.host"] == f"{path} via ${{SMTP_HOST}}"
+    assert sources["accounts.gmail.port"] == "RELAY_ACCOUNTS__GMAIL__PORT"
+    assert sources["accounts.gmail.password_env"] == str(path)
+    assert "listen.port" not in sources  # a default
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        assert main(["check-config", "-c", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "#   listen.host: RELAY_LISTEN__HOST" in printed
+    assert f"#   accounts.gmail.host: {path} via ${{SMTP_HOST}}" in printed
+    assert yaml.safe_load(printed)["accounts"]["gmail"]["port"] == 465
+
+
+@pytest.mark.parametrize(("env", "problem"), [
+    ({}, "accounts.gmail.host: environment variable SMTP_HOST is not set"
+         " (give a default with ${SMTP_HOST:-value})"),
+    ({"SMTP_HOST": "h", "RELAY_LISTEN__PORT": "smtp"},
+     "listen.port: must be a whole number (set by RELAY_LISTEN__PORT)"),
+    ({"SMTP_HOST": "h", "RELAY_LISTN__PORT": "25"},
+     "RELAY_LISTN__PORT: no config section 'listn' (sections: accounts, auth_backoff, bounces,"
+     " hostname, listen, logging, metrics, queue, retry, routing)"),
+    ({"SMTP_HOST": "h", "RELAY_LISTEN__HOTS": "::"},
+     "listen.hots: unknown key (set by RELAY_LISTEN__HOTS)"),
+])
+def test_env_errors_name_the_key_and_the_variable(
+    env: dict[str, str], problem: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(ENV_CONFIG)
+    with pytest.raises(ConfigError) as caught:
+        load_config_with_sources(path, secrets=False, environ=env)
+    assert caught.value.problems == [problem]
+
+
+def test_overrides_work_without_a_config_file() -> None:
+    """Twelve-factor: no file at all, a few variables."""
+    config = load_config(None, environ={"RELAY_LISTEN__PORT": "2526",
+                                        "RELAY_QUEUE__PATH": "/data/q.sqlite3"})
+    assert config.listen.port == 2526
+    assert str(config.queue.path) == "/data/q.sqlite3"

@@ -21,7 +21,7 @@ import yaml
 
 from relay import __version__
 from relay.cli.common import EXIT_OK, EXIT_USAGE, fail, load, out
-from relay.config.loading import load_config
+from relay.config.loading import load_config, load_config_with_sources
 from relay.config.report import config_warnings, effective_config, unresolved_secrets
 from relay.config.schema import Config
 from relay.errors import ConfigError, RelayError
@@ -33,13 +33,17 @@ if TYPE_CHECKING:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate without the service's secrets (an admin's shell rarely has them): the
     ones not resolvable here are named, and do not fail the check."""
-    config = load(args)
+    path = args.config or os.environ.get("RELAY_CONFIG") or None
+    config, sources = load_config_with_sources(path, secrets=False)
     for warning in config_warnings(config):
         out(f"warning: {warning}", file=sys.stderr)
     for problem in unresolved_secrets(config):
         out(f"note: {problem} (only `relay serve` and `relay accounts test` read it)",
             file=sys.stderr)
     print(yaml.safe_dump(effective_config(config, socket.getfqdn()), sort_keys=False), end="")
+    # As YAML comments, so that the output stays a config file one can save and reuse.
+    out("# Where each value came from (keys not listed are defaults):")
+    out(*(f"#   {key}: {origin}" for key, origin in sorted(sources.items())))
     return EXIT_OK
 
 
