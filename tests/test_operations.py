@@ -3,6 +3,10 @@ service's secrets, config from the environment, queue backup and check."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import sqlite3
+import stat
 import tomllib
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import yaml
 from relay.cli.commands import main
 from relay.config.loading import load_config, load_config_with_sources
 from relay.errors import ConfigError
+from tests.conftest import StartRelay, message, send_many
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,3 +179,95 @@ def test_overrides_work_without_a_config_file() -> None:
                                         "RELAY_QUEUE__PATH": "/data/q.sqlite3"})
     assert config.listen.port == 2526
     assert str(config.queue.path) == "/data/q.sqlite3"
+
+
+# -- queue backup and check ------------------------------------------------------------
+
+
+def _maildir_config(tmp_path: Path) -> Path:
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "metrics": {"enabled": False},
+        "queue": {"path": str(tmp_path / "queue.sqlite3")},
+        "accounts": {"outbox": {"transport": "maildir", "path": str(tmp_path / "box")}},
+        "routing": {"default_account": "outbox"},
+    }))
+    return path
+
+
+def _assert_one_snapshot(backup_path: Path, accepted_before: set[str]) -> None:
+    with sqlite3.connect(backup_path) as db:
+        ids = {r[0] for r in db.execute("SELECT id FROM messages")}
+        unfinished = {r[0] for r in db.execute(
+            "SELECT id FROM messages WHERE state NOT IN ('delivered', 'failed')")}
+        bodies = {r[0] for r in db.execute("SELECT id FROM bodies")}
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert accepted_before <= ids
+    # One snapshot: no unfinished message without its body, no body without its message.
+    assert unfinished <= bodies <= ids
+    assert not Path(f"{backup_path}-wal").exists()
+    assert stat.S_IMODE(backup_path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in backup_path.parent.iterdir()) == ["queue-1.sqlite3"]
+
+
+
+async def test_backup_of_a_live_queue_is_consistent_and_checks_clean(
+    tmp_path: Path, start_relay: StartRelay, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While clients keep sending, `relay queue backup` copies the queue as of one commit:
+    every message it holds has its body, nothing accepted before it started is missing,
+    and `relay queue check` passes on the copy (one file, private)."""
+    config_path = _maildir_config(tmp_path)
+    app = await start_relay(load_config(config_path))
+    port = app.smtp_port
+    before = await send_many(port, [message(f"before {i}") for i in range(20)])
+    assert all(code == 250 for code, _ in before)
+    accepted_before = {reply.split()[-1] for _, reply in before}
+    sending = asyncio.create_task(
+        send_many(port, [message(f"during {i}") for i in range(200)], sessions=4))
+    backup_path = tmp_path / "backups" / "queue-1.sqlite3"
+    backup_path.parent.mkdir()
+    code = await asyncio.to_thread(main, ["queue", "backup", str(backup_path),
+                                          "-c", str(config_path)])
+    assert code == 0, capsys.readouterr().err
+    assert all(c == 250 for c, _ in await sending)
+    printed = capsys.readouterr().out
+    assert f"{backup_path}: ok: schema 3" in printed
+
+    _assert_one_snapshot(backup_path, accepted_before)
+    assert main(["queue", "check", str(backup_path)]) == 0
+    # A backup never overwrites.
+    assert main(["queue", "backup", str(backup_path), "-c", str(config_path)]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_check_reports_damage_foreign_files_and_newer_schemas(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_path = _maildir_config(tmp_path)
+    queue = tmp_path / "queue.sqlite3"
+    _make_queue(queue)
+    assert main(["queue", "check", "-c", str(config_path)]) == 0
+    assert f"{queue}: ok: schema 3, 0 messages, integrity ok" in capsys.readouterr().out
+
+    newer = tmp_path / "newer.sqlite3"
+    shutil.copy(queue, newer)
+    with sqlite3.connect(newer) as db:
+        db.execute("PRAGMA user_version = 99")
+    assert main(["queue", "check", str(newer)]) == 1
+    assert "schema 99 is newer than this relay's 3: upgrade relay" in capsys.readouterr().out
+
+    foreign = tmp_path / "other.sqlite3"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE t (x)")
+    assert main(["queue", "check", str(foreign)]) == 1
+    assert "not a relay queue file" in capsys.readouterr().out
+
+    damaged = tmp_path / "damaged.sqlite3"
+    data = bytearray(queue.read_bytes())
+    page = 4096
+    data[page * 3: page * 4] = b"\xff" * page  # a b-tree page overwritten
+    damaged.write_bytes(bytes(data))
+    assert main(["queue", "check", str(damaged)]) == 1
+    assert "damaged or not SQLite: database disk image is malformed" in capsys.readouterr().out

@@ -380,6 +380,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--older-than", required=True, metavar="DURATION",
                    help="e.g. 7d, 12h, 30m")
     p.set_defaults(func=cmd_purge)
+    from relay.cli import queuefile  # backup, check (issue 20): the file itself
+
+    queuefile.add_commands(qsub, common)
 
     accounts = sub.add_parser("accounts", help="check upstream accounts")
     asub = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
