@@ -55,7 +55,8 @@ EXPOSE 2525 9025
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9025/healthz', timeout=3)"]
 
-# On SIGTERM relay stops accepting, gives in-flight deliveries 5 seconds to finish and
-# returns the rest to the queue; Docker's default 10-second stop timeout covers that.
+# On SIGTERM relay fails /readyz, keeps accepting for shutdown.drain_delay (0s by default),
+# stops accepting, gives in-flight deliveries shutdown.grace (5s) to finish and returns the
+# rest to the queue; Docker's default 10-second stop timeout covers the defaults.
 STOPSIGNAL SIGTERM
 CMD ["relay", "serve", "--config", "/etc/relay/relay.yaml"]

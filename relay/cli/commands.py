@@ -69,7 +69,7 @@ async def _serve(config: Config, path: str | None) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        await app.shutdown(grace=5.0)
+        await app.shutdown()  # shutdown.grace, as reloaded
 
 
 async def _reload(app: App, path: str | None) -> None:

@@ -62,8 +62,10 @@ def unresolved_secrets(config: Config) -> list[str]:
 
 
 def _readable_by_others(key: str, path: Path) -> list[str]:
-    if path.exists() and path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH):
-        return [f"{key}: {path} is readable by other users (chmod 600 it)"]
+    """World-readable only: group-readable is how Kubernetes mounts secrets for the pod's
+    fsGroup (and how systemd credentials are shared), not a mistake to warn about."""
+    if path.exists() and path.stat().st_mode & stat.S_IROTH:
+        return [f"{key}: {path} is readable by every user (chmod 600 or 640 it)"]
     return []
 
 
@@ -113,6 +115,7 @@ def _mask_secrets(node: Any) -> None:
 
 def _durations_as_text(node: Any) -> None:
     duration_keys = {"initial_delay", "max_delay", "max_age", "idle_timeout", "timeout",
+                     "drain_delay", "grace",
                      "connect", "command", "data", "initial", "max"}
     if isinstance(node, dict):
         for key, value in node.items():
