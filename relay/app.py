@@ -157,6 +157,12 @@ class App:
         except StoreError:
             return
         self.metrics.set_queue(counts, oldest, time.time())
+        with contextlib.suppress(StoreError):
+            paused = await self.store.paused_accounts()
+            for name in self.metrics.accounts:
+                self.metrics.account_paused.labels(name).set(1 if name in paused else 0)
+        for name, worker in self.scheduler.workers.items():
+            self.metrics.account_backoff.labels(name).set(1 if worker.backed_off else 0)
         for name, transport in self.transports.items():
             self.metrics.connections_open.labels(name).set(transport.open_connections())
 

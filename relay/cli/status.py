@@ -21,6 +21,7 @@ are pure. The JSON document's keys are stable:
     accounts.NAME.health.backoff_left_s      seconds to it, else null
     accounts.NAME.health.failures            account-wide failures in a row
     accounts.NAME.health.last_error          the upstream's reply to the last of them
+    accounts.NAME.paused_since               UTC time of `relay accounts pause NAME`, or null
     totals.queue, totals.undelivered, totals.attempts   the same, over all accounts
     oldest_undelivered                       null, or id, account, state, created_at, age_s
 """
@@ -34,7 +35,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ class Snapshot:
     server_running: bool
     health: HealthReport | None  # None: no report from the server that is running now
     flush_at: float | None = None  # the last `relay queue flush`
+    paused: Mapping[str, float] = field(default_factory=dict)  # account -> paused at
 
 
 def _iso(ts: float | None) -> str | None:
@@ -117,6 +119,7 @@ def summarise(snap: Snapshot) -> dict[str, Any]:
             "oldest_undelivered_age_s": None if created is None else round(snap.now - created, 3),
             "attempts": _attempts(snap, [name]),
             "health": account_health(snap, name),
+            "paused_since": _iso(snap.paused.get(name)),
         }
     totals = {s: sum(a["queue"][s] for a in accounts.values()) for s in STATES}
     oldest = snap.oldest
@@ -227,11 +230,21 @@ def _health_lines(summary: dict[str, Any], lock: str) -> list[str]:
                      for name, a in summary["accounts"].items()]
 
 
+def _paused_lines(summary: dict[str, Any]) -> list[str]:
+    paused = {n: a["paused_since"] for n, a in summary["accounts"].items() if a["paused_since"]}
+    if not paused:
+        return []
+    return ["paused (new mail is queued, nothing is sent):"] + [
+        f"  {name:<14}since {since}; `relay accounts resume {name}`"
+        for name, since in paused.items()] + [""]
+
+
 def render(summary: dict[str, Any]) -> str:
     """The text of `relay status`, from the ``summarise`` document."""
     queue = summary["queue"]
     lines = [f"relay status of {queue} at {summary['generated_at']}", "",
              *_queue_lines(summary), "", *_attempt_lines(summary), "",
+             *_paused_lines(summary),
              *_health_lines(summary, str(lock_path(Path(queue))))]
     # One escape per line, as cli.out: last errors come from upstreams.
     return "\n".join(escape(line) for line in lines) + "\n"
@@ -290,6 +303,7 @@ async def gather(config: Config, now: float) -> Snapshot:
             # A report from a process that is gone is from an earlier run of the server.
             health=report if running and report and process_alive(report.pid) else None,
             flush_at=float(flush) if flush else None,
+            paused=await store.paused_accounts(),
         )
     finally:
         await store.close()
