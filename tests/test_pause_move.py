@@ -155,3 +155,35 @@ async def test_backoff_gauge_is_one_while_the_account_backs_off(
     await wait_until(lambda: app.scheduler.workers["up"].backed_off, what="the backoff")
     await app.refresh_gauges()
     assert metric(app, "relay_account_backoff", account="up") == 1
+
+
+def test_rate_use_counts_each_sliding_window_and_finds_the_next_send() -> None:
+    from relay.cli.status import rate_use
+
+    now = 100_000.0
+    sends = [now - 3000, now - 50, now - 30, now - 10]  # one an hour ago-ish, three recent
+    use = rate_use([(60.0, 3), (3600.0, 10)], sends, now)
+    assert use["windows"] == [{"window": "per_minute", "used": 3, "limit": 3},
+                              {"window": "per_hour", "used": 4, "limit": 10}]
+    # The minute is full: the next send may go when the oldest of the three leaves it.
+    assert use["next_send_at"] == time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                time.gmtime(now - 50 + 60))
+    assert rate_use([(60.0, 5)], sends, now)["next_send_at"] is None
+
+
+async def test_status_shows_rate_limit_use_per_window(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_path = _config_file(tmp_path, {"outbox": {
+        "transport": "maildir", "path": str(tmp_path / "box"),
+        "rate_limit": {"per_minute": 2, "per_day": 100}}})
+    store = SQLiteStore(tmp_path / "queue.sqlite3")
+    await store.open()
+    await store.execute([("INSERT INTO sends (account, at) VALUES (?, ?)",
+                          ("outbox", time.time() - s)) for s in (5.0, 20.0, 7200.0)])
+    await store.close()
+    code, text = await relay_cli(capsys, "status", "-c", str(config_path))
+    assert code == 0, text
+    assert "rate limits (sends recorded in the queue file):" in text
+    line = next(t for t in text.splitlines() if t.strip().startswith("outbox") and "/" in t)
+    assert "2/2 per minute, 3/100 per day; next send: 20" in line  # a time, not "now"
