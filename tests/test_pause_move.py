@@ -187,3 +187,21 @@ async def test_status_shows_rate_limit_use_per_window(
     assert "rate limits (sends recorded in the queue file):" in text
     line = next(t for t in text.splitlines() if t.strip().startswith("outbox") and "/" in t)
     assert "2/2 per minute, 3/100 per day; next send: 20" in line  # a time, not "now"
+
+
+async def test_a_reload_that_changes_a_paused_account_keeps_it_paused(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The reload builds a new worker for a changed account: it must start paused."""
+    account = upstream_account(upstream, tmp_path)
+    config_path = _config_file(tmp_path, {"up": account})
+    app = await start_relay(load_config(config_path))
+    await relay_cli(capsys, "accounts", "pause", "up", "-c", str(config_path))
+    await wait_until(lambda: app.scheduler.workers["up"].paused, what="the pause seen")
+    changed = _config_file(tmp_path, {"up": {**account, "pool": {"max_connections": 3}}})
+    await app.reload(load_config(changed))
+    assert app.scheduler.workers["up"].paused
+    assert (await send(app.smtp_port, message("after the reload")))[0] == 250
+    await asyncio.sleep(NOTHING_SENT_S)
+    assert upstream.messages == []

@@ -139,7 +139,9 @@ class Scheduler:
         rate windows restored. May fail (the queue file); changes nothing running."""
         now = self.clock()
         fresh = {name: self._make_worker(name, config, transports[name]) for name in names}
+        paused = await self.store.paused_accounts()  # a paused account stays paused
         for worker in fresh.values():
+            worker.paused = worker.name in paused
             if worker.limiter.limited:
                 since = now - worker.limiter.longest_window
                 worker.limiter.restore(await self.store.recent_sends(worker.name, since), now)
