@@ -7,8 +7,17 @@
 # The config baked in is config/relay.docker.yaml (Maildir delivery into the volume);
 # mount your own over /etc/relay/relay.yaml to add upstream accounts.
 
+# Kubernetes: deploy/kubernetes/ and docs/kubernetes.md. The image runs with a read-only
+# root file system (docker run --read-only; readOnlyRootFilesystem: true): it writes only
+# to /var/lib/relay, SQLite's temporary files included (SQLITE_TMPDIR below).
+#
+# The base image is pinned to a Python minor version and a Debian release, so a rebuild
+# never changes either; pin its digest too for reproducible builds:
+#   docker build --build-arg BASE=python:3.11-slim-bookworm@sha256:... -t relay .
+ARG BASE=python:3.11-slim-bookworm
+
 # -- build: install relay and its dependencies into a virtualenv -----------------------
-FROM python:3.11-slim AS build
+FROM ${BASE} AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -22,12 +31,14 @@ RUN /opt/relay/bin/pip install .
 
 # -- runtime: the virtualenv, the config, an unprivileged user --------------------------
 # The same base image as the build stage: the virtualenv's python links to its interpreter.
-FROM python:3.11-slim
+FROM ${BASE}
 
+# SQLITE_TMPDIR: SQLite's temporary files on the volume, not in a read-only /tmp.
 ENV PATH=/opt/relay/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    RELAY_CONFIG=/etc/relay/relay.yaml
+    RELAY_CONFIG=/etc/relay/relay.yaml \
+    SQLITE_TMPDIR=/var/lib/relay
 
 # uid/gid 10001: outside the range of system accounts and of typical host users, so files
 # in a bind-mounted /var/lib/relay do not end up owned by someone on the host.
@@ -55,7 +66,8 @@ EXPOSE 2525 9025
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9025/healthz', timeout=3)"]
 
-# On SIGTERM relay stops accepting, gives in-flight deliveries 5 seconds to finish and
-# returns the rest to the queue; Docker's default 10-second stop timeout covers that.
+# On SIGTERM relay fails /readyz, keeps accepting for shutdown.drain_delay (0s by default),
+# stops accepting, gives in-flight deliveries shutdown.grace (5s) to finish and returns the
+# rest to the queue; Docker's default 10-second stop timeout covers the defaults.
 STOPSIGNAL SIGTERM
 CMD ["relay", "serve", "--config", "/etc/relay/relay.yaml"]

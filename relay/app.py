@@ -78,6 +78,8 @@ class App:
         self.smtp_port = 0
         self.http_port = 0
         self._stopped = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second stop request: skip the drain delay
+        self.draining = False  # SIGTERM received: /readyz fails, the listener still accepts
         self._loop_lag: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()  # two SIGHUPs in a row: one reload after the other
         self._started = False
@@ -155,10 +157,18 @@ class App:
         except StoreError:
             return
         self.metrics.set_queue(counts, oldest, time.time())
+        with contextlib.suppress(StoreError):
+            paused = await self.store.paused_accounts()
+            for name in self.metrics.accounts:
+                self.metrics.account_paused.labels(name).set(1 if name in paused else 0)
+        for name, worker in self.scheduler.workers.items():
+            self.metrics.account_backoff.labels(name).set(1 if worker.backed_off else 0)
         for name, transport in self.transports.items():
             self.metrics.connections_open.labels(name).set(transport.open_connections())
 
     async def ready_problem(self) -> str | None:
+        if self.draining:
+            return "shutting down"
         if self.smtp_server is None or not self.smtp_server.is_serving():
             return "SMTP listener is not accepting"
         try:
@@ -254,14 +264,27 @@ class App:
             await transport.close()
 
     async def serve(self) -> None:
+        """Until a stop request; then fail /readyz while still accepting for
+        shutdown.drain_delay, so the load balancer stops sending here first."""
         await self._stopped.wait()
+        self.draining = True
+        delay = self.config.shutdown.drain_delay
+        if delay > 0 and not self._hurry.is_set():
+            event(log, logging.INFO, "draining", delay=delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), delay)
 
     def request_stop(self) -> None:
+        """First call: stop (after the drain delay). Second call: stop now."""
+        if self._stopped.is_set():
+            self._hurry.set()
         self._stopped.set()
 
-    async def shutdown(self, grace: float = 5.0) -> None:
-        """Stop accepting, let in-flight sends finish (up to grace), let the queue writer
-        commit what sessions submitted and answer them, close everything. Idempotent."""
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight sends finish (up to grace; None: the config's
+        shutdown.grace), let the queue writer commit what sessions submitted and answer
+        them, close everything. Idempotent."""
+        grace = self.config.shutdown.grace if grace is None else grace
         if self._closed:
             return
         self._closed = True

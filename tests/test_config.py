@@ -96,6 +96,10 @@ BAD_CONFIGS = {
 }
 
 
+# Problems only the commands that read secrets (serve, accounts test) fail on (issue 20).
+SECRETS_ONLY_FOR_SERVE = {"unset password_env"}
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(UNSET_ENV, raising=False)
@@ -124,6 +128,8 @@ def test_bad_config_gives_one_line_naming_the_key(
 ) -> None:
     """`relay check-config` and `relay serve` print exactly one 'config error: key: why' line."""
     text, problem = BAD_CONFIGS[case]
+    if command == "check-config" and case in SECRETS_ONLY_FOR_SERVE:
+        command = "serve"  # check-config only notes it (tests/test_operations.py)
     path = write(tmp_path, text)
     code, out, err = run_cli([command, "--config", str(path)], capsys)
     assert code == 2

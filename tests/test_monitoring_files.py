@@ -434,6 +434,14 @@ def test_alerts_fire_on_the_situations_they_describe(tmp_path: Path) -> None:
         _series("relay_account_backoffs_total", "0 0 1x10", account="gmail", reason="quota"),
         _series("relay_account_backoffs_total", "0x12", account="ses", reason="quota"),
         _series("relay_internal_errors_total", "0 0 1x10", component="delivery"),
+        # gmail backed off from 2m to 30m; ses paused from 40m to 50m (too short to alert);
+        # "bulk" paused from 5m on.
+        _series("relay_account_backoff", "0 0 1x28 0x30", account="gmail"),
+        _series("relay_account_paused", "0x60", account="gmail"),
+        _series("relay_account_backoff", "0x60", account="ses"),
+        _series("relay_account_paused", "0x40 1x10 0x10", account="ses"),
+        _series("relay_account_backoff", "0x60", account="bulk"),
+        _series("relay_account_paused", "0x5 1x55", account="bulk"),
         _series("relay_messages_rejected_total", "0+5x30", reason="unknown_account"),
         _series("relay_messages_rejected_total", "0+50x30", reason="rate_limited"),
     ]
@@ -455,6 +463,10 @@ def test_alerts_fire_on_the_situations_they_describe(tmp_path: Path) -> None:
                 _firing("RelayUpstreamAuthFailing", "30m"),
                 _firing("RelayAccountRefused", "3m", {**warn, **gmail, "reason": "quota"}),
                 _firing("RelayAccountRefused", "30m"),
+                _firing("RelayAccountDown", "10m"),  # both still pending
+                _firing("RelayAccountDown", "25m", {**warn, **gmail},
+                        {**warn, **at, "account": "bulk"}),
+                _firing("RelayAccountDown", "55m", {**warn, **at, "account": "bulk"}),
                 _firing("RelayInternalErrors", "3m", {**warn, **at, "component": "delivery"}),
                 _firing("RelayRejectingOnItsOwnFault", "3m",
                         {**crit, **at, "reason": "store_unavailable"}),
@@ -472,6 +484,18 @@ def test_alerts_fire_on_the_situations_they_describe(tmp_path: Path) -> None:
     path = tmp_path / "alerts-test.yml"
     path.write_text(yaml.safe_dump(tests, sort_keys=False))
     assert "SUCCESS" in promtool("test", "rules", path)
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    """On call, the alert's runbook_url opens the section that says what to do."""
+    runbooks = (ROOT / "docs" / "runbooks.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", line[3:].strip().lower()).replace(" ", "-")
+               for line in runbooks.splitlines() if line.startswith("## ")}
+    for rule in alert_rules():
+        url = rule["annotations"]["runbook_url"]
+        page, _, anchor = url.partition("#")
+        assert page.endswith("/docs/runbooks.md"), rule["alert"]
+        assert anchor == rule["alert"].lower() and anchor in anchors, rule["alert"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,

@@ -21,8 +21,8 @@ import yaml
 
 from relay import __version__
 from relay.cli.common import EXIT_OK, EXIT_USAGE, fail, load, out
-from relay.config.loading import load_config
-from relay.config.report import config_warnings, effective_config
+from relay.config.loading import load_config, load_config_with_sources
+from relay.config.report import config_warnings, effective_config, unresolved_secrets
 from relay.config.schema import Config
 from relay.errors import ConfigError, RelayError
 from relay.runner import run
@@ -31,10 +31,19 @@ if TYPE_CHECKING:
     from relay.app import App
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = load(args)
+    """Validate without the service's secrets (an admin's shell rarely has them): the
+    ones not resolvable here are named, and do not fail the check."""
+    path = args.config or os.environ.get("RELAY_CONFIG") or None
+    config, sources = load_config_with_sources(path, secrets=False)
     for warning in config_warnings(config):
         out(f"warning: {warning}", file=sys.stderr)
+    for problem in unresolved_secrets(config):
+        out(f"note: {problem} (only `relay serve` and `relay accounts test` read it)",
+            file=sys.stderr)
     print(yaml.safe_dump(effective_config(config, socket.getfqdn()), sort_keys=False), end="")
+    # As YAML comments, so that the output stays a config file one can save and reuse.
+    out("# Where each value came from (keys not listed are defaults):")
+    out(*(f"#   {key}: {origin}" for key, origin in sorted(sources.items())))
     return EXIT_OK
 
 
@@ -60,7 +69,7 @@ async def _serve(config: Config, path: str | None) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        await app.shutdown(grace=5.0)
+        await app.shutdown()  # shutdown.grace, as reloaded
 
 
 async def _reload(app: App, path: str | None) -> None:
@@ -144,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("check-config", parents=[common],
                        help="validate the config and print it with secrets masked")
-    p.set_defaults(func=cmd_check_config)
+    p.set_defaults(func=cmd_check_config, needs_secrets=False)
 
     p = sub.add_parser("hash-password",
                        help="print an argon2 hash for listen.auth.users.NAME.password_hash")

@@ -9,12 +9,15 @@ import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TextIO
 
 from relay.config.loading import load_config
 from relay.config.schema import Config
 from relay.errors import StoreError
 from relay.printable import escape
+from relay.queue.sqlite import maintenance
+from relay.queue.sqlite.maintenance import QueueCheck as QueueCheck
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 
@@ -57,3 +60,13 @@ async def queue_of(args: argparse.Namespace) -> AsyncIterator[QueueStore]:
         yield store
     finally:
         await store.close()
+
+
+def backup_queue(source: Path, dest: Path) -> QueueCheck:
+    """A consistent copy of a (possibly live) queue file, checked (`relay queue backup`)."""
+    return maintenance.backup(source, dest)
+
+
+def check_queue(path: Path) -> QueueCheck:
+    """Schema and integrity of a queue file, read-only (`relay queue check`)."""
+    return maintenance.check(path)

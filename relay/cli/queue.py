@@ -380,10 +380,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--older-than", required=True, metavar="DURATION",
                    help="e.g. 7d, 12h, 30m")
     p.set_defaults(func=cmd_purge)
+    # Issue 20: backup/check (the file itself) and move, and the accounts group.
+    from relay.cli import accounts, queuefile
 
-    accounts = sub.add_parser("accounts", help="check upstream accounts")
-    asub = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
-    p = asub.add_parser("test", parents=[common],
-                        help="connect, TLS, AUTH and NOOP against one account")
-    p.add_argument("name", metavar="NAME")
-    p.set_defaults(func=cmd_accounts_test)
+    queuefile.add_commands(qsub, common)
+    accounts.add_queue_commands(qsub, common)
+    accounts.add_commands(sub, common, test=cmd_accounts_test)

@@ -21,6 +21,9 @@ are pure. The JSON document's keys are stable:
     accounts.NAME.health.backoff_left_s      seconds to it, else null
     accounts.NAME.health.failures            account-wide failures in a row
     accounts.NAME.health.last_error          the upstream's reply to the last of them
+    accounts.NAME.paused_since               UTC time of `relay accounts pause NAME`, or null
+    accounts.NAME.rate_limit.windows         [{window, used, limit}] per configured window
+    accounts.NAME.rate_limit.next_send_at    UTC time the limits next allow a send, or null (now)
     totals.queue, totals.undelivered, totals.attempts   the same, over all accounts
     oldest_undelivered                       null, or id, account, state, created_at, age_s
 """
@@ -34,7 +37,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,10 @@ class Snapshot:
     server_running: bool
     health: HealthReport | None  # None: no report from the server that is running now
     flush_at: float | None = None  # the last `relay queue flush`
+    paused: Mapping[str, float] = field(default_factory=dict)  # account -> paused at
+    # account -> ((window seconds, limit), ...) and its send times within the longest one
+    limits: Mapping[str, Sequence[tuple[float, int]]] = field(default_factory=dict)
+    sends: Mapping[str, Sequence[float]] = field(default_factory=dict)
 
 
 def _iso(ts: float | None) -> str | None:
@@ -105,6 +112,27 @@ def _attempts(snap: Snapshot, accounts: Sequence[str]) -> dict[str, dict[str, in
             for window, _ in WINDOWS}
 
 
+WINDOW_NAMES = {1.0: "per_second", 60.0: "per_minute", 3600.0: "per_hour",
+                86400.0: "per_day"}
+
+
+def rate_use(limits: Sequence[tuple[float, int]], sends: Sequence[float],
+             now: float) -> dict[str, Any]:
+    """How much of each rate window the recorded sends use, and when the next send may
+    go: the moment enough sends leave every full window (sliding windows, as the
+    limiter counts them)."""
+    windows, next_at = [], None
+    ordered = sorted(sends)
+    for length, limit in limits:
+        inside = [t for t in ordered if t > now - length]
+        windows.append({"window": WINDOW_NAMES.get(length, f"{length:g}s"),
+                        "used": len(inside), "limit": limit})
+        if len(inside) >= limit:
+            free_at = inside[len(inside) - limit] + length
+            next_at = free_at if next_at is None else max(next_at, free_at)
+    return {"windows": windows, "next_send_at": _iso(next_at)}
+
+
 def summarise(snap: Snapshot) -> dict[str, Any]:
     """The `relay status --json` document (its keys: the module's docstring)."""
     accounts: dict[str, Any] = {}
@@ -117,6 +145,9 @@ def summarise(snap: Snapshot) -> dict[str, Any]:
             "oldest_undelivered_age_s": None if created is None else round(snap.now - created, 3),
             "attempts": _attempts(snap, [name]),
             "health": account_health(snap, name),
+            "paused_since": _iso(snap.paused.get(name)),
+            "rate_limit": rate_use(snap.limits.get(name, ()), snap.sends.get(name, ()),
+                                   snap.now),
         }
     totals = {s: sum(a["queue"][s] for a in accounts.values()) for s in STATES}
     oldest = snap.oldest
@@ -227,11 +258,37 @@ def _health_lines(summary: dict[str, Any], lock: str) -> list[str]:
                      for name, a in summary["accounts"].items()]
 
 
+def _rate_lines(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, account in summary["accounts"].items():
+        rate = account["rate_limit"]
+        if not rate["windows"]:
+            continue
+        used = ", ".join(f"{w['used']}/{w['limit']} {w['window'].replace('_', ' ')}"
+                         for w in rate["windows"])
+        at = rate["next_send_at"]
+        lines.append(f"  {name:<14}{used}; next send: {'now' if at is None else at}")
+    if not lines:
+        return []
+    return ["rate limits (sends recorded in the queue file):", *lines, ""]
+
+
+def _paused_lines(summary: dict[str, Any]) -> list[str]:
+    paused = {n: a["paused_since"] for n, a in summary["accounts"].items() if a["paused_since"]}
+    if not paused:
+        return []
+    return ["paused (new mail is queued, nothing is sent):"] + [
+        f"  {name:<14}since {since}; `relay accounts resume {name}`"
+        for name, since in paused.items()] + [""]
+
+
 def render(summary: dict[str, Any]) -> str:
     """The text of `relay status`, from the ``summarise`` document."""
     queue = summary["queue"]
     lines = [f"relay status of {queue} at {summary['generated_at']}", "",
              *_queue_lines(summary), "", *_attempt_lines(summary), "",
+             *_rate_lines(summary),
+             *_paused_lines(summary),
              *_health_lines(summary, str(lock_path(Path(queue))))]
     # One escape per line, as cli.out: last errors come from upstreams.
     return "\n".join(escape(line) for line in lines) + "\n"
@@ -282,6 +339,8 @@ async def gather(config: Config, now: float) -> Snapshot:
         attempts = {w: await store.attempt_counts(accounts, now - span) for w, span in WINDOWS}
         report = decode(await store.read_health())
         flush = await store.flush_requested()
+        limits = {name: acc.rate_limit.windows() for name, acc in config.accounts.items()
+                  if acc.rate_limit.windows()}
         snap = Snapshot(
             now=now, queue=str(config.queue.path), configured=accounts,
             counts=await store.counts(), oldest_by_account=await store.oldest_ready(),
@@ -290,6 +349,10 @@ async def gather(config: Config, now: float) -> Snapshot:
             # A report from a process that is gone is from an earlier run of the server.
             health=report if running and report and process_alive(report.pid) else None,
             flush_at=float(flush) if flush else None,
+            paused=await store.paused_accounts(),
+            limits=limits,
+            sends={name: await store.recent_sends(name, now - max(w for w, _ in wins))
+                   for name, wins in limits.items()},
         )
     finally:
         await store.close()

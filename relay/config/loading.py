@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from pydantic import (
     ValidationError,
 )
 
+from relay.config.environ import Sources, apply_overrides, file_sources, substitute
 from relay.config.schema import Config
 from relay.errors import ConfigError
 
@@ -70,10 +72,48 @@ def parse_config(data: object, *, secrets: bool = True) -> Config:
         raise ConfigError([problem_line(e) for e in exc.errors()]) from None
 
 
-def load_config(path: str | os.PathLike[str] | None, *, secrets: bool = True) -> Config:
-    """Read and validate a YAML file; None means the built-in defaults."""
-    if path is None:
-        return Config()
+def load_config(path: str | os.PathLike[str] | None, *, secrets: bool = True,
+                environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML file (None: the built-in defaults), with the environment's
+    ``${VAR}`` substitutions and ``RELAY_`` overrides applied (relay.config.environ)."""
+    return load_config_with_sources(path, secrets=secrets, environ=environ)[0]
+
+
+def load_config_with_sources(
+    path: str | os.PathLike[str] | None, *, secrets: bool = True,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Config, Sources]:
+    """The config and, per key set by the file or the environment, where it came from
+    (keys not listed are defaults)."""
+    env = os.environ if environ is None else environ
+    data = {} if path is None else _read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): must be a mapping of keys to values"])
+    sources = file_sources(data, str(path)) if path is not None else {}
+    data, substituted = substitute(data, env)
+    for key, names in substituted.items():
+        sources[key] = f"{path} via {names}"
+    data, overridden = apply_overrides(data, env, set(Config.model_fields))
+    sources = {k: v for k, v in sources.items()
+               if not any(k == o or k.startswith(o + ".") for o in overridden)}
+    sources.update(overridden)
+    try:
+        return parse_config(data, secrets=secrets), sources
+    except ConfigError as exc:
+        raise ConfigError([_name_variable(p, overridden) for p in exc.problems]) from None
+
+
+def _name_variable(problem: str, overridden: Sources) -> str:
+    """'listen.port: must be ...' gains '(set by RELAY_LISTEN__PORT)' when that is where
+    the bad value came from."""
+    key = problem.partition(": ")[0]
+    for path, var in overridden.items():
+        if key == path or key.startswith(path + "."):
+            return f"{problem} (set by {var})"
+    return problem
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> Any:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -85,4 +125,4 @@ def load_config(path: str | os.PathLike[str] | None, *, secrets: bool = True) ->
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
-    return parse_config(data, secrets=secrets)
+    return {} if data is None else data

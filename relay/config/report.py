@@ -4,6 +4,7 @@ masked, durations as text) and the warnings it gives.
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 from pathlib import Path
@@ -42,9 +43,29 @@ def config_warnings(config: Config) -> list[str]:
     return warnings
 
 
+def unresolved_secrets(config: Config) -> list[str]:
+    """Secrets this environment could not resolve: fine for the operator commands (they
+    never read them), fatal for `relay serve` and `relay accounts test`, which do."""
+    found: list[tuple[str, str | None, Path | None]] = [
+        (f"accounts.{name}", acc.password_env, acc.password_file)
+        for name, acc in config.accounts.items() if acc.transport == "smtp"
+    ]
+    found += [(f"listen.auth.users.{user}", spec.password_env, spec.password_file)
+              for user, spec in config.listen.auth.users.items()]
+    problems = []
+    for key, env, path in found:
+        if env and env not in os.environ:
+            problems.append(f"{key}.password_env: environment variable {env} is not set here")
+        if path and not os.access(path, os.R_OK):
+            problems.append(f"{key}.password_file: cannot read {path} here")
+    return problems
+
+
 def _readable_by_others(key: str, path: Path) -> list[str]:
-    if path.exists() and path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH):
-        return [f"{key}: {path} is readable by other users (chmod 600 it)"]
+    """World-readable only: group-readable is how Kubernetes mounts secrets for the pod's
+    fsGroup (and how systemd credentials are shared), not a mistake to warn about."""
+    if path.exists() and path.stat().st_mode & stat.S_IROTH:
+        return [f"{key}: {path} is readable by every user (chmod 600 or 640 it)"]
     return []
 
 
@@ -94,6 +115,7 @@ def _mask_secrets(node: Any) -> None:
 
 def _durations_as_text(node: Any) -> None:
     duration_keys = {"initial_delay", "max_delay", "max_age", "idle_timeout", "timeout",
+                     "drain_delay", "grace",
                      "connect", "command", "data", "initial", "max"}
     if isinstance(node, dict):
         for key, value in node.items():

@@ -210,6 +210,17 @@ class MetricsConfig(_Frozen):
     port: Port = 9025
 
 
+class ShutdownConfig(_Frozen):
+    """What SIGTERM does, in the order an orchestrator needs (docs/kubernetes.md)."""
+
+    # /readyz fails at once, but the listener keeps accepting this long, so that a load
+    # balancer or Kubernetes Service stops sending here before connections are refused.
+    drain_delay: Duration = 0.0
+    # Then the listener stops and in-flight sends get this long to finish; the rest go
+    # back to the queue (nothing is lost either way, only sent later).
+    grace: Duration = 5.0
+
+
 class LoggingConfig(_Frozen):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -400,6 +411,7 @@ class Config(_Frozen):
     accounts: dict[str, AccountConfig] = Field(default_factory=_default_accounts)
     routing: RoutingConfig = RoutingConfig()
     bounces: BouncesConfig = BouncesConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -139,7 +139,9 @@ class Scheduler:
         rate windows restored. May fail (the queue file); changes nothing running."""
         now = self.clock()
         fresh = {name: self._make_worker(name, config, transports[name]) for name in names}
+        paused = await self.store.paused_accounts()  # a paused account stays paused
         for worker in fresh.values():
+            worker.paused = worker.name in paused
             if worker.limiter.limited:
                 since = now - worker.limiter.longest_window
                 worker.limiter.restore(await self.store.recent_sends(worker.name, since), now)
@@ -181,6 +183,7 @@ class Scheduler:
         for worker in self.workers.values():
             await self._start_worker(worker, now)
         self._flush_seen = await self.store.flush_requested()
+        await self.apply_pauses()
         await self.store.changed_elsewhere()  # the baseline: later CLI changes are seen
         self._watcher = asyncio.create_task(self._watch(), name="queue-watcher")
 
@@ -256,6 +259,7 @@ class Scheduler:
         await self._sweep_leases()
         if not await self.store.changed_elsewhere():
             return
+        await self.apply_pauses()
         flush = await self.store.flush_requested()
         if flush != self._flush_seen:
             self._flush_seen = flush
@@ -263,6 +267,17 @@ class Scheduler:
                 worker.resume()
             event(log, logging.INFO, "flush", reason="requested by relay queue flush")
         self.wake_all()
+
+    async def apply_pauses(self) -> None:
+        """Tell each worker whether its account is paused in the queue file (by `relay
+        accounts pause`, from any process)."""
+        paused = await self.store.paused_accounts()
+        for name, worker in self.workers.items():
+            if name in paused and not worker.paused:
+                event(log, logging.WARNING, "account_paused", account=name)
+            elif worker.paused and name not in paused:
+                event(log, logging.INFO, "account_resumed", account=name)
+            worker.set_paused(name in paused)
 
     async def run_until_idle(self) -> None:
         """Return once nothing is in flight and nothing is due (tests, `burst` runs)."""

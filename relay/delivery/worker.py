@@ -109,6 +109,9 @@ class AccountWorker:
         # spend their budget early and gain nothing at their pace).
         self.prefetch = 0 if limiter.limited else concurrency
         self.backoff_until = 0.0  # monotonic
+        # `relay accounts pause`: the claim statement refuses this account's messages
+        # anyway; the flag lets the worker sleep instead of polling due messages.
+        self.paused = False
         self.resume_at = 0.0  # the same instant in wall time, as stored in due times
         self.backoff_failures = 0
         self.last_account_error = ""
@@ -125,6 +128,16 @@ class AccountWorker:
         self.idle.clear()
         if self.mono() >= self.backoff_until:  # a backed-off account has nothing to do
             self.wake.set()
+
+    def set_paused(self, paused: bool) -> None:
+        if paused != self.paused:
+            self.paused = paused
+            self.notify()
+            self.wake.set()
+
+    @property
+    def backed_off(self) -> bool:
+        return self.mono() < self.backoff_until
 
     def resume(self) -> None:
         """End an account-wide backoff now (an operator's `queue flush`)."""
@@ -180,6 +193,9 @@ class AccountWorker:
                 if due is None or due >= self.resume_at:
                     self._mark_idle(notices)  # nothing could go before the backoff ends
             return self.backoff_until - mono
+        if self.paused:
+            self._rest_paused(now, notices)
+            return None
         self._start_ready()
         self._trim_ready(now)
         slots = self._slots()
@@ -207,6 +223,15 @@ class AccountWorker:
                 self._held = True
             return hold
         return 0.05  # due but not claimed (the clock moved): look again shortly
+
+    def _rest_paused(self, now: float, notices: int) -> None:
+        """Paused: give back what was claimed before the pause was seen, unsent, and
+        sleep until set_paused(False) wakes us (sends under way finish)."""
+        ready, self.ready = [m.id for m in self.ready], collections.deque()
+        self.limiter.cancel(len(ready))
+        self._give_back(ready, now)
+        if not self.in_flight and not self.settling:
+            self._mark_idle(notices)
 
     def _mark_idle(self, notices: int) -> None:
         """Idle, unless a message arrived while we were looking (then look again)."""

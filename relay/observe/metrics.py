@@ -71,6 +71,13 @@ class Metrics:
         self.account_backoffs = Counter("relay_account_backoffs",
                                         "Times an account backed off as a whole, by why.",
                                         ["account", "reason"], registry=r)
+        # "Account down" as one alert: backed off (by this process) or paused (anywhere).
+        self.account_backoff = Gauge("relay_account_backoff",
+                                     "1 while the account is backed off as a whole.", acc,
+                                     registry=r)
+        self.account_paused = Gauge("relay_account_paused",
+                                    "1 while the account is paused (relay accounts pause).",
+                                    acc, registry=r)
         self.internal_errors = Counter("relay_internal_errors",
                                        "Unexpected errors in a background task (restarted).",
                                        ["component"], registry=r)
@@ -93,7 +100,8 @@ class Metrics:
             self.accounts.append(name)
             for metric in (self.delivered, self.deferred, self.failed, self.connections_opened,
                            self.auth_failures, self.rate_limited, self.delivery_duration,
-                           self.queue_delay, self.oldest, self.connections_open):
+                           self.queue_delay, self.oldest, self.connections_open,
+                           self.account_backoff, self.account_paused):
                 metric.labels(name)
             for state in MessageState:
                 self.queue.labels(name, str(state))

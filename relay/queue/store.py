@@ -65,9 +65,16 @@ class QueueStore(Protocol):
     async def publish_health(self, report: str) -> None:
         """Store the server's account health report for `relay status`."""
     async def read_health(self) -> str | None: ...
+    async def set_paused(self, account: str, paused: bool, at: float) -> None:
+        """Pause or resume an account for every process on this queue (persisted)."""
+    async def paused_accounts(self) -> dict[str, float]:
+        """Paused accounts, each with when it was paused."""
 
     # -- reports and operator operations ---------------------------------------------
     async def counts(self) -> dict[tuple[str, str], int]: ...
+    async def move_messages(self, source: str, target: str, states: Sequence[str],
+                            now: float) -> list[str]:
+        """Re-route ``source``'s messages in ``states`` to ``target``; the ids moved."""
     async def oldest_ready(self) -> dict[str, float]: ...
     async def attempt_counts(
         self, accounts: Sequence[str], since: float

@@ -22,6 +22,7 @@ PRAGMAS = (
 )
 APPLICATION_ID = 0x52454C59  # 'RELY': marks a file as a relay queue
 FLUSH_KEY = "flush_requested_at"  # meta: written by `relay queue flush`, read by the server
+PAUSED_PREFIX = "paused:"  # meta: paused:<account> = when; claims skip its messages
 HEALTH_KEY = "account_health"  # meta: the server's account health, read by `relay status`
 SCHEMA_VERSION = 3  # 2: the sends table; 3: per-state counts, index of delivered rows
 READY = "('queued', 'deferred')"
@@ -154,5 +155,8 @@ CLAIM_SQL = (
     "UPDATE messages SET state='sending', lease_until=:lease, updated_at=:now WHERE seq IN"
     " (SELECT seq FROM ("
     + " UNION ALL ".join(_PER_LEVEL.format(p=int(p)) for p in Priority)
-    + f") LIMIT :n) RETURNING {COLUMNS}"
+    + ") LIMIT :n)"
+    # A paused account (`relay accounts pause`) claims nothing, in whichever process.
+    + f" AND NOT EXISTS (SELECT 1 FROM meta WHERE key = '{PAUSED_PREFIX}' || :a)"
+    + f" RETURNING {COLUMNS}"
 )

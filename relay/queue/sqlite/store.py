@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from relay.errors import StoreError, StoreFullError, StoreLockedError
+from relay.queue.sqlite.accounts import AccountControl
 from relay.queue.sqlite.admin import OperatorQueries
 from relay.queue.sqlite.prune import Pruning
 from relay.queue.sqlite.schema import (
@@ -63,7 +64,7 @@ log = logging.getLogger("relay.store")
 T = TypeVar("T")
 
 
-class SQLiteStore(Pruning, OperatorQueries):
+class SQLiteStore(Pruning, OperatorQueries, AccountControl):
     """The embedded queue. ``commit='per-message'`` syncs each write on its own."""
 
     def __init__(self, path: Path, *, commit: str = "group", lock: bool = True,

@@ -1,0 +1,111 @@
+"""`relay accounts test|pause|resume` and `relay queue move`: what an on-call engineer
+does to an account that is down (docs/runbooks.md).
+
+Pause and resume are stored in the queue file, so a running relay (every process of it)
+sees them within a second and they survive restarts. None of these read secrets except
+`accounts test`, which logs in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from relay.cli.common import EXIT_OK, EXIT_USAGE, fail, load, open_queue, out
+from relay.config.schema import Config
+
+MOVABLE = ("queued", "deferred", "held")
+
+
+def _known(config: Config, name: str, key: str) -> str | None:
+    if name in config.accounts:
+        return None
+    return f"{key}: no account named {name!r} (accounts: {', '.join(config.accounts)})"
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    return _set_paused(args, True)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return _set_paused(args, False)
+
+
+def _set_paused(args: argparse.Namespace, paused: bool) -> int:
+    config = load(args)
+    problem = _known(config, args.name, "NAME")
+    if problem:
+        return fail(problem, EXIT_USAGE)
+
+    async def run() -> None:
+        store = await open_queue(config)
+        try:
+            await store.set_paused(args.name, paused, time.time())
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+    if paused:
+        out(f"paused {args.name}: new mail for it is queued, nothing is sent"
+            f" (sends under way finish) until `relay accounts resume {args.name}`")
+    else:
+        out(f"resumed {args.name}: its queued mail is sent again")
+    return EXIT_OK
+
+
+def cmd_move(args: argparse.Namespace) -> int:
+    config = load(args)
+    if args.source == args.target:
+        return fail("--from and --to name the same account", EXIT_USAGE)
+    problem = _known(config, args.target, "--to")
+    if problem:
+        return fail(problem, EXIT_USAGE)
+    states = args.state or ["queued", "deferred"]
+
+    async def run() -> tuple[list[str], dict[str, float]]:
+        store = await open_queue(config)
+        try:
+            moved = await store.move_messages(args.source, args.target, states, time.time())
+            return moved, await store.paused_accounts()
+        finally:
+            await store.close()
+
+    moved, paused = asyncio.run(run())
+    for message_id in moved:  # one line per message: the record of what was re-routed
+        out(f"moved {message_id} from {args.source} to {args.target}")
+    out(f"{len(moved)} message(s) moved from {args.source} to {args.target}"
+        f" ({', '.join(states)}; messages being sent right now are not moved)")
+    if args.target in paused:
+        out(f"note: {args.target} is paused; they wait until `relay accounts resume"
+            f" {args.target}`")
+    return EXIT_OK
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser,
+                 test: Callable[[argparse.Namespace], int]) -> None:
+    accounts = sub.add_parser("accounts", help="test, pause or resume upstream accounts")
+    asub = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
+    p = asub.add_parser("test", parents=[common],
+                        help="connect, TLS, AUTH and NOOP against one account")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=test)
+    p = asub.add_parser("pause", parents=[common],
+                        help="queue new mail for NAME but send nothing (persisted)")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_pause, needs_secrets=False)
+    p = asub.add_parser("resume", parents=[common], help="send NAME's mail again")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_resume, needs_secrets=False)
+
+
+def add_queue_commands(qsub: Any, common: argparse.ArgumentParser) -> None:
+    p = qsub.add_parser("move", parents=[common],
+                        help="re-route queued mail from one account to another")
+    p.add_argument("--from", dest="source", required=True, metavar="ACCOUNT")
+    p.add_argument("--to", dest="target", required=True, metavar="ACCOUNT")
+    p.add_argument("--state", action="append", choices=MOVABLE,
+                   help="only messages in this state (repeatable; default: queued, deferred)")
+    p.set_defaults(func=cmd_move)
