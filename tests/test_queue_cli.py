@@ -148,7 +148,7 @@ async def test_list_shows_every_message_with_its_state_until_purged(relay: Relay
         assert any(line.split()[:2] == [mid, str(state)] for line in result.out.splitlines())
     assert "-- 6 message(s)" in result.out
     assert [m["id"] for m in await relay.json("queue", "list", "--state", "failed")] == ["F"]
-    assert (await relay("queue", "list", "--account", "nobody")).out == "queue is empty\n"
+    assert (await relay("queue", "list", "--account", "nobody")).out == "no message matches\n"
 
 
 async def test_json_carries_the_envelope_and_show_adds_headers_and_attempts(

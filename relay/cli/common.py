@@ -19,6 +19,7 @@ from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe ended
 
 
 def load(args: argparse.Namespace) -> Config:
