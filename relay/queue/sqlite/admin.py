@@ -36,7 +36,11 @@ class OperatorQueries:
     ) -> list[QueuedMessage]:
         match = MessageFilter(states=frozenset({MessageState(state)}) if state else None,
                               account=account)
-        return [m async for m in self.iter_messages(match, limit=limit)]
+        clause, params = filter_where(match)
+        sql = f"SELECT {COLUMNS} FROM messages WHERE {clause} ORDER BY seq"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [row_to_message(r) for r in await self._fetch(sql, params)]
 
     async def iter_messages(
         self, match: MessageFilter, *, sort: SortKey = SortKey.CREATED,

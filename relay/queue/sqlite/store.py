@@ -378,12 +378,18 @@ class SQLiteStore(Pruning, OperatorQueries):
 
     @contextlib.asynccontextmanager
     async def _cursor(self, sql: str, params: Sequence[Any]) -> AsyncIterator[aiosqlite.Cursor]:
-        """A cursor on the read connection, for results read a page at a time."""
+        """A cursor for results read a page at a time, on a connection of its own: an
+        open statement holds its connection's read snapshot, and on the shared reader a
+        later read would run inside it and miss newer commits."""
         if self._reader is None:
             raise StoreError("queue is not open")
         try:
-            async with self._reader.execute(sql, params) as cursor:
-                yield cursor
+            db = await self._connect()
+            try:
+                async with db.execute(sql, params) as cursor:
+                    yield cursor
+            finally:
+                await db.close()
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc) from None
 
