@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -172,8 +173,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         shown = 0
-        async with queue_of(args) as store:
-            rows = store.iter_messages(match, sort=SortKey(args.sort), limit=args.limit)
+        async with queue_of(args) as store, contextlib.aclosing(store.iter_messages(
+                match, sort=SortKey(args.sort), limit=args.limit)) as rows:
             if mode == "json":  # one document, written as it is read
                 sys.stdout.write("[")
             async for m in rows:
@@ -417,5 +418,5 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     asub = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
     p = asub.add_parser("test", parents=[common],
                         help="connect, TLS, AUTH and NOOP against one account")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the account's name under accounts:")
     p.set_defaults(func=cmd_accounts_test)

@@ -9,7 +9,7 @@ key the callers know. relay.queue.sqlite.SQLiteStore implements it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Protocol
 
 from relay.queue.filters import MessageFilter, SortKey
@@ -78,7 +78,7 @@ class QueueStore(Protocol):
     ) -> list[QueuedMessage]: ...
     def iter_messages(
         self, match: MessageFilter, *, sort: SortKey = SortKey.CREATED, limit: int | None = None
-    ) -> AsyncIterator[QueuedMessage]:
+    ) -> AsyncGenerator[QueuedMessage, None]:
         """The messages ``match`` selects, in ``sort`` order, read as they are consumed."""
     async def count_messages(self, match: MessageFilter) -> int: ...
     async def waiting_by_age(

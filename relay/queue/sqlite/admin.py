@@ -8,7 +8,7 @@ writes through its writer (``execute``), so operator changes queue behind the se
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from relay.queue.filters import MessageFilter, SortKey
@@ -45,7 +45,7 @@ class OperatorQueries:
     async def iter_messages(
         self, match: MessageFilter, *, sort: SortKey = SortKey.CREATED,
         limit: int | None = None, page: int = LIST_PAGE,
-    ) -> AsyncIterator[QueuedMessage]:
+    ) -> AsyncGenerator[QueuedMessage, None]:
         """The matching messages, a page of rows at a time: a listing of the whole queue
         starts at once and never holds it all in memory. One statement, so one snapshot."""
         clause, params = filter_where(match)
