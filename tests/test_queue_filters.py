@@ -236,17 +236,19 @@ async def test_bulk_action_beside_a_running_server(tmp_path: Path,
         await server.close()
 
 
-def _on_a_terminal(argv: list[str], answer: bytes) -> tuple[int, bytes]:
-    """`python -m relay ARGV` with stdin, stdout and stderr on one pty; type ``answer``."""
+def _on_a_terminal(argv: list[str], answer: bytes | None = None) -> tuple[int, bytes]:
+    """`python -m relay ARGV` with stdin, stdout and stderr on one pty; type ``answer``
+    at the question (None: expect none)."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: exec at once
         os.chdir(ROOT)
         os.execv(sys.executable, [sys.executable, "-m", "relay", *argv])
     seen = b""
     try:
-        while b"[y/N]" not in seen:
-            seen += os.read(fd, 1024)
-        os.write(fd, answer)
+        if answer is not None:
+            while b"[y/N]" not in seen:
+                seen += os.read(fd, 1024)
+            os.write(fd, answer)
         while True:
             try:
                 chunk = os.read(fd, 1024)
@@ -290,6 +292,10 @@ async def test_show_raw_writes_the_exact_bytes_and_headers_the_header_section(
     assert (raw.returncode, raw.stdout) == (0, body)
     head = await _run("queue", "show", "R", "--headers", "--config", config)
     assert head.stdout == body[: body.index(b"\r\n\r\n") + 2]
+    argv = ["queue", "show", "R", "--raw", "--config", config]
+    code, seen = await asyncio.to_thread(_on_a_terminal, argv)  # read, not written raw
+    assert code == 0 and b"\x1b" not in seen and b"\\u001b[31m" in seen
+    assert b"Subject: =?utf-8?q?caf=C3=A9?=\r\n" in seen  # one line each (pty's CRLF)
     gone = await relay("queue", "show", "OK", "--raw")
     assert (gone.code, gone.out) == (1, "")
     assert "was delivered; relay does not keep a delivered message's body" in gone.err

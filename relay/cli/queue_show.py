@@ -100,10 +100,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.raw or args.headers:
         if body is None:
             return fail(_body_gone(message), EXIT_FAILURE)
-        # The exact bytes, not text: what the upstream receives (control headers were
-        # removed on arrival), binary-safe; --headers stops before the blank line.
+        data = body[: header_end(body)] if args.headers else body
+        if sys.stdout.isatty():
+            # Read on a terminal: one escaped line per line, so an ESC sequence in the
+            # message cannot drive the operator's terminal.
+            text = data.decode("utf-8", "backslashreplace")
+            out(*(line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")))
+            return EXIT_OK
+        # To a file or a pipe, the exact bytes: what the upstream receives (control
+        # headers were removed on arrival), binary-safe.
         sys.stdout.flush()
-        sys.stdout.buffer.write(body[: header_end(body)] if args.headers else body)
+        sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return EXIT_OK
     data = as_dict(message)
