@@ -100,19 +100,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.raw or args.headers:
         if body is None:
             return fail(_body_gone(message), EXIT_FAILURE)
-        data = body[: header_end(body)] if args.headers else body
-        if sys.stdout.isatty():
-            # Read on a terminal: one escaped line per line, so an ESC sequence in the
-            # message cannot drive the operator's terminal.
-            text = data.decode("utf-8", "backslashreplace")
-            out(*(line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")))
-            return EXIT_OK
-        # To a file or a pipe, the exact bytes: what the upstream receives (control
-        # headers were removed on arrival), binary-safe.
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        return EXIT_OK
+        return _write_raw(body[: header_end(body)] if args.headers else body)
     data = as_dict(message)
     data["headers"] = [[k, v] for k, v in parse_headers(body)] if body is not None else None
     data["body_kept"] = body is not None
@@ -145,6 +133,21 @@ def cmd_show(args: argparse.Namespace) -> int:
     out("attempts:")
     for a in data["attempt_log"]:
         out(f"  {a['at']} {a['account']} {a['outcome']}: {a['reply']}")
+    return EXIT_OK
+
+
+def _write_raw(data: bytes) -> int:
+    if sys.stdout.isatty():
+        # Read on a terminal: one escaped line per line, so an ESC sequence in the
+        # message cannot drive the operator's terminal.
+        text = data.decode("utf-8", "backslashreplace")
+        out(*(line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")))
+        return EXIT_OK
+    # To a file or a pipe, the exact bytes: what the upstream receives (control headers
+    # were removed on arrival), binary-safe.
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
     return EXIT_OK
 
 
