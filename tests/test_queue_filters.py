@@ -322,12 +322,13 @@ async def test_show_says_why_a_message_waits_and_until_when(
     await add(relay.queue, "HELD", account="other", state=S.HELD)
     await add(relay.queue, "DUE", account="other")
     await add(relay.queue, "RATE", account="outbox")
+    await add(relay.queue, "RATE2", account="outbox", state=S.DEFERRED, attempts=1)
     await add(relay.queue, "SENT", account="outbox", state=S.DELIVERED, attempts=1)  # a send
     store = SQLiteStore(relay.queue, lock=False)
     await store.open()
     try:
         await store.publish_health(encode(HealthReport(os.getpid(), NOW, {
-            "other": AccountHealth("other", NOW + 600, 3, "421 4.7.0 slow down")})))
+            "other": AccountHealth("other", NOW + 5000, 3, "421 4.7.0 slow down")})))
     finally:
         await store.close()
 
@@ -337,13 +338,16 @@ async def test_show_says_why_a_message_waits_and_until_when(
 
     retry = await waiting("RETRY")
     assert [r["kind"] for r in retry["reasons"]] == ["retry-delay", "account-backoff"]
-    assert retry["next_attempt"] == retry["reasons"][0]["until"]  # the later of the two
+    assert retry["next_attempt"] == retry["reasons"][1]["until"]  # the later of the two
     later = await waiting("LATER")
     assert [r["kind"] for r in later["reasons"]] == ["deferred-delivery", "account-backoff"]
+    assert later["next_attempt"] == later["reasons"][0]["until"]
     held = await waiting("HELD")
     assert [r["kind"] for r in held["reasons"]] == ["held"] and held["next_attempt"] is None
     assert [r["kind"] for r in (await waiting("DUE"))["reasons"]] == ["account-backoff"]
     assert [r["kind"] for r in (await waiting("RATE"))["reasons"]] == ["rate-limit"]
+    # due in an hour, long after this minute's limit: the limit is not why it waits
+    assert [r["kind"] for r in (await waiting("RATE2"))["reasons"]] == ["retry-delay"]
     assert (await relay.json("queue", "show", "SENT"))["waiting"] is None
 
     text = await relay("queue", "show", "RETRY")

@@ -42,6 +42,18 @@ def fail(message: str, code: int = EXIT_FAILURE) -> int:
     return code
 
 
+def process_alive(pid: int) -> bool:
+    """Is process ``pid`` running (a report from a server that is gone is from an earlier
+    run)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 async def open_queue(config: Config) -> QueueStore:
     """The queue beside a running server (no lock): operator commands share it."""
     if not config.queue.path.exists():

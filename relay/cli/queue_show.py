@@ -12,7 +12,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from relay.cli.common import EXIT_FAILURE, EXIT_OK, fail, load, open_queue, out
+from relay.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    fail,
+    load,
+    open_queue,
+    out,
+    process_alive,
+)
 from relay.config.schema import Config
 from relay.delivery.health import decode
 from relay.delivery.ratelimit import RateLimiter
@@ -66,7 +74,7 @@ async def _read(config: Config, message_id: str, now: float) -> Shown:
         backoff = None
         report = decode(await store.read_health())
         health = report.accounts.get(message.account) if report else None
-        if health is not None and health.failures:
+        if health is not None and health.failures and report and process_alive(report.pid):
             flush = await store.flush_requested()  # a flush ends a backoff
             if not (flush and report and float(flush) > report.published_at):
                 backoff = health.backoff_until

@@ -32,7 +32,10 @@ def why_waiting(
     rate_wait_s: float = 0.0,
 ) -> list[Reason]:
     """Everything that keeps the message from its next attempt now; empty when it is due
-    (the next free worker takes it). Final messages wait for nothing."""
+    (the next free worker takes it). An account backoff is named while it lasts (the
+    scheduler defers the account's messages to its end, so the times often coincide);
+    a rate limit only when it lasts beyond the message's own time. Final messages wait
+    for nothing."""
     if state.final:
         return []
     if state is S.HELD:
@@ -47,10 +50,11 @@ def why_waiting(
         else:
             reasons.append(Reason("retry-delay", next_attempt_at,
                                   f"retry delay after attempt {attempts}"))
+    own = max(next_attempt_at, now)
     if backoff_until is not None and backoff_until > now:
         reasons.append(Reason("account-backoff", backoff_until,
                               "its account is backing off after account-wide failures"))
-    if rate_wait_s > 0:
+    if rate_wait_s > 0 and now + rate_wait_s > own:
         until = now + rate_wait_s if rate_wait_s != float("inf") else None
         reasons.append(Reason("rate-limit", until,
                               "its account is at its rate limit"
