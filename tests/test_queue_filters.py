@@ -39,6 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 NOW = time.time()
 
 
+@pytest.fixture(autouse=True)
+def _now() -> None:
+    """Each test's NOW is its own start: ages and rate windows are relative to it."""
+    global NOW
+    NOW = time.time()
+
+
 @pytest.fixture
 def relay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Relay:
     """A queue with a maildir account and no server."""

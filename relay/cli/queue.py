@@ -1,4 +1,6 @@
-"""`relay queue ...` and `relay accounts test`: operate on the queue file directly.
+"""`relay queue list` and the actions (`retry`, `flush`, `hold`, `release`, `delete`,
+`purge`), by ID or by the filters of relay/cli/filters.py; and `relay accounts test`.
+`show` and `summary` are in queue_show.py.
 
 These run in their own process beside `relay serve`; the server notices the changes
 (SQLite's data_version) within a second. Operations over many messages are set-based
@@ -16,7 +18,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -114,8 +116,7 @@ def _confirm(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _bulk(args: argparse.Namespace, op: Operation, match: MessageFilter,
-          done: str, after: Callable[[QueueStore], Awaitable[None]] | None = None) -> int:
+def _bulk(args: argparse.Namespace, op: Operation, match: MessageFilter, done: str) -> int:
     """``op`` on every message ``match`` selects: count them, say so, confirm on a
     terminal (--yes skips it, --dry-run stops there), then report what changed."""
     match = match.within(op.sources)
@@ -137,10 +138,7 @@ def _bulk(args: argparse.Namespace, op: Operation, match: MessageFilter,
 
     async def run() -> int:
         async with queue_of(args) as store:
-            changed = await _with_progress(store, op, match, matched)
-            if after is not None:
-                await after(store)
-            return changed
+            return await _with_progress(store, op, match, matched)
 
     changed = asyncio.run(run())
     if not changed:  # all of them changed state meanwhile (the server claimed them)
