@@ -218,6 +218,22 @@ async def test_bulk_actions_take_the_filters_and_count_what_changed(relay: Relay
     assert (await relay("queue", "delete")).code == 2  # nothing chosen is not "everything"
 
 
+async def test_the_count_is_of_what_the_action_can_change(relay: Relay) -> None:
+    """A failed message whose body is gone cannot be retried: not counted either."""
+    await add(relay.queue, "F1", state=S.FAILED, attempts=1, error="550 5.7.1 refused")
+    await add(relay.queue, "F2", state=S.FAILED, attempts=1, error="550 5.7.1 refused")
+    store = SQLiteStore(relay.queue, lock=False)
+    await store.open()
+    try:
+        await store.execute([("DELETE FROM bodies WHERE id='F2'", ())])
+    finally:
+        await store.close()
+    dry = await relay("queue", "retry", "--state", "failed", "--error", "5.7.1", "--dry-run")
+    assert (dry.code, dry.out) == (0, "would retry 1 failed message(s)\n")
+    done = await relay("queue", "retry", "--state", "failed", "--error", "5.7.1")
+    assert (done.code, done.out) == (0, "1 failed message(s) queued, due now\n")
+
+
 async def test_bulk_action_beside_a_running_server(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """The server's store holds the lock and writes; the CLI's bulk change queues behind

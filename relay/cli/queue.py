@@ -124,7 +124,7 @@ def _bulk(args: argparse.Namespace, op: Operation, match: MessageFilter, done: s
 
     async def count() -> int:
         async with queue_of(args) as store:
-            return await store.count_messages(match)
+            return await store.count_messages(match, needs_body=op.needs_body)
 
     matched = asyncio.run(count())
     if not matched:

@@ -80,7 +80,8 @@ class QueueStore(Protocol):
         self, match: MessageFilter, *, sort: SortKey = SortKey.CREATED, limit: int | None = None
     ) -> AsyncGenerator[QueuedMessage, None]:
         """The messages ``match`` selects, in ``sort`` order, read as they are consumed."""
-    async def count_messages(self, match: MessageFilter) -> int: ...
+    async def count_messages(self, match: MessageFilter, *, needs_body: bool = False) -> int:
+        """How many messages ``match`` selects (``needs_body``: whose body is still kept)."""
     async def waiting_by_age(
         self, by: str, now: float, bounds: Sequence[float]
     ) -> dict[tuple[str, int], int]:

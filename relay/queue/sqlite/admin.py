@@ -19,6 +19,7 @@ from relay.queue.store import OPERATOR_CHUNK, Progress
 from relay.queue.types import MessageState, QueuedMessage
 
 LIST_PAGE = 500  # rows per fetch of a streamed listing
+BODY_KEPT = "EXISTS (SELECT 1 FROM bodies b WHERE b.id = messages.id)"
 
 
 class OperatorQueries:
@@ -58,8 +59,10 @@ class OperatorQueries:
                 for row in batch:
                     yield row_to_message(row)
 
-    async def count_messages(self, match: MessageFilter) -> int:
+    async def count_messages(self, match: MessageFilter, *, needs_body: bool = False) -> int:
         clause, params = filter_where(match)
+        if needs_body:
+            clause += f" AND {BODY_KEPT}"
         rows = await self._fetch(f"SELECT count(*) FROM messages WHERE {clause}", params)
         return int(rows[0][0])
 
@@ -167,7 +170,7 @@ class OperatorQueries:
         """
         where, params = self._selection(states, ids, match)
         if needs_body:
-            where += " AND EXISTS (SELECT 1 FROM bodies b WHERE b.id = messages.id)"
+            where += f" AND {BODY_KEPT}"
         sets = "state=?, lease_until=NULL, updated_at=?"
         lead: tuple[Any, ...] = (to_state, now)
         if due_now:
