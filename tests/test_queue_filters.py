@@ -218,6 +218,22 @@ async def test_bulk_actions_take_the_filters_and_count_what_changed(relay: Relay
     assert (await relay("queue", "delete")).code == 2  # nothing chosen is not "everything"
 
 
+async def test_limit_and_sort_choose_which_messages_a_bulk_action_takes(relay: Relay) -> None:
+    await fill(relay.queue, 12)  # G..01 oldest; attempts k % 4
+    oldest = await relay("queue", "hold", "--all", "--limit", "3", "--yes")
+    assert (oldest.code, oldest.out) == (0, "held 3 message(s)\n")
+    assert await ids(relay, "--state", "held") == [f"G{k:019d}" for k in (1, 2, 3)]
+    tried = await relay("queue", "delete", "--state", "queued", "--sort", "attempts",
+                        "--limit", "2", "--dry-run")
+    assert tried.out == "would delete 2 queued message(s)\n"
+    tried = await relay("queue", "delete", "--state", "queued", "--sort", "attempts",
+                        "--limit", "2")
+    assert tried.out == "deleted 2 queued message(s)\n"
+    assert [f"G{k:019d}" for k in (7, 11)] == [  # the most attempts (3), not yet held
+        i for i in (f"G{k:019d}" for k in range(1, 13)) if i not in await ids(relay)]
+    assert (await relay("queue", "hold", "--all", "--limit", "-1")).code == 2
+
+
 async def test_the_count_is_of_what_the_action_can_change(relay: Relay) -> None:
     """A failed message whose body is gone cannot be retried: not counted either."""
     await add(relay.queue, "F1", state=S.FAILED, attempts=1, error="550 5.7.1 refused")

@@ -38,10 +38,10 @@ def add_filter_options(p: argparse.ArgumentParser, *, states: list[str] | None =
                    help="the last error contains TEXT (case-insensitive), e.g. '4.7.0'")
 
 
-def add_sort_options(p: argparse.ArgumentParser) -> None:
+def add_sort_options(p: argparse.ArgumentParser, sort_help: str) -> None:
     p.add_argument("--sort", choices=[str(k) for k in SortKey], default=str(SortKey.CREATED),
-                   help="order: created (arrival, the default), next-attempt, attempts"
-                        " (most first)")
+                   help=f"{sort_help}: created (arrival, the default), next-attempt,"
+                        " attempts (most first)")
     p.add_argument("--limit", type=int, metavar="N", help="at most N messages")
 
 
@@ -58,8 +58,9 @@ def message_filter(args: argparse.Namespace, now: float | None = None) -> Messag
         except ValueError as exc:
             raise ValueError(f"{option} {exc}") from None
 
-    if args.min_attempts is not None and args.min_attempts < 0:
-        raise ValueError("--min-attempts must not be negative")
+    for option in ("min_attempts", "limit"):
+        if (getattr(args, option, None) or 0) < 0:
+            raise ValueError(f"--{option.replace('_', '-')} must not be negative")
     return MessageFilter(
         states=frozenset(MessageState(s) for s in args.state) if args.state else None,
         account=args.account,

@@ -44,7 +44,7 @@ from relay.queue.ops import (
     Operation,
     refusal,
 )
-from relay.queue.store import Progress, QueueStore
+from relay.queue.store import OPERATOR_CHUNK, Progress, QueueStore
 from relay.queue.types import MessageState, QueuedMessage
 
 DONE = {"hold": "held", "release": "released, due now", "retry": "queued, due now",
@@ -90,13 +90,25 @@ def _each(args: argparse.Namespace, op: Operation) -> int:
 
 
 async def _with_progress(store: QueueStore, op: Operation, match: MessageFilter,
-                         total: int | None = None) -> int:
-    """``op`` on what ``match`` selects, with a progress bar when both stdout and stderr
-    are terminals (never in a pipeline or a log)."""
+                         total: int | None = None, *, first: int | None = None,
+                         sort: SortKey = SortKey.CREATED) -> int:
+    """``op`` on what ``match`` selects (``first``: only the first so many in ``sort``
+    order), with a progress bar when both stdout and stderr are terminals (never in a
+    pipeline or a log)."""
     bar = ProgressBar(op.name, total)
     bar.enabled = bar.enabled and sys.stdout.isatty()
     with bar:
-        return await _apply(store, op, match=match, progress=bar)
+        if first is None:
+            return await _apply(store, op, match=match, progress=bar)
+        # Chosen once, then changed a window of IDs at a time: re-selecting "the first N"
+        # per window would reach past N as changed messages leave the selection.
+        chosen = [m.id async for m in store.iter_messages(match, sort=sort, limit=first)]
+        done = 0
+        for start in range(0, len(chosen), OPERATOR_CHUNK):
+            done += await _apply(store, op, ids=chosen[start:start + OPERATOR_CHUNK],
+                                 match=match)
+            bar(done)
+        return done
 
 
 def _states_word(match: MessageFilter) -> str:
@@ -127,6 +139,8 @@ def _bulk(args: argparse.Namespace, op: Operation, match: MessageFilter, done: s
             return await store.count_messages(match, needs_body=op.needs_body)
 
     matched = asyncio.run(count())
+    if args.limit is not None:
+        matched = min(matched, args.limit)
     if not matched:
         return fail(f"no {what}messages to {op.name}")
     if getattr(args, "dry_run", False):
@@ -138,7 +152,8 @@ def _bulk(args: argparse.Namespace, op: Operation, match: MessageFilter, done: s
 
     async def run() -> int:
         async with queue_of(args) as store:
-            return await _with_progress(store, op, match, matched)
+            return await _with_progress(store, op, match, matched, first=args.limit,
+                                        sort=SortKey(args.sort))
 
     changed = asyncio.run(run())
     if not changed:  # all of them changed state meanwhile (the server claimed them)
@@ -165,8 +180,6 @@ def cmd_list(args: argparse.Namespace) -> int:
         match = message_filter(args)
     except ValueError as exc:
         return fail(f"queue list: {exc}", EXIT_USAGE)
-    if args.limit is not None and args.limit < 0:
-        return fail("queue list: --limit must not be negative", EXIT_USAGE)
     mode = "jsonl" if args.jsonl else "json" if args.json else "text"
 
     async def run() -> int:
@@ -366,6 +379,7 @@ def _bulk_options(p: argparse.ArgumentParser, every: str, states: list[str]) -> 
     p.add_argument("ids", nargs="*", metavar="ID", help="these messages (or use filters)")
     p.add_argument("--all", action="store_true", help=every)
     add_filter_options(p, states=states)
+    add_sort_options(p, "with --limit: which come first")
     p.add_argument("--yes", "-y", action="store_true",
                    help="do not ask for confirmation on a terminal")
     p.add_argument("--dry-run", action="store_true",
@@ -379,7 +393,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = qsub.add_parser("list", parents=[common],
                         help="list messages, including delivered/failed records not yet purged")
     add_filter_options(p)
-    add_sort_options(p)
+    add_sort_options(p, "order")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="one JSON array of messages")
     form.add_argument("--jsonl", action="store_true",
