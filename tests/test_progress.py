@@ -82,29 +82,51 @@ async def test_quiet_when_stderr_is_not_a_terminal(
         assert (code, *capsys.readouterr()) == (0, out, "")
 
 
-def run_on_a_terminal(argv: list[str], *, columns: int, encoding: str) -> tuple[int, str, bytes]:
-    """`python -m relay ARGV` with stderr on a pty ``columns`` wide; (exit, stdout, tty bytes)."""
-    controller, terminal = os.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-    env = {**os.environ, "PYTHONIOENCODING": encoding}
-    try:
-        proc = subprocess.Popen([sys.executable, "-m", "relay", *argv], cwd=ROOT, env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=terminal)
-    finally:
-        os.close(terminal)
-    drawn = b""
-    while True:  # until the child closes its end: EIO on Linux
+def _drain(fd: int) -> bytes:
+    """Everything written to a pty until the child closes its end (EIO on Linux)."""
+    data = b""
+    while True:
         try:
-            chunk = os.read(controller, 4096)
+            chunk = os.read(fd, 4096)
         except OSError:
             break
         if not chunk:
             break
-        drawn += chunk
-    os.close(controller)
+        data += chunk
+    os.close(fd)
+    return data
+
+
+def run_on_a_terminal(argv: list[str], *, columns: int, encoding: str,
+                      stdout_tty: bool = True) -> tuple[int, str, bytes]:
+    """`python -m relay ARGV` with stderr on a pty ``columns`` wide (and stdout on another
+    unless ``stdout_tty`` is false: then a pipe); (exit, stdout, stderr's tty bytes)."""
+    controller, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    out_controller, out_terminal = os.openpty() if stdout_tty else (-1, subprocess.PIPE)
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "relay", *argv], cwd=ROOT, env=env,
+                                stdin=subprocess.DEVNULL, stdout=out_terminal,
+                                stderr=terminal)
+    finally:
+        os.close(terminal)
+        if stdout_tty:
+            os.close(out_terminal)
+    drawn = _drain(controller)  # a command's own output is small: the other pty holds it
     out, _ = proc.communicate(timeout=30)
+    if stdout_tty:
+        out = _drain(out_controller).replace(b"\r\n", b"\n")
     return proc.returncode, out.decode(), drawn
+
+
+async def test_no_bar_when_stdout_is_not_a_terminal(queue_config: Path) -> None:
+    """`relay queue delete ... | tee log`: a pipeline gets no bar, even on a terminal."""
+    await seed(queue_config, 40, 0)
+    code, out, drawn = await asyncio.to_thread(
+        run_on_a_terminal, ["queue", "delete", "--state", "queued", "--config", str(queue_config)],
+        columns=60, encoding="utf-8", stdout_tty=False)
+    assert (code, out, drawn) == (0, "deleted 40 queued message(s)\n", b"")
 
 
 @pytest.mark.parametrize(("encoding", "fill"), [("utf-8", "\u2588"), ("ascii", "#")])

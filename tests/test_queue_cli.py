@@ -148,7 +148,7 @@ async def test_list_shows_every_message_with_its_state_until_purged(relay: Relay
         assert any(line.split()[:2] == [mid, str(state)] for line in result.out.splitlines())
     assert "-- 6 message(s)" in result.out
     assert [m["id"] for m in await relay.json("queue", "list", "--state", "failed")] == ["F"]
-    assert (await relay("queue", "list", "--account", "nobody")).out == "queue is empty\n"
+    assert (await relay("queue", "list", "--account", "nobody")).out == "no message matches\n"
 
 
 async def test_json_carries_the_envelope_and_show_adds_headers_and_attempts(
@@ -401,6 +401,53 @@ async def test_flush_sends_deferred_messages_and_ends_an_account_backoff(
     await upstream.wait_for_messages(1, timeout=3)
     assert time.monotonic() - flushed < 2.0
     await wait_for_state(relay, mid, "delivered")
+
+
+async def test_show_names_the_running_servers_account_backoff(
+    served: tuple[Relay, Any], upstream: FakeUpstream,
+) -> None:
+    """Issue 18: "why is this one delayed" from what the server itself published."""
+    relay, app = served
+    upstream.fail_auth()  # account-wide: the account backs off
+    mid = await queue_id(app.smtp_port, "why")
+    await wait_for_state(relay, mid, "deferred")
+    deadline = time.monotonic() + 5
+    while True:  # the health report is written just after the attempt
+        waiting = (await relay.json("queue", "show", mid))["waiting"]
+        kinds = [r["kind"] for r in waiting["reasons"]]
+        if "account-backoff" in kinds or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert kinds[0] == "retry-delay" and "account-backoff" in kinds, kinds
+    text = await relay("queue", "show", mid)
+    assert "535" in text.out and "next attempt:" in text.out
+    upstream.fail_auth(False)
+    assert (await relay("queue", "flush")).code == 0
+    await wait_for_state(relay, mid, "delivered")
+    assert (await relay.json("queue", "show", mid))["waiting"] is None
+
+
+async def test_bulk_hold_and_release_by_filter_beside_the_server(
+    served: tuple[Relay, Any], upstream: FakeUpstream,
+) -> None:
+    relay, app = served
+    upstream.fail_data(451, "4.3.0 try later", times=3)
+    ids = {}
+    for rcpt in ("a@keep.example", "b@hold.example", "c@hold.example"):
+        code, text = await send(app.smtp_port, message(rcpt), recipients=[rcpt])
+        assert code == 250
+        ids[rcpt] = text.rsplit(" ", 1)[-1]
+    for mid in ids.values():
+        await wait_for_state(relay, mid, "deferred")
+    held = await relay("queue", "hold", "--rcpt", "*@hold.example", "--yes")
+    assert (held.code, held.out) == (0, "held 2 message(s)\n")
+    assert (await relay("queue", "retry", "--all")).out == "1 deferred message(s) queued, due now\n"
+    await upstream.wait_for_messages(1, timeout=3)
+    await wait_for_state(relay, ids["a@keep.example"], "delivered")
+    assert (await relay.states())[ids["b@hold.example"]] == "held"
+    released = await relay("queue", "release", "--rcpt", "hold.example")
+    assert (released.code, released.out) == (0, "released 2 message(s), due now\n")
+    await upstream.wait_for_messages(3, timeout=3)
 
 
 async def test_retry_redelivers_a_failed_message_once_the_fault_is_cleared(

@@ -31,8 +31,12 @@ def add_command(sub: Any) -> None:
     )
     p.add_argument("--size", type=int, default=10_240, help="payload bytes (10240)")
     p.add_argument("--sessions", type=int, default=20, help="concurrent senders (20)")
-    p.add_argument("--load", choices=("auto", "smtp-source", "builtin"), default="auto")
-    p.add_argument("--sink", choices=("auto", "smtp-sink", "aiosmtpd"), default="auto")
+    p.add_argument("--load", choices=("auto", "smtp-source", "builtin"), default="auto",
+                   help="load generator: Postfix's smtp-source, the built-in one, or auto"
+                        " (smtp-source when installed)")
+    p.add_argument("--sink", choices=("auto", "smtp-sink", "aiosmtpd"), default="auto",
+                   help="upstream sink: Postfix's smtp-sink, an aiosmtpd one, or auto"
+                        " (smtp-sink when installed)")
     p.add_argument(
         "--no-postfix", dest="postfix", action="store_false", help="skip the Postfix baseline"
     )

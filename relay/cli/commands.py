@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from relay import __version__
-from relay.cli.common import EXIT_OK, EXIT_USAGE, fail, load, out
+from relay.cli.common import EXIT_OK, EXIT_PIPE, EXIT_USAGE, fail, load, out
 from relay.config.loading import load_config, load_config_with_sources
 from relay.config.report import config_warnings, effective_config, unresolved_secrets
 from relay.config.schema import Config
@@ -176,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`relay queue list | head`): stop quietly, as cat does.
+        return _reader_gone()
     except ConfigError as exc:
         for problem in exc.problems:
             out(f"config error: {problem}", file=sys.stderr)
@@ -184,6 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc))
     except KeyboardInterrupt:
         return 130
-    with contextlib.suppress(BrokenPipeError):
-        sys.stdout.flush()
     return code
+
+
+def _reader_gone() -> int:
+    """Exit code after a closed pipe; what is still buffered for it goes nowhere, so that
+    the interpreter's own flush at exit does not fail again with a traceback."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_PIPE

@@ -22,6 +22,7 @@ from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe ended
 
 
 def load(args: argparse.Namespace) -> Config:
@@ -42,6 +43,18 @@ def out(*lines: str, file: TextIO | None = None) -> None:
 def fail(message: str, code: int = EXIT_FAILURE) -> int:
     out(f"relay: {message}", file=sys.stderr)
     return code
+
+
+def process_alive(pid: int) -> bool:
+    """Is process ``pid`` running (a report from a server that is gone is from an earlier
+    run)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 async def open_queue(config: Config) -> QueueStore:

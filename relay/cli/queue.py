@@ -1,4 +1,6 @@
-"""`relay queue ...` and `relay accounts test`: operate on the queue file directly.
+"""`relay queue list` and the actions (`retry`, `flush`, `hold`, `release`, `delete`,
+`purge`), by ID or by the filters of relay/cli/filters.py; and `relay accounts test`.
+`show` and `summary` are in queue_show.py.
 
 These run in their own process beside `relay serve`; the server notices the changes
 (SQLite's data_version) within a second. Operations over many messages are set-based
@@ -10,18 +12,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from relay.cli import queue_show
 from relay.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail, load, out, queue_of
+from relay.cli.filters import STATES, add_filter_options, add_sort_options, message_filter
 from relay.cli.progress import ProgressBar
-from relay.config.durations import format_duration, parse_duration, parse_since
+from relay.cli.queue_show import as_dict, iso
+from relay.config.durations import format_duration, parse_duration
 from relay.config.schema import AccountConfig, effective_hostname
+from relay.queue.filters import MessageFilter, SortKey
 from relay.queue.ops import (
     DELETE,
     DELETE_FORCED,
@@ -35,36 +44,11 @@ from relay.queue.ops import (
     Operation,
     refusal,
 )
-from relay.queue.store import Progress, QueueStore
+from relay.queue.store import OPERATOR_CHUNK, Progress, QueueStore
 from relay.queue.types import MessageState, QueuedMessage
-from relay.smtp.headers import parse_headers
 
-STATES = [str(s) for s in MessageState]
 DONE = {"hold": "held", "release": "released, due now", "retry": "queued, due now",
         "delete": "deleted"}
-
-
-def _as_dict(m: QueuedMessage) -> dict[str, Any]:
-    return {
-        "id": m.id,
-        "state": str(m.state),
-        "account": m.account,
-        "priority": m.priority.name.lower(),
-        "sender": m.sender,
-        "recipients": [
-            {"address": r.address, "state": str(r.state), "reply": r.reply} for r in m.recipients
-        ],
-        "size": m.size,
-        "attempts": m.attempts,
-        "next_attempt_at": _iso(m.next_attempt_at),
-        "last_error": m.last_error,
-        "created_at": _iso(m.created_at),
-        "updated_at": _iso(m.updated_at),
-    }
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 async def _apply(
@@ -72,21 +56,19 @@ async def _apply(
     op: Operation,
     *,
     ids: Sequence[str] = (),
-    updated_before: float | None = None,
-    account: str | None = None,
-    updated_since: float | None = None,
+    match: MessageFilter | None = None,
     progress: Progress | None = None,
 ) -> int:
-    """Carry out ``op`` on ``ids`` (or on every message in its states); count the changed."""
+    """Carry out ``op`` on ``ids`` (or on what ``match`` selects in its states); count
+    the messages changed."""
     if op.target is None:
         return await store.delete_messages(
-            states=op.states, ids=ids, updated_before=updated_before, progress=progress
+            states=op.states, ids=ids, match=match, progress=progress
         )
-    assert updated_before is None
     return await store.update_messages(
         states=op.states, to_state=str(op.target), now=time.time(), ids=ids,
         due_now=op.due_now, reset_failed=op.reset_failed, needs_body=op.needs_body,
-        account=account, updated_since=updated_since, progress=progress,
+        match=match, progress=progress,
     )
 
 
@@ -107,116 +89,160 @@ def _each(args: argparse.Namespace, op: Operation) -> int:
     return asyncio.run(run())
 
 
-async def _with_progress(
-    store: QueueStore, op: Operation, updated_before: float | None = None, **filters: Any
-) -> int:
-    """``op`` on every message in its states, with a progress bar on a terminal."""
-    bar = ProgressBar(op.name, None)
-    # Counted only for a bar; purge's "old enough" is not counted beforehand (no total).
-    if bar.enabled and updated_before is None:
-        counts = await store.counts()
-        bar.total = sum(n for (_, state), n in counts.items() if state in op.states)
+async def _with_progress(store: QueueStore, op: Operation, match: MessageFilter,
+                         total: int | None = None, *, first: int | None = None,
+                         sort: SortKey = SortKey.CREATED) -> int:
+    """``op`` on what ``match`` selects (``first``: only the first so many in ``sort``
+    order), with a progress bar when both stdout and stderr are terminals (never in a
+    pipeline or a log)."""
+    bar = ProgressBar(op.name, total)
+    bar.enabled = bar.enabled and sys.stdout.isatty()
     with bar:
-        return await _apply(store, op, updated_before=updated_before, progress=bar, **filters)
+        if first is None:
+            return await _apply(store, op, match=match, progress=bar)
+        # Chosen once, then changed a window of IDs at a time: re-selecting "the first N"
+        # per window would reach past N as changed messages leave the selection.
+        chosen = [m.id async for m in store.iter_messages(match, sort=sort, limit=first)]
+        done = 0
+        for start in range(0, len(chosen), OPERATOR_CHUNK):
+            done += await _apply(store, op, ids=chosen[start:start + OPERATOR_CHUNK],
+                                 match=match)
+            bar(done)
+        return done
 
 
-def _bulk(args: argparse.Namespace, op: Operation, updated_before: float | None = None) -> int:
+def _states_word(match: MessageFilter) -> str:
+    """'deferred ' when the selection is of one state, else ''."""
+    if match.states is not None and len(match.states) == 1:
+        return f"{next(iter(match.states))} "
+    return ""
+
+
+def _confirm(question: str) -> bool:
+    """Ask on the terminal; anything but y/yes (or end of input) is no."""
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    try:
+        answer = sys.stdin.readline()
+    except KeyboardInterrupt:
+        answer = ""
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _bulk(args: argparse.Namespace, op: Operation, match: MessageFilter, done: str) -> int:
+    """``op`` on every message ``match`` selects: count them, say so, confirm on a
+    terminal (--yes skips it, --dry-run stops there), then report what changed."""
+    match = match.within(op.sources)
+    what = _states_word(match)
+
+    async def count() -> int:
+        async with queue_of(args) as store:
+            return await store.count_messages(match, needs_body=op.needs_body)
+
+    matched = asyncio.run(count())
+    if args.limit is not None:
+        matched = min(matched, args.limit)
+    if not matched:
+        return fail(f"no {what}messages to {op.name}")
+    if getattr(args, "dry_run", False):
+        out(f"would {op.name} {matched} {what}message(s)")
+        return EXIT_OK
+    ask = not getattr(args, "yes", False) and sys.stdin.isatty() and sys.stderr.isatty()
+    if ask and not _confirm(f"{op.name} {matched} {what}message(s)?"):
+        return fail("nothing changed")
+
     async def run() -> int:
         async with queue_of(args) as store:
-            return await _with_progress(store, op, updated_before)
+            return await _with_progress(store, op, match, matched, first=args.limit,
+                                        sort=SortKey(args.sort))
+
+    changed = asyncio.run(run())
+    if not changed:  # all of them changed state meanwhile (the server claimed them)
+        return fail(f"no {what}messages to {op.name}")
+    out(done.format(n=changed, what=what))
+    return EXIT_OK
+
+
+def _filter_or_usage(args: argparse.Namespace, command: str) -> MessageFilter | int:
+    """The filter the options name, or the exit code of a usage error (already printed)."""
+    try:
+        match = message_filter(args)
+    except ValueError as exc:
+        return fail(f"queue {command}: {exc}", EXIT_USAGE)
+    chosen = getattr(args, "all", False) or match != MessageFilter()
+    if bool(args.ids) == chosen:
+        return fail(f"queue {command}: give message IDs, or --all or filters (one of them)",
+                    EXIT_USAGE)
+    return match
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    try:
+        match = message_filter(args)
+    except ValueError as exc:
+        return fail(f"queue list: {exc}", EXIT_USAGE)
+    mode = "jsonl" if args.jsonl else "json" if args.json else "text"
+
+    async def run() -> int:
+        shown = 0
+        async with queue_of(args) as store, contextlib.aclosing(store.iter_messages(
+                match, sort=SortKey(args.sort), limit=args.limit)) as rows:
+            if mode == "json":  # one document, written as it is read
+                sys.stdout.write("[")
+            async for m in rows:
+                if mode == "text" and not shown:
+                    out(HEADER)
+                shown += 1
+                if mode == "jsonl":
+                    sys.stdout.write(json.dumps(as_dict(m)) + "\n")
+                elif mode == "json":
+                    item = json.dumps(as_dict(m), indent=2).replace("\n", "\n  ")
+                    sys.stdout.write(("," if shown > 1 else "") + "\n  " + item)
+                else:
+                    _print_row(m)
+        if mode == "json":
+            sys.stdout.write("\n]\n" if shown else "]\n")
+        elif mode == "text":
+            if shown:
+                out(f"-- {shown} message(s)")
+            else:
+                out("queue is empty" if match == MessageFilter() else "no message matches")
+        return EXIT_OK
 
     return asyncio.run(run())
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    async def run() -> list[QueuedMessage]:
-        async with queue_of(args) as store:
-            return await store.list_messages(state=args.state, account=args.account)
-
-    messages = asyncio.run(run())
-    if args.json:
-        print(json.dumps([_as_dict(m) for m in messages], indent=2))
-        return EXIT_OK
-    if not messages:
-        out("queue is empty")
-        return EXIT_OK
-    out(f"{'ID':<20} {'STATE':<9} {'ACCOUNT':<12} {'PRIO':<6} {'TRIES':>5} "
+HEADER = (f"{'ID':<20} {'STATE':<9} {'ACCOUNT':<12} {'PRIO':<6} {'TRIES':>5} "
           f"{'CREATED':<20} SENDER -> RECIPIENTS")
-    for m in messages:
-        rcpts = ", ".join(r.address for r in m.recipients)
-        out(f"{m.id:<20} {m.state!s:<9} {m.account:<12} {m.priority.name.lower():<6} "
-              f"{m.attempts:>5} {_iso(m.created_at):<20} <{m.sender}> -> {rcpts}")
-        if m.last_error:
-            out(f"{'':<20} last error: {m.last_error}")
-    out(f"-- {len(messages)} message(s)")
-    return EXIT_OK
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    async def run() -> tuple[QueuedMessage | None, bytes | None]:
-        async with queue_of(args) as store:
-            return await store.get(args.id), await store.body_if_kept(args.id)
-
-    message, body = asyncio.run(run())
-    if message is None:
-        return fail(f"no message {args.id} in the queue")
-    data = _as_dict(message)
-    data["headers"] = [[k, v] for k, v in parse_headers(body)] if body is not None else None
-    data["attempt_log"] = [
-        {**a, "at": _iso(float(str(a["at"])))} for a in message.attempts_log
-    ]
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return EXIT_OK
-    for key in ("id", "state", "account", "priority", "sender", "size", "attempts",
-                "created_at", "next_attempt_at", "last_error"):
-        out(f"{key + ':':<17}{data[key]}")
-    out("recipients:")
-    for r in data["recipients"]:
-        out(f"  <{r['address']}> {r['state']} {r['reply']}".rstrip())
-    out("headers:" if body is not None else "headers:        (body no longer kept)")
-    for k, v in data["headers"] or []:
-        out(f"  {k}: {v}")
-    out("attempts:")
-    for a in data["attempt_log"]:
-        out(f"  {a['at']} {a['account']} {a['outcome']}: {a['reply']}")
-    return EXIT_OK
+def _print_row(m: QueuedMessage) -> None:
+    rcpts = ", ".join(r.address for r in m.recipients)
+    out(f"{m.id:<20} {m.state!s:<9} {m.account:<12} {m.priority.name.lower():<6} "
+        f"{m.attempts:>5} {iso(m.created_at):<20} <{m.sender}> -> {rcpts}")
+    if m.last_error:
+        out(f"{'':<20} last error: {m.last_error}")
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    bulk = args.all or args.state is not None
-    if bool(args.ids) == bulk:
-        return fail("queue retry: give message IDs, --all or --state (one of them)",
-                     EXIT_USAGE)
+    match = _filter_or_usage(args, "retry")
+    if isinstance(match, int):
+        return match
     if args.ids:
-        if args.account or args.since:
-            return fail("queue retry: --account and --since go with --all or --state",
-                         EXIT_USAGE)
         return _each(args, RETRY)
-    since = None
-    if args.since:
-        try:
-            since = parse_since(args.since, time.time())
-        except ValueError as exc:
-            return fail(f"queue retry: --since {exc}", EXIT_USAGE)
-    op = RETRY_FAILED if args.state == "failed" else RETRY_ALL
-    state = "failed" if op is RETRY_FAILED else "deferred"
-
-    async def run() -> int:
-        async with queue_of(args) as store:
-            return await _with_progress(store, op, account=args.account, updated_since=since)
-
-    count = asyncio.run(run())
-    if not count:
-        return fail(f"no {state} messages to retry")
-    out(f"{count} {state} message(s) queued, due now")
-    return EXIT_OK
+    # --all, or filters without --state: deferred messages
+    states = match.states or frozenset({MessageState.DEFERRED})
+    match = replace(match, states=states)
+    op = (RETRY_FAILED if states == {MessageState.FAILED}
+          else RETRY_ALL if states == {MessageState.DEFERRED} else RETRY)
+    return _bulk(args, op, match, "{n} {what}message(s) queued, due now")
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with queue_of(args) as store:
-            count = await _with_progress(store, FLUSH)
+            counts = await store.counts()  # cheap (a table kept by the store): the bar's total
+            total = sum(n for (_, state), n in counts.items() if state in FLUSH.states)
+            count = await _with_progress(store, FLUSH, MessageFilter(), total)
             # Written last: the server sees it and ends account-wide backoffs too.
             await store.request_flush(time.time())
             return count
@@ -227,28 +253,35 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
-    return _each(args, HOLD)
+    match = _filter_or_usage(args, "hold")
+    if isinstance(match, int):
+        return match
+    if args.ids:
+        return _each(args, HOLD)
+    return _bulk(args, HOLD, match, "held {n} {what}message(s)")
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    return _each(args, RELEASE)
+    match = _filter_or_usage(args, "release")
+    if isinstance(match, int):
+        return match
+    if args.ids:
+        return _each(args, RELEASE)
+    return _bulk(args, RELEASE, match, "released {n} message(s), due now")
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    if bool(args.ids) == bool(args.state):
-        return fail("queue delete: give message IDs or --state (one of them)", EXIT_USAGE)
+    match = _filter_or_usage(args, "delete")
+    if isinstance(match, int):
+        return match
     op = DELETE_FORCED if args.force else DELETE
     if args.ids:
         return _each(args, op)
-    if args.state == MessageState.SENDING and not args.force:
+    if match.states and MessageState.SENDING in match.states and not args.force:
         return fail("not deleting 'sending' messages: workers are delivering them right now"
-                     " and deleting the rows cannot stop those sends, so they may still"
-                     " arrive; wait for the attempts to finish, or use --force")
-    count = _bulk(args, Operation("delete", frozenset({MessageState(args.state)}), None))
-    if not count:
-        return fail(f"no {args.state} messages to delete")
-    out(f"deleted {count} {args.state} message(s)")
-    return EXIT_OK
+                    " and deleting the rows cannot stop those sends, so they may still"
+                    " arrive; wait for the attempts to finish, or use --force")
+    return _bulk(args, op, match, "deleted {n} {what}message(s)")
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -256,7 +289,14 @@ def cmd_purge(args: argparse.Namespace) -> int:
         age = parse_duration(args.older_than)
     except ValueError as exc:
         return fail(f"queue purge: --older-than {exc}", EXIT_USAGE)
-    count = _bulk(args, PURGE, updated_before=time.time() - age)
+
+    async def run() -> int:
+        async with queue_of(args) as store:
+            # No total for a bar: "old enough" is not counted beforehand.
+            return await _with_progress(store, PURGE,
+                                        MessageFilter(updated_before=time.time() - age))
+
+    count = asyncio.run(run())
     out(f"purged {count} delivered/failed record(s) older than {format_duration(age)}")
     return EXIT_OK
 
@@ -335,43 +375,48 @@ def cmd_accounts_test(args: argparse.Namespace) -> int:
     return EXIT_OK if all(ok for _, ok, _ in steps) else EXIT_FAILURE
 
 
+def _bulk_options(p: argparse.ArgumentParser, every: str, states: list[str]) -> None:
+    p.add_argument("ids", nargs="*", metavar="ID", help="these messages (or use filters)")
+    p.add_argument("--all", action="store_true", help=every)
+    add_filter_options(p, states=states)
+    add_sort_options(p, "with --limit: which come first")
+    p.add_argument("--yes", "-y", action="store_true",
+                   help="do not ask for confirmation on a terminal")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only count the messages it would touch; change nothing")
+
+
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     queue = sub.add_parser("queue", help="inspect or act on the queue")
     queue.set_defaults(needs_secrets=False)  # the queue file only; no upstream passwords
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
     p = qsub.add_parser("list", parents=[common],
                         help="list messages, including delivered/failed records not yet purged")
-    p.add_argument("--state", choices=STATES)
-    p.add_argument("--account")
-    p.add_argument("--json", action="store_true")
+    add_filter_options(p)
+    add_sort_options(p, "order")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="one JSON array of messages")
+    form.add_argument("--jsonl", action="store_true",
+                      help="one JSON object per line, streamed as the queue is read")
     p.set_defaults(func=cmd_list)
-    p = qsub.add_parser("show", parents=[common], help="one message: envelope, headers, attempts")
-    p.add_argument("id")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_show)
+    queue_show.add_commands(qsub, common)
     p = qsub.add_parser("retry", parents=[common],
                         help="make messages due now; a failed message is queued again")
-    p.add_argument("ids", nargs="*", metavar="ID")
-    p.add_argument("--all", action="store_true", help="every deferred message")
-    p.add_argument("--state", choices=["deferred", "failed"],
-                   help="every message in this state (failed: those whose body is kept)")
-    p.add_argument("--account", help="with --all/--state: only this account's messages")
-    p.add_argument("--since", metavar="WHEN",
-                   help="with --all/--state: only those changed since (2h, 1d, or a UTC"
-                        " time such as 2026-11-30T10:00:00Z)")
+    _bulk_options(p, "every deferred message (with --state failed: every failed one)",
+                  ["deferred", "failed"])
     p.set_defaults(func=cmd_retry)
     p = qsub.add_parser("flush", parents=[common],
                         help="every deferred message due now; backed-off accounts resume")
     p.set_defaults(func=cmd_flush)
-    for name, func, text in (("hold", cmd_hold, "put queued/deferred messages aside"),
-                             ("release", cmd_release, "queue held messages again, due now")):
-        p = qsub.add_parser(name, parents=[common], help=text)
-        p.add_argument("ids", nargs="+", metavar="ID")
-        p.set_defaults(func=func)
+    p = qsub.add_parser("hold", parents=[common], help="put queued/deferred messages aside")
+    _bulk_options(p, "every queued and deferred message", ["queued", "deferred"])
+    p.set_defaults(func=cmd_hold)
+    p = qsub.add_parser("release", parents=[common], help="queue held messages again, due now")
+    _bulk_options(p, "every held message", ["held"])
+    p.set_defaults(func=cmd_release)
     p = qsub.add_parser("delete", parents=[common],
                         help="remove messages with their bodies and attempts")
-    p.add_argument("ids", nargs="*", metavar="ID")
-    p.add_argument("--state", choices=STATES, help="every message in this state")
+    _bulk_options(p, "every message (but those being sent, unless --force)", STATES)
     p.add_argument("--force", action="store_true",
                    help="also messages being delivered right now")
     p.set_defaults(func=cmd_delete)

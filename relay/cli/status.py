@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay.cli.common import EXIT_OK, load, open_queue
+from relay.cli.common import EXIT_OK, load, open_queue, process_alive
 from relay.config.schema import Config
 from relay.delivery.health import AccountHealth, HealthReport, decode
 from relay.printable import escape
@@ -317,16 +317,6 @@ def server_running(queue: Path) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 async def gather(config: Config, now: float) -> Snapshot:

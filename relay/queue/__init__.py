@@ -1,5 +1,5 @@
 """The queue: its vocabulary (states, message values), what operator operations may do,
-and the interface every store implements.
+which messages an operator means (filters.py), and the interface every store implements.
 
 Pure. Stores live in subpackages (``sqlite/``); nothing outside them touches SQL.
 """

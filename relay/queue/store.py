@@ -9,9 +9,10 @@ key the callers know. relay.queue.sqlite.SQLiteStore implements it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Protocol
 
+from relay.queue.filters import MessageFilter, SortKey
 from relay.queue.types import AttemptResult, MessageState, NewMessage, QueuedMessage
 
 OPERATOR_CHUNK = 5000  # messages per committed window of an operator operation
@@ -82,6 +83,18 @@ class QueueStore(Protocol):
     async def list_messages(
         self, *, state: str | None = None, account: str | None = None, limit: int | None = None
     ) -> list[QueuedMessage]: ...
+    def iter_messages(
+        self, match: MessageFilter, *, sort: SortKey = SortKey.CREATED, limit: int | None = None
+    ) -> AsyncGenerator[QueuedMessage, None]:
+        """The messages ``match`` selects, in ``sort`` order, read as they are consumed."""
+    async def count_messages(self, match: MessageFilter, *, needs_body: bool = False) -> int:
+        """How many messages ``match`` selects (``needs_body``: whose body is still kept)."""
+    async def waiting_by_age(
+        self, by: str, now: float, bounds: Sequence[float]
+    ) -> dict[tuple[str, int], int]:
+        """Undelivered messages by account (``by="account"``) or pending recipient domain
+        (``"domain"``) and age bucket: (key, i) -> count; bucket i holds ages below
+        ``bounds[i]``, bucket len(bounds) the rest."""
     async def get(self, message_id: str) -> QueuedMessage | None: ...
     async def state_of(self, message_id: str) -> MessageState | None: ...
     async def body_if_kept(self, message_id: str) -> bytes | None: ...
@@ -95,8 +108,7 @@ class QueueStore(Protocol):
         due_now: bool = False,
         reset_failed: bool = False,
         needs_body: bool = False,
-        account: str | None = None,
-        updated_since: float | None = None,
+        match: MessageFilter | None = None,
         progress: Progress | None = None,
         chunk: int = OPERATOR_CHUNK,
     ) -> int: ...
@@ -105,7 +117,7 @@ class QueueStore(Protocol):
         *,
         states: Sequence[str],
         ids: Sequence[str] = (),
-        updated_before: float | None = None,
+        match: MessageFilter | None = None,
         progress: Progress | None = None,
         chunk: int = OPERATOR_CHUNK,
     ) -> int: ...

@@ -7,12 +7,19 @@ writes through its writer (``execute``), so operator changes queue behind the se
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from relay.queue.filters import MessageFilter, SortKey
+from relay.queue.sqlite.filters import ORDER_BY
+from relay.queue.sqlite.filters import where as filter_where
 from relay.queue.sqlite.schema import COLUMNS, row_to_message
 from relay.queue.store import OPERATOR_CHUNK, Progress
 from relay.queue.types import MessageState, QueuedMessage
+
+LIST_PAGE = 500  # rows per fetch of a streamed listing
+BODY_KEPT = "EXISTS (SELECT 1 FROM bodies b WHERE b.id = messages.id)"
 
 
 class OperatorQueries:
@@ -21,25 +28,63 @@ class OperatorQueries:
     if TYPE_CHECKING:
         async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]: ...
         async def execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]: ...
+        def _cursor(self, sql: str, params: Sequence[Any]
+                    ) -> contextlib.AbstractAsyncContextManager[Any]: ...
 
     # -- operators -----------------------------------------------------------------
     async def list_messages(
         self, *, state: str | None = None, account: str | None = None, limit: int | None = None
     ) -> list[QueuedMessage]:
-        where, params = [], []
-        if state:
-            where.append("state=?")
-            params.append(state)
-        if account:
-            where.append("account=?")
-            params.append(account)
-        sql = f"SELECT {COLUMNS} FROM messages"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq"
+        match = MessageFilter(states=frozenset({MessageState(state)}) if state else None,
+                              account=account)
+        clause, params = filter_where(match)
+        sql = f"SELECT {COLUMNS} FROM messages WHERE {clause} ORDER BY seq"
         if limit:
             sql += f" LIMIT {int(limit)}"
         return [row_to_message(r) for r in await self._fetch(sql, params)]
+
+    async def iter_messages(
+        self, match: MessageFilter, *, sort: SortKey = SortKey.CREATED,
+        limit: int | None = None, page: int = LIST_PAGE,
+    ) -> AsyncGenerator[QueuedMessage, None]:
+        """The matching messages, a page of rows at a time: a listing of the whole queue
+        starts at once and never holds it all in memory. One statement, so one snapshot."""
+        clause, params = filter_where(match)
+        sql = f"SELECT {COLUMNS} FROM messages WHERE {clause} ORDER BY {ORDER_BY[sort]}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        async with self._cursor(sql, params) as rows:
+            while batch := await rows.fetchmany(page):
+                for row in batch:
+                    yield row_to_message(row)
+
+    async def count_messages(self, match: MessageFilter, *, needs_body: bool = False) -> int:
+        clause, params = filter_where(match)
+        if needs_body:
+            clause += f" AND {BODY_KEPT}"
+        rows = await self._fetch(f"SELECT count(*) FROM messages WHERE {clause}", params)
+        return int(rows[0][0])
+
+    async def waiting_by_age(
+        self, by: str, now: float, bounds: Sequence[float]
+    ) -> dict[tuple[str, int], int]:
+        """Messages still to deliver (queued, deferred, sending, held), by ``by`` ("account",
+        or "domain": one per pending recipient's domain) and age bucket: (key, i) -> count,
+        where bucket i holds ages below bounds[i] (the last, ages of at least bounds[-1])."""
+        bucket = " ".join(f"WHEN ? - created_at < ? THEN {i}" for i in range(len(bounds)))
+        bucket = f"CASE {bucket} ELSE {len(bounds)} END"
+        params: list[Any] = [v for bound in bounds for v in (now, bound)]
+        waiting = "state IN ('queued', 'deferred', 'sending', 'held')"
+        if by == "account":
+            sql = f"SELECT account AS k, {bucket} AS b FROM messages WHERE {waiting}"
+        else:
+            address = "json_extract(r.value, '$[0]')"
+            sql = (f"SELECT lower(substr({address}, instr({address}, '@') + 1)) AS k, {bucket} AS b"
+                   " FROM messages, json_each(messages.recipients) AS r"
+                   f" WHERE {waiting} AND json_extract(r.value, '$[1]') = 'pending'")
+        rows = await self._fetch(f"SELECT k, b, count(*) FROM ({sql}) GROUP BY k, b", params)
+        return {(str(k), int(b)): int(n) for k, b, n in rows}
 
     async def get(self, message_id: str) -> QueuedMessage | None:
         rows = await self._fetch(f"SELECT {COLUMNS} FROM messages WHERE id=?", (message_id,))
@@ -67,24 +112,14 @@ class OperatorQueries:
 
     @staticmethod
     def _selection(
-        states: Sequence[str], ids: Sequence[str], updated_before: float | None,
-        account: str | None = None, updated_since: float | None = None,
+        states: Sequence[str], ids: Sequence[str], match: MessageFilter | None
     ) -> tuple[str, list[Any]]:
-        clauses = [f"state IN ({','.join('?' * len(states))})"]
-        params: list[Any] = list(states)
+        """``match`` limited to ``states`` (and to ``ids`` when given)."""
+        where, params = filter_where((match or MessageFilter()).within(map(MessageState, states)))
         if ids:
-            clauses.append(f"id IN ({','.join('?' * len(ids))})")
+            where += f" AND id IN ({','.join('?' * len(ids))})"
             params.extend(ids)
-        if updated_before is not None:
-            clauses.append("updated_at < ?")
-            params.append(updated_before)
-        if account is not None:
-            clauses.append("account = ?")
-            params.append(account)
-        if updated_since is not None:
-            clauses.append("updated_at >= ?")
-            params.append(updated_since)
-        return " AND ".join(clauses), params
+        return where, params
 
     async def _in_windows(
         self,
@@ -123,20 +158,19 @@ class OperatorQueries:
         due_now: bool = False,
         reset_failed: bool = False,
         needs_body: bool = False,
-        account: str | None = None,
-        updated_since: float | None = None,
+        match: MessageFilter | None = None,
         progress: Progress | None = None,
         chunk: int = OPERATOR_CHUNK,
     ) -> int:
-        """Move the messages in ``states`` (all, or just ``ids``; of one ``account``; last
-        changed at or after ``updated_since``) to ``to_state``; count them.
+        """Move the messages in ``states`` (all, or just ``ids``; those ``match`` selects)
+        to ``to_state``; count them.
 
         ``reset_failed`` turns a failed message's failed recipients back to pending.
         Bodies are never read.
         """
-        where, params = self._selection(states, ids, None, account, updated_since)
+        where, params = self._selection(states, ids, match)
         if needs_body:
-            where += " AND EXISTS (SELECT 1 FROM bodies b WHERE b.id = messages.id)"
+            where += f" AND {BODY_KEPT}"
         sets = "state=?, lease_until=NULL, updated_at=?"
         lead: tuple[Any, ...] = (to_state, now)
         if due_now:
@@ -162,12 +196,12 @@ class OperatorQueries:
         *,
         states: Sequence[str],
         ids: Sequence[str] = (),
-        updated_before: float | None = None,
+        match: MessageFilter | None = None,
         progress: Progress | None = None,
         chunk: int = OPERATOR_CHUNK,
     ) -> int:
         """Delete matching messages with their bodies and attempts; count them."""
-        where, params = self._selection(states, ids, updated_before)
+        where, params = self._selection(states, ids, match)
         templates = [
             "DELETE FROM bodies WHERE id IN (SELECT id FROM messages WHERE {where})",
             "DELETE FROM attempts WHERE message_id IN (SELECT id FROM messages WHERE {where})",

@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -374,6 +374,23 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
             # task's read could run between them, inside this statement's read snapshot,
             # and miss a commit made before it started (a 250'd message "not found").
             return list(await self._reader.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc) from None
+
+    @contextlib.asynccontextmanager
+    async def _cursor(self, sql: str, params: Sequence[Any]) -> AsyncIterator[aiosqlite.Cursor]:
+        """A cursor for results read a page at a time, on a connection of its own: an
+        open statement holds its connection's read snapshot, and on the shared reader a
+        later read would run inside it and miss newer commits."""
+        if self._reader is None:
+            raise StoreError("queue is not open")
+        try:
+            db = await self._connect()
+            try:
+                async with db.execute(sql, params) as cursor:
+                    yield cursor
+            finally:
+                await db.close()
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc) from None
 
