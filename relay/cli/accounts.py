@@ -90,22 +90,24 @@ def add_commands(sub: Any, common: argparse.ArgumentParser,
     asub = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
     p = asub.add_parser("test", parents=[common],
                         help="connect, TLS, AUTH and NOOP against one account")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the account's name under accounts:")
     p.set_defaults(func=test)
     p = asub.add_parser("pause", parents=[common],
                         help="queue new mail for NAME but send nothing (persisted)")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the account to pause")
     p.set_defaults(func=cmd_pause, needs_secrets=False)
     p = asub.add_parser("resume", parents=[common], help="send NAME's mail again")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the paused account to resume")
     p.set_defaults(func=cmd_resume, needs_secrets=False)
 
 
 def add_queue_commands(qsub: Any, common: argparse.ArgumentParser) -> None:
     p = qsub.add_parser("move", parents=[common],
                         help="re-route queued mail from one account to another")
-    p.add_argument("--from", dest="source", required=True, metavar="ACCOUNT")
-    p.add_argument("--to", dest="target", required=True, metavar="ACCOUNT")
+    p.add_argument("--from", dest="source", required=True, metavar="ACCOUNT",
+                   help="the account whose queued mail moves")
+    p.add_argument("--to", dest="target", required=True, metavar="ACCOUNT",
+                   help="the account that sends it from now on")
     p.add_argument("--state", action="append", choices=MOVABLE,
                    help="only messages in this state (repeatable; default: queued, deferred)")
     p.set_defaults(func=cmd_move)
