@@ -43,12 +43,19 @@ class QueueStore(Protocol):
         self, account: str, now: float, limit: int, lease_s: float
     ) -> list[QueuedMessage]:
         """Claim up to ``limit`` due messages; each carries its ``Claim`` (owner, lease)."""
-    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> None:
-        """Settle ``result.claim``: record the attempt and queue its bounce together."""
+    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
+        """Settle ``result.claim``: record the attempt and queue its bounce together.
+
+        Only the claim's owner may: False when another process holds the message now.
+        """
+    async def renew(self, ids: Sequence[str], lease_until: float) -> int:
+        """Extend this owner's leases on ``ids`` (sends still under way)."""
     async def requeue(self, ids: Sequence[str], now: float, *, due_at: float | None = None
                       ) -> None: ...
-    async def requeue_expired(self, now: float, *, keep: Sequence[str] = ()) -> int: ...
-    async def recover(self, now: float) -> int: ...
+    async def requeue_expired(self, now: float, *, keep: Sequence[str] = ()) -> int:
+        """Requeue claims whose lease ran out or whose owner is gone, except ``keep``."""
+    async def recover(self, now: float) -> int:
+        """At start: requeue_expired. Claims of live processes under lease stay theirs."""
     async def shift_times(self, delta: float) -> int: ...
     async def next_due_at(self, account: str) -> float | None: ...
     async def waiting_count(self, account: str) -> int: ...

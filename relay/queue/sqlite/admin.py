@@ -137,7 +137,7 @@ class OperatorQueries:
         where, params = self._selection(states, ids, None, account, updated_since)
         if needs_body:
             where += " AND EXISTS (SELECT 1 FROM bodies b WHERE b.id = messages.id)"
-        sets = "state=?, lease_until=NULL, updated_at=?"
+        sets = "state=?, lease_until=NULL, owner=NULL, updated_at=?"
         lead: tuple[Any, ...] = (to_state, now)
         if due_now:
             sets += ", next_attempt_at=?"

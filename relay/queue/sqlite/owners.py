@@ -1,0 +1,77 @@
+"""Which claim owners are alive: a file per owner beside the queue, flock'ed by it.
+
+A process that claims messages holds an exclusive flock on ``<queue>.owners/<owner>`` for
+as long as its store is open; the kernel drops the lock when the process dies, SIGKILL
+included. Another process can then tell a dead owner from a live one without trusting
+pids (reused, and always 1 in a container) or clocks: if it can take the lock itself,
+the owner is gone and its claims may go back to the queue at once instead of waiting for
+their lease to run out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+from pathlib import Path
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class Owners:
+    """The liveness files of one queue."""
+
+    def __init__(self, queue_path: Path) -> None:
+        self.folder = queue_path.with_name(queue_path.name + ".owners")
+        self._fd: int | None = None
+        self._mine: Path | None = None
+
+    def _file(self, owner: str) -> Path:
+        return self.folder / _UNSAFE.sub("_", owner)
+
+    def register(self, owner: str) -> None:
+        """Hold ``owner``'s file locked until ``release`` (or this process's death)."""
+        self.folder.mkdir(mode=0o700, exist_ok=True)
+        path = self._file(owner)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # an instant: nobody else holds a new owner's file
+        self._fd, self._mine = fd, path
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if self._mine is not None:
+            with contextlib.suppress(OSError):
+                self._mine.unlink()
+        os.close(self._fd)
+        self._fd = self._mine = None
+
+    def dead(self, owners: set[str]) -> set[str]:
+        """Those of ``owners`` whose process is gone (no file, or a file nobody locks).
+
+        ``None``-like owners (claims made before owners were recorded) count as dead.
+        """
+        gone: set[str] = set()
+        for owner in owners:
+            if not owner:
+                gone.add(owner)
+                continue
+            path = self._file(owner)
+            if path == self._mine:
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                gone.add(owner)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its process holds it: alive
+            finally:
+                os.close(fd)
+            gone.add(owner)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return gone
