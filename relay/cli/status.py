@@ -11,6 +11,7 @@ are pure. The JSON document's keys are stable:
     generated_at, queue                      when (UTC), and the queue file
     server.running                           a `relay serve` holds the queue's lock
     server.health_reported_at                when that server last reported a change, or null
+    server.processes                         [{pid, role}]: role serve, supervisor, worker N
     accounts.NAME.queue.STATE                messages per state (every MessageState)
     accounts.NAME.undelivered                queued + deferred + sending
     accounts.NAME.oldest_undelivered_age_s   seconds, or null
@@ -68,6 +69,7 @@ class Snapshot:
     server_running: bool
     health: HealthReport | None  # None: no report from the server that is running now
     flush_at: float | None = None  # the last `relay queue flush`
+    processes: Sequence[tuple[int, str]] = ()  # (pid, role) of the relay processes on it
 
 
 def _iso(ts: float | None) -> str | None:
@@ -125,6 +127,7 @@ def summarise(snap: Snapshot) -> dict[str, Any]:
         "queue": snap.queue,
         "server": {
             "running": snap.server_running,
+            "processes": [{"pid": pid, "role": role} for pid, role in snap.processes],
             "health_reported_at": _iso(snap.health.published_at) if snap.health else None,
         },
         "accounts": accounts,
@@ -218,13 +221,16 @@ def _health_lines(summary: dict[str, Any], lock: str) -> list[str]:
     if not server["running"]:
         return ["account health: unknown, as relay serve is not running",
                 f"  (nothing holds the queue's lock {lock})"]
+    workers = [p for p in server["processes"] if p["role"].startswith("worker")]
+    pre = [f"workers: {len(workers)} ("
+           + ", ".join(f"{p['role']} pid {p['pid']}" for p in workers) + ")"] if workers else []
     if server["health_reported_at"]:
         head = f"account health, as reported by the running server at" \
                f" {server['health_reported_at']}:"
     else:
         head = "account health (the running server has reported no backoff since it started):"
-    return [head] + [f"  {name:<14}{_health_text(a['health'])}"
-                     for name, a in summary["accounts"].items()]
+    return [*pre, head] + [f"  {name:<14}{_health_text(a['health'])}"
+                           for name, a in summary["accounts"].items()]
 
 
 def render(summary: dict[str, Any]) -> str:
@@ -290,6 +296,7 @@ async def gather(config: Config, now: float) -> Snapshot:
             # A report from a process that is gone is from an earlier run of the server.
             health=report if running and report and process_alive(report.pid) else None,
             flush_at=float(flush) if flush else None,
+            processes=await store.processes(),
         )
     finally:
         await store.close()

@@ -57,7 +57,7 @@ Hostname = Annotated[str, BeforeValidator(_hostname)]
 MAX_WORKERS = 64  # more processes than this on one SQLite file only queue on its lock
 
 
-def _workers(value: object) -> object:
+def parse_workers(value: object) -> object:
     """``auto`` or a whole number from 1 to MAX_WORKERS (a YAML number or its string)."""
     if value == "auto":
         return value
@@ -73,7 +73,7 @@ def _workers(value: object) -> object:
     return value
 
 
-Workers = Annotated[int | Literal["auto"], BeforeValidator(_workers)]
+Workers = Annotated[int | Literal["auto"], BeforeValidator(parse_workers)]
 
 
 def usable_cpus() -> int:

@@ -62,6 +62,7 @@ class Scheduler:
         self.lease_sweep_s = LEASE_SWEEP_S
         self._next_sweep = 0.0
         self._next_renew = 0.0
+        self.running = False  # start() was called: this process delivers
         self._skew = clock() - monotonic()  # wall minus monotonic: changes when it jumps
         self.metrics = metrics
         self.bounces = config.bounces.enabled
@@ -158,7 +159,8 @@ class Scheduler:
             self.health.update(AccountHealth(worker.name, 0.0, 0))  # a fresh start
         for name, worker in fresh.items():
             self.workers[name] = worker
-            worker.start()
+            if self.running:  # (a worker process that only receives delivers nothing)
+                worker.start()
         return retired
 
     async def drain(self, workers: list[AccountWorker], grace: float) -> None:
@@ -174,6 +176,7 @@ class Scheduler:
             await asyncio.wait(busy, timeout=grace)
 
     async def start(self) -> None:
+        self.running = True
         now = self.clock()
         recovered = await self.store.recover(now)
         if recovered:

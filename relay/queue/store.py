@@ -72,6 +72,9 @@ class QueueStore(Protocol):
     async def publish_health(self, report: str) -> None:
         """Store the server's account health report for `relay status`."""
     async def read_health(self) -> str | None: ...
+    async def processes(self) -> list[tuple[int, str]]:
+        """(pid, role) of the relay processes on this queue now: 'serve', 'supervisor',
+        'worker N' (for `relay status`)."""
 
     # -- reports and operator operations ---------------------------------------------
     async def counts(self) -> dict[tuple[str, str], int]: ...

@@ -30,13 +30,44 @@ class Owners:
     def _file(self, owner: str) -> Path:
         return self.folder / _UNSAFE.sub("_", owner)
 
-    def register(self, owner: str) -> None:
-        """Hold ``owner``'s file locked until ``release`` (or this process's death)."""
+    def register(self, owner: str, role: str = "") -> None:
+        """Hold ``owner``'s file locked until ``release`` (or this process's death); the
+        file says ``role`` (what `relay status` lists: 'serve', 'worker 1'...)."""
         self.folder.mkdir(mode=0o700, exist_ok=True)
         path = self._file(owner)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)  # an instant: nobody else holds a new owner's file
+        os.write(fd, f"{os.getpid()} {role}".encode())
         self._fd, self._mine = fd, path
+
+    def alive(self) -> list[tuple[int, str]]:
+        """(pid, role) of every live process on this queue that gave a role."""
+        found = []
+        with contextlib.suppress(FileNotFoundError):
+            for path in sorted(self.folder.iterdir()):
+                if path == self._mine or not self._held(path):
+                    continue
+                with contextlib.suppress(OSError, ValueError):
+                    pid, _, role = path.read_text().partition(" ")
+                    if role:
+                        found.append((int(pid), role))
+        return found
+
+    @staticmethod
+    def _held(path: Path) -> bool:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is None:

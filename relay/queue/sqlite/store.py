@@ -89,12 +89,13 @@ class SQLiteStore(Pruning, OperatorQueries):
     """The embedded queue. ``commit='per-message'`` syncs each write on its own."""
 
     def __init__(self, path: Path, *, commit: str = "group", lock: bool = True,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, role: str = "") -> None:
         self.path = Path(path)
         # Recorded with each claim; unique per open store (a pid alone is reused, and is
         # 1 in every container), so a restarted process never passes for its predecessor.
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._owners = Owners(self.path)
+        self.role = role  # listed by `relay status` while open ('' for the CLI: not listed)
         self.lock_wait_s = LOCK_WAIT_S
         self._write_lock_fd: int | None = None
         self._contended_at = float("-inf")  # (writer thread) the last wait for the lock
@@ -121,7 +122,7 @@ class SQLiteStore(Pruning, OperatorQueries):
             self._take_lock()
         self._write_lock_fd = os.open(self.path.with_name(self.path.name + ".write-lock"),
                                       os.O_RDWR | os.O_CREAT, 0o600)
-        self._owners.register(self.owner)
+        self._owners.register(self.owner, self.role)
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
         try:
             self._db = await self._in_writer(self._open_writer)
@@ -537,3 +538,7 @@ class SQLiteStore(Pruning, OperatorQueries):
 
     async def read_health(self) -> str | None:
         return await self.get_meta(HEALTH_KEY)
+
+    async def processes(self) -> list[tuple[int, str]]:
+        """(pid, role) of the relay processes using this queue now (not this one)."""
+        return self._owners.alive()

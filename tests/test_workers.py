@@ -1,0 +1,143 @@
+"""`relay serve --workers N` with real processes (issue 13): a supervising parent, N
+workers on one port (SO_REUSEPORT) and one queue file, restarts, SIGTERM and SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from relay.cli.commands import main
+from tests.conftest import message, send_many, wait_until
+from tests.relayproc import RelayProcess, write_config
+from tests.upstream import FakeUpstream
+
+pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT")
+STARTED = re.compile(r"workers_started count=(\d+) .*pids=([\d,]+)")
+
+
+async def _spawn(tmp_path: Path, config: Path, workers: int = 2) -> tuple[RelayProcess, list[int]]:
+    relay = await RelayProcess.spawn(config, cwd=tmp_path, workers=workers)
+    await wait_until(lambda: any(STARTED.search(x) for x in relay.lines)
+                     or relay.proc.returncode is not None, timeout=30)
+    found = [m for x in relay.lines if (m := STARTED.search(x))]
+    assert found, relay.stderr
+    return relay, [int(p) for p in found[0].group(2).split(",")]
+
+
+async def _stop(relay: RelayProcess) -> int:
+    relay.proc.send_signal(signal.SIGTERM)
+    return await relay.exit_code(within=30)
+
+
+def _subjects(up: FakeUpstream) -> list[bytes]:
+    return [m.data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0] for m in up.messages]
+
+
+async def test_two_workers_share_the_port_and_deliver_each_message_once(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = write_config(tmp_path, upstream)
+    relay, pids = await _spawn(tmp_path, config)
+    try:
+        assert len(pids) == 2 and relay.proc.pid not in pids
+        replies = await send_many(relay.port, [message(f"m{i}") for i in range(60)],
+                                  sessions=8)
+        assert all(code == 250 for code, _ in replies), replies
+        await upstream.wait_for_messages(60, timeout=30)
+        await asyncio.sleep(0.5)  # nothing more arrives
+        subjects = _subjects(upstream)
+        assert sorted(subjects) == sorted(f"m{i}".encode() for i in range(60))
+        # Both processes answered clients (the kernel spread the connections).
+        ids = {text.split()[-1] for _, text in replies}
+        assert len({i[11:17] for i in ids}) == 2, "the pid part of the ids: both workers"
+        status = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", "status", "--json", "--config", str(config),
+            stdout=asyncio.subprocess.PIPE)
+        out, _ = await status.communicate()
+        processes = json.loads(out)["server"]["processes"]
+        assert sorted((p["role"], p["pid"]) for p in processes) == [
+            ("supervisor", relay.proc.pid), ("worker 0", pids[0]), ("worker 1", pids[1])]
+        assert await _stop(relay) == 0
+        assert sum("relay: stopped" in x for x in relay.lines) == 2
+    finally:
+        await relay.kill()
+
+
+async def test_a_killed_worker_is_restarted_and_nothing_it_held_is_lost(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    upstream.delay("DATA", 0.3)  # sends in flight when the deliverer dies
+    relay, pids = await _spawn(tmp_path, write_config(tmp_path, upstream))
+    try:
+        replies = await send_many(relay.port, [message(f"k{i}") for i in range(20)],
+                                  sessions=4)
+        assert all(code == 250 for code, _ in replies), replies
+        await upstream.wait_for_messages(2, timeout=20)
+        os.kill(pids[0], signal.SIGKILL)  # worker 0 delivers
+        await wait_until(lambda: any("worker_restarted" in x for x in relay.lines), 20)
+        upstream.delay("DATA", 0)
+        await wait_until(lambda: set(_subjects(upstream))
+                         >= {f"k{i}".encode() for i in range(20)}, timeout=30)
+        assert any("worker_exited worker=0" in x for x in relay.lines), relay.stderr
+        # What it was sending went back to the queue when the parent saw it die.
+        assert re.search(r"supervisor: recovered count=[1-9]", relay.stderr), relay.stderr
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()
+
+
+async def test_sighup_reaches_every_worker_and_a_bad_file_reaches_none(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = write_config(tmp_path, upstream)
+    relay, _ = await _spawn(tmp_path, config)
+    try:
+        relay.proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: sum("relay: reloaded" in x for x in relay.lines) == 2, 20)
+        good = config.read_text()
+        config.write_text(good + "\nnot_a_key: 1\n")
+        relay.proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: any("relay.supervisor: reload_rejected" in x
+                                     for x in relay.lines), 20)
+        await asyncio.sleep(0.5)
+        assert sum("relay: reloaded" in x for x in relay.lines) == 2
+        assert not any("relay: reload_rejected" in x for x in relay.lines), relay.stderr
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()
+
+
+async def test_workers_that_cannot_start_make_the_parent_exit_non_zero(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    taken = socket.socket()  # a listener without SO_REUSEPORT holds the port
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        config = write_config(tmp_path, upstream, listen_port=taken.getsockname()[1])
+        relay = await RelayProcess.spawn(config, cwd=tmp_path, workers=2)
+        try:
+            assert await relay.exit_code(within=30) == 1
+            assert "start_failed" in relay.stderr
+        finally:
+            await relay.kill()
+    finally:
+        taken.close()
+
+
+def test_more_than_64_workers_is_refused_naming_the_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({"workers": 65, "accounts": {
+        "up": {"transport": "maildir", "path": str(tmp_path / "md")}},
+        "routing": {"default_account": "up"}}))
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert "workers: 65 workers: use 1 to 64" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--config", str(path), "--workers", "0"])
+    assert "--workers" in capsys.readouterr().err
