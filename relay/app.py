@@ -33,7 +33,7 @@ from relay.ingest.handler import IngestHandler
 from relay.ingest.listener import SessionLimits, start_listener
 from relay.observe.http import build_app, start_http
 from relay.observe.logs import event
-from relay.observe.metrics import Metrics, watch_loop_lag
+from relay.observe.metrics import Metrics, exposition_registry, watch_loop_lag
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 from relay.queue.types import NewMessage
@@ -75,6 +75,7 @@ class WorkerRole:
     shared: bool = False
     delivers: bool = True
     index: int | None = None  # of `relay serve --workers`: 0 delivers
+    count: int = 1  # workers the supervisor runs (/readyz: all of them)
 
     @property
     def name(self) -> str:
@@ -158,7 +159,8 @@ class App:
                                                     reuse_port=self.role.shared)
             self.smtp_port = self.smtp_server.sockets[0].getsockname()[1]
             if self.config.metrics.enabled:
-                app = build_app(self.registry, self.refresh_gauges, self.ready_problem)
+                app = build_app(exposition_registry(self.registry), self.refresh_gauges,
+                                self.ready_problem)
                 self.http_runner, self.http_port = await start_http(
                     app, self.config.metrics.host, self.config.metrics.port
                 )
@@ -191,6 +193,10 @@ class App:
             await self.store.check_writable()
         except StoreError as exc:
             return f"queue not writable: {exc}"
+        if self.role.count > 1:  # this worker answers for all of them
+            others = [r for _, r in await self.store.processes() if r.startswith("worker ")]
+            if len(others) + 1 < self.role.count:
+                return f"{len(others) + 1} of {self.role.count} workers running"
         return None
 
     async def reload(self, new: Config) -> list[str]:

@@ -10,14 +10,17 @@ import re
 import signal
 import socket
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 
 from relay.cli.commands import main
 from tests.conftest import message, send_many, wait_until
-from tests.relayproc import RelayProcess, write_config
+from tests.relayproc import RelayProcess, free_port, write_config
 from tests.upstream import FakeUpstream
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT")
@@ -36,6 +39,13 @@ async def _spawn(tmp_path: Path, config: Path, workers: int = 2) -> tuple[RelayP
 async def _stop(relay: RelayProcess) -> int:
     relay.proc.send_signal(signal.SIGTERM)
     return await relay.exit_code(within=30)
+
+
+async def wait_until_async(check: Callable[[], Awaitable[bool]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.2)
 
 
 def _subjects(up: FakeUpstream) -> list[bytes]:
@@ -141,3 +151,38 @@ def test_more_than_64_workers_is_refused_naming_the_key(
     with pytest.raises(SystemExit):
         main(["serve", "--config", str(path), "--workers", "0"])
     assert "--workers" in capsys.readouterr().err
+
+
+async def test_one_metrics_endpoint_counts_every_worker_and_the_queue_once(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = write_config(tmp_path, upstream)
+    data = yaml.safe_load(config.read_text())
+    metrics_port = free_port()
+    data["metrics"] = {"enabled": True, "host": "127.0.0.1", "port": metrics_port}
+    config.write_text(yaml.safe_dump(data))
+    relay, _ = await _spawn(tmp_path, config)
+    try:
+        replies = await send_many(relay.port, [message(f"c{i}") for i in range(30)],
+                                  sessions=8)
+        ids = {text.split()[-1] for code, text in replies if code == 250}
+        assert len(ids) == 30 and len({i[11:17] for i in ids}) == 2, "both workers received"
+        await upstream.wait_for_messages(30, timeout=30)
+
+        async def scrape(path: str) -> tuple[int, str]:
+            async with aiohttp.ClientSession() as http, http.get(
+                    f"http://127.0.0.1:{metrics_port}{path}") as response:
+                return response.status, await response.text()
+
+        async def delivered() -> bool:
+            _, text = await scrape("/metrics")
+            return 'relay_queue_messages{account="up",state="delivered"} 30.0' in text
+
+        await wait_until_async(delivered, timeout=20)
+        status, text = await scrape("/metrics")
+        assert status == 200
+        assert "relay_messages_received_total 30.0" in text  # both workers' counters, summed
+        assert 'relay_messages_delivered_total{account="up"} 30.0' in text
+        assert (await scrape("/readyz"))[0] == 200
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()

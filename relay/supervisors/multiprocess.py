@@ -18,9 +18,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +30,7 @@ from relay.config.loading import load_config
 from relay.config.schema import Config, resolve_workers
 from relay.errors import ConfigError, StoreError
 from relay.observe.logs import event
+from relay.observe.metrics import MULTIPROC_ENV, forget_process
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 
@@ -37,6 +40,7 @@ STOP_TIMEOUT_S = 30.0  # after SIGTERM: then SIGKILL (its claims return to the q
 HEALTHY_RUN_S = 30.0  # a worker that ran this long before dying restarts at once
 MAX_RESTART_DELAY_S = 30.0
 ENV_INDEX, ENV_PORT, ENV_READY = "RELAY_WORKER_INDEX", "RELAY_WORKER_PORT", "RELAY_READY_FD"
+ENV_COUNT = "RELAY_WORKERS"
 
 
 def restart_delay(failures: int) -> float:
@@ -69,6 +73,8 @@ class Supervisor:
         self.port = config.listen.port
         self.stopping = asyncio.Event()
         self._port_holder: socket.socket | None = None
+        # Every worker's metrics, read back together by the one that serves /metrics.
+        self.metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-")
         # The exclusive lock: one supervisor (or single relay) per queue file.
         self.store: QueueStore = SQLiteStore(config.queue.path, role="supervisor")
 
@@ -106,6 +112,7 @@ class Supervisor:
             if self._port_holder is not None:
                 self._port_holder.close()
             await self.store.close()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _reserve_port(self) -> None:
         """Port 0 means any free port, but the same one for every worker: bind it here
@@ -123,7 +130,8 @@ class Supervisor:
         """Spawn one worker and wait until it serves (its byte on the ready pipe)."""
         read_fd, write_fd = os.pipe()
         env = dict(os.environ, **{ENV_INDEX: str(worker.index), ENV_PORT: str(self.port),
-                                  ENV_READY: str(write_fd)})
+                                  ENV_READY: str(write_fd), ENV_COUNT: str(len(self.workers)),
+                                  MULTIPROC_ENV: self.metrics_dir})
         args = ["--config", self.path] if self.path else []
         try:
             worker.proc = await asyncio.create_subprocess_exec(
@@ -158,6 +166,7 @@ class Supervisor:
             worker.failures = worker.failures + 1 if quick else 1
             event(log, logging.ERROR, "worker_exited", worker=worker.index,
                   pid=worker.proc.pid, status=code)
+            forget_process(worker.proc.pid, self.metrics_dir)
             await self._requeue_orphans()
             while not self.stopping.is_set():
                 with contextlib.suppress(TimeoutError):
