@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from email.utils import formatdate
 from pathlib import Path
 
 import aiohttp
@@ -183,6 +184,33 @@ async def test_one_metrics_endpoint_counts_every_worker_and_the_queue_once(
         assert "relay_messages_received_total 30.0" in text  # both workers' counters, summed
         assert 'relay_messages_delivered_total{account="up"} 30.0' in text
         assert (await scrape("/readyz"))[0] == 200
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()
+
+
+async def test_queue_commands_act_while_several_workers_run(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = write_config(tmp_path, upstream)
+    relay, _ = await _spawn(tmp_path, config)
+    later = formatdate(time.time() + 3600)
+    try:
+        replies = await send_many(
+            relay.port, [message(f"h{i}", headers={"Deferred-Delivery": later})
+                         for i in range(6)], sessions=6)
+        ids = [text.split()[-1] for code, text in replies if code == 250]
+        assert len(ids) == 6 and len({i[11:17] for i in ids}) == 2, "both workers received"
+
+        async def queue(*args: str) -> int:
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relay", "queue", *args, "--config", str(config),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            return await cli.wait()
+
+        assert await queue("hold", *ids) == 0
+        assert await queue("release", *ids) == 0  # due now: the deliverer sends them
+        await upstream.wait_for_messages(6, timeout=20)
+        assert sorted(_subjects(upstream)) == sorted(f"h{i}".encode() for i in range(6))
         assert await _stop(relay) == 0
     finally:
         await relay.kill()
