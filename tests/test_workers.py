@@ -214,3 +214,26 @@ async def test_queue_commands_act_while_several_workers_run(
         assert await _stop(relay) == 0
     finally:
         await relay.kill()
+
+
+async def test_rate_limit_and_max_connections_hold_across_workers(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Measured at the upstream: never more than per_second sends in any second, nor more
+    than max_connections connections, however many workers received the messages."""
+    upstream.delay("DATA", 0.05)
+    config = write_config(tmp_path, upstream, rate_limit={"per_second": 5},
+                          pool={"max_connections": 2})
+    relay, _ = await _spawn(tmp_path, config)
+    try:
+        replies = await send_many(relay.port, [message(f"r{i}") for i in range(16)],
+                                  sessions=8)
+        ids = [text.split()[-1] for code, text in replies if code == 250]
+        assert len(ids) == 16 and len({i[11:17] for i in ids}) == 2, "both workers received"
+        await upstream.wait_for_messages(16, timeout=30)
+        times = sorted(m.received_at for m in upstream.messages)
+        busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+        assert busiest <= 5, times
+        assert upstream.connections_open_peak <= 2
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()
