@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from relay.cli.commands import main
+from relay.supervisors.multiprocess import restart_delay
 from tests.conftest import message, send_many, wait_until
 from tests.relayproc import RelayProcess, free_port, write_config
 from tests.upstream import FakeUpstream
@@ -237,3 +238,28 @@ async def test_rate_limit_and_max_connections_hold_across_workers(
         assert await _stop(relay) == 0
     finally:
         await relay.kill()
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    relay, pids = await _spawn(tmp_path, write_config(tmp_path, upstream))
+    try:
+        relay.proc.kill()
+        await relay.proc.wait()
+
+        def running(pid: int) -> bool:
+            try:  # a zombie (exited, not yet reaped by init) counts as stopped
+                return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+            except OSError:
+                return False
+
+        def gone() -> bool:
+            return not any(running(pid) for pid in pids)
+
+        await wait_until(gone, timeout=15)
+    finally:
+        await relay.kill()
+
+
+def test_a_worker_that_keeps_dying_waits_longer_each_time() -> None:
+    assert [restart_delay(n) for n in range(1, 9)] == [0, 0.5, 1, 2, 4, 8, 16, 30]

@@ -136,7 +136,10 @@ class Supervisor:
         try:
             worker.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relay", "serve", *args, "--workers", "1",
-                env=env, pass_fds=(write_fd,), stdin=asyncio.subprocess.DEVNULL)
+                env=env, pass_fds=(write_fd,), stdin=asyncio.subprocess.DEVNULL,
+                # Signals from a terminal (Ctrl-C) reach the parent only: it stops the
+                # workers in order, and never mistakes their exit for a crash.
+                start_new_session=True)
         finally:
             os.close(write_fd)
         worker.started_at = time.monotonic()
