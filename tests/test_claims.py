@@ -191,3 +191,23 @@ async def test_a_queue_file_from_before_owners_gains_the_column(tmp_path: Path) 
         assert claimed.claim is not None and claimed.claim.owner == "after"
     finally:
         await store.close()
+
+
+async def test_a_killed_process_leaves_no_liveness_file_after_the_next_start(
+        tmp_path: Path) -> None:
+    path = tmp_path / "queue.sqlite3"
+    other = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLAIMER, str(path), stdout=asyncio.subprocess.PIPE)
+    assert other.stdout is not None
+    assert (await asyncio.wait_for(other.stdout.readline(), 20)).strip() == b"0"
+    owners = path.with_name(path.name + ".owners")
+    assert len(list(owners.iterdir())) == 1
+    other.send_signal(signal.SIGKILL)
+    await other.wait()
+    store = SQLiteStore(path, owner="server")  # `relay serve` (it takes the queue lock)
+    await store.open()
+    try:
+        assert [p.name for p in owners.iterdir()] == ["server"]
+    finally:
+        await store.close()
+    assert list(owners.iterdir()) == []

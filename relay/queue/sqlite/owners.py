@@ -35,10 +35,30 @@ class Owners:
         file says ``role`` (what `relay status` lists: 'serve', 'worker 1'...)."""
         self.folder.mkdir(mode=0o700, exist_ok=True)
         path = self._file(owner)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # an instant: nobody else holds a new owner's file
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # an instant: nobody else holds a new owner's file
+            # A sweep may have removed the file between open and flock (it was not locked
+            # yet): a lock on a removed file proves nothing to others. Then again.
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
         os.write(fd, f"{os.getpid()} {role}".encode())
         self._fd, self._mine = fd, path
+
+    def sweep(self) -> int:
+        """Remove the files of processes that are gone (killed ones leave theirs)."""
+        removed = 0
+        with contextlib.suppress(FileNotFoundError):
+            for path in self.folder.iterdir():
+                if path != self._mine and not self._held(path):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                        removed += 1
+        return removed
 
     def alive(self) -> list[tuple[int, str]]:
         """(pid, role) of every live process on this queue that gave a role."""

@@ -123,6 +123,8 @@ class SQLiteStore(Pruning, OperatorQueries):
         self._write_lock_fd = os.open(self.path.with_name(self.path.name + ".write-lock"),
                                       os.O_RDWR | os.O_CREAT, 0o600)
         self._owners.register(self.owner, self.role)
+        if self._lock:  # `relay serve` or a supervisor: tidy what killed processes left
+            self._owners.sweep()
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
         try:
             self._db = await self._in_writer(self._open_writer)
