@@ -211,3 +211,32 @@ async def test_a_killed_process_leaves_no_liveness_file_after_the_next_start(
     finally:
         await store.close()
     assert list(owners.iterdir()) == []
+
+
+async def test_a_rate_window_is_checked_in_the_claim_across_processes(tmp_path: Path) -> None:
+    """Two workers claiming for one account: together never more than the window allows,
+    a send counting from its claim to its end (then by the time it ended)."""
+    path = tmp_path / "queue.sqlite3"
+    a = SQLiteStore(path, lock=False, owner="worker-a")
+    b = SQLiteStore(path, lock=False, owner="worker-b")
+    await a.open()
+    await b.open()
+    try:
+        now = time.time()
+        for _ in range(10):
+            await a.enqueue(_message(now))
+        per_second = ((1.0, 3),)
+        first = await a.claim_due("up", now, 10, lease_s=30, windows=per_second)
+        assert len(first) == 3
+        assert await b.claim_due("up", now, 10, lease_s=30, windows=per_second) == []
+        for m in first:  # they end at now + 0.2: in the window until now + 1.2
+            await a.finish(settle(m, SendResult(accepted=["to@example.com"], reply="250 ok"),
+                                  now=now + 0.2, policy=POLICY, rng=random.Random(1)))
+        assert await b.claim_due("up", now + 0.5, 10, lease_s=30, windows=per_second) == []
+        later = await b.claim_due("up", now + 1.3, 10, lease_s=30, windows=per_second)
+        assert len(later) == 3
+        # Without windows (an account with no rate limit) nothing is held back.
+        assert len(await a.claim_due("up", now + 1.3, 10, lease_s=30)) == 4
+    finally:
+        await a.close()
+        await b.close()

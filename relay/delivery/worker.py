@@ -216,7 +216,8 @@ class AccountWorker:
     async def _claim(self, now: float, mono: float, want: int) -> bool:
         """Claim up to `want` due messages within the rate limit; start what can start."""
         allowed = min(want, self.limiter.available(mono))
-        batch = await self.store.claim_due(self.name, now, allowed, self.lease_s)
+        batch = await self.store.claim_due(self.name, now, allowed, self.lease_s,
+                                           self.limiter.windows)
         if not batch:
             return False
         if self.mono() < self.backoff_until:

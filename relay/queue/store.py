@@ -40,9 +40,15 @@ class QueueStore(Protocol):
     # -- the listener's and scheduler's side -----------------------------------------
     async def enqueue(self, message: NewMessage) -> None: ...
     async def claim_due(
-        self, account: str, now: float, limit: int, lease_s: float
+        self, account: str, now: float, limit: int, lease_s: float,
+        windows: Sequence[tuple[float, int]] = (),
     ) -> list[QueuedMessage]:
-        """Claim up to ``limit`` due messages; each carries its ``Claim`` (owner, lease)."""
+        """Claim up to ``limit`` due messages; each carries its ``Claim`` (owner, lease).
+
+        ``windows`` ((seconds, most), the account's rate limits): in the same transaction,
+        claim no more than each window still allows given every process's sends (those
+        recorded, and those claimed and not yet finished), so limits hold across workers.
+        """
     async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
         """Settle ``result.claim``: record the attempt and queue its bounce together.
 

@@ -350,12 +350,14 @@ class SQLiteStore(Pruning, OperatorQueries):
         await self._submit(Enqueue(message=message))
 
     async def claim_due(
-        self, account: str, now: float, limit: int, lease_s: float
+        self, account: str, now: float, limit: int, lease_s: float,
+        windows: Sequence[tuple[float, int]] = (),
     ) -> list[QueuedMessage]:
         if limit <= 0:
             return []
         result: list[QueuedMessage] = await self._submit(
-            ClaimDue(account=account, now=now, limit=limit, lease_s=lease_s, owner=self.owner)
+            ClaimDue(account=account, now=now, limit=limit, lease_s=lease_s, owner=self.owner,
+                     windows=tuple(windows))
         )
         return result
 

@@ -44,6 +44,7 @@ class ClaimDue(Op):
     limit: int = field(kw_only=True)
     lease_s: float = field(kw_only=True)
     owner: str = field(kw_only=True)
+    windows: tuple[tuple[float, int], ...] = field(default=(), kw_only=True)
 
 
 @dataclass
@@ -150,8 +151,28 @@ def _apply_finishes(db: sqlite3.Connection, ops: list[Finish]) -> None:
         db.executemany("DELETE FROM bodies WHERE id=?", delivered)
 
 
+def _room(db: sqlite3.Connection, op: ClaimDue) -> int:
+    """How many sends the account's rate windows still allow, counted over every process:
+    sends recorded in each window, plus every claim not yet finished (a send counts from
+    its claim to its end, as in relay.delivery.ratelimit). Inside the claim's write
+    transaction, so two workers cannot both take the last place."""
+    room = op.limit
+    if not op.windows:
+        return room
+    (in_flight,) = db.execute("SELECT count(*) FROM messages WHERE state='sending'"
+                              " AND account=?", (op.account,)).fetchone()
+    for span, most in op.windows:
+        (sent,) = db.execute("SELECT count(*) FROM sends WHERE account=? AND at>?",
+                             (op.account, op.now - span)).fetchone()
+        room = min(room, most - sent - in_flight)
+    return room
+
+
 def _claim(db: sqlite3.Connection, op: ClaimDue) -> list[QueuedMessage]:
-    params = {"a": op.account, "now": op.now, "n": op.limit, "lease": op.now + op.lease_s,
+    room = _room(db, op)
+    if room <= 0:
+        return []
+    params = {"a": op.account, "now": op.now, "n": room, "lease": op.now + op.lease_s,
               "owner": op.owner}
     rows = db.execute(CLAIM_SQL, params).fetchall()
     messages = [row_to_message(r) for r in rows]
