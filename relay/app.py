@@ -12,6 +12,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -32,7 +33,7 @@ from relay.ingest.handler import IngestHandler
 from relay.ingest.listener import SessionLimits, start_listener
 from relay.observe.http import build_app, start_http
 from relay.observe.logs import event
-from relay.observe.metrics import Metrics, watch_loop_lag
+from relay.observe.metrics import Metrics, exposition_registry, watch_loop_lag
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 from relay.queue.types import NewMessage
@@ -60,12 +61,36 @@ def build_transports(
     return transports
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """What one process does when several share the queue (relay.supervisors).
+
+    ``shared``: other workers use the same queue file and port (no exclusive queue lock;
+    SO_REUSEPORT). ``delivers``: this one runs the scheduler. Only one worker delivers
+    until rate limits, max_connections and account backoff are shared between processes
+    through the queue: one deliverer keeps every account limit exactly as configured.
+    The default is relay as a single process.
+    """
+
+    shared: bool = False
+    delivers: bool = True
+    index: int | None = None  # of `relay serve --workers`: 0 delivers
+    count: int = 1  # workers the supervisor runs (/readyz: all of them)
+
+    @property
+    def name(self) -> str:
+        return "serve" if self.index is None else f"worker {self.index}"
+
+
 class App:
-    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None,
+                 worker: WorkerRole | None = None) -> None:
         self.config = config
+        self.role = worker or WorkerRole()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, config.accounts)
-        self.store: QueueStore = SQLiteStore(config.queue.path, commit=config.queue.commit)
+        self.store: QueueStore = SQLiteStore(config.queue.path, commit=config.queue.commit,
+                                             lock=not self.role.shared, role=self.role.name)
         self.store.on_internal_error = self.metrics.internal_errors.labels("queue_writer").inc
         self.transports = build_transports(config, self.metrics)
         self.scheduler = Scheduler(config, self.store, self.transports, self.metrics)
@@ -129,12 +154,15 @@ class App:
         try:
             await self.store.open()  # StoreError: corrupt, foreign or locked queue file
             self._loop_lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag))
-            await self.scheduler.start()
-            self.store.start_pruning(self.config.queue.keep_delivered, time.time)
-            self.smtp_server = await start_listener(self.config, self.handler, self.limits)
+            if self.role.delivers:
+                await self.scheduler.start()
+                self.store.start_pruning(self.config.queue.keep_delivered, time.time)
+            self.smtp_server = await start_listener(self.config, self.handler, self.limits,
+                                                    reuse_port=self.role.shared)
             self.smtp_port = self.smtp_server.sockets[0].getsockname()[1]
             if self.config.metrics.enabled:
-                app = build_app(self.registry, self.refresh_gauges, self.ready_problem)
+                app = build_app(exposition_registry(self.registry), self.refresh_gauges,
+                                self.ready_problem)
                 self.http_runner, self.http_port = await start_http(
                     app, self.config.metrics.host, self.config.metrics.port
                 )
@@ -175,6 +203,10 @@ class App:
             await self.store.check_writable()
         except StoreError as exc:
             return f"queue not writable: {exc}"
+        if self.role.count > 1:  # this worker answers for all of them
+            others = [r for _, r in await self.store.processes() if r.startswith("worker ")]
+            if len(others) + 1 < self.role.count:
+                return f"{len(others) + 1} of {self.role.count} workers running"
         return None
 
     async def reload(self, new: Config) -> list[str]:

@@ -5,6 +5,7 @@
      +-- StoreError             the queue could not be read or written
      |    +-- StoreFullError    disk full or read-only: the client should retry (452 4.3.1)
      |    +-- StoreLockedError  another relay holds the queue file
+     |    +-- StoreBusyError    other processes held the write lock too long (451 4.3.0)
      +-- DeliveryError          one delivery attempt went wrong
           +-- TemporaryFailure  try again later (4xx, connection lost, timeout)
           +-- PermanentFailure  do not try again (5xx)
@@ -35,6 +36,10 @@ class StoreFullError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another process holds the queue file."""
+
+
+class StoreBusyError(StoreError):
+    """The write lock shared by the processes of one queue was not free in time."""
 
 
 class DeliveryError(RelayError):

@@ -60,9 +60,10 @@ class RelayProcess:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def spawn(cls, config: Path, cwd: Path) -> RelayProcess:
+    async def spawn(cls, config: Path, cwd: Path, workers: int = 1) -> RelayProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relay", "serve", "--config", str(config),
+            "--workers", str(workers),
             cwd=cwd,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,

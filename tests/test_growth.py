@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 
-from relay.queue.sqlite.schema import APPLICATION_ID, SENDS_KEPT_S
+from relay.queue.sqlite.schema import APPLICATION_ID, SCHEMA_VERSION, SENDS_KEPT_S
 from relay.queue.sqlite.store import SQLiteStore
 from tests.conftest import (
     StartRelay,
@@ -118,7 +118,8 @@ async def test_schema_2_file_opens_counts_right_and_delivers(
     assert await app.store.counts() == _true_counts(queue)
     assert (await app.store.counts())[("up", "delivered")] == 12
     db = sqlite3.connect(queue)
-    assert db.execute("PRAGMA user_version").fetchone() == (3,)
+    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert "owner" in [r[1] for r in db.execute("PRAGMA table_info(messages)")]
     db.close()
 
 

@@ -22,7 +22,8 @@ LAYER = {
     "relay.delivery.maildir": EDGE, "relay.observe": EDGE,
     "relay.app": ORCHESTRATION, "relay.delivery.scheduler": ORCHESTRATION,
     "relay.delivery.health": ORCHESTRATION, "relay.delivery.worker": ORCHESTRATION,
-    "relay.cli": ENTRY, "relay.bench": ENTRY, "relay.__main__": ENTRY, "relay": ENTRY,
+    "relay.cli": ENTRY, "relay.bench": ENTRY, "relay.supervisors": ENTRY,
+    "relay.__main__": ENTRY, "relay": ENTRY,
 }
 # Each edge is one of these parts; edges do not import each other, except the shared ones.
 EDGES = ("relay.ingest", "relay.queue.sqlite", "relay.delivery.smtp", "relay.delivery.maildir",
@@ -105,7 +106,8 @@ def test_imports_point_down_and_libraries_stay_in_their_edge() -> None:
 
 def test_only_the_wiring_names_the_sqlite_store() -> None:
     """Everything else holds a relay.queue.store.QueueStore, so a second store can replace it."""
-    wiring = {"relay.app", "relay.cli.common", "relay.bench.relayproc"}
+    wiring = {"relay.app", "relay.cli.common", "relay.bench.relayproc",
+              "relay.supervisors.multiprocess"}
     naming = {module for module, path in _modules().items()
               if not _within(module, "relay.queue.sqlite")
               and any(_within(name, "relay.queue.sqlite") for name in _imports(path))}

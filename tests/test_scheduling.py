@@ -415,7 +415,7 @@ async def test_claim_is_an_indexed_query(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "plan.sqlite3")
     db.executescript(SCHEMA)
     plan = db.execute("EXPLAIN QUERY PLAN " + CLAIM_SQL,
-                      {"a": "x", "now": 0.0, "n": 5, "lease": 1.0}).fetchall()
+                      {"a": "x", "now": 0.0, "n": 5, "lease": 1.0, "owner": "w"}).fetchall()
     details = " | ".join(str(row[-1]) for row in plan)
     assert "messages_ready" in details
     assert "SCAN messages" not in details.replace("SCAN messages USING", "")

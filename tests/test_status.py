@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -118,7 +119,7 @@ def test_health_states(health: AccountHealth | None, flush_at: float | None, sta
 def test_without_a_server_health_is_unknown_and_says_why() -> None:
     summary = summarise(snapshot(server_running=False,
                                  health=None, counts={("gmail", "queued"): 1}))
-    assert summary["server"] == {"running": False, "health_reported_at": None}
+    assert summary["server"] == {"running": False, "health_reported_at": None, "processes": []}
     assert {a["health"]["state"] for a in summary["accounts"].values()} == {"unknown"}
     text = render(summary)
     assert "account health: unknown, as relay serve is not running" in text
@@ -265,7 +266,7 @@ async def test_without_a_running_server_status_says_so(
     (tmp_path / "queue.sqlite3.lock").touch()  # as a stopped server leaves it
 
     data = await Status(config, capsys).json()
-    assert data["server"] == {"running": False, "health_reported_at": None}
+    assert data["server"] == {"running": False, "health_reported_at": None, "processes": []}
     outbox = data["accounts"]["outbox"]
     assert outbox["health"]["state"] == "unknown"
     assert (outbox["queue"]["queued"], outbox["queue"]["deferred"]) == (2, 1)
@@ -291,7 +292,8 @@ async def test_a_report_from_an_earlier_run_is_not_shown_as_current(
     stale = HealthReport(gone.pid, NOW, {"outbox": AccountHealth("outbox", NOW, 4)})
     await app.store.publish_health(encode(stale))
     data = await Status(config, capsys).json()
-    assert data["server"] == {"running": True, "health_reported_at": None}
+    assert data["server"] == {"running": True, "health_reported_at": None,
+                             "processes": [{"pid": os.getpid(), "role": "serve"}]}
     assert data["accounts"]["outbox"]["health"]["state"] == "ok"
     assert "(the running server has reported no backoff since it started)" in (
         await Status(config, capsys).text())

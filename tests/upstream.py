@@ -353,6 +353,7 @@ class FakeUpstream:
         self.messages: list[Received] = []
         self.connections_opened = 0
         self.connections_open = 0
+        self.connections_open_peak = 0  # the most open at once (pool.max_connections)
         self.auth_successes = 0
         self.auth_failures = 0
         self.connections_refused = 0  # by limit_connections()
@@ -476,6 +477,7 @@ class FakeUpstream:
     def _connection_made(self, session: _UpstreamSMTP) -> int:
         self.connections_opened += 1
         self.connections_open += 1
+        self.connections_open_peak = max(self.connections_open_peak, self.connections_open)
         self._sessions.add(session)
         self._notify()
         return self.connections_opened

@@ -26,12 +26,14 @@ from relay.config.loading import parse_config
 class RelayProcess(ServerProcess):
     """``python -m relay serve`` with one account, on a queue file under ``root``."""
 
-    def __init__(self, root: Path, *, upstream_port: int, commit: str = "group") -> None:
+    def __init__(self, root: Path, *, upstream_port: int, commit: str = "group",
+                 workers: int = 1) -> None:
         super().__init__("relay")
         self.root = root
         self.queue = root / "queue.sqlite3"
         self.upstream_port = upstream_port
         self.commit = commit
+        self.workers = workers
         self.startup_s = 0.0
         self.metrics_port = 0
 
@@ -41,6 +43,7 @@ class RelayProcess(ServerProcess):
             "queue": {"path": str(self.queue), "commit": self.commit},
             "metrics": {"enabled": True, "host": HOST, "port": self.metrics_port},
             "logging": {"level": "info", "format": "text"},
+            "workers": self.workers,
             "accounts": {
                 "sink": {
                     "host": HOST,

@@ -13,7 +13,7 @@ from typing import Any
 from relay.bench.sink import (
     find_tool,
 )
-from relay.bench.stats import BARE, CASES, PER_MESSAGE, POSTFIX, RELAY, SCRAPES
+from relay.bench.stats import BARE, CASES, PER_MESSAGE, POSTFIX, RELAY, RELAY_WORKERS, SCRAPES
 
 # -- output -------------------------------------------------------------------------------
 
@@ -34,13 +34,15 @@ def render(report: dict[str, Any]) -> str:
         f"sink: {report['tools']['sink']}; postfix: "
         f"{report['tools']['postfix'] or 'not measured'}\n"
     )
-    cols = ["relay", "per-msg commit", "bare aiosmtpd", "postfix", "÷bare", "÷postfix", "÷per-msg"]
+    workers = opts.get("workers_resolved") or 1
+    cols = ["relay", f"{workers} workers", "per-msg commit", "bare aiosmtpd", "postfix", "÷bare",
+            "÷postfix", "÷per-msg"]
     lines = [f"{'figure (median of rounds)':<38}" + "".join(f"{c:>15}" for c in cols)]
 
     def row(label: str, entry: dict[str, Any], attr: str, digits: int) -> None:
         cells = [
             _num((entry.get(s) or {}).get(attr), digits)
-            for s in (RELAY, PER_MESSAGE, BARE, POSTFIX)
+            for s in (RELAY, RELAY_WORKERS, PER_MESSAGE, BARE, POSTFIX)
         ]
         cells += [_num(entry.get(f"ratio_{b}"), 2) for b in (BARE, POSTFIX, PER_MESSAGE)]
         lines.append(f"{label:<38}" + "".join(f"{c:>15}" for c in cells))

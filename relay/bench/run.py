@@ -47,12 +47,14 @@ from relay.bench.stats import (
     LABELS,
     PER_MESSAGE,
     POSTFIX,
+    RELAY_WORKERS,
     SCRAPES,
     Sample,
     fmt_dict,
     summarize,
     targets,
 )
+from relay.config.schema import resolve_workers
 from relay.errors import StoreError
 from relay.runner import run
 
@@ -80,6 +82,7 @@ class Options:
     json_path: str | None = None
     workdir: str | None = None
     keep: bool = False
+    workers: int | str | None = None  # the `relay workers` column (None: as serve, auto)
 
 
 class Bench:
@@ -93,6 +96,7 @@ class Bench:
         if options.sink == "smtp-sink" and not self.smtp_sink:
             raise BenchSetupError("--sink smtp-sink: smtp-sink is not installed")
         self.postfix_reason = postfix_problem() if options.postfix else "disabled (--no-postfix)"
+        self.workers = resolve_workers(options.workers or "auto")
         self._dirs = 0
 
     def _dir(self, name: str) -> Path:
@@ -104,7 +108,13 @@ class Bench:
             shutil.rmtree(path, ignore_errors=True)
 
     def systems(self, case: str) -> list[str]:
-        return [s for s in CASES[case][1] if s != POSTFIX or self.postfix_reason is None]
+        """The case's systems that run here: no Postfix without it, no `relay workers`
+        column when it would be one worker (the `relay` column is that)."""
+        return [s for s in CASES[case][1] if (s != POSTFIX or self.postfix_reason is None)
+                and (s != RELAY_WORKERS or self.workers > 1)]
+
+    def _relay_workers(self, system: str) -> int:
+        return self.workers if system == RELAY_WORKERS else 1
 
     async def _send(
         self, port: int, messages: int, *, persistent: bool, builtin: bool = False
@@ -145,7 +155,8 @@ class Bench:
                     await self._warm(bare.port, persistent=persistent)
                     sample.take(await self._send(bare.port, n, persistent=persistent))
             else:
-                async with RelayProcess(root, upstream_port=paused) as relay:
+                async with RelayProcess(root, upstream_port=paused,
+                                        workers=self._relay_workers(system)) as relay:
                     warm = await self._warm(relay.port, persistent=persistent)
                     cpu_before = cpu_s(relay.pid)
                     result = await self._send(relay.port, n, persistent=persistent)
@@ -169,7 +180,8 @@ class Bench:
         try:
             async with (
                 Sink(self.smtp_sink) as sink,
-                RelayProcess(root, upstream_port=sink.port, commit=commit) as relay,
+                RelayProcess(root, upstream_port=sink.port, commit=commit,
+                             workers=self._relay_workers(system)) as relay,
             ):
                 await self._warm(relay.port, persistent=True, builtin=True)
                 cpu_before = cpu_s(relay.pid)
@@ -190,7 +202,8 @@ class Bench:
                 if system == POSTFIX:
                     server = PostfixInstance(root, sink_port=sink.port, hold=False)
                 else:
-                    server = RelayProcess(root, upstream_port=sink.port)
+                    server = RelayProcess(root, upstream_port=sink.port,
+                                          workers=self._relay_workers(system))
                 async with server:
                     sink.expect(WARMUP_PER_SESSION * self.options.sessions)
                     warm = await self._warm(server.port, persistent=True)
@@ -349,7 +362,7 @@ async def run_bench(options: Options, workdir: Path) -> dict[str, Any]:
     figures = summarize(samples, options.rounds)
     return {
         "machine": info,
-        "options": asdict(options),
+        "options": {**asdict(options), "workers_resolved": bench.workers},
         "cases": {case: description for case, (description, _) in CASES.items()},
         "tools": {
             "load": "smtp-source" if bench.smtp_source else "built-in client",

@@ -104,24 +104,44 @@ async def stop_process(proc: asyncio.subprocess.Process, timeout_s: float = 15.0
             await proc.wait()
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a `relay serve --workers N` and its workers)."""
+    pids = [pid]
+    for parent in pids:  # grows as children are found
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        pids.extend(int(c) for c in children)
+    return pids
+
+
 def rss_mb(pid: int) -> float | None:
-    """Resident set size of a live process, in MiB (Linux /proc)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
-    return int(match.group(1)) / 1024 if match else None
+    """Resident set size of a live process and its children, in MiB (Linux /proc)."""
+    total = None
+    for one in _tree(pid):
+        try:
+            status = Path(f"/proc/{one}/status").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+        if match:
+            total = (total or 0.0) + int(match.group(1)) / 1024
+    return total
 
 
 def cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds used so far by a live process (Linux /proc)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds used so far by a live process and its children (Linux
+    /proc; children that ended are not counted)."""
+    total = None
+    for one in _tree(pid):
+        try:
+            stat = Path(f"/proc/{one}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        total = (total or 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 class ServerProcess:

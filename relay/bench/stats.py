@@ -12,14 +12,19 @@ from typing import Any
 from relay.bench.loadgen import LoadResult, percentile
 
 RELAY, PER_MESSAGE, BARE, POSTFIX = "relay", "relay_per_message", "bare", "postfix"
-LABELS = {RELAY: "relay", PER_MESSAGE: "per-msg commit", BARE: "bare aiosmtpd", POSTFIX: "postfix"}
+RELAY_WORKERS = "relay_workers"  # `relay serve --workers N` (N from `relay bench --workers`)
+LABELS = {RELAY: "relay", PER_MESSAGE: "per-msg commit", BARE: "bare aiosmtpd", POSTFIX: "postfix",
+          RELAY_WORKERS: "relay workers"}
 SCRAPES = 20  # GET /metrics this many times over a queue of delivered records
 # case -> (description, systems measured in it); the order is rotated each round.
 CASES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "ingest_conn": ("durable ingest, 1 connection/message, msgs/s", (RELAY, BARE, POSTFIX)),
-    "ingest_sess": ("durable ingest, persistent sessions, msgs/s", (RELAY, BARE, POSTFIX)),
-    "ack": ("ack latency, persistent sessions, delivering", (RELAY, PER_MESSAGE, BARE)),
-    "e2e": ("end-to-end, msgs/s", (RELAY, POSTFIX)),
+    "ingest_conn": ("durable ingest, 1 connection/message, msgs/s",
+                    (RELAY, RELAY_WORKERS, BARE, POSTFIX)),
+    "ingest_sess": ("durable ingest, persistent sessions, msgs/s",
+                    (RELAY, RELAY_WORKERS, BARE, POSTFIX)),
+    "ack": ("ack latency, persistent sessions, delivering",
+            (RELAY, RELAY_WORKERS, PER_MESSAGE, BARE)),
+    "e2e": ("end-to-end, msgs/s", (RELAY, RELAY_WORKERS, POSTFIX)),
 }
 
 

@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import yaml
 
@@ -23,12 +23,12 @@ from relay import __version__
 from relay.cli.common import EXIT_OK, EXIT_PIPE, EXIT_USAGE, fail, load, out
 from relay.config.loading import load_config, load_config_with_sources
 from relay.config.report import config_warnings, effective_config, unresolved_secrets
-from relay.config.schema import Config
+from relay.config.schema import Config, parse_workers, resolve_workers
 from relay.errors import ConfigError, RelayError
 from relay.runner import run
 
 if TYPE_CHECKING:
-    from relay.app import App
+    from relay.app import App, WorkerRole
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate without the service's secrets (an admin's shell rarely has them): the
@@ -47,10 +47,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _serve(config: Config, path: str | None) -> None:
+async def _orphaned(app: App, parent: int) -> None:
+    """A worker whose supervisor died (SIGKILL) stops as if told to: nobody would restart
+    it, stop it, or forward a reload to it, and it would keep the port."""
+    while os.getppid() == parent:  # noqa: ASYNC110 (no event tells a parent has died)
+        await asyncio.sleep(1.0)
+    app.request_stop()
+
+
+async def _serve(config: Config, path: str | None, *, role: WorkerRole | None = None,
+                 ready_fd: int | None = None, parent: int | None = None) -> None:
     from relay.app import App
 
-    app = App(config)
+    app = App(config, worker=role)
+    watch = None if parent is None else asyncio.create_task(_orphaned(app, parent))
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[None]] = set()
 
@@ -65,8 +75,13 @@ async def _serve(config: Config, path: str | None) -> None:
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await app.startup()
+        if ready_fd is not None:  # tell the supervisor this worker serves
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
         await app.serve()
     finally:
+        if watch is not None:
+            watch.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await app.shutdown()  # shutdown.grace, as reloaded
@@ -108,16 +123,54 @@ def _rejected(log: logging.Logger, problems: list[str]) -> None:
           reason="the new config is invalid; still running with the previous one")
 
 
+def _workers_arg(value: str) -> int | str:
+    try:
+        return cast(int | str, parse_workers(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.observe.logs import setup_logging
+    from relay.observe.logs import event, setup_logging
+    from relay.supervisors.multiprocess import ENV_INDEX, Supervisor, can_share_port
 
     config = load(args)
     setup_logging(config.logging.level, config.logging.format, config.logging.file)
+    path = args.config or os.environ.get("RELAY_CONFIG") or None
+    count = resolve_workers(args.workers or config.workers)
+    if count > 1 and not can_share_port():
+        event(logging.getLogger("relay"), logging.WARNING, "workers_unavailable",
+              reason="this platform has no SO_REUSEPORT: running one process")
+        count = 1
     try:
-        run(_serve(config, args.config or os.environ.get("RELAY_CONFIG") or None))
+        if os.environ.get(ENV_INDEX) is not None:  # one worker of `relay serve --workers`
+            run(_serve_worker(config, path))
+        elif count > 1:
+            return run(Supervisor(config, path, count).run())
+        else:
+            run(_serve(config, path))
     except OSError as exc:
         return fail(f"cannot listen: {exc.strerror or exc}")
     return EXIT_OK
+
+
+async def _serve_worker(config: Config, path: str | None) -> None:
+    """One of several processes: the port its parent chose, metrics and delivery only in
+    worker 0 (see relay.app.WorkerRole), and one byte on the ready pipe once serving."""
+    from relay.app import WorkerRole
+    from relay.supervisors.multiprocess import ENV_COUNT, ENV_INDEX, ENV_PORT, ENV_READY
+
+    index = int(os.environ[ENV_INDEX])
+    listen = config.listen.model_copy(update={"port": int(os.environ[ENV_PORT])})
+    update: dict[str, object] = {"listen": listen}
+    if index:
+        update["metrics"] = config.metrics.model_copy(update={"enabled": False})
+    ready = int(os.environ[ENV_READY])
+    await _serve(config.model_copy(update=update), path,
+                 role=WorkerRole(shared=True, delivers=index == 0, index=index,
+                                 count=int(os.environ[ENV_COUNT])),
+                 ready_fd=ready,
+                 parent=os.getppid())
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -150,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML config file (default: $RELAY_CONFIG, else built-in defaults)")
 
     p = sub.add_parser("serve", parents=[common], help="run the relay")
+    p.add_argument("--workers", metavar="N|auto", type=_workers_arg,
+                   help="worker processes on the one port and queue (default: config"
+                   " `workers`, auto: one per usable CPU; 1: a single process)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("check-config", parents=[common],
                        help="validate the config and print it with secrets masked")

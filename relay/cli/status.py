@@ -11,6 +11,7 @@ are pure. The JSON document's keys are stable:
     generated_at, queue                      when (UTC), and the queue file
     server.running                           a `relay serve` holds the queue's lock
     server.health_reported_at                when that server last reported a change, or null
+    server.processes                         [{pid, role}]: role serve, supervisor, worker N
     accounts.NAME.queue.STATE                messages per state (every MessageState)
     accounts.NAME.undelivered                queued + deferred + sending
     accounts.NAME.oldest_undelivered_age_s   seconds, or null
@@ -75,6 +76,7 @@ class Snapshot:
     # account -> ((window seconds, limit), ...) and its send times within the longest one
     limits: Mapping[str, Sequence[tuple[float, int]]] = field(default_factory=dict)
     sends: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    processes: Sequence[tuple[int, str]] = ()  # (pid, role) of the relay processes on it
 
 
 def _iso(ts: float | None) -> str | None:
@@ -156,6 +158,7 @@ def summarise(snap: Snapshot) -> dict[str, Any]:
         "queue": snap.queue,
         "server": {
             "running": snap.server_running,
+            "processes": [{"pid": pid, "role": role} for pid, role in snap.processes],
             "health_reported_at": _iso(snap.health.published_at) if snap.health else None,
         },
         "accounts": accounts,
@@ -249,13 +252,16 @@ def _health_lines(summary: dict[str, Any], lock: str) -> list[str]:
     if not server["running"]:
         return ["account health: unknown, as relay serve is not running",
                 f"  (nothing holds the queue's lock {lock})"]
+    workers = [p for p in server["processes"] if p["role"].startswith("worker")]
+    pre = [f"workers: {len(workers)} ("
+           + ", ".join(f"{p['role']} pid {p['pid']}" for p in workers) + ")"] if workers else []
     if server["health_reported_at"]:
         head = f"account health, as reported by the running server at" \
                f" {server['health_reported_at']}:"
     else:
         head = "account health (the running server has reported no backoff since it started):"
-    return [head] + [f"  {name:<14}{_health_text(a['health'])}"
-                     for name, a in summary["accounts"].items()]
+    return [*pre, head] + [f"  {name:<14}{_health_text(a['health'])}"
+                           for name, a in summary["accounts"].items()]
 
 
 def _rate_lines(summary: dict[str, Any]) -> list[str]:
@@ -343,6 +349,7 @@ async def gather(config: Config, now: float) -> Snapshot:
             limits=limits,
             sends={name: await store.recent_sends(name, now - max(w for w, _ in wins))
                    for name, wins in limits.items()},
+            processes=await store.processes(),
         )
     finally:
         await store.close()

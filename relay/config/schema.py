@@ -54,6 +54,39 @@ def _hostname(value: object) -> object:
 
 
 Hostname = Annotated[str, BeforeValidator(_hostname)]
+MAX_WORKERS = 64  # more processes than this on one SQLite file only queue on its lock
+
+
+def parse_workers(value: object) -> object:
+    """``auto`` or a whole number from 1 to MAX_WORKERS (a YAML number or its string)."""
+    if value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not 'auto' or a number of worker processes")
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(
+            f"{value} workers: use 1 to {MAX_WORKERS} (or auto: one per usable CPU); more"
+            " processes on one queue file only wait for each other's commits"
+        )
+    return value
+
+
+Workers = Annotated[int | Literal["auto"], BeforeValidator(parse_workers)]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int | str) -> int:
+    """The number of worker processes ``workers`` asks for on this machine."""
+    return min(usable_cpus(), MAX_WORKERS) if workers == "auto" else int(workers)
 
 
 def default_hostname(fqdn: str) -> str | None:
@@ -412,6 +445,9 @@ class Config(_Frozen):
     routing: RoutingConfig = RoutingConfig()
     bounces: BouncesConfig = BouncesConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    # Processes that each listen (SO_REUSEPORT) and deliver from the one queue; `relay
+    # serve --workers` overrides it. 1: a single process, no supervisor.
+    workers: Workers = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -33,6 +33,12 @@ class RateLimiter:
     def limited(self) -> bool:
         return bool(self._windows)
 
+    @property
+    def windows(self) -> list[tuple[float, int]]:
+        """(seconds, limit) of each window, safety margin included: what a claim checks
+        against the queue's record of every process's sends (QueueStore.claim_due)."""
+        return [(w, n) for w, n, _ in self._windows]
+
     def _prune(self, now: float) -> None:
         for window, _, sent in self._windows:
             while sent and sent[0] + window <= now + _EPSILON:

@@ -61,6 +61,8 @@ class Scheduler:
         self.mono = monotonic
         self.lease_sweep_s = LEASE_SWEEP_S
         self._next_sweep = 0.0
+        self._next_renew = 0.0
+        self.running = False  # start() was called: this process delivers
         self._skew = clock() - monotonic()  # wall minus monotonic: changes when it jumps
         self.metrics = metrics
         self.bounces = config.bounces.enabled
@@ -159,7 +161,8 @@ class Scheduler:
             self.health.update(AccountHealth(worker.name, 0.0, 0))  # a fresh start
         for name, worker in fresh.items():
             self.workers[name] = worker
-            worker.start()
+            if self.running:  # (a worker process that only receives delivers nothing)
+                worker.start()
         return retired
 
     async def drain(self, workers: list[AccountWorker], grace: float) -> None:
@@ -175,6 +178,7 @@ class Scheduler:
             await asyncio.wait(busy, timeout=grace)
 
     async def start(self) -> None:
+        self.running = True
         now = self.clock()
         recovered = await self.store.recover(now)
         if recovered:
@@ -224,8 +228,19 @@ class Scheduler:
 
     def _held_here(self) -> list[str]:
         """Messages this process is sending, has claimed ahead or is recording."""
-        ids = [mid for w in self.workers.values() for mid in (*w.in_flight, *w.recording)]
-        return ids + [m.id for w in self.workers.values() for m in w.ready]
+        return [mid for w in self.workers.values() for mid in w.held()]
+
+    async def _renew_leases(self) -> None:
+        """Keep the claims of sends under way: each lease is renewed once a third of it
+        has passed, so another process never requeues a message a live send holds."""
+        mono = self.mono()
+        if mono < self._next_renew:
+            return
+        self._next_renew = mono + min(
+            (w.lease_s / 3 for w in self.workers.values()), default=LEASE_SWEEP_S)
+        now = self.clock()
+        for worker in self.workers.values():
+            await self.store.renew(worker.held(), now + worker.lease_s)
 
     async def _sweep_leases(self) -> None:
         """Requeue rows whose lease ran out without a restart (a delivery that died)."""
@@ -256,6 +271,7 @@ class Scheduler:
 
     async def _watch_once(self) -> None:
         await self._reconcile_clock()
+        await self._renew_leases()
         await self._sweep_leases()
         if not await self.store.changed_elsewhere():
             return

@@ -241,7 +241,8 @@ class AccountWorker:
     async def _claim(self, now: float, mono: float, want: int) -> bool:
         """Claim up to `want` due messages within the rate limit; start what can start."""
         allowed = min(want, self.limiter.available(mono))
-        batch = await self.store.claim_due(self.name, now, allowed, self.lease_s)
+        batch = await self.store.claim_due(self.name, now, allowed, self.lease_s,
+                                           self.limiter.windows)
         if not batch:
             return False
         if self.mono() < self.backoff_until:
@@ -277,6 +278,10 @@ class AccountWorker:
         task = asyncio.create_task(self._deliver(message), name=f"deliver-{message.id}")
         self.in_flight[message.id] = task
         task.add_done_callback(functools.partial(self._done, message.id))
+
+    def held(self) -> list[str]:
+        """Messages this worker is sending, has claimed ahead or is recording."""
+        return [*self.in_flight, *self.recording, *(m.id for m in self.ready)]
 
     def _done(self, message_id: str, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(message_id, None)
@@ -353,18 +358,22 @@ class AccountWorker:
         # Never to <>: a bounce is sent from <>, so a bounce never causes another.
         if self.bounce is not None and should_bounce(message.sender, failed):
             bounce = self.bounce(message, failed, body)
-        await self._write(result, bounce)  # the outcome and its bounce in one commit
+        # The outcome and its bounce in one commit, if this process still holds the claim.
+        if not await self._write(result, bounce):
+            event(log, logging.WARNING, "outcome_dropped", message.id, account=self.name,
+                  reason="its lease ran out and another worker claimed it; that worker's"
+                  " outcome stands")
+            return
         self._report(message, result, sent, duration)
         if bounce is not None:
             event(log, logging.INFO, "bounced", message.id, bounce_id=bounce.id,
                   to=f"<{message.sender}>", failed=len(failed))
             self.notify()  # a bounce goes through the failed message's own account
 
-    async def _write(self, result: AttemptResult, bounce: NewMessage | None = None) -> None:
+    async def _write(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
         while True:
             try:
-                await self.store.finish(result, bounce)
-                return
+                return await self.store.finish(result, bounce)
             except StoreError as exc:
                 event(log, logging.ERROR, "queue_error", result.id, account=self.name,
                       reason=f"cannot record outcome, will retry: {exc}")

@@ -639,9 +639,13 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
 
 
 async def start_listener(
-    config: Config, handler: IngestHandler, limits: SessionLimits
+    config: Config, handler: IngestHandler, limits: SessionLimits, *, reuse_port: bool = False
 ) -> asyncio.Server:
-    """Bind listen.host:listen.port in the running loop (port 0: any free port)."""
+    """Bind listen.host:listen.port in the running loop (port 0: any free port).
+
+    ``reuse_port``: one of several worker processes on the same port (SO_REUSEPORT: the
+    kernel spreads new connections over them).
+    """
     # Once, not a getfqdn() per connection; with no FQDN, the bound address as a literal.
     hostname = effective_hostname(config, socket.getfqdn())
     banner: list[str] = [hostname] if hostname else []
@@ -668,7 +672,8 @@ async def start_listener(
             loop=loop,
         )
 
-    server = await loop.create_server(factory, host=config.listen.host, port=config.listen.port)
+    server = await loop.create_server(factory, host=config.listen.host, port=config.listen.port,
+                                      reuse_port=reuse_port or None)
     if not banner:  # (set before the loop can accept a connection)
         banner.append(address_literal(str(server.sockets[0].getsockname()[0])))
     return server

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 from relay import __version__
 from relay.queue.types import MessageState
@@ -14,7 +15,7 @@ REJECT_REASONS = ("unknown_account", "bad_header", "too_big", "too_many_recipien
                   "store_unavailable", "rate_limited", "internal_error", "bad_address",
                   "bare_newline", "access_denied", "too_many_connections", "cross_protocol",
                   "too_many_client_connections", "auth_locked",
-                  "header_too_big")
+                  "header_too_big", "queue_busy")
 # Where relay_internal_errors_total is counted (each is restarted after an error).
 INTERNAL_COMPONENTS = ("account_worker", "delivery", "queue_watcher", "queue_writer")
 # relay_account_backoffs_total reasons (worker.backoff_reason; relay.delivery.refusals.REASONS).
@@ -45,14 +46,19 @@ class Metrics:
                               registry=r)
         self.rejected = Counter("relay_messages_rejected",
                                 "Messages refused at the SMTP listener.", ["reason"], registry=r)
+        # Several workers (multiprocess mode, see exposition_registry): the queue gauges
+        # are set only by the process that serves /metrics, from the one queue file, so
+        # they are taken once (livemax: the others hold 0), never summed per worker.
         self.queue = Gauge("relay_queue_messages", "Messages in the queue file by state.",
-                           ["account", "state"], registry=r)
+                           ["account", "state"], registry=r, multiprocess_mode="livemax")
         self.oldest = Gauge("relay_oldest_message_age_seconds",
-                            "Age of the oldest undelivered message.", acc, registry=r)
+                            "Age of the oldest undelivered message.", acc, registry=r,
+                            multiprocess_mode="livemax")
         self.connections_opened = Counter("relay_upstream_connections_opened",
                                           "Upstream connections opened.", acc, registry=r)
         self.connections_open = Gauge("relay_upstream_connections_open",
-                                      "Upstream connections open now.", acc, registry=r)
+                                      "Upstream connections open now.", acc, registry=r,
+                                      multiprocess_mode="livesum")
         self.auth_failures = Counter("relay_upstream_auth_failures",
                                      "Upstream AUTH failures.", acc, registry=r)
         self.rate_limited = Counter("relay_rate_limited",
@@ -84,8 +90,9 @@ class Metrics:
         for component in INTERNAL_COMPONENTS:
             self.internal_errors.labels(component)
         self.sessions_active = Gauge("relay_smtp_sessions_active", "Open SMTP client sessions.",
-                                     registry=r)
-        build = Gauge("relay_build_info", "relay version.", ["version"], registry=r)
+                                     registry=r, multiprocess_mode="livesum")
+        build = Gauge("relay_build_info", "relay version.", ["version"], registry=r,
+                      multiprocess_mode="livemax")
         build.labels(__version__).set(1)
         self.accounts: list[str] = []
         self.add_accounts(accounts)
@@ -115,6 +122,32 @@ class Metrics:
                 self.queue.labels(name, str(state)).set(counts.get((name, str(state)), 0))
             created = oldest_created.get(name)
             self.oldest.labels(name).set(max(now - created, 0.0) if created else 0.0)
+
+
+def multiprocess_dir() -> str | None:
+    """Set (by relay.supervisors) for the workers of `relay serve --workers N`: every
+    metric is kept in files there, one per process, and read back together."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def exposition_registry(registry: CollectorRegistry) -> CollectorRegistry:
+    """What /metrics serves: this process's registry, or with several workers the
+    figures of all of them (prometheus-client's multiprocess mode: counters and
+    histograms summed, gauges by their ``multiprocess_mode``)."""
+    path = multiprocess_dir()
+    if path is None:
+        return registry
+    shared = CollectorRegistry()
+    multiprocess.MultiProcessCollector(shared, path)  # type: ignore[no-untyped-call]
+    return shared
+
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def forget_process(pid: int, path: str) -> None:
+    """A worker died: drop its live gauges from ``path`` (its counters stay in the sums)."""
+    multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
 
 
 async def watch_loop_lag(histogram: Histogram, interval: float = LOOP_LAG_INTERVAL_S) -> None:

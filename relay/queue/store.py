@@ -41,15 +41,28 @@ class QueueStore(Protocol):
     # -- the listener's and scheduler's side -----------------------------------------
     async def enqueue(self, message: NewMessage) -> None: ...
     async def claim_due(
-        self, account: str, now: float, limit: int, lease_s: float
+        self, account: str, now: float, limit: int, lease_s: float,
+        windows: Sequence[tuple[float, int]] = (),
     ) -> list[QueuedMessage]:
-        """Claim up to ``limit`` due messages; each carries its ``Claim`` (owner, lease)."""
-    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> None:
-        """Settle ``result.claim``: record the attempt and queue its bounce together."""
+        """Claim up to ``limit`` due messages; each carries its ``Claim`` (owner, lease).
+
+        ``windows`` ((seconds, most), the account's rate limits): in the same transaction,
+        claim no more than each window still allows given every process's sends (those
+        recorded, and those claimed and not yet finished), so limits hold across workers.
+        """
+    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
+        """Settle ``result.claim``: record the attempt and queue its bounce together.
+
+        Only the claim's owner may: False when another process holds the message now.
+        """
+    async def renew(self, ids: Sequence[str], lease_until: float) -> int:
+        """Extend this owner's leases on ``ids`` (sends still under way)."""
     async def requeue(self, ids: Sequence[str], now: float, *, due_at: float | None = None
                       ) -> None: ...
-    async def requeue_expired(self, now: float, *, keep: Sequence[str] = ()) -> int: ...
-    async def recover(self, now: float) -> int: ...
+    async def requeue_expired(self, now: float, *, keep: Sequence[str] = ()) -> int:
+        """Requeue claims whose lease ran out or whose owner is gone, except ``keep``."""
+    async def recover(self, now: float) -> int:
+        """At start: requeue_expired. Claims of live processes under lease stay theirs."""
     async def shift_times(self, delta: float) -> int: ...
     async def next_due_at(self, account: str) -> float | None: ...
     async def waiting_count(self, account: str) -> int: ...
@@ -70,6 +83,9 @@ class QueueStore(Protocol):
         """Pause or resume an account for every process on this queue (persisted)."""
     async def paused_accounts(self) -> dict[str, float]:
         """Paused accounts, each with when it was paused."""
+    async def processes(self) -> list[tuple[int, str]]:
+        """(pid, role) of the relay processes on this queue now: 'serve', 'supervisor',
+        'worker N' (for `relay status`)."""
 
     # -- reports and operator operations ---------------------------------------------
     async def counts(self) -> dict[tuple[str, str], int]: ...

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import enum
 import itertools
-import secrets
+import os
 import time
 from dataclasses import dataclass, field
 
-_ID_PREFIX = secrets.token_hex(2).upper()  # per process
 _ID_COUNTER = itertools.count()
 
 
-def new_queue_id() -> str:
-    """20 hex digits: milliseconds (sortable), a per-process random part and a counter.
+def queue_id(millis: int, pid: int, count: int) -> str:
+    """22 hex digits: milliseconds (sortable), the process id and a per-process counter.
 
-    Unique without coordination or a system call per message.
+    Two live processes never share a pid, so ids made in the same millisecond by several
+    workers on one queue differ; the counter separates those of one process.
     """
-    millis = int(time.time() * 1000) & 0xFFFFFFFFFFF
-    return f"{millis:011X}{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFF:05X}"
+    return f"{millis & 0xFFFFFFFFFFF:011X}{pid & 0xFFFFFF:06X}{count & 0xFFFFF:05X}"
+
+
+def new_queue_id() -> str:
+    """A queue id unique across the processes of a host, without coordination.
+
+    The pid is read at each call, not once at import: a forked child must not repeat
+    its parent's ids (their counters are copies of each other).
+    """
+    return queue_id(int(time.time() * 1000), os.getpid(), next(_ID_COUNTER))
 
 
 class MessageState(enum.StrEnum):

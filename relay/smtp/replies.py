@@ -30,6 +30,7 @@ RCPT_OK = Reply(250, "2.1.5", "OK")
 RCPT_DUPLICATE = Reply(250, "2.1.5", "OK (duplicate recipient: it gets one copy)")
 # Local errors: the client keeps the message and retries.
 STORE_FAILED = Reply(451, "4.3.0", "Queue unavailable, try again later")
+STORE_BUSY = Reply(451, "4.3.0", "Queue busy, try again later")
 STORE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")

@@ -171,7 +171,7 @@ class OperatorQueries:
         where, params = self._selection(states, ids, match)
         if needs_body:
             where += f" AND {BODY_KEPT}"
-        sets = "state=?, lease_until=NULL, updated_at=?"
+        sets = "state=?, lease_until=NULL, owner=NULL, updated_at=?"
         lead: tuple[Any, ...] = (to_state, now)
         if due_now:
             sets += ", next_attempt_at=?"

@@ -24,7 +24,8 @@ APPLICATION_ID = 0x52454C59  # 'RELY': marks a file as a relay queue
 FLUSH_KEY = "flush_requested_at"  # meta: written by `relay queue flush`, read by the server
 PAUSED_PREFIX = "paused:"  # meta: paused:<account> = when; claims skip its messages
 HEALTH_KEY = "account_health"  # meta: the server's account health, read by `relay status`
-SCHEMA_VERSION = 3  # 2: the sends table; 3: per-state counts, index of delivered rows
+SCHEMA_VERSION = 4  # 2: the sends table; 3: per-state counts, index of delivered rows;
+# 4: the owner of a claim (several processes on one queue)
 READY = "('queued', 'deferred')"
 SENDS_KEPT_S = 2 * 86400.0  # longer than the longest rate-limit window (per_day)
 
@@ -42,6 +43,7 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at REAL NOT NULL,
     next_attempt_at REAL NOT NULL,
     lease_until REAL,
+    owner TEXT,  -- who holds the claim of a 'sending' row (QueueStore.owner)
     last_error TEXT NOT NULL DEFAULT '',
     updated_at REAL NOT NULL,
     mail_options TEXT NOT NULL DEFAULT ''
@@ -91,8 +93,11 @@ CREATE TRIGGER IF NOT EXISTS counts_update AFTER UPDATE OF state, account ON mes
 END;
 """
 # From any older schema: what SCHEMA adds, and the counts of the rows already there.
+# ADD_OWNER goes first when the messages table predates the owner column.
+ADD_OWNER = "ALTER TABLE messages ADD COLUMN owner TEXT;"
 MIGRATE = f"""
 BEGIN;
+{{add_owner}}
 {SCHEMA}
 DELETE FROM counts;
 INSERT INTO counts (account, state, n)
@@ -152,7 +157,8 @@ _PER_LEVEL = (
     f" AND state IN {READY} AND next_attempt_at<=:now ORDER BY next_attempt_at, seq LIMIT :n)"
 )
 CLAIM_SQL = (
-    "UPDATE messages SET state='sending', lease_until=:lease, updated_at=:now WHERE seq IN"
+    "UPDATE messages SET state='sending', lease_until=:lease, owner=:owner, updated_at=:now"
+    " WHERE seq IN"
     " (SELECT seq FROM ("
     + " UNION ALL ".join(_PER_LEVEL.format(p=int(p)) for p in Priority)
     + ") LIMIT :n)"

@@ -1,0 +1,267 @@
+"""`relay serve --workers N` with real processes (issue 13): a supervising parent, N
+workers on one port (SO_REUSEPORT) and one queue file, restarts, SIGTERM and SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from relay.cli.commands import main
+from relay.supervisors.multiprocess import restart_delay
+from tests.conftest import message, send_many, wait_until
+from tests.relayproc import RelayProcess, free_port, write_config
+from tests.upstream import FakeUpstream
+
+pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT")
+# Where a test needs both workers to have received, it sends over many connections: the
+# kernel hashes each to a worker, all to one with odds of 2**-(connections - 1).
+STARTED = re.compile(r"workers_started count=(\d+) .*pids=([\d,]+)")
+
+
+async def _spawn(tmp_path: Path, config: Path, workers: int = 2) -> tuple[RelayProcess, list[int]]:
+    relay = await RelayProcess.spawn(config, cwd=tmp_path, workers=workers)
+    await wait_until(lambda: any(STARTED.search(x) for x in relay.lines)
+                     or relay.proc.returncode is not None, timeout=30)
+    found = [m for x in relay.lines if (m := STARTED.search(x))]
+    assert found, relay.stderr
+    return relay, [int(p) for p in found[0].group(2).split(",")]
+
+
+async def _stop(relay: RelayProcess) -> int:
+    relay.proc.send_signal(signal.SIGTERM)
+    return await relay.exit_code(within=30)
+
+
+async def wait_until_async(check: Callable[[], Awaitable[bool]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.2)
+
+
+def _subjects(up: FakeUpstream) -> list[bytes]:
+    return [m.data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0] for m in up.messages]
+
+
+async def test_two_workers_share_the_port_and_deliver_each_message_once(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = write_config(tmp_path, upstream)
+    relay, pids = await _spawn(tmp_path, config)
+    try:
+        assert len(pids) == 2 and relay.proc.pid not in pids
+        replies = await send_many(relay.port, [message(f"m{i}") for i in range(60)],
+                                  sessions=20)
+        assert all(code == 250 for code, _ in replies), replies
+        await upstream.wait_for_messages(60, timeout=30)
+        await asyncio.sleep(0.5)  # nothing more arrives
+        subjects = _subjects(upstream)
+        assert sorted(subjects) == sorted(f"m{i}".encode() for i in range(60))
+        # Both processes answered clients (the kernel spread the connections).
+        ids = {text.split()[-1] for _, text in replies}
+        assert len({i[11:17] for i in ids}) == 2, "the pid part of the ids: both workers"
+        status = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", "status", "--json", "--config", str(config),
+            stdout=asyncio.subprocess.PIPE)
+        out, _ = await status.communicate()
+        processes = json.loads(out)["server"]["processes"]
+        assert sorted((p["role"], p["pid"]) for p in processes) == [
+            ("supervisor", relay.proc.pid), ("worker 0", pids[0]), ("worker 1", pids[1])]
+        assert await _stop(relay) == 0
+        assert sum("relay: stopped" in x for x in relay.lines) == 2
+    finally:
+        await relay.kill()
+
+
+async def test_a_killed_worker_is_restarted_and_nothing_it_held_is_lost(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    upstream.delay("DATA", 0.3)  # sends in flight when the deliverer dies
+    relay, pids = await _spawn(tmp_path, write_config(tmp_path, upstream))
+    try:
+        replies = await send_many(relay.port, [message(f"k{i}") for i in range(20)],
+                                  sessions=4)
+        assert all(code == 250 for code, _ in replies), replies
+        await upstream.wait_for_messages(2, timeout=20)
+        os.kill(pids[0], signal.SIGKILL)  # worker 0 delivers
+        await wait_until(lambda: any("worker_restarted" in x for x in relay.lines), 20)
+        upstream.delay("DATA", 0)
+        await wait_until(lambda: set(_subjects(upstream))
+                         >= {f"k{i}".encode() for i in range(20)}, timeout=30)
+        assert any("worker_exited worker=0" in x for x in relay.lines), relay.stderr
+        # What it was sending went back to the queue when the parent saw it die.
+        assert re.search(r"supervisor: recovered count=[1-9]", relay.stderr), relay.stderr
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()
+
+
+async def test_sighup_reaches_every_worker_and_a_bad_file_reaches_none(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = write_config(tmp_path, upstream)
+    relay, _ = await _spawn(tmp_path, config)
+    try:
+        relay.proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: sum("relay: reloaded" in x for x in relay.lines) == 2, 20)
+        good = config.read_text()
+        config.write_text(good + "\nnot_a_key: 1\n")
+        relay.proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: any("relay.supervisor: reload_rejected" in x
+                                     for x in relay.lines), 20)
+        await asyncio.sleep(0.5)
+        assert sum("relay: reloaded" in x for x in relay.lines) == 2
+        assert not any("relay: reload_rejected" in x for x in relay.lines), relay.stderr
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()
+
+
+async def test_workers_that_cannot_start_make_the_parent_exit_non_zero(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    taken = socket.socket()  # a listener without SO_REUSEPORT holds the port
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        config = write_config(tmp_path, upstream, listen_port=taken.getsockname()[1])
+        relay = await RelayProcess.spawn(config, cwd=tmp_path, workers=2)
+        try:
+            assert await relay.exit_code(within=30) == 1
+            assert "start_failed" in relay.stderr
+        finally:
+            await relay.kill()
+    finally:
+        taken.close()
+
+
+def test_more_than_64_workers_is_refused_naming_the_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({"workers": 65, "accounts": {
+        "up": {"transport": "maildir", "path": str(tmp_path / "md")}},
+        "routing": {"default_account": "up"}}))
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert "workers: 65 workers: use 1 to 64" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--config", str(path), "--workers", "0"])
+    assert "--workers" in capsys.readouterr().err
+
+
+async def test_one_metrics_endpoint_counts_every_worker_and_the_queue_once(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = write_config(tmp_path, upstream)
+    data = yaml.safe_load(config.read_text())
+    metrics_port = free_port()
+    data["metrics"] = {"enabled": True, "host": "127.0.0.1", "port": metrics_port}
+    config.write_text(yaml.safe_dump(data))
+    relay, _ = await _spawn(tmp_path, config)
+    try:
+        replies = await send_many(relay.port, [message(f"c{i}") for i in range(30)],
+                                  sessions=15)
+        ids = {text.split()[-1] for code, text in replies if code == 250}
+        assert len(ids) == 30 and len({i[11:17] for i in ids}) == 2, "both workers received"
+        await upstream.wait_for_messages(30, timeout=30)
+
+        async def scrape(path: str) -> tuple[int, str]:
+            async with aiohttp.ClientSession() as http, http.get(
+                    f"http://127.0.0.1:{metrics_port}{path}") as response:
+                return response.status, await response.text()
+
+        async def delivered() -> bool:
+            _, text = await scrape("/metrics")
+            return 'relay_queue_messages{account="up",state="delivered"} 30.0' in text
+
+        await wait_until_async(delivered, timeout=20)
+        status, text = await scrape("/metrics")
+        assert status == 200
+        assert "relay_messages_received_total 30.0" in text  # both workers' counters, summed
+        assert 'relay_messages_delivered_total{account="up"} 30.0' in text
+        assert (await scrape("/readyz"))[0] == 200
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()
+
+
+async def test_queue_commands_act_while_several_workers_run(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = write_config(tmp_path, upstream)
+    relay, _ = await _spawn(tmp_path, config)
+    later = formatdate(time.time() + 3600)
+    try:
+        replies = await send_many(
+            relay.port, [message(f"h{i}", headers={"Deferred-Delivery": later})
+                         for i in range(6)], sessions=6)
+        ids = [text.split()[-1] for code, text in replies if code == 250]
+        assert len(ids) == 6
+
+        async def queue(*args: str) -> int:
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relay", "queue", *args, "--config", str(config),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            return await cli.wait()
+
+        assert await queue("hold", *ids) == 0
+        assert await queue("release", *ids) == 0  # due now: the deliverer sends them
+        await upstream.wait_for_messages(6, timeout=20)
+        assert sorted(_subjects(upstream)) == sorted(f"h{i}".encode() for i in range(6))
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()
+
+
+async def test_rate_limit_and_max_connections_hold_across_workers(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Measured at the upstream: never more than per_second sends in any second, nor more
+    than max_connections connections, however many workers received the messages."""
+    upstream.delay("DATA", 0.05)
+    config = write_config(tmp_path, upstream, rate_limit={"per_second": 5},
+                          pool={"max_connections": 2})
+    relay, _ = await _spawn(tmp_path, config)
+    try:
+        replies = await send_many(relay.port, [message(f"r{i}") for i in range(16)],
+                                  sessions=16)
+        ids = [text.split()[-1] for code, text in replies if code == 250]
+        assert len(ids) == 16 and len({i[11:17] for i in ids}) == 2, "both workers received"
+        await upstream.wait_for_messages(16, timeout=30)
+        times = sorted(m.received_at for m in upstream.messages)
+        busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+        assert busiest <= 5, times
+        assert upstream.connections_open_peak <= 2
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    relay, pids = await _spawn(tmp_path, write_config(tmp_path, upstream))
+    try:
+        relay.proc.kill()
+        await relay.proc.wait()
+
+        def running(pid: int) -> bool:
+            try:  # a zombie (exited, not yet reaped by init) counts as stopped
+                return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+            except OSError:
+                return False
+
+        def gone() -> bool:
+            return not any(running(pid) for pid in pids)
+
+        await wait_until(gone, timeout=15)
+    finally:
+        await relay.kill()
+
+
+def test_a_worker_that_keeps_dying_waits_longer_each_time() -> None:
+    assert [restart_delay(n) for n in range(1, 9)] == [0, 0.5, 1, 2, 4, 8, 16, 30]
