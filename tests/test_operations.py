@@ -16,6 +16,7 @@ import yaml
 from relay.cli.commands import main
 from relay.config.loading import load_config, load_config_with_sources
 from relay.errors import ConfigError
+from relay.queue.sqlite.schema import SCHEMA_VERSION
 from tests.conftest import StartRelay, message, send_many
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +160,7 @@ def test_env_substitution_and_relay_overrides_as_a_container_would_set_them(
      "listen.port: must be a whole number (set by RELAY_LISTEN__PORT)"),
     ({"SMTP_HOST": "h", "RELAY_LISTN__PORT": "25"},
      "RELAY_LISTN__PORT: no config section 'listn' (sections: accounts, auth_backoff, bounces,"
-     " hostname, listen, logging, metrics, queue, retry, routing, shutdown)"),
+     " hostname, listen, logging, metrics, queue, retry, routing, shutdown, workers)"),
     ({"SMTP_HOST": "h", "RELAY_LISTEN__HOTS": "::"},
      "listen.hots: unknown key (set by RELAY_LISTEN__HOTS)"),
 ])
@@ -233,7 +234,7 @@ async def test_backup_of_a_live_queue_is_consistent_and_checks_clean(
     assert code == 0, capsys.readouterr().err
     assert all(c == 250 for c, _ in await sending)
     printed = capsys.readouterr().out
-    assert f"{backup_path}: ok: schema 3" in printed
+    assert f"{backup_path}: ok: schema {SCHEMA_VERSION}" in printed
 
     _assert_one_snapshot(backup_path, accepted_before)
     assert main(["queue", "check", str(backup_path)]) == 0
@@ -249,14 +250,16 @@ def test_check_reports_damage_foreign_files_and_newer_schemas(
     queue = tmp_path / "queue.sqlite3"
     _make_queue(queue)
     assert main(["queue", "check", "-c", str(config_path)]) == 0
-    assert f"{queue}: ok: schema 3, 0 messages, integrity ok" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{queue}: ok: schema {SCHEMA_VERSION}, 0 messages, integrity ok" in printed
 
     newer = tmp_path / "newer.sqlite3"
     shutil.copy(queue, newer)
     with sqlite3.connect(newer) as db:
         db.execute("PRAGMA user_version = 99")
     assert main(["queue", "check", str(newer)]) == 1
-    assert "schema 99 is newer than this relay's 3: upgrade relay" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"schema 99 is newer than this relay's {SCHEMA_VERSION}: upgrade relay" in printed
 
     foreign = tmp_path / "other.sqlite3"
     with sqlite3.connect(foreign) as db:
