@@ -65,7 +65,8 @@ class App:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, config.accounts)
-        self.store: QueueStore = SQLiteStore(config.queue.path, commit=config.queue.commit)
+        self.store: QueueStore = SQLiteStore(config.queue.path, commit=config.queue.commit,
+                                               min_free=config.queue_min_free)
         self.store.on_internal_error = self.metrics.internal_errors.labels("queue_writer").inc
         self.transports = build_transports(config, self.metrics)
         self.scheduler = Scheduler(config, self.store, self.transports, self.metrics)

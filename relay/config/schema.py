@@ -23,8 +23,11 @@ from pydantic import (
 )
 
 from relay.config.durations import format_duration, parse_duration
+from relay.config.sizes import parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+MIN_FREE_FLOOR = 64 * 1024**2  # the default reserve, at least; SQLite's WAL alone grew ~4 MB
 Port = Annotated[int, Field(ge=0, le=65535)]
 DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
 ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -196,6 +199,10 @@ class QueueConfig(_Frozen):
     # Delivered messages (their envelope and attempts; the body is gone already) stay
     # this long for `relay queue show`, then are pruned, a small batch at a time.
     keep_delivered: Duration = 7 * 86400.0
+    # Like Postfix's queue_minfree: below this much free space on the queue's file system
+    # DATA answers 452 4.3.1 and /readyz fails, so claims and outcomes, which must write
+    # to deliver, still find room. None: max(64MiB, 2 x listen.max_message_size).
+    min_free: Size | None = None
 
 
 class MetricsConfig(_Frozen):
@@ -441,6 +448,13 @@ class Config(_Frozen):
             f" initial_delay {format_duration(merged.initial_delay)} ({source('initial_delay')})"
             f" and max_delay {format_duration(merged.max_delay)} ({source('max_delay')})"
         )
+
+    @property
+    def queue_min_free(self) -> int:
+        """Free bytes kept in reserve on the queue's file system (see QueueConfig.min_free)."""
+        if self.queue.min_free is not None:
+            return self.queue.min_free
+        return max(MIN_FREE_FLOOR, 2 * self.listen.max_message_size)
 
     def auth_backoff_for(self, account: str) -> AuthBackoffConfig:
         """The account's own auth_backoff, or the top-level one."""

@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from relay.errors import StoreError, StoreFullError, StoreLockedError
+from relay.config.sizes import format_size
+from relay.errors import StoreError, StoreFullError, StoreLockedError, StoreReserveError
 from relay.queue.sqlite.admin import OperatorQueries
 from relay.queue.sqlite.prune import Pruning
 from relay.queue.sqlite.schema import (
@@ -67,8 +68,9 @@ class SQLiteStore(Pruning, OperatorQueries):
     """The embedded queue. ``commit='per-message'`` syncs each write on its own."""
 
     def __init__(self, path: Path, *, commit: str = "group", lock: bool = True,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, min_free: int = 0) -> None:
         self.path = Path(path)
+        self.min_free = min_free  # bytes new messages must leave free (queue.min_free)
         # Only one process claims from a SQLite queue today (the lock); the owner is kept
         # in each Claim for the multi-process stores, not yet in a column.
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
@@ -275,8 +277,25 @@ class SQLiteStore(Pruning, OperatorQueries):
         return None
 
     # -- the scheduler's side ----------------------------------------------------
+    def _check_reserve(self) -> None:
+        """Refuse new mail below ``min_free``: the space left is for claims and outcomes,
+        which must write for anything to be delivered (or recorded as sent)."""
+        if not self.min_free:
+            return
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError as exc:
+            raise StoreError(f"cannot check free space for {self.path}: {exc.strerror}"
+                             ) from None
+        free = st.f_bavail * st.f_frsize
+        if free < self.min_free:
+            raise StoreReserveError(
+                f"queue file system has {format_size(free)} free, below queue.min_free"
+                f" ({format_size(self.min_free)})")
+
     async def enqueue(self, message: NewMessage) -> None:
         """Return only once the message is committed and synced."""
+        self._check_reserve()
         await self._submit(Enqueue(message=message))
 
     async def claim_due(
@@ -294,7 +313,9 @@ class SQLiteStore(Pruning, OperatorQueries):
         await self._submit(Finish(attempt=result, bounce=bounce))
 
     async def check_writable(self) -> None:
-        """An empty transaction through the writer: raises StoreError if it cannot commit."""
+        """An empty transaction through the writer, and the free-space reserve: raises
+        StoreError if new mail would not be accepted now."""
+        self._check_reserve()
         await self.execute([])
 
     async def execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:

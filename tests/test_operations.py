@@ -1,0 +1,91 @@
+"""What a careless operator did to a running relay (full disk, bad config files, signals
+at the wrong time), each with the answer relay now gives."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from relay.config.loading import parse_config
+from relay.errors import ConfigError
+from tests.conftest import (
+    StartRelay,
+    message,
+    metric,
+    relay_config,
+    send,
+    upstream_account,
+    wait_until,
+)
+from tests.upstream import FakeUpstream
+
+
+async def _readyz(port: int) -> tuple[int, str]:
+    url = f"http://127.0.0.1:{port}/readyz"
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        return resp.status, await resp.text()
+
+
+# -- 1. queue disk below queue.min_free ------------------------------------------------
+
+
+def test_min_free_defaults_to_a_reserve_above_the_largest_message(tmp_path: Path) -> None:
+    assert parse_config({}).queue_min_free == 64 * 1024**2
+    big = parse_config({"listen": {"max_message_size": 50 * 1024**2}})
+    assert big.queue_min_free == 100 * 1024**2
+    assert parse_config({"queue": {"min_free": "10MB"}}).queue_min_free == 10_000_000
+    with pytest.raises(ConfigError, match=r"queue\.min_free: must be a size"):
+        parse_config({"queue": {"min_free": "lots"}})
+
+
+async def test_below_min_free_data_is_refused_but_queued_mail_is_delivered(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    account = {"up": upstream_account(upstream, tmp_path)}
+    upstream.reply_to("MAIL", 451, "4.3.0 try later", times=1000)
+    first = await start_relay(relay_config(tmp_path, account))
+    code, _ = await send(first.smtp_port, message("waiting"))
+    assert code == 250
+    await first.shutdown()
+    upstream.faults.replies.clear()
+    # More free space asked for than any disk has: the file system is "below" it.
+    app = await start_relay(relay_config(tmp_path, account, queue={"min_free": "1000000TB"}))
+    code, text = await send(app.smtp_port, message("refused"))
+    assert (code, text[:5]) == (452, "4.3.1"), text
+    assert metric(app, "relay_messages_rejected_total", reason="low_disk") == 1
+    status, body = await _readyz(app.http_port)
+    assert status == 503 and "queue.min_free" in body, body
+    # Claims and outcomes still write: the message queued before is delivered.
+    await upstream.wait_for_messages(1)
+    assert b"Subject: waiting" in upstream.messages[0].data
+    await wait_until(lambda: metric(app, "relay_messages_delivered_total", account="up") == 1,
+                     what="the outcome recorded")
+
+
+async def test_an_outcome_not_written_by_shutdown_is_logged_per_message(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream,
+                                                                           tmp_path)}))
+    upstream.delay("DATA", 0.3)
+    code, text = await send(app.smtp_port, message("sent once"))
+    assert code == 250
+    queue_id = text.split()[-1]
+    await wait_until(lambda: bool(upstream.connections_opened), what="a delivery")
+    thread = app.store._write_thread
+    assert thread is not None
+    thread.shutdown(wait=True)  # no write can run: the outcome cannot be recorded
+    await upstream.wait_for_messages(1)
+    await wait_until(lambda: "cannot record outcome" in caplog.text, what="a failed write")
+    app.store._write_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
+    with caplog.at_level(logging.ERROR, logger="relay"):
+        await app.shutdown(grace=0.3)
+    lost = [r for r in caplog.records if getattr(r, "event", None) == "outcome_lost"]
+    assert len(lost) == 1 and lost[0].levelno == logging.ERROR
+    line = lost[0].getMessage()
+    assert queue_id in line and "outcome=delivered" in line and "to@example.com" in line
