@@ -10,7 +10,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from relay.config.loading import parse_config
+from relay.cli.commands import _reload, main
+from relay.config.loading import load_config, parse_config
 from relay.errors import ConfigError
 from tests.conftest import (
     StartRelay,
@@ -89,3 +90,60 @@ async def test_an_outcome_not_written_by_shutdown_is_logged_per_message(
     assert len(lost) == 1 and lost[0].levelno == logging.ERROR
     line = lost[0].getMessage()
     assert queue_id in line and "outcome=delivered" in line and "to@example.com" in line
+
+
+# -- 2, 3. config files that cannot be read, or say nothing --------------------------
+
+
+def _write(tmp_path: Path, name: str, raw: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(raw)
+    return path
+
+
+def test_a_config_that_is_not_utf8_is_one_line_without_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, "latin1.yaml",
+                  b"accounts:\n  x: {host: h, password: s3cret-pw}\n# caf\xe9\n")
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"config error: {path}:3:6: not UTF-8: byte 0xe9 at offset 51" \
+                  " (save the file as UTF-8)\n"
+
+
+def test_a_config_nested_too_deeply_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, "deep.yaml", b"x: " + b"[" * 5000 + b"]" * 5000 + b"\n")
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"config error: {path}: invalid YAML: nested too deeply\n"
+
+
+@pytest.mark.parametrize("raw", [b"", b"# only a comment\n\n"])
+def test_an_empty_config_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], raw: bytes
+) -> None:
+    path = _write(tmp_path, "relay.yaml", raw)
+    with pytest.raises(ConfigError, match="config file is empty"):
+        load_config(path)  # what `relay serve` runs first
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert "config file is empty" in capsys.readouterr().err
+    assert main(["check-config", "--config", str(_write(tmp_path, "d.yaml", b"{}\n"))]) == 0
+
+
+async def test_a_reload_refuses_undecodable_and_empty_files(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)})
+    app = await start_relay(config)
+    path = tmp_path / "relay.yaml"
+    for raw, problem in ((b"x: {password: s3cret-pw}\n# caf\xe9\n", "not UTF-8"),
+                         (b"", "config file is empty")):
+        path.write_bytes(raw)
+        caplog.clear()
+        await _reload(app, str(path))
+        assert problem in caplog.text and "still running with the previous one" in caplog.text
+        assert "s3cret" not in caplog.text and "Traceback" not in caplog.text
+        assert app.config is config  # nothing applied: the account is still there

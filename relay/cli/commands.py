@@ -65,10 +65,18 @@ async def _serve(config: Config, path: str | None) -> None:
 
 async def _reload(app: App, path: str | None) -> None:
     """SIGHUP: read the config again; one that is invalid or cannot be applied leaves the
-    running one in place (logging included)."""
+    running one in place (logging included). Never raises: an exception left in the task
+    would be logged by asyncio with its arguments, which may quote the file's secrets."""
+    log = logging.getLogger("relay")
+    try:
+        await _reload_now(app, path, log)
+    except Exception as exc:  # a bug: the type only, never the exception's text
+        _rejected(log, [f"reload failed: internal error ({type(exc).__name__})"])
+
+
+async def _reload_now(app: App, path: str | None, log: logging.Logger) -> None:
     from relay.observe.logs import build_handler, event, install_handler
 
-    log = logging.getLogger("relay")
     try:
         new = load_config(path)
         handler = build_handler(new.logging.format, new.logging.file)

@@ -68,21 +68,43 @@ def parse_config(data: object, *, secrets: bool = True) -> Config:
         return Config.model_validate(data, context={"secrets": secrets})
     except ValidationError as exc:
         raise ConfigError([problem_line(e) for e in exc.errors()]) from None
+    except RecursionError:
+        raise ConfigError(["(top level): nested too deeply"]) from None
 
 
 def load_config(path: str | os.PathLike[str] | None, *, secrets: bool = True) -> Config:
-    """Read and validate a YAML file; None means the built-in defaults."""
+    """Read and validate a YAML file; None means the built-in defaults (an empty file is
+    refused)."""
     if path is None:
         return Config()
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
+    data = parse_yaml(raw, str(path))
+    if data is None:
+        # A file named but empty (or only comments) is a mistake, most often a truncated
+        # write: applied, it would be the defaults, every account removed.
+        raise ConfigError([f"{path}: config file is empty (write {{}} for the defaults)"])
+    return parse_config(data, secrets=secrets)
+
+
+def parse_yaml(raw: bytes, name: str) -> object:
+    """The YAML document in ``raw``; ConfigError naming ``name`` and where, never quoting
+    the file (it may hold passwords)."""
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError([f"{name}:{line}:{column}: not UTF-8: byte 0x{raw[exc.start]:02x}"
+                           f" at offset {exc.start} (save the file as UTF-8)"]) from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
-    return parse_config(data, secrets=secrets)
+    except RecursionError:
+        raise ConfigError([f"{name}: invalid YAML: nested too deeply"]) from None
