@@ -147,3 +147,28 @@ async def test_a_reload_refuses_undecodable_and_empty_files(
         assert problem in caplog.text and "still running with the previous one" in caplog.text
         assert "s3cret" not in caplog.text and "Traceback" not in caplog.text
         assert app.config is config  # nothing applied: the account is still there
+
+
+# -- 4. zero delays and timeouts --------------------------------------------------------
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"retry": {"initial_delay": 0}}, "retry.initial_delay"),
+    ({"auth_backoff": {"initial": "0s"}}, "auth_backoff.initial"),
+    ({"listen": {"timeout": 0}}, "listen.timeout"),
+    ({"accounts": {"a": {"host": "h", "timeouts": {"connect": 0}}},
+      "routing": {"default_account": "a"}}, "accounts.a.timeouts.connect"),
+    ({"accounts": {"a": {"host": "h", "timeouts": {"command": "0ms"}}},
+      "routing": {"default_account": "a"}}, "accounts.a.timeouts.command"),
+    ({"accounts": {"a": {"host": "h", "timeouts": {"data": 0.0}}},
+      "routing": {"default_account": "a"}}, "accounts.a.timeouts.data"),
+    ({"accounts": {"a": {"host": "h", "retry": {"initial_delay": 0}}},
+      "routing": {"default_account": "a"}}, "accounts.a.retry.initial_delay"),
+    ({"accounts": {"a": {"host": "h", "auth_backoff": {"initial": 0}}},
+      "routing": {"default_account": "a"}}, "accounts.a.auth_backoff.initial"),
+])
+def test_a_zero_delay_or_timeout_is_refused_naming_the_key(data: dict[str, object],
+                                                           key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert caught.value.problems == [f"{key}: must be more than 0 (0 would mean no wait at all)"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -27,6 +28,16 @@ from relay.config.sizes import parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("must be more than 0 (0 would mean no wait at all)")
+    return seconds
+
+
+# A delay or timeout where 0 would spin (retry, login backoff) or drop every client.
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
 MIN_FREE_FLOOR = 64 * 1024**2  # the default reserve, at least; SQLite's WAL alone grew ~4 MB
 Port = Annotated[int, Field(ge=0, le=65535)]
 DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
@@ -152,7 +163,7 @@ class ListenConfig(_Frozen):
     # Concurrent sessions from one client address (Postfix: smtpd_client_connection_count
     # _limit, 50): one busy or hostile client cannot take every slot.
     max_connections_per_client: int = Field(default=20, ge=1)
-    timeout: Duration = 300.0  # RFC 5321 4.5.3.2.7: server timeout of 5 minutes
+    timeout: PositiveDuration = 300.0  # RFC 5321 4.5.3.2.7: server timeout of 5 minutes
     # After this many rejected commands in one session: 421 and close.
     max_bad_commands: int = Field(default=10, ge=1)
     # reject (default, like Postfix smtpd_forbid_bare_newline): 550 5.5.2 for a bare LF or
@@ -220,7 +231,7 @@ class LoggingConfig(_Frozen):
 
 
 class RetryConfig(_Frozen):
-    initial_delay: Duration = 30.0
+    initial_delay: PositiveDuration = 30.0
     max_delay: Duration = 1800.0
     max_age: Duration = 172_800.0
     jitter: float = Field(default=0.2, ge=0, le=1)
@@ -239,7 +250,7 @@ class RetryOverride(_Frozen):
     checked on the merged one (``Config.retry_for``), the policy that actually runs.
     """
 
-    initial_delay: Duration | None = None
+    initial_delay: PositiveDuration | None = None
     max_delay: Duration | None = None
     max_age: Duration | None = None
     jitter: float | None = Field(default=None, ge=0, le=1)
@@ -256,7 +267,7 @@ class AuthBackoffConfig(_Frozen):
     logins, so a wrong password is tried once a minute at most, then less often.
     """
 
-    initial: Duration = 60.0
+    initial: PositiveDuration = 60.0
     max: Duration = 1800.0
 
     @model_validator(mode="after")
@@ -291,11 +302,11 @@ class RateLimitConfig(_Frozen):
 
 
 class TimeoutsConfig(_Frozen):
-    connect: Duration = 10.0
-    command: Duration = 60.0
+    connect: PositiveDuration = 10.0
+    command: PositiveDuration = 60.0
     # RFC 5321 4.5.3.2.6: wait 10 minutes for the reply to the final dot; giving up
     # sooner and retrying is how duplicates are made.
-    data: Duration = 600.0
+    data: PositiveDuration = 600.0
 
 
 class AccountConfig(_Frozen):
