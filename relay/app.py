@@ -29,9 +29,9 @@ from relay.delivery.worker import AccountWorker
 from relay.errors import ConfigError, StoreError
 from relay.ingest.auth import ListenerAuth
 from relay.ingest.handler import IngestHandler
-from relay.ingest.listener import SessionLimits, start_listener
+from relay.ingest.listener import SessionLimits, listener_tls_context, start_listener
 from relay.observe.http import build_app, start_http
-from relay.observe.logs import event
+from relay.observe.logs import event, log_file_problem
 from relay.observe.metrics import Metrics, watch_loop_lag
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
@@ -58,6 +58,27 @@ def build_transports(
                 name, acc, local_hostname=hostname, on_connect=counter,
                 login_hold_s=config.auth_backoff_for(name).initial)
     return transports
+
+
+def check_startable(config: Config) -> None:
+    """What `relay serve` checks only as it starts, checked without starting (for
+    `relay check-config`): TLS files load, the log file can be opened. ConfigError lists
+    every problem."""
+    problems: list[str] = []
+    for name in config.accounts:
+        try:
+            build_transports(config, names=[name])
+        except ConfigError as exc:
+            problems += exc.problems
+    try:
+        listener_tls_context(config)
+    except ConfigError as exc:
+        problems += exc.problems
+    problem = log_file_problem(config.logging.file)
+    if problem:
+        problems.append(problem)
+    if problems:
+        raise ConfigError(problems)
 
 
 class App:

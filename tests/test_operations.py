@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from relay.cli.commands import _reload, main
 from relay.config.loading import load_config, parse_config
@@ -172,3 +173,27 @@ def test_a_zero_delay_or_timeout_is_refused_naming_the_key(data: dict[str, objec
     with pytest.raises(ConfigError) as caught:
         parse_config(data)
     assert caught.value.problems == [f"{key}: must be more than 0 (0 would mean no wait at all)"]
+
+
+# -- 5. check-config refuses what serve would ---------------------------------------------
+
+
+def test_check_config_refuses_tls_files_and_a_log_file_serve_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_pem = _write(tmp_path, "hostname", b"just a host name\n")
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({
+        "listen": {"tls": {"cert": str(not_pem), "key": str(not_pem)}},
+        "queue": {"path": str(tmp_path / "q.sqlite3")},
+        "logging": {"file": str(tmp_path / "missing" / "relay.log")},
+        "accounts": {"x": {"host": "127.0.0.1", "tls": "starttls",
+                           "tls_ca_file": str(not_pem)}},
+        "routing": {"default_account": "x"},
+    }))
+    assert main(["check-config", "--config", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1].strip() for line in lines] == [
+        "accounts.x.tls_ca_file", "listen.tls.cert", "logging.file"], lines
+    assert lines[2] == f"config error: logging.file: no such directory {tmp_path / 'missing'}"
+    assert not (tmp_path / "q.sqlite3").exists()  # checking opens no queue

@@ -31,7 +31,10 @@ if TYPE_CHECKING:
     from relay.app import App
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from relay.app import check_startable
+
     config = load(args)
+    check_startable(config)  # what serve would refuse only as it starts
     for warning in config_warnings(config):
         out(f"warning: {warning}", file=sys.stderr)
     print(yaml.safe_dump(effective_config(config, socket.getfqdn()), sort_keys=False), end="")
