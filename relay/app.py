@@ -275,6 +275,16 @@ class App:
         for transport in transports:
             await transport.close()
 
+    @property
+    def started(self) -> bool:
+        """True once startup() has finished (the `started` line is logged)."""
+        return self._started
+
+    @property
+    def stopping(self) -> bool:
+        """True from request_stop() or shutdown() on: SIGHUP is ignored from then."""
+        return self._stopped.is_set() or self._closed
+
     async def serve(self) -> None:
         await self._stopped.wait()
 

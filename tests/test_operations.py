@@ -4,6 +4,7 @@ at the wrong time), each with the answer relay now gives."""
 from __future__ import annotations
 
 import logging
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import aiohttp
 import pytest
 import yaml
 
-from relay.cli.commands import _reload, main
+from relay.cli.commands import Reloads, _reload, main
 from relay.config.loading import load_config, parse_config
 from relay.errors import ConfigError
 from tests.conftest import (
@@ -23,6 +24,7 @@ from tests.conftest import (
     upstream_account,
     wait_until,
 )
+from tests.relayproc import RelayProcess, write_config
 from tests.upstream import FakeUpstream
 
 
@@ -197,3 +199,39 @@ def test_check_config_refuses_tls_files_and_a_log_file_serve_would_refuse(
         "accounts.x.tls_ca_file", "listen.tls.cert", "logging.file"], lines
     assert lines[2] == f"config error: logging.file: no such directory {tmp_path / 'missing'}"
     assert not (tmp_path / "q.sqlite3").exists()  # checking opens no queue
+
+
+# -- 6, 11. SIGHUP before the start has finished, and after SIGTERM -----------------------
+
+
+async def test_sighup_while_starting_is_applied_once_started_and_ignored_when_stopping(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    relay = await RelayProcess.spawn(write_config(tmp_path, upstream), tmp_path,
+                                     hangup_early=True)
+    try:
+        await relay.wait_started()
+        await wait_until(lambda: "relay: reloaded" in relay.stderr, what="the held reload")
+        relay.proc.send_signal(signal.SIGTERM)
+        relay.proc.send_signal(signal.SIGHUP)
+        code = await relay.exit_code(within=10)
+    finally:
+        await relay.kill()
+    assert code == 0, relay.stderr
+    assert relay.stderr.count("relay: reloaded") == 1, relay.stderr
+    started = relay.stderr.index("relay: started ")
+    assert relay.stderr.index("relay: reloaded") > started
+
+
+async def test_sighup_after_sigterm_starts_no_reload(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream,
+                                                                           tmp_path)}))
+    reloads = Reloads(app, str(write_config(tmp_path, upstream)))
+    reloads.on_hangup()
+    assert len(reloads.tasks) == 1  # running: SIGHUP reloads
+    await reloads.cancel()
+    app.request_stop()  # SIGTERM
+    reloads.on_hangup()
+    assert not reloads.tasks and not reloads.held

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from relay import __version__
+from relay.cli import hangup
 from relay.cli.common import EXIT_OK, EXIT_USAGE, fail, load, out
 from relay.config.loading import load_config
 from relay.config.report import config_warnings, effective_config
@@ -41,28 +42,59 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class Reloads:
+    """SIGHUP for a running App: one reload task per signal; a signal before the start
+    has finished is held until it has; none once the shutdown has begun."""
+
+    def __init__(self, app: App, path: str | None) -> None:
+        self.app = app
+        self.path = path
+        self.held = False
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def on_hangup(self) -> None:
+        if self.app.stopping:  # a reload now would only race the shutdown
+            return
+        if not self.app.started:
+            self.held = True
+            return
+        task = asyncio.create_task(_reload(self.app, self.path))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def started(self) -> None:
+        """The start has finished: apply a SIGHUP held meanwhile."""
+        if self.held:
+            self.held = False
+            self.on_hangup()
+
+    async def cancel(self) -> None:
+        """Before the shutdown: a reload switches nothing until its last await."""
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
 async def _serve(config: Config, path: str | None) -> None:
     from relay.app import App
 
     app = App(config)
     loop = asyncio.get_running_loop()
-    reloads: set[asyncio.Task[None]] = set()
-
-    def on_hangup() -> None:
-        task = asyncio.create_task(_reload(app, path))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
+    reloads = Reloads(app, path)
     # Before startup: a supervisor may send SIGTERM as soon as it sees the 'started' line.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    loop.add_signal_handler(signal.SIGHUP, reloads.on_hangup)
+    reloads.held = hangup.taken()  # one that came while the command was still loading
     try:
         await app.startup()
+        reloads.started()
         await app.serve()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # exiting: a late SIGHUP is not fatal
+        await reloads.cancel()
         await app.shutdown(grace=5.0)
 
 
@@ -176,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.func is not cmd_serve:
+        hangup.release()
     try:
         code: int = args.func(args)
     except ConfigError as exc:
