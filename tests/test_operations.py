@@ -11,10 +11,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
+from relay.app import App
 from relay.cli.commands import Reloads, _reload, main
 from relay.config.loading import load_config, parse_config
-from relay.errors import ConfigError
+from relay.errors import ConfigError, StoreError
 from tests.conftest import (
     StartRelay,
     message,
@@ -235,3 +237,29 @@ async def test_sighup_after_sigterm_starts_no_reload(
     app.request_stop()  # SIGTERM
     reloads.on_hangup()
     assert not reloads.tasks and not reloads.held
+
+
+# -- 8. start errors that are not "cannot listen" -----------------------------------------
+
+
+async def test_a_queue_path_that_cannot_be_created_names_the_key(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    (tmp_path / "file").write_text("not a directory\n")
+    config = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                          queue={"path": str(tmp_path / "file" / "q" / "queue.sqlite3")})
+    app = App(config, registry=CollectorRegistry())
+    with pytest.raises(StoreError) as caught:
+        await app.startup()
+    assert str(caught.value) == (f"queue.path: cannot create {tmp_path / 'file' / 'q'}:"
+                                 " Not a directory")
+
+
+@pytest.mark.parametrize("metrics_host", ["127.0.0.1", "0.0.0.0"])
+def test_metrics_on_the_listen_port_is_a_config_error(metrics_host: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"listen": {"port": 2600},
+                      "metrics": {"host": metrics_host, "port": 2600}})
+    assert caught.value.problems == [
+        "metrics.port: 2600 is also listen.port; give the metrics endpoint a port of its own"]
+    parse_config({"listen": {"port": 2600}, "metrics": {"enabled": False, "port": 2600}})

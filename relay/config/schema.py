@@ -87,6 +87,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _same_host(a: str, b: str) -> bool:
+    """Could two listeners on these hosts collide on one port? (A wildcard overlaps all.)"""
+    wildcard = ("0.0.0.0", "::", "")
+    return a == b or a in wildcard or b in wildcard
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -430,6 +436,10 @@ class Config(_Frozen):
                     )
         for name in self.accounts:
             self._check_retry(name)
+        if (self.metrics.enabled and self.metrics.port and self.metrics.port == self.listen.port
+                and _same_host(self.metrics.host, self.listen.host)):
+            raise ValueError(f"metrics.port: {self.metrics.port} is also listen.port; give the"
+                             " metrics endpoint a port of its own")
         if self.routing.default_account not in self.accounts:
             raise ValueError(
                 f"routing.default_account: no account named {self.routing.default_account!r}"

@@ -90,11 +90,15 @@ class SQLiteStore(Pruning, OperatorQueries):
     async def open(self) -> None:
         # Messages are private: a new queue directory and file are for relay's user only
         # (SQLite gives its -wal and -shm files the database file's permissions).
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        if self._lock:
-            self._take_lock()
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            if self._lock:
+                self._take_lock()
+        except OSError as exc:  # not "cannot listen": say which file and why
+            where = exc.filename or self.path
+            raise StoreError(f"queue.path: cannot create {where}: {exc.strerror}") from None
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
         try:
             self._db = await self._in_writer(self._open_writer)
