@@ -263,3 +263,46 @@ def test_metrics_on_the_listen_port_is_a_config_error(metrics_host: str) -> None
     assert caught.value.problems == [
         "metrics.port: 2600 is also listen.port; give the metrics endpoint a port of its own"]
     parse_config({"listen": {"port": 2600}, "metrics": {"enabled": False, "port": 2600}})
+
+
+# -- 9. types, duplicate keys, keys as written, plain words --------------------------------
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("listen: {port: true}\n", "listen.port: must be a whole number"),
+    ("listen: {max_connections: 2.5}\n", "listen.max_connections: must be a whole number"),
+    ("metrics: {enabled: 'yes'}\n", "metrics.enabled: must be true or false"),
+    ("retry: {jitter: true}\n", "retry.jitter: must be a number"),
+    ("queue: {path: 5}\n", "queue.path: must be a file path (a string)"),
+    ("accounts: {a: {host: h, rate_limit: {per_second: yes}}}\n"
+     "routing: {default_account: a}\n", "accounts.a.rate_limit.per_second: must be a whole number"),
+])
+def test_numbers_and_switches_take_no_other_type(tmp_path: Path, text: str,
+                                                 problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, "relay.yaml", text.encode()))
+    assert caught.value.problems == [problem]
+
+
+def test_a_key_written_twice_is_refused_with_its_path_and_lines(tmp_path: Path) -> None:
+    path = _write(tmp_path, "relay.yaml", b"accounts:\n  a:\n    host: h\n    tls: starttls\n"
+                  b"    tls: none\nrouting: {default_account: a}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: accounts.a.tls: written twice (lines 4 and 5); remove one"]
+    # A merge key (<<) is not a repeat: the keys written beside it override it.
+    merged = _write(tmp_path, "merged.yaml", b"accounts:\n  a: &d {host: h, tls: none}\n"
+                    b"  b: {<<: *d, host: other}\nrouting: {default_account: a}\n")
+    assert load_config(merged).accounts["b"].host == "other"
+
+
+def test_keys_are_read_as_written_not_as_yaml_booleans(tmp_path: Path) -> None:
+    path = _write(tmp_path, "relay.yaml", b"accounts:\n  no: {transport: maildir}\n"
+                  b"routing: {default_account: 'no'}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == ["accounts.no.path: required for a maildir account"]
+    ok = _write(tmp_path, "ok.yaml", b"accounts:\n  no: {transport: maildir, path: box}\n"
+                b"routing: {default_account: 'no'}\n")
+    assert list(load_config(ok).accounts) == ["no"]
