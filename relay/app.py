@@ -38,6 +38,7 @@ from relay.queue.store import QueueStore
 from relay.queue.types import NewMessage
 
 log = logging.getLogger("relay")
+QUEUE_FILE_CHECK_S = 5.0  # how often the queue file's identity is checked (a stat)
 ADMIT_CACHE_S = 0.2  # how stale the backlog count used by on_limit: reject may be
 
 
@@ -101,6 +102,8 @@ class App:
         self.http_port = 0
         self._stopped = asyncio.Event()
         self._loop_lag: asyncio.Task[None] | None = None
+        self._file_watch: asyncio.Task[None] | None = None
+        self.queue_file_check_s = QUEUE_FILE_CHECK_S
         self._reloading = asyncio.Lock()  # two SIGHUPs in a row: one reload after the other
         self._started = False
         self._closed = False
@@ -149,6 +152,7 @@ class App:
         try:
             await self.store.open()  # StoreError: corrupt, foreign or locked queue file
             self._loop_lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag))
+            self._file_watch = asyncio.create_task(self._watch_queue_file())
             await self.scheduler.start()
             self.store.start_pruning(self.config.queue.keep_delivered, time.time)
             self.smtp_server = await start_listener(self.config, self.handler, self.limits)
@@ -168,6 +172,21 @@ class App:
               listen=f"{self.config.listen.host}:{self.smtp_port}",
               metrics=f"{self.config.metrics.host}:{self.http_port}" if self.http_runner else None,
               queue=str(self.config.queue.path), accounts=",".join(self.config.accounts))
+
+    async def _watch_queue_file(self) -> None:
+        """Say it at once, not at the next restart, when the queue file is deleted or
+        replaced under relay (/readyz fails and DATA is refused from then on as well)."""
+        reported = False
+        while True:
+            await asyncio.sleep(self.queue_file_check_s)
+            try:
+                self.store.check_file()
+            except StoreError as exc:
+                if not reported:
+                    event(log, logging.ERROR, "queue_file_lost", reason=str(exc))
+                reported = True
+            else:
+                reported = False
 
     async def refresh_gauges(self) -> None:
         """Queue gauges from the queue file (so they include changes made by the CLI)."""
@@ -315,6 +334,11 @@ class App:
         # loop ends (a later submit is refused: the client gets 451 and keeps its copy).
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._answered.wait(), grace)
+        if self._file_watch is not None:
+            self._file_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._file_watch
+            self._file_watch = None
         if self._loop_lag is not None:
             self._loop_lag.cancel()
             with contextlib.suppress(asyncio.CancelledError):

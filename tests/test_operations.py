@@ -4,6 +4,7 @@ at the wrong time), each with the answer relay now gives."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -306,3 +307,28 @@ def test_keys_are_read_as_written_not_as_yaml_booleans(tmp_path: Path) -> None:
     ok = _write(tmp_path, "ok.yaml", b"accounts:\n  no: {transport: maildir, path: box}\n"
                 b"routing: {default_account: 'no'}\n")
     assert list(load_config(ok).accounts) == ["no"]
+
+
+# -- 10. the queue file deleted under a running relay ------------------------------------
+
+
+async def test_a_deleted_queue_file_fails_readyz_and_data_and_is_logged(
+    tmp_path: Path, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)})
+    app = App(config, registry=CollectorRegistry())
+    app.queue_file_check_s = 0.05
+    await app.startup()
+    try:
+        assert (await send(app.smtp_port, message("before")))[0] == 250
+        for name in ("queue.sqlite3", "queue.sqlite3-wal", "queue.sqlite3-shm"):
+            os.unlink(tmp_path / name)  # an operator "cleaning up"
+        code, text = await send(app.smtp_port, message("after"))
+        assert (code, text[:5]) == (451, "4.3.0"), text
+        status, body = await _readyz(app.http_port)
+        assert status == 503 and "was deleted while relay runs" in body, body
+        await wait_until(lambda: "queue_file_lost" in caplog.text, what="the ERROR line")
+        lost = [r for r in caplog.records if getattr(r, "event", None) == "queue_file_lost"]
+        assert len(lost) == 1 and lost[0].levelno == logging.ERROR
+    finally:
+        await app.shutdown(grace=1.0)

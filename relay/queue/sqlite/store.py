@@ -85,6 +85,7 @@ class SQLiteStore(Pruning, OperatorQueries):
         self._data_version: int | None = None
         self._pruner: asyncio.Task[None] | None = None
         self.on_internal_error: Callable[[], None] | None = None  # counted by the app
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the open file
 
     # -- lifecycle -------------------------------------------------------------
     async def open(self) -> None:
@@ -109,6 +110,8 @@ class SQLiteStore(Pruning, OperatorQueries):
         except StoreError:
             await self.close()
             raise
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
         self._writer = asyncio.create_task(self._write_loop(), name="queue-writer")
 
     async def _in_writer(self, fn: Callable[..., T], *args: Any) -> T:
@@ -297,8 +300,27 @@ class SQLiteStore(Pruning, OperatorQueries):
                 f"queue file system has {format_size(free)} free, below queue.min_free"
                 f" ({format_size(self.min_free)})")
 
+    def check_file(self) -> None:
+        """StoreError if ``path`` is no longer the file this store has open (deleted or
+        replaced while relay runs): what is committed then goes to a file nobody will
+        open again, and is lost at the next restart."""
+        if self._identity is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise StoreError(f"queue file {self.path} was deleted while relay runs;"
+                             " restart relay (mail committed since is in the deleted file)"
+                             ) from None
+        except OSError as exc:
+            raise StoreError(f"cannot check queue file {self.path}: {exc.strerror}") from None
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise StoreError(f"queue file {self.path} was replaced while relay runs; restart"
+                             " relay (mail committed since is in the old file)")
+
     async def enqueue(self, message: NewMessage) -> None:
         """Return only once the message is committed and synced."""
+        self.check_file()
         self._check_reserve()
         await self._submit(Enqueue(message=message))
 
@@ -319,6 +341,7 @@ class SQLiteStore(Pruning, OperatorQueries):
     async def check_writable(self) -> None:
         """An empty transaction through the writer, and the free-space reserve: raises
         StoreError if new mail would not be accepted now."""
+        self.check_file()
         self._check_reserve()
         await self.execute([])
 
