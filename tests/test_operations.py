@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from relay.app import App
 from relay.cli.commands import Reloads, _reload, main
 from relay.config.loading import load_config, parse_config
+from relay.config.report import effective_config
 from relay.errors import ConfigError, StoreError
 from tests.conftest import (
     StartRelay,
@@ -45,6 +46,8 @@ def test_min_free_defaults_to_a_reserve_above_the_largest_message(tmp_path: Path
     big = parse_config({"listen": {"max_message_size": 50 * 1024**2}})
     assert big.queue_min_free == 100 * 1024**2
     assert parse_config({"queue": {"min_free": "10MB"}}).queue_min_free == 10_000_000
+    # check-config shows the reserve in force, not "null"
+    assert effective_config(parse_config({}))["queue"]["min_free"] == "64MiB"
     with pytest.raises(ConfigError, match=r"queue\.min_free: must be a size"):
         parse_config({"queue": {"min_free": "lots"}})
 
