@@ -30,15 +30,16 @@ from relay.delivery.worker import AccountWorker
 from relay.errors import ConfigError, StoreError
 from relay.ingest.auth import ListenerAuth
 from relay.ingest.handler import IngestHandler
-from relay.ingest.listener import SessionLimits, start_listener
+from relay.ingest.listener import SessionLimits, listener_tls_context, start_listener
 from relay.observe.http import build_app, start_http
-from relay.observe.logs import event
+from relay.observe.logs import event, log_file_problem
 from relay.observe.metrics import Metrics, exposition_registry, watch_loop_lag
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 from relay.queue.types import NewMessage
 
 log = logging.getLogger("relay")
+QUEUE_FILE_CHECK_S = 5.0  # how often the queue file's identity is checked (a stat)
 ADMIT_CACHE_S = 0.2  # how stale the backlog count used by on_limit: reject may be
 
 
@@ -82,6 +83,27 @@ class WorkerRole:
         return "serve" if self.index is None else f"worker {self.index}"
 
 
+def check_startable(config: Config) -> None:
+    """What `relay serve` checks only as it starts, checked without starting (for
+    `relay check-config`): TLS files load, the log file can be opened. ConfigError lists
+    every problem."""
+    problems: list[str] = []
+    for name in config.accounts:
+        try:
+            build_transports(config, names=[name])
+        except ConfigError as exc:
+            problems += exc.problems
+    try:
+        listener_tls_context(config)
+    except ConfigError as exc:
+        problems += exc.problems
+    problem = log_file_problem(config.logging.file)
+    if problem:
+        problems.append(problem)
+    if problems:
+        raise ConfigError(problems)
+
+
 class App:
     def __init__(self, config: Config, *, registry: CollectorRegistry | None = None,
                  worker: WorkerRole | None = None) -> None:
@@ -90,7 +112,8 @@ class App:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, config.accounts)
         self.store: QueueStore = SQLiteStore(config.queue.path, commit=config.queue.commit,
-                                             lock=not self.role.shared, role=self.role.name)
+                                             lock=not self.role.shared, role=self.role.name,
+                                             min_free=config.queue_min_free)
         self.store.on_internal_error = self.metrics.internal_errors.labels("queue_writer").inc
         self.transports = build_transports(config, self.metrics)
         self.scheduler = Scheduler(config, self.store, self.transports, self.metrics)
@@ -106,6 +129,8 @@ class App:
         self._hurry = asyncio.Event()  # a second stop request: skip the drain delay
         self.draining = False  # SIGTERM received: /readyz fails, the listener still accepts
         self._loop_lag: asyncio.Task[None] | None = None
+        self._file_watch: asyncio.Task[None] | None = None
+        self.queue_file_check_s = QUEUE_FILE_CHECK_S
         self._reloading = asyncio.Lock()  # two SIGHUPs in a row: one reload after the other
         self._started = False
         self._closed = False
@@ -154,6 +179,7 @@ class App:
         try:
             await self.store.open()  # StoreError: corrupt, foreign or locked queue file
             self._loop_lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag))
+            self._file_watch = asyncio.create_task(self._watch_queue_file())
             if self.role.delivers:
                 await self.scheduler.start()
                 self.store.start_pruning(self.config.queue.keep_delivered, time.time)
@@ -176,6 +202,21 @@ class App:
               listen=f"{self.config.listen.host}:{self.smtp_port}",
               metrics=f"{self.config.metrics.host}:{self.http_port}" if self.http_runner else None,
               queue=str(self.config.queue.path), accounts=",".join(self.config.accounts))
+
+    async def _watch_queue_file(self) -> None:
+        """Say it at once, not at the next restart, when the queue file is deleted or
+        replaced under relay (/readyz fails and DATA is refused from then on as well)."""
+        reported = False
+        while True:
+            await asyncio.sleep(self.queue_file_check_s)
+            try:
+                self.store.check_file()
+            except StoreError as exc:
+                if not reported:
+                    event(log, logging.ERROR, "queue_file_lost", reason=str(exc))
+                reported = True
+            else:
+                reported = False
 
     async def refresh_gauges(self) -> None:
         """Queue gauges from the queue file (so they include changes made by the CLI)."""
@@ -295,6 +336,16 @@ class App:
         for transport in transports:
             await transport.close()
 
+    @property
+    def started(self) -> bool:
+        """True once startup() has finished (the `started` line is logged)."""
+        return self._started
+
+    @property
+    def stopping(self) -> bool:
+        """True from request_stop() or shutdown() on: SIGHUP is ignored from then."""
+        return self._stopped.is_set() or self._closed
+
     async def serve(self) -> None:
         """Until a stop request; then fail /readyz while still accepting for
         shutdown.drain_delay, so the load balancer stops sending here first."""
@@ -338,6 +389,11 @@ class App:
         # loop ends (a later submit is refused: the client gets 451 and keeps its copy).
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._answered.wait(), grace)
+        if self._file_watch is not None:
+            self._file_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._file_watch
+            self._file_watch = None
         if self._loop_lag is not None:
             self._loop_lag.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -4,6 +4,7 @@
      +-- ConfigError            bad configuration: one line per problem, key path first
      +-- StoreError             the queue could not be read or written
      |    +-- StoreFullError    disk full or read-only: the client should retry (452 4.3.1)
+     |    |    +-- StoreReserveError  free space below queue.min_free: new mail waits
      |    +-- StoreLockedError  another relay holds the queue file
      |    +-- StoreBusyError    other processes held the write lock too long (451 4.3.0)
      +-- DeliveryError          one delivery attempt went wrong
@@ -32,6 +33,10 @@ class StoreError(RelayError):
 
 class StoreFullError(StoreError):
     """The queue could not commit because the disk is full or the file is read-only."""
+
+
+class StoreReserveError(StoreFullError):
+    """Free space is below queue.min_free: new mail is refused, delivery goes on."""
 
 
 class StoreLockedError(StoreError):

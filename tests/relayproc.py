@@ -22,6 +22,10 @@ from tests.upstream import FakeUpstream
 STARTUP_DEADLINE_S = 20.0
 
 
+HANGUP_EARLY = ("import os, signal, sys; import relay.cli as cli;"
+                " os.kill(os.getpid(), signal.SIGHUP); sys.exit(cli.main())")
+
+
 def free_port() -> int:
     """A port that was free a moment ago (bind to 0, read it, close)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -60,9 +64,13 @@ class RelayProcess:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def spawn(cls, config: Path, cwd: Path, workers: int = 1) -> RelayProcess:
+    async def spawn(cls, config: Path, cwd: Path, workers: int = 1, *,
+                    hangup_early: bool = False) -> RelayProcess:
+        """``hangup_early``: the process sends itself SIGHUP right after the command line
+        is imported, before `relay serve` has loaded its config or started."""
+        start = ["-c", HANGUP_EARLY] if hangup_early else ["-m", "relay"]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay", "serve", "--config", str(config),
+            sys.executable, *start, "serve", "--config", str(config),
             "--workers", str(workers),
             cwd=cwd,
             stdin=asyncio.subprocess.DEVNULL,

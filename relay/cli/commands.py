@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, cast
 import yaml
 
 from relay import __version__
+from relay.cli import hangup
 from relay.cli.common import EXIT_OK, EXIT_PIPE, EXIT_USAGE, fail, load, out
 from relay.config.loading import load_config, load_config_with_sources
 from relay.config.report import config_warnings, effective_config, unresolved_secrets
@@ -35,6 +36,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     ones not resolvable here are named, and do not fail the check."""
     path = args.config or os.environ.get("RELAY_CONFIG") or None
     config, sources = load_config_with_sources(path, secrets=False)
+    from relay.app import check_startable
+
+    check_startable(config)  # what serve would refuse only as it starts
     for warning in config_warnings(config):
         out(f"warning: {warning}", file=sys.stderr)
     for problem in unresolved_secrets(config):
@@ -45,6 +49,39 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     out("# Where each value came from (keys not listed are defaults):")
     out(*(f"#   {key}: {origin}" for key, origin in sorted(sources.items())))
     return EXIT_OK
+
+
+class Reloads:
+    """SIGHUP for a running App: one reload task per signal; a signal before the start
+    has finished is held until it has; none once the shutdown has begun."""
+
+    def __init__(self, app: App, path: str | None) -> None:
+        self.app = app
+        self.path = path
+        self.held = False
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def on_hangup(self) -> None:
+        if self.app.stopping:  # a reload now would only race the shutdown
+            return
+        if not self.app.started:
+            self.held = True
+            return
+        task = asyncio.create_task(_reload(self.app, self.path))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def started(self) -> None:
+        """The start has finished: apply a SIGHUP held meanwhile."""
+        if self.held:
+            self.held = False
+            self.on_hangup()
+
+    async def cancel(self) -> None:
+        """Before the shutdown: a reload switches nothing until its last await."""
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 async def _orphaned(app: App, parent: int) -> None:
@@ -62,37 +99,43 @@ async def _serve(config: Config, path: str | None, *, role: WorkerRole | None = 
     app = App(config, worker=role)
     watch = None if parent is None else asyncio.create_task(_orphaned(app, parent))
     loop = asyncio.get_running_loop()
-    reloads: set[asyncio.Task[None]] = set()
-
-    def on_hangup() -> None:
-        task = asyncio.create_task(_reload(app, path))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
+    reloads = Reloads(app, path)
     # Before startup: a supervisor may send SIGTERM as soon as it sees the 'started' line.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    loop.add_signal_handler(signal.SIGHUP, reloads.on_hangup)
+    reloads.held = hangup.taken()  # one that came while the command was still loading
     try:
         await app.startup()
         if ready_fd is not None:  # tell the supervisor this worker serves
             os.write(ready_fd, b"1")
             os.close(ready_fd)
+        reloads.started()
         await app.serve()
     finally:
         if watch is not None:
             watch.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # exiting: a late SIGHUP is not fatal
+        await reloads.cancel()
         await app.shutdown()  # shutdown.grace, as reloaded
 
 
 async def _reload(app: App, path: str | None) -> None:
     """SIGHUP: read the config again; one that is invalid or cannot be applied leaves the
-    running one in place (logging included)."""
+    running one in place (logging included). Never raises: an exception left in the task
+    would be logged by asyncio with its arguments, which may quote the file's secrets."""
+    log = logging.getLogger("relay")
+    try:
+        await _reload_now(app, path, log)
+    except Exception as exc:  # a bug: the type only, never the exception's text
+        _rejected(log, [f"reload failed: internal error ({type(exc).__name__})"])
+
+
+async def _reload_now(app: App, path: str | None, log: logging.Logger) -> None:
     from relay.observe.logs import build_handler, event, install_handler
 
-    log = logging.getLogger("relay")
     try:
         new = load_config(path)
         handler = build_handler(new.logging.format, new.logging.file)
@@ -230,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.func is not cmd_serve:
+        hangup.release()
     try:
         code: int = args.func(args)
         sys.stdout.flush()

@@ -12,6 +12,7 @@ from typing import Any
 
 from relay.config.durations import format_duration
 from relay.config.schema import MASK, Config, effective_hostname, is_loopback
+from relay.config.sizes import format_size
 
 
 def config_warnings(config: Config) -> list[str]:
@@ -81,6 +82,7 @@ def effective_config(config: Config, fqdn: str = "") -> dict[str, Any]:
     _mask_secrets(data)
     hostname = effective_hostname(config, fqdn) or LOCAL_LITERAL
     data["hostname"] = hostname
+    data["queue"]["min_free"] = format_size(config.queue_min_free)  # the reserve in force
     for name, acc in data["accounts"].items():
         # The merged policy the account runs with, not the keys its block happens to set.
         acc["retry"] = config.retry_for(name).model_dump(mode="json")

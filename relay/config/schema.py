@@ -13,19 +13,34 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
+    StrictBool,
     ValidationInfo,
     model_validator,
 )
 
 from relay.config.durations import format_duration, parse_duration
+from relay.config.sizes import parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
-Port = Annotated[int, Field(ge=0, le=65535)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("must be more than 0 (0 would mean no wait at all)")
+    return seconds
+
+
+# A delay or timeout where 0 would spin (retry, login backoff) or drop every client.
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
+MIN_FREE_FLOOR = 64 * 1024**2  # the default reserve, at least; SQLite's WAL alone grew ~4 MB
+Port = Annotated[int, Field(strict=True, ge=0, le=65535)]
 DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
 ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MASK = "********"
@@ -106,6 +121,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _same_host(a: str, b: str) -> bool:
+    """Could two listeners on these hosts collide on one port? (A wildcard overlaps all.)"""
+    wildcard = ("0.0.0.0", "::", "")
+    return a == b or a in wildcard or b in wildcard
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -139,14 +160,14 @@ class ListenUserConfig(_Frozen):
 
 
 class ListenAuthConfig(_Frozen):
-    required: bool = False
+    required: StrictBool = False
     users: dict[str, ListenUserConfig] = Field(default_factory=dict)
     # Failed logins for one user name from one client within failure_window before that
     # user's AUTH from that client gets 421 4.7.0 for lockout (like Postfix's anvil);
     # max_failures_per_client counts every user name from the client (all of loopback
     # is one client).
-    max_failures: int = Field(default=10, ge=1)
-    max_failures_per_client: int = Field(default=50, ge=1)
+    max_failures: int = Field(strict=True, default=10, ge=1)
+    max_failures_per_client: int = Field(strict=True, default=50, ge=1)
     failure_window: Duration = 600.0
     lockout: Duration = 600.0
 
@@ -164,7 +185,7 @@ class ListenTLSConfig(_Frozen):
     cert: Path
     key: Path
     # True: refuse MAIL before STARTTLS (RFC 3207). AUTH always waits for TLS when TLS is on.
-    required: bool = False
+    required: StrictBool = False
 
     @model_validator(mode="after")
     def _files(self) -> ListenTLSConfig:
@@ -180,23 +201,23 @@ LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
 class ListenConfig(_Frozen):
     host: str = "127.0.0.1"
     port: Port = 2525
-    max_message_size: int = Field(default=26_214_400, ge=1024)  # 25 MiB, Gmail's limit
+    max_message_size: int = Field(strict=True, default=26_214_400, ge=1024)  # 25 MiB, Gmail's limit
     # The header section (Postfix's header_size_limit, 102,400 bytes): refused beyond it.
-    max_header_size: int = Field(default=102_400, ge=1024)
-    max_recipients: int = Field(default=100, ge=1)  # RFC 5321 4.5.3.1.8: at least 100
-    max_connections: int = Field(default=200, ge=1)
+    max_header_size: int = Field(strict=True, default=102_400, ge=1024)
+    max_recipients: int = Field(strict=True, default=100, ge=1)  # RFC 5321 4.5.3.1.8: at least 100
+    max_connections: int = Field(strict=True, default=200, ge=1)
     # Concurrent sessions from one client address (Postfix: smtpd_client_connection_count
     # _limit, 50): one busy or hostile client cannot take every slot.
-    max_connections_per_client: int = Field(default=20, ge=1)
-    timeout: Duration = 300.0  # RFC 5321 4.5.3.2.7: server timeout of 5 minutes
+    max_connections_per_client: int = Field(strict=True, default=20, ge=1)
+    timeout: PositiveDuration = 300.0  # RFC 5321 4.5.3.2.7: server timeout of 5 minutes
     # After this many rejected commands in one session: 421 and close.
-    max_bad_commands: int = Field(default=10, ge=1)
+    max_bad_commands: int = Field(strict=True, default=10, ge=1)
     # reject (default, like Postfix smtpd_forbid_bare_newline): 550 5.5.2 for a bare LF or
     # CR in DATA; normalize: accept and turn them into CRLF.
     bare_newlines: Literal["reject", "normalize"] = "reject"
     # true: MAIL FROM/RCPT TO paths must follow RFC 5321 4.1.2 (501 otherwise); false:
     # aiosmtpd's lenient RFC 5322 parser, like Postfix's strict_rfc821_envelopes = no.
-    strict_addresses: bool = True
+    strict_addresses: StrictBool = True
     # Clients allowed to connect (CIDR); None means loopback only.
     allowed_networks: list[str] | None = None
     auth: ListenAuthConfig = ListenAuthConfig()
@@ -235,10 +256,14 @@ class QueueConfig(_Frozen):
     # Delivered messages (their envelope and attempts; the body is gone already) stay
     # this long for `relay queue show`, then are pruned, a small batch at a time.
     keep_delivered: Duration = 7 * 86400.0
+    # Like Postfix's queue_minfree: below this much free space on the queue's file system
+    # DATA answers 452 4.3.1 and /readyz fails, so claims and outcomes, which must write
+    # to deliver, still find room. None: max(64MiB, 2 x listen.max_message_size).
+    min_free: Size | None = None
 
 
 class MetricsConfig(_Frozen):
-    enabled: bool = True
+    enabled: StrictBool = True
     host: str = "127.0.0.1"
     port: Port = 9025
 
@@ -263,10 +288,10 @@ class LoggingConfig(_Frozen):
 
 
 class RetryConfig(_Frozen):
-    initial_delay: Duration = 30.0
+    initial_delay: PositiveDuration = 30.0
     max_delay: Duration = 1800.0
     max_age: Duration = 172_800.0
-    jitter: float = Field(default=0.2, ge=0, le=1)
+    jitter: float = Field(strict=True, default=0.2, ge=0, le=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> RetryConfig:
@@ -282,10 +307,10 @@ class RetryOverride(_Frozen):
     checked on the merged one (``Config.retry_for``), the policy that actually runs.
     """
 
-    initial_delay: Duration | None = None
+    initial_delay: PositiveDuration | None = None
     max_delay: Duration | None = None
     max_age: Duration | None = None
-    jitter: float | None = Field(default=None, ge=0, le=1)
+    jitter: float | None = Field(strict=True, default=None, ge=0, le=1)
 
     def keys(self) -> dict[str, float]:
         """The keys this block sets, and their values."""
@@ -299,7 +324,7 @@ class AuthBackoffConfig(_Frozen):
     logins, so a wrong password is tried once a minute at most, then less often.
     """
 
-    initial: Duration = 60.0
+    initial: PositiveDuration = 60.0
     max: Duration = 1800.0
 
     @model_validator(mode="after")
@@ -310,16 +335,16 @@ class AuthBackoffConfig(_Frozen):
 
 
 class PoolConfig(_Frozen):
-    max_connections: int = Field(default=5, ge=1, le=100)
-    max_messages_per_connection: int = Field(default=100, ge=1)
+    max_connections: int = Field(strict=True, default=5, ge=1, le=100)
+    max_messages_per_connection: int = Field(strict=True, default=100, ge=1)
     idle_timeout: Duration = 300.0
 
 
 class RateLimitConfig(_Frozen):
-    per_second: int | None = Field(default=None, ge=1)
-    per_minute: int | None = Field(default=None, ge=1)
-    per_hour: int | None = Field(default=None, ge=1)
-    per_day: int | None = Field(default=None, ge=1)
+    per_second: int | None = Field(strict=True, default=None, ge=1)
+    per_minute: int | None = Field(strict=True, default=None, ge=1)
+    per_hour: int | None = Field(strict=True, default=None, ge=1)
+    per_day: int | None = Field(strict=True, default=None, ge=1)
     on_limit: Literal["defer", "reject"] = "defer"
 
     def windows(self) -> list[tuple[float, int]]:
@@ -334,11 +359,11 @@ class RateLimitConfig(_Frozen):
 
 
 class TimeoutsConfig(_Frozen):
-    connect: Duration = 10.0
-    command: Duration = 60.0
+    connect: PositiveDuration = 10.0
+    command: PositiveDuration = 60.0
     # RFC 5321 4.5.3.2.6: wait 10 minutes for the reply to the final dot; giving up
     # sooner and retrying is how duplicates are made.
-    data: Duration = 600.0
+    data: PositiveDuration = 600.0
 
 
 class AccountConfig(_Frozen):
@@ -347,7 +372,7 @@ class AccountConfig(_Frozen):
     host: str | None = None
     port: Port | None = None
     tls: Literal["starttls", "implicit", "none"] = "starttls"
-    tls_verify: bool = True
+    tls_verify: StrictBool = True
     # A private CA's certificate(s), PEM, trusted for this account beside the system's.
     tls_ca_file: Path | None = None
     username: str | None = None
@@ -420,7 +445,7 @@ class AccountConfig(_Frozen):
 
 class BouncesConfig(_Frozen):
     # RFC 3464 delivery status notifications to the envelope sender on permanent failure.
-    enabled: bool = False
+    enabled: StrictBool = False
 
 
 class RoutingConfig(_Frozen):
@@ -466,6 +491,10 @@ class Config(_Frozen):
                     )
         for name in self.accounts:
             self._check_retry(name)
+        if (self.metrics.enabled and self.metrics.port and self.metrics.port == self.listen.port
+                and _same_host(self.metrics.host, self.listen.host)):
+            raise ValueError(f"metrics.port: {self.metrics.port} is also listen.port; give the"
+                             " metrics endpoint a port of its own")
         if self.routing.default_account not in self.accounts:
             raise ValueError(
                 f"routing.default_account: no account named {self.routing.default_account!r}"
@@ -495,6 +524,13 @@ class Config(_Frozen):
             f" initial_delay {format_duration(merged.initial_delay)} ({source('initial_delay')})"
             f" and max_delay {format_duration(merged.max_delay)} ({source('max_delay')})"
         )
+
+    @property
+    def queue_min_free(self) -> int:
+        """Free bytes kept in reserve on the queue's file system (see QueueConfig.min_free)."""
+        if self.queue.min_free is not None:
+            return self.queue.min_free
+        return max(MIN_FREE_FLOOR, 2 * self.listen.max_message_size)
 
     def auth_backoff_for(self, account: str) -> AuthBackoffConfig:
         """The account's own auth_backoff, or the top-level one."""

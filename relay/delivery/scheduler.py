@@ -331,4 +331,7 @@ class Scheduler:
         # Outcomes already decided are written before the store closes.
         recording = [t for w in self.workers.values() for t in w.settling]
         if recording:
-            await asyncio.wait(recording, timeout=grace)
+            _, stuck = await asyncio.wait(recording, timeout=grace)
+            for task in stuck:  # (each logs the outcome it could not write)
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)

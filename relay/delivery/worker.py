@@ -371,13 +371,24 @@ class AccountWorker:
             self.notify()  # a bounce goes through the failed message's own account
 
     async def _write(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
-        while True:
-            try:
-                return await self.store.finish(result, bounce)
-            except StoreError as exc:
-                event(log, logging.ERROR, "queue_error", result.id, account=self.name,
-                      reason=f"cannot record outcome, will retry: {exc}")
-                await asyncio.sleep(_FINISH_RETRY_S)
+        try:
+            while True:
+                try:
+                    return await self.store.finish(result, bounce)
+                except StoreError as exc:
+                    event(log, logging.ERROR, "queue_error", result.id, account=self.name,
+                          reason=f"cannot record outcome, will retry: {exc}")
+                    await asyncio.sleep(_FINISH_RETRY_S)
+        except asyncio.CancelledError:
+            # Shutdown gave up on this write: the row stays 'sending' and is tried again
+            # after a restart. Say what happened, so an operator knows it may be a repeat.
+            sent = ",".join(r.address for r in result.recipients
+                            if r.state is RecipientState.DELIVERED)
+            event(log, logging.ERROR, "outcome_lost", result.id, account=self.name,
+                  outcome=result.outcome, reply=result.reply, delivered_to=sent or None,
+                  reason="outcome not written at shutdown; the message will be tried again"
+                         " after a restart")
+            raise
 
     def _account_health(self, sent: SendResult | DeliveryError, now: float) -> float | None:
         """Back the account off on account-wide failures; return when it resumes (wall)."""

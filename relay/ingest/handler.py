@@ -26,7 +26,7 @@ from aiosmtpd.smtp import (
 from relay.config.schema import Config
 from relay.delivery.priority import priority_from_headers
 from relay.delivery.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
-from relay.errors import StoreBusyError, StoreError, StoreFullError
+from relay.errors import StoreBusyError, StoreError, StoreFullError, StoreReserveError
 from relay.ingest.addresses import recipient_key
 from relay.ingest.auth import ListenerAuth
 from relay.observe.logs import event
@@ -211,6 +211,9 @@ class IngestHandler:
         except StoreBusyError as exc:  # other workers held the queue's write lock too long
             event(log, logging.WARNING, "rejected", reason=str(exc), client=_peer(session))
             return self.reject("queue_busy", replies.STORE_BUSY)
+        except StoreReserveError as exc:  # refused before the disk fills: delivery goes on
+            event(log, logging.WARNING, "rejected", reason=str(exc), client=_peer(session))
+            return self.reject("low_disk", replies.STORE_FULL)
         except StoreFullError as exc:
             event(log, logging.ERROR, "rejected", reason=str(exc), client=_peer(session))
             return self.reject("store_unavailable", replies.STORE_FULL)

@@ -33,6 +33,7 @@ from aiosmtpd.smtp import (
 )
 
 from relay.config.schema import Config, effective_hostname
+from relay.errors import ConfigError
 from relay.ingest.addresses import parse_path
 from relay.ingest.handler import (
     _CONTROL,
@@ -629,12 +630,19 @@ class SessionLimits:
         return any(address in network for network in self.networks)
 
 
-def _tls_context(config: Config) -> ssl.SSLContext | None:
+def listener_tls_context(config: Config) -> ssl.SSLContext | None:
+    """The listener's STARTTLS context; ConfigError naming the keys if the files do not
+    load (also run by `relay check-config`)."""
     tls = config.listen.tls
     if tls is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls.cert, tls.key)
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise ConfigError([f"listen.tls.cert: cannot load {tls.cert} with key {tls.key}:"
+                           f" {reason}"]) from None
     return context
 
 
@@ -650,7 +658,7 @@ async def start_listener(
     hostname = effective_hostname(config, socket.getfqdn())
     banner: list[str] = [hostname] if hostname else []
     loop = asyncio.get_running_loop()
-    tls_context = _tls_context(config)
+    tls_context = listener_tls_context(config)
 
     def factory() -> RelaySMTP:
         listen = handler.config.listen  # read per session: a reload applies to new ones

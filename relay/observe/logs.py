@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,23 @@ def build_handler(fmt: str = "text", file: Path | None = None) -> logging.Handle
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"))
     return handler
+
+
+def log_file_problem(file: Path | None) -> str | None:
+    """Why ``logging.file`` could not be opened, checked without creating it
+    (`relay check-config`); None if it could."""
+    if file is None:
+        return None
+    if file.exists():
+        if file.is_dir() or not os.access(file, os.W_OK):
+            return f"logging.file: cannot write {file}"
+        return None
+    parent = file.parent
+    if not parent.is_dir():
+        return f"logging.file: no such directory {parent}"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"logging.file: cannot create files in {parent}"
+    return None
 
 
 def install_handler(handler: logging.Handler, level: str = "info") -> None:

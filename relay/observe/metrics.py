@@ -12,7 +12,7 @@ from relay import __version__
 from relay.queue.types import MessageState
 
 REJECT_REASONS = ("unknown_account", "bad_header", "too_big", "too_many_recipients",
-                  "store_unavailable", "rate_limited", "internal_error", "bad_address",
+                  "store_unavailable", "low_disk", "rate_limited", "internal_error", "bad_address",
                   "bare_newline", "access_denied", "too_many_connections", "cross_protocol",
                   "too_many_client_connections", "auth_locked",
                   "header_too_big", "queue_busy")

@@ -37,6 +37,8 @@ class QueueStore(Protocol):
     def writer_alive(self) -> bool: ...
     async def check_writable(self) -> None:
         """Raise StoreError unless a write would be accepted now (readiness)."""
+    def check_file(self) -> None:
+        """Raise StoreError if the queue's file is not the one opened (deleted, replaced)."""
 
     # -- the listener's and scheduler's side -----------------------------------------
     async def enqueue(self, message: NewMessage) -> None: ...

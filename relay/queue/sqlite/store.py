@@ -32,7 +32,14 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from relay.errors import StoreBusyError, StoreError, StoreFullError, StoreLockedError
+from relay.config.sizes import format_size
+from relay.errors import (
+    StoreBusyError,
+    StoreError,
+    StoreFullError,
+    StoreLockedError,
+    StoreReserveError,
+)
 from relay.queue.sqlite.accounts import AccountControl
 from relay.queue.sqlite.admin import OperatorQueries
 from relay.queue.sqlite.owners import Owners
@@ -90,8 +97,9 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
     """The embedded queue. ``commit='per-message'`` syncs each write on its own."""
 
     def __init__(self, path: Path, *, commit: str = "group", lock: bool = True,
-                 owner: str | None = None, role: str = "") -> None:
+                 owner: str | None = None, role: str = "", min_free: int = 0) -> None:
         self.path = Path(path)
+        self.min_free = min_free  # bytes new messages must leave free (queue.min_free)
         # Recorded with each claim; unique per open store (a pid alone is reused, and is
         # 1 in every container), so a restarted process never passes for its predecessor.
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -111,18 +119,23 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
         self._data_version: int | None = None
         self._pruner: asyncio.Task[None] | None = None
         self.on_internal_error: Callable[[], None] | None = None  # counted by the app
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the open file
 
     # -- lifecycle -------------------------------------------------------------
     async def open(self) -> None:
         # Messages are private: a new queue directory and file are for relay's user only
         # (SQLite gives its -wal and -shm files the database file's permissions).
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        if self._lock:
-            self._take_lock()
-        self._write_lock_fd = os.open(self.path.with_name(self.path.name + ".write-lock"),
-                                      os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            if self._lock:
+                self._take_lock()
+            self._write_lock_fd = os.open(self.path.with_name(self.path.name + ".write-lock"),
+                                          os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # not "cannot listen": say which file and why
+            where = exc.filename or self.path
+            raise StoreError(f"queue.path: cannot create {where}: {exc.strerror}") from None
         self._owners.register(self.owner, self.role)
         if self._lock:  # `relay serve` or a supervisor: tidy what killed processes left
             self._owners.sweep()
@@ -136,6 +149,8 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
         except StoreError:
             await self.close()
             raise
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
         self._writer = asyncio.create_task(self._write_loop(), name="queue-writer")
 
     async def _in_writer(self, fn: Callable[..., T], *args: Any) -> T:
@@ -346,8 +361,44 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
             fcntl.flock(fd, fcntl.LOCK_UN)
 
     # -- the scheduler's side ----------------------------------------------------
+    def _check_reserve(self) -> None:
+        """Refuse new mail below ``min_free``: the space left is for claims and outcomes,
+        which must write for anything to be delivered (or recorded as sent)."""
+        if not self.min_free:
+            return
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError as exc:
+            raise StoreError(f"cannot check free space for {self.path}: {exc.strerror}"
+                             ) from None
+        free = st.f_bavail * st.f_frsize
+        if free < self.min_free:
+            raise StoreReserveError(
+                f"queue file system has {format_size(free)} free, below queue.min_free"
+                f" ({format_size(self.min_free)})")
+
+    def check_file(self) -> None:
+        """StoreError if ``path`` is no longer the file this store has open (deleted or
+        replaced while relay runs): what is committed then goes to a file nobody will
+        open again, and is lost at the next restart."""
+        if self._identity is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise StoreError(f"queue file {self.path} was deleted while relay runs;"
+                             " restart relay (mail committed since is in the deleted file)"
+                             ) from None
+        except OSError as exc:
+            raise StoreError(f"cannot check queue file {self.path}: {exc.strerror}") from None
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise StoreError(f"queue file {self.path} was replaced while relay runs; restart"
+                             " relay (mail committed since is in the old file)")
+
     async def enqueue(self, message: NewMessage) -> None:
         """Return only once the message is committed and synced."""
+        self.check_file()
+        self._check_reserve()
         await self._submit(Enqueue(message=message))
 
     async def claim_due(
@@ -382,7 +433,10 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
         return sum(counts)
 
     async def check_writable(self) -> None:
-        """An empty transaction through the writer: raises StoreError if it cannot commit."""
+        """An empty transaction through the writer, and the free-space reserve: raises
+        StoreError if new mail would not be accepted now."""
+        self.check_file()
+        self._check_reserve()
         await self.execute([])
 
     async def execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
