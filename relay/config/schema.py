@@ -19,7 +19,6 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    StrictBool,
     ValidationInfo,
     model_validator,
 )
@@ -29,6 +28,33 @@ from relay.config.sizes import parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _from_text(value: object, kind: type) -> object:
+    """A number or switch given as text, as ``${VAR:-587}`` leaves it (relay.config.environ
+    substitutes text into values): the text's value. Numbers and switches are otherwise
+    strict, so YAML's `yes` or `true` never becomes 1."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if kind is int and _INTEGER.fullmatch(text):
+        return int(text)
+    if kind is float and _DECIMAL.fullmatch(text):
+        return float(text)
+    if kind is bool and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return value
+
+
+# Whole numbers, fractions and switches: strict (no bool for a number, no `yes` for 1),
+# but text from an environment variable counts.
+WholeNumber = Annotated[int, BeforeValidator(lambda v: _from_text(v, int)), Field(strict=True)]
+Fraction = Annotated[float, BeforeValidator(lambda v: _from_text(v, float)),
+                     Field(strict=True)]
+Switch = Annotated[bool, BeforeValidator(lambda v: _from_text(v, bool)), Field(strict=True)]
 
 
 def _positive(seconds: float) -> float:
@@ -40,7 +66,7 @@ def _positive(seconds: float) -> float:
 # A delay or timeout where 0 would spin (retry, login backoff) or drop every client.
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
 MIN_FREE_FLOOR = 64 * 1024**2  # the default reserve, at least; SQLite's WAL alone grew ~4 MB
-Port = Annotated[int, Field(strict=True, ge=0, le=65535)]
+Port = Annotated[WholeNumber, Field(ge=0, le=65535)]
 DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
 ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MASK = "********"
@@ -160,14 +186,14 @@ class ListenUserConfig(_Frozen):
 
 
 class ListenAuthConfig(_Frozen):
-    required: StrictBool = False
+    required: Switch = False
     users: dict[str, ListenUserConfig] = Field(default_factory=dict)
     # Failed logins for one user name from one client within failure_window before that
     # user's AUTH from that client gets 421 4.7.0 for lockout (like Postfix's anvil);
     # max_failures_per_client counts every user name from the client (all of loopback
     # is one client).
-    max_failures: int = Field(strict=True, default=10, ge=1)
-    max_failures_per_client: int = Field(strict=True, default=50, ge=1)
+    max_failures: WholeNumber = Field(default=10, ge=1)
+    max_failures_per_client: WholeNumber = Field(default=50, ge=1)
     failure_window: Duration = 600.0
     lockout: Duration = 600.0
 
@@ -185,7 +211,7 @@ class ListenTLSConfig(_Frozen):
     cert: Path
     key: Path
     # True: refuse MAIL before STARTTLS (RFC 3207). AUTH always waits for TLS when TLS is on.
-    required: StrictBool = False
+    required: Switch = False
 
     @model_validator(mode="after")
     def _files(self) -> ListenTLSConfig:
@@ -201,23 +227,23 @@ LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
 class ListenConfig(_Frozen):
     host: str = "127.0.0.1"
     port: Port = 2525
-    max_message_size: int = Field(strict=True, default=26_214_400, ge=1024)  # 25 MiB, Gmail's limit
+    max_message_size: WholeNumber = Field(default=26_214_400, ge=1024)  # 25 MiB, Gmail's limit
     # The header section (Postfix's header_size_limit, 102,400 bytes): refused beyond it.
-    max_header_size: int = Field(strict=True, default=102_400, ge=1024)
-    max_recipients: int = Field(strict=True, default=100, ge=1)  # RFC 5321 4.5.3.1.8: at least 100
-    max_connections: int = Field(strict=True, default=200, ge=1)
+    max_header_size: WholeNumber = Field(default=102_400, ge=1024)
+    max_recipients: WholeNumber = Field(default=100, ge=1)  # RFC 5321 4.5.3.1.8: at least 100
+    max_connections: WholeNumber = Field(default=200, ge=1)
     # Concurrent sessions from one client address (Postfix: smtpd_client_connection_count
     # _limit, 50): one busy or hostile client cannot take every slot.
-    max_connections_per_client: int = Field(strict=True, default=20, ge=1)
+    max_connections_per_client: WholeNumber = Field(default=20, ge=1)
     timeout: PositiveDuration = 300.0  # RFC 5321 4.5.3.2.7: server timeout of 5 minutes
     # After this many rejected commands in one session: 421 and close.
-    max_bad_commands: int = Field(strict=True, default=10, ge=1)
+    max_bad_commands: WholeNumber = Field(default=10, ge=1)
     # reject (default, like Postfix smtpd_forbid_bare_newline): 550 5.5.2 for a bare LF or
     # CR in DATA; normalize: accept and turn them into CRLF.
     bare_newlines: Literal["reject", "normalize"] = "reject"
     # true: MAIL FROM/RCPT TO paths must follow RFC 5321 4.1.2 (501 otherwise); false:
     # aiosmtpd's lenient RFC 5322 parser, like Postfix's strict_rfc821_envelopes = no.
-    strict_addresses: StrictBool = True
+    strict_addresses: Switch = True
     # Clients allowed to connect (CIDR); None means loopback only.
     allowed_networks: list[str] | None = None
     auth: ListenAuthConfig = ListenAuthConfig()
@@ -263,7 +289,7 @@ class QueueConfig(_Frozen):
 
 
 class MetricsConfig(_Frozen):
-    enabled: StrictBool = True
+    enabled: Switch = True
     host: str = "127.0.0.1"
     port: Port = 9025
 
@@ -291,7 +317,7 @@ class RetryConfig(_Frozen):
     initial_delay: PositiveDuration = 30.0
     max_delay: Duration = 1800.0
     max_age: Duration = 172_800.0
-    jitter: float = Field(strict=True, default=0.2, ge=0, le=1)
+    jitter: Fraction = Field(default=0.2, ge=0, le=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> RetryConfig:
@@ -310,7 +336,7 @@ class RetryOverride(_Frozen):
     initial_delay: PositiveDuration | None = None
     max_delay: Duration | None = None
     max_age: Duration | None = None
-    jitter: float | None = Field(strict=True, default=None, ge=0, le=1)
+    jitter: Fraction | None = Field(default=None, ge=0, le=1)
 
     def keys(self) -> dict[str, float]:
         """The keys this block sets, and their values."""
@@ -335,16 +361,16 @@ class AuthBackoffConfig(_Frozen):
 
 
 class PoolConfig(_Frozen):
-    max_connections: int = Field(strict=True, default=5, ge=1, le=100)
-    max_messages_per_connection: int = Field(strict=True, default=100, ge=1)
+    max_connections: WholeNumber = Field(default=5, ge=1, le=100)
+    max_messages_per_connection: WholeNumber = Field(default=100, ge=1)
     idle_timeout: Duration = 300.0
 
 
 class RateLimitConfig(_Frozen):
-    per_second: int | None = Field(strict=True, default=None, ge=1)
-    per_minute: int | None = Field(strict=True, default=None, ge=1)
-    per_hour: int | None = Field(strict=True, default=None, ge=1)
-    per_day: int | None = Field(strict=True, default=None, ge=1)
+    per_second: WholeNumber | None = Field(default=None, ge=1)
+    per_minute: WholeNumber | None = Field(default=None, ge=1)
+    per_hour: WholeNumber | None = Field(default=None, ge=1)
+    per_day: WholeNumber | None = Field(default=None, ge=1)
     on_limit: Literal["defer", "reject"] = "defer"
 
     def windows(self) -> list[tuple[float, int]]:
@@ -372,7 +398,7 @@ class AccountConfig(_Frozen):
     host: str | None = None
     port: Port | None = None
     tls: Literal["starttls", "implicit", "none"] = "starttls"
-    tls_verify: StrictBool = True
+    tls_verify: Switch = True
     # A private CA's certificate(s), PEM, trusted for this account beside the system's.
     tls_ca_file: Path | None = None
     username: str | None = None
@@ -445,7 +471,7 @@ class AccountConfig(_Frozen):
 
 class BouncesConfig(_Frozen):
     # RFC 3464 delivery status notifications to the envelope sender on permanent failure.
-    enabled: StrictBool = False
+    enabled: Switch = False
 
 
 class RoutingConfig(_Frozen):
