@@ -149,6 +149,101 @@ async def test_quota_refusal_defers_and_backs_the_account_off(
     assert metric(app, "relay_messages_delivered_total", account="up") == 12
 
 
+STOREDRV = ("5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException;"
+            " Failed to process message due to a permanent exception")
+
+
+@pytest.mark.parametrize(
+    ("code", "enhanced", "text", "expected"),
+    [
+        (554, "5.2.0", STOREDRV.removeprefix("5.2.0 "), QUOTA),  # M365, after the dot
+        (421, "4.7.0", "Try again later, closing connection.", THROTTLED),  # Gmail
+        (421, "4.7.0", "Too many messages in this connection", None),  # Exim
+        (452, "4.2.2", "Mailbox full: user is over quota", None),  # one recipient's box
+        (451, "4.7.1", "Greylisted, please try again later", None),
+        (452, "4.5.3", "Recipient limit exceeded", QUOTA),  # (refusal() splits it first)
+    ],
+)
+def test_account_refusal_table_at_every_stage(code: int, enhanced: str | None, text: str,
+                                              expected: str | None) -> None:
+    assert account_refusal(code, enhanced, text) == expected
+
+
+@pytest.mark.parametrize(
+    ("stage", "code", "text"),
+    [
+        ("rcpt", 550, QUOTA_REPLY),
+        ("rcpt", 450, "4.4.5 Daily user sending quota exceeded"),
+        ("dot", 550, QUOTA_REPLY),
+        ("dot", 554, STOREDRV),
+        ("dot", 451, "4.4.5 Daily user sending quota exceeded"),
+    ],
+)
+async def test_quota_at_rcpt_or_after_the_dot_backs_the_account_off(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    stage: str, code: int, text: str,
+) -> None:
+    """A quota at RCPT or after the final dot is as account-wide as one at MAIL FROM:
+    nothing fails (no bounce storm), one probe at a time, all delivered once it lifts."""
+    if stage == "rcpt":
+        upstream.refuse_rcpt("to@example.com", code, text)
+    else:
+        upstream.fail_data(code, text, times=10_000)
+    account = upstream_account(upstream, tmp_path, pool={"max_connections": 3},
+                               retry={"initial_delay": "300ms", "max_delay": "300ms",
+                                      "max_age": "1h", "jitter": 0})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    replies = await send_many(app.smtp_port, [message(f"q{i}") for i in range(12)], sessions=3)
+    assert all(code == 250 for code, _ in replies)
+    await wait_until(lambda: metric(app, "relay_account_backoffs_total", account="up",
+                                    reason="quota") >= 3, what="three quota backoffs")
+    assert metric(app, "relay_messages_failed_total", account="up") == 0
+    mails = sum(1 for _, verb in upstream.commands if verb == "MAIL")
+    backoffs = metric(app, "relay_account_backoffs_total", account="up", reason="quota")
+    assert mails <= 3 + backoffs  # one pool's worth, then one probe per backoff
+
+    upstream.clear_faults()
+    await upstream.wait_for_messages(12, timeout=10)
+    await app.scheduler.run_until_idle()
+    assert metric(app, "relay_messages_delivered_total", account="up") == 12
+    assert metric(app, "relay_messages_failed_total", account="up") == 0
+
+
+async def test_a_throttling_421_at_mail_backs_off_a_plain_one_retries_at_once(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """Gmail's "421 4.7.0 Try again later, closing connection" at MAIL backs the account
+    off as throttled (no new connection at once); Exim's plain 421 still goes out at once
+    on a fresh connection."""
+    upstream.reply_to("MAIL", 421, "4.7.0 Try again later, closing connection.",
+                      times=10_000, close=True)
+    account = upstream_account(upstream, tmp_path, pool={"max_connections": 3},
+                               retry={"initial_delay": "300ms", "max_delay": "300ms",
+                                      "max_age": "1h", "jitter": 0})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    await send_many(app.smtp_port, [message(f"t{i}") for i in range(10)], sessions=2)
+    await wait_until(lambda: metric(app, "relay_account_backoffs_total", account="up",
+                                    reason="throttled") >= 3, what="three throttle backoffs")
+    mails = sum(1 for _, verb in upstream.commands if verb == "MAIL")
+    backoffs = metric(app, "relay_account_backoffs_total", account="up", reason="throttled")
+    assert mails <= 3 + backoffs
+    assert upstream.connections_opened <= 3 + backoffs
+    upstream.clear_faults()
+    await upstream.wait_for_messages(10, timeout=10)
+
+    # Exim's 421: the same message goes out at once on a new connection, no backoff.
+    upstream.reply_to("MAIL", 421, "4.7.0 Too many messages in this connection", close=True)
+    before = sum(metric(app, "relay_account_backoffs_total", account="up", reason=r)
+                 for r in BACKOFF_REASONS)
+    deferred = metric(app, "relay_messages_deferred_total", account="up")
+    await send(app.smtp_port, message("exim"))
+    await upstream.wait_for_messages(11, timeout=5)
+    assert metric(app, "relay_messages_deferred_total", account="up") == deferred
+    after = sum(metric(app, "relay_account_backoffs_total", account="up", reason=r)
+                for r in BACKOFF_REASONS)
+    assert after == before
+
+
 async def test_a_sender_refusal_still_fails_the_message(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:

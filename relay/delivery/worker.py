@@ -55,6 +55,15 @@ def backoff_reason(error: DeliveryError) -> str:
     return "refused" if error.code is not None else "connect"
 
 
+def account_error(sent: SendResult | DeliveryError) -> DeliveryError | None:
+    """The failure that concerns the whole account, if any: the attempt's own error, or a
+    recipient's refusal that is a quota or throttle (Gmail's 5.4.5 at RCPT): the other
+    recipients and messages would get the same answer."""
+    if isinstance(sent, DeliveryError):
+        return sent if sent.account_wide else None
+    return next((e for e in sent.refused.values() if e.account_wide), None)
+
+
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
@@ -348,7 +357,8 @@ class AccountWorker:
     def _account_health(self, sent: SendResult | DeliveryError, now: float) -> float | None:
         """Back the account off on account-wide failures; return when it resumes (wall)."""
         mono = self.mono()
-        if not isinstance(sent, DeliveryError) or not sent.account_wide:
+        failure = account_error(sent)
+        if failure is None:
             recovered = self.backoff_failures > 0
             if recovered:
                 event(log, logging.INFO, "account_recovered", account=self.name)
@@ -358,12 +368,13 @@ class AccountWorker:
             if recovered and self.health is not None:
                 self.health(AccountHealth(self.name, self._wall_at(self.backoff_until), 0))
             return None
-        refused_login = sent.code == 535 or (sent.code is not None and sent.enhanced == "5.7.8")
+        refused_login = failure.code == 535 or (failure.code is not None
+                                                and failure.enhanced == "5.7.8")
         if refused_login:  # every refused login counts, also those already inside a backoff
             self.metrics.auth_failures.labels(self.name).inc()
         if mono < self.backoff_until:  # another send already backed it off
             return self._wall_at(self.backoff_until)
-        reason = backoff_reason(sent)
+        reason = backoff_reason(failure)
         auth = reason == "auth"
         self.backoff_failures += 1
         if auth:  # its own floor: a provider locks an account after a few failed logins
@@ -373,11 +384,11 @@ class AccountWorker:
             delay = self.policy.next_delay(self.backoff_failures, self.rng)
         self.backoff_until = mono + delay
         resume_at = self.resume_at = now + delay
-        self.last_account_error = sent.reply_text()
+        self.last_account_error = failure.reply_text()
         self.metrics.account_backoffs.labels(self.name, reason).inc()
         event(log, logging.ERROR if auth else logging.WARNING,
               "account_auth_failed" if auth else "account_backoff", account=self.name,
-              relay=self.transport.peer, reason=sent.reply_text(), why=reason,
+              relay=self.transport.peer, reason=failure.reply_text(), why=reason,
               until=_iso(resume_at))
         # Claimed-ahead messages go back to the queue, due when the account resumes: while
         # it backs off, 'sending' means a connection carries the message now (11.13).

@@ -70,9 +70,14 @@ class ServiceClosing(ChannelClosed):
 
 
 def closing_error(exc: ServiceClosing) -> DeliveryError:
-    """A 421 as the message's temporary failure, the server's text kept for the log."""
+    """A 421 as the message's temporary failure, the server's text kept for the log.
+
+    A 421 whose text is a throttle or quota (Gmail's "4.7.0 Try again later, closing
+    connection") is about the account: it backs off. A plain 421 (Exim's "too many
+    messages in this connection") is about this connection: see ``account_wide``."""
     enhanced, text = split_enhanced(exc.reply.text)
-    return TemporaryFailure(text or "service closing", code=421, enhanced=enhanced)
+    return TemporaryFailure(text or "service closing", code=421, enhanced=enhanced,
+                            account_reason=account_refusal(421, enhanced, text))
 
 
 def too_many_recipients(error: DeliveryError) -> bool:
@@ -84,18 +89,22 @@ def too_many_recipients(error: DeliveryError) -> bool:
 
 
 def refusal(reply: Reply, what: str) -> DeliveryError:
+    """A refused command (MAIL, RCPT, DATA, the final dot): about the account (a quota,
+    a throttle, a login: deferred, and the account backs off whatever the code) or about
+    the message (5xx fails it, 4xx retries it)."""
     enhanced, text = split_enhanced(reply.text)
     error = TemporaryFailure(text or f"{what} refused", code=reply.code, enhanced=enhanced)
-    if 500 <= reply.code < 600 and not too_many_recipients(error):
+    if too_many_recipients(error):  # "452 4.5.3 recipient limit exceeded": send the rest
+        return error
+    reason = account_refusal(reply.code, enhanced, text)
+    if reason is not None:
+        return TemporaryFailure(error.reason, code=reply.code, enhanced=enhanced,
+                                account_reason=reason)
+    if 500 <= reply.code < 600:
         return PermanentFailure(error.reason, code=reply.code, enhanced=enhanced)
     return error
 
 
 def sender_refusal(reply: Reply) -> DeliveryError:
     """MAIL FROM refused: about the account (quota, login: defer, back off) or the message."""
-    enhanced, text = split_enhanced(reply.text)
-    reason = account_refusal(reply.code, enhanced, text) if reply.code != 421 else None
-    if reason is None:
-        return refusal(reply, "sender")
-    return TemporaryFailure(text or "sender refused", code=reply.code, enhanced=enhanced,
-                            account_reason=reason)
+    return refusal(reply, "sender")

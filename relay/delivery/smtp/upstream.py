@@ -365,7 +365,10 @@ class UpstreamPool:
             healthy = conn.channel.is_connected
             return result
         except ServiceClosing as exc:
-            raise _Replace(closing_error(exc)) from None
+            error = closing_error(exc)
+            if error.account_wide:  # a throttle: another connection now would only add to it
+                raise error from None
+            raise _Replace(error) from None
         except ChannelClosed as exc:
             if reused and conn.channel.replies_read == answered:
                 # The server closed a pooled connection meanwhile, before it answered
