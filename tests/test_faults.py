@@ -115,6 +115,34 @@ async def test_maildir_full_disk_never_delivers_a_cut_off_file(
     assert list((box / "tmp").iterdir()) == []
 
 
+async def test_a_full_maildir_disk_backs_the_account_off(
+    tmp_path: Path, tiny_disk: Path, start_relay: StartRelay
+) -> None:
+    """ENOSPC refuses every message alike: the account backs off with one probe at a
+    time (was: each message retried on its own, 350 deferrals in 10 s for 70 messages)."""
+    box = tiny_disk / "box"
+    account = {"transport": "maildir", "path": str(box),
+               "retry": {"initial_delay": "300ms", "max_delay": "300ms", "max_age": "1h",
+                         "jitter": 0}}
+    app = await start_relay(relay_config(tmp_path, {"box": account}))
+    (tiny_disk / "filler").write_bytes(b"\0" * 60_000)  # what is left fits no message
+    replies = await send_many(app.smtp_port, [message(f"m{i}", body=("x" * 998 + "\r\n") * 5)
+                                              for i in range(10)], sessions=2)
+    assert all(code == 250 for code, _ in replies)
+    await wait_until(lambda: metric(app, "relay_account_backoffs_total", account="box",
+                                    reason="disk_full") >= 3, what="three disk-full backoffs")
+    backoffs = metric(app, "relay_account_backoffs_total", account="box", reason="disk_full")
+    deferred = metric(app, "relay_messages_deferred_total", account="box")
+    concurrency = app.config.accounts["box"].pool.max_connections
+    assert deferred <= concurrency + backoffs  # not every message, every time
+    assert metric(app, "relay_messages_failed_total", account="box") == 0
+
+    (tiny_disk / "filler").unlink()  # space returns; no restart
+    remount_size(tiny_disk, "1m")
+    await wait_until(lambda: metric(app, "relay_messages_delivered_total", account="box") == 10,
+                     what="all delivered once space returned")
+
+
 def test_maildir_file_size_limit_is_a_temporary_failure(tmp_path: Path) -> None:
     """RLIMIT_FSIZE (another real short write, then EFBIG) in a child process."""
     script = (

@@ -136,6 +136,7 @@ class _UpstreamSMTP(SMTP):
         @functools.wraps(method)
         async def dispatch(arg: str | None) -> None:
             self.upstream.commands.append((self.connection_id, verb))
+            self.upstream.command_times.append(time.monotonic())
             if verb != "DATA":  # DATA faults apply after the body (see _Handler)
                 await self.apply_faults(verb)
             if await self.maybe_reply(verb):
@@ -357,6 +358,7 @@ class FakeUpstream:
         self.auth_failures = 0
         self.connections_refused = 0  # by limit_connections()
         self.commands: list[tuple[int, str]] = []  # (connection_id, VERB)
+        self.command_times: list[float] = []  # time.monotonic() of each entry in commands
         self.ehlo_names: list[str] = []  # the name given in each EHLO, in order
         self.faults = _Faults()
 
@@ -428,6 +430,11 @@ class FakeUpstream:
             )
 
     # -- observations --------------------------------------------------------
+
+    def times_of(self, verb: str) -> list[float]:
+        """When each ``verb`` command arrived (time.monotonic()), in order."""
+        return [t for (_, v), t in zip(self.commands, self.command_times, strict=True)
+                if v == verb.upper()]
 
     def recipients_received(self) -> list[str]:
         """Accepted recipients of all recorded messages, in order."""

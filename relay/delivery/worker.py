@@ -38,6 +38,9 @@ from relay.queue.types import (
 
 log = logging.getLogger("relay.delivery")
 _FINISH_RETRY_S = 1.0
+# How often a further transaction waiting for the rate limit looks again (a send under
+# way that ends does not wake it).
+_PACE_POLL_S = 0.05
 # Builds the bounce for a message's newly failed recipients (None: no bounce).
 Bounce = Callable[[QueuedMessage, list[Recipient], bytes], NewMessage | None]
 
@@ -295,7 +298,8 @@ class AccountWorker:
         try:
             body = await self.store.load_body(message.id)
             sent = await self.transport.send(
-                message.sender, message.pending_recipients, body, message.mail_options
+                message.sender, message.pending_recipients, body, message.mail_options,
+                pace=self._pace,
             )
         except DeliveryError as exc:
             sent = exc
@@ -322,6 +326,16 @@ class AccountWorker:
         self.recording.add(message.id)
         task.add_done_callback(self._recorded)
         task.add_done_callback(lambda _: self.recording.discard(message.id))
+
+    async def _pace(self) -> None:
+        """Before a further transaction of the same send (452 split, retry after a 421):
+        the one before it ends here and counts; this one waits its turn and is reserved
+        like a claim, so the upstream never sees more than the configured rate."""
+        self.limiter.complete(self.mono())
+        while self.limiter.available(self.mono()) < 1:
+            wait = self.limiter.wait_time(self.mono())
+            await asyncio.sleep(min(wait, _PACE_POLL_S))
+        self.limiter.reserve(1)
 
     def _recorded(self, task: asyncio.Task[None]) -> None:
         self.settling.discard(task)

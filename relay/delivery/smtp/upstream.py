@@ -31,7 +31,7 @@ from relay.delivery.smtp.errors import (
     sender_refusal,
     too_many_recipients,
 )
-from relay.delivery.transport import SendResult
+from relay.delivery.transport import Pace, SendResult
 from relay.errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
 from relay.smtp import wire as smtpwire
 from relay.smtp.wire import Reply
@@ -329,20 +329,25 @@ class UpstreamPool:
         conn.channel.close()
 
     async def send(
-        self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...]
+        self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...],
+        *, pace: Pace | None = None,
     ) -> SendResult:
+        """``pace``: awaited before every transaction after the first (rate limits)."""
         async with self._limit:
             conn, reused = await self._acquire()
             try:
-                return await self._attempt(conn, reused, sender, recipients, body, mail_options)
+                return await self._attempt(conn, reused, sender, recipients, body,
+                                           mail_options, pace)
             except _Replace:
                 # Not this message's fault: it goes out at once on a fresh connection
                 # (pooled ones may be as spent), within the same attempt. Once only; then
-                # it is an ordinary deferral.
+                # it is an ordinary deferral. It is one more transaction: paced.
+                if pace is not None:
+                    await pace()
                 conn = await self._connect()
                 try:
                     return await self._attempt(
-                        conn, False, sender, recipients, body, mail_options
+                        conn, False, sender, recipients, body, mail_options, pace
                     )
                 except _Replace as again:
                     raise again.error from None
@@ -355,13 +360,15 @@ class UpstreamPool:
         recipients: list[str],
         body: bytes,
         mail_options: tuple[str, ...],
+        pace: Pace | None = None,
     ) -> SendResult:
         """Deliver on one connection; raise _Replace if another connection should try."""
         self._busy.add(conn)
         healthy = False
         answered = conn.channel.replies_read
         try:
-            result = await self._deliver_all(conn, sender, recipients, body, mail_options)
+            result = await self._deliver_all(conn, sender, recipients, body, mail_options,
+                                             pace)
             healthy = conn.channel.is_connected
             return result
         except ServiceClosing as exc:
@@ -392,15 +399,19 @@ class UpstreamPool:
         recipients: list[str],
         body: bytes,
         mail_options: tuple[str, ...],
+        pace: Pace | None = None,
     ) -> SendResult:
         """Transactions on one connection until no recipient is left over by '452 too many
-        recipients' (RFC 5321 4.5.3.1.10): the rest go at once, not after a retry delay."""
+        recipients' (RFC 5321 4.5.3.1.10): the rest go at once, not after a retry delay
+        (but within the rate limit: ``pace``)."""
         total = await self._transaction(conn, sender, recipients, body, mail_options)
         while total.accepted:
             rest = [r for r, e in total.refused.items() if too_many_recipients(e)]
             if not rest:
                 break
             try:
+                if pace is not None:
+                    await pace()
                 more = await self._transaction(conn, sender, rest, body, mail_options)
             except (DeliveryError, OSError, TimeoutError) as exc:
                 # Some recipients already have the message: only the rest wait for a retry.
