@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from relay.config.report import LOCAL_LITERAL, effective_config
 from relay.errors import ConfigError
 from relay.queue.types import MessageState, QueuedMessage
 from relay.smtp.wire import address_literal
-from tests.conftest import StartRelay, message, relay_config, send, upstream_account
+from tests.conftest import Launch, StartRelay, message, relay_config, send, upstream_account
+from tests.relayproc import write_config
 from tests.upstream import FakeUpstream
 
 FAST = {"timeouts": {"command": "3s", "data": "3s"}}
@@ -149,6 +151,35 @@ async def test_a_421_after_some_transactions_keeps_what_was_delivered(
         assert record.state is MessageState.DELIVERED
         assert record.attempts == 2
         assert up.recipients_received() == ["a@example.com", "b@example.com"]
+
+
+@pytest.mark.slow
+async def test_kill_9_between_split_transactions_resends_only_the_rest(
+    tmp_path: Path, launch: Launch
+) -> None:
+    """Each transaction's accepted recipients are stored when its 250 arrives: a kill -9
+    while the next transaction is under way resends only that one's (was: r0, r1 twice)."""
+    recipients = [f"r{i}@example.com" for i in range(6)]
+    async with FakeUpstream(recipient_limit=2) as up:
+        up.delay("MAIL", 60, after=1)  # the second transaction hangs at MAIL
+        config = write_config(tmp_path, up)
+        relay = await launch(config)
+        await relay.wait_started()
+        code, text = await send(relay.port, message("split"), recipients=recipients)
+        assert code == 250, text
+        await up.wait_for_messages(1)
+        while len(up.times_of("MAIL")) < 2:
+            await asyncio.sleep(0.01)
+        relay.proc.send_signal(signal.SIGKILL)
+        assert await relay.exit_code(within=5) == -signal.SIGKILL
+
+        up.clear_faults()
+        restarted = await launch(config)
+        await restarted.wait_started()
+        await up.wait_for_messages(3, timeout=10)
+        restarted.proc.send_signal(signal.SIGTERM)
+        assert await restarted.exit_code(within=10) == 0
+        assert sorted(up.recipients_received()) == recipients  # each exactly once
 
 
 # -- 17.5: 8-bit data to a server without 8BITMIME ------------------------------------

@@ -106,6 +106,7 @@ class _Faults:
     drops: collections.Counter[str] = field(default_factory=collections.Counter)
     drops_after_accept: int = 0  # DATA: record the message, then drop
     delays: dict[str, float] = field(default_factory=dict)
+    delay_skips: dict[str, int] = field(default_factory=dict)  # undelayed ones first
     auth: bool = False
     # verb -> (reply, close after it): answered instead of running the command
     replies: dict[str, tuple[_Reply, bool]] = field(default_factory=dict)
@@ -170,7 +171,11 @@ class _UpstreamSMTP(SMTP):
             self.drop()
 
     async def maybe_delay(self, verb: str) -> None:
-        seconds = self.upstream.faults.delays.get(verb)
+        faults = self.upstream.faults
+        seconds = faults.delays.get(verb)
+        if faults.delay_skips.get(verb, 0) > 0:
+            faults.delay_skips[verb] -= 1
+            return
         if seconds:
             await asyncio.sleep(seconds)
 
@@ -568,13 +573,15 @@ class FakeUpstream:
         else:
             self.faults.drops[v] += times
 
-    def delay(self, verb: str, seconds: float) -> None:
+    def delay(self, verb: str, seconds: float, *, after: int = 0) -> None:
         """Sleep ``seconds`` before replying to ``verb`` (0 removes the delay).
 
         "DATA" delays the final reply to the body, *after* the message has
         been recorded (if accepted); "GREETING" delays the banner.
+        ``after``: let that many ``verb`` commands through undelayed first.
         """
         v = _verb(verb)
+        self.faults.delay_skips[v] = after
         if seconds > 0:
             self.faults.delays[v] = seconds
         else:

@@ -120,3 +120,12 @@ def _state_of(recipients: list[Recipient]) -> tuple[MessageState, str]:
         return MessageState.DELIVERED, "partial" if RecipientState.FAILED in states else "delivered"
     return MessageState.FAILED, "failed"
 
+
+def accepted_so_far(message: QueuedMessage, sent: SendResult) -> list[Recipient]:
+    """The message's recipients with those one transaction already delivered marked so
+    (stored between the transactions of a split send: a crash resends only the rest)."""
+    recipients = [replace(r) for r in message.recipients]
+    for r in recipients:
+        if r.state is RecipientState.PENDING and r.address in sent.accepted:
+            _finish(r, RecipientState.DELIVERED, sent.reply)
+    return recipients

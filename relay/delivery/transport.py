@@ -23,9 +23,10 @@ class SendResult:
 
 
 # Called before each further transaction of one send (the rest after '452 too many
-# recipients', a retry on a fresh connection after a 421): returns once the account's
-# rate limit allows one more transaction, which it counts.
-Pace = Callable[[], Awaitable[None]]
+# recipients', a retry on a fresh connection after a 421) with what the send achieved so
+# far: records the recipients already accepted (a crash then resends only the rest), and
+# returns once the account's rate limit allows one more transaction, which it counts.
+Pace = Callable[["SendResult"], Awaitable[None]]
 
 
 class Transport(Protocol):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from relay.delivery.bounce import should_bounce
 from relay.delivery.health import AccountHealth, HealthHook
-from relay.delivery.outcome import settle
+from relay.delivery.outcome import accepted_so_far, settle
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import PoolControl, SendResult, Transport
@@ -299,7 +299,7 @@ class AccountWorker:
             body = await self.store.load_body(message.id)
             sent = await self.transport.send(
                 message.sender, message.pending_recipients, body, message.mail_options,
-                pace=self._pace,
+                pace=functools.partial(self._between, message),
             )
         except DeliveryError as exc:
             sent = exc
@@ -327,10 +327,20 @@ class AccountWorker:
         task.add_done_callback(self._recorded)
         task.add_done_callback(lambda _: self.recording.discard(message.id))
 
-    async def _pace(self) -> None:
-        """Before a further transaction of the same send (452 split, retry after a 421):
-        the one before it ends here and counts; this one waits its turn and is reserved
-        like a claim, so the upstream never sees more than the configured rate."""
+    async def _between(self, message: QueuedMessage, so_far: SendResult) -> None:
+        """Before a further transaction of the same send (452 split, retry after a 421).
+
+        The recipients accepted so far are stored first, so a crash now resends only the
+        others. Then the transaction before ends here and counts in the rate limit; the
+        next waits its turn and is reserved like a claim, so the upstream never sees more
+        than the configured rate."""
+        if so_far.accepted:
+            try:
+                await self.store.record_recipients(message.id,
+                                                   accepted_so_far(message, so_far))
+            except StoreError as exc:  # the outcome still records them; a crash would not
+                event(log, logging.ERROR, "queue_error", message.id, account=self.name,
+                      reason=f"cannot record accepted recipients: {exc}")
         self.limiter.complete(self.mono())
         while self.limiter.available(self.mono()) < 1:
             wait = self.limiter.wait_time(self.mono())

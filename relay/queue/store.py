@@ -12,7 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from relay.queue.types import AttemptResult, MessageState, NewMessage, QueuedMessage
+from relay.queue.types import (
+    AttemptResult,
+    MessageState,
+    NewMessage,
+    QueuedMessage,
+    Recipient,
+)
 
 OPERATOR_CHUNK = 5000  # messages per committed window of an operator operation
 
@@ -45,6 +51,10 @@ class QueueStore(Protocol):
         """Claim up to ``limit`` due messages; each carries its ``Claim`` (owner, lease)."""
     async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> None:
         """Settle ``result.claim``: record the attempt and queue its bounce together."""
+    async def record_recipients(self, message_id: str, recipients: Sequence[Recipient]
+                                ) -> None:
+        """Store a claimed message's recipients mid-send (some already delivered by one
+        transaction of several), so that a crash resends only the others."""
     async def requeue(self, ids: Sequence[str], now: float, *, due_at: float | None = None
                       ) -> None: ...
     async def requeue_expired(self, now: float, *, keep: Sequence[str] = ()) -> int: ...

@@ -332,7 +332,7 @@ class UpstreamPool:
         self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...],
         *, pace: Pace | None = None,
     ) -> SendResult:
-        """``pace``: awaited before every transaction after the first (rate limits)."""
+        """``pace``: awaited before every transaction after the first (see Pace)."""
         async with self._limit:
             conn, reused = await self._acquire()
             try:
@@ -343,7 +343,7 @@ class UpstreamPool:
                 # (pooled ones may be as spent), within the same attempt. Once only; then
                 # it is an ordinary deferral. It is one more transaction: paced.
                 if pace is not None:
-                    await pace()
+                    await pace(SendResult(accepted=[], peer=self.peer))
                 conn = await self._connect()
                 try:
                     return await self._attempt(
@@ -411,7 +411,7 @@ class UpstreamPool:
                 break
             try:
                 if pace is not None:
-                    await pace()
+                    await pace(total)
                 more = await self._transaction(conn, sender, rest, body, mail_options)
             except (DeliveryError, OSError, TimeoutError) as exc:
                 # Some recipients already have the message: only the rest wait for a retry.

@@ -42,6 +42,7 @@ from relay.queue.sqlite.schema import (
     READY,
     SCHEMA_VERSION,
     map_sqlite_error,
+    recipients_json,
 )
 from relay.queue.sqlite.writer import (
     ClaimDue,
@@ -57,6 +58,7 @@ from relay.queue.types import (
     NewMessage,
     Priority,
     QueuedMessage,
+    Recipient,
 )
 
 log = logging.getLogger("relay.store")
@@ -301,6 +303,12 @@ class SQLiteStore(Pruning, OperatorQueries):
         """Run writes in one transaction; return each statement's row count."""
         counts: list[int] = await self._submit(Statements(statements=statements))
         return counts
+
+    async def record_recipients(self, message_id: str, recipients: Sequence[Recipient]
+                                ) -> None:
+        """Mid-send progress: only while the message is still claimed ('sending')."""
+        await self.execute([("UPDATE messages SET recipients=? WHERE id=? AND state='sending'",
+                             (recipients_json(recipients), message_id))])
 
     async def requeue(self, ids: Sequence[str], now: float, *, due_at: float | None = None
                       ) -> None:
