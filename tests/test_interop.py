@@ -22,7 +22,15 @@ from relay.config.report import LOCAL_LITERAL, effective_config
 from relay.errors import ConfigError
 from relay.queue.types import MessageState, QueuedMessage
 from relay.smtp.wire import address_literal
-from tests.conftest import Launch, StartRelay, message, relay_config, send, upstream_account
+from tests.conftest import (
+    Launch,
+    StartRelay,
+    message,
+    relay_config,
+    send,
+    upstream_account,
+    wait_until,
+)
 from tests.relayproc import write_config
 from tests.upstream import FakeUpstream
 
@@ -168,8 +176,7 @@ async def test_kill_9_between_split_transactions_resends_only_the_rest(
         code, text = await send(relay.port, message("split"), recipients=recipients)
         assert code == 250, text
         await up.wait_for_messages(1)
-        while len(up.times_of("MAIL")) < 2:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: len(up.times_of("MAIL")) >= 2, what="the second MAIL")
         relay.proc.send_signal(signal.SIGKILL)
         assert await relay.exit_code(within=5) == -signal.SIGKILL
 
