@@ -161,6 +161,7 @@ STOREDRV = ("5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededExceptio
         (421, "4.7.0", "Too many messages in this connection", None),  # Exim
         (452, "4.2.2", "Mailbox full: user is over quota", None),  # one recipient's box
         (451, "4.7.1", "Greylisted, please try again later", None),
+        (451, "4.3.0", "Try again later", None),  # the server's trouble: per message
         (452, "4.5.3", "Recipient limit exceeded", QUOTA),  # (refusal() splits it first)
     ],
 )
@@ -303,6 +304,31 @@ async def test_wrong_password_costs_one_login_per_backoff(
         assert metric(app, "relay_upstream_auth_failures_total", account="up") == 1
         assert metric(app, "relay_account_backoffs_total", account="up", reason="auth") == 1
         assert metric(app, "relay_messages_failed_total", account="up") == 0
+
+
+@pytest.mark.parametrize(("reply", "close"), [
+    ("454 4.7.0 Temporary authentication failure", False),
+    ("421 4.7.0 Service not available, closing transmission channel", True),
+])
+async def test_a_temporary_failure_at_auth_is_not_a_refused_login(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay, reply: str, close: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """454/421 to AUTH: the ordinary retry backoff, not the auth floor; no failed login
+    counted or logged (only 535 / 5.7.8 are refused logins)."""
+    code, text = reply.split(" ", 1)
+    upstream.reply_to("AUTH", int(code), text, times=2, close=close)
+    account = upstream_account(upstream, tmp_path,
+                               retry={"initial_delay": "200ms", "max_delay": "200ms",
+                                      "max_age": "1h", "jitter": 0},
+                               auth_backoff={"initial": "1h", "max": "1h"})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    assert (await send(app.smtp_port, message("auth")))[0] == 250
+    await upstream.wait_for_messages(1, timeout=5)  # not an hour later
+    assert metric(app, "relay_upstream_auth_failures_total", account="up") == 0
+    assert metric(app, "relay_account_backoffs_total", account="up", reason="auth") == 0
+    assert metric(app, "relay_account_backoffs_total", account="up", reason="refused") >= 1
+    assert "account_auth_failed" not in caplog.text
 
 
 async def test_auth_mechanism_is_configurable(

@@ -251,3 +251,20 @@ async def test_one_bad_write_fails_alone_and_the_writer_survives(tmp_path: Path)
         assert {m.id for m in await store.list_messages()} == {"GOOD1", "GOOD2", "LATER"}
     finally:
         await store.close()
+
+
+async def test_a_connection_without_a_greeting_is_counted(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """relay_upstream_connections_opened_total counts TCP connects (docs/monitoring.md),
+    also to a server that never greets (was: 0 after 6 connections)."""
+    upstream.delay("GREETING", 30)
+    account = upstream_account(upstream, tmp_path, timeouts={"connect": "200ms"},
+                               retry={"initial_delay": "100ms", "max_delay": "100ms",
+                                      "max_age": "1h", "jitter": 0})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    assert (await send(app.smtp_port, message("silent")))[0] == 250
+    await wait_until(lambda: upstream.connections_opened >= 2, what="two connections")
+    await wait_until(lambda: metric(app, "relay_upstream_connections_opened_total",
+                                    account="up") >= 2, what="them counted")
+    assert metric(app, "relay_messages_delivered_total", account="up") == 0

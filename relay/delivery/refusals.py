@@ -84,5 +84,13 @@ def account_refusal(code: int, enhanced: str | None, text: str) -> str | None:
         return None
     for pattern, reason in _TEXTS:
         if pattern.search(lowered):
+            if reason == THROTTLED and not _policy_class(enhanced):
+                return None  # "451 4.3.0 try again later": the server's own trouble
             return reason
     return None
+
+
+def _policy_class(enhanced: str | None) -> bool:
+    """A throttle is a policy (X.7.x, RFC 3463) decision; "try again later" with another
+    class (4.3.0 system status) is a passing fault of the server, judged per message."""
+    return enhanced is None or enhanced[2:].startswith("7.")

@@ -25,6 +25,13 @@ def split_enhanced(text: str) -> tuple[str | None, str]:
     return None, text
 
 
+def login_refused(code: int, enhanced: str | None) -> bool:
+    """The reply to AUTH says the credentials are wrong (RFC 4954: 535 5.7.8), as opposed
+    to "454 4.7.0 temporary authentication failure" or a 421: only these count towards a
+    provider's failed-login lockout, so only these get the longer auth backoff."""
+    return code == 535 or enhanced == "5.7.8"
+
+
 def map_smtp_error(exc: BaseException, *, connecting: bool = False) -> DeliveryError:
     """Translate an aiosmtplib or socket error: 4xx/timeouts/disconnects are temporary."""
     if isinstance(exc, DeliveryError):
@@ -37,7 +44,11 @@ def map_smtp_error(exc: BaseException, *, connecting: bool = False) -> DeliveryE
         reason = None
         if account_wide:
             auth = isinstance(exc, aiosmtplib.SMTPAuthenticationError)
-            reason = "auth" if auth else account_refusal(exc.code, enhanced, text) or "refused"
+            if auth and login_refused(exc.code, enhanced):
+                reason = "auth"
+            else:  # a 454/421 to AUTH is the server's trouble: the ordinary backoff
+                reason = account_refusal(exc.code, enhanced, text)
+                reason = "refused" if reason in (None, "auth") else reason
         cls = PermanentFailure if 500 <= exc.code < 600 and not account_wide else TemporaryFailure
         return cls(text or "no text", code=exc.code, enhanced=enhanced, account_wide=account_wide,
                    account_reason=reason)

@@ -26,9 +26,11 @@ from relay.delivery.smtp.errors import (
     ChannelClosed,
     ServiceClosing,
     closing_error,
+    login_refused,
     map_smtp_error,
     refusal,
     sender_refusal,
+    split_enhanced,
     too_many_recipients,
 )
 from relay.delivery.transport import Pace, SendResult
@@ -63,6 +65,19 @@ def choose_mechanism(configured: str, advertised: list[str]) -> str | None:
     if configured != "auto":
         return configured if configured in offered else None
     return next((m for m in AUTH_MECHANISMS if m in offered), None)
+
+
+class _Client(aiosmtplib.SMTP):
+    """aiosmtplib's client, remembering whether TCP connected: connect() closes (and
+    forgets the transport) when the greeting never comes or is a refusal, and such a
+    connection still counts in relay_upstream_connections_opened_total."""
+
+    tcp_connected = False
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.tcp_connected = True
+        super().close()
 
 
 class _Replace(Exception):
@@ -224,7 +239,9 @@ class UpstreamPool:
         method = getattr(client, f"auth_{mechanism.replace('-', '')}")
         try:
             await method(acc.username, acc.secret or "", timeout=acc.timeouts.command)
-        except aiosmtplib.SMTPAuthenticationError:
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            if not login_refused(exc.code, split_enhanced(exc.message)[0]):
+                raise  # 454, 421: a temporary failure, not a refused login (map_smtp_error)
             self._logins_refused += 1
             self._login_proven = False
             self._login_hold_until = time.monotonic() + self._login_hold_s
@@ -233,7 +250,7 @@ class UpstreamPool:
 
     async def _open(self) -> Connection:
         acc = self.account
-        client = aiosmtplib.SMTP(
+        client = _Client(
             hostname=acc.host,
             port=acc.effective_port,
             use_tls=acc.tls == "implicit",
@@ -243,9 +260,11 @@ class UpstreamPool:
             timeout=acc.timeouts.command,
             local_hostname=self._ehlo_name or "localhost",  # (connect() sends no EHLO)
         )
+        counted = False
         try:
             await client.connect(timeout=acc.timeouts.connect)
             if self._on_connect:
+                counted = True
                 self._on_connect()
             client.local_hostname = self._ehlo_name or _local_literal(client)
             await client.ehlo(timeout=acc.timeouts.command)
@@ -259,6 +278,11 @@ class UpstreamPool:
             if transport is None or transport.is_closing():
                 raise ChannelClosed("connection closed during setup")
         except BaseException as exc:
+            if not counted and self._on_connect and (client.transport is not None
+                                                     or client.tcp_connected):
+                # TCP connected, but no (or no good) greeting: a connection all the same
+                # (docs/monitoring.md), or a server that never greets would show none.
+                self._on_connect()
             client.close()
             if isinstance(exc, asyncio.CancelledError):
                 raise
