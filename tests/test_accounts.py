@@ -245,6 +245,41 @@ async def test_a_throttling_421_at_mail_backs_off_a_plain_one_retries_at_once(
     assert after == before
 
 
+async def test_an_account_backoff_survives_a_restart(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """Stopped during a quota backoff and started again, relay neither sends a pool's
+    worth to the over-quota account nor tries again before the backoff ends (was: 5 MAILs
+    at once; for a refused login, one more failed login per restart)."""
+    upstream.fail_mail(550, QUOTA_REPLY)
+    account = upstream_account(upstream, tmp_path, pool={"max_connections": 5},
+                               retry={"initial_delay": "1h", "max_delay": "1h",
+                                      "max_age": "2d", "jitter": 0})
+    config = relay_config(tmp_path, {"up": account})
+    app = await start_relay(config)
+    await send_many(app.smtp_port, [message(f"b{i}") for i in range(5)], sessions=5)
+    await wait_until(lambda: metric(app, "relay_account_backoffs_total", account="up",
+                                    reason="quota") >= 1, what="a quota backoff")
+    # The backoff is in the queue file (as for `relay status`) once published.
+    publisher = app.scheduler.health
+    await wait_until(lambda: publisher._task is not None and publisher._task.done(),
+                     what="the account health to be published")
+    await app.shutdown(grace=1)
+    mails = len(upstream.times_of("MAIL"))
+
+    app2 = await start_relay(config)
+    worker = app2.scheduler.workers["up"]
+    assert worker.backoff_failures >= 1 and worker.backoff_until > worker.mono() + 3000
+    assert "5.4.5" in worker.last_account_error
+    await send_many(app2.smtp_port, [message(f"n{i}") for i in range(5)], sessions=5)
+    await asyncio.sleep(0.5)  # time enough for a burst, had the backoff been lost
+    assert len(upstream.times_of("MAIL")) == mails  # nothing sent to the account
+
+    upstream.clear_faults()
+    worker.resume()  # what `relay queue flush` does (the older five wait their hour)
+    await upstream.wait_for_messages(5, timeout=10)
+
+
 async def test_a_sender_refusal_still_fails_the_message(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from relay.config.schema import Config, RetryConfig
 from relay.delivery.bounce import build_dsn, needs_smtputf8
-from relay.delivery.health import AccountHealth, HealthPublisher
+from relay.delivery.health import AccountHealth, HealthPublisher, decode
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import Transport
@@ -178,7 +178,12 @@ class Scheduler:
         if recovered:
             event(log, logging.WARNING, "recovered", count=recovered,
                   reason="messages being delivered when relay stopped are queued again")
+        previous = decode(await self.store.read_health())
         for worker in self.workers.values():
+            health = previous.accounts.get(worker.name) if previous else None
+            if health is not None and health.failures > 0:
+                worker.restore_backoff(health, now)
+                self.health.restored(health)
             await self._start_worker(worker, now)
         self._flush_seen = await self.store.flush_requested()
         await self.store.changed_elsewhere()  # the baseline: later CLI changes are seen

@@ -347,6 +347,24 @@ class AccountWorker:
             await asyncio.sleep(min(wait, _PACE_POLL_S))
         self.limiter.reserve(1)
 
+    def restore_backoff(self, health: AccountHealth, now: float) -> None:
+        """Go on with the backoff a previous run stored (``health``, wall time): after a
+        restart the account still probes one at a time, not a pool's worth at once, and a
+        refused login is not tried again before its backoff ends (a crash loop would
+        otherwise lock the account)."""
+        if health.failures <= 0:
+            return
+        self.backoff_failures = health.failures
+        self.auth_failures = health.failures if health.auth else 0
+        self.last_account_error = health.last_error
+        remaining = health.backoff_until - now
+        if remaining > 0:
+            self.backoff_until = self.mono() + remaining
+            self.resume_at = health.backoff_until
+        event(log, logging.WARNING, "account_backoff_restored", account=self.name,
+              reason=health.last_error, why=health.reason or None,
+              until=_iso(max(health.backoff_until, now)))
+
     def _recorded(self, task: asyncio.Task[None]) -> None:
         self.settling.discard(task)
         self._start_ready()
@@ -421,7 +439,7 @@ class AccountWorker:
         self._give_back(ready, now, due_at=resume_at)
         if self.health is not None:
             self.health(AccountHealth(self.name, resume_at, self.backoff_failures,
-                                      self.last_account_error, auth))
+                                      self.last_account_error, auth, reason))
         return resume_at
 
     def _report(self, message: QueuedMessage, result: AttemptResult,
