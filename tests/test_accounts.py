@@ -280,6 +280,33 @@ async def test_an_account_backoff_survives_a_restart(
     await upstream.wait_for_messages(5, timeout=10)
 
 
+async def test_a_send_that_never_reached_the_upstream_counts_no_attempt(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """A 421 at the greeting (no connection), then a login held back: the messages go
+    back with the reason recorded but no attempt counted (was: attempt=1 for the burst)."""
+    upstream.greeting(421, "4.3.2 not now")
+    account = upstream_account(upstream, tmp_path, pool={"max_connections": 3},
+                               retry={"initial_delay": "200ms", "max_delay": "200ms",
+                                      "max_age": "1h", "jitter": 0})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    replies = await send_many(app.smtp_port, [message(f"g{i}") for i in range(3)], sessions=3)
+    await wait_until(lambda: metric(app, "relay_account_backoffs_total", account="up",
+                                    reason="refused") >= 2, what="two backoffs")
+    worker = app.scheduler.workers["up"]
+    await wait_until(lambda: not worker.in_flight and not worker.settling, what="writes")
+    waiting = [await app.store.get(text.split()[-1]) for _, text in replies]
+    assert [m.attempts if m else None for m in waiting] == [0, 0, 0]
+    assert any(m and "421 4.3.2 not now" in m.last_error for m in waiting)
+
+    upstream.greeting(None)
+    await upstream.wait_for_messages(3, timeout=10)
+    await app.scheduler.run_until_idle()
+    for _, text in replies:
+        stored = await app.store.get(text.split()[-1])
+        assert stored is not None and stored.attempts == 1  # the one that delivered it
+
+
 async def test_a_sender_refusal_still_fails_the_message(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:

@@ -33,7 +33,9 @@ def settle(
 ) -> AttemptResult:
     """The AttemptResult to store. ``resume_at``: the account is backing off until then;
     ``age_now``: the clock for the message's age (RetryPolicy.decide)."""
-    attempts = message.attempts + 1
+    # A send that never reached the upstream (no connection, login held) is no attempt.
+    offered = not isinstance(sent, DeliveryError) or sent.offered
+    attempts = message.attempts + (1 if offered else 0)
     recipients = [replace(r) for r in message.recipients]
     pending = [r for r in recipients if r.state is RecipientState.PENDING]
 

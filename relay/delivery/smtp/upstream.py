@@ -358,7 +358,11 @@ class UpstreamPool:
     ) -> SendResult:
         """``pace``: awaited before every transaction after the first (see Pace)."""
         async with self._limit:
-            conn, reused = await self._acquire()
+            try:
+                conn, reused = await self._acquire()
+            except DeliveryError as exc:
+                exc.offered = False  # no connection (or the login held): never offered
+                raise
             try:
                 return await self._attempt(conn, reused, sender, recipients, body,
                                            mail_options, pace)
