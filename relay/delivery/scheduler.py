@@ -278,6 +278,19 @@ class Scheduler:
                    for w in self.workers.values()):
                 return
 
+    async def _record_interrupted(self, sends: list[tuple[AccountWorker, QueuedMessage]]
+                                  ) -> None:
+        """Sends cut off by shutdown: recorded as attempts that may have delivered (logged
+        `interrupted`), not silently queued again; if that write fails, queued again."""
+        now = self.clock()
+        for worker, message in sends:
+            [result] = worker.interrupted([message], now)
+            try:
+                await self.store.finish(result)
+            except StoreError:
+                with contextlib.suppress(StoreError):
+                    await self.store.requeue([message.id], now)
+
     async def stop(self, grace: float) -> None:
         """Stop claiming, give in-flight sends ``grace`` seconds, requeue the rest."""
         if self._watcher is not None:
@@ -293,6 +306,7 @@ class Scheduler:
             with contextlib.suppress(StoreError):
                 await self.store.requeue(claimed, self.clock())
         tasks = {mid: t for w in self.workers.values() for mid, t in w.in_flight.items()}
+        carrying = {mid: (w, m) for w in self.workers.values() for mid, m in w.carrying.items()}
         if tasks:
             _, pending = await asyncio.wait(tasks.values(), timeout=grace)
             for task in pending:
@@ -300,8 +314,7 @@ class Scheduler:
             await asyncio.gather(*pending, return_exceptions=True)
             unfinished = [mid for mid, t in tasks.items() if t in pending]
             if unfinished:
-                with contextlib.suppress(StoreError):
-                    await self.store.requeue(unfinished, self.clock())
+                await self._record_interrupted([carrying[mid] for mid in unfinished])
         # Outcomes already decided are written before the store closes.
         recording = [t for w in self.workers.values() for t in w.settling]
         if recording:

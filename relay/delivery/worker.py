@@ -38,6 +38,7 @@ from relay.queue.types import (
 
 log = logging.getLogger("relay.delivery")
 _FINISH_RETRY_S = 1.0
+INTERRUPTED = "interrupted by shutdown; may have been delivered"
 # How often a further transaction waiting for the rate limit looks again (a send under
 # way that ends does not wake it).
 _PACE_POLL_S = 0.05
@@ -114,6 +115,7 @@ class AccountWorker:
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
         self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self.carrying: dict[str, QueuedMessage] = {}  # the message each in_flight task sends
         self.settling: set[asyncio.Task[None]] = set()  # outcome writes under way
         self.recording: set[str] = set()  # ids whose outcome is being written
         self.ready: collections.deque[QueuedMessage] = collections.deque()  # claimed, unsent
@@ -263,10 +265,12 @@ class AccountWorker:
     def _start(self, message: QueuedMessage) -> None:
         task = asyncio.create_task(self._deliver(message), name=f"deliver-{message.id}")
         self.in_flight[message.id] = task
+        self.carrying[message.id] = message
         task.add_done_callback(functools.partial(self._done, message.id))
 
     def _done(self, message_id: str, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(message_id, None)
+        self.carrying.pop(message_id, None)
         if not task.cancelled() and task.exception() is not None:
             # A bug outside the send itself: the row would stay 'sending' until its lease
             # ran out. Give it back now.
@@ -484,6 +488,21 @@ class AccountWorker:
             event(log, logging.WARNING, "recipients_failed", message.id, account=self.name,
                   relay=peer, attempt=result.attempts, to=_addresses(failed),
                   reason="; ".join(f"<{r.address}>: {r.reply}" for r in failed)[:1000])
+
+    def interrupted(self, messages: list[QueuedMessage], now: float) -> list[AttemptResult]:
+        """Sends shutdown cut off (their grace ran out): each is an attempt with its reason,
+        since the upstream may already have the message. Logged, so that a duplicate
+        after the restart can be explained."""
+        error = TemporaryFailure(INTERRUPTED)
+        results = []
+        for message in messages:
+            result = settle(message, error, now=now, policy=self.policy, rng=self.rng,
+                            age_now=self.age_clock(now))
+            results.append(result)
+            event(log, logging.WARNING, "interrupted", message.id, account=self.name,
+                  relay=self.transport.peer, attempt=result.attempts, reason=INTERRUPTED,
+                  next_attempt=_iso(result.next_attempt_at))
+        return results
 
     def stop_claiming(self) -> None:
         self._stopping = True
