@@ -218,6 +218,28 @@ async def test_8bit_body_to_a_server_with_8bitmime_goes_unchanged(
         assert [m.data for m in up.messages] == [body]
 
 
+@pytest.mark.parametrize("declared", [None, ["BODY=7BIT"]], ids=["undeclared", "7bit"])
+async def test_an_8bit_body_is_declared_8bitmime_upstream(
+    tmp_path: Path, start_relay: StartRelay, declared: list[str] | None
+) -> None:
+    """A client that sent 8-bit data without BODY=8BITMIME (or with BODY=7BIT): relay
+    declares it to the upstream (was: sent undeclared, or as 7BIT)."""
+    async with FakeUpstream() as up:
+        app = await relay_for(up, tmp_path, start_relay)
+        body = message("8bit", body="caf\u00e9\r\n")
+        code, text = await send(app.smtp_port, body, mail_options=declared)
+        assert code == 250, text
+        await up.wait_for_messages(1)
+        assert up.messages[0].data == body
+        assert [o for o in up.messages[0].mail_options if o.startswith("BODY=")] == [
+            "BODY=8BITMIME"]
+        # A 7-bit body keeps what its client declared.
+        assert (await send(app.smtp_port, message("ascii"), mail_options=declared))[0] == 250
+        await up.wait_for_messages(2)
+        assert [o for o in up.messages[1].mail_options if o.startswith("BODY=")] == (
+            declared or [])
+
+
 # -- 17.3: the EHLO name --------------------------------------------------------------
 
 async def test_ehlo_uses_hostname_and_an_accounts_ehlo_name(

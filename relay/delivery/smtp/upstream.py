@@ -544,6 +544,11 @@ class UpstreamPool:
                     enhanced="5.6.3",
                 )
             options = [o for o in options if not o.upper().startswith("BODY=")]
+        elif not body.isascii():
+            # 8-bit data is declared whatever the client said (none, or BODY=7BIT): the
+            # upstream may otherwise treat it as 7-bit (RFC 6152 section 3).
+            options = [o for o in options if not o.upper().startswith("BODY=")]
+            options.append("BODY=8BITMIME")
         if "size" in extensions:
             options.insert(0, f"SIZE={len(body)}")
         try:
