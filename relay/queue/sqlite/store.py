@@ -334,11 +334,14 @@ class SQLiteStore(Pruning, OperatorQueries):
         messages with it, so their age, retry delay and lease keep their real length.
 
         A time a client asked for (Deferred-Delivery: never tried, due after arrival) is
-        a time of day and stays.
+        a time of day and stays. A message without attempts can also wait out its
+        account's backoff ('deferred', or an error recorded by a send that never reached
+        the upstream): that time moves.
         """
         counts = await self.execute([(
             "UPDATE messages SET created_at = created_at + ?, lease_until = lease_until + ?,"
             " next_attempt_at = CASE WHEN attempts = 0 AND next_attempt_at > created_at"
+            " AND state <> 'deferred' AND last_error = ''"
             " THEN next_attempt_at ELSE next_attempt_at + ? END"
             " WHERE state IN ('queued', 'deferred', 'held', 'sending')",
             (delta, delta, delta),
