@@ -230,17 +230,24 @@ class AccountWorker:
     async def _claim(self, now: float, mono: float, want: int) -> bool:
         """Claim up to `want` due messages within the rate limit; start what can start."""
         allowed = min(want, self.limiter.available(mono))
-        batch = await self.store.claim_due(self.name, now, allowed, self.lease_s)
+        # Reserved before the claim's commit, not after: meanwhile a send under way may
+        # reserve a further transaction (_between), and both would fit the same room.
+        self.limiter.reserve(allowed)  # each counts until its send ends (_deliver)
+        batch: list[QueuedMessage] = []
+        try:
+            batch = await self.store.claim_due(self.name, now, allowed, self.lease_s)
+        finally:
+            self.limiter.cancel(allowed - len(batch))
         if not batch:
             return False
         if self.mono() < self.backoff_until:
             # The account backed off while the claim was being committed: give these
             # back at once, as _account_health did with the others.
+            self.limiter.cancel(len(batch))
             self._give_back([m.id for m in batch], self.clock(), due_at=self.resume_at)
             return False
         self._held = False
         self.idle.clear()
-        self.limiter.reserve(len(batch))  # each counts until its send ends (_deliver)
         self.ready.extend(batch)
         self._start_ready()
         return True
