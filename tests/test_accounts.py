@@ -8,6 +8,7 @@ Issue 11 points 2, 3, 13, 14, 18 and issue 17 points 2, 4.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from relay.app import App
 from relay.bench.sink import PostfixInstance, free_port, postfix_problem
+from relay.delivery.health import decode
 from relay.delivery.refusals import AUTH, QUOTA, REASONS, SENDER, THROTTLED, account_refusal
 from relay.delivery.retry import Defer, Fail, RetryPolicy
 from relay.delivery.smtp import upstream as upstream_module
@@ -271,6 +273,13 @@ async def test_an_account_backoff_survives_a_restart(
     worker = app2.scheduler.workers["up"]
     assert worker.backoff_failures >= 1 and worker.backoff_until > worker.mono() + 3000
     assert "5.4.5" in worker.last_account_error
+    # `relay status` shows it (the report is this process's own again).
+    publisher2 = app2.scheduler.health
+    await wait_until(lambda: publisher2._task is not None and publisher2._task.done(),
+                     what="the restored health to be published")
+    report = decode(await app2.store.read_health())
+    assert report is not None and report.pid == os.getpid()
+    assert report.accounts["up"].failures >= 1 and report.accounts["up"].reason == "quota"
     await send_many(app2.smtp_port, [message(f"n{i}") for i in range(5)], sessions=5)
     await asyncio.sleep(0.5)  # time enough for a burst, had the backoff been lost
     assert len(upstream.times_of("MAIL")) == mails  # nothing sent to the account

@@ -82,11 +82,6 @@ class HealthPublisher:
         self._dirty = False
         self._task: asyncio.Task[None] | None = None
 
-    def restored(self, health: AccountHealth) -> None:
-        """Carry a previous run's account state on (until the account reports again), so
-        the next publish does not drop it."""
-        self._accounts.setdefault(health.account, health)
-
     def update(self, health: AccountHealth) -> None:
         """Record ``health`` and make sure a write follows; never waits."""
         if self._accounts.get(health.account) == health:

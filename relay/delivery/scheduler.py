@@ -183,7 +183,9 @@ class Scheduler:
             health = previous.accounts.get(worker.name) if previous else None
             if health is not None and health.failures > 0:
                 worker.restore_backoff(health, now)
-                self.health.restored(health)
+                # Published again under this process: `relay status` ignores a report
+                # whose process is gone, and the next report must not drop it.
+                self.health.update(health)
             await self._start_worker(worker, now)
         self._flush_seen = await self.store.flush_requested()
         await self.store.changed_elsewhere()  # the baseline: later CLI changes are seen
