@@ -60,8 +60,12 @@ class DeliveryError(RelayError):
         enhanced: str | None = None,
         account_wide: bool = False,
         account_reason: str | None = None,
+        offered: bool = True,
     ) -> None:
         self.reason = reason
+        # False when the message never reached the upstream (no connection could be set
+        # up, or the login was held back): the attempt is not counted (outcome.settle).
+        self.offered = offered
         self.code = code
         self.enhanced = enhanced
         # True when the failure says nothing about this message but about the account

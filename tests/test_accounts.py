@@ -8,6 +8,7 @@ Issue 11 points 2, 3, 13, 14, 18 and issue 17 points 2, 4.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from relay.app import App
 from relay.bench.sink import PostfixInstance, free_port, postfix_problem
+from relay.delivery.health import decode
 from relay.delivery.refusals import AUTH, QUOTA, REASONS, SENDER, THROTTLED, account_refusal
 from relay.delivery.retry import Defer, Fail, RetryPolicy
 from relay.delivery.smtp import upstream as upstream_module
@@ -149,6 +151,171 @@ async def test_quota_refusal_defers_and_backs_the_account_off(
     assert metric(app, "relay_messages_delivered_total", account="up") == 12
 
 
+STOREDRV = ("5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException;"
+            " Failed to process message due to a permanent exception")
+
+
+@pytest.mark.parametrize(
+    ("code", "enhanced", "text", "expected"),
+    [
+        (554, "5.2.0", STOREDRV.removeprefix("5.2.0 "), QUOTA),  # M365, after the dot
+        (421, "4.7.0", "Try again later, closing connection.", THROTTLED),  # Gmail
+        (421, "4.7.0", "Too many messages in this connection", None),  # Exim
+        (452, "4.2.2", "Mailbox full: user is over quota", None),  # one recipient's box
+        (451, "4.7.1", "Greylisted, please try again later", None),
+        (451, "4.3.0", "Try again later", None),  # the server's trouble: per message
+        (452, "4.5.3", "Recipient limit exceeded", QUOTA),  # (refusal() splits it first)
+    ],
+)
+def test_account_refusal_table_at_every_stage(code: int, enhanced: str | None, text: str,
+                                              expected: str | None) -> None:
+    assert account_refusal(code, enhanced, text) == expected
+
+
+@pytest.mark.parametrize(
+    ("stage", "code", "text"),
+    [
+        ("rcpt", 550, QUOTA_REPLY),
+        ("rcpt", 450, "4.4.5 Daily user sending quota exceeded"),
+        ("dot", 550, QUOTA_REPLY),
+        ("dot", 554, STOREDRV),
+        ("dot", 451, "4.4.5 Daily user sending quota exceeded"),
+    ],
+)
+async def test_quota_at_rcpt_or_after_the_dot_backs_the_account_off(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    stage: str, code: int, text: str,
+) -> None:
+    """A quota at RCPT or after the final dot is as account-wide as one at MAIL FROM:
+    nothing fails (no bounce storm), one probe at a time, all delivered once it lifts."""
+    if stage == "rcpt":
+        upstream.refuse_rcpt("to@example.com", code, text)
+    else:
+        upstream.fail_data(code, text, times=10_000)
+    account = upstream_account(upstream, tmp_path, pool={"max_connections": 3},
+                               retry={"initial_delay": "300ms", "max_delay": "300ms",
+                                      "max_age": "1h", "jitter": 0})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    replies = await send_many(app.smtp_port, [message(f"q{i}") for i in range(12)], sessions=3)
+    assert all(code == 250 for code, _ in replies)
+    await wait_until(lambda: metric(app, "relay_account_backoffs_total", account="up",
+                                    reason="quota") >= 3, what="three quota backoffs")
+    assert metric(app, "relay_messages_failed_total", account="up") == 0
+    mails = sum(1 for _, verb in upstream.commands if verb == "MAIL")
+    backoffs = metric(app, "relay_account_backoffs_total", account="up", reason="quota")
+    assert mails <= 3 + backoffs  # one pool's worth, then one probe per backoff
+
+    upstream.clear_faults()
+    await upstream.wait_for_messages(12, timeout=10)
+    await app.scheduler.run_until_idle()
+    assert metric(app, "relay_messages_delivered_total", account="up") == 12
+    assert metric(app, "relay_messages_failed_total", account="up") == 0
+
+
+async def test_a_throttling_421_at_mail_backs_off_a_plain_one_retries_at_once(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """Gmail's "421 4.7.0 Try again later, closing connection" at MAIL backs the account
+    off as throttled (no new connection at once); Exim's plain 421 still goes out at once
+    on a fresh connection."""
+    upstream.reply_to("MAIL", 421, "4.7.0 Try again later, closing connection.",
+                      times=10_000, close=True)
+    account = upstream_account(upstream, tmp_path, pool={"max_connections": 3},
+                               retry={"initial_delay": "300ms", "max_delay": "300ms",
+                                      "max_age": "1h", "jitter": 0})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    await send_many(app.smtp_port, [message(f"t{i}") for i in range(10)], sessions=2)
+    await wait_until(lambda: metric(app, "relay_account_backoffs_total", account="up",
+                                    reason="throttled") >= 3, what="three throttle backoffs")
+    mails = sum(1 for _, verb in upstream.commands if verb == "MAIL")
+    backoffs = metric(app, "relay_account_backoffs_total", account="up", reason="throttled")
+    assert mails <= 3 + backoffs
+    assert upstream.connections_opened <= 3 + backoffs
+    upstream.clear_faults()
+    await upstream.wait_for_messages(10, timeout=10)
+
+    # Exim's 421: the same message goes out at once on a new connection, no backoff.
+    upstream.reply_to("MAIL", 421, "4.7.0 Too many messages in this connection", close=True)
+    before = sum(metric(app, "relay_account_backoffs_total", account="up", reason=r)
+                 for r in BACKOFF_REASONS)
+    deferred = metric(app, "relay_messages_deferred_total", account="up")
+    await send(app.smtp_port, message("exim"))
+    await upstream.wait_for_messages(11, timeout=5)
+    assert metric(app, "relay_messages_deferred_total", account="up") == deferred
+    after = sum(metric(app, "relay_account_backoffs_total", account="up", reason=r)
+                for r in BACKOFF_REASONS)
+    assert after == before
+
+
+async def test_an_account_backoff_survives_a_restart(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """Stopped during a quota backoff and started again, relay neither sends a pool's
+    worth to the over-quota account nor tries again before the backoff ends (was: 5 MAILs
+    at once; for a refused login, one more failed login per restart)."""
+    upstream.fail_mail(550, QUOTA_REPLY)
+    account = upstream_account(upstream, tmp_path, pool={"max_connections": 5},
+                               retry={"initial_delay": "1h", "max_delay": "1h",
+                                      "max_age": "2d", "jitter": 0})
+    config = relay_config(tmp_path, {"up": account})
+    app = await start_relay(config)
+    await send_many(app.smtp_port, [message(f"b{i}") for i in range(5)], sessions=5)
+    await wait_until(lambda: metric(app, "relay_account_backoffs_total", account="up",
+                                    reason="quota") >= 1, what="a quota backoff")
+    # The backoff is in the queue file (as for `relay status`) once published.
+    publisher = app.scheduler.health
+    await wait_until(lambda: publisher._task is not None and publisher._task.done(),
+                     what="the account health to be published")
+    await app.shutdown(grace=1)
+    mails = len(upstream.times_of("MAIL"))
+
+    app2 = await start_relay(config)
+    worker = app2.scheduler.workers["up"]
+    assert worker.backoff_failures >= 1 and worker.backoff_until > worker.mono() + 3000
+    assert "5.4.5" in worker.last_account_error
+    # `relay status` shows it (the report is this process's own again).
+    publisher2 = app2.scheduler.health
+    await wait_until(lambda: publisher2._task is not None and publisher2._task.done(),
+                     what="the restored health to be published")
+    report = decode(await app2.store.read_health())
+    assert report is not None and report.pid == os.getpid()
+    assert report.accounts["up"].failures >= 1 and report.accounts["up"].reason == "quota"
+    await send_many(app2.smtp_port, [message(f"n{i}") for i in range(5)], sessions=5)
+    await asyncio.sleep(0.5)  # time enough for a burst, had the backoff been lost
+    assert len(upstream.times_of("MAIL")) == mails  # nothing sent to the account
+
+    upstream.clear_faults()
+    worker.resume()  # what `relay queue flush` does (the older five wait their hour)
+    await upstream.wait_for_messages(5, timeout=10)
+
+
+async def test_a_send_that_never_reached_the_upstream_counts_no_attempt(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """A 421 at the greeting (no connection), then a login held back: the messages go
+    back with the reason recorded but no attempt counted (was: attempt=1 for the burst)."""
+    upstream.greeting(421, "4.3.2 not now")
+    account = upstream_account(upstream, tmp_path, pool={"max_connections": 3},
+                               retry={"initial_delay": "200ms", "max_delay": "200ms",
+                                      "max_age": "1h", "jitter": 0})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    replies = await send_many(app.smtp_port, [message(f"g{i}") for i in range(3)], sessions=3)
+    await wait_until(lambda: metric(app, "relay_account_backoffs_total", account="up",
+                                    reason="refused") >= 2, what="two backoffs")
+    worker = app.scheduler.workers["up"]
+    await wait_until(lambda: not worker.in_flight and not worker.settling, what="writes")
+    waiting = [await app.store.get(text.split()[-1]) for _, text in replies]
+    assert [m.attempts if m else None for m in waiting] == [0, 0, 0]
+    assert any(m and "421 4.3.2 not now" in m.last_error for m in waiting)
+
+    upstream.greeting(None)
+    await upstream.wait_for_messages(3, timeout=10)
+    await app.scheduler.run_until_idle()
+    for _, text in replies:
+        stored = await app.store.get(text.split()[-1])
+        assert stored is not None and stored.attempts == 1  # the one that delivered it
+
+
 async def test_a_sender_refusal_still_fails_the_message(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:
@@ -208,6 +375,31 @@ async def test_wrong_password_costs_one_login_per_backoff(
         assert metric(app, "relay_upstream_auth_failures_total", account="up") == 1
         assert metric(app, "relay_account_backoffs_total", account="up", reason="auth") == 1
         assert metric(app, "relay_messages_failed_total", account="up") == 0
+
+
+@pytest.mark.parametrize(("reply", "close"), [
+    ("454 4.7.0 Temporary authentication failure", False),
+    ("421 4.7.0 Service not available, closing transmission channel", True),
+])
+async def test_a_temporary_failure_at_auth_is_not_a_refused_login(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay, reply: str, close: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """454/421 to AUTH: the ordinary retry backoff, not the auth floor; no failed login
+    counted or logged (only 535 / 5.7.8 are refused logins)."""
+    code, text = reply.split(" ", 1)
+    upstream.reply_to("AUTH", int(code), text, times=2, close=close)
+    account = upstream_account(upstream, tmp_path,
+                               retry={"initial_delay": "200ms", "max_delay": "200ms",
+                                      "max_age": "1h", "jitter": 0},
+                               auth_backoff={"initial": "1h", "max": "1h"})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    assert (await send(app.smtp_port, message("auth")))[0] == 250
+    await upstream.wait_for_messages(1, timeout=5)  # not an hour later
+    assert metric(app, "relay_upstream_auth_failures_total", account="up") == 0
+    assert metric(app, "relay_account_backoffs_total", account="up", reason="auth") == 0
+    assert metric(app, "relay_account_backoffs_total", account="up", reason="refused") >= 1
+    assert "account_auth_failed" not in caplog.text
 
 
 async def test_auth_mechanism_is_configurable(

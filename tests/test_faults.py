@@ -116,6 +116,34 @@ async def test_maildir_full_disk_never_delivers_a_cut_off_file(
     assert list((box / "tmp").iterdir()) == []
 
 
+async def test_a_full_maildir_disk_backs_the_account_off(
+    tmp_path: Path, tiny_disk: Path, start_relay: StartRelay
+) -> None:
+    """ENOSPC refuses every message alike: the account backs off with one probe at a
+    time (was: each message retried on its own, 350 deferrals in 10 s for 70 messages)."""
+    box = tiny_disk / "box"
+    account = {"transport": "maildir", "path": str(box),
+               "retry": {"initial_delay": "300ms", "max_delay": "300ms", "max_age": "1h",
+                         "jitter": 0}}
+    app = await start_relay(relay_config(tmp_path, {"box": account}))
+    (tiny_disk / "filler").write_bytes(b"\0" * 60_000)  # what is left fits no message
+    replies = await send_many(app.smtp_port, [message(f"m{i}", body=("x" * 998 + "\r\n") * 5)
+                                              for i in range(10)], sessions=2)
+    assert all(code == 250 for code, _ in replies)
+    await wait_until(lambda: metric(app, "relay_account_backoffs_total", account="box",
+                                    reason="disk_full") >= 3, what="three disk-full backoffs")
+    backoffs = metric(app, "relay_account_backoffs_total", account="box", reason="disk_full")
+    deferred = metric(app, "relay_messages_deferred_total", account="box")
+    concurrency = app.config.accounts["box"].pool.max_connections
+    assert deferred <= concurrency + backoffs  # not every message, every time
+    assert metric(app, "relay_messages_failed_total", account="box") == 0
+
+    (tiny_disk / "filler").unlink()  # space returns; no restart
+    remount_size(tiny_disk, "1m")
+    await wait_until(lambda: metric(app, "relay_messages_delivered_total", account="box") == 10,
+                     what="all delivered once space returned")
+
+
 def test_maildir_file_size_limit_is_a_temporary_failure(tmp_path: Path) -> None:
     """RLIMIT_FSIZE (another real short write, then EFBIG) in a child process."""
     script = (
@@ -224,3 +252,20 @@ async def test_one_bad_write_fails_alone_and_the_writer_survives(tmp_path: Path)
         assert {m.id for m in await store.list_messages()} == {"GOOD1", "GOOD2", "LATER"}
     finally:
         await store.close()
+
+
+async def test_a_connection_without_a_greeting_is_counted(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """relay_upstream_connections_opened_total counts TCP connects (docs/monitoring.md),
+    also to a server that never greets (was: 0 after 6 connections)."""
+    upstream.delay("GREETING", 30)
+    account = upstream_account(upstream, tmp_path, timeouts={"connect": "200ms"},
+                               retry={"initial_delay": "100ms", "max_delay": "100ms",
+                                      "max_age": "1h", "jitter": 0})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    assert (await send(app.smtp_port, message("silent")))[0] == 250
+    await wait_until(lambda: upstream.connections_opened >= 2, what="two connections")
+    await wait_until(lambda: metric(app, "relay_upstream_connections_opened_total",
+                                    account="up") >= 2, what="them counted")
+    assert metric(app, "relay_messages_delivered_total", account="up") == 0

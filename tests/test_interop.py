@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,16 @@ from relay.config.report import LOCAL_LITERAL, effective_config
 from relay.errors import ConfigError
 from relay.queue.types import MessageState, QueuedMessage
 from relay.smtp.wire import address_literal
-from tests.conftest import StartRelay, message, relay_config, send, upstream_account
+from tests.conftest import (
+    Launch,
+    StartRelay,
+    message,
+    relay_config,
+    send,
+    upstream_account,
+    wait_until,
+)
+from tests.relayproc import write_config
 from tests.upstream import FakeUpstream
 
 FAST = {"timeouts": {"command": "3s", "data": "3s"}}
@@ -151,6 +161,34 @@ async def test_a_421_after_some_transactions_keeps_what_was_delivered(
         assert up.recipients_received() == ["a@example.com", "b@example.com"]
 
 
+@pytest.mark.slow
+async def test_kill_9_between_split_transactions_resends_only_the_rest(
+    tmp_path: Path, launch: Launch
+) -> None:
+    """Each transaction's accepted recipients are stored when its 250 arrives: a kill -9
+    while the next transaction is under way resends only that one's (was: r0, r1 twice)."""
+    recipients = [f"r{i}@example.com" for i in range(6)]
+    async with FakeUpstream(recipient_limit=2) as up:
+        up.delay("MAIL", 60, after=1)  # the second transaction hangs at MAIL
+        config = write_config(tmp_path, up)
+        relay = await launch(config)
+        await relay.wait_started()
+        code, text = await send(relay.port, message("split"), recipients=recipients)
+        assert code == 250, text
+        await up.wait_for_messages(1)
+        await wait_until(lambda: len(up.times_of("MAIL")) >= 2, what="the second MAIL")
+        relay.proc.send_signal(signal.SIGKILL)
+        assert await relay.exit_code(within=5) == -signal.SIGKILL
+
+        up.clear_faults()
+        restarted = await launch(config)
+        await restarted.wait_started()
+        await up.wait_for_messages(3, timeout=10)
+        restarted.proc.send_signal(signal.SIGTERM)
+        assert await restarted.exit_code(within=10) == 0
+        assert sorted(up.recipients_received()) == recipients  # each exactly once
+
+
 # -- 17.5: 8-bit data to a server without 8BITMIME ------------------------------------
 
 async def test_8bit_body_to_a_server_without_8bitmime_fails_clearly(
@@ -178,6 +216,28 @@ async def test_8bit_body_to_a_server_with_8bitmime_goes_unchanged(
         body = message("8bit", body="caf\u00e9\r\n")
         await deliver(app, body)
         assert [m.data for m in up.messages] == [body]
+
+
+@pytest.mark.parametrize("declared", [None, ["BODY=7BIT"]], ids=["undeclared", "7bit"])
+async def test_an_8bit_body_is_declared_8bitmime_upstream(
+    tmp_path: Path, start_relay: StartRelay, declared: list[str] | None
+) -> None:
+    """A client that sent 8-bit data without BODY=8BITMIME (or with BODY=7BIT): relay
+    declares it to the upstream (was: sent undeclared, or as 7BIT)."""
+    async with FakeUpstream() as up:
+        app = await relay_for(up, tmp_path, start_relay)
+        body = message("8bit", body="caf\u00e9\r\n")
+        code, text = await send(app.smtp_port, body, mail_options=declared)
+        assert code == 250, text
+        await up.wait_for_messages(1)
+        assert up.messages[0].data == body
+        assert [o for o in up.messages[0].mail_options if o.startswith("BODY=")] == [
+            "BODY=8BITMIME"]
+        # A 7-bit body keeps what its client declared.
+        assert (await send(app.smtp_port, message("ascii"), mail_options=declared))[0] == 250
+        await up.wait_for_messages(2)
+        assert [o for o in up.messages[1].mail_options if o.startswith("BODY=")] == (
+            declared or [])
 
 
 # -- 17.3: the EHLO name --------------------------------------------------------------

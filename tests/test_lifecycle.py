@@ -21,6 +21,7 @@ import pytest
 
 from relay.errors import ConfigError
 from relay.ingest.auth import hash_password
+from relay.queue.types import MessageState
 from tests.conftest import (
     Launch,
     StartRelay,
@@ -227,3 +228,32 @@ async def test_a_reload_whose_log_file_cannot_be_opened_changes_nothing(
     assert app.config is before and set(app.scheduler.workers) == {"up"}
     assert any(m.startswith("reload_rejected reason=\"logging.file: cannot open")
                for m in caplog.messages), caplog.messages
+
+
+async def test_a_send_cut_off_by_shutdown_is_recorded_and_logged(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGTERM while the upstream holds the final reply: after the grace the send is an
+    attempt with its reason (was: queued, TRIES 0, no error, only `stopped` logged), so a
+    duplicate after the restart can be explained."""
+    caplog.set_level(logging.WARNING, logger="relay")
+    upstream.delay("DATA", 30)  # the message is recorded, the 250 never comes in time
+    account = upstream_account(upstream, tmp_path, retry={"initial_delay": "1h",
+                                                          "max_delay": "1h", "max_age": "2d"})
+    config = relay_config(tmp_path, {"up": account})
+    app = await start_relay(config)
+    code, text = await send(app.smtp_port, message("held"))
+    assert code == 250
+    queue_id = text.split()[-1]
+    await upstream.wait_for_messages(1)
+    await app.shutdown(grace=0.3)
+    [line] = [m for m in caplog.messages if " interrupted " in m]
+    assert line.startswith(f"{queue_id}: interrupted account=up") and "attempt=1" in line
+
+    upstream.delay("DATA", 0)
+    app2 = await start_relay(config)
+    stored = await app2.store.get(queue_id)
+    assert stored is not None and stored.attempts == 1
+    assert stored.last_error == "interrupted by shutdown; may have been delivered"
+    assert stored.state is MessageState.DEFERRED

@@ -115,6 +115,37 @@ async def test_rate_limit_holds_over_every_sliding_window(
     assert metric(app, "relay_messages_failed_total", account="up") == 0
 
 
+def _most_in_any_second(times: list[float]) -> int:
+    times = sorted(times)
+    return max((len([t for t in times[i:] if t < start + 1.0])
+                for i, start in enumerate(times)), default=0)
+
+
+async def test_rate_limit_counts_split_and_retried_transactions(
+    tmp_path: Path, start_relay: StartRelay
+) -> None:
+    """per_second: 2 holds at the upstream for every transaction: the further ones after
+    '452 too many recipients' and the immediate retry after a plain 421 (was: 8 in 1 s)."""
+    async with FakeUpstream(recipient_limit=2) as upstream:
+        account = upstream_account(upstream, tmp_path, rate_limit={"per_second": 2})
+        app = await start_relay(relay_config(tmp_path, {"up": account}))
+        rcpts = [f"r{k}@example.com" for k in range(6)]  # three transactions each
+        await send_many(app.smtp_port, [message(f"s{i}") for i in range(2)], sessions=2,
+                        recipients=rcpts)
+        await upstream.wait_for_messages(6, timeout=10)
+        assert _most_in_any_second(upstream.times_of("MAIL")) <= 2
+
+        # A plain 421 at MAIL: the same message goes out at once on a fresh connection.
+        upstream.reply_to("MAIL", 421, "4.7.0 Too many messages in this connection",
+                          times=3, close=True)
+        sent_before = len(upstream.times_of("MAIL"))
+        await send_many(app.smtp_port, [message(f"e{i}") for i in range(3)], sessions=3)
+        await upstream.wait_for_messages(9, timeout=10)
+        assert len(upstream.times_of("MAIL")) - sent_before >= 6  # each one retried
+        assert _most_in_any_second(upstream.times_of("MAIL")[sent_before:]) <= 2
+        assert metric(app, "relay_messages_failed_total", account="up") == 0
+
+
 async def test_rate_limit_survives_a_restart(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:

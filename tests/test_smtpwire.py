@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relay.smtp.data import normalize_newlines
 from relay.smtp.wire import (
     MAX_REPLY_LINE,
     Reply,
@@ -89,6 +92,30 @@ def test_data_is_dot_stuffed_and_ends_with_the_final_dot() -> None:
 def test_clean_body_is_sent_without_a_copy() -> None:
     body = b"Subject: x\r\n\r\nline\r\n"
     assert data_lines(body)[0] is body
+
+
+@given(st.lists(st.sampled_from([b".", b"..", b"a", b".a", b"\r\n", b"\n", b"\r"]),
+                max_size=40).map(b"".join))
+def test_dot_stuffing_matches_rfc_5321_4_5_2(body: bytes) -> None:
+    """Every line that starts with a dot gets one more (the reference: line by line)."""
+    lines = normalize_newlines(body).split(b"\r\n")
+    expected = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
+    if expected and not expected.endswith(b"\r\n"):
+        expected += b"\r\n"
+    assert _wire(body) == expected + b".\r\n"
+
+
+def test_dot_stuffing_a_body_of_dot_lines_costs_about_its_size_in_memory() -> None:
+    """A body of '..' lines was stuffed by a regex with a piece per match: 50 times the
+    body's size in memory (1.35 GB for 24 MB) and seconds on the event loop."""
+    body = b"Subject: s\r\n\r\n" + b"..\r\n" * 250_000  # 1 MB
+    tracemalloc.start()
+    try:
+        data_lines(body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * len(body)
 
 
 @pytest.mark.parametrize(

@@ -106,6 +106,7 @@ class _Faults:
     drops: collections.Counter[str] = field(default_factory=collections.Counter)
     drops_after_accept: int = 0  # DATA: record the message, then drop
     delays: dict[str, float] = field(default_factory=dict)
+    delay_skips: dict[str, int] = field(default_factory=dict)  # undelayed ones first
     auth: bool = False
     # verb -> (reply, close after it): answered instead of running the command
     replies: dict[str, tuple[_Reply, bool]] = field(default_factory=dict)
@@ -136,6 +137,7 @@ class _UpstreamSMTP(SMTP):
         @functools.wraps(method)
         async def dispatch(arg: str | None) -> None:
             self.upstream.commands.append((self.connection_id, verb))
+            self.upstream.command_times.append(time.monotonic())
             if verb != "DATA":  # DATA faults apply after the body (see _Handler)
                 await self.apply_faults(verb)
             if await self.maybe_reply(verb):
@@ -169,7 +171,11 @@ class _UpstreamSMTP(SMTP):
             self.drop()
 
     async def maybe_delay(self, verb: str) -> None:
-        seconds = self.upstream.faults.delays.get(verb)
+        faults = self.upstream.faults
+        seconds = faults.delays.get(verb)
+        if faults.delay_skips.get(verb, 0) > 0:
+            faults.delay_skips[verb] -= 1
+            return
         if seconds:
             await asyncio.sleep(seconds)
 
@@ -358,6 +364,7 @@ class FakeUpstream:
         self.auth_failures = 0
         self.connections_refused = 0  # by limit_connections()
         self.commands: list[tuple[int, str]] = []  # (connection_id, VERB)
+        self.command_times: list[float] = []  # time.monotonic() of each entry in commands
         self.ehlo_names: list[str] = []  # the name given in each EHLO, in order
         self.faults = _Faults()
 
@@ -429,6 +436,11 @@ class FakeUpstream:
             )
 
     # -- observations --------------------------------------------------------
+
+    def times_of(self, verb: str) -> list[float]:
+        """When each ``verb`` command arrived (time.monotonic()), in order."""
+        return [t for (_, v), t in zip(self.commands, self.command_times, strict=True)
+                if v == verb.upper()]
 
     def recipients_received(self) -> list[str]:
         """Accepted recipients of all recorded messages, in order."""
@@ -563,13 +575,15 @@ class FakeUpstream:
         else:
             self.faults.drops[v] += times
 
-    def delay(self, verb: str, seconds: float) -> None:
+    def delay(self, verb: str, seconds: float, *, after: int = 0) -> None:
         """Sleep ``seconds`` before replying to ``verb`` (0 removes the delay).
 
         "DATA" delays the final reply to the body, *after* the message has
         been recorded (if accepted); "GREETING" delays the banner.
+        ``after``: let that many ``verb`` commands through undelayed first.
         """
         v = _verb(verb)
+        self.faults.delay_skips[v] = after
         if seconds > 0:
             self.faults.delays[v] = seconds
         else:

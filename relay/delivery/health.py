@@ -3,7 +3,8 @@
 Only the server knows that an account is backing off (worker.AccountWorker), and
 another process cannot ask it. So the scheduler reports each change here, and this writes
 every account's latest state into the queue as one small JSON value
-(``QueueStore.publish_health``), which `relay status` reads.
+(``QueueStore.publish_health``), which `relay status` reads, and the next start restores
+(a restart, or a crash loop, must not end a quota or login backoff).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class AccountHealth:
     failures: int  # account-wide failures in a row; 0: healthy
     last_error: str = ""
     auth: bool = False  # the last failure was an AUTH refusal (535, 5.7.8)
+    reason: str = ""  # the backoff's label (relay_account_backoffs_total), "" when healthy
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,13 @@ import socket
 import time
 from pathlib import Path
 
-from relay.delivery.transport import SendResult
+from relay.delivery.transport import Pace, SendResult
 from relay.errors import TemporaryFailure
+
+# A full disk or an exceeded disk quota refuses every message alike: the account backs
+# off with one probe at a time instead of retrying each message on its own.
+_ACCOUNT_WIDE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_FULL = "disk_full"
 
 _counter = itertools.count()
 
@@ -85,13 +90,16 @@ class MaildirTransport:
         return unique
 
     async def send(
-        self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...]
+        self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...],
+        *, pace: Pace | None = None,
     ) -> SendResult:
         try:
             unique = await asyncio.to_thread(self._deliver, sender, body)
         except OSError as exc:
             reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "error")
-            raise TemporaryFailure(f"maildir {self.path}: {reason}") from None
+            wide = DISK_FULL if exc.errno in _ACCOUNT_WIDE_ERRNOS else None
+            raise TemporaryFailure(f"maildir {self.path}: {reason}",
+                                   account_reason=wide) from None
         return SendResult(
             accepted=list(recipients), reply=f"250 2.0.0 saved as {unique}", peer=self.peer
         )

@@ -33,7 +33,9 @@ def settle(
 ) -> AttemptResult:
     """The AttemptResult to store. ``resume_at``: the account is backing off until then;
     ``age_now``: the clock for the message's age (RetryPolicy.decide)."""
-    attempts = message.attempts + 1
+    # A send that never reached the upstream (no connection, login held) is no attempt.
+    offered = not isinstance(sent, DeliveryError) or sent.offered
+    attempts = message.attempts + (1 if offered else 0)
     recipients = [replace(r) for r in message.recipients]
     pending = [r for r in recipients if r.state is RecipientState.PENDING]
 
@@ -120,3 +122,12 @@ def _state_of(recipients: list[Recipient]) -> tuple[MessageState, str]:
         return MessageState.DELIVERED, "partial" if RecipientState.FAILED in states else "delivered"
     return MessageState.FAILED, "failed"
 
+
+def accepted_so_far(message: QueuedMessage, sent: SendResult) -> list[Recipient]:
+    """The message's recipients with those one transaction already delivered marked so
+    (stored between the transactions of a split send: a crash resends only the rest)."""
+    recipients = [replace(r) for r in message.recipients]
+    for r in recipients:
+        if r.state is RecipientState.PENDING and r.address in sent.accepted:
+            _finish(r, RecipientState.DELIVERED, sent.reply)
+    return recipients

@@ -6,6 +6,10 @@ the account may not use): every other message would get the same answer, so fail
 all bounces a whole queue over one account problem. Those are deferred, and the account
 backs off as a whole (worker.AccountWorker) until an operator or the quota resets.
 
+The same table is consulted at every stage (MAIL, RCPT, DATA, the reply to the final
+dot, a 421 closing the session): Gmail's quota comes at MAIL, RCPT or after the dot,
+Microsoft 365's SubmissionQuotaExceeded after the dot.
+
 ``account_refusal`` returns a short reason label (a metric label: a fixed, small set) or
 None when the reply is about the message.
 """
@@ -33,7 +37,13 @@ _ENHANCED: dict[str, str] = {
     "5.7.708": THROTTLED,  # Microsoft 365: traffic not accepted from this IP
 }
 # Classes that are about this message whatever the text says ("exceeded the size limit").
-_MESSAGE_CLASSES = ("5.1.", "5.3.", "5.6.", "4.3.4", "5.3.4")
+# 4.2.x/5.2.x name one mailbox (full, disabled, too big): about that recipient, though
+# 5.2.0 (other mailbox status) is Microsoft 365's quota code and is judged by its text.
+_MESSAGE_CLASSES = ("5.1.", "5.3.", "5.6.", "4.3.4", "5.3.4", "4.2.1", "4.2.2", "4.2.3",
+                    "5.2.1", "5.2.2", "5.2.3", "4.2.4", "5.2.4")
+# Texts about one message or recipient whatever else they say: greylisting says "try
+# again later" but concerns this sender/recipient pair, not the account.
+_MESSAGE_TEXTS = re.compile(r"greylist|graylist|mailbox (is )?(full|over quota)")
 # Reply codes that are about the session's login, whatever the text (RFC 4954).
 _CODES: dict[int, str] = {530: AUTH, 534: AUTH, 535: AUTH, 538: AUTH}
 # Provider texts, lower case; the first that appears in the reply decides.
@@ -41,6 +51,7 @@ _TEXTS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern), reason)
     for pattern, reason in (
         (r"sending (quota|limit)", QUOTA),  # Gmail 5.4.5, Zoho, Yahoo
+        (r"submissionquotaexceeded", QUOTA),  # Microsoft 365: 554 5.2.0 STOREDRV...
         (r"daily (user )?(sending )?(quota|limit)", QUOTA),
         (r"(message|recipient|rate) limit (exceeded|reached)", QUOTA),
         (r"too many (messages|emails|mails) (sent|today)", QUOTA),
@@ -61,7 +72,7 @@ _TEXTS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 
 
 def account_refusal(code: int, enhanced: str | None, text: str) -> str | None:
-    """The reason label when a refusal of MAIL FROM concerns the account, else None."""
+    """The reason label when a refusal (at any stage) concerns the account, else None."""
     if code in _CODES:
         return _CODES[code]
     if code == 552 or (enhanced is not None and enhanced.startswith(_MESSAGE_CLASSES)):
@@ -69,7 +80,17 @@ def account_refusal(code: int, enhanced: str | None, text: str) -> str | None:
     if enhanced is not None and enhanced in _ENHANCED:
         return _ENHANCED[enhanced]
     lowered = " ".join(text.lower().split())
+    if _MESSAGE_TEXTS.search(lowered):
+        return None
     for pattern, reason in _TEXTS:
         if pattern.search(lowered):
+            if reason == THROTTLED and not _policy_class(enhanced):
+                return None  # "451 4.3.0 try again later": the server's own trouble
             return reason
     return None
+
+
+def _policy_class(enhanced: str | None) -> bool:
+    """A throttle is a policy (X.7.x, RFC 3463) decision; "try again later" with another
+    class (4.3.0 system status) is a passing fault of the server, judged per message."""
+    return enhanced is None or enhanced[2:].startswith("7.")

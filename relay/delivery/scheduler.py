@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from relay.config.schema import Config, RetryConfig
 from relay.delivery.bounce import build_dsn, needs_smtputf8
-from relay.delivery.health import AccountHealth, HealthPublisher
+from relay.delivery.health import AccountHealth, HealthPublisher, decode
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import Transport
@@ -184,7 +184,14 @@ class Scheduler:
         if recovered:
             event(log, logging.WARNING, "recovered", count=recovered,
                   reason="messages being delivered when relay stopped are queued again")
+        previous = decode(await self.store.read_health())
         for worker in self.workers.values():
+            health = previous.accounts.get(worker.name) if previous else None
+            if health is not None and health.failures > 0:
+                worker.restore_backoff(health, now)
+                # Published again under this process: `relay status` ignores a report
+                # whose process is gone, and the next report must not drop it.
+                self.health.update(health)
             await self._start_worker(worker, now)
         self._flush_seen = await self.store.flush_requested()
         await self.apply_pauses()
@@ -304,6 +311,19 @@ class Scheduler:
                    for w in self.workers.values()):
                 return
 
+    async def _record_interrupted(self, sends: list[tuple[AccountWorker, QueuedMessage]]
+                                  ) -> None:
+        """Sends cut off by shutdown: recorded as attempts that may have delivered (logged
+        `interrupted`), not silently queued again; if that write fails, queued again."""
+        now = self.clock()
+        for worker, message in sends:
+            [result] = worker.interrupted([message], now)
+            try:
+                await self.store.finish(result)
+            except StoreError:
+                with contextlib.suppress(StoreError):
+                    await self.store.requeue([message.id], now)
+
     async def stop(self, grace: float) -> None:
         """Stop claiming, give in-flight sends ``grace`` seconds, requeue the rest."""
         if self._watcher is not None:
@@ -319,6 +339,7 @@ class Scheduler:
             with contextlib.suppress(StoreError):
                 await self.store.requeue(claimed, self.clock())
         tasks = {mid: t for w in self.workers.values() for mid, t in w.in_flight.items()}
+        carrying = {mid: (w, m) for w in self.workers.values() for mid, m in w.carrying.items()}
         if tasks:
             _, pending = await asyncio.wait(tasks.values(), timeout=grace)
             for task in pending:
@@ -326,8 +347,7 @@ class Scheduler:
             await asyncio.gather(*pending, return_exceptions=True)
             unfinished = [mid for mid, t in tasks.items() if t in pending]
             if unfinished:
-                with contextlib.suppress(StoreError):
-                    await self.store.requeue(unfinished, self.clock())
+                await self._record_interrupted([carrying[mid] for mid in unfinished])
         # Outcomes already decided are written before the store closes.
         recording = [t for w in self.workers.values() for t in w.settling]
         if recording:

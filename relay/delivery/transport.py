@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -21,6 +22,13 @@ class SendResult:
     peer: str = ""  # host:port, for the log line
 
 
+# Called before each further transaction of one send (the rest after '452 too many
+# recipients', a retry on a fresh connection after a 421) with what the send achieved so
+# far: records the recipients already accepted (a crash then resends only the rest), and
+# returns once the account's rate limit allows one more transaction, which it counts.
+Pace = Callable[["SendResult"], Awaitable[None]]
+
+
 class Transport(Protocol):
     name: str
 
@@ -28,7 +36,8 @@ class Transport(Protocol):
     def peer(self) -> str: ...
 
     async def send(
-        self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...]
+        self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...],
+        *, pace: Pace | None = None,
     ) -> SendResult: ...
 
     async def close(self) -> None: ...

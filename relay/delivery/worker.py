@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from relay.delivery.bounce import should_bounce
 from relay.delivery.health import AccountHealth, HealthHook
-from relay.delivery.outcome import settle
+from relay.delivery.outcome import accepted_so_far, settle
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import PoolControl, SendResult, Transport
@@ -38,6 +38,10 @@ from relay.queue.types import (
 
 log = logging.getLogger("relay.delivery")
 _FINISH_RETRY_S = 1.0
+INTERRUPTED = "interrupted by shutdown; may have been delivered"
+# How often a further transaction waiting for the rate limit looks again (a send under
+# way that ends does not wake it).
+_PACE_POLL_S = 0.05
 # Builds the bounce for a message's newly failed recipients (None: no bounce).
 Bounce = Callable[[QueuedMessage, list[Recipient], bytes], NewMessage | None]
 
@@ -53,6 +57,15 @@ def backoff_reason(error: DeliveryError) -> str:
     if error.code == 535 or error.enhanced == "5.7.8":
         return "auth"
     return "refused" if error.code is not None else "connect"
+
+
+def account_error(sent: SendResult | DeliveryError) -> DeliveryError | None:
+    """The failure that concerns the whole account, if any: the attempt's own error, or a
+    recipient's refusal that is a quota or throttle (Gmail's 5.4.5 at RCPT): the other
+    recipients and messages would get the same answer."""
+    if isinstance(sent, DeliveryError):
+        return sent if sent.account_wide else None
+    return next((e for e in sent.refused.values() if e.account_wide), None)
 
 
 def _iso(ts: float) -> str:
@@ -102,6 +115,7 @@ class AccountWorker:
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
         self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self.carrying: dict[str, QueuedMessage] = {}  # the message each in_flight task sends
         self.settling: set[asyncio.Task[None]] = set()  # outcome writes under way
         self.recording: set[str] = set()  # ids whose outcome is being written
         self.ready: collections.deque[QueuedMessage] = collections.deque()  # claimed, unsent
@@ -241,18 +255,25 @@ class AccountWorker:
     async def _claim(self, now: float, mono: float, want: int) -> bool:
         """Claim up to `want` due messages within the rate limit; start what can start."""
         allowed = min(want, self.limiter.available(mono))
-        batch = await self.store.claim_due(self.name, now, allowed, self.lease_s,
-                                           self.limiter.windows)
+        # Reserved before the claim's commit, not after: meanwhile a send under way may
+        # reserve a further transaction (_between), and both would fit the same room.
+        self.limiter.reserve(allowed)  # each counts until its send ends (_deliver)
+        batch: list[QueuedMessage] = []
+        try:
+            batch = await self.store.claim_due(self.name, now, allowed, self.lease_s,
+                                               self.limiter.windows)
+        finally:
+            self.limiter.cancel(allowed - len(batch))
         if not batch:
             return False
         if self.mono() < self.backoff_until:
             # The account backed off while the claim was being committed: give these
             # back at once, as _account_health did with the others.
+            self.limiter.cancel(len(batch))
             self._give_back([m.id for m in batch], self.clock(), due_at=self.resume_at)
             return False
         self._held = False
         self.idle.clear()
-        self.limiter.reserve(len(batch))  # each counts until its send ends (_deliver)
         self.ready.extend(batch)
         self._start_ready()
         return True
@@ -277,6 +298,7 @@ class AccountWorker:
     def _start(self, message: QueuedMessage) -> None:
         task = asyncio.create_task(self._deliver(message), name=f"deliver-{message.id}")
         self.in_flight[message.id] = task
+        self.carrying[message.id] = message
         task.add_done_callback(functools.partial(self._done, message.id))
 
     def held(self) -> list[str]:
@@ -285,6 +307,7 @@ class AccountWorker:
 
     def _done(self, message_id: str, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(message_id, None)
+        self.carrying.pop(message_id, None)
         if not task.cancelled() and task.exception() is not None:
             # A bug outside the send itself: the row would stay 'sending' until its lease
             # ran out. Give it back now.
@@ -316,7 +339,8 @@ class AccountWorker:
         try:
             body = await self.store.load_body(message.id)
             sent = await self.transport.send(
-                message.sender, message.pending_recipients, body, message.mail_options
+                message.sender, message.pending_recipients, body, message.mail_options,
+                pace=functools.partial(self._between, message),
             )
         except DeliveryError as exc:
             sent = exc
@@ -343,6 +367,44 @@ class AccountWorker:
         self.recording.add(message.id)
         task.add_done_callback(self._recorded)
         task.add_done_callback(lambda _: self.recording.discard(message.id))
+
+    async def _between(self, message: QueuedMessage, so_far: SendResult) -> None:
+        """Before a further transaction of the same send (452 split, retry after a 421).
+
+        The recipients accepted so far are stored first, so a crash now resends only the
+        others. Then the transaction before ends here and counts in the rate limit; the
+        next waits its turn and is reserved like a claim, so the upstream never sees more
+        than the configured rate."""
+        if so_far.accepted:
+            try:
+                await self.store.record_recipients(message.id,
+                                                   accepted_so_far(message, so_far))
+            except StoreError as exc:  # the outcome still records them; a crash would not
+                event(log, logging.ERROR, "queue_error", message.id, account=self.name,
+                      reason=f"cannot record accepted recipients: {exc}")
+        self.limiter.complete(self.mono())
+        while self.limiter.available(self.mono()) < 1:
+            wait = self.limiter.wait_time(self.mono())
+            await asyncio.sleep(min(wait, _PACE_POLL_S))
+        self.limiter.reserve(1)
+
+    def restore_backoff(self, health: AccountHealth, now: float) -> None:
+        """Go on with the backoff a previous run stored (``health``, wall time): after a
+        restart the account still probes one at a time, not a pool's worth at once, and a
+        refused login is not tried again before its backoff ends (a crash loop would
+        otherwise lock the account)."""
+        if health.failures <= 0:
+            return
+        self.backoff_failures = health.failures
+        self.auth_failures = health.failures if health.auth else 0
+        self.last_account_error = health.last_error
+        remaining = health.backoff_until - now
+        if remaining > 0:
+            self.backoff_until = self.mono() + remaining
+            self.resume_at = health.backoff_until
+        event(log, logging.WARNING, "account_backoff_restored", account=self.name,
+              reason=health.last_error, why=health.reason or None,
+              until=_iso(max(health.backoff_until, now)))
 
     def _recorded(self, task: asyncio.Task[None]) -> None:
         self.settling.discard(task)
@@ -393,7 +455,8 @@ class AccountWorker:
     def _account_health(self, sent: SendResult | DeliveryError, now: float) -> float | None:
         """Back the account off on account-wide failures; return when it resumes (wall)."""
         mono = self.mono()
-        if not isinstance(sent, DeliveryError) or not sent.account_wide:
+        failure = account_error(sent)
+        if failure is None:
             recovered = self.backoff_failures > 0
             if recovered:
                 event(log, logging.INFO, "account_recovered", account=self.name)
@@ -403,12 +466,13 @@ class AccountWorker:
             if recovered and self.health is not None:
                 self.health(AccountHealth(self.name, self._wall_at(self.backoff_until), 0))
             return None
-        refused_login = sent.code == 535 or (sent.code is not None and sent.enhanced == "5.7.8")
+        refused_login = failure.code == 535 or (failure.code is not None
+                                                and failure.enhanced == "5.7.8")
         if refused_login:  # every refused login counts, also those already inside a backoff
             self.metrics.auth_failures.labels(self.name).inc()
         if mono < self.backoff_until:  # another send already backed it off
             return self._wall_at(self.backoff_until)
-        reason = backoff_reason(sent)
+        reason = backoff_reason(failure)
         auth = reason == "auth"
         self.backoff_failures += 1
         if auth:  # its own floor: a provider locks an account after a few failed logins
@@ -418,11 +482,11 @@ class AccountWorker:
             delay = self.policy.next_delay(self.backoff_failures, self.rng)
         self.backoff_until = mono + delay
         resume_at = self.resume_at = now + delay
-        self.last_account_error = sent.reply_text()
+        self.last_account_error = failure.reply_text()
         self.metrics.account_backoffs.labels(self.name, reason).inc()
         event(log, logging.ERROR if auth else logging.WARNING,
               "account_auth_failed" if auth else "account_backoff", account=self.name,
-              relay=self.transport.peer, reason=sent.reply_text(), why=reason,
+              relay=self.transport.peer, reason=failure.reply_text(), why=reason,
               until=_iso(resume_at))
         # Claimed-ahead messages go back to the queue, due when the account resumes: while
         # it backs off, 'sending' means a connection carries the message now (11.13).
@@ -431,7 +495,7 @@ class AccountWorker:
         self._give_back(ready, now, due_at=resume_at)
         if self.health is not None:
             self.health(AccountHealth(self.name, resume_at, self.backoff_failures,
-                                      self.last_account_error, auth))
+                                      self.last_account_error, auth, reason))
         return resume_at
 
     def _report(self, message: QueuedMessage, result: AttemptResult,
@@ -476,6 +540,21 @@ class AccountWorker:
             event(log, logging.WARNING, "recipients_failed", message.id, account=self.name,
                   relay=peer, attempt=result.attempts, to=_addresses(failed),
                   reason="; ".join(f"<{r.address}>: {r.reply}" for r in failed)[:1000])
+
+    def interrupted(self, messages: list[QueuedMessage], now: float) -> list[AttemptResult]:
+        """Sends shutdown cut off (their grace ran out): each is an attempt with its reason,
+        since the upstream may already have the message. Logged, so that a duplicate
+        after the restart can be explained."""
+        error = TemporaryFailure(INTERRUPTED)
+        results = []
+        for message in messages:
+            result = settle(message, error, now=now, policy=self.policy, rng=self.rng,
+                            age_now=self.age_clock(now))
+            results.append(result)
+            event(log, logging.WARNING, "interrupted", message.id, account=self.name,
+                  relay=self.transport.peer, attempt=result.attempts, reason=INTERRUPTED,
+                  next_attempt=_iso(result.next_attempt_at))
+        return results
 
     def stop_claiming(self) -> None:
         self._stopping = True

@@ -19,7 +19,8 @@ REJECT_REASONS = ("unknown_account", "bad_header", "too_big", "too_many_recipien
 # Where relay_internal_errors_total is counted (each is restarted after an error).
 INTERNAL_COMPONENTS = ("account_worker", "delivery", "queue_watcher", "queue_writer")
 # relay_account_backoffs_total reasons (worker.backoff_reason; relay.delivery.refusals.REASONS).
-BACKOFF_REASONS = ("quota", "auth", "sender_not_allowed", "throttled", "refused", "connect")
+BACKOFF_REASONS = ("quota", "auth", "sender_not_allowed", "throttled", "refused", "connect",
+                   "disk_full")
 # Delivery transactions: milliseconds to minutes (RFC 5321 allows 10 minutes for DATA).
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 # Event loop lag: a healthy loop wakes within a millisecond; a stall shows in seconds.

@@ -13,7 +13,13 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Protocol
 
 from relay.queue.filters import MessageFilter, SortKey
-from relay.queue.types import AttemptResult, MessageState, NewMessage, QueuedMessage
+from relay.queue.types import (
+    AttemptResult,
+    MessageState,
+    NewMessage,
+    QueuedMessage,
+    Recipient,
+)
 
 OPERATOR_CHUNK = 5000  # messages per committed window of an operator operation
 
@@ -59,6 +65,10 @@ class QueueStore(Protocol):
         """
     async def renew(self, ids: Sequence[str], lease_until: float) -> int:
         """Extend this owner's leases on ``ids`` (sends still under way)."""
+    async def record_recipients(self, message_id: str, recipients: Sequence[Recipient]
+                                ) -> None:
+        """Store a claimed message's recipients mid-send (some already delivered by one
+        transaction of several), so that a crash resends only the others."""
     async def requeue(self, ids: Sequence[str], now: float, *, due_at: float | None = None
                       ) -> None: ...
     async def requeue_expired(self, now: float, *, keep: Sequence[str] = ()) -> int:

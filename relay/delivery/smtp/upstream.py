@@ -26,12 +26,14 @@ from relay.delivery.smtp.errors import (
     ChannelClosed,
     ServiceClosing,
     closing_error,
+    login_refused,
     map_smtp_error,
     refusal,
     sender_refusal,
+    split_enhanced,
     too_many_recipients,
 )
-from relay.delivery.transport import SendResult
+from relay.delivery.transport import Pace, SendResult
 from relay.errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
 from relay.smtp import wire as smtpwire
 from relay.smtp.wire import Reply
@@ -63,6 +65,19 @@ def choose_mechanism(configured: str, advertised: list[str]) -> str | None:
     if configured != "auto":
         return configured if configured in offered else None
     return next((m for m in AUTH_MECHANISMS if m in offered), None)
+
+
+class _Client(aiosmtplib.SMTP):
+    """aiosmtplib's client, remembering whether TCP connected: connect() closes (and
+    forgets the transport) when the greeting never comes or is a refusal, and such a
+    connection still counts in relay_upstream_connections_opened_total."""
+
+    tcp_connected = False
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.tcp_connected = True
+        super().close()
 
 
 class _Replace(Exception):
@@ -224,7 +239,9 @@ class UpstreamPool:
         method = getattr(client, f"auth_{mechanism.replace('-', '')}")
         try:
             await method(acc.username, acc.secret or "", timeout=acc.timeouts.command)
-        except aiosmtplib.SMTPAuthenticationError:
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            if not login_refused(exc.code, split_enhanced(exc.message)[0]):
+                raise  # 454, 421: a temporary failure, not a refused login (map_smtp_error)
             self._logins_refused += 1
             self._login_proven = False
             self._login_hold_until = time.monotonic() + self._login_hold_s
@@ -233,7 +250,7 @@ class UpstreamPool:
 
     async def _open(self) -> Connection:
         acc = self.account
-        client = aiosmtplib.SMTP(
+        client = _Client(
             hostname=acc.host,
             port=acc.effective_port,
             use_tls=acc.tls == "implicit",
@@ -243,9 +260,11 @@ class UpstreamPool:
             timeout=acc.timeouts.command,
             local_hostname=self._ehlo_name or "localhost",  # (connect() sends no EHLO)
         )
+        counted = False
         try:
             await client.connect(timeout=acc.timeouts.connect)
             if self._on_connect:
+                counted = True
                 self._on_connect()
             client.local_hostname = self._ehlo_name or _local_literal(client)
             await client.ehlo(timeout=acc.timeouts.command)
@@ -259,6 +278,11 @@ class UpstreamPool:
             if transport is None or transport.is_closing():
                 raise ChannelClosed("connection closed during setup")
         except BaseException as exc:
+            if not counted and self._on_connect and (client.transport is not None
+                                                     or client.tcp_connected):
+                # TCP connected, but no (or no good) greeting: a connection all the same
+                # (docs/monitoring.md), or a server that never greets would show none.
+                self._on_connect()
             client.close()
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -329,20 +353,29 @@ class UpstreamPool:
         conn.channel.close()
 
     async def send(
-        self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...]
+        self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...],
+        *, pace: Pace | None = None,
     ) -> SendResult:
+        """``pace``: awaited before every transaction after the first (see Pace)."""
         async with self._limit:
-            conn, reused = await self._acquire()
             try:
-                return await self._attempt(conn, reused, sender, recipients, body, mail_options)
+                conn, reused = await self._acquire()
+            except DeliveryError as exc:
+                exc.offered = False  # no connection (or the login held): never offered
+                raise
+            try:
+                return await self._attempt(conn, reused, sender, recipients, body,
+                                           mail_options, pace)
             except _Replace:
                 # Not this message's fault: it goes out at once on a fresh connection
                 # (pooled ones may be as spent), within the same attempt. Once only; then
-                # it is an ordinary deferral.
+                # it is an ordinary deferral. It is one more transaction: paced.
+                if pace is not None:
+                    await pace(SendResult(accepted=[], peer=self.peer))
                 conn = await self._connect()
                 try:
                     return await self._attempt(
-                        conn, False, sender, recipients, body, mail_options
+                        conn, False, sender, recipients, body, mail_options, pace
                     )
                 except _Replace as again:
                     raise again.error from None
@@ -355,17 +388,22 @@ class UpstreamPool:
         recipients: list[str],
         body: bytes,
         mail_options: tuple[str, ...],
+        pace: Pace | None = None,
     ) -> SendResult:
         """Deliver on one connection; raise _Replace if another connection should try."""
         self._busy.add(conn)
         healthy = False
         answered = conn.channel.replies_read
         try:
-            result = await self._deliver_all(conn, sender, recipients, body, mail_options)
+            result = await self._deliver_all(conn, sender, recipients, body, mail_options,
+                                             pace)
             healthy = conn.channel.is_connected
             return result
         except ServiceClosing as exc:
-            raise _Replace(closing_error(exc)) from None
+            error = closing_error(exc)
+            if error.account_wide:  # a throttle: another connection now would only add to it
+                raise error from None
+            raise _Replace(error) from None
         except ChannelClosed as exc:
             if reused and conn.channel.replies_read == answered:
                 # The server closed a pooled connection meanwhile, before it answered
@@ -389,15 +427,19 @@ class UpstreamPool:
         recipients: list[str],
         body: bytes,
         mail_options: tuple[str, ...],
+        pace: Pace | None = None,
     ) -> SendResult:
         """Transactions on one connection until no recipient is left over by '452 too many
-        recipients' (RFC 5321 4.5.3.1.10): the rest go at once, not after a retry delay."""
+        recipients' (RFC 5321 4.5.3.1.10): the rest go at once, not after a retry delay
+        (but within the rate limit: ``pace``)."""
         total = await self._transaction(conn, sender, recipients, body, mail_options)
         while total.accepted:
             rest = [r for r, e in total.refused.items() if too_many_recipients(e)]
             if not rest:
                 break
             try:
+                if pace is not None:
+                    await pace(total)
                 more = await self._transaction(conn, sender, rest, body, mail_options)
             except (DeliveryError, OSError, TimeoutError) as exc:
                 # Some recipients already have the message: only the rest wait for a retry.
@@ -502,6 +544,11 @@ class UpstreamPool:
                     enhanced="5.6.3",
                 )
             options = [o for o in options if not o.upper().startswith("BODY=")]
+        elif not body.isascii():
+            # 8-bit data is declared whatever the client said (none, or BODY=7BIT): the
+            # upstream may otherwise treat it as 7-bit (RFC 6152 section 3).
+            options = [o for o in options if not o.upper().startswith("BODY=")]
+            options.append("BODY=8BITMIME")
         if "size" in extensions:
             options.insert(0, f"SIZE={len(body)}")
         try:

@@ -54,6 +54,7 @@ from relay.queue.sqlite.schema import (
     READY,
     SCHEMA_VERSION,
     map_sqlite_error,
+    recipients_json,
 )
 from relay.queue.sqlite.writer import (
     ClaimDue,
@@ -69,6 +70,7 @@ from relay.queue.types import (
     NewMessage,
     Priority,
     QueuedMessage,
+    Recipient,
 )
 
 log = logging.getLogger("relay.store")
@@ -444,6 +446,12 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
         counts: list[int] = await self._submit(Statements(statements=statements))
         return counts
 
+    async def record_recipients(self, message_id: str, recipients: Sequence[Recipient]
+                                ) -> None:
+        """Mid-send progress: only while the message is still claimed ('sending')."""
+        await self.execute([("UPDATE messages SET recipients=? WHERE id=? AND state='sending'",
+                             (recipients_json(recipients), message_id))])
+
     async def requeue(self, ids: Sequence[str], now: float, *, due_at: float | None = None
                       ) -> None:
         """Give claimed messages back: due again at once (shutdown), or deferred until
@@ -468,11 +476,14 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
         messages with it, so their age, retry delay and lease keep their real length.
 
         A time a client asked for (Deferred-Delivery: never tried, due after arrival) is
-        a time of day and stays.
+        a time of day and stays. A message without attempts can also wait out its
+        account's backoff ('deferred', or an error recorded by a send that never reached
+        the upstream): that time moves.
         """
         counts = await self.execute([(
             "UPDATE messages SET created_at = created_at + ?, lease_until = lease_until + ?,"
             " next_attempt_at = CASE WHEN attempts = 0 AND next_attempt_at > created_at"
+            " AND state <> 'deferred' AND last_error = ''"
             " THEN next_attempt_at ELSE next_attempt_at + ? END"
             " WHERE state IN ('queued', 'deferred', 'held', 'sending')",
             (delta, delta, delta),
