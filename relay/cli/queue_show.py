@@ -87,7 +87,7 @@ async def _read(config: Config, message_id: str, now: float) -> Shown:
             rate_wait = limiter.wait_time(now)
         reasons = why_waiting(message.state, message.attempts, message.created_at,
                               message.next_attempt_at, now, backoff_until=backoff,
-                              rate_wait_s=rate_wait)
+                              rate_wait_s=rate_wait, last_error=message.last_error)
         return Shown(message, body, reasons)
     finally:
         await store.close()

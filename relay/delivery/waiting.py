@@ -30,6 +30,7 @@ def why_waiting(
     *,
     backoff_until: float | None = None,
     rate_wait_s: float = 0.0,
+    last_error: str = "",
 ) -> list[Reason]:
     """Everything that keeps the message from its next attempt now; empty when it is due
     (the next free worker takes it). An account backoff is named while it lasts (the
@@ -44,7 +45,10 @@ def why_waiting(
         return [Reason("sending", None, "a worker is delivering it right now")]
     reasons: list[Reason] = []
     if next_attempt_at > now:
-        if attempts == 0 and next_attempt_at > created_at:
+        # Never tried and never put off by a failure (a send that never reached the
+        # upstream counts no attempt, but leaves its error and 'deferred'): the client's.
+        if (attempts == 0 and state is S.QUEUED and not last_error
+                and next_attempt_at > created_at):
             reasons.append(Reason("deferred-delivery", next_attempt_at,
                                   "the client asked for a later delivery (Deferred-Delivery)"))
         else:
