@@ -18,7 +18,8 @@ from relay.errors import StoreError
 from relay.printable import escape
 from relay.queue.sqlite import maintenance
 from relay.queue.sqlite.maintenance import QueueCheck as QueueCheck
-from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.sqlite.owners import lock_held
+from relay.queue.sqlite.store import SQLiteStore, server_lock_path
 from relay.queue.store import QueueStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -83,3 +84,13 @@ def backup_queue(source: Path, dest: Path) -> QueueCheck:
 def check_queue(path: Path) -> QueueCheck:
     """Schema and integrity of a queue file, read-only (`relay queue check`)."""
     return maintenance.check(path)
+
+
+def lock_path(queue: Path) -> Path:
+    """The lock `relay serve` holds on its queue while it runs."""
+    return server_lock_path(queue)
+
+
+def server_running(queue: Path) -> bool:
+    """True while a `relay serve` holds the queue's lock."""
+    return lock_held(server_lock_path(queue))

@@ -33,16 +33,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay.cli.common import EXIT_OK, load, open_queue, process_alive
+from relay.cli.common import (
+    EXIT_OK,
+    load,
+    lock_path,
+    open_queue,
+    process_alive,
+    server_running,
+)
 from relay.config.schema import Config
 from relay.delivery.health import AccountHealth, HealthReport, decode
 from relay.printable import escape
@@ -301,30 +306,6 @@ def render(summary: dict[str, Any]) -> str:
 
 
 # -- I/O ----------------------------------------------------------------------------------
-def lock_path(queue: Path) -> Path:
-    """The lock `relay serve` holds on its queue (store.SQLiteStore._take_lock)."""
-    return queue.with_name(queue.name + ".lock")
-
-
-def server_running(queue: Path) -> bool:
-    """True while a `relay serve` holds the queue's lock; the lock is taken and let go at once
-    otherwise (a server starting in that instant would refuse, as it would beside any holder).
-    """
-    try:
-        fd = os.open(lock_path(queue), os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
 async def gather(config: Config, now: float) -> Snapshot:
     running = server_running(config.queue.path)
     store = await open_queue(config)

@@ -75,19 +75,7 @@ class Owners:
 
     @staticmethod
     def _held(path: Path) -> bool:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        finally:
-            os.close(fd)
+        return lock_held(path)
 
     def release(self) -> None:
         if self._fd is None:
@@ -126,3 +114,22 @@ class Owners:
             with contextlib.suppress(OSError):
                 path.unlink()
         return gone
+
+
+def lock_held(path: Path) -> bool:
+    """True while some process holds an flock on ``path``; the lock is taken and let go at
+    once otherwise (a process locking it in that instant would find it taken, as it would
+    beside any holder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)

@@ -95,6 +95,11 @@ def _owner_column(db: sqlite3.Connection) -> str:
     return ADD_OWNER if columns and "owner" not in columns else ""
 
 
+def server_lock_path(queue: Path) -> Path:
+    """The lock `relay serve` (or its supervisor) holds on a queue file while it runs."""
+    return queue.with_name(queue.name + ".lock")
+
+
 class SQLiteStore(Pruning, OperatorQueries, AccountControl):
     """The embedded queue. ``commit='per-message'`` syncs each write on its own."""
 
@@ -209,14 +214,14 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
         return int(version)
 
     def _take_lock(self) -> None:
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        lock = server_lock_path(self.path)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise StoreLockedError(
-                f"another relay is already using {self.path} (lock {lock_path} is held)"
+                f"another relay is already using {self.path} (lock {lock} is held)"
             ) from None
         self._lock_fd = fd
 
