@@ -396,6 +396,13 @@ async def test_show_says_why_a_message_waits_and_until_when(
     flushed = await relay("queue", "flush")
     assert flushed.code == 0  # a flush ends the backoff, and makes RETRY due now
     assert (await waiting("RETRY"))["reasons"] == []
+    # A paused account's mail waits for a resume, not "due now" (found by a tester).
+    assert (await relay("accounts", "pause", "other")).code == 0
+    paused = await waiting("DUE")
+    assert [r["kind"] for r in paused["reasons"]] == ["paused"]
+    assert paused["next_attempt"] is None
+    assert (await relay("accounts", "resume", "other")).code == 0
+    assert (await waiting("DUE"))["reasons"] == []
 
 
 # -- summary ------------------------------------------------------------------------------

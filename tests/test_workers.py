@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -18,8 +19,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, multiprocess
 
 from relay.cli.commands import main
+from relay.observe.metrics import forget_process
 from relay.supervisors.multiprocess import restart_delay
 from tests.conftest import message, send_many, wait_until
 from tests.relayproc import RelayProcess, free_port, write_config
@@ -265,3 +268,31 @@ async def test_workers_stop_when_their_supervisor_is_killed(
 
 def test_a_worker_that_keeps_dying_waits_longer_each_time() -> None:
     assert [restart_delay(n) for n in range(1, 9)] == [0, 0.5, 1, 2, 4, 8, 16, 30]
+
+
+def test_a_dead_workers_account_gauges_leave_the_endpoint(tmp_path: Path) -> None:
+    """A worker killed while its account was backed off: once the supervisor forgets it,
+    relay_account_backoff must not keep its 1 (found by a tester: the gauges used the
+    multiprocess mode that keeps every process's value for ever, and the alert fired)."""
+    script = (
+        "import os, sys\n"
+        "from prometheus_client import CollectorRegistry\n"
+        "from relay.observe.metrics import Metrics\n"
+        "metrics = Metrics(CollectorRegistry(), ['up'])\n"
+        "metrics.account_backoff.labels('up').set(1)\n"
+        "metrics.account_paused.labels('up').set(1)\n"
+        "print(os.getpid())\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    pid = int(done.stdout.strip())
+
+    def values(name: str) -> list[float]:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, str(tmp_path))  # type: ignore[no-untyped-call]
+        return [s.value for m in registry.collect() for s in m.samples if s.name == name]
+
+    assert values("relay_account_backoff") == [1.0]
+    forget_process(pid, str(tmp_path))
+    assert values("relay_account_backoff") == [] and values("relay_account_paused") == []

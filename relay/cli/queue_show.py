@@ -87,7 +87,8 @@ async def _read(config: Config, message_id: str, now: float) -> Shown:
             rate_wait = limiter.wait_time(now)
         reasons = why_waiting(message.state, message.attempts, message.created_at,
                               message.next_attempt_at, now, backoff_until=backoff,
-                              rate_wait_s=rate_wait, last_error=message.last_error)
+                              rate_wait_s=rate_wait, last_error=message.last_error,
+                              paused=message.account in await store.paused_accounts())
         return Shown(message, body, reasons)
     finally:
         await store.close()

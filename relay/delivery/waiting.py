@@ -16,7 +16,8 @@ S = MessageState
 class Reason:
     """One thing holding a message back, and until when (None: until someone acts)."""
 
-    kind: str  # held | deferred-delivery | retry-delay | account-backoff | rate-limit | sending
+    # held | deferred-delivery | retry-delay | paused | account-backoff | rate-limit | sending
+    kind: str
     until: float | None
     text: str
 
@@ -31,6 +32,7 @@ def why_waiting(
     backoff_until: float | None = None,
     rate_wait_s: float = 0.0,
     last_error: str = "",
+    paused: bool = False,
 ) -> list[Reason]:
     """Everything that keeps the message from its next attempt now; empty when it is due
     (the next free worker takes it). An account backoff is named while it lasts (the
@@ -55,6 +57,9 @@ def why_waiting(
             reasons.append(Reason("retry-delay", next_attempt_at,
                                   f"retry delay after attempt {attempts}"))
     own = max(next_attempt_at, now)
+    if paused:
+        reasons.append(Reason("paused", None, "its account is paused; `relay accounts resume`"
+                                              " sends its mail again"))
     if backoff_until is not None and backoff_until > now:
         reasons.append(Reason("account-backoff", backoff_until,
                               "its account is backing off after account-wide failures"))

@@ -79,12 +79,14 @@ class Metrics:
                                         "Times an account backed off as a whole, by why.",
                                         ["account", "reason"], registry=r)
         # "Account down" as one alert: backed off (by this process) or paused (anywhere).
+        # livemax: with worker processes, a dead worker's last value must go with it (the
+        # default mode, all, keeps a killed worker's 1 for ever and the alert firing).
         self.account_backoff = Gauge("relay_account_backoff",
                                      "1 while the account is backed off as a whole.", acc,
-                                     registry=r)
+                                     registry=r, multiprocess_mode="livemax")
         self.account_paused = Gauge("relay_account_paused",
                                     "1 while the account is paused (relay accounts pause).",
-                                    acc, registry=r)
+                                    acc, registry=r, multiprocess_mode="livemax")
         self.internal_errors = Counter("relay_internal_errors",
                                        "Unexpected errors in a background task (restarted).",
                                        ["component"], registry=r)
