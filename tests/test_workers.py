@@ -296,3 +296,23 @@ def test_a_dead_workers_account_gauges_leave_the_endpoint(tmp_path: Path) -> Non
     assert values("relay_account_backoff") == [1.0]
     forget_process(pid, str(tmp_path))
     assert values("relay_account_backoff") == [] and values("relay_account_paused") == []
+
+
+async def test_a_second_sigterm_skips_the_workers_drain_delay(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """As with one process (docs/configuration.md, shutdown.drain_delay): the supervisor
+    passes a second SIGTERM on (found by a tester: it waited the whole delay)."""
+    config = write_config(tmp_path, upstream)
+    data = yaml.safe_load(config.read_text())
+    data["shutdown"] = {"drain_delay": "20s", "grace": "1s"}
+    config.write_text(yaml.safe_dump(data))
+    relay, _ = await _spawn(tmp_path, config)
+    try:
+        started = time.monotonic()
+        relay.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)
+        relay.proc.send_signal(signal.SIGTERM)
+        assert await relay.exit_code(within=15) == 0
+        assert time.monotonic() - started < 15  # not the 20 s drain delay
+    finally:
+        await relay.kill()

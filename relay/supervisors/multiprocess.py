@@ -89,7 +89,7 @@ class Supervisor:
         try:
             self._reserve_port()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stopping.set)
+                loop.add_signal_handler(sig, self._on_stop)
             loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
             try:
                 await asyncio.gather(*(self._start(w) for w in self.workers))
@@ -215,6 +215,17 @@ class Supervisor:
         for worker in self.workers:
             if worker.proc is not None and worker.proc.returncode is None:
                 worker.proc.send_signal(signal.SIGHUP)
+
+    def _on_stop(self) -> None:
+        """SIGTERM or SIGINT. The first stops the workers (_stop_all); a second is passed
+        on, so each worker skips the rest of its shutdown.drain_delay as one relay does."""
+        if not self.stopping.is_set():
+            self.stopping.set()
+            return
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.send_signal(signal.SIGTERM)
 
     async def _stop_all(self) -> None:
         """SIGTERM to every worker (each drains as a single relay does), then wait."""
