@@ -105,6 +105,79 @@ def test_serve_and_accounts_test_still_need_the_secrets(
                 " RELAY_TEST_GMAIL_PASSWORD is not set") in err
 
 
+SUBSTITUTED_SECRETS = """\
+queue: {{path: {queue}}}
+routing: {{default_account: gmail}}
+listen:
+  auth:
+    users:
+      app: {{password_hash: "${{APP_HASH}}"}}
+      web: {{password_file: "${{WEB_PWFILE}}"}}
+accounts:
+  gmail:
+    host: smtp.example.com
+    username: app@example.com
+    password: ${{SECRETPW}}
+  ses:
+    host: email-smtp.example.com
+    username: AKIA
+    password_file: ${{PWFILE}}
+"""
+UNSET_SECRETS = ("SECRETPW", "PWFILE", "APP_HASH", "WEB_PWFILE")
+
+
+def test_unset_variables_in_secret_keys_do_not_stop_the_operator_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`password: ${SECRETPW}` with SECRETPW unset is like an unset password_env: queue
+    and status work, check-config names it as a note (and does not call it a literal
+    password), serve and accounts test refuse it."""
+    for name in UNSET_SECRETS:
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "relay.yaml"
+    config.write_text(SUBSTITUTED_SECRETS.format(queue=tmp_path / "q.sqlite3"))
+    _make_queue(tmp_path / "q.sqlite3")
+    for argv in (["queue", "list"], ["status"]):
+        assert main([*argv, "-c", str(config)]) == 0, capsys.readouterr().err
+        assert "config error" not in capsys.readouterr().err
+    assert main(["check-config", "-c", str(config)]) == 0
+    err = capsys.readouterr().err
+    for key, var in (("accounts.gmail.password", "SECRETPW"),
+                     ("accounts.ses.password_file", "PWFILE"),
+                     ("listen.auth.users.app.password_hash", "APP_HASH"),
+                     ("listen.auth.users.web.password_file", "WEB_PWFILE")):
+        assert f"note: {key}: environment variable {var} is not set here" in err, err
+    assert "literal password" not in err
+    assert "cannot read ${" not in err  # named once, by its variable
+    for argv in (["serve"], ["accounts", "test", "gmail"]):
+        assert main([*argv, "-c", str(config)]) == 2
+        assert ("config error: accounts.gmail.password: environment variable SECRETPW"
+                " is not set") in capsys.readouterr().err
+
+
+def test_a_password_from_a_variable_is_not_called_a_literal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SECRETPW", "s3cret-from-env")
+    monkeypatch.setenv("PWFILE", str(tmp_path / "ses.secret"))
+    monkeypatch.setenv("APP_HASH", "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA")
+    monkeypatch.setenv("WEB_PWFILE", str(tmp_path / "web.secret"))
+    (tmp_path / "ses.secret").write_text("x")
+    (tmp_path / "web.secret").write_text("y")
+    config = tmp_path / "relay.yaml"
+    config.write_text(SUBSTITUTED_SECRETS.format(queue=tmp_path / "q.sqlite3"))
+    assert main(["check-config", "-c", str(config)]) == 0
+    captured = capsys.readouterr()
+    assert "literal password" not in captured.err
+    assert "s3cret-from-env" not in captured.out + captured.err
+    assert f"#   accounts.gmail.password: {config} via ${{SECRETPW}}" in captured.out
+    # Written in the file itself, it still is one.
+    config.write_text(SUBSTITUTED_SECRETS.format(queue=tmp_path / "q.sqlite3")
+                      .replace("${SECRETPW}", "hunter2"))
+    assert main(["check-config", "-c", str(config)]) == 0
+    assert "accounts.gmail.password: a literal password" in capsys.readouterr().err
+
+
 # -- config from the environment -------------------------------------------------------
 
 ENV_CONFIG = """\
@@ -172,6 +245,39 @@ def test_env_errors_name_the_key_and_the_variable(
     with pytest.raises(ConfigError) as caught:
         load_config_with_sources(path, secrets=False, environ=env)
     assert caught.value.problems == [problem]
+
+
+def test_sources_say_when_the_default_was_used(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text('shutdown: {drain_delay: "${DRAIN:-3s}", grace: "${GRACE:-9s}"}\n'
+                    'listen: {host: "${HOST:-127.0.0.1}"}\n')
+    config, sources = load_config_with_sources(path, secrets=False,
+                                               environ={"GRACE": "2s", "HOST": ""})
+    assert config.shutdown.drain_delay == 3 and config.shutdown.grace == 2
+    assert sources["shutdown.drain_delay"] == f"{path} (default of ${{DRAIN}})"
+    assert sources["shutdown.grace"] == f"{path} via ${{GRACE}}"
+    assert sources["listen.host"] == f"{path} (default of ${{HOST}})"  # empty: the default
+
+
+def test_a_whole_section_in_one_variable_is_merged_over_the_file(tmp_path: Path) -> None:
+    """RELAY_SHUTDOWN='{grace: 1s}' sets shutdown.grace and keeps the file's drain_delay;
+    a mapping for an account works the same way."""
+    path = tmp_path / "relay.yaml"
+    path.write_text(ENV_CONFIG + "shutdown: {drain_delay: 4s, grace: 20s}\n")
+    env = {"SMTP_HOST": "h", "RELAY_SHUTDOWN": "{grace: 1s}",
+           "RELAY_ACCOUNTS__GMAIL": "{port: 2525, tls: none}"}
+    config, sources = load_config_with_sources(path, secrets=False, environ=env)
+    assert (config.shutdown.grace, config.shutdown.drain_delay) == (1, 4)
+    assert (config.accounts["gmail"].port, config.accounts["gmail"].tls) == (2525, "none")
+    assert config.accounts["gmail"].host == "h"
+    assert sources["shutdown.grace"] == "RELAY_SHUTDOWN"
+    assert sources["shutdown.drain_delay"] == str(path)
+    assert sources["accounts.gmail.port"] == "RELAY_ACCOUNTS__GMAIL"
+    with pytest.raises(ConfigError) as caught:
+        load_config_with_sources(path, secrets=False,
+                                 environ={**env, "RELAY_SHUTDOWN": "{grace: soon}"})
+    assert caught.value.problems[0].startswith("shutdown.grace: ")
+    assert caught.value.problems[0].endswith("(set by RELAY_SHUTDOWN)")
 
 
 def test_overrides_work_without_a_config_file() -> None:

@@ -22,7 +22,7 @@ import yaml
 from relay import __version__
 from relay.cli import hangup
 from relay.cli.common import EXIT_OK, EXIT_PIPE, EXIT_USAGE, fail, load, out
-from relay.config.loading import load_config, load_config_with_sources
+from relay.config.loading import load_config, load_config_report
 from relay.config.report import config_warnings, effective_config, unresolved_secrets
 from relay.config.schema import Config, parse_workers, resolve_workers
 from relay.errors import ConfigError, RelayError
@@ -35,13 +35,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate without the service's secrets (an admin's shell rarely has them): the
     ones not resolvable here are named, and do not fail the check."""
     path = args.config or os.environ.get("RELAY_CONFIG") or None
-    config, sources = load_config_with_sources(path, secrets=False)
+    config, sources, from_environment, unresolved = load_config_report(path, secrets=False)
     from relay.app import check_startable
 
     check_startable(config)  # what serve would refuse only as it starts
-    for warning in config_warnings(config):
+    for warning in config_warnings(config, from_environment):
         out(f"warning: {warning}", file=sys.stderr)
-    for problem in unresolved_secrets(config):
+    named = {note.partition(": ")[0] for note in unresolved}
+    for problem in [*unresolved, *(p for p in unresolved_secrets(config)
+                                   if p.partition(": ")[0] not in named)]:
         out(f"note: {problem} (only `relay serve` and `relay accounts test` read it)",
             file=sys.stderr)
     print(yaml.safe_dump(effective_config(config, socket.getfqdn()), sort_keys=False), end="")

@@ -9,7 +9,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from pydantic import (
@@ -155,22 +155,45 @@ def load_config_with_sources(
 ) -> tuple[Config, Sources]:
     """The config and, per key set by the file or the environment, where it came from
     (keys not listed are defaults)."""
+    loaded = load_config_report(path, secrets=secrets, environ=environ)
+    return loaded.config, loaded.sources
+
+
+class LoadedConfig(NamedTuple):
+    """What `relay check-config` reports besides the config itself."""
+
+    config: Config
+    sources: Sources  # key -> where its value came from
+    from_environment: frozenset[str]  # keys whose value a variable gave (not the file's text)
+    unresolved: list[str]  # secret keys whose ${VAR} is not set here (secrets=False only)
+
+
+def load_config_report(
+    path: str | os.PathLike[str] | None, *, secrets: bool = True,
+    environ: Mapping[str, str] | None = None,
+) -> LoadedConfig:
+    """The config with where each value came from (keys not listed are defaults)."""
     env = os.environ if environ is None else environ
     data = {} if path is None else _read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(["(top level): must be a mapping of keys to values"])
     sources = file_sources(data, str(path)) if path is not None else {}
-    data, substituted = substitute(data, env)
-    for key, names in substituted.items():
-        sources[key] = f"{path} via {names}"
+    data, substituted, unresolved = substitute(data, env, secrets=secrets)
+    for key, how in substituted.items():
+        sources[key] = f"{path} {how}" if how.startswith("via ") else f"{path} ({how})"
     data, overridden = apply_overrides(data, env, set(Config.model_fields))
     sources = {k: v for k, v in sources.items()
                if not any(k == o or k.startswith(o + ".") for o in overridden)}
     sources.update(overridden)
+    # A variable gave the value (or will, where serve runs): not a literal in the file.
+    from_environment = frozenset(
+        [k for k, how in substituted.items() if how.startswith("via ")], ) | frozenset(
+        overridden) | frozenset(note.partition(": ")[0] for note in unresolved)
     try:
-        return parse_config(data, secrets=secrets), sources
+        config = parse_config(data, secrets=secrets)
     except ConfigError as exc:
         raise ConfigError([_name_variable(p, overridden) for p in exc.problems]) from None
+    return LoadedConfig(config, sources, from_environment, unresolved)
 
 
 def _name_variable(problem: str, overridden: Sources) -> str:

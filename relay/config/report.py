@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,14 @@ from relay.config.schema import MASK, Config, effective_hostname, is_loopback
 from relay.config.sizes import format_size
 
 
-def config_warnings(config: Config) -> list[str]:
-    """Things that work but that an operator should know about."""
+def config_warnings(config: Config, from_environment: Collection[str] = ()) -> list[str]:
+    """Things that work but that an operator should know about. ``from_environment``: the
+    keys a variable set (``${VAR}`` or ``RELAY_``), which are not literals in the file."""
     warnings = []
     for name, acc in config.accounts.items():
         if acc.transport != "smtp":
             continue
-        if acc.password:
+        if acc.password and f"accounts.{name}.password" not in from_environment:
             warnings.append(
                 f"accounts.{name}.password: a literal password in the config file;"
                 " prefer password_env or password_file"

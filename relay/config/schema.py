@@ -174,9 +174,13 @@ class ListenUserConfig(_Frozen):
         if len(sources) != 1:
             raise ValueError("password_hash: give exactly one of password_env, password_file,"
                              " password_hash")
-        if self.password_hash and not self.password_hash.startswith("$argon2"):
+        secrets = (info.context or {}).get("secrets", True)
+        # Without secrets, an unset ${VAR} is left as written (relay.config.environ).
+        unresolved = not secrets and "${" in (self.password_hash or "")
+        if self.password_hash and not unresolved and not self.password_hash.startswith(
+                "$argon2"):
             raise ValueError("password_hash: must be an argon2 hash (see `relay hash-password`)")
-        if not (info.context or {}).get("secrets", True):
+        if not secrets:
             return self
         if self.password_env and self.password_env not in os.environ:
             raise ValueError(f"password_env: environment variable {self.password_env} is not set")
