@@ -144,6 +144,11 @@ async def test_list_filters_narrow_together(relay: Relay) -> None:
     assert (text.code, text.out) == (0, "no message matches\n")
     bad = await relay("queue", "list", "--since", "last tuesday")
     assert bad.code == 2 and bad.err.startswith("relay: queue list: --since must be")
+    for limit in ("0", "-1"):  # not "queue is empty" on a full queue
+        bad = await relay("queue", "list", "--limit", limit)
+        assert (bad.code, bad.out) == (2, "")
+        assert bad.err == ("relay: queue list: --limit must be at least 1"
+                           " (leave it out for no limit)\n")
 
 
 async def test_sql_filter_agrees_with_the_reference_meaning(relay: Relay) -> None:
@@ -232,6 +237,7 @@ async def test_limit_and_sort_choose_which_messages_a_bulk_action_takes(relay: R
     assert [f"G{k:019d}" for k in (7, 11)] == [  # the most attempts (3), not yet held
         i for i in (f"G{k:019d}" for k in range(1, 13)) if i not in await ids(relay)]
     assert (await relay("queue", "hold", "--all", "--limit", "-1")).code == 2
+    assert (await relay("queue", "hold", "--all", "--limit", "0")).code == 2
 
 
 async def test_the_count_is_of_what_the_action_can_change(relay: Relay) -> None:
@@ -305,9 +311,12 @@ def _on_a_terminal(argv: list[str], answer: bytes | None = None) -> tuple[int, b
 async def test_a_terminal_is_asked_before_a_bulk_change(relay: Relay) -> None:
     await mixed(relay)
     argv = ["queue", "delete", "--sender", "billing@*", "--config", str(relay.config_path)]
-    code, seen = await asyncio.to_thread(_on_a_terminal, argv, b"n\n")
-    assert code == 1 and b"delete 2 message(s)? [y/N]" in seen and b"nothing changed" in seen
-    assert await ids(relay) == ["A", "B", "C", "D"]
+    # n, and end of input (Ctrl-D) at the question, are both "not confirmed": exit 1.
+    for answer in (b"n\n", b"\x04"):
+        code, seen = await asyncio.to_thread(_on_a_terminal, argv, answer)
+        assert code == 1 and b"delete 2 message(s)? [y/N]" in seen, (answer, seen)
+        assert b"relay: cancelled: nothing changed" in seen, (answer, seen)
+        assert await ids(relay) == ["A", "B", "C", "D"]
     code, seen = await asyncio.to_thread(_on_a_terminal, argv, b"y\n")
     assert code == 0 and b"deleted 2 message(s)" in seen
     assert await ids(relay) == ["B", "C"]

@@ -42,7 +42,8 @@ def add_sort_options(p: argparse.ArgumentParser, sort_help: str) -> None:
     p.add_argument("--sort", choices=[str(k) for k in SortKey], default=str(SortKey.CREATED),
                    help=f"{sort_help}: created (arrival, the default), next-attempt,"
                         " attempts (most first)")
-    p.add_argument("--limit", type=int, metavar="N", help="at most N messages")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="at most N messages (N at least 1; leave it out for no limit)")
 
 
 def message_filter(args: argparse.Namespace, now: float | None = None) -> MessageFilter:
@@ -58,9 +59,11 @@ def message_filter(args: argparse.Namespace, now: float | None = None) -> Messag
         except ValueError as exc:
             raise ValueError(f"{option} {exc}") from None
 
-    for option in ("min_attempts", "limit"):
-        if (getattr(args, option, None) or 0) < 0:
-            raise ValueError(f"--{option.replace('_', '-')} must not be negative")
+    if (getattr(args, "min_attempts", None) or 0) < 0:
+        raise ValueError("--min-attempts must not be negative")
+    # 0 would read as "none", and `queue list` would call a full queue empty.
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        raise ValueError("--limit must be at least 1 (leave it out for no limit)")
     return MessageFilter(
         states=frozenset(MessageState(s) for s in args.state) if args.state else None,
         account=args.account,

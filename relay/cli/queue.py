@@ -119,7 +119,8 @@ def _states_word(match: MessageFilter) -> str:
 
 
 def _confirm(question: str) -> bool:
-    """Ask on the terminal; anything but y/yes (or end of input) is no."""
+    """Ask on the terminal; anything but y/yes is no: n, end of input and Ctrl-C alike,
+    so that every "not confirmed" ends the same way (exit 1, nothing changed)."""
     print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
     try:
         answer = sys.stdin.readline()
@@ -148,7 +149,7 @@ def _bulk(args: argparse.Namespace, op: Operation, match: MessageFilter, done: s
         return EXIT_OK
     ask = not getattr(args, "yes", False) and sys.stdin.isatty() and sys.stderr.isatty()
     if ask and not _confirm(f"{op.name} {matched} {what}message(s)?"):
-        return fail("nothing changed")
+        return fail("cancelled: nothing changed")
 
     async def run() -> int:
         async with queue_of(args) as store:
