@@ -113,7 +113,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser,
 
 def add_queue_commands(qsub: Any, common: argparse.ArgumentParser) -> None:
     p = qsub.add_parser("move", parents=[common],
-                        help="re-route queued mail from one account to another")
+                        help="re-route queued and deferred mail (held with --state held) from one"
+                             " account to another; each keeps its state and due time")
     # --from is the account filter (dest "account"), so message_filter reads it as such.
     p.add_argument("--from", dest="account", required=True, metavar="ACCOUNT",
                    help="the account whose queued mail moves")
