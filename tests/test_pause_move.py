@@ -16,7 +16,7 @@ from relay.app import App
 from relay.cli.commands import main
 from relay.config.loading import load_config
 from relay.queue.sqlite.store import SQLiteStore
-from relay.queue.types import NewMessage, Priority
+from relay.queue.types import MessageState, NewMessage, Priority
 from tests.conftest import (
     FAST_AUTH_BACKOFF,
     FAST_RETRY,
@@ -27,7 +27,11 @@ from tests.conftest import (
     upstream_account,
     wait_until,
 )
+from tests.test_queue_cli import Relay, write_config
+from tests.test_queue_filters import _on_a_terminal, add, fill, mixed
 from tests.upstream import FakeUpstream
+
+S = MessageState
 
 NOTHING_SENT_S = 1.2  # over two of the scheduler's 0.5 s polls for CLI changes
 
@@ -205,3 +209,99 @@ async def test_a_reload_that_changes_a_paused_account_keeps_it_paused(
     assert (await send(app.smtp_port, message("after the reload")))[0] == 250
     await asyncio.sleep(NOTHING_SENT_S)
     assert upstream.messages == []
+
+
+# -- queue move as a bulk action (issue 20 point 7, a tester's finding) --------------------
+@pytest.fixture
+def two(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Relay:
+    """A queue with two maildir accounts and no server: mail of outbox moves to spare."""
+    return Relay(write_config(tmp_path, {
+        "outbox": {"transport": "maildir", "path": str(tmp_path / "box")},
+        "spare": {"transport": "maildir", "path": str(tmp_path / "spare")}}), capsys)
+
+
+async def _listed(relay: Relay) -> dict[str, dict[str, Any]]:
+    return {m["id"]: m for m in await relay.json("queue", "list")}
+
+
+async def test_move_takes_the_filters_counts_first_and_reports_what_moved(two: Relay) -> None:
+    await mixed(two)  # A queued, B and C deferred, D failed; all on outbox
+    await add(two.queue, "H", rcpts=("hal@gmail.com",), state=S.HELD)
+    before = await _listed(two)
+    move = ("queue", "move", "--from", "outbox", "--to", "spare")
+
+    dry = await two(*move, "--rcpt", "*@gmail.com", "--dry-run")
+    assert (dry.code, dry.out) == (0, "would move 2 message(s)\n")  # A, B: not failed D, held H
+    assert await _listed(two) == before
+
+    moved = await two(*move, "--rcpt", "*@gmail.com")  # no terminal: no question
+    assert moved.code == 0, moved.err
+    assert moved.out.splitlines()[:3] == [
+        "moved A from outbox to spare", "moved B from outbox to spare",
+        "2 message(s) moved from outbox to spare"]
+    after = await _listed(two)
+    assert {i for i, m in after.items() if m["account"] == "spare"} == {"A", "B"}
+    for i in "AB":  # only the account changed: the state and the due time stay
+        assert {**after[i], "account": "outbox", "updated_at": None} == {
+            **before[i], "updated_at": None}
+
+    greylisted = await two(*move, "--error", "greylist", "--min-attempts", "1", "--yes")
+    assert greylisted.out.splitlines()[:2] == [
+        "moved C from outbox to spare", "1 message(s) moved from outbox to spare"]
+    held = await two(*move, "--state", "held", "--since", "1h", "--sender", "app@*")
+    assert held.out.splitlines()[1] == "1 held message(s) moved from outbox to spare"
+    assert (await _listed(two))["H"]["state"] == "held"
+
+    none = await two(*move, "--sender", "nobody")
+    assert (none.code, none.err) == (1, "relay: no messages to move\n")
+    with pytest.raises(SystemExit) as refused:  # not a state a move takes
+        await two(*move, "--state", "failed")
+    assert refused.value.code == 2
+    same = await two("queue", "move", "--from", "spare", "--to", "spare")
+    assert (same.code, same.err) == (2, "relay: --from and --to name the same account\n")
+    unknown = await two("queue", "move", "--from", "outbox", "--to", "nope")
+    assert unknown.code == 2 and "--to: no account named 'nope'" in unknown.err
+    assert {i: m["account"] for i, m in (await _listed(two)).items()} == {
+        "A": "spare", "B": "spare", "C": "spare", "D": "outbox", "H": "spare"}
+
+
+async def test_a_move_is_in_the_messages_attempt_history(two: Relay) -> None:
+    await mixed(two)
+    assert (await two("queue", "move", "--from", "outbox", "--to", "spare",
+                      "--rcpt", "bob@*")).code == 0
+    shown = await two("queue", "show", "B")
+    history = shown.out.split("attempts:\n", 1)[1].splitlines()
+    assert history[0].endswith("outbox deferred: 421 4.7.0 Try again later")
+    assert history[1].endswith("outbox moved: from outbox to spare by relay queue move")
+    data = await two.json("queue", "show", "B")
+    assert data["attempts"] == 3  # a move is not a delivery attempt: backoff unchanged
+    assert "moved" not in (await two("queue", "show", "A")).out  # only what moved
+
+
+async def test_move_limit_and_sort_choose_which_messages_move(two: Relay) -> None:
+    await fill(two.queue, 6)  # G..01 oldest; attempts k % 4
+    moved = await two("queue", "move", "--from", "outbox", "--to", "spare",
+                      "--sort", "attempts", "--limit", "2")
+    assert moved.out.splitlines()[:3] == [  # the most attempts: G3 (3), then G2 (2)
+        f"moved G{2:019d} from outbox to spare", f"moved G{3:019d} from outbox to spare",
+        "2 message(s) moved from outbox to spare"]
+    listed = await _listed(two)
+    assert {i for i, m in listed.items() if m["account"] == "spare"} == {
+        f"G{k:019d}" for k in (3, 2)}
+
+
+async def test_a_terminal_is_asked_before_a_move(two: Relay) -> None:
+    await mixed(two)
+    argv = ["queue", "move", "--from", "outbox", "--to", "spare", "--sender", "billing@*",
+            "--config", str(two.config_path)]
+    code, seen = await asyncio.to_thread(_on_a_terminal, argv, b"n\n")
+    assert code == 1 and b"move 1 message(s)? [y/N]" in seen and b"nothing changed" in seen
+    assert (await _listed(two))["A"]["account"] == "outbox"
+    code, seen = await asyncio.to_thread(_on_a_terminal, argv, b"y\n")
+    assert code == 0 and b"1 message(s) moved from outbox to spare" in seen
+    assert (await _listed(two))["A"]["account"] == "spare"
+    news = ["queue", "move", "--from", "outbox", "--to", "spare", "--sender", "news@*",
+            "--yes", "--config", str(two.config_path)]
+    code, seen = await asyncio.to_thread(_on_a_terminal, news, None)
+    assert code == 0 and b"[y/N]" not in seen  # --yes: no question
+    assert b"1 message(s) moved from outbox to spare" in seen

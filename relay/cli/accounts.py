@@ -12,12 +12,15 @@ import argparse
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from relay.cli.common import EXIT_OK, EXIT_USAGE, fail, load, open_queue, out
+from relay.cli.filters import message_filter
+from relay.cli.queue import bulk, bulk_options
 from relay.config.schema import Config
-
-MOVABLE = ("queued", "deferred", "held")
+from relay.queue.ops import MOVABLE, move_to
+from relay.queue.types import MessageState
 
 
 def _known(config: Config, name: str, key: str) -> str | None:
@@ -57,30 +60,37 @@ def _set_paused(args: argparse.Namespace, paused: bool) -> int:
 
 
 def cmd_move(args: argparse.Namespace) -> int:
+    """A bulk action (relay.cli.queue.bulk) with the account as its filter: count, ask,
+    --dry-run, --yes as hold or delete do."""
     config = load(args)
-    if args.source == args.target:
+    source, target = args.account, args.target
+    if source == target:
         return fail("--from and --to name the same account", EXIT_USAGE)
-    problem = _known(config, args.target, "--to")
+    problem = _known(config, target, "--to")
     if problem:
         return fail(problem, EXIT_USAGE)
-    states = args.state or ["queued", "deferred"]
+    try:
+        match = message_filter(args)
+    except ValueError as exc:
+        return fail(f"queue move: {exc}", EXIT_USAGE)
+    if match.states is None:  # held mail stays where it is unless asked for
+        match = replace(match, states=frozenset({MessageState.QUEUED, MessageState.DEFERRED}))
+    names = f"from {source} to {target}".replace("{", "{{").replace("}", "}}")
+    code = bulk(args, move_to(target), match, "{n} {what}message(s) moved " + names)
+    if code != EXIT_OK or args.dry_run:
+        return code
+    out("(each keeps its state and next attempt time; messages being sent right now are"
+        " not moved)")
 
-    async def run() -> tuple[list[str], dict[str, float]]:
+    async def paused() -> dict[str, float]:
         store = await open_queue(config)
         try:
-            moved = await store.move_messages(args.source, args.target, states, time.time())
-            return moved, await store.paused_accounts()
+            return await store.paused_accounts()
         finally:
             await store.close()
 
-    moved, paused = asyncio.run(run())
-    for message_id in moved:  # one line per message: the record of what was re-routed
-        out(f"moved {message_id} from {args.source} to {args.target}")
-    out(f"{len(moved)} message(s) moved from {args.source} to {args.target}"
-        f" ({', '.join(states)}; messages being sent right now are not moved)")
-    if args.target in paused:
-        out(f"note: {args.target} is paused; they wait until `relay accounts resume"
-            f" {args.target}`")
+    if target in asyncio.run(paused()):
+        out(f"note: {target} is paused; they wait until `relay accounts resume {target}`")
     return EXIT_OK
 
 
@@ -103,11 +113,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser,
 
 def add_queue_commands(qsub: Any, common: argparse.ArgumentParser) -> None:
     p = qsub.add_parser("move", parents=[common],
-                        help="re-route queued mail from one account to another")
-    p.add_argument("--from", dest="source", required=True, metavar="ACCOUNT",
+                        help="re-route queued and deferred mail (held with --state held) from one"
+                             " account to another; each keeps its state and due time")
+    # --from is the account filter (dest "account"), so message_filter reads it as such.
+    p.add_argument("--from", dest="account", required=True, metavar="ACCOUNT",
                    help="the account whose queued mail moves")
     p.add_argument("--to", dest="target", required=True, metavar="ACCOUNT",
                    help="the account that sends it from now on")
-    p.add_argument("--state", action="append", choices=MOVABLE,
-                   help="only messages in this state (repeatable; default: queued, deferred)")
+    bulk_options(p, sorted(str(s) for s in MOVABLE), account=False)
     p.set_defaults(func=cmd_move)

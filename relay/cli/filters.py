@@ -15,13 +15,17 @@ STATES = [str(s) for s in MessageState]
 WHEN = "an age (30m, 2h, 1d) or a UTC time (2026-11-30T10:00:00Z)"
 
 
-def add_filter_options(p: argparse.ArgumentParser, *, states: list[str] | None = None) -> None:
+def add_filter_options(p: argparse.ArgumentParser, *, states: list[str] | None = None,
+                       account: bool = True) -> None:
     """--state, --account, --sender, --rcpt, --since, --until, --changed-since,
-    --min-attempts, --error: each narrows the selection further."""
+    --min-attempts, --error: each narrows the selection further. ``account`` False: the
+    command names the account its own way (`queue move --from`, dest ``account``)."""
     g = p.add_argument_group("filters (each narrows the selection)")
     g.add_argument("--state", choices=states or STATES, action="append",
                    help="only messages in this state (repeat for several)")
-    g.add_argument("--account", metavar="NAME", help="only messages routed to this account")
+    if account:
+        g.add_argument("--account", metavar="NAME",
+                       help="only messages routed to this account")
     g.add_argument("--sender", metavar="PATTERN",
                    help="envelope sender contains PATTERN, or matches it as a glob with * or ?"
                         " (case-insensitive)")

@@ -60,7 +60,14 @@ async def _apply(
     progress: Progress | None = None,
 ) -> int:
     """Carry out ``op`` on ``ids`` (or on what ``match`` selects in its states); count
-    the messages changed."""
+    the messages changed. A move prints a line per message moved: its record."""
+    if op.to_account is not None:
+        moved = await store.move_messages(
+            to_account=op.to_account, states=op.states, now=time.time(), by="relay queue move",
+            ids=ids, match=match, progress=progress)
+        for message_id, source in moved:
+            out(f"moved {message_id} from {source} to {op.to_account}")
+        return len(moved)
     if op.target is None:
         return await store.delete_messages(
             states=op.states, ids=ids, match=match, progress=progress
@@ -129,7 +136,7 @@ def _confirm(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _bulk(args: argparse.Namespace, op: Operation, match: MessageFilter, done: str) -> int:
+def bulk(args: argparse.Namespace, op: Operation, match: MessageFilter, done: str) -> int:
     """``op`` on every message ``match`` selects: count them, say so, confirm on a
     terminal (--yes skips it, --dry-run stops there), then report what changed."""
     match = match.within(op.sources)
@@ -235,7 +242,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     match = replace(match, states=states)
     op = (RETRY_FAILED if states == {MessageState.FAILED}
           else RETRY_ALL if states == {MessageState.DEFERRED} else RETRY)
-    return _bulk(args, op, match, "{n} {what}message(s) queued, due now")
+    return bulk(args, op, match, "{n} {what}message(s) queued, due now")
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
@@ -259,7 +266,7 @@ def cmd_hold(args: argparse.Namespace) -> int:
         return match
     if args.ids:
         return _each(args, HOLD)
-    return _bulk(args, HOLD, match, "held {n} {what}message(s)")
+    return bulk(args, HOLD, match, "held {n} {what}message(s)")
 
 
 def cmd_release(args: argparse.Namespace) -> int:
@@ -268,7 +275,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         return match
     if args.ids:
         return _each(args, RELEASE)
-    return _bulk(args, RELEASE, match, "released {n} message(s), due now")
+    return bulk(args, RELEASE, match, "released {n} message(s), due now")
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -282,7 +289,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
         return fail("not deleting 'sending' messages: workers are delivering them right now"
                     " and deleting the rows cannot stop those sends, so they may still"
                     " arrive; wait for the attempts to finish, or use --force")
-    return _bulk(args, op, match, "deleted {n} {what}message(s)")
+    return bulk(args, op, match, "deleted {n} {what}message(s)")
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -379,7 +386,13 @@ def cmd_accounts_test(args: argparse.Namespace) -> int:
 def _bulk_options(p: argparse.ArgumentParser, every: str, states: list[str]) -> None:
     p.add_argument("ids", nargs="*", metavar="ID", help="these messages (or use filters)")
     p.add_argument("--all", action="store_true", help=every)
-    add_filter_options(p, states=states)
+    bulk_options(p, states)
+
+
+def bulk_options(p: argparse.ArgumentParser, states: list[str], *, account: bool = True
+                 ) -> None:
+    """The filters, --sort/--limit, --yes and --dry-run of every bulk action (bulk())."""
+    add_filter_options(p, states=states, account=account)
     add_sort_options(p, "with --limit: which come first")
     p.add_argument("--yes", "-y", action="store_true",
                    help="do not ask for confirmation on a terminal")

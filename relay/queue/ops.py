@@ -16,7 +16,8 @@ S = MessageState
 
 @dataclass(frozen=True)
 class Operation:
-    """Which states an operation applies to; ``target`` None means delete."""
+    """Which states an operation applies to; ``target`` None means delete, unless
+    ``to_account`` is set: then each message is re-routed there and keeps its state."""
 
     name: str
     sources: frozenset[MessageState]
@@ -24,6 +25,7 @@ class Operation:
     due_now: bool = False  # next_attempt_at = now
     reset_failed: bool = False  # failed recipients go back to pending
     needs_body: bool = False  # only a message whose body is still kept
+    to_account: str | None = None  # re-route to this account (move_to)
 
     @property
     def states(self) -> list[str]:
@@ -51,6 +53,15 @@ FLUSH = Operation("flush", frozenset({S.DEFERRED}), S.DEFERRED, due_now=True)
 DELETE = Operation("delete", frozenset(set(S) - {S.SENDING}), None)
 DELETE_FORCED = Operation("delete", frozenset(S), None)
 PURGE = Operation("purge", frozenset({S.DELIVERED, S.FAILED}), None)
+MOVABLE = frozenset({S.QUEUED, S.DEFERRED, S.HELD})  # not while being sent, nor finished
+
+
+def move_to(account: str) -> Operation:
+    """`relay queue move --to account`: built with its account, never without one (an
+    Operation with neither target nor account deletes)."""
+    return Operation("move", MOVABLE, None, to_account=account)
+
+
 OPERATIONS = (HOLD, RELEASE, RETRY, RETRY_ALL, RETRY_FAILED, FLUSH, DELETE, DELETE_FORCED, PURGE)
 
 SENDING_NOTE = (

@@ -101,9 +101,20 @@ class QueueStore(Protocol):
 
     # -- reports and operator operations ---------------------------------------------
     async def counts(self) -> dict[tuple[str, str], int]: ...
-    async def move_messages(self, source: str, target: str, states: Sequence[str],
-                            now: float) -> list[str]:
-        """Re-route ``source``'s messages in ``states`` to ``target``; the ids moved."""
+    async def move_messages(
+        self,
+        *,
+        to_account: str,
+        states: Sequence[str],
+        now: float,
+        by: str,
+        ids: Sequence[str] = (),
+        match: MessageFilter | None = None,
+        progress: Progress | None = None,
+    ) -> list[tuple[str, str]]:
+        """Re-route the messages in ``states`` (or just ``ids``) that ``match`` selects to
+        ``to_account``, each keeping its state and due time, with a 'moved' record in its
+        attempts saying from where, to where and ``by`` whom; (id, from account) of each."""
     async def oldest_ready(self) -> dict[str, float]: ...
     async def attempt_counts(
         self, accounts: Sequence[str], since: float

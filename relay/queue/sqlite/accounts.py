@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from relay.queue.filters import MessageFilter
 from relay.queue.sqlite.schema import PAUSED_PREFIX
-from relay.queue.store import OPERATOR_CHUNK
+from relay.queue.store import OPERATOR_CHUNK, Progress
+
+MOVED = "moved"  # the outcome of a move's record in the attempts table
 
 
 class AccountControl:
@@ -21,6 +24,12 @@ class AccountControl:
     if TYPE_CHECKING:
         async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]: ...
         async def execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]: ...
+        @staticmethod
+        def _selection(states: Sequence[str], ids: Sequence[str], match: MessageFilter | None
+                       ) -> tuple[str, list[Any]]: ...
+        async def _in_windows(self, where: str, params: list[Any],
+                              templates: Sequence[tuple[str, tuple[Any, ...]]],
+                              progress: Progress | None, chunk: int) -> int: ...
 
     async def set_paused(self, account: str, paused: bool, at: float) -> None:
         key = PAUSED_PREFIX + account
@@ -35,25 +44,40 @@ class AccountControl:
                                  (len(PAUSED_PREFIX), PAUSED_PREFIX))
         return {key[len(PAUSED_PREFIX):]: float(value) for key, value in rows}
 
-    async def move_messages(self, source: str, target: str, states: Sequence[str],
-                            now: float) -> list[str]:
-        """Re-route messages of ``source`` in ``states`` to ``target``; ready ones become
-        due now (held ones stay held). A message claimed meanwhile is not matched."""
-        marks = ",".join("?" * len(states))
-        ids = [r[0] for r in await self._fetch(
-            f"SELECT id FROM messages WHERE account=? AND state IN ({marks}) ORDER BY seq",
-            (source, *states))]
-        moved: list[str] = []
-        for start in range(0, len(ids), OPERATOR_CHUNK):
-            chunk = ids[start:start + OPERATOR_CHUNK]
-            id_marks = ",".join("?" * len(chunk))
-            await self.execute([(
-                "UPDATE messages SET account=?, updated_at=?, next_attempt_at="
-                " CASE WHEN state='held' THEN next_attempt_at ELSE min(next_attempt_at, ?) END"
-                f" WHERE id IN ({id_marks}) AND account=? AND state IN ({marks})",
-                (target, now, now, *chunk, source, *states))])
-            rows = await self._fetch(
-                f"SELECT id FROM messages WHERE id IN ({id_marks}) AND account=? ORDER BY seq",
-                (*chunk, target))
-            moved += [r[0] for r in rows]
-        return moved
+    async def move_messages(
+        self,
+        *,
+        to_account: str,
+        states: Sequence[str],
+        now: float,
+        by: str,
+        ids: Sequence[str] = (),
+        match: MessageFilter | None = None,
+        progress: Progress | None = None,
+        chunk: int = OPERATOR_CHUNK,
+    ) -> list[tuple[str, str]]:
+        """Re-route the messages in ``states`` (all, or just ``ids``; those ``match``
+        selects) to ``to_account``; each keeps its state and due time. Each gets an
+        attempts row ('moved', "from A to B by <by>") in the transaction that moves it, so
+        `relay queue show` tells it later. Returns (id, from account) of those moved, in
+        order of arrival. A message claimed meanwhile is not matched."""
+        where, params = self._selection(states, ids, match)
+        where += " AND account != ?"  # moving to where it is would only add a record
+        params.append(to_account)
+        reply = "'from ' || account || ' to ' || ? || ' by ' || ?"
+        templates: list[tuple[str, tuple[Any, ...]]] = [
+            ("INSERT INTO attempts (message_id, account, at, outcome, reply)"
+             f" SELECT id, account, ?, '{MOVED}', {reply} FROM messages WHERE {{where}}"
+             " ORDER BY seq", (now, to_account, by)),
+            ("UPDATE messages SET account=?, updated_at=? WHERE {where}", (to_account, now)),
+        ]
+        if not await self._in_windows(where, params, templates, progress, chunk):
+            return []
+        # This move's records: its time, outcome and wording (`at` from the caller's clock).
+        mine, values = "outcome=? AND at=?", [MOVED, now]
+        if match is not None and match.account is not None:  # the (account, at) index
+            mine, values = mine + " AND account=?", [*values, match.account]
+        rows = await self._fetch(
+            f"SELECT message_id, account FROM attempts WHERE {mine} AND reply = {reply}"
+            " ORDER BY rowid", (*values, to_account, by))
+        return [(str(i), str(a)) for i, a in rows]

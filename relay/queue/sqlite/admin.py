@@ -125,14 +125,15 @@ class OperatorQueries:
         self,
         where: str,
         params: list[Any],
-        templates: Sequence[str],
-        lead: tuple[Any, ...],
+        templates: Sequence[tuple[str, tuple[Any, ...]]],
         progress: Progress | None,
         chunk: int,
     ) -> int:
-        """Run each template (``{where}`` filled in) per seq window; sum the last's counts.
+        """Run each template (``{where}`` filled in) per seq window, in one transaction;
+        sum the last's counts.
 
-        Parameters are ``lead`` (for a SET clause), then the window's and ``params``.
+        Each template's parameters are its lead (for a SET clause or the values of an
+        INSERT), then the window's and ``params``.
         """
         rows = await self._fetch(f"SELECT min(seq), max(seq) FROM messages WHERE {where}", params)
         if not rows or rows[0][0] is None:
@@ -141,8 +142,9 @@ class OperatorQueries:
         window = f"seq BETWEEN ? AND ? AND {where}"
         done = 0
         for start in range(low, high + 1, chunk):
-            values = (*lead, start, start + chunk - 1, *params)
-            counts = await self.execute([(t.format(where=window), values) for t in templates])
+            counts = await self.execute([
+                (t.format(where=window), (*lead, start, start + chunk - 1, *params))
+                for t, lead in templates])
             done += counts[-1]
             if progress is not None:
                 progress(done)
@@ -188,7 +190,7 @@ class OperatorQueries:
                 " FROM json_each(messages.recipients) AS r) ELSE recipients END"
             )
         return await self._in_windows(
-            where, params, [f"UPDATE messages SET {sets} WHERE {{where}}"], lead, progress, chunk
+            where, params, [(f"UPDATE messages SET {sets} WHERE {{where}}", lead)], progress, chunk
         )
 
     async def delete_messages(
@@ -202,12 +204,13 @@ class OperatorQueries:
     ) -> int:
         """Delete matching messages with their bodies and attempts; count them."""
         where, params = self._selection(states, ids, match)
-        templates = [
-            "DELETE FROM bodies WHERE id IN (SELECT id FROM messages WHERE {where})",
-            "DELETE FROM attempts WHERE message_id IN (SELECT id FROM messages WHERE {where})",
-            "DELETE FROM messages WHERE {where}",
+        templates: list[tuple[str, tuple[Any, ...]]] = [
+            ("DELETE FROM bodies WHERE id IN (SELECT id FROM messages WHERE {where})", ()),
+            ("DELETE FROM attempts WHERE message_id IN (SELECT id FROM messages WHERE {where})",
+             ()),
+            ("DELETE FROM messages WHERE {where}", ()),
         ]
-        return await self._in_windows(where, params, templates, (), progress, chunk)
+        return await self._in_windows(where, params, templates, progress, chunk)
 
     async def add_delivered_records(self, n: int, *, account: str, at: float) -> None:
         """For `relay bench`: ``n`` synthetic delivered messages with one attempt each."""
