@@ -6,8 +6,6 @@ MAIL, RCPT, DATA), as a thin seam over the pure core: validate, parse, commit th
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import concurrent.futures
 import logging
 import re
@@ -37,7 +35,7 @@ from relay.smtp.data import has_bare_newline, normalize_newlines
 from relay.smtp.headers import header_section_exceeds, parse_headers, remove_headers
 
 log = logging.getLogger("relay.smtpd")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 Submit = Callable[[NewMessage], Awaitable[None]]
 Admit = Callable[[str], Awaitable[bool]]  # False: the account is too far behind its limit
 
@@ -54,7 +52,7 @@ def _not_auth_without_tls(record: logging.LogRecord) -> bool:
 logging.getLogger("mail.log").addFilter(_not_auth_without_tls)
 
 
-class _Session(Session):
+class RelaySession(Session):
     """aiosmtpd's Session without the deprecated ``login_data``: aiosmtpd itself sets it
     after every successful AUTH, and logs a deprecation warning each time. relay reads
     ``auth_data`` (the user name its authenticator returns) and never this."""
@@ -90,7 +88,7 @@ class IngestHandler:
     def __dir__(self) -> list[str]:
         # aiosmtpd scans dir(handler) on every connection for handle_*/auth_* hooks;
         # listing only those makes a new session much cheaper (docs/performance.md).
-        return _hook_names(type(self), ("handle_", "auth_"))
+        return hook_names(type(self), ("handle_", "auth_"))
 
     def __init__(
         self, config: Config, submit: Submit, metrics: Metrics, admit: Admit = _always
@@ -120,7 +118,7 @@ class IngestHandler:
             _auth_workers(), auth.check, username, login.password)
         if ok:
             return AuthResult(success=True, auth_data=username)
-        event(log, logging.WARNING, "auth_failed", client=_peer(session), user=username[:64])
+        event(log, logging.WARNING, "auth_failed", client=peer_text(session), user=username[:64])
         # handled=False: aiosmtpd answers 535 5.7.8 itself.
         return AuthResult(success=False, handled=False)
 
@@ -209,19 +207,19 @@ class IngestHandler:
         try:
             await self.submit(message)
         except StoreBusyError as exc:  # other workers held the queue's write lock too long
-            event(log, logging.WARNING, "rejected", reason=str(exc), client=_peer(session))
+            event(log, logging.WARNING, "rejected", reason=str(exc), client=peer_text(session))
             return self.reject("queue_busy", replies.STORE_BUSY)
         except StoreReserveError as exc:  # refused before the disk fills: delivery goes on
-            event(log, logging.WARNING, "rejected", reason=str(exc), client=_peer(session))
+            event(log, logging.WARNING, "rejected", reason=str(exc), client=peer_text(session))
             return self.reject("low_disk", replies.STORE_FULL)
         except StoreFullError as exc:
-            event(log, logging.ERROR, "rejected", reason=str(exc), client=_peer(session))
+            event(log, logging.ERROR, "rejected", reason=str(exc), client=peer_text(session))
             return self.reject("store_unavailable", replies.STORE_FULL)
         except StoreError as exc:
-            event(log, logging.ERROR, "rejected", reason=str(exc), client=_peer(session))
+            event(log, logging.ERROR, "rejected", reason=str(exc), client=peer_text(session))
             return self.reject("store_unavailable", replies.STORE_FAILED)
         self.metrics.received.inc()
-        event(log, logging.INFO, "received", message.id, client=_peer(session),
+        event(log, logging.INFO, "received", message.id, client=peer_text(session),
               sender=f"<{message.sender}>", size=len(raw), nrcpt=len(message.recipients),
               account=account, priority=message.priority.name.lower())
         return replies.queued(message.id)
@@ -252,7 +250,7 @@ def _address_problem(address: str, *, allow_null: bool) -> replies.Reply | None:
         return bad.with_text("Address must be local-part@domain")
     if len(local.encode("utf-8", "surrogateescape")) > MAX_LOCAL_PART:
         return bad.with_text(f"Local part longer than {MAX_LOCAL_PART} octets")
-    if _CONTROL.search(address):  # RFC 5321 4.1.2: no control characters in a mailbox
+    if CONTROL.search(address):  # RFC 5321 4.1.2: no control characters in a mailbox
         return bad.with_text("Address contains control characters")
     # Outside quotes in the local part, and outside an address literal's brackets in the
     # domain (RFC 5321 4.1.3: a@[127.0.0.1], a@[IPv6:::1]; the parser checked its form).
@@ -292,13 +290,6 @@ def _recipient_keys(envelope: Envelope) -> set[str]:
     return {recipient_key(a) for a in envelope.rcpt_tos}
 
 
-def _b64(text: str | bytes) -> bytes | None:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-
-
 def _reverse_path(mail_from: str | None) -> str:
     """The envelope sender; '' for the null reverse-path (aiosmtpd reports it as '<>')."""
     return "" if mail_from in (None, "", "<>") else str(mail_from)
@@ -307,22 +298,12 @@ def _reverse_path(mail_from: str | None) -> str:
 _HOOK_NAMES: dict[tuple[str, tuple[str, ...]], list[str]] = {}
 
 
-def _hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+def hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
     """The attribute names of cls with these prefixes, computed once per class."""
     key = (cls.__qualname__, prefixes)
     if key not in _HOOK_NAMES:
         _HOOK_NAMES[key] = sorted(name for name in dir(cls) if name.startswith(prefixes))
     return _HOOK_NAMES[key]
-
-
-# RFC 5321 4.1.2 Path = "<" Mailbox ">": the plain dot-atom@domain form most clients send.
-# Anything else (quoted local parts, address literals, odd spacing) takes aiosmtpd's parser.
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_SIMPLE_PATH = re.compile(
-    rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-    rf"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)>(.*)",
-    re.DOTALL,
-)
 
 
 def _forwarded_options(envelope: Envelope) -> tuple[str, ...]:
@@ -337,7 +318,7 @@ def _forwarded_options(envelope: Envelope) -> tuple[str, ...]:
     return tuple(keep)
 
 
-def _peer(session: Session) -> str:
+def peer_text(session: Session) -> str:
     peer = session.peer
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"

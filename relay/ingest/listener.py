@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto as sslproto
 import base64
+import binascii
 import functools
 import inspect
 import ipaddress
@@ -36,14 +37,12 @@ from relay.config.schema import Config, effective_hostname
 from relay.errors import ConfigError
 from relay.ingest.addresses import parse_path
 from relay.ingest.handler import (
-    _CONTROL,
-    _SIMPLE_PATH,
+    CONTROL,
     IngestHandler,
     RelayEnvelope,
-    _b64,
-    _hook_names,
-    _peer,
-    _Session,
+    RelaySession,
+    hook_names,
+    peer_text,
 )
 from relay.ingest.throttle import LoginThrottle, client_key
 from relay.observe.logs import event
@@ -72,6 +71,23 @@ _TOO_BIG = str(replies.TOO_BIG)
 _HTTP_VERBS = ("GET", "POST", "PUT", "HEAD", "OPTIONS", "CONNECT", "DELETE", "PATCH")
 _POSTMASTER = re.compile(r" *<(postmaster)>(?: (.*))?", re.IGNORECASE | re.DOTALL)
 _ENHANCED_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}\b")
+
+
+# RFC 5321 4.1.2 Path = "<" Mailbox ">": the plain dot-atom@domain form most clients send.
+# Anything else (quoted local parts, address literals, odd spacing) takes aiosmtpd's parser.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(
+    rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    rf"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)>(.*)",
+    re.DOTALL,
+)
+
+
+def _b64(text: str | bytes) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def with_enhanced_code(status: str) -> str:
@@ -306,7 +322,7 @@ class RelaySMTP(ChunkedDataSMTP):
             locked = throttle.failed(client, user, time.monotonic())
             if locked is not None:
                 limit = throttle.client.limit if locked == "client" else throttle.user.limit
-                event(log, logging.WARNING, "auth_locked", client=_peer(self.session),
+                event(log, logging.WARNING, "auth_locked", client=peer_text(self.session),
                       user=user[:64] if locked == "user" else None, failures=limit,
                       lockout=f"{throttle.lockout:g}s")
                 return await self._auth_locked_out()
@@ -360,10 +376,10 @@ class RelaySMTP(ChunkedDataSMTP):
 
     def __dir__(self) -> list[str]:
         # aiosmtpd builds its command and AUTH tables from dir(self) on every connection.
-        return _hook_names(type(self), ("smtp_", "auth_"))
+        return hook_names(type(self), ("smtp_", "auth_"))
 
     def _create_session(self) -> Session:
-        return _Session(self.loop)
+        return RelaySession(self.loop)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses every MAIL/RCPT path with email's RFC 5322 header parser
@@ -490,7 +506,7 @@ class RelaySMTP(ChunkedDataSMTP):
             status = self._handler.reject("bad_address", self._bad_path)
         # aiosmtpd echoes client text (an unknown command) into some replies; a CR or LF
         # in it would break the reply's framing, so control characters never go out.
-        status = with_enhanced_code(_CONTROL.sub("?", status))
+        status = with_enhanced_code(CONTROL.sub("?", status))
         if len(status) > 3 and status[3] == "-":
             self._continued.append(status)  # a multi-line reply goes out in one write
             return
@@ -525,7 +541,7 @@ class RelaySMTP(ChunkedDataSMTP):
             # The client's TLS handshake failed (not TLS, or it refused our certificate):
             # its problem, not an internal error. aiosmtpd closes the connection.
             event(log, logging.WARNING, "rejected", reason="TLS handshake failed",
-                  client=_peer(self.session) if self.session else None)
+                  client=peer_text(self.session) if self.session else None)
             return "421 4.7.0 TLS handshake failed"
         status: str = await super().handle_exception(error)
         return status
@@ -539,7 +555,7 @@ class RelaySMTP(ChunkedDataSMTP):
         """An HTTP request line: drop the connection without a word (no SMTP from browsers)."""
         self._limits.metrics.rejected.labels("cross_protocol").inc()
         event(log, logging.WARNING, "rejected", reason="HTTP request on the SMTP port",
-              client=_peer(self.session) if self.session else None)
+              client=peer_text(self.session) if self.session else None)
         self._close()
 
     def _close(self) -> None:
