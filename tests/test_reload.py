@@ -139,3 +139,24 @@ async def test_reload_cannot_open_a_public_listener(
     with pytest.raises(ConfigError, match=r"listen\.host: 0\.0\.0\.0 is not a loopback address"):
         await app.reload(loopback_open)
     assert app.limits.networks == public.listen.networks()
+
+
+async def test_a_reloaded_account_keeps_its_recent_sends_in_monotonic_time(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """Found in review: a reload restored an account's stored (wall-clock) send times into
+    its limiter, which counts in monotonic time, so they never left the window and a
+    limited account could stop sending until a restart."""
+    account = upstream_account(upstream, tmp_path, rate_limit={"per_minute": 2})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    for i in range(2):
+        assert (await send(app.smtp_port, message(f"m{i}")))[0] == 250
+    await upstream.wait_for_messages(2)
+    await app.scheduler.run_until_idle()
+
+    changed = {**account, "rate_limit": {"per_minute": 3}}
+    assert await app.reload(relay_config(tmp_path, {"up": changed})) == []
+    limiter = app.scheduler.workers["up"].limiter
+    now = app.scheduler.mono()
+    assert limiter.available(now) == 1  # the two recent sends still count
+    assert limiter.wait_time(now + 61) == 0 and limiter.available(now + 61) == 3

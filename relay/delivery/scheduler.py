@@ -125,13 +125,19 @@ class Scheduler:
                      " with it")
         self.wake_all()
 
+    async def _restore_rate(self, worker: AccountWorker, now: float) -> None:
+        """Load the account's recent sends into its limiter, so limits hold across a
+        restart or a reload. Stored send times are wall-clock; the limiter counts in
+        monotonic time."""
+        if not worker.limiter.limited:
+            return
+        since = now - worker.limiter.longest_window
+        offset = self.mono() - now
+        sent = await self.store.recent_sends(worker.name, since)
+        worker.limiter.restore([t + offset for t in sent], self.mono())
+
     async def _start_worker(self, worker: AccountWorker, now: float) -> None:
-        if worker.limiter.limited:
-            since = now - worker.limiter.longest_window
-            # Stored send times are wall-clock; the limiter counts in monotonic time.
-            offset = self.mono() - now
-            sent = await self.store.recent_sends(worker.name, since)
-            worker.limiter.restore([t + offset for t in sent], self.mono())
+        await self._restore_rate(worker, now)
         worker.start()
 
     async def prepare_workers(
@@ -144,9 +150,7 @@ class Scheduler:
         paused = await self.store.paused_accounts()  # a paused account stays paused
         for worker in fresh.values():
             worker.paused = worker.name in paused
-            if worker.limiter.limited:
-                since = now - worker.limiter.longest_window
-                worker.limiter.restore(await self.store.recent_sends(worker.name, since), now)
+            await self._restore_rate(worker, now)
         return fresh
 
     def swap_workers(self, config: Config, fresh: dict[str, AccountWorker]) -> list[AccountWorker]:
