@@ -94,3 +94,10 @@ def _policy_class(enhanced: str | None) -> bool:
     """A throttle is a policy (X.7.x, RFC 3463) decision; "try again later" with another
     class (4.3.0 system status) is a passing fault of the server, judged per message."""
     return enhanced is None or enhanced[2:].startswith("7.")
+
+
+def login_refused(code: int, enhanced: str | None) -> bool:
+    """The reply to AUTH says the credentials are wrong (RFC 4954: 535 5.7.8), as opposed
+    to "454 4.7.0 temporary authentication failure" or a 421: only these count towards a
+    provider's failed-login lockout, so only these get the longer auth backoff."""
+    return code == 535 or enhanced == "5.7.8"

@@ -169,14 +169,19 @@ class Scheduler:
                 worker.start()
         return retired
 
-    async def drain(self, workers: list[AccountWorker], grace: float) -> None:
-        """Let retired workers finish their sends; what they claimed ahead is requeued."""
+    async def _stop_claims(self, workers: list[AccountWorker]) -> None:
+        """Wait for the workers' loops to end; what they claimed ahead but never sent is
+        due again at once."""
         for worker in workers:
             await worker.join()
         claimed = [m.id for w in workers for m in w.ready]
         if claimed:
             with contextlib.suppress(StoreError):
                 await self.store.requeue(claimed, self.clock())
+
+    async def drain(self, workers: list[AccountWorker], grace: float) -> None:
+        """Let retired workers finish their sends; what they claimed ahead is requeued."""
+        await self._stop_claims(workers)
         busy = [t for w in workers for t in (*w.in_flight.values(), *w.settling)]
         if busy:
             await asyncio.wait(busy, timeout=grace)
@@ -336,12 +341,7 @@ class Scheduler:
                 await self._watcher
         for worker in self.workers.values():
             worker.stop_claiming()
-        for worker in self.workers.values():
-            await worker.join()
-        claimed = [m.id for w in self.workers.values() for m in w.ready]
-        if claimed:  # claimed ahead but never sent: due again at once
-            with contextlib.suppress(StoreError):
-                await self.store.requeue(claimed, self.clock())
+        await self._stop_claims(list(self.workers.values()))
         tasks = {mid: t for w in self.workers.values() for mid, t in w.in_flight.items()}
         carrying = {mid: (w, m) for w in self.workers.values() for mid, m in w.carrying.items()}
         if tasks:

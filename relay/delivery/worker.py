@@ -21,6 +21,7 @@ from relay.delivery.bounce import should_bounce
 from relay.delivery.health import AccountHealth, HealthHook
 from relay.delivery.outcome import accepted_so_far, settle
 from relay.delivery.ratelimit import RateLimiter
+from relay.delivery.refusals import login_refused
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import PoolControl, SendResult, Transport
 from relay.errors import DeliveryError, StoreError, TemporaryFailure
@@ -54,7 +55,7 @@ def backoff_reason(error: DeliveryError) -> str:
     """The label for relay_account_backoffs_total: a fixed, small set."""
     if error.account_reason is not None:
         return error.account_reason
-    if error.code == 535 or error.enhanced == "5.7.8":
+    if login_refused(error.code or 0, error.enhanced):
         return "auth"
     return "refused" if error.code is not None else "connect"
 
@@ -241,9 +242,7 @@ class AccountWorker:
     def _rest_paused(self, now: float, notices: int) -> None:
         """Paused: give back what was claimed before the pause was seen, unsent, and
         sleep until set_paused(False) wakes us (sends under way finish)."""
-        ready, self.ready = [m.id for m in self.ready], collections.deque()
-        self.limiter.cancel(len(ready))
-        self._give_back(ready, now)
+        self._unclaim_ready(now)
         if not self.in_flight and not self.settling:
             self._mark_idle(notices)
 
@@ -269,8 +268,7 @@ class AccountWorker:
         if self.mono() < self.backoff_until:
             # The account backed off while the claim was being committed: give these
             # back at once, as _account_health did with the others.
-            self.limiter.cancel(len(batch))
-            self._give_back([m.id for m in batch], self.clock(), due_at=self.resume_at)
+            self._unclaim([m.id for m in batch], self.clock(), due_at=self.resume_at)
             return False
         self._held = False
         self.idle.clear()
@@ -285,8 +283,7 @@ class AccountWorker:
         ids = []
         while len(self.ready) > self._capacity():
             ids.append(self.ready.pop().id)  # the last claimed: the lowest priority
-        self.limiter.cancel(len(ids))
-        self._give_back(ids, now)
+        self._unclaim(ids, now)
 
     def _start_ready(self) -> None:
         """Hand claimed messages to free slots (also called as each send finishes)."""
@@ -316,6 +313,17 @@ class AccountWorker:
             self._give_back([message_id], self.clock())
         self._start_ready()
         self.wake.set()
+
+    def _unclaim(self, ids: list[str], now: float, due_at: float | None = None) -> None:
+        """Give back claimed messages that were never sent: their rate-limit reservations
+        go too (a sent one, given back after a bug, keeps its count: _give_back alone)."""
+        self.limiter.cancel(len(ids))
+        self._give_back(ids, now, due_at)
+
+    def _unclaim_ready(self, now: float, due_at: float | None = None) -> None:
+        """Every claimed-ahead message back to the queue, unsent."""
+        ready, self.ready = [m.id for m in self.ready], collections.deque()
+        self._unclaim(ready, now, due_at)
 
     def _give_back(self, ids: list[str], now: float, due_at: float | None = None) -> None:
         """Return claimed rows to the queue in the background (due at ``due_at``)."""
@@ -466,8 +474,8 @@ class AccountWorker:
             if recovered and self.health is not None:
                 self.health(AccountHealth(self.name, self._wall_at(self.backoff_until), 0))
             return None
-        refused_login = failure.code == 535 or (failure.code is not None
-                                                and failure.enhanced == "5.7.8")
+        refused_login = failure.code is not None and login_refused(failure.code,
+                                                                   failure.enhanced)
         if refused_login:  # every refused login counts, also those already inside a backoff
             self.metrics.auth_failures.labels(self.name).inc()
         if mono < self.backoff_until:  # another send already backed it off
@@ -490,9 +498,7 @@ class AccountWorker:
               until=_iso(resume_at))
         # Claimed-ahead messages go back to the queue, due when the account resumes: while
         # it backs off, 'sending' means a connection carries the message now (11.13).
-        ready, self.ready = [m.id for m in self.ready], collections.deque()
-        self.limiter.cancel(len(ready))
-        self._give_back(ready, now, due_at=resume_at)
+        self._unclaim_ready(now, due_at=resume_at)
         if self.health is not None:
             self.health(AccountHealth(self.name, resume_at, self.backoff_failures,
                                       self.last_account_error, auth, reason))

@@ -11,7 +11,7 @@ import ssl
 
 import aiosmtplib
 
-from relay.delivery.refusals import account_refusal
+from relay.delivery.refusals import account_refusal, login_refused
 from relay.errors import DeliveryError, PermanentFailure, TemporaryFailure
 from relay.smtp.wire import Reply
 
@@ -23,13 +23,6 @@ def split_enhanced(text: str) -> tuple[str | None, str]:
     if match:
         return match.group(1), text[match.end() :]
     return None, text
-
-
-def login_refused(code: int, enhanced: str | None) -> bool:
-    """The reply to AUTH says the credentials are wrong (RFC 4954: 535 5.7.8), as opposed
-    to "454 4.7.0 temporary authentication failure" or a 421: only these count towards a
-    provider's failed-login lockout, so only these get the longer auth backoff."""
-    return code == 535 or enhanced == "5.7.8"
 
 
 def map_smtp_error(exc: BaseException, *, connecting: bool = False) -> DeliveryError:

@@ -21,12 +21,12 @@ from typing import cast
 import aiosmtplib
 
 from relay.config.schema import AccountConfig
+from relay.delivery.refusals import login_refused
 from relay.delivery.smtp.channel import Channel, Connection
 from relay.delivery.smtp.errors import (
     ChannelClosed,
     ServiceClosing,
     closing_error,
-    login_refused,
     map_smtp_error,
     refusal,
     sender_refusal,
