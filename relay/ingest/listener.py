@@ -473,7 +473,11 @@ class RelaySMTP(ChunkedDataSMTP):
         if self._tls_protocol is not None:
             await self.push("503 5.5.1 TLS already active")
             return
-        assert self.tls_context is not None and self.transport is not None
+        if not self.tls_context:  # as aiosmtpd answers a listener without TLS
+            await self.push("454 TLS not available")
+            return
+        if self.transport is None or self.transport.is_closing():
+            return  # the session already ended (a limit closed it): no handshake to start
         await self.push("220 Ready to start TLS")
         waiter = self.loop.create_future()
         self._tls_protocol = _TLSLayer(self.loop, self, self.tls_context, waiter,
