@@ -5,7 +5,9 @@ so `relay serve` never imports it.
 from __future__ import annotations
 
 import argparse
-from typing import Any, cast
+from typing import Any
+
+from relay.cli.common import workers_arg
 
 
 def add_command(sub: Any) -> None:
@@ -40,22 +42,13 @@ def add_command(sub: Any) -> None:
     p.add_argument(
         "--no-postfix", dest="postfix", action="store_false", help="skip the Postfix baseline"
     )
-    p.add_argument("--workers", metavar="N|auto", type=_workers_arg,
+    p.add_argument("--workers", metavar="N|auto", type=workers_arg,
                    help="workers of the `relay workers` column, beside 1-process `relay`"
                    " (default as `relay serve`: auto, one per usable CPU)")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="also write JSON here")
     p.add_argument("--workdir", metavar="DIR", help="where queues go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep queue files and logs")
     p.set_defaults(func=_cmd_bench)
-
-
-def _workers_arg(value: str) -> int | str:
-    from relay.config.schema import parse_workers
-
-    try:
-        return cast(int | str, parse_workers(value))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

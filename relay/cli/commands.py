@@ -15,16 +15,25 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import yaml
 
 from relay import __version__
 from relay.cli import hangup
-from relay.cli.common import EXIT_OK, EXIT_PIPE, EXIT_USAGE, fail, load, out
+from relay.cli.common import (
+    EXIT_OK,
+    EXIT_PIPE,
+    EXIT_USAGE,
+    config_path,
+    fail,
+    load,
+    out,
+    workers_arg,
+)
 from relay.config.loading import load_config, load_config_report
 from relay.config.report import config_warnings, effective_config, unresolved_secrets
-from relay.config.schema import Config, parse_workers, resolve_workers
+from relay.config.schema import Config, resolve_workers
 from relay.errors import ConfigError, RelayError
 from relay.runner import run
 
@@ -34,7 +43,7 @@ if TYPE_CHECKING:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate without the service's secrets (an admin's shell rarely has them): the
     ones not resolvable here are named, and do not fail the check."""
-    path = args.config or os.environ.get("RELAY_CONFIG") or None
+    path = config_path(args)
     config, sources, from_environment, unresolved = load_config_report(path, secrets=False)
     from relay.app import check_startable
 
@@ -168,20 +177,13 @@ def _rejected(log: logging.Logger, problems: list[str]) -> None:
           reason="the new config is invalid; still running with the previous one")
 
 
-def _workers_arg(value: str) -> int | str:
-    try:
-        return cast(int | str, parse_workers(value))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay.observe.logs import event, setup_logging
     from relay.supervisors.multiprocess import ENV_INDEX, Supervisor, can_share_port
 
     config = load(args)
     setup_logging(config.logging.level, config.logging.format, config.logging.file)
-    path = args.config or os.environ.get("RELAY_CONFIG") or None
+    path = config_path(args)
     count = resolve_workers(args.workers or config.workers)
     if count > 1 and not can_share_port():
         event(logging.getLogger("relay"), logging.WARNING, "workers_unavailable",
@@ -248,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML config file (default: $RELAY_CONFIG, else built-in defaults)")
 
     p = sub.add_parser("serve", parents=[common], help="run the relay")
-    p.add_argument("--workers", metavar="N|auto", type=_workers_arg,
+    p.add_argument("--workers", metavar="N|auto", type=workers_arg,
                    help="worker processes on the one port and queue (default: config"
                    " `workers`, auto: one per usable CPU; 1: a single process)")
     p.set_defaults(func=cmd_serve)

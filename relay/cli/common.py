@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, cast
 
 from relay.config.loading import load_config
 from relay.config.schema import Config
@@ -28,7 +28,7 @@ EXIT_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe end
 
 def load(args: argparse.Namespace) -> Config:
     """The config named by ``--config``, else $RELAY_CONFIG, else the built-in defaults."""
-    path = args.config or os.environ.get("RELAY_CONFIG") or None
+    path = config_path(args)
     return load_config(path, secrets=getattr(args, "needs_secrets", True))
 
 
@@ -94,3 +94,18 @@ def lock_path(queue: Path) -> Path:
 def server_running(queue: Path) -> bool:
     """True while a `relay serve` holds the queue's lock."""
     return lock_held(server_lock_path(queue))
+
+
+def config_path(args: argparse.Namespace) -> str | None:
+    """``--config``, else $RELAY_CONFIG, else None (the built-in defaults)."""
+    return args.config or os.environ.get("RELAY_CONFIG") or None
+
+
+def workers_arg(value: str) -> int | str:
+    """argparse type for --workers: a number or 'auto', refused as the config key is."""
+    from relay.config.schema import parse_workers
+
+    try:
+        return cast(int | str, parse_workers(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

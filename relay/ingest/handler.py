@@ -166,6 +166,19 @@ class IngestHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RCPT_OK)
 
+    def _route(self, fields: list[tuple[str, str]]) -> tuple[str, float | None] | str:
+        """The account (X-Account or the default) and any Deferred-Delivery time, or the
+        refusal to answer: each step says which of the two it was, not its message text."""
+        try:
+            account = choose_account(fields, self.config.routing.default_account,
+                                     self.config.accounts)
+        except RoutingError as exc:
+            return self.reject("unknown_account", replies.UNKNOWN_ACCOUNT.with_text(str(exc)))
+        try:
+            return account, deferred_until(fields)
+        except RoutingError as exc:
+            return self.reject("bad_header", replies.BAD_HEADER.with_text(str(exc)))
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if not self.accepting:
             return str(replies.SHUTTING_DOWN)
@@ -179,14 +192,10 @@ class IngestHandler:
             return self.reject("header_too_big", replies.HEADER_TOO_BIG.with_text(
                 f"Header section exceeds {limit} bytes"))
         fields = parse_headers(raw)
-        try:
-            account = choose_account(fields, self.config.routing.default_account,
-                                     self.config.accounts)
-            not_before = deferred_until(fields)
-        except RoutingError as exc:
-            reason = "unknown_account" if "Account" in str(exc) else "bad_header"
-            reply = replies.UNKNOWN_ACCOUNT if reason == "unknown_account" else replies.BAD_HEADER
-            return self.reject(reason, reply.with_text(str(exc)))
+        routed = self._route(fields)
+        if isinstance(routed, str):
+            return routed
+        account, not_before = routed
         user = session.auth_data if session.authenticated else None
         if not self.auth.may_use(user, account):
             return self.reject("access_denied", replies.ACCOUNT_NOT_ALLOWED)
