@@ -18,6 +18,8 @@ matching command.  Verbs are case-insensitive.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import collections
 import functools
 import ssl
@@ -30,6 +32,7 @@ from typing import Any, Final, NoReturn, Self
 
 from aiosmtpd.smtp import (
     DATA_SIZE_DEFAULT,
+    MISSING,
     SMTP,
     AuthResult,
     Envelope,
@@ -250,6 +253,31 @@ class _Handler:
             responses.insert(len(responses) - 1, "250-PIPELINING")
         return responses
 
+    async def auth_XOAUTH2(self, server: _UpstreamSMTP, args: list[str]) -> AuthResult:
+        """SASL XOAUTH2 as Gmail answers it: a refused token gets a 334 with a base64
+        JSON error, the client's empty line, then 535 5.7.8 (aiosmtpd's)."""
+        blob = args[1] if len(args) > 1 else None
+        if blob is None:
+            raw = await server.challenge_auth("", encode_to_b64=False)
+            if raw is MISSING:
+                return AuthResult(success=False)
+            assert isinstance(raw, bytes)
+        else:
+            try:
+                raw = base64.b64decode(blob, validate=True)
+            except binascii.Error:
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        user, token = self.upstream._xoauth2_parts(raw)
+        self.upstream.xoauth2_logins.append((user, token))
+        if self.upstream._token_valid(user, token):
+            self.upstream.auth_successes += 1
+            return AuthResult(success=True, auth_data=LoginPassword(user.encode(), b""))
+        self.upstream.auth_failures += 1
+        error = b'{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}'
+        await server.challenge_auth(error)  # the client answers with an empty line
+        return AuthResult(success=False, handled=False)
+
     async def handle_MAIL(
         self,
         server: _UpstreamSMTP,
@@ -343,8 +371,14 @@ class FakeUpstream:
         recipient_limit: int | None = None,
         data_size_limit: int | None = DATA_SIZE_DEFAULT,
         tls_context: ssl.SSLContext | None = None,
+        xoauth2: bool = False,
     ) -> None:
         self.username = username
+        # SASL XOAUTH2 offered beside the password mechanisms; accept_token() says
+        # which bearer tokens are good, and until when.
+        self.xoauth2 = xoauth2
+        self.tokens: dict[str, float] = {}  # token -> time.monotonic() it expires
+        self.xoauth2_logins: list[tuple[str, str]] = []  # (user, token) of each try
         self.tls_context = tls_context  # STARTTLS offered (and required) with this
         self.password = password
         self.hostname = hostname
@@ -430,6 +464,7 @@ class FakeUpstream:
                 # in EHLO nor accepted (538).
                 auth_require_tls=not auth,
                 authenticator=self._authenticate,
+                auth_exclude_mechanism=[] if self.xoauth2 else ["XOAUTH2"],
                 tls_context=self.tls_context,
                 require_starttls=self.tls_context is not None,
                 loop=asyncio.get_running_loop(),
@@ -516,6 +551,27 @@ class FakeUpstream:
         # handled=False makes aiosmtpd send "535 5.7.8 Authentication
         # credentials invalid"; its default (handled=True) sends no reply.
         return AuthResult(success=False, handled=False)
+
+    def accept_token(self, token: str, lifetime: float = 3600.0) -> None:
+        """XOAUTH2 logins with ``token`` succeed for ``lifetime`` seconds from now."""
+        self.tokens[token] = time.monotonic() + lifetime
+
+    def revoke_tokens(self) -> None:
+        """Every token accepted so far is refused from now on (a revoked grant)."""
+        self.tokens.clear()
+
+    @staticmethod
+    def _xoauth2_parts(raw: bytes) -> tuple[str, str]:
+        """(user, token) of 'user=U^Aauth=Bearer T^A^A'; empty strings where malformed."""
+        fields = dict(f.partition("=")[::2] for f in raw.decode(errors="replace").split("\x01"))
+        auth = fields.get("auth", "")
+        return fields.get("user", ""), auth.removeprefix("Bearer ") if auth.startswith(
+            "Bearer ") else ""
+
+    def _token_valid(self, user: str, token: str) -> bool:
+        expires = self.tokens.get(token)
+        return (not self.faults.auth and user == self.username and expires is not None
+                and time.monotonic() < expires)
 
     # -- fault injection -----------------------------------------------------
 

@@ -57,11 +57,24 @@ def unresolved_secrets(config: Config) -> list[str]:
               for user, spec in config.listen.auth.users.items()]
     problems = []
     for key, env, path in found:
-        if env and env not in os.environ:
-            problems.append(f"{key}.password_env: environment variable {env} is not set here")
-        if path and not os.access(path, os.R_OK):
-            problems.append(f"{key}.password_file: cannot read {path} here")
+        problems += _unresolved(f"{key}.password", env, path)
+    for name, acc in config.accounts.items():
+        if acc.transport == "smtp" and acc.auth is not None:
+            key = f"accounts.{name}.auth"
+            problems += _unresolved(f"{key}.client_secret", acc.auth.client_secret_env,
+                                    acc.auth.client_secret_file)
+            problems += _unresolved(f"{key}.refresh_token", acc.auth.refresh_token_env,
+                                    acc.auth.refresh_token_file)
     return problems
+
+
+def _unresolved(key: str, env: str | None, path: Path | None) -> list[str]:
+    """``key``_env or ``key``_file, if this environment cannot resolve it."""
+    if env and env not in os.environ:
+        return [f"{key}_env: environment variable {env} is not set here"]
+    if path and not os.access(path, os.R_OK):
+        return [f"{key}_file: cannot read {path} here"]
+    return []
 
 
 def _readable_by_others(key: str, path: Path) -> list[str]:
@@ -119,7 +132,8 @@ def _mask_secrets(node: Any) -> None:
 
 def _durations_as_text(node: Any) -> None:
     duration_keys = {"initial_delay", "max_delay", "max_age", "idle_timeout", "timeout",
-                     "drain_delay", "grace",
+                     "drain_delay", "grace", "token_command_timeout", "token_command_ttl",
+                     "refresh_margin",
                      "connect", "command", "data", "initial", "max"}
     if isinstance(node, dict):
         for key, value in node.items():

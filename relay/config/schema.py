@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -396,6 +397,144 @@ class TimeoutsConfig(_Frozen):
     data: PositiveDuration = 600.0
 
 
+def _secret_from(key: str, env: str | None, path: Path | None) -> str | None:
+    """A secret from ``{key}_env`` or ``{key}_file`` (stripped), None if neither is set."""
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ValueError(f"{key}_env: environment variable {env} is not set")
+        return value
+    if path:
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"{key}_file: cannot read {path}: {exc.strerror}") from None
+    return None
+
+
+# Microsoft identity platform v2.0 token endpoint, by directory (tenant) id or name.
+MICROSOFT_TOKEN_URL = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
+# Client credentials for SMTP AUTH in Exchange Online: the app's permissions on Exchange.
+MICROSOFT_SMTP_SCOPE = "https://outlook.office365.com/.default"
+
+
+def _token_url(value: str | None) -> str | None:
+    """https only, so that client secrets and tokens are never sent in clear; http:// is
+    allowed to a loopback address (a local token helper, tests)."""
+    if value is None:
+        return value
+    url = urlsplit(value)
+    if url.scheme == "https" and url.hostname:
+        return value
+    if url.scheme == "http" and url.hostname and is_loopback(url.hostname):
+        return value
+    raise ValueError(f"{value!r} is not an https:// URL (http:// only to a loopback address)")
+
+
+class OAuthConfig(_Frozen):
+    """An account's OAuth2 login (SASL XOAUTH2): where relay gets its access tokens.
+
+    Either ``token_command`` (a program printing a token, like msmtp's passwordeval), or a
+    token endpoint: Google's refresh-token flow (``grant: refresh_token``) or Microsoft's
+    client-credentials flow (``grant: client_credentials``).
+    """
+
+    mechanism: Literal["xoauth2"]
+    # A string: split like a shell would (shlex) and run without a shell, unless it uses
+    # shell syntax (a pipe, $VAR, ~...): then `/bin/sh -c`. A list: run as it is.
+    token_command: str | list[str] | None = None
+    token_command_timeout: PositiveDuration = 10.0
+    # How long a command's token is reused before the command runs again (it says no
+    # expiry; a refused token runs it again at once anyway).
+    token_command_ttl: Duration = 300.0
+    grant: Literal["refresh_token", "client_credentials"] = "refresh_token"
+    client_id: str | None = None
+    client_secret_env: str | None = None
+    client_secret_file: Path | None = None
+    refresh_token_env: str | None = None
+    refresh_token_file: Path | None = None
+    token_url: Annotated[str | None, AfterValidator(_token_url)] = None
+    tenant: str | None = None  # Microsoft: the directory; token_url is derived from it
+    scope: str | None = None  # client_credentials: Exchange Online's .default
+    # Fetch a new token this long before the old one expires (expires_in), at most half
+    # its lifetime, so a send never logs in with a token that runs out meanwhile.
+    refresh_margin: Duration = 300.0
+    timeout: PositiveDuration = 30.0  # the token endpoint's whole request
+
+    _client_secret: str | None = PrivateAttr(default=None)
+    _refresh_token: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> OAuthConfig:
+        endpoint = [k for k in ("client_id", "client_secret_env", "client_secret_file",
+                                "refresh_token_env", "refresh_token_file", "token_url",
+                                "tenant", "scope") if getattr(self, k)]
+        if self.token_command is not None:
+            if endpoint:
+                raise ValueError(f"{endpoint[0]}: give either token_command or a token"
+                                 " endpoint (client_id, token_url...), not both")
+            if not self.token_command or not all(self.token_command):
+                raise ValueError("token_command: must not be empty")
+            return self
+        if not self.client_id:
+            raise ValueError("client_id: required (or give token_command)")
+        if self.token_url and self.tenant:
+            raise ValueError("tenant: give either tenant or token_url, not both")
+        if not (self.token_url or self.tenant):
+            raise ValueError("token_url: required (or tenant, for Microsoft)")
+        for key in ("client_secret", "refresh_token"):
+            if getattr(self, f"{key}_env") and getattr(self, f"{key}_file"):
+                raise ValueError(f"{key}_file: give only one of {key}_env, {key}_file")
+        self._check_grant()
+        if (info.context or {}).get("secrets", True):
+            self._client_secret = _secret_from("client_secret", self.client_secret_env,
+                                               self.client_secret_file)
+            self._refresh_token = _secret_from("refresh_token", self.refresh_token_env,
+                                               self.refresh_token_file)
+        return self
+
+    def _check_grant(self) -> None:
+        """The keys each grant needs, and none it would ignore."""
+        has_secret = bool(self.client_secret_env or self.client_secret_file)
+        has_refresh = bool(self.refresh_token_env or self.refresh_token_file)
+        if self.grant == "refresh_token":
+            if not has_refresh:
+                raise ValueError("refresh_token_env: grant refresh_token needs"
+                                 " refresh_token_env or refresh_token_file")
+            if self.scope:
+                raise ValueError("scope: only for grant client_credentials (a refresh"
+                                 " token keeps the scopes it was granted)")
+        else:
+            if not has_secret:
+                raise ValueError("client_secret_env: grant client_credentials needs"
+                                 " client_secret_env or client_secret_file")
+            if has_refresh:
+                raise ValueError("refresh_token_env: not used by grant client_credentials")
+
+    @property
+    def endpoint(self) -> str | None:
+        """The token endpoint's URL (None with token_command)."""
+        if self.tenant:
+            return MICROSOFT_TOKEN_URL.format(tenant=self.tenant)
+        return self.token_url
+
+    @property
+    def effective_scope(self) -> str | None:
+        if self.grant == "client_credentials":
+            return self.scope or MICROSOFT_SMTP_SCOPE
+        return None
+
+    @property
+    def client_secret(self) -> str | None:
+        """Never logged or printed."""
+        return self._client_secret
+
+    @property
+    def refresh_token(self) -> str | None:
+        """Never logged or printed."""
+        return self._refresh_token
+
+
 class AccountConfig(_Frozen):
     transport: Literal["smtp", "maildir"] = "smtp"
     # smtp
@@ -411,6 +550,8 @@ class AccountConfig(_Frozen):
     password: str | None = Field(default=None, repr=False)
     # auto: the strongest mechanism both sides offer (cram-md5, plain, login); one per login.
     auth_mechanism: Literal["auto", "cram-md5", "plain", "login"] = "auto"
+    # OAuth2 instead of a password: SASL XOAUTH2 with tokens from a command or endpoint.
+    auth: OAuthConfig | None = None
     auth_backoff: AuthBackoffConfig | None = None  # None: the top-level auth_backoff
     pool: PoolConfig = PoolConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
@@ -438,6 +579,9 @@ class AccountConfig(_Frozen):
             if not self.tls_ca_file.is_file():
                 raise ValueError(f"tls_ca_file: no such file {self.tls_ca_file}")
         sources = [k for k in ("password_env", "password_file", "password") if getattr(self, k)]
+        if self.auth is not None:
+            self._check_oauth(sources)
+            return self
         if len(sources) > 1:
             raise ValueError(f"{sources[1]}: give only one of {', '.join(sources)}")
         if self.username and not sources:
@@ -445,6 +589,17 @@ class AccountConfig(_Frozen):
         if (info.context or {}).get("secrets", True):
             self._secret = self._read_secret()
         return self
+
+    def _check_oauth(self, sources: list[str]) -> None:
+        """With auth (XOAUTH2): a username for the SASL string, and no password."""
+        if sources:
+            raise ValueError(f"{sources[0]}: not used with auth (XOAUTH2 logs in with a"
+                             " token, not a password)")
+        if not self.username:
+            raise ValueError("username: auth xoauth2 needs the mailbox's address as username")
+        if self.auth_mechanism != "auto":
+            raise ValueError("auth_mechanism: not used with auth (the mechanism is"
+                             " auth.mechanism)")
 
     def _read_secret(self) -> str | None:
         if self.password_env:

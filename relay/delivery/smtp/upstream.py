@@ -33,6 +33,7 @@ from relay.delivery.smtp.errors import (
     split_enhanced,
     too_many_recipients,
 )
+from relay.delivery.smtp.tokens import TokenSource
 from relay.delivery.transport import Pace, SendResult
 from relay.errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
 from relay.smtp import wire as smtpwire
@@ -50,7 +51,8 @@ NOOP_AFTER_IDLE_S = 5.0
 CAPACITY_PROBE_S = 10.0
 
 
-# SASL mechanisms relay can use, strongest first (aiosmtplib's order).
+# SASL mechanisms relay can use with a password, strongest first (aiosmtplib's order);
+# xoauth2 is used only when configured (auth: {mechanism: xoauth2}).
 AUTH_MECHANISMS = ("cram-md5", "plain", "login")
 
 
@@ -178,6 +180,8 @@ class UpstreamPool:
         # sends already under way when the account backed off must not each try once.
         self._login_hold_s = login_hold_s
         self._login_hold_until = 0.0  # monotonic
+        # auth: xoauth2 logs in with tokens from here instead of a password.
+        self.tokens = TokenSource(name, account.auth) if account.auth is not None else None
         self._idle: list[Connection] = []
         self._busy: set[Connection] = set()
         self._closing: set[asyncio.Task[None]] = set()  # QUITs under way, kept referenced
@@ -230,15 +234,20 @@ class UpstreamPool:
         assert acc.username is not None
         if not client.supports_extension("auth"):
             raise TemporaryFailure("the upstream does not offer AUTH", account_reason="auth")
-        mechanism = choose_mechanism(acc.auth_mechanism, client.server_auth_methods)
+        configured = acc.auth.mechanism if acc.auth is not None else acc.auth_mechanism
+        mechanism = choose_mechanism(configured, client.server_auth_methods)
         if mechanism is None:
             offered = " ".join(client.server_auth_methods) or "none"
+            key = "auth.mechanism" if acc.auth is not None else "auth_mechanism"
             raise TemporaryFailure(
                 f"no usable AUTH mechanism (the upstream offers {offered};"
-                f" auth_mechanism: {acc.auth_mechanism})", account_reason="auth")
-        method = getattr(client, f"auth_{mechanism.replace('-', '')}")
+                f" {key}: {configured})", account_reason="auth")
         try:
-            await method(acc.username, acc.secret or "", timeout=acc.timeouts.command)
+            if self.tokens is not None:
+                await self._login_xoauth2(client, self.tokens)
+            else:
+                method = getattr(client, f"auth_{mechanism.replace('-', '')}")
+                await method(acc.username, acc.secret or "", timeout=acc.timeouts.command)
         except aiosmtplib.SMTPAuthenticationError as exc:
             if not login_refused(exc.code, split_enhanced(exc.message)[0]):
                 raise  # 454, 421: a temporary failure, not a refused login (map_smtp_error)
@@ -247,6 +256,26 @@ class UpstreamPool:
             self._login_hold_until = time.monotonic() + self._login_hold_s
             raise
         self._login_proven = True
+
+    async def _login_xoauth2(self, client: aiosmtplib.SMTP, tokens: TokenSource) -> None:
+        """AUTH XOAUTH2; a refused token (it expired early, was revoked) is replaced
+        once and tried once more on the same connection before it counts as refused."""
+        acc = self.account
+        assert acc.username is not None
+        token = await tokens.token()
+        try:
+            await client.auth_xoauth2(acc.username, token, timeout=acc.timeouts.command)
+            return
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            if not login_refused(exc.code, split_enhanced(exc.message)[0]):
+                raise
+            tokens.refused(token)
+            if not client.is_connected:
+                raise  # the server hung up after the refusal: the next login has a new one
+            log.info("%s: the upstream refused the XOAUTH2 token (%d); fetching a new one",
+                     self.name, exc.code)
+        await client.auth_xoauth2(acc.username, await tokens.token(),
+                                  timeout=acc.timeouts.command)
 
     async def _open(self) -> Connection:
         acc = self.account
