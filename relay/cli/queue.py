@@ -375,7 +375,8 @@ def cmd_accounts_test(args: argparse.Namespace) -> int:
         out(f"account {args.name}: maildir {account.path}")
     else:  # never the password
         out(f"account {args.name}: smtp {account.host}:{account.effective_port}"
-              f" tls={account.tls} user={account.username or '(none)'}")
+              f" tls={account.tls} user={account.username or '(none)'}"
+            + (f" auth={account.auth.mechanism}" if account.auth is not None else ""))
     hostname = effective_hostname(config, socket.getfqdn())
     steps = asyncio.run(_check_account(args.name, account, hostname))
     for step, ok, text in steps:
