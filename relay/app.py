@@ -37,6 +37,7 @@ from relay.observe.metrics import Metrics, exposition_registry, watch_loop_lag
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 from relay.queue.types import NewMessage
+from relay.smtp.replies import Reply
 
 log = logging.getLogger("relay")
 QUEUE_FILE_CHECK_S = 5.0  # how often the queue file's identity is checked (a stat)
@@ -138,10 +139,11 @@ class App:
         self._answered = asyncio.Event()  # set whenever _committing is 0
         self._answered.set()
 
-    async def _submit(self, message: NewMessage) -> None:
+    async def _submit(self, message: NewMessage) -> Reply | None:
         """Commit a routed message. Once the commit returns nothing may raise: the
         session answers 250 even if a reload removed the account meanwhile (the message
-        then waits until the account returns)."""
+        then waits until the account returns). With ack: after_upstream, the upstream's
+        permanent refusal to answer instead (committed first: nothing is lost)."""
         self._committing += 1
         self._answered.clear()
         try:
@@ -153,7 +155,13 @@ class App:
         if message.account in self._waiting:
             at, count = self._waiting[message.account]
             self._waiting[message.account] = (at, count + 1)
+        refusal = None
+        if (self.config.ack_for(message.account) == "after_upstream" and self.role.delivers
+                and message.not_before <= message.created_at):  # not a Deferred-Delivery
+            refusal = await self.scheduler.deliver_now(message.account, message.id,
+                                                       self.config.listen.sync_timeout)
         self.scheduler.notify(message.account)
+        return refusal
 
     async def _admit(self, account: str) -> bool:
         """rate_limit.on_limit: reject — refuse while the backlog exceeds a window's worth."""

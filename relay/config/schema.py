@@ -227,6 +227,20 @@ class ListenTLSConfig(_Frozen):
 
 
 LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+Ack = Literal["after_commit", "after_upstream"]
+# RFC 5321 4.5.3.2.6: a client waits 10 minutes for the reply to DATA, but most
+# applications give up far sooner: a minute at most, so that they do not retry meanwhile.
+MAX_SYNC_TIMEOUT_S = 60.0
+
+
+def _sync_timeout(seconds: float) -> float:
+    if not 0 < seconds <= MAX_SYNC_TIMEOUT_S:
+        raise ValueError("must be more than 0 and at most 1m (clients give up waiting"
+                         " for the reply to DATA)")
+    return seconds
+
+
+SyncTimeout = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_sync_timeout)]
 
 
 class ListenConfig(_Frozen):
@@ -249,6 +263,10 @@ class ListenConfig(_Frozen):
     # true: MAIL FROM/RCPT TO paths must follow RFC 5321 4.1.2 (501 otherwise); false:
     # aiosmtpd's lenient RFC 5322 parser, like Postfix's strict_rfc821_envelopes = no.
     strict_addresses: Switch = True
+    # after_commit: 250 once the message is on disk. after_upstream: then try the upstream
+    # for up to sync_timeout first, so that its permanent refusal reaches the client.
+    ack: Ack = "after_commit"
+    sync_timeout: SyncTimeout = 2.0
     # Clients allowed to connect (CIDR); None means loopback only.
     allowed_networks: list[str] | None = None
     auth: ListenAuthConfig = ListenAuthConfig()
@@ -559,6 +577,8 @@ class AccountConfig(_Frozen):
     timeouts: TimeoutsConfig = TimeoutsConfig()
     # The EHLO name for this account; None: the top-level hostname.
     ehlo_name: Hostname | None = None
+    # None: listen.ack. after_upstream: this account's messages are tried before the 250.
+    ack: Ack | None = None
     # maildir
     path: Path | None = None
 
@@ -716,6 +736,11 @@ class Config(_Frozen):
         if self.queue.min_free is not None:
             return self.queue.min_free
         return max(MIN_FREE_FLOOR, 2 * self.listen.max_message_size)
+
+    def ack_for(self, account: str) -> str:
+        """When the listener answers a message for ``account``: its own ack, or listen's."""
+        acc = self.accounts.get(account)
+        return (acc.ack if acc is not None and acc.ack else None) or self.listen.ack
 
     def auth_backoff_for(self, account: str) -> AuthBackoffConfig:
         """The account's own auth_backoff, or the top-level one."""

@@ -31,6 +31,7 @@ from relay.queue.types import (
     Recipient,
     new_queue_id,
 )
+from relay.smtp.replies import Reply
 
 log = logging.getLogger("relay.delivery")
 CHANGE_POLL_S = 0.5  # how soon `relay queue ...` changes made by another process are seen
@@ -213,6 +214,23 @@ class Scheduler:
         worker = self.workers.get(account)
         if worker is not None:
             worker.notify()
+
+    async def deliver_now(self, account: str, message_id: str, within: float) -> Reply | None:
+        """ack: after_upstream: the account's worker sends the message at once; the
+        refusal to pass on to the client, or None for 250 (see AccountWorker.deliver_now).
+        Never raises: the message is committed whatever happens here."""
+        worker = self.workers.get(account)
+        if worker is None:
+            return None
+        try:
+            return await worker.deliver_now(message_id, within)
+        except StoreError as exc:
+            event(log, logging.WARNING, "sync_attempt_skipped", message_id, account=account,
+                  reason=str(exc))
+        except Exception:  # a bug: the message waits in the queue; the client gets 250
+            log.exception("immediate attempt of %s failed", message_id)
+            self.metrics.internal_errors.labels("delivery").inc()
+        return None
 
     def _make_bounce(
         self, message: QueuedMessage, failed: list[Recipient], original: bytes

@@ -23,6 +23,7 @@ from relay.delivery.outcome import accepted_so_far, settle
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.refusals import login_refused
 from relay.delivery.retry import RetryPolicy
+from relay.delivery.sync import sync_refusal
 from relay.delivery.transport import PoolControl, SendResult, Transport
 from relay.errors import DeliveryError, StoreError, TemporaryFailure
 from relay.observe.logs import event
@@ -36,6 +37,7 @@ from relay.queue.types import (
     Recipient,
     RecipientState,
 )
+from relay.smtp.replies import Reply
 
 log = logging.getLogger("relay.delivery")
 _FINISH_RETRY_S = 1.0
@@ -67,6 +69,23 @@ def account_error(sent: SendResult | DeliveryError) -> DeliveryError | None:
     if isinstance(sent, DeliveryError):
         return sent if sent.account_wide else None
     return next((e for e in sent.refused.values() if e.account_wide), None)
+
+
+class SyncWaiter:
+    """A listener session waiting for a message's first outcome (ack: after_upstream).
+
+    ``refusing``: the outcome will be passed on as a refusal, so no bounce is queued;
+    ``abandoned``: the session gave up waiting and answered 250, so a refusal bounces as
+    usual. One excludes the other (set without an await in between)."""
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
+        self.refusing = False
+        self.abandoned = False
+
+    def settle(self, reply: Reply | None) -> None:
+        if not self.future.done():
+            self.future.set_result(reply)
 
 
 def _iso(ts: float) -> str:
@@ -120,6 +139,7 @@ class AccountWorker:
         self.settling: set[asyncio.Task[None]] = set()  # outcome writes under way
         self.recording: set[str] = set()  # ids whose outcome is being written
         self.ready: collections.deque[QueuedMessage] = collections.deque()  # claimed, unsent
+        self.waiters: dict[str, SyncWaiter] = {}  # ack: after_upstream sessions, by id
         # Claim-ahead depth: one pool's worth, but not for rate-limited accounts (it would
         # spend their budget early and gain nothing at their pace).
         self.prefetch = 0 if limiter.limited else concurrency
@@ -298,6 +318,43 @@ class AccountWorker:
         self.carrying[message.id] = message
         task.add_done_callback(functools.partial(self._done, message.id))
 
+    async def deliver_now(self, message_id: str, within: float) -> Reply | None:
+        """ack: after_upstream: claim the message just committed and send it at once, if
+        the account may send now (slot, rate limit, no backoff or pause). The refusal to
+        pass on if its outcome comes within ``within`` seconds; None: answer 250 (it was
+        delivered, deferred, is still being sent, or waits in the queue as usual)."""
+        if (self._stopping or self.paused or self.backed_off or self._slots() <= 0
+                or self.limiter.available(self.mono()) < 1):
+            return None
+        waiter = self.waiters[message_id] = SyncWaiter()
+        try:
+            self.limiter.reserve(1)
+            message = None
+            try:
+                message = await self.store.claim_message(
+                    self.name, message_id, self.clock(), self.lease_s, self.limiter.windows)
+            finally:
+                if message is None:
+                    self.limiter.cancel(1)
+            if message is None:
+                return None
+            if self.backed_off or self._stopping:  # changed while the claim committed
+                self._unclaim([message.id], self.clock(),
+                              due_at=self.resume_at if self.backed_off else None)
+                return None
+            self.idle.clear()
+            self._start(message)
+            try:
+                async with asyncio.timeout(within):
+                    return await asyncio.shield(waiter.future)
+            except TimeoutError:
+                if not waiter.refusing:
+                    waiter.abandoned = True
+                    return None
+            return await waiter.future  # the refusal is being written: moments
+        finally:
+            del self.waiters[message_id]
+
     def held(self) -> list[str]:
         """Messages this worker is sending, has claimed ahead or is recording."""
         return [*self.in_flight, *self.recording, *(m.id for m in self.ready)]
@@ -421,24 +478,41 @@ class AccountWorker:
 
     async def _record(self, message: QueuedMessage, result: AttemptResult,
                       sent: SendResult | DeliveryError, duration: float, body: bytes) -> None:
+        waiter = self.waiters.get(message.id)
+        refusal = None
+        try:
+            refusal = await self._record_outcome(message, result, sent, duration, body, waiter)
+        finally:
+            if waiter is not None:  # None if the write was given up: 250, the row stays
+                waiter.settle(refusal)
+
+    async def _record_outcome(self, message: QueuedMessage, result: AttemptResult,
+                              sent: SendResult | DeliveryError, duration: float, body: bytes,
+                              waiter: SyncWaiter | None) -> Reply | None:
+        """Write the outcome (and its bounce); the refusal a waiting session passes on."""
         was_pending = set(message.pending_recipients)
         failed = [r for r in result.recipients
                   if r.state is RecipientState.FAILED and r.address in was_pending]
+        refusal = None
+        if waiter is not None and not waiter.abandoned:
+            refusal = sync_refusal(sent, result)
+            waiter.refusing = refusal is not None  # the client gets it: no bounce
         bounce = None
         # Never to <>: a bounce is sent from <>, so a bounce never causes another.
-        if self.bounce is not None and should_bounce(message.sender, failed):
+        if self.bounce is not None and refusal is None and should_bounce(message.sender, failed):
             bounce = self.bounce(message, failed, body)
         # The outcome and its bounce in one commit, if this process still holds the claim.
         if not await self._write(result, bounce):
             event(log, logging.WARNING, "outcome_dropped", message.id, account=self.name,
                   reason="its lease ran out and another worker claimed it; that worker's"
                   " outcome stands")
-            return
+            return None
         self._report(message, result, sent, duration)
         if bounce is not None:
             event(log, logging.INFO, "bounced", message.id, bounce_id=bounce.id,
                   to=f"<{message.sender}>", failed=len(failed))
             self.notify()  # a bounce goes through the failed message's own account
+        return refusal
 
     async def _write(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
         try:

@@ -36,7 +36,8 @@ from relay.smtp.headers import header_section_exceeds, parse_headers, remove_hea
 
 log = logging.getLogger("relay.smtpd")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-Submit = Callable[[NewMessage], Awaitable[None]]
+# Commits the message; returns a refusal to answer instead of 250 (ack: after_upstream).
+Submit = Callable[[NewMessage], Awaitable[replies.Reply | None]]
 Admit = Callable[[str], Awaitable[bool]]  # False: the account is too far behind its limit
 
 # aiosmtpd logs this on mail.log for every session whose server requires AUTH without
@@ -214,24 +215,30 @@ class IngestHandler:
             mail_options=_forwarded_options(envelope),
         )
         try:
-            await self.submit(message)
-        except StoreBusyError as exc:  # other workers held the queue's write lock too long
-            event(log, logging.WARNING, "rejected", reason=str(exc), client=peer_text(session))
-            return self.reject("queue_busy", replies.STORE_BUSY)
-        except StoreReserveError as exc:  # refused before the disk fills: delivery goes on
-            event(log, logging.WARNING, "rejected", reason=str(exc), client=peer_text(session))
-            return self.reject("low_disk", replies.STORE_FULL)
-        except StoreFullError as exc:
-            event(log, logging.ERROR, "rejected", reason=str(exc), client=peer_text(session))
-            return self.reject("store_unavailable", replies.STORE_FULL)
+            refusal = await self.submit(message)
         except StoreError as exc:
-            event(log, logging.ERROR, "rejected", reason=str(exc), client=peer_text(session))
-            return self.reject("store_unavailable", replies.STORE_FAILED)
+            return self._not_stored(exc, session)
         self.metrics.received.inc()
         event(log, logging.INFO, "received", message.id, client=peer_text(session),
               sender=f"<{message.sender}>", size=len(raw), nrcpt=len(message.recipients),
               account=account, priority=message.priority.name.lower())
+        if refusal is not None:  # recorded failed, without a bounce: this is the answer
+            event(log, logging.INFO, "refused_upstream", message.id, reply=str(refusal))
+            return self.reject("upstream_refused", refusal)
         return replies.queued(message.id)
+
+    def _not_stored(self, exc: StoreError, session: Session) -> str:
+        """The reply when the message could not be committed (the client keeps it)."""
+        if isinstance(exc, StoreBusyError):  # other workers held the write lock too long
+            event(log, logging.WARNING, "rejected", reason=str(exc), client=peer_text(session))
+            return self.reject("queue_busy", replies.STORE_BUSY)
+        if isinstance(exc, StoreReserveError):  # refused before the disk fills
+            event(log, logging.WARNING, "rejected", reason=str(exc), client=peer_text(session))
+            return self.reject("low_disk", replies.STORE_FULL)
+        event(log, logging.ERROR, "rejected", reason=str(exc), client=peer_text(session))
+        if isinstance(exc, StoreFullError):
+            return self.reject("store_unavailable", replies.STORE_FULL)
+        return self.reject("store_unavailable", replies.STORE_FAILED)
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd's default answers 500 and names the exception class.

@@ -15,7 +15,7 @@ REJECT_REASONS = ("unknown_account", "bad_header", "too_big", "too_many_recipien
                   "store_unavailable", "low_disk", "rate_limited", "internal_error", "bad_address",
                   "bare_newline", "access_denied", "too_many_connections", "cross_protocol",
                   "too_many_client_connections", "auth_locked",
-                  "header_too_big", "queue_busy")
+                  "header_too_big", "queue_busy", "upstream_refused")
 # Where relay_internal_errors_total is counted (each is restarted after an error).
 INTERNAL_COMPONENTS = ("account_worker", "delivery", "queue_watcher", "queue_writer")
 # relay_account_backoffs_total reasons (worker.backoff_reason; relay.delivery.refusals.REASONS).

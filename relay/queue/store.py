@@ -58,6 +58,14 @@ class QueueStore(Protocol):
         claim no more than each window still allows given every process's sends (those
         recorded, and those claimed and not yet finished), so limits hold across workers.
         """
+    async def claim_message(
+        self, account: str, message_id: str, now: float, lease_s: float,
+        windows: Sequence[tuple[float, int]] = (),
+    ) -> QueuedMessage | None:
+        """Claim one message of ``account`` by id on claim_due's terms (ready and due, the
+        account not paused, room in ``windows``): the process that received it sends it
+        at once (ack: after_upstream). None when it is not claimable now (another process
+        claimed it first, or a rate window is full); it then waits in the queue as usual."""
     async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
         """Settle ``result.claim``: record the attempt and queue its bounce together.
 

@@ -166,3 +166,10 @@ CLAIM_SQL = (
     + f" AND NOT EXISTS (SELECT 1 FROM meta WHERE key = '{PAUSED_PREFIX}' || :a)"
     + f" RETURNING {COLUMNS}"
 )
+# One message by id (ack: after_upstream), on the same conditions as CLAIM_SQL.
+CLAIM_ONE_SQL = (
+    "UPDATE messages SET state='sending', lease_until=:lease, owner=:owner, updated_at=:now"
+    f" WHERE id=:id AND account=:a AND state IN {READY} AND next_attempt_at<=:now"
+    f" AND NOT EXISTS (SELECT 1 FROM meta WHERE key = '{PAUSED_PREFIX}' || :a)"
+    f" RETURNING {COLUMNS}"
+)

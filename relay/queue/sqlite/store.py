@@ -420,6 +420,16 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
         )
         return result
 
+    async def claim_message(
+        self, account: str, message_id: str, now: float, lease_s: float,
+        windows: Sequence[tuple[float, int]] = (),
+    ) -> QueuedMessage | None:
+        claimed: list[QueuedMessage] = await self._submit(
+            ClaimDue(account=account, now=now, limit=1, lease_s=lease_s, owner=self.owner,
+                     windows=tuple(windows), message_id=message_id)
+        )
+        return claimed[0] if claimed else None
+
     async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
         """Record an attempt's outcome and queue its bounce, if any, in one transaction.
 

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.errors import StoreError
-from relay.queue.sqlite.schema import CLAIM_SQL, COLUMNS, recipients_json, row_to_message
+from relay.queue.sqlite.schema import (
+    CLAIM_ONE_SQL,
+    CLAIM_SQL,
+    COLUMNS,
+    recipients_json,
+    row_to_message,
+)
 from relay.queue.types import (
     AttemptResult,
     Claim,
@@ -45,6 +51,7 @@ class ClaimDue(Op):
     lease_s: float = field(kw_only=True)
     owner: str = field(kw_only=True)
     windows: tuple[tuple[float, int], ...] = field(default=(), kw_only=True)
+    message_id: str | None = field(default=None, kw_only=True)  # just this one (limit 1)
 
 
 @dataclass
@@ -173,8 +180,9 @@ def _claim(db: sqlite3.Connection, op: ClaimDue) -> list[QueuedMessage]:
     if room <= 0:
         return []
     params = {"a": op.account, "now": op.now, "n": room, "lease": op.now + op.lease_s,
-              "owner": op.owner}
-    rows = db.execute(CLAIM_SQL, params).fetchall()
+              "owner": op.owner, "id": op.message_id}
+    rows = db.execute(CLAIM_SQL if op.message_id is None else CLAIM_ONE_SQL,
+                      params).fetchall()
     messages = [row_to_message(r) for r in rows]
     for m in messages:
         m.claim = Claim(op.owner, op.now + op.lease_s)

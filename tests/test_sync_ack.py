@@ -1,0 +1,242 @@
+"""ack: after_upstream (issue 16 point 5): relay tries the upstream before it answers DATA,
+so a permanent refusal reaches the application at once; everything else is 250 as usual.
+
+Against the real fault-injecting upstream; the message is committed before the attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from relay.config.loading import parse_config
+from relay.delivery.sync import sync_refusal
+from relay.delivery.transport import SendResult
+from relay.errors import ConfigError, PermanentFailure, TemporaryFailure
+from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.types import (
+    AttemptResult,
+    MessageState,
+    NewMessage,
+    Priority,
+    Recipient,
+    RecipientState,
+)
+from relay.smtp.replies import Reply
+from tests.conftest import (
+    Launch,
+    StartRelay,
+    message,
+    metric,
+    relay_config,
+    send,
+    upstream_account,
+    wait_until,
+)
+from tests.relayproc import write_config
+from tests.upstream import FakeUpstream
+
+SYNC = {"ack": "after_upstream", "sync_timeout": "2s"}
+
+
+# -- the pure decision ------------------------------------------------------------------
+
+
+def _result(*states: RecipientState) -> AttemptResult:
+    recipients = [Recipient(f"r{i}@example.com", state) for i, state in enumerate(states)]
+    final = all(s is not RecipientState.PENDING for s in states)
+    delivered = all(s is RecipientState.DELIVERED for s in states)
+    state = (MessageState.DELIVERED if delivered else MessageState.FAILED if final
+             else MessageState.DEFERRED)
+    return AttemptResult(id="m", account="a", state=state, recipients=recipients, attempts=1,
+                         next_attempt_at=0.0, last_error="", at=0.0, outcome="x", reply="")
+
+
+def test_only_a_permanent_refusal_of_everyone_is_passed_on() -> None:
+    F, D, P = RecipientState.FAILED, RecipientState.DELIVERED, RecipientState.PENDING
+    refused = PermanentFailure("<r0@example.com>: Recipient\r\naddress rejected\x1b[31m",
+                               code=550, enhanced="5.1.1")
+    assert sync_refusal(refused, _result(F)) == Reply(
+        550, "5.1.1", "<r0@example.com>: Recipient address rejected [31m")
+    by_rcpt = SendResult(accepted=[], refused={"r0@example.com": PermanentFailure(
+        "no such user", code=551, enhanced="5.1.6")})
+    assert sync_refusal(by_rcpt, _result(F)) == Reply(551, "5.1.6", "no such user")
+    odd = PermanentFailure("x" * 600, code=None, enhanced="4.0.0")
+    reply = sync_refusal(odd, _result(F))
+    assert reply is not None and (reply.code, reply.enhanced, len(reply.text)) == (
+        554, "5.0.0", 400)
+    partial = SendResult(accepted=["r0@example.com"], refused={
+        "r1@example.com": PermanentFailure("no", code=550, enhanced="5.1.1")})
+    assert sync_refusal(partial, _result(D, F)) is None
+    assert sync_refusal(SendResult(accepted=["r0@example.com"]), _result(D)) is None
+    assert sync_refusal(TemporaryFailure("busy", code=451), _result(P)) is None
+    # Failed for its age after a temporary error: not the upstream's answer.
+    assert sync_refusal(TemporaryFailure("busy", code=451), _result(F)) is None
+
+
+def test_ack_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = parse_config({
+        "listen": {"ack": "after_upstream", "sync_timeout": "500ms"},
+        "accounts": {"a": {"transport": "maildir", "path": "a"},
+                     "b": {"transport": "maildir", "path": "b", "ack": "after_commit"}},
+        "routing": {"default_account": "a"}})
+    assert (config.ack_for("a"), config.ack_for("b"), config.listen.sync_timeout) == (
+        "after_upstream", "after_commit", 0.5)
+    assert parse_config({}).ack_for("outbox") == "after_commit"
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"listen": {"sync_timeout": "5m"}})
+    assert caught.value.problems == [
+        "listen.sync_timeout: must be more than 0 and at most 1m (clients give up waiting"
+        " for the reply to DATA)"]
+
+
+# -- against the real upstream ----------------------------------------------------------
+
+
+async def test_a_550_from_the_upstream_is_the_answer_to_data(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    upstream.refuse_rcpt("nobody@example.com", 550, "5.1.1 <nobody@example.com>: Recipient"
+                         " address rejected: User unknown")
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                                         listen=SYNC, bounces={"enabled": True}))
+    code, text = await send(app.smtp_port, message("refused"), recipients=["nobody@example.com"])
+    assert (code, text) == (550, "5.1.1 <nobody@example.com>: Recipient address rejected:"
+                                 " User unknown")
+    rows = await app.store.list_messages()
+    assert [r.state for r in rows] == [MessageState.FAILED]  # recorded, and no bounce
+    assert upstream.messages == []
+    assert metric(app, "relay_messages_rejected_total", reason="upstream_refused") == 1
+    assert metric(app, "relay_messages_failed_total", account="up") == 1
+
+    # A message that goes through answers 250 once the upstream has it.
+    code, text = await send(app.smtp_port, message("fine"))
+    assert code == 250 and text.startswith("2.0.0 queued as ")
+    assert len(upstream.messages) == 1  # already there: delivered before the answer
+
+
+async def test_a_refusal_after_the_dot_is_passed_on_too(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    upstream.fail_data(554, "5.7.1 Message rejected as spam")
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                                         listen=SYNC))
+    assert await send(app.smtp_port, message("spam")) == (554, "5.7.1 Message rejected as spam")
+
+
+async def test_a_temporary_failure_answers_250_and_delivers_once_later(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    upstream.fail_data(451, "4.3.0 try again later")
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                                         listen=SYNC))
+    code, _ = await send(app.smtp_port, message("later"))
+    assert code == 250
+    await upstream.wait_for_messages(1)  # the retry (100 ms in tests)
+    await wait_until(lambda: metric(app, "relay_messages_delivered_total", account="up") == 1)
+    assert len(upstream.messages) == 1
+    assert [r.state for r in await app.store.list_messages()] == [MessageState.DELIVERED]
+
+
+async def test_a_slow_upstream_answers_250_at_sync_timeout_and_is_not_sent_twice(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    upstream.delay("DATA", 1.0)  # recorded at once, the 250 comes a second later
+    app = await start_relay(relay_config(
+        tmp_path, {"up": upstream_account(upstream, tmp_path)},
+        listen={"ack": "after_upstream", "sync_timeout": "200ms"}, bounces={"enabled": True}))
+    code, _ = await send(app.smtp_port, message("slow"))
+    assert code == 250
+    assert [r.state for r in await app.store.list_messages()] == [MessageState.SENDING]
+    await wait_until(lambda: metric(app, "relay_messages_delivered_total", account="up") == 1)
+    assert len(upstream.messages) == 1
+
+
+async def test_the_rate_limit_holds_for_immediate_attempts(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    app = await start_relay(relay_config(
+        tmp_path, {"up": upstream_account(upstream, tmp_path, rate_limit={"per_minute": 1})},
+        listen=SYNC))
+    assert (await send(app.smtp_port, message("first")))[0] == 250
+    assert len(upstream.messages) == 1
+    upstream.refuse_rcpt("to@example.com", 550, "5.1.1 unknown")
+    assert (await send(app.smtp_port, message("second")))[0] == 250  # no room: queued
+    rows = {r.state for r in await app.store.list_messages()}
+    assert rows == {MessageState.DELIVERED, MessageState.QUEUED}
+    assert len(upstream.messages) == 1
+
+
+async def test_an_account_can_ask_for_it_alone(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    upstream.fail_message_attempts(b"refuse-me", 550, "5.6.0 malformed message", times=2)
+    app = await start_relay(relay_config(tmp_path, {
+        "up": upstream_account(upstream, tmp_path),
+        "sync": upstream_account(upstream, tmp_path, ack="after_upstream")}))
+    assert (await send(app.smtp_port, message("a", body="refuse-me\r\n")))[0] == 250
+    refused = await send(app.smtp_port, message("b", headers={"X-Account": "sync"},
+                                                body="refuse-me\r\n"))
+    assert refused == (550, "5.6.0 malformed message")
+
+
+async def test_claim_message_takes_only_that_message_and_only_once(tmp_path: Path) -> None:
+    """Two workers' stores on one queue file: the one that received it claims it; the
+    other cannot; a full rate window or a paused account claims nothing."""
+    path = tmp_path / "queue.sqlite3"
+    first, second = SQLiteStore(path, lock=False), SQLiteStore(path, lock=False)
+    await first.open()
+    await second.open()
+    try:
+        now = time.time()
+        for n in ("m1", "m2"):
+            await first.enqueue(NewMessage(id=n, sender="a@example.com",
+                                           recipients=("b@example.com",), account="up",
+                                           priority=Priority.NORMAL, body=b"x\r\n",
+                                           created_at=now, not_before=now))
+        claimed = await first.claim_message("up", "m1", now, 60)
+        assert claimed is not None and claimed.id == "m1" and claimed.claim is not None
+        assert await second.claim_message("up", "m1", now, 60) is None
+        assert await second.claim_message("other", "m2", now, 60) is None  # not its account
+        # m1 is in flight: a window of 1 per minute has no room for m2.
+        assert await second.claim_message("up", "m2", now, 60, [(60.0, 1)]) is None
+        await second.set_paused("up", True, now)
+        assert await second.claim_message("up", "m2", now, 60) is None
+        await second.set_paused("up", False, now)
+        assert (await second.claim_message("up", "m2", now, 60)) is not None
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_killed_between_commit_and_attempt_delivers_after_restart(
+    tmp_path: Path, upstream: FakeUpstream, launch: Launch,
+) -> None:
+    upstream.delay("GREETING", 30)  # the attempt hangs before the upstream greets
+    config = write_config(tmp_path, upstream, ack="after_upstream")
+    relay = await launch(config)
+    await relay.wait_started()
+
+    async def submit() -> None:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False)
+        async with client:
+            await client.sendmail("app@example.com", ["to@example.com"], message("k"))
+
+    session = asyncio.create_task(submit())
+    await wait_until(lambda: upstream.connections_opened >= 1, what="the attempt")
+    relay.proc.send_signal(signal.SIGKILL)
+    assert await relay.exit_code(within=5) == -signal.SIGKILL
+    with pytest.raises(aiosmtplib.SMTPException):
+        await session  # the client got no answer: it would retry; relay has it anyway
+    upstream.delay("GREETING", 0)
+    restarted = await launch(config)
+    await restarted.wait_started()
+    await upstream.wait_for_messages(1, timeout=15)
+    restarted.proc.send_signal(signal.SIGTERM)
+    assert await restarted.exit_code(within=10) == 0
+    assert len(upstream.messages) == 1 and b"Subject: k" in upstream.messages[0].data
