@@ -29,13 +29,18 @@ def config_warnings(config: Config, from_environment: Collection[str] = ()) -> l
                 " prefer password_env or password_file"
             )
         if acc.tls == "none" and acc.username and not is_loopback(acc.host or ""):
+            what = "access token" if acc.auth is not None else "password"
             warnings.append(
-                f"accounts.{name}.tls: none sends the password unencrypted to {acc.host}"
+                f"accounts.{name}.tls: none sends the {what} unencrypted to {acc.host}"
             )
         if not acc.tls_verify:
             warnings.append(f"accounts.{name}.tls_verify: false; certificates are not checked")
         if acc.password_file:
             warnings += _readable_by_others(f"accounts.{name}.password_file", acc.password_file)
+        for key in ("client_secret_file", "refresh_token_file"):
+            path = getattr(acc.auth, key, None)
+            if path is not None:
+                warnings += _readable_by_others(f"accounts.{name}.auth.{key}", path)
         if (acc.password or acc.password_env or acc.password_file) and not acc.username:
             warnings.append(f"accounts.{name}: a password without a username is not used")
     for user, spec in config.listen.auth.users.items():

@@ -279,6 +279,10 @@ class UpstreamPool:
 
     async def _open(self) -> Connection:
         acc = self.account
+        if self.tokens is not None:
+            # Before connecting: a slow token endpoint must not hold an idle session open
+            # (servers close those), and no token means no connection at all.
+            await self.tokens.token()
         client = _Client(
             hostname=acc.host,
             port=acc.effective_port,
