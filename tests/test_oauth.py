@@ -8,6 +8,7 @@ token endpoint (tests/tokenserver.py) issuing short-lived tokens.
 from __future__ import annotations
 
 import logging
+import ssl
 import stat
 import time
 from pathlib import Path
@@ -298,6 +299,24 @@ async def test_a_refused_refresh_token_backs_off_and_names_the_account(
     assert ("XOAUTH2 token for account google: the token endpoint answered HTTP 400"
             " invalid_grant (Token has been expired or revoked.)") in text
     _no_secrets(text, tokens)
+
+
+async def test_the_token_endpoint_certificate_is_verified(
+    tmp_path: Path, xoauth2_upstream: FakeUpstream, self_signed: tuple[Path, Path],
+) -> None:
+    """An https endpoint whose certificate no trusted CA signed gets no secrets."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*self_signed)
+    async with TokenServer(xoauth2_upstream, ssl_context=context) as tokens:
+        config = parse_config({"accounts": {"google": _endpoint_account(
+            xoauth2_upstream, tokens, tmp_path)}, "routing": {"default_account": "google"}})
+        auth = config.accounts["google"].auth
+        assert auth is not None
+        with pytest.raises(TemporaryFailure) as caught:
+            await TokenSource("google", auth).token()
+    assert caught.value.reason == ("XOAUTH2 token for account google: cannot reach the token"
+                                   " endpoint: TLS failure (certificate not trusted?)")
+    assert tokens.requests == []
 
 
 async def test_client_credentials_post_the_scope(

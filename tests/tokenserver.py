@@ -11,6 +11,7 @@ as long as it lasts::
 
 from __future__ import annotations
 
+import ssl
 from types import TracebackType
 from typing import Self
 
@@ -22,7 +23,8 @@ from tests.upstream import FakeUpstream
 class TokenServer:
     def __init__(self, upstream: FakeUpstream, *, lifetime: float = 3600.0,
                  client_id: str = "relay-test-client", client_secret: str = "client-s3cret",
-                 refresh_token: str = "refresh-s3cret") -> None:
+                 refresh_token: str = "refresh-s3cret",
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.upstream = upstream
         self.lifetime = lifetime  # expires_in of each token issued
         self.client_id = client_id
@@ -32,6 +34,7 @@ class TokenServer:
         self.issued: list[str] = []
         self.refuse_next = 0  # answer this many requests 400 invalid_grant
         self.url = ""
+        self._ssl = ssl_context  # https with this certificate
         self._runner: web.AppRunner | None = None
 
     async def __aenter__(self) -> Self:
@@ -39,10 +42,10 @@ class TokenServer:
         app.router.add_post("/token", self._token)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._ssl)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/token"
+        self.url = f"{'https' if self._ssl else 'http'}://127.0.0.1:{port}/token"
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
