@@ -9,6 +9,7 @@
      |    +-- StoreBusyError    other processes held the write lock too long (451 4.3.0)
      +-- DeliveryError          one delivery attempt went wrong
           +-- TemporaryFailure  try again later (4xx, connection lost, timeout)
+          |    +-- TokenRefused  an OAuth2 token issuer refused the account's credentials
           +-- PermanentFailure  do not try again (5xx)
 """
 
@@ -89,6 +90,12 @@ class TemporaryFailure(DeliveryError):
     """Retry later: 4xx, connection refused or lost, timeout, TLS or DNS failure."""
 
     temporary = True
+
+
+class TokenRefused(TemporaryFailure):
+    """The account's OAuth2 credentials were refused by their token issuer (a revoked
+    refresh token, an expired client secret): a refused login, though no SMTP reply
+    said so, so it counts in relay_upstream_auth_failures_total as a 535 does."""
 
 
 class PermanentFailure(DeliveryError):

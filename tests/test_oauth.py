@@ -295,6 +295,8 @@ async def test_a_refused_refresh_token_backs_off_and_names_the_account(
                                         reason="auth") == 1, what="an auth backoff")
         await up.wait_for_messages(1)  # the next token request works
         assert up.auth_failures == 0 and up.xoauth2_logins[0][1] == "token-1"
+        # A refused login for the RelayUpstreamAuthFailing alert, though no 535 came.
+        assert metric(app, "relay_upstream_auth_failures_total", account="google") == 1
         text = _relay_text(caplog)
     assert ("XOAUTH2 token for account google: the token endpoint answered HTTP 400"
             " invalid_grant (Token has been expired or revoked.)") in text

@@ -25,7 +25,7 @@ from relay.delivery.refusals import login_refused
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.sync import sync_refusal
 from relay.delivery.transport import PoolControl, SendResult, Transport
-from relay.errors import DeliveryError, StoreError, TemporaryFailure
+from relay.errors import DeliveryError, StoreError, TemporaryFailure, TokenRefused
 from relay.observe.logs import event
 from relay.observe.metrics import Metrics
 from relay.queue.store import QueueStore
@@ -548,8 +548,8 @@ class AccountWorker:
             if recovered and self.health is not None:
                 self.health(AccountHealth(self.name, self._wall_at(self.backoff_until), 0))
             return None
-        refused_login = failure.code is not None and login_refused(failure.code,
-                                                                   failure.enhanced)
+        refused_login = isinstance(failure, TokenRefused) or (
+            failure.code is not None and login_refused(failure.code, failure.enhanced))
         if refused_login:  # every refused login counts, also those already inside a backoff
             self.metrics.auth_failures.labels(self.name).inc()
         if mono < self.backoff_until:  # another send already backed it off

@@ -28,7 +28,7 @@ from relay.delivery.oauth import (
     renew_at,
     token_form,
 )
-from relay.errors import TemporaryFailure
+from relay.errors import TemporaryFailure, TokenRefused
 from relay.printable import escape
 
 # Cap on what is read of a command's output or an endpoint's answer: a token is a few KB.
@@ -77,9 +77,10 @@ class TokenSource:
     def _failed(self, exc: TokenError) -> TemporaryFailure:
         """The account cannot log in: it backs off (with the login floor when the issuer
         refused the credentials); the message was never offered (not an attempt)."""
-        return TemporaryFailure(f"XOAUTH2 token for account {self.account}: {exc.reason}",
-                                account_reason="auth" if exc.credentials else None,
-                                account_wide=True, offered=False)
+        cls = TokenRefused if exc.credentials else TemporaryFailure
+        return cls(f"XOAUTH2 token for account {self.account}: {exc.reason}",
+                   account_reason="auth" if exc.credentials else None, account_wide=True,
+                   offered=False)
 
     def refused(self, token: str) -> None:
         """The upstream refused ``token``: the next token() fetches another (unless one
