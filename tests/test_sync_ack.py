@@ -129,10 +129,15 @@ async def test_a_refusal_after_the_dot_is_passed_on_too(
     assert await send(app.smtp_port, message("spam")) == (554, "5.7.1 Message rejected as spam")
 
 
+@pytest.mark.parametrize("fault", ["451 after the dot", "421 to MAIL and hang up"])
 async def test_a_temporary_failure_answers_250_and_delivers_once_later(
-    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay, fault: str,
 ) -> None:
-    upstream.fail_data(451, "4.3.0 try again later")
+    if fault.startswith("451"):
+        upstream.fail_data(451, "4.3.0 try again later")
+    else:
+        upstream.reply_to("MAIL", 421, "4.7.0 upstream.test closing connection", times=2,
+                          close=True)
     app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
                                          listen=SYNC))
     code, _ = await send(app.smtp_port, message("later"))
