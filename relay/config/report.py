@@ -138,7 +138,7 @@ def _mask_secrets(node: Any) -> None:
 def _durations_as_text(node: Any) -> None:
     duration_keys = {"initial_delay", "max_delay", "max_age", "idle_timeout", "timeout",
                      "drain_delay", "grace", "token_command_timeout", "token_command_ttl",
-                     "refresh_margin",
+                     "refresh_margin", "sync_timeout",
                      "connect", "command", "data", "initial", "max"}
     if isinstance(node, dict):
         for key, value in node.items():
