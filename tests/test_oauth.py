@@ -454,3 +454,24 @@ async def test_messages_stay_queued_while_no_token_can_be_had(
                                            [MessageState.SENDING])
         assert up.messages == [] and up.xoauth2_logins == []
         assert up.connections_opened == 0  # no token, no connection
+
+
+async def test_a_new_refresh_token_is_taken_on_reload(
+    tmp_path: Path, xoauth2_upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    """The runbook's fix for a revoked refresh token: store the new one, SIGHUP."""
+    up = xoauth2_upstream
+    async with TokenServer(up) as tokens:
+        account = _endpoint_account(up, tokens, tmp_path)
+        app = await start_relay(relay_config(tmp_path, {"google": account}))
+        assert (await send(app.smtp_port, message("one")))[0] == 250
+        await up.wait_for_messages(1)
+        tokens.refresh_token = "the-new-refresh-token"  # the old one is refused from now on
+        (tmp_path / "refresh.token").write_text(tokens.refresh_token)
+        assert await app.reload(relay_config(tmp_path, {"google": account})) == []
+        up.revoke_tokens()  # the next login needs a new access token
+        assert (await send(app.smtp_port, message("two")))[0] == 250
+        await up.wait_for_messages(2)
+    assert [r["refresh_token"] for r in tokens.requests] == [
+        "refresh-s3cret", "the-new-refresh-token"]
+    assert metric(app, "relay_upstream_auth_failures_total", account="google") == 0
