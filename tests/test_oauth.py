@@ -222,17 +222,17 @@ async def test_refresh_token_flow_logs_in_with_xoauth2(
 async def test_a_token_is_refreshed_before_it_expires(
     tmp_path: Path, xoauth2_upstream: FakeUpstream, start_relay: StartRelay,
 ) -> None:
-    """Tokens last 1 s, so relay renews one after 0.5 s: the second login, 0.6 s later,
+    """Tokens last 2 s, so relay renews one after 1 s: the second login, 1.1 s later,
     has a new token although the old one would still have worked."""
     up = xoauth2_upstream
-    async with TokenServer(up, lifetime=1.0) as tokens:
+    async with TokenServer(up, lifetime=2.0) as tokens:
         app = await start_relay(relay_config(tmp_path, {"google": _endpoint_account(
             up, tokens, tmp_path, pool={"max_messages_per_connection": 1})}))
         assert (await send(app.smtp_port, message("one")))[0] == 250
         await up.wait_for_messages(1)
         await wait_until(lambda: up.connections_open == 0, what="the first connection closed")
         first_login = up.times_of("AUTH")[0]
-        await wait_until(lambda: time.monotonic() > first_login + 0.6,
+        await wait_until(lambda: time.monotonic() > first_login + 1.1,
                          what="half the token's life")
         assert (await send(app.smtp_port, message("two")))[0] == 250
         await up.wait_for_messages(2)
