@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
+from relay.cli.commands import main
 from relay.errors import SchemaError
 from relay.queue.migrations import check_numbering, plan
 from relay.queue.sqlite.schema import MIGRATIONS, SCHEMA_VERSION, apply_migration
-from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.sqlite.store import SQLiteStore, server_lock_path
 from relay.queue.types import NewMessage, Priority
+from tests.conftest import Launch
+from tests.relayproc import write_config
 from tests.test_growth import _row, _schema_2_file
+from tests.upstream import FakeUpstream
 
 OLDER = (f"queue schema 2 is older than this relay (knows {SCHEMA_VERSION}): run `relay queue"
          " migrate` (it backs the queue up first), or start with `relay serve --migrate`")
@@ -179,3 +186,135 @@ async def test_a_store_open_on_a_migrated_file_works(tmp_path: Path) -> None:
         assert await store.migrate() == []
     finally:
         await store.close()
+
+
+# -- the commands -------------------------------------------------------------------------
+def _config(tmp_path: Path) -> Path:
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "metrics": {"enabled": False},
+        "queue": {"path": str(tmp_path / "queue.sqlite3")},
+        "accounts": {"outbox": {"transport": "maildir", "path": str(tmp_path / "box")}},
+        "routing": {"default_account": "outbox"},
+    }))
+    return path
+
+
+def _relay(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _version(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
+def _backups(folder: Path) -> list[Path]:
+    return sorted(folder.glob("queue.sqlite3.schema-2.*.bak"))
+
+
+def test_queue_migrate_backs_up_then_migrates_and_is_idempotent(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path)
+    queue = tmp_path / "queue.sqlite3"
+    _schema_2_file(queue, [_row(1, "queued", time.time())])
+    code, out, err = _relay(capsys, "queue", "migrate", "-c", str(config))
+    assert code == 0, err
+    (backup,) = _backups(tmp_path)
+    assert out == (f"backed up {queue} (schema 2) to {backup}\n"
+                   f"migrated {queue} from schema 2 to {SCHEMA_VERSION}"
+                   f" (applied {', '.join(map(str, range(3, SCHEMA_VERSION + 1)))})\n")
+    assert (_version(backup), _version(queue)) == (2, SCHEMA_VERSION)
+    assert _relay(capsys, "queue", "migrate", "-c", str(config))[:2] == (
+        0, f"queue schema {SCHEMA_VERSION} is up to date: nothing to migrate\n")
+    assert _relay(capsys, "queue", "list", "-c", str(config))[0] == 0
+
+    again = tmp_path / "again.sqlite3"
+    _schema_2_file(again, [])
+    config.write_text(config.read_text().replace("queue.sqlite3", "again.sqlite3"))
+    chosen = tmp_path / "before.sqlite3"
+    code, out, _ = _relay(capsys, "queue", "migrate", "--backup", str(chosen), "-c", str(config))
+    assert code == 0 and f"to {chosen}\n" in out and _version(chosen) == 2
+    _schema_2_file(tmp_path / "third.sqlite3", [])
+    config.write_text(config.read_text().replace("again.sqlite3", "third.sqlite3"))
+    code, out, _ = _relay(capsys, "queue", "migrate", "--no-backup", "-c", str(config))
+    assert code == 0 and out.startswith("migrated ") and "backed up" not in out
+    assert not list(tmp_path.glob("third.sqlite3.*.bak"))
+
+
+def test_no_command_reads_an_older_queue_or_migrates_it_silently(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path)
+    queue = tmp_path / "queue.sqlite3"
+    _schema_2_file(queue, [_row(1, "queued", time.time())])
+    before = queue.read_bytes()
+    for argv in (["queue", "list"], ["queue", "show", "OLD00001"], ["queue", "summary"],
+                 ["status"], ["queue", "retry", "--all", "--yes"], ["accounts", "pause",
+                                                                    "outbox"]):
+        code, out, err = _relay(capsys, *argv, "-c", str(config))
+        assert (code, out, err) == (1, "", f"relay: {OLDER}\n"), argv
+    assert queue.read_bytes() == before
+
+
+def test_every_command_refuses_a_newer_queue(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path)
+    queue = tmp_path / "queue.sqlite3"
+    assert _relay(capsys, "queue", "migrate", "-c", str(config))[0] == 0  # no queue yet
+    _file_at(queue, SCHEMA_VERSION)
+    with sqlite3.connect(queue) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    for argv in (["queue", "list"], ["status"], ["queue", "migrate"], ["queue", "export", "-"],
+                 ["queue", "summary"]):
+        code, _, err = _relay(capsys, *argv, "-c", str(config))
+        assert (code, err) == (1, f"relay: {_newer(SCHEMA_VERSION + 1)}\n"), argv
+    assert _version(queue) == SCHEMA_VERSION + 1
+
+
+def test_queue_migrate_says_when_there_is_no_queue_yet(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path)
+    code, out, _ = _relay(capsys, "queue", "migrate", "-c", str(config))
+    assert (code, out) == (0, f"no queue yet at {tmp_path / 'queue.sqlite3'}: nothing to"
+                              f" migrate (relay creates it at schema {SCHEMA_VERSION})\n")
+    assert not (tmp_path / "queue.sqlite3").exists()
+
+
+def test_queue_migrate_refuses_while_a_relay_runs_on_the_queue(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path)
+    queue = tmp_path / "queue.sqlite3"
+    _schema_2_file(queue, [])
+    holder = os.open(server_lock_path(queue), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # as a running `relay serve` (of any version)
+        code, out, err = _relay(capsys, "queue", "migrate", "-c", str(config))
+    finally:
+        os.close(holder)
+    assert (code, out) == (1, "")
+    assert err == f"relay: a relay is running on {queue}: stop it before migrating\n"
+    assert _version(queue) == 2 and not list(tmp_path.glob("*.bak"))
+
+
+async def test_serve_refuses_an_older_queue_and_starts_with_migrate(
+        tmp_path: Path, upstream: FakeUpstream, launch: Launch) -> None:
+    queue = tmp_path / "queue.sqlite3"
+    _schema_2_file(queue, [_row(1, "queued", time.time())])
+    config = write_config(tmp_path, upstream)
+    refused = await launch(config)
+    assert await refused.exit_code(within=20) == 1
+    assert f"relay: {OLDER}" in refused.lines and _version(queue) == 2
+    relay = await launch(config, "--migrate")
+    await relay.wait_started()
+    await upstream.wait_for_messages(1)
+    assert any("queue_migrated" in line and "schema_from=2" in line for line in relay.lines)
+    assert _version(queue) == SCHEMA_VERSION
+    (backup,) = _backups(tmp_path)
+    assert _version(backup) == 2

@@ -113,18 +113,27 @@ def message_line(m: ExportedMessage) -> str:
     })
 
 
-def group_sends(sends: Iterable[tuple[str, float]]) -> Iterator[Sends]:
-    """(account, at) pairs, ordered by account, as lines of up to SENDS_PER_LINE."""
-    account: str | None = None
-    times: list[float] = []
-    for name, at in sends:
-        if times and (name != account or len(times) >= SENDS_PER_LINE):
-            yield Sends(account or "", tuple(times))
-            times = []
-        account = name
-        times.append(at)
-    if times:
-        yield Sends(account or "", tuple(times))
+class SendsBatcher:
+    """Send times, given ordered by account, as lines of up to SENDS_PER_LINE."""
+
+    def __init__(self) -> None:
+        self._account = ""
+        self._times: list[float] = []
+
+    def add(self, account: str, at: float) -> Sends | None:
+        """The line that is full once ``at`` comes (or its account changes), if any."""
+        full = None
+        if self._times and (account != self._account or len(self._times) >= SENDS_PER_LINE):
+            full = self.flush()
+        self._account = account
+        self._times.append(at)
+        return full
+
+    def flush(self) -> Sends | None:
+        if not self._times:
+            return None
+        line, self._times = Sends(self._account, tuple(self._times)), []
+        return line
 
 
 # -- reading -----------------------------------------------------------------------------
