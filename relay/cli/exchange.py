@@ -52,7 +52,8 @@ async def _write_export(store: QueueStore, stream: TextIO) -> tuple[End, dict[st
     """Every record of the queue, in the format's order; (the end record, messages by
     state)."""
     stream.write(header_line(Header(FORMAT_VERSION, store.SCHEMA_VERSION,
-                                    type(store).__name__, time.time(), __version__)))
+                                    type(store).__name__.removesuffix("Store").lower(),
+                                    time.time(), __version__)))
     paused = await store.paused_accounts()
     for account, at in sorted(paused.items()):
         stream.write(paused_line(Paused(account, at)))

@@ -37,11 +37,12 @@ SENDS_PER_LINE = 1000
 
 
 class ExportFormatError(ValueError):
-    """A line that is not what the format says (``line`` numbers from 1)."""
+    """A line that is not what the format says (``line`` numbers from 1; 0: the file as a
+    whole)."""
 
     def __init__(self, line: int, reason: str) -> None:
         self.line = line
-        super().__init__(f"line {line}: {reason}")
+        super().__init__(f"line {line}: {reason}" if line else reason)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,8 @@ def _message(obj: dict[str, Any], line: int) -> ExportedMessage:
                                              str(a["outcome"]), str(a["reply"]))
                              for a in f("attempts_log", list))
         state, priority = MessageState(f("state", str)), Priority(f("priority", int))
+    except ExportFormatError:
+        raise
     except (ValueError, TypeError, KeyError) as exc:
         raise ExportFormatError(line, f"message {obj.get('id')!r}: {exc}") from None
     body = obj.get("body")
