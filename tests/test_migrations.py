@@ -255,6 +255,10 @@ def test_no_command_reads_an_older_queue_or_migrates_it_silently(
     queue = tmp_path / "queue.sqlite3"
     _schema_2_file(queue, [_row(1, "queued", time.time())])
     before = queue.read_bytes()
+    code, out, _ = _relay(capsys, "queue", "check", "-c", str(config))  # says, reads only
+    assert code == 0 and out.endswith(
+        f"{queue}: schema 2 is older than this relay's ({SCHEMA_VERSION}): `relay queue"
+        " migrate` brings it up to date\n")
     for argv in (["queue", "list"], ["queue", "show", "OLD00001"], ["queue", "summary"],
                  ["status"], ["queue", "retry", "--all", "--yes"], ["accounts", "pause",
                                                                     "outbox"]):

@@ -40,6 +40,9 @@ def _report(result: QueueCheck) -> int:
         out(f"{result.path}: {problem}")
     if result.ok:
         out(f"{result.path}: ok: {_summary(result)}, integrity ok")
+        if result.older:
+            out(f"{result.path}: schema {result.schema} is older than this relay's"
+                f" ({result.known}): `relay queue migrate` brings it up to date")
         return EXIT_OK
     return EXIT_FAILURE
 

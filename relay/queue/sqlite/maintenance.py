@@ -27,6 +27,12 @@ class QueueCheck:
     integrity: list[str]  # ["ok"] when sound
     counts: dict[str, int] = field(default_factory=dict)  # messages by state
     problems: list[str] = field(default_factory=list)
+    known: int = SCHEMA_VERSION  # this relay's schema
+
+    @property
+    def older(self) -> bool:
+        """Sound, but `relay queue migrate` must bring it up to date before use."""
+        return 0 < self.schema < self.known
 
     @property
     def ok(self) -> bool:
