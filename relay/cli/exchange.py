@@ -38,6 +38,7 @@ from relay.queue.exchange import (
     end_line,
     header_line,
     message_line,
+    parse_record,
     paused_line,
     sends_line,
 )
@@ -140,7 +141,11 @@ def _complete(path: Path) -> None:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - TAIL_BYTES))
         tail = f.read().decode("utf-8", "replace").rstrip().rpartition("\n")[2]
-    if '"type":"end"' not in tail.replace(" ", ""):
+    try:
+        last = parse_record(tail, 0)
+    except ExportFormatError:
+        last = None
+    if not isinstance(last, End):
         raise ExportFormatError(0, f"{path} ends without its end line: the export is"
                                    " incomplete (nothing imported)")
 
