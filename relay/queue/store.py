@@ -186,5 +186,5 @@ class QueueStore(Protocol):
     def export_sends(self) -> AsyncGenerator[tuple[str, float], None]:
         """(account, at) of every send time kept for rate limits, oldest first."""
     async def import_sends(self, sends: AsyncIterable[tuple[str, float]]) -> int:
-        """Record send times for rate limits; one already recorded (same account and
-        time) is not doubled. Returns how many were added."""
+        """Record these send times for rate limits, each as it is (into a queue that has
+        its own, they add up: limits stricter, never looser); how many were added."""
