@@ -18,7 +18,7 @@ from relay.queue.sqlite.schema import MIGRATIONS, SCHEMA_VERSION, apply_migratio
 from relay.queue.sqlite.store import SQLiteStore, server_lock_path
 from relay.queue.types import NewMessage, Priority
 from tests.conftest import Launch
-from tests.relayproc import write_config
+from tests.relayproc import RelayProcess, write_config
 from tests.test_growth import _row, _schema_2_file
 from tests.upstream import FakeUpstream
 
@@ -315,6 +315,13 @@ async def test_serve_refuses_an_older_queue_and_starts_with_migrate(
     refused = await launch(config)
     assert await refused.exit_code(within=20) == 1
     assert f"relay: {OLDER}" in refused.lines and _version(queue) == 2
+    supervised = await RelayProcess.spawn(config, cwd=tmp_path, workers=2)
+    try:
+        assert await supervised.exit_code(within=20) == 1
+    finally:
+        await supervised.kill()
+    assert "start_failed" in supervised.stderr and OLDER in supervised.stderr
+    assert _version(queue) == 2
     relay = await launch(config, "--migrate")
     await relay.wait_started()
     await upstream.wait_for_messages(1)
