@@ -211,7 +211,7 @@ async def test_export_reads_one_snapshot_while_the_queue_changes(tmp_path: Path)
 async def test_export_of_a_live_queue_is_complete_and_consistent(
         tmp_path: Path, start_relay: StartRelay, capsys: pytest.CaptureFixture[str]) -> None:
     """While clients keep sending and the relay delivers, an export holds every message
-    accepted before it began, each with its body unless delivered."""
+    accepted before it began, each with its body unless delivered, and its attempts."""
     config = _config(tmp_path, "live")
     app = await start_relay(load_config(config))
     before = await send_many(app.smtp_port, [message(f"before {i}") for i in range(20)])
@@ -231,6 +231,9 @@ async def test_export_of_a_live_queue_is_complete_and_consistent(
         assert m.state is not S.SENDING
         assert (m.body is None) == (m.state is S.DELIVERED), m
         assert m.body is None or m.size == len(m.body)
+        # Attempts from the same snapshot as their message: a delivered one has its record.
+        assert [a.outcome for a in m.attempts_log] == (
+            ["delivered"] if m.state is S.DELIVERED else []), m
 
 
 async def test_import_into_a_queue_with_mail_needs_merge_and_skips_known_ids(
