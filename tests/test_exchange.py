@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.cli.commands import main
 from relay.config.loading import load_config
@@ -356,6 +358,30 @@ def test_a_message_line_reads_back_the_same() -> None:
     assert line.endswith("\n") and line.isascii() and "\n" not in line[:-1]
     assert parse_record(line, 2) == m
     assert parse_record(message_line(replace(m, body=None)), 2) == replace(m, body=None)
+
+
+_floats = st.floats(allow_nan=False, allow_infinity=False)
+_messages = st.builds(
+    ExportedMessage, id=st.text(min_size=1), state=st.sampled_from(list(S)),
+    account=st.text(), priority=st.sampled_from(list(Priority)), sender=st.text(),
+    recipients=st.lists(st.builds(Recipient, st.text(), st.sampled_from(list(RecipientState)),
+                                  st.text()), max_size=3).map(tuple),
+    size=st.integers(0, 2**40), attempts=st.integers(0, 1000), created_at=_floats,
+    next_attempt_at=_floats, last_error=st.text(), updated_at=_floats,
+    mail_options=st.lists(st.text(), max_size=3).map(tuple),
+    attempts_log=st.lists(st.builds(ExportedAttempt, _floats, st.text(), st.text(),
+                                    st.text()), max_size=3).map(tuple),
+    body=st.none() | st.binary(max_size=300))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_messages)
+def test_any_message_reads_back_the_same(m: ExportedMessage) -> None:
+    """Whatever text, bytes and times a message holds, its line is one ASCII line that
+    reads back equal (floats to the last bit)."""
+    line = message_line(m)
+    assert line.isascii() and line.count("\n") == 1
+    assert parse_record(line, 2) == m
 
 
 def test_the_reader_checks_order_types_and_counts() -> None:
