@@ -229,18 +229,19 @@ def private_ca(tmp_path: Path) -> PrivateCA:
     return PrivateCA(tmp_path / "ca.pem", context)
 
 
-Launch = Callable[[Path], Awaitable["RelayProcess"]]
+Launch = Callable[..., Awaitable["RelayProcess"]]
 
 
 @pytest.fixture
 async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
-    """launch(config) -> a running `relay serve` (not yet waited for); all killed at the end."""
+    """launch(config, *options) -> a running `relay serve` (not yet waited for); all killed
+    at the end."""
     from tests.relayproc import RelayProcess
 
     started: list[RelayProcess] = []
 
-    async def run(config: Path) -> RelayProcess:
-        relay = await RelayProcess.spawn(config, cwd=tmp_path)
+    async def run(config: Path, *options: str) -> RelayProcess:
+        relay = await RelayProcess.spawn(config, cwd=tmp_path, options=options)
         started.append(relay)
         return relay
 

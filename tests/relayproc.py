@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +65,13 @@ class RelayProcess:
 
     @classmethod
     async def spawn(cls, config: Path, cwd: Path, workers: int = 1, *,
-                    hangup_early: bool = False) -> RelayProcess:
+                    hangup_early: bool = False, options: Sequence[str] = ()) -> RelayProcess:
         """``hangup_early``: the process sends itself SIGHUP right after the command line
         is imported, before `relay serve` has loaded its config or started."""
         start = ["-c", HANGUP_EARLY] if hangup_early else ["-m", "relay"]
         proc = await asyncio.create_subprocess_exec(
             sys.executable, *start, "serve", "--config", str(config),
-            "--workers", str(workers),
+            "--workers", str(workers), *options,
             cwd=cwd,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,

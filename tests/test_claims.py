@@ -184,9 +184,10 @@ async def test_a_queue_file_from_before_owners_gains_the_column(tmp_path: Path) 
     await store.execute([("ALTER TABLE messages DROP COLUMN owner", ()),
                          ("PRAGMA user_version = 3", ())])
     await store.close()
-    store = SQLiteStore(path, lock=False, owner="after")
+    store = SQLiteStore(path, lock=False, owner="after", migrate=True)
     await store.open()
     try:
+        assert store.applied == [4]
         (claimed,) = await store.claim_due("up", time.time(), 10, lease_s=30)
         assert claimed.claim is not None and claimed.claim.owner == "after"
     finally:

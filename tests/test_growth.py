@@ -98,13 +98,15 @@ def _true_counts(path: Path) -> dict[tuple[str, str], int]:
 async def test_schema_2_file_opens_counts_right_and_delivers(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:
-    """An existing queue file is migrated in place: its counts are taken once, its
-    queued messages are delivered, and later changes keep the counts right."""
+    """An existing queue file is migrated in place (`relay queue migrate`): its counts
+    are taken once, its queued messages are delivered, and later changes keep the counts
+    right."""
     now = time.time()
     queue = tmp_path / "queue.sqlite3"
     _schema_2_file(queue, [_row(i, "queued", now) for i in range(3)]
                    + [_row(10 + i, "delivered", now - DAY) for i in range(4)]
                    + [_row(20, "failed", now - DAY), _row(21, "held", now, account="gone")])
+    assert await SQLiteStore(queue).migrate() == [3, 4]
     app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)}))
     await upstream.wait_for_messages(3)
     await app.scheduler.run_until_idle()
@@ -133,6 +135,7 @@ async def test_delivered_messages_and_old_sends_are_pruned_while_running(
     _schema_2_file(queue, [_row(i, "delivered", now - 8 * DAY) for i in range(1200)]
                    + [_row(2000, "delivered", now - DAY), _row(2001, "failed", now - 30 * DAY),
                       _row(2002, "deferred", now - 30 * DAY)])
+    await SQLiteStore(queue).migrate()
     db = sqlite3.connect(queue)
     db.executemany("INSERT INTO sends VALUES ('up', ?)",
                    [(now - SENDS_KEPT_S - 60 - i,) for i in range(700)] + [(now - 60,)])

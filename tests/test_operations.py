@@ -365,7 +365,8 @@ def test_check_reports_damage_foreign_files_and_newer_schemas(
         db.execute("PRAGMA user_version = 99")
     assert main(["queue", "check", str(newer)]) == 1
     printed = capsys.readouterr().out
-    assert f"schema 99 is newer than this relay's {SCHEMA_VERSION}: upgrade relay" in printed
+    assert (f"queue schema 99 is newer than this relay (knows {SCHEMA_VERSION}): upgrade relay"
+            in printed)
 
     foreign = tmp_path / "other.sqlite3"
     with sqlite3.connect(foreign) as db:

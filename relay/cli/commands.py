@@ -184,6 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load(args)
     setup_logging(config.logging.level, config.logging.format, config.logging.file)
     path = config_path(args)
+    if getattr(args, "migrate", False) and os.environ.get(ENV_INDEX) is None:
+        _migrate_before_serving(config)
     count = resolve_workers(args.workers or config.workers)
     if count > 1 and not can_share_port():
         event(logging.getLogger("relay"), logging.WARNING, "workers_unavailable",
@@ -199,6 +201,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         return fail(f"cannot listen: {exc.strerror or exc}")
     return EXIT_OK
+
+
+def _migrate_before_serving(config: Config) -> None:
+    """`relay serve --migrate`: what `relay queue migrate` does (backup included), logged;
+    the start goes on only once the queue is at this relay's schema."""
+    from relay.cli.common import migrate_queue
+    from relay.observe.logs import event
+
+    log = logging.getLogger("relay")
+    try:
+        done = asyncio.run(migrate_queue(config, backup=True))
+    except RelayError as exc:
+        event(log, logging.ERROR, "start_failed", reason=str(exc))
+        raise
+    if done.applied:
+        event(log, logging.INFO, "queue_migrated", queue=str(config.queue.path),
+              schema_from=done.plan.found, schema_to=done.applied[-1],
+              applied=",".join(map(str, done.applied)),
+              backup=str(done.backup) if done.backup else None)
 
 
 async def _serve_worker(config: Config, path: str | None) -> None:
@@ -253,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", metavar="N|auto", type=workers_arg,
                    help="worker processes on the one port and queue (default: config"
                    " `workers`, auto: one per usable CPU; 1: a single process)")
+    p.add_argument("--migrate", action="store_true",
+                   help="bring an older queue to this relay's schema first (after a backup"
+                   " beside it), as `relay queue migrate` does")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("check-config", parents=[common],
                        help="validate the config and print it with secrets masked")

@@ -5,17 +5,21 @@ opening the queue. Public, so command modules import it instead of each other.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO, cast
 
 from relay.config.loading import load_config
 from relay.config.schema import Config
-from relay.errors import StoreError
+from relay.errors import StoreError, StoreLockedError
 from relay.printable import escape
+from relay.queue.migrations import SchemaPlan, plan
 from relay.queue.sqlite import maintenance
 from relay.queue.sqlite.maintenance import QueueCheck as QueueCheck
 from relay.queue.sqlite.owners import lock_held
@@ -58,11 +62,17 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def new_store(config: Config, *, lock: bool = False) -> QueueStore:
+    """The config's queue, not opened (``lock``: as `relay serve`, alone on it)."""
+    return SQLiteStore(config.queue.path, lock=lock)
+
+
 async def open_queue(config: Config) -> QueueStore:
-    """The queue beside a running server (no lock): operator commands share it."""
+    """The queue beside a running server (no lock): operator commands share it. An older
+    schema is refused (SchemaError, naming `relay queue migrate`), never migrated here."""
     if not config.queue.path.exists():
         raise StoreError(f"no queue at {config.queue.path} (has `relay serve` run here?)")
-    store = SQLiteStore(config.queue.path, lock=False)
+    store = new_store(config)
     await store.open()
     return store
 
@@ -74,6 +84,46 @@ async def queue_of(args: argparse.Namespace) -> AsyncIterator[QueueStore]:
         yield store
     finally:
         await store.close()
+
+
+@dataclass(frozen=True)
+class Migrated:
+    """What `relay queue migrate` (or `relay serve --migrate`) did."""
+
+    plan: SchemaPlan
+    applied: list[int]
+    backup: Path | None
+
+
+def default_backup(queue: Path, found: int, now: float) -> Path:
+    """Beside the queue, named for the schema it holds and when it was taken."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    return queue.with_name(f"{queue.name}.schema-{found}.{stamp}.bak")
+
+
+async def migrate_queue(config: Config, *, backup: bool, dest: Path | None = None
+                        ) -> Migrated:
+    """Apply the migrations the queue lacks, after a checked backup (unless ``backup`` is
+    False). Nothing to do for a new or current queue; SchemaError for a newer one;
+    StoreLockedError while a relay runs on it (a relay of the older version would go on
+    writing the old schema)."""
+    store = new_store(config, lock=True)
+    found = plan(await store.schema_version(), store.SCHEMA_VERSION)
+    if found.newer:
+        raise found.refusal()
+    if found.new or found.up_to_date:
+        return Migrated(found, [], None)
+    queue = config.queue.path
+    if server_running(queue):
+        raise StoreLockedError(f"a relay is running on {queue}: stop it before migrating")
+    copy = None
+    if backup:
+        copy = dest or default_backup(queue, found.found, time.time())
+        checked = await asyncio.to_thread(backup_queue, queue, copy)
+        if not checked.ok:
+            raise StoreError(f"the backup {copy} does not check clean ({checked.problems[0]});"
+                             " nothing migrated")
+    return Migrated(found, await store.migrate(), copy)
 
 
 def backup_queue(source: Path, dest: Path) -> QueueCheck:

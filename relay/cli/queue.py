@@ -441,8 +441,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="e.g. 7d, 12h, 30m")
     p.set_defaults(func=cmd_purge)
     # Issue 20: backup/check (the file itself) and move, and the accounts group.
-    from relay.cli import accounts, queuefile
+    from relay.cli import accounts, exchange, queuefile
 
     queuefile.add_commands(qsub, common)
+    exchange.add_commands(qsub, common)
     accounts.add_queue_commands(qsub, common)
     accounts.add_commands(sub, common, test=cmd_accounts_test)

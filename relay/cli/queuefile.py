@@ -1,5 +1,6 @@
-"""`relay queue backup` and `relay queue check`: the queue file itself, for upgrades,
-backups and "is this file sound?", beside a running server or with none.
+"""`relay queue backup`, `check` and `migrate`: the queue file itself, for upgrades,
+backups and "is this file sound?", beside a running server or with none (but `migrate`,
+which wants the relay stopped).
 
 Exit codes: 0 ok, 1 a problem found (or the backup failed), 2 bad usage or config.
 """
@@ -7,6 +8,7 @@ Exit codes: 0 ok, 1 a problem found (or the backup failed), 2 bad usage or confi
 from __future__ import annotations
 
 import argparse
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from relay.cli.common import (
     backup_queue,
     check_queue,
     load,
+    migrate_queue,
     out,
 )
 
@@ -37,6 +40,9 @@ def _report(result: QueueCheck) -> int:
         out(f"{result.path}: {problem}")
     if result.ok:
         out(f"{result.path}: ok: {_summary(result)}, integrity ok")
+        if result.older:
+            out(f"{result.path}: schema {result.schema} is older than this relay's"
+                f" ({result.known}): `relay queue migrate` brings it up to date")
         return EXIT_OK
     return EXIT_FAILURE
 
@@ -53,6 +59,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     return _report(check_queue(path))
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    config = load(args)
+    done = asyncio.run(migrate_queue(config, backup=not args.no_backup,
+                                     dest=Path(args.backup) if args.backup else None))
+    found = done.plan
+    if found.new:
+        out(f"no queue yet at {config.queue.path}: nothing to migrate (relay creates it at"
+            f" schema {found.known})")
+    elif not done.applied:
+        out(f"queue schema {found.found} is up to date: nothing to migrate")
+    else:
+        if done.backup is not None:
+            out(f"backed up {config.queue.path} (schema {found.found}) to {done.backup}")
+        out(f"migrated {config.queue.path} from schema {found.found} to {done.applied[-1]}"
+            f" (applied {', '.join(map(str, done.applied))})")
+    return EXIT_OK
+
+
 def add_commands(qsub: Any, common: argparse.ArgumentParser) -> None:
     p = qsub.add_parser("backup", parents=[common],
                         help="a consistent copy of the queue, safe while relay runs")
@@ -63,3 +87,12 @@ def add_commands(qsub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="PATH", nargs="?",
                    help="a queue file or backup (default: the config's queue.path)")
     p.set_defaults(func=cmd_check)
+    p = qsub.add_parser("migrate", parents=[common],
+                        help="bring the queue to this relay's schema (backs it up first)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--backup", metavar="PATH",
+                       help="where the backup goes (default: beside the queue, named"
+                       " QUEUE.schema-N.TIME.bak)")
+    where.add_argument("--no-backup", action="store_true",
+                       help="migrate without taking a backup first")
+    p.set_defaults(func=cmd_migrate)

@@ -9,12 +9,13 @@ key the callers know. relay.queue.sqlite.SQLiteStore implements it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Protocol
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Sequence
+from typing import ClassVar, Protocol
 
 from relay.queue.filters import MessageFilter, SortKey
 from relay.queue.types import (
     AttemptResult,
+    ExportedMessage,
     MessageState,
     NewMessage,
     QueuedMessage,
@@ -35,9 +36,14 @@ class QueueStore(Protocol):
 
     owner: str  # who this store's claims belong to ("host:pid")
     on_internal_error: Callable[[], None] | None  # counted by the app
+    SCHEMA_VERSION: ClassVar[int]  # the latest schema this store knows (its last migration)
 
     # -- lifecycle -------------------------------------------------------------------
-    async def open(self) -> None: ...
+    async def open(self) -> None:
+        """Connect; afterwards the queue is at SCHEMA_VERSION. A new, empty queue is
+        created. SchemaError for an older schema unless the store was built with
+        ``migrate=True`` (then the missing migrations are applied first), and always for a
+        newer one (relay.queue.migrations words both)."""
     async def close(self) -> None: ...
     @property
     def writer_alive(self) -> bool: ...
@@ -45,6 +51,12 @@ class QueueStore(Protocol):
         """Raise StoreError unless a write would be accepted now (readiness)."""
     def check_file(self) -> None:
         """Raise StoreError if the queue's file is not the one opened (deleted, replaced)."""
+    async def schema_version(self) -> int:
+        """The schema version found in the queue (0: new or empty), open or not; reads only."""
+    async def migrate(self) -> list[int]:
+        """Apply the missing migrations, each in a transaction of its own; return the
+        versions applied ([] when up to date: idempotent). For a store that is not open
+        (`relay queue migrate`, `relay serve --migrate`); SchemaError for a newer schema."""
 
     # -- the listener's and scheduler's side -----------------------------------------
     async def enqueue(self, message: NewMessage) -> None: ...
@@ -168,3 +180,19 @@ class QueueStore(Protocol):
         progress: Progress | None = None,
         chunk: int = OPERATOR_CHUNK,
     ) -> int: ...
+
+    # -- moving a whole queue between stores (`relay queue export` / `import`) ----------
+    def export_messages(self) -> AsyncGenerator[ExportedMessage, None]:
+        """Every message in every state, in arrival order, with attempts and body, read
+        as consumed from one consistent snapshot (safe beside a running server). A claim
+        comes out as due now (types.unclaimed)."""
+    async def import_messages(self, items: AsyncIterable[ExportedMessage], *, merge: bool
+                              ) -> tuple[int, int]:
+        """Add ``items`` as they are (state, times, attempts, body), committed in windows;
+        (imported, skipped): an id already in the queue is skipped. StoreError unless
+        ``merge`` when the queue already holds a message."""
+    def export_sends(self) -> AsyncGenerator[tuple[str, float], None]:
+        """(account, at) of every send time kept for rate limits, oldest first."""
+    async def import_sends(self, sends: AsyncIterable[tuple[str, float]]) -> int:
+        """Record these send times for rate limits, each as it is (into a queue that has
+        its own, they add up: limits stricter, never looser); how many were added."""

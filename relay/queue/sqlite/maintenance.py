@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.errors import StoreError
+from relay.queue.migrations import plan
 from relay.queue.sqlite.schema import APPLICATION_ID, SCHEMA_VERSION
 
 
@@ -26,6 +27,12 @@ class QueueCheck:
     integrity: list[str]  # ["ok"] when sound
     counts: dict[str, int] = field(default_factory=dict)  # messages by state
     problems: list[str] = field(default_factory=list)
+    known: int = SCHEMA_VERSION  # this relay's schema
+
+    @property
+    def older(self) -> bool:
+        """Sound, but `relay queue migrate` must bring it up to date before use."""
+        return 0 < self.schema < self.known
 
     @property
     def ok(self) -> bool:
@@ -72,6 +79,21 @@ def backup(source: Path, dest: Path) -> QueueCheck:
     return check(dest)
 
 
+def file_version(path: Path) -> int:
+    """The schema version of the queue file at ``path``, read-only: 0 when there is no
+    file yet (or an empty one). Never migrates or writes."""
+    if not path.exists() or not path.stat().st_size:
+        return 0
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the schema of {path}: {exc}") from None
+
+
 def check(path: Path) -> QueueCheck:
     """Read-only: is this a relay queue, of which schema, and is SQLite's integrity check
     clean? Never migrates or writes."""
@@ -97,9 +119,9 @@ def _check(db: sqlite3.Connection, path: Path) -> QueueCheck:
     if app_id != APPLICATION_ID:
         problems.append("not a relay queue file (application_id differs)")
         return QueueCheck(path, version, [], problems=problems)
-    if version > SCHEMA_VERSION:
-        problems.append(f"schema {version} is newer than this relay's {SCHEMA_VERSION}:"
-                        " upgrade relay to read it")
+    found = plan(version, SCHEMA_VERSION)
+    if found.newer:
+        problems.append(str(found.refusal()))
     integrity = [row[0] for row in db.execute("PRAGMA integrity_check")]
     if integrity != ["ok"]:
         problems += [f"integrity: {line}" for line in integrity[:20]]

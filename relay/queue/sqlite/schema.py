@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from relay.errors import StoreError, StoreFullError
+from relay.queue.migrations import check_numbering
 from relay.queue.types import MessageState, Priority, QueuedMessage, Recipient, RecipientState
 
 # The same settings for both connections.
@@ -24,12 +25,14 @@ APPLICATION_ID = 0x52454C59  # 'RELY': marks a file as a relay queue
 FLUSH_KEY = "flush_requested_at"  # meta: written by `relay queue flush`, read by the server
 PAUSED_PREFIX = "paused:"  # meta: paused:<account> = when; claims skip its messages
 HEALTH_KEY = "account_health"  # meta: the server's account health, read by `relay status`
-SCHEMA_VERSION = 4  # 2: the sends table; 3: per-state counts, index of delivered rows;
-# 4: the owner of a claim (several processes on one queue)
 READY = "('queued', 'deferred')"
 SENDS_KEPT_S = 2 * 86400.0  # longer than the longest rate-limit window (per_day)
 
-SCHEMA = f"""
+# The numbered migrations, from an empty file: each runs in one transaction that also
+# sets the file's user_version to its number (apply_migration), so a crash mid-way leaves
+# the version before it and the next run applies it again. Add a step with the next
+# number; never change one that has shipped (files out there were made by it).
+_V1 = f"""
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -43,7 +46,6 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at REAL NOT NULL,
     next_attempt_at REAL NOT NULL,
     lease_until REAL,
-    owner TEXT,  -- who holds the claim of a 'sending' row (QueueStore.owner)
     last_error TEXT NOT NULL DEFAULT '',
     updated_at REAL NOT NULL,
     mail_options TEXT NOT NULL DEFAULT ''
@@ -62,10 +64,16 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_message ON attempts (message_id);
 CREATE INDEX IF NOT EXISTS attempts_account_at ON attempts (account, at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_V2 = """
+-- (meta again: the first files of schema 1 were written before it existed)
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- When each account sent, for rate limits across restarts. Kept apart from attempts so
 -- that deleting or purging messages never makes a restarted relay forget recent sends.
 CREATE TABLE IF NOT EXISTS sends (account TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS sends_account_at ON sends (account, at);
+"""
+_V3 = """
 CREATE INDEX IF NOT EXISTS sends_at ON sends (at);
 -- Delivered messages by age, for pruning without reading every delivered row.
 CREATE INDEX IF NOT EXISTS messages_delivered ON messages (updated_at) WHERE state='delivered';
@@ -91,21 +99,38 @@ CREATE TRIGGER IF NOT EXISTS counts_update AFTER UPDATE OF state, account ON mes
     INSERT INTO counts (account, state, n) VALUES (NEW.account, NEW.state, 1)
         ON CONFLICT (account, state) DO UPDATE SET n = n + 1;
 END;
-"""
-# From any older schema: what SCHEMA adds, and the counts of the rows already there.
-# ADD_OWNER goes first when the messages table predates the owner column.
-ADD_OWNER = "ALTER TABLE messages ADD COLUMN owner TEXT;"
-MIGRATE = f"""
-BEGIN;
-{{add_owner}}
-{SCHEMA}
+-- The counts of the rows already there.
 DELETE FROM counts;
 INSERT INTO counts (account, state, n)
     SELECT account, state, count(*) FROM messages GROUP BY account, state;
-PRAGMA application_id = {APPLICATION_ID};
-PRAGMA user_version = {SCHEMA_VERSION};
-COMMIT;
 """
+_V4 = """
+-- Who holds the claim of a 'sending' row (QueueStore.owner).
+ALTER TABLE messages ADD COLUMN owner TEXT;
+"""
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "messages, bodies, attempts and meta", _V1),
+    (2, "send times kept for rate limits", _V2),
+    (3, "per-state counts kept by triggers, indexes for pruning", _V3),
+    (4, "the owner of a claim (several processes on one queue)", _V4),
+)
+VERSIONS = tuple(version for version, _, _ in MIGRATIONS)
+SCHEMA_VERSION = check_numbering(VERSIONS)
+# The whole schema of a new file, every step in order (what an empty file becomes).
+SCHEMA = "".join(sql for _, _, sql in MIGRATIONS)
+
+
+def apply_migration(db: sqlite3.Connection, version: int) -> None:
+    """Step ``version`` and the user_version it reaches, in one transaction."""
+    _, _, sql = MIGRATIONS[version - 1]
+    try:
+        db.executescript(f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA application_id = {APPLICATION_ID};"
+                         f"\nPRAGMA user_version = {version};\nCOMMIT;")
+    except BaseException:
+        if db.in_transaction:
+            db.rollback()
+        raise
+
 
 COLUMNS = (
     "id, state, account, priority, sender, recipients, size, attempts, created_at,"

@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import aiosqlite
 
@@ -40,19 +40,21 @@ from relay.errors import (
     StoreLockedError,
     StoreReserveError,
 )
+from relay.queue.migrations import plan
 from relay.queue.sqlite.accounts import AccountControl
 from relay.queue.sqlite.admin import OperatorQueries
+from relay.queue.sqlite.exchange import Exchange
+from relay.queue.sqlite.maintenance import file_version
 from relay.queue.sqlite.owners import Owners
 from relay.queue.sqlite.prune import Pruning
 from relay.queue.sqlite.schema import (
-    ADD_OWNER,
     APPLICATION_ID,
     FLUSH_KEY,
     HEALTH_KEY,
-    MIGRATE,
     PRAGMAS,
     READY,
     SCHEMA_VERSION,
+    apply_migration,
     map_sqlite_error,
     recipients_json,
 )
@@ -89,23 +91,23 @@ def _take_write_lock(fd: int) -> float:
         return time.monotonic() - started
 
 
-def _owner_column(db: sqlite3.Connection) -> str:
-    """The statement that adds the owner column, if the messages table lacks it."""
-    columns = [r[1] for r in db.execute("PRAGMA table_info(messages)")]
-    return ADD_OWNER if columns and "owner" not in columns else ""
-
-
 def server_lock_path(queue: Path) -> Path:
     """The lock `relay serve` (or its supervisor) holds on a queue file while it runs."""
     return queue.with_name(queue.name + ".lock")
 
 
-class SQLiteStore(Pruning, OperatorQueries, AccountControl):
-    """The embedded queue. ``commit='per-message'`` syncs each write on its own."""
+class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange):
+    """The embedded queue. ``commit='per-message'`` syncs each write on its own;
+    ``migrate``: open() brings an older file to SCHEMA_VERSION instead of refusing it."""
+
+    SCHEMA_VERSION: ClassVar[int] = SCHEMA_VERSION
 
     def __init__(self, path: Path, *, commit: str = "group", lock: bool = True,
-                 owner: str | None = None, role: str = "", min_free: int = 0) -> None:
+                 owner: str | None = None, role: str = "", min_free: int = 0,
+                 migrate: bool = False) -> None:
         self.path = Path(path)
+        self.migrate_on_open = migrate
+        self.applied: list[int] = []  # the migrations the last open() applied
         self.min_free = min_free  # bytes new messages must leave free (queue.min_free)
         # Recorded with each claim; unique per open store (a pid alone is reused, and is
         # 1 in every container), so a restarted process never passes for its predecessor.
@@ -187,12 +189,15 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
             assert self._write_lock_fd is not None
             _take_write_lock(self._write_lock_fd)  # two workers starting: one migrates
             try:
-                if self._check_file(db) != SCHEMA_VERSION:
-                    # Only when needed: a write here would wake a running server for
-                    # nothing each time `relay queue list` opens the file. One
-                    # transaction: a crash mid-way leaves the old schema, and the next
-                    # open migrates again.
-                    db.executescript(MIGRATE.replace("{add_owner}", _owner_column(db)))
+                found = plan(self._check_file(db), SCHEMA_VERSION)
+                if found.newer or (found.missing and not found.new
+                                   and not self.migrate_on_open):
+                    raise found.refusal()
+                # Only when needed: a write here would wake a running server for nothing
+                # each time `relay queue list` opens the file.
+                for version in found.missing:
+                    apply_migration(db, version)
+                self.applied = list(found.missing)
             finally:
                 fcntl.flock(self._write_lock_fd, fcntl.LOCK_UN)
         except BaseException:
@@ -201,17 +206,29 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
         return db
 
     def _check_file(self, db: sqlite3.Connection) -> int:
-        """Refuse foreign or newer files; return the file's schema version."""
+        """Refuse foreign files; return the file's schema version."""
         app_id = db.execute("PRAGMA application_id").fetchone()[0]
         tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if tables and app_id != APPLICATION_ID:
             raise StoreError(f"{self.path} is not a relay queue file (it holds other data)")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} was written by a newer relay (schema {version}); upgrade relay"
-            )
-        return int(version)
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+    async def schema_version(self) -> int:
+        """The file's user_version (0: no file yet, or empty), read-only, open or not."""
+        return await asyncio.to_thread(file_version, self.path)
+
+    async def migrate(self) -> list[int]:
+        """Open with ``migrate`` and close again: the versions applied. An open store is
+        at SCHEMA_VERSION already (open() saw to it), so nothing is left to do."""
+        if self._write_thread is not None:
+            return []
+        was, self.migrate_on_open = self.migrate_on_open, True
+        try:
+            await self.open()
+        finally:
+            self.migrate_on_open = was
+        await self.close()
+        return self.applied
 
     def _take_lock(self) -> None:
         lock = server_lock_path(self.path)

@@ -23,6 +23,7 @@ from relay.queue.sqlite.schema import (
 from relay.queue.types import (
     AttemptResult,
     Claim,
+    ExportedMessage,
     MessageState,
     NewMessage,
     QueuedMessage,
@@ -58,6 +59,13 @@ class ClaimDue(Op):
 class Finish(Op):
     attempt: AttemptResult = field(kw_only=True)
     bounce: NewMessage | None = field(default=None, kw_only=True)
+
+
+@dataclass
+class Import(Op):
+    """Messages of an export, as they were; ``result``: (imported, skipped)."""
+
+    messages: list[ExportedMessage] = field(kw_only=True)
 
 
 @dataclass
@@ -107,6 +115,28 @@ def apply(db: sqlite3.Connection, batch: list[Op]) -> None:
             op.result = _claim(db, op)
         elif isinstance(op, Statements):
             op.result = [db.execute(sql, params).rowcount for sql, params in op.statements]
+        elif isinstance(op, Import):
+            op.result = _import(db, op.messages)
+
+
+def _import(db: sqlite3.Connection, messages: list[ExportedMessage]) -> tuple[int, int]:
+    """Insert each message with its body and attempt records, unless its id is already
+    queued (then none of it: the one there stays as it is)."""
+    imported = 0
+    for m in messages:
+        row = (m.id, str(m.state), m.account, int(m.priority), m.sender,
+               recipients_json(m.recipients), m.size, m.attempts, m.created_at,
+               m.next_attempt_at, m.last_error, m.updated_at, " ".join(m.mail_options))
+        if db.execute(f"INSERT INTO messages ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                      " ON CONFLICT(id) DO NOTHING", row).rowcount != 1:
+            continue
+        imported += 1
+        if m.body is not None:
+            db.execute("INSERT OR REPLACE INTO bodies (id, data) VALUES (?, ?)", (m.id, m.body))
+        db.executemany("INSERT INTO attempts (message_id, account, at, outcome, reply)"
+                       " VALUES (?, ?, ?, ?, ?)",
+                       [(m.id, a.account, a.at, a.outcome, a.reply) for a in m.attempts_log])
+    return imported, len(messages) - imported
 
 
 _SETTLE = (

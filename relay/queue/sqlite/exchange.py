@@ -1,0 +1,128 @@
+"""A whole SQLite queue out and in (`relay queue export` / `import`): every message with
+its attempts and body, and the send times kept for rate limits.
+
+A mixin of SQLiteStore. An export reads on a connection of its own inside one read
+transaction, so it is one snapshot of a queue a server keeps changing (WAL lets the
+server write meanwhile); pages of rows are read as the caller consumes them. An import
+goes through the store's writer in windows of messages, one transaction each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncGenerator, AsyncIterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from relay.errors import StoreError
+from relay.queue.sqlite.schema import COLUMNS, map_sqlite_error, row_to_message
+from relay.queue.sqlite.writer import Import
+from relay.queue.types import ExportedAttempt, ExportedMessage, unclaimed
+
+if TYPE_CHECKING:
+    import aiosqlite
+
+EXPORT_PAGE = 100  # messages (with bodies) per fetch
+IMPORT_WINDOW = 500  # messages per committed transaction of an import...
+IMPORT_WINDOW_BYTES = 16 * 1024 * 1024  # ...or fewer, once their bodies reach this
+SENDS_WINDOW = 5000
+
+
+class Exchange:
+    """Export and import, on SQLiteStore."""
+
+    if TYPE_CHECKING:
+        async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]: ...
+        async def _connect(self) -> aiosqlite.Connection: ...
+        async def _submit(self, op: Any) -> Any: ...
+        async def execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]: ...
+        def _cursor(self, sql: str, params: Sequence[Any]
+                    ) -> contextlib.AbstractAsyncContextManager[Any]: ...
+
+    async def export_messages(self, *, page: int = EXPORT_PAGE
+                              ) -> AsyncGenerator[ExportedMessage, None]:
+        now = time.time()
+        db = await self._connect()
+        try:
+            await db.execute("BEGIN")  # one read transaction: one snapshot for every query
+            body = "(SELECT data FROM bodies WHERE bodies.id = messages.id)"
+            async with db.execute(f"SELECT {COLUMNS}, {body} FROM messages ORDER BY seq"
+                                  ) as rows:
+                while batch := await rows.fetchmany(page):
+                    logs = await _attempts(db, [row[0] for row in batch])
+                    for row in batch:
+                        m = row_to_message(row)
+                        yield unclaimed(ExportedMessage(
+                            id=m.id, state=m.state, account=m.account, priority=m.priority,
+                            sender=m.sender, recipients=tuple(m.recipients), size=m.size,
+                            attempts=m.attempts, created_at=m.created_at,
+                            next_attempt_at=m.next_attempt_at, last_error=m.last_error,
+                            updated_at=m.updated_at, mail_options=m.mail_options,
+                            attempts_log=tuple(logs.get(m.id, ())),
+                            body=None if row[-1] is None else bytes(row[-1]),
+                        ), now)
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc) from None
+        finally:
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                await db.close()
+
+    async def import_messages(self, items: AsyncIterable[ExportedMessage], *, merge: bool
+                              ) -> tuple[int, int]:
+        if not merge and await self._fetch("SELECT 1 FROM messages LIMIT 1"):
+            raise StoreError("the queue already holds messages: import into an empty queue,"
+                             " or merge into this one (--merge)")
+        now = time.time()
+        done = [0, 0]
+        window: list[ExportedMessage] = []
+        size = 0
+
+        async def commit() -> None:
+            imported, skipped = await self._submit(Import(messages=window))
+            done[0] += imported
+            done[1] += skipped
+            window.clear()
+
+        async for item in items:
+            window.append(unclaimed(item, now))
+            size += len(item.body or b"")
+            if len(window) >= IMPORT_WINDOW or size >= IMPORT_WINDOW_BYTES:
+                await commit()
+                size = 0
+        if window:
+            await commit()
+        return done[0], done[1]
+
+    async def export_sends(self) -> AsyncGenerator[tuple[str, float], None]:
+        async with self._cursor("SELECT account, at FROM sends ORDER BY account, at", ()
+                                ) as rows:
+            while batch := await rows.fetchmany(SENDS_WINDOW):
+                for account, at in batch:
+                    yield str(account), float(at)
+
+    async def import_sends(self, sends: AsyncIterable[tuple[str, float]]) -> int:
+        added = 0
+        window: list[tuple[str, tuple[Any, ...]]] = []
+        async for account, at in sends:
+            window.append(("INSERT INTO sends (account, at) VALUES (?, ?)", (account, at)))
+            if len(window) >= SENDS_WINDOW:
+                added += sum(await self.execute(window))
+                window = []
+        if window:
+            added += sum(await self.execute(window))
+        return added
+
+
+async def _attempts(db: aiosqlite.Connection, ids: list[str]
+                    ) -> dict[str, list[ExportedAttempt]]:
+    """The attempt records of ``ids``, each message's in order."""
+    found: dict[str, list[ExportedAttempt]] = {}
+    marks = ",".join("?" * len(ids))
+    async with db.execute(
+        "SELECT message_id, at, account, outcome, reply FROM attempts"
+        f" WHERE message_id IN ({marks}) ORDER BY at, rowid", ids,
+    ) as rows:
+        async for message_id, at, account, outcome, reply in rows:
+            found.setdefault(message_id, []).append(ExportedAttempt(at, account, outcome, reply))
+    return found

@@ -1,0 +1,416 @@
+"""Issue 14.5: `relay queue export` / `import` move a whole queue, and lose nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import sqlite3
+import stat
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.cli.commands import main
+from relay.config.loading import load_config
+from relay.errors import StoreError
+from relay.queue.exchange import (
+    SENDS_PER_LINE,
+    End,
+    ExportFormatError,
+    ExportReader,
+    message_line,
+    parse_record,
+)
+from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.types import (
+    AttemptResult,
+    ExportedAttempt,
+    ExportedMessage,
+    MessageState,
+    NewMessage,
+    Priority,
+    Recipient,
+    RecipientState,
+)
+from tests.conftest import StartRelay, message, send_many
+
+S = MessageState
+NOW = time.time()
+# Times that JSON must carry to the last bit.
+ODD = 1764547200.1234567
+
+
+def _config(tmp_path: Path, name: str, *, spare: bool = True) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    accounts = {"outbox": {"transport": "maildir", "path": str(tmp_path / "box")}}
+    if spare:
+        accounts["spare"] = {"transport": "maildir", "path": str(tmp_path / "box2")}
+    path.write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "metrics": {"enabled": False},
+        "queue": {"path": str(tmp_path / f"{name}.sqlite3")},
+        "accounts": accounts,
+        "routing": {"default_account": "outbox"},
+    }))
+    return path
+
+
+def _relay(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _new(mid: str, at: float, *, rcpts: tuple[str, ...] = ("to@example.com",),
+         priority: Priority = Priority.NORMAL, account: str = "outbox",
+         options: tuple[str, ...] = ()) -> NewMessage:
+    return NewMessage(mid, "app@example.com", rcpts, account, priority,
+                      message(mid) + bytes(range(256)), at, at, options)
+
+
+async def _seed(path: Path) -> None:
+    """A queue as a server leaves it: every state, a claim, a partial delivery, a move,
+    attempts, priorities, mail options, a Deferred-Delivery time, sends, a pause."""
+    store = SQLiteStore(path, lock=False, owner="gone-host:1:abc")
+    await store.open()
+    try:
+        for m in (_new("D", NOW - 50, rcpts=("a@example.com", "b@example.org")),
+                  _new("SND", NOW - 40), _new("SND2", NOW - 35), _new("H", NOW - 30),
+                  _new("OK", NOW - 20, priority=Priority.LOW), _new("F", NOW - 10)):
+            await store.enqueue(m)
+        claimed = {m.id: m for m in await store.claim_due("outbox", NOW, 10, lease_s=300)}
+
+        def result(mid: str, state: S, rcpts: list[Recipient], outcome: str, reply: str,
+                   attempts: int = 1, due: float = NOW) -> AttemptResult:
+            return AttemptResult(mid, "outbox", state, rcpts, attempts, due,
+                                 "" if state is S.DELIVERED else reply, NOW - 1, outcome,
+                                 reply, claimed[mid].claim)
+
+        await store.finish(result("D", S.DEFERRED, [
+            Recipient("a@example.com", RecipientState.DELIVERED, "250 2.0.0 ok"),
+            Recipient("b@example.org")], "partial", "451 4.3.0 busy", due=NOW + 600))
+        await store.finish(result("OK", S.DELIVERED, [
+            Recipient("to@example.com", RecipientState.DELIVERED, "250 ok")],
+            "delivered", "250 2.0.0 ok"))
+        await store.finish(result("F", S.FAILED, [
+            Recipient("to@example.com", RecipientState.FAILED, "550 5.1.1 no")],
+            "failed", "550 5.1.1 no"))
+        await store.finish(result("H", S.DEFERRED, [Recipient("to@example.com")],
+                                  "deferred", "421 4.7.0 later"))
+        await store.update_messages(states=["deferred"], to_state="held", now=NOW,
+                                    ids=["H"])
+        # SND stays claimed; SND2 was tried once before its claim.
+        await store.execute([("UPDATE messages SET attempts=2, last_error='451 x'"
+                              " WHERE id='SND2'", ())])
+        await store.enqueue(_new("Q", ODD, priority=Priority.HIGH, options=("BODY=8BITMIME",)))
+        await store.enqueue(_new("LATER", NOW - 5))
+        await store.execute([("UPDATE messages SET next_attempt_at=? WHERE id='LATER'",
+                              (NOW + 7200.5,))])  # a client's Deferred-Delivery
+        await store.move_messages(to_account="spare", states=["queued"], now=NOW, by="t",
+                                  ids=["Q"])
+        await store.set_paused("spare", True, ODD)
+        await store.execute([("INSERT INTO sends (account, at) VALUES (?, ?)",
+                              ("outbox", NOW - i * 0.001)) for i in range(2500)])
+    finally:
+        await store.close()
+
+
+def _dump(path: Path) -> dict[str, Any]:
+    """Every row that matters, independent of the store's code."""
+    db = sqlite3.connect(path)
+    try:
+        return {
+            "messages": sorted(db.execute(
+                "SELECT id, state, account, priority, sender, recipients, size, attempts,"
+                " created_at, next_attempt_at, lease_until, owner, last_error, updated_at,"
+                " mail_options FROM messages")),
+            "order": [r[0] for r in db.execute("SELECT id FROM messages ORDER BY seq")],
+            "bodies": sorted(db.execute("SELECT id, data FROM bodies")),
+            "attempts": sorted(db.execute("SELECT * FROM attempts")),
+            "sends": sorted(db.execute("SELECT account, at FROM sends")),
+            "paused": sorted(db.execute("SELECT * FROM meta WHERE key LIKE 'paused:%'")),
+            "counts": sorted(db.execute("SELECT * FROM counts WHERE n > 0")),
+        }
+    finally:
+        db.close()
+
+
+def _released(before: dict[str, Any]) -> dict[str, Any]:
+    """What an import holds of ``before``: its claims released, due as they were."""
+    rows = []
+    for row in before["messages"]:
+        if row[1] == "sending":
+            state = "deferred" if row[7] else "queued"
+            row = (row[0], state, *row[2:10], None, None, *row[12:])
+        rows.append(row)
+    counts: dict[tuple[str, str], int] = {}
+    for row in rows:
+        counts[(row[2], row[1])] = counts.get((row[2], row[1]), 0) + 1
+    return {**before, "messages": sorted(rows),
+            "counts": sorted((a, s, n) for (a, s), n in counts.items())}
+
+
+async def test_round_trip_sqlite_file_sqlite_loses_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = _config(tmp_path, "src"), _config(tmp_path, "dst")
+    await _seed(tmp_path / "src.sqlite3")
+    before = _dump(tmp_path / "src.sqlite3")
+    assert {r[1] for r in before["messages"]} == {str(s) for s in S}  # every state
+    export = tmp_path / "queue.jsonl"
+    code, out, err = await asyncio.to_thread(_relay, capsys, "queue", "export", str(export),
+                                             "-c", str(src))
+    assert (code, err) == (0, ""), err
+    sends = len(before["sends"])  # 2500, and one for each attempt
+    assert out == (f"exported 8 messages (3 queued, 2 deferred, 1 held, 1 delivered, 1 failed),"
+                   f" {sends} send times, 1 paused accounts to {export}\n")
+    assert stat.S_IMODE(export.stat().st_mode) == 0o600
+    code, out, err = await asyncio.to_thread(_relay, capsys, "queue", "import", str(export),
+                                             "-c", str(dst))
+    assert (code, err) == (0, ""), err
+    assert out == f"imported 8 messages, {sends} send times, 1 paused accounts from {export}\n"
+    after = _dump(tmp_path / "dst.sqlite3")
+    assert after == _released(before)
+    assert before["sends"] == after["sends"] and sends == 2504
+    # And back again: a second round trip changes nothing more.
+    again = tmp_path / "again.jsonl"
+    assert await asyncio.to_thread(main, ["queue", "export", str(again), "-c", str(dst)]) == 0
+    first, second = export.read_text().splitlines(), again.read_text().splitlines()
+    assert first[1:] == second[1:]  # all but the header (its time)
+
+
+async def test_export_reads_one_snapshot_while_the_queue_changes(tmp_path: Path) -> None:
+    path = tmp_path / "queue.sqlite3"
+    store = SQLiteStore(path, lock=False)
+    await store.open()
+    other = SQLiteStore(path, lock=False)
+    await other.open()
+    try:
+        for i in range(5):
+            await store.enqueue(_new(f"M{i}", NOW))
+        seen = []
+        async for m in store.export_messages(page=1):
+            seen.append(m.id)
+            if len(seen) == 1:  # meanwhile another process deletes, adds, delivers
+                await other.delete_messages(states=["queued"], ids=["M3", "M4"])
+                await other.enqueue(_new("NEW", NOW))
+                assert {m.id for m in await other.list_messages()} == {"M0", "M1", "M2",
+                                                                        "NEW"}
+        assert seen == ["M0", "M1", "M2", "M3", "M4"]
+    finally:
+        await other.close()
+        await store.close()
+
+
+async def test_export_of_a_live_queue_is_complete_and_consistent(
+        tmp_path: Path, start_relay: StartRelay, capsys: pytest.CaptureFixture[str]) -> None:
+    """While clients keep sending and the relay delivers, an export holds every message
+    accepted before it began, each with its body unless delivered, and its attempts."""
+    config = _config(tmp_path, "live")
+    app = await start_relay(load_config(config))
+    before = await send_many(app.smtp_port, [message(f"before {i}") for i in range(20)])
+    accepted = {reply.split()[-1] for code, reply in before if code == 250}
+    sending = asyncio.create_task(
+        send_many(app.smtp_port, [message(f"during {i}") for i in range(150)], sessions=4))
+    export = tmp_path / "live.jsonl"
+    code = await asyncio.to_thread(main, ["queue", "export", str(export), "-c", str(config)])
+    assert code == 0, capsys.readouterr().err
+    assert all(c == 250 for c, _ in await sending)
+    reader = ExportReader(export.read_text().splitlines())
+    list(reader.paused()), list(reader.sends())
+    messages = list(reader.messages())
+    reader.finish()
+    assert accepted <= {m.id for m in messages}
+    for m in messages:
+        assert m.state is not S.SENDING
+        assert (m.body is None) == (m.state is S.DELIVERED), m
+        assert m.body is None or m.size == len(m.body)
+        # Attempts from the same snapshot as their message: a delivered one has its record.
+        assert [a.outcome for a in m.attempts_log] == (
+            ["delivered"] if m.state is S.DELIVERED else []), m
+
+
+async def test_import_into_a_queue_with_mail_needs_merge_and_skips_known_ids(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = _config(tmp_path, "src"), _config(tmp_path, "dst", spare=False)
+    await _seed(tmp_path / "src.sqlite3")
+    export = tmp_path / "queue.jsonl"
+    assert await asyncio.to_thread(main, ["queue", "export", str(export), "-c", str(src)]) == 0
+    store = SQLiteStore(tmp_path / "dst.sqlite3", lock=False)
+    await store.open()
+    try:
+        await store.enqueue(_new("D", NOW))  # the same id as one in the file
+        await store.enqueue(_new("MINE", NOW))
+    finally:
+        await store.close()
+    code, out, err = await asyncio.to_thread(_relay, capsys, "queue", "import", str(export),
+                                             "-c", str(dst))
+    assert (code, out) == (1, "")
+    assert err == ("relay: the queue already holds 2 messages: import into an empty queue,"
+                   " or add --merge (ids already queued are skipped)\n")
+    code, out, err = await asyncio.to_thread(_relay, capsys, "queue", "import", str(export),
+                                             "--merge", "-c", str(dst))
+    assert out == (f"imported 7 messages (skipped 1 already queued), 2504 send times,"
+                   f" 1 paused accounts from {export}\n")
+    assert (code, err) == (0, "note: mail waits for accounts this config does not have:"
+                              " spare (add them, or `relay queue move` it)\n")
+    dump = _dump(tmp_path / "dst.sqlite3")
+    mine = [r for r in dump["messages"] if r[0] == "D"]
+    assert mine[0][1] == "queued" and len(dump["messages"]) == 9  # D stayed as it was
+
+
+async def test_the_store_refuses_to_import_into_a_queue_with_mail_unless_merging(
+        tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "q.sqlite3", lock=False)
+    await store.open()
+    try:
+        await store.enqueue(_new("A", NOW))
+
+        async def items() -> Any:
+            yield ExportedMessage("B", S.QUEUED, "outbox", Priority.NORMAL, "a@b", (
+                Recipient("c@d"),), 1, 0, NOW, NOW, "", NOW, (), (), b"x")
+
+        with pytest.raises(StoreError, match="already holds messages"):
+            await store.import_messages(items(), merge=False)
+        assert await store.import_messages(items(), merge=True) == (1, 0)
+        assert await store.import_messages(items(), merge=True) == (0, 1)
+    finally:
+        await store.close()
+
+
+async def test_a_truncated_or_foreign_file_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = _config(tmp_path, "src"), _config(tmp_path, "dst")
+    await _seed(tmp_path / "src.sqlite3")
+    export = tmp_path / "queue.jsonl"
+    assert await asyncio.to_thread(main, ["queue", "export", str(export), "-c", str(src)]) == 0
+    lines = export.read_text().splitlines(keepends=True)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(lines[:-3]))
+    code, _, err = await asyncio.to_thread(_relay, capsys, "queue", "import", str(cut),
+                                           "-c", str(dst))
+    assert (code, err) == (1, f"relay: {cut} ends without its end line: the export is"
+                              " incomplete (nothing imported)\n")
+    assert not (tmp_path / "dst.sqlite3").exists()
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"hello": 1}\n{"type":"end","messages":0,"sends":0,"paused":0}\n')
+    code, _, err = await asyncio.to_thread(_relay, capsys, "queue", "import", str(foreign),
+                                           "-c", str(dst))
+    assert (code, err) == (1, f"relay: {foreign}: line 1: not a relay queue export (no"
+                              ' "format": "relay-queue"); nothing imported\n')
+    newer = tmp_path / "newer.jsonl"
+    newer.write_text(lines[0].replace('"version":1', '"version":9') + "".join(lines[1:]))
+    code, _, err = await asyncio.to_thread(_relay, capsys, "queue", "import", str(newer),
+                                           "-c", str(dst))
+    assert code == 1 and "export format 9 is newer than this relay's (1)" in err
+
+
+def test_a_truncated_stream_says_what_stays(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From standard input the end is known only at the end: the windows committed
+    before stay, and the message says how to finish."""
+    src, dst = _config(tmp_path, "src"), _config(tmp_path, "dst")
+    asyncio.run(_seed(tmp_path / "src.sqlite3"))
+    code, exported, err = _relay(capsys, "queue", "export", "-", "-c", str(src))
+    assert code == 0 and err.startswith("exported 8 messages")
+    lines = exported.splitlines(keepends=True)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(lines[:-1])))
+    code, _, err = _relay(capsys, "queue", "import", "-", "-c", str(dst))
+    assert code == 1
+    assert err.startswith("relay: standard input: line ")
+    assert "ends without its end line" in err and "again with --merge" in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(lines)))
+    code, out, err = _relay(capsys, "queue", "import", "-", "--merge", "-c", str(dst))
+    assert (code, err) == (0, "")
+    assert out.startswith("imported 0 messages (skipped 8 already queued)")
+
+
+def test_export_never_overwrites_and_leaves_no_partial_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _config(tmp_path, "src")
+    asyncio.run(_seed(tmp_path / "src.sqlite3"))
+    export = tmp_path / "queue.jsonl"
+    export.write_text("keep")
+    code, _, err = _relay(capsys, "queue", "export", str(export), "-c", str(src))
+    assert (code, err) == (1, f"relay: {export} already exists; give a new name (an export"
+                              " never overwrites)\n")
+    assert export.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
+
+
+# -- the format (pure) -----------------------------------------------------------------
+def test_a_message_line_reads_back_the_same() -> None:
+    m = ExportedMessage(
+        "ID", S.DEFERRED, "acc", Priority.LOW, "s@x", (
+            Recipient("a@x", RecipientState.DELIVERED, "250 ok"), Recipient("b\u00e9@x")),
+        3, 2, ODD, ODD + 1e-6, "451 \u2603", 0.1 + 0.2, ("SMTPUTF8", "BODY=8BITMIME"),
+        (ExportedAttempt(ODD, "acc", "deferred", "451\r\nx"),), b"\x00\xff\r\n")
+    line = message_line(m)
+    assert line.endswith("\n") and line.isascii() and "\n" not in line[:-1]
+    assert parse_record(line, 2) == m
+    assert parse_record(message_line(replace(m, body=None)), 2) == replace(m, body=None)
+
+
+_floats = st.floats(allow_nan=False, allow_infinity=False)
+_messages = st.builds(
+    ExportedMessage, id=st.text(min_size=1), state=st.sampled_from(list(S)),
+    account=st.text(), priority=st.sampled_from(list(Priority)), sender=st.text(),
+    recipients=st.lists(st.builds(Recipient, st.text(), st.sampled_from(list(RecipientState)),
+                                  st.text()), max_size=3).map(tuple),
+    size=st.integers(0, 2**40), attempts=st.integers(0, 1000), created_at=_floats,
+    next_attempt_at=_floats, last_error=st.text(), updated_at=_floats,
+    mail_options=st.lists(st.text(), max_size=3).map(tuple),
+    attempts_log=st.lists(st.builds(ExportedAttempt, _floats, st.text(), st.text(),
+                                    st.text()), max_size=3).map(tuple),
+    body=st.none() | st.binary(max_size=300))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_messages)
+def test_any_message_reads_back_the_same(m: ExportedMessage) -> None:
+    """Whatever text, bytes and times a message holds, its line is one ASCII line that
+    reads back equal (floats to the last bit)."""
+    line = message_line(m)
+    assert line.isascii() and line.count("\n") == 1
+    assert parse_record(line, 2) == m
+
+
+def test_the_reader_checks_order_types_and_counts() -> None:
+    head = json.dumps({"format": "relay-queue", "version": 1, "schema": 4, "store": "x",
+                       "exported_at": 1.0, "relay": "0"})
+    sends = json.dumps({"type": "sends", "account": "a", "at": [1.0, 2]})
+    paused = json.dumps({"type": "paused", "account": "a", "at": 1.0})
+    end = json.dumps({"type": "end", "messages": 0, "sends": 2, "paused": 1})
+    reader = ExportReader([head, paused, "", sends, end])
+    assert [p.account for p in reader.paused()] == ["a"]
+    assert list(reader.sends()) == [("a", 1.0), ("a", 2.0)]
+    assert list(reader.messages()) == []
+    assert reader.finish() == End(0, 2, 1)
+    with pytest.raises(ExportFormatError, match="line 3: a Paused record out of order"):
+        reader = ExportReader([head, sends, paused, end])
+        list(reader.paused()), list(reader.sends()), list(reader.paused())
+    with pytest.raises(ExportFormatError, match="the end line counts 0 messages, 2 sends"):
+        reader = ExportReader([head, end])
+        reader.finish()
+    with pytest.raises(ExportFormatError, match="more after the end line"):
+        reader = ExportReader([head, paused, sends, end, paused])
+        list(reader.paused()), list(reader.sends())
+        reader.finish()
+    for bad, why in [('{"type": "message", "id": "x"}', "'recipients' is missing or not a list"),
+                     ('{"type": "message", "id": "x", "recipients": [], "attempts_log": [],'
+                      ' "state": "lost"}', "message 'x': 'lost' is not a valid MessageState"),
+                     ('{"type": "sends", "account": "a", "at": ["1"]}', "not a number"),
+                     ("[1]", "not a JSON object"), ("{", "not JSON"),
+                     ('{"type": "what"}', "unknown record type 'what'")]:
+        with pytest.raises(ExportFormatError, match=why):
+            parse_record(bad, 5)
+    assert len(json.loads(sends)["at"]) < SENDS_PER_LINE
