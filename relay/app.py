@@ -138,22 +138,25 @@ class App:
         self._answered = asyncio.Event()  # set whenever _committing is 0
         self._answered.set()
 
-    async def _submit(self, message: NewMessage) -> None:
+    async def _submit(self, message: NewMessage) -> str:
         """Commit a routed message. Once the commit returns nothing may raise: the
         session answers 250 even if a reload removed the account meanwhile (the message
         then waits until the account returns)."""
         self._committing += 1
         self._answered.clear()
         try:
-            await self.store.enqueue(message)
+            queued = await self.store.enqueue(message)
         finally:
             self._committing -= 1
             if not self._committing:
                 self._answered.set()
+        if queued != message.id:  # (dedup) the first one is queued already
+            return queued
         if message.account in self._waiting:
             at, count = self._waiting[message.account]
             self._waiting[message.account] = (at, count + 1)
         self.scheduler.notify(message.account)
+        return queued
 
     async def _admit(self, account: str) -> bool:
         """rate_limit.on_limit: reject — refuse while the backlog exceeds a window's worth."""

@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import re
 import stat
+import urllib.parse
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from relay.config.durations import format_duration
-from relay.config.schema import MASK, Config, effective_hostname, is_loopback
+from relay.config.schema import MASK, Config, effective_hostname, is_loopback, url_host
 from relay.config.sizes import format_size
 
 
@@ -43,6 +44,19 @@ def config_warnings(config: Config, from_environment: Collection[str] = ()) -> l
             warnings += _readable_by_others(
                 f"listen.auth.users.{user}.password_file", spec.password_file
             )
+    return warnings + _webhook_warnings(config)
+
+
+def _webhook_warnings(config: Config) -> list[str]:
+    warnings = []
+    for i, hook in enumerate(config.events.webhooks):
+        host = urllib.parse.urlsplit(hook.url).hostname or ""
+        if hook.url.lower().startswith("http:") and not is_loopback(host):
+            warnings.append(f"events.webhooks.{i}.url: plain http to {url_host(hook.url)};"
+                            " events (addresses, replies) cross the network unencrypted")
+        if hook.secret_file:
+            warnings += _readable_by_others(f"events.webhooks.{i}.secret_file",
+                                            hook.secret_file)
     return warnings
 
 
@@ -72,6 +86,15 @@ def _readable_by_others(key: str, path: Path) -> list[str]:
     return []
 
 
+def _without_password(url: str) -> str:
+    """A URL as shown: a password in it (https://user:pass@host/) masked."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:{MASK}@{host}"))
+
+
 LOCAL_LITERAL = "(an address literal of each connection's local address)"
 
 
@@ -82,6 +105,8 @@ def effective_config(config: Config, fqdn: str = "") -> dict[str, Any]:
     """
     data = config.model_dump(mode="json")
     _mask_secrets(data)
+    for hook, shown in zip(config.events.webhooks, data["events"]["webhooks"], strict=True):
+        shown["url"] = _without_password(hook.url)
     hostname = effective_hostname(config, fqdn) or LOCAL_LITERAL
     data["hostname"] = hostname
     data["queue"]["min_free"] = format_size(config.queue_min_free)  # the reserve in force

@@ -45,6 +45,10 @@ class Metrics:
                                 registry=r)
         self.failed = Counter("relay_messages_failed", "Messages failed permanently.", acc,
                               registry=r)
+        self.deduplicated = Counter(
+            "relay_messages_deduplicated",
+            "Messages not queued again: their Message-ID and sender were accepted within"
+            " dedup.window.", registry=r)
         self.rejected = Counter("relay_messages_rejected",
                                 "Messages refused at the SMTP listener.", ["reason"], registry=r)
         # Several workers (multiprocess mode, see exposition_registry): the queue gauges

@@ -24,8 +24,9 @@ APPLICATION_ID = 0x52454C59  # 'RELY': marks a file as a relay queue
 FLUSH_KEY = "flush_requested_at"  # meta: written by `relay queue flush`, read by the server
 PAUSED_PREFIX = "paused:"  # meta: paused:<account> = when; claims skip its messages
 HEALTH_KEY = "account_health"  # meta: the server's account health, read by `relay status`
-SCHEMA_VERSION = 4  # 2: the sends table; 3: per-state counts, index of delivered rows;
-# 4: the owner of a claim (several processes on one queue)
+SCHEMA_VERSION = 5  # 2: the sends table; 3: per-state counts, index of delivered rows;
+# 4: the owner of a claim (several processes on one queue); 5: dedup keys, the events
+# outbox, each attempt's transcript
 READY = "('queued', 'deferred')"
 SENDS_KEPT_S = 2 * 86400.0  # longer than the longest rate-limit window (per_day)
 
@@ -57,7 +58,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     account TEXT NOT NULL,
     at REAL NOT NULL,
     outcome TEXT NOT NULL,
-    reply TEXT NOT NULL
+    reply TEXT NOT NULL,
+    transcript TEXT NOT NULL DEFAULT ''  -- the SMTP conversation, one line per line
 );
 CREATE INDEX IF NOT EXISTS attempts_message ON attempts (message_id);
 CREATE INDEX IF NOT EXISTS attempts_account_at ON attempts (account, at);
@@ -91,13 +93,40 @@ CREATE TRIGGER IF NOT EXISTS counts_update AFTER UPDATE OF state, account ON mes
     INSERT INTO counts (account, state, n) VALUES (NEW.account, NEW.state, 1)
         ON CONFLICT (account, state) DO UPDATE SET n = n + 1;
 END;
+-- Idempotent submission (dedup): the key of each message accepted with one, recorded in
+-- the transaction of its enqueue, until expires_at (pruned after).
+CREATE TABLE IF NOT EXISTS dedup (
+    key TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_expires ON dedup (expires_at);
+-- Webhook events (the outbox): one row per event and webhook, written in the transaction
+-- of the outcome that causes it, deleted once sent or given up. Claimed like a message.
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT NOT NULL,
+    webhook TEXT NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    lease_until REAL,
+    last_error TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (id, webhook)
+);
+CREATE INDEX IF NOT EXISTS events_due ON events (next_attempt_at);
 """
 # From any older schema: what SCHEMA adds, and the counts of the rows already there.
-# ADD_OWNER goes first when the messages table predates the owner column.
+# ADD_OWNER goes first when the messages table predates the owner column, ADD_TRANSCRIPT
+# when the attempts table predates the transcript column.
 ADD_OWNER = "ALTER TABLE messages ADD COLUMN owner TEXT;"
+ADD_TRANSCRIPT = "ALTER TABLE attempts ADD COLUMN transcript TEXT NOT NULL DEFAULT '';"
 MIGRATE = f"""
 BEGIN;
 {{add_owner}}
+{{add_transcript}}
 {SCHEMA}
 DELETE FROM counts;
 INSERT INTO counts (account, state, n)

@@ -42,10 +42,12 @@ from relay.errors import (
 )
 from relay.queue.sqlite.accounts import AccountControl
 from relay.queue.sqlite.admin import OperatorQueries
+from relay.queue.sqlite.outbox import Outbox
 from relay.queue.sqlite.owners import Owners
 from relay.queue.sqlite.prune import Pruning
 from relay.queue.sqlite.schema import (
     ADD_OWNER,
+    ADD_TRANSCRIPT,
     APPLICATION_ID,
     FLUSH_KEY,
     HEALTH_KEY,
@@ -67,6 +69,7 @@ from relay.queue.sqlite.writer import (
 )
 from relay.queue.types import (
     AttemptResult,
+    NewEvent,
     NewMessage,
     Priority,
     QueuedMessage,
@@ -95,12 +98,18 @@ def _owner_column(db: sqlite3.Connection) -> str:
     return ADD_OWNER if columns and "owner" not in columns else ""
 
 
+def _transcript_column(db: sqlite3.Connection) -> str:
+    """The statement that adds the transcript column, if the attempts table lacks it."""
+    columns = [r[1] for r in db.execute("PRAGMA table_info(attempts)")]
+    return ADD_TRANSCRIPT if columns and "transcript" not in columns else ""
+
+
 def server_lock_path(queue: Path) -> Path:
     """The lock `relay serve` (or its supervisor) holds on a queue file while it runs."""
     return queue.with_name(queue.name + ".lock")
 
 
-class SQLiteStore(Pruning, OperatorQueries, AccountControl):
+class SQLiteStore(Pruning, OperatorQueries, AccountControl, Outbox):
     """The embedded queue. ``commit='per-message'`` syncs each write on its own."""
 
     def __init__(self, path: Path, *, commit: str = "group", lock: bool = True,
@@ -192,7 +201,8 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
                     # nothing each time `relay queue list` opens the file. One
                     # transaction: a crash mid-way leaves the old schema, and the next
                     # open migrates again.
-                    db.executescript(MIGRATE.replace("{add_owner}", _owner_column(db)))
+                    db.executescript(MIGRATE.replace("{add_owner}", _owner_column(db))
+                                     .replace("{add_transcript}", _transcript_column(db)))
             finally:
                 fcntl.flock(self._write_lock_fd, fcntl.LOCK_UN)
         except BaseException:
@@ -402,11 +412,13 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
             raise StoreError(f"queue file {self.path} was replaced while relay runs; restart"
                              " relay (mail committed since is in the old file)")
 
-    async def enqueue(self, message: NewMessage) -> None:
-        """Return only once the message is committed and synced."""
+    async def enqueue(self, message: NewMessage) -> str:
+        """Return only once the message is committed and synced: its id, or (dedup) the
+        id of the message accepted before with the same key, and then nothing is queued."""
         self.check_file()
         self._check_reserve()
-        await self._submit(Enqueue(message=message))
+        queued: str = await self._submit(Enqueue(message=message))
+        return queued
 
     async def claim_due(
         self, account: str, now: float, limit: int, lease_s: float,
@@ -420,13 +432,16 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
         )
         return result
 
-    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
-        """Record an attempt's outcome and queue its bounce, if any, in one transaction.
+    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None,
+                     events: Sequence[NewEvent] = ()) -> bool:
+        """Record an attempt's outcome, queue its bounce and its webhook events, if any,
+        in one transaction.
 
         False: the claim it names no longer holds the message (its lease ran out and
         another process took it), so nothing of it was recorded but its send time.
         """
-        accepted: bool = await self._submit(Finish(attempt=result, bounce=bounce))
+        accepted: bool = await self._submit(Finish(attempt=result, bounce=bounce,
+                                                   events=tuple(events)))
         return accepted
 
     async def renew(self, ids: Sequence[str], lease_until: float) -> int:
