@@ -34,6 +34,7 @@ from relay.ingest.listener import SessionLimits, listener_tls_context, start_lis
 from relay.observe.http import build_app, start_http
 from relay.observe.logs import event, log_file_problem
 from relay.observe.metrics import Metrics, exposition_registry, watch_loop_lag
+from relay.observe.webhooks import WebhookSender
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 from relay.queue.types import NewMessage
@@ -117,6 +118,9 @@ class App:
         self.store.on_internal_error = self.metrics.internal_errors.labels("queue_writer").inc
         self.transports = build_transports(config, self.metrics)
         self.scheduler = Scheduler(config, self.store, self.transports, self.metrics)
+        # Every process sends events (claimed from the outbox: one sends each).
+        self.webhooks = WebhookSender(self.store, config.events.webhooks, self.metrics)
+        self.scheduler.events_written = self.webhooks.notify
         self.handler = IngestHandler(config, self._submit, self.metrics, self._admit)
         self.limits = SessionLimits(config, self.metrics)
         self._retiring: set[asyncio.Task[None]] = set()
@@ -183,6 +187,7 @@ class App:
             await self.store.open()  # StoreError: corrupt, foreign or locked queue file
             self._loop_lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag))
             self._file_watch = asyncio.create_task(self._watch_queue_file())
+            self.webhooks.start()
             if self.role.delivers:
                 await self.scheduler.start()
                 self.store.start_pruning(self.config.queue.keep_delivered, time.time)
@@ -321,6 +326,7 @@ class App:
         retired = self.scheduler.swap_workers(new, workers)
         self.config = new
         self.handler.configure(new, auth)
+        self.webhooks.configure(new.events.webhooks)
         self.limits.configure(new)
         self._waiting.clear()
         task = asyncio.create_task(self._retire(retired, retired_transports))
@@ -384,6 +390,7 @@ class App:
             await asyncio.wait(self._retiring, timeout=grace)
         for transport in self.transports.values():
             await transport.close()
+        await self.webhooks.stop(grace)
         if self.http_runner is not None:
             await self.http_runner.cleanup()
             self.http_runner = None

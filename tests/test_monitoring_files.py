@@ -36,8 +36,10 @@ from tests.conftest import (
     send,
     upstream_account,
     wait_until,
+    webhook_block,
 )
 from tests.upstream import FakeUpstream
+from tests.webhook import WebhookReceiver
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "config" / "prometheus-alerts.yml"
@@ -97,13 +99,13 @@ def as_promql(expr: str) -> str:
 
 
 @pytest.fixture
-async def exposition(upstream: FakeUpstream, start_relay: StartRelay,
+async def exposition(upstream: FakeUpstream, start_relay: StartRelay, webhook: WebhookReceiver,
                      tmp_path: Path) -> dict[str, list[dict[str, str]]]:
     """Sample name -> label sets, from GET /metrics of a relay that has done some work."""
     config = relay_config(tmp_path, {
         "main": upstream_account(upstream, tmp_path),
         "outbox": {"transport": "maildir", "path": str(tmp_path / "outbox")},
-    })
+    }, events={"webhooks": [webhook_block(webhook, tmp_path)]})
     app = await start_relay(config)
     upstream.fail_data(451, "4.3.0 try again later", times=1)
     for i in range(3):

@@ -31,6 +31,7 @@ from relay.queue.store import QueueStore
 from relay.queue.types import (
     AttemptResult,
     MessageState,
+    NewEvent,
     NewMessage,
     QueuedMessage,
     Recipient,
@@ -45,6 +46,8 @@ INTERRUPTED = "interrupted by shutdown; may have been delivered"
 _PACE_POLL_S = 0.05
 # Builds the bounce for a message's newly failed recipients (None: no bounce).
 Bounce = Callable[[QueuedMessage, list[Recipient], bytes], NewMessage | None]
+# Builds the webhook events of an outcome (message, result, its bounce, the body).
+Events = Callable[[QueuedMessage, AttemptResult, NewMessage | None, bytes], list[NewEvent]]
 
 
 def _addresses(recipients: list[Recipient]) -> str:
@@ -90,6 +93,8 @@ class AccountWorker:
         clock: Callable[[], float],
         rng: random.Random,
         bounce: Bounce | None = None,
+        events: Events | None = None,
+        events_written: Callable[[], None] | None = None,
         health: HealthHook | None = None,
         auth_policy: RetryPolicy | None = None,
         monotonic: Callable[[], float] = time.monotonic,
@@ -97,6 +102,8 @@ class AccountWorker:
     ) -> None:
         self.name = name
         self.bounce = bounce
+        self.events = events  # the outcome's webhook events, written with it
+        self.events_written = events_written  # told once they are committed
         self.health = health  # told of each change of backoff, for `relay status`
         self.transport = transport
         self.store = store
@@ -428,23 +435,28 @@ class AccountWorker:
         # Never to <>: a bounce is sent from <>, so a bounce never causes another.
         if self.bounce is not None and should_bounce(message.sender, failed):
             bounce = self.bounce(message, failed, body)
-        # The outcome and its bounce in one commit, if this process still holds the claim.
-        if not await self._write(result, bounce):
+        events = self.events(message, result, bounce, body) if self.events else []
+        # The outcome, its bounce and its events in one commit, if this process still
+        # holds the claim.
+        if not await self._write(result, bounce, events):
             event(log, logging.WARNING, "outcome_dropped", message.id, account=self.name,
                   reason="its lease ran out and another worker claimed it; that worker's"
                   " outcome stands")
             return
+        if events and self.events_written is not None:
+            self.events_written()
         self._report(message, result, sent, duration)
         if bounce is not None:
             event(log, logging.INFO, "bounced", message.id, bounce_id=bounce.id,
                   to=f"<{message.sender}>", failed=len(failed))
             self.notify()  # a bounce goes through the failed message's own account
 
-    async def _write(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
+    async def _write(self, result: AttemptResult, bounce: NewMessage | None = None,
+                     events: list[NewEvent] | None = None) -> bool:
         try:
             while True:
                 try:
-                    return await self.store.finish(result, bounce)
+                    return await self.store.finish(result, bounce, events or ())
                 except StoreError as exc:
                     event(log, logging.ERROR, "queue_error", result.id, account=self.name,
                           reason=f"cannot record outcome, will retry: {exc}")
