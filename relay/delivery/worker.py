@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import random
@@ -23,7 +24,7 @@ from relay.delivery.outcome import accepted_so_far, settle
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.refusals import login_refused
 from relay.delivery.retry import RetryPolicy
-from relay.delivery.transport import PoolControl, SendResult, Transport
+from relay.delivery.transport import TRANSCRIPT, PoolControl, SendResult, Transcript, Transport
 from relay.errors import DeliveryError, StoreError, TemporaryFailure
 from relay.observe.logs import event
 from relay.observe.metrics import Metrics
@@ -351,6 +352,8 @@ class AccountWorker:
         started = self.mono()
         sent: SendResult | DeliveryError
         body = b""
+        transcript = Transcript()
+        TRANSCRIPT.set(transcript)  # this task's own: the SMTP edge records into it
         try:
             body = await self.store.load_body(message.id)
             sent = await self.transport.send(
@@ -370,6 +373,9 @@ class AccountWorker:
         resume_at = self._account_health(sent, now)
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
                         resume_at=resume_at, age_now=self.age_clock(now))
+        if isinstance(sent, DeliveryError):
+            transcript.note(f"attempt ended: {sent.reply_text()}")
+        result = dataclasses.replace(result, transcript=transcript.lines())
         duration = self.mono() - started
         # Recording the outcome (a commit, and so a sync) is a task of its own: the send
         # task ends once the upstream has answered, but its slot stays busy until the

@@ -1,0 +1,109 @@
+"""Transcripts (issue 16.4): `relay queue show ID --transcript` shows each attempt's SMTP
+conversation with the real upstream, AUTH masked and no message body, stored per attempt
+and bounded."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from relay.delivery.transport import Transcript
+from relay.queue.sqlite.store import SQLiteStore
+from tests.conftest import StartRelay, message, send, upstream_account
+from tests.test_queue_cli import Relay, write_config
+from tests.upstream import FakeUpstream
+
+SECRET_BODY = "the body stays out of transcripts"
+
+
+async def _delivered_twice(tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+                           capsys: pytest.CaptureFixture[str], mechanism: str
+                           ) -> tuple[Relay, str]:
+    """A message deferred once (451 to DATA), then delivered: two attempts."""
+    path = write_config(tmp_path, {"up": upstream_account(upstream, tmp_path,
+                                                          auth_mechanism=mechanism)})
+    cli = Relay(path, capsys)
+    app = await start_relay(cli.config)
+    upstream.fail_data(451, "4.3.0 try again later")
+    code, text = await send(app.smtp_port, message("t", body=SECRET_BODY + "\r\n"))
+    assert code == 250
+    queue_id = text.rsplit(" ", 1)[1]
+    await upstream.wait_for_messages(1)
+    await app.scheduler.run_until_idle()
+    return cli, queue_id
+
+
+@pytest.mark.parametrize("mechanism", ["plain", "login"])
+async def test_show_transcript_gives_each_attempts_conversation_with_auth_masked(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str], mechanism: str,
+) -> None:
+    cli, queue_id = await _delivered_twice(tmp_path, upstream, start_relay, capsys, mechanism)
+    shown = await cli("queue", "show", queue_id, "--transcript")
+    assert shown.code == 0, shown.err
+    text = shown.out
+    first, second = text.split("attempts:\n", 1)[1].split("\n  2")[0:2]
+    # The first attempt opened the connection: greeting, EHLO, AUTH, the envelope, DATA.
+    for expected in ("-- new connection to 127.0.0.1:", "S: 220 ", "C: EHLO ",
+                     "S: 250-", f"C: AUTH {mechanism.upper()} ***", "S: 235 ",
+                     "C: MAIL FROM:<app@example.com>", "C: RCPT TO:<to@example.com>",
+                     "C: DATA", "S: 354 ", "-- message body, ", "C: .",
+                     "S: 451 4.3.0 try again later"):
+        assert expected in first, (expected, first)
+    assert "S: 250 " in second and "C: MAIL FROM:<app@example.com>" in second
+    # Never the SASL payload, never the body.
+    password = base64.b64encode(upstream.password.encode()).decode()
+    plain = base64.b64encode(f"\0{upstream.username}\0{upstream.password}".encode()).decode()
+    for secret in (password, plain, upstream.password, SECRET_BODY):
+        assert secret not in text
+    if mechanism == "login":
+        assert "C: ***" in first and "S: 334 ***" in first
+    with sqlite3.connect(cli.queue) as db:
+        stored = "\n".join(r[0] for r in db.execute("SELECT transcript FROM attempts"))
+    assert stored and password not in stored and plain not in stored and SECRET_BODY not in stored
+
+
+async def test_show_without_transcript_is_unchanged_and_json_carries_it_on_request(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cli, queue_id = await _delivered_twice(tmp_path, upstream, start_relay, capsys, "plain")
+    plain = await cli("queue", "show", queue_id)
+    assert "C: MAIL" not in plain.out
+    data = await cli.json("queue", "show", queue_id)
+    assert all("transcript" not in a for a in data["attempt_log"])
+    data = await cli.json("queue", "show", queue_id, "--transcript")
+    assert [a["outcome"] for a in data["attempt_log"]] == ["deferred", "delivered"]
+    assert "C: DATA" in data["attempt_log"][1]["transcript"]
+
+
+def test_a_transcript_keeps_its_head_and_tail_within_bounds() -> None:
+    transcript = Transcript()
+    for n in range(1000):
+        transcript.client(f"RCPT TO:<r{n}@example.com>" + "x" * 1000)
+    transcript.server(250, "2.0.0 Ok: queued\nsecond line")
+    lines = transcript.lines()
+    assert len(lines) == Transcript.HEAD + 1 + Transcript.TAIL
+    assert lines[0].startswith("C: RCPT TO:<r0@") and len(lines[0]) == Transcript.MAX_LINE
+    assert lines[Transcript.HEAD] == "-- 882 lines not kept"
+    assert lines[-2:] == ("S: 250-2.0.0 Ok: queued", "S: 250 second line")
+    escaped = Transcript()
+    escaped.server(250, "ok\x1b[31m")
+    assert escaped.lines() == ("S: 250 ok\\u001b[31m",)
+
+
+async def test_transcripts_go_with_their_message(tmp_path: Path, upstream: FakeUpstream,
+                                                 start_relay: StartRelay,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    cli, queue_id = await _delivered_twice(tmp_path, upstream, start_relay, capsys, "plain")
+    store = SQLiteStore(cli.queue, lock=False)
+    await store.open()
+    try:
+        await store.prune(2e10, keep_delivered_s=1.0)
+        assert await store.get(queue_id) is None
+        assert await store._fetch("SELECT count(*) FROM attempts") == [(0,)]
+    finally:
+        await store.close()
