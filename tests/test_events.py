@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from relay.app import App, WorkerRole
 from relay.config.loading import parse_config
 from relay.config.report import config_warnings
+from relay.delivery.events import retry_delay, signature
 from relay.errors import ConfigError
 from tests.conftest import (
     StartRelay,
@@ -230,3 +232,26 @@ def test_a_webhook_needs_exactly_one_secret_source() -> None:
     assert caught.value.problems == [
         "events.webhooks.0.secret_env: give exactly one of secret_env, secret_file (the key"
         " events are signed with)"]
+
+
+def test_the_documented_verification_accepts_relays_signature_and_nothing_else() -> None:
+    """docs/events.md's receiver example, run against relay's own signing."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "events.md").read_text()
+    section = doc.split("### Verifying the signature", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 10
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/events.md", "exec"), namespace)  # our own docs
+    verify = namespace["verify"]
+    stamp, body = str(int(time.time())), '{"id":"e1","type":"delivered"}'
+    good = signature("k3y", stamp, body)
+    assert verify(b"k3y", body.encode(), stamp, good)
+    assert not verify(b"other", body.encode(), stamp, good)
+    assert not verify(b"k3y", body.encode() + b" ", stamp, good)
+    old = str(int(time.time()) - 3600)
+    assert not verify(b"k3y", body.encode(), old, signature("k3y", old, body))
+
+
+def test_retries_back_off_exponentially_up_to_the_maximum() -> None:
+    assert [retry_delay(n, 5.0, 60.0) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
+    assert retry_delay(10_000, 5.0, 600.0) == 600.0

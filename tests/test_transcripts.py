@@ -12,7 +12,7 @@ import pytest
 
 from relay.delivery.transport import Transcript
 from relay.queue.sqlite.store import SQLiteStore
-from tests.conftest import StartRelay, message, send, upstream_account
+from tests.conftest import PrivateCA, StartRelay, message, relay_config, send, upstream_account
 from tests.test_queue_cli import Relay, write_config
 from tests.upstream import FakeUpstream
 
@@ -107,3 +107,24 @@ async def test_transcripts_go_with_their_message(tmp_path: Path, upstream: FakeU
         assert await store._fetch("SELECT count(*) FROM attempts") == [(0,)]
     finally:
         await store.close()
+
+
+async def test_a_starttls_upstream_shows_starttls_and_the_second_ehlo(
+    tmp_path: Path, private_ca: PrivateCA, start_relay: StartRelay,
+) -> None:
+    async with FakeUpstream(tls_context=private_ca.server_context) as up:
+        account = upstream_account(up, tmp_path, tls="starttls",
+                                   tls_ca_file=str(private_ca.ca_cert))
+        app = await start_relay(relay_config(tmp_path, {"up": account}))
+        code, text = await send(app.smtp_port, message("tls"))
+        assert code == 250
+        await up.wait_for_messages(1)
+        await app.scheduler.run_until_idle()
+        record = await app.store.get(text.rsplit(" ", 1)[1])
+        assert record is not None
+        [attempt] = record.attempts_log
+        lines = list(attempt["transcript"])  # type: ignore[call-overload]
+        starttls = lines.index("C: STARTTLS")
+        assert lines[starttls + 1].startswith("S: 220")
+        assert [i for i, line in enumerate(lines) if line.startswith("C: EHLO")][1] > starttls
+        assert "C: AUTH PLAIN ***" in lines and lines[-1].startswith("S: 250")

@@ -113,6 +113,21 @@ class _Client(aiosmtplib.SMTP):
         super().close()
 
 
+async def _starttls(client: aiosmtplib.SMTP, within: float) -> None:
+    """STARTTLS, in the transcript (aiosmtplib sends it past execute_command)."""
+    transcript = TRANSCRIPT.get()
+    if transcript is not None:
+        transcript.client("STARTTLS")
+    try:
+        response = await client.starttls(timeout=within)
+    except aiosmtplib.SMTPResponseException as exc:
+        if transcript is not None:
+            transcript.server(exc.code, exc.message)
+        raise
+    if transcript is not None:
+        transcript.server(response.code, response.message)
+
+
 class _Replace(Exception):
     """This connection cannot carry the message, another may at once (421, or a pooled
     connection the server closed meanwhile); ``error`` if none can."""
@@ -312,7 +327,7 @@ class UpstreamPool:
             client.local_hostname = self._ehlo_name or _local_literal(client)
             await client.ehlo(timeout=acc.timeouts.command)
             if acc.tls == "starttls":  # required, never opportunistic
-                await client.starttls(timeout=acc.timeouts.command)
+                await _starttls(client, acc.timeouts.command)
                 await client.ehlo(timeout=acc.timeouts.command)
             if acc.username:
                 await self._login(client)
