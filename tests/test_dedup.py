@@ -125,7 +125,9 @@ async def test_two_relays_on_one_queue_queue_one_copy_and_answer_the_winners_id(
             replies = await asyncio.gather(*(send(a.smtp_port, _with_id(mid))
                                              for a in apps for _ in range(2)))
             assert len({_id(r) for r in replies}) == 1, replies
-        await apps[0].scheduler.run_until_idle()
+        # Worker 1's messages reach worker 0's scheduler by its queue watcher: wait.
+        await upstream.wait_for_messages(5)
+        await asyncio.sleep(0.6)  # (one more watcher round: nothing else is queued)
         assert len(upstream.messages) == 5
         assert sum(metric(a, "relay_messages_deduplicated_total") for a in apps) == 15
     finally:
