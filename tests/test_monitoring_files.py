@@ -113,8 +113,9 @@ async def exposition(upstream: FakeUpstream, start_relay: StartRelay, webhook: W
     assert (await send(app.smtp_port, message("o", headers={"X-Account": "outbox"})))[0] == 250
     code, _ = await send(app.smtp_port, message("x", headers={"X-Account": "nope"}))
     assert code == 550
-    await wait_until(lambda: metric(app, "relay_messages_delivered_total", account="main") == 3,
-                     what="3 deliveries through main (one after a retry)")
+    await wait_until(lambda: metric(app, "relay_messages_delivered_total", account="main") == 3
+                     and metric(app, "relay_messages_delivered_total", account="outbox") == 1,
+                     what="3 deliveries through main (one after a retry), 1 through outbox")
 
     async with aiohttp.ClientSession() as http, \
             http.get(f"http://127.0.0.1:{app.http_port}/metrics") as response:
