@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from relay.app import App, WorkerRole
 from relay.config.loading import parse_config
-from relay.config.report import config_warnings
+from relay.config.report import config_warnings, effective_config, unresolved_secrets
 from relay.delivery.events import retry_delay, signature
 from relay.errors import ConfigError
 from tests.conftest import (
@@ -255,3 +255,22 @@ def test_the_documented_verification_accepts_relays_signature_and_nothing_else()
 def test_retries_back_off_exponentially_up_to_the_maximum() -> None:
     assert [retry_delay(n, 5.0, 60.0) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
     assert retry_delay(10_000, 5.0, 600.0) == 600.0
+
+
+def test_check_config_names_an_unset_webhook_secret_and_shows_durations_as_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RELAY_TEST_HOOK_SECRET", raising=False)
+    data = {"events": {"webhooks": [{"url": "https://hooks.example.com/x",
+                                     "secret_env": "RELAY_TEST_HOOK_SECRET",
+                                     "retry_max": "2m"}]}}
+    config = parse_config(data, secrets=False)
+    assert unresolved_secrets(config) == [
+        "events.webhooks.0.secret_env: environment variable RELAY_TEST_HOOK_SECRET is not"
+        " set here"]
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert caught.value.problems == [
+        "events.webhooks.0.secret_env: environment variable RELAY_TEST_HOOK_SECRET is not set"]
+    shown = effective_config(config)["events"]["webhooks"][0]
+    assert (shown["timeout"], shown["retry_max"], shown["max_age"]) == ("10s", "2m", "1d")

@@ -75,6 +75,13 @@ def unresolved_secrets(config: Config) -> list[str]:
             problems.append(f"{key}.password_env: environment variable {env} is not set here")
         if path and not os.access(path, os.R_OK):
             problems.append(f"{key}.password_file: cannot read {path} here")
+    for i, hook in enumerate(config.events.webhooks):
+        if hook.secret_env and not os.environ.get(hook.secret_env):
+            problems.append(f"events.webhooks.{i}.secret_env: environment variable"
+                            f" {hook.secret_env} is not set here")
+        if hook.secret_file and not os.access(hook.secret_file, os.R_OK):
+            problems.append(f"events.webhooks.{i}.secret_file: cannot read"
+                            f" {hook.secret_file} here")
     return problems
 
 
@@ -145,10 +152,14 @@ def _mask_secrets(node: Any) -> None:
 def _durations_as_text(node: Any) -> None:
     duration_keys = {"initial_delay", "max_delay", "max_age", "idle_timeout", "timeout",
                      "drain_delay", "grace",
-                     "connect", "command", "data", "initial", "max"}
+                     "connect", "command", "data", "initial", "max",
+                     "window", "retry_initial", "retry_max"}
     if isinstance(node, dict):
         for key, value in node.items():
             if key in duration_keys and isinstance(value, int | float):
                 node[key] = format_duration(float(value))
             else:
                 _durations_as_text(value)
+    elif isinstance(node, list):  # events.webhooks
+        for item in node:
+            _durations_as_text(item)
