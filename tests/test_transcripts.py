@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from relay.delivery.transport import Transcript
+from relay.queue.sqlite.schema import SCHEMA_VERSION
 from relay.queue.sqlite.store import SQLiteStore
 from tests.conftest import PrivateCA, StartRelay, message, relay_config, send, upstream_account
 from tests.test_queue_cli import Relay, write_config
@@ -128,3 +129,32 @@ async def test_a_starttls_upstream_shows_starttls_and_the_second_ehlo(
         assert lines[starttls + 1].startswith("S: 220")
         assert [i for i, line in enumerate(lines) if line.startswith("C: EHLO")][1] > starttls
         assert "C: AUTH PLAIN ***" in lines and lines[-1].startswith("S: 250")
+
+
+async def test_a_schema_4_queue_is_migrated_with_its_attempts_kept(tmp_path: Path) -> None:
+    """A file from before transcripts, dedup keys and the outbox (schema 4): opened, it
+    gets them, and its old attempts show without a transcript."""
+    path = tmp_path / "q.sqlite3"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "DROP TABLE dedup; DROP TABLE events; ALTER TABLE attempts DROP COLUMN transcript;"
+            "INSERT INTO messages (id, state, account, priority, sender, recipients, size,"
+            " created_at, next_attempt_at, updated_at) VALUES ('OLD', 'deferred', 'a', 3,"
+            " 's@example.com', '[[\"r@example.com\", \"pending\", \"\"]]', 1, 1, 1, 1);"
+            "INSERT INTO attempts VALUES ('OLD', 'a', 1, 'deferred', '451 later');"
+            "PRAGMA user_version = 4;")
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        old = await store.get("OLD")
+        assert old is not None
+        assert old.attempts_log == [{"at": 1, "account": "a", "outcome": "deferred",
+                                     "reply": "451 later", "transcript": []}]
+        assert await store._fetch("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        assert await store._fetch("SELECT count(*) FROM dedup") == [(0,)]
+        assert await store.next_event_at() is None
+    finally:
+        await store.close()
