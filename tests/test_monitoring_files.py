@@ -447,6 +447,10 @@ def test_alerts_fire_on_the_situations_they_describe(tmp_path: Path) -> None:
         _series("relay_account_paused", "0x5 1x55", account="bulk"),
         _series("relay_messages_rejected_total", "0+5x30", reason="unknown_account"),
         _series("relay_messages_rejected_total", "0+50x30", reason="rate_limited"),
+        # "hooks" gave an event up at 2m; "other" only failed (retried, not lost).
+        _series("relay_webhook_deliveries_total", "0 0 1x10", webhook="hooks",
+                result="gave_up"),
+        _series("relay_webhook_deliveries_total", "0+1x12", webhook="other", result="failed"),
     ]
     tests = {
         "rule_files": ["alerts.yml"],
@@ -475,6 +479,7 @@ def test_alerts_fire_on_the_situations_they_describe(tmp_path: Path) -> None:
                         {**crit, **at, "reason": "store_unavailable"}),
                 _firing("RelayRejectingApplicationMail", "20m",
                         {**warn, **at, "reason": "unknown_account"}),
+                _firing("RelayWebhookEventsLost", "3m", {**warn, **at, "webhook": "hooks"}),
             ]},
             {"interval": "1m", "input_series": [_series("relay_build_info", "1x20",
                                                         version="0.1.0")],
