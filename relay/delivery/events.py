@@ -51,7 +51,9 @@ def event_body(*, event_id: str, kind: str, message: QueuedMessage, result: Atte
         document["next_attempt_at"] = iso_ms(result.next_attempt_at)
     if bounce_id is not None:
         document["bounce_id"] = bounce_id
-    return json.dumps(document, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    # ASCII only (json's \u escapes): whatever text a header or reply holds, the
+    # document can be stored and sent as it is.
+    return json.dumps(document, separators=(",", ":"), sort_keys=True)
 
 
 def message_id_of(fields: Sequence[tuple[str, str]]) -> str | None:
