@@ -325,3 +325,29 @@ async def test_events_are_written_only_with_the_outcome_and_claimed_by_one_owner
     finally:
         await a.close()
         await b.close()
+
+
+async def test_events_of_a_webhook_no_longer_configured_are_dropped_with_a_line(
+    tmp_path: Path, upstream: FakeUpstream, webhook: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A restart with the webhook removed from the config: its waiting events go (logged),
+    not kept in the queue file for ever."""
+    caplog.set_level(logging.WARNING, "relay.events")
+    webhook.fail_next(1000)
+    app = App(_config(tmp_path, upstream, webhook), registry=CollectorRegistry())
+    await app.startup()
+    try:
+        assert (await send(app.smtp_port, message("orphan")))[0] == 250
+        await wait_until(lambda: webhook.posts >= 1, what="a first (failed) POST")
+    finally:
+        await app.shutdown(grace=2.0)
+    bare = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)})
+    again = App(bare, registry=CollectorRegistry())
+    await again.startup()
+    try:
+        await _outbox_empties(again)
+        assert any("webhook_gave_up webhook=test" in r.getMessage()
+                   and "no webhook of this name" in r.getMessage() for r in caplog.records)
+    finally:
+        await again.shutdown(grace=2.0)

@@ -28,6 +28,7 @@ from relay.queue.types import PendingEvent
 log = logging.getLogger("relay.events")
 BATCH = 16  # events claimed (and POSTed at once) per round
 POLL_S = 2.0  # how often the outbox is read for events written by other processes
+IDLE_POLL_S = 60.0  # ... when this process has no webhook configured
 LEASE_MARGIN_S = 30.0  # a claim outlives the POST's timeout by this much
 RESULTS = ("sent", "failed", "gave_up")
 
@@ -64,7 +65,9 @@ class WebhookSender:
         for name in self.hooks:
             for result in RESULTS:
                 self.metrics.webhook_deliveries.labels(name, result)
-        if self.hooks and self._task is None and self._session is not None:
+        # Also without webhooks: rows left for one that a config change removed are
+        # dropped (logged) rather than kept in the queue file for ever.
+        if self._task is None and self._session is not None:
             self._task = asyncio.create_task(self._run(), name="webhook-sender")
 
     def start(self) -> None:
@@ -104,11 +107,13 @@ class WebhookSender:
         while True:
             self.wake.clear()
             try:
-                claimed = await self.store.claim_events(self.clock(), BATCH, self.lease_s)
-                if claimed:
-                    await self._post_all(claimed)
-                    continue
+                # A read first: an idle outbox costs no write (and no commit) per look.
                 due = await self.store.next_event_at()
+                if due is not None and due <= self.clock():
+                    claimed = await self.store.claim_events(self.clock(), BATCH, self.lease_s)
+                    if claimed:
+                        await self._post_all(claimed)
+                        continue
             except StoreError as exc:
                 event(log, logging.ERROR, "queue_error", reason=f"webhook outbox: {exc}")
                 due = None
@@ -116,8 +121,9 @@ class WebhookSender:
                 log.exception("webhook sender failed; restarting it")
                 self.metrics.internal_errors.labels("webhook_sender").inc()
                 due = None
-            wait = self.poll_s if due is None else min(max(due - self.clock(), 0.0),
-                                                        self.poll_s)
+            poll = self.poll_s if self.hooks else IDLE_POLL_S
+            # (At least a moment: a due row another process claimed just now.)
+            wait = poll if due is None else min(max(due - self.clock(), 0.01), poll)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self.wake.wait()
