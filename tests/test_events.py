@@ -126,8 +126,7 @@ async def test_a_failing_receiver_is_retried_with_backoff_and_never_delays_deliv
     assert metric(app, "relay_webhook_deliveries_total", webhook="test", result="failed") == 3
     assert metric(app, "relay_webhook_deliveries_total", webhook="test", result="sent") == 2
     failures = [r.getMessage() for r in caplog.records if "webhook_failed" in r.getMessage()]
-    assert len(failures) == 3 and all("reason=\"HTTP 500\"" in f or "reason=HTTP" in f
-                                      for f in failures)
+    assert len(failures) == 3 and all('reason="HTTP 500"' in f for f in failures)
     assert not any(webhook.url in r.getMessage() for r in caplog.records)
     await _outbox_empties(app)
 
