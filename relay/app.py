@@ -34,6 +34,7 @@ from relay.ingest.listener import SessionLimits, listener_tls_context, start_lis
 from relay.observe.http import build_app, start_http
 from relay.observe.logs import event, log_file_problem
 from relay.observe.metrics import Metrics, exposition_registry, watch_loop_lag
+from relay.observe.webhooks import WebhookSender
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 from relay.queue.types import NewMessage
@@ -118,6 +119,9 @@ class App:
         self.store.on_internal_error = self.metrics.internal_errors.labels("queue_writer").inc
         self.transports = build_transports(config, self.metrics)
         self.scheduler = Scheduler(config, self.store, self.transports, self.metrics)
+        # Every process sends events (claimed from the outbox: one sends each).
+        self.webhooks = WebhookSender(self.store, config.events.webhooks, self.metrics)
+        self.scheduler.events_written = self.webhooks.notify
         self.handler = IngestHandler(config, self._submit, self.metrics, self._admit)
         self.limits = SessionLimits(config, self.metrics)
         self._retiring: set[asyncio.Task[None]] = set()
@@ -139,19 +143,22 @@ class App:
         self._answered = asyncio.Event()  # set whenever _committing is 0
         self._answered.set()
 
-    async def _submit(self, message: NewMessage) -> Reply | None:
+    async def _submit(self, message: NewMessage) -> tuple[str, Reply | None]:
         """Commit a routed message. Once the commit returns nothing may raise: the
         session answers 250 even if a reload removed the account meanwhile (the message
-        then waits until the account returns). With ack: after_upstream, the upstream's
+        then waits until the account returns). Returns the id that holds the message (with
+        dedup, maybe an earlier one's) and, with ack: after_upstream, the upstream's
         permanent refusal to answer instead (committed first: nothing is lost)."""
         self._committing += 1
         self._answered.clear()
         try:
-            await self.store.enqueue(message)
+            queued = await self.store.enqueue(message)
         finally:
             self._committing -= 1
             if not self._committing:
                 self._answered.set()
+        if queued != message.id:  # (dedup) the first one is queued already
+            return queued, None
         if message.account in self._waiting:
             at, count = self._waiting[message.account]
             self._waiting[message.account] = (at, count + 1)
@@ -161,7 +168,7 @@ class App:
             refusal = await self.scheduler.deliver_now(message.account, message.id,
                                                        self.config.listen.sync_timeout)
         self.scheduler.notify(message.account)
-        return refusal
+        return queued, refusal
 
     async def _admit(self, account: str) -> bool:
         """rate_limit.on_limit: reject — refuse while the backlog exceeds a window's worth."""
@@ -188,6 +195,7 @@ class App:
             await self.store.open()  # StoreError: corrupt, foreign or locked queue file
             self._loop_lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag))
             self._file_watch = asyncio.create_task(self._watch_queue_file())
+            self.webhooks.start()
             if self.role.delivers:
                 await self.scheduler.start()
                 self.store.start_pruning(self.config.queue.keep_delivered, time.time)
@@ -326,6 +334,7 @@ class App:
         retired = self.scheduler.swap_workers(new, workers)
         self.config = new
         self.handler.configure(new, auth)
+        self.webhooks.configure(new.events.webhooks)
         self.limits.configure(new)
         self._waiting.clear()
         task = asyncio.create_task(self._retire(retired, retired_transports))
@@ -389,6 +398,7 @@ class App:
             await asyncio.wait(self._retiring, timeout=grace)
         for transport in self.transports.values():
             await transport.close()
+        await self.webhooks.stop(grace)
         if self.http_runner is not None:
             await self.http_runner.cleanup()
             self.http_runner = None

@@ -23,6 +23,7 @@ from relay.app import App
 from relay.config.loading import parse_config
 from relay.config.schema import Config
 from tests.upstream import FakeUpstream
+from tests.webhook import WebhookReceiver
 
 if TYPE_CHECKING:  # (relayproc imports this module)
     from tests.relayproc import RelayProcess
@@ -248,3 +249,22 @@ async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
     yield run
     for relay in started:
         await relay.kill()
+
+
+WEBHOOK_SECRET = "webhook-test-secret"
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[WebhookReceiver]:
+    """A real aiohttp webhook receiver on a free port that verifies signatures."""
+    async with WebhookReceiver(WEBHOOK_SECRET) as receiver:
+        yield receiver
+
+
+def webhook_block(receiver: WebhookReceiver, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    """An events.webhooks entry for a WebhookReceiver, its secret in a file, fast retries."""
+    secret = tmp_path / "webhook.secret"
+    secret.write_text(receiver.secret)
+    secret.chmod(0o600)
+    return {"url": receiver.url, "name": "test", "secret_file": str(secret),
+            "timeout": "2s", "retry_initial": "100ms", "retry_max": "500ms", **extra}

@@ -35,7 +35,7 @@ _ROW = re.compile(r"^\|\s*`([^`]+)`\s*\|")
 
 # -- the models
 def _model_in(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
-    """(the model a field holds, whether it is a mapping of names to that model)."""
+    """(the model a field holds, whether it is a mapping of names, or a list, of it)."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType, typing.Annotated):
         for arg in typing.get_args(annotation):
@@ -45,6 +45,9 @@ def _model_in(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
         return None, False
     if origin is dict:
         model, _ = _model_in(typing.get_args(annotation)[1])
+        return model, model is not None
+    if origin is list:  # each item is documented as `key.<n>`
+        model, _ = _model_in(typing.get_args(annotation)[0])
         return model, model is not None
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation, False

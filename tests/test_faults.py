@@ -246,7 +246,7 @@ async def test_one_bad_write_fails_alone_and_the_writer_survives(tmp_path: Path)
             store.enqueue(new("GOOD2", "a@example.com")),
             return_exceptions=True,
         )
-        assert results[0] is None and results[2] is None
+        assert results[0] == "GOOD1" and results[2] == "GOOD2"
         assert isinstance(results[1], StoreError)
         await store.enqueue(new("LATER", "a@example.com"))
         assert {m.id for m in await store.list_messages()} == {"GOOD1", "GOOD2", "LATER"}

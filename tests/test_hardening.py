@@ -21,6 +21,7 @@ from relay.errors import ConfigError
 from relay.ingest.addresses import parse_path
 from relay.ingest.auth import hash_password
 from relay.ingest.listener import RelaySMTP
+from relay.queue.types import NewMessage
 from tests.conftest import StartRelay, message, metric, relay_config, send, upstream_account
 from tests.smtpclient import RawSMTP
 from tests.upstream import FakeUpstream
@@ -412,8 +413,8 @@ def _bare_smtp(*, strict: bool = True) -> RelaySMTP:
         config = Config(listen=ListenConfig(strict_addresses=strict))
         metrics = Metrics(CollectorRegistry(), config.accounts)
 
-        async def submit(_: object) -> None:
-            return None
+        async def submit(new: NewMessage) -> str:
+            return new.id
 
         loop = asyncio.new_event_loop()
         handler = IngestHandler(config, submit, metrics)

@@ -33,7 +33,8 @@ SHARED_EDGES = ("relay.observe", "relay.ingest.auth")
 OWNED = {"aiosmtpd": ("relay.ingest", "relay.bench"),
          "aiosmtplib": ("relay.delivery.smtp", "relay.bench"),
          "aiosqlite": ("relay.queue.sqlite",), "sqlite3": ("relay.queue.sqlite",),
-         "aiohttp": ("relay.observe.http", "relay.app", "relay.delivery.smtp.tokens"),
+         "aiohttp": ("relay.observe.http", "relay.observe.webhooks", "relay.app",
+                     "relay.delivery.smtp.tokens"),
          "prometheus_client": ("relay.observe", "relay.app")}
 
 

@@ -36,8 +36,10 @@ from tests.conftest import (
     send,
     upstream_account,
     wait_until,
+    webhook_block,
 )
 from tests.upstream import FakeUpstream
+from tests.webhook import WebhookReceiver
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "config" / "prometheus-alerts.yml"
@@ -97,13 +99,13 @@ def as_promql(expr: str) -> str:
 
 
 @pytest.fixture
-async def exposition(upstream: FakeUpstream, start_relay: StartRelay,
+async def exposition(upstream: FakeUpstream, start_relay: StartRelay, webhook: WebhookReceiver,
                      tmp_path: Path) -> dict[str, list[dict[str, str]]]:
     """Sample name -> label sets, from GET /metrics of a relay that has done some work."""
     config = relay_config(tmp_path, {
         "main": upstream_account(upstream, tmp_path),
         "outbox": {"transport": "maildir", "path": str(tmp_path / "outbox")},
-    })
+    }, events={"webhooks": [webhook_block(webhook, tmp_path)]})
     app = await start_relay(config)
     upstream.fail_data(451, "4.3.0 try again later", times=1)
     for i in range(3):
@@ -111,8 +113,9 @@ async def exposition(upstream: FakeUpstream, start_relay: StartRelay,
     assert (await send(app.smtp_port, message("o", headers={"X-Account": "outbox"})))[0] == 250
     code, _ = await send(app.smtp_port, message("x", headers={"X-Account": "nope"}))
     assert code == 550
-    await wait_until(lambda: metric(app, "relay_messages_delivered_total", account="main") == 3,
-                     what="3 deliveries through main (one after a retry)")
+    await wait_until(lambda: metric(app, "relay_messages_delivered_total", account="main") == 3
+                     and metric(app, "relay_messages_delivered_total", account="outbox") == 1,
+                     what="3 deliveries through main (one after a retry), 1 through outbox")
 
     async with aiohttp.ClientSession() as http, \
             http.get(f"http://127.0.0.1:{app.http_port}/metrics") as response:
@@ -444,6 +447,10 @@ def test_alerts_fire_on_the_situations_they_describe(tmp_path: Path) -> None:
         _series("relay_account_paused", "0x5 1x55", account="bulk"),
         _series("relay_messages_rejected_total", "0+5x30", reason="unknown_account"),
         _series("relay_messages_rejected_total", "0+50x30", reason="rate_limited"),
+        # "hooks" gave an event up at 2m; "other" only failed (retried, not lost).
+        _series("relay_webhook_deliveries_total", "0 0 1x10", webhook="hooks",
+                result="gave_up"),
+        _series("relay_webhook_deliveries_total", "0+1x12", webhook="other", result="failed"),
     ]
     tests = {
         "rule_files": ["alerts.yml"],
@@ -472,6 +479,7 @@ def test_alerts_fire_on_the_situations_they_describe(tmp_path: Path) -> None:
                         {**crit, **at, "reason": "store_unavailable"}),
                 _firing("RelayRejectingApplicationMail", "20m",
                         {**warn, **at, "reason": "unknown_account"}),
+                _firing("RelayWebhookEventsLost", "3m", {**warn, **at, "webhook": "hooks"}),
             ]},
             {"interval": "1m", "input_series": [_series("relay_build_info", "1x20",
                                                         version="0.1.0")],

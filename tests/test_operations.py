@@ -233,7 +233,8 @@ def test_env_substitution_and_relay_overrides_as_a_container_would_set_them(
      "listen.port: must be a whole number (set by RELAY_LISTEN__PORT)"),
     ({"SMTP_HOST": "h", "RELAY_LISTN__PORT": "25"},
      "RELAY_LISTN__PORT: no config section 'listn' (sections: accounts, auth_backoff, bounces,"
-     " hostname, listen, logging, metrics, queue, retry, routing, shutdown, workers)"),
+     " dedup, events, hostname, listen, logging, metrics, queue, retry, routing, shutdown,"
+     " workers)"),
     ({"SMTP_HOST": "h", "RELAY_LISTEN__HOTS": "::"},
      "listen.hots: unknown key (set by RELAY_LISTEN__HOTS)"),
 ])

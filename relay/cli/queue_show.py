@@ -113,8 +113,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     data = as_dict(message)
     data["headers"] = [[k, v] for k, v in parse_headers(body)] if body is not None else None
     data["body_kept"] = body is not None
+    # The SMTP conversations only when asked for (--transcript): they are long.
     data["attempt_log"] = [
-        {**a, "at": iso(float(str(a["at"])))} for a in message.attempts_log
+        {**{k: v for k, v in a.items() if k != "transcript" or args.transcript},
+         "at": iso(float(str(a["at"])))} for a in message.attempts_log
     ]
     then = next_attempt(shown.reasons, message.next_attempt_at, now)
     data["waiting"] = None if message.state.final else {
@@ -142,7 +144,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     out("attempts:")
     for a in data["attempt_log"]:
         out(f"  {a['at']} {a['account']} {a['outcome']}: {a['reply']}")
+        if args.transcript:
+            _print_transcript(a.get("transcript") or [])
     return EXIT_OK
+
+
+def _print_transcript(lines: list[str]) -> None:
+    """One attempt's SMTP conversation (C: relay, S: the upstream), indented under it."""
+    if not lines:
+        out("      (no transcript: not an SMTP attempt, or made before relay kept them)")
+    for line in lines:
+        out(f"      {line}")
 
 
 def _write_raw(data: bytes) -> int:
@@ -222,6 +234,9 @@ def add_commands(qsub: Any, common: argparse.ArgumentParser) -> None:
                       help="write the message's exact bytes (as they would be sent) to stdout")
     form.add_argument("--headers", action="store_true",
                       help="write only its header section, as bytes, to stdout")
+    p.add_argument("--transcript", action="store_true",
+                   help="with each attempt, the SMTP conversation with the upstream"
+                   " (AUTH masked, no message body)")
     p.set_defaults(func=cmd_show)
     p = qsub.add_parser("summary", parents=[common],
                         help="messages waiting, by account or recipient domain and age (qshape)")

@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import re
 import stat
+import urllib.parse
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from relay.config.durations import format_duration
-from relay.config.schema import MASK, Config, effective_hostname, is_loopback
+from relay.config.schema import MASK, Config, effective_hostname, is_loopback, url_host
 from relay.config.sizes import format_size
 
 
@@ -48,6 +49,19 @@ def config_warnings(config: Config, from_environment: Collection[str] = ()) -> l
             warnings += _readable_by_others(
                 f"listen.auth.users.{user}.password_file", spec.password_file
             )
+    return warnings + _webhook_warnings(config)
+
+
+def _webhook_warnings(config: Config) -> list[str]:
+    warnings = []
+    for i, hook in enumerate(config.events.webhooks):
+        host = urllib.parse.urlsplit(hook.url).hostname or ""
+        if hook.url.lower().startswith("http:") and not is_loopback(host):
+            warnings.append(f"events.webhooks.{i}.url: plain http to {url_host(hook.url)};"
+                            " events (addresses, replies) cross the network unencrypted")
+        if hook.secret_file:
+            warnings += _readable_by_others(f"events.webhooks.{i}.secret_file",
+                                            hook.secret_file)
     return warnings
 
 
@@ -70,6 +84,9 @@ def unresolved_secrets(config: Config) -> list[str]:
                                     acc.auth.client_secret_file)
             problems += _unresolved(f"{key}.refresh_token", acc.auth.refresh_token_env,
                                     acc.auth.refresh_token_file)
+    for i, hook in enumerate(config.events.webhooks):
+        problems += _unresolved(f"events.webhooks.{i}.secret", hook.secret_env,
+                                hook.secret_file)
     return problems
 
 
@@ -90,6 +107,15 @@ def _readable_by_others(key: str, path: Path) -> list[str]:
     return []
 
 
+def _without_password(url: str) -> str:
+    """A URL as shown: a password in it (https://user:pass@host/) masked."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:{MASK}@{host}"))
+
+
 LOCAL_LITERAL = "(an address literal of each connection's local address)"
 
 
@@ -100,6 +126,8 @@ def effective_config(config: Config, fqdn: str = "") -> dict[str, Any]:
     """
     data = config.model_dump(mode="json")
     _mask_secrets(data)
+    for hook, shown in zip(config.events.webhooks, data["events"]["webhooks"], strict=True):
+        shown["url"] = _without_password(hook.url)
     hostname = effective_hostname(config, fqdn) or LOCAL_LITERAL
     data["hostname"] = hostname
     data["queue"]["min_free"] = format_size(config.queue_min_free)  # the reserve in force
@@ -139,10 +167,14 @@ def _durations_as_text(node: Any) -> None:
     duration_keys = {"initial_delay", "max_delay", "max_age", "idle_timeout", "timeout",
                      "drain_delay", "grace", "token_command_timeout", "token_command_ttl",
                      "refresh_margin", "sync_timeout",
-                     "connect", "command", "data", "initial", "max"}
+                     "connect", "command", "data", "initial", "max",
+                     "window", "retry_initial", "retry_max"}
     if isinstance(node, dict):
         for key, value in node.items():
             if key in duration_keys and isinstance(value, int | float):
                 node[key] = format_duration(float(value))
             else:
                 _durations_as_text(value)
+    elif isinstance(node, list):  # events.webhooks
+        for item in node:
+            _durations_as_text(item)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -657,6 +658,104 @@ class RoutingConfig(_Frozen):
     default_account: str = "outbox"
 
 
+class DedupConfig(_Frozen):
+    """Idempotent submission: a message whose Message-ID and envelope sender were accepted
+    within ``window`` is answered with the first one's queue id and not queued again."""
+
+    window: PositiveDuration = 86400.0
+
+
+EventType = Literal["delivered", "deferred", "failed", "bounced"]
+EVENT_TYPES: tuple[EventType, ...] = ("delivered", "deferred", "failed", "bounced")
+
+
+def _http_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"must be an http:// or https:// URL, not {parts.scheme or 'no'}"
+                         " scheme")
+    if not parts.hostname:
+        raise ValueError("has no host")
+    return url
+
+
+def url_host(url: str) -> str:
+    """host[:port] of a URL, without any user or password in it."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{parts.port}" if parts.port else host
+
+
+class WebhookConfig(_Frozen):
+    """One receiver of delivery events: a signed JSON POST per event (docs/events.md)."""
+
+    url: Annotated[str, AfterValidator(_http_url)]
+    # Its label in metrics and logs (never the URL, which may carry credentials).
+    # None: the URL's host[:port].
+    name: Annotated[str, Field(pattern=ACCOUNT_NAME.pattern)] | None = None
+    events: list[EventType] = Field(default_factory=lambda: list(EVENT_TYPES), min_length=1)
+    secret_env: str | None = None
+    secret_file: Path | None = None
+    timeout: PositiveDuration = 10.0
+    # After this long without a 2xx, an event is given up (logged and counted).
+    max_age: PositiveDuration = 86400.0
+    # Retries: exponential from retry_initial, at most retry_max apart.
+    retry_initial: PositiveDuration = 5.0
+    retry_max: PositiveDuration = 600.0
+
+    _secret: str = PrivateAttr(default="")
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> WebhookConfig:
+        sources = [k for k in ("secret_env", "secret_file") if getattr(self, k)]
+        if len(sources) != 1:
+            raise ValueError("secret_env: give exactly one of secret_env, secret_file (the"
+                             " key events are signed with)")
+        if self.retry_max < self.retry_initial:
+            raise ValueError("retry_max: must be at least retry_initial")
+        if not (info.context or {}).get("secrets", True):
+            return self
+        if self.secret_env:
+            value = os.environ.get(self.secret_env)
+            if not value:
+                raise ValueError(f"secret_env: environment variable {self.secret_env} is not"
+                                 " set")
+            self._secret = value
+        elif self.secret_file:
+            try:
+                self._secret = self.secret_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"secret_file: cannot read {self.secret_file}:"
+                                 f" {exc.strerror}") from None
+            if not self._secret:
+                raise ValueError(f"secret_file: {self.secret_file} is empty")
+        return self
+
+    @property
+    def secret(self) -> str:
+        """The signing key; never logged or printed."""
+        return self._secret
+
+    @property
+    def label(self) -> str:
+        return self.name or url_host(self.url)
+
+
+class EventsConfig(_Frozen):
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> EventsConfig:
+        seen: set[str] = set()
+        for i, hook in enumerate(self.webhooks):
+            if hook.label in seen:
+                raise ValueError(f"webhooks.{i}.name: {hook.label!r} is already the name of"
+                                 " another webhook; give each a name of its own")
+            seen.add(hook.label)
+        return self
+
+
 def _default_accounts() -> dict[str, AccountConfig]:
     return {"outbox": AccountConfig(transport="maildir", path=Path("relay-data/outbox"))}
 
@@ -675,6 +774,8 @@ class Config(_Frozen):
     routing: RoutingConfig = RoutingConfig()
     bounces: BouncesConfig = BouncesConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    dedup: DedupConfig | None = None  # None: off (every message is queued)
+    events: EventsConfig = EventsConfig()
     # Processes that each listen (SO_REUSEPORT) and deliver from the one queue; `relay
     # serve --workers` overrides it. 1: a single process, no supervisor.
     workers: Workers = "auto"

@@ -11,10 +11,12 @@ import logging
 import random
 import socket
 import time
+import uuid
 from collections.abc import Callable
 
 from relay.config.schema import Config, RetryConfig
 from relay.delivery.bounce import build_dsn, needs_smtputf8
+from relay.delivery.events import event_body, event_types, message_id_of
 from relay.delivery.health import AccountHealth, HealthPublisher, decode
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
@@ -25,12 +27,15 @@ from relay.observe.logs import event
 from relay.observe.metrics import Metrics
 from relay.queue.store import QueueStore
 from relay.queue.types import (
+    AttemptResult,
+    NewEvent,
     NewMessage,
     Priority,
     QueuedMessage,
     Recipient,
     new_queue_id,
 )
+from relay.smtp.headers import parse_headers
 from relay.smtp.replies import Reply
 
 log = logging.getLogger("relay.delivery")
@@ -67,6 +72,9 @@ class Scheduler:
         self._skew = clock() - monotonic()  # wall minus monotonic: changes when it jumps
         self.metrics = metrics
         self.bounces = config.bounces.enabled
+        self.webhooks = list(config.events.webhooks)  # read at each outcome, like bounces
+        # Told (by the app: the webhook sender) once events are committed.
+        self.events_written: Callable[[], None] = lambda: None
         self._hostname = socket.gethostname()
         self.rng = rng or random.Random()
         self.health = HealthPublisher(store.publish_health, clock)
@@ -92,6 +100,8 @@ class Scheduler:
             clock=self.clock,
             rng=self.rng,
             bounce=self._make_bounce,
+            events=self._make_events,
+            events_written=lambda: self.events_written(),
             health=self.health.update,
             auth_policy=RetryPolicy(auth.initial, auth.max, float("inf"), jitter=0.0),
             monotonic=self.mono,
@@ -159,6 +169,7 @@ class Scheduler:
         workers start, accounts no longer configured stop. Returns the retired workers,
         for the caller to drain."""
         self.bounces = config.bounces.enabled  # read at each failure: applies to every worker
+        self.webhooks = list(config.events.webhooks)
         retired = [w for n, w in self.workers.items() if n in fresh or n not in config.accounts]
         for worker in retired:
             worker.stop_claiming()
@@ -329,6 +340,31 @@ class Scheduler:
                 event(log, logging.INFO, "account_resumed", account=name)
             worker.set_paused(name in paused)
 
+    def _make_events(self, message: QueuedMessage, result: AttemptResult,
+                     bounce: NewMessage | None, body: bytes) -> list[NewEvent]:
+        """The outcome's events, one outbox row per event and webhook that wants it (each
+        event has one id, whichever webhooks it goes to: receivers deduplicate by it)."""
+        if not self.webhooks:
+            return []
+        try:
+            message_id = message_id_of(parse_headers(body)) if body else None
+            rows = []
+            for kind in event_types(result, bounce is not None):
+                hooks = [h for h in self.webhooks if kind in h.events]
+                if not hooks:
+                    continue
+                event_id = uuid.uuid4().hex
+                text = event_body(event_id=event_id, kind=kind, message=message,
+                                  result=result, message_id=message_id,
+                                  bounce_id=bounce.id if kind == "bounced" and bounce else None)
+                rows += [NewEvent(event_id, h.label, kind, text, result.at) for h in hooks]
+            return rows
+        except Exception as exc:  # a bug here must not keep the outcome from being recorded
+            log.exception("cannot build the events of %s", message.id)
+            event(log, logging.ERROR, "events_failed", message.id,
+                  reason=f"internal error: {type(exc).__name__}")
+            return []
+
     async def run_until_idle(self) -> None:
         """Return once nothing is in flight and nothing is due (tests, `burst` runs)."""
         while True:
@@ -346,7 +382,8 @@ class Scheduler:
         for worker, message in sends:
             [result] = worker.interrupted([message], now)
             try:
-                await self.store.finish(result)
+                await self.store.finish(result, events=self._make_events(message, result,
+                                                                         None, b""))
             except StoreError:
                 with contextlib.suppress(StoreError):
                     await self.store.requeue([message.id], now)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+import contextvars
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from relay.errors import DeliveryError
+from relay.printable import escape
 
 
 @dataclass
@@ -56,3 +59,49 @@ class PoolControl(Protocol):
 
     def end_login_hold(self) -> None:
         """An operator asked to try now (`relay queue flush`): allow the next login."""
+
+
+class Transcript:
+    """The SMTP conversation of one delivery attempt (`relay queue show --transcript`):
+    commands and replies, never a message body or an AUTH payload (the SMTP edge masks
+    those before they get here). Bounded: the first HEAD and the last TAIL lines (the
+    final reply is at the end), each at most MAX_LINE characters, control characters
+    escaped."""
+
+    HEAD, TAIL, MAX_LINE = 80, 40, 300
+
+    def __init__(self) -> None:
+        self._head: list[str] = []
+        self._tail: collections.deque[str] = collections.deque(maxlen=self.TAIL)
+        self._seen = 0
+
+    def client(self, line: str) -> None:
+        self._add(f"C: {line}")
+
+    def server(self, code: int, text: str) -> None:
+        """A reply; each line of a multi-line one as the server wrote it (250-...)."""
+        lines = text.split("\n")
+        for i, line in enumerate(lines):
+            self._add(f"S: {code}{' ' if i == len(lines) - 1 else '-'}{line}".rstrip())
+
+    def note(self, text: str) -> None:
+        self._add(f"-- {text}")
+
+    def _add(self, line: str) -> None:
+        self._seen += 1
+        line = escape(line)[: self.MAX_LINE]
+        if len(self._head) < self.HEAD:
+            self._head.append(line)
+        else:
+            self._tail.append(line)
+
+    def lines(self) -> tuple[str, ...]:
+        left_out = self._seen - len(self._head) - len(self._tail)
+        gap = (f"-- {left_out} lines not kept",) if left_out else ()
+        return (*self._head, *gap, *self._tail)
+
+
+# The transcript of the attempt the current task makes (set by the delivery worker
+# around Transport.send; each send runs in a task of its own). None: not recorded.
+TRANSCRIPT: contextvars.ContextVar[Transcript | None] = contextvars.ContextVar(
+    "relay_transcript", default=None)

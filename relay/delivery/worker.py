@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import random
@@ -24,7 +25,7 @@ from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.refusals import login_refused
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.sync import sync_refusal
-from relay.delivery.transport import PoolControl, SendResult, Transport
+from relay.delivery.transport import TRANSCRIPT, PoolControl, SendResult, Transcript, Transport
 from relay.errors import DeliveryError, StoreError, TemporaryFailure, TokenRefused
 from relay.observe.logs import event
 from relay.observe.metrics import Metrics
@@ -32,6 +33,7 @@ from relay.queue.store import QueueStore
 from relay.queue.types import (
     AttemptResult,
     MessageState,
+    NewEvent,
     NewMessage,
     QueuedMessage,
     Recipient,
@@ -47,6 +49,8 @@ INTERRUPTED = "interrupted by shutdown; may have been delivered"
 _PACE_POLL_S = 0.05
 # Builds the bounce for a message's newly failed recipients (None: no bounce).
 Bounce = Callable[[QueuedMessage, list[Recipient], bytes], NewMessage | None]
+# Builds the webhook events of an outcome (message, result, its bounce, the body).
+Events = Callable[[QueuedMessage, AttemptResult, NewMessage | None, bytes], list[NewEvent]]
 
 
 def _addresses(recipients: list[Recipient]) -> str:
@@ -109,6 +113,8 @@ class AccountWorker:
         clock: Callable[[], float],
         rng: random.Random,
         bounce: Bounce | None = None,
+        events: Events | None = None,
+        events_written: Callable[[], None] | None = None,
         health: HealthHook | None = None,
         auth_policy: RetryPolicy | None = None,
         monotonic: Callable[[], float] = time.monotonic,
@@ -116,6 +122,8 @@ class AccountWorker:
     ) -> None:
         self.name = name
         self.bounce = bounce
+        self.events = events  # the outcome's webhook events, written with it
+        self.events_written = events_written  # told once they are committed
         self.health = health  # told of each change of backoff, for `relay status`
         self.transport = transport
         self.store = store
@@ -401,6 +409,8 @@ class AccountWorker:
         started = self.mono()
         sent: SendResult | DeliveryError
         body = b""
+        transcript = Transcript()
+        TRANSCRIPT.set(transcript)  # this task's own: the SMTP edge records into it
         try:
             body = await self.store.load_body(message.id)
             sent = await self.transport.send(
@@ -420,6 +430,9 @@ class AccountWorker:
         resume_at = self._account_health(sent, now)
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
                         resume_at=resume_at, age_now=self.age_clock(now))
+        if isinstance(sent, DeliveryError):
+            transcript.note(f"attempt ended: {sent.reply_text()}")
+        result = dataclasses.replace(result, transcript=transcript.lines())
         duration = self.mono() - started
         # Recording the outcome (a commit, and so a sync) is a task of its own: the send
         # task ends once the upstream has answered, but its slot stays busy until the
@@ -501,12 +514,16 @@ class AccountWorker:
         # Never to <>: a bounce is sent from <>, so a bounce never causes another.
         if self.bounce is not None and refusal is None and should_bounce(message.sender, failed):
             bounce = self.bounce(message, failed, body)
-        # The outcome and its bounce in one commit, if this process still holds the claim.
-        if not await self._write(result, bounce):
+        events = self.events(message, result, bounce, body) if self.events else []
+        # The outcome, its bounce and its events in one commit, if this process still
+        # holds the claim.
+        if not await self._write(result, bounce, events):
             event(log, logging.WARNING, "outcome_dropped", message.id, account=self.name,
                   reason="its lease ran out and another worker claimed it; that worker's"
                   " outcome stands")
             return None
+        if events and self.events_written is not None:
+            self.events_written()
         self._report(message, result, sent, duration)
         if bounce is not None:
             event(log, logging.INFO, "bounced", message.id, bounce_id=bounce.id,
@@ -514,11 +531,12 @@ class AccountWorker:
             self.notify()  # a bounce goes through the failed message's own account
         return refusal
 
-    async def _write(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
+    async def _write(self, result: AttemptResult, bounce: NewMessage | None = None,
+                     events: list[NewEvent] | None = None) -> bool:
         try:
             while True:
                 try:
-                    return await self.store.finish(result, bounce)
+                    return await self.store.finish(result, bounce, events or ())
                 except StoreError as exc:
                     event(log, logging.ERROR, "queue_error", result.id, account=self.name,
                           reason=f"cannot record outcome, will retry: {exc}")

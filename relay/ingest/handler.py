@@ -27,17 +27,19 @@ from relay.delivery.routing import CONTROL_HEADERS, RoutingError, choose_account
 from relay.errors import StoreBusyError, StoreError, StoreFullError, StoreReserveError
 from relay.ingest.addresses import recipient_key
 from relay.ingest.auth import ListenerAuth
+from relay.ingest.dedup import dedup_key
 from relay.observe.logs import event
 from relay.observe.metrics import Metrics
-from relay.queue.types import NewMessage, new_queue_id
+from relay.queue.types import Dedup, NewMessage, new_queue_id
 from relay.smtp import replies
 from relay.smtp.data import has_bare_newline, normalize_newlines
 from relay.smtp.headers import header_section_exceeds, parse_headers, remove_headers
 
 log = logging.getLogger("relay.smtpd")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# Commits the message; returns a refusal to answer instead of 250 (ack: after_upstream).
-Submit = Callable[[NewMessage], Awaitable[replies.Reply | None]]
+# Commits the message; returns the queue id holding it (with dedup, maybe an earlier
+# message's) and a refusal to answer instead of 250 (ack: after_upstream).
+Submit = Callable[[NewMessage], Awaitable[tuple[str, replies.Reply | None]]]
 Admit = Callable[[str], Awaitable[bool]]  # False: the account is too far behind its limit
 
 # aiosmtpd logs this on mail.log for every session whose server requires AUTH without
@@ -203,9 +205,10 @@ class IngestHandler:
         if not await self.admit(account):
             return self.reject("rate_limited", replies.RATE_LIMITED)
         now = time.time()
+        sender = _reverse_path(envelope.mail_from)
         message = NewMessage(
             id=new_queue_id(),
-            sender=_reverse_path(envelope.mail_from),
+            sender=sender,
             recipients=tuple(envelope.rcpt_tos),
             account=account,
             priority=priority_from_headers(fields),
@@ -213,11 +216,17 @@ class IngestHandler:
             created_at=now,
             not_before=max(now, not_before or now),
             mail_options=_forwarded_options(envelope),
+            dedup=self._dedup(fields, sender),
         )
         try:
-            refusal = await self.submit(message)
+            queued, refusal = await self.submit(message)
         except StoreError as exc:
             return self._not_stored(exc, session)
+        if queued != message.id:  # accepted before: the client is told the first id again
+            self.metrics.deduplicated.inc()
+            event(log, logging.INFO, "deduplicated", queued, duplicate=message.id,
+                  client=peer_text(session), sender=f"<{message.sender}>")
+            return replies.queued(queued)
         self.metrics.received.inc()
         event(log, logging.INFO, "received", message.id, client=peer_text(session),
               sender=f"<{message.sender}>", size=len(raw), nrcpt=len(message.recipients),
@@ -239,6 +248,11 @@ class IngestHandler:
         if isinstance(exc, StoreFullError):
             return self.reject("store_unavailable", replies.STORE_FULL)
         return self.reject("store_unavailable", replies.STORE_FAILED)
+
+    def _dedup(self, fields: list[tuple[str, str]], sender: str) -> Dedup | None:
+        window = self.config.dedup.window if self.config.dedup is not None else None
+        key = dedup_key(fields, sender) if window is not None else None
+        return Dedup(key, window) if key is not None and window is not None else None
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd's default answers 500 and names the exception class.

@@ -17,7 +17,8 @@ REJECT_REASONS = ("unknown_account", "bad_header", "too_big", "too_many_recipien
                   "too_many_client_connections", "auth_locked",
                   "header_too_big", "queue_busy", "upstream_refused")
 # Where relay_internal_errors_total is counted (each is restarted after an error).
-INTERNAL_COMPONENTS = ("account_worker", "delivery", "queue_watcher", "queue_writer")
+INTERNAL_COMPONENTS = ("account_worker", "delivery", "queue_watcher", "queue_writer",
+                       "webhook_sender")
 # relay_account_backoffs_total reasons (worker.backoff_reason; relay.delivery.refusals.REASONS).
 BACKOFF_REASONS = ("quota", "auth", "sender_not_allowed", "throttled", "refused", "connect",
                    "disk_full")
@@ -45,6 +46,15 @@ class Metrics:
                                 registry=r)
         self.failed = Counter("relay_messages_failed", "Messages failed permanently.", acc,
                               registry=r)
+        self.deduplicated = Counter(
+            "relay_messages_deduplicated",
+            "Messages not queued again: their Message-ID and sender were accepted within"
+            " dedup.window.", registry=r)
+        # Per webhook (its name: never the URL) and result: sent, failed (retried later),
+        # gave_up (past max_age).
+        self.webhook_deliveries = Counter(
+            "relay_webhook_deliveries", "Webhook POSTs of delivery events, by result.",
+            ["webhook", "result"], registry=r)
         self.rejected = Counter("relay_messages_rejected",
                                 "Messages refused at the SMTP listener.", ["reason"], registry=r)
         # Several workers (multiprocess mode, see exposition_registry): the queue gauges

@@ -109,7 +109,8 @@ def message_line(m: ExportedMessage) -> str:
         "next_attempt_at": m.next_attempt_at, "last_error": m.last_error,
         "updated_at": m.updated_at, "mail_options": list(m.mail_options),
         "attempts_log": [{"at": a.at, "account": a.account, "outcome": a.outcome,
-                          "reply": a.reply} for a in m.attempts_log],
+                          "reply": a.reply, "transcript": list(a.transcript)}
+                         for a in m.attempts_log],
         "body": None if m.body is None else base64.b64encode(m.body).decode("ascii"),
     })
 
@@ -162,7 +163,8 @@ def _message(obj: dict[str, Any], line: int) -> ExportedMessage:
         recipients = tuple(Recipient(str(a), RecipientState(s), str(r))
                            for a, s, r in f("recipients", list))
         attempts_log = tuple(ExportedAttempt(float(a["at"]), str(a["account"]),
-                                             str(a["outcome"]), str(a["reply"]))
+                                             str(a["outcome"]), str(a["reply"]),
+                                             tuple(str(t) for t in a.get("transcript", ())))
                              for a in f("attempts_log", list))
         state, priority = MessageState(f("state", str)), Priority(f("priority", int))
     except ExportFormatError:

@@ -17,7 +17,9 @@ from relay.queue.types import (
     AttemptResult,
     ExportedMessage,
     MessageState,
+    NewEvent,
     NewMessage,
+    PendingEvent,
     QueuedMessage,
     Recipient,
 )
@@ -59,7 +61,11 @@ class QueueStore(Protocol):
         (`relay queue migrate`, `relay serve --migrate`); SchemaError for a newer schema."""
 
     # -- the listener's and scheduler's side -----------------------------------------
-    async def enqueue(self, message: NewMessage) -> None: ...
+    async def enqueue(self, message: NewMessage) -> str:
+        """Commit ``message``; return the id that holds it: its own, or with
+        ``message.dedup`` set, the id of a message accepted with the same key whose
+        window has not ended (then nothing is written). The key is recorded in the
+        enqueue's transaction (unique), so concurrent submissions queue one message."""
     async def claim_due(
         self, account: str, now: float, limit: int, lease_s: float,
         windows: Sequence[tuple[float, int]] = (),
@@ -78,10 +84,13 @@ class QueueStore(Protocol):
         account not paused, room in ``windows``): the process that received it sends it
         at once (ack: after_upstream). None when it is not claimable now (another process
         claimed it first, or a rate window is full); it then waits in the queue as usual."""
-    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
-        """Settle ``result.claim``: record the attempt and queue its bounce together.
+    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None,
+                     events: Sequence[NewEvent] = ()) -> bool:
+        """Settle ``result.claim``: record the attempt (with ``result.transcript``), queue
+        its bounce and write its webhook ``events`` to the outbox, all together.
 
-        Only the claim's owner may: False when another process holds the message now.
+        Only the claim's owner may: False when another process holds the message now
+        (then neither bounce nor events are written).
         """
     async def renew(self, ids: Sequence[str], lease_until: float) -> int:
         """Extend this owner's leases on ``ids`` (sends still under way)."""
@@ -102,6 +111,17 @@ class QueueStore(Protocol):
     async def recent_sends(self, account: str, since: float) -> list[float]: ...
     async def changed_elsewhere(self) -> bool: ...
     def start_pruning(self, keep_delivered_s: float, clock: Callable[[], float]) -> None: ...
+
+    # -- the webhook outbox ------------------------------------------------------------
+    async def claim_events(self, now: float, limit: int, lease_s: float) -> list[PendingEvent]:
+        """Claim up to ``limit`` outbox rows due at ``now`` that nobody holds (or whose
+        holder's lease ran out) for this owner until ``now + lease_s``, oldest first."""
+    async def settle_event(self, event: PendingEvent, *, retry_at: float | None,
+                           error: str = "") -> bool:
+        """``retry_at`` None: sent or given up, delete the row. Else: attempts + 1, due at
+        ``retry_at``, ``error`` kept, claim released. False unless this owner held it."""
+    async def next_event_at(self) -> float | None:
+        """When the next outbox row is due (None: the outbox is empty)."""
 
     # -- shared state between processes ----------------------------------------------
     async def request_flush(self, at: float) -> None:

@@ -75,6 +75,15 @@ class Recipient:
 
 
 @dataclass(frozen=True)
+class Dedup:
+    """An idempotency key (Message-ID and envelope sender): while a message with the same
+    key accepted within ``window_s`` is on record, a new one is not queued again."""
+
+    key: str
+    window_s: float
+
+
+@dataclass(frozen=True)
 class NewMessage:
     """A message accepted by the listener, ready to be committed."""
 
@@ -87,6 +96,7 @@ class NewMessage:
     created_at: float
     not_before: float  # Deferred-Delivery, or created_at
     mail_options: tuple[str, ...] = ()
+    dedup: Dedup | None = None  # dedup on: the key recorded with it
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,7 @@ class AttemptResult:
     outcome: str  # delivered | deferred | failed | partial
     reply: str
     claim: Claim | None = None  # the claim this result settles
+    transcript: tuple[str, ...] = ()  # the SMTP conversation of the attempt (no secrets)
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,7 @@ class ExportedAttempt:
     account: str
     outcome: str
     reply: str
+    transcript: tuple[str, ...] = ()  # the SMTP conversation (schema 5), if recorded
 
 
 @dataclass(frozen=True)
@@ -181,3 +193,28 @@ def unclaimed(message: ExportedMessage, now: float) -> ExportedMessage:
         return message
     state = MessageState.DEFERRED if message.attempts else MessageState.QUEUED
     return replace(message, state=state, next_attempt_at=min(message.next_attempt_at, now))
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """A delivery event for one webhook, written to the queue's outbox with the outcome
+    that causes it; ``id`` is the event's (the same for every webhook it goes to)."""
+
+    id: str
+    webhook: str
+    type: str  # delivered | deferred | failed | bounced
+    body: str  # the JSON document POSTed, as sent
+    created_at: float
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    """An outbox row claimed for sending by one process (``claim``) until its lease ends."""
+
+    id: str
+    webhook: str
+    type: str
+    body: str
+    created_at: float
+    attempts: int
+    claim: Claim

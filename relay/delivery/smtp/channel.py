@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from relay.delivery.smtp.errors import ChannelClosed, ServiceClosing
+from relay.delivery.transport import TRANSCRIPT
 from relay.smtp import wire as smtpwire
 from relay.smtp.wire import Reply
 
@@ -65,6 +66,23 @@ class Channel(asyncio.Protocol):
         if not self.is_connected:
             raise ChannelClosed(self._closed_because or "connection closed")
         self._transport.writelines(chunks)
+        transcript = TRANSCRIPT.get()
+        if transcript is not None:
+            for chunk in chunks:
+                for line in chunk.decode("utf-8", "replace").splitlines():
+                    transcript.client(line)
+
+    def write_body(self, chunks: list[bytes], size: int) -> None:
+        """The message's lines and the final dot: in the transcript as their size only."""
+        transcript = TRANSCRIPT.get()
+        TRANSCRIPT.set(None)
+        try:
+            self.write(*chunks)
+        finally:
+            TRANSCRIPT.set(transcript)
+        if transcript is not None:
+            transcript.note(f"message body, {size} bytes")
+            transcript.client(".")
 
     async def reply(self, within: float) -> Reply:
         if not self._replies and self._closed_because is None:
@@ -78,6 +96,9 @@ class Channel(asyncio.Protocol):
             raise ChannelClosed(self._closed_because or "connection closed")
         self.replies_read += 1
         reply = self._replies.popleft()
+        transcript = TRANSCRIPT.get()
+        if transcript is not None:
+            transcript.server(reply.code, reply.text)
         if reply.code == 421:
             # The session is over even if the server leaves the socket open (Exim's "too
             # many messages in this connection" at MAIL): never RSET and reuse it.

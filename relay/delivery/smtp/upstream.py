@@ -16,9 +16,11 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import aiosmtplib
+from aiosmtplib.response import SMTPResponse
+from aiosmtplib.typing import Default
 
 from relay.config.schema import AccountConfig
 from relay.delivery.refusals import login_refused
@@ -34,13 +36,15 @@ from relay.delivery.smtp.errors import (
     too_many_recipients,
 )
 from relay.delivery.smtp.tokens import TokenSource
-from relay.delivery.transport import Pace, SendResult
+from relay.delivery.transport import TRANSCRIPT, Pace, SendResult, Transcript
 from relay.errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
 from relay.smtp import wire as smtpwire
 from relay.smtp.wire import Reply
 
 log = logging.getLogger("relay.upstream")
 
+
+_DEFAULT = Default.token  # aiosmtplib's "the client's own timeout"
 
 # Reuse a connection without a NOOP only if it was used this recently.
 NOOP_AFTER_IDLE_S = 5.0
@@ -72,14 +76,58 @@ def choose_mechanism(configured: str, advertised: list[str]) -> str | None:
 class _Client(aiosmtplib.SMTP):
     """aiosmtplib's client, remembering whether TCP connected: connect() closes (and
     forgets the transport) when the greeting never comes or is a refusal, and such a
-    connection still counts in relay_upstream_connections_opened_total."""
+    connection still counts in relay_upstream_connections_opened_total. Its commands
+    and replies (EHLO, STARTTLS, AUTH) go to the attempt's transcript, AUTH masked."""
 
     tcp_connected = False
+    _in_auth = False  # after AUTH, until a reply other than 334: SASL payloads
+
+    async def execute_command(
+        self, *args: bytes, timeout: Any = _DEFAULT  # noqa: ASYNC109 (aiosmtplib's)
+    ) -> SMTPResponse:
+        transcript = TRANSCRIPT.get()
+        if transcript is None:
+            return await super().execute_command(*args, timeout=timeout)
+        if args and args[0].upper() == b"AUTH":
+            self._in_auth = True
+            mechanism = args[1].decode("ascii", "replace") if len(args) > 1 else ""
+            transcript.client(f"AUTH {mechanism} ***")
+        elif self._in_auth:
+            transcript.client("***")
+        else:
+            transcript.client(b" ".join(args).decode("utf-8", "replace"))
+        try:
+            response = await super().execute_command(*args, timeout=timeout)
+        except aiosmtplib.SMTPResponseException as exc:
+            self._in_auth = False
+            transcript.server(exc.code, exc.message)
+            raise
+        if self._in_auth and response.code == 334:  # a challenge: may quote the payload
+            transcript.server(334, "***")
+        else:
+            self._in_auth = False
+            transcript.server(response.code, response.message)
+        return response
 
     def close(self) -> None:
         if self.transport is not None:
             self.tcp_connected = True
         super().close()
+
+
+async def _starttls(client: aiosmtplib.SMTP, within: float) -> None:
+    """STARTTLS, in the transcript (aiosmtplib sends it past execute_command)."""
+    transcript = TRANSCRIPT.get()
+    if transcript is not None:
+        transcript.client("STARTTLS")
+    try:
+        response = await client.starttls(timeout=within)
+    except aiosmtplib.SMTPResponseException as exc:
+        if transcript is not None:
+            transcript.server(exc.code, exc.message)
+        raise
+    if transcript is not None:
+        transcript.server(response.code, response.message)
 
 
 class _Replace(Exception):
@@ -294,15 +342,18 @@ class UpstreamPool:
             local_hostname=self._ehlo_name or "localhost",  # (connect() sends no EHLO)
         )
         counted = False
+        transcript = TRANSCRIPT.get()
+        if transcript is not None:
+            transcript.note(f"new connection to {self.peer} (tls: {acc.tls})")
         try:
-            await client.connect(timeout=acc.timeouts.connect)
+            await _greeted(client, acc.timeouts.connect, transcript)
             if self._on_connect:
                 counted = True
                 self._on_connect()
             client.local_hostname = self._ehlo_name or _local_literal(client)
             await client.ehlo(timeout=acc.timeouts.command)
             if acc.tls == "starttls":  # required, never opportunistic
-                await client.starttls(timeout=acc.timeouts.command)
+                await _starttls(client, acc.timeouts.command)
                 await client.ehlo(timeout=acc.timeouts.command)
             if acc.username:
                 await self._login(client)
@@ -339,6 +390,10 @@ class UpstreamPool:
                 if reply is None or reply.code != 250:
                     conn.channel.close()
                     continue
+            transcript = TRANSCRIPT.get()
+            if transcript is not None:
+                transcript.note(f"reused connection to {self.peer}"
+                                f" ({conn.sent} message(s) sent on it before)")
             return conn, True
         try:
             return await self._connect(), False
@@ -541,7 +596,7 @@ class UpstreamPool:
             return SendResult(accepted=[], refused=refused, peer=self.peer)
         if data_reply is None or data_reply.code != 354:
             raise refusal(data_reply or Reply(451, "no reply to DATA"), "DATA")
-        channel.write(*smtpwire.data_lines(body))
+        channel.write_body(smtpwire.data_lines(body), len(body))
         final = await channel.reply(self.account.timeouts.data)
         conn.sent += 1
         if final.code != 250:
@@ -648,3 +703,16 @@ class UpstreamPool:
                              return_exceptions=True)
         for conn in list(self._busy):
             conn.channel.close()
+
+
+async def _greeted(client: aiosmtplib.SMTP, connect_s: float,
+                   transcript: Transcript | None) -> None:
+    """Connect and read the greeting, noting it (or the refusal) in the transcript."""
+    try:
+        greeting = await client.connect(timeout=connect_s)
+    except aiosmtplib.SMTPResponseException as exc:  # a refusal at the greeting
+        if transcript is not None:
+            transcript.server(exc.code, exc.message)
+        raise
+    if transcript is not None:
+        transcript.server(greeting.code, greeting.message)

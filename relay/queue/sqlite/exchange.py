@@ -120,9 +120,11 @@ async def _attempts(db: aiosqlite.Connection, ids: list[str]
     found: dict[str, list[ExportedAttempt]] = {}
     marks = ",".join("?" * len(ids))
     async with db.execute(
-        "SELECT message_id, at, account, outcome, reply FROM attempts"
+        "SELECT message_id, at, account, outcome, reply, transcript FROM attempts"
         f" WHERE message_id IN ({marks}) ORDER BY at, rowid", ids,
     ) as rows:
-        async for message_id, at, account, outcome, reply in rows:
-            found.setdefault(message_id, []).append(ExportedAttempt(at, account, outcome, reply))
+        async for message_id, at, account, outcome, reply, transcript in rows:
+            lines = tuple(transcript.split("\n")) if transcript else ()
+            found.setdefault(message_id, []).append(
+                ExportedAttempt(at, account, outcome, reply, lines))
     return found

@@ -31,7 +31,8 @@ class Pruning:
     async def prune(self, now: float, keep_delivered_s: float,
                     batch: int = PRUNE_BATCH) -> tuple[int, int]:
         """One batch: delivered messages older than ``keep_delivered_s`` with their
-        attempts, and send times older than SENDS_KEPT_S. Returns (messages, sends)."""
+        attempts (and so their transcripts), send times older than SENDS_KEPT_S and
+        dedup keys past their window. Returns (messages, the most of sends or keys)."""
         old = ("SELECT id FROM messages WHERE state='delivered' AND updated_at < ?"
                " ORDER BY updated_at LIMIT ?")
         before = now - keep_delivered_s
@@ -41,8 +42,10 @@ class Pruning:
             (f"DELETE FROM messages WHERE id IN ({old})", (before, batch)),
             ("DELETE FROM sends WHERE rowid IN (SELECT rowid FROM sends WHERE at < ?"
              " ORDER BY at LIMIT ?)", (now - SENDS_KEPT_S, batch)),
+            ("DELETE FROM dedup WHERE key IN (SELECT key FROM dedup WHERE expires_at < ?"
+             " LIMIT ?)", (now, batch)),
         ])
-        return counts[2], counts[3]
+        return counts[2], max(counts[3], counts[4])
 
     async def prune_all(self, now: float, keep_delivered_s: float,
                         batch: int = PRUNE_BATCH) -> int:

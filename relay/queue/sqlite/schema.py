@@ -108,11 +108,40 @@ _V4 = """
 -- Who holds the claim of a 'sending' row (QueueStore.owner).
 ALTER TABLE messages ADD COLUMN owner TEXT;
 """
+_V5 = """
+-- The SMTP conversation of each attempt, one line per line (`queue show --transcript`).
+ALTER TABLE attempts ADD COLUMN transcript TEXT NOT NULL DEFAULT '';
+-- Idempotent submission (dedup): the key of each message accepted with one, recorded in
+-- the transaction of its enqueue, until expires_at (pruned after).
+CREATE TABLE IF NOT EXISTS dedup (
+    key TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_expires ON dedup (expires_at);
+-- Webhook events (the outbox): one row per event and webhook, written in the transaction
+-- of the outcome that causes it, deleted once sent or given up. Claimed like a message.
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT NOT NULL,
+    webhook TEXT NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    lease_until REAL,
+    last_error TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (id, webhook)
+);
+CREATE INDEX IF NOT EXISTS events_due ON events (next_attempt_at);
+"""
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "messages, bodies, attempts and meta", _V1),
     (2, "send times kept for rate limits", _V2),
     (3, "per-state counts kept by triggers, indexes for pruning", _V3),
     (4, "the owner of a claim (several processes on one queue)", _V4),
+    (5, "dedup keys, the webhook events outbox, each attempt's transcript", _V5),
 )
 VERSIONS = tuple(version for version, _, _ in MIGRATIONS)
 SCHEMA_VERSION = check_numbering(VERSIONS)

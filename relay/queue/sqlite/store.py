@@ -45,6 +45,7 @@ from relay.queue.sqlite.accounts import AccountControl
 from relay.queue.sqlite.admin import OperatorQueries
 from relay.queue.sqlite.exchange import Exchange
 from relay.queue.sqlite.maintenance import file_version
+from relay.queue.sqlite.outbox import Outbox
 from relay.queue.sqlite.owners import Owners
 from relay.queue.sqlite.prune import Pruning
 from relay.queue.sqlite.schema import (
@@ -69,6 +70,7 @@ from relay.queue.sqlite.writer import (
 )
 from relay.queue.types import (
     AttemptResult,
+    NewEvent,
     NewMessage,
     Priority,
     QueuedMessage,
@@ -96,7 +98,7 @@ def server_lock_path(queue: Path) -> Path:
     return queue.with_name(queue.name + ".lock")
 
 
-class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange):
+class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox):
     """The embedded queue. ``commit='per-message'`` syncs each write on its own;
     ``migrate``: open() brings an older file to SCHEMA_VERSION instead of refusing it."""
 
@@ -419,11 +421,13 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange):
             raise StoreError(f"queue file {self.path} was replaced while relay runs; restart"
                              " relay (mail committed since is in the old file)")
 
-    async def enqueue(self, message: NewMessage) -> None:
-        """Return only once the message is committed and synced."""
+    async def enqueue(self, message: NewMessage) -> str:
+        """Return only once the message is committed and synced: its id, or (dedup) the
+        id of the message accepted before with the same key, and then nothing is queued."""
         self.check_file()
         self._check_reserve()
-        await self._submit(Enqueue(message=message))
+        queued: str = await self._submit(Enqueue(message=message))
+        return queued
 
     async def claim_due(
         self, account: str, now: float, limit: int, lease_s: float,
@@ -447,13 +451,16 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange):
         )
         return claimed[0] if claimed else None
 
-    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
-        """Record an attempt's outcome and queue its bounce, if any, in one transaction.
+    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None,
+                     events: Sequence[NewEvent] = ()) -> bool:
+        """Record an attempt's outcome, queue its bounce and its webhook events, if any,
+        in one transaction.
 
         False: the claim it names no longer holds the message (its lease ran out and
         another process took it), so nothing of it was recorded but its send time.
         """
-        accepted: bool = await self._submit(Finish(attempt=result, bounce=bounce))
+        accepted: bool = await self._submit(Finish(attempt=result, bounce=bounce,
+                                                   events=tuple(events)))
         return accepted
 
     async def renew(self, ids: Sequence[str], lease_until: float) -> int:

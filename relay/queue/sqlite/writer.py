@@ -25,7 +25,9 @@ from relay.queue.types import (
     Claim,
     ExportedMessage,
     MessageState,
+    NewEvent,
     NewMessage,
+    PendingEvent,
     QueuedMessage,
     Recipient,
 )
@@ -59,6 +61,15 @@ class ClaimDue(Op):
 class Finish(Op):
     attempt: AttemptResult = field(kw_only=True)
     bounce: NewMessage | None = field(default=None, kw_only=True)
+    events: tuple[NewEvent, ...] = field(default=(), kw_only=True)
+
+
+@dataclass
+class ClaimEvents(Op):
+    now: float = field(kw_only=True)
+    limit: int = field(kw_only=True)
+    lease_s: float = field(kw_only=True)
+    owner: str = field(kw_only=True)
 
 
 @dataclass
@@ -103,8 +114,32 @@ def _insert(db: sqlite3.Connection, messages: list[NewMessage]) -> None:
     )
 
 
+def _first_of(db: sqlite3.Connection, op: Enqueue) -> str | None:
+    """(dedup) The id of the message already accepted with op's key within its window,
+    or None after recording op's own key: in the enqueue's transaction, under the write
+    lock, so of two submissions with one key (any processes) exactly one is queued."""
+    m = op.message
+    if m.dedup is None:
+        return None
+    row = db.execute("SELECT message_id FROM dedup WHERE key=? AND expires_at>?",
+                     (m.dedup.key, m.created_at)).fetchone()
+    if row is not None:
+        return str(row[0])
+    db.execute("INSERT INTO dedup (key, message_id, expires_at) VALUES (?,?,?)"
+               " ON CONFLICT (key) DO UPDATE SET message_id=excluded.message_id,"
+               " expires_at=excluded.expires_at",
+               (m.dedup.key, m.id, m.created_at + m.dedup.window_s))
+    return None
+
+
 def apply(db: sqlite3.Connection, batch: list[Op]) -> None:
-    enqueues = [op.message for op in batch if isinstance(op, Enqueue)]
+    enqueues = []
+    for op in batch:
+        if isinstance(op, Enqueue):
+            op.result = _first_of(db, op)
+            if op.result is None:
+                op.result = op.message.id
+                enqueues.append(op.message)
     if enqueues:
         _insert(db, enqueues)
     finishes = [op for op in batch if isinstance(op, Finish)]
@@ -113,6 +148,8 @@ def apply(db: sqlite3.Connection, batch: list[Op]) -> None:
     for op in batch:
         if isinstance(op, ClaimDue):
             op.result = _claim(db, op)
+        elif isinstance(op, ClaimEvents):
+            op.result = _claim_events(db, op)
         elif isinstance(op, Statements):
             op.result = [db.execute(sql, params).rowcount for sql, params in op.statements]
         elif isinstance(op, Import):
@@ -133,9 +170,10 @@ def _import(db: sqlite3.Connection, messages: list[ExportedMessage]) -> tuple[in
         imported += 1
         if m.body is not None:
             db.execute("INSERT OR REPLACE INTO bodies (id, data) VALUES (?, ?)", (m.id, m.body))
-        db.executemany("INSERT INTO attempts (message_id, account, at, outcome, reply)"
-                       " VALUES (?, ?, ?, ?, ?)",
-                       [(m.id, a.account, a.at, a.outcome, a.reply) for a in m.attempts_log])
+        db.executemany("INSERT INTO attempts (message_id, account, at, outcome, reply,"
+                       " transcript) VALUES (?, ?, ?, ?, ?, ?)",
+                       [(m.id, a.account, a.at, a.outcome, a.reply, "\n".join(a.transcript))
+                        for a in m.attempts_log])
     return imported, len(messages) - imported
 
 
@@ -174,9 +212,18 @@ def _apply_finishes(db: sqlite3.Connection, ops: list[Finish]) -> None:
         _insert(db, bounces)
     db.executemany(
         # Only for rows that still exist (an operator may have deleted one mid-send).
-        "INSERT INTO attempts (message_id, account, at, outcome, reply)"
-        " SELECT ?,?,?,?,? WHERE EXISTS (SELECT 1 FROM messages WHERE id=?)",
-        [(a.id, a.account, a.at, a.outcome, a.reply, a.id) for a in accepted],
+        "INSERT INTO attempts (message_id, account, at, outcome, reply, transcript)"
+        " SELECT ?,?,?,?,?,? WHERE EXISTS (SELECT 1 FROM messages WHERE id=?)",
+        [(a.id, a.account, a.at, a.outcome, a.reply, "\n".join(a.transcript), a.id)
+         for a in accepted],
+    )
+    # Webhook events go to the outbox with the outcome they report: neither is
+    # committed without the other.
+    db.executemany(
+        "INSERT INTO events (id, webhook, type, body, created_at, next_attempt_at)"
+        " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+        [(e.id, e.webhook, e.type, e.body, e.created_at, e.created_at)
+         for op in ops if op.result for e in op.events],
     )
     db.executemany(
         "INSERT INTO sends (account, at) VALUES (?, ?)",
@@ -218,3 +265,23 @@ def _claim(db: sqlite3.Connection, op: ClaimDue) -> list[QueuedMessage]:
         m.claim = Claim(op.owner, op.now + op.lease_s)
     messages.sort(key=lambda m: (m.priority, m.next_attempt_at, m.created_at))
     return messages
+
+
+_CLAIM_EVENTS = (
+    "UPDATE events SET owner=:owner, lease_until=:lease WHERE rowid IN"
+    " (SELECT rowid FROM events WHERE next_attempt_at<=:now"
+    " AND (owner IS NULL OR lease_until<:now) ORDER BY next_attempt_at LIMIT :n)"
+    " RETURNING id, webhook, type, body, created_at, attempts"
+)
+
+
+def _claim_events(db: sqlite3.Connection, op: ClaimEvents) -> list[PendingEvent]:
+    """Due outbox rows nobody holds (or whose holder's lease ran out), now this owner's:
+    of several workers, one sends each event."""
+    lease = op.now + op.lease_s
+    rows = db.execute(_CLAIM_EVENTS, {"owner": op.owner, "lease": lease, "now": op.now,
+                                      "n": op.limit}).fetchall()
+    events = [PendingEvent(r[0], r[1], r[2], r[3], r[4], r[5], Claim(op.owner, lease))
+              for r in rows]
+    events.sort(key=lambda e: e.created_at)
+    return events

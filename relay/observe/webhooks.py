@@ -1,0 +1,191 @@
+"""Sending delivery events from the queue's outbox to webhooks over HTTP (aiohttp).
+
+Each process runs one sender. It claims due outbox rows (owner and lease, as messages
+are claimed), so with several workers one of them POSTs each event; it deletes a row once
+its webhook answered 2xx, retries it later with exponential backoff otherwise, and gives
+it up past the webhook's max_age (logged, counted). Delivery never waits for any of this:
+the outcome's transaction only adds the row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import aiohttp
+
+from relay.config.schema import WebhookConfig
+from relay.delivery.events import SIGNATURE_HEADER, TIMESTAMP_HEADER, retry_delay, signature
+from relay.errors import StoreError
+from relay.observe.logs import event
+from relay.observe.metrics import Metrics
+from relay.queue.store import QueueStore
+from relay.queue.types import PendingEvent
+
+log = logging.getLogger("relay.events")
+BATCH = 16  # events claimed (and POSTed at once) per round
+POLL_S = 2.0  # how often the outbox is read for events written by other processes
+IDLE_POLL_S = 60.0  # ... when this process has no webhook configured
+LEASE_MARGIN_S = 30.0  # a claim outlives the POST's timeout by this much
+RESULTS = ("sent", "failed", "gave_up")
+
+
+def _why(exc: BaseException) -> str:
+    """A failed POST in words, without the URL (it may carry credentials)."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or type(exc.os_error).__name__}"
+    return type(exc).__name__
+
+
+class WebhookSender:
+    """The outbox's sender for this process (``start``, ``notify``, ``stop``)."""
+
+    def __init__(self, store: QueueStore, webhooks: Sequence[WebhookConfig], metrics: Metrics,
+                 *, clock: Callable[[], float] = time.time, poll_s: float = POLL_S) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.poll_s = poll_s
+        self.hooks: dict[str, WebhookConfig] = {}
+        self.wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._posting: set[asyncio.Task[None]] = set()
+        self._held: dict[tuple[str, str], PendingEvent] = {}  # claimed, not yet settled
+        self.configure(webhooks)
+
+    def configure(self, webhooks: Sequence[WebhookConfig]) -> None:
+        """Take the webhooks of a new config (start, reload); their series start at 0."""
+        self.hooks = {h.label: h for h in webhooks}
+        for name in self.hooks:
+            for result in RESULTS:
+                self.metrics.webhook_deliveries.labels(name, result)
+        # Also without webhooks: rows left for one that a config change removed are
+        # dropped (logged) rather than kept in the queue file for ever.
+        if self._task is None and self._session is not None:
+            self._task = asyncio.create_task(self._run(), name="webhook-sender")
+
+    def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            headers={"User-Agent": "relay", "Content-Type": "application/json"})
+        self.configure(list(self.hooks.values()))
+
+    def notify(self) -> None:
+        """New events were written by this process: look now."""
+        self.wake.set()
+
+    async def stop(self, grace: float) -> None:
+        """POSTs under way get ``grace`` to finish; a cut-off one keeps its outbox row,
+        due again at once for whichever process runs next (it may have arrived: receivers
+        deduplicate by event id)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._posting:
+            _, pending = await asyncio.wait(self._posting, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for held in list(self._held.values()):
+            await self._settle(held, self.clock(), "interrupted by shutdown")
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def lease_s(self) -> float:
+        return max((h.timeout for h in self.hooks.values()), default=0.0) + LEASE_MARGIN_S
+
+    async def _run(self) -> None:
+        while True:
+            self.wake.clear()
+            try:
+                # A read first: an idle outbox costs no write (and no commit) per look.
+                due = await self.store.next_event_at()
+                if due is not None and due <= self.clock():
+                    claimed = await self.store.claim_events(self.clock(), BATCH, self.lease_s)
+                    if claimed:
+                        await self._post_all(claimed)
+                        continue
+            except StoreError as exc:
+                event(log, logging.ERROR, "queue_error", reason=f"webhook outbox: {exc}")
+                due = None
+            except Exception:  # a bug: log, count, go on rather than stop sending events
+                log.exception("webhook sender failed; restarting it")
+                self.metrics.internal_errors.labels("webhook_sender").inc()
+                due = None
+            poll = self.poll_s if self.hooks else IDLE_POLL_S
+            # (At least a moment: a due row another process claimed just now.)
+            wait = poll if due is None else min(max(due - self.clock(), 0.01), poll)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self.wake.wait()
+
+    async def _post_all(self, claimed: list[PendingEvent]) -> None:
+        self._held.update(((e.id, e.webhook), e) for e in claimed)
+        tasks = [asyncio.create_task(self._post(e), name=f"webhook-{e.id}") for e in claimed]
+        for task in tasks:
+            self._posting.add(task)
+            task.add_done_callback(self._posting.discard)
+        # Shielded: stop() cancels this loop, and gives the POSTs their grace itself.
+        await asyncio.shield(asyncio.gather(*tasks))
+
+    async def _post(self, pending: PendingEvent) -> None:
+        hook = self.hooks.get(pending.webhook)
+        if hook is None:  # removed from the config by a reload since it was written
+            event(log, logging.WARNING, "webhook_gave_up", webhook=pending.webhook,
+                  event_id=pending.id, type=pending.type,
+                  reason="no webhook of this name in the config any more")
+            await self._settle(pending, None)
+            return
+        error = await self._send(hook, pending)
+        now = self.clock()
+        if error is None:
+            self.metrics.webhook_deliveries.labels(hook.label, "sent").inc()
+            await self._settle(pending, None)
+            return
+        retry_at = now + retry_delay(pending.attempts + 1, hook.retry_initial, hook.retry_max)
+        if retry_at - pending.created_at > hook.max_age:
+            self.metrics.webhook_deliveries.labels(hook.label, "gave_up").inc()
+            event(log, logging.ERROR, "webhook_gave_up", webhook=hook.label,
+                  event_id=pending.id, type=pending.type, attempts=pending.attempts + 1,
+                  reason=f"{error}; not accepted within max_age")
+            await self._settle(pending, None)
+            return
+        self.metrics.webhook_deliveries.labels(hook.label, "failed").inc()
+        event(log, logging.WARNING, "webhook_failed", webhook=hook.label, event_id=pending.id,
+              type=pending.type, attempts=pending.attempts + 1, reason=error,
+              retry_in=f"{retry_at - now:.1f}s")
+        await self._settle(pending, retry_at, error)
+
+    async def _send(self, hook: WebhookConfig, pending: PendingEvent) -> str | None:
+        """POST one event; None when the webhook accepted it (2xx), else why not."""
+        assert self._session is not None
+        stamp = str(int(self.clock()))
+        headers = {TIMESTAMP_HEADER: stamp,
+                   SIGNATURE_HEADER: signature(hook.secret, stamp, pending.body)}
+        try:
+            async with self._session.post(
+                hook.url, data=pending.body.encode(), headers=headers, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=hook.timeout),
+            ) as response:
+                if 200 <= response.status < 300:
+                    return None
+                return f"HTTP {response.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return _why(exc)
+
+    async def _settle(self, pending: PendingEvent, retry_at: float | None,
+                      error: str = "") -> None:
+        self._held.pop((pending.id, pending.webhook), None)
+        try:
+            await self.store.settle_event(pending, retry_at=retry_at, error=error)
+        except StoreError as exc:  # the lease returns it: sent again, receivers dedup by id
+            event(log, logging.ERROR, "queue_error", reason=f"webhook outbox: {exc}")

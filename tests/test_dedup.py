@@ -1,0 +1,159 @@
+"""Idempotent submission (issue 16.3): a message whose Message-ID and envelope sender were
+accepted within dedup.window is answered with the first queue id and not queued again,
+over real SMTP, against the real queue file, also from two relays on one queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from relay.app import App, WorkerRole
+from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.types import Dedup, NewMessage, Priority, new_queue_id
+from tests.conftest import (
+    StartRelay,
+    message,
+    metric,
+    relay_config,
+    send,
+    upstream_account,
+)
+from tests.upstream import FakeUpstream
+
+QUEUED = re.compile(r"2\.0\.0 queued as ([0-9A-F]{22})$")
+
+
+def _id(reply: tuple[int, str]) -> str:
+    code, text = reply
+    found = QUEUED.match(text)
+    assert code == 250 and found, reply
+    return found.group(1)
+
+
+def _with_id(mid: str, subject: str = "dup") -> bytes:
+    return message(subject, headers={"Message-ID": mid})
+
+
+async def _relay(tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+                 **sections: object) -> App:
+    config = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                          dedup={"window": "1h"}, **sections)
+    return await start_relay(config)
+
+
+async def test_a_resubmitted_message_gets_the_first_id_and_is_sent_once(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay)
+    caplog.set_level(logging.INFO, "relay.smtpd")
+    first = _id(await send(app.smtp_port, _with_id("<a1@app.example>")))
+    # The app timed out waiting for the 250 and sends it again, the sender's domain
+    # spelled in capitals this time: the same mailbox.
+    again = _id(await send(app.smtp_port, _with_id("<a1@app.example>", "retry"),
+                           sender="app@EXAMPLE.com"))
+    assert again == first
+    await app.scheduler.run_until_idle()
+    assert len(upstream.messages) == 1
+    assert b"Subject: dup" in upstream.messages[0].data
+    assert metric(app, "relay_messages_deduplicated_total") == 1
+    assert metric(app, "relay_messages_received_total") == 1
+    [line] = [r.getMessage() for r in caplog.records if "deduplicated" in r.getMessage()]
+    assert line.startswith(f"{first}: deduplicated duplicate=")
+    assert (await app.store.get(first)) is not None
+
+
+async def test_other_senders_other_ids_and_no_message_id_are_all_queued(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay)
+    ids = {
+        _id(await send(app.smtp_port, _with_id("<b1@app.example>"))),
+        _id(await send(app.smtp_port, _with_id("<b1@app.example>"), sender="other@example.com")),
+        _id(await send(app.smtp_port, _with_id("<b2@app.example>"))),
+        _id(await send(app.smtp_port, message("no id"))),
+        _id(await send(app.smtp_port, message("no id"))),
+    }
+    assert len(ids) == 5
+    await app.scheduler.run_until_idle()
+    assert len(upstream.messages) == 5
+    assert metric(app, "relay_messages_deduplicated_total") == 0
+
+
+async def test_dedup_is_off_by_default(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    config = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)})
+    app = await start_relay(config)
+    first = _id(await send(app.smtp_port, _with_id("<c1@app.example>")))
+    assert _id(await send(app.smtp_port, _with_id("<c1@app.example>"))) != first
+
+
+async def test_parallel_submissions_of_one_message_queue_it_once(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    app = await _relay(tmp_path, upstream, start_relay)
+    replies = await asyncio.gather(*(send(app.smtp_port, _with_id("<d1@app.example>"))
+                                     for _ in range(6)))
+    assert len({_id(r) for r in replies}) == 1
+    await app.scheduler.run_until_idle()
+    assert len(upstream.messages) == 1
+    assert metric(app, "relay_messages_deduplicated_total") == 5
+
+
+async def test_two_relays_on_one_queue_queue_one_copy_and_answer_the_winners_id(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """Two workers (each its own store, connections and writer) on one queue file: the
+    key's unique row, written in the enqueue's transaction, lets only one win."""
+    config = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                          dedup={"window": "1h"})
+    apps = [App(config, registry=CollectorRegistry(),
+                worker=WorkerRole(shared=True, delivers=i == 0, index=i, count=2))
+            for i in range(2)]
+    for app in apps:
+        await app.startup()
+    try:
+        for n in range(5):
+            mid = f"<e{n}@app.example>"
+            replies = await asyncio.gather(*(send(a.smtp_port, _with_id(mid))
+                                             for a in apps for _ in range(2)))
+            assert len({_id(r) for r in replies}) == 1, replies
+        # Worker 1's messages reach worker 0's scheduler by its queue watcher: wait.
+        await upstream.wait_for_messages(5)
+        await asyncio.sleep(0.6)  # (one more watcher round: nothing else is queued)
+        assert len(upstream.messages) == 5
+        assert sum(metric(a, "relay_messages_deduplicated_total") for a in apps) == 15
+    finally:
+        for app in apps:
+            await app.shutdown(grace=2.0)
+
+
+def _new(key: str, created_at: float, window_s: float = 60.0) -> NewMessage:
+    return NewMessage(id=new_queue_id(), sender="a@example.com", recipients=("b@example.com",),
+                      account="up", priority=Priority.NORMAL, body=b"x", created_at=created_at,
+                      not_before=created_at, dedup=Dedup(key, window_s))
+
+
+async def test_a_key_is_forgotten_after_its_window_and_pruned(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "q.sqlite3")
+    await store.open()
+    try:
+        now = time.time()
+        first = _new("k", now)
+        assert await store.enqueue(first) == first.id
+        assert await store.enqueue(_new("k", now + 59)) == first.id
+        later = _new("k", now + 61)  # the window has passed: a new message
+        assert await store.enqueue(later) == later.id
+        assert await store.enqueue(_new("k", now + 62)) == later.id
+        await store.prune(now + 200, keep_delivered_s=3600)
+        assert await store._fetch("SELECT count(*) FROM dedup") == [(0,)]
+        assert len(await store.list_messages()) == 2
+    finally:
+        await store.close()
