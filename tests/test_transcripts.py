@@ -146,7 +146,7 @@ async def test_a_schema_4_queue_is_migrated_with_its_attempts_kept(tmp_path: Pat
             " 's@example.com', '[[\"r@example.com\", \"pending\", \"\"]]', 1, 1, 1, 1);"
             "INSERT INTO attempts VALUES ('OLD', 'a', 1, 'deferred', '451 later');"
             "PRAGMA user_version = 4;")
-    store = SQLiteStore(path)
+    store = SQLiteStore(path, migrate=True)
     await store.open()
     try:
         old = await store.get("OLD")
