@@ -11,7 +11,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -138,22 +138,27 @@ class App:
         self._answered = asyncio.Event()  # set whenever _committing is 0
         self._answered.set()
 
-    async def _submit(self, message: NewMessage) -> None:
-        """Commit a routed message. Once the commit returns nothing may raise: the
-        session answers 250 even if a reload removed the account meanwhile (the message
-        then waits until the account returns)."""
+    async def _submit(self, messages: Sequence[NewMessage]) -> None:
+        """Commit a routed message's queue entries (one per account), all in one
+        transaction. Once the commit returns nothing may raise: the session answers 250
+        even if a reload removed an account meanwhile (its entry then waits until the
+        account returns)."""
         self._committing += 1
         self._answered.clear()
         try:
-            await self.store.enqueue(message)
+            if len(messages) == 1:
+                await self.store.enqueue(messages[0])
+            else:
+                await self.store.enqueue_all(messages)
         finally:
             self._committing -= 1
             if not self._committing:
                 self._answered.set()
-        if message.account in self._waiting:
-            at, count = self._waiting[message.account]
-            self._waiting[message.account] = (at, count + 1)
-        self.scheduler.notify(message.account)
+        for message in messages:
+            if message.account in self._waiting:
+                at, count = self._waiting[message.account]
+                self._waiting[message.account] = (at, count + 1)
+            self.scheduler.notify(message.account)
 
     async def _admit(self, account: str) -> bool:
         """rate_limit.on_limit: reject — refuse while the backlog exceeds a window's worth."""

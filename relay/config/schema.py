@@ -25,6 +25,7 @@ from pydantic import (
 
 from relay.config.durations import format_duration, parse_duration
 from relay.config.sizes import parse_size
+from relay.delivery.rules import RoutingTable, Rule
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -478,8 +479,65 @@ class BouncesConfig(_Frozen):
     enabled: Switch = False
 
 
+def _globs(value: object) -> object:
+    """One pattern or a list of them: always a list."""
+    return [value] if isinstance(value, str) else value
+
+
+Globs = Annotated[list[str], BeforeValidator(_globs), Field(min_length=1)]
+
+
+class HeaderMatchConfig(_Frozen):
+    """A header by name (case-insensitive) whose value matches a glob."""
+
+    name: str = Field(min_length=1)
+    value: str = "*"  # "*": the header is present, whatever its value
+
+
+class RoutingRuleConfig(_Frozen):
+    """One routing rule (docs/routing.md): every condition it sets must hold; each
+    condition takes one glob or a list (any of them), matched without regard to case."""
+
+    name: str | None = None  # shown by `relay route` and in the log; default "rule N"
+    # Envelope sender: an address glob (billing@example.com, *@example.com) or "@domain"
+    # (a glob on its domain: @example.com, @*.example.com).
+    sender: Globs | None = None
+    from_domain: Globs | None = None  # the domain of the From header's address
+    recipient_domain: Globs | None = None  # per recipient: a message may be split
+    user: Globs | None = None  # the listener user the client logged in as
+    header: HeaderMatchConfig | None = None
+    account: str
+
+    @model_validator(mode="after")
+    def _some_condition(self) -> RoutingRuleConfig:
+        if not any(getattr(self, k) is not None for k in RULE_CONDITIONS):
+            raise ValueError(
+                f"account: a rule needs at least one of {', '.join(RULE_CONDITIONS)}"
+                " (mail that matches nothing goes to routing.default_account)")
+        return self
+
+
+RULE_CONDITIONS = ("sender", "from_domain", "recipient_domain", "user", "header")
+
+
 class RoutingConfig(_Frozen):
     default_account: str = "outbox"
+    # Tried in order after X-Account; the first whose conditions all hold names the
+    # account. Recipients that match different rules are queued once per account.
+    rules: list[RoutingRuleConfig] = Field(default_factory=list)
+
+    def table(self) -> RoutingTable:
+        """The rules as the router's plain values (relay.delivery.rules)."""
+
+        def globs(value: list[str] | None) -> tuple[str, ...] | None:
+            return None if value is None else tuple(value)
+
+        return RoutingTable(self.default_account, tuple(
+            Rule(name=r.name or f"rule {i + 1}", account=r.account, sender=globs(r.sender),
+                 from_domain=globs(r.from_domain),
+                 recipient_domain=globs(r.recipient_domain), user=globs(r.user),
+                 header=None if r.header is None else (r.header.name, r.header.value))
+            for i, r in enumerate(self.rules)))
 
 
 def _default_accounts() -> dict[str, AccountConfig]:
@@ -525,6 +583,11 @@ class Config(_Frozen):
                 and _same_host(self.metrics.host, self.listen.host)):
             raise ValueError(f"metrics.port: {self.metrics.port} is also listen.port; give the"
                              " metrics endpoint a port of its own")
+        for i, rule in enumerate(self.routing.rules):
+            if rule.account not in self.accounts:
+                raise ValueError(
+                    f"routing.rules.{i}.account: no account named {rule.account!r}"
+                    f" (accounts: {', '.join(sorted(self.accounts))})")
         if self.routing.default_account not in self.accounts:
             raise ValueError(
                 f"routing.default_account: no account named {self.routing.default_account!r}"

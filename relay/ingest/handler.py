@@ -10,7 +10,7 @@ import concurrent.futures
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiosmtpd.smtp import (
@@ -23,7 +23,13 @@ from aiosmtpd.smtp import (
 
 from relay.config.schema import Config
 from relay.delivery.priority import priority_from_headers
-from relay.delivery.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
+from relay.delivery.routing import (
+    CONTROL_HEADERS,
+    RoutingError,
+    deferred_until,
+    requested_account,
+)
+from relay.delivery.rules import Facts, Route, decide, route
 from relay.errors import StoreBusyError, StoreError, StoreFullError, StoreReserveError
 from relay.ingest.addresses import recipient_key
 from relay.ingest.auth import ListenerAuth
@@ -36,7 +42,8 @@ from relay.smtp.headers import header_section_exceeds, parse_headers, remove_hea
 
 log = logging.getLogger("relay.smtpd")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-Submit = Callable[[NewMessage], Awaitable[None]]
+# Commits every message of the list in one transaction (all or none).
+Submit = Callable[[Sequence[NewMessage]], Awaitable[None]]
 Admit = Callable[[str], Awaitable[bool]]  # False: the account is too far behind its limit
 
 # aiosmtpd logs this on mail.log for every session whose server requires AUTH without
@@ -104,6 +111,7 @@ class IngestHandler:
         (``auth``, built beforehand by a reload so that reading its files cannot fail
         half-way through the switch)."""
         self.config = config
+        self.routing = config.routing.table()
         self.auth = auth or ListenerAuth(config.listen.auth)
 
     def reject(self, reason: str, reply: replies.Reply) -> str:
@@ -166,18 +174,27 @@ class IngestHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RCPT_OK)
 
-    def _route(self, fields: list[tuple[str, str]]) -> tuple[str, float | None] | str:
-        """The account (X-Account or the default) and any Deferred-Delivery time, or the
-        refusal to answer: each step says which of the two it was, not its message text."""
+    async def _route(self, fields: list[tuple[str, str]], envelope: Envelope,
+                     user: str | None) -> tuple[list[Route], float | None] | str:
+        """The routes (X-Account, else routing.rules per recipient, else the default) and
+        any Deferred-Delivery time, or the refusal to answer: each step says which it was,
+        not its message text. The user must be allowed every account it ends on."""
         try:
-            account = choose_account(fields, self.config.routing.default_account,
-                                     self.config.accounts)
+            requested = requested_account(fields, self.config.accounts)
         except RoutingError as exc:
             return self.reject("unknown_account", replies.UNKNOWN_ACCOUNT.with_text(str(exc)))
+        facts = Facts(_reverse_path(envelope.mail_from), tuple(envelope.rcpt_tos), fields, user)
+        routes = route(decide(facts, self.routing, requested))
         try:
-            return account, deferred_until(fields)
+            not_before = deferred_until(fields)
         except RoutingError as exc:
             return self.reject("bad_header", replies.BAD_HEADER.with_text(str(exc)))
+        if not all(self.auth.may_use(user, r.account) for r in routes):
+            return self.reject("access_denied", replies.ACCOUNT_NOT_ALLOWED)
+        for r in routes:
+            if not await self.admit(r.account):
+                return self.reject("rate_limited", replies.RATE_LIMITED)
+        return routes, not_before
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if not self.accepting:
@@ -192,29 +209,27 @@ class IngestHandler:
             return self.reject("header_too_big", replies.HEADER_TOO_BIG.with_text(
                 f"Header section exceeds {limit} bytes"))
         fields = parse_headers(raw)
-        routed = self._route(fields)
+        user = session.auth_data if session.authenticated else None
+        routed = await self._route(fields, envelope, user)
         if isinstance(routed, str):
             return routed
-        account, not_before = routed
-        user = session.auth_data if session.authenticated else None
-        if not self.auth.may_use(user, account):
-            return self.reject("access_denied", replies.ACCOUNT_NOT_ALLOWED)
-        if not await self.admit(account):
-            return self.reject("rate_limited", replies.RATE_LIMITED)
+        routes, not_before = routed
         now = time.time()
-        message = NewMessage(
+        body = remove_headers(raw, CONTROL_HEADERS)
+        # One queue entry per account; all are committed together before the one 250.
+        messages = [NewMessage(
             id=new_queue_id(),
             sender=_reverse_path(envelope.mail_from),
-            recipients=tuple(envelope.rcpt_tos),
-            account=account,
+            recipients=r.recipients,
+            account=r.account,
             priority=priority_from_headers(fields),
-            body=remove_headers(raw, CONTROL_HEADERS),
+            body=body,
             created_at=now,
             not_before=max(now, not_before or now),
             mail_options=_forwarded_options(envelope),
-        )
+        ) for r in routes]
         try:
-            await self.submit(message)
+            await self.submit(messages)
         except StoreBusyError as exc:  # other workers held the queue's write lock too long
             event(log, logging.WARNING, "rejected", reason=str(exc), client=peer_text(session))
             return self.reject("queue_busy", replies.STORE_BUSY)
@@ -227,11 +242,13 @@ class IngestHandler:
         except StoreError as exc:
             event(log, logging.ERROR, "rejected", reason=str(exc), client=peer_text(session))
             return self.reject("store_unavailable", replies.STORE_FAILED)
-        self.metrics.received.inc()
-        event(log, logging.INFO, "received", message.id, client=peer_text(session),
-              sender=f"<{message.sender}>", size=len(raw), nrcpt=len(message.recipients),
-              account=account, priority=message.priority.name.lower())
-        return replies.queued(message.id)
+        self.metrics.received.inc()  # one per 250, however many queue entries
+        for message in messages:
+            event(log, logging.INFO, "received", message.id, client=peer_text(session),
+                  sender=f"<{message.sender}>", size=len(raw), nrcpt=len(message.recipients),
+                  account=message.account, priority=message.priority.name.lower(),
+                  split=len(messages) if len(messages) > 1 else None)
+        return replies.queued(" ".join(m.id for m in messages))
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd's default answers 500 and names the exception class.

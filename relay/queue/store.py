@@ -48,6 +48,9 @@ class QueueStore(Protocol):
 
     # -- the listener's and scheduler's side -----------------------------------------
     async def enqueue(self, message: NewMessage) -> None: ...
+    async def enqueue_all(self, messages: Sequence[NewMessage]) -> None:
+        """Commit every message in one transaction, all or none (a message split by
+        routing rules: one 250 for all its queue entries)."""
     async def claim_due(
         self, account: str, now: float, limit: int, lease_s: float,
         windows: Sequence[tuple[float, int]] = (),

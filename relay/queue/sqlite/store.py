@@ -406,7 +406,14 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
         """Return only once the message is committed and synced."""
         self.check_file()
         self._check_reserve()
-        await self._submit(Enqueue(message=message))
+        await self._submit(Enqueue(messages=(message,)))
+
+    async def enqueue_all(self, messages: Sequence[NewMessage]) -> None:
+        """Return only once every message is committed and synced, in one transaction
+        (a failed batch is retried op by op, and this is one op)."""
+        self.check_file()
+        self._check_reserve()
+        await self._submit(Enqueue(messages=tuple(messages)))
 
     async def claim_due(
         self, account: str, now: float, limit: int, lease_s: float,

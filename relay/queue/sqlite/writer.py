@@ -34,7 +34,7 @@ class Op:
 
 @dataclass
 class Enqueue(Op):
-    message: NewMessage = field(kw_only=True)
+    messages: tuple[NewMessage, ...] = field(kw_only=True)  # one op: all or none
 
 
 @dataclass
@@ -89,7 +89,7 @@ def _insert(db: sqlite3.Connection, messages: list[NewMessage]) -> None:
 
 
 def apply(db: sqlite3.Connection, batch: list[Op]) -> None:
-    enqueues = [op.message for op in batch if isinstance(op, Enqueue)]
+    enqueues = [m for op in batch if isinstance(op, Enqueue) for m in op.messages]
     if enqueues:
         _insert(db, enqueues)
     finishes = [op for op in batch if isinstance(op, Finish)]
