@@ -239,6 +239,19 @@ class App:
             self.metrics.account_backoff.labels(name).set(1 if worker.backed_off else 0)
         for name, transport in self.transports.items():
             self.metrics.connections_open.labels(name).set(transport.open_connections())
+        with contextlib.suppress(StoreError):
+            await self._refresh_quotas(time.time())
+
+    async def _refresh_quotas(self, now: float) -> None:
+        """relay_account_quota_remaining from the sends every process recorded."""
+        for name, acc in self.config.accounts.items():
+            windows = acc.rate_limit.named_windows()
+            if not windows:
+                continue
+            sends = await self.store.recent_sends(name, now - max(w for _, w, _ in windows))
+            for key, span, limit in windows:
+                used = sum(1 for t in sends if t > now - span)
+                self.metrics.quota_remaining.labels(name, key).set(max(limit - used, 0))
 
     async def ready_problem(self) -> str | None:
         if self.draining:

@@ -23,7 +23,9 @@ are pure. The JSON document's keys are stable:
     accounts.NAME.health.failures            account-wide failures in a row
     accounts.NAME.health.last_error          the upstream's reply to the last of them
     accounts.NAME.paused_since               UTC time of `relay accounts pause NAME`, or null
-    accounts.NAME.rate_limit.windows         [{window, used, limit}] per configured window
+    accounts.NAME.rate_limit.windows         [{window, used, limit, remaining, next_slot_at}]
+                                             per configured window (next_slot_at: UTC
+                                             time that window next has room, null: now)
     accounts.NAME.rate_limit.next_send_at    UTC time the limits next allow a send, or null (now)
     totals.queue, totals.undelivered, totals.attempts   the same, over all accounts
     oldest_undelivered                       null, or id, account, state, created_at, age_s
@@ -78,8 +80,8 @@ class Snapshot:
     health: HealthReport | None  # None: no report from the server that is running now
     flush_at: float | None = None  # the last `relay queue flush`
     paused: Mapping[str, float] = field(default_factory=dict)  # account -> paused at
-    # account -> ((window seconds, limit), ...) and its send times within the longest one
-    limits: Mapping[str, Sequence[tuple[float, int]]] = field(default_factory=dict)
+    # account -> ((key, window seconds, limit), ...) and its send times within the longest
+    limits: Mapping[str, Sequence[tuple[str, float, int]]] = field(default_factory=dict)
     sends: Mapping[str, Sequence[float]] = field(default_factory=dict)
     processes: Sequence[tuple[int, str]] = ()  # (pid, role) of the relay processes on it
 
@@ -123,19 +125,22 @@ WINDOW_NAMES = {1.0: "per_second", 60.0: "per_minute", 3600.0: "per_hour",
                 86400.0: "per_day"}
 
 
-def rate_use(limits: Sequence[tuple[float, int]], sends: Sequence[float],
-             now: float) -> dict[str, Any]:
-    """How much of each rate window the recorded sends use, and when the next send may
-    go: the moment enough sends leave every full window (sliding windows, as the
-    limiter counts them)."""
+def rate_use(limits: Sequence[tuple[float, int] | tuple[str, float, int]],
+             sends: Sequence[float], now: float) -> dict[str, Any]:
+    """How much of each rate window the recorded sends use, what is left, and when the
+    next send may go: the moment enough sends leave every full window (sliding windows,
+    as the limiter counts them). ``limits``: (seconds, limit), or (key, seconds, limit)."""
     windows, next_at = [], None
     ordered = sorted(sends)
-    for length, limit in limits:
+    for item in limits:
+        name, length, limit = item if len(item) == 3 else (None, *item)
         inside = [t for t in ordered if t > now - length]
-        windows.append({"window": WINDOW_NAMES.get(length, f"{length:g}s"),
-                        "used": len(inside), "limit": limit})
-        if len(inside) >= limit:
-            free_at = inside[len(inside) - limit] + length
+        free_at = inside[len(inside) - limit] + length if len(inside) >= limit else None
+        windows.append({"window": name or WINDOW_NAMES.get(length, f"{length:g}s"),
+                        "used": len(inside), "limit": limit,
+                        "remaining": max(limit - len(inside), 0),
+                        "next_slot_at": _iso(free_at)})
+        if free_at is not None:
             next_at = free_at if next_at is None else max(next_at, free_at)
     return {"windows": windows, "next_send_at": _iso(next_at)}
 
@@ -316,8 +321,8 @@ async def gather(config: Config, now: float) -> Snapshot:
         attempts = {w: await store.attempt_counts(accounts, now - span) for w, span in WINDOWS}
         report = decode(await store.read_health())
         flush = await store.flush_requested()
-        limits = {name: acc.rate_limit.windows() for name, acc in config.accounts.items()
-                  if acc.rate_limit.windows()}
+        limits = {name: acc.rate_limit.named_windows()
+                  for name, acc in config.accounts.items() if acc.rate_limit.windows()}
         snap = Snapshot(
             now=now, queue=str(config.queue.path), configured=accounts,
             counts=await store.counts(), oldest_by_account=await store.oldest_ready(),
@@ -328,7 +333,7 @@ async def gather(config: Config, now: float) -> Snapshot:
             flush_at=float(flush) if flush else None,
             paused=await store.paused_accounts(),
             limits=limits,
-            sends={name: await store.recent_sends(name, now - max(w for w, _ in wins))
+            sends={name: await store.recent_sends(name, now - max(w for _, w, _ in wins))
                    for name, wins in limits.items()},
             processes=await store.processes(),
         )

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from relay.config.durations import format_duration, parse_duration
+from relay.config.presets import apply_preset
 from relay.config.sizes import parse_size
 from relay.delivery.rules import RoutingTable, Rule
 
@@ -371,22 +372,43 @@ class PoolConfig(_Frozen):
     idle_timeout: Duration = 300.0
 
 
+# Each limit key and its window. Every window slides (any span of that length, as the
+# limiter counts): per_day is already a rolling 24 hours; per_rolling_day says so by name,
+# as Gmail and SES count, and is what the presets set.
+WINDOW_SECONDS = {"per_second": 1.0, "per_minute": 60.0, "per_hour": 3600.0,
+                  "per_day": 86400.0, "per_rolling_day": 86400.0}
+
+
+def _percent(value: object) -> object:
+    """``10%`` or a fraction (0.1): the fraction."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        number = value.strip()[:-1].strip()
+        if not _DECIMAL.fullmatch(number):
+            raise ValueError(f"{value!r} is not a percentage like 10%")
+        return float(number) / 100
+    return _from_text(value, float)
+
+
 class RateLimitConfig(_Frozen):
     per_second: WholeNumber | None = Field(default=None, ge=1)
     per_minute: WholeNumber | None = Field(default=None, ge=1)
     per_hour: WholeNumber | None = Field(default=None, ge=1)
     per_day: WholeNumber | None = Field(default=None, ge=1)
+    per_rolling_day: WholeNumber | None = Field(default=None, ge=1)
     on_limit: Literal["defer", "reject"] = "defer"
+    # This share of every window is kept for high-priority mail: normal and low mail may
+    # use only the rest (docs/routing.md). 0: none kept.
+    reserve_for_high: Annotated[float, BeforeValidator(_percent), Field(strict=True, ge=0,
+                                                                        lt=1)] = 0.0
+
+    def named_windows(self) -> list[tuple[str, float, int]]:
+        """(key, window length in seconds, limit) for each limit that is set."""
+        return [(key, span, getattr(self, key)) for key, span in WINDOW_SECONDS.items()
+                if getattr(self, key) is not None]
 
     def windows(self) -> list[tuple[float, int]]:
         """(window length in seconds, limit) for each limit that is set."""
-        pairs = [
-            (1.0, self.per_second),
-            (60.0, self.per_minute),
-            (3600.0, self.per_hour),
-            (86400.0, self.per_day),
-        ]
-        return [(w, n) for w, n in pairs if n is not None]
+        return [(w, n) for _, w, n in self.named_windows()]
 
 
 class TimeoutsConfig(_Frozen):
@@ -399,6 +421,9 @@ class TimeoutsConfig(_Frozen):
 
 class AccountConfig(_Frozen):
     transport: Literal["smtp", "maildir"] = "smtp"
+    # Fills host, port, tls and the provider's published limits (relay.config.presets).
+    preset: Literal["gmail", "google-workspace", "ses-sandbox", "sendgrid-free",
+                    "mailgun-free", "m365"] | None = None
     # smtp
     host: str | None = None
     port: Port | None = None
@@ -424,6 +449,11 @@ class AccountConfig(_Frozen):
 
     _secret: str | None = PrivateAttr(default=None)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: object) -> object:
+        return apply_preset(data) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> AccountConfig:
         if self.transport == "maildir":
@@ -431,7 +461,8 @@ class AccountConfig(_Frozen):
                 raise ValueError("path: required for a maildir account")
             return self
         if not self.host:
-            raise ValueError("host: required for an smtp account")
+            hint = " (ses-sandbox: email-smtp.REGION.amazonaws.com)" if self.preset else ""
+            raise ValueError(f"host: required for an smtp account{hint}")
         if self.tls_ca_file is not None:
             if self.tls == "none" or not self.tls_verify:
                 raise ValueError("tls_ca_file: certificates are not checked with"
