@@ -84,7 +84,7 @@ class Scheduler:
             transport,
             self.store,
             _retry_policy(config.retry_for(name)),
-            RateLimiter(acc.rate_limit.windows()),
+            RateLimiter(acc.rate_limit.windows(), acc.rate_limit.reserve_for_high),
             self.metrics,
             concurrency=acc.pool.max_connections,
             lease_s=t.connect + 4 * t.command + t.data + 60,

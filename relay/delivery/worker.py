@@ -232,12 +232,20 @@ class AccountWorker:
             if not self.settling:
                 self._mark_idle(notices)
             return None if due is None else due - now
+        return self._hold(hold, mono)
+
+    def _hold(self, hold: float, mono: float) -> float:
+        """Due mail not claimed: wait for the rate limit. With nothing held by the limit
+        as such, normal and low mail may be held by reserve_for_high (a high message
+        arriving wakes us at once), or the clock moved (look again shortly)."""
+        if hold == 0:
+            hold = self.limiter.wait_time(mono, others=True)
         if hold > 0:
             if not self._held:  # count each hold once, not each wake-up
                 self.metrics.rate_limited.labels(self.name).inc()
                 self._held = True
             return hold
-        return 0.05  # due but not claimed (the clock moved): look again shortly
+        return 0.05
 
     def _rest_paused(self, now: float, notices: int) -> None:
         """Paused: give back what was claimed before the pause was seen, unsent, and
@@ -260,7 +268,8 @@ class AccountWorker:
         batch: list[QueuedMessage] = []
         try:
             batch = await self.store.claim_due(self.name, now, allowed, self.lease_s,
-                                               self.limiter.windows)
+                                               self.limiter.windows,
+                                               self.limiter.reserve_for_high)
         finally:
             self.limiter.cancel(allowed - len(batch))
         if not batch:

@@ -53,13 +53,16 @@ class QueueStore(Protocol):
         routing rules: one 250 for all its queue entries)."""
     async def claim_due(
         self, account: str, now: float, limit: int, lease_s: float,
-        windows: Sequence[tuple[float, int]] = (),
+        windows: Sequence[tuple[float, int]] = (), reserve_for_high: float = 0.0,
     ) -> list[QueuedMessage]:
         """Claim up to ``limit`` due messages; each carries its ``Claim`` (owner, lease).
 
         ``windows`` ((seconds, most), the account's rate limits): in the same transaction,
         claim no more than each window still allows given every process's sends (those
         recorded, and those claimed and not yet finished), so limits hold across workers.
+        ``reserve_for_high`` (a fraction): messages that are not HIGH priority may fill
+        each window only up to relay.delivery.ratelimit.share_for_others(most, reserve);
+        HIGH ones are claimed first and may use all of it.
         """
     async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
         """Settle ``result.claim``: record the attempt and queue its bounce together.

@@ -417,13 +417,13 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
 
     async def claim_due(
         self, account: str, now: float, limit: int, lease_s: float,
-        windows: Sequence[tuple[float, int]] = (),
+        windows: Sequence[tuple[float, int]] = (), reserve_for_high: float = 0.0,
     ) -> list[QueuedMessage]:
         if limit <= 0:
             return []
         result: list[QueuedMessage] = await self._submit(
             ClaimDue(account=account, now=now, limit=limit, lease_s=lease_s, owner=self.owner,
-                     windows=tuple(windows))
+                     windows=tuple(windows), reserve_for_high=reserve_for_high)
         )
         return result
 

@@ -12,8 +12,15 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.delivery.ratelimit import share_for_others
 from relay.errors import StoreError
-from relay.queue.sqlite.schema import CLAIM_SQL, COLUMNS, recipients_json, row_to_message
+from relay.queue.sqlite.schema import (
+    CLAIM_HIGH_SQL,
+    CLAIM_SQL,
+    COLUMNS,
+    recipients_json,
+    row_to_message,
+)
 from relay.queue.types import (
     AttemptResult,
     Claim,
@@ -45,6 +52,7 @@ class ClaimDue(Op):
     lease_s: float = field(kw_only=True)
     owner: str = field(kw_only=True)
     windows: tuple[tuple[float, int], ...] = field(default=(), kw_only=True)
+    reserve_for_high: float = field(default=0.0, kw_only=True)
 
 
 @dataclass
@@ -151,30 +159,37 @@ def _apply_finishes(db: sqlite3.Connection, ops: list[Finish]) -> None:
         db.executemany("DELETE FROM bodies WHERE id=?", delivered)
 
 
-def _room(db: sqlite3.Connection, op: ClaimDue) -> int:
+def _room(db: sqlite3.Connection, op: ClaimDue) -> tuple[int, int]:
     """How many sends the account's rate windows still allow, counted over every process:
     sends recorded in each window, plus every claim not yet finished (a send counts from
     its claim to its end, as in relay.delivery.ratelimit). Inside the claim's write
-    transaction, so two workers cannot both take the last place."""
-    room = op.limit
+    transaction, so two workers cannot both take the last place. Two answers: for high
+    priority, and for the rest, which may not use the share reserve_for_high keeps."""
+    room = others = op.limit
     if not op.windows:
-        return room
+        return room, others
     (in_flight,) = db.execute("SELECT count(*) FROM messages WHERE state='sending'"
                               " AND account=?", (op.account,)).fetchone()
     for span, most in op.windows:
         (sent,) = db.execute("SELECT count(*) FROM sends WHERE account=? AND at>?",
                              (op.account, op.now - span)).fetchone()
         room = min(room, most - sent - in_flight)
-    return room
+        others = min(others, share_for_others(most, op.reserve_for_high) - sent - in_flight)
+    return room, min(room, others)
 
 
 def _claim(db: sqlite3.Connection, op: ClaimDue) -> list[QueuedMessage]:
-    room = _room(db, op)
+    room, others = _room(db, op)
     if room <= 0:
         return []
-    params = {"a": op.account, "now": op.now, "n": room, "lease": op.now + op.lease_s,
-              "owner": op.owner}
-    rows = db.execute(CLAIM_SQL, params).fetchall()
+    params: dict[str, Any] = {"a": op.account, "now": op.now, "n": room,
+                              "lease": op.now + op.lease_s, "owner": op.owner}
+    rows = []
+    if others < room:  # high priority first, up to the whole room; the rest up to theirs
+        rows = db.execute(CLAIM_HIGH_SQL, params).fetchall()
+        params["n"] = min(others, room - len(rows))
+    if params["n"] > 0:
+        rows += db.execute(CLAIM_SQL, params).fetchall()
     messages = [row_to_message(r) for r in rows]
     for m in messages:
         m.claim = Claim(op.owner, op.now + op.lease_s)
