@@ -237,6 +237,7 @@ class App:
                 self.metrics.account_paused.labels(name).set(1 if name in paused else 0)
         for name, worker in self.scheduler.workers.items():
             self.metrics.account_backoff.labels(name).set(1 if worker.backed_off else 0)
+            worker.ease_throttle(worker.mono())
         for name, transport in self.transports.items():
             self.metrics.connections_open.labels(name).set(transport.open_connections())
         with contextlib.suppress(StoreError):

@@ -22,6 +22,8 @@ are pure. The JSON document's keys are stable:
     accounts.NAME.health.backoff_left_s      seconds to it, else null
     accounts.NAME.health.failures            account-wide failures in a row
     accounts.NAME.health.last_error          the upstream's reply to the last of them
+    accounts.NAME.health.throttle_factor     1.0 at full speed, less after "slow down"
+                                             replies (relay.delivery.throttle); null unknown
     accounts.NAME.paused_since               UTC time of `relay accounts pause NAME`, or null
     accounts.NAME.rate_limit.windows         [{window, used, limit, remaining, next_slot_at}]
                                              per configured window (next_slot_at: UTC
@@ -93,12 +95,14 @@ def _iso(ts: float | None) -> str | None:
 def account_health(snap: Snapshot, name: str) -> dict[str, Any]:
     """One account's health: state (one of HEALTH_STATES), its backoff, failures, error."""
     result: dict[str, Any] = {"state": "ok", "backoff_until": None, "backoff_left_s": None,
-                              "failures": 0, "last_error": ""}
+                              "failures": 0, "last_error": "", "throttle_factor": 1.0}
     if name not in snap.configured:
-        return {**result, "state": "not_configured"}
+        return {**result, "state": "not_configured", "throttle_factor": None}
     if not snap.server_running:
-        return {**result, "state": "unknown"}
+        return {**result, "state": "unknown", "throttle_factor": None}
     h: AccountHealth | None = snap.health.accounts.get(name) if snap.health else None
+    if h is not None:
+        result["throttle_factor"] = h.throttle
     if h is None or h.failures == 0:
         return result
     assert snap.health is not None
@@ -107,7 +111,7 @@ def account_health(snap: Snapshot, name: str) -> dict[str, Any]:
     state = "auth_failing" if h.auth else "backing_off" if waiting else "probing"
     return {"state": state, "backoff_until": _iso(h.backoff_until) if waiting else None,
             "backoff_left_s": round(h.backoff_until - snap.now, 3) if waiting else None,
-            "failures": h.failures, "last_error": h.last_error}
+            "failures": h.failures, "last_error": h.last_error, "throttle_factor": h.throttle}
 
 
 def _accounts(snap: Snapshot) -> list[str]:
@@ -242,6 +246,13 @@ def _attempt_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def _health_text(h: dict[str, Any]) -> str:
+    throttle = h.get("throttle_factor")
+    slowed = (f"; slowed to {throttle:.0%} of its rate and connections (the upstream asked)"
+              if throttle is not None and throttle < 1 else "")
+    return _state_text(h) + slowed
+
+
+def _state_text(h: dict[str, Any]) -> str:
     state = h["state"]
     if state == "ok":
         return "ok"

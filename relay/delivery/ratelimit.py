@@ -40,8 +40,14 @@ class RateLimiter:
         self.in_flight = 0  # reserved, not yet complete: counts in every window
         # rate_limit.reserve_for_high: the share of each window only high priority may use.
         self.reserve_for_high = reserve_for_high
+        # Adaptive throttling (relay.delivery.throttle): the share of each limit in use.
+        self.factor = 1.0
+
+    def _scaled(self, limit: int) -> int:
+        return limit if self.factor >= 1.0 else max(1, int(limit * self.factor + 1e-9))
 
     def _limit(self, limit: int, others: bool) -> int:
+        limit = self._scaled(limit)
         return share_for_others(limit, self.reserve_for_high) if others else limit
 
     @property
@@ -51,8 +57,9 @@ class RateLimiter:
     @property
     def windows(self) -> list[tuple[float, int]]:
         """(seconds, limit) of each window, safety margin included: what a claim checks
-        against the queue's record of every process's sends (QueueStore.claim_due)."""
-        return [(w, n) for w, n, _ in self._windows]
+        against the queue's record of every process's sends (QueueStore.claim_due), at
+        the throttle's factor."""
+        return [(w, self._scaled(n)) for w, n, _ in self._windows]
 
     def _prune(self, now: float) -> None:
         for window, _, sent in self._windows:

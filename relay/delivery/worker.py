@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import random
@@ -23,6 +24,7 @@ from relay.delivery.outcome import accepted_so_far, settle
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.refusals import login_refused
 from relay.delivery.retry import RetryPolicy
+from relay.delivery.throttle import Throttle, named_wait, slow_down_reply
 from relay.delivery.transport import PoolControl, SendResult, Transport
 from relay.errors import DeliveryError, StoreError, TemporaryFailure
 from relay.observe.logs import event
@@ -130,6 +132,9 @@ class AccountWorker:
         self.resume_at = 0.0  # the same instant in wall time, as stored in due times
         self.backoff_failures = 0
         self.last_account_error = ""
+        # "Slow down" replies: a share of the pool and rate limits, and a named wait.
+        self.throttle = Throttle()
+        self._health: AccountHealth | None = None  # the last published, for the throttle
         self._held = False
         self._notices = 0  # bumped by notify(): an idle verdict older than this is stale
         self._stopping = False
@@ -188,10 +193,11 @@ class AccountWorker:
         return limit - len(self.in_flight) - len(self.settling)
 
     def _capacity(self) -> int:
-        """Sends at once: the pool size, less while the server refuses more connections."""
+        """Sends at once: the pool size, less while the server refuses more connections,
+        and less while it asked us to slow down (the throttle's factor)."""
         if isinstance(self.transport, PoolControl):
-            return max(1, min(self.concurrency, self.transport.capacity))
-        return self.concurrency
+            return self.throttle.scale(min(self.concurrency, self.transport.capacity))
+        return self.throttle.scale(self.concurrency)
 
     def _wall_at(self, mono_at: float) -> float:
         """The wall-clock time (for storing) of a monotonic instant."""
@@ -211,6 +217,7 @@ class AccountWorker:
         if self.paused:
             self._rest_paused(now, notices)
             return None
+        self.ease_throttle(mono)
         self._start_ready()
         self._trim_ready(now)
         slots = self._slots()
@@ -222,7 +229,7 @@ class AccountWorker:
         want = slots + prefetch - len(self.ready)
         if want <= 0:
             return None
-        hold = self.limiter.wait_time(mono)
+        hold = max(self.limiter.wait_time(mono), self.throttle.held(mono))
         if hold == 0 and await self._claim(now, mono, want):
             return 0.0
         if self.in_flight or self.ready:
@@ -369,6 +376,7 @@ class AccountWorker:
         finally:
             self.limiter.complete(self.mono())  # counts from its end: see ratelimit
         now = self.clock()
+        self._note_slow_down(sent)
         resume_at = self._account_health(sent, now)
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
                         resume_at=resume_at, age_now=self.age_clock(now))
@@ -481,7 +489,7 @@ class AccountWorker:
             self.auth_failures = 0
             self.last_account_error = ""
             if recovered and self.health is not None:
-                self.health(AccountHealth(self.name, self._wall_at(self.backoff_until), 0))
+                self._publish(AccountHealth(self.name, self._wall_at(self.backoff_until), 0))
             return None
         refused_login = failure.code is not None and login_refused(failure.code,
                                                                    failure.enhanced)
@@ -509,9 +517,44 @@ class AccountWorker:
         # it backs off, 'sending' means a connection carries the message now (11.13).
         self._unclaim_ready(now, due_at=resume_at)
         if self.health is not None:
-            self.health(AccountHealth(self.name, resume_at, self.backoff_failures,
+            self._publish(AccountHealth(self.name, resume_at, self.backoff_failures,
                                       self.last_account_error, auth, reason))
         return resume_at
+
+    def _note_slow_down(self, sent: SendResult | DeliveryError) -> None:
+        """A "slow down" reply (relay.delivery.throttle) to this send: halve the account's
+        connections and rate for a cool-down, and hold claims for a wait it names."""
+        errors = [sent] if isinstance(sent, DeliveryError) else list(sent.refused.values())
+        slow = next((e for e in errors if slow_down_reply(e.code, e.enhanced, e.reason)), None)
+        if slow is None:
+            return
+        mono = self.mono()
+        wait = named_wait(slow.reason)
+        if self.throttle.slow_down(mono, wait):  # one line per change, not per message
+            self._throttle_changed()
+            event(log, logging.WARNING, "account_throttled", account=self.name,
+                  factor=f"{self.throttle.factor:g}", connections=self._capacity(),
+                  reason=slow.reply_text(), wait=f"{wait:g}s" if wait else None)
+            self._trim_ready(self.clock())
+
+    def ease_throttle(self, mono: float) -> None:
+        """Additive increase: the steps due by ``mono`` (also while idle: the gauges)."""
+        if self.throttle.ease(mono):
+            self._throttle_changed()
+            event(log, logging.INFO, "account_throttle_eased", account=self.name,
+                  factor=f"{self.throttle.factor:g}", connections=self._capacity())
+
+    def _throttle_changed(self) -> None:
+        """The new factor to the limiter, the gauge and the report `relay status` reads."""
+        self.limiter.factor = self.throttle.factor
+        self.metrics.throttle_factor.labels(self.name).set(self.throttle.factor)
+        self._publish(self._health or AccountHealth(self.name, 0.0, 0))
+
+    def _publish(self, health: AccountHealth) -> None:
+        """Tell `relay status` (through the scheduler's health hook), with the throttle."""
+        self._health = dataclasses.replace(health, throttle=self.throttle.factor)
+        if self.health is not None:
+            self.health(self._health)
 
     def _report(self, message: QueuedMessage, result: AttemptResult,
                 sent: SendResult | DeliveryError, duration: float) -> None:
