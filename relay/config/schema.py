@@ -411,6 +411,31 @@ class RateLimitConfig(_Frozen):
         return [(w, n) for _, w, n in self.named_windows()]
 
 
+_MAILBOX = re.compile(r"^[^@\s<>()\[\],;:\"]{1,64}@[A-Za-z0-9.-]{1,253}$")
+
+
+class RewriteConfig(_Frozen):
+    """Sender rewriting for upstreams that refuse a From other than their user
+    (relay.delivery.rewrite); opt-in, and it breaks an application's DKIM signature."""
+
+    envelope_from: str | None = None  # MAIL FROM for every message (bounces keep <>)
+    header_from: Literal["keep", "replace"] = "keep"  # replace: From gets envelope_from
+    reply_to: Literal["original"] | None = None  # original: the From before, as Reply-To
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RewriteConfig:
+        if self.envelope_from is not None and not _MAILBOX.match(self.envelope_from):
+            raise ValueError(f"envelope_from: {self.envelope_from!r} is not an address like"
+                             " noreply@example.com")
+        if self.header_from == "replace" and self.envelope_from is None:
+            raise ValueError("header_from: replace needs envelope_from, the address to put"
+                             " in From")
+        if self.reply_to == "original" and self.header_from != "replace":
+            raise ValueError("reply_to: original needs header_from: replace (From is"
+                             " unchanged otherwise)")
+        return self
+
+
 class TimeoutsConfig(_Frozen):
     connect: PositiveDuration = 10.0
     command: PositiveDuration = 60.0
@@ -444,6 +469,7 @@ class AccountConfig(_Frozen):
     timeouts: TimeoutsConfig = TimeoutsConfig()
     # The EHLO name for this account; None: the top-level hostname.
     ehlo_name: Hostname | None = None
+    rewrite: RewriteConfig | None = None  # None: the sender and From go as they came
     # maildir
     path: Path | None = None
 

@@ -18,6 +18,7 @@ from relay.delivery.bounce import build_dsn, needs_smtputf8
 from relay.delivery.health import AccountHealth, HealthPublisher, decode
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
+from relay.delivery.rewrite import Rewrite
 from relay.delivery.transport import Transport
 from relay.delivery.worker import AccountWorker
 from relay.errors import StoreError
@@ -95,6 +96,9 @@ class Scheduler:
             auth_policy=RetryPolicy(auth.initial, auth.max, float("inf"), jitter=0.0),
             monotonic=self.mono,
             age_clock=self._age_now,
+            rewrite=None if acc.rewrite is None else Rewrite(
+                acc.rewrite.envelope_from, acc.rewrite.header_from == "replace",
+                acc.rewrite.reply_to == "original"),
         )
 
     def _clock_jump(self) -> float:

@@ -24,6 +24,7 @@ from relay.delivery.outcome import accepted_so_far, settle
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.refusals import login_refused
 from relay.delivery.retry import RetryPolicy
+from relay.delivery.rewrite import Rewrite
 from relay.delivery.throttle import Throttle, named_wait, slow_down_reply
 from relay.delivery.transport import PoolControl, SendResult, Transport
 from relay.errors import DeliveryError, StoreError, TemporaryFailure
@@ -96,8 +97,10 @@ class AccountWorker:
         auth_policy: RetryPolicy | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         age_clock: Callable[[float], float] | None = None,
+        rewrite: Rewrite | None = None,
     ) -> None:
         self.name = name
+        self.rewrite = rewrite  # accounts.NAME.rewrite: applied to what is sent only
         self.bounce = bounce
         self.health = health  # told of each change of backoff, for `relay status`
         self.transport = transport
@@ -362,8 +365,11 @@ class AccountWorker:
         body = b""
         try:
             body = await self.store.load_body(message.id)
+            sender, outgoing = message.sender, body  # the bounce quotes what was queued
+            if self.rewrite is not None:
+                sender, outgoing = self.rewrite.apply(sender, body)
             sent = await self.transport.send(
-                message.sender, message.pending_recipients, body, message.mail_options,
+                sender, message.pending_recipients, outgoing, message.mail_options,
                 pace=functools.partial(self._between, message),
             )
         except DeliveryError as exc:
