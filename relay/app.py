@@ -110,7 +110,7 @@ class App:
         self.config = config
         self.role = worker or WorkerRole()
         self.registry = registry or CollectorRegistry()
-        self.metrics = Metrics(self.registry, config.accounts)
+        self.metrics = Metrics(self.registry, [*config.accounts, *config.routing.groups])
         self.store: QueueStore = SQLiteStore(config.queue.path, commit=config.queue.commit,
                                              lock=not self.role.shared, role=self.role.name,
                                              min_free=config.queue_min_free)
@@ -316,6 +316,10 @@ class App:
             or (new.hostname != old.hostname and acc.transport == "smtp")
         }
         removed = set(old.accounts) - set(new.accounts)
+        # A group's worker is rebuilt when the group changed (its members' transports and
+        # workers are looked up at each send, so theirs need not).
+        groups = {name for name, group in new.routing.groups.items()
+                  if old.routing.groups.get(name) != group or new.retry != old.retry}
         # 1. What may fail: listener users (password files), new connection pools (TLS
         # files) and workers (the queue file).
         try:
@@ -324,13 +328,13 @@ class App:
             raise ConfigError([f"listen.auth.users: cannot read a password: {exc}"]) from None
         fresh = build_transports(new, self.metrics, names=changed)
         try:
-            workers = await self.scheduler.prepare_workers(new, fresh, changed)
+            workers = await self.scheduler.prepare_workers(new, fresh, changed | groups)
         except BaseException:
             for transport in fresh.values():
                 await transport.close()
             raise
         # 2. The switch: no await from here to the end.
-        self.metrics.add_accounts(new.accounts)
+        self.metrics.add_accounts([*new.accounts, *new.routing.groups])
         retired_transports = [self.transports.pop(n) for n in changed | removed
                               if n in self.transports]
         self.transports.update(fresh)

@@ -75,7 +75,8 @@ def _config(tmp_path: Path, rules: list[dict[str, Any]]) -> Path:
 
 
 @pytest.mark.parametrize(("rules", "problem"), [
-    ([{"sender": "@x.com", "account": "nope"}], "routing.rules.0.account: no account named"),
+    ([{"sender": "@x.com", "account": "nope"}],
+     "routing.rules.0.account: no account or group named"),
     ([{"account": "b"}], "routing.rules.0.account: a rule needs at least one of sender"),
     ([{"sender": "@x.com", "account": "b", "recipient": "x"}],
      "routing.rules.0.recipient: "),

@@ -34,7 +34,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     if args.header_from and not any(k.lower() == "from" for k, _ in fields):
         fields.append(("From", args.header_from))
     try:
-        requested = requested_account(fields, config.accounts)
+        requested = requested_account(fields, config.destinations)
     except RoutingError as exc:
         return fail(f"the listener would refuse it (550 5.7.1): {exc}", EXIT_USAGE)
     sender = "" if args.sender in ("", "<>") else args.sender
@@ -42,7 +42,10 @@ def cmd_route(args: argparse.Namespace) -> int:
                        config.routing.table(), requested)
     for d in decisions:
         by = f"rule {d.rule!r}" if d.rule else "X-Account" if requested else "default"
-        out(f"<{d.recipient}>: account {d.account}, by {by} ({d.why})")
+        group = config.routing.groups.get(d.account)
+        what = (f"group {d.account} ({group.mode}: {', '.join(group.accounts)}; the account"
+                " is decided at each attempt)" if group else f"account {d.account}")
+        out(f"<{d.recipient}>: {what}, by {by} ({d.why})")
     routes = route(decisions)
     if len(routes) > 1:
         out(f"split into {len(routes)} queue entries, one 250 for the client: "

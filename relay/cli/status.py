@@ -328,7 +328,7 @@ async def gather(config: Config, now: float) -> Snapshot:
     try:
         firsts = [m for s in UNDELIVERED
                   for m in await store.list_messages(state=str(s), limit=1)]
-        accounts = list(config.accounts)
+        accounts = [*config.accounts, *config.routing.groups]  # a group's mail is its own
         attempts = {w: await store.attempt_counts(accounts, now - span) for w, span in WINDOWS}
         report = decode(await store.read_health())
         flush = await store.flush_requested()

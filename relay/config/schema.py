@@ -577,11 +577,37 @@ class RoutingRuleConfig(_Frozen):
 RULE_CONDITIONS = ("sender", "from_domain", "recipient_domain", "user", "header")
 
 
+class GroupConfig(_Frozen):
+    """Accounts that share a group's mail (docs/routing.md#groups): the account is
+    decided at each attempt; an account-level failure moves the message to the next."""
+
+    accounts: list[str] = Field(min_length=1)
+    # failover: the first healthy account under its limits, in list order; weighted:
+    # spread by weight among those.
+    mode: Literal["failover", "weighted"] = "failover"
+    weights: dict[str, Annotated[WholeNumber, Field(ge=1)]] | None = None
+
+    @model_validator(mode="after")
+    def _weights(self) -> GroupConfig:
+        if len(set(self.accounts)) != len(self.accounts):
+            raise ValueError("accounts: an account is listed twice")
+        if self.mode == "failover":
+            if self.weights is not None:
+                raise ValueError("weights: only for mode: weighted")
+            return self
+        if self.weights is None or set(self.weights) != set(self.accounts):
+            raise ValueError("weights: give each of " + ", ".join(self.accounts)
+                             + " a weight (a whole number, at least 1), and no other")
+        return self
+
+
 class RoutingConfig(_Frozen):
     default_account: str = "outbox"
     # Tried in order after X-Account; the first whose conditions all hold names the
     # account. Recipients that match different rules are queued once per account.
     rules: list[RoutingRuleConfig] = Field(default_factory=list)
+    # X-Account, rules and default_account may name a group instead of an account.
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)
 
     def table(self) -> RoutingTable:
         """The rules as the router's plain values (relay.delivery.rules)."""
@@ -630,7 +656,7 @@ class Config(_Frozen):
                 )
         for user, spec in self.listen.auth.users.items():
             for name in spec.accounts or []:
-                if name not in self.accounts:
+                if name not in self.destinations:
                     raise ValueError(
                         f"listen.auth.users.{user}.accounts: no account named {name!r}"
                     )
@@ -640,17 +666,39 @@ class Config(_Frozen):
                 and _same_host(self.metrics.host, self.listen.host)):
             raise ValueError(f"metrics.port: {self.metrics.port} is also listen.port; give the"
                              " metrics endpoint a port of its own")
+        self._check_groups()
+        targets = self.destinations
         for i, rule in enumerate(self.routing.rules):
-            if rule.account not in self.accounts:
+            if rule.account not in targets:
                 raise ValueError(
-                    f"routing.rules.{i}.account: no account named {rule.account!r}"
+                    f"routing.rules.{i}.account: no account or group named {rule.account!r}"
                     f" (accounts: {', '.join(sorted(self.accounts))})")
-        if self.routing.default_account not in self.accounts:
+        if self.routing.default_account not in targets:
             raise ValueError(
                 f"routing.default_account: no account named {self.routing.default_account!r}"
                 f" (accounts: {', '.join(sorted(self.accounts))})"
             )
         return self
+
+    @property
+    def destinations(self) -> set[str]:
+        """What X-Account, a rule or default_account may name: an account or a group."""
+        return set(self.accounts) | set(self.routing.groups)
+
+    def _check_groups(self) -> None:
+        for name, group in self.routing.groups.items():
+            key = f"routing.groups.{name}"
+            if not ACCOUNT_NAME.match(name):
+                raise ValueError(f"{key}: group names use letters, digits, '_', '.', '-'")
+            if name in self.accounts:
+                raise ValueError(f"{key}: an account has that name too; X-Account and rules"
+                                 " could not tell them apart")
+            for member in group.accounts:
+                if member in self.routing.groups:
+                    raise ValueError(f"{key}.accounts: {member!r} is a group; a group lists"
+                                     " accounts only (no nesting, so no cycles)")
+                if member not in self.accounts:
+                    raise ValueError(f"{key}.accounts: no account named {member!r}")
 
     def _check_retry(self, account: str) -> None:
         """Refuse an account whose merged policy is out of order, naming where each part is set."""

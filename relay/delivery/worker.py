@@ -386,6 +386,8 @@ class AccountWorker:
         resume_at = self._account_health(sent, now)
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
                         resume_at=resume_at, age_now=self.age_clock(now))
+        if sent.via:  # a group's send: the attempt (and its rate-limit send) is the member's
+            result = dataclasses.replace(result, account=sent.via)
         duration = self.mono() - started
         # Recording the outcome (a commit, and so a sync) is a task of its own: the send
         # task ends once the upstream has answered, but its slot stays busy until the
@@ -418,6 +420,23 @@ class AccountWorker:
             wait = self.limiter.wait_time(self.mono())
             await asyncio.sleep(min(wait, _PACE_POLL_S))
         self.limiter.reserve(1)
+
+    # -- as a member of a group (relay.delivery.groups.Member) --------------------------
+    def may_send(self) -> bool:
+        """Not backing off, not paused, and its rate limits allow one more send now."""
+        mono = self.mono()
+        return (not self.paused and mono >= self.backoff_until
+                and self.limiter.available(mono) >= 1 and self.throttle.held(mono) == 0)
+
+    def reserve_send(self) -> None:
+        self.limiter.reserve(1)
+
+    def end_send(self) -> None:
+        self.limiter.complete(self.mono())
+
+    def account_failed(self, error: DeliveryError) -> None:
+        """A group's send through this account failed for the account: back off."""
+        self._account_health(error, self.clock())
 
     def restore_backoff(self, health: AccountHealth, now: float) -> None:
         """Go on with the backoff a previous run stored (``health``, wall time): after a
@@ -564,7 +583,7 @@ class AccountWorker:
 
     def _report(self, message: QueuedMessage, result: AttemptResult,
                 sent: SendResult | DeliveryError, duration: float) -> None:
-        account = self.name
+        account = result.account  # a group's member, or this account
         peer = sent.peer if isinstance(sent, SendResult) else self.transport.peer
         if not (isinstance(sent, DeliveryError) and sent.account_wide):
             # Every attempt that reached a transaction, failed ones too (the slow cases).

@@ -112,6 +112,7 @@ class IngestHandler:
         half-way through the switch)."""
         self.config = config
         self.routing = config.routing.table()
+        self.destinations = config.destinations  # accounts and groups
         self.auth = auth or ListenerAuth(config.listen.auth)
 
     def reject(self, reason: str, reply: replies.Reply) -> str:
@@ -180,7 +181,7 @@ class IngestHandler:
         any Deferred-Delivery time, or the refusal to answer: each step says which it was,
         not its message text. The user must be allowed every account it ends on."""
         try:
-            requested = requested_account(fields, self.config.accounts)
+            requested = requested_account(fields, self.destinations)
         except RoutingError as exc:
             return self.reject("unknown_account", replies.UNKNOWN_ACCOUNT.with_text(str(exc)))
         facts = Facts(_reverse_path(envelope.mail_from), tuple(envelope.rcpt_tos), fields, user)
