@@ -543,7 +543,7 @@ class AccountWorker:
         self._unclaim_ready(now, due_at=resume_at)
         if self.health is not None:
             self._publish(AccountHealth(self.name, resume_at, self.backoff_failures,
-                                      self.last_account_error, auth, reason))
+                                        self.last_account_error, auth, reason))
         return resume_at
 
     def _note_slow_down(self, sent: SendResult | DeliveryError) -> None:
