@@ -4,6 +4,7 @@ message is one 250 and one queue entry per account, committed together."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,15 @@ from relay.cli.commands import main
 from relay.config.loading import load_config
 from relay.delivery.rules import Facts, RoutingTable, Rule, decide, route
 from relay.errors import ConfigError
-from tests.conftest import StartRelay, message, relay_config, send, upstream_account
+from tests.conftest import (
+    StartRelay,
+    message,
+    relay_config,
+    send,
+    upstream_account,
+    wait_until,
+)
+from tests.relayproc import RelayProcess, write_config
 from tests.upstream import FakeUpstream
 
 TABLE = RoutingTable("default", (
@@ -175,3 +184,37 @@ async def test_reload_applies_new_rules(
         await second.wait_for_messages(1)
         await asyncio.sleep(0.1)
         assert len(upstream.messages) == 1
+
+
+async def test_sighup_reloads_rules_and_refuses_one_naming_an_unknown_account(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    async with FakeUpstream() as second:
+        path = write_config(tmp_path, upstream)
+        relay = await RelayProcess.spawn(path, tmp_path)
+        try:
+            await relay.wait_started()
+            data = yaml.safe_load(path.read_text())
+            data["accounts"]["second"] = upstream_account(second, tmp_path)
+            data["routing"]["rules"] = [{"sender": "@billing.com", "account": "second"}]
+            path.write_text(yaml.safe_dump(data))
+            relay.proc.send_signal(signal.SIGHUP)
+            await wait_until(lambda: "relay: reloaded" in relay.stderr, what="the reload")
+            code, _ = await send(relay.port, message("by rule"), sender="app@billing.com")
+            assert code == 250
+            await second.wait_for_messages(1)
+
+            data["routing"]["rules"][0]["account"] = "sceond"
+            path.write_text(yaml.safe_dump(data))
+            relay.proc.send_signal(signal.SIGHUP)
+            await wait_until(lambda: "still running with the previous one" in relay.stderr,
+                             what="the rejected reload")
+            assert "routing.rules.0.account: no account or group named 'sceond'" in relay.stderr
+            code, _ = await send(relay.port, message("old rule"), sender="app@billing.com")
+            assert code == 250
+            await second.wait_for_messages(2)
+            assert upstream.messages == []
+        finally:
+            if relay.proc.returncode is None:
+                relay.proc.send_signal(signal.SIGTERM)
+        assert await relay.exit_code(within=10) == 0
