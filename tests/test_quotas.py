@@ -55,6 +55,8 @@ def test_a_preset_fills_host_port_tls_and_published_limits() -> None:
      "accounts.a.rate_limit.per_rolling_day: 1000 is above sendgrid-free's published limit"),
     ({"preset": "ses-sandbox"}, "accounts.a.host: required for an smtp account (ses-sandbox"),
     ({"preset": "hotmail"}, "accounts.a.preset: "),
+    ({"preset": "gmail", "transport": "maildir", "path": "/tmp/box"},
+     "accounts.a.preset: a provider preset is for smtp accounts"),
     ({"rate_limit": {"reserve_for_high": "110%"}}, "accounts.a.rate_limit.reserve_for_high: "),
     ({"rate_limit": {"reserve_for_high": "lots%"}}, "accounts.a.rate_limit.reserve_for_high: "),
 ])

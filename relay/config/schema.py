@@ -483,6 +483,8 @@ class AccountConfig(_Frozen):
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> AccountConfig:
         if self.transport == "maildir":
+            if self.preset is not None:
+                raise ValueError("preset: a provider preset is for smtp accounts")
             if self.path is None:
                 raise ValueError("path: required for a maildir account")
             return self
