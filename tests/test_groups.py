@@ -151,3 +151,28 @@ async def test_weighted_spreads_by_weight(
         await app.scheduler.run_until_idle()
         assert len(upstream.messages) + len(second.messages) == 40
         assert upstream.messages and second.messages  # (1 in 5e11 to fail by chance)
+
+
+async def test_reload_adds_and_changes_a_group(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    async with FakeUpstream() as second:
+        accounts = {"first": upstream_account(upstream, tmp_path),
+                    "second": upstream_account(second, tmp_path)}
+        app = await start_relay(relay_config(tmp_path, accounts))
+        await app.reload(relay_config(tmp_path, accounts, routing={
+            "default_account": "mail", "groups": {"mail": {"accounts": ["second", "first"]}}}))
+        assert (await send(app.smtp_port, message("via the new group")))[0] == 250
+        await second.wait_for_messages(1)
+        await app.reload(relay_config(tmp_path, accounts, routing={
+            "default_account": "mail", "groups": {"mail": {"accounts": ["first", "second"]}}}))
+        assert (await send(app.smtp_port, message("in the new order")))[0] == 250
+        await upstream.wait_for_messages(1)
+        await app.scheduler.run_until_idle()
+        assert len(second.messages) == 1
+        # A reload that leaves the group alone keeps its worker (and what it holds).
+        worker = app.scheduler.workers["mail"]
+        await app.reload(relay_config(tmp_path, accounts, routing={
+            "default_account": "mail", "groups": {"mail": {"accounts": ["first", "second"]}}},
+            bounces={"enabled": True}))
+        assert app.scheduler.workers["mail"] is worker
