@@ -17,7 +17,15 @@ from relay.cli.commands import main
 from relay.config.loading import parse_config
 from relay.delivery.groups import Group, order
 from relay.errors import ConfigError
-from tests.conftest import StartRelay, message, relay_config, send, send_many, upstream_account
+from tests.conftest import (
+    StartRelay,
+    message,
+    relay_config,
+    send,
+    send_many,
+    upstream_account,
+    wait_until,
+)
 from tests.upstream import FakeUpstream
 
 
@@ -176,3 +184,17 @@ async def test_reload_adds_and_changes_a_group(
             "default_account": "mail", "groups": {"mail": {"accounts": ["first", "second"]}}},
             bounces={"enabled": True}))
         assert app.scheduler.workers["mail"] is worker
+
+
+async def test_a_slow_down_through_the_group_throttles_the_member(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(tmp_path, upstream, second))
+        upstream.fail_data(454, "Throttling failure: Maximum sending rate exceeded.")
+        assert (await send(app.smtp_port, message("slow")))[0] == 250
+        await app.scheduler.run_until_idle()
+        assert app.scheduler.workers["first"].throttle.factor == 0.5
+        assert app.scheduler.workers["second"].throttle.factor == 1.0
+        await wait_until(lambda: len(upstream.messages) + len(second.messages) == 1,
+                         what="the retry")  # deferred once, then delivered: not lost

@@ -59,6 +59,9 @@ class Member(Protocol):
     def account_failed(self, error: DeliveryError) -> None:
         """An account-level failure through the group: the member backs off."""
 
+    def note_reply(self, sent: SendResult | DeliveryError) -> None:
+        """What the member's upstream answered: a "slow down" throttles the member."""
+
 
 class GroupTransport:
     """A Transport over the member accounts' own transports (their pools and limits)."""
@@ -85,11 +88,13 @@ class GroupTransport:
             if member is None or transport is None or not member.may_send():
                 continue
             member.reserve_send()
+            self.last_peer = transport.peer  # for the log line of a failure, too
             try:
                 result = await transport.send(sender, recipients, body, mail_options,
                                               pace=pace)
             except DeliveryError as exc:
                 exc.via = name
+                member.note_reply(exc)
                 if not exc.account_wide:
                     raise
                 member.account_failed(exc)
@@ -97,7 +102,7 @@ class GroupTransport:
                 continue
             finally:
                 member.end_send()
-            self.last_peer = result.peer
+            member.note_reply(result)
             result.via = name
             return result
         if last is not None:

@@ -438,6 +438,10 @@ class AccountWorker:
         """A group's send through this account failed for the account: back off."""
         self._account_health(error, self.clock())
 
+    def note_reply(self, sent: SendResult | DeliveryError) -> None:
+        """A group's send through this account: a "slow down" throttles this account."""
+        self._note_slow_down(sent)
+
     def restore_backoff(self, health: AccountHealth, now: float) -> None:
         """Go on with the backoff a previous run stored (``health``, wall time): after a
         restart the account still probes one at a time, not a pool's worth at once, and a
