@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import socket
@@ -231,7 +232,8 @@ class Scheduler:
                 worker.restore_backoff(health, now)
                 # Published again under this process: `relay status` ignores a report
                 # whose process is gone, and the next report must not drop it.
-                self.health.update(health)
+                # (A throttle is not restored: this process starts at full speed.)
+                self.health.update(dataclasses.replace(health, throttle=1.0))
             await self._start_worker(worker, now)
         self._flush_seen = await self.store.flush_requested()
         await self.apply_pauses()
