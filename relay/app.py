@@ -11,7 +11,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -112,7 +112,7 @@ class App:
         self.config = config
         self.role = worker or WorkerRole()
         self.registry = registry or CollectorRegistry()
-        self.metrics = Metrics(self.registry, config.accounts)
+        self.metrics = Metrics(self.registry, [*config.accounts, *config.routing.groups])
         self.store: QueueStore = SQLiteStore(config.queue.path, commit=config.queue.commit,
                                              lock=not self.role.shared, role=self.role.name,
                                              min_free=config.queue_min_free)
@@ -143,31 +143,38 @@ class App:
         self._answered = asyncio.Event()  # set whenever _committing is 0
         self._answered.set()
 
-    async def _submit(self, message: NewMessage) -> tuple[str, Reply | None]:
-        """Commit a routed message. Once the commit returns nothing may raise: the
-        session answers 250 even if a reload removed the account meanwhile (the message
-        then waits until the account returns). Returns the id that holds the message (with
-        dedup, maybe an earlier one's) and, with ack: after_upstream, the upstream's
-        permanent refusal to answer instead (committed first: nothing is lost)."""
+    async def _submit(self, messages: Sequence[NewMessage]
+                      ) -> tuple[list[str], Reply | None]:
+        """Commit a routed message's queue entries (one per account), all in one
+        transaction. Once the commit returns nothing may raise: the session answers 250
+        even if a reload removed an account meanwhile (its entry then waits until the
+        account returns). Returns the id holding each entry (with dedup, maybe an earlier
+        one's) and, with ack: after_upstream, the upstream's permanent refusal to answer
+        instead (committed first: nothing is lost; a split message is not tried first)."""
         self._committing += 1
         self._answered.clear()
         try:
-            queued = await self.store.enqueue(message)
+            if len(messages) == 1:
+                queued = [await self.store.enqueue(messages[0])]
+            else:
+                queued = await self.store.enqueue_all(messages)
         finally:
             self._committing -= 1
             if not self._committing:
                 self._answered.set()
-        if queued != message.id:  # (dedup) the first one is queued already
-            return queued, None
-        if message.account in self._waiting:
-            at, count = self._waiting[message.account]
-            self._waiting[message.account] = (at, count + 1)
         refusal = None
-        if (self.config.ack_for(message.account) == "after_upstream" and self.role.delivers
-                and message.not_before <= message.created_at):  # not a Deferred-Delivery
-            refusal = await self.scheduler.deliver_now(message.account, message.id,
-                                                       self.config.listen.sync_timeout)
-        self.scheduler.notify(message.account)
+        for message, holder in zip(messages, queued, strict=True):
+            if holder != message.id:  # (dedup) the first one is queued already
+                continue
+            if message.account in self._waiting:
+                at, count = self._waiting[message.account]
+                self._waiting[message.account] = (at, count + 1)
+            if (len(messages) == 1 and self.role.delivers
+                    and self.config.ack_for(message.account) == "after_upstream"
+                    and message.not_before <= message.created_at):  # not Deferred-Delivery
+                refusal = await self.scheduler.deliver_now(message.account, message.id,
+                                                           self.config.listen.sync_timeout)
+            self.scheduler.notify(message.account)
         return queued, refusal
 
     async def _admit(self, account: str) -> bool:
@@ -248,8 +255,22 @@ class App:
                 self.metrics.account_paused.labels(name).set(1 if name in paused else 0)
         for name, worker in self.scheduler.workers.items():
             self.metrics.account_backoff.labels(name).set(1 if worker.backed_off else 0)
+            worker.ease_throttle(worker.mono())
         for name, transport in self.transports.items():
             self.metrics.connections_open.labels(name).set(transport.open_connections())
+        with contextlib.suppress(StoreError):
+            await self._refresh_quotas(time.time())
+
+    async def _refresh_quotas(self, now: float) -> None:
+        """relay_account_quota_remaining from the sends every process recorded."""
+        for name, acc in self.config.accounts.items():
+            windows = acc.rate_limit.named_windows()
+            if not windows:
+                continue
+            sends = await self.store.recent_sends(name, now - max(w for _, w, _ in windows))
+            for key, span, limit in windows:
+                used = sum(1 for t in sends if t > now - span)
+                self.metrics.quota_remaining.labels(name, key).set(max(limit - used, 0))
 
     async def ready_problem(self) -> str | None:
         if self.draining:
@@ -313,6 +334,10 @@ class App:
             or (new.hostname != old.hostname and acc.transport == "smtp")
         }
         removed = set(old.accounts) - set(new.accounts)
+        # A group's worker is rebuilt when the group changed (its members' transports and
+        # workers are looked up at each send, so theirs need not).
+        groups = {name for name, group in new.routing.groups.items()
+                  if old.routing.groups.get(name) != group or new.retry != old.retry}
         # 1. What may fail: listener users (password files), new connection pools (TLS
         # files) and workers (the queue file).
         try:
@@ -321,13 +346,13 @@ class App:
             raise ConfigError([f"listen.auth.users: cannot read a password: {exc}"]) from None
         fresh = build_transports(new, self.metrics, names=changed)
         try:
-            workers = await self.scheduler.prepare_workers(new, fresh, changed)
+            workers = await self.scheduler.prepare_workers(new, fresh, changed | groups)
         except BaseException:
             for transport in fresh.values():
                 await transport.close()
             raise
         # 2. The switch: no await from here to the end.
-        self.metrics.add_accounts(new.accounts)
+        self.metrics.add_accounts([*new.accounts, *new.routing.groups])
         retired_transports = [self.transports.pop(n) for n in changed | removed
                               if n in self.transports]
         self.transports.update(fresh)

@@ -63,6 +63,7 @@ class DeliveryError(RelayError):
     """A delivery attempt failed; carries the SMTP reply when there was one."""
 
     temporary: bool = True
+    via: str = ""  # the member account a group tried (relay.delivery.groups)
 
     def __init__(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -413,8 +414,8 @@ def _bare_smtp(*, strict: bool = True) -> RelaySMTP:
         config = Config(listen=ListenConfig(strict_addresses=strict))
         metrics = Metrics(CollectorRegistry(), config.accounts)
 
-        async def submit(new: NewMessage) -> str:
-            return new.id
+        async def submit(new: Sequence[NewMessage]) -> tuple[list[str], None]:
+            return [m.id for m in new], None
 
         loop = asyncio.new_event_loop()
         handler = IngestHandler(config, submit, metrics)

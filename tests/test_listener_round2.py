@@ -385,7 +385,7 @@ async def test_client_leaving_mid_commit_does_not_cut_the_commit(
     real_submit = app.handler.submit
     committing = asyncio.Event()
 
-    async def slow_submit(new: Any) -> str:  # the real commit, after a slow disk's pause
+    async def slow_submit(new: Any) -> Any:  # the real commit, after a slow disk's pause
         committing.set()
         await asyncio.sleep(0.3)
         return await real_submit(new)

@@ -104,7 +104,8 @@ async def exposition(upstream: FakeUpstream, start_relay: StartRelay, webhook: W
     """Sample name -> label sets, from GET /metrics of a relay that has done some work."""
     config = relay_config(tmp_path, {
         "main": upstream_account(upstream, tmp_path),
-        "outbox": {"transport": "maildir", "path": str(tmp_path / "outbox")},
+        "outbox": {"transport": "maildir", "path": str(tmp_path / "outbox"),
+                   "rate_limit": {"per_day": 1000}},  # relay_account_quota_remaining
     }, events={"webhooks": [webhook_block(webhook, tmp_path)]})
     app = await start_relay(config)
     upstream.fail_data(451, "4.3.0 try again later", times=1)

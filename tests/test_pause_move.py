@@ -167,8 +167,10 @@ def test_rate_use_counts_each_sliding_window_and_finds_the_next_send() -> None:
     now = 100_000.0
     sends = [now - 3000, now - 50, now - 30, now - 10]  # one an hour ago-ish, three recent
     use = rate_use([(60.0, 3), (3600.0, 10)], sends, now)
-    assert use["windows"] == [{"window": "per_minute", "used": 3, "limit": 3},
-                              {"window": "per_hour", "used": 4, "limit": 10}]
+    assert use["windows"] == [
+        {"window": "per_minute", "used": 3, "limit": 3, "remaining": 0,
+         "next_slot_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 50 + 60))},
+        {"window": "per_hour", "used": 4, "limit": 10, "remaining": 6, "next_slot_at": None}]
     # The minute is full: the next send may go when the oldest of the three leaves it.
     assert use["next_send_at"] == time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                 time.gmtime(now - 50 + 60))

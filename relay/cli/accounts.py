@@ -1,4 +1,4 @@
-"""`relay accounts test|pause|resume` and `relay queue move`: what an on-call engineer
+"""`relay accounts test|quota|pause|resume` and `relay queue move`: what an on-call engineer
 does to an account that is down (docs/runbooks.md).
 
 Pause and resume are stored in the queue file, so a running relay (every process of it)
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,6 +19,7 @@ from typing import Any
 from relay.cli.common import EXIT_OK, EXIT_USAGE, fail, load, open_queue, out
 from relay.cli.filters import message_filter
 from relay.cli.queue import bulk, bulk_options
+from relay.cli.status import rate_use
 from relay.config.schema import Config
 from relay.queue.ops import MOVABLE, move_to
 from relay.queue.types import MessageState
@@ -56,6 +58,45 @@ def _set_paused(args: argparse.Namespace, paused: bool) -> int:
             f" (sends under way finish) until `relay accounts resume {args.name}`")
     else:
         out(f"resumed {args.name}: its queued mail is sent again")
+    return EXIT_OK
+
+
+def cmd_quota(args: argparse.Namespace) -> int:
+    """What each rate-limited account has left in each window, from the sends recorded in
+    the queue file (every process's), and when its next slot opens."""
+    config = load(args)
+    now = time.time()
+    limited = {name: acc.rate_limit.named_windows() for name, acc in config.accounts.items()
+               if acc.rate_limit.windows()}
+
+    async def run() -> dict[str, list[float]]:
+        store = await open_queue(config)
+        try:
+            return {name: await store.recent_sends(name, now - max(w for _, w, _ in wins))
+                    for name, wins in limited.items()}
+        finally:
+            await store.close()
+
+    sends = asyncio.run(run())
+    use = {name: rate_use(wins, sends[name], now) for name, wins in limited.items()}
+    if args.json:
+        print(json.dumps({"generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                        time.gmtime(now)),
+                          "accounts": use}, indent=2))
+        return EXIT_OK
+    for name in config.accounts:
+        if name not in use:
+            out(f"{name}: no rate limit")
+            continue
+        preset = config.accounts[name].preset
+        out(f"{name}:" + (f" (preset {preset})" if preset else ""))
+        for w in use[name]["windows"]:
+            slot = "now" if w["next_slot_at"] is None else w["next_slot_at"]
+            out(f"  {w['window']:<16}{w['remaining']:>7} left of {w['limit']:<7}"
+                f" ({w['used']} used); next slot: {slot}")
+        reserve = config.accounts[name].rate_limit.reserve_for_high
+        if reserve:
+            out(f"  ({reserve:.0%} of each window is kept for high-priority mail)")
     return EXIT_OK
 
 
@@ -102,6 +143,10 @@ def add_commands(sub: Any, common: argparse.ArgumentParser,
                         help="connect, TLS, AUTH and NOOP against one account")
     p.add_argument("name", metavar="NAME", help="the account's name under accounts:")
     p.set_defaults(func=test)
+    p = asub.add_parser("quota", parents=[common],
+                        help="what each account's rate limits have left, and the next slot")
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    p.set_defaults(func=cmd_quota, needs_secrets=False)
     p = asub.add_parser("pause", parents=[common],
                         help="queue new mail for NAME but send nothing (persisted)")
     p.add_argument("name", metavar="NAME", help="the account to pause")

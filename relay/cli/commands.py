@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     from relay.cli import status as cli_status
 
     cli_status.add_command(sub, common)
+    from relay.cli import route as cli_route
+
+    cli_route.add_command(sub, common)
     from relay.cli import bench
 
     bench.add_command(sub)

@@ -22,8 +22,12 @@ are pure. The JSON document's keys are stable:
     accounts.NAME.health.backoff_left_s      seconds to it, else null
     accounts.NAME.health.failures            account-wide failures in a row
     accounts.NAME.health.last_error          the upstream's reply to the last of them
+    accounts.NAME.health.throttle_factor     1.0 at full speed, less after "slow down"
+                                             replies (relay.delivery.throttle); null unknown
     accounts.NAME.paused_since               UTC time of `relay accounts pause NAME`, or null
-    accounts.NAME.rate_limit.windows         [{window, used, limit}] per configured window
+    accounts.NAME.rate_limit.windows         [{window, used, limit, remaining, next_slot_at}]
+                                             per configured window (next_slot_at: UTC
+                                             time that window next has room, null: now)
     accounts.NAME.rate_limit.next_send_at    UTC time the limits next allow a send, or null (now)
     totals.queue, totals.undelivered, totals.attempts   the same, over all accounts
     oldest_undelivered                       null, or id, account, state, created_at, age_s
@@ -78,8 +82,8 @@ class Snapshot:
     health: HealthReport | None  # None: no report from the server that is running now
     flush_at: float | None = None  # the last `relay queue flush`
     paused: Mapping[str, float] = field(default_factory=dict)  # account -> paused at
-    # account -> ((window seconds, limit), ...) and its send times within the longest one
-    limits: Mapping[str, Sequence[tuple[float, int]]] = field(default_factory=dict)
+    # account -> ((key, window seconds, limit), ...) and its send times within the longest
+    limits: Mapping[str, Sequence[tuple[str, float, int]]] = field(default_factory=dict)
     sends: Mapping[str, Sequence[float]] = field(default_factory=dict)
     processes: Sequence[tuple[int, str]] = ()  # (pid, role) of the relay processes on it
 
@@ -91,12 +95,14 @@ def _iso(ts: float | None) -> str | None:
 def account_health(snap: Snapshot, name: str) -> dict[str, Any]:
     """One account's health: state (one of HEALTH_STATES), its backoff, failures, error."""
     result: dict[str, Any] = {"state": "ok", "backoff_until": None, "backoff_left_s": None,
-                              "failures": 0, "last_error": ""}
+                              "failures": 0, "last_error": "", "throttle_factor": 1.0}
     if name not in snap.configured:
-        return {**result, "state": "not_configured"}
+        return {**result, "state": "not_configured", "throttle_factor": None}
     if not snap.server_running:
-        return {**result, "state": "unknown"}
+        return {**result, "state": "unknown", "throttle_factor": None}
     h: AccountHealth | None = snap.health.accounts.get(name) if snap.health else None
+    if h is not None:
+        result["throttle_factor"] = h.throttle
     if h is None or h.failures == 0:
         return result
     assert snap.health is not None
@@ -105,7 +111,7 @@ def account_health(snap: Snapshot, name: str) -> dict[str, Any]:
     state = "auth_failing" if h.auth else "backing_off" if waiting else "probing"
     return {"state": state, "backoff_until": _iso(h.backoff_until) if waiting else None,
             "backoff_left_s": round(h.backoff_until - snap.now, 3) if waiting else None,
-            "failures": h.failures, "last_error": h.last_error}
+            "failures": h.failures, "last_error": h.last_error, "throttle_factor": h.throttle}
 
 
 def _accounts(snap: Snapshot) -> list[str]:
@@ -123,19 +129,22 @@ WINDOW_NAMES = {1.0: "per_second", 60.0: "per_minute", 3600.0: "per_hour",
                 86400.0: "per_day"}
 
 
-def rate_use(limits: Sequence[tuple[float, int]], sends: Sequence[float],
-             now: float) -> dict[str, Any]:
-    """How much of each rate window the recorded sends use, and when the next send may
-    go: the moment enough sends leave every full window (sliding windows, as the
-    limiter counts them)."""
+def rate_use(limits: Sequence[tuple[float, int] | tuple[str, float, int]],
+             sends: Sequence[float], now: float) -> dict[str, Any]:
+    """How much of each rate window the recorded sends use, what is left, and when the
+    next send may go: the moment enough sends leave every full window (sliding windows,
+    as the limiter counts them). ``limits``: (seconds, limit), or (key, seconds, limit)."""
     windows, next_at = [], None
     ordered = sorted(sends)
-    for length, limit in limits:
+    for item in limits:
+        name, length, limit = item if len(item) == 3 else (None, *item)
         inside = [t for t in ordered if t > now - length]
-        windows.append({"window": WINDOW_NAMES.get(length, f"{length:g}s"),
-                        "used": len(inside), "limit": limit})
-        if len(inside) >= limit:
-            free_at = inside[len(inside) - limit] + length
+        free_at = inside[len(inside) - limit] + length if len(inside) >= limit else None
+        windows.append({"window": name or WINDOW_NAMES.get(length, f"{length:g}s"),
+                        "used": len(inside), "limit": limit,
+                        "remaining": max(limit - len(inside), 0),
+                        "next_slot_at": _iso(free_at)})
+        if free_at is not None:
             next_at = free_at if next_at is None else max(next_at, free_at)
     return {"windows": windows, "next_send_at": _iso(next_at)}
 
@@ -237,6 +246,13 @@ def _attempt_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def _health_text(h: dict[str, Any]) -> str:
+    throttle = h.get("throttle_factor")
+    slowed = (f"; slowed to {throttle:.0%} of its rate and connections (the upstream asked)"
+              if throttle is not None and throttle < 1 else "")
+    return _state_text(h) + slowed
+
+
+def _state_text(h: dict[str, Any]) -> str:
     state = h["state"]
     if state == "ok":
         return "ok"
@@ -312,12 +328,12 @@ async def gather(config: Config, now: float) -> Snapshot:
     try:
         firsts = [m for s in UNDELIVERED
                   for m in await store.list_messages(state=str(s), limit=1)]
-        accounts = list(config.accounts)
+        accounts = [*config.accounts, *config.routing.groups]  # a group's mail is its own
         attempts = {w: await store.attempt_counts(accounts, now - span) for w, span in WINDOWS}
         report = decode(await store.read_health())
         flush = await store.flush_requested()
-        limits = {name: acc.rate_limit.windows() for name, acc in config.accounts.items()
-                  if acc.rate_limit.windows()}
+        limits = {name: acc.rate_limit.named_windows()
+                  for name, acc in config.accounts.items() if acc.rate_limit.windows()}
         snap = Snapshot(
             now=now, queue=str(config.queue.path), configured=accounts,
             counts=await store.counts(), oldest_by_account=await store.oldest_ready(),
@@ -328,7 +344,7 @@ async def gather(config: Config, now: float) -> Snapshot:
             flush_at=float(flush) if flush else None,
             paused=await store.paused_accounts(),
             limits=limits,
-            sends={name: await store.recent_sends(name, now - max(w for w, _ in wins))
+            sends={name: await store.recent_sends(name, now - max(w for _, w, _ in wins))
                    for name, wins in limits.items()},
             processes=await store.processes(),
         )

@@ -26,7 +26,9 @@ from pydantic import (
 )
 
 from relay.config.durations import format_duration, parse_duration
+from relay.config.presets import apply_preset
 from relay.config.sizes import parse_size
+from relay.delivery.rules import RoutingTable, Rule
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -390,22 +392,68 @@ class PoolConfig(_Frozen):
     idle_timeout: Duration = 300.0
 
 
+# Each limit key and its window. Every window slides (any span of that length, as the
+# limiter counts): per_day is already a rolling 24 hours; per_rolling_day says so by name,
+# as Gmail and SES count, and is what the presets set.
+WINDOW_SECONDS = {"per_second": 1.0, "per_minute": 60.0, "per_hour": 3600.0,
+                  "per_day": 86400.0, "per_rolling_day": 86400.0}
+
+
+def _percent(value: object) -> object:
+    """``10%`` or a fraction (0.1): the fraction."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        number = value.strip()[:-1].strip()
+        if not _DECIMAL.fullmatch(number):
+            raise ValueError(f"{value!r} is not a percentage like 10%")
+        return float(number) / 100
+    return _from_text(value, float)
+
+
 class RateLimitConfig(_Frozen):
     per_second: WholeNumber | None = Field(default=None, ge=1)
     per_minute: WholeNumber | None = Field(default=None, ge=1)
     per_hour: WholeNumber | None = Field(default=None, ge=1)
     per_day: WholeNumber | None = Field(default=None, ge=1)
+    per_rolling_day: WholeNumber | None = Field(default=None, ge=1)
     on_limit: Literal["defer", "reject"] = "defer"
+    # This share of every window is kept for high-priority mail: normal and low mail may
+    # use only the rest (docs/routing.md). 0: none kept.
+    reserve_for_high: Annotated[float, BeforeValidator(_percent), Field(strict=True, ge=0,
+                                                                        lt=1)] = 0.0
+
+    def named_windows(self) -> list[tuple[str, float, int]]:
+        """(key, window length in seconds, limit) for each limit that is set."""
+        return [(key, span, getattr(self, key)) for key, span in WINDOW_SECONDS.items()
+                if getattr(self, key) is not None]
 
     def windows(self) -> list[tuple[float, int]]:
         """(window length in seconds, limit) for each limit that is set."""
-        pairs = [
-            (1.0, self.per_second),
-            (60.0, self.per_minute),
-            (3600.0, self.per_hour),
-            (86400.0, self.per_day),
-        ]
-        return [(w, n) for w, n in pairs if n is not None]
+        return [(w, n) for _, w, n in self.named_windows()]
+
+
+_MAILBOX = re.compile(r"^[^@\s<>()\[\],;:\"]{1,64}@[A-Za-z0-9.-]{1,253}$")
+
+
+class RewriteConfig(_Frozen):
+    """Sender rewriting for upstreams that refuse a From other than their user
+    (relay.delivery.rewrite); opt-in, and it breaks an application's DKIM signature."""
+
+    envelope_from: str | None = None  # MAIL FROM for every message (bounces keep <>)
+    header_from: Literal["keep", "replace"] = "keep"  # replace: From gets envelope_from
+    reply_to: Literal["original"] | None = None  # original: the From before, as Reply-To
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RewriteConfig:
+        if self.envelope_from is not None and not _MAILBOX.match(self.envelope_from):
+            raise ValueError(f"envelope_from: {self.envelope_from!r} is not an address like"
+                             " noreply@example.com")
+        if self.header_from == "replace" and self.envelope_from is None:
+            raise ValueError("header_from: replace needs envelope_from, the address to put"
+                             " in From")
+        if self.reply_to == "original" and self.header_from != "replace":
+            raise ValueError("reply_to: original needs header_from: replace (From is"
+                             " unchanged otherwise)")
+        return self
 
 
 class TimeoutsConfig(_Frozen):
@@ -556,6 +604,9 @@ class OAuthConfig(_Frozen):
 
 class AccountConfig(_Frozen):
     transport: Literal["smtp", "maildir"] = "smtp"
+    # Fills host, port, tls and the provider's published limits (relay.config.presets).
+    preset: Literal["gmail", "google-workspace", "ses-sandbox", "sendgrid-free",
+                    "mailgun-free", "m365"] | None = None
     # smtp
     host: str | None = None
     port: Port | None = None
@@ -580,19 +631,28 @@ class AccountConfig(_Frozen):
     ehlo_name: Hostname | None = None
     # None: listen.ack. after_upstream: this account's messages are tried before the 250.
     ack: Ack | None = None
+    rewrite: RewriteConfig | None = None  # None: the sender and From go as they came
     # maildir
     path: Path | None = None
 
     _secret: str | None = PrivateAttr(default=None)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: object) -> object:
+        return apply_preset(data) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> AccountConfig:
         if self.transport == "maildir":
+            if self.preset is not None:
+                raise ValueError("preset: a provider preset is for smtp accounts")
             if self.path is None:
                 raise ValueError("path: required for a maildir account")
             return self
         if not self.host:
-            raise ValueError("host: required for an smtp account")
+            hint = " (ses-sandbox: email-smtp.REGION.amazonaws.com)" if self.preset else ""
+            raise ValueError(f"host: required for an smtp account{hint}")
         if self.tls_ca_file is not None:
             if self.tls == "none" or not self.tls_verify:
                 raise ValueError("tls_ca_file: certificates are not checked with"
@@ -654,8 +714,91 @@ class BouncesConfig(_Frozen):
     enabled: Switch = False
 
 
+def _globs(value: object) -> object:
+    """One pattern or a list of them: always a list."""
+    return [value] if isinstance(value, str) else value
+
+
+Globs = Annotated[list[str], BeforeValidator(_globs), Field(min_length=1)]
+
+
+class HeaderMatchConfig(_Frozen):
+    """A header by name (case-insensitive) whose value matches a glob."""
+
+    name: str = Field(min_length=1)
+    value: str = "*"  # "*": the header is present, whatever its value
+
+
+class RoutingRuleConfig(_Frozen):
+    """One routing rule (docs/routing.md): every condition it sets must hold; each
+    condition takes one glob or a list (any of them), matched without regard to case."""
+
+    name: str | None = None  # shown by `relay route` and in the log; default "rule N"
+    # Envelope sender: an address glob (billing@example.com, *@example.com) or "@domain"
+    # (a glob on its domain: @example.com, @*.example.com).
+    sender: Globs | None = None
+    from_domain: Globs | None = None  # the domain of the From header's address
+    recipient_domain: Globs | None = None  # per recipient: a message may be split
+    user: Globs | None = None  # the listener user the client logged in as
+    header: HeaderMatchConfig | None = None
+    account: str
+
+    @model_validator(mode="after")
+    def _some_condition(self) -> RoutingRuleConfig:
+        if not any(getattr(self, k) is not None for k in RULE_CONDITIONS):
+            raise ValueError(
+                f"account: a rule needs at least one of {', '.join(RULE_CONDITIONS)}"
+                " (mail that matches nothing goes to routing.default_account)")
+        return self
+
+
+RULE_CONDITIONS = ("sender", "from_domain", "recipient_domain", "user", "header")
+
+
+class GroupConfig(_Frozen):
+    """Accounts that share a group's mail (docs/routing.md#groups): the account is
+    decided at each attempt; an account-level failure moves the message to the next."""
+
+    accounts: list[str] = Field(min_length=1)
+    # failover: the first healthy account under its limits, in list order; weighted:
+    # spread by weight among those.
+    mode: Literal["failover", "weighted"] = "failover"
+    weights: dict[str, Annotated[WholeNumber, Field(ge=1)]] | None = None
+
+    @model_validator(mode="after")
+    def _weights(self) -> GroupConfig:
+        if len(set(self.accounts)) != len(self.accounts):
+            raise ValueError("accounts: an account is listed twice")
+        if self.mode == "failover":
+            if self.weights is not None:
+                raise ValueError("weights: only for mode: weighted")
+            return self
+        if self.weights is None or set(self.weights) != set(self.accounts):
+            raise ValueError("weights: give each of " + ", ".join(self.accounts)
+                             + " a weight (a whole number, at least 1), and no other")
+        return self
+
+
 class RoutingConfig(_Frozen):
     default_account: str = "outbox"
+    # Tried in order after X-Account; the first whose conditions all hold names the
+    # account. Recipients that match different rules are queued once per account.
+    rules: list[RoutingRuleConfig] = Field(default_factory=list)
+    # X-Account, rules and default_account may name a group instead of an account.
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)
+
+    def table(self) -> RoutingTable:
+        """The rules as the router's plain values (relay.delivery.rules)."""
+
+        def globs(value: list[str] | None) -> tuple[str, ...] | None:
+            return None if value is None else tuple(value)
+
+        return RoutingTable(self.default_account, tuple(
+            Rule(name=r.name or f"rule {i + 1}", account=r.account, sender=globs(r.sender),
+                 from_domain=globs(r.from_domain),
+                 recipient_domain=globs(r.recipient_domain), user=globs(r.user),
+                 header=None if r.header is None else (r.header.name, r.header.value))
+            for i, r in enumerate(self.rules)))
 
 
 class DedupConfig(_Frozen):
@@ -791,7 +934,7 @@ class Config(_Frozen):
                 )
         for user, spec in self.listen.auth.users.items():
             for name in spec.accounts or []:
-                if name not in self.accounts:
+                if name not in self.destinations:
                     raise ValueError(
                         f"listen.auth.users.{user}.accounts: no account named {name!r}"
                     )
@@ -801,12 +944,39 @@ class Config(_Frozen):
                 and _same_host(self.metrics.host, self.listen.host)):
             raise ValueError(f"metrics.port: {self.metrics.port} is also listen.port; give the"
                              " metrics endpoint a port of its own")
-        if self.routing.default_account not in self.accounts:
+        self._check_groups()
+        targets = self.destinations
+        for i, rule in enumerate(self.routing.rules):
+            if rule.account not in targets:
+                raise ValueError(
+                    f"routing.rules.{i}.account: no account or group named {rule.account!r}"
+                    f" (accounts: {', '.join(sorted(self.accounts))})")
+        if self.routing.default_account not in targets:
             raise ValueError(
                 f"routing.default_account: no account named {self.routing.default_account!r}"
                 f" (accounts: {', '.join(sorted(self.accounts))})"
             )
         return self
+
+    @property
+    def destinations(self) -> set[str]:
+        """What X-Account, a rule or default_account may name: an account or a group."""
+        return set(self.accounts) | set(self.routing.groups)
+
+    def _check_groups(self) -> None:
+        for name, group in self.routing.groups.items():
+            key = f"routing.groups.{name}"
+            if not ACCOUNT_NAME.match(name):
+                raise ValueError(f"{key}: group names use letters, digits, '_', '.', '-'")
+            if name in self.accounts:
+                raise ValueError(f"{key}: an account has that name too; X-Account and rules"
+                                 " could not tell them apart")
+            for member in group.accounts:
+                if member in self.routing.groups:
+                    raise ValueError(f"{key}.accounts: {member!r} is a group; a group lists"
+                                     " accounts only (no nesting, so no cycles)")
+                if member not in self.accounts:
+                    raise ValueError(f"{key}.accounts: no account named {member!r}")
 
     def _check_retry(self, account: str) -> None:
         """Refuse an account whose merged policy is out of order, naming where each part is set."""

@@ -33,6 +33,7 @@ class AccountHealth:
     last_error: str = ""
     auth: bool = False  # the last failure was an AUTH refusal (535, 5.7.8)
     reason: str = ""  # the backoff's label (relay_account_backoffs_total), "" when healthy
+    throttle: float = 1.0  # relay.delivery.throttle: the share of its speed in use
 
 
 @dataclass(frozen=True)

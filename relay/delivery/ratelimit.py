@@ -23,11 +23,32 @@ SAFETY_MARGIN_S = 0.05
 UNTIL_A_SEND_ENDS = float("inf")
 
 
+def share_for_others(limit: int, reserve_for_high: float) -> int:
+    """What normal and low-priority mail may use of a window of ``limit`` sends when
+    ``reserve_for_high`` (a fraction) is kept for high priority: rounded down, but at
+    least 1 (a window of 1 cannot be shared; the longer windows keep the reserve)."""
+    if reserve_for_high <= 0:
+        return limit
+    return max(1, int(limit * (1 - reserve_for_high) + 1e-9))
+
+
 class RateLimiter:
-    def __init__(self, windows: Iterable[tuple[float, int]]) -> None:
+    def __init__(self, windows: Iterable[tuple[float, int]], reserve_for_high: float = 0.0
+                 ) -> None:
         self._nominal = [(float(w), int(n)) for w, n in windows]
         self._windows = [(w + SAFETY_MARGIN_S, n, deque[float]()) for w, n in self._nominal]
         self.in_flight = 0  # reserved, not yet complete: counts in every window
+        # rate_limit.reserve_for_high: the share of each window only high priority may use.
+        self.reserve_for_high = reserve_for_high
+        # Adaptive throttling (relay.delivery.throttle): the share of each limit in use.
+        self.factor = 1.0
+
+    def _scaled(self, limit: int) -> int:
+        return limit if self.factor >= 1.0 else max(1, int(limit * self.factor + 1e-9))
+
+    def _limit(self, limit: int, others: bool) -> int:
+        limit = self._scaled(limit)
+        return share_for_others(limit, self.reserve_for_high) if others else limit
 
     @property
     def limited(self) -> bool:
@@ -36,31 +57,35 @@ class RateLimiter:
     @property
     def windows(self) -> list[tuple[float, int]]:
         """(seconds, limit) of each window, safety margin included: what a claim checks
-        against the queue's record of every process's sends (QueueStore.claim_due)."""
-        return [(w, n) for w, n, _ in self._windows]
+        against the queue's record of every process's sends (QueueStore.claim_due), at
+        the throttle's factor."""
+        return [(w, self._scaled(n)) for w, n, _ in self._windows]
 
     def _prune(self, now: float) -> None:
         for window, _, sent in self._windows:
             while sent and sent[0] + window <= now + _EPSILON:
                 sent.popleft()
 
-    def wait_time(self, now: float) -> float:
+    def wait_time(self, now: float, *, others: bool = False) -> float:
         """Seconds until one more send is allowed (0.0: now; UNTIL_A_SEND_ENDS: when one
-        of the sends under way ends)."""
+        of the sends under way ends). ``others``: a send of normal or low priority, which
+        may not use the share reserved for high priority."""
         self._prune(now)
         wait = 0.0
         for window, limit, sent in self._windows:
-            over = len(sent) + self.in_flight - limit  # this many must leave the window
+            over = len(sent) + self.in_flight - self._limit(limit, others)  # must leave
             if over >= len(sent):
                 return UNTIL_A_SEND_ENDS
             if over >= 0:
                 wait = max(wait, sent[over] + window - now)
         return wait
 
-    def available(self, now: float) -> int:
-        """How many sends are allowed right now, all windows considered."""
+    def available(self, now: float, *, others: bool = False) -> int:
+        """How many sends are allowed right now, all windows considered (``others``: of
+        normal or low priority)."""
         self._prune(now)
-        room = [limit - len(sent) - self.in_flight for _, limit, sent in self._windows]
+        room = [self._limit(limit, others) - len(sent) - self.in_flight
+                for _, limit, sent in self._windows]
         return max(min(room), 0) if room else 1_000_000
 
     def reserve(self, count: int = 1) -> None:

@@ -18,14 +18,20 @@ class RoutingError(ValueError):
     """The message's headers ask for something relay cannot do; text names the header."""
 
 
-def choose_account(fields: list[tuple[str, str]], default: str, accounts: Collection[str]) -> str:
+def requested_account(fields: list[tuple[str, str]], accounts: Collection[str]) -> str | None:
+    """The account the X-Account header names, or None when there is none."""
     value = get_header(fields, ACCOUNT_HEADER)
     if value is None:
-        return default
+        return None
     name = value.strip()
     if name not in accounts:
         raise RoutingError(f"{ACCOUNT_HEADER} header names unknown account {name[:64]!r}")
     return name
+
+
+def choose_account(fields: list[tuple[str, str]], default: str, accounts: Collection[str]) -> str:
+    """X-Account, or the default (without routing rules: relay.delivery.rules)."""
+    return requested_account(fields, accounts) or default
 
 
 def deferred_until(fields: list[tuple[str, str]]) -> float | None:

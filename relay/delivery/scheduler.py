@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import socket
@@ -17,9 +18,11 @@ from collections.abc import Callable
 from relay.config.schema import Config, RetryConfig
 from relay.delivery.bounce import build_dsn, needs_smtputf8
 from relay.delivery.events import event_body, event_types, message_id_of
+from relay.delivery.groups import Group, GroupTransport
 from relay.delivery.health import AccountHealth, HealthPublisher, decode
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
+from relay.delivery.rewrite import Rewrite
 from relay.delivery.transport import Transport
 from relay.delivery.worker import AccountWorker
 from relay.errors import StoreError
@@ -78,13 +81,19 @@ class Scheduler:
         self._hostname = socket.gethostname()
         self.rng = rng or random.Random()
         self.health = HealthPublisher(store.publish_health, clock)
+        self.transports = transports  # live (the app's): groups send through them
         self.workers: dict[str, AccountWorker] = {
-            name: self._make_worker(name, config, transports[name]) for name in config.accounts
+            name: self._make_worker(name, config, transports.get(name))
+            for name in [*config.accounts, *config.routing.groups]
         }
         self._watcher: asyncio.Task[None] | None = None
         self._flush_seen: str | None = None
 
-    def _make_worker(self, name: str, config: Config, transport: Transport) -> AccountWorker:
+    def _make_worker(self, name: str, config: Config, transport: Transport | None
+                     ) -> AccountWorker:
+        if name in config.routing.groups:
+            return self._make_group_worker(name, config)
+        assert transport is not None
         acc = config.accounts[name]
         t = acc.timeouts
         auth = config.auth_backoff_for(name)
@@ -93,7 +102,7 @@ class Scheduler:
             transport,
             self.store,
             _retry_policy(config.retry_for(name)),
-            RateLimiter(acc.rate_limit.windows()),
+            RateLimiter(acc.rate_limit.windows(), acc.rate_limit.reserve_for_high),
             self.metrics,
             concurrency=acc.pool.max_connections,
             lease_s=t.connect + 4 * t.command + t.data + 60,
@@ -106,6 +115,28 @@ class Scheduler:
             auth_policy=RetryPolicy(auth.initial, auth.max, float("inf"), jitter=0.0),
             monotonic=self.mono,
             age_clock=self._age_now,
+            rewrite=None if acc.rewrite is None else Rewrite(
+                acc.rewrite.envelope_from, acc.rewrite.header_from == "replace",
+                acc.rewrite.reply_to == "original"),
+        )
+
+    def _make_group_worker(self, name: str, config: Config) -> AccountWorker:
+        """A group's worker: it claims the group's mail and sends each message through a
+        member account (relay.delivery.groups), within that member's pool and limits."""
+        spec = config.routing.groups[name]
+        group = Group(name, tuple(spec.accounts), spec.mode, spec.weights)
+        members = [config.accounts[a] for a in spec.accounts]
+        t = max((m.timeouts for m in members), key=lambda t: t.connect + t.command + t.data)
+        # Members are looked up at each send: a reload's new workers are used at once.
+        transport = GroupTransport(group, self.transports, lambda a: self.workers.get(a),
+                                   self.rng)
+        return AccountWorker(
+            name, transport, self.store, _retry_policy(config.retry), RateLimiter([]),
+            self.metrics,
+            concurrency=sum(m.pool.max_connections for m in members),
+            lease_s=t.connect + 4 * t.command + t.data + 60,
+            clock=self.clock, rng=self.rng, bounce=self._make_bounce,
+            health=self.health.update, monotonic=self.mono, age_clock=self._age_now,
         )
 
     def _clock_jump(self) -> float:
@@ -157,7 +188,7 @@ class Scheduler:
         """Reload, step 1: new workers for the named accounts (added or changed), their
         rate windows restored. May fail (the queue file); changes nothing running."""
         now = self.clock()
-        fresh = {name: self._make_worker(name, config, transports[name]) for name in names}
+        fresh = {name: self._make_worker(name, config, transports.get(name)) for name in names}
         paused = await self.store.paused_accounts()  # a paused account stays paused
         for worker in fresh.values():
             worker.paused = worker.name in paused
@@ -170,7 +201,8 @@ class Scheduler:
         for the caller to drain."""
         self.bounces = config.bounces.enabled  # read at each failure: applies to every worker
         self.webhooks = list(config.events.webhooks)
-        retired = [w for n, w in self.workers.items() if n in fresh or n not in config.accounts]
+        retired = [w for n, w in self.workers.items()
+                   if n in fresh or (n not in config.accounts and n not in config.routing.groups)]
         for worker in retired:
             worker.stop_claiming()
             del self.workers[worker.name]
@@ -212,7 +244,8 @@ class Scheduler:
                 worker.restore_backoff(health, now)
                 # Published again under this process: `relay status` ignores a report
                 # whose process is gone, and the next report must not drop it.
-                self.health.update(health)
+                # (A throttle is not restored: this process starts at full speed.)
+                self.health.update(dataclasses.replace(health, throttle=1.0))
             await self._start_worker(worker, now)
         self._flush_seen = await self.store.flush_requested()
         await self.apply_pauses()

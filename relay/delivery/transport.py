@@ -23,6 +23,7 @@ class SendResult:
     refused: dict[str, DeliveryError] = field(default_factory=dict)
     reply: str = ""  # the reply to the final dot
     peer: str = ""  # host:port, for the log line
+    via: str = ""  # the member account a group sent it through (relay.delivery.groups)
 
 
 # Called before each further transaction of one send (the rest after '452 too many

@@ -24,7 +24,9 @@ from relay.delivery.outcome import accepted_so_far, settle
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.refusals import login_refused
 from relay.delivery.retry import RetryPolicy
+from relay.delivery.rewrite import Rewrite
 from relay.delivery.sync import sync_refusal
+from relay.delivery.throttle import Throttle, named_wait, slow_down_reply
 from relay.delivery.transport import TRANSCRIPT, PoolControl, SendResult, Transcript, Transport
 from relay.errors import DeliveryError, StoreError, TemporaryFailure, TokenRefused
 from relay.observe.logs import event
@@ -119,8 +121,10 @@ class AccountWorker:
         auth_policy: RetryPolicy | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         age_clock: Callable[[float], float] | None = None,
+        rewrite: Rewrite | None = None,
     ) -> None:
         self.name = name
+        self.rewrite = rewrite  # accounts.NAME.rewrite: applied to what is sent only
         self.bounce = bounce
         self.events = events  # the outcome's webhook events, written with it
         self.events_written = events_written  # told once they are committed
@@ -158,6 +162,9 @@ class AccountWorker:
         self.resume_at = 0.0  # the same instant in wall time, as stored in due times
         self.backoff_failures = 0
         self.last_account_error = ""
+        # "Slow down" replies: a share of the pool and rate limits, and a named wait.
+        self.throttle = Throttle()
+        self._health: AccountHealth | None = None  # the last published, for the throttle
         self._held = False
         self._notices = 0  # bumped by notify(): an idle verdict older than this is stale
         self._stopping = False
@@ -216,10 +223,11 @@ class AccountWorker:
         return limit - len(self.in_flight) - len(self.settling)
 
     def _capacity(self) -> int:
-        """Sends at once: the pool size, less while the server refuses more connections."""
+        """Sends at once: the pool size, less while the server refuses more connections,
+        and less while it asked us to slow down (the throttle's factor)."""
         if isinstance(self.transport, PoolControl):
-            return max(1, min(self.concurrency, self.transport.capacity))
-        return self.concurrency
+            return self.throttle.scale(min(self.concurrency, self.transport.capacity))
+        return self.throttle.scale(self.concurrency)
 
     def _wall_at(self, mono_at: float) -> float:
         """The wall-clock time (for storing) of a monotonic instant."""
@@ -239,6 +247,7 @@ class AccountWorker:
         if self.paused:
             self._rest_paused(now, notices)
             return None
+        self.ease_throttle(mono)
         self._start_ready()
         self._trim_ready(now)
         slots = self._slots()
@@ -250,7 +259,7 @@ class AccountWorker:
         want = slots + prefetch - len(self.ready)
         if want <= 0:
             return None
-        hold = self.limiter.wait_time(mono)
+        hold = max(self.limiter.wait_time(mono), self.throttle.held(mono))
         if hold == 0 and await self._claim(now, mono, want):
             return 0.0
         if self.in_flight or self.ready:
@@ -260,12 +269,20 @@ class AccountWorker:
             if not self.settling:
                 self._mark_idle(notices)
             return None if due is None else due - now
+        return self._hold(hold, mono)
+
+    def _hold(self, hold: float, mono: float) -> float:
+        """Due mail not claimed: wait for the rate limit. With nothing held by the limit
+        as such, normal and low mail may be held by reserve_for_high (a high message
+        arriving wakes us at once), or the clock moved (look again shortly)."""
+        if hold == 0:
+            hold = self.limiter.wait_time(mono, others=True)
         if hold > 0:
             if not self._held:  # count each hold once, not each wake-up
                 self.metrics.rate_limited.labels(self.name).inc()
                 self._held = True
             return hold
-        return 0.05  # due but not claimed (the clock moved): look again shortly
+        return 0.05
 
     def _rest_paused(self, now: float, notices: int) -> None:
         """Paused: give back what was claimed before the pause was seen, unsent, and
@@ -288,7 +305,8 @@ class AccountWorker:
         batch: list[QueuedMessage] = []
         try:
             batch = await self.store.claim_due(self.name, now, allowed, self.lease_s,
-                                               self.limiter.windows)
+                                               self.limiter.windows,
+                                               self.limiter.reserve_for_high)
         finally:
             self.limiter.cancel(allowed - len(batch))
         if not batch:
@@ -413,8 +431,11 @@ class AccountWorker:
         TRANSCRIPT.set(transcript)  # this task's own: the SMTP edge records into it
         try:
             body = await self.store.load_body(message.id)
+            sender, outgoing = message.sender, body  # the bounce quotes what was queued
+            if self.rewrite is not None:
+                sender, outgoing = self.rewrite.apply(sender, body)
             sent = await self.transport.send(
-                message.sender, message.pending_recipients, body, message.mail_options,
+                sender, message.pending_recipients, outgoing, message.mail_options,
                 pace=functools.partial(self._between, message),
             )
         except DeliveryError as exc:
@@ -427,12 +448,15 @@ class AccountWorker:
         finally:
             self.limiter.complete(self.mono())  # counts from its end: see ratelimit
         now = self.clock()
+        self._note_slow_down(sent)
         resume_at = self._account_health(sent, now)
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
                         resume_at=resume_at, age_now=self.age_clock(now))
         if isinstance(sent, DeliveryError):
             transcript.note(f"attempt ended: {sent.reply_text()}")
         result = dataclasses.replace(result, transcript=transcript.lines())
+        if sent.via:  # a group's send: the attempt (and its rate-limit send) is the member's
+            result = dataclasses.replace(result, account=sent.via)
         duration = self.mono() - started
         # Recording the outcome (a commit, and so a sync) is a task of its own: the send
         # task ends once the upstream has answered, but its slot stays busy until the
@@ -465,6 +489,27 @@ class AccountWorker:
             wait = self.limiter.wait_time(self.mono())
             await asyncio.sleep(min(wait, _PACE_POLL_S))
         self.limiter.reserve(1)
+
+    # -- as a member of a group (relay.delivery.groups.Member) --------------------------
+    def may_send(self) -> bool:
+        """Not backing off, not paused, and its rate limits allow one more send now."""
+        mono = self.mono()
+        return (not self.paused and mono >= self.backoff_until
+                and self.limiter.available(mono) >= 1 and self.throttle.held(mono) == 0)
+
+    def reserve_send(self) -> None:
+        self.limiter.reserve(1)
+
+    def end_send(self) -> None:
+        self.limiter.complete(self.mono())
+
+    def account_failed(self, error: DeliveryError) -> None:
+        """A group's send through this account failed for the account: back off."""
+        self._account_health(error, self.clock())
+
+    def note_reply(self, sent: SendResult | DeliveryError) -> None:
+        """A group's send through this account: a "slow down" throttles this account."""
+        self._note_slow_down(sent)
 
     def restore_backoff(self, health: AccountHealth, now: float) -> None:
         """Go on with the backoff a previous run stored (``health``, wall time): after a
@@ -564,7 +609,7 @@ class AccountWorker:
             self.auth_failures = 0
             self.last_account_error = ""
             if recovered and self.health is not None:
-                self.health(AccountHealth(self.name, self._wall_at(self.backoff_until), 0))
+                self._publish(AccountHealth(self.name, self._wall_at(self.backoff_until), 0))
             return None
         refused_login = isinstance(failure, TokenRefused) or (
             failure.code is not None and login_refused(failure.code, failure.enhanced))
@@ -592,13 +637,48 @@ class AccountWorker:
         # it backs off, 'sending' means a connection carries the message now (11.13).
         self._unclaim_ready(now, due_at=resume_at)
         if self.health is not None:
-            self.health(AccountHealth(self.name, resume_at, self.backoff_failures,
-                                      self.last_account_error, auth, reason))
+            self._publish(AccountHealth(self.name, resume_at, self.backoff_failures,
+                                        self.last_account_error, auth, reason))
         return resume_at
+
+    def _note_slow_down(self, sent: SendResult | DeliveryError) -> None:
+        """A "slow down" reply (relay.delivery.throttle) to this send: halve the account's
+        connections and rate for a cool-down, and hold claims for a wait it names."""
+        errors = [sent] if isinstance(sent, DeliveryError) else list(sent.refused.values())
+        slow = next((e for e in errors if slow_down_reply(e.code, e.enhanced, e.reason)), None)
+        if slow is None:
+            return
+        mono = self.mono()
+        wait = named_wait(slow.reason)
+        if self.throttle.slow_down(mono, wait):  # one line per change, not per message
+            self._throttle_changed()
+            event(log, logging.WARNING, "account_throttled", account=self.name,
+                  factor=f"{self.throttle.factor:g}", connections=self._capacity(),
+                  reason=slow.reply_text(), wait=f"{wait:g}s" if wait else None)
+            self._trim_ready(self.clock())
+
+    def ease_throttle(self, mono: float) -> None:
+        """Additive increase: the steps due by ``mono`` (also while idle: the gauges)."""
+        if self.throttle.ease(mono):
+            self._throttle_changed()
+            event(log, logging.INFO, "account_throttle_eased", account=self.name,
+                  factor=f"{self.throttle.factor:g}", connections=self._capacity())
+
+    def _throttle_changed(self) -> None:
+        """The new factor to the limiter, the gauge and the report `relay status` reads."""
+        self.limiter.factor = self.throttle.factor
+        self.metrics.throttle_factor.labels(self.name).set(self.throttle.factor)
+        self._publish(self._health or AccountHealth(self.name, 0.0, 0))
+
+    def _publish(self, health: AccountHealth) -> None:
+        """Tell `relay status` (through the scheduler's health hook), with the throttle."""
+        self._health = dataclasses.replace(health, throttle=self.throttle.factor)
+        if self.health is not None:
+            self.health(self._health)
 
     def _report(self, message: QueuedMessage, result: AttemptResult,
                 sent: SendResult | DeliveryError, duration: float) -> None:
-        account = self.name
+        account = result.account  # a group's member, or this account
         peer = sent.peer if isinstance(sent, SendResult) else self.transport.peer
         if not (isinstance(sent, DeliveryError) and sent.account_wide):
             # Every attempt that reached a transaction, failed ones too (the slow cases).

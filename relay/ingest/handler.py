@@ -10,7 +10,7 @@ import concurrent.futures
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiosmtpd.smtp import (
@@ -23,7 +23,13 @@ from aiosmtpd.smtp import (
 
 from relay.config.schema import Config
 from relay.delivery.priority import priority_from_headers
-from relay.delivery.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
+from relay.delivery.routing import (
+    CONTROL_HEADERS,
+    RoutingError,
+    deferred_until,
+    requested_account,
+)
+from relay.delivery.rules import Facts, Route, decide, route
 from relay.errors import StoreBusyError, StoreError, StoreFullError, StoreReserveError
 from relay.ingest.addresses import recipient_key
 from relay.ingest.auth import ListenerAuth
@@ -37,9 +43,11 @@ from relay.smtp.headers import header_section_exceeds, parse_headers, remove_hea
 
 log = logging.getLogger("relay.smtpd")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# Commits the message; returns the queue id holding it (with dedup, maybe an earlier
-# message's) and a refusal to answer instead of 250 (ack: after_upstream).
-Submit = Callable[[NewMessage], Awaitable[tuple[str, replies.Reply | None]]]
+# Commits every message of the list in one transaction (all or none); returns the queue
+# id holding each (with dedup, maybe an earlier message's) and a refusal to answer
+# instead of 250 (ack: after_upstream).
+Submit = Callable[[Sequence[NewMessage]],
+                  Awaitable[tuple[list[str], replies.Reply | None]]]
 Admit = Callable[[str], Awaitable[bool]]  # False: the account is too far behind its limit
 
 # aiosmtpd logs this on mail.log for every session whose server requires AUTH without
@@ -107,6 +115,8 @@ class IngestHandler:
         (``auth``, built beforehand by a reload so that reading its files cannot fail
         half-way through the switch)."""
         self.config = config
+        self.routing = config.routing.table()
+        self.destinations = config.destinations  # accounts and groups
         self.auth = auth or ListenerAuth(config.listen.auth)
 
     def reject(self, reason: str, reply: replies.Reply) -> str:
@@ -169,18 +179,27 @@ class IngestHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RCPT_OK)
 
-    def _route(self, fields: list[tuple[str, str]]) -> tuple[str, float | None] | str:
-        """The account (X-Account or the default) and any Deferred-Delivery time, or the
-        refusal to answer: each step says which of the two it was, not its message text."""
+    async def _route(self, fields: list[tuple[str, str]], envelope: Envelope,
+                     user: str | None) -> tuple[list[Route], float | None] | str:
+        """The routes (X-Account, else routing.rules per recipient, else the default) and
+        any Deferred-Delivery time, or the refusal to answer: each step says which it was,
+        not its message text. The user must be allowed every account it ends on."""
         try:
-            account = choose_account(fields, self.config.routing.default_account,
-                                     self.config.accounts)
+            requested = requested_account(fields, self.destinations)
         except RoutingError as exc:
             return self.reject("unknown_account", replies.UNKNOWN_ACCOUNT.with_text(str(exc)))
+        facts = Facts(_reverse_path(envelope.mail_from), tuple(envelope.rcpt_tos), fields, user)
+        routes = route(decide(facts, self.routing, requested))
         try:
-            return account, deferred_until(fields)
+            not_before = deferred_until(fields)
         except RoutingError as exc:
             return self.reject("bad_header", replies.BAD_HEADER.with_text(str(exc)))
+        if not all(self.auth.may_use(user, r.account) for r in routes):
+            return self.reject("access_denied", replies.ACCOUNT_NOT_ALLOWED)
+        for r in routes:
+            if not await self.admit(r.account):
+                return self.reject("rate_limited", replies.RATE_LIMITED)
+        return routes, not_before
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if not self.accepting:
@@ -195,46 +214,50 @@ class IngestHandler:
             return self.reject("header_too_big", replies.HEADER_TOO_BIG.with_text(
                 f"Header section exceeds {limit} bytes"))
         fields = parse_headers(raw)
-        routed = self._route(fields)
+        user = session.auth_data if session.authenticated else None
+        routed = await self._route(fields, envelope, user)
         if isinstance(routed, str):
             return routed
-        account, not_before = routed
-        user = session.auth_data if session.authenticated else None
-        if not self.auth.may_use(user, account):
-            return self.reject("access_denied", replies.ACCOUNT_NOT_ALLOWED)
-        if not await self.admit(account):
-            return self.reject("rate_limited", replies.RATE_LIMITED)
+        routes, not_before = routed
         now = time.time()
         sender = _reverse_path(envelope.mail_from)
-        message = NewMessage(
+        body = remove_headers(raw, CONTROL_HEADERS)
+        split = len(routes) > 1
+        # One queue entry per account; all are committed together before the one 250.
+        messages = [NewMessage(
             id=new_queue_id(),
             sender=sender,
-            recipients=tuple(envelope.rcpt_tos),
-            account=account,
+            recipients=r.recipients,
+            account=r.account,
             priority=priority_from_headers(fields),
-            body=remove_headers(raw, CONTROL_HEADERS),
+            body=body,
             created_at=now,
             not_before=max(now, not_before or now),
             mail_options=_forwarded_options(envelope),
-            dedup=self._dedup(fields, sender),
-        )
+            # A split message's entries each have a key of their own (per account).
+            dedup=self._dedup(fields, sender, r.account if split else None),
+        ) for r in routes]
         try:
-            queued, refusal = await self.submit(message)
+            queued, refusal = await self.submit(messages)
         except StoreError as exc:
             return self._not_stored(exc, session)
-        if queued != message.id:  # accepted before: the client is told the first id again
-            self.metrics.deduplicated.inc()
-            event(log, logging.INFO, "deduplicated", queued, duplicate=message.id,
-                  client=peer_text(session), sender=f"<{message.sender}>")
-            return replies.queued(queued)
-        self.metrics.received.inc()
-        event(log, logging.INFO, "received", message.id, client=peer_text(session),
-              sender=f"<{message.sender}>", size=len(raw), nrcpt=len(message.recipients),
-              account=account, priority=message.priority.name.lower())
+        fresh = [m for m, holder in zip(messages, queued, strict=True) if holder == m.id]
+        for m, holder in zip(messages, queued, strict=True):
+            if holder != m.id:  # accepted before: the client is told the first id again
+                self.metrics.deduplicated.inc()
+                event(log, logging.INFO, "deduplicated", holder, duplicate=m.id,
+                      client=peer_text(session), sender=f"<{m.sender}>")
+        if fresh:
+            self.metrics.received.inc()  # one per 250, however many queue entries
+        for message in fresh:
+            event(log, logging.INFO, "received", message.id, client=peer_text(session),
+                  sender=f"<{message.sender}>", size=len(raw), nrcpt=len(message.recipients),
+                  account=message.account, priority=message.priority.name.lower(),
+                  split=len(messages) if split else None)
         if refusal is not None:  # recorded failed, without a bounce: this is the answer
-            event(log, logging.INFO, "refused_upstream", message.id, reply=str(refusal))
+            event(log, logging.INFO, "refused_upstream", messages[0].id, reply=str(refusal))
             return self.reject("upstream_refused", refusal)
-        return replies.queued(message.id)
+        return replies.queued(" ".join(queued))
 
     def _not_stored(self, exc: StoreError, session: Session) -> str:
         """The reply when the message could not be committed (the client keeps it)."""
@@ -249,9 +272,12 @@ class IngestHandler:
             return self.reject("store_unavailable", replies.STORE_FULL)
         return self.reject("store_unavailable", replies.STORE_FAILED)
 
-    def _dedup(self, fields: list[tuple[str, str]], sender: str) -> Dedup | None:
+    def _dedup(self, fields: list[tuple[str, str]], sender: str, scope: str | None
+               ) -> Dedup | None:
         window = self.config.dedup.window if self.config.dedup is not None else None
         key = dedup_key(fields, sender) if window is not None else None
+        if key is not None and scope is not None:
+            key = f"{key}:{scope}"
         return Dedup(key, window) if key is not None and window is not None else None
 
     async def handle_exception(self, error: Exception) -> str:

@@ -97,6 +97,18 @@ class Metrics:
         self.account_paused = Gauge("relay_account_paused",
                                     "1 while the account is paused (relay accounts pause).",
                                     acc, registry=r, multiprocess_mode="livemax")
+        # From the sends recorded in the queue file (every process's), set by the process
+        # that serves /metrics: window is the rate_limit key (per_minute, per_rolling_day).
+        self.quota_remaining = Gauge("relay_account_quota_remaining",
+                                     "Sends the account's rate-limit window still allows.",
+                                     ["account", "window"], registry=r,
+                                     multiprocess_mode="livemax")
+        # 1: full speed; below 1 while the upstream asked this process to slow down
+        # (relay.delivery.throttle). livemin: the most throttled worker shows.
+        self.throttle_factor = Gauge("relay_account_throttle_factor",
+                                     "Share of the account's rate and connections in use"
+                                     " after the upstream's slow-down replies.", acc,
+                                     registry=r, multiprocess_mode="livemin")
         self.internal_errors = Counter("relay_internal_errors",
                                        "Unexpected errors in a background task (restarted).",
                                        ["component"], registry=r)
@@ -123,6 +135,7 @@ class Metrics:
                            self.queue_delay, self.oldest, self.connections_open,
                            self.account_backoff, self.account_paused):
                 metric.labels(name)
+            self.throttle_factor.labels(name).set(1.0)
             for state in MessageState:
                 self.queue.labels(name, str(state))
             for reason in BACKOFF_REASONS:

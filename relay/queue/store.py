@@ -66,19 +66,26 @@ class QueueStore(Protocol):
         ``message.dedup`` set, the id of a message accepted with the same key whose
         window has not ended (then nothing is written). The key is recorded in the
         enqueue's transaction (unique), so concurrent submissions queue one message."""
+    async def enqueue_all(self, messages: Sequence[NewMessage]) -> list[str]:
+        """Commit every message in one transaction, all or none (a message split by
+        routing rules: one 250 for all its queue entries); the id holding each, as
+        enqueue() returns it."""
     async def claim_due(
         self, account: str, now: float, limit: int, lease_s: float,
-        windows: Sequence[tuple[float, int]] = (),
+        windows: Sequence[tuple[float, int]] = (), reserve_for_high: float = 0.0,
     ) -> list[QueuedMessage]:
         """Claim up to ``limit`` due messages; each carries its ``Claim`` (owner, lease).
 
         ``windows`` ((seconds, most), the account's rate limits): in the same transaction,
         claim no more than each window still allows given every process's sends (those
         recorded, and those claimed and not yet finished), so limits hold across workers.
+        ``reserve_for_high`` (a fraction): messages that are not HIGH priority may fill
+        each window only up to relay.delivery.ratelimit.share_for_others(most, reserve);
+        HIGH ones are claimed first and may use all of it.
         """
     async def claim_message(
         self, account: str, message_id: str, now: float, lease_s: float,
-        windows: Sequence[tuple[float, int]] = (),
+        windows: Sequence[tuple[float, int]] = (), reserve_for_high: float = 0.0,
     ) -> QueuedMessage | None:
         """Claim one message of ``account`` by id on claim_due's terms (ready and due, the
         account not paused, room in ``windows``): the process that received it sends it

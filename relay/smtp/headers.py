@@ -74,6 +74,23 @@ def get_header(fields: list[tuple[str, str]], name: str) -> str | None:
     return None
 
 
+def raw_header(body: bytes, name: str) -> bytes | None:
+    """The first field of that name's value as it came (folds kept, bytes as sent), or
+    None: for copying a value into another field without decoding it."""
+    wanted = name.lower()
+    found: list[bytes] | None = None
+    for line in _lines(body[: header_end(body)]):
+        if found is not None:
+            if not line.startswith(_FOLD):
+                break
+            found.append(line)
+            continue
+        match = _FIELD.match(line)
+        if match and match.group(1).decode("ascii").lower() == wanted:
+            found = [line[match.end():]]
+    return None if found is None else b"".join(found).strip()
+
+
 def remove_headers(body: bytes, names: set[str]) -> bytes:
     """The message without the named fields (and their folded lines); all else unchanged."""
     wanted = {n.lower() for n in names}

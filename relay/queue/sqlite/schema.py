@@ -210,16 +210,25 @@ _PER_LEVEL = (
     "SELECT * FROM (SELECT seq FROM messages WHERE account=:a AND priority={p}"
     f" AND state IN {READY} AND next_attempt_at<=:now ORDER BY next_attempt_at, seq LIMIT :n)"
 )
-CLAIM_SQL = (
-    "UPDATE messages SET state='sending', lease_until=:lease, owner=:owner, updated_at=:now"
-    " WHERE seq IN"
-    " (SELECT seq FROM ("
-    + " UNION ALL ".join(_PER_LEVEL.format(p=int(p)) for p in Priority)
-    + ") LIMIT :n)"
-    # A paused account (`relay accounts pause`) claims nothing, in whichever process.
-    + f" AND NOT EXISTS (SELECT 1 FROM meta WHERE key = '{PAUSED_PREFIX}' || :a)"
-    + f" RETURNING {COLUMNS}"
-)
+
+
+def _claim_sql(levels: Iterable[Priority]) -> str:
+    return (
+        "UPDATE messages SET state='sending', lease_until=:lease, owner=:owner,"
+        " updated_at=:now WHERE seq IN"
+        " (SELECT seq FROM ("
+        + " UNION ALL ".join(_PER_LEVEL.format(p=int(p)) for p in levels)
+        + ") LIMIT :n)"
+        # A paused account (`relay accounts pause`) claims nothing, in whichever process.
+        + f" AND NOT EXISTS (SELECT 1 FROM meta WHERE key = '{PAUSED_PREFIX}' || :a)"
+        + f" RETURNING {COLUMNS}"
+    )
+
+
+CLAIM_SQL = _claim_sql(Priority)
+# High priority alone: first, when the rest may use less of the rate windows
+# (rate_limit.reserve_for_high).
+CLAIM_HIGH_SQL = _claim_sql([Priority.HIGH])
 # One message by id (ack: after_upstream), on the same conditions as CLAIM_SQL.
 CLAIM_ONE_SQL = (
     "UPDATE messages SET state='sending', lease_until=:lease, owner=:owner, updated_at=:now"

@@ -426,28 +426,38 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox):
         id of the message accepted before with the same key, and then nothing is queued."""
         self.check_file()
         self._check_reserve()
-        queued: str = await self._submit(Enqueue(message=message))
+        (queued,) = await self._submit(Enqueue(messages=(message,)))
+        return str(queued)
+
+    async def enqueue_all(self, messages: Sequence[NewMessage]) -> list[str]:
+        """Return only once every message is committed and synced, in one transaction
+        (a failed batch is retried op by op, and this is one op): the id holding each,
+        as enqueue() returns it."""
+        self.check_file()
+        self._check_reserve()
+        queued: list[str] = await self._submit(Enqueue(messages=tuple(messages)))
         return queued
 
     async def claim_due(
         self, account: str, now: float, limit: int, lease_s: float,
-        windows: Sequence[tuple[float, int]] = (),
+        windows: Sequence[tuple[float, int]] = (), reserve_for_high: float = 0.0,
     ) -> list[QueuedMessage]:
         if limit <= 0:
             return []
         result: list[QueuedMessage] = await self._submit(
             ClaimDue(account=account, now=now, limit=limit, lease_s=lease_s, owner=self.owner,
-                     windows=tuple(windows))
+                     windows=tuple(windows), reserve_for_high=reserve_for_high)
         )
         return result
 
     async def claim_message(
         self, account: str, message_id: str, now: float, lease_s: float,
-        windows: Sequence[tuple[float, int]] = (),
+        windows: Sequence[tuple[float, int]] = (), reserve_for_high: float = 0.0,
     ) -> QueuedMessage | None:
         claimed: list[QueuedMessage] = await self._submit(
             ClaimDue(account=account, now=now, limit=1, lease_s=lease_s, owner=self.owner,
-                     windows=tuple(windows), message_id=message_id)
+                     windows=tuple(windows), message_id=message_id,
+                     reserve_for_high=reserve_for_high)
         )
         return claimed[0] if claimed else None
 

@@ -12,8 +12,10 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.delivery.ratelimit import share_for_others
 from relay.errors import StoreError
 from relay.queue.sqlite.schema import (
+    CLAIM_HIGH_SQL,
     CLAIM_ONE_SQL,
     CLAIM_SQL,
     COLUMNS,
@@ -28,6 +30,7 @@ from relay.queue.types import (
     NewEvent,
     NewMessage,
     PendingEvent,
+    Priority,
     QueuedMessage,
     Recipient,
 )
@@ -43,7 +46,7 @@ class Op:
 
 @dataclass
 class Enqueue(Op):
-    message: NewMessage = field(kw_only=True)
+    messages: tuple[NewMessage, ...] = field(kw_only=True)  # one op: all or none
 
 
 @dataclass
@@ -55,6 +58,7 @@ class ClaimDue(Op):
     owner: str = field(kw_only=True)
     windows: tuple[tuple[float, int], ...] = field(default=(), kw_only=True)
     message_id: str | None = field(default=None, kw_only=True)  # just this one (limit 1)
+    reserve_for_high: float = field(default=0.0, kw_only=True)
 
 
 @dataclass
@@ -114,11 +118,10 @@ def _insert(db: sqlite3.Connection, messages: list[NewMessage]) -> None:
     )
 
 
-def _first_of(db: sqlite3.Connection, op: Enqueue) -> str | None:
-    """(dedup) The id of the message already accepted with op's key within its window,
-    or None after recording op's own key: in the enqueue's transaction, under the write
+def _first_of(db: sqlite3.Connection, m: NewMessage) -> str | None:
+    """(dedup) The id of the message already accepted with m's key within its window,
+    or None after recording m's own key: in the enqueue's transaction, under the write
     lock, so of two submissions with one key (any processes) exactly one is queued."""
-    m = op.message
     if m.dedup is None:
         return None
     row = db.execute("SELECT message_id FROM dedup WHERE key=? AND expires_at>?",
@@ -135,11 +138,13 @@ def _first_of(db: sqlite3.Connection, op: Enqueue) -> str | None:
 def apply(db: sqlite3.Connection, batch: list[Op]) -> None:
     enqueues = []
     for op in batch:
-        if isinstance(op, Enqueue):
-            op.result = _first_of(db, op)
-            if op.result is None:
-                op.result = op.message.id
-                enqueues.append(op.message)
+        if isinstance(op, Enqueue):  # result: the id holding each of op.messages
+            op.result = []
+            for m in op.messages:
+                first = _first_of(db, m)
+                op.result.append(first or m.id)
+                if first is None:
+                    enqueues.append(m)
     if enqueues:
         _insert(db, enqueues)
     finishes = [op for op in batch if isinstance(op, Finish)]
@@ -235,31 +240,45 @@ def _apply_finishes(db: sqlite3.Connection, ops: list[Finish]) -> None:
         db.executemany("DELETE FROM bodies WHERE id=?", delivered)
 
 
-def _room(db: sqlite3.Connection, op: ClaimDue) -> int:
+def _room(db: sqlite3.Connection, op: ClaimDue) -> tuple[int, int]:
     """How many sends the account's rate windows still allow, counted over every process:
     sends recorded in each window, plus every claim not yet finished (a send counts from
     its claim to its end, as in relay.delivery.ratelimit). Inside the claim's write
-    transaction, so two workers cannot both take the last place."""
-    room = op.limit
+    transaction, so two workers cannot both take the last place. Two answers: for high
+    priority, and for the rest, which may not use the share reserve_for_high keeps."""
+    room = others = op.limit
     if not op.windows:
-        return room
+        return room, others
     (in_flight,) = db.execute("SELECT count(*) FROM messages WHERE state='sending'"
                               " AND account=?", (op.account,)).fetchone()
     for span, most in op.windows:
         (sent,) = db.execute("SELECT count(*) FROM sends WHERE account=? AND at>?",
                              (op.account, op.now - span)).fetchone()
         room = min(room, most - sent - in_flight)
-    return room
+        others = min(others, share_for_others(most, op.reserve_for_high) - sent - in_flight)
+    return room, min(room, others)
 
 
 def _claim(db: sqlite3.Connection, op: ClaimDue) -> list[QueuedMessage]:
-    room = _room(db, op)
+    room, others = _room(db, op)
     if room <= 0:
         return []
-    params = {"a": op.account, "now": op.now, "n": room, "lease": op.now + op.lease_s,
-              "owner": op.owner, "id": op.message_id}
-    rows = db.execute(CLAIM_SQL if op.message_id is None else CLAIM_ONE_SQL,
-                      params).fetchall()
+    params: dict[str, Any] = {"a": op.account, "now": op.now, "n": room,
+                              "lease": op.now + op.lease_s, "owner": op.owner,
+                              "id": op.message_id}
+    rows = []
+    if op.message_id is not None:  # one by id (ack: after_upstream), on the same shares
+        found = db.execute("SELECT priority FROM messages WHERE id=?",
+                           (op.message_id,)).fetchone()
+        if found is None or (found[0] != int(Priority.HIGH) and others <= 0):
+            return []
+        rows = db.execute(CLAIM_ONE_SQL, params).fetchall()
+    else:
+        if others < room:  # high priority first, up to the whole room; the rest up to theirs
+            rows = db.execute(CLAIM_HIGH_SQL, params).fetchall()
+            params["n"] = min(others, room - len(rows))
+        if params["n"] > 0:
+            rows += db.execute(CLAIM_SQL, params).fetchall()
     messages = [row_to_message(r) for r in rows]
     for m in messages:
         m.claim = Claim(op.owner, op.now + op.lease_s)

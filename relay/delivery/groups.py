@@ -1,0 +1,118 @@
+"""Account groups (``routing.groups``): a group's mail goes through one of its accounts,
+decided at each attempt.
+
+A group is queued under its own name and has its own worker (relay.delivery.worker),
+whose transport is a ``GroupTransport``: for each send it asks each member account, in
+the group's order, whether it may send now (not backing off, not paused, under its rate
+limits) and sends through the first that may. An account-level failure (down, AUTH,
+quota: ``DeliveryError.account_wide``) backs that member off and moves the same send on
+to the next member at once; a refusal of a recipient or of the message (4xx, 5xx) is the
+answer, as for any account. ``order`` is pure; the transport only composes the members'
+transports.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from relay.delivery.transport import Pace, SendResult, Transport
+from relay.errors import DeliveryError, TemporaryFailure
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    accounts: tuple[str, ...]
+    mode: str = "failover"  # or "weighted"
+    weights: Mapping[str, int] | None = None
+
+
+def order(group: Group, rng: random.Random) -> list[str]:
+    """The members in the order to try them: the list's order (failover), or a draw by
+    weight without replacement (weighted: a member with weight 3 comes first three times
+    as often as one with weight 1; the others follow as fallbacks)."""
+    if group.mode != "weighted" or not group.weights:
+        return list(group.accounts)
+    left = list(group.accounts)
+    drawn = []
+    while left:
+        pick = rng.choices(left, weights=[group.weights[a] for a in left])[0]
+        drawn.append(pick)
+        left.remove(pick)
+    return drawn
+
+
+class Member(Protocol):
+    """What the group needs of a member account's worker."""
+
+    def may_send(self) -> bool:
+        """Not backing off, not paused, and its rate limits allow one more send now."""
+
+    def reserve_send(self) -> None:
+        """Count one send in the member's rate limits (until ``end_send``)."""
+
+    def end_send(self) -> None: ...
+
+    def account_failed(self, error: DeliveryError) -> None:
+        """An account-level failure through the group: the member backs off."""
+
+    def note_reply(self, sent: SendResult | DeliveryError) -> None:
+        """What the member's upstream answered: a "slow down" throttles the member."""
+
+
+class GroupTransport:
+    """A Transport over the member accounts' own transports (their pools and limits)."""
+
+    def __init__(self, group: Group, transports: Mapping[str, Transport],
+                 members: Callable[[str], Member | None], rng: random.Random) -> None:
+        self.name = group.name
+        self.group = group
+        self._transports = transports  # live: a reload's new pools are used at once
+        self._members = members
+        self._rng = rng
+        self.last_peer = ""
+
+    @property
+    def peer(self) -> str:
+        return self.last_peer or f"group {self.name}"
+
+    async def send(self, sender: str, recipients: list[str], body: bytes,
+                   mail_options: tuple[str, ...], *, pace: Pace | None = None
+                   ) -> SendResult:
+        last: DeliveryError | None = None
+        for name in order(self.group, self._rng):
+            member, transport = self._members(name), self._transports.get(name)
+            if member is None or transport is None or not member.may_send():
+                continue
+            member.reserve_send()
+            self.last_peer = transport.peer  # for the log line of a failure, too
+            try:
+                result = await transport.send(sender, recipients, body, mail_options,
+                                              pace=pace)
+            except DeliveryError as exc:
+                exc.via = name
+                member.note_reply(exc)
+                if not exc.account_wide:
+                    raise
+                member.account_failed(exc)
+                last = exc
+                continue
+            finally:
+                member.end_send()
+            member.note_reply(result)
+            result.via = name
+            return result
+        if last is not None:
+            raise last  # every member that could send failed account-wide: the group backs off
+        raise TemporaryFailure(
+            f"no account of group {self.name} may send now (each is backing off, paused or"
+            " at its rate limit)", offered=False)
+
+    async def close(self) -> None:
+        """The members' transports are closed with their accounts."""
+
+    def open_connections(self) -> int:
+        return 0  # counted by each member's own transport

@@ -1,0 +1,200 @@
+"""Account groups (issue 15.2): failover and weighted, the account decided at each
+attempt, each attempt recording its account; account-level failures move the message
+on, a refused recipient is final; nothing lost and nothing sent twice under load."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from relay.cli.commands import main
+from relay.config.loading import parse_config
+from relay.delivery.groups import Group, order
+from relay.errors import ConfigError
+from tests.conftest import (
+    StartRelay,
+    message,
+    relay_config,
+    send,
+    send_many,
+    upstream_account,
+    wait_until,
+)
+from tests.upstream import FakeUpstream
+
+
+def test_failover_keeps_the_list_order_and_weighted_draws_by_weight() -> None:
+    assert order(Group("g", ("a", "b", "c")), random.Random(1)) == ["a", "b", "c"]
+    weighted = Group("g", ("a", "b"), "weighted", {"a": 3, "b": 1})
+    rng = random.Random(7)
+    firsts = collections.Counter(order(weighted, rng)[0] for _ in range(4000))
+    assert 2.6 < firsts["a"] / firsts["b"] < 3.4
+    assert sorted(order(weighted, rng)) == ["a", "b"]  # the other follows as a fallback
+
+
+def _config(groups: dict[str, Any], **routing: Any) -> dict[str, Any]:
+    return {"accounts": {"a": {"transport": "maildir", "path": "/tmp/a"},
+                         "b": {"transport": "maildir", "path": "/tmp/b"}},
+            "routing": {"default_account": "a", "groups": groups, **routing}}
+
+
+@pytest.mark.parametrize(("groups", "problem"), [
+    ({"g": {"accounts": ["a", "nope"]}}, "routing.groups.g.accounts: no account named 'nope'"),
+    ({"g": {"accounts": ["a", "h"]}, "h": {"accounts": ["b", "g"]}},
+     "routing.groups.g.accounts: 'h' is a group"),
+    ({"a": {"accounts": ["b"]}}, "routing.groups.a: an account has that name too"),
+    ({"g": {"accounts": ["a", "b"], "mode": "weighted", "weights": {"a": 3}}},
+     "routing.groups.g.weights: give each of a, b a weight"),
+    ({"g": {"accounts": ["a", "b"], "mode": "weighted", "weights": {"a": 3, "b": 0}}},
+     "routing.groups.g.weights.b: "),
+    ({"g": {"accounts": ["a", "b"], "weights": {"a": 1, "b": 1}}},
+     "routing.groups.g.weights: only for mode: weighted"),
+    ({"g": {"accounts": ["a", "a"]}}, "routing.groups.g.accounts: an account is listed twice"),
+])
+def test_bad_groups_name_the_key(groups: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(_config(groups), secrets=False)
+    assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
+
+
+def test_rules_and_the_default_may_name_a_group() -> None:
+    config = parse_config(_config({"g": {"accounts": ["b", "a"]}}, default_account="g",
+                                  rules=[{"sender": "@x.com", "account": "g"}]), secrets=False)
+    assert config.routing.default_account == "g"
+
+
+def _group_config(tmp_path: Path, first: FakeUpstream, second: FakeUpstream,
+                  **group: Any) -> Any:
+    return relay_config(
+        tmp_path, {"first": upstream_account(first, tmp_path),
+                   "second": upstream_account(second, tmp_path)},
+        routing={"default_account": "mail",
+                 "groups": {"mail": {"accounts": ["first", "second"], **group}}})
+
+
+async def test_an_account_level_failure_moves_the_send_to_the_next_account(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with FakeUpstream() as second:
+        config = _group_config(tmp_path, upstream, second)
+        app = await start_relay(config)
+        upstream.password = "changed-at-the-provider"  # first: every login refused (535)
+        code, _ = await send(app.smtp_port, message("failover"))
+        assert code == 250
+        await second.wait_for_messages(1)
+        await app.scheduler.run_until_idle()
+        assert upstream.messages == []
+        [queued] = await app.store.list_messages()
+        assert (queued.account, str(queued.state)) == ("mail", "delivered")
+        assert app.scheduler.workers["first"].backed_off  # the member backs off
+        # The attempt records the account it used; `queue show` shows it.
+        path = tmp_path / "relay.yaml"
+        path.write_text(yaml.safe_dump({
+            "accounts": {"first": {"transport": "maildir", "path": str(tmp_path / "f")},
+                         "second": {"transport": "maildir", "path": str(tmp_path / "s")}},
+            "queue": {"path": str(config.queue.path)},
+            "routing": {"default_account": "mail",
+                        "groups": {"mail": {"accounts": ["first", "second"]}}}}))
+        code = await asyncio.to_thread(main, ["queue", "show", queued.id, "-c", str(path)])
+        shown = capsys.readouterr().out
+        assert code == 0
+        attempts = shown[shown.index("attempts:"):]
+        assert " second delivered:" in attempts and " first " not in attempts
+
+
+async def test_a_refused_recipient_is_final_and_not_tried_elsewhere(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(tmp_path, upstream, second))
+        upstream.refuse_rcpt("gone@example.com", 550, "5.1.1 No such user")
+        code, _ = await send(app.smtp_port, message("final"),
+                             recipients=["gone@example.com", "ok@example.com"])
+        assert code == 250
+        await app.scheduler.run_until_idle()
+        assert [m.rcpt_tos for m in upstream.messages] == [("ok@example.com",)]
+        assert second.messages == []
+        [queued] = await app.store.list_messages()
+        states = {r.address: str(r.state) for r in queued.recipients}
+        assert states == {"gone@example.com": "failed", "ok@example.com": "delivered"}
+
+
+async def test_a_group_fails_over_under_load_with_nothing_lost_or_sent_twice(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(tmp_path, upstream, second))
+        bodies = [message(f"load {i}") for i in range(60)]
+        sending = asyncio.create_task(send_many(app.smtp_port, bodies, sessions=4))
+        await upstream.wait_for_messages(10)
+        # Gmail's daily quota, mid-run: account-wide, at MAIL, for every later message.
+        upstream.fail_mail(550, "5.4.5 Daily user sending quota exceeded")
+        assert all(code == 250 for code, _ in await sending)
+        await app.scheduler.run_until_idle()
+        subjects = collections.Counter(
+            line for m in [*upstream.messages, *second.messages]
+            for line in m.data.decode().splitlines() if line.startswith("Subject:"))
+        assert sorted(subjects) == sorted(f"Subject: load {i}" for i in range(60))
+        assert set(subjects.values()) == {1}  # each exactly once
+        assert second.messages  # the second account took over
+        states = collections.Counter(str(m.state) for m in await app.store.list_messages())
+        assert states == {"delivered": 60}
+
+
+async def test_weighted_spreads_by_weight(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(tmp_path, upstream, second, mode="weighted",
+                                              weights={"first": 1, "second": 1}))
+        replies = await send_many(app.smtp_port, [message(f"w{i}") for i in range(40)])
+        assert all(code == 250 for code, _ in replies)
+        await app.scheduler.run_until_idle()
+        assert len(upstream.messages) + len(second.messages) == 40
+        assert upstream.messages and second.messages  # (1 in 5e11 to fail by chance)
+
+
+async def test_reload_adds_and_changes_a_group(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    async with FakeUpstream() as second:
+        accounts = {"first": upstream_account(upstream, tmp_path),
+                    "second": upstream_account(second, tmp_path)}
+        app = await start_relay(relay_config(tmp_path, accounts))
+        await app.reload(relay_config(tmp_path, accounts, routing={
+            "default_account": "mail", "groups": {"mail": {"accounts": ["second", "first"]}}}))
+        assert (await send(app.smtp_port, message("via the new group")))[0] == 250
+        await second.wait_for_messages(1)
+        await app.reload(relay_config(tmp_path, accounts, routing={
+            "default_account": "mail", "groups": {"mail": {"accounts": ["first", "second"]}}}))
+        assert (await send(app.smtp_port, message("in the new order")))[0] == 250
+        await upstream.wait_for_messages(1)
+        await app.scheduler.run_until_idle()
+        assert len(second.messages) == 1
+        # A reload that leaves the group alone keeps its worker (and what it holds).
+        worker = app.scheduler.workers["mail"]
+        await app.reload(relay_config(tmp_path, accounts, routing={
+            "default_account": "mail", "groups": {"mail": {"accounts": ["first", "second"]}}},
+            bounces={"enabled": True}))
+        assert app.scheduler.workers["mail"] is worker
+
+
+async def test_a_slow_down_through_the_group_throttles_the_member(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(tmp_path, upstream, second))
+        upstream.fail_data(454, "Throttling failure: Maximum sending rate exceeded.")
+        assert (await send(app.smtp_port, message("slow")))[0] == 250
+        await app.scheduler.run_until_idle()
+        assert app.scheduler.workers["first"].throttle.factor == 0.5
+        assert app.scheduler.workers["second"].throttle.factor == 1.0
+        await wait_until(lambda: len(upstream.messages) + len(second.messages) == 1,
+                         what="the retry")  # deferred once, then delivered: not lost

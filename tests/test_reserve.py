@@ -1,0 +1,88 @@
+"""Priority under limits (issue 15.4): rate_limit.reserve_for_high keeps a share of every
+window for high-priority mail, in the claim (across workers) and in the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from pathlib import Path
+
+from relay.delivery.ratelimit import RateLimiter, share_for_others
+from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.types import NewMessage, Priority, new_queue_id
+from tests.conftest import StartRelay, message, relay_config, send_many, upstream_account
+from tests.upstream import FakeUpstream
+
+
+def _message(now: float, priority: Priority) -> NewMessage:
+    return NewMessage(id=new_queue_id(), sender="app@example.com",
+                      recipients=("to@example.com",), account="up", priority=priority,
+                      body=b"Subject: x\r\n\r\nhi\r\n", created_at=now, not_before=now)
+
+
+def test_the_share_for_others_rounds_down_but_never_to_zero() -> None:
+    assert share_for_others(10, 0.1) == 9
+    assert share_for_others(10, 0.2) == 8
+    assert share_for_others(3, 0.1) == 2
+    assert share_for_others(1, 0.5) == 1  # a window of one cannot be shared
+    assert share_for_others(2000, 0.0) == 2000
+
+
+def test_the_limiter_holds_others_at_their_share_and_lets_high_use_the_rest() -> None:
+    limiter = RateLimiter([(60.0, 10)], reserve_for_high=0.2)
+    for i in range(8):
+        limiter.record(float(i))
+    assert limiter.available(10.0, others=True) == 0
+    assert limiter.wait_time(10.0, others=True) > 0
+    assert limiter.available(10.0) == 2 and limiter.wait_time(10.0) == 0
+
+
+async def test_two_workers_claims_keep_the_reserve(tmp_path: Path) -> None:
+    """In the claim's transaction: what two workers claim of low priority together stays
+    within the share; a high message claimed after them still finds room."""
+    path = tmp_path / "queue.sqlite3"
+    a = SQLiteStore(path, lock=False, owner="worker-a")
+    b = SQLiteStore(path, lock=False, owner="worker-b")
+    await a.open()
+    await b.open()
+    try:
+        now = time.time()
+        for _ in range(20):
+            await a.enqueue(_message(now, Priority.LOW))
+        per_minute = ((60.0, 10),)
+        first = await a.claim_due("up", now, 6, lease_s=30, windows=per_minute,
+                                  reserve_for_high=0.2)
+        second = await b.claim_due("up", now, 6, lease_s=30, windows=per_minute,
+                                   reserve_for_high=0.2)
+        assert (len(first), len(second)) == (6, 2)
+        assert await a.claim_due("up", now, 6, lease_s=30, windows=per_minute,
+                                 reserve_for_high=0.2) == []
+        urgent = _message(now + 1, Priority.HIGH)
+        await b.enqueue(dataclasses.replace(urgent, not_before=now))
+        claimed = await b.claim_due("up", now + 1, 6, lease_s=30, windows=per_minute,
+                                    reserve_for_high=0.2)
+        assert [m.id for m in claimed] == [urgent.id]  # high first, and only high fits
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_late_high_message_goes_within_the_window_despite_a_low_backlog(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    account = upstream_account(upstream, tmp_path,
+                               rate_limit={"per_minute": 10, "reserve_for_high": "20%"})
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    lows = [message(f"low {i}", headers={"X-Priority": "5"}) for i in range(15)]
+    assert all(code == 250 for code, _ in await send_many(app.smtp_port, lows, sessions=3))
+    await upstream.wait_for_messages(8)
+    await asyncio.sleep(0.5)
+    assert len(upstream.messages) == 8  # the low backlog stops at its share of the minute
+    started = time.monotonic()
+    code, _ = (await send_many(app.smtp_port, [message("password reset",
+                                                       headers={"X-Priority": "1"})]))[0]
+    assert code == 250
+    await upstream.wait_for_messages(9, timeout=20)
+    assert b"password reset" in upstream.messages[8].data
+    assert time.monotonic() - started < 20  # within the minute, not after it
