@@ -271,10 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
     from relay.cli import bench
 
     bench.add_command(sub)
+    # Listed for --help only: main() hands `relay sendmail ...` over before argparse,
+    # whose option syntax is not sendmail's (-FCronDaemon, -oi, -t).
+    sub.add_parser("sendmail", add_help=False,
+                   help="submit a message on stdin, as /usr/sbin/sendmail (see"
+                   " `relay sendmail --help`)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_given = sys.argv[1:] if argv is None else list(argv)
+    if args_given[:1] == ["sendmail"]:
+        from relay.cli import sendmail
+
+        return sendmail.main(args_given[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.func is not cmd_serve:

@@ -482,6 +482,26 @@ class RoutingConfig(_Frozen):
     default_account: str = "outbox"
 
 
+class SendmailConfig(_Frozen):
+    """`relay sendmail` (docs/sendmail.md): addresses given without a domain."""
+
+    # The domain of a sender or recipient written without one (`root`, cron's default
+    # MAILTO; the login name as the default sender), like Postfix's myorigin. None: the
+    # top-level hostname, else the machine's name.
+    domain: Hostname | None = None
+    # Mail for a local user name goes to this address instead (nullmailer's adminaddr):
+    # cron's and logwatch's reports to `root` reach a person. None: user@domain.
+    admin_address: str | None = None
+
+    @model_validator(mode="after")
+    def _address(self) -> SendmailConfig:
+        local, at, domain = (self.admin_address or "x@y").rpartition("@")
+        if not (local and at and domain) or any(c.isspace() or c in "<>,;" for c in
+                                                 self.admin_address or ""):
+            raise ValueError("admin_address: must be one address, local-part@domain")
+        return self
+
+
 def _default_accounts() -> dict[str, AccountConfig]:
     return {"outbox": AccountConfig(transport="maildir", path=Path("relay-data/outbox"))}
 
@@ -500,6 +520,7 @@ class Config(_Frozen):
     routing: RoutingConfig = RoutingConfig()
     bounces: BouncesConfig = BouncesConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    sendmail: SendmailConfig = SendmailConfig()
     # Processes that each listen (SO_REUSEPORT) and deliver from the one queue; `relay
     # serve --workers` overrides it. 1: a single process, no supervisor.
     workers: Workers = "auto"

@@ -1,0 +1,278 @@
+"""`relay sendmail` and the `sendmail` command (/usr/sbin/sendmail for cron, PHP's mail(),
+git send-email, logwatch, mutt): a message on standard input, submitted to relay.
+
+It submits over SMTP to the running relay's listener (loopback). If nothing listens
+there (connection refused), it writes the message into the queue file itself, through
+the listener's own checks, so that the next `relay serve` sends it. If neither works it
+says why on stderr and exits 75 (EX_TEMPFAIL): the caller keeps the message. Exit codes
+are sendmail's (sysexits.h), which its callers read. Pure parts: relay.smtp.sendmail
+(the options) and relay.smtp.pickup (the message). See docs/sendmail.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pwd
+import smtplib
+import socket
+import sys
+from collections.abc import Sequence
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import BinaryIO
+
+from relay.cli import hangup
+from relay.cli.common import open_queue, out
+from relay.config.loading import load_config
+from relay.config.schema import Config
+from relay.errors import ConfigError, StoreError
+from relay.ingest.addresses import parse_path
+from relay.ingest.local import local_handler, submit_local
+from relay.smtp.pickup import Local, NoRecipients, Prepared, input_lines, prepare
+from relay.smtp.sendmail import Invocation, Mode, UsageError, parse_argv
+
+# sysexits.h, what sendmail's callers (cron, PHP, git) understand.
+EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT = 0, 64, 65, 66
+EX_SOFTWARE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 70, 75, 77, 78
+# Where the packaged service's config lives (config/relay.service, the Dockerfile): read
+# when neither --config nor $RELAY_CONFIG says, as cron and PHP pass neither.
+DEFAULT_CONFIG = Path("/etc/relay/relay.yaml")
+SUBMIT_TIMEOUT_S = 60.0  # each SMTP step; the listener answers DATA after its commit
+USAGE = """usage: sendmail [options] [recipient ...]
+  -t            recipients also from the To, Cc and Bcc fields (Bcc is removed)
+  -f SENDER     envelope sender (-f '<>': none); default: your login name @ sendmail.domain
+  -F NAME       the From display name, when the message has no From
+  -i, -oi       a line with only a dot does not end the message
+  -B 8BITMIME   the body has 8-bit text
+  -bm           read a message and submit it (the default)
+  -bp           list the queue (like mailq)
+  -q            make every deferred message due now (relay queue flush)
+  -v            say on stderr how the message was submitted
+  --config FILE relay's config (default: $RELAY_CONFIG, else /etc/relay/relay.yaml)
+Other sendmail options (-oem, -odi, -odb, -oQ..., -L, -N, -h, -G, -U...) are accepted and
+ignored. Exit codes: 0 submitted, 64 usage, 65 bad message or address, 75 try again later,
+77 the listener wants a login, 78 config error."""
+
+
+class Refused(Exception):
+    """Submission failed; ``code`` is the exit status, the text says why."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `sendmail` entry point (and `relay sendmail`): named `mailq` it lists the
+    queue, named `newaliases` it does nothing, as Postfix's does."""
+    hangup.release()
+    prog = Path(sys.argv[0]).name if argv is None else "sendmail"
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return run(parse_argv(args, prog=prog), sys.stdin.buffer)
+    except UsageError as exc:
+        return _fail(f"{exc} (sendmail --help lists the options)", EX_USAGE)
+    except Refused as exc:
+        return _fail(str(exc), exc.code)
+    except KeyboardInterrupt:
+        return _fail("interrupted: nothing was submitted", EX_TEMPFAIL)
+
+
+def _fail(text: str, code: int) -> int:
+    out(f"sendmail: {text}", file=sys.stderr)
+    return code
+
+
+def config_path(invocation: Invocation) -> str | None:
+    """--config, else $RELAY_CONFIG, else /etc/relay/relay.yaml if there is one, else
+    None (the built-in defaults)."""
+    if invocation.config or os.environ.get("RELAY_CONFIG"):
+        return invocation.config or os.environ["RELAY_CONFIG"]
+    return str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None
+
+
+def run(invocation: Invocation, stdin: BinaryIO) -> int:
+    if invocation.help:
+        print(USAGE)
+        return EX_OK
+    if invocation.mode is Mode.NOTHING:
+        return EX_OK
+    path = config_path(invocation)
+    if invocation.mode in (Mode.LIST, Mode.FLUSH):
+        return _queue_command(invocation, path)
+    try:  # never the service's secrets: any user may run sendmail
+        config = load_config(path, secrets=False)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            out(f"sendmail: config error: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    prepared, options = _message(invocation, config, stdin)
+    return _submit(invocation, config, prepared, options)
+
+
+def _queue_command(invocation: Invocation, path: str | None) -> int:
+    """-bp and -q: `relay queue list` (mail not yet delivered) and `relay queue flush`."""
+    from relay.cli.commands import main as relay_main
+
+    args = ["queue", "list", "--state", "queued", "--state", "deferred", "--state",
+            "sending", "--state", "held"] if invocation.mode is Mode.LIST else ["queue", "flush"]
+    return relay_main([*args, *(["--config", path] if path else [])])
+
+
+def _message(invocation: Invocation, config: Config, stdin: BinaryIO
+             ) -> tuple[Prepared, list[str]]:
+    """The envelope and bytes to submit, and the MAIL options they need."""
+    limit = config.listen.max_message_size
+    try:  # CRLF line ends may double the size: anything more is too big either way
+        raw = stdin.read(2 * limit + 1)
+    except OSError as exc:
+        raise Refused(EX_NOINPUT, f"cannot read the message: {exc.strerror or exc}"
+                      ) from None
+    domain = (config.sendmail.domain or config.hostname or socket.getfqdn()).strip("[]")
+    login = _login()
+    local = Local(login=login, domain=domain, date=formatdate(localtime=True),
+                  message_id=make_msgid(domain=domain),
+                  full_name=invocation.full_name or _full_name(),
+                  admin_address=config.sendmail.admin_address)
+    try:
+        prepared = prepare(input_lines(raw, dots_end_input=invocation.dots_end_input),
+                           sender=invocation.sender, arguments=invocation.recipients,
+                           extract=invocation.extract, local=local)
+    except NoRecipients as exc:
+        raise Refused(EX_USAGE, str(exc)) from None
+    for role, address in [("sender", prepared.sender),
+                          *(("recipient", r) for r in prepared.recipients)]:
+        if address and parse_path(f"<{address}>") is None:
+            raise Refused(EX_DATAERR, f"bad {role} address {address!r}")
+    if len(raw) > 2 * limit or len(prepared.data) > limit:
+        raise Refused(EX_DATAERR, f"the message is larger than listen.max_message_size"
+                      f" ({limit} bytes)")
+    options = []
+    if invocation.body_type == "8BITMIME" or not prepared.data.isascii():
+        options.append("BODY=8BITMIME")  # RFC 6152
+    if not all(a.isascii() for a in (prepared.sender, *prepared.recipients)):
+        options.append("SMTPUTF8")  # RFC 6531
+    return prepared, options
+
+
+def _login() -> str:
+    """The user's login name, from the uid (not $USER, which the caller sets)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (containers, DynamicUser)
+        return f"uid{os.getuid()}"
+
+
+def _full_name() -> str | None:
+    """The user's name from the passwd comment field, as Postfix's sendmail takes it."""
+    with contextlib.suppress(KeyError):
+        return pwd.getpwuid(os.getuid()).pw_gecos.split(",")[0].strip() or None
+    return None
+
+
+def _submit(invocation: Invocation, config: Config, prepared: Prepared,
+            options: list[str]) -> int:
+    host, port = _listener(config)
+    try:
+        reply = submit_smtp(host, port, prepared, options)
+        how = f"over SMTP to {host}:{port}"
+    except ConnectionRefusedError:
+        try:
+            reply = asyncio.run(write_queue(config, prepared, options))
+        except (StoreError, OSError) as exc:
+            raise Refused(EX_TEMPFAIL, f"no relay is listening on {host}:{port}, and the"
+                          f" queue cannot be written: {exc}") from None
+        how = f"into {config.queue.path} (no relay is listening on {host}:{port})"
+    except (OSError, smtplib.SMTPException) as exc:
+        raise Refused(EX_TEMPFAIL, f"cannot submit to relay on {host}:{port}: "
+                      f"{_smtp_error(exc)}") from None
+    code = _exit_code(reply)
+    if code != EX_OK:
+        raise Refused(code, f"relay refused the message: {reply}")
+    if invocation.verbose:
+        out(f"sendmail: {reply} ({how})", file=sys.stderr)
+    return EX_OK
+
+
+def _listener(config: Config) -> tuple[str, int]:
+    """Where to reach the listener: its own address, loopback for a wildcard."""
+    host = config.listen.host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return host, config.listen.port
+
+
+def _exit_code(reply: str) -> int:
+    if reply.startswith("2"):
+        return EX_OK
+    if reply.startswith(("530", "535", "538")):  # RFC 4954: a login is needed
+        return EX_NOPERM
+    return EX_TEMPFAIL if reply.startswith("4") else EX_DATAERR
+
+
+def _smtp_error(exc: BaseException) -> str:
+    if isinstance(exc, smtplib.SMTPResponseException):
+        text = exc.smtp_error
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        return f"{exc.smtp_code} {text}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def submit_smtp(host: str, port: int, prepared: Prepared, options: list[str]) -> str:
+    """One SMTP transaction; the reply that ended it. A refused recipient ends it before
+    DATA (RSET): the message goes to all of its recipients or to none."""
+    with smtplib.SMTP(host, port, local_hostname="localhost",
+                      timeout=SUBMIT_TIMEOUT_S) as smtp:
+        smtp.ehlo()
+        code, text = smtp.mail(prepared.sender, options)
+        for recipient in prepared.recipients:
+            if code >= 300:
+                break
+            code, text = smtp.rcpt(recipient)
+        if code >= 300:
+            smtp.rset()
+            return f"{code} {text.decode('utf-8', 'replace')}"
+        code, text = smtp.data(prepared.data)
+        return f"{code} {text.decode('utf-8', 'replace')}"
+
+
+async def write_queue(config: Config, prepared: Prepared, options: list[str]) -> str:
+    """No relay listening: the message into the queue file, as the listener would store
+    it; the listener's reply. Only into a queue a `relay serve` has made: a new file
+    where nothing serves would hold mail that nobody sends."""
+    path = config.queue.path
+    if not path.exists():
+        raise StoreError(f"there is no queue at {path} (has `relay serve` run with this"
+                         " config?)")
+    _become_owner(path)
+    # The handler logs each message as the server does; here, only problems matter.
+    logging.getLogger("relay").setLevel(logging.ERROR)
+    store = await open_queue(config)
+    try:
+        return await submit_local(local_handler(config, store), prepared.sender,
+                                  prepared.recipients, prepared.data, options)
+    finally:
+        await store.close()
+
+
+def _become_owner(path: Path) -> None:
+    """Run as root (a root crontab), write as the queue's owner: files SQLite and the
+    store create beside the queue (-wal, -shm, the owner's lock) must stay the service's,
+    or it could not open its own queue."""
+    if os.geteuid() != 0:
+        return
+    st = path.stat()
+    if st.st_uid == 0:
+        return
+    os.setgroups([])
+    os.setgid(st.st_gid)
+    os.setuid(st.st_uid)
+
