@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.smtp.pickup import Local, NoRecipients, input_lines, prepare, split_header
+from relay.smtp.pickup import BadAddress, Local, NoRecipients, input_lines, prepare, split_header
 from relay.smtp.sendmail import Invocation, Mode, UsageError, parse_argv
 
 LOCAL = Local(login="alice", domain="host.example.com", date="Tue, 01 Dec 2026 00:00:00 +0000",
@@ -138,6 +138,12 @@ def test_local_names_are_qualified_or_go_to_the_admin_address() -> None:
                   extract=False, local=admin)
     assert got.recipients == ("ops@example.com", "a@example.com")  # one copy for the admin
     assert got.sender == "alice@host.example.com"  # the sender is not the admin's
+
+
+def test_an_argument_without_an_address_is_refused() -> None:
+    with pytest.raises(BadAddress, match="'<>'"):
+        prepare([b"x"], sender=None, arguments=["a@example.com", "<>"], extract=False,
+                local=LOCAL)
 
 
 def test_no_recipients() -> None:

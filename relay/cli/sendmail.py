@@ -31,7 +31,14 @@ from relay.config.schema import Config
 from relay.errors import ConfigError, StoreError
 from relay.ingest.addresses import parse_path
 from relay.ingest.local import local_handler, submit_local
-from relay.smtp.pickup import Local, NoRecipients, Prepared, input_lines, prepare
+from relay.smtp.pickup import (
+    BadAddress,
+    Local,
+    NoRecipients,
+    Prepared,
+    input_lines,
+    prepare,
+)
 from relay.smtp.sendmail import Invocation, Mode, UsageError, parse_argv
 
 # sysexits.h, what sendmail's callers (cron, PHP, git) understand.
@@ -70,9 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     queue, named `newaliases` it does nothing, as Postfix's does."""
     hangup.release()
     prog = Path(sys.argv[0]).name if argv is None else "sendmail"
-    args = sys.argv[1:] if argv is None else list(argv)
+    return sendmail(sys.argv[1:] if argv is None else argv, sys.stdin.buffer, prog=prog)
+
+
+def sendmail(argv: Sequence[str], stdin: BinaryIO, *, prog: str = "sendmail") -> int:
+    """Do what ``argv`` asks with the message on ``stdin``; the exit code."""
     try:
-        return run(parse_argv(args, prog=prog), sys.stdin.buffer)
+        return run(parse_argv(argv, prog=prog), stdin)
     except UsageError as exc:
         return _fail(f"{exc} (sendmail --help lists the options)", EX_USAGE)
     except Refused as exc:
@@ -143,6 +154,8 @@ def _message(invocation: Invocation, config: Config, stdin: BinaryIO
                            extract=invocation.extract, local=local)
     except NoRecipients as exc:
         raise Refused(EX_USAGE, str(exc)) from None
+    except BadAddress as exc:
+        raise Refused(EX_DATAERR, str(exc)) from None
     for role, address in [("sender", prepared.sender),
                           *(("recipient", r) for r in prepared.recipients)]:
         if address and parse_path(f"<{address}>") is None:

@@ -39,6 +39,10 @@ class NoRecipients(ValueError):
     """Nothing to send to (EX_USAGE)."""
 
 
+class BadAddress(ValueError):
+    """A command-line recipient that holds no address (EX_DATAERR)."""
+
+
 @dataclass(frozen=True)
 class Prepared:
     sender: str  # "" for the null sender
@@ -109,7 +113,12 @@ def prepare(lines: list[bytes], *, sender: str | None, arguments: Sequence[str],
     """
     header, body = split_header(lines)
     fields = parse_headers(b"\r\n".join(header) + b"\r\n\r\n") if header else []
-    found = [address for _, address in getaddresses(list(arguments)) if address]
+    found: list[str] = []
+    for argument in arguments:
+        addresses = [address for _, address in getaddresses([argument]) if address]
+        if not addresses:
+            raise BadAddress(f"bad recipient address {argument!r}")
+        found += addresses
     if extract:
         found += recipients_in(fields)
     recipients = tuple(dict.fromkeys(qualify(a, local, recipient=True) for a in found))

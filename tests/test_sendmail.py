@@ -1,0 +1,182 @@
+"""`relay sendmail` / `sendmail` as its callers run it: real processes (the command
+itself, cron's command line, PHP's mail(), git send-email) against a real relay
+listener and the fault-injecting upstream, and with no relay listening (straight into
+the queue file, sent by the next start)."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from relay.app import App
+from relay.config.loading import load_config
+from tests.conftest import StartRelay
+from tests.relayproc import write_config
+from tests.upstream import FakeUpstream
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+SENDMAIL = str(BIN / "sendmail")
+
+
+async def sendmail(*argv: str, stdin: bytes, config: Path | None = None,
+                   program: str = SENDMAIL, cwd: Path | None = None
+                   ) -> tuple[int, str]:
+    """Run the installed `sendmail` entry point; (exit code, stderr)."""
+    env = {**os.environ}
+    env.pop("RELAY_CONFIG", None)
+    if config is not None:
+        env["RELAY_CONFIG"] = str(config)
+    proc = await asyncio.create_subprocess_exec(
+        program, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=env, cwd=cwd)
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 30)
+    assert proc.returncode is not None
+    return proc.returncode, (out + err).decode()
+
+
+async def running(tmp_path: Path, up: FakeUpstream, start_relay: StartRelay,
+                  **sendmail: object) -> tuple[Path, App]:
+    """A config file and a relay started from it (listening on the file's port)."""
+    path = write_config(tmp_path, up)
+    if sendmail:
+        data = yaml.safe_load(path.read_text())
+        data["sendmail"] = sendmail
+        path.write_text(yaml.safe_dump(data))
+    return path, await start_relay(load_config(path))
+
+
+def received(up: FakeUpstream, n: int = 0) -> email.message.Message:
+    return email.message_from_bytes(up.messages[n].data)
+
+
+async def test_cron_command_line_through_the_listener(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """cronie / Debian cron: `sendmail -FCronDaemon -i -B8BITMIME -oem USER`, LF lines,
+    a header section of its own, a lone dot kept (-i), a local user as recipient."""
+    config, _ = await running(tmp_path, upstream, start_relay,
+                              admin_address="ops@example.com")
+    job_output = ("From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@vm> backup\n"
+                  "Content-Type: text/plain; charset=UTF-8\n\ncaf\u00e9\n.\ndone\n")
+    code, err = await sendmail("-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root",
+                               stdin=job_output.encode(), config=config)
+    assert (code, err) == (0, "")
+    await upstream.wait_for_messages(1)
+    got = upstream.messages[0]
+    assert got.rcpt_tos == ("ops@example.com",)
+    assert "BODY=8BITMIME" in got.mail_options
+    assert b"\r\ncaf\xc3\xa9\r\n.\r\ndone\r\n" in got.data  # the dot line is data with -i
+    message = received(upstream)
+    assert message["Subject"] == "Cron <root@vm> backup"
+    assert message["Date"] and message["Message-ID"]  # added, as Postfix's cleanup does
+
+
+async def test_php_mail_function(tmp_path: Path, upstream: FakeUpstream,
+                                 start_relay: StartRelay) -> None:
+    """PHP's mail() with sendmail_path = "sendmail -t -i": recipients from To, the Bcc
+    its additional headers carry delivered and removed."""
+    php = shutil.which("php")
+    if php is None:
+        pytest.skip("needs php (php-cli, installed by .ci/run on CI)")
+    config, _ = await running(tmp_path, upstream, start_relay)
+    script = ('$ok = mail("to@example.com", "Hello from PHP", "line one\\n.\\nline two",'
+              ' "From: app@example.com\\r\\nBcc: hidden@example.com");'
+              ' exit($ok ? 0 : 3);')
+    code, err = await sendmail("-d", f"sendmail_path={SENDMAIL} -t -i", "-r", script,
+                               stdin=b"", config=config, program=php)
+    assert (code, err) == (0, "")
+    await upstream.wait_for_messages(1)
+    got = upstream.messages[0]
+    assert sorted(got.rcpt_tos) == ["hidden@example.com", "to@example.com"]
+    assert b"hidden" not in got.data and b"Bcc" not in got.data
+    message = received(upstream)
+    assert message["Subject"] == "Hello from PHP"
+    assert message.get_payload() == "line one\n.\nline two\n".replace("\n", "\r\n")
+
+
+def _git_send_email_missing() -> str | None:
+    """Why git send-email cannot run here, or None."""
+    if shutil.which("git") is None:
+        return "needs git"
+    probe = subprocess.run(["git", "send-email", "--help"], capture_output=True, check=False)
+    if b"not a git command" in probe.stderr + probe.stdout:
+        return "needs git send-email (Debian packages git-email, libmailtools-perl)"
+    if subprocess.run(["perl", "-MMail::Address", "-e", "1"], capture_output=True,
+                      check=False).returncode:
+        return "git send-email needs Perl's Mail::Address (Debian: libmailtools-perl)"
+    return None
+
+
+async def test_git_send_email(tmp_path: Path, upstream: FakeUpstream,
+                              start_relay: StartRelay) -> None:
+    """git send-email --sendmail-cmd with --envelope-sender=auto: it runs
+    `sendmail -i -f FROM RCPT...`."""
+    missing = _git_send_email_missing()
+    if missing:
+        pytest.skip(missing)
+    config, _ = await running(tmp_path, upstream, start_relay)
+    repo = tmp_path / "repo"
+    env = {**os.environ, "GIT_AUTHOR_NAME": "Dev", "GIT_AUTHOR_EMAIL": "dev@example.com",
+           "GIT_COMMITTER_NAME": "Dev", "GIT_COMMITTER_EMAIL": "dev@example.com",
+           "HOME": str(tmp_path), "RELAY_CONFIG": str(config)}
+
+    def git_run(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True,
+                              capture_output=True, text=True).stdout
+
+    repo.mkdir()
+    git_run("init", "-q")
+    (repo / "file.txt").write_text("one\n.\n")
+    git_run("add", "file.txt")
+    git_run("commit", "-q", "-m", "Add a file")
+    patch = git_run("format-patch", "-1", "-o", str(tmp_path / "out")).strip()
+    proc = await asyncio.create_subprocess_exec(
+        "git", "-C", str(repo), "send-email", f"--sendmail-cmd={SENDMAIL}",
+        "--from=Dev <dev@example.com>", "--to=list@example.com", "--cc=cc@example.com",
+        "--envelope-sender=auto", "--confirm=never", "--suppress-cc=self", "--quiet", patch,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, (out + err).decode()
+    await upstream.wait_for_messages(1)
+    got = upstream.messages[0]
+    assert got.mail_from == "dev@example.com"
+    assert sorted(got.rcpt_tos) == ["cc@example.com", "list@example.com"]
+    assert received(upstream)["Subject"] == "[PATCH] Add a file"
+
+
+async def test_relay_down_the_message_lands_in_the_queue_and_the_next_start_sends_it(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    config = write_config(tmp_path, upstream)
+    first = await start_relay(load_config(config))
+    await first.shutdown(grace=1.0)  # the queue file exists; nothing listens now
+    code, err = await sendmail("-v", "-f", "app@example.com", "to@example.com",
+                               stdin=b"Subject: while down\n\nkept\n", config=config)
+    assert code == 0, err
+    assert "250 2.0.0 queued as" in err and "no relay is listening" in err
+    # Without -v the same path says nothing (cron mails whatever a job prints).
+    code, err = await sendmail("-t", stdin=b"To: other@example.com\nSubject: two\n\n2\n",
+                               config=config)
+    assert (code, err) == (0, "")
+    assert upstream.messages == []
+    await start_relay(load_config(config))
+    await upstream.wait_for_messages(2)
+    by_subject = {received(upstream, n)["Subject"]: upstream.messages[n].rcpt_tos
+                  for n in range(2)}
+    assert by_subject == {"while down": ("to@example.com",), "two": ("other@example.com",)}
+
+
+async def test_relay_down_and_no_queue_is_a_temporary_failure(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = write_config(tmp_path, upstream)
+    code, err = await sendmail("to@example.com", stdin=b"Subject: s\n\nx\n", config=config)
+    assert code == 75
+    assert "no relay is listening on 127.0.0.1:" in err and "there is no queue at" in err
+    assert not (tmp_path / "queue.sqlite3").exists()  # nothing half-written
