@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import io
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ import yaml
 
 from relay.app import App
 from relay.config.loading import load_config
-from tests.conftest import StartRelay
+from tests.conftest import StartRelay, metric, wait_until
 from tests.relayproc import write_config
 from tests.upstream import FakeUpstream
 
@@ -180,3 +181,113 @@ async def test_relay_down_and_no_queue_is_a_temporary_failure(
     assert code == 75
     assert "no relay is listening on 127.0.0.1:" in err and "there is no queue at" in err
     assert not (tmp_path / "queue.sqlite3").exists()  # nothing half-written
+
+
+async def submit(argv: list[str], data: bytes, config: Path) -> int:
+    """`relay sendmail` in this process (in a thread: smtplib blocks, and the relay runs
+    in this loop); its exit code. stderr goes to capsys."""
+    from relay.cli.sendmail import sendmail as run_sendmail
+
+    return await asyncio.to_thread(run_sendmail, ["--config", str(config), *argv],
+                                   io.BytesIO(data))
+
+
+async def test_bad_input_exit_codes_name_the_cause(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    config, app = await running(tmp_path, upstream, start_relay)
+    cases = [
+        ([], b"Subject: s\n\nx\n", 64, "no recipients"),
+        (["-t"], b"Subject: s\n\nx\n", 64, "no recipients"),
+        (["a b@example.com"], b"x\n", 65, "bad recipient address 'a b@example.com'"),
+        (["-f", "bad sender@x.org", "a@example.com"], b"x\n", 65, "bad sender address"),
+        (["-Z"], b"", 64, "unknown option -Z"),
+        # The listener's own answer to a message it can never take: 5xx, EX_DATAERR.
+        (["a@example.com"], b"X-Account: nope\n\nx\n", 65,
+         "relay refused the message: 550 5.7.1 X-Account header names unknown account"),
+    ]
+    for argv, data, code, says in cases:
+        assert await submit(argv, data, config) == code, argv
+        assert says in capsys.readouterr().err
+    too_big = b"Subject: s\n\n" + b"x" * 80 + b"\n"
+    small = tmp_path / "small.yaml"
+    text = yaml.safe_load(config.read_text())
+    text["listen"]["max_message_size"] = 1024
+    small.write_text(yaml.safe_dump(text))
+    assert await submit(["a@example.com"], too_big * 20, small) == 65
+    assert "larger than listen.max_message_size (1024 bytes)" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sendmail: {admin_address: nobody}\n")
+    assert await submit(["a@example.com"], b"x\n", bad) == 78
+    assert "sendmail.admin_address: must be one address" in capsys.readouterr().err
+    assert app.metrics.received._value.get() == 0  # none of them was queued
+
+
+async def test_a_temporary_refusal_is_ex_tempfail(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    config, app = await running(tmp_path, upstream, start_relay)
+    app.handler.accepting = False  # DATA answers 421 4.3.2, as during a shutdown
+    assert await submit(["a@example.com"], b"Subject: s\n\nx\n", config) == 75
+    assert "421 4.3.2 Service shutting down" in capsys.readouterr().err
+
+
+async def test_a_listener_that_wants_a_login_is_named(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from relay.ingest.auth import hash_password
+
+    path = write_config(tmp_path, upstream)
+    data = yaml.safe_load(path.read_text())
+    data["listen"]["auth"] = {"required": True,
+                              "users": {"app": {"password_hash": hash_password("pw")}}}
+    path.write_text(yaml.safe_dump(data))
+    await start_relay(load_config(path))
+    assert await submit(["a@example.com"], b"Subject: s\n\nx\n", path) == 77
+    assert "530 5.7.0 Authentication required" in capsys.readouterr().err
+
+
+async def test_the_direct_write_checks_as_the_listener_does(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """No relay listening: an unknown X-Account is refused as over SMTP, and nothing is
+    written; a good message is, with X-Account honoured and removed."""
+    path = write_config(tmp_path, upstream)
+    data = yaml.safe_load(path.read_text())
+    data["accounts"]["second"] = dict(data["accounts"]["up"])
+    path.write_text(yaml.safe_dump(data))
+    await (await start_relay(load_config(path))).shutdown(grace=1.0)
+    assert await submit(["a@example.com"], b"X-Account: nope\n\nx\n", path) == 65
+    assert "550 5.7.1 X-Account header names unknown account" in capsys.readouterr().err
+    assert await submit(["-v", "a@example.com"], b"X-Account: second\nSubject: s\n\nx\n",
+                        path) == 0
+    assert "no relay is listening" in capsys.readouterr().err
+    app = await start_relay(load_config(path))
+    await upstream.wait_for_messages(1)
+    assert b"X-Account" not in upstream.messages[0].data
+    rows = await app.store.list_messages()
+    assert [m.account for m in rows] == ["second"]
+
+
+async def test_bp_lists_and_q_flushes(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, upstream)
+    data = yaml.safe_load(config.read_text())
+    data["retry"].update(initial_delay="1h", max_delay="1h")  # deferred until flushed
+    config.write_text(yaml.safe_dump(data))
+    app = await start_relay(load_config(config))
+    upstream.fail_data(451, "4.3.0 try later")
+    assert await submit(["-f", "app@example.com", "to@example.com"], b"Subject: s\n\nx\n",
+                        config) == 0
+    await wait_until(lambda: metric(app, "relay_messages_deferred_total", account="up") > 0,
+                     what="a deferred attempt")
+    capsys.readouterr()
+    mailq = tmp_path / "mailq"
+    mailq.symlink_to(SENDMAIL)  # what a package's /usr/bin/mailq link does
+    code, listing = await sendmail(stdin=b"", config=config, program=str(mailq))
+    assert code == 0, listing
+    assert "deferred" in listing and "<app@example.com> -> to@example.com" in listing
+    assert await submit(["-q"], b"", config) == 0
+    assert "1 deferred message(s) due now" in capsys.readouterr().out
+    await upstream.wait_for_messages(1)
