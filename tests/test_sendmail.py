@@ -232,19 +232,36 @@ async def test_a_temporary_refusal_is_ex_tempfail(
     assert "421 4.3.2 Service shutting down" in capsys.readouterr().err
 
 
-async def test_a_listener_that_wants_a_login_is_named(
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "starttls"])
+async def test_a_listener_that_wants_a_login(
         tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], tls: bool, request: pytest.FixtureRequest) -> None:
+    """Without sendmail.username: 77 and the reply that says so; with it, a login (after
+    STARTTLS when the listener has TLS); a wrong password: 77 again."""
     from relay.ingest.auth import hash_password
 
     path = write_config(tmp_path, upstream)
     data = yaml.safe_load(path.read_text())
     data["listen"]["auth"] = {"required": True,
-                              "users": {"app": {"password_hash": hash_password("pw")}}}
+                              "users": {"cron": {"password_hash": hash_password("pw")}}}
+    if tls:
+        cert, key = request.getfixturevalue("self_signed")
+        data["listen"]["tls"] = {"cert": str(cert), "key": str(key)}
     path.write_text(yaml.safe_dump(data))
     await start_relay(load_config(path))
     assert await submit(["a@example.com"], b"Subject: s\n\nx\n", path) == 77
     assert "530 5.7.0 Authentication required" in capsys.readouterr().err
+    secret = tmp_path / "sendmail.secret"
+    secret.write_text("pw\n")
+    data["sendmail"] = {"username": "cron", "password_file": str(secret)}
+    path.write_text(yaml.safe_dump(data))
+    assert await submit(["a@example.com"], b"Subject: logged in\n\nx\n", path) == 0
+    await upstream.wait_for_messages(1)
+    assert received(upstream)["Subject"] == "logged in"
+    secret.write_text("wrong")
+    assert await submit(["a@example.com"], b"Subject: s\n\nx\n", path) == 77
+    err = capsys.readouterr().err
+    assert "535 5.7.8" in err and "wrong" not in err
 
 
 async def test_the_direct_write_checks_as_the_listener_does(

@@ -18,6 +18,7 @@ import os
 import pwd
 import smtplib
 import socket
+import ssl
 import sys
 from collections.abc import Sequence
 from email.utils import formatdate, make_msgid
@@ -27,7 +28,7 @@ from typing import BinaryIO
 from relay.cli import hangup
 from relay.cli.common import open_queue, out
 from relay.config.loading import load_config
-from relay.config.schema import Config
+from relay.config.schema import Config, is_loopback
 from relay.errors import ConfigError, StoreError
 from relay.ingest.addresses import parse_path
 from relay.ingest.local import local_handler, submit_local
@@ -189,8 +190,9 @@ def _full_name() -> str | None:
 def _submit(invocation: Invocation, config: Config, prepared: Prepared,
             options: list[str]) -> int:
     host, port = _listener(config)
+    login = _credentials(config)
     try:
-        reply = submit_smtp(host, port, prepared, options)
+        reply = submit_smtp(host, port, prepared, options, login)
         how = f"over SMTP to {host}:{port}"
     except ConnectionRefusedError:
         try:
@@ -208,6 +210,18 @@ def _submit(invocation: Invocation, config: Config, prepared: Prepared,
     if invocation.verbose:
         out(f"sendmail: {reply} ({how})", file=sys.stderr)
     return EX_OK
+
+
+def _credentials(config: Config) -> tuple[str, str] | None:
+    """sendmail.username and the password in sendmail.password_file, if set."""
+    user, path = config.sendmail.username, config.sendmail.password_file
+    if user is None or path is None:
+        return None
+    try:
+        return user, path.read_text().strip()
+    except OSError as exc:
+        raise Refused(EX_NOPERM, f"cannot read sendmail.password_file {path}:"
+                      f" {exc.strerror}") from None
 
 
 def _listener(config: Config) -> tuple[str, int]:
@@ -239,12 +253,21 @@ def _smtp_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def submit_smtp(host: str, port: int, prepared: Prepared, options: list[str]) -> str:
+def submit_smtp(host: str, port: int, prepared: Prepared, options: list[str],
+                login: tuple[str, str] | None = None) -> str:
     """One SMTP transaction; the reply that ended it. A refused recipient ends it before
     DATA (RSET): the message goes to all of its recipients or to none."""
     with smtplib.SMTP(host, port, local_hostname="localhost",
                       timeout=SUBMIT_TIMEOUT_S) as smtp:
         smtp.ehlo()
+        if login is not None and smtp.has_extn("starttls"):  # AUTH waits for TLS then
+            smtp.starttls(context=_tls_context(host))
+            smtp.ehlo()
+        if login is not None:
+            try:
+                smtp.login(*login)
+            except smtplib.SMTPAuthenticationError as exc:
+                return _smtp_error(exc)
         code, text = smtp.mail(prepared.sender, options)
         for recipient in prepared.recipients:
             if code >= 300:
@@ -255,6 +278,16 @@ def submit_smtp(host: str, port: int, prepared: Prepared, options: list[str]) ->
             return f"{code} {text.decode('utf-8', 'replace')}"
         code, text = smtp.data(prepared.data)
         return f"{code} {text.decode('utf-8', 'replace')}"
+
+
+def _tls_context(host: str) -> ssl.SSLContext:
+    """Verified, except on loopback: the listener's certificate is for the names other
+    hosts use, and a connection that never leaves the machine has nobody in between."""
+    context = ssl.create_default_context()
+    if is_loopback(host):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 async def write_queue(config: Config, prepared: Prepared, options: list[str]) -> str:

@@ -492,13 +492,19 @@ class SendmailConfig(_Frozen):
     # Mail for a local user name goes to this address instead (nullmailer's adminaddr):
     # cron's and logwatch's reports to `root` reach a person. None: user@domain.
     admin_address: str | None = None
+    # A listener that requires AUTH (listen.auth.required): the user sendmail logs in as,
+    # and a file holding its password, readable by the users who run sendmail (a group).
+    username: str | None = None
+    password_file: Path | None = None
 
     @model_validator(mode="after")
-    def _address(self) -> SendmailConfig:
+    def _check(self) -> SendmailConfig:
         local, at, domain = (self.admin_address or "x@y").rpartition("@")
         if not (local and at and domain) or any(c.isspace() or c in "<>,;" for c in
                                                  self.admin_address or ""):
             raise ValueError("admin_address: must be one address, local-part@domain")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("password_file: give username and password_file together")
         return self
 
 
