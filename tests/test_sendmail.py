@@ -308,3 +308,17 @@ async def test_bp_lists_and_q_flushes(
     assert await submit(["-q"], b"", config) == 0
     assert "1 deferred message(s) due now" in capsys.readouterr().out
     await upstream.wait_for_messages(1)
+
+
+def test_relay_sendmail_is_the_same_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """`relay sendmail ...` reaches sendmail's own option parser (argparse would take
+    -FCronDaemon for an error), and `relay --help` lists it."""
+    from relay.cli import main
+
+    assert main(["sendmail", "--help"]) == 0
+    assert "-FCronDaemon" not in (usage := capsys.readouterr().out) and "-t " in usage
+    assert main(["sendmail", "-FCronDaemon", "-bx"]) == 64
+    assert "unsupported: -bx" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "sendmail" in capsys.readouterr().out
