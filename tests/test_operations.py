@@ -16,6 +16,7 @@ import yaml
 
 from relay.cli.commands import main
 from relay.config.loading import load_config, load_config_with_sources
+from relay.config.schema import Config
 from relay.errors import ConfigError
 from relay.queue.sqlite.schema import SCHEMA_VERSION
 from tests.conftest import Launch, StartRelay, message, send, send_many, wait_until
@@ -31,7 +32,9 @@ def test_distribution_name_is_not_the_taken_pypi_name_and_docs_use_it() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     name = project["name"]
     assert name == "relay-smtp"
-    assert project["scripts"] == {"relay": "relay.cli:main"}
+    assert project["scripts"] == {"relay": "relay.cli:main",  # and docs/sendmail.md's:
+                                  "sendmail": "relay.cli.sendmail:main",
+                                  "relay-sendmail": "relay.cli.sendmail:main"}
     assert project["requires-python"] == ">=3.11"
     for doc in ("README.md", "docs/operations.md"):
         text = (ROOT / doc).read_text()
@@ -235,8 +238,8 @@ def test_env_substitution_and_relay_overrides_as_a_container_would_set_them(
     ({"SMTP_HOST": "h", "RELAY_LISTEN__PORT": "smtp"},
      "listen.port: must be a whole number (set by RELAY_LISTEN__PORT)"),
     ({"SMTP_HOST": "h", "RELAY_LISTN__PORT": "25"},
-     "RELAY_LISTN__PORT: no config section 'listn' (sections: accounts, auth_backoff, bounces,"
-     " hostname, listen, logging, metrics, queue, retry, routing, shutdown, workers)"),
+     "RELAY_LISTN__PORT: no config section 'listn' (sections:"
+     f" {', '.join(sorted(Config.model_fields))})"),
     ({"SMTP_HOST": "h", "RELAY_LISTEN__HOTS": "::"},
      "listen.hots: unknown key (set by RELAY_LISTEN__HOTS)"),
 ])
