@@ -304,10 +304,16 @@ async def test_bp_lists_and_q_flushes(
     mailq.symlink_to(SENDMAIL)  # what a package's /usr/bin/mailq link does
     code, listing = await sendmail(stdin=b"", config=config, program=str(mailq))
     assert code == 0, listing
-    assert "deferred" in listing and "<app@example.com> -> to@example.com" in listing
+    header, row = listing.splitlines()[:2]
+    assert row.startswith(app_id := row.split()[0]) and len(app_id) == 22
+    assert header.index("STATE") == row.index("deferred")  # columns line up
+    assert "<app@example.com> -> to@example.com" in row
     assert await submit(["-q"], b"", config) == 0
     assert "1 deferred message(s) due now" in capsys.readouterr().out
     await upstream.wait_for_messages(1)
+    await app.scheduler.run_until_idle()
+    assert await submit(["-bp"], b"", config) == 0
+    assert capsys.readouterr().out == "Mail queue is empty\n"
 
 
 def test_relay_sendmail_is_the_same_command(capsys: pytest.CaptureFixture[str]) -> None:

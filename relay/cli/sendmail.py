@@ -32,6 +32,8 @@ from relay.config.schema import Config, is_loopback
 from relay.errors import ConfigError, StoreError
 from relay.ingest.addresses import parse_path
 from relay.ingest.local import local_handler, submit_local
+from relay.queue.filters import MessageFilter
+from relay.queue.types import MessageState
 from relay.smtp.pickup import (
     BadAddress,
     Local,
@@ -126,12 +128,39 @@ def run(invocation: Invocation, stdin: BinaryIO) -> int:
 
 
 def _queue_command(invocation: Invocation, path: str | None) -> int:
-    """-bp and -q: `relay queue list` (mail not yet delivered) and `relay queue flush`."""
+    """-bp (mailq) and -q: `relay queue list` of the mail not yet delivered, or
+    "Mail queue is empty" as Postfix's mailq says (scripts look for it); `relay queue
+    flush`."""
     from relay.cli.commands import main as relay_main
 
-    args = ["queue", "list", "--state", "queued", "--state", "deferred", "--state",
-            "sending", "--state", "held"] if invocation.mode is Mode.LIST else ["queue", "flush"]
-    return relay_main([*args, *(["--config", path] if path else [])])
+    config = ["--config", path] if path else []
+    if invocation.mode is Mode.FLUSH:
+        return relay_main(["queue", "flush", *config])
+    try:
+        waiting = asyncio.run(_count_waiting(load_config(path, secrets=False)))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            out(f"sendmail: config error: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    except StoreError as exc:
+        raise Refused(EX_TEMPFAIL, str(exc)) from None
+    if not waiting:
+        out("Mail queue is empty")
+        return EX_OK
+    states = [arg for state in WAITING for arg in ("--state", state)]
+    return relay_main(["queue", "list", *states, *config])
+
+
+WAITING = ("queued", "deferred", "sending", "held")  # what mailq lists: not yet delivered
+
+
+async def _count_waiting(config: Config) -> int:
+    store = await open_queue(config)
+    try:
+        return await store.count_messages(MessageFilter(
+            states=frozenset(MessageState(s) for s in WAITING)))
+    finally:
+        await store.close()
 
 
 def _message(invocation: Invocation, config: Config, stdin: BinaryIO
