@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -328,3 +329,39 @@ def test_relay_sendmail_is_the_same_command(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "sendmail" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (what a root crontab runs as)")
+async def test_as_root_the_direct_write_leaves_every_file_to_the_queue_owner(
+        upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """Run by root with no relay listening, sendmail writes as the queue's owner; where
+    that owner cannot reach the file (a parent closed to it, as systemd's DynamicUser
+    does with /var/lib/private), as root, SQLite handing its new files to the owner.
+    Either way no file beside the queue is root's, or the service could not open it."""
+    base = Path(tempfile.mkdtemp(prefix="relay-sendmail-", dir="/tmp"))  # not tmp_path:
+    try:  # pytest's tmp directories are closed (0700) to every user but root
+        os.chmod(base, 0o755)
+        config = write_config(base, upstream)
+        data = yaml.safe_load(config.read_text())
+        data["queue"]["path"] = str(base / "q" / "queue.sqlite3")
+        config.write_text(yaml.safe_dump(data))
+        await (await start_relay(load_config(config))).shutdown(grace=1.0)
+        nobody = 65534
+        for n, parent_mode in enumerate((0o755, 0o700)):
+            # As after a restore from `relay queue backup`: the queue file alone, so that
+            # sendmail creates the lock files and the owners' folder beside it.
+            for extra in (base / "q").glob("queue.sqlite3?*"):
+                shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
+            for path in [base / "q", *(base / "q").rglob("*")]:
+                os.chown(path, nobody, nobody)
+            os.chmod(base, parent_mode)
+            code, err = await sendmail("to@example.com", stdin=f"Subject: {n}\n\nx\n".encode(),
+                                       config=config)
+            assert code == 0, err
+            owners = {p.name: p.stat().st_uid for p in [base / "q", *(base / "q").rglob("*")]}
+            assert set(owners.values()) == {nobody}, owners
+        os.chmod(base, 0o755)
+        await start_relay(load_config(config))
+        await upstream.wait_for_messages(2)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import logging
 import os
 import pwd
@@ -336,18 +337,36 @@ async def write_queue(config: Config, prepared: Prepared, options: list[str]) ->
                                   prepared.recipients, prepared.data, options)
     finally:
         await store.close()
+        _give_back(path)
 
 
 def _become_owner(path: Path) -> None:
-    """Run as root (a root crontab), write as the queue's owner: files SQLite and the
-    store create beside the queue (-wal, -shm, the owner's lock) must stay the service's,
-    or it could not open its own queue."""
+    """Run as root (a root crontab), write as the queue's owner where it can: files that
+    the store creates beside the queue must stay the service's, or it could not open its
+    own queue. Where the owner cannot reach the file from here (systemd's DynamicUser
+    keeps it under /var/lib/private, which only the unit's namespace opens), root writes,
+    and SQLite gives the files it creates (-wal, -shm) the queue file's owner."""
     if os.geteuid() != 0:
         return
     st = path.stat()
     if st.st_uid == 0:
         return
-    os.setgroups([])
-    os.setgid(st.st_gid)
-    os.setuid(st.st_uid)
+    os.setegid(st.st_gid)
+    os.seteuid(st.st_uid)
+    if not (os.access(path, os.R_OK | os.W_OK, effective_ids=True)
+            and os.access(path.parent, os.W_OK | os.X_OK, effective_ids=True)):
+        os.seteuid(0)
+        os.setegid(0)
 
+
+def _give_back(path: Path) -> None:
+    """Still root (_become_owner could not switch): what the store created beside the
+    queue file (its lock files, the owners' folder) goes to the queue file's owner."""
+    if os.geteuid() != 0:
+        return
+    st = path.stat()
+    if st.st_uid == 0:
+        return
+    for beside in path.parent.glob(glob.escape(path.name) + "?*"):
+        if beside.lstat().st_uid == 0:
+            os.lchown(beside, st.st_uid, st.st_gid)
