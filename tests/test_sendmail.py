@@ -175,6 +175,28 @@ async def test_relay_down_the_message_lands_in_the_queue_and_the_next_start_send
     assert by_subject == {"while down": ("to@example.com",), "two": ("other@example.com",)}
 
 
+async def test_the_dot_line_ends_the_input_before_the_pipe_closes(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """Without -i, a caller may end with a lone dot and wait for sendmail to exit before
+    it closes the pipe: sendmail must not wait for the end of input."""
+    config, _ = await running(tmp_path, upstream, start_relay)
+    env = {**os.environ, "RELAY_CONFIG": str(config)}
+    proc = await asyncio.create_subprocess_exec(
+        SENDMAIL, "a@example.com", stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(b"Subject: dot\n\nbefore\n.\n")
+    await proc.stdin.drain()  # and the pipe stays open
+    try:
+        assert await asyncio.wait_for(proc.wait(), 20) == 0, await proc.stderr.read()
+    finally:
+        proc.stdin.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    await upstream.wait_for_messages(1)
+    assert received(upstream)["Subject"] == "dot"
+
+
 async def test_relay_down_and_no_queue_is_a_temporary_failure(
         tmp_path: Path, upstream: FakeUpstream) -> None:
     config = write_config(tmp_path, upstream)

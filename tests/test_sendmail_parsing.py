@@ -140,6 +140,14 @@ def test_local_names_are_qualified_or_go_to_the_admin_address() -> None:
     assert got.sender == "alice@host.example.com"  # the sender is not the admin's
 
 
+def test_dash_f_takes_the_address_of_a_name_and_address() -> None:
+    for given, sender in (("Bob <bob@example.com>", "bob@example.com"), ("<>", ""),
+                          ("", ""), ("bob", "bob@host.example.com")):
+        got = prepare([b"x"], sender=given, arguments=["a@example.com"], extract=False,
+                      local=LOCAL)
+        assert got.sender == sender, given
+
+
 def test_an_argument_without_an_address_is_refused() -> None:
     with pytest.raises(BadAddress, match="'<>'"):
         prepare([b"x"], sender=None, arguments=["a@example.com", "<>"], extract=False,

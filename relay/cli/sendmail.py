@@ -169,7 +169,7 @@ def _message(invocation: Invocation, config: Config, stdin: BinaryIO
     """The envelope and bytes to submit, and the MAIL options they need."""
     limit = config.listen.max_message_size
     try:  # CRLF line ends may double the size: anything more is too big either way
-        raw = stdin.read(2 * limit + 1)
+        raw = read_input(stdin, 2 * limit + 1, dots_end_input=invocation.dots_end_input)
     except OSError as exc:
         raise Refused(EX_NOINPUT, f"cannot read the message: {exc.strerror or exc}"
                       ) from None
@@ -200,6 +200,23 @@ def _message(invocation: Invocation, config: Config, stdin: BinaryIO
     if not all(a.isascii() for a in (prepared.sender, *prepared.recipients)):
         options.append("SMTPUTF8")  # RFC 6531
     return prepared, options
+
+
+def read_input(stdin: BinaryIO, limit: int, *, dots_end_input: bool) -> bytes:
+    """At most ``limit`` bytes of standard input: up to its end, or (without -i) up to a
+    line with only a dot, read no further: a caller may write the dot and wait for
+    sendmail to exit before it closes the pipe."""
+    if not dots_end_input:
+        return stdin.read(limit)
+    lines: list[bytes] = []
+    size = 0
+    while size < limit:
+        line = stdin.readline(limit - size)
+        if not line or line.rstrip(b"\r\n") == b".":
+            break
+        lines.append(line)
+        size += len(line)
+    return b"".join(lines)
 
 
 def _login() -> str:

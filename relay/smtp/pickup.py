@@ -125,8 +125,8 @@ def prepare(lines: list[bytes], *, sender: str | None, arguments: Sequence[str],
     if not recipients:
         raise NoRecipients("no recipients: give them as arguments, or use -t with To, Cc"
                            " or Bcc fields in the message")
-    envelope_sender = qualify(sender if sender is not None else local.login, local,
-                              recipient=False)
+    envelope_sender = qualify(_sender_address(sender) if sender is not None else local.login,
+                              local, recipient=False)
     header = _without(header, _REMOVED)
     present = {name.lower() for name, _ in fields}
     if "from" not in present:
@@ -138,6 +138,15 @@ def prepare(lines: list[bytes], *, sender: str | None, arguments: Sequence[str],
         header.append(b"Message-ID: " + local.message_id.encode())
     out = [*_broken(header, b" "), b"", *_broken(body, b"")]
     return Prepared(envelope_sender, recipients, b"\r\n".join(out) + b"\r\n")
+
+
+def _sender_address(sender: str) -> str:
+    """-f's address: ``Bob <bob@example.com>`` gives ``bob@example.com`` (as Postfix takes
+    the first address of -f); ``<>`` and ``""`` stay the null sender."""
+    if sender in ("", "<>"):
+        return sender
+    addresses = [address for _, address in getaddresses([sender]) if address]
+    return addresses[0] if addresses else sender
 
 
 def _without(header: list[bytes], names: frozenset[str]) -> list[bytes]:
