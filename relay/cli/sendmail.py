@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import io
 import logging
 import os
 import pwd
@@ -81,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     queue, named `newaliases` it does nothing, as Postfix's does."""
     hangup.release()
     prog = Path(sys.argv[0]).name if argv is None else "sendmail"
-    return sendmail(sys.argv[1:] if argv is None else argv, sys.stdin.buffer, prog=prog)
+    # Started with standard input closed: an empty message, as from /dev/null.
+    stdin = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()
+    return sendmail(sys.argv[1:] if argv is None else argv, stdin, prog=prog)
 
 
 def sendmail(argv: Sequence[str], stdin: BinaryIO, *, prog: str = "sendmail") -> int:
