@@ -197,6 +197,24 @@ async def test_the_dot_line_ends_the_input_before_the_pipe_closes(
     assert received(upstream)["Subject"] == "dot"
 
 
+async def test_sendmail_reads_none_of_the_services_secrets(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any user runs sendmail: a password from a variable set only in the service's
+    environment, or a password file only the service can read, does not stop it."""
+    config, _ = await running(tmp_path, upstream, start_relay)
+    data = yaml.safe_load(config.read_text())
+    monkeypatch.delenv("RELAY_TEST_SERVICE_ONLY", raising=False)
+    data["accounts"]["other"] = {"host": "smtp.example.com", "username": "u",
+                                 "password": "${RELAY_TEST_SERVICE_ONLY}"}
+    data["accounts"]["third"] = {"host": "smtp.example.com", "username": "u",
+                                 "password_file": str(tmp_path / "missing.secret")}
+    config.write_text(yaml.safe_dump(data))
+    assert await submit(["a@example.com"], b"Subject: no secrets\n\nx\n", config) == 0
+    assert capsys.readouterr().err == ""
+    await upstream.wait_for_messages(1)
+
+
 async def test_relay_down_and_no_queue_is_a_temporary_failure(
         tmp_path: Path, upstream: FakeUpstream) -> None:
     config = write_config(tmp_path, upstream)
