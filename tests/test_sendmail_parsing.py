@@ -35,6 +35,20 @@ def test_common_no_ops_are_accepted() -> None:
     assert "-odi" in got.ignored and "-C /etc/sendmail.cf" in got.ignored
 
 
+def test_msmtp_long_options() -> None:
+    got = parse_argv(["--read-recipients", "--read-envelope-from", "-i"])
+    assert got.extract and got.sender_from_header and not got.dots_end_input
+    lines = [b"From: App <app@example.com>", b"To: a@example.com", b"", b"x"]
+    prepared = prepare(lines, sender=None, arguments=[], extract=True, local=LOCAL,
+                       sender_from_header=True)
+    assert prepared.sender == "app@example.com"
+    # -f wins; without a From field, the login name.
+    assert prepare(lines, sender="b@example.com", arguments=[], extract=True, local=LOCAL,
+                   sender_from_header=True).sender == "b@example.com"
+    assert prepare(lines[1:], sender=None, arguments=[], extract=True, local=LOCAL,
+                   sender_from_header=True).sender == "alice@host.example.com"
+
+
 def test_modes() -> None:
     assert parse_argv(["-bp"]).mode is Mode.LIST
     assert parse_argv([], prog="mailq").mode is Mode.LIST

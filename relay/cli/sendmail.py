@@ -64,6 +64,8 @@ USAGE = """usage: sendmail [options] [recipient ...]
   -q            make every deferred message due now (relay queue flush)
   -v            say on stderr how the message was submitted
   --config FILE relay's config (default: $RELAY_CONFIG, else /etc/relay/relay.yaml)
+  --read-recipients, --read-envelope-from
+                as msmtp: -t, and the sender from the From field
 Other sendmail options (-oem, -odi, -odb, -oQ..., -L, -N, -h, -G, -U...) are accepted and
 ignored. Exit codes: 0 submitted, 64 usage, 65 bad message or address, 75 try again later,
 77 the listener wants a login, 78 config error."""
@@ -185,7 +187,8 @@ def _message(invocation: Invocation, config: Config, stdin: BinaryIO
     try:
         prepared = prepare(input_lines(raw, dots_end_input=invocation.dots_end_input),
                            sender=invocation.sender, arguments=invocation.recipients,
-                           extract=invocation.extract, local=local)
+                           extract=invocation.extract, local=local,
+                           sender_from_header=invocation.sender_from_header)
     except NoRecipients as exc:
         raise Refused(EX_USAGE, str(exc)) from None
     except BadAddress as exc:

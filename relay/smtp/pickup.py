@@ -105,11 +105,12 @@ def qualify(address: str, local: Local, *, recipient: bool) -> str:
 
 
 def prepare(lines: list[bytes], *, sender: str | None, arguments: Sequence[str],
-            extract: bool, local: Local) -> Prepared:
+            extract: bool, local: Local, sender_from_header: bool = False) -> Prepared:
     """The envelope and the bytes to submit for the input ``lines``.
 
     ``arguments``: the command line's recipients, each possibly a list
     (``"a@x, Bob <b@y>"``, as mail programs pass them). NoRecipients if none remain.
+    ``sender_from_header``: without ``sender``, the From field's address is the sender.
     """
     header, body = split_header(lines)
     fields = parse_headers(b"\r\n".join(header) + b"\r\n\r\n") if header else []
@@ -125,6 +126,8 @@ def prepare(lines: list[bytes], *, sender: str | None, arguments: Sequence[str],
     if not recipients:
         raise NoRecipients("no recipients: give them as arguments, or use -t with To, Cc"
                            " or Bcc fields in the message")
+    if sender is None and sender_from_header:
+        sender = next((value for name, value in fields if name.lower() == "from"), None)
     envelope_sender = qualify(_sender_address(sender) if sender is not None else local.login,
                               local, recipient=False)
     header = _without(header, _REMOVED)

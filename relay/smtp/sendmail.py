@@ -39,6 +39,7 @@ class Invocation:
     sender: str | None = None  # -f/-r; "" or "<>": the null sender
     full_name: str | None = None  # -F: the From display name if the message has no From
     extract: bool = False  # -t: recipients from To/Cc/Bcc too
+    sender_from_header: bool = False  # msmtp's --read-envelope-from: -f from the From field
     dots_end_input: bool = True  # a lone "." line ends the input unless -i/-oi
     body_type: str | None = None  # -B 8BITMIME / 7BIT
     recipients: tuple[str, ...] = ()
@@ -130,11 +131,19 @@ def _cluster(argv: Sequence[str], i: int, state: _Parsing) -> int:
     return i + 1
 
 
+# msmtp's long spellings, for callers set up for it (`msmtp -t --read-envelope-from`).
+_MSMTP = {"--read-recipients": "extract", "--read-envelope-from": "sender_from_header"}
+
+
 def _long_option(argv: Sequence[str], i: int, values: dict[str, object]) -> int:
-    """``--config FILE``, ``--config=FILE``, ``--help``: relay's own, before the rest."""
+    """``--config FILE``, ``--config=FILE``, ``--help`` (relay's own), and msmtp's
+    ``--read-recipients`` and ``--read-envelope-from``."""
     name, eq, value = argv[i].partition("=")
     if name == "--help":
         values["help"] = True
+        return i + 1
+    if name in _MSMTP and not eq:
+        values[_MSMTP[name]] = True
         return i + 1
     if name != "--config":
         raise UsageError(f"unknown option {name}")
