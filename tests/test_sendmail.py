@@ -327,6 +327,41 @@ async def test_the_direct_write_checks_as_the_listener_does(
     assert [m.account for m in rows] == ["second"]
 
 
+async def test_the_direct_write_keeps_the_listeners_login_rules_and_reads_no_password(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """No relay listening, a listener that requires AUTH: without sendmail.username the
+    answer is the listener's 530 (77), with it the message is queued as that user, and
+    that user's account list holds. No listener password is read: the users' variables
+    and files exist only for the service."""
+    from relay.ingest.auth import hash_password
+
+    path = write_config(tmp_path, upstream)
+    data = yaml.safe_load(path.read_text())
+    data["accounts"]["second"] = dict(data["accounts"]["up"])
+    data["listen"]["auth"] = {"required": True, "users": {
+        "cron": {"password_hash": hash_password("pw"), "accounts": ["up"]}}}
+    path.write_text(yaml.safe_dump(data))
+    await (await start_relay(load_config(path))).shutdown(grace=1.0)
+    monkeypatch.delenv("RELAY_TEST_WEB_PASSWORD", raising=False)
+    data["listen"]["auth"]["users"]["web"] = {"password_env": "RELAY_TEST_WEB_PASSWORD"}
+    data["listen"]["auth"]["users"]["ops"] = {"password_file": str(tmp_path / "nope")}
+    path.write_text(yaml.safe_dump(data))
+    assert await submit(["a@example.com"], b"Subject: s\n\nx\n", path) == 77
+    assert "530 5.7.0 Authentication required" in capsys.readouterr().err
+    (tmp_path / "sendmail.secret").write_text("pw")  # not checked: no listener to ask
+    data["sendmail"] = {"username": "cron", "password_file": str(tmp_path / "sendmail.secret")}
+    path.write_text(yaml.safe_dump(data))
+    assert await submit(["a@example.com"], b"X-Account: second\n\nx\n", path) == 65
+    assert "550 5.7.1 This user may not send through that account" in capsys.readouterr().err
+    assert await submit(["a@example.com"], b"Subject: as cron\n\nx\n", path) == 0
+    del data["listen"]["auth"]["users"]["web"], data["listen"]["auth"]["users"]["ops"]
+    path.write_text(yaml.safe_dump(data))
+    await start_relay(load_config(path))
+    await upstream.wait_for_messages(1)
+    assert received(upstream)["Subject"] == "as cron"
+
+
 async def test_bp_lists_and_q_flushes(
         tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,8 +16,9 @@ from typing import cast
 
 from aiosmtpd.smtp import SMTP
 
-from relay.config.schema import Config
+from relay.config.schema import Config, ListenAuthConfig, ListenUserConfig
 from relay.ingest.addresses import parse_path
+from relay.ingest.auth import ListenerAuth
 from relay.ingest.handler import IngestHandler, RelayEnvelope, RelaySession
 from relay.observe.metrics import unexposed_metrics
 from relay.queue.store import QueueStore
@@ -29,12 +30,17 @@ _NO_SERVER = cast(SMTP, None)
 
 
 async def submit_local(handler: IngestHandler, sender: str, recipients: Sequence[str],
-                       data: bytes, mail_options: Sequence[str] = ()) -> str:
+                       data: bytes, mail_options: Sequence[str] = (),
+                       user: str | None = None) -> str:
     """Offer one message to ``handler`` as an SMTP session would; the final reply line
-    (``250 2.0.0 queued as ID`` once it is committed, else the refusal)."""
+    (``250 2.0.0 queued as ID`` once it is committed, else the refusal). ``user``: the
+    listener user the session counts as logged in as (see ``local_handler``)."""
     listen = handler.config.listen
     session = RelaySession(asyncio.get_running_loop())
     session.peer = LOCAL_PEER
+    if user is not None:
+        session.authenticated = True
+        session.auth_data = user  # type: ignore[assignment]  # (typed None until a login)
     envelope = RelayEnvelope()
     options = list(mail_options)
     envelope.smtp_utf8 = any(o.upper() == "SMTPUTF8" for o in options)
@@ -58,7 +64,20 @@ async def submit_local(handler: IngestHandler, sender: str, recipients: Sequence
     return await handler.handle_DATA(_NO_SERVER, session, envelope)
 
 
-def local_handler(config: Config, store: QueueStore) -> IngestHandler:
+def local_handler(config: Config, store: QueueStore, user: str | None = None
+                  ) -> IngestHandler:
     """The listener's handler, committing straight to ``store``; its counters are counted
-    nowhere (the running server's metrics are its own)."""
-    return IngestHandler(config, store.enqueue, unexposed_metrics(config.accounts))
+    nowhere (the running server's metrics are its own).
+
+    It reads no password: with ``listen.auth``, ``user`` (a listener user) counts as
+    logged in, and the listener's rules for which accounts a user may send through
+    apply. Whoever can write the queue file needs no password to add to it.
+    """
+    auth = config.listen.auth
+    spec = auth.users.get(user) if user is not None else None
+    users = {} if spec is None or user is None else {
+        user: ListenUserConfig.model_construct(accounts=spec.accounts)}  # no secret
+    rules = ListenerAuth(ListenAuthConfig.model_construct(required=auth.required,
+                                                          users=users))
+    return IngestHandler(config, store.enqueue, unexposed_metrics(config.accounts),
+                         auth=rules)
