@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import glob
 import io
-import logging
 import os
 import pwd
 import smtplib
 import socket
-import ssl
 import sys
 from collections.abc import Sequence
 from email.utils import formatdate, make_msgid
@@ -29,11 +26,11 @@ from typing import BinaryIO
 
 from relay.cli import hangup
 from relay.cli.common import open_queue, out
+from relay.cli.submit import smtp_error, submit_smtp, write_queue
 from relay.config.loading import load_config
-from relay.config.schema import Config, is_loopback
+from relay.config.schema import Config
 from relay.errors import ConfigError, StoreError
 from relay.ingest.addresses import parse_path
-from relay.ingest.local import local_handler, submit_local
 from relay.queue.filters import MessageFilter
 from relay.queue.types import MessageState
 from relay.smtp.pickup import (
@@ -48,11 +45,10 @@ from relay.smtp.sendmail import Invocation, Mode, UsageError, parse_argv
 
 # sysexits.h, what sendmail's callers (cron, PHP, git) understand.
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT = 0, 64, 65, 66
-EX_SOFTWARE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 70, 75, 77, 78
+EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 75, 77, 78
 # Where the packaged service's config lives (config/relay.service, the Dockerfile): read
 # when neither --config nor $RELAY_CONFIG says, as cron and PHP pass neither.
 DEFAULT_CONFIG = Path("/etc/relay/relay.yaml")
-SUBMIT_TIMEOUT_S = 60.0  # each SMTP step; the listener answers DATA after its commit
 USAGE = """usage: sendmail [options] [recipient ...]
   -t            recipients also from the To, Cc and Bcc fields (Bcc is removed)
   -f SENDER     envelope sender (-f '<>': none); default: your login name @ sendmail.domain
@@ -256,7 +252,7 @@ def _submit(invocation: Invocation, config: Config, prepared: Prepared,
         how = f"into {config.queue.path} (no relay is listening on {host}:{port})"
     except (OSError, smtplib.SMTPException) as exc:
         raise Refused(EX_TEMPFAIL, f"cannot submit to relay on {host}:{port}: "
-                      f"{_smtp_error(exc)}") from None
+                      f"{smtp_error(exc)}") from None
     code = _exit_code(reply)
     if code != EX_OK:
         raise Refused(code, f"relay refused the message: {reply}")
@@ -293,108 +289,3 @@ def _exit_code(reply: str) -> int:
     if reply.startswith(("530", "535", "538")):  # RFC 4954: a login is needed
         return EX_NOPERM
     return EX_TEMPFAIL if reply.startswith("4") else EX_DATAERR
-
-
-def _smtp_error(exc: BaseException) -> str:
-    if isinstance(exc, smtplib.SMTPResponseException):
-        text = exc.smtp_error
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "replace")
-        return f"{exc.smtp_code} {text}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
-def submit_smtp(host: str, port: int, prepared: Prepared, options: list[str],
-                login: tuple[str, str] | None = None) -> str:
-    """One SMTP transaction; the reply that ended it. A refused recipient ends it before
-    DATA (RSET): the message goes to all of its recipients or to none."""
-    with smtplib.SMTP(host, port, local_hostname="localhost",
-                      timeout=SUBMIT_TIMEOUT_S) as smtp:
-        smtp.ehlo()
-        if login is not None and smtp.has_extn("starttls"):  # AUTH waits for TLS then
-            smtp.starttls(context=_tls_context(host))
-            smtp.ehlo()
-        if login is not None:
-            try:
-                smtp.login(*login)
-            except smtplib.SMTPAuthenticationError as exc:
-                return _smtp_error(exc)
-        code, text = smtp.mail(prepared.sender, options)
-        for recipient in prepared.recipients:
-            if code >= 300:
-                break
-            code, text = smtp.rcpt(recipient)
-        if code >= 300:
-            smtp.rset()
-            return f"{code} {text.decode('utf-8', 'replace')}"
-        code, text = smtp.data(prepared.data)
-        return f"{code} {text.decode('utf-8', 'replace')}"
-
-
-def _tls_context(host: str) -> ssl.SSLContext:
-    """Verified, except on loopback: the listener's certificate is for the names other
-    hosts use, and a connection that never leaves the machine has nobody in between."""
-    context = ssl.create_default_context()
-    if is_loopback(host):
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-async def write_queue(config: Config, prepared: Prepared, options: list[str]) -> str:
-    """No relay listening: the message into the queue file, as the listener would store
-    it; the listener's reply. Only into a queue a `relay serve` has made: a new file
-    where nothing serves would hold mail that nobody sends."""
-    path = config.queue.path
-    if not path.exists():
-        raise StoreError(f"there is no queue at {path} (has `relay serve` run with this"
-                         " config?)")
-    user = config.sendmail.username
-    if config.listen.auth.required and user is None:  # what the listener would answer
-        return "530 5.7.0 Authentication required (listen.auth.required: set sendmail.username)"
-    if user is not None and user not in config.listen.auth.users:
-        return f"535 5.7.8 sendmail.username {user!r} is not one of listen.auth.users"
-    _become_owner(path)
-    # The handler logs each message as the server does; here, only problems matter.
-    logging.getLogger("relay").setLevel(logging.ERROR)
-    store = await open_queue(config)
-    try:
-        return await submit_local(local_handler(config, store, user), prepared.sender,
-                                  prepared.recipients, prepared.data, options, user)
-    finally:
-        await store.close()
-        _give_back(path)
-
-
-def _become_owner(path: Path) -> None:
-    """Run as root (a root crontab), write as the queue's owner where it can: files that
-    the store creates beside the queue must stay the service's, or it could not open its
-    own queue. Where the owner cannot reach the file from here (systemd's DynamicUser
-    keeps it under /var/lib/private, which only the unit's namespace opens), root writes,
-    and SQLite gives the files it creates (-wal, -shm) the queue file's owner."""
-    if os.geteuid() != 0:
-        return
-    st = path.stat()
-    if st.st_uid == 0:
-        return
-    os.setegid(st.st_gid)
-    os.seteuid(st.st_uid)
-    if not (os.access(path, os.R_OK | os.W_OK, effective_ids=True)
-            and os.access(path.parent, os.W_OK | os.X_OK, effective_ids=True)):
-        os.seteuid(0)
-        os.setegid(0)
-
-
-def _give_back(path: Path) -> None:
-    """Still root (_become_owner could not switch): what the store created beside the
-    queue file (its lock files, the owners' folder) goes to the queue file's owner."""
-    if os.geteuid() != 0:
-        return
-    st = path.stat()
-    if st.st_uid == 0:
-        return
-    for beside in path.parent.glob(glob.escape(path.name) + "?*"):
-        if beside.lstat().st_uid == 0:
-            os.lchown(beside, st.st_uid, st.st_gid)
