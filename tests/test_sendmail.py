@@ -440,3 +440,19 @@ async def test_as_root_the_direct_write_leaves_every_file_to_the_queue_owner(
         await upstream.wait_for_messages(2)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_check_config_warns_of_a_world_readable_sendmail_password(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from relay.cli import main
+
+    secret = tmp_path / "sendmail.secret"
+    secret.write_text("pw")
+    config = tmp_path / "relay.yaml"
+    config.write_text(yaml.safe_dump({"sendmail": {"username": "cron",
+                                                   "password_file": str(secret)}}))
+    for mode, warned in ((0o640, False), (0o644, True)):
+        secret.chmod(mode)
+        assert main(["check-config", "-c", str(config)]) == 0
+        err = capsys.readouterr().err
+        assert ("sendmail.password_file: " in err and "readable by every user" in err) is warned

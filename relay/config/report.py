@@ -43,6 +43,9 @@ def config_warnings(config: Config, from_environment: Collection[str] = ()) -> l
             warnings += _readable_by_others(
                 f"listen.auth.users.{user}.password_file", spec.password_file
             )
+    if config.sendmail.password_file:  # for the group of users that may send, not all
+        warnings += _readable_by_others("sendmail.password_file",
+                                        config.sendmail.password_file)
     return warnings
 
 
