@@ -109,6 +109,14 @@ def test_missing_from_date_message_id_are_added_at_the_end_of_the_header() -> No
                         b"Message-ID: <id1@host.example.com>\r\n\r\nhello\r\n")
 
 
+def test_a_name_with_a_line_break_stays_in_its_field() -> None:
+    local = Local(**{**LOCAL.__dict__, "full_name": "Eve\r\nBcc: victim@example.com"})
+    got = prepare([b"x"], sender=None, arguments=["a@example.com"], extract=False,
+                  local=local)
+    assert b"\r\nBcc" not in got.data
+    assert got.data.startswith(b'From: "Eve Bcc: victim@example.com" <alice@host.example.com>')
+
+
 def test_present_headers_are_kept_and_a_body_without_header_gets_one() -> None:
     lines = [b"From: App <app@example.com>", b"Date: x", b"Message-ID: <m@x>", b"", b"b"]
     got = prepare(lines, sender="app@example.com", arguments=["b@example.com"], extract=False,

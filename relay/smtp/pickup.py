@@ -30,6 +30,7 @@ MAX_LINE = 998  # RFC 5321 4.5.3.1.6: 1000 octets with the CRLF
 _NEWLINE = re.compile(rb"\r\n|\r|\n")
 _FIELD = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")  # RFC 5322 2.2
 _MBOX_FROM = re.compile(rb"^>*From ")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 RECIPIENT_FIELDS = ("to", "cc", "bcc")
 RESENT_FIELDS = ("resent-to", "resent-cc", "resent-bcc")
 _REMOVED = frozenset({"bcc", "resent-bcc"})
@@ -134,7 +135,9 @@ def prepare(lines: list[bytes], *, sender: str | None, arguments: Sequence[str],
     present = {name.lower() for name, _ in fields}
     if "from" not in present:
         address = envelope_sender or f"{local.login}@{local.domain}"
-        header.append(b"From: " + formataddr((local.full_name or "", address)).encode())
+        # A control character in -F's name (or the passwd entry's) must not end the field.
+        name = _CONTROL.sub(" ", local.full_name or "").strip()
+        header.append(b"From: " + formataddr((name, address)).encode())
     if "date" not in present:
         header.append(b"Date: " + local.date.encode())
     if "message-id" not in present:
