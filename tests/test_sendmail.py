@@ -60,24 +60,33 @@ def received(up: FakeUpstream, n: int = 0) -> email.message.Message:
     return email.message_from_bytes(up.messages[n].data)
 
 
-async def test_cron_command_line_through_the_listener(
-        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
-    """cronie / Debian cron: `sendmail -FCronDaemon -i -B8BITMIME -oem USER`, LF lines,
-    a header section of its own, a lone dot kept (-i), a local user as recipient."""
+@pytest.mark.parametrize("argv", [
+    # Debian's cron: MAILTO (or the crontab's owner) as the argument.
+    ["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"],
+    # cronie (Fedora, RHEL): recipients from To (MAILTO), sender the MAILFROM user.
+    ["-FCronDaemon", "-i", "-odi", "-oem", "-oi", "-t", "-f", "root"],
+], ids=["debian-cron", "cronie"])
+async def test_cron_command_lines_through_the_listener(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+        argv: list[str]) -> None:
+    """cron's exact command lines, LF lines, a header section of its own, a lone dot
+    kept (-i), `root` as recipient (to sendmail.admin_address) and as sender."""
     config, _ = await running(tmp_path, upstream, start_relay,
-                              admin_address="ops@example.com")
+                              admin_address="ops@example.com", domain="vm.example.com")
     job_output = ("From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@vm> backup\n"
                   "Content-Type: text/plain; charset=UTF-8\n\ncaf\u00e9\n.\ndone\n")
-    code, err = await sendmail("-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root",
-                               stdin=job_output.encode(), config=config)
+    code, err = await sendmail(*argv, stdin=job_output.encode(), config=config)
     assert (code, err) == (0, "")
     await upstream.wait_for_messages(1)
     got = upstream.messages[0]
     assert got.rcpt_tos == ("ops@example.com",)
+    if "-f" in argv:
+        assert got.mail_from == "root@vm.example.com"
     assert "BODY=8BITMIME" in got.mail_options
     assert b"\r\ncaf\xc3\xa9\r\n.\r\ndone\r\n" in got.data  # the dot line is data with -i
     message = received(upstream)
     assert message["Subject"] == "Cron <root@vm> backup"
+    assert message["To"] == "root"  # the header as cron wrote it; the envelope is qualified
     assert message["Date"] and message["Message-ID"]  # added, as Postfix's cleanup does
 
 

@@ -19,6 +19,12 @@ def test_cron_command_line() -> None:
                              body_type="8BITMIME", recipients=("alice",), ignored=("-oem",))
 
 
+def test_cronie_command_line() -> None:
+    got = parse_argv(["-FCronDaemon", "-i", "-odi", "-oem", "-oi", "-t", "-f", "root"])
+    assert got == Invocation(full_name="CronDaemon", dots_end_input=False, extract=True,
+                             sender="root", ignored=("-odi", "-oem"))
+
+
 def test_php_and_git_send_email_command_lines() -> None:
     assert parse_argv(["-t", "-i"]) == Invocation(extract=True, dots_end_input=False)
     # git send-email: sendmail -i -f FROM RCPT...
