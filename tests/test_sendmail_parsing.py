@@ -4,6 +4,8 @@ to the message (relay.smtp.pickup), as cron, PHP, git send-email and mutt call i
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.smtp.pickup import BadAddress, Local, NoRecipients, input_lines, prepare, split_header
 from relay.smtp.sendmail import Invocation, Mode, UsageError, parse_argv
@@ -169,11 +171,11 @@ def test_local_names_are_qualified_or_go_to_the_admin_address() -> None:
 
 
 def test_dash_f_takes_the_address_of_a_name_and_address() -> None:
-    for given, sender in (("Bob <bob@example.com>", "bob@example.com"), ("<>", ""),
-                          ("", ""), ("bob", "bob@host.example.com")):
-        got = prepare([b"x"], sender=given, arguments=["a@example.com"], extract=False,
+    for option, sender in (("Bob <bob@example.com>", "bob@example.com"), ("<>", ""),
+                           ("", ""), ("bob", "bob@host.example.com")):
+        got = prepare([b"x"], sender=option, arguments=["a@example.com"], extract=False,
                       local=LOCAL)
-        assert got.sender == sender, given
+        assert got.sender == sender, option
 
 
 def test_an_argument_without_an_address_is_refused() -> None:
@@ -201,3 +203,26 @@ def test_long_lines_are_broken_to_fit_smtp() -> None:
     # The header field stays one field (folded), the body keeps every byte.
     assert header.replace(b"\r\n ", b"").startswith(long_header)
     assert body.replace(b"\r\n", b"") == b"b" * 2000
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=3000) | st.lists(st.sampled_from(
+    ["a", " ", ":", "\n", "\r", ".", "Bcc: x@y.z", "To: a@b.c", "From ", "\t", "\u00e9",
+     "x" * 700]), max_size=60).map(lambda parts: "".join(parts).encode()),
+    dots=st.booleans(), extract=st.booleans())
+def test_whatever_comes_in_goes_out_as_smtp_accepts_it(raw: bytes, dots: bool,
+                                                       extract: bool) -> None:
+    """Any input: CRLF lines only (no bare CR or LF for the listener to refuse), none over
+    998 octets, a blank line after the header section, and no Bcc field left."""
+    got = prepare(input_lines(raw, dots_end_input=dots), sender=None,
+                  arguments=["a@example.com"], extract=extract, local=LOCAL)
+    data = got.data
+    assert data.endswith(b"\r\n")
+    assert data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n")
+    assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+    header, blank, _ = data.partition(b"\r\n\r\n")
+    assert blank
+    fields = [line.split(b":", 1)[0].strip().lower() for line in header.split(b"\r\n")
+              if not line.startswith((b" ", b"\t"))]
+    assert b"bcc" not in fields and b"resent-bcc" not in fields
+    assert {b"from", b"date", b"message-id"} <= set(fields)
