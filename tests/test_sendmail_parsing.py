@@ -226,3 +226,18 @@ def test_whatever_comes_in_goes_out_as_smtp_accepts_it(raw: bytes, dots: bool,
               if not line.startswith((b" ", b"\t"))]
     assert b"bcc" not in fields and b"resent-bcc" not in fields
     assert {b"from", b"date", b"message-id"} <= set(fields)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["-t", "-i", "-f", "-F", "-o", "-oi", "-b", "-bp", "-q",
+                                 "-q1h", "-qR", "-B", "--", "--config", "--config=x", "-",
+                                 "-V", "-x", "a@b.c", "", "-fa@b.c", "-ti"])
+                | st.text(max_size=4), max_size=8))
+def test_any_command_line_parses_or_is_a_usage_error(argv: list[str]) -> None:
+    """Never an exception other than UsageError (which sendmail turns into exit 64)."""
+    try:
+        got = parse_argv(argv)
+    except UsageError as exc:
+        assert str(exc)
+        return
+    assert got.mode in set(Mode)
