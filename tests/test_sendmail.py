@@ -126,6 +126,22 @@ def _git_send_email_missing() -> str | None:
     return None
 
 
+async def test_php_mail_returns_false_when_relay_cannot_take_the_message(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """No relay listening and no queue file: mail() returns false (sendmail exited 75),
+    and PHP's warning carries sendmail's reason; nothing is written."""
+    php = shutil.which("php")
+    if php is None:
+        pytest.skip("needs php (php-cli, installed by .ci/run on CI)")
+    config = write_config(tmp_path, upstream)
+    script = 'exit(mail("to@example.com", "s", "b", "From: app@example.com") ? 0 : 3);'
+    code, out = await sendmail("-d", f"sendmail_path={SENDMAIL} -t -i", "-r", script,
+                               stdin=b"", config=config, program=php)
+    assert code == 3, out
+    assert "no relay is listening" in out
+    assert not (tmp_path / "queue.sqlite3").exists()
+
+
 async def test_git_send_email(tmp_path: Path, upstream: FakeUpstream,
                               start_relay: StartRelay) -> None:
     """git send-email --sendmail-cmd with --envelope-sender=auto: it runs
