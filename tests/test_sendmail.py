@@ -286,6 +286,10 @@ async def test_bad_input_exit_codes_name_the_cause(
     bad.write_text("sendmail: {admin_address: nobody}\n")
     assert await submit(["a@example.com"], b"x\n", bad) == 78
     assert "sendmail.admin_address: must be one address" in capsys.readouterr().err
+    bad.write_text("sendmail: {username: cron, password_file: /x}\n")
+    assert await submit(["a@example.com"], b"x\n", bad) == 78
+    assert ("sendmail.username: no user named 'cron' in listen.auth.users"
+            in capsys.readouterr().err)
     assert app.metrics.received._value.get() == 0  # none of them was queued
 
 
@@ -474,8 +478,10 @@ def test_check_config_warns_of_a_world_readable_sendmail_password(
     secret = tmp_path / "sendmail.secret"
     secret.write_text("pw")
     config = tmp_path / "relay.yaml"
-    config.write_text(yaml.safe_dump({"sendmail": {"username": "cron",
-                                                   "password_file": str(secret)}}))
+    hashed = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA"  # (never checked here)
+    config.write_text(yaml.safe_dump({
+        "listen": {"auth": {"users": {"cron": {"password_hash": hashed}}}},
+        "sendmail": {"username": "cron", "password_file": str(secret)}}))
     for mode, warned in ((0o640, False), (0o644, True)):
         secret.chmod(mode)
         assert main(["check-config", "-c", str(config)]) == 0

@@ -483,7 +483,8 @@ class RoutingConfig(_Frozen):
 
 
 class SendmailConfig(_Frozen):
-    """`relay sendmail` (docs/sendmail.md): addresses given without a domain."""
+    """`relay sendmail` (docs/sendmail.md): addresses given without a domain, and its
+    login to a listener that requires AUTH."""
 
     # The domain of a sender or recipient written without one (`root`, cron's default
     # MAILTO; the login name as the default sender), like Postfix's myorigin. None: the
@@ -548,6 +549,9 @@ class Config(_Frozen):
                     )
         for name in self.accounts:
             self._check_retry(name)
+        if self.sendmail.username and self.sendmail.username not in self.listen.auth.users:
+            raise ValueError(f"sendmail.username: no user named {self.sendmail.username!r}"
+                             " in listen.auth.users")
         if (self.metrics.enabled and self.metrics.port and self.metrics.port == self.listen.port
                 and _same_host(self.metrics.host, self.listen.host)):
             raise ValueError(f"metrics.port: {self.metrics.port} is also listen.port; give the"
