@@ -11,7 +11,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -108,8 +108,11 @@ def check_startable(config: Config) -> None:
 
 class App:
     def __init__(self, config: Config, *, registry: CollectorRegistry | None = None,
-                 worker: WorkerRole | None = None) -> None:
+                 worker: WorkerRole | None = None, from_environment: Collection[str] = ()
+                 ) -> None:
         self.config = config
+        # Keys a variable set (${VAR}, RELAY_...): not literals in the file (the warnings).
+        self.from_environment = frozenset(from_environment)
         self.role = worker or WorkerRole()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, [*config.accounts, *config.routing.groups])
@@ -197,7 +200,7 @@ class App:
         """Open the queue, start delivery, then the listener and HTTP. A failure is logged
         as ``start_failed`` and what was opened is closed again (no ``stopped``: nothing
         had started)."""
-        log_config_warnings(self.config)
+        log_config_warnings(self.config, self.from_environment)
         try:
             await self.store.open()  # StoreError: corrupt, foreign or locked queue file
             self._loop_lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag))
@@ -287,7 +290,7 @@ class App:
                 return f"{len(others) + 1} of {self.role.count} workers running"
         return None
 
-    async def reload(self, new: Config) -> list[str]:
+    async def reload(self, new: Config, from_environment: Collection[str] = ()) -> list[str]:
         """Apply a new, already validated config without dropping connections or messages.
 
         Accounts, limits, routing, retry, bounces and listener users take effect; what
@@ -297,9 +300,9 @@ class App:
         failed reload leaves the old config running. Reloads run one at a time.
         """
         async with self._reloading:
-            return await self._reload(new)
+            return await self._reload(new, frozenset(from_environment))
 
-    async def _reload(self, new: Config) -> list[str]:
+    async def _reload(self, new: Config, from_environment: frozenset[str]) -> list[str]:
         old = self.config
         notes = []
         for key, before, after in (
@@ -358,6 +361,7 @@ class App:
         self.transports.update(fresh)
         retired = self.scheduler.swap_workers(new, workers)
         self.config = new
+        self.from_environment = from_environment
         self.handler.configure(new, auth)
         self.webhooks.configure(new.events.webhooks)
         self.limits.configure(new)
@@ -369,7 +373,7 @@ class App:
             notes.append(f"account {name} removed: its queued messages wait until it returns")
         event(log, logging.INFO, "reloaded", changed=",".join(sorted(changed)) or None,
               removed=",".join(sorted(removed)) or None)
-        log_config_warnings(new)  # a reload that weakens TLS says so, as a start does
+        log_config_warnings(new, from_environment)  # a weaker TLS says so, as at a start
         return notes
 
     async def _retire(self, workers: list[AccountWorker], transports: list[Transport]) -> None:
@@ -446,9 +450,10 @@ class App:
             event(log, logging.INFO, "stopped")
 
 
-def log_config_warnings(config: Config) -> None:
-    """What works but weakens security (tls_verify: false...): at start and at reload."""
-    for warning in config_warnings(config):
+def log_config_warnings(config: Config, from_environment: Collection[str] = ()) -> None:
+    """What works but weakens security (tls_verify: false...): at start and at reload.
+    ``from_environment``: keys a variable set, which are no literal passwords."""
+    for warning in config_warnings(config, from_environment):
         log.warning("config: %s", warning)
 
 

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,24 @@ async def test_relay_runs_on_a_read_only_root_writing_only_its_volume(tmp_path: 
         assert "Read-only file system" not in relay.stderr
     finally:
         await relay.kill()
+
+
+# What `docker exec` / `kubectl exec` can run in the image: the virtualenv's commands
+# (pyproject's scripts, on PATH at /opt/relay/bin), its python, and the base image's
+# /bin/sh (Debian's "required" packages). Not procps (ps, kill): "important" only, so not
+# in a slim image.
+IMAGE_PROGRAMS = {"python", "sh"}
+_EXEC = re.compile(r"(?:kubectl exec \S+ --|docker (?:compose )?exec \S+) (\S+)")
+
+
+def test_exec_commands_in_the_docs_run_programs_the_image_has() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    programs = IMAGE_PROGRAMS | set(scripts)
+    documents = [*(p for p in ROOT.glob("*.md") if p.name != "CHANGELOG.md"),  # history
+                 *(ROOT / "docs").glob("*.md"),
+                 *(ROOT / "deploy").rglob("*.y*ml"), *(ROOT / "config").glob("*")]
+    found = {(path.name, m.group(1).strip("`'\".,)")) for path in documents if path.is_file()
+             for m in _EXEC.finditer(path.read_text())}
+    assert found, "no exec command found: the pattern is stale"
+    # "..." stands for any command (`kubectl exec relay-1 -- ...`).
+    assert sorted(item for item in found if item[1] not in programs | {""}) == []

@@ -519,3 +519,28 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                           text=True, timeout=30, check=False)
     assert done.returncode == 0 and str(unit.name) not in done.stderr, done.stderr
+
+
+RUNBOOKS = "https://github.com/relay-smtp/relay/blob/main/docs/runbooks.md"
+
+
+def test_one_documented_command_points_every_runbook_url_elsewhere(tmp_path: Path) -> None:
+    """The runbook links share one base, and the sed line docs/monitoring.md gives
+    rewrites every one of them (and nothing else), anchors kept."""
+    if shutil.which("sed") is None:
+        pytest.skip("needs sed")
+    docs = (ROOT / "docs" / "monitoring.md").read_text()
+    block = docs.split("<!-- test: runbook-base -->\n```sh\n", 1)[1].split("```", 1)[0]
+    command = block.strip().replace("config/prometheus-alerts.yml", "alerts.yml")
+    copy = tmp_path / "alerts.yml"
+    copy.write_text(ALERTS.read_text())
+    for rule in alert_rules():
+        assert rule["annotations"]["runbook_url"].startswith(RUNBOOKS + "#"), rule["alert"]
+    subprocess.run(["sh", "-c", command], cwd=tmp_path, check=True, timeout=10)
+    rewritten = yaml.safe_load(copy.read_text())
+    urls = {rule["alert"]: rule["annotations"]["runbook_url"]
+            for group in rewritten["groups"] for rule in group["rules"]}
+    assert urls == {rule["alert"]: "https://wiki.example.com/relay/runbooks.md#"
+                    + rule["alert"].lower() for rule in alert_rules()}
+    before, after = ALERTS.read_text(), copy.read_text()
+    assert before.replace(RUNBOOKS, "https://wiki.example.com/relay/runbooks.md") == after

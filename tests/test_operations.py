@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import sqlite3
 import stat
 import tomllib
@@ -15,9 +16,12 @@ import yaml
 
 from relay.cli.commands import main
 from relay.config.loading import load_config, load_config_with_sources
+from relay.config.schema import Config
 from relay.errors import ConfigError
 from relay.queue.sqlite.schema import SCHEMA_VERSION
-from tests.conftest import StartRelay, message, send_many
+from tests.conftest import Launch, StartRelay, message, send, send_many, wait_until
+from tests.relayproc import write_config
+from tests.upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +32,9 @@ def test_distribution_name_is_not_the_taken_pypi_name_and_docs_use_it() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     name = project["name"]
     assert name == "relay-smtp"
-    assert project["scripts"] == {"relay": "relay.cli:main"}
+    assert project["scripts"] == {"relay": "relay.cli:main",  # and docs/sendmail.md's:
+                                  "sendmail": "relay.cli.sendmail:main",
+                                  "relay-sendmail": "relay.cli.sendmail:main"}
     assert project["requires-python"] == ">=3.11"
     for doc in ("README.md", "docs/operations.md"):
         text = (ROOT / doc).read_text()
@@ -232,9 +238,8 @@ def test_env_substitution_and_relay_overrides_as_a_container_would_set_them(
     ({"SMTP_HOST": "h", "RELAY_LISTEN__PORT": "smtp"},
      "listen.port: must be a whole number (set by RELAY_LISTEN__PORT)"),
     ({"SMTP_HOST": "h", "RELAY_LISTN__PORT": "25"},
-     "RELAY_LISTN__PORT: no config section 'listn' (sections: accounts, auth_backoff, bounces,"
-     " dedup, events, hostname, listen, logging, metrics, queue, retry, routing, shutdown,"
-     " workers)"),
+     "RELAY_LISTN__PORT: no config section 'listn' (sections:"
+     f" {', '.join(sorted(Config.model_fields))})"),
     ({"SMTP_HOST": "h", "RELAY_LISTEN__HOTS": "::"},
      "listen.hots: unknown key (set by RELAY_LISTEN__HOTS)"),
 ])
@@ -382,3 +387,30 @@ def test_check_reports_damage_foreign_files_and_newer_schemas(
     damaged.write_bytes(bytes(data))
     assert main(["queue", "check", str(damaged)]) == 1
     assert "damaged or not SQLite: database disk image is malformed" in capsys.readouterr().out
+
+
+async def test_serve_does_not_call_a_password_from_a_variable_a_literal(
+    tmp_path: Path, upstream: FakeUpstream, launch: Launch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`relay serve` with `password: ${VAR}` warns of no literal password, at the start or
+    at a reload; the same password written in the file is warned of at the reload."""
+    monkeypatch.setenv("RELAY_TEST_UP_PASSWORD", upstream.password)
+    path = write_config(tmp_path, upstream)
+    data = yaml.safe_load(path.read_text())
+    account = data["accounts"]["up"]
+    del account["password_file"]
+    account["password"] = "${RELAY_TEST_UP_PASSWORD}"
+    path.write_text(yaml.safe_dump(data))
+    relay = await launch(path)
+    await relay.wait_started()
+    assert (await send(relay.port, message("env password")))[0] == 250
+    await upstream.wait_for_messages(1)  # the password from the variable works
+    relay.proc.send_signal(signal.SIGHUP)
+    await wait_until(lambda: "relay: reloaded" in relay.stderr, what="the reload")
+    assert "literal password" not in relay.stderr
+    account["password"] = upstream.password
+    path.write_text(yaml.safe_dump(data))
+    relay.proc.send_signal(signal.SIGHUP)
+    await wait_until(lambda: "accounts.up.password: a literal password in the config file"
+                     in relay.stderr, what="the warning at the second reload")
+    assert relay.stderr.count("literal password") == 1

@@ -73,6 +73,7 @@ async def test_pause_queues_but_sends_nothing_across_restarts_until_resume(
     code, text = await relay_cli(capsys, "status", "-c", c)
     assert "paused (new mail is queued, nothing is sent):" in text
     assert "`relay accounts resume up`" in text
+    assert "  up            ok; paused: nothing is sent" in text  # not a bare "ok"
 
     await app.shutdown()  # a restart: the pause is in the queue file, not in memory
     app = await start_relay(load_config(config_path))

@@ -27,11 +27,10 @@ from relay.cli.common import (
     EXIT_USAGE,
     config_path,
     fail,
-    load,
     out,
     workers_arg,
 )
-from relay.config.loading import load_config, load_config_report
+from relay.config.loading import load_config_report
 from relay.config.report import config_warnings, effective_config, unresolved_secrets
 from relay.config.schema import Config, resolve_workers
 from relay.errors import ConfigError, RelayError
@@ -104,10 +103,11 @@ async def _orphaned(app: App, parent: int) -> None:
 
 
 async def _serve(config: Config, path: str | None, *, role: WorkerRole | None = None,
-                 ready_fd: int | None = None, parent: int | None = None) -> None:
+                 ready_fd: int | None = None, parent: int | None = None,
+                 from_environment: frozenset[str] = frozenset()) -> None:
     from relay.app import App
 
-    app = App(config, worker=role)
+    app = App(config, worker=role, from_environment=from_environment)
     watch = None if parent is None else asyncio.create_task(_orphaned(app, parent))
     loop = asyncio.get_running_loop()
     reloads = Reloads(app, path)
@@ -148,13 +148,13 @@ async def _reload_now(app: App, path: str | None, log: logging.Logger) -> None:
     from relay.observe.logs import build_handler, event, install_handler
 
     try:
-        new = load_config(path)
+        new, _, from_environment, _ = load_config_report(path)
         handler = build_handler(new.logging.format, new.logging.file)
     except ConfigError as exc:
         _rejected(log, exc.problems)
         return
     try:
-        notes = await app.reload(new)
+        notes = await app.reload(new, from_environment)
     except ConfigError as exc:
         handler.close()
         _rejected(log, exc.problems)
@@ -181,9 +181,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relay.observe.logs import event, setup_logging
     from relay.supervisors.multiprocess import ENV_INDEX, Supervisor, can_share_port
 
-    config = load(args)
-    setup_logging(config.logging.level, config.logging.format, config.logging.file)
     path = config_path(args)
+    # Where each value came from too: a password a variable gave is no literal (warnings).
+    config, _, from_environment, _ = load_config_report(path)
+    setup_logging(config.logging.level, config.logging.format, config.logging.file)
     if getattr(args, "migrate", False) and os.environ.get(ENV_INDEX) is None:
         _migrate_before_serving(config)
     count = resolve_workers(args.workers or config.workers)
@@ -193,11 +194,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         count = 1
     try:
         if os.environ.get(ENV_INDEX) is not None:  # one worker of `relay serve --workers`
-            run(_serve_worker(config, path))
+            run(_serve_worker(config, path, from_environment))
         elif count > 1:
             return run(Supervisor(config, path, count).run())
         else:
-            run(_serve(config, path))
+            run(_serve(config, path, from_environment=from_environment))
     except OSError as exc:
         return fail(f"cannot listen: {exc.strerror or exc}")
     return EXIT_OK
@@ -222,7 +223,8 @@ def _migrate_before_serving(config: Config) -> None:
               backup=str(done.backup) if done.backup else None)
 
 
-async def _serve_worker(config: Config, path: str | None) -> None:
+async def _serve_worker(config: Config, path: str | None,
+                        from_environment: frozenset[str] = frozenset()) -> None:
     """One of several processes: the port its parent chose, metrics and delivery only in
     worker 0 (see relay.app.WorkerRole), and one byte on the ready pipe once serving."""
     from relay.app import WorkerRole
@@ -238,7 +240,8 @@ async def _serve_worker(config: Config, path: str | None) -> None:
                  role=WorkerRole(shared=True, delivers=index == 0, index=index,
                                  count=int(os.environ[ENV_COUNT])),
                  ready_fd=ready,
-                 parent=os.getppid())
+                 parent=os.getppid(),
+                 from_environment=from_environment)
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -298,10 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     from relay.cli import bench
 
     bench.add_command(sub)
+    # Listed for --help only: main() hands `relay sendmail ...` over before argparse,
+    # whose option syntax is not sendmail's (-FCronDaemon, -oi, -t).
+    sub.add_parser("sendmail", add_help=False,
+                   help="submit a message on stdin, as /usr/sbin/sendmail (see"
+                   " `relay sendmail --help`)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_given = sys.argv[1:] if argv is None else list(argv)
+    if args_given[:1] == ["sendmail"]:
+        from relay.cli import sendmail
+
+        return sendmail.main(args_given[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.func is not cmd_serve:

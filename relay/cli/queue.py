@@ -219,16 +219,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-HEADER = (f"{'ID':<20} {'STATE':<9} {'ACCOUNT':<12} {'PRIO':<6} {'TRIES':>5} "
+# 22: a queue id's length (relay.queue.types.queue_id).
+HEADER = (f"{'ID':<22} {'STATE':<9} {'ACCOUNT':<12} {'PRIO':<6} {'TRIES':>5} "
           f"{'CREATED':<20} SENDER -> RECIPIENTS")
 
 
 def _print_row(m: QueuedMessage) -> None:
     rcpts = ", ".join(r.address for r in m.recipients)
-    out(f"{m.id:<20} {m.state!s:<9} {m.account:<12} {m.priority.name.lower():<6} "
+    out(f"{m.id:<22} {m.state!s:<9} {m.account:<12} {m.priority.name.lower():<6} "
         f"{m.attempts:>5} {iso(m.created_at):<20} <{m.sender}> -> {rcpts}")
     if m.last_error:
-        out(f"{'':<20} last error: {m.last_error}")
+        out(f"{'':<22} last error: {m.last_error}")
 
 
 def cmd_retry(args: argparse.Namespace) -> int:

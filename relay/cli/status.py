@@ -281,7 +281,9 @@ def _health_lines(summary: dict[str, Any], lock: str) -> list[str]:
                f" {server['health_reported_at']}:"
     else:
         head = "account health (the running server has reported no backoff since it started):"
+    # "ok" alone for a paused account would read as "it sends" at a glance.
     return [*pre, head] + [f"  {name:<14}{_health_text(a['health'])}"
+                           + ("; paused: nothing is sent" if a["paused_since"] else "")
                            for name, a in summary["accounts"].items()]
 
 

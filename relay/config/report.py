@@ -44,12 +44,20 @@ def config_warnings(config: Config, from_environment: Collection[str] = ()) -> l
                 warnings += _readable_by_others(f"accounts.{name}.auth.{key}", path)
         if (acc.password or acc.password_env or acc.password_file) and not acc.username:
             warnings.append(f"accounts.{name}: a password without a username is not used")
+    return warnings + _listener_warnings(config) + _webhook_warnings(config)
+
+
+def _listener_warnings(config: Config) -> list[str]:
+    warnings = []
     for user, spec in config.listen.auth.users.items():
         if spec.password_file:
             warnings += _readable_by_others(
                 f"listen.auth.users.{user}.password_file", spec.password_file
             )
-    return warnings + _webhook_warnings(config)
+    if config.sendmail.password_file:  # for the group of users that may send, not all
+        warnings += _readable_by_others("sendmail.password_file",
+                                        config.sendmail.password_file)
+    return warnings
 
 
 def _webhook_warnings(config: Config) -> list[str]:

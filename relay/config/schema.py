@@ -899,6 +899,33 @@ class EventsConfig(_Frozen):
         return self
 
 
+class SendmailConfig(_Frozen):
+    """`relay sendmail` (docs/sendmail.md): addresses given without a domain, and its
+    login to a listener that requires AUTH."""
+
+    # The domain of a sender or recipient written without one (`root`, cron's default
+    # MAILTO; the login name as the default sender), like Postfix's myorigin. None: the
+    # top-level hostname, else the machine's name.
+    domain: Hostname | None = None
+    # Mail for a local user name goes to this address instead (nullmailer's adminaddr):
+    # cron's and logwatch's reports to `root` reach a person. None: user@domain.
+    admin_address: str | None = None
+    # A listener that requires AUTH (listen.auth.required): the user sendmail logs in as,
+    # and a file holding its password, readable by the users who run sendmail (a group).
+    username: str | None = None
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SendmailConfig:
+        local, at, domain = (self.admin_address or "x@y").rpartition("@")
+        if not (local and at and domain) or any(c.isspace() or c in "<>,;" for c in
+                                                 self.admin_address or ""):
+            raise ValueError("admin_address: must be one address, local-part@domain")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("password_file: give username and password_file together")
+        return self
+
+
 def _default_accounts() -> dict[str, AccountConfig]:
     return {"outbox": AccountConfig(transport="maildir", path=Path("relay-data/outbox"))}
 
@@ -919,6 +946,7 @@ class Config(_Frozen):
     shutdown: ShutdownConfig = ShutdownConfig()
     dedup: DedupConfig | None = None  # None: off (every message is queued)
     events: EventsConfig = EventsConfig()
+    sendmail: SendmailConfig = SendmailConfig()
     # Processes that each listen (SO_REUSEPORT) and deliver from the one queue; `relay
     # serve --workers` overrides it. 1: a single process, no supervisor.
     workers: Workers = "auto"
@@ -940,10 +968,17 @@ class Config(_Frozen):
                     )
         for name in self.accounts:
             self._check_retry(name)
+        if self.sendmail.username and self.sendmail.username not in self.listen.auth.users:
+            raise ValueError(f"sendmail.username: no user named {self.sendmail.username!r}"
+                             " in listen.auth.users")
         if (self.metrics.enabled and self.metrics.port and self.metrics.port == self.listen.port
                 and _same_host(self.metrics.host, self.listen.host)):
             raise ValueError(f"metrics.port: {self.metrics.port} is also listen.port; give the"
                              " metrics endpoint a port of its own")
+        self._check_routing()
+        return self
+
+    def _check_routing(self) -> None:
         self._check_groups()
         targets = self.destinations
         for i, rule in enumerate(self.routing.rules):
@@ -956,7 +991,6 @@ class Config(_Frozen):
                 f"routing.default_account: no account named {self.routing.default_account!r}"
                 f" (accounts: {', '.join(sorted(self.accounts))})"
             )
-        return self
 
     @property
     def destinations(self) -> set[str]:

@@ -102,13 +102,14 @@ class IngestHandler:
         return hook_names(type(self), ("handle_", "auth_"))
 
     def __init__(
-        self, config: Config, submit: Submit, metrics: Metrics, admit: Admit = _always
+        self, config: Config, submit: Submit, metrics: Metrics, admit: Admit = _always,
+        auth: ListenerAuth | None = None,
     ) -> None:
         self.submit = submit
         self.admit = admit
         self.metrics = metrics
         self.accepting = True
-        self.configure(config)
+        self.configure(config, auth)
 
     def configure(self, config: Config, auth: ListenerAuth | None = None) -> None:
         """Take a new config (SIGHUP): routing, accounts, limits and listener users

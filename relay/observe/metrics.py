@@ -187,3 +187,9 @@ async def watch_loop_lag(histogram: Histogram, interval: float = LOOP_LAG_INTERV
         start = loop.time()
         await asyncio.sleep(interval)
         histogram.observe(max(0.0, loop.time() - start - interval))
+
+
+def unexposed_metrics(accounts: Iterable[str]) -> Metrics:
+    """Metrics in a registry of their own that nothing serves: for a one-shot process
+    (`relay sendmail` writing into the queue itself) that drives the listener's code."""
+    return Metrics(CollectorRegistry(), accounts)
