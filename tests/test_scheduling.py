@@ -227,8 +227,10 @@ async def test_account_wide_failure_backs_off_with_one_probe(
     await send_many(app.smtp_port, [message(f"b{i}") for i in range(20)], sessions=2)
     await wait_until(lambda: upstream.connections_opened >= 3, what="three probes")
     # 20 messages, 5 connections allowed: without account backoff this would be 20+.
+    # With it: up to the pool's 5 opened at once before the first 421 arrives, then one
+    # probe per backoff step (0.3 s doubling); room for a loaded machine's late steps.
     await asyncio.sleep(0.5)
-    assert upstream.connections_opened <= 6
+    assert upstream.connections_opened <= 9
     assert metric(app, "relay_messages_failed_total", account="up") == 0
     upstream.greeting(None)
     await app.store.request_flush(time.time())  # what `relay queue flush` does
