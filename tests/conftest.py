@@ -247,3 +247,66 @@ async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
     yield run
     for relay in started:
         await relay.kill()
+
+
+# -- PostgreSQL: the store-level tests run on both stores -----------------------------
+STORES = ["sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Any:
+    """A private PostgreSQL cluster for the whole run; skips when PostgreSQL is missing."""
+    from tests.pgcluster import Cluster, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Any) -> str:
+    """A fresh database of its own for one test."""
+    return str(pg_cluster.create_database())
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+MakeStore = Callable[..., Any]
+
+
+@pytest.fixture
+def make_store(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> MakeStore:
+    """make_store(owner=..., lock=...) -> an unopened QueueStore of this test's kind, all
+    on one queue (one SQLite file, or one PostgreSQL database)."""
+    from relay.queue.sqlite.store import SQLiteStore
+
+    if store_kind == "sqlite":
+        def sqlite(**kw: Any) -> Any:
+            return SQLiteStore(tmp_path / "queue.sqlite3", **kw)
+        return sqlite
+    from relay.queue.postgres.store import PostgresStore
+
+    url = request.getfixturevalue("pg_url")
+
+    def postgres(*, lock: bool = True, role: str = "", owner: str | None = None,
+                 **kw: Any) -> Any:
+        return PostgresStore(url, owner=owner, role=role, **kw)
+    return postgres
+
+
+def queue_section(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+                  ) -> dict[str, Any]:
+    """The config's queue block for this test's store kind."""
+    if store_kind == "sqlite":
+        return {"path": str(tmp_path / "queue.sqlite3")}
+    return {"url": request.getfixturevalue("pg_url"), "connect_timeout": "1s",
+            "statement_timeout": "2s"}

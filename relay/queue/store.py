@@ -4,7 +4,8 @@ Written for several relay processes on one queue (SQLite now, PostgreSQL later):
 carries its owner and a lease expiry (``Claim``), a message whose lease runs out goes back
 to the queue (``requeue_expired``), and an attempt's result names the claim it settles.
 Shared state between processes (a flush request, account health) is a method here, not a
-key the callers know. relay.queue.sqlite.SQLiteStore implements it.
+key the callers know. relay.queue.sqlite.SQLiteStore and
+relay.queue.postgres.PostgresStore implement it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class QueueStore(Protocol):
 
     owner: str  # who this store's claims belong to ("host:pid")
     on_internal_error: Callable[[], None] | None  # counted by the app
+    # Called with an account when another process says it has mail due for it now (a
+    # store shared across hosts: PostgreSQL's NOTIFY); the app wakes that account's worker.
+    on_wake: Callable[[str], None] | None
 
     # -- lifecycle -------------------------------------------------------------------
     async def open(self) -> None: ...

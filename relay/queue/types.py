@@ -96,6 +96,10 @@ class Claim:
 
     owner: str
     lease_until: float
+    # Which claim of the owner's (a store may set it: PostgreSQL does): an owner that
+    # claims a message again after losing it cannot settle the new claim with the old
+    # one's outcome. Not part of equality: the owner and lease say whose and until when.
+    token: str = field(default="", compare=False)
 
 
 @dataclass

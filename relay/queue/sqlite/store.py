@@ -126,6 +126,7 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
         self._data_version: int | None = None
         self._pruner: asyncio.Task[None] | None = None
         self.on_internal_error: Callable[[], None] | None = None  # counted by the app
+        self.on_wake: Callable[[str], None] | None = None  # (one host: the app wakes its own)
         self._identity: tuple[int, int] | None = None  # (device, inode) of the open file
 
     # -- lifecycle -------------------------------------------------------------
