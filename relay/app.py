@@ -34,6 +34,8 @@ from relay.ingest.listener import SessionLimits, listener_tls_context, start_lis
 from relay.observe.http import build_app, start_http
 from relay.observe.logs import event, log_file_problem
 from relay.observe.metrics import Metrics, exposition_registry, watch_loop_lag
+from relay.queue.postgres.schema import mask_url
+from relay.queue.postgres.store import PostgresStore
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 from relay.queue.types import NewMessage
@@ -104,6 +106,23 @@ def check_startable(config: Config) -> None:
         raise ConfigError(problems)
 
 
+def build_store(config: Config, *, role: str = "", lock: bool = True) -> QueueStore:
+    """The queue the config names: PostgreSQL (queue.url), else the SQLite file."""
+    q = config.queue
+    if q.url is not None:
+        return PostgresStore(q.url, password=q.secret, role=role,
+                             connect_timeout=q.connect_timeout,
+                             statement_timeout=q.statement_timeout,
+                             allow_unsafe_commit=q.allow_unsafe_commit)
+    return SQLiteStore(q.path, commit=q.commit, lock=lock, role=role,
+                       min_free=config.queue_min_free)
+
+
+def queue_name(config: Config) -> str:
+    """The queue as logs and the CLI name it (a URL's password masked)."""
+    return mask_url(config.queue.url) if config.queue.url is not None else str(config.queue.path)
+
+
 class App:
     def __init__(self, config: Config, *, registry: CollectorRegistry | None = None,
                  worker: WorkerRole | None = None) -> None:
@@ -111,12 +130,12 @@ class App:
         self.role = worker or WorkerRole()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, config.accounts)
-        self.store: QueueStore = SQLiteStore(config.queue.path, commit=config.queue.commit,
-                                             lock=not self.role.shared, role=self.role.name,
-                                             min_free=config.queue_min_free)
+        self.store: QueueStore = build_store(config, role=self.role.name,
+                                             lock=not self.role.shared)
         self.store.on_internal_error = self.metrics.internal_errors.labels("queue_writer").inc
         self.transports = build_transports(config, self.metrics)
         self.scheduler = Scheduler(config, self.store, self.transports, self.metrics)
+        self.store.on_wake = self.scheduler.notify  # another relay queued mail for it
         self.handler = IngestHandler(config, self._submit, self.metrics, self._admit)
         self.limits = SessionLimits(config, self.metrics)
         self._retiring: set[asyncio.Task[None]] = set()
@@ -201,7 +220,7 @@ class App:
         event(log, logging.INFO, "started", version=__version__,
               listen=f"{self.config.listen.host}:{self.smtp_port}",
               metrics=f"{self.config.metrics.host}:{self.http_port}" if self.http_runner else None,
-              queue=str(self.config.queue.path), accounts=",".join(self.config.accounts))
+              queue=queue_name(self.config), accounts=",".join(self.config.accounts))
 
     async def _watch_queue_file(self) -> None:
         """Say it at once, not at the next restart, when the queue file is deleted or

@@ -8,6 +8,7 @@ which stays on). Tests get a fresh database each, made from template0.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -76,10 +77,8 @@ class Cluster:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def remove(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):
             self.stop()
-        except RuntimeError:
-            pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def url(self, dbname: str = "postgres") -> str:

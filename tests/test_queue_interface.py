@@ -1,4 +1,4 @@
-"""The queue interface (relay.queue.store.QueueStore) as the SQLite store implements it.
+"""The queue interface (relay.queue.store.QueueStore) as both stores implement it.
 
 Written for several processes on one queue: a claim says who holds a message and until
 when, and an attempt's result names the claim it settles. Shared state between the server
@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
 from relay.delivery.outcome import settle
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import SendResult
-from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 from relay.queue.types import Claim, MessageState, NewMessage, Priority, new_queue_id
+from tests.conftest import MakeStore
 
 
 def _message(now: float) -> NewMessage:
@@ -26,8 +25,8 @@ def _message(now: float) -> NewMessage:
 
 
 async def test_a_claim_names_its_owner_and_lease_and_the_result_settles_it(
-        tmp_path: Path) -> None:
-    store: QueueStore = SQLiteStore(tmp_path / "queue.sqlite3", owner="host-a:1")
+        make_store: MakeStore) -> None:
+    store: QueueStore = make_store(owner="host-a:1")
     await store.open()
     try:
         now = time.time()
@@ -44,10 +43,10 @@ async def test_a_claim_names_its_owner_and_lease_and_the_result_settles_it(
 
 
 async def test_flush_requests_and_health_reports_pass_through_the_interface(
-        tmp_path: Path) -> None:
-    server: QueueStore = SQLiteStore(tmp_path / "queue.sqlite3")
+        make_store: MakeStore) -> None:
+    server: QueueStore = make_store()
     await server.open()
-    cli: QueueStore = SQLiteStore(tmp_path / "queue.sqlite3", lock=False)
+    cli: QueueStore = make_store(lock=False)
     await cli.open()
     try:
         assert await server.flush_requested() is None

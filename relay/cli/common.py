@@ -16,6 +16,7 @@ from relay.config.loading import load_config
 from relay.config.schema import Config
 from relay.errors import StoreError
 from relay.printable import escape
+from relay.queue.postgres.store import PostgresStore
 from relay.queue.sqlite import maintenance
 from relay.queue.sqlite.maintenance import QueueCheck as QueueCheck
 from relay.queue.sqlite.owners import lock_held
@@ -60,6 +61,14 @@ def process_alive(pid: int) -> bool:
 
 async def open_queue(config: Config) -> QueueStore:
     """The queue beside a running server (no lock): operator commands share it."""
+    q = config.queue
+    store: QueueStore
+    if q.url is not None:
+        store = PostgresStore(q.url, password=q.secret, connect_timeout=q.connect_timeout,
+                              statement_timeout=q.statement_timeout,
+                              allow_unsafe_commit=q.allow_unsafe_commit)
+        await store.open()
+        return store
     if not config.queue.path.exists():
         raise StoreError(f"no queue at {config.queue.path} (has `relay serve` run here?)")
     store = SQLiteStore(config.queue.path, lock=False)
