@@ -34,11 +34,11 @@ from relay.ingest.listener import SessionLimits, listener_tls_context, start_lis
 from relay.observe.http import build_app, start_http
 from relay.observe.logs import event, log_file_problem
 from relay.observe.metrics import Metrics, exposition_registry, watch_loop_lag
-from relay.queue.postgres.schema import mask_url
 from relay.queue.postgres.store import PostgresStore
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 from relay.queue.types import NewMessage
+from relay.queue.urls import mask_url
 
 log = logging.getLogger("relay")
 QUEUE_FILE_CHECK_S = 5.0  # how often the queue file's identity is checked (a stat)

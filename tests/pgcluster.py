@@ -84,6 +84,11 @@ class Cluster:
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@/{dbname}?host={quote(str(self.dir), safe='/')}"
 
+    @staticmethod
+    def dbname(url: str) -> str:
+        """The database a URL of ``url()``'s form names."""
+        return url.split("@/", 1)[1].split("?", 1)[0]
+
     def create_database(self) -> str:
         """A fresh, empty database; its URL."""
         name = f"relay_{os.getpid()}_{next(_COUNTER)}"

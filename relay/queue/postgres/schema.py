@@ -8,7 +8,6 @@ stores compare and return the same values. Recipients are jsonb lists of
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -136,18 +135,3 @@ def row_to_message(row: Sequence[Any]) -> QueuedMessage:
         updated_at=row[11],
         mail_options=tuple(row[12].split()) if row[12] else (),
     )
-
-
-_URL_PASSWORD = re.compile(r"(://[^:/@?#]*):[^@/?#]*@")
-_KEY_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password in it replaced by ***: what logs, errors and the CLI show.
-
-    >>> mask_url("postgresql://relay:s3cret@db:5432/relay?sslmode=require")
-    'postgresql://relay:***@db:5432/relay?sslmode=require'
-    >>> mask_url("host=db password='a b' dbname=relay")
-    'host=db password=*** dbname=relay'
-    """
-    return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", url))

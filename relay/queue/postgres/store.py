@@ -48,7 +48,6 @@ from relay.queue.postgres.schema import (
     SCHEMA_TABLE,
     SCHEMA_VERSION,
     SENDS_KEPT_S,
-    mask_url,
     recipients_json,
     row_to_message,
 )
@@ -61,6 +60,7 @@ from relay.queue.types import (
     QueuedMessage,
     Recipient,
 )
+from relay.queue.urls import mask_url
 
 log = logging.getLogger("relay.store")
 POOL_SIZE = 10  # connections per relay process: sessions committing, claims, reads
