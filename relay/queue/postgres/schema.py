@@ -84,6 +84,24 @@ CREATE TABLE processes (
     role text NOT NULL,
     expires_at double precision NOT NULL  -- the database's clock (clock_timestamp())
 );
+-- Connection slots: a row per upstream connection open (or being opened) to an account,
+-- held by one owner under a lease, so pool.max_connections holds across relays.
+CREATE TABLE slots (
+    account text NOT NULL,
+    slot integer NOT NULL,
+    owner text NOT NULL,
+    lease_until double precision NOT NULL,
+    PRIMARY KEY (account, slot)
+);
+-- Accounts backed off as a whole, for every relay: until when, why, and which owner may
+-- probe once it ends (one at a time across all relays).
+CREATE TABLE backoffs (
+    account text PRIMARY KEY,
+    until double precision NOT NULL,
+    reason text NOT NULL,
+    probe_owner text,
+    probe_until double precision
+);
 """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -104,6 +122,9 @@ WITH picked AS (
     SELECT seq FROM messages
     WHERE account = %(a)s AND state IN {READY} AND next_attempt_at <= %(now)s
       AND NOT EXISTS (SELECT 1 FROM paused WHERE paused.account = %(a)s)
+      -- backed off (by any relay): nothing until it ends, then only for its prober
+      AND NOT EXISTS (SELECT 1 FROM backoffs b WHERE b.account = %(a)s
+                      AND (b.until > %(now)s OR b.probe_owner IS DISTINCT FROM %(owner)s))
     ORDER BY priority, next_attempt_at, seq
     LIMIT %(n)s
     FOR UPDATE SKIP LOCKED

@@ -51,6 +51,7 @@ from relay.queue.postgres.schema import (
     recipients_json,
     row_to_message,
 )
+from relay.queue.postgres.shared import HostLimits
 from relay.queue.types import (
     AttemptResult,
     Claim,
@@ -74,7 +75,7 @@ NOW_SQL = "extract(epoch from clock_timestamp())"  # the database's clock, share
 UNSAFE_COMMIT = ("off", "local")
 
 
-class PostgresStore(OperatorQueries):
+class PostgresStore(OperatorQueries, HostLimits):
     """A queue in a PostgreSQL database, for any number of relays on any hosts."""
 
     def __init__(
@@ -506,7 +507,9 @@ class PostgresStore(OperatorQueries):
     async def requeue_expired(self, now: float, *, keep: Sequence[str] = ()) -> int:
         """Claims nobody will finish go back: those whose lease ran out, and those of an
         owner whose heartbeat expired (a relay killed, or cut off for longer than
-        heartbeat_ttl_s), except ``keep``. A live owner's claims under lease stay."""
+        heartbeat_ttl_s), except ``keep``. A live owner's claims under lease stay. Their
+        connection slots and probes are freed too."""
+        await self._free_held(now)
         rows = await self._fetch(
             "UPDATE messages SET state='queued', lease_until=NULL, owner=NULL,"
             " claim_token=NULL, updated_at=%s"
@@ -571,7 +574,11 @@ class PostgresStore(OperatorQueries):
                              (key, value))])
 
     async def request_flush(self, at: float) -> None:
-        await self.set_meta(FLUSH_KEY, repr(at))
+        """Also ends every account's backoff, for every relay (the shared rows go)."""
+        await self.execute([
+            ("INSERT INTO meta (key, value) VALUES (%s, %s)"
+             " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (FLUSH_KEY, repr(at))),
+            ("DELETE FROM backoffs", ())])
         self._wake("*")
 
     async def flush_requested(self) -> str | None:
