@@ -66,7 +66,7 @@ async def open_queue(config: Config) -> QueueStore:
     if q.url is not None:
         store = PostgresStore(q.url, password=q.secret, connect_timeout=q.connect_timeout,
                               statement_timeout=q.statement_timeout,
-                              allow_unsafe_commit=q.allow_unsafe_commit)
+                              allow_unsafe_commit=q.allow_unsafe_commit, create=False)
         await store.open()
         return store
     if not config.queue.path.exists():

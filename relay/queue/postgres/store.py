@@ -90,6 +90,7 @@ class PostgresStore(OperatorQueries, HostLimits):
         allow_unsafe_commit: bool = False,
         pool_size: int = POOL_SIZE,
         heartbeat_ttl_s: float = HEARTBEAT_TTL_S,
+        create: bool = True,
     ) -> None:
         self.url = url
         self.display = mask_url(url)  # what logs and errors name
@@ -101,6 +102,7 @@ class PostgresStore(OperatorQueries, HostLimits):
         self.allow_unsafe_commit = allow_unsafe_commit
         self.pool_size = pool_size
         self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.create = create  # False: an empty database is an error, not a new queue (CLI)
         self.on_internal_error: Callable[[], None] | None = None
         self.on_wake: Callable[[str], None] | None = None
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
@@ -237,6 +239,9 @@ class PostgresStore(OperatorQueries, HostLimits):
                 raise StoreError(f"queue database {self.display} was written by a newer relay"
                                  f" (schema {version}, this relay knows {SCHEMA_VERSION});"
                                  " upgrade relay")
+            if version == 0 and not self.create:
+                raise StoreError(f"no queue in {self.display} (has `relay serve` run with"
+                                 " this queue.url?)")
             if version == 0:
                 cur = await conn.execute("SELECT to_regclass('messages') IS NOT NULL")
                 row = await cur.fetchone()
