@@ -240,11 +240,15 @@ class App:
     async def refresh_gauges(self) -> None:
         """Queue gauges from the queue file (so they include changes made by the CLI)."""
         try:
-            counts = await self.store.counts()
-            oldest = await self.store.oldest_ready()
+            if await self.store.reports_queue():
+                counts = await self.store.counts()
+                oldest = await self.store.oldest_ready()
+                self.metrics.set_queue(counts, oldest, time.time())
+            else:  # another relay on the shared queue exports them (docs/monitoring.md)
+                self.metrics.queue.clear()
+                self.metrics.oldest.clear()
         except StoreError:
             return
-        self.metrics.set_queue(counts, oldest, time.time())
         with contextlib.suppress(StoreError):
             paused = await self.store.paused_accounts()
             for name in self.metrics.accounts:

@@ -218,3 +218,40 @@ def test_a_queue_has_either_a_path_or_a_url() -> None:
         parse_config({"queue": {"url": "postgresql://relay@db/relay", "path": "q.sqlite3"}})
     with pytest.raises(ConfigError, match=r"queue\.password_env: only for a PostgreSQL"):
         parse_config({"queue": {"password_env": "X"}})
+
+
+async def test_one_relay_of_several_exports_the_queue_gauges(
+    tmp_path: Path, pg_url: str, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """Summed over relays, relay_queue_messages counts each message once; when the relay
+    that exports it stops, another takes over."""
+    config = _pg_config(tmp_path, pg_url, {"up": upstream_account(upstream, tmp_path)})
+    apps = [await start_relay(config) for _ in range(2)]
+    code, _ = await send(apps[0].smtp_port, message("counted once"))
+    assert code == 250
+    await wait_until(lambda: len(upstream.messages) == 1, what="the delivery")
+
+    async def exporters() -> list[Any]:
+        found = []
+        for app in apps:
+            await app.refresh_gauges()
+            value = app.registry.get_sample_value(
+                "relay_queue_messages", {"account": "up", "state": "delivered"})
+            if value is not None:
+                found.append((app, value))
+        return found
+
+    for _ in range(50):  # each LISTEN session tries for the lock once connected
+        if await exporters():
+            break
+        await asyncio.sleep(0.1)
+    found = await exporters()
+    assert [v for _, v in found] == [1.0]
+    first = found[0][0]
+    await first.shutdown(grace=1.0)
+    apps.remove(first)
+    for _ in range(50):
+        if await exporters():
+            break
+        await asyncio.sleep(0.1)
+    assert [v for _, v in await exporters()] == [1.0]

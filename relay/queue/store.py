@@ -99,6 +99,10 @@ class QueueStore(Protocol):
         """Pause or resume an account for every process on this queue (persisted)."""
     async def paused_accounts(self) -> dict[str, float]:
         """Paused accounts, each with when it was paused."""
+    async def reports_queue(self) -> bool:
+        """Whether this process exports the queue-wide gauges (relay_queue_messages, the
+        oldest message's age): of several relays on one shared queue only one does, so a
+        sum over relays counts each message once."""
     async def processes(self) -> list[tuple[int, str]]:
         """(pid, role) of the relay processes on this queue now: 'serve', 'supervisor',
         'worker N' (for `relay status`)."""

@@ -23,6 +23,9 @@ CHANNEL = "relay_wake"  # NOTIFY payload: "<owner> <account>", or "<owner> *" fo
 # pg_advisory_xact_lock keys ('RELY' and a number): one migrator, one pruner at a time.
 MIGRATE_LOCK = 0x52454C59_0001
 PRUNE_LOCK = 0x52454C59_0002
+# pg_advisory_lock (a session's, on the LISTEN connection): the relay holding it exports
+# the queue-wide gauges; when it dies its session ends and another relay takes over.
+REPORT_LOCK = 0x52454C59_0003
 
 # (version, name, SQL): applied in order, each in the transaction that records it in
 # relay_schema, under MIGRATE_LOCK. Never edit one that has shipped: add the next.

@@ -45,6 +45,7 @@ from relay.queue.postgres.schema import (
     MIGRATIONS,
     PRUNE_LOCK,
     READY,
+    REPORT_LOCK,
     SCHEMA_TABLE,
     SCHEMA_VERSION,
     SENDS_KEPT_S,
@@ -113,6 +114,7 @@ class PostgresStore(OperatorQueries, HostLimits):
         self._changed = False
         self._next_poll = 0.0
         self._baseline = False
+        self._reporting = False  # this relay exports the queue-wide gauges (REPORT_LOCK)
 
     # -- connections and errors --------------------------------------------------------
     def conninfo(self) -> str:
@@ -332,11 +334,23 @@ class PostgresStore(OperatorQueries, HostLimits):
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self._changed = True
-                    async for note in conn.notifies():
-                        self._heard(note.payload)
+                    while True:
+                        if not self._reporting:
+                            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)",
+                                                     (REPORT_LOCK,))
+                            row = await cur.fetchone()
+                            self._reporting = bool(row and row[0])
+                        async for note in conn.notifies(timeout=POLL_S):
+                            self._heard(note.payload)
             except (psycopg.Error, OSError) as exc:
                 log.debug("queue LISTEN connection lost: %s", self._mask(str(exc)))
+            finally:
+                self._reporting = False  # the session, and its lock, are gone
             await asyncio.sleep(LISTEN_RETRY_S)
+
+    async def reports_queue(self) -> bool:
+        """True for the one relay whose LISTEN session holds REPORT_LOCK."""
+        return self._reporting
 
     def _heard(self, payload: str) -> None:
         owner, _, account = payload.partition(" ")

@@ -632,6 +632,10 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl):
     async def read_health(self) -> str | None:
         return await self.get_meta(HEALTH_KEY)
 
+    async def reports_queue(self) -> bool:
+        """Always: one host's processes export through one /metrics (worker 0's)."""
+        return True
+
     async def processes(self) -> list[tuple[int, str]]:
         """(pid, role) of the relay processes using this queue now (not this one)."""
         return self._owners.alive()
