@@ -7,6 +7,7 @@
      |    |    +-- StoreReserveError  free space below queue.min_free: new mail waits
      |    +-- StoreLockedError  another relay holds the queue file
      |    +-- StoreBusyError    other processes held the write lock too long (451 4.3.0)
+     |    +-- SchemaError       the queue's schema is older (not migrated) or newer than known
      +-- DeliveryError          one delivery attempt went wrong
           +-- TemporaryFailure  try again later (4xx, connection lost, timeout)
           +-- PermanentFailure  do not try again (5xx)
@@ -45,6 +46,16 @@ class StoreLockedError(StoreError):
 
 class StoreBusyError(StoreError):
     """The write lock shared by the processes of one queue was not free in time."""
+
+
+class SchemaError(StoreError):
+    """The queue's schema is not the one this relay knows: older and not to be migrated
+    on open (``relay queue migrate``), or newer (written by a later relay)."""
+
+    def __init__(self, message: str, *, found: int, known: int) -> None:
+        self.found = found
+        self.known = known
+        super().__init__(message)
 
 
 class DeliveryError(RelayError):

@@ -23,7 +23,7 @@ from relay.config.report import effective_config
 from relay.delivery.outcome import settle
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import SendResult
-from relay.errors import StoreError
+from relay.errors import SchemaError, StoreError
 from relay.queue.postgres.store import PostgresStore
 from relay.queue.types import MessageState, NewMessage, Priority, new_queue_id
 from tests.conftest import (
@@ -186,7 +186,7 @@ async def test_a_newer_schema_or_a_foreign_database_is_refused(
     await store.execute([("INSERT INTO relay_schema (version, name) VALUES (99, 'future')",
                           ())])
     await store.close()
-    with pytest.raises(StoreError, match="newer relay"):
+    with pytest.raises(SchemaError, match="newer than this relay"):
         await PostgresStore(pg_url).open()
     foreign = pg_cluster.create_database()
     pg_cluster.psql("CREATE TABLE messages (x int)", Cluster.dbname(foreign))
@@ -255,3 +255,69 @@ async def test_one_relay_of_several_exports_the_queue_gauges(
             break
         await asyncio.sleep(0.1)
     assert [v for _, v in await exporters()] == [1.0]
+
+
+async def test_an_older_schema_waits_for_migrate_and_migrate_applies_it(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from relay.queue.postgres import store as pg
+
+    first = PostgresStore(pg_url)
+    await first.open()
+    await first.enqueue(_message(time.time()))
+    await first.close()
+    # This relay knows one more migration than the database has.
+    monkeypatch.setattr(pg, "MIGRATIONS",
+                        [*pg.MIGRATIONS, (2, "a test step", "CREATE TABLE extra (x int)")])
+    monkeypatch.setattr(pg, "SCHEMA_VERSION", 2)
+    with pytest.raises(SchemaError, match="older than this relay"):
+        await PostgresStore(pg_url).open()
+    store = PostgresStore(pg_url)
+    assert await store.schema_version() == 1
+    assert await store.migrate() == [2]
+    assert await store.schema_version() == 2
+    assert await store.migrate() == []
+    await store.open()
+    try:
+        assert len(await store.list_messages()) == 1
+    finally:
+        await store.close()
+
+
+async def test_export_and_import_move_a_whole_queue(pg_cluster: Cluster, pg_url: str) -> None:
+    source, dest = PostgresStore(pg_url), PostgresStore(pg_cluster.create_database())
+    await source.open()
+    await dest.open()
+    try:
+        now = time.time()
+        for _ in range(3):
+            await source.enqueue(_message(now))
+        first, second = await source.claim_due("up", now, 2, lease_s=30)
+        await source.finish(settle(first, SendResult(accepted=["to@example.com"],
+                                                     reply="250 ok"),
+                                   now=now, policy=POLICY, rng=random.Random(1)))
+        # `second` stays claimed: it comes out due now, as a queue without its owner holds it
+        exported = [m async for m in source.export_messages()]
+        assert [m.state for m in exported] == [MessageState.DELIVERED, MessageState.QUEUED,
+                                               MessageState.QUEUED]
+        assert exported[0].body is None and exported[1].body is not None
+        assert [a.outcome for a in exported[0].attempts_log] == ["delivered"]
+
+        async def items() -> Any:
+            for m in exported:
+                yield m
+
+        async def sends() -> Any:
+            async for s in source.export_sends():
+                yield s
+
+        assert await dest.import_messages(items(), merge=False) == (3, 0)
+        assert [m async for m in dest.export_messages()] == exported
+        assert await dest.import_sends(sends()) == 1
+        assert await dest.import_sends(sends()) == 0, "a send time is not doubled"
+        with pytest.raises(StoreError, match="already holds messages"):
+            await dest.import_messages(items(), merge=False)
+        assert await dest.import_messages(items(), merge=True) == (0, 3)
+        assert second.id in {m.id for m in await dest.claim_due("up", now + 1, 10, 30)}
+    finally:
+        await source.close()
+        await dest.close()

@@ -6,7 +6,7 @@ import enum
 import itertools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 _ID_COUNTER = itertools.count()
 
@@ -142,3 +142,46 @@ class AttemptResult:
     outcome: str  # delivered | deferred | failed | partial
     reply: str
     claim: Claim | None = None  # the claim this result settles
+
+
+@dataclass(frozen=True)
+class ExportedAttempt:
+    """One record of a message's attempts (or 'moved' record), as stored."""
+
+    at: float
+    account: str
+    outcome: str
+    reply: str
+
+
+@dataclass(frozen=True)
+class ExportedMessage:
+    """A whole stored message, as `relay queue export` writes it and `import` reads it:
+    every field, its attempt records in order and its body (None once the store dropped
+    it: a delivered message keeps no body). Never 'sending': a store exports a claim as
+    due now (``unclaimed``), since the importing relay has no such owner."""
+
+    id: str
+    state: MessageState
+    account: str
+    priority: Priority
+    sender: str
+    recipients: tuple[Recipient, ...]
+    size: int
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    last_error: str
+    updated_at: float
+    mail_options: tuple[str, ...]
+    attempts_log: tuple[ExportedAttempt, ...]
+    body: bytes | None
+
+
+def unclaimed(message: ExportedMessage, now: float) -> ExportedMessage:
+    """A 'sending' message as a queue without its claimant holds it: due at once, queued
+    if never tried, else deferred (its recipients already delivered stay delivered)."""
+    if message.state is not MessageState.SENDING:
+        return message
+    state = MessageState.DEFERRED if message.attempts else MessageState.QUEUED
+    return replace(message, state=state, next_attempt_at=min(message.next_attempt_at, now))

@@ -13,6 +13,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
+from relay.queue.migrations import check_numbering
 from relay.queue.types import MessageState, Priority, QueuedMessage, Recipient, RecipientState
 
 READY = "('queued', 'deferred')"
@@ -107,7 +108,7 @@ CREATE TABLE backoffs (
 );
 """),
 ]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
+SCHEMA_VERSION = check_numbering([number for number, _, _ in MIGRATIONS])
 SCHEMA_TABLE = """
 CREATE TABLE IF NOT EXISTS relay_schema (
     version integer PRIMARY KEY,

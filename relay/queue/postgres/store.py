@@ -26,7 +26,7 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 from psycopg import AsyncConnection
@@ -34,7 +34,9 @@ from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from relay.errors import StoreError, StoreFullError
+from relay.queue.migrations import plan
 from relay.queue.postgres.admin import OperatorQueries
+from relay.queue.postgres.exchange import Exchange
 from relay.queue.postgres.schema import (
     CHANNEL,
     CLAIM_SQL,
@@ -76,8 +78,11 @@ NOW_SQL = "extract(epoch from clock_timestamp())"  # the database's clock, share
 UNSAFE_COMMIT = ("off", "local")
 
 
-class PostgresStore(OperatorQueries, HostLimits):
-    """A queue in a PostgreSQL database, for any number of relays on any hosts."""
+class PostgresStore(OperatorQueries, HostLimits, Exchange):
+    """A queue in a PostgreSQL database, for any number of relays on any hosts.
+    ``migrate``: open() brings an older schema to SCHEMA_VERSION instead of refusing it."""
+
+    SCHEMA_VERSION: ClassVar[int] = SCHEMA_VERSION
 
     def __init__(
         self,
@@ -92,6 +97,7 @@ class PostgresStore(OperatorQueries, HostLimits):
         pool_size: int = POOL_SIZE,
         heartbeat_ttl_s: float = HEARTBEAT_TTL_S,
         create: bool = True,
+        migrate: bool = False,
     ) -> None:
         self.url = url
         self.display = mask_url(url)  # what logs and errors name
@@ -104,6 +110,8 @@ class PostgresStore(OperatorQueries, HostLimits):
         self.pool_size = pool_size
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.create = create  # False: an empty database is an error, not a new queue (CLI)
+        self.migrate_on_open = migrate
+        self.applied: list[int] = []  # the migrations the last open() applied
         self.on_internal_error: Callable[[], None] | None = None
         self.on_wake: Callable[[str], None] | None = None
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
@@ -195,7 +203,7 @@ class PostgresStore(OperatorQueries, HostLimits):
         self._pool = pool
         try:
             await self._check_commit()
-            await self._migrate()
+            self.applied = await self._migrate()
             await self._heartbeat()
         except BaseException:
             await self.close()
@@ -219,43 +227,63 @@ class PostgresStore(OperatorQueries, HostLimits):
                 " queue.allow_unsafe_commit: true to accept that")
 
     async def schema_version(self) -> int:
-        """The highest migration applied (0: an empty database)."""
-        rows = await self._fetch("SELECT to_regclass('relay_schema') IS NOT NULL")
-        if not rows[0][0]:
-            return 0
-        rows = await self._fetch("SELECT coalesce(max(version), 0) FROM relay_schema")
-        return int(rows[0][0])
+        """The highest migration applied (0: an empty database), read-only, open or not."""
+        sql = ("SELECT CASE WHEN to_regclass('relay_schema') IS NULL THEN 0 ELSE"
+               " (SELECT coalesce(max(version), 0) FROM relay_schema) END")
+        if self._pool is not None:
+            rows = await self._fetch(sql)
+            return int(rows[0][0])
+        try:
+            async with await AsyncConnection.connect(self.conninfo(), autocommit=True) as conn:
+                cur = await conn.execute(sql)
+                row = await cur.fetchone()
+        except (psycopg.Error, OSError) as exc:
+            raise self._error(exc) from None
+        return int(row[0]) if row else 0
+
+    async def migrate(self) -> list[int]:
+        """Open with ``migrate`` and close again: the versions applied (an open store is
+        at SCHEMA_VERSION already)."""
+        if self._pool is not None:
+            return []
+        was, self.migrate_on_open = self.migrate_on_open, True
+        try:
+            await self.open()
+        finally:
+            self.migrate_on_open = was
+        await self.close()
+        return self.applied
 
     async def _migrate(self) -> list[int]:
-        """Apply the migrations the database lacks, each in one transaction with its
-        relay_schema row, under an advisory lock (several relays starting: one migrates,
-        the others then find it done). Refuse a database a newer relay wrote."""
+        """Apply the migrations the database lacks (a new database: all; an older one:
+        only with ``migrate``, else SchemaError), with their relay_schema rows, in one
+        transaction under an advisory lock (several relays starting: one migrates, the
+        others then find it done). SchemaError for a database a newer relay wrote."""
         applied: list[int] = []
         async with self._conn() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
             await conn.execute(SCHEMA_TABLE)
             cur = await conn.execute("SELECT coalesce(max(version), 0) FROM relay_schema")
             row = await cur.fetchone()
-            version = int(row[0]) if row else 0
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"queue database {self.display} was written by a newer relay"
-                                 f" (schema {version}, this relay knows {SCHEMA_VERSION});"
-                                 " upgrade relay")
-            if version == 0 and not self.create:
+            found = plan(int(row[0]) if row else 0, SCHEMA_VERSION)
+            if found.newer or (found.missing and not found.new and not self.migrate_on_open):
+                raise found.refusal()
+            if found.new and not self.create:
                 raise StoreError(f"no queue in {self.display} (has `relay serve` run with"
                                  " this queue.url?)")
-            if version == 0:
+            if found.new:
                 cur = await conn.execute("SELECT to_regclass('messages') IS NOT NULL")
                 row = await cur.fetchone()
                 if row and row[0]:
                     raise StoreError(f"queue database {self.display} holds a messages table"
                                      " that relay did not create; give relay its own database")
-            for number, name, sql in MIGRATIONS:
-                if number > version:
-                    await conn.execute(sql.encode())
-                    await conn.execute("INSERT INTO relay_schema (version, name) VALUES"
-                                       " (%s, %s)", (number, name))
-                    applied.append(number)
+            steps = {number: (name, sql) for number, name, sql in MIGRATIONS}
+            for number in found.missing:
+                name, sql = steps[number]
+                await conn.execute(sql.encode())
+                await conn.execute("INSERT INTO relay_schema (version, name) VALUES"
+                                   " (%s, %s)", (number, name))
+                applied.append(number)
         if applied:
             log.info("queue database %s: applied migrations %s", self.display, applied)
         return applied
