@@ -113,6 +113,7 @@ def build_store(config: Config, *, role: str = "", lock: bool = True) -> QueueSt
         return PostgresStore(q.url, password=q.secret, role=role,
                              connect_timeout=q.connect_timeout,
                              statement_timeout=q.statement_timeout,
+                             heartbeat_ttl_s=q.heartbeat_ttl,
                              allow_unsafe_commit=q.allow_unsafe_commit)
     return SQLiteStore(q.path, commit=q.commit, lock=lock, role=role,
                        min_free=config.queue_min_free)

@@ -304,6 +304,10 @@ class QueueConfig(_Frozen):
     # and /readyz fails: the database being away must never hang a client.
     connect_timeout: PositiveDuration = 5.0
     statement_timeout: PositiveDuration = 10.0
+    # A relay whose heartbeat row is this old is gone: its claims go back to the queue.
+    # Shorter: a killed relay's mail moves on sooner; a relay cut off from the database
+    # longer than this may see its sends repeated by another relay.
+    heartbeat_ttl: PositiveDuration = 30.0
 
     _secret: str | None = PrivateAttr(default=None)
 

@@ -327,10 +327,31 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
             (self.owner, socket.gethostname(), os.getpid(), self.role, self.heartbeat_ttl_s))])
 
     async def _heartbeats(self) -> None:
+        """Refresh this owner's row, and take back what dead owners held: a relay killed
+        mid-send has its claims queued again within heartbeat_ttl_s and a third, by
+        whichever relay looks first (the scheduler's own sweep runs every 30 s)."""
         while True:
             await asyncio.sleep(self.heartbeat_ttl_s / 3)
             with contextlib.suppress(StoreError):
                 await self._heartbeat()
+                await self._requeue_dead(time.time())
+
+    async def _requeue_dead(self, now: float) -> int:
+        """Claims of owners whose heartbeat expired go back to the queue, due now; their
+        accounts' workers are woken here and on every other relay."""
+        await self._free_held(now)
+        rows = await self._fetch(
+            "UPDATE messages SET state='queued', lease_until=NULL, owner=NULL,"
+            " claim_token=NULL, updated_at=%s WHERE state='sending' AND owner <> %s"
+            " AND NOT EXISTS (SELECT 1 FROM processes p WHERE p.owner = messages.owner"
+            f" AND p.expires_at > {NOW_SQL}) RETURNING account", (now, self.owner))
+        for account in {r[0] for r in rows}:
+            self._wake(account)
+            if self.on_wake is not None:
+                self.on_wake(account)
+        if rows:
+            log.warning("requeued %d messages claimed by relays that are gone", len(rows))
+        return len(rows)
 
     def _wake(self, account: str) -> None:
         """NOTIFY other relays after this commit (``*``: anything may have changed)."""
