@@ -321,3 +321,15 @@ async def test_export_and_import_move_a_whole_queue(pg_cluster: Cluster, pg_url:
     finally:
         await source.close()
         await dest.close()
+
+
+def test_queue_ids_differ_between_hosts_whose_relays_share_a_pid() -> None:
+    """Two containers: both relays are pid 1, both counters start at 0, same millisecond."""
+    import subprocess
+    import sys
+
+    code = ("import relay.queue.types as t; t.os.getpid = lambda: 1;"
+            " t.time.time = lambda: 1e9; print(t.new_queue_id())")
+    ids = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout for _ in range(2)}
+    assert len(ids) == 2
