@@ -46,7 +46,7 @@ def missing_reason() -> str | None:
 class Cluster:
     """One private cluster; ``start``/``stop`` may be called again (fault tests)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, fsync: bool = False) -> None:
         bin_dir = find_bin_dir()
         assert bin_dir is not None
         self.bin = bin_dir
@@ -54,6 +54,7 @@ class Cluster:
         self.dir.chmod(0o755)
         self.data = self.dir / "data"
         self.log = self.dir / "server.log"
+        self.fsync = fsync  # off for tests; on for a benchmark (tests/bench_postgres.py)
         self._as_user: list[str] = []
         if os.geteuid() == 0:
             shutil.chown(self.dir, "nobody")
@@ -68,8 +69,9 @@ class Cluster:
             raise RuntimeError(f"{tool} failed: {done.stdout}{done.stderr}")
 
     def start(self) -> None:
-        options = (f"-k {self.dir} -c listen_addresses='' -c fsync=off"
-                   " -c full_page_writes=off -c max_connections=200")
+        durability = "" if self.fsync else " -c fsync=off -c full_page_writes=off"
+        options = (f"-k {self.dir} -c listen_addresses=''{durability}"
+                   " -c max_connections=200")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30",
                   "-o", options, "start")
 

@@ -58,3 +58,25 @@ async def test_flush_requests_and_health_reports_pass_through_the_interface(
     finally:
         await cli.close()
         await server.close()
+
+
+async def test_a_claim_takes_strict_priority_then_readiness(make_store: MakeStore) -> None:
+    store: QueueStore = make_store()
+    await store.open()
+    try:
+        now = time.time()
+        ids = {}
+        for name, priority, due in [("low", Priority.LOW, now - 9), ("later", Priority.HIGH,
+                                    now + 60), ("normal", Priority.NORMAL, now - 5),
+                                    ("high", Priority.HIGH, now - 1),
+                                    ("normal2", Priority.NORMAL, now - 7)]:
+            m = NewMessage(id=new_queue_id(), sender="app@example.com",
+                           recipients=("to@example.com",), account="up", priority=priority,
+                           body=b"x", created_at=now - 10, not_before=due)
+            ids[m.id] = name
+            await store.enqueue(m)
+        claimed = await store.claim_due("up", now, 3, lease_s=30)
+        assert [ids[m.id] for m in claimed] == ["high", "normal2", "normal"]
+        assert [ids[m.id] for m in await store.claim_due("up", now, 9, lease_s=30)] == ["low"]
+    finally:
+        await store.close()

@@ -121,23 +121,36 @@ COLUMNS = (
     " next_attempt_at, last_error, updated_at, mail_options"
 )
 
-CLAIM_SQL = f"""
-WITH picked AS (
-    SELECT seq FROM messages
-    WHERE account = %(a)s AND state IN {READY} AND next_attempt_at <= %(now)s
-      AND NOT EXISTS (SELECT 1 FROM paused WHERE paused.account = %(a)s)
-      -- backed off (by any relay): nothing until it ends, then only for its prober
-      AND NOT EXISTS (SELECT 1 FROM backoffs b WHERE b.account = %(a)s
-                      AND (b.until > %(now)s OR b.probe_owner IS DISTINCT FROM %(owner)s))
-    ORDER BY priority, next_attempt_at, seq
-    LIMIT %(n)s
-    FOR UPDATE SKIP LOCKED
-)
+# One range scan of the ready index per priority level, each locking what it takes
+# (FOR UPDATE SKIP LOCKED: rows another relay is claiming are passed over, not waited
+# for), then strict priority and readiness order over the three, in a CTE so that the
+# LIMIT is applied once (Oban #652). A level full of messages deferred to later costs one
+# index probe, not a scan of every one of them.
+_LEVEL = f"""
+    p{{p}} AS (
+        SELECT seq, priority, next_attempt_at FROM messages
+        WHERE account = %(a)s AND priority = {{p}} AND state IN {READY}
+          AND next_attempt_at <= %(now)s
+        ORDER BY next_attempt_at, seq LIMIT %(n)s FOR UPDATE SKIP LOCKED
+    )"""
+CLAIM_SQL = (
+    "WITH" + ",".join(_LEVEL.format(p=int(p)) for p in Priority) + """,
+    picked AS (
+        SELECT seq FROM ("""
+    + " UNION ALL ".join(f"SELECT * FROM p{int(p)}" for p in Priority)
+    + f""") x
+        WHERE NOT EXISTS (SELECT 1 FROM paused WHERE paused.account = %(a)s)
+          -- backed off (by any relay): nothing until it ends, then only for its prober
+          AND NOT EXISTS (SELECT 1 FROM backoffs b WHERE b.account = %(a)s
+                          AND (b.until > %(now)s OR b.probe_owner IS DISTINCT FROM %(owner)s))
+        ORDER BY priority, next_attempt_at, seq LIMIT %(n)s
+    )
 UPDATE messages m SET state = 'sending', lease_until = %(lease)s, owner = %(owner)s,
     claim_token = %(token)s, updated_at = %(now)s
 FROM picked WHERE m.seq = picked.seq
 RETURNING {', '.join('m.' + c.strip() for c in COLUMNS.split(','))}
 """
+)
 
 
 def recipients_json(recipients: Iterable[Recipient]) -> Jsonb:
