@@ -33,7 +33,8 @@ class OperatorQueries:
         async def _fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
                          ) -> list[Any]: ...
         async def execute(self, statements: list[tuple[str, Sequence[Any]]]) -> list[int]: ...
-        def _conn(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection[Any]]: ...
+        def _conn(self, *, bounded: bool = True
+                  ) -> contextlib.AbstractAsyncContextManager[AsyncConnection[Any]]: ...
         def _wake(self, account: str) -> None: ...
 
     async def list_messages(
@@ -64,7 +65,7 @@ class OperatorQueries:
 
     @contextlib.asynccontextmanager
     async def _listing(self, sql: str, params: list[Any]) -> AsyncIterator[Any]:
-        async with self._conn() as conn, conn.transaction(), conn.cursor(
+        async with self._conn(bounded=False) as conn, conn.transaction(), conn.cursor(
                 name="relay_listing") as cursor:
             await cursor.execute(sql, params)
             yield cursor

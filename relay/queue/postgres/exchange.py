@@ -33,13 +33,14 @@ class Exchange:
     if TYPE_CHECKING:
         async def _fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
                          ) -> list[Any]: ...
-        def _conn(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection[Any]]: ...
+        def _conn(self, *, bounded: bool = True
+                  ) -> contextlib.AbstractAsyncContextManager[AsyncConnection[Any]]: ...
         def _wake(self, account: str) -> None: ...
 
     async def export_messages(self, *, page: int = EXPORT_PAGE
                               ) -> AsyncGenerator[ExportedMessage, None]:
         now = time.time()
-        async with self._conn() as conn, conn.transaction():
+        async with self._conn(bounded=False) as conn, conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             body = "(SELECT data FROM bodies WHERE bodies.id = messages.id)"
             async with conn.cursor(name="relay_export") as rows:
@@ -115,7 +116,7 @@ class Exchange:
         return imported
 
     async def export_sends(self) -> AsyncGenerator[tuple[str, float], None]:
-        async with self._conn() as conn, conn.transaction(), conn.cursor(
+        async with self._conn(bounded=False) as conn, conn.transaction(), conn.cursor(
                 name="relay_export_sends") as rows:
             await rows.execute("SELECT account, at FROM sends ORDER BY account, at")
             while batch := await rows.fetchmany(SENDS_WINDOW):

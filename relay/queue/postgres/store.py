@@ -164,15 +164,25 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
         return StoreError(f"queue database error: {detail}")
 
     @contextlib.asynccontextmanager
-    async def _conn(self) -> AsyncIterator[AsyncConnection[Any]]:
+    async def _conn(self, *, bounded: bool = True) -> AsyncIterator[AsyncConnection[Any]]:
+        """A pooled connection. ``bounded``: the whole use, from waiting for it to the
+        last statement, ends within connect_timeout + statement_timeout (and a little):
+        a database that stops answering mid-statement without closing the connection
+        must not hold a session's DATA or a claim for longer. A listing or an export,
+        read as it is consumed, is not bounded."""
         pool = self._pool
         if pool is None:
             raise StoreError("queue is not open")
+        limit = self.connect_timeout + self.statement_timeout + 2.0 if bounded else None
         try:
-            async with pool.connection(timeout=self.connect_timeout) as conn:
+            async with asyncio.timeout(limit), pool.connection(
+                    timeout=self.connect_timeout) as conn:
                 yield conn
         except (psycopg.Error, PoolTimeout, OSError) as exc:
             raise self._error(exc) from None
+        except TimeoutError:
+            raise StoreError(f"queue database {self.display} did not answer within"
+                             f" {limit:g} s") from None
 
     async def _fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         async with self._conn() as conn:
@@ -295,9 +305,8 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
         self._tasks, self._pruner = [], None
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:  # bounded: a task stuck in the driver must not keep the relay from stopping
+            await asyncio.wait(tasks, timeout=self.connect_timeout)
         if self._pool is not None:
             with contextlib.suppress(StoreError):
                 await self._send_wakes()
