@@ -196,13 +196,13 @@ async def test_a_newer_schema_or_a_foreign_database_is_refused(
 
 async def test_the_database_password_never_shows(tmp_path: Path, monkeypatch: Any) -> None:
     unreachable = f"postgresql://relay:s3cret-in-url@/relay?host={tmp_path}"
-    store = PostgresStore(unreachable, connect_timeout=1)
+    store = PostgresStore(unreachable, connect_timeout=0.3)
     with pytest.raises(StoreError) as caught:
         await store.open()
     assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
     monkeypatch.setenv("RELAY_DB_PASSWORD", "s3cret-in-env")
     store = PostgresStore(f"postgresql://relay@/relay?host={tmp_path}",
-                          password="s3cret-in-env", connect_timeout=1)
+                          password="s3cret-in-env", connect_timeout=0.3)
     with pytest.raises(StoreError) as caught:
         await store.open()
     assert "s3cret" not in str(caught.value)

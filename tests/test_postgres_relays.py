@@ -19,8 +19,8 @@ from tests.relayproc import free_port
 from tests.upstream import FakeUpstream
 
 pytestmark = pytest.mark.slow
-PER_SECOND = 6
-MESSAGES = 45
+PER_SECOND = 10
+MESSAGES = 30
 
 
 def _config(tmp_path: Path, up: FakeUpstream, url: str, n: int) -> Path:
@@ -58,7 +58,7 @@ async def test_three_relays_share_the_queue_and_the_limit_and_survive_a_kill(
     for relay in relays:
         await relay.wait_started()
     upstream.fail_data(451, "4.3.0 Try again later", times=4)  # some go round again
-    upstream.delay("DATA", 0.3)  # sends take a while: a kill finds some under way
+    upstream.delay("DATA", 0.2)  # sends take a while: a kill finds some under way
     bodies = [message(f"m{i:03d}") for i in range(MESSAGES)]
     thirds = [bodies[k::3] for k in range(3)]
     replies = await asyncio.gather(*(send_many(r.port, part, sessions=3)
