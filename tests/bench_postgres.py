@@ -36,7 +36,7 @@ def _config(tmp: Path, up: FakeUpstream, queue: dict[str, Any], n: int) -> Path:
         "metrics": {"enabled": False},
         "queue": queue,
         "retry": dict(FAST_RETRY),
-        "logging": {"level": "warning"},
+        "logging": {"level": "info"},  # (the `started` line is how RelayProcess waits)
         "accounts": {"up": upstream_account(up, tmp)},
         "routing": {"default_account": "up"},
     }

@@ -433,8 +433,9 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
 
     # -- the scheduler's side ----------------------------------------------------------
     async def enqueue(self, message: NewMessage) -> None:
-        """Return only once the message and its body are committed."""
-        async with self._conn() as conn, conn.transaction():
+        """Return only once the message and its body are committed: one statement in
+        autocommit (its own transaction, one round trip), so both rows or neither."""
+        async with self._conn() as conn:
             await self._insert(conn, message)
         self._wake(message.account)
 
@@ -456,16 +457,17 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
             return []
         token = secrets.token_hex(8)
         lease = now + lease_s
-        async with self._conn() as conn, conn.transaction():
-            room = limit
-            if windows:
-                room = await self._room(conn, account, now, limit, windows)
-            if room <= 0:
-                return []
-            cur = await conn.execute(CLAIM_SQL, {"a": account, "now": now, "n": room,
-                                                 "lease": lease, "owner": self.owner,
-                                                 "token": token})
-            rows = await cur.fetchall()
+        params: dict[str, Any] = {"a": account, "now": now, "n": limit, "lease": lease,
+                                  "owner": self.owner, "token": token}
+        async with self._conn() as conn:
+            if not windows:  # one statement in autocommit: its own transaction
+                rows = await (await conn.execute(CLAIM_SQL, params)).fetchall()
+            else:
+                async with conn.transaction():
+                    params["n"] = await self._room(conn, account, now, limit, windows)
+                    if params["n"] <= 0:
+                        return []
+                    rows = await (await conn.execute(CLAIM_SQL, params)).fetchall()
         messages = [row_to_message(r) for r in rows]
         for m in messages:
             m.claim = Claim(self.owner, lease, token)
