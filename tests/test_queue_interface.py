@@ -13,6 +13,7 @@ import time
 from relay.delivery.outcome import settle
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import SendResult
+from relay.errors import PermanentFailure
 from relay.queue.store import QueueStore
 from relay.queue.types import Claim, MessageState, NewMessage, Priority, new_queue_id
 from tests.conftest import MakeStore
@@ -80,3 +81,35 @@ async def test_a_claim_takes_strict_priority_then_readiness(make_store: MakeStor
         assert [ids[m.id] for m in await store.claim_due("up", now, 9, lease_s=30)] == ["low"]
     finally:
         await store.close()
+
+
+async def test_a_bounce_is_queued_with_the_outcome_that_causes_it_or_not_at_all(
+        make_store: MakeStore) -> None:
+    a: QueueStore = make_store(owner="relay-a")
+    b: QueueStore = make_store(lock=False, owner="relay-b")
+    await a.open()
+    await b.open()
+    try:
+        now = time.time()
+        await a.enqueue(_message(now))
+        (stale,) = await a.claim_due("up", now, 10, lease_s=1)
+        assert await b.requeue_expired(now + 2) == 1
+        (held,) = await b.claim_due("up", now + 2, 10, lease_s=30)
+        failed = settle(stale, PermanentFailure("550 5.1.1 no such user"), now=now + 3,
+                        policy=RetryPolicy(60, 600, 3600), rng=random.Random(1))
+        late_bounce = _message(now + 3)
+        assert not await a.finish(failed, late_bounce)
+        assert await a.get(late_bounce.id) is None, "no bounce without its outcome"
+        failed = settle(held, PermanentFailure("550 5.1.1 no such user"), now=now + 4,
+                        policy=RetryPolicy(60, 600, 3600), rng=random.Random(1))
+        bounce = _message(now + 4)
+        assert await b.finish(failed, bounce)
+        assert await b.state_of(held.id) is MessageState.FAILED
+        assert await b.body_if_kept(held.id) is not None, "a failed body stays for retry"
+        assert await b.state_of(bounce.id) is MessageState.QUEUED
+        assert await b.load_body(bounce.id) == bounce.body
+        shown = await b.get(held.id)
+        assert shown is not None and [r["outcome"] for r in shown.attempts_log] == ["failed"]
+    finally:
+        await a.close()
+        await b.close()

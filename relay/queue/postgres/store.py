@@ -502,35 +502,52 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
         return room
 
     async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
-        """Record an attempt and queue its bounce in one transaction, if the claim it
-        names (owner and token) still holds the message; the send time counts anyway."""
+        """Record an attempt and queue its bounce, if the claim it names (owner and token)
+        still holds the message; the send time counts anyway. One statement in
+        autocommit (its data-modifying CTEs are one transaction), one round trip."""
         a = result
-        sql = ("UPDATE messages SET state=%s, recipients=%s, attempts=%s, next_attempt_at=%s,"
-               " last_error=%s, lease_until=NULL, owner=NULL, claim_token=NULL,"
-               " updated_at=%s WHERE id=%s")
-        params: list[Any] = [str(a.state), recipients_json(a.recipients), a.attempts,
-                             a.next_attempt_at, a.last_error, a.at, a.id]
+        params: dict[str, Any] = {
+            "id": a.id, "state": str(a.state), "rcpts": recipients_json(a.recipients),
+            "attempts": a.attempts, "next": a.next_attempt_at, "err": a.last_error,
+            "at": a.at, "account": a.account, "outcome": a.outcome, "reply": a.reply,
+            "delivered": a.state is MessageState.DELIVERED}
+        held = ""
         if a.claim is not None:
-            sql += " AND state='sending' AND owner=%s"
-            params.append(a.claim.owner)
+            held = " AND state = 'sending' AND owner = %(owner)s"
+            params["owner"] = a.claim.owner
             if a.claim.token:
-                sql += " AND claim_token=%s"
-                params.append(a.claim.token)
-        async with self._conn() as conn, conn.transaction():
-            cur = await conn.execute(sql, params)
-            accepted = cur.rowcount == 1 if a.claim is not None else True
-            if accepted:
-                if bounce is not None:
-                    await self._insert(conn, bounce)
-                await conn.execute(
-                    "INSERT INTO attempts (message_id, account, at, outcome, reply)"
-                    " SELECT %s, %s, %s, %s, %s WHERE EXISTS"
-                    " (SELECT 1 FROM messages WHERE id=%s)",
-                    (a.id, a.account, a.at, a.outcome, a.reply, a.id))
-                if a.state is MessageState.DELIVERED:
-                    await conn.execute("DELETE FROM bodies WHERE id=%s", (a.id,))
-            await conn.execute("INSERT INTO sends (account, at) VALUES (%s, %s)",
-                               (a.account, a.at))
+                held += " AND claim_token = %(token)s"
+                params["token"] = a.claim.token
+        sql = (
+            "WITH upd AS (UPDATE messages SET state = %(state)s, recipients = %(rcpts)s,"
+            " attempts = %(attempts)s, next_attempt_at = %(next)s, last_error = %(err)s,"
+            " lease_until = NULL, owner = NULL, claim_token = NULL, updated_at = %(at)s"
+            f" WHERE id = %(id)s{held} RETURNING id),"
+            # Only for a row that still exists (an operator may have deleted it mid-send).
+            " att AS (INSERT INTO attempts (message_id, account, at, outcome, reply)"
+            " SELECT id, %(account)s, %(at)s, %(outcome)s, %(reply)s FROM upd),"
+            # A delivered body is not needed again; failed ones stay for `queue retry`.
+            " gone AS (DELETE FROM bodies WHERE %(delivered)s AND id IN (SELECT id FROM upd)),"
+            " sent AS (INSERT INTO sends (account, at) VALUES (%(account)s, %(at)s))")
+        if bounce is not None:  # committed with the outcome that causes it, or not at all
+            b = bounce
+            params.update({
+                "b_id": b.id, "b_account": b.account, "b_priority": int(b.priority),
+                "b_sender": b.sender,
+                "b_rcpts": recipients_json(Recipient(r) for r in b.recipients),
+                "b_size": len(b.body), "b_created": b.created_at, "b_due": b.not_before,
+                "b_options": " ".join(b.mail_options), "b_body": b.body})
+            source = " FROM upd" if a.claim is not None else ""
+            sql += (
+                f", bm AS (INSERT INTO messages ({COLUMNS}) SELECT %(b_id)s, 'queued',"
+                " %(b_account)s, %(b_priority)s, %(b_sender)s, %(b_rcpts)s, %(b_size)s, 0,"
+                " %(b_created)s, %(b_due)s, '', %(b_created)s, %(b_options)s"
+                f"{source} RETURNING id),"
+                " bb AS (INSERT INTO bodies (id, data) SELECT id, %(b_body)s FROM bm)")
+        sql += " SELECT count(*) FROM upd"
+        async with self._conn() as conn:
+            row = await (await conn.execute(sql, params)).fetchone()
+        accepted = a.claim is None or bool(row and row[0])
         if accepted and bounce is not None:
             self._wake(bounce.account)
         return accepted
