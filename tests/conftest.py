@@ -9,7 +9,7 @@ import shutil
 import ssl
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,12 +49,16 @@ def upstream_account(up: FakeUpstream, tmp_path: Path, **extra: Any) -> dict[str
     return block
 
 
+_QUEUE_OVERRIDE: dict[str, Any] | None = None  # set by the each_store fixture
+
+
 def relay_config(tmp_path: Path, accounts: dict[str, Any], **sections: Any) -> Config:
     """A config on free ports with a queue under tmp_path; the first account is the default."""
     data: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0},
         "metrics": {"host": "127.0.0.1", "port": 0},
-        "queue": {"path": str(tmp_path / "queue.sqlite3")},
+        "queue": dict(_QUEUE_OVERRIDE) if _QUEUE_OVERRIDE else
+        {"path": str(tmp_path / "queue.sqlite3")},
         "retry": dict(FAST_RETRY),
         "auth_backoff": dict(FAST_AUTH_BACKOFF),
         "accounts": accounts,
@@ -310,3 +314,18 @@ def queue_section(store_kind: str, tmp_path: Path, request: pytest.FixtureReques
         return {"path": str(tmp_path / "queue.sqlite3")}
     return {"url": request.getfixturevalue("pg_url"), "connect_timeout": "1s",
             "statement_timeout": "2s"}
+
+
+@pytest.fixture
+def each_store(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+               ) -> Iterator[str]:
+    """The test once on SQLite and once on PostgreSQL: relay_config() gives the queue
+    block of this run's store (usefixtures("each_store") on a test that builds its
+    config with relay_config)."""
+    global _QUEUE_OVERRIDE
+    if store_kind == "postgres":
+        _QUEUE_OVERRIDE = queue_section(store_kind, tmp_path, request)
+    try:
+        yield store_kind
+    finally:
+        _QUEUE_OVERRIDE = None
