@@ -67,6 +67,9 @@ from relay.queue.types import (
 from relay.queue.urls import mask_url
 
 log = logging.getLogger("relay.store")
+# The pool warns at every failed reconnection attempt, on stderr of every CLI command too;
+# relay says it once itself, where it matters (451 to DATA, /readyz, start_failed).
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 POOL_SIZE = 10  # connections per relay process: sessions committing, claims, reads
 POLL_S = 1.5  # the fallback: look for changes this often even without a NOTIFY
 NOTIFY_DEBOUNCE_S = 0.01  # NOTIFYs of this long are sent together, once per account
