@@ -333,3 +333,40 @@ def test_queue_ids_differ_between_hosts_whose_relays_share_a_pid() -> None:
     ids = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout for _ in range(2)}
     assert len(ids) == 2
+
+
+async def test_a_relay_cut_off_mid_send_never_records_over_the_claim_that_replaced_its_own(
+    tmp_path: Path, own_cluster: Cluster, upstream: FakeUpstream, start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = own_cluster.create_database()
+    app = await start_relay(_pg_config(tmp_path, url, {"up": upstream_account(upstream,
+                                                                                tmp_path)}))
+    upstream.delay("DATA", 2.0)  # a slow final dot: the send is under way for a while
+    code, text = await send(app.smtp_port, message("slow"))
+    assert code == 250, text
+    mid = text.split()[-1]
+    await wait_until(lambda: bool(upstream.times_of("DATA")), what="the send under way")
+    # The database restarts under it (every pooled connection of the relay is dead), and
+    # meanwhile another relay, which saw the claim's lease run out, takes the message.
+    own_cluster.stop()
+    own_cluster.start()
+    other = PostgresStore(url, owner="other-relay")
+    await other.open()
+    try:
+        later = time.time() + 3600
+        assert await other.requeue_expired(later) == 1
+        (taken,) = await other.claim_due("up", later, 10, lease_s=60)
+        assert taken.id == mid
+        await upstream.wait_for_messages(1, timeout=10)  # the first relay's send ends
+        await wait_until(lambda: "outcome_dropped" in caplog.text, timeout=10,
+                         what="the first relay's outcome refused")
+        row = await other.get(mid)
+        assert row is not None and row.state is MessageState.SENDING
+        assert row.attempts == 0 and row.attempts_log == []
+        done = settle(taken, SendResult(accepted=["to@example.com"], reply="250 ok"),
+                      now=later, policy=POLICY, rng=random.Random(1))
+        assert await other.finish(done)
+        assert await other.state_of(mid) is MessageState.DELIVERED
+    finally:
+        await other.close()
