@@ -370,3 +370,23 @@ async def test_a_relay_cut_off_mid_send_never_records_over_the_claim_that_replac
         assert await other.state_of(mid) is MessageState.DELIVERED
     finally:
         await other.close()
+
+
+async def test_pruning_removes_old_delivered_records_and_send_times(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        now = time.time()
+        day = 86400.0
+        for age in (10 * day, 9 * day, 1 * day):
+            await store.enqueue(_message(now - age))
+        for m in await store.claim_due("up", now, 10, lease_s=60):
+            await store.finish(settle(m, SendResult(accepted=["to@example.com"], reply="250"),
+                                      now=m.created_at, policy=POLICY, rng=random.Random(1)))
+        assert await store.prune(now, 7 * day, batch=1) == (1, 1)
+        assert await store.prune_all(now, 7 * day) == 1
+        assert [m.created_at for m in await store.list_messages()] == [now - day]
+        assert await store.recent_sends("up", 0) == [now - day]
+        assert await store.execute([("SELECT 1 FROM attempts", ())]) == [1]
+    finally:
+        await store.close()
