@@ -3,5 +3,6 @@ migrations, row mapping, the claim statement), store.py (PostgresStore: pool, cl
 outcomes, shared state, wake-ups), admin.py (operator queries) and filters.py (an
 operator's MessageFilter as a WHERE clause).
 
-An edge: the only package that imports psycopg. May import relay.queue and relay.errors.
+An edge: the only package that imports psycopg. May import relay.queue, relay.errors and
+relay.observe.
 """

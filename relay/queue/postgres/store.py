@@ -34,6 +34,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from relay.errors import StoreError, StoreFullError
+from relay.observe.logs import event
 from relay.queue.migrations import plan
 from relay.queue.postgres.admin import OperatorQueries
 from relay.queue.postgres.exchange import Exchange
@@ -361,8 +362,10 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
             self._wake(account)
             if self.on_wake is not None:
                 self.on_wake(account)
-        if rows:
-            log.warning("requeued %d messages claimed by relays that are gone", len(rows))
+        if rows:  # the scheduler's own event for a start-up or lease recovery
+            event(log, logging.WARNING, "recovered", count=len(rows),
+                  reason="messages claimed by relays that are gone (heartbeat expired)"
+                         " are queued again")
         return len(rows)
 
     def _wake(self, account: str) -> None:
