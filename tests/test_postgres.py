@@ -390,3 +390,24 @@ async def test_pruning_removes_old_delivered_records_and_send_times(pg_url: str)
         assert await store.execute([("SELECT 1 FROM attempts", ())]) == [1]
     finally:
         await store.close()
+
+
+async def test_the_same_outcome_written_twice_is_one_outcome(pg_url: str) -> None:
+    """A commit whose reply was lost with the connection is retried by the worker: the
+    retry is accepted (no 'outcome_dropped' for an outcome that stands) and counts the
+    send once."""
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        now = time.time()
+        await store.enqueue(_message(now))
+        (m,) = await store.claim_due("up", now, 10, lease_s=30)
+        done = settle(m, SendResult(accepted=["to@example.com"], reply="250 ok"), now=now,
+                      policy=POLICY, rng=random.Random(1))
+        assert await store.finish(done)
+        assert await store.finish(done)
+        assert await store.recent_sends("up", 0) == [now]
+        shown = await store.get(m.id)
+        assert shown is not None and len(shown.attempts_log) == 1
+    finally:
+        await store.close()

@@ -71,8 +71,9 @@ CREATE TABLE attempts (
 CREATE INDEX attempts_message ON attempts (message_id);
 CREATE INDEX attempts_account_at ON attempts (account, at);
 CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
--- When each account sent, for rate limits across relays and restarts.
-CREATE TABLE sends (account text NOT NULL, at double precision NOT NULL);
+-- When each account sent, for rate limits across relays and restarts; message_id makes a
+-- retried finish (its first commit's reply lost) count its send once.
+CREATE TABLE sends (account text NOT NULL, at double precision NOT NULL, message_id text);
 CREATE INDEX sends_account_at ON sends (account, at);
 CREATE INDEX sends_at ON sends (at);
 -- One row per account, locked (FOR UPDATE) by a claim that checks rate windows: two

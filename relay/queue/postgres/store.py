@@ -510,7 +510,8 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
     async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
         """Record an attempt and queue its bounce, if the claim it names (owner and token)
         still holds the message; the send time counts anyway. One statement in
-        autocommit (its data-modifying CTEs are one transaction), one round trip."""
+        autocommit (its data-modifying CTEs are one transaction), one round trip, and
+        idempotent: the same result again is accepted and changes nothing."""
         a = result
         params: dict[str, Any] = {
             "id": a.id, "state": str(a.state), "rcpts": recipients_json(a.recipients),
@@ -534,7 +535,14 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
             " SELECT id, %(account)s, %(at)s, %(outcome)s, %(reply)s FROM upd),"
             # A delivered body is not needed again; failed ones stay for `queue retry`.
             " gone AS (DELETE FROM bodies WHERE %(delivered)s AND id IN (SELECT id FROM upd)),"
-            " sent AS (INSERT INTO sends (account, at) VALUES (%(account)s, %(at)s))")
+            # Once per attempt: the same finish again (its first commit's reply was lost
+            # with the connection, and the worker retried) neither counts the send twice...
+            " sent AS (INSERT INTO sends (account, at, message_id)"
+            " SELECT %(account)s, %(at)s, %(id)s WHERE NOT EXISTS (SELECT 1 FROM sends"
+            " WHERE account = %(account)s AND at = %(at)s AND message_id = %(id)s)),"
+            # ...nor is taken for a stale claim's: this very outcome is already recorded.
+            " prior AS (SELECT 1 FROM messages WHERE id = %(id)s AND state = %(state)s"
+            " AND attempts = %(attempts)s AND updated_at = %(at)s AND owner IS NULL)")
         if bounce is not None:  # committed with the outcome that causes it, or not at all
             b = bounce
             params.update({
@@ -550,7 +558,7 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
                 " %(b_created)s, %(b_due)s, '', %(b_created)s, %(b_options)s"
                 f"{source} RETURNING id),"
                 " bb AS (INSERT INTO bodies (id, data) SELECT id, %(b_body)s FROM bm)")
-        sql += " SELECT count(*) FROM upd"
+        sql += " SELECT (SELECT count(*) FROM upd) + (SELECT count(*) FROM prior)"
         async with self._conn() as conn:
             row = await (await conn.execute(sql, params)).fetchone()
         accepted = a.claim is None or bool(row and row[0])
