@@ -59,14 +59,22 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def postgres_store(config: Config, *, create: bool = False) -> PostgresStore:
+    """The config's PostgreSQL queue (queue.url), not opened. ``create``: an empty
+    database becomes a new queue (`relay queue import` into it); otherwise it is "no
+    queue", as a missing SQLite file is."""
+    q = config.queue
+    assert q.url is not None
+    return PostgresStore(q.url, password=q.secret, connect_timeout=q.connect_timeout,
+                         statement_timeout=q.statement_timeout,
+                         allow_unsafe_commit=q.allow_unsafe_commit, create=create)
+
+
 async def open_queue(config: Config) -> QueueStore:
     """The queue beside a running server (no lock): operator commands share it."""
-    q = config.queue
     store: QueueStore
-    if q.url is not None:
-        store = PostgresStore(q.url, password=q.secret, connect_timeout=q.connect_timeout,
-                              statement_timeout=q.statement_timeout,
-                              allow_unsafe_commit=q.allow_unsafe_commit, create=False)
+    if config.queue.url is not None:
+        store = postgres_store(config)
         await store.open()
         return store
     if not config.queue.path.exists():
