@@ -35,9 +35,11 @@ from relay.observe.http import build_app, start_http
 from relay.observe.logs import event, log_file_problem
 from relay.observe.metrics import Metrics, exposition_registry, watch_loop_lag
 from relay.observe.webhooks import WebhookSender
+from relay.queue.postgres.store import PostgresStore
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 from relay.queue.types import NewMessage
+from relay.queue.urls import mask_url
 from relay.smtp.replies import Reply
 
 log = logging.getLogger("relay")
@@ -106,6 +108,24 @@ def check_startable(config: Config) -> None:
         raise ConfigError(problems)
 
 
+def build_store(config: Config, *, role: str = "", lock: bool = True) -> QueueStore:
+    """The queue the config names: PostgreSQL (queue.url), else the SQLite file."""
+    q = config.queue
+    if q.url is not None:
+        return PostgresStore(q.url, password=q.secret, role=role,
+                             connect_timeout=q.connect_timeout,
+                             statement_timeout=q.statement_timeout,
+                             heartbeat_ttl_s=q.heartbeat_ttl,
+                             allow_unsafe_commit=q.allow_unsafe_commit)
+    return SQLiteStore(q.path, commit=q.commit, lock=lock, role=role,
+                       min_free=config.queue_min_free)
+
+
+def queue_name(config: Config) -> str:
+    """The queue as logs and the CLI name it (a URL's password masked)."""
+    return mask_url(config.queue.url) if config.queue.url is not None else str(config.queue.path)
+
+
 class App:
     def __init__(self, config: Config, *, registry: CollectorRegistry | None = None,
                  worker: WorkerRole | None = None, from_environment: Collection[str] = ()
@@ -116,12 +136,12 @@ class App:
         self.role = worker or WorkerRole()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, [*config.accounts, *config.routing.groups])
-        self.store: QueueStore = SQLiteStore(config.queue.path, commit=config.queue.commit,
-                                             lock=not self.role.shared, role=self.role.name,
-                                             min_free=config.queue_min_free)
+        self.store: QueueStore = build_store(config, role=self.role.name,
+                                             lock=not self.role.shared)
         self.store.on_internal_error = self.metrics.internal_errors.labels("queue_writer").inc
         self.transports = build_transports(config, self.metrics)
         self.scheduler = Scheduler(config, self.store, self.transports, self.metrics)
+        self.store.on_wake = self.scheduler.notify  # another relay queued mail for it
         # Every process sends events (claimed from the outbox: one sends each).
         self.webhooks = WebhookSender(self.store, config.events.webhooks, self.metrics)
         self.scheduler.events_written = self.webhooks.notify
@@ -227,7 +247,7 @@ class App:
         event(log, logging.INFO, "started", version=__version__,
               listen=f"{self.config.listen.host}:{self.smtp_port}",
               metrics=f"{self.config.metrics.host}:{self.http_port}" if self.http_runner else None,
-              queue=str(self.config.queue.path), accounts=",".join(self.config.accounts))
+              queue=queue_name(self.config), accounts=",".join(self.config.accounts))
 
     async def _watch_queue_file(self) -> None:
         """Say it at once, not at the next restart, when the queue file is deleted or
@@ -247,11 +267,15 @@ class App:
     async def refresh_gauges(self) -> None:
         """Queue gauges from the queue file (so they include changes made by the CLI)."""
         try:
-            counts = await self.store.counts()
-            oldest = await self.store.oldest_ready()
+            if await self.store.reports_queue():
+                counts = await self.store.counts()
+                oldest = await self.store.oldest_ready()
+                self.metrics.set_queue(counts, oldest, time.time())
+            else:  # another relay on the shared queue exports them (docs/monitoring.md)
+                self.metrics.queue.clear()
+                self.metrics.oldest.clear()
         except StoreError:
             return
-        self.metrics.set_queue(counts, oldest, time.time())
         with contextlib.suppress(StoreError):
             paused = await self.store.paused_accounts()
             for name in self.metrics.accounts:

@@ -9,7 +9,7 @@ import shutil
 import ssl
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,12 +50,16 @@ def upstream_account(up: FakeUpstream, tmp_path: Path, **extra: Any) -> dict[str
     return block
 
 
+_QUEUE_OVERRIDE: dict[str, Any] | None = None  # set by the each_store fixture
+
+
 def relay_config(tmp_path: Path, accounts: dict[str, Any], **sections: Any) -> Config:
     """A config on free ports with a queue under tmp_path; the first account is the default."""
     data: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0},
         "metrics": {"host": "127.0.0.1", "port": 0},
-        "queue": {"path": str(tmp_path / "queue.sqlite3")},
+        "queue": dict(_QUEUE_OVERRIDE) if _QUEUE_OVERRIDE else
+        {"path": str(tmp_path / "queue.sqlite3")},
         "retry": dict(FAST_RETRY),
         "auth_backoff": dict(FAST_AUTH_BACKOFF),
         "accounts": accounts,
@@ -268,3 +272,81 @@ def webhook_block(receiver: WebhookReceiver, tmp_path: Path, **extra: Any) -> di
     secret.chmod(0o600)
     return {"url": receiver.url, "name": "test", "secret_file": str(secret),
             "timeout": "2s", "retry_initial": "100ms", "retry_max": "500ms", **extra}
+
+
+# -- PostgreSQL: the store-level tests run on both stores -----------------------------
+STORES = ["sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Any:
+    """A private PostgreSQL cluster for the whole run; skips when PostgreSQL is missing."""
+    from tests.pgcluster import Cluster, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Any) -> str:
+    """A fresh database of its own for one test."""
+    return str(pg_cluster.create_database())
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+MakeStore = Callable[..., Any]
+
+
+@pytest.fixture
+def make_store(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> MakeStore:
+    """make_store(owner=..., lock=...) -> an unopened QueueStore of this test's kind, all
+    on one queue (one SQLite file, or one PostgreSQL database)."""
+    from relay.queue.sqlite.store import SQLiteStore
+
+    if store_kind == "sqlite":
+        def sqlite(**kw: Any) -> Any:
+            return SQLiteStore(tmp_path / "queue.sqlite3", **kw)
+        return sqlite
+    from relay.queue.postgres.store import PostgresStore
+
+    url = request.getfixturevalue("pg_url")
+
+    def postgres(*, lock: bool = True, role: str = "", owner: str | None = None,
+                 **kw: Any) -> Any:
+        return PostgresStore(url, owner=owner, role=role, **kw)
+    return postgres
+
+
+def queue_section(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+                  ) -> dict[str, Any]:
+    """The config's queue block for this test's store kind."""
+    if store_kind == "sqlite":
+        return {"path": str(tmp_path / "queue.sqlite3")}
+    return {"url": request.getfixturevalue("pg_url"), "connect_timeout": "1s",
+            "statement_timeout": "2s"}
+
+
+@pytest.fixture
+def each_store(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+               ) -> Iterator[str]:
+    """The test once on SQLite and once on PostgreSQL: relay_config() gives the queue
+    block of this run's store (usefixtures("each_store") on a test that builds its
+    config with relay_config)."""
+    global _QUEUE_OVERRIDE
+    if store_kind == "postgres":
+        _QUEUE_OVERRIDE = queue_section(store_kind, tmp_path, request)
+    try:
+        yield store_kind
+    finally:
+        _QUEUE_OVERRIDE = None

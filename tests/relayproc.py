@@ -34,12 +34,14 @@ def free_port() -> int:
 
 
 def write_config(tmp_path: Path, up: FakeUpstream, *, name: str = "relay.yaml",
-                 listen_port: int | None = None, **account: Any) -> Path:
-    """A config file: one account `up` delivering to ``up``, the queue under tmp_path."""
+                 listen_port: int | None = None, queue: dict[str, Any] | None = None,
+                 **account: Any) -> Path:
+    """A config file: one account `up` delivering to ``up``, the queue under tmp_path
+    (or the ``queue`` block given: a PostgreSQL one)."""
     data = {
         "listen": {"host": "127.0.0.1", "port": listen_port or free_port()},
         "metrics": {"enabled": False},
-        "queue": {"path": str(tmp_path / "queue.sqlite3")},
+        "queue": queue or {"path": str(tmp_path / "queue.sqlite3")},
         "retry": dict(FAST_RETRY),
         "logging": {"level": "info"},
         "accounts": {"up": upstream_account(up, tmp_path, **account)},

@@ -26,6 +26,7 @@ from relay.queue.sqlite.schema import SCHEMA_VERSION
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.types import MessageState, NewMessage, Priority, new_queue_id, queue_id
 from tests.conftest import (
+    MakeStore,
     StartRelay,
     message,
     metric,
@@ -45,10 +46,9 @@ def _message(now: float) -> NewMessage:
                       body=b"Subject: x\r\n\r\nhi\r\n", created_at=now, not_before=now)
 
 
-async def test_an_outcome_is_recorded_only_by_the_claims_owner(tmp_path: Path) -> None:
-    path = tmp_path / "queue.sqlite3"
-    a = SQLiteStore(path, lock=False, owner="worker-a")
-    b = SQLiteStore(path, lock=False, owner="worker-b")
+async def test_an_outcome_is_recorded_only_by_the_claims_owner(make_store: MakeStore) -> None:
+    a = make_store(lock=False, owner="worker-a")
+    b = make_store(lock=False, owner="worker-b")
     await a.open()
     await b.open()
     try:
@@ -74,10 +74,9 @@ async def test_an_outcome_is_recorded_only_by_the_claims_owner(tmp_path: Path) -
         await b.close()
 
 
-async def test_a_live_owners_lease_is_renewed_and_not_swept(tmp_path: Path) -> None:
-    path = tmp_path / "queue.sqlite3"
-    a = SQLiteStore(path, lock=False, owner="worker-a")
-    b = SQLiteStore(path, lock=False, owner="worker-b")
+async def test_a_live_owners_lease_is_renewed_and_not_swept(make_store: MakeStore) -> None:
+    a = make_store(lock=False, owner="worker-a")
+    b = make_store(lock=False, owner="worker-b")
     await a.open()
     await b.open()
     try:
@@ -96,10 +95,14 @@ async def test_a_live_owners_lease_is_renewed_and_not_swept(tmp_path: Path) -> N
 
 CLAIMER = """
 import asyncio, sys, time
+from relay.queue.postgres.store import PostgresStore
 from relay.queue.sqlite.store import SQLiteStore
 
 async def main():
-    store = SQLiteStore(sys.argv[1], lock=False)
+    if sys.argv[1].startswith("postgresql:"):  # its heartbeat expires 1 s after its death
+        store = PostgresStore(sys.argv[1], heartbeat_ttl_s=1.0)
+    else:
+        store = SQLiteStore(sys.argv[1], lock=False)
     await store.open()
     claimed = await store.claim_due("up", time.time(), 10, lease_s=3600)
     print(len(claimed), flush=True)
@@ -109,9 +112,10 @@ asyncio.run(main())
 """
 
 
-async def test_start_up_requeues_only_claims_whose_owner_is_gone(tmp_path: Path) -> None:
-    path = tmp_path / "queue.sqlite3"
-    store = SQLiteStore(path, lock=False)
+async def test_start_up_requeues_only_claims_whose_owner_is_gone(
+        make_store: MakeStore, store_kind: str, tmp_path: Path) -> None:
+    store = make_store(lock=False)
+    path = getattr(store, "url", tmp_path / "queue.sqlite3")
     await store.open()
     try:
         now = time.time()
@@ -129,7 +133,11 @@ async def test_start_up_requeues_only_claims_whose_owner_is_gone(tmp_path: Path)
         finally:
             other.send_signal(signal.SIGKILL)
             await other.wait()
-        # Its owner is dead (its liveness lock went with it): at once, not after 1 h.
+        # Its owner is dead (its liveness lock went with it, or on PostgreSQL its
+        # heartbeat expired): at once, not after its lease of 1 h.
+        if store_kind == "postgres":
+            assert await store.requeue_expired(time.time()) == 0, "its heartbeat still holds"
+            await asyncio.sleep(1.2)
         assert await store.requeue_expired(time.time()) == 3
         assert (await store.counts())[("up", "queued")] == 3
     finally:
@@ -217,12 +225,12 @@ async def test_a_killed_process_leaves_no_liveness_file_after_the_next_start(
     assert list(owners.iterdir()) == []
 
 
-async def test_a_rate_window_is_checked_in_the_claim_across_processes(tmp_path: Path) -> None:
+async def test_a_rate_window_is_checked_in_the_claim_across_processes(
+        make_store: MakeStore) -> None:
     """Two workers claiming for one account: together never more than the window allows,
     a send counting from its claim to its end (then by the time it ended)."""
-    path = tmp_path / "queue.sqlite3"
-    a = SQLiteStore(path, lock=False, owner="worker-a")
-    b = SQLiteStore(path, lock=False, owner="worker-b")
+    a = make_store(lock=False, owner="worker-a")
+    b = make_store(lock=False, owner="worker-b")
     await a.open()
     await b.open()
     try:

@@ -21,13 +21,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
 
+from relay.queue.postgres.store import PostgresStore
 from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.store import QueueStore
 from relay.queue.types import MessageState
-from tests.conftest import Launch, message
+from tests.conftest import Launch, message, queue_section
 from tests.relayproc import write_config
 from tests.upstream import FakeUpstream
 
@@ -118,14 +121,25 @@ class Load:
             await asyncio.gather(*self._tasks)
 
 
+def _queue(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+           ) -> dict[str, Any] | None:
+    """The queue block: None for the SQLite file, else a PostgreSQL database where a
+    killed relay is seen as gone after 1.5 s (its restart takes its claims back then)."""
+    if store_kind == "sqlite":
+        return None
+    return {**queue_section(store_kind, tmp_path, request), "heartbeat_ttl": "1500ms"}
+
+
 async def test_repeated_kill_9_under_parallel_load_loses_no_acknowledged_message(
-    tmp_path: Path, upstream: FakeUpstream, launch: Launch
+    tmp_path: Path, upstream: FakeUpstream, launch: Launch, store_kind: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     seed = int(os.environ.get("RELAY_CRASH_SEED") or random.randrange(2**32))
     rng = random.Random(seed)
     print(f"\nRELAY_CRASH_SEED={seed}")
     upstream.delay("DATA", UPSTREAM_DATA_DELAY_S)
-    config = write_config(tmp_path, upstream, pool={"max_connections": POOL})
+    queue = _queue(store_kind, tmp_path, request)
+    config = write_config(tmp_path, upstream, pool={"max_connections": POOL}, queue=queue)
 
     relay = await launch(config)
     await relay.wait_started()
@@ -178,7 +192,8 @@ async def test_repeated_kill_9_under_parallel_load_loses_no_acknowledged_message
     assert duplicates <= KILLS * POOL
 
     # The queue agrees: every acknowledged id is a delivered row.
-    store = SQLiteStore(tmp_path / "queue.sqlite3", lock=False)
+    store: QueueStore = (SQLiteStore(tmp_path / "queue.sqlite3", lock=False) if queue is None
+                         else PostgresStore(queue["url"]))
     await store.open()
     try:
         states: Counter[MessageState | None] = Counter()
@@ -191,11 +206,12 @@ async def test_repeated_kill_9_under_parallel_load_loses_no_acknowledged_message
 
 
 async def test_kill_9_before_any_delivery_then_restart_delivers_everything(
-    tmp_path: Path, upstream: FakeUpstream, launch: Launch
+    tmp_path: Path, upstream: FakeUpstream, launch: Launch, store_kind: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Acknowledged while the upstream is down, killed, restarted: all of it arrives once."""
     upstream.greeting(421, "4.3.2 not now")  # every delivery attempt fails at connect
-    config = write_config(tmp_path, upstream)
+    config = write_config(tmp_path, upstream, queue=_queue(store_kind, tmp_path, request))
     relay = await launch(config)
     await relay.wait_started()
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False)

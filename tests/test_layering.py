@@ -18,7 +18,8 @@ LAYER = {
     "relay.errors": VOCABULARY, "relay.printable": VOCABULARY, "relay.runner": VOCABULARY,
     "relay.queue": VOCABULARY, "relay.delivery.transport": VOCABULARY,
     "relay.smtp": CORE, "relay.config": CORE, "relay.delivery": CORE,
-    "relay.ingest": EDGE, "relay.queue.sqlite": EDGE, "relay.delivery.smtp": EDGE,
+    "relay.ingest": EDGE, "relay.queue.sqlite": EDGE, "relay.queue.postgres": EDGE,
+    "relay.delivery.smtp": EDGE,
     "relay.delivery.maildir": EDGE, "relay.observe": EDGE,
     "relay.app": ORCHESTRATION, "relay.delivery.scheduler": ORCHESTRATION,
     "relay.delivery.health": ORCHESTRATION, "relay.delivery.worker": ORCHESTRATION,
@@ -26,13 +27,14 @@ LAYER = {
     "relay.__main__": ENTRY, "relay": ENTRY,
 }
 # Each edge is one of these parts; edges do not import each other, except the shared ones.
-EDGES = ("relay.ingest", "relay.queue.sqlite", "relay.delivery.smtp", "relay.delivery.maildir",
-         "relay.observe")
+EDGES = ("relay.ingest", "relay.queue.sqlite", "relay.queue.postgres", "relay.delivery.smtp",
+         "relay.delivery.maildir", "relay.observe")
 SHARED_EDGES = ("relay.observe", "relay.ingest.auth")
 # Libraries that only their edge may import.
 OWNED = {"aiosmtpd": ("relay.ingest", "relay.bench"),
          "aiosmtplib": ("relay.delivery.smtp", "relay.bench"),
          "aiosqlite": ("relay.queue.sqlite",), "sqlite3": ("relay.queue.sqlite",),
+         "psycopg": ("relay.queue.postgres",), "psycopg_pool": ("relay.queue.postgres",),
          "aiohttp": ("relay.observe.http", "relay.observe.webhooks", "relay.app",
                      "relay.delivery.smtp.tokens"),
          "prometheus_client": ("relay.observe", "relay.app")}
@@ -109,10 +111,11 @@ def test_only_the_wiring_names_the_sqlite_store() -> None:
     """Everything else holds a relay.queue.store.QueueStore, so a second store can replace it."""
     wiring = {"relay.app", "relay.cli.common", "relay.bench.relayproc",
               "relay.supervisors.multiprocess"}
-    naming = {module for module, path in _modules().items()
-              if not _within(module, "relay.queue.sqlite")
-              and any(_within(name, "relay.queue.sqlite") for name in _imports(path))}
-    assert naming <= wiring
+    for store in ("relay.queue.sqlite", "relay.queue.postgres"):
+        naming = {module for module, path in _modules().items()
+                  if not _within(module, store)
+                  and any(_within(name, store) for name in _imports(path))}
+        assert naming <= wiring, store
 
 
 def test_policy_takes_plain_values_not_config_models() -> None:

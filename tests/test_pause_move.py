@@ -20,9 +20,11 @@ from relay.queue.types import MessageState, NewMessage, Priority
 from tests.conftest import (
     FAST_AUTH_BACKOFF,
     FAST_RETRY,
+    MakeStore,
     StartRelay,
     message,
     metric,
+    queue_section,
     send,
     upstream_account,
     wait_until,
@@ -36,12 +38,13 @@ S = MessageState
 NOTHING_SENT_S = 1.2  # over two of the scheduler's 0.5 s polls for CLI changes
 
 
-def _config_file(tmp_path: Path, accounts: dict[str, Any]) -> Path:
+def _config_file(tmp_path: Path, accounts: dict[str, Any],
+                 queue: dict[str, Any] | None = None) -> Path:
     path = tmp_path / "relay.yaml"
     path.write_text(yaml.safe_dump({
         "listen": {"host": "127.0.0.1", "port": 0},
         "metrics": {"host": "127.0.0.1", "port": 0},
-        "queue": {"path": str(tmp_path / "queue.sqlite3")},
+        "queue": queue or {"path": str(tmp_path / "queue.sqlite3")},
         "retry": dict(FAST_RETRY), "auth_backoff": dict(FAST_AUTH_BACKOFF),
         "accounts": accounts, "routing": {"default_account": next(iter(accounts))},
     }))
@@ -57,9 +60,10 @@ async def relay_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int
 
 async def test_pause_queues_but_sends_nothing_across_restarts_until_resume(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], store_kind: str, request: pytest.FixtureRequest,
 ) -> None:
-    config_path = _config_file(tmp_path, {"up": upstream_account(upstream, tmp_path)})
+    config_path = _config_file(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                               queue_section(store_kind, tmp_path, request))
     c = str(config_path)
     app = await start_relay(load_config(config_path))
     code, text = await relay_cli(capsys, "accounts", "pause", "up", "-c", c)
@@ -88,11 +92,10 @@ async def test_pause_queues_but_sends_nothing_across_restarts_until_resume(
     assert metric(app, "relay_account_paused", account="up") == 0
 
 
-async def test_a_pause_holds_in_every_process_that_claims(tmp_path: Path) -> None:
+async def test_a_pause_holds_in_every_process_that_claims(make_store: MakeStore) -> None:
     """The claim statement itself skips a paused account, so a worker process that has
     not noticed the pause yet still claims nothing."""
-    path = tmp_path / "queue.sqlite3"
-    operator, worker = SQLiteStore(path, lock=False), SQLiteStore(path, lock=False)
+    operator, worker = make_store(lock=False), make_store(lock=False)
     await operator.open()
     await worker.open()
     try:

@@ -23,7 +23,9 @@ from relay.cli.commands import main
 from relay.config.loading import load_config
 from relay.config.schema import Config
 from relay.queue.ops import OPERATIONS
+from relay.queue.postgres.store import PostgresStore
 from relay.queue.sqlite.store import SQLiteStore
+from relay.queue.store import QueueStore
 from relay.queue.types import (
     AttemptResult,
     MessageState,
@@ -32,7 +34,14 @@ from relay.queue.types import (
     Recipient,
     RecipientState,
 )
-from tests.conftest import FAST_RETRY, StartRelay, message, send, upstream_account
+from tests.conftest import (
+    FAST_RETRY,
+    StartRelay,
+    message,
+    queue_section,
+    send,
+    upstream_account,
+)
 from tests.upstream import FakeUpstream
 
 S = MessageState
@@ -54,7 +63,8 @@ class Relay:
     def __init__(self, config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         self.config_path = config_path
         self.config: Config = load_config(config_path)
-        self.queue = self.config.queue.path
+        # The SQLite file, or the PostgreSQL URL (a str): what seed() and store_of() take.
+        self.queue: Path | str = self.config.queue.url or self.config.queue.path
         self._capsys = capsys
 
     async def __call__(self, *argv: str) -> Result:
@@ -72,8 +82,29 @@ class Relay:
         return {m["id"]: m["state"] for m in await self.json("queue", "list")}
 
     def rows(self, table: str, column: str = "id") -> set[str]:
+        return {r[0] for r in self.select(f"SELECT {column} FROM {table}")}
+
+    def select(self, sql: str) -> list[Any]:
+        """A read straight from the queue's database, whichever store holds it."""
+        if isinstance(self.queue, str):
+            import psycopg
+
+            with psycopg.connect(self.queue) as pg:
+                return pg.execute(sql).fetchall()
         with sqlite3.connect(self.queue) as db:
-            return {r[0] for r in db.execute(f"SELECT {column} FROM {table}")}
+            return db.execute(sql).fetchall()
+
+
+def store_of(queue: Path | str) -> QueueStore:
+    """An unopened store beside the server's: a SQLite file or a PostgreSQL URL."""
+    if isinstance(queue, str):
+        return PostgresStore(queue)
+    return SQLiteStore(queue, lock=False)
+
+
+def sql(queue: Path | str, text: str) -> str:
+    """A statement written with ? placeholders, as the queue's store takes them."""
+    return text.replace("?", "%s") if isinstance(queue, str) else text
 
 
 def write_config(tmp_path: Path, accounts: dict[str, Any], **sections: Any) -> Path:
@@ -92,21 +123,23 @@ def write_config(tmp_path: Path, accounts: dict[str, Any], **sections: Any) -> P
 
 
 @pytest.fixture
-def relay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Relay:
+def relay(tmp_path: Path, capsys: pytest.CaptureFixture[str], store_kind: str,
+          request: pytest.FixtureRequest) -> Relay:
     """A queue with a maildir account and no server: for the commands on their own."""
     return Relay(write_config(tmp_path, {"outbox": {"transport": "maildir",
-                                                     "path": str(tmp_path / "box")}}), capsys)
+                                                     "path": str(tmp_path / "box")}},
+                              queue=queue_section(store_kind, tmp_path, request)), capsys)
 
 
 async def seed(
-    queue: Path,
+    queue: Path | str,
     states: dict[str, MessageState],
     *,
     at: float | None = None,
     recipients: Sequence[str] = ("to@example.com",),
 ) -> None:
     """Put messages into the queue in the given states, as the server would leave them."""
-    store = SQLiteStore(queue, lock=False)
+    store = store_of(queue)
     await store.open()
     now = time.time()
     at = now if at is None else at
@@ -130,7 +163,8 @@ async def seed(
                     reply=reply.get(state, "250 2.0.0 ok"),
                 ))
             elif state in (S.HELD, S.SENDING):
-                await store.execute([("UPDATE messages SET state=? WHERE id=?", (state, mid))])
+                await store.update_messages(states=["queued"], to_state=str(state), ids=[mid],
+                                            now=at)
     finally:
         await store.close()
 
@@ -179,7 +213,8 @@ async def test_json_carries_the_envelope_and_show_adds_headers_and_attempts(
 async def test_a_missing_queue_is_one_line_not_a_traceback(relay: Relay) -> None:
     result = await relay("queue", "hold", "X")
     assert result.code == 1
-    assert result.err.startswith("relay: no queue at ") and result.err.count("\n") == 1
+    assert result.err.startswith(("relay: no queue at ", "relay: no queue in "))
+    assert result.err.count("\n") == 1
 
 
 # -- hold / release / retry / delete by ID -----------------------------------------------
@@ -224,7 +259,7 @@ async def test_retry_of_a_failed_message_resets_its_failed_recipients(relay: Rel
     assert shown["state"] == "queued" and shown["attempts"] == 1
     assert shown["recipients"] == [{"address": a, "state": "pending", "reply": ""}
                                    for a in ("a@example.com", "b@example.com")]
-    store = SQLiteStore(relay.queue, lock=False)
+    store = store_of(relay.queue)
     await store.open()
     try:
         got = await store.get("F")
@@ -263,9 +298,8 @@ async def test_retry_all_makes_every_deferred_message_due_now(relay: Relay) -> N
     assert (result.code, result.out) == (0, "2 deferred message(s) queued, due now\n")
     assert await relay.states() == {"D1": "queued", "D2": "queued", "F": "failed",
                                     "Q": "queued"}
-    with sqlite3.connect(relay.queue) as db:
-        due = db.execute("SELECT max(next_attempt_at) FROM messages WHERE id LIKE 'D%'")
-        assert due.fetchone()[0] <= time.time()
+    (due,) = relay.select("SELECT max(next_attempt_at) FROM messages WHERE id LIKE 'D%'")
+    assert due[0] <= time.time()
     again = await relay("queue", "retry", "--all")
     assert (again.code, again.err) == (1, "relay: no deferred messages to retry\n")
 
@@ -313,7 +347,7 @@ async def test_purge_deletes_only_final_records_older_than_the_age(relay: Relay)
 
 async def test_bulk_changes_commit_window_by_window(relay: Relay) -> None:
     await seed(relay.queue, {f"D{i}": S.DEFERRED for i in range(9)})
-    store = SQLiteStore(relay.queue, lock=False)
+    store = store_of(relay.queue)
     await store.open()
     try:
         await store.delete_messages(states=["deferred"], ids=["D1", "D2", "D3"])  # a gap
@@ -337,11 +371,11 @@ def test_every_operation_keeps_to_the_transition_table() -> None:
 @pytest.fixture
 async def served(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], store_kind: str, request: pytest.FixtureRequest,
 ) -> tuple[Relay, Any]:
     """A running relay delivering to the fake upstream, with a 1-hour retry delay."""
     path = write_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
-                        retry=SLOW_RETRY)
+                        retry=SLOW_RETRY, queue=queue_section(store_kind, tmp_path, request))
     relay = Relay(path, capsys)
     app = await start_relay(relay.config)
     return relay, app
@@ -369,9 +403,10 @@ async def test_held_message_is_not_sent_and_release_sends_it_within_a_second(
     await wait_for_state(relay, mid, "deferred")
     assert (await relay("queue", "hold", mid)).code == 0
     # Due now and the server woken (another process wrote): still it must not be sent.
-    store = SQLiteStore(relay.queue, lock=False)
+    store = store_of(relay.queue)
     await store.open()
-    await store.execute([("UPDATE messages SET next_attempt_at=0 WHERE id=?", (mid,))])
+    await store.execute([(sql(relay.queue, "UPDATE messages SET next_attempt_at=0 WHERE id=?"),
+                          (mid,))])
     await store.close()
     await asyncio.sleep(1.5)  # three polls of data_version
     assert upstream.messages == [] and (await relay.states())[mid] == "held"
@@ -473,7 +508,7 @@ async def test_a_change_made_right_after_the_server_starts_is_noticed(
 ) -> None:
     relay = Relay(write_config(tmp_path, {"up": upstream_account(upstream, tmp_path)}), capsys)
     await seed(relay.queue, {"H": S.HELD})
-    store = SQLiteStore(relay.queue, lock=False)  # seed() writes account 'outbox'
+    store = store_of(relay.queue)  # seed() writes account 'outbox'
     await store.open()
     await store.execute([("UPDATE messages SET account='up'", ())])
     await store.close()

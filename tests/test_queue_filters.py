@@ -31,8 +31,8 @@ from relay.queue.types import (
     Recipient,
     RecipientState,
 )
-from tests.conftest import message
-from tests.test_queue_cli import Relay, write_config
+from tests.conftest import message, queue_section
+from tests.test_queue_cli import Relay, store_of, write_config
 
 S = MessageState
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,20 +47,22 @@ def _now() -> None:
 
 
 @pytest.fixture
-def relay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Relay:
-    """A queue with a maildir account and no server."""
+def relay(tmp_path: Path, capsys: pytest.CaptureFixture[str], store_kind: str,
+          request: pytest.FixtureRequest) -> Relay:
+    """A queue with a maildir account and no server, on each store."""
     return Relay(write_config(tmp_path, {"outbox": {"transport": "maildir",
-                                                     "path": str(tmp_path / "box")}}), capsys)
+                                                     "path": str(tmp_path / "box")}},
+                              queue=queue_section(store_kind, tmp_path, request)), capsys)
 
 
-async def add(queue: Path, mid: str, *, sender: str = "app@example.com",
+async def add(queue: Path | str, mid: str, *, sender: str = "app@example.com",
               rcpts: tuple[str, ...] = ("to@example.com",), account: str = "outbox",
               age_s: float = 0.0, state: MessageState = S.QUEUED, attempts: int = 0,
               error: str = "", body: bytes | None = None, not_before: float | None = None,
               ) -> None:
     """One message as the server would leave it: accepted ``age_s`` ago, then tried
     ``attempts`` times (the last with ``error``) and left in ``state``."""
-    store = SQLiteStore(queue, lock=False)
+    store = store_of(queue)
     await store.open()
     created = NOW - age_s
     try:
@@ -77,16 +79,30 @@ async def add(queue: Path, mid: str, *, sender: str = "app@example.com",
                 next_attempt_at=NOW + 3600 if state is S.DEFERRED else NOW,
                 last_error=error, at=NOW, outcome=str(state), reply=error or "250 ok"))
         elif state is not S.QUEUED:
-            await store.execute([("UPDATE messages SET state=? WHERE id=?", (state, mid))])
+            await store.update_messages(states=["queued"], to_state=str(state), ids=[mid],
+                                        now=created)
     finally:
         await store.close()
 
 
-async def fill(queue: Path, n: int, *, account: str = "outbox") -> None:
+async def fill(queue: Path | str, n: int, *, account: str = "outbox") -> None:
     """``n`` queued messages written in one statement (a big queue in a second)."""
-    store = SQLiteStore(queue, lock=False)
+    store = store_of(queue)
     await store.open()
     try:
+        if isinstance(queue, str):  # PostgreSQL
+            await store.execute([(
+                "INSERT INTO messages (id, state, account, priority, sender, recipients, size,"
+                " attempts, created_at, next_attempt_at, last_error, updated_at)"
+                " SELECT format('G%%s', lpad(k::text, 19, '0')), 'queued', %s, 3,"
+                " format('app%%s@example.com', k %% 10),"
+                " jsonb_build_array(jsonb_build_array(format('user%%s@example.com', k),"
+                " 'pending', '')), 100, k %% 4, %s + k, %s + k, '', %s + k"
+                " FROM generate_series(1, %s) AS k", (account, NOW - n, NOW - n, NOW - n, n)),
+                ("INSERT INTO bodies (id, data) SELECT id, 'Subject: g' FROM messages"
+                 " WHERE id LIKE 'G%%'", ()),
+            ])
+            return
         await store.execute([(
             "WITH RECURSIVE i(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM i WHERE k < ?)"
             " INSERT INTO messages (id, state, account, priority, sender, recipients, size,"
@@ -156,7 +172,7 @@ async def test_sql_filter_agrees_with_the_reference_meaning(relay: Relay) -> Non
     pattern: the contract a second store (PostgreSQL) will be held to."""
     await mixed(relay)
     await add(relay.queue, "P", sender="50%_off@deals.example", rcpts=("x@deals.example",))
-    store = SQLiteStore(relay.queue, lock=False)
+    store = store_of(relay.queue)
     await store.open()
     try:
         every = [m async for m in store.iter_messages(MessageFilter())]
@@ -244,7 +260,7 @@ async def test_the_count_is_of_what_the_action_can_change(relay: Relay) -> None:
     """A failed message whose body is gone cannot be retried: not counted either."""
     await add(relay.queue, "F1", state=S.FAILED, attempts=1, error="550 5.7.1 refused")
     await add(relay.queue, "F2", state=S.FAILED, attempts=1, error="550 5.7.1 refused")
-    store = SQLiteStore(relay.queue, lock=False)
+    store = store_of(relay.queue)
     await store.open()
     try:
         await store.execute([("DELETE FROM bodies WHERE id='F2'", ())])
@@ -372,7 +388,7 @@ async def test_show_says_why_a_message_waits_and_until_when(
     await add(relay.queue, "RATE", account="outbox")
     await add(relay.queue, "RATE2", account="outbox", state=S.DEFERRED, attempts=1)
     await add(relay.queue, "SENT", account="outbox", state=S.DELIVERED, attempts=1)  # a send
-    store = SQLiteStore(relay.queue, lock=False)
+    store = store_of(relay.queue)
     await store.open()
     try:
         await store.publish_health(encode(HealthReport(os.getpid(), NOW, {

@@ -51,6 +51,7 @@ async def _wait_for_subject(up: FakeUpstream, subject: str, timeout: float = 10)
 # -- 1. priority
 
 
+@pytest.mark.usefixtures("each_store")
 async def test_high_priority_overtakes_a_low_backlog(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:
@@ -100,6 +101,7 @@ async def test_fifo_within_a_priority(
 # -- 2. rate limits
 
 
+@pytest.mark.usefixtures("each_store")
 async def test_rate_limit_holds_over_every_sliding_window(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:
@@ -146,6 +148,7 @@ async def test_rate_limit_counts_split_and_retried_transactions(
         assert metric(app, "relay_messages_failed_total", account="up") == 0
 
 
+@pytest.mark.usefixtures("each_store")
 async def test_rate_limit_survives_a_restart(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:
@@ -282,6 +285,7 @@ async def _auth_failure_scenario(
         ("reset", {}),
     ],
 )
+@pytest.mark.usefixtures("each_store")
 async def test_temporary_failures_are_retried_not_failed(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
     fault: str, extra: dict[str, object],
@@ -309,6 +313,7 @@ async def test_temporary_failures_are_retried_not_failed(
 # -- 5. scheduled sending
 
 
+@pytest.mark.usefixtures("each_store")
 async def test_deferred_delivery_header(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:
@@ -331,6 +336,7 @@ async def test_deferred_delivery_header(
 # -- 6. bounces
 
 
+@pytest.mark.usefixtures("each_store")
 async def test_bounce_to_sender_on_permanent_failure_but_never_to_null_sender(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from pathlib import Path
 
-from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.types import NewMessage, Priority, new_queue_id
+from tests.conftest import MakeStore
 
 
 def _message(n: int) -> NewMessage:
@@ -26,8 +25,8 @@ def _message(n: int) -> NewMessage:
                       created_at=now, not_before=now)
 
 
-async def test_a_committed_message_is_visible_to_the_next_read(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "queue.sqlite3")
+async def test_a_committed_message_is_visible_to_the_next_read(make_store: MakeStore) -> None:
+    store = make_store()
     await store.open()
     stop = asyncio.Event()
 

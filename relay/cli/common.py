@@ -20,6 +20,7 @@ from relay.config.schema import Config
 from relay.errors import StoreError, StoreLockedError
 from relay.printable import escape
 from relay.queue.migrations import SchemaPlan, plan
+from relay.queue.postgres.store import PostgresStore
 from relay.queue.sqlite import maintenance
 from relay.queue.sqlite.maintenance import QueueCheck as QueueCheck
 from relay.queue.sqlite.owners import lock_held
@@ -62,14 +63,33 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def new_store(config: Config, *, lock: bool = False) -> QueueStore:
-    """The config's queue, not opened (``lock``: as `relay serve`, alone on it)."""
+def postgres_store(config: Config, *, create: bool = False) -> PostgresStore:
+    """The config's PostgreSQL queue (queue.url), not opened. ``create``: an empty
+    database becomes a new queue (`relay queue import` into it); otherwise it is "no
+    queue", as a missing SQLite file is."""
+    q = config.queue
+    assert q.url is not None
+    return PostgresStore(q.url, password=q.secret, connect_timeout=q.connect_timeout,
+                         statement_timeout=q.statement_timeout,
+                         allow_unsafe_commit=q.allow_unsafe_commit, create=create)
+
+
+def new_store(config: Config, *, lock: bool = False, create: bool = False) -> QueueStore:
+    """The config's queue, not opened (``lock``: as `relay serve`, alone on it;
+    ``create``: an empty PostgreSQL database becomes a queue, as a new SQLite file does)."""
+    if config.queue.url is not None:
+        return postgres_store(config, create=create)
     return SQLiteStore(config.queue.path, lock=lock)
 
 
 async def open_queue(config: Config) -> QueueStore:
     """The queue beside a running server (no lock): operator commands share it. An older
     schema is refused (SchemaError, naming `relay queue migrate`), never migrated here."""
+    store: QueueStore
+    if config.queue.url is not None:
+        store = postgres_store(config)
+        await store.open()
+        return store
     if not config.queue.path.exists():
         raise StoreError(f"no queue at {config.queue.path} (has `relay serve` run here?)")
     store = new_store(config)
@@ -113,6 +133,8 @@ async def migrate_queue(config: Config, *, backup: bool, dest: Path | None = Non
         raise found.refusal()
     if found.new or found.up_to_date:
         return Migrated(found, [], None)
+    if config.queue.url is not None:  # each step under an advisory lock; back up with
+        return Migrated(found, await store.migrate(), None)  # pg_dump (docs/operations.md)
     queue = config.queue.path
     if server_running(queue):
         raise StoreLockedError(f"a relay is running on {queue}: stop it before migrating")

@@ -176,7 +176,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     async def run(lines: Iterable[str]) -> tuple[int, int, int, int, list[str]]:
         reader = ExportReader(lines)
-        store = new_store(config)  # a queue that does not exist yet is created
+        store = new_store(config, create=True)  # a queue that does not exist is created
         await store.open()
         try:
             if not args.merge and (held := sum((await store.counts()).values())):

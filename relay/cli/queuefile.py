@@ -18,6 +18,7 @@ from relay.cli.common import (
     QueueCheck,
     backup_queue,
     check_queue,
+    fail,
     load,
     migrate_queue,
     out,
@@ -47,14 +48,23 @@ def _report(result: QueueCheck) -> int:
     return EXIT_FAILURE
 
 
+NOT_A_FILE = ("the queue is in PostgreSQL (queue.url): back it up with pg_dump, and check it"
+              " with PostgreSQL's tools; `relay queue backup/check` read SQLite files")
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
-    source = load(args).queue.path
+    config = load(args)
+    if config.queue.url is not None:
+        return fail(NOT_A_FILE)
+    source = config.queue.path
     result = backup_queue(source, Path(args.path))
     out(f"backed up {source} to {args.path}")
     return _report(result)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if not args.path and load(args).queue.url is not None:
+        return fail(NOT_A_FILE)
     path = Path(args.path) if args.path else load(args).queue.path
     return _report(check_queue(path))
 

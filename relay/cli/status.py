@@ -56,6 +56,7 @@ from relay.config.schema import Config
 from relay.delivery.health import AccountHealth, HealthReport, decode
 from relay.printable import escape
 from relay.queue.types import MessageState, QueuedMessage
+from relay.queue.urls import mask_url
 
 S = MessageState
 STATES = [str(s) for s in MessageState]
@@ -325,9 +326,13 @@ def render(summary: dict[str, Any]) -> str:
 
 # -- I/O ----------------------------------------------------------------------------------
 async def gather(config: Config, now: float) -> Snapshot:
-    running = server_running(config.queue.path)
+    shared = config.queue.url is not None  # PostgreSQL: relays on any host, no lock file
+    running = not shared and server_running(config.queue.path)
     store = await open_queue(config)
     try:
+        if shared:
+            running = any(role == "serve" or role.startswith("worker ")
+                          for _, role in await store.processes())
         firsts = [m for s in UNDELIVERED
                   for m in await store.list_messages(state=str(s), limit=1)]
         accounts = [*config.accounts, *config.routing.groups]  # a group's mail is its own
@@ -337,12 +342,17 @@ async def gather(config: Config, now: float) -> Snapshot:
         limits = {name: acc.rate_limit.named_windows()
                   for name, acc in config.accounts.items() if acc.rate_limit.windows()}
         snap = Snapshot(
-            now=now, queue=str(config.queue.path), configured=accounts,
+            now=now, queue=(str(config.queue.path) if config.queue.url is None
+                            else mask_url(config.queue.url)),
+            configured=accounts,
             counts=await store.counts(), oldest_by_account=await store.oldest_ready(),
             oldest=min(firsts, key=lambda m: m.created_at, default=None),
             attempts=attempts, server_running=running,
             # A report from a process that is gone is from an earlier run of the server.
-            health=report if running and report and process_alive(report.pid) else None,
+            # (A pid says nothing across hosts: there the report's publisher is live if
+            # any relay is, and the next report replaces it.)
+            health=report if running and report and (shared or process_alive(report.pid))
+            else None,
             flush_at=float(flush) if flush else None,
             paused=await store.paused_accounts(),
             limits=limits,

@@ -312,6 +312,68 @@ class QueueConfig(_Frozen):
     # DATA answers 452 4.3.1 and /readyz fails, so claims and outcomes, which must write
     # to deliver, still find room. None: max(64MiB, 2 x listen.max_message_size).
     min_free: Size | None = None
+    # A PostgreSQL queue shared by relays on several hosts (docs/scaling.md), instead of
+    # the SQLite file at ``path``: postgresql://user@host:port/db, or any libpq
+    # connection string (service=..., a passfile, PGPASSFILE work as with psql).
+    url: str | None = None
+    password_env: str | None = None  # the database password, kept out of the URL
+    password_file: Path | None = None
+    # The relay answers 250 only once a commit is durable, so it refuses a server whose
+    # synchronous_commit is off or local unless this is set (accepting that a server crash
+    # may lose mail already answered 250).
+    allow_unsafe_commit: Switch = False
+    # How long a new connection or one statement may take before DATA answers 451 4.3.0
+    # and /readyz fails: the database being away must never hang a client.
+    connect_timeout: PositiveDuration = 5.0
+    statement_timeout: PositiveDuration = 10.0
+    # A relay whose heartbeat row is this old is gone: its claims go back to the queue.
+    # Shorter: a killed relay's mail moves on sooner; a relay cut off from the database
+    # longer than this may see its sends repeated by another relay.
+    heartbeat_ttl: PositiveDuration = 30.0
+
+    _secret: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _one_store(self, info: ValidationInfo) -> QueueConfig:
+        if self.url is None:
+            for key in ("password_env", "password_file"):
+                if getattr(self, key):
+                    raise ValueError(f"{key}: only for a PostgreSQL queue (queue.url)")
+            return self
+        if "path" in self.model_fields_set:
+            raise ValueError("url: give either queue.path (SQLite) or queue.url (PostgreSQL),"
+                             " not both")
+        if not self.url.strip():
+            raise ValueError("url: empty")
+        if "://" in self.url and not self.url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("url: must start with postgresql:// (or be a libpq"
+                             " connection string such as 'service=relay')")
+        if self.password_env and self.password_file:
+            raise ValueError("password_file: give only one of password_env, password_file")
+        if (info.context or {}).get("secrets", True):
+            self._secret = self._read_secret()
+        return self
+
+    def _read_secret(self) -> str | None:
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ValueError(
+                    f"password_env: environment variable {self.password_env} is not set")
+            return value
+        if self.password_file:
+            try:
+                return self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"password_file: cannot read {self.password_file}: {exc.strerror}"
+                ) from None
+        return None
+
+    @property
+    def secret(self) -> str | None:
+        """The database password from password_env/password_file; never logged."""
+        return self._secret
 
 
 class MetricsConfig(_Frozen):

@@ -4,7 +4,8 @@ Written for several relay processes on one queue (SQLite now, PostgreSQL later):
 carries its owner and a lease expiry (``Claim``), a message whose lease runs out goes back
 to the queue (``requeue_expired``), and an attempt's result names the claim it settles.
 Shared state between processes (a flush request, account health) is a method here, not a
-key the callers know. relay.queue.sqlite.SQLiteStore implements it.
+key the callers know. relay.queue.sqlite.SQLiteStore and
+relay.queue.postgres.PostgresStore implement it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class QueueStore(Protocol):
     owner: str  # who this store's claims belong to ("host:pid")
     on_internal_error: Callable[[], None] | None  # counted by the app
     SCHEMA_VERSION: ClassVar[int]  # the latest schema this store knows (its last migration)
+    # Called with an account when another process says it has mail due for it now (a
+    # store shared across hosts: PostgreSQL's NOTIFY); the app wakes that account's worker.
+    on_wake: Callable[[str], None] | None
 
     # -- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -142,6 +146,10 @@ class QueueStore(Protocol):
         """Pause or resume an account for every process on this queue (persisted)."""
     async def paused_accounts(self) -> dict[str, float]:
         """Paused accounts, each with when it was paused."""
+    async def reports_queue(self) -> bool:
+        """Whether this process exports the queue-wide gauges (relay_queue_messages, the
+        oldest message's age): of several relays on one shared queue only one does, so a
+        sum over relays counts each message once."""
     async def processes(self) -> list[tuple[int, str]]:
         """(pid, role) of the relay processes on this queue now: 'serve', 'supervisor',
         'worker N' (for `relay status`)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import os
+import secrets
 import time
 from dataclasses import dataclass, field, replace
 
@@ -20,13 +21,21 @@ def queue_id(millis: int, pid: int, count: int) -> str:
     return f"{millis & 0xFFFFFFFFFFF:011X}{pid & 0xFFFFFF:06X}{count & 0xFFFFF:05X}"
 
 
+# Drawn once per process start: relays on several hosts share one PostgreSQL queue, and in
+# containers every relay is pid 1 with a counter that starts at 0, so pid and counter
+# alone would repeat across hosts. Forked children share it and differ by their pids.
+_START_SALT = secrets.randbits(24)
+
+
 def new_queue_id() -> str:
-    """A queue id unique across the processes of a host, without coordination.
+    """A queue id unique across the processes of a host, without coordination, and across
+    hosts but for a chance of 1 in 2**24 per pair of processes (then the later commit of
+    the two is refused, 451, and its client sends it again under a new id).
 
     The pid is read at each call, not once at import: a forked child must not repeat
     its parent's ids (their counters are copies of each other).
     """
-    return queue_id(int(time.time() * 1000), os.getpid(), next(_ID_COUNTER))
+    return queue_id(int(time.time() * 1000), os.getpid() ^ _START_SALT, next(_ID_COUNTER))
 
 
 class MessageState(enum.StrEnum):
@@ -106,6 +115,10 @@ class Claim:
 
     owner: str
     lease_until: float
+    # Which claim of the owner's (a store may set it: PostgreSQL does): an owner that
+    # claims a message again after losing it cannot settle the new claim with the old
+    # one's outcome. Not part of equality: the owner and lease say whose and until when.
+    token: str = field(default="", compare=False)
 
 
 @dataclass

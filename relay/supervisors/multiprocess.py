@@ -26,12 +26,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from relay.app import build_store
 from relay.config.loading import load_config
 from relay.config.schema import Config, resolve_workers
 from relay.errors import ConfigError, StoreError
 from relay.observe.logs import event
 from relay.observe.metrics import MULTIPROC_ENV, forget_process
-from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 
 log = logging.getLogger("relay.supervisor")
@@ -76,7 +76,7 @@ class Supervisor:
         # Every worker's metrics, read back together by the one that serves /metrics.
         self.metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-")
         # The exclusive lock: one supervisor (or single relay) per queue file.
-        self.store: QueueStore = SQLiteStore(config.queue.path, role="supervisor")
+        self.store: QueueStore = build_store(config, role="supervisor")
 
     async def run(self) -> int:
         """Start every worker, keep them running until SIGTERM; 1 if they cannot start."""

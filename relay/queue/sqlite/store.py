@@ -130,6 +130,7 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox):
         self._data_version: int | None = None
         self._pruner: asyncio.Task[None] | None = None
         self.on_internal_error: Callable[[], None] | None = None  # counted by the app
+        self.on_wake: Callable[[str], None] | None = None  # (one host: the app wakes its own)
         self._identity: tuple[int, int] | None = None  # (device, inode) of the open file
 
     # -- lifecycle -------------------------------------------------------------
@@ -674,6 +675,10 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox):
 
     async def read_health(self) -> str | None:
         return await self.get_meta(HEALTH_KEY)
+
+    async def reports_queue(self) -> bool:
+        """Always: one host's processes export through one /metrics (worker 0's)."""
+        return True
 
     async def processes(self) -> list[tuple[int, str]]:
         """(pid, role) of the relay processes using this queue now (not this one)."""

@@ -1,0 +1,158 @@
+"""A whole PostgreSQL queue out and in (`relay queue export` / `import`): every message
+with its attempts and body, and the send times kept for rate limits. The same semantics
+as the SQLite store's (the migrate branch's relay/queue/sqlite/exchange.py).
+
+A mixin of PostgresStore. An export reads through a server-side cursor in one REPEATABLE
+READ, read-only transaction: one snapshot of a queue the relays keep changing, a page at
+a time. An import commits windows of messages, one transaction each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from relay.errors import StoreError
+from relay.queue.postgres.schema import COLUMNS, recipients_json, row_to_message
+from relay.queue.types import ExportedAttempt, ExportedMessage, unclaimed
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+
+EXPORT_PAGE = 100  # messages (with bodies) per fetch
+IMPORT_WINDOW = 500  # messages per committed transaction of an import...
+IMPORT_WINDOW_BYTES = 16 * 1024 * 1024  # ...or fewer, once their bodies reach this
+SENDS_WINDOW = 5000
+
+
+class Exchange:
+    """Export and import, on PostgresStore."""
+
+    if TYPE_CHECKING:
+        async def _fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
+                         ) -> list[Any]: ...
+        def _conn(self, *, bounded: bool = True
+                  ) -> contextlib.AbstractAsyncContextManager[AsyncConnection[Any]]: ...
+        def _wake(self, account: str) -> None: ...
+
+    async def export_messages(self, *, page: int = EXPORT_PAGE
+                              ) -> AsyncGenerator[ExportedMessage, None]:
+        now = time.time()
+        async with self._conn(bounded=False) as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            body = "(SELECT data FROM bodies WHERE bodies.id = messages.id)"
+            async with conn.cursor(name="relay_export") as rows:
+                await rows.execute(f"SELECT {COLUMNS}, {body} FROM messages ORDER BY seq")
+                while batch := await rows.fetchmany(page):
+                    logs = await _attempts(conn, [row[0] for row in batch])
+                    for row in batch:
+                        m = row_to_message(row)
+                        yield unclaimed(ExportedMessage(
+                            id=m.id, state=m.state, account=m.account, priority=m.priority,
+                            sender=m.sender, recipients=tuple(m.recipients), size=m.size,
+                            attempts=m.attempts, created_at=m.created_at,
+                            next_attempt_at=m.next_attempt_at, last_error=m.last_error,
+                            updated_at=m.updated_at, mail_options=m.mail_options,
+                            attempts_log=tuple(logs.get(m.id, ())),
+                            body=None if row[-1] is None else bytes(row[-1]),
+                        ), now)
+
+    async def import_messages(self, items: AsyncIterable[ExportedMessage], *, merge: bool
+                              ) -> tuple[int, int]:
+        """Add ``items`` as they are; an id already in the queue is skipped. Refused into
+        a queue that holds messages unless ``merge``."""
+        if not merge and await self._fetch("SELECT 1 FROM messages LIMIT 1"):
+            raise StoreError("the queue already holds messages: import into an empty queue,"
+                             " or merge into this one (--merge)")
+        now = time.time()
+        done = [0, 0]
+        window: list[ExportedMessage] = []
+        size = 0
+
+        async def commit() -> None:
+            imported = await self._import_window(window)
+            done[0] += imported
+            done[1] += len(window) - imported
+            window.clear()
+
+        async for item in items:
+            window.append(unclaimed(item, now))
+            size += len(item.body or b"")
+            if len(window) >= IMPORT_WINDOW or size >= IMPORT_WINDOW_BYTES:
+                await commit()
+                size = 0
+        if window:
+            await commit()
+        if done[0]:
+            self._wake("*")
+        return done[0], done[1]
+
+    async def _import_window(self, window: list[ExportedMessage]) -> int:
+        imported = 0
+        async with self._conn() as conn, conn.transaction():
+            for m in window:
+                cur = await conn.execute(
+                    f"INSERT INTO messages ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s,"
+                    " %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
+                    (m.id, str(m.state), m.account, int(m.priority), m.sender,
+                     recipients_json(m.recipients), m.size, m.attempts, m.created_at,
+                     m.next_attempt_at, m.last_error, m.updated_at,
+                     " ".join(m.mail_options)))
+                if await cur.fetchone() is None:
+                    continue  # already in this queue
+                imported += 1
+                if m.body is not None:
+                    await conn.execute("INSERT INTO bodies (id, data) VALUES (%s, %s)",
+                                       (m.id, m.body))
+                if m.attempts_log:
+                    async with conn.cursor() as cur:
+                        await cur.executemany(
+                            "INSERT INTO attempts (message_id, account, at, outcome, reply)"
+                            " VALUES (%s, %s, %s, %s, %s)",
+                            [(m.id, a.account, a.at, a.outcome, a.reply)
+                             for a in m.attempts_log])
+        return imported
+
+    async def export_sends(self) -> AsyncGenerator[tuple[str, float], None]:
+        async with self._conn(bounded=False) as conn, conn.transaction(), conn.cursor(
+                name="relay_export_sends") as rows:
+            await rows.execute("SELECT account, at FROM sends ORDER BY account, at")
+            while batch := await rows.fetchmany(SENDS_WINDOW):
+                for account, at in batch:
+                    yield str(account), float(at)
+
+    async def import_sends(self, sends: AsyncIterable[tuple[str, float]]) -> int:
+        """Record send times; one already recorded (same account and time) is not doubled."""
+        added = 0
+        window: list[tuple[str, float]] = []
+
+        async def commit() -> int:
+            rows = await self._fetch(
+                "INSERT INTO sends (account, at) SELECT DISTINCT a, t"
+                " FROM unnest(%s::text[], %s::float8[]) AS x(a, t) WHERE NOT EXISTS"
+                " (SELECT 1 FROM sends s WHERE s.account = x.a AND s.at = x.t) RETURNING 1",
+                ([a for a, _ in window], [t for _, t in window]))
+            window.clear()
+            return len(rows)
+
+        async for account, at in sends:
+            window.append((account, at))
+            if len(window) >= SENDS_WINDOW:
+                added += await commit()
+        if window:
+            added += await commit()
+        return added
+
+
+async def _attempts(conn: AsyncConnection[Any], ids: list[str]
+                    ) -> dict[str, list[ExportedAttempt]]:
+    """The attempt records of ``ids``, each message's in order."""
+    found: dict[str, list[ExportedAttempt]] = {}
+    cur = await conn.execute(
+        "SELECT message_id, at, account, outcome, reply FROM attempts"
+        " WHERE message_id = ANY(%s) ORDER BY at, seq", (ids,))
+    for message_id, at, account, outcome, reply in await cur.fetchall():
+        found.setdefault(message_id, []).append(ExportedAttempt(at, account, outcome, reply))
+    return found
