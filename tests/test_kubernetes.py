@@ -203,3 +203,58 @@ def test_configmap_is_a_valid_relay_config_with_the_pods_environment(tmp_path: P
     needed = config.shutdown.drain_delay + config.shutdown.grace + 5
     assert pod["spec"]["terminationGracePeriodSeconds"] >= needed
     assert config.metrics.enabled and config.metrics.port == 9025
+
+
+# -- deploy/kubernetes/postgres/: several replicas on one PostgreSQL queue ------------
+OVERLAY = K8S / "postgres"
+
+
+def test_postgres_overlay_manifests_match_the_api_schema() -> None:
+    docs = manifests(OVERLAY)
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Deployment", "Secret"]
+    assert [p for d in docs for p in validate(d)] == []
+    kustomization = yaml.safe_load((OVERLAY / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../", "deployment.yaml"]
+    patched = [p["path"] for p in kustomization["patches"] if "path" in p]
+    assert sorted(patched) == ["configmap.yaml", "secret.yaml"]
+    (deleted,) = [yaml.safe_load(p["patch"]) for p in kustomization["patches"] if "patch" in p]
+    assert deleted["$patch"] == "delete" and deleted["kind"] == "StatefulSet"
+    base = {(d["kind"], d["metadata"]["name"]) for d in manifests()}
+    # The patches replace what the base has, by kind and name (else kustomize refuses).
+    for doc in docs:
+        if doc["__file"] in patched:
+            assert (doc["kind"], doc["metadata"]["name"]) in base
+
+
+def test_postgres_overlay_pods_fit_the_base_and_keep_no_state(tmp_path: Path) -> None:
+    """The Deployment's pods are what the base's Service, PDB, NetworkPolicy select; no
+    volume but the config, the secrets and /tmp; the ConfigMap is a valid relay config
+    with the pod's environment, its queue the database, its password in the Secret."""
+    docs = manifests(OVERLAY)
+    (deployment,) = by_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    base = manifests()
+    for kind, key in (("Service", "selector"), ("PodDisruptionBudget", "selector"),
+                      ("NetworkPolicy", "podSelector")):
+        for doc in by_kind(base, kind):
+            selector = doc["spec"][key]
+            assert _matches(selector.get("matchLabels", selector), labels), kind
+    (container,) = pod["spec"]["containers"]
+    assert {v["name"] for v in pod["spec"]["volumes"]} == {"config", "secrets", "tmp"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert deployment["spec"]["replicas"] > 1
+    (configmap,) = by_kind(docs, "ConfigMap")
+    path = tmp_path / "relay.yaml"
+    path.write_text(configmap["data"]["relay.yaml"])
+    env = {e["name"]: e["value"] for e in container["env"]}
+    config, _ = load_config_with_sources(path, secrets=False, environ=env)
+    assert config.queue.url is not None and config.queue.url.startswith("postgresql://")
+    (secret,) = by_kind(docs, "Secret")
+    mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "secrets")
+    files = [config.queue.password_file] + [a.password_file for a in config.accounts.values()]
+    for file in files:
+        assert file is not None and file.parent == Path(mount)
+        assert file.name in secret["stringData"]
+    needed = config.shutdown.drain_delay + config.shutdown.grace + 5
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= needed
