@@ -24,8 +24,9 @@ APPLICATION_ID = 0x52454C59  # 'RELY': marks a file as a relay queue
 FLUSH_KEY = "flush_requested_at"  # meta: written by `relay queue flush`, read by the server
 PAUSED_PREFIX = "paused:"  # meta: paused:<account> = when; claims skip its messages
 HEALTH_KEY = "account_health"  # meta: the server's account health, read by `relay status`
-SCHEMA_VERSION = 4  # 2: the sends table; 3: per-state counts, index of delivered rows;
-# 4: the owner of a claim (several processes on one queue)
+SCHEMA_VERSION = 5  # 2: the sends table; 3: per-state counts, index of delivered rows;
+# 4: the owner of a claim (several processes on one queue); 5: connection slots and
+# account backoffs shared by the processes on one queue
 READY = "('queued', 'deferred')"
 SENDS_KEPT_S = 2 * 86400.0  # longer than the longest rate-limit window (per_day)
 
@@ -91,6 +92,24 @@ CREATE TRIGGER IF NOT EXISTS counts_update AFTER UPDATE OF state, account ON mes
     INSERT INTO counts (account, state, n) VALUES (NEW.account, NEW.state, 1)
         ON CONFLICT (account, state) DO UPDATE SET n = n + 1;
 END;
+-- Connection slots: a row per upstream connection open (or being opened) to an account,
+-- held by one process under a lease, so pool.max_connections holds across processes.
+CREATE TABLE IF NOT EXISTS slots (
+    account TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    lease_until REAL NOT NULL,
+    PRIMARY KEY (account, slot)
+) WITHOUT ROWID;
+-- Accounts backed off as a whole (down, login refused, quota), for every process: until
+-- when, why, and which process may probe once it ends (one at a time across the host).
+CREATE TABLE IF NOT EXISTS backoffs (
+    account TEXT PRIMARY KEY,
+    until REAL NOT NULL,
+    reason TEXT NOT NULL,
+    probe_owner TEXT,
+    probe_until REAL
+);
 """
 # From any older schema: what SCHEMA adds, and the counts of the rows already there.
 # ADD_OWNER goes first when the messages table predates the owner column.
@@ -164,5 +183,9 @@ CLAIM_SQL = (
     + ") LIMIT :n)"
     # A paused account (`relay accounts pause`) claims nothing, in whichever process.
     + f" AND NOT EXISTS (SELECT 1 FROM meta WHERE key = '{PAUSED_PREFIX}' || :a)"
+    # An account backed off (by any process) claims nothing until its backoff ends; then
+    # only the process that holds its probe does (QueueStore.take_probe).
+    + " AND NOT EXISTS (SELECT 1 FROM backoffs WHERE account = :a"
+    " AND (until > :now OR probe_owner IS NOT :owner))"
     + f" RETURNING {COLUMNS}"
 )

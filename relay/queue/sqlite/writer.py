@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,14 @@ class Statements(Op):
     statements: list[tuple[str, tuple[Any, ...]]] = field(kw_only=True)
 
 
+@dataclass
+class Transact(Op):
+    """A read-then-write decided inside the batch's transaction (a connection slot, an
+    account's probe): ``run(db)`` is the result; no other process writes in between."""
+
+    run: Callable[[sqlite3.Connection], Any] = field(kw_only=True)
+
+
 def settle(batch: list[Op], error: StoreError | None) -> None:
     for op in batch:
         if op.future.done():
@@ -100,6 +109,8 @@ def apply(db: sqlite3.Connection, batch: list[Op]) -> None:
             op.result = _claim(db, op)
         elif isinstance(op, Statements):
             op.result = [db.execute(sql, params).rowcount for sql, params in op.statements]
+        elif isinstance(op, Transact):
+            op.result = op.run(db)
 
 
 _SETTLE = (
