@@ -16,6 +16,7 @@ from collections.abc import Callable
 from relay.config.schema import Config, RetryConfig
 from relay.delivery.bounce import build_dsn, needs_smtputf8
 from relay.delivery.health import AccountHealth, HealthPublisher, decode
+from relay.delivery.host import HostAccounts
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import Transport
@@ -55,8 +56,12 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        hosts: HostAccounts | None = None,
+        process: int | None = None,
     ) -> None:
         self.store = store
+        self.hosts = hosts  # several workers deliver: accounts shared through the queue
+        self.process = process  # this worker's index (--workers N), named in the log
         self.clock = clock
         self.mono = monotonic
         self.lease_sweep_s = LEASE_SWEEP_S
@@ -79,6 +84,9 @@ class Scheduler:
         acc = config.accounts[name]
         t = acc.timeouts
         auth = config.auth_backoff_for(name)
+        lease_s = t.connect + 4 * t.command + t.data + 60
+        if self.hosts is not None:  # slots are renewed with the longest claim lease
+            self.hosts.lease_s = max(self.hosts.lease_s, lease_s)
         return AccountWorker(
             name,
             transport,
@@ -87,7 +95,7 @@ class Scheduler:
             RateLimiter(acc.rate_limit.windows()),
             self.metrics,
             concurrency=acc.pool.max_connections,
-            lease_s=t.connect + 4 * t.command + t.data + 60,
+            lease_s=lease_s,
             clock=self.clock,
             rng=self.rng,
             bounce=self._make_bounce,
@@ -95,6 +103,8 @@ class Scheduler:
             auth_policy=RetryPolicy(auth.initial, auth.max, float("inf"), jitter=0.0),
             monotonic=self.mono,
             age_clock=self._age_now,
+            host=self.hosts.account(name, acc.pool.max_connections) if self.hosts else None,
+            process=self.process,
         )
 
     def _clock_jump(self) -> float:
@@ -257,6 +267,8 @@ class Scheduler:
         now = self.clock()
         for worker in self.workers.values():
             await self.store.renew(worker.held(), now + worker.lease_s)
+        if self.hosts is not None:  # connection slots and login turns, with the claims
+            await self.store.renew_slots(now + self.hosts.lease_s)
 
     async def _sweep_leases(self) -> None:
         """Requeue rows whose lease ran out without a restart (a delivery that died)."""

@@ -56,3 +56,26 @@ class PoolControl(Protocol):
 
     def end_login_hold(self) -> None:
         """An operator asked to try now (`relay queue flush`): allow the next login."""
+
+
+class HostShare(Protocol):
+    """An account's connections and logins as every worker process shares them
+    (relay.delivery.host.HostAccount): the pool holds a slot for each connection it has
+    open, and logs in only in the host's login turn."""
+
+    @property
+    def starved(self) -> bool:
+        """The last connection wanted found every slot held by other processes."""
+
+    async def take_slot(self) -> int:
+        """A connection slot of the host's pool.max_connections; waits for one."""
+
+    async def give_slot(self, slot: int) -> None:
+        """The connection on ``slot`` closed. Never raises."""
+
+    async def begin_login(self) -> None:
+        """Wait for the host's login turn; TemporaryFailure while the account backs off."""
+
+    async def end_login(self, refused_hold_s: float | None) -> None:
+        """End the turn; ``refused_hold_s``: the login was refused, no process logs in for
+        that long."""

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from relay.delivery.bounce import should_bounce
 from relay.delivery.health import AccountHealth, HealthHook
+from relay.delivery.host import HostAccount
 from relay.delivery.outcome import accepted_so_far, settle
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.refusals import login_refused
@@ -43,6 +44,8 @@ INTERRUPTED = "interrupted by shutdown; may have been delivered"
 # How often a further transaction waiting for the rate limit looks again (a send under
 # way that ends does not wake it).
 _PACE_POLL_S = 0.05
+# While another worker probes an account whose backoff ended, how often to look again.
+PROBE_WAIT_S = 0.25
 # Builds the bounce for a message's newly failed recipients (None: no bounce).
 Bounce = Callable[[QueuedMessage, list[Recipient], bytes], NewMessage | None]
 
@@ -94,8 +97,12 @@ class AccountWorker:
         auth_policy: RetryPolicy | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         age_clock: Callable[[float], float] | None = None,
+        host: HostAccount | None = None,
+        process: int | None = None,
     ) -> None:
         self.name = name
+        self.process = process  # which worker process this is (--workers N), for the log
+        self.host = host  # the account's backoff and probe, shared with the other workers
         self.bounce = bounce
         self.health = health  # told of each change of backoff, for `relay status`
         self.transport = transport
@@ -202,6 +209,13 @@ class AccountWorker:
         now = self.clock()
         mono = self.mono()
         notices = self._notices
+        if self.host is not None and not self.paused:
+            wait = await self._follow_host(await self.host.backoff(), now, mono)
+            if wait is not None:
+                return wait
+        return await self._dispatch_now(now, mono, notices)
+
+    async def _dispatch_now(self, now: float, mono: float, notices: int) -> float | None:
         if mono < self.backoff_until:
             if not self.in_flight and not self.settling and not self.ready:
                 due = await self.store.next_due_at(self.name)
@@ -238,6 +252,54 @@ class AccountWorker:
                 self._held = True
             return hold
         return 0.05  # due but not claimed (the clock moved): look again shortly
+
+    async def _follow_host(self, shared: tuple[float, str] | None, now: float, mono: float
+                           ) -> float | None:
+        """Take on the account's backoff as the other workers left it (``shared``: until,
+        reason), before claiming: adopt a backoff another worker decided, forget one that
+        another's probe ended, and once it is over probe only if this worker holds the
+        probe. Returns how long to wait instead of claiming, or None."""
+        assert self.host is not None
+        if shared is None:
+            if self.backoff_failures and not self.host.writing:
+                self._forget_backoff()  # another worker's probe got through, or a flush
+            return None
+        until, reason = shared
+        self.backoff_failures = max(self.backoff_failures, 1)  # one send at a time
+        if until > now:
+            self._adopt(until, reason, now, mono)
+            return None
+        if mono < self.backoff_until:
+            return None  # our own view ends later: wait for it as before
+        if await self.host.take_probe(self.lease_s):
+            return None  # this worker probes: one message
+        return PROBE_WAIT_S  # another worker probes: its result decides
+
+    def _adopt(self, until: float, reason: str, now: float, mono: float) -> None:
+        """Back off until ``until`` (wall) as another worker decided, without a step of
+        our own: no count, no new delay."""
+        if mono + (until - now) <= self.backoff_until + 0.5:  # ours, or no later than ours
+            return
+        self.backoff_until = mono + (until - now)
+        self.resume_at = until
+        self.last_account_error = self.last_account_error or reason
+        event(log, logging.INFO, "account_backoff_shared", account=self.name, why=reason,
+              until=_iso(until))
+        self._unclaim_ready(now, due_at=until)
+        if self.health is not None:
+            self.health(AccountHealth(self.name, until, self.backoff_failures,
+                                      self.last_account_error, reason == "auth", reason))
+
+    def _forget_backoff(self) -> None:
+        self.backoff_failures = self.auth_failures = 0
+        self.backoff_until = 0.0
+        self.last_account_error = ""
+        if isinstance(self.transport, PoolControl):
+            self.transport.end_login_hold()
+        event(log, logging.INFO, "account_recovered", account=self.name,
+              by="another worker")
+        if self.health is not None:
+            self.health(AccountHealth(self.name, self.clock(), 0))
 
     def _rest_paused(self, now: float, notices: int) -> None:
         """Paused: give back what was claimed before the pause was seen, unsent, and
@@ -360,6 +422,14 @@ class AccountWorker:
         finally:
             self.limiter.complete(self.mono())  # counts from its end: see ratelimit
         now = self.clock()
+        if self.host is not None and account_error(sent) is not None:
+            # Another worker may have backed the account off meanwhile (this send was held
+            # by it, or failed alike): follow that backoff rather than add a step.
+            with contextlib.suppress(StoreError):
+                shared = await self.host.backoff(fresh=True)
+                if shared is not None and shared[0] > now:
+                    self.backoff_failures = max(self.backoff_failures, 1)
+                    self._adopt(*shared, now, self.mono())
         resume_at = self._account_health(sent, now)
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
                         resume_at=resume_at, age_now=self.age_clock(now))
@@ -473,6 +543,8 @@ class AccountWorker:
             self.last_account_error = ""
             if recovered and self.health is not None:
                 self.health(AccountHealth(self.name, self._wall_at(self.backoff_until), 0))
+            if recovered and self.host is not None:
+                self.host.recovered()  # the other workers send again too
             return None
         refused_login = failure.code is not None and login_refused(failure.code,
                                                                    failure.enhanced)
@@ -492,6 +564,8 @@ class AccountWorker:
         resume_at = self.resume_at = now + delay
         self.last_account_error = failure.reply_text()
         self.metrics.account_backoffs.labels(self.name, reason).inc()
+        if self.host is not None:
+            self.host.backed_off(resume_at, reason)
         event(log, logging.ERROR if auth else logging.WARNING,
               "account_auth_failed" if auth else "account_backoff", account=self.name,
               relay=self.transport.peer, reason=failure.reply_text(), why=reason,
@@ -517,16 +591,17 @@ class AccountWorker:
             event(log, logging.INFO, "delivered", message.id, account=account, relay=peer,
                   delay=f"{result.at - message.created_at:.3f}", attempt=result.attempts,
                   reply=result.reply,
-                  failed_recipients=sum(r.state == "failed" for r in result.recipients) or None)
+                  failed_recipients=sum(r.state == "failed" for r in result.recipients) or None,
+                  worker=self.process)
         elif result.state is MessageState.DEFERRED:
             self.metrics.deferred.labels(account).inc()
             event(log, logging.WARNING, "deferred", message.id, account=account, relay=peer,
                   attempt=result.attempts, reason=result.last_error,
-                  next_attempt=_iso(result.next_attempt_at))
+                  next_attempt=_iso(result.next_attempt_at), worker=self.process)
         else:
             self.metrics.failed.labels(account).inc()
             event(log, logging.WARNING, "failed", message.id, account=account, relay=peer,
-                  attempt=result.attempts, reason=result.last_error)
+                  attempt=result.attempts, reason=result.last_error, worker=self.process)
         if result.outcome == "partial":
             self._report_recipients(message, result, peer)
 

@@ -33,7 +33,7 @@ from relay.delivery.smtp.errors import (
     split_enhanced,
     too_many_recipients,
 )
-from relay.delivery.transport import Pace, SendResult
+from relay.delivery.transport import HostShare, Pace, SendResult
 from relay.errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
 from relay.smtp import wire as smtpwire
 from relay.smtp.wire import Reply
@@ -48,6 +48,11 @@ NOOP_AFTER_IDLE_S = 5.0
 # After the server refused a connection at the greeting (421, "too many connections from
 # your host": Postfix smtpd_client_connection_count_limit), try one more this much later.
 CAPACITY_PROBE_S = 10.0
+
+
+# With several workers sharing the account's connections, an idle one keeps its slot at
+# most this long: another worker may be waiting for it (pool.idle_timeout is per process).
+SHARED_IDLE_S = 2.0
 
 
 # SASL mechanisms relay can use, strongest first (aiosmtplib's order).
@@ -161,8 +166,10 @@ class UpstreamPool:
         local_hostname: str | None = None,
         on_connect: Callable[[], None] | None = None,
         login_hold_s: float = 60.0,
+        host: HostShare | None = None,
     ) -> None:
-        """``local_hostname``: the top-level hostname; None: an address literal."""
+        """``local_hostname``: the top-level hostname; None: an address literal.
+        ``host``: the account's connections and logins are shared with other workers."""
         self.name = name
         self.account = account
         self._ehlo_name = account.ehlo_name or local_hostname
@@ -182,6 +189,9 @@ class UpstreamPool:
         self._busy: set[Connection] = set()
         self._closing: set[asyncio.Task[None]] = set()  # QUITs under way, kept referenced
         self._closed = False
+        self._host = host
+        self._idle_s = account.pool.idle_timeout if host is None else min(
+            account.pool.idle_timeout, SHARED_IDLE_S)
 
     @property
     def peer(self) -> str:
@@ -192,7 +202,11 @@ class UpstreamPool:
 
     @property
     def capacity(self) -> int:
-        """How many connections the server lets us have now (at most max_connections)."""
+        """How many connections the server lets us have now (at most max_connections),
+        and, with workers sharing them, no more than this process holds while the others
+        hold every other one."""
+        if self._host is not None and self._host.starved:
+            return max(1, min(self._limit.size, self.open_connections()))
         return self._limit.size
 
     def _too_many_connections(self, exc: DeliveryError) -> bool:
@@ -209,6 +223,19 @@ class UpstreamPool:
         return True
 
     async def _connect(self) -> Connection:
+        """A new connection, holding a slot of the host's pool while workers share it."""
+        if self._host is None:
+            return await self._login_and_open()
+        slot = await self._host.take_slot()
+        try:
+            conn = await self._login_and_open()
+        except BaseException:
+            await self._host.give_slot(slot)
+            raise
+        conn.slot = slot
+        return conn
+
+    async def _login_and_open(self) -> Connection:
         if not self.account.username or self._login_proven:
             return await self._open()
         refused = self._logins_refused
@@ -218,7 +245,16 @@ class UpstreamPool:
                 # spend another failed login on the same password.
                 raise TemporaryFailure("not logging in: the account's last login was refused",
                                        account_reason="auth")
-            return await self._open()
+            if self._host is None:
+                return await self._open()
+            # Not proven in this process: in the host's login turn, so the other workers
+            # learn of a refusal before they try the same password.
+            await self._host.begin_login()
+            try:
+                return await self._open()
+            finally:
+                await self._host.end_login(
+                    self._login_hold_s if self._logins_refused != refused else None)
 
     def end_login_hold(self) -> None:
         """Allow the next login now (`relay queue flush` ends the account's backoff)."""
@@ -296,7 +332,7 @@ class UpstreamPool:
             if conn.expiry:
                 conn.expiry.cancel()
             if not conn.channel.is_connected:
-                conn.channel.close()
+                await self._closed_now(conn)
                 continue
             if time.monotonic() - conn.last_used > NOOP_AFTER_IDLE_S:
                 try:
@@ -304,7 +340,7 @@ class UpstreamPool:
                 except (OSError, TimeoutError):
                     reply = None
                 if reply is None or reply.code != 250:
-                    conn.channel.close()
+                    await self._closed_now(conn)
                     continue
             return conn, True
         try:
@@ -332,7 +368,7 @@ class UpstreamPool:
             return
         conn.last_used = time.monotonic()
         conn.expiry = asyncio.get_running_loop().call_later(
-            pool.idle_timeout, self._expire, conn
+            self._idle_s, self._expire, conn
         )
         self._idle.append(conn)
 
@@ -350,7 +386,14 @@ class UpstreamPool:
         if conn.channel.is_connected:
             with contextlib.suppress(OSError, TimeoutError):
                 await conn.channel.command(b"QUIT\r\n", 5)
+        await self._closed_now(conn)
+
+    async def _closed_now(self, conn: Connection) -> None:
+        """Close ``conn`` and give its host slot back (the connection is gone)."""
         conn.channel.close()
+        slot, conn.slot = conn.slot, None
+        if slot is not None and self._host is not None:
+            await self._host.give_slot(slot)
 
     async def send(
         self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...],
@@ -614,4 +657,4 @@ class UpstreamPool:
         await asyncio.gather(*(self._quit(c) for c in idle), *self._closing,
                              return_exceptions=True)
         for conn in list(self._busy):
-            conn.channel.close()
+            await self._closed_now(conn)
