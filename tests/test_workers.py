@@ -449,3 +449,53 @@ async def test_a_worker_killed_mid_send_leaves_its_slot_and_claims_to_the_others
         assert await _stop(relay) == 0
     finally:
         await relay.kill()
+
+
+async def test_a_backoff_shows_once_in_status_and_the_gauge_and_flush_ends_it_for_all(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    upstream.fail_auth()
+    config = write_config(tmp_path, upstream, auth_backoff={"initial": "1h", "max": "1h"})
+    data = yaml.safe_load(config.read_text())
+    metrics_port = free_port()
+    data["metrics"] = {"enabled": True, "host": "127.0.0.1", "port": metrics_port}
+    config.write_text(yaml.safe_dump(data))
+    relay, _ = await _spawn(tmp_path, config)
+
+    async def gauge() -> str:
+        async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            text = await response.text()
+        return next(x for x in text.splitlines() if x.startswith("relay_account_backoff{"))
+
+    async def relay_cli(*args: str) -> bytes:
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", *args, "--config", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await cli.communicate()
+        assert cli.returncode == 0
+        return out
+
+    try:
+        replies = await send_many(relay.port, [message(f"g{i}") for i in range(10)],
+                                  sessions=10)
+        assert len({text.split()[-1][11:17] for _, text in replies}) == 2, "both received"
+        await wait_until(lambda: upstream.auth_failures >= 1, 20)
+        await asyncio.sleep(1.0)  # both workers have tried to claim since
+        assert upstream.auth_failures == 1, "one login for the host, not one per worker"
+        assert await gauge() == 'relay_account_backoff{account="up"} 1.0'
+        health = json.loads(await relay_cli("status", "--json"))["accounts"]["up"]["health"]
+        assert health["state"] == "auth_failing" and health["backoff_left_s"] > 3000
+        upstream.fail_auth(False)
+        await relay_cli("queue", "flush")  # ends the backoff in every worker
+        await upstream.wait_for_messages(10, timeout=20)
+        await wait_until_async(
+            lambda: gauge_is(gauge, 'relay_account_backoff{account="up"} 0.0'), 10)
+        health = json.loads(await relay_cli("status", "--json"))["accounts"]["up"]["health"]
+        assert health["state"] == "ok"
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()
+
+
+async def gauge_is(read: Callable[[], Awaitable[str]], line: str) -> bool:
+    return await read() == line

@@ -82,6 +82,24 @@ class Snapshot:
     limits: Mapping[str, Sequence[tuple[float, int]]] = field(default_factory=dict)
     sends: Mapping[str, Sequence[float]] = field(default_factory=dict)
     processes: Sequence[tuple[int, str]] = ()  # (pid, role) of the relay processes on it
+    # account -> (until, reason): backoffs the workers of `relay serve --workers N` share
+    backoffs: Mapping[str, tuple[float, str]] = field(default_factory=dict)
+
+
+def _shared_health(snap: Snapshot, name: str, h: AccountHealth | None,
+                   result: dict[str, Any]) -> dict[str, Any]:
+    """With several workers the queue's shared backoff is the account's state (each
+    worker's report says only what that worker saw last); the report adds the detail."""
+    shared = snap.backoffs.get(name)
+    if shared is None:
+        return result
+    until, reason = shared
+    waiting = snap.now < until
+    state = "auth_failing" if reason == "auth" else "backing_off" if waiting else "probing"
+    return {"state": state, "backoff_until": _iso(until) if waiting else None,
+            "backoff_left_s": round(until - snap.now, 3) if waiting else None,
+            "failures": max(h.failures if h else 0, 1),
+            "last_error": h.last_error if h and h.last_error else reason}
 
 
 def _iso(ts: float | None) -> str | None:
@@ -97,6 +115,8 @@ def account_health(snap: Snapshot, name: str) -> dict[str, Any]:
     if not snap.server_running:
         return {**result, "state": "unknown"}
     h: AccountHealth | None = snap.health.accounts.get(name) if snap.health else None
+    if any(role.startswith("worker ") for _, role in snap.processes):
+        return _shared_health(snap, name, h, result)
     if h is None or h.failures == 0:
         return result
     assert snap.health is not None
@@ -331,6 +351,7 @@ async def gather(config: Config, now: float) -> Snapshot:
             sends={name: await store.recent_sends(name, now - max(w for w, _ in wins))
                    for name, wins in limits.items()},
             processes=await store.processes(),
+            backoffs=await store.backoffs(),
         )
     finally:
         await store.close()
