@@ -28,6 +28,9 @@ from relay.queue.store import QueueStore
 
 log = logging.getLogger("relay.delivery")
 SLOT_POLL_S = 0.1  # how often a send waiting for a connection slot (or login turn) asks
+# After finding every slot held elsewhere, the pool sends on the connections it has for
+# this long before it tries for another slot (the others may have closed theirs).
+STARVED_S = 1.0
 BACKOFFS_FRESH_S = 0.1  # how stale a worker's view of the shared backoffs may be
 LOGIN_TURN = "{account}/login"  # the slot row of an account's login turn (names have no '/')
 
@@ -94,7 +97,12 @@ class HostAccount:
         self.host = host
         self.name = name
         self.most = most
-        self.starved = False  # the last try for a slot found every one held elsewhere
+        self._starved_until = 0.0  # monotonic
+
+    @property
+    def starved(self) -> bool:
+        """A try for a slot found every one held by other processes, within STARVED_S."""
+        return time.monotonic() < self._starved_until
 
     # -- the pool's side: slots and logins --------------------------------------------
     async def take_slot(self) -> int:
@@ -104,9 +112,9 @@ class HostAccount:
             slot = await self.host.store.take_slot(self.name, self.most,
                                                    now + self.host.lease_s, now)
             if slot is not None:
-                self.starved = False
+                self._starved_until = 0.0
                 return slot
-            self.starved = True
+            self._starved_until = time.monotonic() + STARVED_S
             await asyncio.sleep(SLOT_POLL_S)
 
     async def give_slot(self, slot: int) -> None:

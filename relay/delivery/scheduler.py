@@ -203,7 +203,9 @@ class Scheduler:
         if recovered:
             event(log, logging.WARNING, "recovered", count=recovered,
                   reason="messages being delivered when relay stopped are queued again")
-        previous = decode(await self.store.read_health())
+        # Workers share backoffs in the queue (kept across restarts): each follows those,
+        # not the last report, which may be another worker's and older.
+        previous = None if self.hosts else decode(await self.store.read_health())
         for worker in self.workers.values():
             health = previous.accounts.get(worker.name) if previous else None
             if health is not None and health.failures > 0:
