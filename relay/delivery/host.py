@@ -105,16 +105,20 @@ class HostAccount:
         return time.monotonic() < self._starved_until
 
     # -- the pool's side: slots and logins --------------------------------------------
+    async def try_slot(self) -> int | None:
+        """A connection slot, or None while the other processes hold them all."""
+        now = self.host.clock()
+        slot = await self.host.store.take_slot(self.name, self.most, now + self.host.lease_s,
+                                               now)
+        self._starved_until = 0.0 if slot is not None else time.monotonic() + STARVED_S
+        return slot
+
     async def take_slot(self) -> int:
         """A connection slot, waiting while the other processes hold them all."""
         while True:
-            now = self.host.clock()
-            slot = await self.host.store.take_slot(self.name, self.most,
-                                                   now + self.host.lease_s, now)
+            slot = await self.try_slot()
             if slot is not None:
-                self._starved_until = 0.0
                 return slot
-            self._starved_until = time.monotonic() + STARVED_S
             await asyncio.sleep(SLOT_POLL_S)
 
     async def give_slot(self, slot: int) -> None:

@@ -67,6 +67,10 @@ class HostShare(Protocol):
     def starved(self) -> bool:
         """The last connection wanted found every slot held by other processes."""
 
+    async def try_slot(self) -> int | None:
+        """A connection slot of the host's pool.max_connections, or None: all are held
+        by other processes."""
+
     async def take_slot(self) -> int:
         """A connection slot of the host's pool.max_connections; waits for one."""
 

@@ -53,6 +53,9 @@ CAPACITY_PROBE_S = 10.0
 # With several workers sharing the account's connections, an idle one keeps its slot at
 # most this long: another worker may be waiting for it (pool.idle_timeout is per process).
 SHARED_IDLE_S = 2.0
+# How often a send that found every shared slot taken tries again (unless one of this
+# process's connections comes back first).
+SLOT_POLL_S = 0.1
 
 
 # SASL mechanisms relay can use, strongest first (aiosmtplib's order).
@@ -190,6 +193,7 @@ class UpstreamPool:
         self._closing: set[asyncio.Task[None]] = set()  # QUITs under way, kept referenced
         self._closed = False
         self._host = host
+        self._returned = asyncio.Event()  # a connection went back to the idle list
         self._idle_s = account.pool.idle_timeout if host is None else min(
             account.pool.idle_timeout, SHARED_IDLE_S)
 
@@ -222,11 +226,13 @@ class UpstreamPool:
         self._limit.lower(others)
         return True
 
-    async def _connect(self) -> Connection:
-        """A new connection, holding a slot of the host's pool while workers share it."""
+    async def _connect(self, slot: int | None = None) -> Connection:
+        """A new connection, holding a slot of the host's pool while workers share it
+        (``slot``, or one waited for)."""
         if self._host is None:
             return await self._login_and_open()
-        slot = await self._host.take_slot()
+        if slot is None:
+            slot = await self._host.take_slot()
         try:
             conn = await self._login_and_open()
         except BaseException:
@@ -327,6 +333,30 @@ class UpstreamPool:
 
     async def _acquire(self) -> tuple[Connection, bool]:
         """A live connection, and whether it was reused from the pool."""
+        while True:
+            conn = await self._reuse()
+            if conn is not None:
+                return conn, True
+            slot = None
+            if self._host is not None:
+                slot = await self._host.try_slot()
+                if slot is None:
+                    # The other workers hold every slot: the first of ours to come back,
+                    # or of theirs to be given back, carries this message.
+                    self._returned.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(SLOT_POLL_S):
+                            await self._returned.wait()
+                    continue
+            try:
+                return await self._connect(slot), False
+            except DeliveryError as exc:
+                if not self._too_many_connections(exc):
+                    raise
+            await self._wait_for_ours()
+
+    async def _reuse(self) -> Connection | None:
+        """An idle connection that still works, if there is one."""
         while self._idle:
             conn = self._idle.pop()
             if conn.expiry:
@@ -342,14 +372,8 @@ class UpstreamPool:
                 if reply is None or reply.code != 250:
                     await self._closed_now(conn)
                     continue
-            return conn, True
-        try:
-            return await self._connect(), False
-        except DeliveryError as exc:
-            if not self._too_many_connections(exc):
-                raise
-        await self._wait_for_ours()
-        return await self._acquire()
+            return conn
+        return None
 
     async def _wait_for_ours(self) -> None:
         """Give our slot up until one of our connections is free (the pool is smaller)."""
@@ -371,6 +395,7 @@ class UpstreamPool:
             self._idle_s, self._expire, conn
         )
         self._idle.append(conn)
+        self._returned.set()
 
     def _expire(self, conn: Connection) -> None:
         if conn in self._idle:
