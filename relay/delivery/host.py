@@ -54,14 +54,18 @@ class HostAccounts:
     async def backoffs(self) -> dict[str, tuple[float, str]]:
         """The shared backoffs, read at most every BACKOFFS_FRESH_S (one read serves every
         account's worker); a claim checks them itself, so a stale view only costs a poll."""
-        if time.monotonic() - self._seen_at < BACKOFFS_FRESH_S:
-            return self._seen
-        if self._reading is None or self._reading.done():
-            self._reading = asyncio.ensure_future(self.store.backoffs())
-        generation = self._generation
-        started = time.monotonic()
-        seen = await asyncio.shield(self._reading)
-        if generation == self._generation:  # not older than a write of ours
+        while time.monotonic() - self._seen_at >= BACKOFFS_FRESH_S:
+            if self._reading is None or self._reading.done():
+                self._reading = asyncio.ensure_future(self._read())
+            await asyncio.shield(self._reading)
+        return self._seen
+
+    async def _read(self) -> dict[str, tuple[float, str]]:
+        """Read the backoffs; kept only if no write of ours ended meanwhile (the read
+        may have missed it: then the caller reads again)."""
+        generation, started = self._generation, time.monotonic()
+        seen = await self.store.backoffs()
+        if generation == self._generation:
             self._seen, self._seen_at = seen, started
         return seen
 
