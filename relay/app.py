@@ -120,7 +120,7 @@ class App:
                                              min_free=config.queue_min_free)
         self.store.on_internal_error = self.metrics.internal_errors.labels("queue_writer").inc
         # Workers share each account through the queue; one process keeps it to itself.
-        self.hosts = HostAccounts(self.store) if self.role.shared else None
+        self.hosts = HostAccounts(self.store, self.role.count) if self.role.shared else None
         self.transports = build_transports(config, self.metrics, hosts=self.hosts)
         self.scheduler = Scheduler(config, self.store, self.transports, self.metrics,
                                    hosts=self.hosts, process=self.role.index)

@@ -63,6 +63,7 @@ def _subjects(up: FakeUpstream) -> list[bytes]:
 
 async def test_two_workers_share_the_port_and_deliver_each_message_once(
         tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Each receives and each delivers (any message, from the one queue file)."""
     config = write_config(tmp_path, upstream)
     relay, pids = await _spawn(tmp_path, config)
     try:
@@ -77,6 +78,8 @@ async def test_two_workers_share_the_port_and_deliver_each_message_once(
         # Both processes answered clients (the kernel spread the connections).
         ids = {text.split()[-1] for _, text in replies}
         assert len({i[11:17] for i in ids}) == 2, "the pid part of the ids: both workers"
+        await wait_until(lambda: sum(" delivered " in x for x in relay.lines) == 60, 10)
+        assert _deliverers(relay) == {0, 1}, relay.stderr
         status = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relay", "status", "--json", "--config", str(config),
             stdout=asyncio.subprocess.PIPE)
@@ -227,8 +230,9 @@ async def test_queue_commands_act_while_several_workers_run(
 async def test_rate_limit_and_max_connections_hold_across_workers(
         tmp_path: Path, upstream: FakeUpstream) -> None:
     """Measured at the upstream: never more than per_second sends in any second, nor more
-    than max_connections connections, however many workers received the messages."""
-    upstream.delay("DATA", 0.05)
+    than max_connections connections, whichever workers received and send the messages.
+    Sends are slow (0.3 s at DATA): a send counts from its claim to its end."""
+    upstream.delay("DATA", 0.3)
     config = write_config(tmp_path, upstream, rate_limit={"per_second": 5},
                           pool={"max_connections": 2})
     relay, _ = await _spawn(tmp_path, config)
@@ -334,24 +338,6 @@ def _slot_owners(config: Path) -> list[str]:
         return [r[0] for r in db.execute("SELECT owner FROM slots WHERE account='up'")]
 
 
-async def test_every_worker_delivers_and_each_message_goes_once(
-        tmp_path: Path, upstream: FakeUpstream) -> None:
-    upstream.delay("DATA", 0.02)
-    relay, _ = await _spawn(tmp_path, write_config(tmp_path, upstream), workers=3)
-    try:
-        replies = await send_many(relay.port, [message(f"e{i}") for i in range(60)],
-                                  sessions=20)
-        assert all(code == 250 for code, _ in replies), replies
-        await upstream.wait_for_messages(60, timeout=30)
-        await asyncio.sleep(0.5)  # nothing more arrives
-        assert sorted(_subjects(upstream)) == sorted(f"e{i}".encode() for i in range(60))
-        await wait_until(lambda: sum("delivered" in x for x in relay.lines) >= 60, 10)
-        assert len(_deliverers(relay)) >= 2, relay.stderr
-        assert await _stop(relay) == 0
-    finally:
-        await relay.kill()
-
-
 async def test_max_connections_holds_across_three_delivering_workers(
         tmp_path: Path, upstream: FakeUpstream) -> None:
     """Measured at the upstream: the most sessions logged in at once for the account."""
@@ -359,36 +345,15 @@ async def test_max_connections_holds_across_three_delivering_workers(
     config = write_config(tmp_path, upstream, pool={"max_connections": 2})
     relay, _ = await _spawn(tmp_path, config, workers=3)
     try:
-        replies = await send_many(relay.port, [message(f"p{i}") for i in range(30)],
+        replies = await send_many(relay.port, [message(f"p{i}") for i in range(20)],
                                   sessions=15)
         assert all(code == 250 for code, _ in replies), replies
-        await upstream.wait_for_messages(30, timeout=40)
-        assert sorted(_subjects(upstream)) == sorted(f"p{i}".encode() for i in range(30))
+        await upstream.wait_for_messages(20, timeout=40)
+        assert sorted(_subjects(upstream)) == sorted(f"p{i}".encode() for i in range(20))
         assert upstream.sessions_by_login_peak["user"] == 2, upstream.sessions_by_login_peak
         assert upstream.connections_open_peak <= 2
-        await wait_until(lambda: sum("delivered" in x for x in relay.lines) >= 30, 10)
+        await wait_until(lambda: sum(" delivered " in x for x in relay.lines) == 20, 10)
         assert len(_deliverers(relay)) >= 2, relay.stderr
-        assert await _stop(relay) == 0
-    finally:
-        await relay.kill()
-
-
-async def test_a_shared_rate_limit_holds_with_three_delivering_workers(
-        tmp_path: Path, upstream: FakeUpstream) -> None:
-    """A send counts from its claim to its end: with slow sends (0.3 s at DATA), never more
-    than per_second reach the upstream in any second, whichever worker sends."""
-    upstream.delay("DATA", 0.3)
-    config = write_config(tmp_path, upstream, rate_limit={"per_second": 4})
-    relay, _ = await _spawn(tmp_path, config, workers=3)
-    try:
-        replies = await send_many(relay.port, [message(f"s{i}") for i in range(14)],
-                                  sessions=14)
-        assert all(code == 250 for code, _ in replies), replies
-        await upstream.wait_for_messages(14, timeout=30)
-        times = sorted(upstream.times_of("MAIL"))
-        busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
-        assert busiest <= 4, times
-        assert len(times) == 14
         assert await _stop(relay) == 0
     finally:
         await relay.kill()
@@ -398,19 +363,19 @@ async def test_a_refused_login_costs_one_failed_login_per_backoff_step_for_the_h
         tmp_path: Path, upstream: FakeUpstream) -> None:
     upstream.fail_auth()
     config = write_config(tmp_path, upstream,
-                          auth_backoff={"initial": "1s", "max": "1s"})
+                          auth_backoff={"initial": "500ms", "max": "500ms"})
     relay, _ = await _spawn(tmp_path, config, workers=3)
     try:
         replies = await send_many(relay.port, [message(f"a{i}") for i in range(15)],
                                   sessions=15)
         assert all(code == 250 for code, _ in replies), replies
         assert len({text.split()[-1][11:17] for _, text in replies}) >= 2
-        await asyncio.sleep(3.5)
+        await asyncio.sleep(2.0)
         tries = upstream.times_of("AUTH")
-        # One login, then one probe per 1 s step: never two within a step, whichever
+        # One login, then one probe per 0.5 s step: never two within a step, whichever
         # of the three workers tries.
         assert 2 <= len(tries) <= 5, tries
-        assert all(b - a >= 0.9 for a, b in itertools.pairwise(tries)), tries
+        assert all(b - a >= 0.45 for a, b in itertools.pairwise(tries)), tries
         assert upstream.auth_successes == 0 and upstream.messages == []
         upstream.fail_auth(False)  # the password works again: the next probe gets through
         await upstream.wait_for_messages(15, timeout=20)
@@ -430,8 +395,8 @@ async def test_a_worker_killed_mid_send_leaves_its_slot_and_claims_to_the_others
     config = write_config(tmp_path, upstream, pool={"max_connections": 1})
     relay, pids = await _spawn(tmp_path, config, workers=3)
     try:
-        replies = await send_many(relay.port, [message(f"x{i}") for i in range(12)],
-                                  sessions=12)
+        replies = await send_many(relay.port, [message(f"x{i}") for i in range(8)],
+                                  sessions=8)
         assert all(code == 250 for code, _ in replies), replies
         await upstream.wait_for_messages(2, timeout=20)
         await wait_until(lambda: len(upstream.times_of("RCPT")) > len(upstream.messages), 10)
@@ -440,10 +405,10 @@ async def test_a_worker_killed_mid_send_leaves_its_slot_and_claims_to_the_others
         assert victim in pids
         os.kill(victim, signal.SIGKILL)
         started = time.monotonic()
-        await upstream.wait_for_messages(12, timeout=30)
+        await upstream.wait_for_messages(8, timeout=30)
         assert time.monotonic() - started < 20, "the slot waited for its lease"
         await asyncio.sleep(0.5)
-        assert sorted(_subjects(upstream)) == sorted(f"x{i}".encode() for i in range(12))
+        assert sorted(_subjects(upstream)) == sorted(f"x{i}".encode() for i in range(8))
         assert upstream.sessions_by_login_peak["user"] == 1
         assert all(f":{victim}:" not in owner for owner in _slot_owners(config))
         assert await _stop(relay) == 0

@@ -38,8 +38,10 @@ LOGIN_TURN = "{account}/login"  # the slot row of an account's login turn (names
 class HostAccounts:
     """The shared state of every account, for one worker process."""
 
-    def __init__(self, store: QueueStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: QueueStore, workers: int,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.workers = workers  # how many processes share each account
         self.clock = clock
         self._seen: dict[str, tuple[float, str]] = {}
         self._seen_at = float("-inf")  # monotonic
@@ -101,6 +103,10 @@ class HostAccount:
         self.host = host
         self.name = name
         self.most = most
+        # This process's part of the account's connections: the host's limit holds
+        # through the slots; the part keeps one worker from taking every slot while the
+        # others have mail to send too (each worker then delivers on its own core).
+        self.share = max(1, -(-most // host.workers))
         self._starved_until = 0.0  # monotonic
 
     @property

@@ -85,8 +85,10 @@ class Scheduler:
         t = acc.timeouts
         auth = config.auth_backoff_for(name)
         lease_s = t.connect + 4 * t.command + t.data + 60
+        host = None
         if self.hosts is not None:  # slots are renewed with the longest claim lease
             self.hosts.lease_s = max(self.hosts.lease_s, lease_s)
+            host = self.hosts.account(name, acc.pool.max_connections)
         return AccountWorker(
             name,
             transport,
@@ -94,7 +96,7 @@ class Scheduler:
             _retry_policy(config.retry_for(name)),
             RateLimiter(acc.rate_limit.windows()),
             self.metrics,
-            concurrency=acc.pool.max_connections,
+            concurrency=acc.pool.max_connections if host is None else host.share,
             lease_s=lease_s,
             clock=self.clock,
             rng=self.rng,
@@ -103,7 +105,7 @@ class Scheduler:
             auth_policy=RetryPolicy(auth.initial, auth.max, float("inf"), jitter=0.0),
             monotonic=self.mono,
             age_clock=self._age_now,
-            host=self.hosts.account(name, acc.pool.max_connections) if self.hosts else None,
+            host=host,
             process=self.process,
         )
 

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from relay.errors import DeliveryError
+from relay.errors import DeliveryError, TemporaryFailure
 
 
 @dataclass
@@ -58,10 +58,23 @@ class PoolControl(Protocol):
         """An operator asked to try now (`relay queue flush`): allow the next login."""
 
 
+class SlotsHeldElsewhere(TemporaryFailure):
+    """No connection for this message in this process: the other workers hold every
+    connection slot of the account, and this one has none that could come back. The
+    message goes back to the queue unsent, for a worker with a connection."""
+
+    def __init__(self) -> None:
+        super().__init__("every connection slot is held by other workers", offered=False)
+
+
 class HostShare(Protocol):
     """An account's connections and logins as every worker process shares them
     (relay.delivery.host.HostAccount): the pool holds a slot for each connection it has
     open, and logs in only in the host's login turn."""
+
+    @property
+    def share(self) -> int:
+        """The most connections this process opens (its part of max_connections)."""
 
     @property
     def starved(self) -> bool:

@@ -24,7 +24,7 @@ from relay.delivery.outcome import accepted_so_far, settle
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.refusals import login_refused
 from relay.delivery.retry import RetryPolicy
-from relay.delivery.transport import PoolControl, SendResult, Transport
+from relay.delivery.transport import PoolControl, SendResult, SlotsHeldElsewhere, Transport
 from relay.errors import DeliveryError, StoreError, TemporaryFailure
 from relay.observe.logs import event
 from relay.observe.metrics import Metrics
@@ -46,6 +46,9 @@ INTERRUPTED = "interrupted by shutdown; may have been delivered"
 _PACE_POLL_S = 0.05
 # While another worker probes an account whose backoff ended, how often to look again.
 PROBE_WAIT_S = 0.25
+# After giving a message back because the other workers held every connection slot, how
+# long this worker claims nothing more of the account (they deliver meanwhile).
+SLOTS_WAIT_S = 1.0
 # Builds the bounce for a message's newly failed recipients (None: no bounce).
 Bounce = Callable[[QueuedMessage, list[Recipient], bytes], NewMessage | None]
 
@@ -131,6 +134,7 @@ class AccountWorker:
         # spend their budget early and gain nothing at their pace).
         self.prefetch = 0 if limiter.limited else concurrency
         self.backoff_until = 0.0  # monotonic
+        self.slots_wait_until = 0.0  # monotonic: see SlotsHeldElsewhere
         # `relay accounts pause`: the claim statement refuses this account's messages
         # anyway; the flag lets the worker sleep instead of polling due messages.
         self.paused = False
@@ -210,6 +214,8 @@ class AccountWorker:
         mono = self.mono()
         notices = self._notices
         if self.host is not None and not self.paused:
+            if mono < self.slots_wait_until and not self.in_flight:
+                return self.slots_wait_until - mono  # the other workers hold the connections
             wait = await self._follow_host(await self.host.backoff(), now, mono)
             if wait is not None:
                 return wait
@@ -406,12 +412,15 @@ class AccountWorker:
         started = self.mono()
         sent: SendResult | DeliveryError
         body = b""
+        unsent = False
         try:
             body = await self.store.load_body(message.id)
             sent = await self.transport.send(
                 message.sender, message.pending_recipients, body, message.mail_options,
                 pace=functools.partial(self._between, message),
             )
+        except SlotsHeldElsewhere:
+            unsent = True
         except DeliveryError as exc:
             sent = exc
         except StoreError as exc:
@@ -420,7 +429,15 @@ class AccountWorker:
             log.exception("unexpected error delivering %s", message.id)
             sent = TemporaryFailure(f"internal error: {type(exc).__name__}")
         finally:
-            self.limiter.complete(self.mono())  # counts from its end: see ratelimit
+            if not unsent:
+                self.limiter.complete(self.mono())  # counts from its end: see ratelimit
+        if unsent:
+            # Never sent, not an attempt: back to the queue for a worker that has a
+            # connection, and this one claims nothing of the account for a moment.
+            self.slots_wait_until = self.mono() + SLOTS_WAIT_S
+            self._unclaim([message.id], self.clock())
+            self._unclaim_ready(self.clock())
+            return
         now = self.clock()
         if self.host is not None and account_error(sent) is not None:
             # Another worker may have backed the account off meanwhile (this send was held

@@ -33,7 +33,7 @@ from relay.delivery.smtp.errors import (
     split_enhanced,
     too_many_recipients,
 )
-from relay.delivery.transport import HostShare, Pace, SendResult
+from relay.delivery.transport import HostShare, Pace, SendResult, SlotsHeldElsewhere
 from relay.errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
 from relay.smtp import wire as smtpwire
 from relay.smtp.wire import Reply
@@ -54,8 +54,10 @@ CAPACITY_PROBE_S = 10.0
 # most this long: another worker may be waiting for it (pool.idle_timeout is per process).
 SHARED_IDLE_S = 2.0
 # How often a send that found every shared slot taken tries again (unless one of this
-# process's connections comes back first).
+# process's connections comes back first), and how long it waits when this process has
+# no connection to the account at all before it gives the message back to the queue.
 SLOT_POLL_S = 0.1
+SLOT_GIVE_UP_S = 0.5
 
 
 # SASL mechanisms relay can use, strongest first (aiosmtplib's order).
@@ -178,7 +180,7 @@ class UpstreamPool:
         self._ehlo_name = account.ehlo_name or local_hostname
         self._on_connect = on_connect
         self._tls_context = _tls_context(name, account)
-        self._limit = _Slots(account.pool.max_connections)
+        self._limit = _Slots(account.pool.max_connections if host is None else host.share)
         # AUTH: until a login has worked, connections log in one at a time, and one that
         # waited while another's login was refused does not try at all (11.3).
         self._login_lock = asyncio.Lock()
@@ -333,6 +335,7 @@ class UpstreamPool:
 
     async def _acquire(self) -> tuple[Connection, bool]:
         """A live connection, and whether it was reused from the pool."""
+        since = time.monotonic()
         while True:
             conn = await self._reuse()
             if conn is not None:
@@ -340,6 +343,9 @@ class UpstreamPool:
             slot = None
             if self._host is not None:
                 slot = await self._host.try_slot()
+                if slot is None and not self.open_connections() \
+                        and time.monotonic() - since >= SLOT_GIVE_UP_S:
+                    raise SlotsHeldElsewhere  # a worker with a connection will send it
                 if slot is None:
                     # The other workers hold every slot: the first of ours to come back,
                     # or of theirs to be given back, carries this message.
