@@ -13,6 +13,8 @@ from pathlib import Path
 
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.types import NewMessage, Priority, new_queue_id
+from tests.conftest import StartRelay, message, relay_config, send, upstream_account
+from tests.upstream import FakeUpstream
 
 
 def _message(now: float) -> NewMessage:
@@ -123,3 +125,18 @@ async def test_queue_flush_ends_every_shared_backoff(tmp_path: Path) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_one_process_after_a_run_with_workers_is_not_held_by_their_backoff(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """A backoff row left by `--workers 2` (its probe never taken) must not hold the
+    claims of a relay that runs as one process (which never takes a probe)."""
+    config = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)})
+    store = SQLiteStore(config.queue.path, lock=False)
+    await store.open()
+    await store.set_backoff("up", time.time() - 1, "connect")
+    await store.close()
+    app = await start_relay(config)
+    code, _ = await send(app.smtp_port, message("after workers"))
+    assert code == 250
+    await upstream.wait_for_messages(1, timeout=5)

@@ -208,6 +208,11 @@ class Scheduler:
         # Workers share backoffs in the queue (kept across restarts): each follows those,
         # not the last report, which may be another worker's and older.
         previous = None if self.hosts else decode(await self.store.read_health())
+        if self.hosts is None:
+            # One process: its own backoffs are in its report; rows left by a run with
+            # several workers would hold its claims (it never takes their probe).
+            for name in await self.store.backoffs():
+                await self.store.clear_backoff(name)
         for worker in self.workers.values():
             health = previous.accounts.get(worker.name) if previous else None
             if health is not None and health.failures > 0:
