@@ -102,7 +102,7 @@ async def test_a_killed_worker_is_restarted_and_nothing_it_held_is_lost(
                                   sessions=4)
         assert all(code == 250 for code, _ in replies), replies
         await upstream.wait_for_messages(2, timeout=20)
-        os.kill(pids[0], signal.SIGKILL)  # worker 0 delivers
+        os.kill(pids[0], signal.SIGKILL)  # (every worker delivers)
         await wait_until(lambda: any("worker_restarted" in x for x in relay.lines), 20)
         upstream.delay("DATA", 0)
         await wait_until(lambda: set(_subjects(upstream))
