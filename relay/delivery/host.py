@@ -90,9 +90,9 @@ class HostAccounts:
             self._generation += 1
             self._seen_at = float("-inf")
 
-    def writing(self, account: str) -> bool:
-        """A backoff write of this process is under way (its view is newer than the
-        queue's)."""
+    def writing(self) -> bool:
+        """A backoff write of this process is under way, for any account (its view may
+        be newer than the queue's)."""
         return bool(self.writes)
 
 
@@ -189,7 +189,7 @@ class HostAccount:
 
     @property
     def writing(self) -> bool:
-        return self.host.writing(self.name)
+        return self.host.writing()
 
     async def take_probe(self, lease_s: float) -> bool:
         now = self.host.clock()
