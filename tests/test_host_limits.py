@@ -8,12 +8,21 @@ tests/test_claims.py).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
+from relay.app import WorkerRole
 from relay.queue.sqlite.store import SQLiteStore
-from relay.queue.types import NewMessage, Priority, new_queue_id
-from tests.conftest import StartRelay, message, relay_config, send, upstream_account
+from relay.queue.types import MessageState, NewMessage, Priority, new_queue_id
+from tests.conftest import (
+    StartRelay,
+    message,
+    relay_config,
+    send,
+    upstream_account,
+    wait_until,
+)
 from tests.upstream import FakeUpstream
 
 
@@ -140,3 +149,29 @@ async def test_one_process_after_a_run_with_workers_is_not_held_by_their_backoff
     code, _ = await send(app.smtp_port, message("after workers"))
     assert code == 250
     await upstream.wait_for_messages(1, timeout=5)
+
+
+async def test_a_worker_without_a_connection_gives_its_message_to_one_that_has(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """One connection for the host, held by worker a: worker b, which has none, gives its
+    message back to the queue unsent (not an attempt) and a sends it, once."""
+    upstream.delay("DATA", 0.5)
+    config = relay_config(tmp_path, {"up": upstream_account(
+        upstream, tmp_path, pool={"max_connections": 1})})
+    a = await start_relay(config, WorkerRole(shared=True, index=0, count=2))
+    b = await start_relay(config, WorkerRole(shared=True, index=1, count=2))
+    assert (await send(a.smtp_port, message("first")))[0] == 250
+    await wait_until(lambda: upstream.connections_open == 1, 5)
+    code, reply = await send(b.smtp_port, message("second"))
+    assert code == 250
+    await upstream.wait_for_messages(2, timeout=10)
+    for _ in range(100):  # the upstream records it before its (delayed) reply
+        second = await b.store.get(reply.split()[-1])
+        if second is not None and second.state is MessageState.DELIVERED:
+            break
+        await asyncio.sleep(0.05)
+    assert second is not None and second.state is MessageState.DELIVERED
+    assert second.attempts == 1, "given back: not an attempt"
+    assert upstream.sessions_by_login_peak["user"] == 1
+    assert upstream.connections_opened == 1  # a's connection carried both
+    assert [m.data.count(b"Subject: second") for m in upstream.messages] == [0, 1]
