@@ -9,6 +9,7 @@ tests/test_claims.py).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 
@@ -175,3 +176,27 @@ async def test_a_worker_without_a_connection_gives_its_message_to_one_that_has(
     assert upstream.sessions_by_login_peak["user"] == 1
     assert upstream.connections_opened == 1  # a's connection carried both
     assert [m.data.count(b"Subject: second") for m in upstream.messages] == [0, 1]
+
+
+async def test_after_a_backoff_one_worker_probes_for_the_host(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """The upstream refuses every session (421 at the greeting): after the first tries,
+    one connection per backoff step (0.1, 0.2, 0.4 ... s) for the two workers together,
+    never one from each."""
+    upstream.greeting(421, "4.3.2 Service not available")
+    config = relay_config(tmp_path, {"up": upstream_account(
+        upstream, tmp_path, pool={"max_connections": 2})})
+    a = await start_relay(config, WorkerRole(shared=True, index=0, count=2))
+    b = await start_relay(config, WorkerRole(shared=True, index=1, count=2))
+    for app in (a, b):
+        for i in range(3):
+            assert (await send(app.smtp_port, message(f"m{i}")))[0] == 250
+    await asyncio.sleep(2.5)
+    upstream.greeting(None)
+    restored = time.monotonic()
+    await upstream.wait_for_messages(6, timeout=10)
+    tries = [t for t in upstream.connection_times if t < restored]
+    probes = [t for t in tries if t > tries[0] + 0.08]  # after the first backoff step
+    assert len(probes) >= 3, tries
+    gaps = [later - earlier for earlier, later in itertools.pairwise(probes)]
+    assert min(gaps) >= 0.08, gaps

@@ -358,6 +358,7 @@ class FakeUpstream:
 
         self.messages: list[Received] = []
         self.connections_opened = 0
+        self.connection_times: list[float] = []  # time.monotonic() of each connection
         self.connections_open = 0
         self.connections_open_peak = 0  # the most open at once (pool.max_connections)
         self.auth_successes = 0
@@ -492,6 +493,7 @@ class FakeUpstream:
 
     def _connection_made(self, session: _UpstreamSMTP) -> int:
         self.connections_opened += 1
+        self.connection_times.append(time.monotonic())
         self.connections_open += 1
         self.connections_open_peak = max(self.connections_open_peak, self.connections_open)
         self._sessions.add(session)
