@@ -181,7 +181,7 @@ async def test_a_worker_without_a_connection_gives_its_message_to_one_that_has(
 async def test_after_a_backoff_one_worker_probes_for_the_host(
         tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
     """The upstream refuses every session (421 at the greeting): after the first tries,
-    one connection per backoff step (0.1, 0.2, 0.4 ... s) for the two workers together,
+    one connection per backoff step (0.1, 0.2, 0.4 ... 1 s) for the two workers together,
     never one from each."""
     upstream.greeting(421, "4.3.2 Service not available")
     config = relay_config(tmp_path, {"up": upstream_account(
@@ -200,3 +200,6 @@ async def test_after_a_backoff_one_worker_probes_for_the_host(
     assert len(probes) >= 3, tries
     gaps = [later - earlier for earlier, later in itertools.pairwise(probes)]
     assert min(gaps) >= 0.08, gaps
+    # And the steps grow for the host, whichever worker probed last (each continues the
+    # count the other stored), up to retry.max_delay.
+    assert all(b >= 0.8 * a for a, b in itertools.pairwise(gaps)), gaps

@@ -306,11 +306,11 @@ def test_with_several_workers_the_shared_backoff_is_the_accounts_state() -> None
     stale = report(AccountHealth("outbox", NOW + 50, 2, "421 down", reason="connect"))
     health = {name: summarise(snapshot(
         processes=workers, health=None if name == "gone" else stale,
-        backoffs={"gmail": (NOW + 600, "auth"), "outbox": (NOW - 1, "connect")},
+        backoffs={"gmail": (NOW + 600, "auth:3"), "outbox": (NOW - 1, "connect")},
     ))["accounts"] for name in ("gone", "stale")}
     gmail = health["gone"]["gmail"]["health"]
     assert gmail["state"] == "auth_failing" and gmail["backoff_left_s"] == 600
-    assert gmail["last_error"] == "auth" and gmail["failures"] == 1
+    assert gmail["last_error"] == "auth" and gmail["failures"] == 3
     assert health["stale"]["outbox"]["health"]["state"] == "probing"
     assert health["stale"]["outbox"]["health"]["last_error"] == "421 down"
     # Another worker's probe got through (no shared row): ok, whatever a report says.

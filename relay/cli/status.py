@@ -50,6 +50,7 @@ from relay.cli.common import (
 )
 from relay.config.schema import Config
 from relay.delivery.health import AccountHealth, HealthReport, decode
+from relay.delivery.host import decode_reason
 from relay.printable import escape
 from relay.queue.types import MessageState, QueuedMessage
 
@@ -93,13 +94,13 @@ def _shared_health(snap: Snapshot, name: str, h: AccountHealth | None,
     shared = snap.backoffs.get(name)
     if shared is None:
         return result
-    until, reason = shared
+    until, why, failures = decode_reason(*shared)
     waiting = snap.now < until
-    state = "auth_failing" if reason == "auth" else "backing_off" if waiting else "probing"
+    state = "auth_failing" if why == "auth" else "backing_off" if waiting else "probing"
     return {"state": state, "backoff_until": _iso(until) if waiting else None,
             "backoff_left_s": round(until - snap.now, 3) if waiting else None,
-            "failures": max(h.failures if h else 0, 1),
-            "last_error": h.last_error if h and h.last_error else reason}
+            "failures": max(h.failures if h else 0, failures),
+            "last_error": h.last_error if h and h.last_error else why}
 
 
 def _iso(ts: float | None) -> str | None:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from relay.errors import StoreError, TemporaryFailure
 from relay.observe.logs import event
@@ -33,6 +34,27 @@ SLOT_POLL_S = 0.1  # how often a send waiting for a connection slot (or login tu
 STARVED_S = 1.0
 BACKOFFS_FRESH_S = 0.1  # how stale a worker's view of the shared backoffs may be
 LOGIN_TURN = "{account}/login"  # the slot row of an account's login turn (names have no '/')
+
+
+class SharedBackoff(NamedTuple):
+    """An account's backoff as the workers share it."""
+
+    until: float  # epoch seconds
+    why: str  # the reason label (relay_account_backoffs_total)
+    failures: int  # account-wide failures in a row: the next step's length follows it
+
+
+def encode_reason(why: str, failures: int) -> str:
+    """The stored reason: the label and the count of failures ('auth:3'), so that the
+    worker that probes next continues the steps (1 min, 2, 4 ...) instead of its own."""
+    return f"{why}:{failures}"
+
+
+def decode_reason(until: float, reason: str) -> SharedBackoff:
+    why, _, count = reason.rpartition(":")
+    if not why or not count.isdigit():
+        return SharedBackoff(until, reason, 1)
+    return SharedBackoff(until, why, max(1, int(count)))
 
 
 class HostAccounts:
@@ -153,9 +175,10 @@ class HostAccount:
             raise
         if until > self.host.clock():
             await self._end_turn()
+            why = decode_reason(until, reason).why or "auth"
             raise TemporaryFailure(
-                f"not logging in: the account backs off ({reason}) for every worker",
-                account_reason=reason or "auth")
+                f"not logging in: the account backs off ({why}) for every worker",
+                account_reason=why)
 
     async def end_login(self, refused_hold_s: float | None) -> None:
         """The login is over; refused: the account backs off for every process at least
@@ -164,7 +187,8 @@ class HostAccount:
             if refused_hold_s is not None:
                 with contextlib.suppress(StoreError):
                     await self.host.store.set_backoff(
-                        self.name, self.host.clock() + refused_hold_s, "auth")
+                        self.name, self.host.clock() + refused_hold_s,
+                        encode_reason("auth", 1))
         finally:
             await self._end_turn()
 
@@ -174,15 +198,15 @@ class HostAccount:
                 LOGIN_TURN.format(account=self.name), 0))
 
     # -- the worker's side: backoff and probe -----------------------------------------
-    async def backoff(self, *, fresh: bool = False) -> tuple[float, str] | None:
-        """(until, reason) while the account backs off or awaits its probe, else None.
+    async def backoff(self, *, fresh: bool = False) -> SharedBackoff | None:
+        """The account's backoff while it backs off or awaits its probe, else None.
         ``fresh``: read now, not the view of the last BACKOFFS_FRESH_S."""
-        if fresh:
-            return (await self.host.store.backoffs()).get(self.name)
-        return (await self.host.backoffs()).get(self.name)
+        shared = await (self.host.store.backoffs() if fresh else self.host.backoffs())
+        row = shared.get(self.name)
+        return None if row is None else decode_reason(*row)
 
-    def backed_off(self, until: float, reason: str) -> None:
-        self.host.write(self.name, until, reason)
+    def backed_off(self, until: float, why: str, failures: int) -> None:
+        self.host.write(self.name, until, encode_reason(why, failures))
 
     def recovered(self) -> None:
         self.host.write(self.name, None)

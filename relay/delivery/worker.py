@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from relay.delivery.bounce import should_bounce
 from relay.delivery.health import AccountHealth, HealthHook
-from relay.delivery.host import HostAccount
+from relay.delivery.host import HostAccount, SharedBackoff
 from relay.delivery.outcome import accepted_so_far, settle
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.refusals import login_refused
@@ -262,7 +262,7 @@ class AccountWorker:
             return hold
         return 0.05  # due but not claimed (the clock moved): look again shortly
 
-    async def _follow_host(self, shared: tuple[float, str] | None, now: float, mono: float
+    async def _follow_host(self, shared: SharedBackoff | None, now: float, mono: float
                            ) -> float | None:
         """Take on the account's backoff as the other workers left it (``shared``: until,
         reason), before claiming: adopt a backoff another worker decided, forget one that
@@ -273,10 +273,9 @@ class AccountWorker:
             if self.backoff_failures and not self.host.writing:
                 self._forget_backoff()  # another worker's probe got through, or a flush
             return None
-        until, reason = shared
-        self.backoff_failures = max(self.backoff_failures, 1)  # one send at a time
-        if until > now:
-            self._adopt(until, reason, now, mono)
+        self._count(shared)  # one send at a time, and the next step as the host's
+        if shared.until > now:
+            self._adopt(shared, now, mono)
             return None
         if mono < self.backoff_until:
             return None  # our own view ends later: wait for it as before
@@ -284,20 +283,29 @@ class AccountWorker:
             return None  # this worker probes: one message
         return PROBE_WAIT_S  # another worker probes: its result decides
 
-    def _adopt(self, until: float, reason: str, now: float, mono: float) -> None:
-        """Back off until ``until`` (wall) as another worker decided, without a step of
-        our own: no count, no new delay."""
+    def _count(self, shared: SharedBackoff) -> None:
+        """Failures in a row as the host counts them: whichever worker probes next and
+        fails takes the next step (a longer wait), not its own first one again."""
+        self.backoff_failures = max(self.backoff_failures, shared.failures)
+        if shared.why == "auth":
+            self.auth_failures = max(self.auth_failures, shared.failures)
+
+    def _adopt(self, shared: SharedBackoff, now: float, mono: float) -> None:
+        """Back off until ``shared.until`` (wall) as another worker decided, without a
+        step of our own: no count, no new delay."""
+        until = shared.until
         if mono + (until - now) <= self.backoff_until + 0.5:  # ours, or no later than ours
             return
         self.backoff_until = mono + (until - now)
         self.resume_at = until
-        self.last_account_error = self.last_account_error or reason
-        event(log, logging.INFO, "account_backoff_shared", account=self.name, why=reason,
+        self.last_account_error = self.last_account_error or shared.why
+        event(log, logging.INFO, "account_backoff_shared", account=self.name, why=shared.why,
               until=_iso(until))
         self._unclaim_ready(now, due_at=until)
         if self.health is not None:
             self.health(AccountHealth(self.name, until, self.backoff_failures,
-                                      self.last_account_error, reason == "auth", reason))
+                                      self.last_account_error, shared.why == "auth",
+                                      shared.why))
 
     def _forget_backoff(self) -> None:
         self.backoff_failures = self.auth_failures = 0
@@ -447,9 +455,9 @@ class AccountWorker:
             # by it, or failed alike): follow that backoff rather than add a step.
             with contextlib.suppress(StoreError):
                 shared = await self.host.backoff(fresh=True)
-                if shared is not None and shared[0] > now:
-                    self.backoff_failures = max(self.backoff_failures, 1)
-                    self._adopt(*shared, now, self.mono())
+                if shared is not None and shared.until > now:
+                    self._count(shared)
+                    self._adopt(shared, now, self.mono())
         resume_at = self._account_health(sent, now)
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
                         resume_at=resume_at, age_now=self.age_clock(now))
@@ -585,7 +593,8 @@ class AccountWorker:
         self.last_account_error = failure.reply_text()
         self.metrics.account_backoffs.labels(self.name, reason).inc()
         if self.host is not None:
-            self.host.backed_off(resume_at, reason)
+            self.host.backed_off(resume_at, reason,
+                                 self.auth_failures if auth else self.backoff_failures)
         event(log, logging.ERROR if auth else logging.WARNING,
               "account_auth_failed" if auth else "account_backoff", account=self.name,
               relay=self.transport.peer, reason=failure.reply_text(), why=reason,
