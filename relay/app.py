@@ -22,6 +22,7 @@ from relay import __version__
 from relay.config.loading import problem_line
 from relay.config.report import config_warnings
 from relay.config.schema import Config, ListenConfig, effective_hostname
+from relay.delivery.host import HostAccounts
 from relay.delivery.maildir import MaildirTransport
 from relay.delivery.scheduler import Scheduler
 from relay.delivery.smtp.upstream import UpstreamPool
@@ -48,8 +49,10 @@ ADMIT_CACHE_S = 0.2  # how stale the backlog count used by on_limit: reject may 
 
 
 def build_transports(
-    config: Config, metrics: Metrics | None = None, names: Iterable[str] | None = None
+    config: Config, metrics: Metrics | None = None, names: Iterable[str] | None = None,
+    hosts: HostAccounts | None = None,
 ) -> dict[str, Transport]:
+    """``hosts``: workers share each account's connections and logins (--workers N)."""
     transports: dict[str, Transport] = {}
     hostname = effective_hostname(config, socket.getfqdn())
     for name, acc in config.accounts.items():
@@ -62,7 +65,8 @@ def build_transports(
             counter = metrics.connections_opened.labels(name).inc if metrics else None
             transports[name] = UpstreamPool(
                 name, acc, local_hostname=hostname, on_connect=counter,
-                login_hold_s=config.auth_backoff_for(name).initial)
+                login_hold_s=config.auth_backoff_for(name).initial,
+                host=hosts.account(name, acc.pool.max_connections) if hosts else None)
     return transports
 
 
@@ -71,15 +75,15 @@ class WorkerRole:
     """What one process does when several share the queue (relay.supervisors).
 
     ``shared``: other workers use the same queue file and port (no exclusive queue lock;
-    SO_REUSEPORT). ``delivers``: this one runs the scheduler. Only one worker delivers
-    until rate limits, max_connections and account backoff are shared between processes
-    through the queue: one deliverer keeps every account limit exactly as configured.
-    The default is relay as a single process.
+    SO_REUSEPORT), and each account's rate limits, connections (pool.max_connections),
+    logins and backoff are held across them through the queue (relay.delivery.host).
+    ``delivers``: this one runs the scheduler (every worker does). The default is relay
+    as a single process.
     """
 
     shared: bool = False
     delivers: bool = True
-    index: int | None = None  # of `relay serve --workers`: 0 delivers
+    index: int | None = None  # of `relay serve --workers`: 0 serves metrics and prunes
     count: int = 1  # workers the supervisor runs (/readyz: all of them)
 
     @property
@@ -139,8 +143,13 @@ class App:
         self.store: QueueStore = build_store(config, role=self.role.name,
                                              lock=not self.role.shared)
         self.store.on_internal_error = self.metrics.internal_errors.labels("queue_writer").inc
-        self.transports = build_transports(config, self.metrics)
-        self.scheduler = Scheduler(config, self.store, self.transports, self.metrics)
+        # Workers share each account through the queue, and so do relays on one PostgreSQL
+        # queue (several hosts); one process on its own SQLite file keeps it to itself.
+        shared = self.role.shared or config.queue.url is not None
+        self.hosts = HostAccounts(self.store, self.role.count) if shared else None
+        self.transports = build_transports(config, self.metrics, hosts=self.hosts)
+        self.scheduler = Scheduler(config, self.store, self.transports, self.metrics,
+                                   hosts=self.hosts, process=self.role.index)
         self.store.on_wake = self.scheduler.notify  # another relay queued mail for it
         # Every process sends events (claimed from the outbox: one sends each).
         self.webhooks = WebhookSender(self.store, config.events.webhooks, self.metrics)
@@ -228,6 +237,7 @@ class App:
             self.webhooks.start()
             if self.role.delivers:
                 await self.scheduler.start()
+            if self.role.delivers and not self.role.index:  # one pruner per queue file
                 self.store.start_pruning(self.config.queue.keep_delivered, time.time)
             self.smtp_server = await start_listener(self.config, self.handler, self.limits,
                                                     reuse_port=self.role.shared)
@@ -280,8 +290,17 @@ class App:
             paused = await self.store.paused_accounts()
             for name in self.metrics.accounts:
                 self.metrics.account_paused.labels(name).set(1 if name in paused else 0)
-        for name, worker in self.scheduler.workers.items():
-            self.metrics.account_backoff.labels(name).set(1 if worker.backed_off else 0)
+        if self.hosts is not None:  # backed off by any worker: the shared record
+            with contextlib.suppress(StoreError):
+                shared = await self.store.backoffs()
+                now = time.time()
+                for name in self.metrics.accounts:
+                    until = shared.get(name, (0.0, ""))[0]
+                    self.metrics.account_backoff.labels(name).set(1 if until > now else 0)
+        else:
+            for name, worker in self.scheduler.workers.items():
+                self.metrics.account_backoff.labels(name).set(1 if worker.backed_off else 0)
+        for worker in self.scheduler.workers.values():
             worker.ease_throttle(worker.mono())
         for name, transport in self.transports.items():
             self.metrics.connections_open.labels(name).set(transport.open_connections())
@@ -371,7 +390,7 @@ class App:
             auth = ListenerAuth(new.listen.auth)
         except (OSError, KeyError) as exc:
             raise ConfigError([f"listen.auth.users: cannot read a password: {exc}"]) from None
-        fresh = build_transports(new, self.metrics, names=changed)
+        fresh = build_transports(new, self.metrics, names=changed, hosts=self.hosts)
         try:
             workers = await self.scheduler.prepare_workers(new, fresh, changed | groups)
         except BaseException:

@@ -19,7 +19,7 @@ import aiosqlite
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay.app import App
+from relay.app import App, WorkerRole
 from relay.config.loading import parse_config
 from relay.config.schema import Config
 from tests.upstream import FakeUpstream
@@ -109,11 +109,13 @@ StartRelay = Callable[..., Awaitable[App]]
 
 @pytest.fixture
 async def start_relay() -> AsyncIterator[StartRelay]:
-    """start_relay(config) -> a started App (on free ports); all are shut down at the end."""
+    """start_relay(config) -> a started App (on free ports); all are shut down at the end.
+    ``worker``: one of several processes on the queue (two Apps on one file stand for two
+    workers of `relay serve --workers 2`)."""
     apps: list[App] = []
 
-    async def start(config: Config) -> App:
-        app = App(config, registry=CollectorRegistry())
+    async def start(config: Config, worker: WorkerRole | None = None) -> App:
+        app = App(config, registry=CollectorRegistry(), worker=worker)
         await app.startup()
         apps.append(app)
         return app

@@ -297,3 +297,22 @@ async def test_a_report_from_an_earlier_run_is_not_shown_as_current(
     assert data["accounts"]["outbox"]["health"]["state"] == "ok"
     assert "(the running server has reported no backoff since it started)" in (
         await Status(config, capsys).text())
+
+
+def test_with_several_workers_the_shared_backoff_is_the_accounts_state() -> None:
+    """Each worker's report says only what that worker saw last (and is ignored once its
+    process is gone): with workers, the backoff they share in the queue decides."""
+    workers = [(101, "supervisor"), (102, "worker 0"), (103, "worker 1")]
+    stale = report(AccountHealth("outbox", NOW + 50, 2, "421 down", reason="connect"))
+    health = {name: summarise(snapshot(
+        processes=workers, health=None if name == "gone" else stale,
+        backoffs={"gmail": (NOW + 600, "auth:3"), "outbox": (NOW - 1, "connect")},
+    ))["accounts"] for name in ("gone", "stale")}
+    gmail = health["gone"]["gmail"]["health"]
+    assert gmail["state"] == "auth_failing" and gmail["backoff_left_s"] == 600
+    assert gmail["last_error"] == "auth" and gmail["failures"] == 3
+    assert health["stale"]["outbox"]["health"]["state"] == "probing"
+    assert health["stale"]["outbox"]["health"]["last_error"] == "421 down"
+    # Another worker's probe got through (no shared row): ok, whatever a report says.
+    ok = summarise(snapshot(processes=workers, health=stale))["accounts"]["outbox"]
+    assert ok["health"]["state"] == "ok"

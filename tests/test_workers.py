@@ -4,11 +4,13 @@ workers on one port (SO_REUSEPORT) and one queue file, restarts, SIGTERM and SIG
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -61,6 +63,7 @@ def _subjects(up: FakeUpstream) -> list[bytes]:
 
 async def test_two_workers_share_the_port_and_deliver_each_message_once(
         tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Each receives and each delivers (any message, from the one queue file)."""
     config = write_config(tmp_path, upstream)
     relay, pids = await _spawn(tmp_path, config)
     try:
@@ -75,6 +78,8 @@ async def test_two_workers_share_the_port_and_deliver_each_message_once(
         # Both processes answered clients (the kernel spread the connections).
         ids = {text.split()[-1] for _, text in replies}
         assert len({i[11:17] for i in ids}) == 2, "the pid part of the ids: both workers"
+        await wait_until(lambda: sum(" delivered " in x for x in relay.lines) == 60, 10)
+        assert _deliverers(relay) == {0, 1}, relay.stderr
         status = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relay", "status", "--json", "--config", str(config),
             stdout=asyncio.subprocess.PIPE)
@@ -97,7 +102,7 @@ async def test_a_killed_worker_is_restarted_and_nothing_it_held_is_lost(
                                   sessions=4)
         assert all(code == 250 for code, _ in replies), replies
         await upstream.wait_for_messages(2, timeout=20)
-        os.kill(pids[0], signal.SIGKILL)  # worker 0 delivers
+        os.kill(pids[0], signal.SIGKILL)  # (every worker delivers)
         await wait_until(lambda: any("worker_restarted" in x for x in relay.lines), 20)
         upstream.delay("DATA", 0)
         await wait_until(lambda: set(_subjects(upstream))
@@ -225,8 +230,9 @@ async def test_queue_commands_act_while_several_workers_run(
 async def test_rate_limit_and_max_connections_hold_across_workers(
         tmp_path: Path, upstream: FakeUpstream) -> None:
     """Measured at the upstream: never more than per_second sends in any second, nor more
-    than max_connections connections, however many workers received the messages."""
-    upstream.delay("DATA", 0.05)
+    than max_connections connections, whichever workers received and send the messages.
+    Sends are slow (0.3 s at DATA): a send counts from its claim to its end."""
+    upstream.delay("DATA", 0.3)
     config = write_config(tmp_path, upstream, rate_limit={"per_second": 5},
                           pool={"max_connections": 2})
     relay, _ = await _spawn(tmp_path, config)
@@ -316,3 +322,145 @@ async def test_a_second_sigterm_skips_the_workers_drain_delay(
         assert time.monotonic() - started < 15  # not the 20 s drain delay
     finally:
         await relay.kill()
+
+
+# -- every worker delivers: limits held across them (relay.delivery.host) -----------------
+DELIVERED_BY = re.compile(r"delivered .* worker=(\d+)")
+
+
+def _deliverers(relay: RelayProcess) -> set[int]:
+    return {int(m.group(1)) for x in relay.lines if (m := DELIVERED_BY.search(x))}
+
+
+def _slot_owners(config: Path) -> list[str]:
+    queue = yaml.safe_load(config.read_text())["queue"]["path"]
+    with sqlite3.connect(queue) as db:
+        return [r[0] for r in db.execute("SELECT owner FROM slots WHERE account='up'")]
+
+
+async def test_max_connections_holds_across_three_delivering_workers(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Measured at the upstream: the most sessions logged in at once for the account."""
+    upstream.delay("DATA", 0.1)
+    config = write_config(tmp_path, upstream, pool={"max_connections": 2})
+    relay, _ = await _spawn(tmp_path, config, workers=3)
+    try:
+        replies = await send_many(relay.port, [message(f"p{i}") for i in range(20)],
+                                  sessions=15)
+        assert all(code == 250 for code, _ in replies), replies
+        await upstream.wait_for_messages(20, timeout=40)
+        assert sorted(_subjects(upstream)) == sorted(f"p{i}".encode() for i in range(20))
+        assert upstream.sessions_by_login_peak["user"] == 2, upstream.sessions_by_login_peak
+        assert upstream.connections_open_peak <= 2
+        await wait_until(lambda: sum(" delivered " in x for x in relay.lines) == 20, 10)
+        assert len(_deliverers(relay)) >= 2, relay.stderr
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()
+
+
+async def test_a_refused_login_costs_one_failed_login_per_backoff_step_for_the_host(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    upstream.fail_auth()
+    config = write_config(tmp_path, upstream,
+                          auth_backoff={"initial": "500ms", "max": "500ms"})
+    relay, _ = await _spawn(tmp_path, config, workers=3)
+    try:
+        replies = await send_many(relay.port, [message(f"a{i}") for i in range(15)],
+                                  sessions=15)
+        assert all(code == 250 for code, _ in replies), replies
+        assert len({text.split()[-1][11:17] for _, text in replies}) >= 2
+        await asyncio.sleep(2.0)
+        tries = upstream.times_of("AUTH")
+        # One login, then one probe per 0.5 s step: never two within a step, whichever
+        # of the three workers tries.
+        assert 2 <= len(tries) <= 5, tries
+        assert all(b - a >= 0.45 for a, b in itertools.pairwise(tries)), tries
+        assert upstream.auth_successes == 0 and upstream.messages == []
+        upstream.fail_auth(False)  # the password works again: the next probe gets through
+        await upstream.wait_for_messages(15, timeout=20)
+        await asyncio.sleep(0.5)
+        assert sorted(_subjects(upstream)) == sorted(f"a{i}".encode() for i in range(15))
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()
+
+
+async def test_a_worker_killed_mid_send_leaves_its_slot_and_claims_to_the_others(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """One connection for the host: the worker that holds it is SIGKILLed while the
+    upstream has its RCPT (the message not yet taken); another worker takes the slot at
+    once (its lease is minutes long) and every message arrives exactly once."""
+    upstream.delay("RCPT", 0.3)
+    config = write_config(tmp_path, upstream, pool={"max_connections": 1})
+    relay, pids = await _spawn(tmp_path, config, workers=3)
+    try:
+        replies = await send_many(relay.port, [message(f"x{i}") for i in range(8)],
+                                  sessions=8)
+        assert all(code == 250 for code, _ in replies), replies
+        await upstream.wait_for_messages(2, timeout=20)
+        await wait_until(lambda: len(upstream.times_of("RCPT")) > len(upstream.messages), 10)
+        (holder,) = _slot_owners(config)
+        victim = int(holder.split(":")[1])
+        assert victim in pids
+        os.kill(victim, signal.SIGKILL)
+        started = time.monotonic()
+        await upstream.wait_for_messages(8, timeout=30)
+        assert time.monotonic() - started < 20, "the slot waited for its lease"
+        await asyncio.sleep(0.5)
+        assert sorted(_subjects(upstream)) == sorted(f"x{i}".encode() for i in range(8))
+        assert upstream.sessions_by_login_peak["user"] == 1
+        assert all(f":{victim}:" not in owner for owner in _slot_owners(config))
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()
+
+
+async def test_a_backoff_shows_once_in_status_and_the_gauge_and_flush_ends_it_for_all(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    upstream.fail_auth()
+    config = write_config(tmp_path, upstream, auth_backoff={"initial": "1h", "max": "1h"})
+    data = yaml.safe_load(config.read_text())
+    metrics_port = free_port()
+    data["metrics"] = {"enabled": True, "host": "127.0.0.1", "port": metrics_port}
+    config.write_text(yaml.safe_dump(data))
+    relay, _ = await _spawn(tmp_path, config)
+
+    async def gauge() -> str:
+        async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            text = await response.text()
+        return next(x for x in text.splitlines() if x.startswith("relay_account_backoff{"))
+
+    async def relay_cli(*args: str) -> bytes:
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", *args, "--config", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await cli.communicate()
+        assert cli.returncode == 0
+        return out
+
+    try:
+        replies = await send_many(relay.port, [message(f"g{i}") for i in range(10)],
+                                  sessions=10)
+        assert len({text.split()[-1][11:17] for _, text in replies}) == 2, "both received"
+        await wait_until(lambda: upstream.auth_failures >= 1, 20)
+        await asyncio.sleep(1.0)  # both workers have tried to claim since
+        assert upstream.auth_failures == 1, "one login for the host, not one per worker"
+        assert await gauge() == 'relay_account_backoff{account="up"} 1.0'
+        health = json.loads(await relay_cli("status", "--json"))["accounts"]["up"]["health"]
+        assert health["state"] == "auth_failing" and health["backoff_left_s"] > 3000
+        upstream.fail_auth(False)
+        await relay_cli("queue", "flush")  # ends the backoff in every worker
+        await upstream.wait_for_messages(10, timeout=20)
+        await wait_until_async(
+            lambda: gauge_is(gauge, 'relay_account_backoff{account="up"} 0.0'), 10)
+        health = json.loads(await relay_cli("status", "--json"))["accounts"]["up"]["health"]
+        assert health["state"] == "ok"
+        assert await _stop(relay) == 0
+    finally:
+        await relay.kill()
+
+
+async def gauge_is(read: Callable[[], Awaitable[str]], line: str) -> bool:
+    return await read() == line

@@ -392,11 +392,16 @@ class FakeUpstream:
 
         self.messages: list[Received] = []
         self.connections_opened = 0
+        self.connection_times: list[float] = []  # time.monotonic() of each connection
         self.connections_open = 0
         self.connections_open_peak = 0  # the most open at once (pool.max_connections)
         self.auth_successes = 0
         self.auth_failures = 0
         self.connections_refused = 0  # by limit_connections()
+        # Sessions logged in now, and the most at once, per login (a provider's limit of
+        # concurrent connections per account).
+        self.sessions_by_login: collections.Counter[str] = collections.Counter()
+        self.sessions_by_login_peak: collections.Counter[str] = collections.Counter()
         self.commands: list[tuple[int, str]] = []  # (connection_id, VERB)
         self.command_times: list[float] = []  # time.monotonic() of each entry in commands
         self.ehlo_names: list[str] = []  # the name given in each EHLO, in order
@@ -523,6 +528,7 @@ class FakeUpstream:
 
     def _connection_made(self, session: _UpstreamSMTP) -> int:
         self.connections_opened += 1
+        self.connection_times.append(time.monotonic())
         self.connections_open += 1
         self.connections_open_peak = max(self.connections_open_peak, self.connections_open)
         self._sessions.add(session)
@@ -530,6 +536,9 @@ class FakeUpstream:
         return self.connections_opened
 
     def _connection_lost(self, session: _UpstreamSMTP) -> None:
+        login = getattr(session, "login", None)
+        if login is not None:
+            self.sessions_by_login[login] -= 1
         self.connections_open -= 1
         self._sessions.discard(session)
         self._notify()
@@ -546,6 +555,11 @@ class FakeUpstream:
         )
         if ok:
             self.auth_successes += 1
+            login = auth_data.login.decode()
+            server.login = login  # type: ignore[attr-defined]
+            self.sessions_by_login[login] += 1
+            self.sessions_by_login_peak[login] = max(self.sessions_by_login_peak[login],
+                                                     self.sessions_by_login[login])
             return AuthResult(success=True, auth_data=auth_data)
         self.auth_failures += 1
         # handled=False makes aiosmtpd send "535 5.7.8 Authentication

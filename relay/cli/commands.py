@@ -225,8 +225,8 @@ def _migrate_before_serving(config: Config) -> None:
 
 async def _serve_worker(config: Config, path: str | None,
                         from_environment: frozenset[str] = frozenset()) -> None:
-    """One of several processes: the port its parent chose, metrics and delivery only in
-    worker 0 (see relay.app.WorkerRole), and one byte on the ready pipe once serving."""
+    """One of several processes: the port its parent chose, metrics only in worker 0
+    (see relay.app.WorkerRole), and one byte on the ready pipe once serving."""
     from relay.app import WorkerRole
     from relay.supervisors.multiprocess import ENV_COUNT, ENV_INDEX, ENV_PORT, ENV_READY
 
@@ -237,7 +237,7 @@ async def _serve_worker(config: Config, path: str | None,
         update["metrics"] = config.metrics.model_copy(update={"enabled": False})
     ready = int(os.environ[ENV_READY])
     await _serve(config.model_copy(update=update), path,
-                 role=WorkerRole(shared=True, delivers=index == 0, index=index,
+                 role=WorkerRole(shared=True, index=index,
                                  count=int(os.environ[ENV_COUNT])),
                  ready_fd=ready,
                  parent=os.getppid(),

@@ -54,6 +54,7 @@ from relay.cli.common import (
 )
 from relay.config.schema import Config
 from relay.delivery.health import AccountHealth, HealthReport, decode
+from relay.delivery.host import decode_reason
 from relay.printable import escape
 from relay.queue.types import MessageState, QueuedMessage
 from relay.queue.urls import mask_url
@@ -87,6 +88,24 @@ class Snapshot:
     limits: Mapping[str, Sequence[tuple[str, float, int]]] = field(default_factory=dict)
     sends: Mapping[str, Sequence[float]] = field(default_factory=dict)
     processes: Sequence[tuple[int, str]] = ()  # (pid, role) of the relay processes on it
+    # account -> (until, reason): backoffs the workers of `relay serve --workers N` share
+    backoffs: Mapping[str, tuple[float, str]] = field(default_factory=dict)
+
+
+def _shared_health(snap: Snapshot, name: str, h: AccountHealth | None,
+                   result: dict[str, Any]) -> dict[str, Any]:
+    """With several workers the queue's shared backoff is the account's state (each
+    worker's report says only what that worker saw last); the report adds the detail."""
+    shared = snap.backoffs.get(name)
+    if shared is None:
+        return result
+    until, why, failures = decode_reason(*shared)
+    waiting = snap.now < until
+    state = "auth_failing" if why == "auth" else "backing_off" if waiting else "probing"
+    return {**result, "state": state, "backoff_until": _iso(until) if waiting else None,
+            "backoff_left_s": round(until - snap.now, 3) if waiting else None,
+            "failures": max(h.failures if h else 0, failures),
+            "last_error": h.last_error if h and h.last_error else why}
 
 
 def _iso(ts: float | None) -> str | None:
@@ -104,6 +123,8 @@ def account_health(snap: Snapshot, name: str) -> dict[str, Any]:
     h: AccountHealth | None = snap.health.accounts.get(name) if snap.health else None
     if h is not None:
         result["throttle_factor"] = h.throttle
+    if any(role.startswith("worker ") for _, role in snap.processes):
+        return _shared_health(snap, name, h, result)
     if h is None or h.failures == 0:
         return result
     assert snap.health is not None
@@ -359,6 +380,7 @@ async def gather(config: Config, now: float) -> Snapshot:
             sends={name: await store.recent_sends(name, now - max(w for _, w, _ in wins))
                    for name, wins in limits.items()},
             processes=await store.processes(),
+            backoffs=await store.backoffs(),
         )
     finally:
         await store.close()

@@ -20,6 +20,7 @@ from relay.delivery.bounce import build_dsn, needs_smtputf8
 from relay.delivery.events import event_body, event_types, message_id_of
 from relay.delivery.groups import Group, GroupTransport
 from relay.delivery.health import AccountHealth, HealthPublisher, decode
+from relay.delivery.host import HostAccounts
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.rewrite import Rewrite
@@ -64,8 +65,12 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        hosts: HostAccounts | None = None,
+        process: int | None = None,
     ) -> None:
         self.store = store
+        self.hosts = hosts  # several workers deliver: accounts shared through the queue
+        self.process = process  # this worker's index (--workers N), named in the log
         self.clock = clock
         self.mono = monotonic
         self.lease_sweep_s = LEASE_SWEEP_S
@@ -97,6 +102,11 @@ class Scheduler:
         acc = config.accounts[name]
         t = acc.timeouts
         auth = config.auth_backoff_for(name)
+        lease_s = t.connect + 4 * t.command + t.data + 60
+        host = None
+        if self.hosts is not None:  # slots are renewed with the longest claim lease
+            self.hosts.lease_s = max(self.hosts.lease_s, lease_s)
+            host = self.hosts.account(name, acc.pool.max_connections)
         return AccountWorker(
             name,
             transport,
@@ -104,8 +114,8 @@ class Scheduler:
             _retry_policy(config.retry_for(name)),
             RateLimiter(acc.rate_limit.windows(), acc.rate_limit.reserve_for_high),
             self.metrics,
-            concurrency=acc.pool.max_connections,
-            lease_s=t.connect + 4 * t.command + t.data + 60,
+            concurrency=acc.pool.max_connections if host is None else host.share,
+            lease_s=lease_s,
             clock=self.clock,
             rng=self.rng,
             bounce=self._make_bounce,
@@ -118,6 +128,8 @@ class Scheduler:
             rewrite=None if acc.rewrite is None else Rewrite(
                 acc.rewrite.envelope_from, acc.rewrite.header_from == "replace",
                 acc.rewrite.reply_to == "original"),
+            host=host,
+            process=self.process,
         )
 
     def _make_group_worker(self, name: str, config: Config) -> AccountWorker:
@@ -136,7 +148,9 @@ class Scheduler:
             concurrency=sum(m.pool.max_connections for m in members),
             lease_s=t.connect + 4 * t.command + t.data + 60,
             clock=self.clock, rng=self.rng, bounce=self._make_bounce,
+            events=self._make_events, events_written=lambda: self.events_written(),
             health=self.health.update, monotonic=self.mono, age_clock=self._age_now,
+            process=self.process,
         )
 
     def _clock_jump(self) -> float:
@@ -237,7 +251,14 @@ class Scheduler:
         if recovered:
             event(log, logging.WARNING, "recovered", count=recovered,
                   reason="messages being delivered when relay stopped are queued again")
-        previous = decode(await self.store.read_health())
+        # Workers share backoffs in the queue (kept across restarts): each follows those,
+        # not the last report, which may be another worker's and older.
+        previous = None if self.hosts else decode(await self.store.read_health())
+        if self.hosts is None:
+            # One process: its own backoffs are in its report; rows left by a run with
+            # several workers would hold its claims (it never takes their probe).
+            for name in await self.store.backoffs():
+                await self.store.clear_backoff(name)
         for worker in self.workers.values():
             health = previous.accounts.get(worker.name) if previous else None
             if health is not None and health.failures > 0:
@@ -319,6 +340,8 @@ class Scheduler:
         now = self.clock()
         for worker in self.workers.values():
             await self.store.renew(worker.held(), now + worker.lease_s)
+        if self.hosts is not None:  # connection slots and login turns, with the claims
+            await self.store.renew_slots(now + self.hosts.lease_s)
 
     async def _sweep_leases(self) -> None:
         """Requeue rows whose lease ran out without a restart (a delivery that died)."""

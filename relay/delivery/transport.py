@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from relay.errors import DeliveryError
+from relay.errors import DeliveryError, TemporaryFailure
 from relay.printable import escape
 
 
@@ -106,3 +106,43 @@ class Transcript:
 # around Transport.send; each send runs in a task of its own). None: not recorded.
 TRANSCRIPT: contextvars.ContextVar[Transcript | None] = contextvars.ContextVar(
     "relay_transcript", default=None)
+
+
+class SlotsHeldElsewhere(TemporaryFailure):
+    """No connection for this message in this process: the other workers hold every
+    connection slot of the account, and this one has none that could come back. The
+    message goes back to the queue unsent, for a worker with a connection."""
+
+    def __init__(self) -> None:
+        super().__init__("every connection slot is held by other workers", offered=False)
+
+
+class HostShare(Protocol):
+    """An account's connections and logins as every worker process shares them
+    (relay.delivery.host.HostAccount): the pool holds a slot for each connection it has
+    open, and logs in only in the host's login turn."""
+
+    @property
+    def share(self) -> int:
+        """The most connections this process opens (its part of max_connections)."""
+
+    @property
+    def starved(self) -> bool:
+        """The last connection wanted found every slot held by other processes."""
+
+    async def try_slot(self) -> int | None:
+        """A connection slot of the host's pool.max_connections, or None: all are held
+        by other processes."""
+
+    async def take_slot(self) -> int:
+        """A connection slot of the host's pool.max_connections; waits for one."""
+
+    async def give_slot(self, slot: int) -> None:
+        """The connection on ``slot`` closed. Never raises."""
+
+    async def begin_login(self) -> None:
+        """Wait for the host's login turn; TemporaryFailure while the account backs off."""
+
+    async def end_login(self, refused_hold_s: float | None) -> None:
+        """End the turn; ``refused_hold_s``: the login was refused, no process logs in for
+        that long."""

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from relay.delivery.bounce import should_bounce
 from relay.delivery.health import AccountHealth, HealthHook
+from relay.delivery.host import HostAccount, SharedBackoff
 from relay.delivery.outcome import accepted_so_far, settle
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.refusals import login_refused
@@ -27,7 +28,14 @@ from relay.delivery.retry import RetryPolicy
 from relay.delivery.rewrite import Rewrite
 from relay.delivery.sync import sync_refusal
 from relay.delivery.throttle import Throttle, named_wait, slow_down_reply
-from relay.delivery.transport import TRANSCRIPT, PoolControl, SendResult, Transcript, Transport
+from relay.delivery.transport import (
+    TRANSCRIPT,
+    PoolControl,
+    SendResult,
+    SlotsHeldElsewhere,
+    Transcript,
+    Transport,
+)
 from relay.errors import DeliveryError, StoreError, TemporaryFailure, TokenRefused
 from relay.observe.logs import event
 from relay.observe.metrics import Metrics
@@ -49,6 +57,11 @@ INTERRUPTED = "interrupted by shutdown; may have been delivered"
 # How often a further transaction waiting for the rate limit looks again (a send under
 # way that ends does not wake it).
 _PACE_POLL_S = 0.05
+# While another worker probes an account whose backoff ended, how often to look again.
+PROBE_WAIT_S = 0.25
+# After giving a message back because the other workers held every connection slot, how
+# long this worker claims nothing more of the account (they deliver meanwhile).
+SLOTS_WAIT_S = 1.0
 # Builds the bounce for a message's newly failed recipients (None: no bounce).
 Bounce = Callable[[QueuedMessage, list[Recipient], bytes], NewMessage | None]
 # Builds the webhook events of an outcome (message, result, its bounce, the body).
@@ -122,14 +135,21 @@ class AccountWorker:
         monotonic: Callable[[], float] = time.monotonic,
         age_clock: Callable[[float], float] | None = None,
         rewrite: Rewrite | None = None,
+        host: HostAccount | None = None,
+        process: int | None = None,
     ) -> None:
         self.name = name
         self.rewrite = rewrite  # accounts.NAME.rewrite: applied to what is sent only
+        self.process = process  # which worker process this is (--workers N), for the log
+        self.host = host  # the account's backoff and probe, shared with the other workers
         self.bounce = bounce
         self.events = events  # the outcome's webhook events, written with it
         self.events_written = events_written  # told once they are committed
         self.health = health  # told of each change of backoff, for `relay status`
         self.transport = transport
+        # Looked up once: isinstance against a runtime Protocol costs ~10 us, and
+        # _capacity runs several times per message (profiled with two workers).
+        self._pool = transport if isinstance(transport, PoolControl) else None
         self.store = store
         self.policy = policy
         self.limiter = limiter
@@ -156,6 +176,7 @@ class AccountWorker:
         # spend their budget early and gain nothing at their pace).
         self.prefetch = 0 if limiter.limited else concurrency
         self.backoff_until = 0.0  # monotonic
+        self.slots_wait_until = 0.0  # monotonic: see SlotsHeldElsewhere
         # `relay accounts pause`: the claim statement refuses this account's messages
         # anyway; the flag lets the worker sleep instead of polling due messages.
         self.paused = False
@@ -225,8 +246,8 @@ class AccountWorker:
     def _capacity(self) -> int:
         """Sends at once: the pool size, less while the server refuses more connections,
         and less while it asked us to slow down (the throttle's factor)."""
-        if isinstance(self.transport, PoolControl):
-            return self.throttle.scale(min(self.concurrency, self.transport.capacity))
+        if self._pool is not None:
+            return self.throttle.scale(max(1, min(self.concurrency, self._pool.capacity)))
         return self.throttle.scale(self.concurrency)
 
     def _wall_at(self, mono_at: float) -> float:
@@ -238,6 +259,15 @@ class AccountWorker:
         now = self.clock()
         mono = self.mono()
         notices = self._notices
+        if self.host is not None and not self.paused:
+            if mono < self.slots_wait_until and not self.in_flight:
+                return self.slots_wait_until - mono  # the other workers hold the connections
+            wait = await self._follow_host(await self.host.backoff(), now, mono)
+            if wait is not None:
+                return wait
+        return await self._dispatch_now(now, mono, notices)
+
+    async def _dispatch_now(self, now: float, mono: float, notices: int) -> float | None:
         if mono < self.backoff_until:
             if not self.in_flight and not self.settling and not self.ready:
                 due = await self.store.next_due_at(self.name)
@@ -283,6 +313,62 @@ class AccountWorker:
                 self._held = True
             return hold
         return 0.05
+
+    async def _follow_host(self, shared: SharedBackoff | None, now: float, mono: float
+                           ) -> float | None:
+        """Take on the account's backoff as the other workers left it (``shared``: until,
+        reason), before claiming: adopt a backoff another worker decided, forget one that
+        another's probe ended, and once it is over probe only if this worker holds the
+        probe. Returns how long to wait instead of claiming, or None."""
+        assert self.host is not None
+        if shared is None:
+            if self.backoff_failures and not self.host.writing:
+                self._forget_backoff()  # another worker's probe got through, or a flush
+            return None
+        self._count(shared)  # one send at a time, and the next step as the host's
+        if shared.until > now:
+            self._adopt(shared, now, mono)
+            return None
+        if mono < self.backoff_until:
+            return None  # our own view ends later: wait for it as before
+        if await self.host.take_probe(self.lease_s):
+            return None  # this worker probes: one message
+        return PROBE_WAIT_S  # another worker probes: its result decides
+
+    def _count(self, shared: SharedBackoff) -> None:
+        """Failures in a row as the host counts them: whichever worker probes next and
+        fails takes the next step (a longer wait), not its own first one again."""
+        self.backoff_failures = max(self.backoff_failures, shared.failures)
+        if shared.why == "auth":
+            self.auth_failures = max(self.auth_failures, shared.failures)
+
+    def _adopt(self, shared: SharedBackoff, now: float, mono: float) -> None:
+        """Back off until ``shared.until`` (wall) as another worker decided, without a
+        step of our own: no count, no new delay."""
+        until = shared.until
+        if mono + (until - now) <= self.backoff_until + 0.5:  # ours, or no later than ours
+            return
+        self.backoff_until = mono + (until - now)
+        self.resume_at = until
+        self.last_account_error = self.last_account_error or shared.why
+        event(log, logging.INFO, "account_backoff_shared", account=self.name, why=shared.why,
+              until=_iso(until))
+        self._unclaim_ready(now, due_at=until)
+        if self.health is not None:
+            self.health(AccountHealth(self.name, until, self.backoff_failures,
+                                      self.last_account_error, shared.why == "auth",
+                                      shared.why))
+
+    def _forget_backoff(self) -> None:
+        self.backoff_failures = self.auth_failures = 0
+        self.backoff_until = 0.0
+        self.last_account_error = ""
+        if isinstance(self.transport, PoolControl):
+            self.transport.end_login_hold()
+        event(log, logging.INFO, "account_recovered", account=self.name,
+              by="another worker")
+        if self.health is not None:
+            self.health(AccountHealth(self.name, self.clock(), 0))
 
     def _rest_paused(self, now: float, notices: int) -> None:
         """Paused: give back what was claimed before the pause was seen, unsent, and
@@ -429,6 +515,7 @@ class AccountWorker:
         body = b""
         transcript = Transcript()
         TRANSCRIPT.set(transcript)  # this task's own: the SMTP edge records into it
+        unsent = False
         try:
             body = await self.store.load_body(message.id)
             sender, outgoing = message.sender, body  # the bounce quotes what was queued
@@ -438,6 +525,8 @@ class AccountWorker:
                 sender, message.pending_recipients, outgoing, message.mail_options,
                 pace=functools.partial(self._between, message),
             )
+        except SlotsHeldElsewhere:
+            unsent = True
         except DeliveryError as exc:
             sent = exc
         except StoreError as exc:
@@ -446,9 +535,25 @@ class AccountWorker:
             log.exception("unexpected error delivering %s", message.id)
             sent = TemporaryFailure(f"internal error: {type(exc).__name__}")
         finally:
-            self.limiter.complete(self.mono())  # counts from its end: see ratelimit
+            if not unsent:
+                self.limiter.complete(self.mono())  # counts from its end: see ratelimit
+        if unsent:
+            # Never sent, not an attempt: back to the queue for a worker that has a
+            # connection, and this one claims nothing of the account for a moment.
+            self.slots_wait_until = self.mono() + SLOTS_WAIT_S
+            self._unclaim([message.id], self.clock())
+            self._unclaim_ready(self.clock())
+            return
         now = self.clock()
         self._note_slow_down(sent)
+        if self.host is not None and account_error(sent) is not None:
+            # Another worker may have backed the account off meanwhile (this send was held
+            # by it, or failed alike): follow that backoff rather than add a step.
+            with contextlib.suppress(StoreError):
+                shared = await self.host.backoff(fresh=True)
+                if shared is not None and shared.until > now:
+                    self._count(shared)
+                    self._adopt(shared, now, self.mono())
         resume_at = self._account_health(sent, now)
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
                         resume_at=resume_at, age_now=self.age_clock(now))
@@ -610,6 +715,8 @@ class AccountWorker:
             self.last_account_error = ""
             if recovered and self.health is not None:
                 self._publish(AccountHealth(self.name, self._wall_at(self.backoff_until), 0))
+            if recovered and self.host is not None:
+                self.host.recovered()  # the other workers send again too
             return None
         refused_login = isinstance(failure, TokenRefused) or (
             failure.code is not None and login_refused(failure.code, failure.enhanced))
@@ -629,6 +736,9 @@ class AccountWorker:
         resume_at = self.resume_at = now + delay
         self.last_account_error = failure.reply_text()
         self.metrics.account_backoffs.labels(self.name, reason).inc()
+        if self.host is not None:
+            self.host.backed_off(resume_at, reason,
+                                 self.auth_failures if auth else self.backoff_failures)
         event(log, logging.ERROR if auth else logging.WARNING,
               "account_auth_failed" if auth else "account_backoff", account=self.name,
               relay=self.transport.peer, reason=failure.reply_text(), why=reason,
@@ -689,16 +799,17 @@ class AccountWorker:
             event(log, logging.INFO, "delivered", message.id, account=account, relay=peer,
                   delay=f"{result.at - message.created_at:.3f}", attempt=result.attempts,
                   reply=result.reply,
-                  failed_recipients=sum(r.state == "failed" for r in result.recipients) or None)
+                  failed_recipients=sum(r.state == "failed" for r in result.recipients) or None,
+                  worker=self.process)
         elif result.state is MessageState.DEFERRED:
             self.metrics.deferred.labels(account).inc()
             event(log, logging.WARNING, "deferred", message.id, account=account, relay=peer,
                   attempt=result.attempts, reason=result.last_error,
-                  next_attempt=_iso(result.next_attempt_at))
+                  next_attempt=_iso(result.next_attempt_at), worker=self.process)
         else:
             self.metrics.failed.labels(account).inc()
             event(log, logging.WARNING, "failed", message.id, account=account, relay=peer,
-                  attempt=result.attempts, reason=result.last_error)
+                  attempt=result.attempts, reason=result.last_error, worker=self.process)
         if result.outcome == "partial":
             self._report_recipients(message, result, peer)
 

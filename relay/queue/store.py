@@ -150,6 +150,30 @@ class QueueStore(Protocol):
         """Whether this process exports the queue-wide gauges (relay_queue_messages, the
         oldest message's age): of several relays on one shared queue only one does, so a
         sum over relays counts each message once."""
+    # Connection slots: pool.max_connections of an account across every process. A slot
+    # is held from before a connection opens until it closes, under a lease renewed with
+    # the claims' (renew_slots); a dead owner's slots are free at once (requeue_expired).
+    async def take_slot(self, account: str, most: int, lease_until: float, now: float
+                        ) -> int | None:
+        """A free connection slot number in [0, ``most``), now held by this owner; None
+        while all ``most`` are held by live owners under lease."""
+    async def give_slot(self, account: str, slot: int) -> None:
+        """This owner's connection on ``slot`` closed."""
+    async def renew_slots(self, lease_until: float) -> int:
+        """Extend every slot this owner holds; how many it holds."""
+    # Account backoff shared by every process, and one probe at a time once it ends.
+    async def set_backoff(self, account: str, until: float, reason: str) -> None:
+        """Back ``account`` off for every process until ``until`` (epoch; the later of this
+        and one already set) because of ``reason``; the probe, if any, is over."""
+    async def clear_backoff(self, account: str) -> None:
+        """The account works again (a probe got through); `queue flush` clears them all."""
+    async def backoffs(self) -> dict[str, tuple[float, str]]:
+        """account -> (until, reason) of every account backed off or waiting for a probe."""
+    async def take_probe(self, account: str, lease_until: float, now: float) -> bool:
+        """True for the one process that may send to ``account`` now: its backoff is over
+        and no other live process holds the probe under lease (the probe is then this
+        owner's until ``lease_until``), or the account is not backed off at all. A claim
+        takes nothing of an account backed off, or probed by another process."""
     async def processes(self) -> list[tuple[int, str]]:
         """(pid, role) of the relay processes on this queue now: 'serve', 'supervisor',
         'worker N' (for `relay status`)."""

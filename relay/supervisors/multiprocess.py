@@ -3,8 +3,9 @@
 Each worker is ``python -m relay serve`` with the same config file, told by environment
 variables which worker it is (RELAY_WORKER_INDEX), which port to bind with SO_REUSEPORT
 (RELAY_WORKER_PORT: the parent resolves port 0 once and holds it, so all bind the same
-one) and which pipe to write one byte to once it is serving (RELAY_READY_FD). Worker 0
-also delivers (relay.app.WorkerRole); the others only receive.
+one) and which pipe to write one byte to once it is serving (RELAY_READY_FD). Every
+worker delivers, sharing each account's limits through the queue (relay.delivery.host);
+worker 0 also serves metrics.
 
 The parent holds the queue's exclusive lock (a second `relay serve` on the same queue is
 refused, as before) and opens the queue itself: when a worker dies, its claims go back

@@ -123,3 +123,4 @@ class Connection:
     sent: int = 0
     last_used: float = field(default_factory=time.monotonic)
     expiry: asyncio.TimerHandle | None = None
+    slot: int | None = None  # its connection slot when workers share the pool (HostShare)

@@ -36,7 +36,14 @@ from relay.delivery.smtp.errors import (
     too_many_recipients,
 )
 from relay.delivery.smtp.tokens import TokenSource
-from relay.delivery.transport import TRANSCRIPT, Pace, SendResult, Transcript
+from relay.delivery.transport import (
+    TRANSCRIPT,
+    HostShare,
+    Pace,
+    SendResult,
+    SlotsHeldElsewhere,
+    Transcript,
+)
 from relay.errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
 from relay.smtp import wire as smtpwire
 from relay.smtp.wire import Reply
@@ -53,6 +60,16 @@ NOOP_AFTER_IDLE_S = 5.0
 # After the server refused a connection at the greeting (421, "too many connections from
 # your host": Postfix smtpd_client_connection_count_limit), try one more this much later.
 CAPACITY_PROBE_S = 10.0
+
+
+# With several workers sharing the account's connections, an idle one keeps its slot at
+# most this long: another worker may be waiting for it (pool.idle_timeout is per process).
+SHARED_IDLE_S = 2.0
+# How often a send that found every shared slot taken tries again (unless one of this
+# process's connections comes back first), and how long it waits when this process has
+# no connection to the account at all before it gives the message back to the queue.
+SLOT_POLL_S = 0.1
+SLOT_GIVE_UP_S = 0.5
 
 
 # SASL mechanisms relay can use with a password, strongest first (aiosmtplib's order);
@@ -211,14 +228,16 @@ class UpstreamPool:
         local_hostname: str | None = None,
         on_connect: Callable[[], None] | None = None,
         login_hold_s: float = 60.0,
+        host: HostShare | None = None,
     ) -> None:
-        """``local_hostname``: the top-level hostname; None: an address literal."""
+        """``local_hostname``: the top-level hostname; None: an address literal.
+        ``host``: the account's connections and logins are shared with other workers."""
         self.name = name
         self.account = account
         self._ehlo_name = account.ehlo_name or local_hostname
         self._on_connect = on_connect
         self._tls_context = _tls_context(name, account)
-        self._limit = _Slots(account.pool.max_connections)
+        self._limit = _Slots(account.pool.max_connections if host is None else host.share)
         # AUTH: until a login has worked, connections log in one at a time, and one that
         # waited while another's login was refused does not try at all (11.3).
         self._login_lock = asyncio.Lock()
@@ -234,6 +253,10 @@ class UpstreamPool:
         self._busy: set[Connection] = set()
         self._closing: set[asyncio.Task[None]] = set()  # QUITs under way, kept referenced
         self._closed = False
+        self._host = host
+        self._returned = asyncio.Event()  # a connection went back to the idle list
+        self._idle_s = account.pool.idle_timeout if host is None else min(
+            account.pool.idle_timeout, SHARED_IDLE_S)
 
     @property
     def peer(self) -> str:
@@ -244,7 +267,11 @@ class UpstreamPool:
 
     @property
     def capacity(self) -> int:
-        """How many connections the server lets us have now (at most max_connections)."""
+        """How many connections the server lets us have now (at most max_connections),
+        and, with workers sharing them, no more than this process holds while the others
+        hold every other one."""
+        if self._host is not None and self._host.starved:
+            return max(1, min(self._limit.size, self.open_connections()))
         return self._limit.size
 
     def _too_many_connections(self, exc: DeliveryError) -> bool:
@@ -260,7 +287,22 @@ class UpstreamPool:
         self._limit.lower(others)
         return True
 
-    async def _connect(self) -> Connection:
+    async def _connect(self, slot: int | None = None) -> Connection:
+        """A new connection, holding a slot of the host's pool while workers share it
+        (``slot``, or one waited for)."""
+        if self._host is None:
+            return await self._login_and_open()
+        if slot is None:
+            slot = await self._host.take_slot()
+        try:
+            conn = await self._login_and_open()
+        except BaseException:
+            await self._host.give_slot(slot)
+            raise
+        conn.slot = slot
+        return conn
+
+    async def _login_and_open(self) -> Connection:
         if not self.account.username or self._login_proven:
             return await self._open()
         refused = self._logins_refused
@@ -270,7 +312,16 @@ class UpstreamPool:
                 # spend another failed login on the same password.
                 raise TemporaryFailure("not logging in: the account's last login was refused",
                                        account_reason="auth")
-            return await self._open()
+            if self._host is None:
+                return await self._open()
+            # Not proven in this process: in the host's login turn, so the other workers
+            # learn of a refusal before they try the same password.
+            await self._host.begin_login()
+            try:
+                return await self._open()
+            finally:
+                await self._host.end_login(
+                    self._login_hold_s if self._logins_refused != refused else None)
 
     def end_login_hold(self) -> None:
         """Allow the next login now (`relay queue flush` ends the account's backoff)."""
@@ -375,12 +426,40 @@ class UpstreamPool:
 
     async def _acquire(self) -> tuple[Connection, bool]:
         """A live connection, and whether it was reused from the pool."""
+        since = time.monotonic()
+        while True:
+            conn = await self._reuse()
+            if conn is not None:
+                return conn, True
+            slot = None
+            if self._host is not None:
+                slot = await self._host.try_slot()
+                if slot is None and not self.open_connections() \
+                        and time.monotonic() - since >= SLOT_GIVE_UP_S:
+                    raise SlotsHeldElsewhere  # a worker with a connection will send it
+                if slot is None:
+                    # The other workers hold every slot: the first of ours to come back,
+                    # or of theirs to be given back, carries this message.
+                    self._returned.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(SLOT_POLL_S):
+                            await self._returned.wait()
+                    continue
+            try:
+                return await self._connect(slot), False
+            except DeliveryError as exc:
+                if not self._too_many_connections(exc):
+                    raise
+            await self._wait_for_ours()
+
+    async def _reuse(self) -> Connection | None:
+        """An idle connection that still works, if there is one."""
         while self._idle:
             conn = self._idle.pop()
             if conn.expiry:
                 conn.expiry.cancel()
             if not conn.channel.is_connected:
-                conn.channel.close()
+                await self._closed_now(conn)
                 continue
             if time.monotonic() - conn.last_used > NOOP_AFTER_IDLE_S:
                 try:
@@ -388,20 +467,14 @@ class UpstreamPool:
                 except (OSError, TimeoutError):
                     reply = None
                 if reply is None or reply.code != 250:
-                    conn.channel.close()
+                    await self._closed_now(conn)
                     continue
             transcript = TRANSCRIPT.get()
             if transcript is not None:
                 transcript.note(f"reused connection to {self.peer}"
                                 f" ({conn.sent} message(s) sent on it before)")
-            return conn, True
-        try:
-            return await self._connect(), False
-        except DeliveryError as exc:
-            if not self._too_many_connections(exc):
-                raise
-        await self._wait_for_ours()
-        return await self._acquire()
+            return conn
+        return None
 
     async def _wait_for_ours(self) -> None:
         """Give our slot up until one of our connections is free (the pool is smaller)."""
@@ -420,9 +493,10 @@ class UpstreamPool:
             return
         conn.last_used = time.monotonic()
         conn.expiry = asyncio.get_running_loop().call_later(
-            pool.idle_timeout, self._expire, conn
+            self._idle_s, self._expire, conn
         )
         self._idle.append(conn)
+        self._returned.set()
 
     def _expire(self, conn: Connection) -> None:
         if conn in self._idle:
@@ -438,7 +512,14 @@ class UpstreamPool:
         if conn.channel.is_connected:
             with contextlib.suppress(OSError, TimeoutError):
                 await conn.channel.command(b"QUIT\r\n", 5)
+        await self._closed_now(conn)
+
+    async def _closed_now(self, conn: Connection) -> None:
+        """Close ``conn`` and give its host slot back (the connection is gone)."""
         conn.channel.close()
+        slot, conn.slot = conn.slot, None
+        if slot is not None and self._host is not None:
+            await self._host.give_slot(slot)
 
     async def send(
         self, sender: str, recipients: list[str], body: bytes, mail_options: tuple[str, ...],
@@ -702,7 +783,7 @@ class UpstreamPool:
         await asyncio.gather(*(self._quit(c) for c in idle), *self._closing,
                              return_exceptions=True)
         for conn in list(self._busy):
-            conn.channel.close()
+            await self._closed_now(conn)
 
 
 async def _greeted(client: aiosmtplib.SMTP, connect_s: float,

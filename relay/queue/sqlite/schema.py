@@ -136,12 +136,33 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_due ON events (next_attempt_at);
 """
+_V6 = """
+-- Connection slots: a row per upstream connection open (or being opened) to an account,
+-- held by one process under a lease, so pool.max_connections holds across processes.
+CREATE TABLE IF NOT EXISTS slots (
+    account TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    lease_until REAL NOT NULL,
+    PRIMARY KEY (account, slot)
+) WITHOUT ROWID;
+-- Accounts backed off as a whole (down, login refused, quota), for every process: until
+-- when, why, and which process may probe once it ends (one at a time across the host).
+CREATE TABLE IF NOT EXISTS backoffs (
+    account TEXT PRIMARY KEY,
+    until REAL NOT NULL,
+    reason TEXT NOT NULL,
+    probe_owner TEXT,
+    probe_until REAL
+);
+"""
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "messages, bodies, attempts and meta", _V1),
     (2, "send times kept for rate limits", _V2),
     (3, "per-state counts kept by triggers, indexes for pruning", _V3),
     (4, "the owner of a claim (several processes on one queue)", _V4),
     (5, "dedup keys, the webhook events outbox, each attempt's transcript", _V5),
+    (6, "connection slots and account backoffs shared by the processes on one queue", _V6),
 )
 VERSIONS = tuple(version for version, _, _ in MIGRATIONS)
 SCHEMA_VERSION = check_numbering(VERSIONS)
@@ -212,6 +233,12 @@ _PER_LEVEL = (
 )
 
 
+# An account backed off (by any process) claims nothing until its backoff ends; then
+# only the process that holds its probe does (QueueStore.take_probe).
+_NOT_BACKED_OFF = (" AND NOT EXISTS (SELECT 1 FROM backoffs WHERE account = :a"
+                   " AND (until > :now OR probe_owner IS NOT :owner))")
+
+
 def _claim_sql(levels: Iterable[Priority]) -> str:
     return (
         "UPDATE messages SET state='sending', lease_until=:lease, owner=:owner,"
@@ -221,6 +248,7 @@ def _claim_sql(levels: Iterable[Priority]) -> str:
         + ") LIMIT :n)"
         # A paused account (`relay accounts pause`) claims nothing, in whichever process.
         + f" AND NOT EXISTS (SELECT 1 FROM meta WHERE key = '{PAUSED_PREFIX}' || :a)"
+        + _NOT_BACKED_OFF
         + f" RETURNING {COLUMNS}"
     )
 
@@ -234,5 +262,6 @@ CLAIM_ONE_SQL = (
     "UPDATE messages SET state='sending', lease_until=:lease, owner=:owner, updated_at=:now"
     f" WHERE id=:id AND account=:a AND state IN {READY} AND next_attempt_at<=:now"
     f" AND NOT EXISTS (SELECT 1 FROM meta WHERE key = '{PAUSED_PREFIX}' || :a)"
+    f"{_NOT_BACKED_OFF}"
     f" RETURNING {COLUMNS}"
 )

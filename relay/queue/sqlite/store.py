@@ -59,6 +59,7 @@ from relay.queue.sqlite.schema import (
     map_sqlite_error,
     recipients_json,
 )
+from relay.queue.sqlite.shared import HostLimits
 from relay.queue.sqlite.writer import (
     ClaimDue,
     Enqueue,
@@ -98,7 +99,8 @@ def server_lock_path(queue: Path) -> Path:
     return queue.with_name(queue.name + ".lock")
 
 
-class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox):
+class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox,
+                  HostLimits):
     """The embedded queue. ``commit='per-message'`` syncs each write on its own;
     ``migrate``: open() brings an older file to SCHEMA_VERSION instead of refusing it."""
 
@@ -546,7 +548,10 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox):
         still on them). A live process's claims under lease are never touched."""
         rows = await self._fetch(
             "SELECT id, owner, lease_until < ? FROM messages WHERE state='sending'", (now,))
-        dead = self._owners.dead({r[1] or "" for r in rows})
+        holders = {str(r[0]) for r in await self._fetch(self._holders())}
+        dead = self._owners.dead({r[1] or "" for r in rows} | holders)
+        # Their connection slots and probes too (relay.queue.sqlite.shared).
+        await self.execute(self._free_held(dead & holders, now))
         kept = set(keep)
         sql = ("UPDATE messages SET state='queued', lease_until=NULL, owner=NULL,"
                " updated_at=? WHERE id=? AND state='sending' AND owner IS ?")
@@ -665,7 +670,11 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox):
         )
 
     async def request_flush(self, at: float) -> None:
-        await self.set_meta(FLUSH_KEY, repr(at))
+        """Also ends every account's backoff, for every process (the shared rows go)."""
+        await self.execute(
+            [("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE"
+              " SET value=excluded.value", (FLUSH_KEY, repr(at))),
+             ("DELETE FROM backoffs", ())])
 
     async def flush_requested(self) -> str | None:
         return await self.get_meta(FLUSH_KEY)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,14 @@ class Statements(Op):
     statements: list[tuple[str, tuple[Any, ...]]] = field(kw_only=True)
 
 
+@dataclass
+class Transact(Op):
+    """A read-then-write decided inside the batch's transaction (a connection slot, an
+    account's probe): ``run(db)`` is the result; no other process writes in between."""
+
+    run: Callable[[sqlite3.Connection], Any] = field(kw_only=True)
+
+
 def settle(batch: list[Op], error: StoreError | None) -> None:
     for op in batch:
         if op.future.done():
@@ -135,16 +144,23 @@ def _first_of(db: sqlite3.Connection, m: NewMessage) -> str | None:
     return None
 
 
-def apply(db: sqlite3.Connection, batch: list[Op]) -> None:
+def _new_messages(db: sqlite3.Connection, batch: list[Op]) -> list[NewMessage]:
+    """The batch's enqueued messages to insert: each Enqueue's result is the id holding
+    each of its messages (with dedup, maybe one accepted before: then not inserted)."""
     enqueues = []
     for op in batch:
-        if isinstance(op, Enqueue):  # result: the id holding each of op.messages
+        if isinstance(op, Enqueue):
             op.result = []
             for m in op.messages:
                 first = _first_of(db, m)
                 op.result.append(first or m.id)
                 if first is None:
                     enqueues.append(m)
+    return enqueues
+
+
+def apply(db: sqlite3.Connection, batch: list[Op]) -> None:
+    enqueues = _new_messages(db, batch)
     if enqueues:
         _insert(db, enqueues)
     finishes = [op for op in batch if isinstance(op, Finish)]
@@ -159,6 +175,8 @@ def apply(db: sqlite3.Connection, batch: list[Op]) -> None:
             op.result = [db.execute(sql, params).rowcount for sql, params in op.statements]
         elif isinstance(op, Import):
             op.result = _import(db, op.messages)
+        elif isinstance(op, Transact):
+            op.result = op.run(db)
 
 
 def _import(db: sqlite3.Connection, messages: list[ExportedMessage]) -> tuple[int, int]:
