@@ -109,10 +109,10 @@ class Exchange:
                 if m.attempts_log:
                     async with conn.cursor() as cur:
                         await cur.executemany(
-                            "INSERT INTO attempts (message_id, account, at, outcome, reply)"
-                            " VALUES (%s, %s, %s, %s, %s)",
-                            [(m.id, a.account, a.at, a.outcome, a.reply)
-                             for a in m.attempts_log])
+                            "INSERT INTO attempts (message_id, account, at, outcome, reply,"
+                            " transcript) VALUES (%s, %s, %s, %s, %s, %s)",
+                            [(m.id, a.account, a.at, a.outcome, a.reply,
+                              "\n".join(a.transcript)) for a in m.attempts_log])
         return imported
 
     async def export_sends(self) -> AsyncGenerator[tuple[str, float], None]:
@@ -151,8 +151,10 @@ async def _attempts(conn: AsyncConnection[Any], ids: list[str]
     """The attempt records of ``ids``, each message's in order."""
     found: dict[str, list[ExportedAttempt]] = {}
     cur = await conn.execute(
-        "SELECT message_id, at, account, outcome, reply FROM attempts"
+        "SELECT message_id, at, account, outcome, reply, transcript FROM attempts"
         " WHERE message_id = ANY(%s) ORDER BY at, seq", (ids,))
-    for message_id, at, account, outcome, reply in await cur.fetchall():
-        found.setdefault(message_id, []).append(ExportedAttempt(at, account, outcome, reply))
+    for message_id, at, account, outcome, reply, transcript in await cur.fetchall():
+        lines = tuple(transcript.split("\n")) if transcript else ()
+        found.setdefault(message_id, []).append(
+            ExportedAttempt(at, account, outcome, reply, lines))
     return found
