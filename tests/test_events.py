@@ -22,9 +22,9 @@ from relay.delivery.outcome import settle
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import SendResult
 from relay.errors import ConfigError
-from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.types import NewEvent, NewMessage, Priority, new_queue_id
 from tests.conftest import (
+    MakeStore,
     StartRelay,
     message,
     metric,
@@ -282,14 +282,13 @@ def test_check_config_names_an_unset_webhook_secret_and_shows_durations_as_text(
 
 
 async def test_events_are_written_only_with_the_outcome_and_claimed_by_one_owner(
-    tmp_path: Path,
+    make_store: MakeStore,
 ) -> None:
-    """Store level, two owners on one queue file: a stale owner's refused outcome writes
+    """Store level (both stores), two owners on one queue: a stale owner's refused outcome writes
     no event; an outbox row claimed by one owner is not claimed by the other until its
     lease ends; settling is the holder's alone."""
-    path = tmp_path / "queue.sqlite3"
-    a = SQLiteStore(path, lock=False, owner="worker-a")
-    b = SQLiteStore(path, lock=False, owner="worker-b")
+    a = make_store(lock=False, owner="worker-a")
+    b = make_store(lock=False, owner="worker-b")
     await a.open()
     await b.open()
     try:
