@@ -124,23 +124,28 @@ class Exchange:
                     yield str(account), float(at)
 
     async def import_sends(self, sends: AsyncIterable[tuple[str, float]]) -> int:
-        """Record send times; one already recorded (same account and time) is not doubled."""
+        """Record send times, each as it is: sends at one time (several finishes in one
+        clock tick) all count. Only a time already recorded as often (the same export
+        imported again) is not doubled. Equal times stay in one window (the export
+        comes ordered by account and time), so the count covers all of them."""
         added = 0
         window: list[tuple[str, float]] = []
 
         async def commit() -> int:
             rows = await self._fetch(
-                "INSERT INTO sends (account, at) SELECT DISTINCT a, t"
-                " FROM unnest(%s::text[], %s::float8[]) AS x(a, t) WHERE NOT EXISTS"
-                " (SELECT 1 FROM sends s WHERE s.account = x.a AND s.at = x.t) RETURNING 1",
+                "WITH x AS (SELECT a, t, count(*) AS n FROM unnest(%s::text[], %s::float8[])"
+                " AS x(a, t) GROUP BY a, t)"
+                " INSERT INTO sends (account, at) SELECT a, t FROM x, generate_series(1,"
+                " x.n - (SELECT count(*) FROM sends s WHERE s.account = x.a AND s.at = x.t))"
+                " RETURNING 1",
                 ([a for a, _ in window], [t for _, t in window]))
             window.clear()
             return len(rows)
 
         async for account, at in sends:
-            window.append((account, at))
-            if len(window) >= SENDS_WINDOW:
+            if len(window) >= SENDS_WINDOW and window[-1] != (account, at):
                 added += await commit()
+            window.append((account, at))
         if window:
             added += await commit()
         return added
