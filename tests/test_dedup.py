@@ -47,6 +47,7 @@ async def _relay(tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
     return await start_relay(config)
 
 
+@pytest.mark.usefixtures("each_store")  # end to end on both stores
 async def test_a_resubmitted_message_gets_the_first_id_and_is_sent_once(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
     caplog: pytest.LogCaptureFixture,
