@@ -98,6 +98,7 @@ def test_ack_config(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- against the real upstream ----------------------------------------------------------
 
 
+@pytest.mark.usefixtures("each_store")  # end to end on both stores
 async def test_a_550_from_the_upstream_is_the_answer_to_data(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
 ) -> None:
