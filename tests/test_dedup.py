@@ -198,3 +198,25 @@ async def test_concurrent_submissions_through_two_stores_queue_exactly_one(
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_two_batches_with_the_same_keys_in_opposite_orders_both_commit(
+    make_store: MakeStore,
+) -> None:
+    """enqueue_all on two relays at once, keys k, j against j, k: no deadlock (keys are
+    taken in one order); each key's one message answers both batches."""
+    stores = [make_store(owner=f"relay-{i}", lock=False) for i in range(2)]
+    for store in stores:
+        await store.open()
+    try:
+        now = time.time()
+        for n in range(10):
+            one = [_new(f"k{n}", now), _new(f"j{n}", now)]
+            other = [_new(f"j{n}", now), _new(f"k{n}", now)]
+            first, second = await asyncio.gather(stores[0].enqueue_all(one),
+                                                 stores[1].enqueue_all(other))
+            assert first == second[::-1], (first, second)
+        assert len(await stores[0].list_messages()) == 20
+    finally:
+        for store in stores:
+            await store.close()

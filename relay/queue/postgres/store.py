@@ -459,12 +459,14 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
     async def enqueue_all(self, messages: Sequence[NewMessage]) -> list[str]:
         """Commit every message in one transaction, all or none; the id holding each, as
         enqueue() returns it (dedup per message, a key of an earlier one of these too)."""
-        queued: list[str] = []
+        queued = [m.id for m in messages]
+        # Keys in one order on every relay: two batches sharing keys cannot deadlock.
+        keyed = sorted((m.dedup.key, i) for i, m in enumerate(messages) if m.dedup)
         async with self._conn() as conn, conn.transaction():
-            for m in messages:
-                first = await self._first_of(conn, m)
-                queued.append(first or m.id)
-                if first is None:
+            for _, i in keyed:
+                queued[i] = await self._first_of(conn, messages[i]) or messages[i].id
+            for m, held_by in zip(messages, queued, strict=True):
+                if held_by == m.id:
                     await self._insert(conn, m)
         for m, held_by in zip(messages, queued, strict=True):
             if held_by == m.id:
