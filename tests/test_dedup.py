@@ -14,9 +14,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from relay.app import App, WorkerRole
-from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.types import Dedup, NewMessage, Priority, new_queue_id
 from tests.conftest import (
+    MakeStore,
     StartRelay,
     message,
     metric,
@@ -47,6 +47,7 @@ async def _relay(tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
     return await start_relay(config)
 
 
+@pytest.mark.usefixtures("each_store")  # end to end on both stores
 async def test_a_resubmitted_message_gets_the_first_id_and_is_sent_once(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
     caplog: pytest.LogCaptureFixture,
@@ -141,8 +142,8 @@ def _new(key: str, created_at: float, window_s: float = 60.0) -> NewMessage:
                       not_before=created_at, dedup=Dedup(key, window_s))
 
 
-async def test_a_key_is_forgotten_after_its_window_and_pruned(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "q.sqlite3")
+async def test_a_key_is_forgotten_after_its_window_and_pruned(make_store: MakeStore) -> None:
+    store = make_store()
     await store.open()
     try:
         now = time.time()
@@ -157,3 +158,65 @@ async def test_a_key_is_forgotten_after_its_window_and_pruned(tmp_path: Path) ->
         assert len(await store.list_messages()) == 2
     finally:
         await store.close()
+
+
+async def test_enqueue_all_dedups_each_message_in_its_one_transaction(
+    make_store: MakeStore,
+) -> None:
+    """A key already on record, and a key given twice within the batch: each answers the
+    id that holds it, and only the new messages are written."""
+    store = make_store()
+    await store.open()
+    try:
+        now = time.time()
+        old = _new("old", now)
+        await store.enqueue(old)
+        a, a_again, b, again = (_new("a", now), _new("a", now), _new("b", now),
+                                _new("old", now + 1))
+        assert await store.enqueue_all([a, a_again, b, again]) == [a.id, a.id, b.id, old.id]
+        assert sorted(m.id for m in await store.list_messages()) == sorted([old.id, a.id, b.id])
+    finally:
+        await store.close()
+
+
+async def test_concurrent_submissions_through_two_stores_queue_exactly_one(
+    make_store: MakeStore,
+) -> None:
+    """Two relays' stores (their own connections) submit one key at the same moment,
+    many times: the key's unique row lets exactly one copy in, and every submission is
+    answered with that copy's id."""
+    stores = [make_store(owner=f"relay-{i}", lock=False) for i in range(2)]
+    for store in stores:
+        await store.open()
+    try:
+        now = time.time()
+        for n in range(20):
+            tries = [_new(f"k{n}", now) for _ in range(4)]
+            ids = await asyncio.gather(*(stores[i % 2].enqueue(m) for i, m in enumerate(tries)))
+            assert len(set(ids)) == 1 and ids[0] in {m.id for m in tries}, ids
+        assert len(await stores[0].list_messages()) == 20
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_two_batches_with_the_same_keys_in_opposite_orders_both_commit(
+    make_store: MakeStore,
+) -> None:
+    """enqueue_all on two relays at once, keys k, j against j, k: no deadlock (keys are
+    taken in one order); each key's one message answers both batches."""
+    stores = [make_store(owner=f"relay-{i}", lock=False) for i in range(2)]
+    for store in stores:
+        await store.open()
+    try:
+        now = time.time()
+        for n in range(10):
+            one = [_new(f"k{n}", now), _new(f"j{n}", now)]
+            other = [_new(f"j{n}", now), _new(f"k{n}", now)]
+            first, second = await asyncio.gather(stores[0].enqueue_all(one),
+                                                 stores[1].enqueue_all(other))
+            assert first == second[::-1], (first, second)
+        assert len(await stores[0].list_messages()) == 20
+    finally:
+        for store in stores:
+            await store.close()

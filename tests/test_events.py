@@ -22,9 +22,9 @@ from relay.delivery.outcome import settle
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import SendResult
 from relay.errors import ConfigError
-from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.types import NewEvent, NewMessage, Priority, new_queue_id
 from tests.conftest import (
+    MakeStore,
     StartRelay,
     message,
     metric,
@@ -61,6 +61,7 @@ async def _outbox_empties(app: App) -> None:
     raise AssertionError(f"{await _outbox(app)} event(s) still in the outbox")
 
 
+@pytest.mark.usefixtures("each_store")  # end to end on both stores
 async def test_a_delivery_posts_one_signed_event_with_the_outcome(
     tmp_path: Path, upstream: FakeUpstream, webhook: WebhookReceiver, start_relay: StartRelay
 ) -> None:
@@ -282,14 +283,13 @@ def test_check_config_names_an_unset_webhook_secret_and_shows_durations_as_text(
 
 
 async def test_events_are_written_only_with_the_outcome_and_claimed_by_one_owner(
-    tmp_path: Path,
+    make_store: MakeStore,
 ) -> None:
-    """Store level, two owners on one queue file: a stale owner's refused outcome writes
+    """Store level (both stores), two owners on one queue: a stale owner's refused outcome writes
     no event; an outbox row claimed by one owner is not claimed by the other until its
     lease ends; settling is the holder's alone."""
-    path = tmp_path / "queue.sqlite3"
-    a = SQLiteStore(path, lock=False, owner="worker-a")
-    b = SQLiteStore(path, lock=False, owner="worker-b")
+    a = make_store(lock=False, owner="worker-a")
+    b = make_store(lock=False, owner="worker-b")
     await a.open()
     await b.open()
     try:
@@ -324,6 +324,42 @@ async def test_events_are_written_only_with_the_outcome_and_claimed_by_one_owner
     finally:
         await a.close()
         await b.close()
+
+
+async def test_two_owners_claiming_the_outbox_at_once_never_take_one_event_twice(
+    make_store: MakeStore,
+) -> None:
+    """Concurrent claims (PostgreSQL: FOR UPDATE SKIP LOCKED on their own connections)
+    split the outbox between owners, oldest first; every event is taken exactly once."""
+    stores = [make_store(lock=False, owner=f"worker-{i}") for i in range(2)]
+    for store in stores:
+        await store.open()
+    try:
+        now = time.time()
+        for n in range(30):
+            new = NewMessage(id=new_queue_id(), sender="s@example.com",
+                             recipients=("r@example.com",), account="up",
+                             priority=Priority.NORMAL, body=b"x", created_at=now,
+                             not_before=now)
+            await stores[0].enqueue(new)
+            claimed = await stores[0].claim_message("up", new.id, now, 30)
+            assert claimed is not None
+            done = settle(claimed, SendResult(accepted=["r@example.com"], reply="250 ok"),
+                          now=now, policy=RetryPolicy(60, 600, 3600), rng=random.Random(1))
+            assert await stores[0].finish(
+                done, events=[NewEvent(f"e{n:02}", "test", "delivered", "{}", now + n)])
+        taken: list[str] = []
+        for _ in range(4):
+            batches = await asyncio.gather(*(s.claim_events(now + 60, 5, lease_s=30)
+                                             for s in stores for _ in range(2)))
+            for batch in batches:
+                assert [e.created_at for e in batch] == sorted(e.created_at for e in batch)
+                taken += [e.id for e in batch]
+        assert len(taken) == len(set(taken)) == 30
+        assert await stores[1].claim_events(now + 60, 5, lease_s=30) == []
+    finally:
+        for store in stores:
+            await store.close()
 
 
 async def test_events_of_a_webhook_no_longer_configured_are_dropped_with_a_line(

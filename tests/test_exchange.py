@@ -93,7 +93,7 @@ async def _seed(path: Path) -> None:
                    attempts: int = 1, due: float = NOW) -> AttemptResult:
             return AttemptResult(mid, "outbox", state, rcpts, attempts, due,
                                  "" if state is S.DELIVERED else reply, NOW - 1, outcome,
-                                 reply, claimed[mid].claim)
+                                 reply, claimed[mid].claim, ("C: EHLO relay", f"S: {reply}"))
 
         await store.finish(result("D", S.DEFERRED, [
             Recipient("a@example.com", RecipientState.DELIVERED, "250 2.0.0 ok"),
@@ -185,6 +185,33 @@ async def test_round_trip_sqlite_file_sqlite_loses_nothing(
     assert await asyncio.to_thread(main, ["queue", "export", str(again), "-c", str(dst)]) == 0
     first, second = export.read_text().splitlines(), again.read_text().splitlines()
     assert first[1:] == second[1:]  # all but the header (its time)
+
+
+async def test_round_trip_sqlite_file_postgresql_file_loses_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], pg_url: str) -> None:
+    """Moving a single-host install to PostgreSQL (issue 14) through the CLI: the
+    PostgreSQL queue's export is line for line the SQLite queue's (but the header)."""
+    src = _config(tmp_path, "src")
+    dst = tmp_path / "pg.yaml"
+    dst.write_text(src.read_text().replace(
+        f"path: {tmp_path / 'src.sqlite3'}", f"url: {pg_url}"))
+    assert load_config(dst).queue.url == pg_url
+    await _seed(tmp_path / "src.sqlite3")
+    export, again = tmp_path / "queue.jsonl", tmp_path / "again.jsonl"
+    code, _, err = await asyncio.to_thread(_relay, capsys, "queue", "export", str(export),
+                                           "-c", str(src))
+    assert (code, err) == (0, ""), err
+    code, out, err = await asyncio.to_thread(_relay, capsys, "queue", "import", str(export),
+                                             "-c", str(dst))
+    assert (code, err) == (0, ""), err
+    assert out == f"imported 8 messages, 2504 send times, 1 paused accounts from {export}\n"
+    code, _, err = await asyncio.to_thread(_relay, capsys, "queue", "export", str(again),
+                                           "-c", str(dst))
+    assert (code, err) == (0, ""), err
+    first, second = export.read_text().splitlines(), again.read_text().splitlines()
+    assert '"postgres"' in second[0]
+    assert first[1:] == second[1:]
+    assert "C: EHLO relay" in export.read_text()  # transcripts went along
 
 
 async def test_export_reads_one_snapshot_while_the_queue_changes(tmp_path: Path) -> None:

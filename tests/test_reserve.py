@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 from relay.delivery.ratelimit import RateLimiter, share_for_others
-from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.types import NewMessage, Priority, new_queue_id
-from tests.conftest import StartRelay, message, relay_config, send_many, upstream_account
+from tests.conftest import MakeStore, StartRelay, message, relay_config, send_many, upstream_account
 from tests.upstream import FakeUpstream
 
 
@@ -38,12 +37,11 @@ def test_the_limiter_holds_others_at_their_share_and_lets_high_use_the_rest() ->
     assert limiter.available(10.0) == 2 and limiter.wait_time(10.0) == 0
 
 
-async def test_two_workers_claims_keep_the_reserve(tmp_path: Path) -> None:
-    """In the claim's transaction: what two workers claim of low priority together stays
-    within the share; a high message claimed after them still finds room."""
-    path = tmp_path / "queue.sqlite3"
-    a = SQLiteStore(path, lock=False, owner="worker-a")
-    b = SQLiteStore(path, lock=False, owner="worker-b")
+async def test_two_workers_claims_keep_the_reserve(make_store: MakeStore) -> None:
+    """In the claim's transaction (both stores): what two workers claim of low priority
+    together stays within the share; a high message claimed after them still finds room."""
+    a = make_store(lock=False, owner="worker-a")
+    b = make_store(lock=False, owner="worker-b")
     await a.open()
     await b.open()
     try:
@@ -66,6 +64,30 @@ async def test_two_workers_claims_keep_the_reserve(tmp_path: Path) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_claiming_one_message_by_id_keeps_the_reserve_too(make_store: MakeStore
+                                                                ) -> None:
+    """claim_message (ack: after_upstream) on claim_due's terms: once the others' share
+    of the window is taken, a normal message waits and a high one is still claimed."""
+    store = make_store()
+    await store.open()
+    try:
+        now = time.time()
+        per_minute = ((60.0, 10),)
+        for _ in range(8):
+            await store.enqueue(_message(now, Priority.LOW))
+        assert len(await store.claim_due("up", now, 10, lease_s=30, windows=per_minute,
+                                         reserve_for_high=0.2)) == 8
+        normal, high = _message(now, Priority.NORMAL), _message(now, Priority.HIGH)
+        await store.enqueue(normal)
+        await store.enqueue(high)
+        assert await store.claim_message("up", normal.id, now, 30, per_minute, 0.2) is None
+        claimed = await store.claim_message("up", high.id, now, 30, per_minute, 0.2)
+        assert claimed is not None and claimed.id == high.id and claimed.claim is not None
+        assert await store.claim_message("up", normal.id, now, 30, per_minute) is not None
+    finally:
+        await store.close()
 
 
 async def test_a_late_high_message_goes_within_the_window_despite_a_low_backlog(

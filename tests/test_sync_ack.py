@@ -18,7 +18,6 @@ from relay.config.loading import parse_config
 from relay.delivery.sync import sync_refusal
 from relay.delivery.transport import SendResult
 from relay.errors import ConfigError, PermanentFailure, TemporaryFailure
-from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.types import (
     AttemptResult,
     MessageState,
@@ -30,6 +29,7 @@ from relay.queue.types import (
 from relay.smtp.replies import Reply
 from tests.conftest import (
     Launch,
+    MakeStore,
     StartRelay,
     message,
     metric,
@@ -98,6 +98,7 @@ def test_ack_config(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- against the real upstream ----------------------------------------------------------
 
 
+@pytest.mark.usefixtures("each_store")  # end to end on both stores
 async def test_a_550_from_the_upstream_is_the_answer_to_data(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
 ) -> None:
@@ -190,11 +191,11 @@ async def test_an_account_can_ask_for_it_alone(
     assert refused == (550, "5.6.0 malformed message")
 
 
-async def test_claim_message_takes_only_that_message_and_only_once(tmp_path: Path) -> None:
-    """Two workers' stores on one queue file: the one that received it claims it; the
-    other cannot; a full rate window or a paused account claims nothing."""
-    path = tmp_path / "queue.sqlite3"
-    first, second = SQLiteStore(path, lock=False), SQLiteStore(path, lock=False)
+async def test_claim_message_takes_only_that_message_and_only_once(make_store: MakeStore
+                                                                  ) -> None:
+    """Two workers' stores on one queue (both stores): the one that received it claims
+    it; the other cannot; a full rate window or a paused account claims nothing."""
+    first, second = make_store(lock=False), make_store(lock=False)
     await first.open()
     await second.open()
     try:

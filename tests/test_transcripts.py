@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import sqlite3
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,23 @@ import pytest
 from relay.delivery.transport import Transcript
 from relay.queue.sqlite.schema import SCHEMA_VERSION
 from relay.queue.sqlite.store import SQLiteStore
-from tests.conftest import PrivateCA, StartRelay, message, relay_config, send, upstream_account
+from relay.queue.types import (
+    AttemptResult,
+    ExportedMessage,
+    MessageState,
+    NewMessage,
+    Priority,
+    Recipient,
+)
+from tests.conftest import (
+    MakeStore,
+    PrivateCA,
+    StartRelay,
+    message,
+    relay_config,
+    send,
+    upstream_account,
+)
 from tests.test_queue_cli import Relay, write_config
 from tests.upstream import FakeUpstream
 
@@ -156,5 +174,42 @@ async def test_a_schema_4_queue_is_migrated_with_its_attempts_kept(tmp_path: Pat
         assert await store._fetch("PRAGMA user_version") == [(SCHEMA_VERSION,)]
         assert await store._fetch("SELECT count(*) FROM dedup") == [(0,)]
         assert await store.next_event_at() is None
+    finally:
+        await store.close()
+
+
+async def test_a_transcript_is_stored_shown_and_exported_with_its_attempt(
+    make_store: MakeStore,
+) -> None:
+    """Store level (both stores): finish stores each attempt's lines, get() gives them
+    back as lines ([] for an attempt without one), and export/import carries them."""
+    store = make_store()
+    await store.open()
+    try:
+        now = time.time()
+        await store.enqueue(NewMessage("T1", "a@example.com", ("b@example.com",), "up",
+                                       Priority.NORMAL, b"x\r\n", now, now))
+        (claimed,) = await store.claim_due("up", now, 1, lease_s=60)
+        lines = ("C: EHLO relay", "S: 250 ok", "C: AUTH PLAIN ***", "S: 451 4.3.0 later")
+        assert await store.finish(AttemptResult(
+            "T1", "up", MessageState.DEFERRED, [Recipient("b@example.com")], 1, now + 60,
+            "451 4.3.0 later", now, "deferred", "451 4.3.0 later", claimed.claim, lines))
+        (again,) = await store.claim_due("up", now + 60, 1, lease_s=60)
+        assert await store.finish(AttemptResult(
+            "T1", "up", MessageState.DEFERRED, [Recipient("b@example.com")], 2, now + 120,
+            "421 gone", now + 60, "deferred", "421 gone", again.claim))
+        record = await store.get("T1")
+        assert record is not None
+        assert [a["transcript"] for a in record.attempts_log] == [list(lines), []]
+        exported = [m async for m in store.export_messages()]
+        assert [a.transcript for a in exported[0].attempts_log] == [lines, ()]
+        await store.delete_messages(states=[str(s) for s in MessageState])
+
+        async def items() -> AsyncIterator[ExportedMessage]:
+            for m in exported:
+                yield m
+
+        assert await store.import_messages(items(), merge=False) == (1, 0)
+        assert [m async for m in store.export_messages()] == exported
     finally:
         await store.close()

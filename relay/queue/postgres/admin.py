@@ -103,11 +103,12 @@ class OperatorQueries:
             return None
         message = row_to_message(rows[0])
         attempts = await self._fetch(
-            "SELECT at, account, outcome, reply FROM attempts WHERE message_id=%s"
-            " ORDER BY at, seq", (message_id,))
+            "SELECT at, account, outcome, reply, transcript FROM attempts"
+            " WHERE message_id=%s ORDER BY at, seq", (message_id,))
         message.attempts_log = [
-            {"at": at, "account": acc, "outcome": out, "reply": reply}
-            for at, acc, out, reply in attempts
+            {"at": at, "account": acc, "outcome": out, "reply": reply,
+             "transcript": transcript.split("\n") if transcript else []}
+            for at, acc, out, reply, transcript in attempts
         ]
         return message
 

@@ -109,10 +109,10 @@ class Exchange:
                 if m.attempts_log:
                     async with conn.cursor() as cur:
                         await cur.executemany(
-                            "INSERT INTO attempts (message_id, account, at, outcome, reply)"
-                            " VALUES (%s, %s, %s, %s, %s)",
-                            [(m.id, a.account, a.at, a.outcome, a.reply)
-                             for a in m.attempts_log])
+                            "INSERT INTO attempts (message_id, account, at, outcome, reply,"
+                            " transcript) VALUES (%s, %s, %s, %s, %s, %s)",
+                            [(m.id, a.account, a.at, a.outcome, a.reply,
+                              "\n".join(a.transcript)) for a in m.attempts_log])
         return imported
 
     async def export_sends(self) -> AsyncGenerator[tuple[str, float], None]:
@@ -124,23 +124,28 @@ class Exchange:
                     yield str(account), float(at)
 
     async def import_sends(self, sends: AsyncIterable[tuple[str, float]]) -> int:
-        """Record send times; one already recorded (same account and time) is not doubled."""
+        """Record send times, each as it is: sends at one time (several finishes in one
+        clock tick) all count. Only a time already recorded as often (the same export
+        imported again) is not doubled. Equal times stay in one window (the export
+        comes ordered by account and time), so the count covers all of them."""
         added = 0
         window: list[tuple[str, float]] = []
 
         async def commit() -> int:
             rows = await self._fetch(
-                "INSERT INTO sends (account, at) SELECT DISTINCT a, t"
-                " FROM unnest(%s::text[], %s::float8[]) AS x(a, t) WHERE NOT EXISTS"
-                " (SELECT 1 FROM sends s WHERE s.account = x.a AND s.at = x.t) RETURNING 1",
+                "WITH x AS (SELECT a, t, count(*) AS n FROM unnest(%s::text[], %s::float8[])"
+                " AS x(a, t) GROUP BY a, t)"
+                " INSERT INTO sends (account, at) SELECT a, t FROM x, generate_series(1,"
+                " x.n - (SELECT count(*) FROM sends s WHERE s.account = x.a AND s.at = x.t))"
+                " RETURNING 1",
                 ([a for a, _ in window], [t for _, t in window]))
             window.clear()
             return len(rows)
 
         async for account, at in sends:
-            window.append((account, at))
-            if len(window) >= SENDS_WINDOW:
+            if len(window) >= SENDS_WINDOW and window[-1] != (account, at):
                 added += await commit()
+            window.append((account, at))
         if window:
             added += await commit()
         return added
@@ -151,8 +156,10 @@ async def _attempts(conn: AsyncConnection[Any], ids: list[str]
     """The attempt records of ``ids``, each message's in order."""
     found: dict[str, list[ExportedAttempt]] = {}
     cur = await conn.execute(
-        "SELECT message_id, at, account, outcome, reply FROM attempts"
+        "SELECT message_id, at, account, outcome, reply, transcript FROM attempts"
         " WHERE message_id = ANY(%s) ORDER BY at, seq", (ids,))
-    for message_id, at, account, outcome, reply in await cur.fetchall():
-        found.setdefault(message_id, []).append(ExportedAttempt(at, account, outcome, reply))
+    for message_id, at, account, outcome, reply, transcript in await cur.fetchall():
+        lines = tuple(transcript.split("\n")) if transcript else ()
+        found.setdefault(message_id, []).append(
+            ExportedAttempt(at, account, outcome, reply, lines))
     return found

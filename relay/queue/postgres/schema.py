@@ -66,7 +66,8 @@ CREATE TABLE attempts (
     account text NOT NULL,
     at double precision NOT NULL,
     outcome text NOT NULL,
-    reply text NOT NULL
+    reply text NOT NULL,
+    transcript text NOT NULL DEFAULT ''  -- the attempt's SMTP conversation, lines joined by \n
 );
 CREATE INDEX attempts_message ON attempts (message_id);
 CREATE INDEX attempts_account_at ON attempts (account, at);
@@ -107,6 +108,32 @@ CREATE TABLE backoffs (
     probe_owner text,
     probe_until double precision
 );
+-- Folded into migration 1 (dedup, the events outbox, attempts.transcript: the SQLite
+-- queue's version 5), since this schema has not shipped yet.
+-- Idempotent submission (dedup): each key accepted, recorded in its enqueue's
+-- transaction (unique: of concurrent submissions one wins), until expires_at (pruned).
+CREATE TABLE dedup (
+    key text PRIMARY KEY,
+    message_id text NOT NULL,
+    expires_at double precision NOT NULL
+);
+CREATE INDEX dedup_expires ON dedup (expires_at);
+-- Webhook events (the outbox): one row per event and webhook, written in the transaction
+-- of the outcome that causes it, deleted once sent or given up; claimed like a message.
+CREATE TABLE events (
+    id text NOT NULL,
+    webhook text NOT NULL,
+    type text NOT NULL,
+    body text NOT NULL,
+    created_at double precision NOT NULL,
+    next_attempt_at double precision NOT NULL,
+    attempts integer NOT NULL DEFAULT 0,
+    owner text,
+    lease_until double precision,
+    last_error text NOT NULL DEFAULT '',
+    PRIMARY KEY (id, webhook)
+);
+CREATE INDEX events_due ON events (next_attempt_at);
 """),
 ]
 SCHEMA_VERSION = check_numbering([number for number, _, _ in MIGRATIONS])
@@ -134,24 +161,47 @@ _LEVEL = f"""
           AND next_attempt_at <= %(now)s
         ORDER BY next_attempt_at, seq LIMIT %(n)s FOR UPDATE SKIP LOCKED
     )"""
-CLAIM_SQL = (
-    "WITH" + ",".join(_LEVEL.format(p=int(p)) for p in Priority) + """,
+NOT_BACKED_OFF = ("NOT EXISTS (SELECT 1 FROM backoffs b WHERE b.account = %(a)s"
+                  " AND (b.until > %(now)s OR b.probe_owner IS DISTINCT FROM %(owner)s))")
+RETURNED = ", ".join("m." + c.strip() for c in COLUMNS.split(","))
+
+
+def _claim_sql(levels: Iterable[Priority]) -> str:
+    return (
+        "WITH" + ",".join(_LEVEL.format(p=int(p)) for p in levels) + """,
     picked AS (
         SELECT seq FROM ("""
-    + " UNION ALL ".join(f"SELECT * FROM p{int(p)}" for p in Priority)
-    + f""") x
+        + " UNION ALL ".join(f"SELECT * FROM p{int(p)}" for p in levels)
+        + f""") x
         WHERE NOT EXISTS (SELECT 1 FROM paused WHERE paused.account = %(a)s)
           -- backed off (by any relay): nothing until it ends, then only for its prober
-          AND NOT EXISTS (SELECT 1 FROM backoffs b WHERE b.account = %(a)s
-                          AND (b.until > %(now)s OR b.probe_owner IS DISTINCT FROM %(owner)s))
+          AND {NOT_BACKED_OFF}
         ORDER BY priority, next_attempt_at, seq LIMIT %(n)s
     )
 UPDATE messages m SET state = 'sending', lease_until = %(lease)s, owner = %(owner)s,
     claim_token = %(token)s, updated_at = %(now)s
 FROM picked WHERE m.seq = picked.seq
-RETURNING {', '.join('m.' + c.strip() for c in COLUMNS.split(','))}
+RETURNING {RETURNED}
 """
-)
+    )
+
+
+CLAIM_SQL = _claim_sql(Priority)
+# High priority alone: first, when the rest may use less of the rate windows
+# (rate_limit.reserve_for_high).
+CLAIM_HIGH_SQL = _claim_sql([Priority.HIGH])
+# One message by id (ack: after_upstream), on CLAIM_SQL's conditions; %(any)s false: only
+# if it is HIGH priority (the others' share of a window is used up). A concurrent claim of
+# the same row waits for this one, then finds it no longer ready.
+CLAIM_ONE_SQL = f"""
+UPDATE messages m SET state = 'sending', lease_until = %(lease)s, owner = %(owner)s,
+    claim_token = %(token)s, updated_at = %(now)s
+WHERE m.id = %(id)s AND m.account = %(a)s AND m.state IN {READY}
+  AND m.next_attempt_at <= %(now)s AND (%(any)s OR m.priority = {int(Priority.HIGH)})
+  AND NOT EXISTS (SELECT 1 FROM paused WHERE paused.account = %(a)s)
+  AND {NOT_BACKED_OFF}
+RETURNING {RETURNED}
+"""
 
 
 def recipients_json(recipients: Iterable[Recipient]) -> Jsonb:

@@ -33,13 +33,17 @@ from psycopg import AsyncConnection
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from relay.delivery.ratelimit import share_for_others
 from relay.errors import StoreError, StoreFullError
 from relay.observe.logs import event
 from relay.queue.migrations import plan
 from relay.queue.postgres.admin import OperatorQueries
 from relay.queue.postgres.exchange import Exchange
+from relay.queue.postgres.outbox import Outbox
 from relay.queue.postgres.schema import (
     CHANNEL,
+    CLAIM_HIGH_SQL,
+    CLAIM_ONE_SQL,
     CLAIM_SQL,
     COLUMNS,
     FLUSH_KEY,
@@ -60,6 +64,7 @@ from relay.queue.types import (
     AttemptResult,
     Claim,
     MessageState,
+    NewEvent,
     NewMessage,
     Priority,
     QueuedMessage,
@@ -82,7 +87,7 @@ NOW_SQL = "extract(epoch from clock_timestamp())"  # the database's clock, share
 UNSAFE_COMMIT = ("off", "local")
 
 
-class PostgresStore(OperatorQueries, HostLimits, Exchange):
+class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
     """A queue in a PostgreSQL database, for any number of relays on any hosts.
     ``migrate``: open() brings an older schema to SCHEMA_VERSION instead of refusing it."""
 
@@ -438,12 +443,60 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
         return False
 
     # -- the scheduler's side ----------------------------------------------------------
-    async def enqueue(self, message: NewMessage) -> None:
-        """Return only once the message and its body are committed: one statement in
-        autocommit (its own transaction, one round trip), so both rows or neither."""
+    async def enqueue(self, message: NewMessage) -> str:
+        """Return only once the message and its body are committed: its id, or (dedup)
+        the id of the message accepted before with the same key, and then nothing is
+        written. Without a key: one statement in autocommit (its own transaction, one
+        round trip), so both rows or neither."""
+        if message.dedup is not None:
+            (queued,) = await self.enqueue_all([message])
+            return queued
         async with self._conn() as conn:
             await self._insert(conn, message)
         self._wake(message.account)
+        return message.id
+
+    async def enqueue_all(self, messages: Sequence[NewMessage]) -> list[str]:
+        """Commit every message in one transaction, all or none; the id holding each, as
+        enqueue() returns it (dedup per message, a key of an earlier one of these too)."""
+        queued = [m.id for m in messages]
+        # Keys in one order on every relay: two batches sharing keys cannot deadlock.
+        keyed = sorted((m.dedup.key, i) for i, m in enumerate(messages) if m.dedup)
+        async with self._conn() as conn, conn.transaction():
+            for _, i in keyed:
+                queued[i] = await self._first_of(conn, messages[i]) or messages[i].id
+            for m, held_by in zip(messages, queued, strict=True):
+                if held_by == m.id:
+                    await self._insert(conn, m)
+        for m, held_by in zip(messages, queued, strict=True):
+            if held_by == m.id:
+                self._wake(m.account)
+        return queued
+
+    @staticmethod
+    async def _first_of(conn: AsyncConnection[Any], m: NewMessage) -> str | None:
+        """(dedup) The id of the message already accepted with m's key within its window,
+        or None after recording m's own key (a new key, or over an expired one), in the
+        enqueue's transaction. Two relays submitting one key at once: the key's unique
+        index makes the second INSERT wait for the first transaction, then see its row
+        (live: nothing inserted, the winner's id read back), so exactly one is queued."""
+        if m.dedup is None:
+            return None
+        for _ in range(3):  # a live key vanishing in between: only if clocks disagree
+            cur = await conn.execute(
+                "INSERT INTO dedup (key, message_id, expires_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT (key) DO UPDATE SET message_id = excluded.message_id,"
+                " expires_at = excluded.expires_at WHERE dedup.expires_at <= %s"
+                " RETURNING message_id",
+                (m.dedup.key, m.id, m.created_at + m.dedup.window_s, m.created_at))
+            if await cur.fetchone() is not None:
+                return None
+            cur = await conn.execute("SELECT message_id FROM dedup WHERE key = %s",
+                                     (m.dedup.key,))
+            row = await cur.fetchone()
+            if row is not None:
+                return str(row[0])
+        raise StoreError(f"dedup key of {m.id} could be neither recorded nor read")
 
     @staticmethod
     async def _insert(conn: AsyncConnection[Any], m: NewMessage) -> None:
@@ -457,8 +510,11 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
 
     async def claim_due(
         self, account: str, now: float, limit: int, lease_s: float,
-        windows: Sequence[tuple[float, int]] = (),
+        windows: Sequence[tuple[float, int]] = (), reserve_for_high: float = 0.0,
     ) -> list[QueuedMessage]:
+        """Without rate windows one statement in autocommit; with them, the account's
+        row locked, the room counted, and HIGH priority claimed first up to all of it
+        when the others may use only their share (reserve_for_high)."""
         if limit <= 0:
             return []
         token = secrets.token_hex(8)
@@ -470,23 +526,59 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
                 rows = await (await conn.execute(CLAIM_SQL, params)).fetchall()
             else:
                 async with conn.transaction():
-                    params["n"] = await self._room(conn, account, now, limit, windows)
-                    if params["n"] <= 0:
+                    room, others = await self._room(conn, account, now, limit, windows,
+                                                    reserve_for_high)
+                    if room <= 0:
                         return []
-                    rows = await (await conn.execute(CLAIM_SQL, params)).fetchall()
+                    params["n"] = room
+                    rows = []
+                    if others < room:  # high first, up to the whole room; the rest: theirs
+                        rows = await (await conn.execute(CLAIM_HIGH_SQL, params)).fetchall()
+                        params["n"] = min(others, room - len(rows))
+                    if params["n"] > 0:
+                        rows += await (await conn.execute(CLAIM_SQL, params)).fetchall()
         messages = [row_to_message(r) for r in rows]
         for m in messages:
             m.claim = Claim(self.owner, lease, token)
         messages.sort(key=lambda m: (m.priority, m.next_attempt_at, m.created_at))
         return messages
 
+    async def claim_message(
+        self, account: str, message_id: str, now: float, lease_s: float,
+        windows: Sequence[tuple[float, int]] = (), reserve_for_high: float = 0.0,
+    ) -> QueuedMessage | None:
+        """One message by id on claim_due's terms (ack: after_upstream); None when it is
+        not claimable now (another relay has it, a window is full, not due, paused)."""
+        token = secrets.token_hex(8)
+        lease = now + lease_s
+        params: dict[str, Any] = {"a": account, "now": now, "lease": lease, "id": message_id,
+                                  "owner": self.owner, "token": token, "any": True}
+        async with self._conn() as conn:
+            if not windows:
+                rows = await (await conn.execute(CLAIM_ONE_SQL, params)).fetchall()
+            else:
+                async with conn.transaction():
+                    room, others = await self._room(conn, account, now, 1, windows,
+                                                    reserve_for_high)
+                    if room <= 0:
+                        return None
+                    params["any"] = others > 0
+                    rows = await (await conn.execute(CLAIM_ONE_SQL, params)).fetchall()
+        if not rows:
+            return None
+        message = row_to_message(rows[0])
+        message.claim = Claim(self.owner, lease, token)
+        return message
+
     @staticmethod
     async def _room(conn: AsyncConnection[Any], account: str, now: float, limit: int,
-                    windows: Sequence[tuple[float, int]]) -> int:
+                    windows: Sequence[tuple[float, int]], reserve_for_high: float = 0.0,
+                    ) -> tuple[int, int]:
         """How many sends the account's windows still allow over every relay: sends
-        recorded in each window plus claims not yet finished. The account's row is
-        locked first, so the next claimer counts after this claim commits; the counts
-        are one statement, one snapshot (a finish moving a send from 'sending' to
+        recorded in each window plus claims not yet finished; and of those, how many
+        messages that are not HIGH priority may take (share_for_others). The account's
+        row is locked first, so the next claimer counts after this claim commits; the
+        counts are one statement, one snapshot (a finish moving a send from 'sending' to
         sends between two statements would be missed by both)."""
         await conn.execute("INSERT INTO accounts (name) VALUES (%s) ON CONFLICT DO NOTHING",
                            (account,))
@@ -502,14 +594,18 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
         row = await cur.fetchone()
         assert row is not None
         in_flight = int(row[0])
-        room = limit
+        room = others = limit
         for (_, most), count in zip(windows, row[1:], strict=True):
             room = min(room, most - int(count) - in_flight)
-        return room
+            others = min(others, share_for_others(most, reserve_for_high) - int(count)
+                         - in_flight)
+        return room, min(room, others)
 
-    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None) -> bool:
-        """Record an attempt and queue its bounce, if the claim it names (owner and token)
-        still holds the message; the send time counts anyway. One statement in
+    async def finish(self, result: AttemptResult, bounce: NewMessage | None = None,
+                     events: Sequence[NewEvent] = ()) -> bool:
+        """Record an attempt (with its transcript), queue its bounce and write its
+        webhook ``events`` to the outbox, if the claim it names (owner and token) still
+        holds the message; the send time counts anyway. One statement in
         autocommit (its data-modifying CTEs are one transaction), one round trip, and
         idempotent: the same result again is accepted and changes nothing."""
         a = result
@@ -517,6 +613,7 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
             "id": a.id, "state": str(a.state), "rcpts": recipients_json(a.recipients),
             "attempts": a.attempts, "next": a.next_attempt_at, "err": a.last_error,
             "at": a.at, "account": a.account, "outcome": a.outcome, "reply": a.reply,
+            "transcript": "\n".join(a.transcript),
             "delivered": a.state is MessageState.DELIVERED}
         held = ""
         if a.claim is not None:
@@ -531,8 +628,9 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
             " lease_until = NULL, owner = NULL, claim_token = NULL, updated_at = %(at)s"
             f" WHERE id = %(id)s{held} RETURNING id),"
             # Only for a row that still exists (an operator may have deleted it mid-send).
-            " att AS (INSERT INTO attempts (message_id, account, at, outcome, reply)"
-            " SELECT id, %(account)s, %(at)s, %(outcome)s, %(reply)s FROM upd),"
+            " att AS (INSERT INTO attempts (message_id, account, at, outcome, reply,"
+            " transcript) SELECT id, %(account)s, %(at)s, %(outcome)s, %(reply)s,"
+            " %(transcript)s FROM upd),"
             # A delivered body is not needed again; failed ones stay for `queue retry`.
             " gone AS (DELETE FROM bodies WHERE %(delivered)s AND id IN (SELECT id FROM upd)),"
             # Once per attempt: the same finish again (its first commit's reply was lost
@@ -558,6 +656,18 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
                 " %(b_created)s, %(b_due)s, '', %(b_created)s, %(b_options)s"
                 f"{source} RETURNING id),"
                 " bb AS (INSERT INTO bodies (id, data) SELECT id, %(b_body)s FROM bm)")
+        if events:  # to the outbox with the outcome they report, or not at all
+            params.update({
+                "e_id": [e.id for e in events], "e_webhook": [e.webhook for e in events],
+                "e_type": [e.type for e in events], "e_body": [e.body for e in events],
+                "e_created": [e.created_at for e in events]})
+            held_only = " WHERE EXISTS (SELECT 1 FROM upd)" if a.claim is not None else ""
+            sql += (
+                ", ev AS (INSERT INTO events (id, webhook, type, body, created_at,"
+                " next_attempt_at) SELECT i, w, t, b, c, c FROM unnest(%(e_id)s::text[],"
+                " %(e_webhook)s::text[], %(e_type)s::text[], %(e_body)s::text[],"
+                f" %(e_created)s::float8[]) AS e(i, w, t, b, c){held_only}"
+                " ON CONFLICT DO NOTHING)")
         sql += " SELECT (SELECT count(*) FROM upd) + (SELECT count(*) FROM prior)"
         async with self._conn() as conn:
             row = await (await conn.execute(sql, params)).fetchone()
@@ -723,7 +833,8 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
     async def prune(self, now: float, keep_delivered_s: float,
                     batch: int = PRUNE_BATCH) -> tuple[int, int]:
         """One batch, by one relay at a time (an advisory lock; the others skip): delivered
-        messages older than ``keep_delivered_s``, old send times, dead owners' rows."""
+        messages older than ``keep_delivered_s``, old send times, dedup keys past their
+        window, dead owners' rows."""
         old = ("SELECT id FROM messages WHERE state='delivered' AND updated_at < %s"
                " ORDER BY updated_at LIMIT %s")
         before = now - keep_delivered_s
@@ -742,6 +853,10 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange):
                 "DELETE FROM sends WHERE ctid = ANY(ARRAY(SELECT ctid FROM sends WHERE at < %s"
                 " ORDER BY at LIMIT %s))", (now - SENDS_KEPT_S, batch))
             sends = cur.rowcount
+            cur = await conn.execute(
+                "DELETE FROM dedup WHERE key = ANY(ARRAY(SELECT key FROM dedup"
+                " WHERE expires_at < %s LIMIT %s))", (now, batch))
+            sends = max(sends, cur.rowcount)  # as SQLite's: the most of sends or keys
             await conn.execute(f"DELETE FROM processes WHERE expires_at < {NOW_SQL} - 3600")
         return messages, sends
 
