@@ -198,3 +198,71 @@ async def test_a_slow_down_through_the_group_throttles_the_member(
         assert app.scheduler.workers["second"].throttle.factor == 1.0
         await wait_until(lambda: len(upstream.messages) + len(second.messages) == 1,
                          what="the retry")  # deferred once, then delivered: not lost
+
+
+# -- the attack round (a2 #1, #2, #3, #6, #8) ---------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["rcpt", "dot"])
+async def test_a_member_quota_at_any_step_fails_over_in_the_same_attempt(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay, fault: str
+) -> None:
+    """Gmail's 5.4.5 to every RCPT, or SES's "454 Throttling failure: Daily message quota
+    exceeded" after the dot: the member backs off, the send moves on, the group does not
+    back off."""
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(tmp_path, upstream, second))
+        rcpts = ["a@example.com", "b@example.com"]
+        if fault == "rcpt":
+            for rcpt in rcpts:
+                upstream.refuse_rcpt(rcpt, 550, "5.4.5 Daily user sending quota exceeded")
+        else:
+            upstream.fail_data(454, "Throttling failure: Daily message quota exceeded.")
+        assert (await send(app.smtp_port, message("quota"), recipients=rcpts))[0] == 250
+        await second.wait_for_messages(1)
+        await app.scheduler.run_until_idle()
+        [queued] = await app.store.list_messages()
+        assert (str(queued.state), queued.attempts) == ("delivered", 1)
+        assert sorted(second.messages[0].rcpt_tos) == rcpts
+        workers = app.scheduler.workers
+        assert workers["first"].backed_off and workers["first"].throttle.factor == 1.0
+        assert not workers["mail"].backed_off and workers["mail"].backoff_failures == 0
+
+
+async def test_a_member_named_wait_holds_the_member_not_the_group(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(tmp_path, upstream, second))
+        upstream.fail_data(451, "4.7.0 Try again in 30 seconds")
+        assert (await send(app.smtp_port, message("held")))[0] == 250
+        await wait_until(lambda: app.scheduler.workers["first"].throttle.held(
+            app.scheduler.workers["first"].mono()) > 0, what="the member's hold")
+        group = app.scheduler.workers["mail"]
+        assert group.throttle.held(group.mono()) == 0 and group.throttle.factor == 1.0
+        assert (await send(app.smtp_port, message("next")))[0] == 250
+        await second.wait_for_messages(2)  # the next, and the held one's retry: at once
+        assert upstream.messages == []
+
+
+async def test_a_member_recovers_through_the_group_with_one_probe_first(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """A member whose backoff ended gets one send (a probe), not a burst; a success
+    through the group is its recovery (failures reset, status ok)."""
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(tmp_path, upstream, second))
+        first = app.scheduler.workers["first"]
+        upstream.fail_mail(550, "5.4.5 Daily user sending quota exceeded", times=1)
+        assert (await send(app.smtp_port, message("trip")))[0] == 250
+        await second.wait_for_messages(1)
+        assert first.backoff_failures == 1
+        await wait_until(lambda: not first.backed_off, what="the member's backoff to end")
+        upstream.delay("DATA", 0.5)  # the probe takes a while: the others must not pile on
+        replies = await send_many(app.smtp_port, [message(f"after {i}") for i in range(4)],
+                                  sessions=4)
+        assert all(code == 250 for code, _ in replies)
+        await app.scheduler.run_until_idle()
+        assert len(upstream.messages) + len(second.messages) == 5
+        assert upstream.connections_open_peak == 1  # one probe at a time, not a burst
+        assert first.backoff_failures == 0 and first.last_account_error == ""

@@ -37,6 +37,11 @@ from tests.upstream import FakeUpstream
     (454, "4.7.0", "Temporary authentication failure", False),
     (550, "5.7.1", "Rate limit exceeded", False),  # permanent: not a slow-down
     (None, None, "connection refused", False),
+    # A quota by name is no slow-down (halving does not help): the account backs off.
+    (454, None, "Throttling failure: Daily message quota exceeded.", False),  # SES
+    (421, "4.7.28", "Our system has detected an unusual rate; temporarily rate limited",
+     True),  # Gmail
+    (421, "4.7.0", "Try again in 20 seconds", True),
 ])
 def test_which_replies_mean_slow_down(code: int | None, enhanced: str | None, text: str,
                                       slow: bool) -> None:
@@ -138,3 +143,20 @@ def test_status_shows_a_throttled_account() -> None:
                     oldest=None, attempts={}, server_running=True, health=report)
     assert account_health(snap, "up")["throttle_factor"] == 0.25
     assert "ok; slowed to 25% of its rate and connections" in render(summarise(snap))
+
+
+async def test_a_slow_down_421_throttles_the_account_and_is_not_resent_at_once(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """A 421 "try again in N seconds" closes the session: resending at once on a fresh
+    connection would only add to the rate it complained of (attack round, a2 #4)."""
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)}))
+    upstream.reply_to("MAIL", 421, "4.7.0 Try again in 1 second", close=True)
+    assert (await send(app.smtp_port, message("held")))[0] == 250
+    await upstream.wait_for_messages(1)
+    first, second = upstream.times_of("MAIL")[:2]
+    assert second - first >= 0.9  # the named second was waited, not a fresh connection
+    assert app.scheduler.workers["up"].throttle.factor == 0.5
+    await app.scheduler.run_until_idle()
+    [queued] = await app.store.list_messages()
+    assert str(queued.state) == "delivered" and queued.attempts == 2

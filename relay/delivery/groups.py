@@ -103,6 +103,13 @@ class GroupTransport:
             finally:
                 member.end_send()
             member.note_reply(result)
+            refused = next((e for e in result.refused.values() if e.account_wide), None)
+            if refused is not None:  # Gmail's 5.4.5 quota at RCPT: the member's, not ours
+                refused.via = name
+                member.account_failed(refused)
+                if not result.accepted:  # nothing sent: the next member, in this attempt
+                    last = refused
+                    continue
             result.via = name
             return result
         if last is not None:

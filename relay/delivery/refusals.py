@@ -44,6 +44,8 @@ _MESSAGE_CLASSES = ("5.1.", "5.3.", "5.6.", "4.3.4", "5.3.4", "4.2.1", "4.2.2", 
 # Texts about one message or recipient whatever else they say: greylisting says "try
 # again later" but concerns this sender/recipient pair, not the account.
 _MESSAGE_TEXTS = re.compile(r"greylist|graylist|mailbox (is )?(full|over quota)")
+# A quota by name (quota_reply), as opposed to a rate limit.
+_NAMED_QUOTA = re.compile(r"quota|daily|per day|today")
 # Reply codes that are about the session's login, whatever the text (RFC 4954).
 _CODES: dict[int, str] = {530: AUTH, 534: AUTH, 535: AUTH, 538: AUTH}
 # Provider texts, lower case; the first that appears in the reply decides.
@@ -51,8 +53,10 @@ _TEXTS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern), reason)
     for pattern, reason in (
         (r"sending (quota|limit)", QUOTA),  # Gmail 5.4.5, Zoho, Yahoo
+        # SES "454 Throttling failure: Daily message quota exceeded": a quota until its
+        # window resets, though it says "throttling" (see quota_reply).
+        (r"daily (message |user |sending )*(quota|limit)", QUOTA),
         (r"submissionquotaexceeded", QUOTA),  # Microsoft 365: 554 5.2.0 STOREDRV...
-        (r"daily (user )?(sending )?(quota|limit)", QUOTA),
         (r"(message|recipient|rate) limit (exceeded|reached)", QUOTA),
         (r"too many (messages|emails|mails) (sent|today)", QUOTA),
         (r"outgoing (mail|message)s? (quota|limit)", QUOTA),
@@ -88,6 +92,16 @@ def account_refusal(code: int, enhanced: str | None, text: str) -> str | None:
                 return None  # "451 4.3.0 try again later": the server's own trouble
             return reason
     return None
+
+
+def quota_reply(code: int, enhanced: str | None, text: str) -> bool:
+    """The reply names a quota (account-wide until its window resets), whatever slow-down
+    words it also has: asked before relay.delivery.throttle's slow-down patterns. A rate
+    ("451 4.7.1 Rate limit exceeded", SES's "Maximum sending rate exceeded") stays a
+    slow-down: only a quota or a daily limit by name is one."""
+    lowered = " ".join(text.lower().split())
+    return (account_refusal(code, enhanced, text) == QUOTA
+            and _NAMED_QUOTA.search(lowered) is not None)
 
 
 def _policy_class(enhanced: str | None) -> bool:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from relay.delivery.refusals import quota_reply
+
 # Texts that mean "too fast" whatever the code's class says; lower case.
 _SLOW_TEXTS = re.compile(
     r"rate limit(ed| exceeded| reached)|try (again )?later|throttl|sending rate exceeded"
@@ -33,11 +35,13 @@ CUT_GAP_S = 2.0
 
 def slow_down_reply(code: int | None, enhanced: str | None, text: str) -> bool:
     """Whether a reply says the account is sending too fast: 421 4.7.0, 450/451 4.7.x,
-    SES's 454 "Throttling failure", or a 4xx whose text says so."""
+    SES's 454 "Throttling failure", or a 4xx whose text says so. Not a quota (SES's
+    "454 Throttling failure: Daily message quota exceeded"): halving the rate does not
+    help, the account backs off until the quota resets (relay.delivery.refusals)."""
     if code is None or not 400 <= code < 500:
         return False
     lowered = " ".join(text.lower().split())
-    if _NOT_SLOW.search(lowered):
+    if _NOT_SLOW.search(lowered) or quota_reply(code, enhanced, text):
         return False
     if code == 421 and enhanced == "4.7.0":
         return True

@@ -84,9 +84,13 @@ def backoff_reason(error: DeliveryError) -> str:
 def account_error(sent: SendResult | DeliveryError) -> DeliveryError | None:
     """The failure that concerns the whole account, if any: the attempt's own error, or a
     recipient's refusal that is a quota or throttle (Gmail's 5.4.5 at RCPT): the other
-    recipients and messages would get the same answer."""
+    recipients and messages would get the same answer. Not a group's result (``via``):
+    such a refusal was its member's, which backed off (relay.delivery.groups); the group
+    backs off only when it raises, no member being able to send."""
     if isinstance(sent, DeliveryError):
         return sent if sent.account_wide else None
+    if sent.via:
+        return None
     return next((e for e in sent.refused.values() if e.account_wide), None)
 
 
@@ -187,6 +191,7 @@ class AccountWorker:
         self.throttle = Throttle()
         self._health: AccountHealth | None = None  # the last published, for the throttle
         self._held = False
+        self._group_sends = 0  # sends of a group through this account under way
         self._notices = 0  # bumped by notify(): an idle verdict older than this is stale
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -599,13 +604,17 @@ class AccountWorker:
     def may_send(self) -> bool:
         """Not backing off, not paused, and its rate limits allow one more send now."""
         mono = self.mono()
+        if self.backoff_failures and (self._group_sends or self.in_flight or self.settling):
+            return False  # its backoff ended: one probe at a time, as its own worker sends
         return (not self.paused and mono >= self.backoff_until
                 and self.limiter.available(mono) >= 1 and self.throttle.held(mono) == 0)
 
     def reserve_send(self) -> None:
         self.limiter.reserve(1)
+        self._group_sends += 1
 
     def end_send(self) -> None:
+        self._group_sends -= 1
         self.limiter.complete(self.mono())
 
     def account_failed(self, error: DeliveryError) -> None:
@@ -613,8 +622,11 @@ class AccountWorker:
         self._account_health(error, self.clock())
 
     def note_reply(self, sent: SendResult | DeliveryError) -> None:
-        """A group's send through this account: a "slow down" throttles this account."""
+        """A group's send through this account: a "slow down" throttles this account, and
+        a send that got through is its recovery (failures reset, as for its own sends)."""
         self._note_slow_down(sent)
+        if isinstance(sent, SendResult) and self.backoff_failures and account_error(sent) is None:
+            self._account_health(sent, self.clock())
 
     def restore_backoff(self, health: AccountHealth, now: float) -> None:
         """Go on with the backoff a previous run stored (``health``, wall time): after a
@@ -753,7 +765,11 @@ class AccountWorker:
 
     def _note_slow_down(self, sent: SendResult | DeliveryError) -> None:
         """A "slow down" reply (relay.delivery.throttle) to this send: halve the account's
-        connections and rate for a cool-down, and hold claims for a wait it names."""
+        connections and rate for a cool-down, and hold claims for a wait it names. A reply
+        through a group's member (``via``) throttled that member (GroupTransport), not the
+        group: one member's named wait must not hold the others."""
+        if sent.via and sent.via != self.name:
+            return
         errors = [sent] if isinstance(sent, DeliveryError) else list(sent.refused.values())
         slow = next((e for e in errors if slow_down_reply(e.code, e.enhanced, e.reason)), None)
         if slow is None:

@@ -11,7 +11,8 @@ import ssl
 
 import aiosmtplib
 
-from relay.delivery.refusals import account_refusal, login_refused
+from relay.delivery.refusals import THROTTLED, account_refusal, login_refused
+from relay.delivery.throttle import slow_down_reply
 from relay.errors import DeliveryError, PermanentFailure, TemporaryFailure
 from relay.smtp.wire import Reply
 
@@ -78,10 +79,16 @@ def closing_error(exc: ServiceClosing) -> DeliveryError:
 
     A 421 whose text is a throttle or quota (Gmail's "4.7.0 Try again later, closing
     connection") is about the account: it backs off. A plain 421 (Exim's "too many
-    messages in this connection") is about this connection: see ``account_wide``."""
+    messages in this connection") is about this connection: see ``account_wide``. A
+    slow-down 421 ("4.7.0 Try again in 20 seconds", Gmail's "4.7.28 ... rate limited") is
+    an account-wide throttle too: resending at once on a fresh connection would only add
+    to the rate it complained of."""
     enhanced, text = split_enhanced(exc.reply.text)
+    reason = account_refusal(421, enhanced, text)
+    if reason is None and slow_down_reply(421, enhanced, text):
+        reason = THROTTLED
     return TemporaryFailure(text or "service closing", code=421, enhanced=enhanced,
-                            account_reason=account_refusal(421, enhanced, text))
+                            account_reason=reason)
 
 
 def too_many_recipients(error: DeliveryError) -> bool:
