@@ -386,3 +386,22 @@ async def test_events_of_a_webhook_no_longer_configured_are_dropped_with_a_line(
                    and "no webhook of this name" in r.getMessage() for r in caplog.records)
     finally:
         await again.shutdown(grace=2.0)
+
+
+async def test_a_hanging_webhook_delays_only_its_own_events(
+    tmp_path: Path, upstream: FakeUpstream, webhook: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    """Each event is POSTed on its own and more are claimed as POSTs end: a receiver that
+    hangs (until its timeout) does not hold the other webhooks' events (a2 #7)."""
+    async with WebhookReceiver(webhook.secret) as slow:
+        slow.delay(5.0)
+        hooks = [webhook_block(webhook, tmp_path),
+                 webhook_block(slow, tmp_path, name="slow", timeout="10s")]
+        app = await start_relay(relay_config(
+            tmp_path, {"up": upstream_account(upstream, tmp_path)},
+            events={"webhooks": hooks}))
+        assert (await send(app.smtp_port, message("first")))[0] == 250
+        await webhook.wait_for(1)
+        assert (await send(app.smtp_port, message("second")))[0] == 250
+        await webhook.wait_for(2, timeout=3.0)  # not after the slow POST's 5 s
+        assert slow.posts >= 1 and slow.events == []  # still hanging meanwhile

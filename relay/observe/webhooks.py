@@ -26,7 +26,10 @@ from relay.queue.store import QueueStore
 from relay.queue.types import PendingEvent
 
 log = logging.getLogger("relay.events")
-BATCH = 16  # events claimed (and POSTed at once) per round
+BATCH = 16  # events claimed per round
+# POSTs under way at once: the sender claims more as each ends, so a webhook that hangs
+# holds only its own events' slots (until its timeout), not a batch of everyone's.
+MAX_POSTING = 4 * BATCH
 POLL_S = 2.0  # how often the outbox is read for events written by other processes
 IDLE_POLL_S = 60.0  # ... when this process has no webhook configured
 LEASE_MARGIN_S = 30.0  # a claim outlives the POST's timeout by this much
@@ -109,10 +112,14 @@ class WebhookSender:
             try:
                 # A read first: an idle outbox costs no write (and no commit) per look.
                 due = await self.store.next_event_at()
-                if due is not None and due <= self.clock():
-                    claimed = await self.store.claim_events(self.clock(), BATCH, self.lease_s)
+                room = MAX_POSTING - len(self._posting)
+                if room <= 0:
+                    due = None  # every slot busy: a POST that ends wakes us
+                elif due is not None and due <= self.clock():
+                    claimed = await self.store.claim_events(self.clock(), min(BATCH, room),
+                                                            self.lease_s)
                     if claimed:
-                        await self._post_all(claimed)
+                        self._post_all(claimed)
                         continue
             except StoreError as exc:
                 event(log, logging.ERROR, "queue_error", reason=f"webhook outbox: {exc}")
@@ -128,14 +135,21 @@ class WebhookSender:
                 async with asyncio.timeout(wait):
                     await self.wake.wait()
 
-    async def _post_all(self, claimed: list[PendingEvent]) -> None:
+    def _post_all(self, claimed: list[PendingEvent]) -> None:
+        """POST each claimed event in a task of its own, not waited for: one slow
+        receiver delays only its own events (stop() gives these their grace)."""
         self._held.update(((e.id, e.webhook), e) for e in claimed)
-        tasks = [asyncio.create_task(self._post(e), name=f"webhook-{e.id}") for e in claimed]
-        for task in tasks:
+        for pending in claimed:
+            task = asyncio.create_task(self._post(pending), name=f"webhook-{pending.id}")
             self._posting.add(task)
-            task.add_done_callback(self._posting.discard)
-        # Shielded: stop() cancels this loop, and gives the POSTs their grace itself.
-        await asyncio.shield(asyncio.gather(*tasks))
+            task.add_done_callback(self._posted)
+
+    def _posted(self, task: asyncio.Task[None]) -> None:
+        self._posting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook post failed", exc_info=task.exception())
+            self.metrics.internal_errors.labels("webhook_sender").inc()
+        self.wake.set()  # a slot is free: claim more
 
     async def _post(self, pending: PendingEvent) -> None:
         hook = self.hooks.get(pending.webhook)
