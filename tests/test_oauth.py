@@ -399,6 +399,26 @@ async def test_a_failing_token_command_is_a_clear_error_without_its_output(
     assert "SECRET" not in caught.value.reason
 
 
+async def test_a_token_command_that_leaves_a_child_holding_stdout_gives_its_token(
+    tmp_path: Path, xoauth2_upstream: FakeUpstream, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It printed a line and exited: that is its answer, whatever a background child it
+    left does with stdout; `accounts test` says ok, without a traceback (a2 #8)."""
+    script = _script(tmp_path, "tok", "echo cmd-bg\nsleep 2 &\n")
+    source = _command_source(str(script), token_command_timeout="1s")
+    assert await source.token() == "cmd-bg"
+    up = xoauth2_upstream
+    up.accept_token("cmd-bg")
+    relay = Relay(write_config(tmp_path, {"mail": {
+        "host": up.host, "port": up.port, "tls": "none", "username": up.username,
+        "auth": {"mechanism": "xoauth2", "token_command": str(script),
+                 "token_command_timeout": "1s"}}}), capsys)
+    tested = await relay("accounts", "test", "mail")
+    assert tested.code == 0, tested.out + tested.err
+    assert account_lines(tested.out)["auth"] == "ok"
+    assert "Traceback" not in tested.err and "Event loop is closed" not in tested.err
+
+
 async def test_a_missing_token_command_says_so(tmp_path: Path) -> None:
     source = _command_source([str(tmp_path / "nowhere"), "--flag"])
     with pytest.raises(TemporaryFailure, match="token_command cannot run nowhere: No such"):

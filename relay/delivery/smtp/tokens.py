@@ -33,6 +33,7 @@ from relay.printable import escape
 
 # Cap on what is read of a command's output or an endpoint's answer: a token is a few KB.
 _MAX_OUTPUT = 64 * 1024
+_EXIT_POLL_S = 0.02  # a token_command that printed its line: how often to look for its exit
 
 
 class TokenSource:
@@ -106,7 +107,7 @@ class TokenSource:
         timeout = self.auth.token_command_timeout
         try:
             async with asyncio.timeout(timeout):
-                stdout, _ = await process.communicate()
+                stdout = await _output(process)
         except TimeoutError:
             _kill(process)
             await process.wait()
@@ -114,6 +115,8 @@ class TokenSource:
         except BaseException:
             _kill(process)
             raise
+        finally:
+            _close_pipes(process)
         if process.returncode != 0:
             raise TokenError(f"token_command exited with status {process.returncode} (its"
                              " output is not shown: it may hold secrets; run it by hand)")
@@ -149,6 +152,41 @@ def _client_error(exc: aiohttp.ClientError) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"connection failed: {exc.os_error.strerror or type(exc.os_error).__name__}"
     return type(exc).__name__
+
+
+async def _output(process: asyncio.subprocess.Process) -> bytes:
+    """The command's stdout once it has exited: up to end of file, or, once it exited,
+    as soon as a complete line came (a background child it left may hold stdout open
+    for ever: that is no timeout). Its exit is polled: asyncio's wait() also waits for
+    the pipes to close."""
+    assert process.stdout is not None
+    out = bytearray()
+    reading: asyncio.Future[bytes] | None = None
+    try:
+        while len(out) < _MAX_OUTPUT:
+            line = b"\n" in out
+            if line and process.returncode is not None:
+                return bytes(out)
+            reading = reading or asyncio.ensure_future(process.stdout.read(4096))
+            await asyncio.wait([reading], timeout=_EXIT_POLL_S if line else None)
+            if reading.done():
+                chunk, reading = reading.result(), None
+                if not chunk:
+                    break  # end of file
+                out += chunk
+        await process.wait()
+        return bytes(out)
+    finally:
+        if reading is not None and not reading.done():
+            reading.cancel()
+
+
+def _close_pipes(process: asyncio.subprocess.Process) -> None:
+    """Our end of its pipes, now: a background child still holding them would otherwise
+    keep them open past the event loop's end (asyncio's "Event loop is closed")."""
+    transport = getattr(process, "_transport", None)  # asyncio's, not in its API
+    if transport is not None and process.returncode is not None:
+        transport.close()
 
 
 def _kill(process: asyncio.subprocess.Process) -> None:
