@@ -235,8 +235,8 @@ class IngestHandler:
             created_at=now,
             not_before=max(now, not_before or now),
             mail_options=_forwarded_options(envelope),
-            # A split message's entries each have a key of their own (per account).
-            dedup=self._dedup(fields, sender, r.account if split else None),
+            # Each entry's key: the whole submission and the entry's account.
+            dedup=self._dedup(fields, sender, envelope.rcpt_tos, user, r.account),
         ) for r in routes]
         try:
             queued, refusal = await self.submit(messages)
@@ -273,13 +273,13 @@ class IngestHandler:
             return self.reject("store_unavailable", replies.STORE_FULL)
         return self.reject("store_unavailable", replies.STORE_FAILED)
 
-    def _dedup(self, fields: list[tuple[str, str]], sender: str, scope: str | None
-               ) -> Dedup | None:
+    def _dedup(self, fields: list[tuple[str, str]], sender: str, recipients: list[str],
+               user: str | None, account: str) -> Dedup | None:
         window = self.config.dedup.window if self.config.dedup is not None else None
-        key = dedup_key(fields, sender) if window is not None else None
-        if key is not None and scope is not None:
-            key = f"{key}:{scope}"
-        return Dedup(key, window) if key is not None and window is not None else None
+        if window is None:
+            return None
+        key = dedup_key(fields, sender, recipients, user, account)
+        return Dedup(key, window) if key is not None else None
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd's default answers 500 and names the exception class.
