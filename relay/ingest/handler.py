@@ -11,7 +11,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from aiosmtpd.smtp import (
     SMTP,
@@ -43,11 +43,19 @@ from relay.smtp.headers import header_section_exceeds, parse_headers, remove_hea
 
 log = logging.getLogger("relay.smtpd")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# Commits every message of the list in one transaction (all or none); returns the queue
-# id holding each (with dedup, maybe an earlier message's) and a refusal to answer
-# instead of 250 (ack: after_upstream).
-Submit = Callable[[Sequence[NewMessage]],
-                  Awaitable[tuple[list[str], replies.Reply | None]]]
+
+
+class Submit(Protocol):
+    """Commits every message of the list in one transaction (all or none); returns the
+    queue id holding each (with dedup, maybe an earlier message's) and a refusal to
+    answer instead of 250 (ack: after_upstream). ``gone`` resolves when the client's
+    connection ends (nobody is left to answer)."""
+
+    def __call__(self, messages: Sequence[NewMessage],
+                 gone: asyncio.Future[None] | None = None,
+                 ) -> Awaitable[tuple[list[str], replies.Reply | None]]: ...
+
+
 Admit = Callable[[str], Awaitable[bool]]  # False: the account is too far behind its limit
 
 # aiosmtpd logs this on mail.log for every session whose server requires AUTH without
@@ -67,6 +75,13 @@ class RelaySession(Session):
     """aiosmtpd's Session without the deprecated ``login_data``: aiosmtpd itself sets it
     after every successful AUTH, and logs a deprecation warning each time. relay reads
     ``auth_data`` (the user name its authenticator returns) and never this."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        # Resolved when the client closed its side or the connection ended (listener): a
+        # DATA waiting for the upstream (ack: after_upstream) stops waiting, and a
+        # refusal then bounces.
+        self.gone: asyncio.Future[None] = loop.create_future()
 
     @property
     def login_data(self) -> Any:
@@ -239,7 +254,8 @@ class IngestHandler:
             dedup=self._dedup(fields, sender, envelope.rcpt_tos, user, r.account),
         ) for r in routes]
         try:
-            queued, refusal = await self.submit(messages)
+            gone = session.gone if isinstance(session, RelaySession) else None
+            queued, refusal = await self.submit(messages, gone)
         except StoreError as exc:
             return self._not_stored(exc, session)
         fresh = [m for m, holder in zip(messages, queued, strict=True) if holder == m.id]
