@@ -15,6 +15,7 @@ import aiosmtplib
 import pytest
 
 from relay.config.loading import parse_config
+from relay.config.report import config_warnings
 from relay.delivery.sync import sync_refusal
 from relay.delivery.transport import SendResult
 from relay.errors import ConfigError, PermanentFailure, TemporaryFailure
@@ -337,3 +338,26 @@ async def test_shutdown_answers_waiting_sessions_250_at_once(
     finally:
         await stopping
     assert code == 250
+
+
+async def test_a_groups_mail_is_answered_per_the_groups_ack_not_a_members(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    """A group's message is answered before a member is chosen: a member's own `ack` is
+    for mail routed to it by name (check-config says so); the group has its own."""
+    upstream.fail_message_attempts(b"refuse-me", 550, "5.6.0 malformed message", times=5)
+    config = relay_config(
+        tmp_path, {"up": upstream_account(upstream, tmp_path, ack="after_upstream")},
+        routing={"groups": {"plain": {"accounts": ["up"]},
+                            "sync": {"accounts": ["up"], "ack": "after_upstream"}}})
+    assert (config.ack_for("plain"), config.ack_for("sync")) == ("after_commit",
+                                                                 "after_upstream")
+    assert config_warnings(config) == [
+        "accounts.up.ack: after_upstream applies to mail routed to up itself; mail for group"
+        " plain is answered after_commit (set routing.groups.plain.ack)"]
+    app = await start_relay(config)
+    refused = (550, "5.6.0 malformed message")
+    assert await send(app.smtp_port, message("a", headers={"X-Account": "sync"},
+                                             body="refuse-me\r\n")) == refused
+    assert (await send(app.smtp_port, message("b", headers={"X-Account": "plain"},
+                                              body="refuse-me\r\n")))[0] == 250
