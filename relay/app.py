@@ -184,7 +184,8 @@ class App:
         account returns). Returns the id holding each entry (with dedup, maybe an earlier
         one's) and, with ack: after_upstream, the upstream's permanent refusal to answer
         instead (committed first: nothing is lost; a split message is not tried first).
-        ``gone`` resolves when the client's connection ends: the wait ends with it."""
+        ``gone`` resolves when the client closed its side or the connection ended: the
+        wait for the upstream ends with it."""
         self._committing += 1
         self._answered.clear()
         try:

@@ -447,8 +447,8 @@ class AccountWorker:
         the account may send now (slot, rate limit with its reserve_for_high, no backoff
         or pause). The refusal to pass on if its outcome comes within ``within`` seconds;
         None: answer 250 (it was delivered, deferred, is still being sent, or waits in the
-        queue as usual). ``gone`` resolves when the client's connection ends, and stop()
-        ends the wait too: 250 at once, and a refusal then bounces as usual."""
+        queue as usual). ``gone`` resolving (the client closed its side or the connection
+        ended) or stop() ends the wait: 250 at once, and a refusal then bounces."""
         others = new.priority is not Priority.HIGH  # may not use the share kept for high
         if (self._stopping or self.paused or self.backed_off or self._slots() <= 0
                 or self.limiter.available(self.mono(), others=others) < 1

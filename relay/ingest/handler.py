@@ -48,8 +48,8 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 class Submit(Protocol):
     """Commits every message of the list in one transaction (all or none); returns the
     queue id holding each (with dedup, maybe an earlier message's) and a refusal to
-    answer instead of 250 (ack: after_upstream). ``gone`` resolves when the client's
-    connection ends (nobody is left to answer)."""
+    answer instead of 250 (ack: after_upstream). ``gone`` resolves when the client
+    closed its side or the connection ended (nobody may be left to hear the answer)."""
 
     def __call__(self, messages: Sequence[NewMessage],
                  gone: asyncio.Future[None] | None = None,
