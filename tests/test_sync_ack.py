@@ -300,7 +300,7 @@ async def test_a_client_that_leaves_before_the_answer_gets_a_bounce_for_the_refu
 ) -> None:
     """Nobody is left to hear the 550: the session counts as answered 250 and the refusal
     bounces to the sender, as with ack: after_commit."""
-    upstream.delay("DATA", 1.0)
+    upstream.delay("DATA", 2.0)  # the client leaves well before the 550
     upstream.fail_data(550, "5.1.1 no such user", times=1)
     app = await start_relay(relay_config(
         tmp_path, {"up": upstream_account(upstream, tmp_path)},
