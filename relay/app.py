@@ -175,14 +175,17 @@ class App:
         self._answered = asyncio.Event()  # set whenever _committing is 0
         self._answered.set()
 
-    async def _submit(self, messages: Sequence[NewMessage]
+    async def _submit(self, messages: Sequence[NewMessage],
+                      gone: asyncio.Future[None] | None = None
                       ) -> tuple[list[str], Reply | None]:
         """Commit a routed message's queue entries (one per account), all in one
         transaction. Once the commit returns nothing may raise: the session answers 250
         even if a reload removed an account meanwhile (its entry then waits until the
         account returns). Returns the id holding each entry (with dedup, maybe an earlier
         one's) and, with ack: after_upstream, the upstream's permanent refusal to answer
-        instead (committed first: nothing is lost; a split message is not tried first)."""
+        instead (committed first: nothing is lost; a split message is not tried first).
+        ``gone`` resolves when the client closed its side or the connection ended: the
+        wait for the upstream ends with it."""
         self._committing += 1
         self._answered.clear()
         try:
@@ -204,8 +207,9 @@ class App:
             if (len(messages) == 1 and self.role.delivers
                     and self.config.ack_for(message.account) == "after_upstream"
                     and message.not_before <= message.created_at):  # not Deferred-Delivery
-                refusal = await self.scheduler.deliver_now(message.account, message.id,
-                                                           self.config.listen.sync_timeout)
+                refusal = await self.scheduler.deliver_now(message,
+                                                           self.config.listen.sync_timeout,
+                                                           gone)
             self.scheduler.notify(message.account)
         return queued, refusal
 

@@ -133,11 +133,15 @@ async def send(
     recipients: list[str] | None = None,
     host: str = "127.0.0.1",
     mail_options: list[str] | None = None,
+    login: tuple[str, str] | None = None,
 ) -> tuple[int, str]:
-    """One message over one connection to the relay; returns the reply to DATA."""
+    """One message over one connection to the relay (``login``: as this listener user,
+    password); returns the reply to DATA."""
     data = body.encode() if isinstance(body, str) else body
     client = aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=30)
     async with client:
+        if login is not None:
+            await client.login(*login)
         try:
             _, reply = await client.sendmail(sender, recipients or ["to@example.com"], data,
                                              mail_options=mail_options)

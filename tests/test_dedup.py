@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from relay.app import App, WorkerRole
+from relay.ingest.auth import hash_password
 from relay.queue.types import Dedup, NewMessage, Priority, new_queue_id
 from tests.conftest import (
     MakeStore,
@@ -134,6 +135,71 @@ async def test_two_relays_on_one_queue_queue_one_copy_and_answer_the_winners_id(
     finally:
         for app in apps:
             await app.shutdown(grace=2.0)
+
+
+# -- what is "the same submission" (fixes from the attack round, issues 15 and 16) ------
+
+
+async def test_copies_to_other_recipients_under_one_message_id_are_all_queued(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """List software without VERP and MUAs sending each Bcc copy on its own reuse the
+    Message-ID: each recipient's copy is a message. A retry names the same recipients
+    (in any order, the domain in any case): that one is recognised."""
+    app = await _relay(tmp_path, upstream, start_relay)
+    body = _with_id("<list-1@app.example>")
+    ids = [_id(await send(app.smtp_port, body, recipients=[f"member{n}@example.org"]))
+           for n in range(3)]
+    assert len(set(ids)) == 3
+    both = _id(await send(app.smtp_port, body, recipients=["a@example.org", "b@example.org"]))
+    again = _id(await send(app.smtp_port, body, recipients=["b@EXAMPLE.org", "a@example.org"]))
+    assert again == both
+    await app.scheduler.run_until_idle()
+    assert sorted(r for m in upstream.messages for r in m.rcpt_tos) == [
+        "a@example.org", "b@example.org", "member0@example.org", "member1@example.org",
+        "member2@example.org"]
+
+
+async def test_one_listener_user_cannot_suppress_or_probe_anothers_messages(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    users = {name: {"password_hash": hash_password(f"{name}-pw")} for name in ("alice", "bob")}
+    app = await _relay(tmp_path, upstream, start_relay, listen={"auth": {"users": users}})
+    body = _with_id("<invoice-9@app.example>")
+    alices = _id(await send(app.smtp_port, body, login=("alice", "alice-pw")))
+    # Bob sends the same Message-ID, sender and recipient first or after: his own message,
+    # and he does not learn Alice's id.
+    bobs = _id(await send(app.smtp_port, body, login=("bob", "bob-pw")))
+    anonymous = _id(await send(app.smtp_port, body))
+    assert len({alices, bobs, anonymous}) == 3
+    assert _id(await send(app.smtp_port, body, login=("alice", "alice-pw"))) == alices
+    await app.scheduler.run_until_idle()
+    assert len(upstream.messages) == 3
+
+
+async def test_a_split_message_resubmitted_after_routing_changed_is_not_queued_again(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """Each entry's key is the whole submission plus the entry's account: a retry that
+    the rules now route to one of those accounts alone is recognised there."""
+    async with FakeUpstream() as partner:
+        accounts = {"up": upstream_account(upstream, tmp_path),
+                    "partner": upstream_account(partner, tmp_path)}
+        rules = {"rules": [{"recipient_domain": "partner.org", "account": "partner"}]}
+        app = await start_relay(relay_config(tmp_path, accounts, dedup={"window": "1h"},
+                                             routing=rules))
+        body, rcpts = _with_id("<split-1@app.example>"), ["x@partner.org", "y@example.org"]
+        reply = await send(app.smtp_port, body, recipients=rcpts)
+        assert reply[0] == 250
+        first = reply[1].removeprefix("2.0.0 queued as ").split()
+        assert len(first) == 2
+        await app.reload(relay_config(tmp_path, accounts, dedup={"window": "1h"}))
+        again = _id(await send(app.smtp_port, body, recipients=rcpts))  # all to "up" now
+        assert again in first
+        await app.scheduler.run_until_idle()
+        assert len(await app.store.list_messages()) == 2
+        assert [list(m.rcpt_tos) for m in upstream.messages] == [["y@example.org"]]
+        assert [list(m.rcpt_tos) for m in partner.messages] == [["x@partner.org"]]
 
 
 def _new(key: str, created_at: float, window_s: float = 60.0) -> NewMessage:

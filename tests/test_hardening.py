@@ -240,7 +240,7 @@ async def test_internal_error_answers_451_430_and_keeps_serving(
     app = await _relay(tmp_path, upstream, start_relay)
     real_submit = app.handler.submit
 
-    async def broken(_: Any) -> None:
+    async def broken(*_: Any) -> None:
         raise RuntimeError("injected fault")
 
     app.handler.submit = broken
@@ -414,7 +414,8 @@ def _bare_smtp(*, strict: bool = True) -> RelaySMTP:
         config = Config(listen=ListenConfig(strict_addresses=strict))
         metrics = Metrics(CollectorRegistry(), config.accounts)
 
-        async def submit(new: Sequence[NewMessage]) -> tuple[list[str], None]:
+        async def submit(new: Sequence[NewMessage],
+                         gone: asyncio.Future[None] | None = None) -> tuple[list[str], None]:
             return [m.id for m in new], None
 
         loop = asyncio.new_event_loop()

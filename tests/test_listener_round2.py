@@ -385,10 +385,10 @@ async def test_client_leaving_mid_commit_does_not_cut_the_commit(
     real_submit = app.handler.submit
     committing = asyncio.Event()
 
-    async def slow_submit(new: Any) -> Any:  # the real commit, after a slow disk's pause
+    async def slow_submit(*args: Any) -> Any:  # the real commit, after a slow disk's pause
         committing.set()
         await asyncio.sleep(0.3)
-        return await real_submit(new)
+        return await real_submit(*args)
 
     app.handler.submit = slow_submit
     client = await _session(app.smtp_port)

@@ -15,6 +15,7 @@ import aiosmtplib
 import pytest
 
 from relay.config.loading import parse_config
+from relay.config.report import config_warnings
 from relay.delivery.sync import sync_refusal
 from relay.delivery.transport import SendResult
 from relay.errors import ConfigError, PermanentFailure, TemporaryFailure
@@ -39,6 +40,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.relayproc import write_config
+from tests.smtpclient import RawSMTP
 from tests.upstream import FakeUpstream
 
 SYNC = {"ack": "after_upstream", "sync_timeout": "2s"}
@@ -246,3 +248,118 @@ async def test_killed_between_commit_and_attempt_delivers_after_restart(
     restarted.proc.send_signal(signal.SIGTERM)
     assert await restarted.exit_code(within=10) == 0
     assert len(upstream.messages) == 1 and b"Subject: k" in upstream.messages[0].data
+
+
+# -- fixes from the attack round (issues 15, 16) ------------------------------------------
+
+
+def _queued_id(reply: tuple[int, str]) -> str:
+    code, text = reply
+    assert code == 250 and text.startswith("2.0.0 queued as "), reply
+    return text.removeprefix("2.0.0 queued as ")
+
+
+@pytest.mark.usefixtures("each_store")  # the key is forgotten in each store's finish
+async def test_a_retry_of_a_refused_message_is_tried_again_not_deduplicated(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    """The client was told 550: nothing was accepted, so dedup does not answer its retry
+    with the failed message's id; the retry is queued and tried (the typo was fixed
+    upstream meanwhile, say)."""
+    upstream.fail_data(550, "5.1.1 no such user", times=1)
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                                         listen=SYNC, dedup={"window": "1h"}))
+    body = message("order", headers={"Message-ID": "<order-77@shop.example>"})
+    assert await send(app.smtp_port, body) == (550, "5.1.1 no such user")
+    [failed] = await app.store.list_messages()
+    retry = _queued_id(await send(app.smtp_port, body))
+    assert retry != failed.id
+    assert len(upstream.messages) == 1  # the retry was sent before its 250
+    assert metric(app, "relay_messages_deduplicated_total") == 0
+    # A further copy is a duplicate of the accepted retry, as any other.
+    assert _queued_id(await send(app.smtp_port, body)) == retry
+
+
+async def test_the_immediate_attempt_keeps_the_share_reserved_for_high_priority(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    """reserve_for_high 50% of 4 a minute: normal mail may use 2; the third waits in the
+    queue (250 without an attempt), and a high-priority message may still go at once."""
+    app = await start_relay(relay_config(
+        tmp_path, {"up": upstream_account(upstream, tmp_path, rate_limit={
+            "per_minute": 4, "reserve_for_high": "50%"})}, listen=SYNC))
+    for n in range(3):
+        assert (await send(app.smtp_port, message(f"normal {n}")))[0] == 250
+    assert len(upstream.messages) == 2
+    assert (await send(app.smtp_port, message("urgent", headers={"X-Priority": "1"})))[0] == 250
+    assert len(upstream.messages) == 3 and b"Subject: urgent" in upstream.messages[2].data
+    states = sorted(str(r.state) for r in await app.store.list_messages())
+    assert states == ["delivered", "delivered", "delivered", "queued"]
+
+
+async def test_a_client_that_leaves_before_the_answer_gets_a_bounce_for_the_refusal(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    """Nobody is left to hear the 550: the session counts as answered 250 and the refusal
+    bounces to the sender, as with ack: after_commit."""
+    upstream.delay("DATA", 2.0)  # the client leaves well before the 550
+    upstream.fail_data(550, "5.1.1 no such user", times=1)
+    app = await start_relay(relay_config(
+        tmp_path, {"up": upstream_account(upstream, tmp_path)},
+        listen={"ack": "after_upstream", "sync_timeout": "20s"}, bounces={"enabled": True}))
+    client = await RawSMTP.connect(app.smtp_port)
+    await client.reply()
+    for line in ("EHLO client.example", "MAIL FROM:<app@example.com>",
+                 "RCPT TO:<nobody@example.org>", "DATA"):
+        await client.cmd(line)
+    await client.send_raw(message("gone") + b".\r\n")
+    await wait_until(lambda: upstream.connections_opened >= 1, what="the attempt")
+    await client.close()
+    # The bounce is sent from <> to the sender through the account (well before the
+    # 20 s sync_timeout would have ended the wait).
+    await upstream.wait_for_messages(1, timeout=10)
+    [bounce] = upstream.messages
+    assert (bounce.mail_from, list(bounce.rcpt_tos)) == ("<>", ["app@example.com"])
+    assert metric(app, "relay_messages_rejected_total", reason="upstream_refused") == 0
+
+
+async def test_shutdown_answers_waiting_sessions_250_at_once(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    """The message is committed: a session waiting for the upstream is answered 250 when
+    shutdown begins, not after sync_timeout (the send itself gets the grace as usual)."""
+    upstream.delay("DATA", 30)
+    app = await start_relay(relay_config(
+        tmp_path, {"up": upstream_account(upstream, tmp_path)},
+        listen={"ack": "after_upstream", "sync_timeout": "30s"}))
+    session = asyncio.create_task(send(app.smtp_port, message("late")))
+    await wait_until(lambda: upstream.connections_opened >= 1, what="the attempt")
+    stopping = asyncio.create_task(app.shutdown(grace=1.0))
+    try:
+        code, _ = await asyncio.wait_for(session, 10)  # not the 30 s sync_timeout
+    finally:
+        await stopping
+    assert code == 250
+
+
+async def test_a_groups_mail_is_answered_per_the_groups_ack_not_a_members(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    """A group's message is answered before a member is chosen: a member's own `ack` is
+    for mail routed to it by name (check-config says so); the group has its own."""
+    upstream.fail_message_attempts(b"refuse-me", 550, "5.6.0 malformed message", times=5)
+    config = relay_config(
+        tmp_path, {"up": upstream_account(upstream, tmp_path, ack="after_upstream")},
+        routing={"groups": {"plain": {"accounts": ["up"]},
+                            "sync": {"accounts": ["up"], "ack": "after_upstream"}}})
+    assert (config.ack_for("plain"), config.ack_for("sync")) == ("after_commit",
+                                                                 "after_upstream")
+    assert config_warnings(config) == [
+        "accounts.up.ack: after_upstream applies to mail routed to up itself; mail for group"
+        " plain is answered after_commit (set routing.groups.plain.ack)"]
+    app = await start_relay(config)
+    refused = (550, "5.6.0 malformed message")
+    assert await send(app.smtp_port, message("a", headers={"X-Account": "sync"},
+                                             body="refuse-me\r\n")) == refused
+    assert (await send(app.smtp_port, message("b", headers={"X-Account": "plain"},
+                                              body="refuse-me\r\n")))[0] == 250

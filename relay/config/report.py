@@ -45,7 +45,22 @@ def config_warnings(config: Config, from_environment: Collection[str] = ()) -> l
                 warnings += _readable_by_others(f"accounts.{name}.auth.{key}", path)
         if (acc.password or acc.password_env or acc.password_file) and not acc.username:
             warnings.append(f"accounts.{name}: a password without a username is not used")
-    return warnings + _listener_warnings(config) + _webhook_warnings(config)
+    return warnings + _listener_warnings(config) + _webhook_warnings(config) + _ack_warnings(
+        config)
+
+
+def _ack_warnings(config: Config) -> list[str]:
+    """A member's ``ack`` is not its group's: say so where they differ."""
+    warnings = []
+    for group, spec in config.routing.groups.items():
+        for name in spec.accounts:
+            own = config.accounts[name].ack if name in config.accounts else None
+            if own is not None and own != config.ack_for(group):
+                warnings.append(
+                    f"accounts.{name}.ack: {own} applies to mail routed to {name} itself;"
+                    f" mail for group {group} is answered {config.ack_for(group)}"
+                    f" (set routing.groups.{group}.ack)")
+    return warnings
 
 
 def _listener_warnings(config: Config) -> list[str]:

@@ -826,6 +826,9 @@ class GroupConfig(_Frozen):
     # spread by weight among those.
     mode: Literal["failover", "weighted"] = "failover"
     weights: dict[str, Annotated[WholeNumber, Field(ge=1)]] | None = None
+    # None: listen.ack. The members' own `ack` is for mail routed to them by name: a
+    # group's message is answered before its member is chosen (at the attempt).
+    ack: Ack | None = None
 
     @model_validator(mode="after")
     def _weights(self) -> GroupConfig:
@@ -1105,9 +1108,10 @@ class Config(_Frozen):
         return max(MIN_FREE_FLOOR, 2 * self.listen.max_message_size)
 
     def ack_for(self, account: str) -> str:
-        """When the listener answers a message for ``account``: its own ack, or listen's."""
-        acc = self.accounts.get(account)
-        return (acc.ack if acc is not None and acc.ack else None) or self.listen.ack
+        """When the listener answers a message for ``account`` (or group): its own ack,
+        or listen's. A group's mail takes the group's, never a member's."""
+        own = self.accounts.get(account) or self.routing.groups.get(account)
+        return (own.ack if own is not None and own.ack else None) or self.listen.ack
 
     def auth_backoff_for(self, account: str) -> AuthBackoffConfig:
         """The account's own auth_backoff, or the top-level one."""

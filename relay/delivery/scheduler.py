@@ -280,20 +280,23 @@ class Scheduler:
         if worker is not None:
             worker.notify()
 
-    async def deliver_now(self, account: str, message_id: str, within: float) -> Reply | None:
-        """ack: after_upstream: the account's worker sends the message at once; the
-        refusal to pass on to the client, or None for 250 (see AccountWorker.deliver_now).
-        Never raises: the message is committed whatever happens here."""
+    async def deliver_now(self, message: NewMessage, within: float,
+                          gone: asyncio.Future[None] | None = None) -> Reply | None:
+        """ack: after_upstream: the account's worker sends the message (just committed) at
+        once; the refusal to pass on to the client, or None for 250 (see
+        AccountWorker.deliver_now). Never raises: the message is committed whatever
+        happens here."""
+        account = message.account
         worker = self.workers.get(account)
         if worker is None:
             return None
         try:
-            return await worker.deliver_now(message_id, within)
+            return await worker.deliver_now(message, within, gone)
         except StoreError as exc:
-            event(log, logging.WARNING, "sync_attempt_skipped", message_id, account=account,
+            event(log, logging.WARNING, "sync_attempt_skipped", message.id, account=account,
                   reason=str(exc))
         except Exception:  # a bug: the message waits in the queue; the client gets 250
-            log.exception("immediate attempt of %s failed", message_id)
+            log.exception("immediate attempt of %s failed", message.id)
             self.metrics.internal_errors.labels("delivery").inc()
         return None
 

@@ -45,6 +45,7 @@ from relay.queue.types import (
     MessageState,
     NewEvent,
     NewMessage,
+    Priority,
     QueuedMessage,
     Recipient,
     RecipientState,
@@ -98,17 +99,27 @@ class SyncWaiter:
     """A listener session waiting for a message's first outcome (ack: after_upstream).
 
     ``refusing``: the outcome will be passed on as a refusal, so no bounce is queued;
-    ``abandoned``: the session gave up waiting and answered 250, so a refusal bounces as
-    usual. One excludes the other (set without an await in between)."""
+    ``abandoned``: the session answered 250 without it (sync_timeout, the client left,
+    shutdown), so a refusal bounces as usual. One excludes the other (set without an
+    await in between). ``dedup_key``: the message's, forgotten with a refusal passed on
+    (the client was told 5xx: nothing was accepted, a retry is a new submission)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dedup_key: str | None = None) -> None:
         self.future: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
         self.refusing = False
         self.abandoned = False
+        self.dedup_key = dedup_key
 
     def settle(self, reply: Reply | None) -> None:
         if not self.future.done():
             self.future.set_result(reply)
+
+    def abandon(self) -> None:
+        """Answer 250 now unless a refusal is already being written (it then comes in
+        moments); the outcome is then handled as for any queued message."""
+        if not self.refusing:
+            self.abandoned = True
+            self.settle(None)
 
 
 def _iso(ts: float) -> str:
@@ -435,21 +446,33 @@ class AccountWorker:
         self.carrying[message.id] = message
         task.add_done_callback(functools.partial(self._done, message.id))
 
-    async def deliver_now(self, message_id: str, within: float) -> Reply | None:
+    async def deliver_now(self, new: NewMessage, within: float,
+                          gone: asyncio.Future[None] | None = None) -> Reply | None:
         """ack: after_upstream: claim the message just committed and send it at once, if
-        the account may send now (slot, rate limit, no backoff or pause). The refusal to
-        pass on if its outcome comes within ``within`` seconds; None: answer 250 (it was
-        delivered, deferred, is still being sent, or waits in the queue as usual)."""
+        the account may send now (slot, rate limit with its reserve_for_high, no backoff
+        or pause). The refusal to pass on if its outcome comes within ``within`` seconds;
+        None: answer 250 (it was delivered, deferred, is still being sent, or waits in the
+        queue as usual). ``gone`` resolving (the client closed its side or the connection
+        ended) or stop() ends the wait: 250 at once, and a refusal then bounces."""
+        others = new.priority is not Priority.HIGH  # may not use the share kept for high
         if (self._stopping or self.paused or self.backed_off or self._slots() <= 0
-                or self.limiter.available(self.mono()) < 1):
+                or self.limiter.available(self.mono(), others=others) < 1
+                or (gone is not None and gone.done())):
             return None
-        waiter = self.waiters[message_id] = SyncWaiter()
+        waiter = self.waiters[new.id] = SyncWaiter(new.dedup.key if new.dedup else None)
+
+        def left(_: asyncio.Future[None]) -> None:
+            waiter.abandon()
+
+        if gone is not None:
+            gone.add_done_callback(left)
         try:
             self.limiter.reserve(1)
             message = None
             try:
                 message = await self.store.claim_message(
-                    self.name, message_id, self.clock(), self.lease_s, self.limiter.windows)
+                    self.name, new.id, self.clock(), self.lease_s, self.limiter.windows,
+                    self.limiter.reserve_for_high)
             finally:
                 if message is None:
                     self.limiter.cancel(1)
@@ -465,12 +488,12 @@ class AccountWorker:
                 async with asyncio.timeout(within):
                     return await asyncio.shield(waiter.future)
             except TimeoutError:
-                if not waiter.refusing:
-                    waiter.abandoned = True
-                    return None
-            return await waiter.future  # the refusal is being written: moments
+                waiter.abandon()
+            return await waiter.future  # None, or the refusal being written: moments
         finally:
-            del self.waiters[message_id]
+            if gone is not None:
+                gone.remove_done_callback(left)
+            del self.waiters[new.id]
 
     def held(self) -> list[str]:
         """Messages this worker is sending, has claimed ahead or is recording."""
@@ -672,6 +695,8 @@ class AccountWorker:
         if waiter is not None and not waiter.abandoned:
             refusal = sync_refusal(sent, result)
             waiter.refusing = refusal is not None  # the client gets it: no bounce
+            if refusal is not None and waiter.dedup_key is not None:
+                result = dataclasses.replace(result, forget_dedup=waiter.dedup_key)
         bounce = None
         # Never to <>: a bounce is sent from <>, so a bounce never causes another.
         if self.bounce is not None and refusal is None and should_bounce(message.sender, failed):
@@ -862,7 +887,11 @@ class AccountWorker:
         return results
 
     def stop_claiming(self) -> None:
+        """Claim nothing more; sessions waiting for an immediate attempt (ack:
+        after_upstream) are answered 250 now, so shutdown is not held for sync_timeout."""
         self._stopping = True
+        for waiter in self.waiters.values():
+            waiter.abandon()
         self.wake.set()
 
     async def join(self) -> None:

@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Iterable
 
 from relay.ingest.addresses import recipient_key
 
 
-def dedup_key(fields: list[tuple[str, str]], sender: str) -> str | None:
-    """A fixed-size key from the Message-ID header and the envelope sender (compared as
-    the listener compares mailboxes: domain case and needless quoting do not count), or
-    None without a Message-ID (or with several: no one message is named). Hashed so
-    that a long or odd header cannot make the key table's index large."""
+def dedup_key(fields: list[tuple[str, str]], sender: str, recipients: Iterable[str],
+              user: str | None, account: str) -> str | None:
+    """A fixed-size key for one queue entry of a submission, or None without a
+    Message-ID (or with several: no one message is named).
+
+    A retry of a submission repeats all of it, so the key is the whole submission: the
+    Message-ID, the envelope sender and every envelope recipient (sorted; mailboxes
+    compared as the listener compares them: domain case and needless quoting do not
+    count), so per-recipient copies under one Message-ID (Bcc copies sent one by one)
+    are different messages; and the listener user ("" for none), so one tenant can
+    neither suppress another's mail nor probe its ids. Then the entry's account: each
+    entry of a message split by routing rules is one key, found again by a resubmission
+    that reaches that account. The submission is hashed (a long or odd header cannot make
+    the key table's index large); the account follows it as given."""
     ids = [value.strip() for name, value in fields if name.lower() == "message-id"]
     if len(ids) != 1 or not ids[0]:
         return None
     sender_key = recipient_key(sender) if sender else ""
-    digest = hashlib.sha256(f"{ids[0]}\0{sender_key}".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
+    rcpts = sorted({recipient_key(r) for r in recipients})
+    whole = json.dumps([ids[0], sender_key, rcpts, user or ""], ensure_ascii=False)
+    digest = hashlib.sha256(whole.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{digest}:{account}"

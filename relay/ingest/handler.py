@@ -11,7 +11,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from aiosmtpd.smtp import (
     SMTP,
@@ -43,11 +43,19 @@ from relay.smtp.headers import header_section_exceeds, parse_headers, remove_hea
 
 log = logging.getLogger("relay.smtpd")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# Commits every message of the list in one transaction (all or none); returns the queue
-# id holding each (with dedup, maybe an earlier message's) and a refusal to answer
-# instead of 250 (ack: after_upstream).
-Submit = Callable[[Sequence[NewMessage]],
-                  Awaitable[tuple[list[str], replies.Reply | None]]]
+
+
+class Submit(Protocol):
+    """Commits every message of the list in one transaction (all or none); returns the
+    queue id holding each (with dedup, maybe an earlier message's) and a refusal to
+    answer instead of 250 (ack: after_upstream). ``gone`` resolves when the client
+    closed its side or the connection ended (nobody may be left to hear the answer)."""
+
+    def __call__(self, messages: Sequence[NewMessage],
+                 gone: asyncio.Future[None] | None = None,
+                 ) -> Awaitable[tuple[list[str], replies.Reply | None]]: ...
+
+
 Admit = Callable[[str], Awaitable[bool]]  # False: the account is too far behind its limit
 
 # aiosmtpd logs this on mail.log for every session whose server requires AUTH without
@@ -67,6 +75,13 @@ class RelaySession(Session):
     """aiosmtpd's Session without the deprecated ``login_data``: aiosmtpd itself sets it
     after every successful AUTH, and logs a deprecation warning each time. relay reads
     ``auth_data`` (the user name its authenticator returns) and never this."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        # Resolved when the client closed its side or the connection ended (listener): a
+        # DATA waiting for the upstream (ack: after_upstream) stops waiting, and a
+        # refusal then bounces.
+        self.gone: asyncio.Future[None] = loop.create_future()
 
     @property
     def login_data(self) -> Any:
@@ -235,11 +250,12 @@ class IngestHandler:
             created_at=now,
             not_before=max(now, not_before or now),
             mail_options=_forwarded_options(envelope),
-            # A split message's entries each have a key of their own (per account).
-            dedup=self._dedup(fields, sender, r.account if split else None),
+            # Each entry's key: the whole submission and the entry's account.
+            dedup=self._dedup(fields, sender, envelope.rcpt_tos, user, r.account),
         ) for r in routes]
         try:
-            queued, refusal = await self.submit(messages)
+            gone = session.gone if isinstance(session, RelaySession) else None
+            queued, refusal = await self.submit(messages, gone)
         except StoreError as exc:
             return self._not_stored(exc, session)
         fresh = [m for m, holder in zip(messages, queued, strict=True) if holder == m.id]
@@ -273,13 +289,13 @@ class IngestHandler:
             return self.reject("store_unavailable", replies.STORE_FULL)
         return self.reject("store_unavailable", replies.STORE_FAILED)
 
-    def _dedup(self, fields: list[tuple[str, str]], sender: str, scope: str | None
-               ) -> Dedup | None:
+    def _dedup(self, fields: list[tuple[str, str]], sender: str, recipients: list[str],
+               user: str | None, account: str) -> Dedup | None:
         window = self.config.dedup.window if self.config.dedup is not None else None
-        key = dedup_key(fields, sender) if window is not None else None
-        if key is not None and scope is not None:
-            key = f"{key}:{scope}"
-        return Dedup(key, window) if key is not None and window is not None else None
+        if window is None:
+            return None
+        key = dedup_key(fields, sender, recipients, user, account)
+        return Dedup(key, window) if key is not None else None
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd's default answers 500 and names the exception class.

@@ -450,6 +450,7 @@ class RelaySMTP(ChunkedDataSMTP):
             return
         self._released = True
         self._limits.close_session(self._client)
+        self._gone()
         super().connection_lost(exc)
 
     def eof_received(self) -> bool | None:
@@ -457,11 +458,21 @@ class RelaySMTP(ChunkedDataSMTP):
 
         aiosmtpd cancels the session here, even mid-commit: a message could be on disk
         with its 250 never written. Instead the input ends (_SessionReader): the commands
-        already received are carried out and answered, then the session ends."""
+        already received are carried out and answered, then the session ends.
+
+        A wait for the upstream (ack: after_upstream) ends here too: a client that closed
+        its side usually closed the whole connection (TCP cannot tell), and its refusal
+        must then bounce. One that only half-closed gets 250 and the bounce."""
+        self._gone()
         if self._reader is not None:
             self._reader.feed_eof()
         # Keep the TCP connection open for the replies; TLS cannot stay half-open.
         return self.session is None or self.session.ssl is None
+
+    def _gone(self) -> None:
+        """Nobody may be left to read an answer (RelaySession.gone)."""
+        if isinstance(self.session, RelaySession) and not self.session.gone.done():
+            self.session.gone.set_result(None)
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:

@@ -81,7 +81,8 @@ def local_handler(config: Config, store: QueueStore, user: str | None = None
     rules = ListenerAuth(ListenAuthConfig.model_construct(required=auth.required,
                                                           users=users))
 
-    async def commit(messages: Sequence[NewMessage]) -> tuple[list[str], None]:
+    async def commit(messages: Sequence[NewMessage],
+                     gone: asyncio.Future[None] | None = None) -> tuple[list[str], None]:
         """As the server commits (all of a split message in one transaction), but never
         tried at once (ack: after_upstream needs a running relay)."""
         if len(messages) == 1:

@@ -48,8 +48,8 @@ class Metrics:
                               registry=r)
         self.deduplicated = Counter(
             "relay_messages_deduplicated",
-            "Messages not queued again: their Message-ID and sender were accepted within"
-            " dedup.window.", registry=r)
+            "Messages not queued again: their Message-ID, sender, recipients and listener"
+            " user were accepted within dedup.window.", registry=r)
         # Per webhook (its name: never the URL) and result: sent, failed (retried later),
         # gave_up (past max_age).
         self.webhook_deliveries = Counter(

@@ -98,7 +98,10 @@ class QueueStore(Protocol):
     async def finish(self, result: AttemptResult, bounce: NewMessage | None = None,
                      events: Sequence[NewEvent] = ()) -> bool:
         """Settle ``result.claim``: record the attempt (with ``result.transcript``), queue
-        its bounce and write its webhook ``events`` to the outbox, all together.
+        its bounce and write its webhook ``events`` to the outbox, all together. With
+        ``result.forget_dedup`` (ack: after_upstream passed the refusal on as the answer to
+        DATA), delete that dedup key in the same transaction if it still names
+        ``result.id``: a resubmission is then queued, not answered with the failed id.
 
         Only the claim's owner may: False when another process holds the message now
         (then neither bounce nor events are written).

@@ -162,6 +162,10 @@ class AttemptResult:
     reply: str
     claim: Claim | None = None  # the claim this result settles
     transcript: tuple[str, ...] = ()  # the SMTP conversation of the attempt (no secrets)
+    # ack: after_upstream passed this refusal on to the client as the answer to DATA:
+    # the message's dedup key, to forget with the outcome (the submission was refused,
+    # not accepted, so a retry is tried again).
+    forget_dedup: str | None = None
 
 
 @dataclass(frozen=True)

@@ -668,6 +668,13 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
                 " %(e_webhook)s::text[], %(e_type)s::text[], %(e_body)s::text[],"
                 f" %(e_created)s::float8[]) AS e(i, w, t, b, c){held_only}"
                 " ON CONFLICT DO NOTHING)")
+        if a.forget_dedup is not None:
+            # A refusal the client was given as its answer: the submission was not
+            # accepted, so its dedup key goes with the outcome (a retry is tried again).
+            params["forget"] = a.forget_dedup
+            held_only = " AND EXISTS (SELECT 1 FROM upd)" if a.claim is not None else ""
+            sql += (", fd AS (DELETE FROM dedup WHERE key = %(forget)s AND message_id = %(id)s"
+                    f"{held_only})")
         sql += " SELECT (SELECT count(*) FROM upd) + (SELECT count(*) FROM prior)"
         async with self._conn() as conn:
             row = await (await conn.execute(sql, params)).fetchone()

@@ -228,6 +228,11 @@ def _apply_finishes(db: sqlite3.Connection, ops: list[Finish]) -> None:
                                    (*params, a.claim.owner)).rowcount == 1
         if op.result:
             accepted.append(a)
+    # A refusal the client was given as its answer: the submission was not accepted, so
+    # its dedup key goes with the outcome (a retry is queued and tried again).
+    forgotten = [(a.forget_dedup, a.id) for a in accepted if a.forget_dedup is not None]
+    if forgotten:
+        db.executemany("DELETE FROM dedup WHERE key=? AND message_id=?", forgotten)
     # A bounce is committed with the outcome that causes it: one cannot be lost
     # without the other.
     bounces = [op.bounce for op in ops if op.result and op.bounce is not None]
