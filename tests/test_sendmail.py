@@ -487,3 +487,104 @@ def test_check_config_warns_of_a_world_readable_sendmail_password(
         assert main(["check-config", "-c", str(config)]) == 0
         err = capsys.readouterr().err
         assert ("sendmail.password_file: " in err and "readable by every user" in err) is warned
+
+
+# A local user squatting the listener's port while relay is down (a1 #1): it greets and
+# says yes to everything, and prints what it is sent.
+SQUATTER = r"""
+import os, socket, sys
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+os.setgid(65534); os.setuid(65534)  # the socket is still root's: make one as nobody
+sock.close()
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+sock.listen(1)
+print(sock.getsockname()[1], flush=True)
+conn, _ = sock.accept()
+conn.sendall(b"220 relay ESMTP\r\n")
+for line in conn.makefile("rb"):
+    print("GOT", line, flush=True)
+    if line.upper().startswith(b"EHLO"):
+        conn.sendall(b"250-relay\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n")
+    elif line.upper().startswith(b"QUIT"):
+        conn.sendall(b"221 bye\r\n")
+        break
+    else:
+        conn.sendall(b"250 ok\r\n")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/proc/net/tcp"),
+                    reason="needs root (to listen as another user) and Linux's /proc")
+@pytest.mark.parametrize("login", [True, False], ids=["login", "no-login"])
+async def test_a_port_squatted_by_another_user_gets_neither_password_nor_mail(
+        tmp_path: Path, upstream: FakeUpstream, login: bool,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """relay down, another user listening on its port: sendmail checks the listener's
+    owner before it sends a byte, exits 75 naming the port and the owner."""
+    squatter = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SQUATTER, stdout=subprocess.PIPE)
+    try:
+        assert squatter.stdout is not None
+        port = int(await asyncio.wait_for(squatter.stdout.readline(), 10))
+        config = write_config(tmp_path, upstream, listen_port=port)
+        data = yaml.safe_load(config.read_text())
+        if login:
+            secret = tmp_path / "sendmail.secret"
+            secret.write_text("hunter2\n")
+            data["listen"]["auth"] = {"required": True, "users": {"cron": {
+                "password_hash": "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA"}}}
+            data["sendmail"] = {"username": "cron", "password_file": str(secret)}
+        config.write_text(yaml.safe_dump(data))
+        assert await submit(["a@example.com"], b"Subject: s\n\nsecret mail\n", config) == 75
+        err = capsys.readouterr().err
+        assert f"127.0.0.1:{port} is held by user nobody (uid 65534)" in err
+        got = (await asyncio.wait_for(squatter.stdout.read(), 10)).decode()
+        assert "AUTH" not in got.upper() and "MAIL" not in got.upper(), got
+        assert "secret mail" not in got
+    finally:
+        if squatter.returncode is None:
+            squatter.kill()
+        await squatter.wait()
+
+
+async def test_where_the_listeners_owner_is_unknown_the_password_needs_verified_tls(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+        capsys: pytest.CaptureFixture[str], self_signed: tuple[Path, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No /proc to ask (not Linux): the password goes only over STARTTLS verified against
+    listen.tls.cert; a listener whose certificate is another one gets nothing."""
+    from relay.cli import peer
+    from relay.ingest.auth import hash_password
+
+    monkeypatch.setattr(peer, "PROC_TABLES", ())
+    cert, key = self_signed
+    path = write_config(tmp_path, upstream)
+    data = yaml.safe_load(path.read_text())
+    data["listen"]["auth"] = {"required": True,
+                              "users": {"cron": {"password_hash": hash_password("pw")}}}
+    data["listen"]["tls"] = {"cert": str(cert), "key": str(key)}
+    secret = tmp_path / "sendmail.secret"
+    secret.write_text("pw\n")
+    data["sendmail"] = {"username": "cron", "password_file": str(secret)}
+    path.write_text(yaml.safe_dump(data))
+    await start_relay(load_config(path))
+    assert await submit(["a@example.com"], b"Subject: verified\n\nx\n", path) == 0
+    await upstream.wait_for_messages(1)
+    other = tmp_path / "other"
+    other.mkdir()
+    await asyncio.to_thread(
+        subprocess.run, ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+                         "1", "-subj", "/CN=localhost", "-keyout", str(other / "k.pem"),
+                         "-out", str(other / "c.pem")], check=True, capture_output=True)
+    data["listen"]["tls"] = {"cert": str(other / "c.pem"), "key": str(other / "k.pem")}
+    path.write_text(yaml.safe_dump(data))  # what sendmail trusts is not what it serves
+    capsys.readouterr()
+    assert await submit(["a@example.com"], b"Subject: s\n\nx\n", path) == 75
+    assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().err
+    del data["listen"]["tls"]
+    path.write_text(yaml.safe_dump(data))
+    assert await submit(["a@example.com"], b"Subject: s\n\nx\n", path) == 75
+    assert "listen.tls.cert is not set" in capsys.readouterr().err
+    assert len(upstream.messages) == 1

@@ -26,7 +26,8 @@ from typing import BinaryIO
 
 from relay.cli import hangup
 from relay.cli.common import open_queue, out
-from relay.cli.submit import smtp_error, submit_smtp, write_queue
+from relay.cli.peer import peer_uid
+from relay.cli.submit import Unsafe, smtp_error, submit_smtp, write_queue
 from relay.config.loading import load_config
 from relay.config.schema import Config
 from relay.errors import ConfigError, StoreError
@@ -240,9 +241,14 @@ def _submit(invocation: Invocation, config: Config, prepared: Prepared,
             options: list[str]) -> int:
     host, port = _listener(config)
     login = _credentials(config)
+    anchor = config.listen.tls.cert if config.listen.tls is not None else None
     try:
-        reply = submit_smtp(host, port, prepared, options, login)
+        reply = submit_smtp(host, port, prepared, options, login,
+                            peer=lambda sock: _vet_listener(config, sock, host, port),
+                            anchor=anchor)
         how = f"over SMTP to {host}:{port}"
+    except Unsafe as exc:
+        raise Refused(EX_TEMPFAIL, f"{exc}; nothing was sent") from None
     except ConnectionRefusedError:
         try:
             reply = asyncio.run(write_queue(config, prepared, options))
@@ -259,6 +265,33 @@ def _submit(invocation: Invocation, config: Config, prepared: Prepared,
     if invocation.verbose:
         out(f"sendmail: {reply} ({how})", file=sys.stderr)
     return EX_OK
+
+
+def _vet_listener(config: Config, sock: socket.socket, host: str, port: int) -> bool:
+    """True if the kernel says the listener is relay's (run by root, by this user, or
+    by the queue file's owner), False if it cannot say; Unsafe if it is someone else's:
+    a user squatting the port while relay is down."""
+    uid = peer_uid(sock)
+    if uid is None:
+        return False
+    if uid in _relay_uids(config):
+        return True
+    raise Unsafe(f"{host}:{port} is held by {_user(uid)}, not by relay's user (the owner"
+                 f" of {config.queue.path})")
+
+
+def _relay_uids(config: Config) -> set[int]:
+    """Who may run the listener sendmail talks to."""
+    uids = {0, os.getuid()}
+    with contextlib.suppress(OSError):
+        uids.add(config.queue.path.stat().st_uid)
+    return uids
+
+
+def _user(uid: int) -> str:
+    with contextlib.suppress(KeyError):
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    return f"uid {uid}"
 
 
 def _credentials(config: Config) -> tuple[str, str] | None:

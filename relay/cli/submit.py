@@ -9,7 +9,9 @@ import glob
 import logging
 import os
 import smtplib
+import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from relay.cli.common import open_queue
@@ -32,17 +34,36 @@ def smtp_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+class Unsafe(Exception):
+    """Nothing was sent: the listener is not provably relay's; the text says why."""
+
+
+# The listener's owner, given the connected socket: True (relay's), False (unknown: not
+# Linux, not loopback); raises Unsafe for another user's.
+PeerCheck = Callable[[socket.socket], bool]
+
+
 def submit_smtp(host: str, port: int, prepared: Prepared, options: list[str],
-                login: tuple[str, str] | None = None) -> str:
+                login: tuple[str, str] | None = None, *, peer: PeerCheck | None = None,
+                anchor: Path | None = None) -> str:
     """One SMTP transaction; the reply that ended it. A refused recipient ends it before
-    DATA (RSET): the message goes to all of its recipients or to none."""
+    DATA (RSET): the message goes to all of its recipients or to none.
+
+    ``peer`` is asked who owns the listener before anything is sent. The password goes
+    only to a listener it vouches for, or over STARTTLS verified against ``anchor`` (the
+    listener's own certificate, listen.tls.cert) or, off loopback, the system's CAs."""
     with smtplib.SMTP(host, port, local_hostname="localhost",
-                      timeout=SUBMIT_TIMEOUT_S) as smtp:
+                      timeout=SUBMIT_TIMEOUT_S) as smtp:  # greeted; nothing sent yet
+        known = peer(smtp.sock) if peer is not None and smtp.sock is not None else False
         smtp.ehlo()
-        if login is not None and smtp.has_extn("starttls"):  # AUTH waits for TLS then
-            smtp.starttls(context=_tls_context(host))
-            smtp.ehlo()
         if login is not None:
+            if smtp.has_extn("starttls"):  # AUTH waits for TLS then
+                smtp.starttls(context=_tls_context(host, None if known else anchor,
+                                                   verify=not known))
+                smtp.ehlo()
+            elif not known:
+                raise Unsafe(f"will not send sendmail.username's password to {host}:{port}:"
+                             " its owner cannot be checked and it offers no STARTTLS")
             try:
                 smtp.login(*login)
             except smtplib.SMTPAuthenticationError as exc:
@@ -59,13 +80,29 @@ def submit_smtp(host: str, port: int, prepared: Prepared, options: list[str],
         return f"{code} {text.decode('utf-8', 'replace')}"
 
 
-def _tls_context(host: str) -> ssl.SSLContext:
-    """Verified, except on loopback: the listener's certificate is for the names other
-    hosts use, and a connection that never leaves the machine has nobody in between."""
-    context = ssl.create_default_context()
-    if is_loopback(host):
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+def _tls_context(host: str, anchor: Path | None, *, verify: bool) -> ssl.SSLContext:
+    """``verify``: the certificate must chain to ``anchor`` (on loopback, where the
+    listener's certificate names other hosts, its name is not checked) or, off loopback,
+    to the system's CAs for ``host``. Else (a listener whose owner was checked) verified
+    except on loopback, where a connection never leaves the machine."""
+    loopback = is_loopback(host)
+    if not verify:
+        context = ssl.create_default_context()
+        if loopback:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+    if loopback and anchor is None:
+        raise Unsafe(f"will not send sendmail.username's password to {host}: the"
+                     " listener's owner cannot be checked and listen.tls.cert is not set"
+                     " to verify it with")
+    try:
+        context = ssl.create_default_context(cafile=str(anchor) if anchor else None)
+    except OSError as exc:
+        raise Unsafe(f"cannot read listen.tls.cert {anchor} to verify the listener:"
+                     f" {exc.strerror}") from None
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the listener's own cert
+    context.check_hostname = not loopback
     return context
 
 
