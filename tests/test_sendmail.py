@@ -588,3 +588,24 @@ async def test_where_the_listeners_owner_is_unknown_the_password_needs_verified_
     assert await submit(["a@example.com"], b"Subject: s\n\nx\n", path) == 75
     assert "listen.tls.cert is not set" in capsys.readouterr().err
     assert len(upstream.messages) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to give the file to another user)")
+async def test_a_config_another_user_owns_or_anyone_may_write_is_not_read(
+        tmp_path: Path, upstream: FakeUpstream, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """a1 #2: a web visitor adding --config=UPLOADED through PHP's mail(), run by root,
+    would choose the password file and where it goes: 78, naming the file and why."""
+    config = write_config(tmp_path, upstream)
+    os.chown(config, 65534, 65534)
+    assert await submit(["a@example.com"], b"Subject: s\n\nx\n", config) == 78
+    assert (f"--config {config}: owned by user nobody (uid 65534): sendmail reads only"
+            " a config owned by root or by its caller") in capsys.readouterr().err
+    monkeypatch.setenv("RELAY_CONFIG", str(config))
+    from relay.cli.sendmail import sendmail as run_sendmail
+    assert run_sendmail(["a@example.com"], io.BytesIO(b"x\n")) == 78
+    assert f"RELAY_CONFIG {config}: owned by" in capsys.readouterr().err
+    os.chown(config, 0, 0)
+    config.chmod(0o646)
+    assert run_sendmail(["-bp"], io.BytesIO(b"")) == 78
+    assert "writable by every user" in capsys.readouterr().err

@@ -70,7 +70,9 @@ def test_modes() -> None:
 
 
 def test_options_end_at_the_first_recipient_or_double_dash() -> None:
-    assert parse_argv(["a@example.com", "-t"]).recipients == ("a@example.com", "-t")
+    assert parse_argv(["a@example.com", "b@example.com"]).recipients == (
+        "a@example.com", "b@example.com")
+    assert parse_argv(["--", "a@b.c", "-t"]).recipients == ("a@b.c", "-t")
     assert parse_argv(["--", "-odd@example.com"]).recipients == ("-odd@example.com",)
     assert parse_argv(["-f", "<>", "a@b.c"]).sender == "<>"
 
@@ -86,6 +88,10 @@ def test_options_end_at_the_first_recipient_or_double_dash() -> None:
     (["-bp", "-t"], "-t can be used only in delivery mode"),
     (["-bp", "a@b.c"], "takes no recipients"),
     (["--frobnicate"], "unknown option --frobnicate"),
+    # a1 #12, #2: an option after a recipient is neither an address nor an option
+    (["a@example.com", "-f", "x@y.z"], "-f after the recipients"),
+    (["a@example.com", "--config=/tmp/evil.yaml"], "--config=/tmp/evil.yaml after the"),
+    (["-f", "a@b.c --config=/tmp/x"], "-f takes one address, without spaces"),
 ])
 def test_usage_errors_name_the_option(argv: list[str], says: str) -> None:
     with pytest.raises(UsageError, match=says.replace("(", r"\(")):

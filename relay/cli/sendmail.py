@@ -107,8 +107,27 @@ def config_path(invocation: Invocation) -> str | None:
     """--config, else $RELAY_CONFIG, else /etc/relay/relay.yaml if there is one, else
     None (the built-in defaults)."""
     if invocation.config or os.environ.get("RELAY_CONFIG"):
-        return invocation.config or os.environ["RELAY_CONFIG"]
+        path = invocation.config or os.environ["RELAY_CONFIG"]
+        _trusted_config(path, "--config" if invocation.config else "RELAY_CONFIG")
+        return path
     return str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None
+
+
+def _trusted_config(path: str, via: str) -> None:
+    """A config other than the default one is read only if root or the caller owns it and
+    other users cannot write it (as Postfix's sendmail -C): the config says which file is
+    the password and where it goes, and callers such as PHP's mail() let a web visitor
+    add options. Refused (78) otherwise, naming why."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise Refused(EX_CONFIG, f"{via} {path}: {exc.strerror}") from None
+    if st.st_uid not in (0, os.getuid()):
+        raise Refused(EX_CONFIG, f"{via} {path}: owned by {_user(st.st_uid)}: sendmail"
+                      " reads only a config owned by root or by its caller")
+    if st.st_mode & 0o002:
+        raise Refused(EX_CONFIG, f"{via} {path}: writable by every user: sendmail will"
+                      " not read it")
 
 
 def run(invocation: Invocation, stdin: BinaryIO) -> int:
