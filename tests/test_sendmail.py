@@ -436,12 +436,13 @@ def test_relay_sendmail_is_the_same_command(capsys: pytest.CaptureFixture[str]) 
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (what a root crontab runs as)")
-async def test_as_root_the_direct_write_leaves_every_file_to_the_queue_owner(
+async def test_as_root_the_direct_write_is_the_queue_owners_or_none(
         upstream: FakeUpstream, start_relay: StartRelay) -> None:
-    """Run by root with no relay listening, sendmail writes as the queue's owner; where
-    that owner cannot reach the file (a parent closed to it, as systemd's DynamicUser
-    does with /var/lib/private), as root, SQLite handing its new files to the owner.
-    Either way no file beside the queue is root's, or the service could not open it."""
+    """Run by root with no relay listening, sendmail writes as the queue's owner, so no
+    file beside the queue is root's (the service could not open it). Where that owner
+    cannot reach the file (a parent closed to it, as systemd's DynamicUser does with
+    /var/lib/private) it writes nothing (75): as root it would follow the symlinks the
+    owner planted there and create root's files anywhere (a1 #3)."""
     base = Path(tempfile.mkdtemp(prefix="relay-sendmail-", dir="/tmp"))  # not tmp_path:
     try:  # pytest's tmp directories are closed (0700) to every user but root
         os.chmod(base, 0o755)
@@ -450,23 +451,43 @@ async def test_as_root_the_direct_write_leaves_every_file_to_the_queue_owner(
         data["queue"]["path"] = str(base / "q" / "queue.sqlite3")
         config.write_text(yaml.safe_dump(data))
         await (await start_relay(load_config(config))).shutdown(grace=1.0)
-        nobody = 65534
-        for n, parent_mode in enumerate((0o755, 0o700)):
-            # As after a restore from `relay queue backup`: the queue file alone, so that
-            # sendmail creates the lock files and the owners' folder beside it.
-            for extra in (base / "q").glob("queue.sqlite3?*"):
-                shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
-            for path in [base / "q", *(base / "q").rglob("*")]:
+        nobody, q, victim = 65534, base / "q", base / "victim"
+        victim.mkdir()
+
+        def restored() -> None:
+            """As after a restore from `relay queue backup`: the queue file alone, so
+            that sendmail creates the lock files and the owners' folder beside it."""
+            for extra in q.glob("queue.sqlite3?*"):
+                if extra.is_dir() and not extra.is_symlink():
+                    shutil.rmtree(extra)
+                else:
+                    extra.unlink()
+            for path in [q, *q.rglob("*")]:
                 os.chown(path, nobody, nobody)
-            os.chmod(base, parent_mode)
-            code, err = await sendmail("to@example.com", stdin=f"Subject: {n}\n\nx\n".encode(),
-                                       config=config)
-            assert code == 0, err
-            owners = {p.name: p.stat().st_uid for p in [base / "q", *(base / "q").rglob("*")]}
-            assert set(owners.values()) == {nobody}, owners
+
+        restored()
+        code, err = await sendmail("to@example.com", stdin=b"Subject: 0\n\nx\n",
+                                   config=config)
+        assert code == 0, err
+        owners = {p.name: p.stat().st_uid for p in [q, *q.rglob("*")]}
+        assert set(owners.values()) == {nobody}, owners
+        restored()
+        (q / "queue.sqlite3.write-lock").symlink_to(victim / "created-by-root")
+        (q / "queue.sqlite3.owners").symlink_to(victim)
+        for planted in q.glob("queue.sqlite3.*"):
+            os.lchown(planted, nobody, nobody)
+        os.chmod(base, 0o700)
+        code, err = await sendmail("to@example.com", stdin=b"Subject: 1\n\nx\n",
+                                   config=config)
+        assert code == 75, err
+        assert "only as its owner (uid 65534)" in err and "nothing was written" in err
+        assert list(victim.iterdir()) == []
+        assert {p.lstat().st_uid for p in [q, *q.rglob("*")]} == {nobody}
         os.chmod(base, 0o755)
+        restored()
         await start_relay(load_config(config))
-        await upstream.wait_for_messages(2)
+        await upstream.wait_for_messages(1)
+        assert received(upstream)["Subject"] == "0"
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -609,3 +630,24 @@ async def test_a_config_another_user_owns_or_anyone_may_write_is_not_read(
     config.chmod(0o646)
     assert run_sendmail(["-bp"], io.BytesIO(b"")) == 78
     assert "writable by every user" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("planted", ["queue.sqlite3.write-lock", "queue.sqlite3.lock",
+                                     "queue.sqlite3.owners"])
+async def test_the_files_beside_the_queue_are_never_opened_through_a_symlink(
+        tmp_path: Path, planted: str) -> None:
+    """Whoever can write the queue's folder could point a lock file or the owners'
+    folder at any file; `relay sendmail` run by root would create or lock it (a1 #3).
+    The store refuses, naming the file, and creates nothing there."""
+    from relay.errors import StoreError
+    from relay.queue.sqlite.store import SQLiteStore
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / planted).symlink_to(elsewhere if planted.endswith("owners")
+                                    else elsewhere / "created")
+    store = SQLiteStore(tmp_path / "queue.sqlite3")
+    with pytest.raises(StoreError, match=f"cannot create {tmp_path / planted}"):
+        await store.open()
+    await store.close()
+    assert list(elsewhere.iterdir()) == []

@@ -5,7 +5,6 @@ into the queue file (as the queue file's owner when run as root).
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import smtplib
@@ -126,19 +125,20 @@ async def write_queue(config: Config, prepared: Prepared, options: list[str]) ->
                                   prepared.recipients, prepared.data, options, user)
     finally:
         await store.close()
-        _give_back(path)
 
 
 def _become_owner(path: Path) -> None:
-    """Run as root (a root crontab), write as the queue's owner where it can: files that
-    the store creates beside the queue must stay the service's, or it could not open its
-    own queue. Where the owner cannot reach the file from here (systemd's DynamicUser
-    keeps it under /var/lib/private, which only the unit's namespace opens), root writes,
-    and SQLite gives the files it creates (-wal, -shm) the queue file's owner."""
+    """Run as root (a root crontab), write as the queue's owner: files that the store
+    creates beside the queue must stay the service's, or it could not open its own queue,
+    and that owner may have planted symlinks there that root would follow. Where the
+    owner cannot reach the file from here (systemd's DynamicUser keeps it under
+    /var/lib/private, which only the unit's namespace opens), nothing is written: root
+    writing into a folder another user controls could create files anywhere."""
     if os.geteuid() != 0:
         return
-    st = path.stat()
-    if st.st_uid == 0:
+    # Whoever controls the file or its folder (a symlink's own owner, not its target's).
+    st = next((s for s in (path.lstat(), path.parent.stat()) if s.st_uid != 0), None)
+    if st is None:
         return
     os.setegid(st.st_gid)
     os.seteuid(st.st_uid)
@@ -146,16 +146,5 @@ def _become_owner(path: Path) -> None:
             and os.access(path.parent, os.W_OK | os.X_OK, effective_ids=True)):
         os.seteuid(0)
         os.setegid(0)
-
-
-def _give_back(path: Path) -> None:
-    """Still root (_become_owner could not switch): what the store created beside the
-    queue file (its lock files, the owners' folder) goes to the queue file's owner."""
-    if os.geteuid() != 0:
-        return
-    st = path.stat()
-    if st.st_uid == 0:
-        return
-    for beside in path.parent.glob(glob.escape(path.name) + "?*"):
-        if beside.lstat().st_uid == 0:
-            os.lchown(beside, st.st_uid, st.st_gid)
+        raise StoreError(f"as root, sendmail writes {path} only as its owner (uid"
+                         f" {st.st_uid}), who cannot reach it from here; nothing was written")
