@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import email.header
 import io
 import os
 import shutil
@@ -651,3 +652,26 @@ async def test_the_files_beside_the_queue_are_never_opened_through_a_symlink(
         await store.open()
     await store.close()
     assert list(elsewhere.iterdir()) == []
+
+
+async def test_names_and_addresses_beyond_ascii(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """a1 #11: -F in Latin-1 (an old locale's bytes, which Python's argv keeps as
+    surrogates) becomes an RFC 2047 name; -f in UTF-8 goes with SMTPUTF8; an address in
+    Latin-1 is 65 with a message, never a traceback."""
+    config, _ = await running(tmp_path, upstream, start_relay)
+    latin1_name = os.fsdecode(b"Jos\xe9")
+    assert await submit(["-F", latin1_name, "a@example.com"], b"Subject: s\n\nx\n",
+                        config) == 0
+    await upstream.wait_for_messages(1)
+    raw_from = received(upstream)["From"]
+    assert raw_from.startswith("=?utf-8?")
+    assert str(email.header.make_header(email.header.decode_header(raw_from))).startswith(
+        "José <")
+    assert await submit(["-F", "Jérôme", "-f", "jérôme@example.com", "a@example.com"],
+                        b"Subject: s\n\nx\n", config) == 0
+    assert await submit(["-f", os.fsdecode(b"j\xf6s@example.com"), "a@example.com"],
+                        b"Subject: s\n\nx\n", config) == 65
+    assert ("bad sender address b'j\\xf6s@example.com': not UTF-8"
+            in capsys.readouterr().err)

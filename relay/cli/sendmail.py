@@ -198,8 +198,10 @@ def _message(invocation: Invocation, config: Config, stdin: BinaryIO
     login = _login()
     local = Local(login=login, domain=domain, date=formatdate(localtime=True),
                   message_id=make_msgid(domain=domain),
-                  full_name=invocation.full_name or _full_name(),
+                  full_name=_text(invocation.full_name) or _full_name(),
                   admin_address=config.sendmail.admin_address)
+    for word in (invocation.sender or "", *invocation.recipients):
+        _check_utf8("sender" if word == invocation.sender else "recipient", word)
     try:
         prepared = prepare(input_lines(raw, dots_end_input=invocation.dots_end_input),
                            sender=invocation.sender, arguments=invocation.recipients,
@@ -211,6 +213,7 @@ def _message(invocation: Invocation, config: Config, stdin: BinaryIO
         raise Refused(EX_DATAERR, str(exc)) from None
     for role, address in [("sender", prepared.sender),
                           *(("recipient", r) for r in prepared.recipients)]:
+        _check_utf8(role, address)
         if address and parse_path(f"<{address}>") is None:
             raise Refused(EX_DATAERR, f"bad {role} address {address!r}")
     if len(raw) > 2 * limit or len(prepared.data) > limit:
@@ -222,6 +225,34 @@ def _message(invocation: Invocation, config: Config, stdin: BinaryIO
     if not all(a.isascii() for a in (prepared.sender, *prepared.recipients)):
         options.append("SMTPUTF8")  # RFC 6531
     return prepared, options
+
+
+def _text(arg: str | None) -> str | None:
+    """A command-line word as text: its bytes as UTF-8, else as Latin-1 (what an old
+    locale's -F name is) rather than undecodable bytes."""
+    if arg is None or _is_utf8(arg):
+        return arg
+    raw = os.fsencode(arg)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # surrogates: bytes the locale's codec could not decode
+        return False
+    return True
+
+
+def _check_utf8(role: str, address: str) -> None:
+    """Bytes the locale could not decode (Latin-1, say) are no address: 65, not a
+    traceback. Beyond ASCII, an address is UTF-8 and goes with SMTPUTF8 (RFC 6531)."""
+    if not _is_utf8(address):
+        raise Refused(EX_DATAERR, f"bad {role} address {os.fsencode(address)!r}: not"
+                      " UTF-8 (an address beyond ASCII must be UTF-8, RFC 6531)")
 
 
 def read_input(stdin: BinaryIO, limit: int, *, dots_end_input: bool) -> bytes:

@@ -137,13 +137,23 @@ def prepare(lines: list[bytes], *, sender: str | None, arguments: Sequence[str],
         address = envelope_sender or f"{local.login}@{local.domain}"
         # A control character in -F's name (or the passwd entry's) must not end the field.
         name = _CONTROL.sub(" ", local.full_name or "").strip()
-        header.append(b"From: " + formataddr((name, address)).encode())
+        header.append(b"From: " + _mailbox(name, address))
     if "date" not in present:
         header.append(b"Date: " + local.date.encode())
     if "message-id" not in present:
         header.append(b"Message-ID: " + local.message_id.encode())
     out = [*_broken(header, b" "), b"", *_broken(body, b"")]
     return Prepared(envelope_sender, recipients, b"\r\n".join(out) + b"\r\n")
+
+
+def _mailbox(name: str, address: str) -> bytes:
+    """``name <address>``: a name beyond ASCII as an RFC 2047 encoded word (formataddr
+    does that), an address beyond ASCII as UTF-8 (RFC 6532: the message goes with
+    SMTPUTF8, which such an envelope needs anyway)."""
+    if address.isascii():
+        return formataddr((name, address)).encode()
+    stand_in = "x@x.invalid"
+    return formataddr((name, stand_in)).replace(stand_in, address).encode("utf-8")
 
 
 def _sender_address(sender: str) -> str:
