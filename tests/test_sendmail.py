@@ -267,7 +267,8 @@ async def test_bad_input_exit_codes_name_the_cause(
         ([], b"Subject: s\n\nx\n", 64, "no recipients"),
         (["-t"], b"Subject: s\n\nx\n", 64, "no recipients"),
         (["a b@example.com"], b"x\n", 65, "bad recipient address 'a b@example.com'"),
-        (["-f", "bad sender@x.org", "a@example.com"], b"x\n", 65, "bad sender address"),
+        (["-f", "bad sender@x.org", "a@example.com"], b"x\n", 64, "-f takes one address"),
+        (["-f", "bad@@x.org", "a@example.com"], b"x\n", 65, "bad sender address"),
         (["-Z"], b"", 64, "unknown option -Z"),
         # The listener's own answer to a message it can never take: 5xx, EX_DATAERR.
         (["a@example.com"], b"X-Account: nope\n\nx\n", 65,
