@@ -676,3 +676,25 @@ async def test_names_and_addresses_beyond_ascii(
                         b"Subject: s\n\nx\n", config) == 65
     assert ("bad sender address b'j\\xf6s@example.com': not UTF-8"
             in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("down", [False, True], ids=["listener", "direct-write"])
+async def test_more_recipients_than_a_transaction_takes_go_in_several(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay, down: bool,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """a1 #10: more than listen.max_recipients recipients exited 75 forever; they go in
+    transactions of at most that many (RFC 5321 3.3), over SMTP or into the queue."""
+    config = write_config(tmp_path, upstream)
+    data = yaml.safe_load(config.read_text())
+    data["listen"]["max_recipients"] = 3
+    config.write_text(yaml.safe_dump(data))
+    app = await start_relay(load_config(config))
+    if down:
+        await app.shutdown(grace=1.0)
+    everyone = [f"r{n}@example.com" for n in range(7)]
+    assert await submit(["-v", *everyone], b"Subject: many\n\nx\n", config) == 0
+    assert capsys.readouterr().err.count("250 2.0.0 queued as") == 3
+    if down:
+        await start_relay(load_config(config))
+    await wait_until(lambda: len(upstream.recipients_received()) >= 7)
+    assert sorted(upstream.recipients_received()) == everyone

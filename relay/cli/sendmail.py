@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import os
 import pwd
@@ -289,6 +290,40 @@ def _full_name() -> str | None:
 
 def _submit(invocation: Invocation, config: Config, prepared: Prepared,
             options: list[str]) -> int:
+    """The message in as many transactions as listen.max_recipients asks (RFC 5321
+    3.3, 4.5.3.1.8: more recipients than a server takes go in another transaction),
+    each one with its share of the recipients; stops at the first refusal."""
+    limit = config.listen.max_recipients
+    recipients = prepared.recipients
+    done = 0
+    for start in range(0, len(recipients), limit):
+        batch = dataclasses.replace(prepared, recipients=recipients[start:start + limit])
+        try:
+            reply, how = _submit_one(config, batch, options)
+        except Refused as exc:
+            raise Refused(exc.code, _partly(str(exc), done, len(recipients))) from None
+        code = _exit_code(reply)
+        if code != EX_OK:
+            raise Refused(code, _partly(f"relay refused the message: {reply}", done,
+                                        len(recipients)))
+        done += len(batch.recipients)
+        if invocation.verbose:
+            out(f"sendmail: {reply} ({how})", file=sys.stderr)
+    return EX_OK
+
+
+def _partly(text: str, done: int, total: int) -> str:
+    """A refusal after some transactions went through: say so, as a retry sends those
+    recipients the message again."""
+    if not done:
+        return text
+    return (f"{text} (after relay took the message for the first {done} of {total}"
+            " recipients, in transactions of listen.max_recipients)")
+
+
+def _submit_one(config: Config, prepared: Prepared, options: list[str]) -> tuple[str, str]:
+    """One transaction: over SMTP, else (nothing listening) into the queue file; the
+    reply, and how it went."""
     host, port = _listener(config)
     login = _credentials(config)
     anchor = config.listen.tls.cert if config.listen.tls is not None else None
@@ -296,7 +331,7 @@ def _submit(invocation: Invocation, config: Config, prepared: Prepared,
         reply = submit_smtp(host, port, prepared, options, login,
                             peer=lambda sock: _vet_listener(config, sock, host, port),
                             anchor=anchor)
-        how = f"over SMTP to {host}:{port}"
+        return reply, f"over SMTP to {host}:{port}"
     except Unsafe as exc:
         raise Refused(EX_TEMPFAIL, f"{exc}; nothing was sent") from None
     except ConnectionRefusedError:
@@ -305,16 +340,10 @@ def _submit(invocation: Invocation, config: Config, prepared: Prepared,
         except (StoreError, OSError) as exc:
             raise Refused(EX_TEMPFAIL, f"no relay is listening on {host}:{port}, and the"
                           f" queue cannot be written: {exc}") from None
-        how = f"into {config.queue.path} (no relay is listening on {host}:{port})"
+        return reply, f"into {config.queue.path} (no relay is listening on {host}:{port})"
     except (OSError, smtplib.SMTPException) as exc:
         raise Refused(EX_TEMPFAIL, f"cannot submit to relay on {host}:{port}: "
                       f"{smtp_error(exc)}") from None
-    code = _exit_code(reply)
-    if code != EX_OK:
-        raise Refused(code, f"relay refused the message: {reply}")
-    if invocation.verbose:
-        out(f"sendmail: {reply} ({how})", file=sys.stderr)
-    return EX_OK
 
 
 def _vet_listener(config: Config, sock: socket.socket, host: str, port: int) -> bool:

@@ -23,8 +23,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.errors import HeaderParseError
-from email.headerregistry import HeaderRegistry
+from email.headerregistry import AddressHeader, HeaderRegistry
 from email.utils import formataddr, getaddresses
+from typing import cast
 
 from relay.smtp.headers import parse_headers
 
@@ -108,8 +109,8 @@ def addresses_in(value: str) -> list[str]:
     the other: a recipient smuggled in). Groups and display names as RFC 5322 says."""
     loose = [address for _, address in getaddresses([value]) if address]
     try:
-        strict = [a.addr_spec for a in _REGISTRY("to", value).addresses
-                  if a.addr_spec.strip("<>")]
+        field = cast(AddressHeader, _REGISTRY("to", value))
+        strict = [a.addr_spec for a in field.addresses if a.addr_spec.strip("<>")]
     except (HeaderParseError, ValueError, IndexError, AttributeError):
         strict = []
     if [a.strip("<>") for a in strict] != loose:
