@@ -355,15 +355,22 @@ def _vet_listener(config: Config, sock: socket.socket, host: str, port: int) -> 
         return False
     if uid in _relay_uids(config):
         return True
-    raise Unsafe(f"{host}:{port} is held by {_user(uid)}, not by relay's user (the owner"
-                 f" of {config.queue.path})")
+    raise Unsafe(f"{host}:{port} is held by {_user(uid)}, not by relay's user"
+                 f" (sendmail.listener_user, {config.sendmail.listener_user!r}, or the"
+                 f" owner of {config.queue.path})")
 
 
 def _relay_uids(config: Config) -> set[int]:
     """Who may run the listener sendmail talks to."""
     uids = {0, os.getuid()}
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # a queue folder closed to the caller: unseen
         uids.add(config.queue.path.stat().st_uid)
+    user = config.sendmail.listener_user
+    if user.isdigit():
+        uids.add(int(user))
+    else:
+        with contextlib.suppress(KeyError):
+            uids.add(pwd.getpwnam(user).pw_uid)
     return uids
 
 
