@@ -698,3 +698,17 @@ async def test_more_recipients_than_a_transaction_takes_go_in_several(
         await start_relay(load_config(config))
     await wait_until(lambda: len(upstream.recipients_received()) >= 7)
     assert sorted(upstream.recipients_received()) == everyone
+
+
+def test_who_may_run_the_listener(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Root, the caller, the queue file's owner (when the caller can see it) and
+    sendmail.listener_user, by name or uid (the systemd unit's user, whose queue
+    folder other users cannot see into); an unknown name adds nobody."""
+    from relay.cli.sendmail import _relay_uids
+
+    config = write_config(tmp_path, upstream)
+    data = yaml.safe_load(config.read_text())
+    for user, extra in (("nobody", {65534}), ("4242", {4242}), ("no-such-user", set())):
+        data["sendmail"] = {"listener_user": user}
+        config.write_text(yaml.safe_dump(data))
+        assert _relay_uids(load_config(config)) == {0, os.getuid(), *extra}
