@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import email.header
 import io
 import os
 import shutil
@@ -266,7 +267,8 @@ async def test_bad_input_exit_codes_name_the_cause(
         ([], b"Subject: s\n\nx\n", 64, "no recipients"),
         (["-t"], b"Subject: s\n\nx\n", 64, "no recipients"),
         (["a b@example.com"], b"x\n", 65, "bad recipient address 'a b@example.com'"),
-        (["-f", "bad sender@x.org", "a@example.com"], b"x\n", 65, "bad sender address"),
+        (["-f", "bad sender@x.org", "a@example.com"], b"x\n", 64, "-f takes one address"),
+        (["-f", "bad@@x.org", "a@example.com"], b"x\n", 65, "bad sender address"),
         (["-Z"], b"", 64, "unknown option -Z"),
         # The listener's own answer to a message it can never take: 5xx, EX_DATAERR.
         (["a@example.com"], b"X-Account: nope\n\nx\n", 65,
@@ -436,12 +438,13 @@ def test_relay_sendmail_is_the_same_command(capsys: pytest.CaptureFixture[str]) 
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (what a root crontab runs as)")
-async def test_as_root_the_direct_write_leaves_every_file_to_the_queue_owner(
+async def test_as_root_the_direct_write_is_the_queue_owners_or_none(
         upstream: FakeUpstream, start_relay: StartRelay) -> None:
-    """Run by root with no relay listening, sendmail writes as the queue's owner; where
-    that owner cannot reach the file (a parent closed to it, as systemd's DynamicUser
-    does with /var/lib/private), as root, SQLite handing its new files to the owner.
-    Either way no file beside the queue is root's, or the service could not open it."""
+    """Run by root with no relay listening, sendmail writes as the queue's owner, so no
+    file beside the queue is root's (the service could not open it). Where that owner
+    cannot reach the file (a parent closed to it, as systemd's DynamicUser does with
+    /var/lib/private) it writes nothing (75): as root it would follow the symlinks the
+    owner planted there and create root's files anywhere (a1 #3)."""
     base = Path(tempfile.mkdtemp(prefix="relay-sendmail-", dir="/tmp"))  # not tmp_path:
     try:  # pytest's tmp directories are closed (0700) to every user but root
         os.chmod(base, 0o755)
@@ -450,23 +453,43 @@ async def test_as_root_the_direct_write_leaves_every_file_to_the_queue_owner(
         data["queue"]["path"] = str(base / "q" / "queue.sqlite3")
         config.write_text(yaml.safe_dump(data))
         await (await start_relay(load_config(config))).shutdown(grace=1.0)
-        nobody = 65534
-        for n, parent_mode in enumerate((0o755, 0o700)):
-            # As after a restore from `relay queue backup`: the queue file alone, so that
-            # sendmail creates the lock files and the owners' folder beside it.
-            for extra in (base / "q").glob("queue.sqlite3?*"):
-                shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
-            for path in [base / "q", *(base / "q").rglob("*")]:
+        nobody, q, victim = 65534, base / "q", base / "victim"
+        victim.mkdir()
+
+        def restored() -> None:
+            """As after a restore from `relay queue backup`: the queue file alone, so
+            that sendmail creates the lock files and the owners' folder beside it."""
+            for extra in q.glob("queue.sqlite3?*"):
+                if extra.is_dir() and not extra.is_symlink():
+                    shutil.rmtree(extra)
+                else:
+                    extra.unlink()
+            for path in [q, *q.rglob("*")]:
                 os.chown(path, nobody, nobody)
-            os.chmod(base, parent_mode)
-            code, err = await sendmail("to@example.com", stdin=f"Subject: {n}\n\nx\n".encode(),
-                                       config=config)
-            assert code == 0, err
-            owners = {p.name: p.stat().st_uid for p in [base / "q", *(base / "q").rglob("*")]}
-            assert set(owners.values()) == {nobody}, owners
+
+        restored()
+        code, err = await sendmail("to@example.com", stdin=b"Subject: 0\n\nx\n",
+                                   config=config)
+        assert code == 0, err
+        owners = {p.name: p.stat().st_uid for p in [q, *q.rglob("*")]}
+        assert set(owners.values()) == {nobody}, owners
+        restored()
+        (q / "queue.sqlite3.write-lock").symlink_to(victim / "created-by-root")
+        (q / "queue.sqlite3.owners").symlink_to(victim)
+        for planted in q.glob("queue.sqlite3.*"):
+            os.lchown(planted, nobody, nobody)
+        os.chmod(base, 0o700)
+        code, err = await sendmail("to@example.com", stdin=b"Subject: 1\n\nx\n",
+                                   config=config)
+        assert code == 75, err
+        assert "only as its owner (uid 65534)" in err and "nothing was written" in err
+        assert list(victim.iterdir()) == []
+        assert {p.lstat().st_uid for p in [q, *q.rglob("*")]} == {nobody}
         os.chmod(base, 0o755)
+        restored()
         await start_relay(load_config(config))
-        await upstream.wait_for_messages(2)
+        await upstream.wait_for_messages(1)
+        assert received(upstream)["Subject"] == "0"
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -487,3 +510,205 @@ def test_check_config_warns_of_a_world_readable_sendmail_password(
         assert main(["check-config", "-c", str(config)]) == 0
         err = capsys.readouterr().err
         assert ("sendmail.password_file: " in err and "readable by every user" in err) is warned
+
+
+# A local user squatting the listener's port while relay is down (a1 #1): it greets and
+# says yes to everything, and prints what it is sent.
+SQUATTER = r"""
+import os, socket, sys
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+os.setgid(65534); os.setuid(65534)  # the socket is still root's: make one as nobody
+sock.close()
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+sock.listen(1)
+print(sock.getsockname()[1], flush=True)
+conn, _ = sock.accept()
+conn.sendall(b"220 relay ESMTP\r\n")
+for line in conn.makefile("rb"):
+    print("GOT", line, flush=True)
+    if line.upper().startswith(b"EHLO"):
+        conn.sendall(b"250-relay\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n")
+    elif line.upper().startswith(b"QUIT"):
+        conn.sendall(b"221 bye\r\n")
+        break
+    else:
+        conn.sendall(b"250 ok\r\n")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/proc/net/tcp"),
+                    reason="needs root (to listen as another user) and Linux's /proc")
+@pytest.mark.parametrize("login", [True, False], ids=["login", "no-login"])
+async def test_a_port_squatted_by_another_user_gets_neither_password_nor_mail(
+        tmp_path: Path, upstream: FakeUpstream, login: bool,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """relay down, another user listening on its port: sendmail checks the listener's
+    owner before it sends a byte, exits 75 naming the port and the owner."""
+    squatter = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SQUATTER, stdout=subprocess.PIPE)
+    try:
+        assert squatter.stdout is not None
+        port = int(await asyncio.wait_for(squatter.stdout.readline(), 10))
+        config = write_config(tmp_path, upstream, listen_port=port)
+        data = yaml.safe_load(config.read_text())
+        if login:
+            secret = tmp_path / "sendmail.secret"
+            secret.write_text("hunter2\n")
+            data["listen"]["auth"] = {"required": True, "users": {"cron": {
+                "password_hash": "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA"}}}
+            data["sendmail"] = {"username": "cron", "password_file": str(secret)}
+        config.write_text(yaml.safe_dump(data))
+        assert await submit(["a@example.com"], b"Subject: s\n\nsecret mail\n", config) == 75
+        err = capsys.readouterr().err
+        assert f"127.0.0.1:{port} is held by user nobody (uid 65534)" in err
+        got = (await asyncio.wait_for(squatter.stdout.read(), 10)).decode()
+        assert "AUTH" not in got.upper() and "MAIL" not in got.upper(), got
+        assert "secret mail" not in got
+    finally:
+        if squatter.returncode is None:
+            squatter.kill()
+        await squatter.wait()
+
+
+async def test_where_the_listeners_owner_is_unknown_the_password_needs_verified_tls(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+        capsys: pytest.CaptureFixture[str], self_signed: tuple[Path, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No /proc to ask (not Linux): the password goes only over STARTTLS verified against
+    listen.tls.cert; a listener whose certificate is another one gets nothing."""
+    from relay.cli import peer
+    from relay.ingest.auth import hash_password
+
+    monkeypatch.setattr(peer, "PROC_TABLES", ())
+    cert, key = self_signed
+    path = write_config(tmp_path, upstream)
+    data = yaml.safe_load(path.read_text())
+    data["listen"]["auth"] = {"required": True,
+                              "users": {"cron": {"password_hash": hash_password("pw")}}}
+    data["listen"]["tls"] = {"cert": str(cert), "key": str(key)}
+    secret = tmp_path / "sendmail.secret"
+    secret.write_text("pw\n")
+    data["sendmail"] = {"username": "cron", "password_file": str(secret)}
+    path.write_text(yaml.safe_dump(data))
+    await start_relay(load_config(path))
+    assert await submit(["a@example.com"], b"Subject: verified\n\nx\n", path) == 0
+    await upstream.wait_for_messages(1)
+    other = tmp_path / "other"
+    other.mkdir()
+    await asyncio.to_thread(
+        subprocess.run, ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+                         "1", "-subj", "/CN=localhost", "-keyout", str(other / "k.pem"),
+                         "-out", str(other / "c.pem")], check=True, capture_output=True)
+    data["listen"]["tls"] = {"cert": str(other / "c.pem"), "key": str(other / "k.pem")}
+    path.write_text(yaml.safe_dump(data))  # what sendmail trusts is not what it serves
+    capsys.readouterr()
+    assert await submit(["a@example.com"], b"Subject: s\n\nx\n", path) == 75
+    assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().err
+    del data["listen"]["tls"]
+    path.write_text(yaml.safe_dump(data))
+    assert await submit(["a@example.com"], b"Subject: s\n\nx\n", path) == 75
+    assert "listen.tls.cert is not set" in capsys.readouterr().err
+    assert len(upstream.messages) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to give the file to another user)")
+async def test_a_config_another_user_owns_or_anyone_may_write_is_not_read(
+        tmp_path: Path, upstream: FakeUpstream, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """a1 #2: a web visitor adding --config=UPLOADED through PHP's mail(), run by root,
+    would choose the password file and where it goes: 78, naming the file and why."""
+    config = write_config(tmp_path, upstream)
+    os.chown(config, 65534, 65534)
+    assert await submit(["a@example.com"], b"Subject: s\n\nx\n", config) == 78
+    assert (f"--config {config}: owned by user nobody (uid 65534): sendmail reads only"
+            " a config owned by root or by its caller") in capsys.readouterr().err
+    monkeypatch.setenv("RELAY_CONFIG", str(config))
+    from relay.cli.sendmail import sendmail as run_sendmail
+    assert run_sendmail(["a@example.com"], io.BytesIO(b"x\n")) == 78
+    assert f"RELAY_CONFIG {config}: owned by" in capsys.readouterr().err
+    os.chown(config, 0, 0)
+    config.chmod(0o646)
+    assert run_sendmail(["-bp"], io.BytesIO(b"")) == 78
+    assert "writable by every user" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("planted", ["queue.sqlite3.write-lock", "queue.sqlite3.lock",
+                                     "queue.sqlite3.owners"])
+async def test_the_files_beside_the_queue_are_never_opened_through_a_symlink(
+        tmp_path: Path, planted: str) -> None:
+    """Whoever can write the queue's folder could point a lock file or the owners'
+    folder at any file; `relay sendmail` run by root would create or lock it (a1 #3).
+    The store refuses, naming the file, and creates nothing there."""
+    from relay.errors import StoreError
+    from relay.queue.sqlite.store import SQLiteStore
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / planted).symlink_to(elsewhere if planted.endswith("owners")
+                                    else elsewhere / "created")
+    store = SQLiteStore(tmp_path / "queue.sqlite3")
+    with pytest.raises(StoreError, match=f"cannot create {tmp_path / planted}"):
+        await store.open()
+    await store.close()
+    assert list(elsewhere.iterdir()) == []
+
+
+async def test_names_and_addresses_beyond_ascii(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """a1 #11: -F in Latin-1 (an old locale's bytes, which Python's argv keeps as
+    surrogates) becomes an RFC 2047 name; -f in UTF-8 goes with SMTPUTF8; an address in
+    Latin-1 is 65 with a message, never a traceback."""
+    config, _ = await running(tmp_path, upstream, start_relay)
+    latin1_name = os.fsdecode(b"Jos\xe9")
+    assert await submit(["-F", latin1_name, "a@example.com"], b"Subject: s\n\nx\n",
+                        config) == 0
+    await upstream.wait_for_messages(1)
+    raw_from = received(upstream)["From"]
+    assert raw_from.startswith("=?utf-8?")
+    assert str(email.header.make_header(email.header.decode_header(raw_from))).startswith(
+        "José <")
+    assert await submit(["-F", "Jérôme", "-f", "jérôme@example.com", "a@example.com"],
+                        b"Subject: s\n\nx\n", config) == 0
+    assert await submit(["-f", os.fsdecode(b"j\xf6s@example.com"), "a@example.com"],
+                        b"Subject: s\n\nx\n", config) == 65
+    assert ("bad sender address b'j\\xf6s@example.com': not UTF-8"
+            in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("down", [False, True], ids=["listener", "direct-write"])
+async def test_more_recipients_than_a_transaction_takes_go_in_several(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay, down: bool,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """a1 #10: more than listen.max_recipients recipients exited 75 forever; they go in
+    transactions of at most that many (RFC 5321 3.3), over SMTP or into the queue."""
+    config = write_config(tmp_path, upstream)
+    data = yaml.safe_load(config.read_text())
+    data["listen"]["max_recipients"] = 3
+    config.write_text(yaml.safe_dump(data))
+    app = await start_relay(load_config(config))
+    if down:
+        await app.shutdown(grace=1.0)
+    everyone = [f"r{n}@example.com" for n in range(7)]
+    assert await submit(["-v", *everyone], b"Subject: many\n\nx\n", config) == 0
+    assert capsys.readouterr().err.count("250 2.0.0 queued as") == 3
+    if down:
+        await start_relay(load_config(config))
+    await wait_until(lambda: len(upstream.recipients_received()) >= 7)
+    assert sorted(upstream.recipients_received()) == everyone
+
+
+def test_who_may_run_the_listener(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Root, the caller, the queue file's owner (when the caller can see it) and
+    sendmail.listener_user, by name or uid (the systemd unit's user, whose queue
+    folder other users cannot see into); an unknown name adds nobody."""
+    from relay.cli.sendmail import _relay_uids
+
+    config = write_config(tmp_path, upstream)
+    data = yaml.safe_load(config.read_text())
+    for user, extra in (("nobody", {65534}), ("4242", {4242}), ("no-such-user", set())):
+        data["sendmail"] = {"listener_user": user}
+        config.write_text(yaml.safe_dump(data))
+        assert _relay_uids(load_config(config)) == {0, os.getuid(), *extra}

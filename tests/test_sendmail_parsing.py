@@ -70,7 +70,9 @@ def test_modes() -> None:
 
 
 def test_options_end_at_the_first_recipient_or_double_dash() -> None:
-    assert parse_argv(["a@example.com", "-t"]).recipients == ("a@example.com", "-t")
+    assert parse_argv(["a@example.com", "b@example.com"]).recipients == (
+        "a@example.com", "b@example.com")
+    assert parse_argv(["--", "a@b.c", "-t"]).recipients == ("a@b.c", "-t")
     assert parse_argv(["--", "-odd@example.com"]).recipients == ("-odd@example.com",)
     assert parse_argv(["-f", "<>", "a@b.c"]).sender == "<>"
 
@@ -86,6 +88,10 @@ def test_options_end_at_the_first_recipient_or_double_dash() -> None:
     (["-bp", "-t"], "-t can be used only in delivery mode"),
     (["-bp", "a@b.c"], "takes no recipients"),
     (["--frobnicate"], "unknown option --frobnicate"),
+    # a1 #12, #2: an option after a recipient is neither an address nor an option
+    (["a@example.com", "-f", "x@y.z"], "-f after the recipients"),
+    (["a@example.com", "--config=/tmp/evil.yaml"], "--config=/tmp/evil.yaml after the"),
+    (["-f", "a@b.c --config=/tmp/x"], "-f takes one address, without spaces"),
 ])
 def test_usage_errors_name_the_option(argv: list[str], says: str) -> None:
     with pytest.raises(UsageError, match=says.replace("(", r"\(")):
@@ -96,9 +102,10 @@ def test_a_lone_dot_ends_the_input_unless_dash_i() -> None:
     raw = b"Subject: s\n\none\n.\ntwo\n"
     assert input_lines(raw, dots_end_input=True) == [b"Subject: s", b"", b"one"]
     assert input_lines(raw, dots_end_input=False) == [b"Subject: s", b"", b"one", b".", b"two"]
-    # Line ends of every kind become lines; an mbox "From " line is not a header.
+    # LF and CRLF end lines; an mbox "From " line is not a header. A lone CR is no line
+    # end (a1 #12: it would start a field that a reader of the raw bytes never sees).
     assert input_lines(b"From alice Tue\r\nA: 1\rB: 2\r\n\nx", dots_end_input=True) == [
-        b"A: 1", b"B: 2", b"", b"x"]
+        b"A: 1 B: 2", b"", b"x"]
 
 
 def test_header_section_ends_at_blank_or_at_a_line_that_is_no_field() -> None:
@@ -212,10 +219,15 @@ def test_long_lines_are_broken_to_fit_smtp() -> None:
     dots=st.booleans(), extract=st.booleans())
 def test_whatever_comes_in_goes_out_as_smtp_accepts_it(raw: bytes, dots: bool,
                                                        extract: bool) -> None:
-    """Any input: CRLF lines only (no bare CR or LF for the listener to refuse), none over
-    998 octets, a blank line after the header section, and no Bcc field left."""
-    got = prepare(input_lines(raw, dots_end_input=dots), sender=None,
-                  arguments=["a@example.com"], extract=extract, local=LOCAL)
+    """Any input: refused as a bad address (65), or CRLF lines only (no bare CR or LF for
+    the listener to refuse), none over 998 octets, a blank line after the header
+    section, and no Bcc field left."""
+    try:
+        got = prepare(input_lines(raw, dots_end_input=dots), sender=None,
+                      arguments=["a@example.com"], extract=extract, local=LOCAL)
+    except BadAddress as exc:
+        assert extract and "bad address list" in str(exc)
+        return
     data = got.data
     assert data.endswith(b"\r\n")
     assert data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n")
@@ -241,3 +253,34 @@ def test_any_command_line_parses_or_is_a_usage_error(argv: list[str]) -> None:
         assert str(exc)
         return
     assert got.mode in set(Mode)
+
+
+@pytest.mark.parametrize("smuggled", [
+    "alice@example.org)<evil@evil.com>",
+    "alice@example.org <evil@evil.com>",
+    "<alice@example.org> <evil@evil.com>",
+])
+def test_a_field_that_reads_as_two_things_is_refused(smuggled: str) -> None:
+    """a1 #12: email.utils reads these as two recipients, RFC 5322 as one (or none): a
+    recipient smuggled past a web form's check; 65 with the field, not a guess."""
+    lines = [f"To: {smuggled}".encode(), b"Subject: s", b"", b"x"]
+    with pytest.raises(BadAddress, match="bad address list"):
+        prepare(lines, sender=None, arguments=[], extract=True, local=LOCAL)
+    with pytest.raises(BadAddress, match="bad recipient address"):
+        prepare([b"Subject: s", b"", b"x"], sender=None, arguments=[smuggled],
+                extract=False, local=LOCAL)
+
+
+def test_a_lone_cr_starts_no_field() -> None:
+    """a1 #12: with -t, ``To: a@x\\rBcc: evil`` was two fields, a Bcc that the sender's
+    own view of the message does not show."""
+    raw = b"To: a@example.com\rCc: evil@evil.com\nSubject: s\n\nx\n"
+    with pytest.raises(BadAddress):  # "a@example.com Cc: evil@evil.com": not an address
+        prepare(input_lines(raw, dots_end_input=True), sender=None, arguments=[],
+                extract=True, local=LOCAL)
+    got = prepare(input_lines(b"Subject: a\rb\nTo: a@example.com\n\nx\ry\n",
+                              dots_end_input=True),
+                  sender=None, arguments=[], extract=True, local=LOCAL)
+    assert got.recipients == ("a@example.com",)
+    assert got.data.startswith(b"Subject: a b\r\nTo: a@example.com\r\n")
+    assert b"\r\n\r\nx y\r\n" in got.data

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import os
 import pwd
@@ -26,7 +27,8 @@ from typing import BinaryIO
 
 from relay.cli import hangup
 from relay.cli.common import open_queue, out
-from relay.cli.submit import smtp_error, submit_smtp, write_queue
+from relay.cli.peer import peer_uid
+from relay.cli.submit import Unsafe, smtp_error, submit_smtp, write_queue
 from relay.config.loading import load_config
 from relay.config.schema import Config
 from relay.errors import ConfigError, StoreError
@@ -106,8 +108,27 @@ def config_path(invocation: Invocation) -> str | None:
     """--config, else $RELAY_CONFIG, else /etc/relay/relay.yaml if there is one, else
     None (the built-in defaults)."""
     if invocation.config or os.environ.get("RELAY_CONFIG"):
-        return invocation.config or os.environ["RELAY_CONFIG"]
+        path = invocation.config or os.environ["RELAY_CONFIG"]
+        _trusted_config(path, "--config" if invocation.config else "RELAY_CONFIG")
+        return path
     return str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None
+
+
+def _trusted_config(path: str, via: str) -> None:
+    """A config other than the default one is read only if root or the caller owns it and
+    other users cannot write it (as Postfix's sendmail -C): the config says which file is
+    the password and where it goes, and callers such as PHP's mail() let a web visitor
+    add options. Refused (78) otherwise, naming why."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise Refused(EX_CONFIG, f"{via} {path}: {exc.strerror}") from None
+    if st.st_uid not in (0, os.getuid()):
+        raise Refused(EX_CONFIG, f"{via} {path}: owned by {_user(st.st_uid)}: sendmail"
+                      " reads only a config owned by root or by its caller")
+    if st.st_mode & 0o002:
+        raise Refused(EX_CONFIG, f"{via} {path}: writable by every user: sendmail will"
+                      " not read it")
 
 
 def run(invocation: Invocation, stdin: BinaryIO) -> int:
@@ -178,8 +199,10 @@ def _message(invocation: Invocation, config: Config, stdin: BinaryIO
     login = _login()
     local = Local(login=login, domain=domain, date=formatdate(localtime=True),
                   message_id=make_msgid(domain=domain),
-                  full_name=invocation.full_name or _full_name(),
+                  full_name=_text(invocation.full_name) or _full_name(),
                   admin_address=config.sendmail.admin_address)
+    for word in (invocation.sender or "", *invocation.recipients):
+        _check_utf8("sender" if word == invocation.sender else "recipient", word)
     try:
         prepared = prepare(input_lines(raw, dots_end_input=invocation.dots_end_input),
                            sender=invocation.sender, arguments=invocation.recipients,
@@ -191,6 +214,7 @@ def _message(invocation: Invocation, config: Config, stdin: BinaryIO
         raise Refused(EX_DATAERR, str(exc)) from None
     for role, address in [("sender", prepared.sender),
                           *(("recipient", r) for r in prepared.recipients)]:
+        _check_utf8(role, address)
         if address and parse_path(f"<{address}>") is None:
             raise Refused(EX_DATAERR, f"bad {role} address {address!r}")
     if len(raw) > 2 * limit or len(prepared.data) > limit:
@@ -202,6 +226,34 @@ def _message(invocation: Invocation, config: Config, stdin: BinaryIO
     if not all(a.isascii() for a in (prepared.sender, *prepared.recipients)):
         options.append("SMTPUTF8")  # RFC 6531
     return prepared, options
+
+
+def _text(arg: str | None) -> str | None:
+    """A command-line word as text: its bytes as UTF-8, else as Latin-1 (what an old
+    locale's -F name is) rather than undecodable bytes."""
+    if arg is None or _is_utf8(arg):
+        return arg
+    raw = os.fsencode(arg)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # surrogates: bytes the locale's codec could not decode
+        return False
+    return True
+
+
+def _check_utf8(role: str, address: str) -> None:
+    """Bytes the locale could not decode (Latin-1, say) are no address: 65, not a
+    traceback. Beyond ASCII, an address is UTF-8 and goes with SMTPUTF8 (RFC 6531)."""
+    if not _is_utf8(address):
+        raise Refused(EX_DATAERR, f"bad {role} address {os.fsencode(address)!r}: not"
+                      " UTF-8 (an address beyond ASCII must be UTF-8, RFC 6531)")
 
 
 def read_input(stdin: BinaryIO, limit: int, *, dots_end_input: bool) -> bytes:
@@ -238,27 +290,94 @@ def _full_name() -> str | None:
 
 def _submit(invocation: Invocation, config: Config, prepared: Prepared,
             options: list[str]) -> int:
+    """The message in as many transactions as listen.max_recipients asks (RFC 5321
+    3.3, 4.5.3.1.8: more recipients than a server takes go in another transaction),
+    each one with its share of the recipients; stops at the first refusal."""
+    limit = config.listen.max_recipients
+    recipients = prepared.recipients
+    done = 0
+    for start in range(0, len(recipients), limit):
+        batch = dataclasses.replace(prepared, recipients=recipients[start:start + limit])
+        try:
+            reply, how = _submit_one(config, batch, options)
+        except Refused as exc:
+            raise Refused(exc.code, _partly(str(exc), done, len(recipients))) from None
+        code = _exit_code(reply)
+        if code != EX_OK:
+            raise Refused(code, _partly(f"relay refused the message: {reply}", done,
+                                        len(recipients)))
+        done += len(batch.recipients)
+        if invocation.verbose:
+            out(f"sendmail: {reply} ({how})", file=sys.stderr)
+    return EX_OK
+
+
+def _partly(text: str, done: int, total: int) -> str:
+    """A refusal after some transactions went through: say so, as a retry sends those
+    recipients the message again."""
+    if not done:
+        return text
+    return (f"{text} (after relay took the message for the first {done} of {total}"
+            " recipients, in transactions of listen.max_recipients)")
+
+
+def _submit_one(config: Config, prepared: Prepared, options: list[str]) -> tuple[str, str]:
+    """One transaction: over SMTP, else (nothing listening) into the queue file; the
+    reply, and how it went."""
     host, port = _listener(config)
     login = _credentials(config)
+    anchor = config.listen.tls.cert if config.listen.tls is not None else None
     try:
-        reply = submit_smtp(host, port, prepared, options, login)
-        how = f"over SMTP to {host}:{port}"
+        reply = submit_smtp(host, port, prepared, options, login,
+                            peer=lambda sock: _vet_listener(config, sock, host, port),
+                            anchor=anchor)
+        return reply, f"over SMTP to {host}:{port}"
+    except Unsafe as exc:
+        raise Refused(EX_TEMPFAIL, f"{exc}; nothing was sent") from None
     except ConnectionRefusedError:
         try:
             reply = asyncio.run(write_queue(config, prepared, options))
         except (StoreError, OSError) as exc:
             raise Refused(EX_TEMPFAIL, f"no relay is listening on {host}:{port}, and the"
                           f" queue cannot be written: {exc}") from None
-        how = f"into {config.queue.path} (no relay is listening on {host}:{port})"
+        return reply, f"into {config.queue.path} (no relay is listening on {host}:{port})"
     except (OSError, smtplib.SMTPException) as exc:
         raise Refused(EX_TEMPFAIL, f"cannot submit to relay on {host}:{port}: "
                       f"{smtp_error(exc)}") from None
-    code = _exit_code(reply)
-    if code != EX_OK:
-        raise Refused(code, f"relay refused the message: {reply}")
-    if invocation.verbose:
-        out(f"sendmail: {reply} ({how})", file=sys.stderr)
-    return EX_OK
+
+
+def _vet_listener(config: Config, sock: socket.socket, host: str, port: int) -> bool:
+    """True if the kernel says the listener is relay's (run by root, by this user, or
+    by the queue file's owner), False if it cannot say; Unsafe if it is someone else's:
+    a user squatting the port while relay is down."""
+    uid = peer_uid(sock)
+    if uid is None:
+        return False
+    if uid in _relay_uids(config):
+        return True
+    raise Unsafe(f"{host}:{port} is held by {_user(uid)}, not by relay's user"
+                 f" (sendmail.listener_user, {config.sendmail.listener_user!r}, or the"
+                 f" owner of {config.queue.path})")
+
+
+def _relay_uids(config: Config) -> set[int]:
+    """Who may run the listener sendmail talks to."""
+    uids = {0, os.getuid()}
+    with contextlib.suppress(OSError):  # a queue folder closed to the caller: unseen
+        uids.add(config.queue.path.stat().st_uid)
+    user = config.sendmail.listener_user
+    if user.isdigit():
+        uids.add(int(user))
+    else:
+        with contextlib.suppress(KeyError):
+            uids.add(pwd.getpwnam(user).pw_uid)
+    return uids
+
+
+def _user(uid: int) -> str:
+    with contextlib.suppress(KeyError):
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    return f"uid {uid}"
 
 
 def _credentials(config: Config) -> tuple[str, str] | None:

@@ -979,6 +979,10 @@ class SendmailConfig(_Frozen):
     # and a file holding its password, readable by the users who run sendmail (a group).
     username: str | None = None
     password_file: Path | None = None
+    # The user relay's listener runs as (a name or a uid), besides root, the caller and
+    # the queue file's owner: sendmail hands nothing to a listener run by anyone else.
+    # The default is the name of config/relay.service's user (DynamicUser's included).
+    listener_user: str = "relay"
 
     @model_validator(mode="after")
     def _check(self) -> SendmailConfig:

@@ -1,10 +1,10 @@
 """A message handed to sendmail, made ready to submit: what Postfix's sendmail, pickup and
 cleanup do to local mail before it is queued.
 
-- The input is lines ending in LF (or CRLF, or CR); a line that is a lone ``.`` ends it
-  unless ``-i``; a leading mbox ``From `` line is dropped. Lines become CRLF lines, and
-  a line over 998 octets (RFC 5321 4.5.3.1.6) is broken, as Postfix's smtp client does
-  (folded with a space in the header section, so it stays one field).
+- The input is lines ending in LF (or CRLF; a lone CR is a space); a line that is a
+  lone ``.`` ends it unless ``-i``; a leading mbox ``From `` line is dropped. Lines
+  become CRLF lines, and a line over 998 octets (RFC 5321 4.5.3.1.6) is broken, as
+  Postfix's smtp client does (folded with a space in the header section, so it stays one field).
 - ``-t``: recipients also from To, Cc and Bcc (from Resent-To, Resent-Cc and Resent-Bcc
   instead when the message has any, as sendmail does). Bcc and Resent-Bcc fields are
   removed always: they must not reach the other recipients (RFC 5322 3.6.3).
@@ -22,18 +22,25 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from email.errors import HeaderParseError
+from email.headerregistry import AddressHeader, HeaderRegistry
 from email.utils import formataddr, getaddresses
+from typing import cast
 
 from relay.smtp.headers import parse_headers
 
 MAX_LINE = 998  # RFC 5321 4.5.3.1.6: 1000 octets with the CRLF
-_NEWLINE = re.compile(rb"\r\n|\r|\n")
+# Only LF (or CRLF) ends a line, as with Postfix; a lone CR is no line end (it would
+# start a header field a reader of the raw bytes never sees), and becomes a space.
+_NEWLINE = re.compile(rb"\r?\n")
+_LONE_CR = re.compile(rb"\r")
 _FIELD = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")  # RFC 5322 2.2
 _MBOX_FROM = re.compile(rb"^>*From ")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 RECIPIENT_FIELDS = ("to", "cc", "bcc")
 RESENT_FIELDS = ("resent-to", "resent-cc", "resent-bcc")
 _REMOVED = frozenset({"bcc", "resent-bcc"})
+_REGISTRY = HeaderRegistry()
 
 
 class NoRecipients(ValueError):
@@ -65,7 +72,7 @@ class Local:
 
 def input_lines(raw: bytes, *, dots_end_input: bool) -> list[bytes]:
     """Standard input as lines without their line ends, up to a lone dot (unless -i)."""
-    lines = _NEWLINE.split(raw)
+    lines = [_LONE_CR.sub(b" ", line) for line in _NEWLINE.split(raw)]
     if lines and lines[-1] == b"":  # the newline that ends the last line
         lines.pop()
     while lines and _MBOX_FROM.match(lines[0]):  # an mbox separator, not a header
@@ -92,7 +99,24 @@ def recipients_in(fields: Sequence[tuple[str, str]]) -> list[str]:
     names = {name.lower() for name, _ in fields}
     wanted = RESENT_FIELDS if names & set(RESENT_FIELDS) else RECIPIENT_FIELDS
     values = [value for name, value in fields if name.lower() in wanted]
-    return [address for _, address in getaddresses(values) if address]
+    return [address for value in values for address in addresses_in(value)]
+
+
+def addresses_in(value: str) -> list[str]:
+    """The addresses of an address list (a field's value, or a command-line argument),
+    parsed strictly: BadAddress where email.utils and email.headerregistry read it
+    differently (``a@example.org)<evil@example.com>`` is one address to one and two to
+    the other: a recipient smuggled in). Groups and display names as RFC 5322 says."""
+    loose = [address for _, address in getaddresses([value]) if address]
+    try:
+        field = cast(AddressHeader, _REGISTRY("to", value))
+        strict = [a.addr_spec for a in field.addresses if a.addr_spec.strip("<>")]
+    except (HeaderParseError, ValueError, IndexError, AttributeError):
+        strict = []
+    if [a.strip("<>") for a in strict] != loose:
+        raise BadAddress(f"bad address list {value[:200]!r}: it reads as more than one"
+                         " thing")
+    return loose
 
 
 def qualify(address: str, local: Local, *, recipient: bool) -> str:
@@ -117,7 +141,10 @@ def prepare(lines: list[bytes], *, sender: str | None, arguments: Sequence[str],
     fields = parse_headers(b"\r\n".join(header) + b"\r\n\r\n") if header else []
     found: list[str] = []
     for argument in arguments:
-        addresses = [address for _, address in getaddresses([argument]) if address]
+        try:
+            addresses = addresses_in(argument)
+        except BadAddress:
+            addresses = []
         if not addresses:
             raise BadAddress(f"bad recipient address {argument!r}")
         found += addresses
@@ -137,13 +164,23 @@ def prepare(lines: list[bytes], *, sender: str | None, arguments: Sequence[str],
         address = envelope_sender or f"{local.login}@{local.domain}"
         # A control character in -F's name (or the passwd entry's) must not end the field.
         name = _CONTROL.sub(" ", local.full_name or "").strip()
-        header.append(b"From: " + formataddr((name, address)).encode())
+        header.append(b"From: " + _mailbox(name, address))
     if "date" not in present:
         header.append(b"Date: " + local.date.encode())
     if "message-id" not in present:
         header.append(b"Message-ID: " + local.message_id.encode())
     out = [*_broken(header, b" "), b"", *_broken(body, b"")]
     return Prepared(envelope_sender, recipients, b"\r\n".join(out) + b"\r\n")
+
+
+def _mailbox(name: str, address: str) -> bytes:
+    """``name <address>``: a name beyond ASCII as an RFC 2047 encoded word (formataddr
+    does that), an address beyond ASCII as UTF-8 (RFC 6532: the message goes with
+    SMTPUTF8, which such an envelope needs anyway)."""
+    if address.isascii():
+        return formataddr((name, address)).encode()
+    stand_in = "x@x.invalid"
+    return formataddr((name, stand_in)).replace(stand_in, address).encode("utf-8")
 
 
 def _sender_address(sender: str) -> str:

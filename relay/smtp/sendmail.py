@@ -4,7 +4,9 @@ Parsed as Postfix's sendmail(1) parses them (POSIX getopt with its option string
 ``-FCronDaemon``, ``-oi``, ``-oem`` and ``-ti`` mean what they mean to cron, PHP, mutt and
 git send-email), with Postfix's special cases: a lone ``-q`` flushes, ``-q30m`` is accepted
 and ignored, options Postfix ignores are ignored here too. Options end at the first
-recipient or at ``--``. Pure: argv in, an ``Invocation`` or a ``UsageError`` out.
+recipient or at ``--``; a word like an option after a recipient is an error, never
+an address nor an option (a caller such as PHP's mail() lets others add words).
+Pure: argv in, an ``Invocation`` or a ``UsageError`` out.
 """
 
 from __future__ import annotations
@@ -65,10 +67,12 @@ def parse_argv(argv: Sequence[str], *, prog: str = "sendmail") -> Invocation:
     """
     state = _Parsing({"mailq": Mode.LIST, "newaliases": Mode.NOTHING}.get(prog, Mode.DELIVER))
     i = 0
+    dashes = False
     while i < len(argv):
         arg = argv[i]
         if arg == "--":
             i += 1
+            dashes = True
             break
         if arg.startswith("--"):
             i = _long_option(argv, i, state.values)
@@ -84,6 +88,11 @@ def parse_argv(argv: Sequence[str], *, prog: str = "sendmail") -> Invocation:
             i = _cluster(argv, i, state)
     mode = Mode.FLUSH if state.flush else state.mode
     recipients = tuple(argv[i:])
+    late = [r for r in recipients if r.startswith("-") and r != "-"]
+    if late and not dashes:  # never an option (-f, --config) taken as an address, nor
+        # the reverse: as Postfix, options go first; `--` before an address with a dash
+        raise UsageError(f"{late[0]} after the recipients: options go first (-- before"
+                         " a recipient that starts with -)")
     if state.values.get("extract") and mode is not Mode.DELIVER:
         raise UsageError("-t can be used only in delivery mode")
     if recipients and mode is not Mode.DELIVER:
@@ -156,11 +165,18 @@ def _long_option(argv: Sequence[str], i: int, values: dict[str, object]) -> int:
     return i + 1
 
 
+def _one_address(letter: str, value: str) -> str:
+    """-f's value: one address, never more words smuggled in with it."""
+    if any(c.isspace() for c in value):
+        raise UsageError(f"-{letter} takes one address, without spaces")
+    return value
+
+
 def _with_argument(letter: str, value: str, state: _Parsing) -> None:
     """One option that takes a value."""
     values = state.values
     if letter in "fr":  # -r: the old spelling of -f
-        values["sender"] = value
+        values["sender"] = _one_address(letter, value)
     elif letter == "F":
         values["full_name"] = value
     elif letter == "B":

@@ -11,6 +11,7 @@ their lease to run out.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -34,9 +35,11 @@ class Owners:
         """Hold ``owner``'s file locked until ``release`` (or this process's death); the
         file says ``role`` (what `relay status` lists: 'serve', 'worker 1'...)."""
         self.folder.mkdir(mode=0o700, exist_ok=True)
+        if self.folder.is_symlink():  # files made through it could land anywhere
+            raise OSError(errno.ELOOP, "a symbolic link", str(self.folder))
         path = self._file(owner)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)  # an instant: nobody else holds a new owner's file
             # A sweep may have removed the file between open and flock (it was not locked
             # yet): a lock on a removed file proves nothing to others. Then again.

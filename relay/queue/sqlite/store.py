@@ -145,12 +145,14 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox,
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             if self._lock:
                 self._take_lock()
+            # Never through a symlink: whoever can write the folder could point it at
+            # any file, which a root `relay sendmail` would create or lock.
             self._write_lock_fd = os.open(self.path.with_name(self.path.name + ".write-lock"),
-                                          os.O_RDWR | os.O_CREAT, 0o600)
+                                          os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            self._owners.register(self.owner, self.role)
         except OSError as exc:  # not "cannot listen": say which file and why
             where = exc.filename or self.path
             raise StoreError(f"queue.path: cannot create {where}: {exc.strerror}") from None
-        self._owners.register(self.owner, self.role)
         if self._lock:  # `relay serve` or a supervisor: tidy what killed processes left
             self._owners.sweep()
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
@@ -237,7 +239,7 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox,
 
     def _take_lock(self) -> None:
         lock = server_lock_path(self.path)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
