@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -804,6 +805,15 @@ class RoutingRuleConfig(_Frozen):
     user: Globs | None = None  # the listener user the client logged in as
     header: HeaderMatchConfig | None = None
     account: str
+
+    @field_validator("sender")
+    @classmethod
+    def _no_empty_sender(cls, value: list[str] | None) -> list[str] | None:
+        """An empty glob would read as "the null sender", which no condition matches."""
+        if value is not None and any(not p.strip() for p in value):
+            raise ValueError("an empty pattern matches nothing: the null sender <> matches"
+                             " no sender condition (leave sender out to match any)")
+        return value
 
     @model_validator(mode="after")
     def _some_condition(self) -> RoutingRuleConfig:
