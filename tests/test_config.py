@@ -230,7 +230,8 @@ def test_durations_parse_to_seconds(value: object, seconds: float) -> None:
     assert config.queue.keep_delivered == seconds
 
 
-@pytest.mark.parametrize("value", ["30 parsecs", "-5s", "5 minutes", "", "m", True, [5]])
+@pytest.mark.parametrize("value", ["30 parsecs", "-5s", "5 minutes", "", "m", True, [5],
+                                   float("inf"), float("nan"), ".inf"])
 def test_bad_durations_name_the_key(value: object) -> None:
     """Anything else is a config error on that key."""
     with pytest.raises(ConfigError) as exc:

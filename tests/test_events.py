@@ -208,6 +208,8 @@ async def test_with_two_workers_each_event_is_posted_once(
     ("hooks.example.com/x", "events.webhooks.0.url: must be an http:// or https:// URL,"
                             " not no scheme"),
     ("https:///x", "events.webhooks.0.url: has no host"),
+    ("https://hooks.example.com:70000/x",
+     "events.webhooks.0.url: has a bad port: Port out of range 0-65535"),
 ])
 def test_a_webhook_url_that_is_not_http_is_refused_naming_the_key(url: str, problem: str
                                                                   ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shlex
 import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal
@@ -605,6 +606,12 @@ class OAuthConfig(_Frozen):
                                  " endpoint (client_id, token_url...), not both")
             if not self.token_command or not all(self.token_command):
                 raise ValueError("token_command: must not be empty")
+            if isinstance(self.token_command, str):  # as relay.delivery.oauth runs it
+                try:
+                    shlex.split(self.token_command)
+                except ValueError as exc:
+                    raise ValueError(f"token_command: cannot be parsed as a command line"
+                                     f" ({exc}: an unclosed quote?)") from None
             return self
         if not self.client_id:
             raise ValueError("client_id: required (or give token_command)")
@@ -891,6 +898,10 @@ def _http_url(url: str) -> str:
                          " scheme")
     if not parts.hostname:
         raise ValueError("has no host")
+    try:
+        parts.port  # noqa: B018 - urllib checks the port only when it is read
+    except ValueError as exc:
+        raise ValueError(f"has a bad port: {exc}") from None
     return url
 
 
