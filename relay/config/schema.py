@@ -624,11 +624,15 @@ class OAuthConfig(_Frozen):
                 raise ValueError(f"{key}_file: give only one of {key}_env, {key}_file")
         self._check_grant()
         if (info.context or {}).get("secrets", True):
-            self._client_secret = _secret_from("client_secret", self.client_secret_env,
-                                               self.client_secret_file)
-            self._refresh_token = _secret_from("refresh_token", self.refresh_token_env,
-                                               self.refresh_token_file)
+            self.load_secrets()
         return self
+
+    def load_secrets(self) -> None:
+        """Read the client secret and refresh token (ValueError naming the key)."""
+        self._client_secret = _secret_from("client_secret", self.client_secret_env,
+                                           self.client_secret_file)
+        self._refresh_token = _secret_from("refresh_token", self.refresh_token_env,
+                                           self.refresh_token_file)
 
     def _check_grant(self) -> None:
         """The keys each grant needs, and none it would ignore."""
@@ -740,6 +744,20 @@ class AccountConfig(_Frozen):
         if (info.context or {}).get("secrets", True):
             self._secret = self._read_secret()
         return self
+
+    def load_secrets(self) -> None:
+        """Read this account's secrets into a config loaded without them: `relay accounts
+        test` needs the tested account's, not every webhook's or listener user's.
+        ValueError names the key under the account (``auth.`` for XOAUTH2's)."""
+        if self.transport != "smtp":
+            return
+        if self.auth is None:
+            self._secret = self._read_secret()
+            return
+        try:
+            self.auth.load_secrets()
+        except ValueError as exc:
+            raise ValueError(f"auth.{exc}") from None
 
     def _check_oauth(self, sources: list[str]) -> None:
         """With auth (XOAUTH2): a username for the SASL string, and no password."""
