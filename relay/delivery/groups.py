@@ -8,7 +8,8 @@ limits) and sends through the first that may. An account-level failure (down, AU
 quota: ``DeliveryError.account_wide``) backs that member off and moves the same send on
 to the next member at once; a refusal of a recipient or of the message (4xx, 5xx) is the
 answer, as for any account. ``order`` is pure; the transport only composes the members'
-transports.
+transports. The member's own ``rewrite`` applies to what it sends (its envelope sender
+and From), as to its own mail.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from relay.delivery.rewrite import Rewrite
 from relay.delivery.transport import Pace, SendResult, Transport
 from relay.errors import DeliveryError, TemporaryFailure
 
@@ -47,6 +49,9 @@ def order(group: Group, rng: random.Random) -> list[str]:
 
 class Member(Protocol):
     """What the group needs of a member account's worker."""
+
+    # accounts.NAME.rewrite: a message the member sends goes out as its own mail would.
+    rewrite: Rewrite | None
 
     def may_send(self) -> bool:
         """Not backing off, not paused, and its rate limits allow one more send now."""
@@ -90,7 +95,9 @@ class GroupTransport:
             member.reserve_send()
             self.last_peer = transport.peer  # for the log line of a failure, too
             try:
-                result = await transport.send(sender, recipients, body, mail_options,
+                own_sender, own_body = (sender, body) if member.rewrite is None else (
+                    member.rewrite.apply(sender, body))
+                result = await transport.send(own_sender, recipients, own_body, mail_options,
                                               pace=pace)
             except DeliveryError as exc:
                 exc.via = name
