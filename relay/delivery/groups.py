@@ -15,7 +15,7 @@ and From), as to its own mail.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,8 +72,12 @@ class GroupTransport:
     """A Transport over the member accounts' own transports (their pools and limits)."""
 
     def __init__(self, group: Group, transports: Mapping[str, Transport],
-                 members: Callable[[str], Member | None], rng: random.Random) -> None:
+                 members: Callable[[str], Member | None], rng: random.Random,
+                 paused: Callable[[], Awaitable[Collection[str]]] | None = None) -> None:
         self.name = group.name
+        # The accounts paused in the queue (`relay accounts pause`), read at each send:
+        # a member's own flag is a polled copy, which lags a pause by up to a poll.
+        self._paused = paused
         self.group = group
         self._transports = transports  # live: a reload's new pools are used at once
         self._members = members
@@ -88,9 +92,11 @@ class GroupTransport:
                    mail_options: tuple[str, ...], *, pace: Pace | None = None
                    ) -> SendResult:
         last: DeliveryError | None = None
+        paused = () if self._paused is None else await self._paused()
         for name in order(self.group, self._rng):
             member, transport = self._members(name), self._transports.get(name)
-            if member is None or transport is None or not member.may_send():
+            if (member is None or transport is None or name in paused
+                    or not member.may_send()):
                 continue
             member.reserve_send()
             self.last_peer = transport.peer  # for the log line of a failure, too
