@@ -60,9 +60,10 @@ class Result:
 class Relay:
     """The `relay` command against one config file, output captured."""
 
-    def __init__(self, config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def __init__(self, config_path: Path, capsys: pytest.CaptureFixture[str],
+                 *, secrets: bool = True) -> None:
         self.config_path = config_path
-        self.config: Config = load_config(config_path, secrets=False)  # the queue, only
+        self.config: Config = load_config(config_path, secrets=secrets)
         # The SQLite file, or the PostgreSQL URL (a str): what seed() and store_of() take.
         self.queue: Path | str = self.config.queue.url or self.config.queue.path
         self._capsys = capsys
@@ -549,7 +550,8 @@ async def test_accounts_test_reads_only_the_tested_accounts_secrets(
                    "other": {"host": "192.0.2.1", "username": "u",
                              "password_env": "RELAY_TEST_UNSET_PW"}},
         events={"webhooks": [{"url": "https://hooks.example.com/h",
-                              "secret_env": "RELAY_TEST_UNSET_HOOK"}]}), capsys)
+                              "secret_env": "RELAY_TEST_UNSET_HOOK"}]}), capsys,
+                  secrets=False)
     ok = await relay("accounts", "test", "up")
     assert ok.code == 0, ok.out + ok.err
     assert account_lines(ok.out)["auth"] == "ok" and upstream.auth_successes == 1
