@@ -230,7 +230,8 @@ def test_durations_parse_to_seconds(value: object, seconds: float) -> None:
     assert config.queue.keep_delivered == seconds
 
 
-@pytest.mark.parametrize("value", ["30 parsecs", "-5s", "5 minutes", "", "m", True, [5]])
+@pytest.mark.parametrize("value", ["30 parsecs", "-5s", "5 minutes", "", "m", True, [5],
+                                   float("inf"), float("nan"), ".inf"])
 def test_bad_durations_name_the_key(value: object) -> None:
     """Anything else is a config error on that key."""
     with pytest.raises(ConfigError) as exc:
@@ -410,3 +411,31 @@ def test_plaintext_password_to_loopback_is_not_warned(
     monkeypatch.setenv("RELAY_TEST_PW", "x")
     warnings = config_warnings(parse_config(_smtp_config(host)))
     assert not any(w.startswith("accounts.up.tls") for w in warnings), warnings
+
+
+def test_check_config_masks_passwords_and_secret_query_values_in_every_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A token endpoint's userinfo password and a webhook's ?token= are credentials too."""
+    text = (
+        "accounts:\n  mail:\n    host: smtp.example.com\n    username: me@example.com\n"
+        "    auth:\n      mechanism: xoauth2\n      client_id: app\n"
+        "      token_url: https://u:Tok-pw-91c2@auth.example.com/token?tenant=t\n"
+        "      refresh_token_env: HOME\n"
+        "routing:\n  default_account: mail\n"
+        "events:\n  webhooks:\n"
+        "    - url: https://hooks.example.com/h?team=ops&token=Hook-tok-5d1e&X-Amz-Signature=S1g\n"
+        "      secret_env: HOME\n"
+        "    - url: https://hooks.example.com:8443/h?api_key=Hook-key-aa07\n"
+        "      secret_env: HOME\n"
+    )
+    code, out, err = run_cli(["check-config", "--config", str(write(tmp_path, text))], capsys)
+    assert code == 0, err
+    for secret in ("Tok-pw-91c2", "Hook-tok-5d1e", "S1g", "Hook-key-aa07"):
+        assert secret not in out + err
+    shown = yaml.safe_load(out)
+    assert shown["accounts"]["mail"]["auth"]["token_url"] == (
+        "https://u:***@auth.example.com/token?tenant=t")
+    assert [h["url"] for h in shown["events"]["webhooks"]] == [
+        "https://hooks.example.com/h?team=ops&token=***&X-Amz-Signature=***",
+        "https://hooks.example.com:8443/h?api_key=***"]

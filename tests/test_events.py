@@ -209,6 +209,8 @@ async def test_with_two_workers_each_event_is_posted_once(
     ("hooks.example.com/x", "events.webhooks.0.url: must be an http:// or https:// URL,"
                             " not no scheme"),
     ("https:///x", "events.webhooks.0.url: has no host"),
+    ("https://hooks.example.com:70000/x",
+     "events.webhooks.0.url: has a bad port: Port out of range 0-65535"),
 ])
 def test_a_webhook_url_that_is_not_http_is_refused_naming_the_key(url: str, problem: str
                                                                   ) -> None:
@@ -384,6 +386,8 @@ async def test_events_of_a_webhook_no_longer_configured_are_dropped_with_a_line(
         await _outbox_empties(again)
         assert any("webhook_gave_up webhook=test" in r.getMessage()
                    and "no webhook of this name" in r.getMessage() for r in caplog.records)
+        assert metric(again, "relay_webhook_deliveries_total", webhook="test",
+                      result="gave_up") == 1  # counted, never a silent drop
     finally:
         await again.shutdown(grace=2.0)
 
@@ -405,3 +409,41 @@ async def test_a_hanging_webhook_delays_only_its_own_events(
         assert (await send(app.smtp_port, message("second")))[0] == 250
         await webhook.wait_for(2, timeout=3.0)  # not after the slow POST's 5 s
         assert slow.posts >= 1 and slow.events == []  # still hanging meanwhile
+
+
+async def test_a_webhook_a_reload_renamed_keeps_its_events_until_one_of_its_name_returns(
+    tmp_path: Path, upstream: FakeUpstream, webhook: WebhookReceiver, start_relay: StartRelay,
+) -> None:
+    """a3 #3: fixing an unnamed webhook's URL changes its name (host:port); the events
+    written for the old name wait (its backoff, its max_age) instead of being dropped, and
+    go out when a webhook of that name is configured again."""
+    webhook.fail_next(1000, status=503)
+    app = await start_relay(_config(tmp_path, upstream, webhook))
+    assert (await send(app.smtp_port, message("kept")))[0] == 250
+    await wait_until(lambda: webhook.posts >= 1, what="a first (failed) POST")
+    await app.reload(_config(tmp_path, upstream, webhook, webhook={"name": "renamed"}))
+    await asyncio.sleep(0.6)  # several of the old webhook's retry delays
+    assert await _outbox(app) == 1
+    assert metric(app, "relay_webhook_deliveries_total", webhook="test", result="gave_up") == 0
+    webhook.fail_next(0)
+    await app.reload(_config(tmp_path, upstream, webhook))
+    await webhook.wait_for(1)
+    await _outbox_empties(app)
+    assert webhook.events[0]["type"] == "delivered"
+
+
+async def test_a_removed_webhooks_events_are_given_up_at_its_max_age_and_counted(
+    tmp_path: Path, upstream: FakeUpstream, webhook: WebhookReceiver, start_relay: StartRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "relay.events")
+    webhook.fail_next(1000, status=503)
+    app = await start_relay(_config(tmp_path, upstream, webhook, webhook={"max_age": "1s"}))
+    assert (await send(app.smtp_port, message("orphan")))[0] == 250
+    await wait_until(lambda: webhook.posts >= 1, what="a first (failed) POST")
+    await app.reload(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)}))
+    await wait_until(lambda: metric(app, "relay_webhook_deliveries_total", webhook="test",
+                                    result="gave_up") == 1, what="the counted give-up")
+    await _outbox_empties(app)
+    [line] = [r.getMessage() for r in caplog.records if "webhook_gave_up" in r.getMessage()]
+    assert "none returned within max_age" in line

@@ -25,8 +25,10 @@ from tests.conftest import (
     send_many,
     upstream_account,
     wait_until,
+    webhook_block,
 )
 from tests.upstream import FakeUpstream
+from tests.webhook import WebhookReceiver
 
 
 def test_failover_keeps_the_list_order_and_weighted_draws_by_weight() -> None:
@@ -70,12 +72,68 @@ def test_rules_and_the_default_may_name_a_group() -> None:
 
 
 def _group_config(tmp_path: Path, first: FakeUpstream, second: FakeUpstream,
-                  **group: Any) -> Any:
+                  *, sections: dict[str, Any] | None = None,
+                  members: dict[str, dict[str, Any]] | None = None, **group: Any) -> Any:
+    extra = members or {}
     return relay_config(
-        tmp_path, {"first": upstream_account(first, tmp_path),
-                   "second": upstream_account(second, tmp_path)},
+        tmp_path, {"first": upstream_account(first, tmp_path, **extra.get("first", {})),
+                   "second": upstream_account(second, tmp_path, **extra.get("second", {}))},
         routing={"default_account": "mail",
-                 "groups": {"mail": {"accounts": ["first", "second"], **group}}})
+                 "groups": {"mail": {"accounts": ["first", "second"], **group}}},
+        **(sections or {}))
+
+
+async def test_group_mail_makes_one_webhook_event_per_outcome(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    webhook: WebhookReceiver,
+) -> None:
+    """a3 #1: mail through a group reports delivered, deferred and failed like any other,
+    naming the member account that sent it."""
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(
+            tmp_path, upstream, second,
+            sections={"events": {"webhooks": [webhook_block(webhook, tmp_path)]}}))
+        assert (await send(app.smtp_port, message("fine")))[0] == 250
+        await webhook.wait_for(1)
+        upstream.fail_data(451, "4.3.0 try later")  # a message's refusal: not failed over
+        assert (await send(app.smtp_port, message("later")))[0] == 250
+        await webhook.wait_for(3)  # deferred, then delivered on the retry
+        upstream.refuse_rcpt("gone@example.com", 550, "5.1.1 no such user")
+        assert (await send(app.smtp_port, message("gone"),
+                           recipients=["gone@example.com"]))[0] == 250
+        await webhook.wait_for(4)
+        await app.scheduler.run_until_idle()
+    kinds = [(e["type"], e["account"]) for e in webhook.events]
+    assert kinds == [("delivered", "first"), ("deferred", "first"), ("delivered", "first"),
+                     ("failed", "first")]
+    assert webhook.bad_signatures == 0 and second.messages == []
+
+
+async def test_a_member_rewrites_group_mail_as_its_own(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    """a3 #2: a message sent through member A goes out as A's own mail would: A's
+    rewrite (envelope sender and From) applies, B's when B sends it."""
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(tmp_path, upstream, second, members={
+            "first": {"rewrite": {"envelope_from": "first@relay.example",
+                                  "header_from": "replace"}},
+            "second": {"rewrite": {"envelope_from": "second@relay.example"}}}))
+        password, upstream.password = upstream.password, "changed-at-the-provider"
+        assert (await send(app.smtp_port, message("via second")))[0] == 250
+        await second.wait_for_messages(1)  # first refused the login: second sent it
+        upstream.password = password
+        await wait_until(lambda: not app.scheduler.workers["first"].backed_off,
+                         what="first's auth backoff to end")
+        assert (await send(app.smtp_port, message("via first")))[0] == 250
+        await upstream.wait_for_messages(1)
+        await app.scheduler.run_until_idle()
+    [one] = upstream.messages
+    [two] = second.messages
+    assert one.mail_from == "first@relay.example"
+    assert b"\r\nFrom: first@relay.example\r\n" in b"\r\n" + one.data
+    assert two.mail_from == "second@relay.example"
+    assert b"From: app@example.com" in two.data  # second keeps the From header
 
 
 async def test_an_account_level_failure_moves_the_send_to_the_next_account(

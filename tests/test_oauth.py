@@ -126,6 +126,9 @@ def test_config_errors_name_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
         "accounts.mail.username: auth xoauth2 needs the mailbox's address as username"]
     assert _problems(_account(token_command="")) == [
         "accounts.mail.auth.token_command: must not be empty"]
+    assert _problems(_account(token_command="pass show 'mail/token")) == [
+        "accounts.mail.auth.token_command: cannot be parsed as a command line (No closing"
+        " quotation: an unclosed quote?)"]
 
 
 def test_microsoft_client_credentials_from_the_tenant(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -92,6 +92,32 @@ async def test_pause_queues_but_sends_nothing_across_restarts_until_resume(
     assert metric(app, "relay_account_paused", account="up") == 0
 
 
+async def test_a_group_sends_nothing_through_a_member_once_its_pause_returned(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """a3 #14: group mail sent right after `relay accounts pause first` returned must not
+    go through first: the member choice reads the persisted pause, not the copy the
+    scheduler polls every 0.5 s."""
+    async with FakeUpstream() as second:
+        path = _config_file(tmp_path, {"first": upstream_account(upstream, tmp_path),
+                                       "second": upstream_account(second, tmp_path)})
+        data = yaml.safe_load(path.read_text())
+        data["routing"] = {"default_account": "mail",
+                           "groups": {"mail": {"accounts": ["first", "second"]}}}
+        path.write_text(yaml.safe_dump(data))
+        app = await start_relay(load_config(path))
+        for i in range(3):
+            code, _ = await relay_cli(capsys, "accounts", "pause", "first", "-c", str(path))
+            assert code == 0
+            assert (await send(app.smtp_port, message(f"after pause {i}")))[0] == 250
+            await second.wait_for_messages(i + 1)
+            assert upstream.messages == []
+            await relay_cli(capsys, "accounts", "resume", "first", "-c", str(path))
+            await wait_until(lambda: not app.scheduler.workers["first"].paused,
+                             what="the resume seen")
+
+
 async def test_a_pause_holds_in_every_process_that_claims(make_store: MakeStore) -> None:
     """The claim statement itself skips a paused account, so a worker process that has
     not noticed the pause yet still claims nothing."""

@@ -60,9 +60,10 @@ class Result:
 class Relay:
     """The `relay` command against one config file, output captured."""
 
-    def __init__(self, config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def __init__(self, config_path: Path, capsys: pytest.CaptureFixture[str],
+                 *, secrets: bool = True) -> None:
         self.config_path = config_path
-        self.config: Config = load_config(config_path)
+        self.config: Config = load_config(config_path, secrets=secrets)
         # The SQLite file, or the PostgreSQL URL (a str): what seed() and store_of() take.
         self.queue: Path | str = self.config.queue.url or self.config.queue.path
         self._capsys = capsys
@@ -534,6 +535,30 @@ async def test_accounts_test_passes_every_step_against_a_working_upstream(
         "auth": "ok", "noop": "ok (250)"}
     assert upstream.password not in result.out + result.err
     assert upstream.auth_successes == 1
+
+
+async def test_accounts_test_reads_only_the_tested_accounts_secrets(
+    tmp_path: Path, upstream: FakeUpstream, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unrelated webhook's or account's unset variable does not stop the test of
+    another account; the tested account's own still does, naming the key."""
+    monkeypatch.delenv("RELAY_TEST_UNSET_HOOK", raising=False)
+    monkeypatch.delenv("RELAY_TEST_UNSET_PW", raising=False)
+    relay = Relay(write_config(
+        tmp_path, {"up": upstream_account(upstream, tmp_path),
+                   "other": {"host": "192.0.2.1", "username": "u",
+                             "password_env": "RELAY_TEST_UNSET_PW"}},
+        events={"webhooks": [{"url": "https://hooks.example.com/h",
+                              "secret_env": "RELAY_TEST_UNSET_HOOK"}]}), capsys,
+                  secrets=False)
+    ok = await relay("accounts", "test", "up")
+    assert ok.code == 0, ok.out + ok.err
+    assert account_lines(ok.out)["auth"] == "ok" and upstream.auth_successes == 1
+    refused = await relay("accounts", "test", "other")
+    assert refused.code == 2
+    assert refused.err == ("config error: accounts.other.password_env: environment variable"
+                           " RELAY_TEST_UNSET_PW is not set here\n")
 
 
 async def test_accounts_test_names_the_failing_step_and_its_reason(

@@ -8,9 +8,13 @@ import dataclasses
 import time
 from pathlib import Path
 
+import pytest
+
+from relay.config.loading import load_config
 from relay.delivery.ratelimit import RateLimiter, share_for_others
 from relay.queue.types import NewMessage, Priority, new_queue_id
 from tests.conftest import MakeStore, StartRelay, message, relay_config, send_many, upstream_account
+from tests.test_queue_cli import Relay, write_config
 from tests.upstream import FakeUpstream
 
 
@@ -108,3 +112,33 @@ async def test_a_late_high_message_goes_within_the_window_despite_a_low_backlog(
     await upstream.wait_for_messages(9, timeout=20)
     assert b"password reset" in upstream.messages[8].data
     assert time.monotonic() - started < 20  # within the minute, not after it
+
+
+async def test_the_views_say_the_reserve_holds_normal_mail(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """a3 #6: with the normal share used, `accounts quota`, `status` and `queue show` must
+    not say "now" for normal mail: the reserve holds it until its share has room."""
+    account = upstream_account(upstream, tmp_path,
+                               rate_limit={"per_minute": 10, "reserve_for_high": "20%"})
+    path = write_config(tmp_path, {"up": account})
+    app = await start_relay(load_config(path))
+    lows = [message(f"low {i}", headers={"X-Priority": "5"}) for i in range(10)]
+    assert all(code == 250 for code, _ in await send_many(app.smtp_port, lows, sessions=2))
+    await upstream.wait_for_messages(8)
+    await asyncio.sleep(0.3)
+    relay = Relay(path, capsys)
+    quota = await relay("accounts", "quota")
+    [total, normal] = [line for line in quota.out.splitlines() if "left of" in line]
+    assert "2 left of 10" in total and total.endswith("next slot: now")
+    assert "0 left of 8" in normal and "reserved for high" in normal
+    assert not normal.endswith("next slot: now")
+    status = await relay("status")
+    [line] = [x for x in status.out.splitlines() if "next send:" in x]
+    assert "next send: now (high priority); normal and low: 20" in line, line
+    waiting = [m for m in await app.store.list_messages() if str(m.state) == "queued"]
+    assert waiting
+    shown = await relay("queue", "show", waiting[0].id)
+    assert "due now" not in shown.out
+    assert "reserved for high priority" in shown.out, shown.out

@@ -56,6 +56,13 @@ def test_each_condition_matches_and_the_first_rule_wins() -> None:
     assert _accounts(Facts("", ("x@y.com",), [])) == ["default"]
 
 
+def test_the_null_sender_matches_no_sender_glob_not_even_star() -> None:
+    table = RoutingTable("default", (Rule("any", "bulk", sender=("*",)),
+                                     Rule("anyat", "bulk", sender=("*@*", "@*"))))
+    assert [d.account for d in decide(Facts("", ("x@y.com",), []), table)] == ["default"]
+    assert [d.account for d in decide(Facts("a@b.c", ("x@y.com",), []), table)] == ["bulk"]
+
+
 def test_x_account_decides_before_the_rules() -> None:
     facts = Facts("a@billing.example.com", ("x@partner.org", "y@z.com"), [])
     assert _accounts(facts, requested="bulk") == ["bulk", "bulk"]
@@ -90,6 +97,8 @@ def _config(tmp_path: Path, rules: list[dict[str, Any]]) -> Path:
     ([{"sender": "@x.com", "account": "b", "recipient": "x"}],
      "routing.rules.0.recipient: "),
     ([{"header": {"value": "x"}, "account": "b"}], "routing.rules.0.header.name: "),
+    ([{"sender": "", "account": "b"}], "routing.rules.0.sender: "),
+    ([{"sender": ["@x.com", " "], "account": "b"}], "routing.rules.0.sender: "),
 ])
 def test_bad_rules_name_the_key(tmp_path: Path, rules: list[dict[str, Any]],
                                 problem: str) -> None:

@@ -117,11 +117,18 @@ async def test_a_killed_worker_is_restarted_and_nothing_it_held_is_lost(
 
 async def test_sighup_reaches_every_worker_and_a_bad_file_reaches_none(
         tmp_path: Path, upstream: FakeUpstream) -> None:
+    """An unchanged file reloads quietly in every worker: worker 1, which runs with
+    metrics off, compares like with like (a3 #8: a false "metrics changed" note)."""
     config = write_config(tmp_path, upstream)
+    data = yaml.safe_load(config.read_text())
+    data["metrics"] = {"enabled": True, "host": "127.0.0.1", "port": free_port()}
+    config.write_text(yaml.safe_dump(data))
     relay, _ = await _spawn(tmp_path, config)
     try:
         relay.proc.send_signal(signal.SIGHUP)
         await wait_until(lambda: sum("relay: reloaded" in x for x in relay.lines) == 2, 20)
+        await asyncio.sleep(0.3)  # a note is logged just after its worker's "reloaded"
+        assert not any("reload_note" in x for x in relay.lines), relay.stderr
         good = config.read_text()
         config.write_text(good + "\nnot_a_key: 1\n")
         relay.proc.send_signal(signal.SIGHUP)

@@ -78,7 +78,9 @@ def cmd_quota(args: argparse.Namespace) -> int:
             await store.close()
 
     sends = asyncio.run(run())
-    use = {name: rate_use(wins, sends[name], now) for name, wins in limited.items()}
+    use = {name: rate_use(wins, sends[name], now,
+                          config.accounts[name].rate_limit.reserve_for_high)
+           for name, wins in limited.items()}
     if args.json:
         print(json.dumps({"generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                         time.gmtime(now)),
@@ -94,6 +96,11 @@ def cmd_quota(args: argparse.Namespace) -> int:
             slot = "now" if w["next_slot_at"] is None else w["next_slot_at"]
             out(f"  {w['window']:<16}{w['remaining']:>7} left of {w['limit']:<7}"
                 f" ({w['used']} used); next slot: {slot}")
+            if "normal_limit" in w:  # what normal and low priority may still use
+                slot = "now" if w["normal_next_slot_at"] is None else w["normal_next_slot_at"]
+                out(f"  {'  normal/low':<16}{w['normal_remaining']:>7} left of"
+                    f" {w['normal_limit']:<7} (the rest is reserved for high); next slot:"
+                    f" {slot}")
         reserve = config.accounts[name].rate_limit.reserve_for_high
         if reserve:
             out(f"  ({reserve:.0%} of each window is kept for high-priority mail)")

@@ -149,6 +149,7 @@ async def _reload_now(app: App, path: str | None, log: logging.Logger) -> None:
 
     try:
         new, _, from_environment, _ = load_config_report(path)
+        new = _as_worker(new)  # as this process runs it: compare like with like
         handler = build_handler(new.logging.format, new.logging.file)
     except ConfigError as exc:
         _rejected(log, exc.problems)
@@ -223,20 +224,31 @@ def _migrate_before_serving(config: Config) -> None:
               backup=str(done.backup) if done.backup else None)
 
 
+def _as_worker(config: Config) -> Config:
+    """The config as this worker process runs it: its parent's port, metrics only in
+    worker 0. A reload compares the new file's config in the same form, or every SIGHUP
+    would note a "change" the worker itself made."""
+    from relay.supervisors.multiprocess import ENV_INDEX, ENV_PORT
+
+    if ENV_INDEX not in os.environ:
+        return config
+    listen = config.listen.model_copy(update={"port": int(os.environ[ENV_PORT])})
+    update: dict[str, object] = {"listen": listen}
+    if int(os.environ[ENV_INDEX]):
+        update["metrics"] = config.metrics.model_copy(update={"enabled": False})
+    return config.model_copy(update=update)
+
+
 async def _serve_worker(config: Config, path: str | None,
                         from_environment: frozenset[str] = frozenset()) -> None:
     """One of several processes: the port its parent chose, metrics only in worker 0
     (see relay.app.WorkerRole), and one byte on the ready pipe once serving."""
     from relay.app import WorkerRole
-    from relay.supervisors.multiprocess import ENV_COUNT, ENV_INDEX, ENV_PORT, ENV_READY
+    from relay.supervisors.multiprocess import ENV_COUNT, ENV_INDEX, ENV_READY
 
     index = int(os.environ[ENV_INDEX])
-    listen = config.listen.model_copy(update={"port": int(os.environ[ENV_PORT])})
-    update: dict[str, object] = {"listen": listen}
-    if index:
-        update["metrics"] = config.metrics.model_copy(update={"enabled": False})
     ready = int(os.environ[ENV_READY])
-    await _serve(config.model_copy(update=update), path,
+    await _serve(_as_worker(config), path,
                  role=WorkerRole(shared=True, index=index,
                                  count=int(os.environ[ENV_COUNT])),
                  ready_fd=ready,

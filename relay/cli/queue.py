@@ -24,12 +24,23 @@ from pathlib import Path
 from typing import Any
 
 from relay.cli import queue_show
-from relay.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail, load, out, queue_of
+from relay.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    config_path,
+    fail,
+    out,
+    queue_of,
+)
 from relay.cli.filters import STATES, add_filter_options, add_sort_options, message_filter
 from relay.cli.progress import ProgressBar
 from relay.cli.queue_show import as_dict, iso
 from relay.config.durations import format_duration, parse_duration
+from relay.config.loading import load_config_report
+from relay.config.report import unresolved_secrets
 from relay.config.schema import AccountConfig, effective_hostname
+from relay.errors import ConfigError
 from relay.queue.filters import MessageFilter, SortKey
 from relay.queue.ops import (
     DELETE,
@@ -368,10 +379,22 @@ async def _check_account(name: str, account: AccountConfig, hostname: str | None
 
 
 def cmd_accounts_test(args: argparse.Namespace) -> int:
-    config = load(args)
+    """Only the tested account's secrets are read: an unrelated webhook's or account's
+    unset variable is not this test's business (relay serve still refuses it)."""
+    loaded = load_config_report(config_path(args), secrets=False)
+    config = loaded.config
     account = config.accounts.get(args.name)
     if account is None:
         return fail(f"no account named {args.name!r} (accounts: {', '.join(config.accounts)})")
+    key = f"accounts.{args.name}"
+    problems = [p for p in [*loaded.unresolved, *unresolved_secrets(config)]
+                if p.startswith(key + ".")]
+    if problems:
+        raise ConfigError(problems)
+    try:
+        account.load_secrets()
+    except ValueError as exc:
+        raise ConfigError([f"{key}.{exc}"]) from None
     if account.transport == "maildir":
         out(f"account {args.name}: maildir {account.path}")
     else:  # never the password

@@ -25,7 +25,7 @@ from relay.config.schema import Config
 from relay.delivery.health import decode
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.waiting import Reason, next_attempt, why_waiting
-from relay.queue.types import MessageState, QueuedMessage
+from relay.queue.types import MessageState, Priority, QueuedMessage
 from relay.smtp.headers import header_end, parse_headers
 
 # qshape's buckets (minutes, doubling): 0-5m, 5-10m, 10-20m, 20-40m, 40-80m, 80m+.
@@ -78,16 +78,21 @@ async def _read(config: Config, message_id: str, now: float) -> Shown:
             flush = await store.flush_requested()  # a flush ends a backoff
             if not (flush and report and float(flush) > report.published_at):
                 backoff = health.backoff_until
-        rate_wait = 0.0
+        rate_wait, reserved = 0.0, False
         account = config.accounts.get(message.account)
         if account is not None and account.rate_limit.windows():
-            limiter = RateLimiter(account.rate_limit.windows())
+            limiter = RateLimiter(account.rate_limit.windows(),
+                                  account.rate_limit.reserve_for_high)
             limiter.restore(await store.recent_sends(message.account,
                                                      now - limiter.longest_window), now)
-            rate_wait = limiter.wait_time(now)
+            # Normal and low priority wait for their share (rate_limit.reserve_for_high).
+            others = message.priority is not Priority.HIGH
+            rate_wait = limiter.wait_time(now, others=others)
+            reserved = others and rate_wait > limiter.wait_time(now)
         reasons = why_waiting(message.state, message.attempts, message.created_at,
                               message.next_attempt_at, now, backoff_until=backoff,
-                              rate_wait_s=rate_wait, last_error=message.last_error,
+                              rate_wait_s=rate_wait, reserved=reserved,
+                              last_error=message.last_error,
                               paused=message.account in await store.paused_accounts())
         return Shown(message, body, reasons)
     finally:

@@ -29,6 +29,11 @@ are pure. The JSON document's keys are stable:
                                              per configured window (next_slot_at: UTC
                                              time that window next has room, null: now)
     accounts.NAME.rate_limit.next_send_at    UTC time the limits next allow a send, or null (now)
+                                             (with rate_limit.reserve_for_high: of high
+                                             priority; then also normal_next_send_at, and
+                                             normal_limit, normal_remaining,
+                                             normal_next_slot_at per window: normal and low
+                                             priority's share)
     totals.queue, totals.undelivered, totals.attempts   the same, over all accounts
     oldest_undelivered                       null, or id, account, state, created_at, age_s
 """
@@ -55,6 +60,7 @@ from relay.cli.common import (
 from relay.config.schema import Config
 from relay.delivery.health import AccountHealth, HealthReport, decode
 from relay.delivery.host import decode_reason
+from relay.delivery.ratelimit import share_for_others
 from relay.printable import escape
 from relay.queue.types import MessageState, QueuedMessage
 from relay.queue.urls import mask_url
@@ -87,6 +93,8 @@ class Snapshot:
     # account -> ((key, window seconds, limit), ...) and its send times within the longest
     limits: Mapping[str, Sequence[tuple[str, float, int]]] = field(default_factory=dict)
     sends: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    # account -> rate_limit.reserve_for_high, where it keeps a share for high priority
+    reserves: Mapping[str, float] = field(default_factory=dict)
     processes: Sequence[tuple[int, str]] = ()  # (pid, role) of the relay processes on it
     # account -> (until, reason): backoffs the workers of `relay serve --workers N` share
     backoffs: Mapping[str, tuple[float, str]] = field(default_factory=dict)
@@ -152,23 +160,45 @@ WINDOW_NAMES = {1.0: "per_second", 60.0: "per_minute", 3600.0: "per_hour",
 
 
 def rate_use(limits: Sequence[tuple[float, int] | tuple[str, float, int]],
-             sends: Sequence[float], now: float) -> dict[str, Any]:
+             sends: Sequence[float], now: float, reserve_for_high: float = 0.0
+             ) -> dict[str, Any]:
     """How much of each rate window the recorded sends use, what is left, and when the
     next send may go: the moment enough sends leave every full window (sliding windows,
-    as the limiter counts them). ``limits``: (seconds, limit), or (key, seconds, limit)."""
-    windows, next_at = [], None
+    as the limiter counts them). ``limits``: (seconds, limit), or (key, seconds, limit).
+
+    With ``reserve_for_high``, normal and low priority may use only each window's
+    ``share_for_others``: their own remaining and next slot are given beside the totals
+    (``normal_*``), since the reserve holds them while high priority may still send."""
+    windows, next_at, normal_at = [], None, None
     ordered = sorted(sends)
     for item in limits:
         name, length, limit = item if len(item) == 3 else (None, *item)
         inside = [t for t in ordered if t > now - length]
-        free_at = inside[len(inside) - limit] + length if len(inside) >= limit else None
-        windows.append({"window": name or WINDOW_NAMES.get(length, f"{length:g}s"),
-                        "used": len(inside), "limit": limit,
-                        "remaining": max(limit - len(inside), 0),
-                        "next_slot_at": _iso(free_at)})
+        free_at = _free_at(inside, limit, length)
+        window = {"window": name or WINDOW_NAMES.get(length, f"{length:g}s"),
+                  "used": len(inside), "limit": limit,
+                  "remaining": max(limit - len(inside), 0),
+                  "next_slot_at": _iso(free_at)}
         if free_at is not None:
             next_at = free_at if next_at is None else max(next_at, free_at)
-    return {"windows": windows, "next_send_at": _iso(next_at)}
+        if reserve_for_high > 0:
+            share = share_for_others(limit, reserve_for_high)
+            normal_free = _free_at(inside, share, length)
+            window |= {"normal_limit": share, "normal_remaining": max(share - len(inside), 0),
+                       "normal_next_slot_at": _iso(normal_free)}
+            if normal_free is not None:
+                normal_at = normal_free if normal_at is None else max(normal_at, normal_free)
+        windows.append(window)
+    use: dict[str, Any] = {"windows": windows, "next_send_at": _iso(next_at)}
+    if reserve_for_high > 0:
+        use["normal_next_send_at"] = _iso(normal_at)
+    return use
+
+
+def _free_at(inside: Sequence[float], limit: int, length: float) -> float | None:
+    """When a window holding the sorted send times ``inside`` next has room under
+    ``limit`` (None: it has room now)."""
+    return inside[len(inside) - limit] + length if len(inside) >= limit else None
 
 
 def summarise(snap: Snapshot) -> dict[str, Any]:
@@ -185,7 +215,7 @@ def summarise(snap: Snapshot) -> dict[str, Any]:
             "health": account_health(snap, name),
             "paused_since": _iso(snap.paused.get(name)),
             "rate_limit": rate_use(snap.limits.get(name, ()), snap.sends.get(name, ()),
-                                   snap.now),
+                                   snap.now, snap.reserves.get(name, 0.0)),
         }
     totals = {s: sum(a["queue"][s] for a in accounts.values()) for s in STATES}
     oldest = snap.oldest
@@ -318,7 +348,11 @@ def _rate_lines(summary: dict[str, Any]) -> list[str]:
         used = ", ".join(f"{w['used']}/{w['limit']} {w['window'].replace('_', ' ')}"
                          for w in rate["windows"])
         at = rate["next_send_at"]
-        lines.append(f"  {name:<14}{used}; next send: {'now' if at is None else at}")
+        text = f"  {name:<14}{used}; next send: {'now' if at is None else at}"
+        normal = rate.get("normal_next_send_at")
+        if normal is not None and normal != at:  # the reserve holds normal mail longer
+            text += f" (high priority); normal and low: {normal}, the rest is reserved"
+        lines.append(text)
     if not lines:
         return []
     return ["rate limits (sends recorded in the queue file):", *lines, ""]
@@ -377,6 +411,8 @@ async def gather(config: Config, now: float) -> Snapshot:
             flush_at=float(flush) if flush else None,
             paused=await store.paused_accounts(),
             limits=limits,
+            reserves={name: config.accounts[name].rate_limit.reserve_for_high
+                      for name in limits},
             sends={name: await store.recent_sends(name, now - max(w for _, w, _ in wins))
                    for name, wins in limits.items()},
             processes=await store.processes(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import math
 import re
 import time
 
@@ -15,6 +16,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("must be a duration such as 30s, 5m, 2h or a number of seconds")
     if isinstance(value, int | float):
+        if not math.isfinite(value):  # YAML's .inf or .nan: no duration, and no "never"
+            raise ValueError(f"must be a finite duration, not {value}")
         if value < 0:
             raise ValueError("must not be negative")
         return float(value)

@@ -131,15 +131,6 @@ def _readable_by_others(key: str, path: Path) -> list[str]:
     return []
 
 
-def _without_password(url: str) -> str:
-    """A URL as shown: a password in it (https://user:pass@host/) masked."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:{MASK}@{host}"))
-
-
 LOCAL_LITERAL = "(an address literal of each connection's local address)"
 
 
@@ -150,8 +141,6 @@ def effective_config(config: Config, fqdn: str = "") -> dict[str, Any]:
     """
     data = config.model_dump(mode="json")
     _mask_secrets(data)
-    for hook, shown in zip(config.events.webhooks, data["events"]["webhooks"], strict=True):
-        shown["url"] = _without_password(hook.url)
     hostname = effective_hostname(config, fqdn) or LOCAL_LITERAL
     data["hostname"] = hostname
     data["queue"]["min_free"] = format_size(config.queue_min_free)  # the reserve in force
@@ -175,13 +164,18 @@ def effective_config(config: Config, fqdn: str = "") -> dict[str, Any]:
 # password_env and password_file only say where a secret is, and are shown.
 _SECRET_KEY = re.compile(r"(^|_)(password|passwd|secret|token|hash|api_key|private_key)$")
 
+_URL_KEY = re.compile(r"(^|_)url$")
+
 
 def _mask_secrets(node: Any) -> None:
-    """Replace every set secret-like value, at any depth, by MASK."""
+    """Replace every set secret-like value, at any depth, by MASK; and in every URL
+    (webhook url, auth.token_url, queue.url) a password or a secret query value."""
     if isinstance(node, dict):
         for key, value in node.items():
             if isinstance(key, str) and _SECRET_KEY.search(key) and value:
                 node[key] = MASK
+            elif isinstance(key, str) and _URL_KEY.search(key) and isinstance(value, str):
+                node[key] = mask_url(value)
             else:
                 _mask_secrets(value)
     elif isinstance(node, list):

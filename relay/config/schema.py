@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shlex
 import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal
@@ -22,6 +23,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -604,6 +606,12 @@ class OAuthConfig(_Frozen):
                                  " endpoint (client_id, token_url...), not both")
             if not self.token_command or not all(self.token_command):
                 raise ValueError("token_command: must not be empty")
+            if isinstance(self.token_command, str):  # as relay.delivery.oauth runs it
+                try:
+                    shlex.split(self.token_command)
+                except ValueError as exc:
+                    raise ValueError(f"token_command: cannot be parsed as a command line"
+                                     f" ({exc}: an unclosed quote?)") from None
             return self
         if not self.client_id:
             raise ValueError("client_id: required (or give token_command)")
@@ -616,11 +624,15 @@ class OAuthConfig(_Frozen):
                 raise ValueError(f"{key}_file: give only one of {key}_env, {key}_file")
         self._check_grant()
         if (info.context or {}).get("secrets", True):
-            self._client_secret = _secret_from("client_secret", self.client_secret_env,
-                                               self.client_secret_file)
-            self._refresh_token = _secret_from("refresh_token", self.refresh_token_env,
-                                               self.refresh_token_file)
+            self.load_secrets()
         return self
+
+    def load_secrets(self) -> None:
+        """Read the client secret and refresh token (ValueError naming the key)."""
+        self._client_secret = _secret_from("client_secret", self.client_secret_env,
+                                           self.client_secret_file)
+        self._refresh_token = _secret_from("refresh_token", self.refresh_token_env,
+                                           self.refresh_token_file)
 
     def _check_grant(self) -> None:
         """The keys each grant needs, and none it would ignore."""
@@ -733,6 +745,20 @@ class AccountConfig(_Frozen):
             self._secret = self._read_secret()
         return self
 
+    def load_secrets(self) -> None:
+        """Read this account's secrets into a config loaded without them: `relay accounts
+        test` needs the tested account's, not every webhook's or listener user's.
+        ValueError names the key under the account (``auth.`` for XOAUTH2's)."""
+        if self.transport != "smtp":
+            return
+        if self.auth is None:
+            self._secret = self._read_secret()
+            return
+        try:
+            self.auth.load_secrets()
+        except ValueError as exc:
+            raise ValueError(f"auth.{exc}") from None
+
     def _check_oauth(self, sources: list[str]) -> None:
         """With auth (XOAUTH2): a username for the SASL string, and no password."""
         if sources:
@@ -804,6 +830,15 @@ class RoutingRuleConfig(_Frozen):
     user: Globs | None = None  # the listener user the client logged in as
     header: HeaderMatchConfig | None = None
     account: str
+
+    @field_validator("sender")
+    @classmethod
+    def _no_empty_sender(cls, value: list[str] | None) -> list[str] | None:
+        """An empty glob would read as "the null sender", which no condition matches."""
+        if value is not None and any(not p.strip() for p in value):
+            raise ValueError("an empty pattern matches nothing: the null sender <> matches"
+                             " no sender condition (leave sender out to match any)")
+        return value
 
     @model_validator(mode="after")
     def _some_condition(self) -> RoutingRuleConfig:
@@ -884,6 +919,10 @@ def _http_url(url: str) -> str:
                          " scheme")
     if not parts.hostname:
         raise ValueError("has no host")
+    try:
+        parts.port  # noqa: B018 - urllib checks the port only when it is read
+    except ValueError as exc:
+        raise ValueError(f"has a bad port: {exc}") from None
     return url
 
 

@@ -8,16 +8,18 @@ limits) and sends through the first that may. An account-level failure (down, AU
 quota: ``DeliveryError.account_wide``) backs that member off and moves the same send on
 to the next member at once; a refusal of a recipient or of the message (4xx, 5xx) is the
 answer, as for any account. ``order`` is pure; the transport only composes the members'
-transports.
+transports. The member's own ``rewrite`` applies to what it sends (its envelope sender
+and From), as to its own mail.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from relay.delivery.rewrite import Rewrite
 from relay.delivery.transport import Pace, SendResult, Transport
 from relay.errors import DeliveryError, TemporaryFailure
 
@@ -48,6 +50,9 @@ def order(group: Group, rng: random.Random) -> list[str]:
 class Member(Protocol):
     """What the group needs of a member account's worker."""
 
+    # accounts.NAME.rewrite: a message the member sends goes out as its own mail would.
+    rewrite: Rewrite | None
+
     def may_send(self) -> bool:
         """Not backing off, not paused, and its rate limits allow one more send now."""
 
@@ -67,8 +72,12 @@ class GroupTransport:
     """A Transport over the member accounts' own transports (their pools and limits)."""
 
     def __init__(self, group: Group, transports: Mapping[str, Transport],
-                 members: Callable[[str], Member | None], rng: random.Random) -> None:
+                 members: Callable[[str], Member | None], rng: random.Random,
+                 paused: Callable[[], Awaitable[Collection[str]]] | None = None) -> None:
         self.name = group.name
+        # The accounts paused in the queue (`relay accounts pause`), read at each send:
+        # a member's own flag is a polled copy, which lags a pause by up to a poll.
+        self._paused = paused
         self.group = group
         self._transports = transports  # live: a reload's new pools are used at once
         self._members = members
@@ -83,14 +92,18 @@ class GroupTransport:
                    mail_options: tuple[str, ...], *, pace: Pace | None = None
                    ) -> SendResult:
         last: DeliveryError | None = None
+        paused = () if self._paused is None else await self._paused()
         for name in order(self.group, self._rng):
             member, transport = self._members(name), self._transports.get(name)
-            if member is None or transport is None or not member.may_send():
+            if (member is None or transport is None or name in paused
+                    or not member.may_send()):
                 continue
             member.reserve_send()
             self.last_peer = transport.peer  # for the log line of a failure, too
             try:
-                result = await transport.send(sender, recipients, body, mail_options,
+                own_sender, own_body = (sender, body) if member.rewrite is None else (
+                    member.rewrite.apply(sender, body))
+                result = await transport.send(own_sender, recipients, own_body, mail_options,
                                               pace=pace)
             except DeliveryError as exc:
                 exc.via = name

@@ -76,6 +76,9 @@ def _glob(value: str, patterns: Sequence[str]) -> str | None:
 
 
 def _sender(address: str, patterns: Sequence[str]) -> str | None:
+    """The first pattern the sender matches; the null sender <> matches none (docs)."""
+    if not address:
+        return None
     for pattern in patterns:
         if pattern.startswith("@"):
             if fnmatchcase(_domain(address), pattern[1:].lower()) and "@" in address:

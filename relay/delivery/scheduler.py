@@ -141,7 +141,7 @@ class Scheduler:
         t = max((m.timeouts for m in members), key=lambda t: t.connect + t.command + t.data)
         # Members are looked up at each send: a reload's new workers are used at once.
         transport = GroupTransport(group, self.transports, lambda a: self.workers.get(a),
-                                   self.rng)
+                                   self.rng, paused=self.store.paused_accounts)
         return AccountWorker(
             name, transport, self.store, _retry_policy(config.retry), RateLimiter([]),
             self.metrics,

@@ -33,12 +33,14 @@ def why_waiting(
     rate_wait_s: float = 0.0,
     last_error: str = "",
     paused: bool = False,
+    reserved: bool = False,
 ) -> list[Reason]:
     """Everything that keeps the message from its next attempt now; empty when it is due
     (the next free worker takes it). An account backoff is named while it lasts (the
     scheduler defers the account's messages to its end, so the times often coincide);
-    a rate limit only when it lasts beyond the message's own time. Final messages wait
-    for nothing."""
+    a rate limit only when it lasts beyond the message's own time (``reserved``: only
+    because the rest of the window is kept for high priority). Final messages wait for
+    nothing."""
     if state.final:
         return []
     if state is S.HELD:
@@ -65,9 +67,11 @@ def why_waiting(
                               "its account is backing off after account-wide failures"))
     if rate_wait_s > 0 and now + rate_wait_s > own:
         until = now + rate_wait_s if rate_wait_s != float("inf") else None
+        what = ("its account has used normal and low priority's share of its rate limit"
+                " (the rest is reserved for high priority: rate_limit.reserve_for_high)"
+                if reserved else "its account is at its rate limit")
         reasons.append(Reason("rate-limit", until,
-                              "its account is at its rate limit"
-                              + ("" if until else " until a send under way ends")))
+                              what + ("" if until else " until a send under way ends")))
     return reasons
 
 

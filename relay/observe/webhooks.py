@@ -55,6 +55,10 @@ class WebhookSender:
         self.clock = clock
         self.poll_s = poll_s
         self.hooks: dict[str, WebhookConfig] = {}
+        # Every webhook this process was configured with, by label: the events of one a
+        # reload removed wait for its return (or a webhook of the same name) until its
+        # max_age, rather than being dropped by a URL fix that changed its label.
+        self._known: dict[str, WebhookConfig] = {}
         self.wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -65,6 +69,7 @@ class WebhookSender:
     def configure(self, webhooks: Sequence[WebhookConfig]) -> None:
         """Take the webhooks of a new config (start, reload); their series start at 0."""
         self.hooks = {h.label: h for h in webhooks}
+        self._known.update(self.hooks)
         for name in self.hooks:
             for result in RESULTS:
                 self.metrics.webhook_deliveries.labels(name, result)
@@ -153,11 +158,8 @@ class WebhookSender:
 
     async def _post(self, pending: PendingEvent) -> None:
         hook = self.hooks.get(pending.webhook)
-        if hook is None:  # removed from the config by a reload since it was written
-            event(log, logging.WARNING, "webhook_gave_up", webhook=pending.webhook,
-                  event_id=pending.id, type=pending.type,
-                  reason="no webhook of this name in the config any more")
-            await self._settle(pending, None)
+        if hook is None:  # removed from the config since it was written
+            await self._orphan(pending)
             return
         error = await self._send(hook, pending)
         now = self.clock()
@@ -178,6 +180,30 @@ class WebhookSender:
               type=pending.type, attempts=pending.attempts + 1, reason=error,
               retry_in=f"{retry_at - now:.1f}s")
         await self._settle(pending, retry_at, error)
+
+    async def _orphan(self, pending: PendingEvent) -> None:
+        """An event for a webhook not in the config now. Removed by a reload: it waits, on
+        that webhook's backoff, until its max_age, and goes to a webhook of the same name
+        if one returns. Unknown to this process (a restart without it): given up at
+        once. Either way a give-up is logged and counted, never silent."""
+        why = "no webhook of this name in the config"
+        old = self._known.get(pending.webhook)
+        if old is not None:
+            now = self.clock()
+            retry_at = now + retry_delay(pending.attempts + 1, old.retry_initial,
+                                         old.retry_max)
+            if retry_at - pending.created_at <= old.max_age:
+                event(log, logging.WARNING, "webhook_failed", webhook=pending.webhook,
+                      event_id=pending.id, type=pending.type, attempts=pending.attempts + 1,
+                      reason=f"{why}; kept until its max_age in case it returns",
+                      retry_in=f"{retry_at - now:.1f}s")
+                await self._settle(pending, retry_at, why)
+                return
+            why += " since a reload; none returned within max_age"
+        self.metrics.webhook_deliveries.labels(pending.webhook, "gave_up").inc()
+        event(log, logging.ERROR, "webhook_gave_up", webhook=pending.webhook,
+              event_id=pending.id, type=pending.type, attempts=pending.attempts, reason=why)
+        await self._settle(pending, None)
 
     async def _send(self, hook: WebhookConfig, pending: PendingEvent) -> str | None:
         """POST one event; None when the webhook accepted it (2xx), else why not."""
