@@ -48,6 +48,11 @@ NOW = time.time()
 ODD = 1764547200.1234567
 
 
+def _id(name: str) -> str:
+    """A queue id in relay's own format (an import refuses any other), named for a test."""
+    return name.encode().hex().upper().rjust(22, "0")
+
+
 def _config(tmp_path: Path, name: str, *, spare: bool = True) -> Path:
     path = tmp_path / f"{name}.yaml"
     accounts = {"outbox": {"transport": "maildir", "path": str(tmp_path / "box")}}
@@ -83,43 +88,60 @@ async def _seed(path: Path) -> None:
     store = SQLiteStore(path, lock=False, owner="gone-host:1:abc")
     await store.open()
     try:
-        for m in (_new("D", NOW - 50, rcpts=("a@example.com", "b@example.org")),
-                  _new("SND", NOW - 40), _new("SND2", NOW - 35), _new("H", NOW - 30),
-                  _new("OK", NOW - 20, priority=Priority.LOW), _new("F", NOW - 10)):
+        for m in (_new(_id("D"), NOW - 50, rcpts=("a@example.com", "b@example.org")),
+                  _new(_id("SND"), NOW - 40), _new(_id("SND2"), NOW - 35), _new(_id("H"), NOW - 30),
+                  _new(_id("OK"), NOW - 20, priority=Priority.LOW), _new(_id("F"), NOW - 10)):
             await store.enqueue(m)
         claimed = {m.id: m for m in await store.claim_due("outbox", NOW, 10, lease_s=300)}
 
         def result(mid: str, state: S, rcpts: list[Recipient], outcome: str, reply: str,
-                   attempts: int = 1, due: float = NOW) -> AttemptResult:
+                   attempts: int = 1, due: float = NOW,
+                   transcript: tuple[str, ...] = ()) -> AttemptResult:
             return AttemptResult(mid, "outbox", state, rcpts, attempts, due,
                                  "" if state is S.DELIVERED else reply, NOW - 1, outcome,
-                                 reply, claimed[mid].claim)
+                                 reply, claimed[mid].claim, transcript=transcript)
 
-        await store.finish(result("D", S.DEFERRED, [
+        await store.finish(result(_id("D"), S.DEFERRED, [
             Recipient("a@example.com", RecipientState.DELIVERED, "250 2.0.0 ok"),
             Recipient("b@example.org")], "partial", "451 4.3.0 busy", due=NOW + 600))
-        await store.finish(result("OK", S.DELIVERED, [
+        await store.finish(result(_id("OK"), S.DELIVERED, [
             Recipient("to@example.com", RecipientState.DELIVERED, "250 ok")],
             "delivered", "250 2.0.0 ok"))
-        await store.finish(result("F", S.FAILED, [
+        await store.finish(result(_id("F"), S.FAILED, [
             Recipient("to@example.com", RecipientState.FAILED, "550 5.1.1 no")],
-            "failed", "550 5.1.1 no"))
-        await store.finish(result("H", S.DEFERRED, [Recipient("to@example.com")],
+            "failed", "550 5.1.1 no", transcript=("> RCPT TO:<to@example.com>",
+                                                  "< 550 5.1.1 no")))
+        await store.finish(result(_id("H"), S.DEFERRED, [Recipient("to@example.com")],
                                   "deferred", "421 4.7.0 later"))
         await store.update_messages(states=["deferred"], to_state="held", now=NOW,
-                                    ids=["H"])
+                                    ids=[_id("H")])
         # SND stays claimed; SND2 was tried once before its claim.
         await store.execute([("UPDATE messages SET attempts=2, last_error='451 x'"
-                              " WHERE id='SND2'", ())])
-        await store.enqueue(_new("Q", ODD, priority=Priority.HIGH, options=("BODY=8BITMIME",)))
-        await store.enqueue(_new("LATER", NOW - 5))
-        await store.execute([("UPDATE messages SET next_attempt_at=? WHERE id='LATER'",
-                              (NOW + 7200.5,))])  # a client's Deferred-Delivery
+                              " WHERE id=?", (_id("SND2"),))])
+        await store.enqueue(_new(_id("Q"), ODD, priority=Priority.HIGH, options=("BODY=8BITMIME",)))
+        await store.enqueue(_new(_id("LATER"), NOW - 5))
+        await store.execute([("UPDATE messages SET next_attempt_at=? WHERE id=?",
+                              (NOW + 7200.5, _id("LATER")))])  # a client's Deferred-Delivery
         await store.move_messages(to_account="spare", states=["queued"], now=NOW, by="t",
-                                  ids=["Q"])
+                                  ids=[_id("Q")])
         await store.set_paused("spare", True, ODD)
         await store.execute([("INSERT INTO sends (account, at) VALUES (?, ?)",
                               ("outbox", NOW - i * 0.001)) for i in range(2500)])
+        # Dedup keys (one past its window: not exported) and webhook events, one claimed.
+        await store.execute([("INSERT INTO dedup (key, message_id, expires_at) VALUES"
+                              " (?, ?, ?)", (key, _id(mid), at)) for key, mid, at in (
+                                 ("app:k1", "Q", NOW + 3600),
+                                 ("app:k\u00e9", "D", NOW + 86400 + ODD % 1),
+                                 ("app:old", "F", NOW - 1))])
+        await store.execute([("INSERT INTO events (id, webhook, type, body, created_at,"
+                              " next_attempt_at, attempts, owner, lease_until, last_error)"
+                              " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row) for row in (
+                                 ("e1", "hook", "failed", '{"id": "e1"}', ODD, NOW + 60, 2,
+                                  None, None, "HTTP 500"),
+                                 ("e1", "audit", "failed", '{"id": "e1"}', ODD, NOW + 9e3,
+                                  0, "gone-host:1:abc", NOW + 30, ""),
+                                 ("e2", "hook", "delivered", '{"\u2603": 1}', NOW - 2,
+                                  NOW - 2, 0, None, None, ""))])
     finally:
         await store.close()
 
@@ -139,6 +161,10 @@ def _dump(path: Path) -> dict[str, Any]:
             "sends": sorted(db.execute("SELECT account, at FROM sends")),
             "paused": sorted(db.execute("SELECT * FROM meta WHERE key LIKE 'paused:%'")),
             "counts": sorted(db.execute("SELECT * FROM counts WHERE n > 0")),
+            "dedup": sorted(db.execute("SELECT * FROM dedup")),
+            "events": sorted(db.execute(
+                "SELECT id, webhook, type, body, created_at, next_attempt_at, attempts,"
+                " owner, lease_until, last_error FROM events")),
         }
     finally:
         db.close()
@@ -155,8 +181,21 @@ def _released(before: dict[str, Any]) -> dict[str, Any]:
     counts: dict[tuple[str, str], int] = {}
     for row in rows:
         counts[(row[2], row[1])] = counts.get((row[2], row[1]), 0) + 1
+    # A dedup key past its window stays behind; a claimed event comes out due at once.
+    events = [row if row[7] is None else (*row[:5], "now", row[6], None, None, row[9])
+              for row in before["events"]]
     return {**before, "messages": sorted(rows),
-            "counts": sorted((a, s, n) for (a, s), n in counts.items())}
+            "counts": sorted((a, s, n) for (a, s), n in counts.items()),
+            "dedup": [row for row in before["dedup"] if row[2] > time.time()],
+            "events": sorted(events, key=str)}
+
+
+def _due_now(after: dict[str, Any], since: float) -> dict[str, Any]:
+    """``after`` with the due time of an event that was claimed (due later than it was
+    exported) as "now", when it lies between ``since`` and now."""
+    events = [row if not since <= row[5] <= time.time() else (*row[:5], "now", *row[6:])
+              for row in after["events"]]
+    return {**after, "events": sorted(events, key=str)}
 
 
 async def test_round_trip_sqlite_file_sqlite_loses_nothing(
@@ -166,19 +205,24 @@ async def test_round_trip_sqlite_file_sqlite_loses_nothing(
     before = _dump(tmp_path / "src.sqlite3")
     assert {r[1] for r in before["messages"]} == {str(s) for s in S}  # every state
     export = tmp_path / "queue.jsonl"
+    started = time.time()
     code, out, err = await asyncio.to_thread(_relay, capsys, "queue", "export", str(export),
                                              "-c", str(src))
     assert (code, err) == (0, ""), err
     sends = len(before["sends"])  # 2500, and one for each attempt
     assert out == (f"exported 8 messages (3 queued, 2 deferred, 1 held, 1 delivered, 1 failed),"
-                   f" {sends} send times, 1 paused accounts to {export}\n")
+                   f" {sends} send times, 1 paused accounts, 2 dedup keys, 3 webhook events"
+                   f" to {export}\n")
     assert stat.S_IMODE(export.stat().st_mode) == 0o600
     code, out, err = await asyncio.to_thread(_relay, capsys, "queue", "import", str(export),
                                              "-c", str(dst))
     assert (code, err) == (0, ""), err
-    assert out == f"imported 8 messages, {sends} send times, 1 paused accounts from {export}\n"
+    assert out == (f"imported 8 messages, {sends} send times, 1 paused accounts, 2 dedup keys,"
+                   f" 3 webhook events from {export}\n")
     after = _dump(tmp_path / "dst.sqlite3")
-    assert after == _released(before)
+    assert _due_now(after, started) == _released(before)
+    assert len(after["dedup"]) == 2 and len(after["events"]) == 3
+    assert any(a.count("\n") for a in (r[5] for r in after["attempts"]))  # transcripts too
     assert before["sends"] == after["sends"] and sends == 2504
     # And back again: a second round trip changes nothing more.
     again = tmp_path / "again.jsonl"
@@ -247,8 +291,10 @@ async def test_import_into_a_queue_with_mail_needs_merge_and_skips_known_ids(
     store = SQLiteStore(tmp_path / "dst.sqlite3", lock=False)
     await store.open()
     try:
-        await store.enqueue(_new("D", NOW))  # the same id as one in the file
-        await store.enqueue(_new("MINE", NOW))
+        await store.enqueue(_new(_id("D"), NOW))  # the same id as one in the file
+        await store.enqueue(_new(_id("MINE"), NOW))
+        await store.execute([("INSERT INTO dedup (key, message_id, expires_at) VALUES"
+                              " ('app:k1', ?, ?)", (_id("MINE"), NOW + 60))])
     finally:
         await store.close()
     code, out, err = await asyncio.to_thread(_relay, capsys, "queue", "import", str(export),
@@ -259,12 +305,14 @@ async def test_import_into_a_queue_with_mail_needs_merge_and_skips_known_ids(
     code, out, err = await asyncio.to_thread(_relay, capsys, "queue", "import", str(export),
                                              "--merge", "-c", str(dst))
     assert out == (f"imported 7 messages (skipped 1 already queued), 2504 send times,"
-                   f" 1 paused accounts from {export}\n")
+                   f" 1 paused accounts, 1 dedup keys, 3 webhook events from {export}\n")
     assert (code, err) == (0, "note: mail waits for accounts this config does not have:"
                               " spare (add them, or `relay queue move` it)\n")
     dump = _dump(tmp_path / "dst.sqlite3")
-    mine = [r for r in dump["messages"] if r[0] == "D"]
+    mine = [r for r in dump["messages"] if r[0] == _id("D")]
     assert mine[0][1] == "queued" and len(dump["messages"]) == 9  # D stayed as it was
+    # The queue's own dedup key stays as it was too.
+    assert (("app:k1", _id("MINE"), NOW + 60) in dump["dedup"]) and len(dump["dedup"]) == 2
 
 
 async def test_the_store_refuses_to_import_into_a_queue_with_mail_unless_merging(
@@ -307,10 +355,10 @@ async def test_a_truncated_or_foreign_file_is_refused(
     assert (code, err) == (1, f"relay: {foreign}: line 1: not a relay queue export (no"
                               ' "format": "relay-queue"); nothing imported\n')
     newer = tmp_path / "newer.jsonl"
-    newer.write_text(lines[0].replace('"version":1', '"version":9') + "".join(lines[1:]))
+    newer.write_text(lines[0].replace('"version":2', '"version":9') + "".join(lines[1:]))
     code, _, err = await asyncio.to_thread(_relay, capsys, "queue", "import", str(newer),
                                            "-c", str(dst))
-    assert code == 1 and "export format 9 is newer than this relay's (1)" in err
+    assert code == 1 and "export format 9 is newer than this relay's (2)" in err
 
 
 def test_a_truncated_stream_says_what_stays(

@@ -51,6 +51,16 @@ def fail(message: str, code: int = EXIT_FAILURE) -> int:
     return code
 
 
+def discard_stdout() -> None:
+    """Point standard output at /dev/null: after a write to it failed (a closed pipe, a
+    full disk), what is still buffered goes nowhere instead of failing again, with a
+    traceback, in the interpreter's own flush at exit."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def process_alive(pid: int) -> bool:
     """Is process ``pid`` running (a report from a server that is gone is from an earlier
     run)?"""
