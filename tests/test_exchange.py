@@ -462,3 +462,105 @@ def test_the_reader_checks_order_types_and_counts() -> None:
         with pytest.raises(ExportFormatError, match=why):
             parse_record(bad, 5)
     assert len(json.loads(sends)["at"]) < SENDS_PER_LINE
+
+
+# -- what an import refuses (a3 #10) ------------------------------------------------------
+_BAD_MESSAGES: list[tuple[dict[str, Any], str]] = [
+    ({"state": "queued", "body": None}, "'body' is null for a queued message"),
+    ({"recipients": []}, "'recipients' is empty"),
+    ({"attempts": -1}, "'attempts' is -1: negative"),
+    ({"id": "../../etc\npasswd"}, "'id' is not a relay queue id"),
+    ({"id": "0000000000000000000A/B"}, "'id' is not a relay queue id"),
+    ({"id": "0000000000000000000a.."}, "'id' is not a relay queue id"),
+    ({"created_at": 1e308}, "'created_at' is 1e+308: not a time between 1970 and 9999"),
+    ({"next_attempt_at": 1e308}, "'next_attempt_at' is 1e+308: not a time"),
+    ({"updated_at": -1.0}, "'updated_at' is -1.0: not a time"),
+    ({"next_attempt_at": float("nan")}, "'next_attempt_at' is nan: not a time"),
+    ({"created_at": 253402300800.0}, "'created_at' is 253402300800.0: not a time"),
+    ({"created_at": NOW + 86400}, "'created_at' is"),
+    ({"sender": "a@b.c>\r\nRCPT TO:<evil@x.com"}, "'sender' holds a CR, LF or NUL"),
+    ({"recipients": [["r@x.com>\r\nDATA", "pending", ""]]}, "'recipients' holds a CR, LF"),
+    ({"mail_options": ["SIZE=1\r\nRCPT TO:<evil@x.com>"]}, "'mail_options' holds a CR, LF"),
+]
+
+
+def _mutated(lines: list[str], index: int, change: dict[str, Any]) -> str:
+    record = json.loads(lines[index])
+    record.update(change)
+    return "".join(lines[:index] + [json.dumps(record) + "\n"] + lines[index + 1:])
+
+
+@pytest.mark.parametrize(("change", "why"), _BAD_MESSAGES,
+                         ids=[why[:30] + str(i) for i, (_, why) in enumerate(_BAD_MESSAGES)])
+def test_a_record_relay_never_writes_refuses_the_whole_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, Any], why: str
+) -> None:
+    """The LAST message of the file is bad: nothing of the file is committed (it is checked
+    whole first), and the error names the line and the field."""
+    src, dst = _config(tmp_path, "src"), _config(tmp_path, "dst")
+    asyncio.run(_seed(tmp_path / "src.sqlite3"))
+    export = tmp_path / "queue.jsonl"
+    assert main(["queue", "export", str(export), "-c", str(src)]) == 0
+    lines = export.read_text().splitlines(keepends=True)
+    last = max(i for i, line in enumerate(lines) if '"type":"message"' in line)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_mutated(lines, last, change))
+    code, out, err = _relay(capsys, "queue", "import", str(bad), "-c", str(dst))
+    assert (code, out) == (1, "")
+    assert err.startswith(f"relay: {bad}: line {last + 1}: message ") and why in err, err
+    assert err.endswith("; nothing imported\n")
+    assert not (tmp_path / "dst.sqlite3").exists()
+
+
+@pytest.mark.parametrize(("record", "why"), [
+    ({"type": "sends", "account": "outbox", "at": [NOW + 86400]}, "'at' is"),
+    ({"type": "paused", "account": "outbox", "at": float("inf")}, "'at' is inf"),
+    ({"type": "dedup", "key": "k", "message_id": "x/../y", "expires_at": NOW},
+     "dedup: 'message_id' is not a relay queue id"),
+    ({"type": "event", "id": "e", "webhook": "h", "event": "failed", "body": "{}",
+      "created_at": NOW, "next_attempt_at": 1e308, "attempts": 0, "last_error": ""},
+     "event 'e': 'next_attempt_at' is 1e+308"),
+    ({"type": "end", "messages": 8, "sends": 0, "paused": 0, "dedup": 0, "events": 0},
+     "the end line counts 8 messages, 0 sends"),
+])
+def test_a_bad_line_after_the_messages_leaves_the_queue_as_it_was(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], record: dict[str, Any], why: str
+) -> None:
+    """Before, the messages were committed by the time a later line was found bad."""
+    src, dst = _config(tmp_path, "src"), _config(tmp_path, "dst")
+    asyncio.run(_seed(tmp_path / "src.sqlite3"))
+    export = tmp_path / "queue.jsonl"
+    assert main(["queue", "export", str(export), "-c", str(src)]) == 0
+    lines = export.read_text().splitlines(keepends=True)
+    end = json.loads(lines[-1])
+    kind = record["type"]
+    at = {"sends": 1, "paused": 1}.get(kind, len(lines) - 1)
+    if kind == "end":
+        lines[-1] = json.dumps(record) + "\n"
+    else:
+        lines.insert(at, json.dumps(record) + "\n")
+        key = {"sends": "sends", "paused": "paused", "dedup": "dedup", "event": "events"}[kind]
+        end[key] += len(record["at"]) if kind == "sends" else 1
+        lines[-1] = json.dumps(end) + "\n"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(lines))
+    code, _, err = _relay(capsys, "queue", "import", str(bad), "-c", str(dst))
+    assert code == 1 and why in err and err.endswith("; nothing imported\n"), err
+    assert not (tmp_path / "dst.sqlite3").exists()
+
+
+def test_a_version_1_file_still_imports(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = _config(tmp_path, "src"), _config(tmp_path, "dst")
+    asyncio.run(_seed(tmp_path / "src.sqlite3"))
+    export = tmp_path / "queue.jsonl"
+    assert main(["queue", "export", str(export), "-c", str(src)]) == 0
+    lines = [json.loads(line) for line in export.read_text().splitlines()]
+    head, end = {**lines[0], "version": 1}, lines[-1]
+    body = [r for r in lines[1:-1] if r.get("type") not in ("dedup", "event")]
+    old = tmp_path / "v1.jsonl"
+    old.write_text("".join(json.dumps(r) + "\n" for r in [
+        head, *body, {k: end[k] for k in ("type", "messages", "sends", "paused")}]))
+    code, out, err = _relay(capsys, "queue", "import", str(old), "-c", str(dst))
+    assert (code, err) == (0, "")
+    assert out.startswith("imported 8 messages") and "0 dedup keys, 0 webhook events" in out
