@@ -487,7 +487,7 @@ _BAD_MESSAGES: list[tuple[dict[str, Any], str]] = [
 def _mutated(lines: list[str], index: int, change: dict[str, Any]) -> str:
     record = json.loads(lines[index])
     record.update(change)
-    return "".join(lines[:index] + [json.dumps(record) + "\n"] + lines[index + 1:])
+    return "".join([*lines[:index], json.dumps(record) + "\n", *lines[index + 1:]])
 
 
 @pytest.mark.parametrize(("change", "why"), _BAD_MESSAGES,

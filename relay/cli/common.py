@@ -138,6 +138,8 @@ async def migrate_queue(config: Config, *, backup: bool, dest: Path | None = Non
     StoreLockedError while a relay runs on it (a relay of the older version would go on
     writing the old schema)."""
     store = new_store(config, lock=True)
+    if config.queue.url is None:  # refused as `relay serve` refuses it, not "no queue yet"
+        await asyncio.to_thread(maintenance.refuse_foreign, config.queue.path)
     found = plan(await store.schema_version(), store.SCHEMA_VERSION)
     if found.newer:
         raise found.refusal()
@@ -152,9 +154,11 @@ async def migrate_queue(config: Config, *, backup: bool, dest: Path | None = Non
     if backup:
         copy = dest or default_backup(queue, found.found, time.time())
         checked = await asyncio.to_thread(backup_queue, queue, copy)
-        if not checked.ok:
-            raise StoreError(f"the backup {copy} does not check clean ({checked.problems[0]});"
-                             " nothing migrated")
+        if not checked.ok:  # a copy of a damaged queue is no backup: do not leave it
+            with contextlib.suppress(FileNotFoundError):  # to be mistaken for one
+                copy.unlink()
+            raise StoreError(f"the backup {copy} does not check clean ({checked.problems[0]}):"
+                             " removed it; nothing migrated (`relay queue check` the queue)")
     return Migrated(found, await store.migrate(), copy)
 
 
