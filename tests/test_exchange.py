@@ -564,3 +564,42 @@ def test_a_version_1_file_still_imports(
     code, out, err = _relay(capsys, "queue", "import", str(old), "-c", str(dst))
     assert (code, err) == (0, "")
     assert out.startswith("imported 8 messages") and "0 dedup keys, 0 webhook events" in out
+
+
+# -- one line, not a traceback (a3 #9) -----------------------------------------------------
+def test_export_to_a_full_disk_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = _config(tmp_path, "src")
+    asyncio.run(_seed(tmp_path / "src.sqlite3"))
+    with open("/dev/full", "w", encoding="ascii") as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        code = main(["queue", "export", "-", "-c", str(src)])
+        monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert (code, err) == (1, "relay: cannot write standard output: No space left on device;"
+                              " the export is incomplete\n")
+
+
+def test_a_time_no_date_can_show_is_shown_as_such(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A queue an older relay's import left with next_attempt_at 1e308."""
+    config = _config(tmp_path, "q")
+
+    async def seed() -> None:
+        store = SQLiteStore(tmp_path / "q.sqlite3", lock=False)
+        await store.open()
+        try:
+            await store.enqueue(_new(_id("FAR"), NOW))
+            await store.execute([("UPDATE messages SET next_attempt_at=1e308, state='deferred',"
+                                  " attempts=1", ())])
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+    code, out, err = _relay(capsys, "queue", "list", "--jsonl", "-c", str(config))
+    assert (code, err) == (0, "") and json.loads(out)["next_attempt_at"] == "out of range (1e+308)"
+    code, out, err = _relay(capsys, "queue", "show", _id("FAR"), "-c", str(config))
+    assert (code, err) == (0, "") and "out of range (1e+308)" in out
+    code, out, err = _relay(capsys, "queue", "show", "--json", _id("FAR"), "-c", str(config))
+    assert (code, err) == (0, "") and "out of range (1e+308)" in out
