@@ -324,7 +324,8 @@ def problem(record: Record, now: float) -> str | None:
             return "dedup: 'message_id' is not a relay queue id (22 hex digits)"
         return None if record.key else "dedup: 'key' is empty"
     if isinstance(record, ExportedEvent):
-        checks = [None if record.webhook else "'webhook' is empty",
+        checks = [None if record.id else "'id' is empty", _broken("id", record.id),
+                  None if record.webhook else "'webhook' is empty",
                   None if record.attempts >= 0 else f"'attempts' is {record.attempts}",
                   _bad_time("created_at", record.created_at, now),
                   _bad_time("next_attempt_at", record.next_attempt_at)]
