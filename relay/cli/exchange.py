@@ -56,7 +56,7 @@ from relay.queue.exchange import (
     sends_line,
 )
 from relay.queue.store import QueueExchange, QueueStore
-from relay.queue.types import MessageState
+from relay.queue.types import ExportedEvent, MessageState
 
 T = TypeVar("T")
 LEFT_OUT = "dedup keys and webhook events (PostgreSQL)"
@@ -186,11 +186,12 @@ def _complete(path: Path) -> None:
                                    " incomplete (nothing imported)")
 
 
-async def _read_into(store: QueueStore, reader: ExportReader, merge: bool
-                     ) -> tuple[int, int, int, int, int, int]:
+async def _read_into(store: QueueStore, reader: ExportReader, merge: bool,
+                     hooks: set[str]) -> tuple[int, int, int, int, int, int]:
     """(imported, skipped, sends, paused, dedup keys, events): paused accounts first, so
     that a live server sends nothing of theirs; then send times, so its rate limits count
-    them; then mail; then the dedup keys and events that name it."""
+    them; then mail; then the dedup keys and events that name it (``hooks``: gets the
+    webhooks those events are for)."""
     paused = 0
     for p in reader.paused():
         await store.set_paused(p.account, True, p.at)
@@ -199,13 +200,19 @@ async def _read_into(store: QueueStore, reader: ExportReader, merge: bool
     imported, skipped = await store.import_messages(_each(reader.messages()), merge=merge)
     if isinstance(store, QueueExchange):
         dedup = await store.import_dedup(_each(reader.dedup()))
-        events = await store.import_events(_each(reader.events()))
+        events = await store.import_events(_each(_noting(reader.events(), hooks)))
     else:
         dedup = events = 0
         if sum(1 for _ in reader.dedup()) + sum(1 for _ in reader.events()):
             out(f"note: {LEFT_OUT} are not imported into this store yet", file=sys.stderr)
     reader.finish()
     return imported, skipped, sends, paused, dedup, events
+
+
+def _noting(events: Iterable[ExportedEvent], hooks: set[str]) -> Iterator[ExportedEvent]:
+    for e in events:
+        hooks.add(e.webhook)
+        yield e
 
 
 def _check_all(path: Path, now: float) -> None:
@@ -233,6 +240,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     name = "standard input" if args.file == "-" else args.file
     now = time.time()
 
+    hooks: set[str] = set()
+
     async def run(lines: Iterable[str]) -> tuple[int, int, int, int, int, int, list[str]]:
         reader = ExportReader(lines, now=now)
         store = new_store(config, create=True)  # a queue that does not exist is created
@@ -242,7 +251,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                 raise StoreError(f"the queue already holds {held} messages: import into an"
                                  " empty queue, or add --merge (ids already queued are"
                                  " skipped)")
-            done = await _read_into(store, reader, args.merge)
+            done = await _read_into(store, reader, args.merge, hooks)
             return (*done, _unrouted(await store.counts(), config))
         finally:
             await store.close()
@@ -275,6 +284,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     if unrouted:
         out(f"note: mail waits for accounts this config does not have: {', '.join(unrouted)}"
             " (add them, or `relay queue move` it)", file=sys.stderr)
+    if gone := sorted(hooks - {h.label for h in config.events.webhooks}):
+        out(f"note: webhook events wait for webhooks this config does not have:"
+            f" {', '.join(gone)} (a relay gives them up unless they are added)",
+            file=sys.stderr)
     return EXIT_OK
 
 
