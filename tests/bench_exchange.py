@@ -37,14 +37,15 @@ async def build(path: Path, n: int, body: int) -> None:
             "WITH RECURSIVE i(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM i WHERE k < ?)"
             " INSERT INTO messages (id, state, account, priority, sender, recipients, size,"
             " attempts, created_at, next_attempt_at, last_error, updated_at)"
-            " SELECT printf('G%019d', k), iif(k % 3 = 0, 'deferred', 'queued'), 'outbox', 3,"
+            " SELECT printf('%022X', k), iif(k % 3 = 0, 'deferred', 'queued'), 'outbox', 3,"
             " printf('app%d@example.com', k % 50),"
             " printf('[[\"user%d@example.org\", \"pending\", \"\"]]', k), ?, k % 3,"
             " ? - (? - k) * 0.1, ? + (k % 977), iif(k % 3 = 0, '421 4.7.0 later', ''),"
             " ? FROM i", (n, body, now, n, now, now)),
             ("INSERT INTO bodies (id, data) SELECT id, randomblob(?) FROM messages", (body,)),
-            ("INSERT INTO attempts SELECT id, account, updated_at, 'deferred', last_error"
-             " FROM messages WHERE state = 'deferred'", ()),
+            ("INSERT INTO attempts (message_id, account, at, outcome, reply) SELECT id,"
+             " account, updated_at, 'deferred', last_error FROM messages"
+             " WHERE state = 'deferred'", ()),
         ])
     finally:
         await store.close()

@@ -329,3 +329,50 @@ async def test_serve_refuses_an_older_queue_and_starts_with_migrate(
     assert _version(queue) == SCHEMA_VERSION
     (backup,) = _backups(tmp_path)
     assert _version(backup) == 2
+
+
+def test_queue_migrate_refuses_a_foreign_file_as_serve_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "no queue yet: nothing to migrate", exit 0, for a file of other data."""
+    config = _config(tmp_path)
+    queue = tmp_path / "queue.sqlite3"
+    with sqlite3.connect(queue) as db:
+        db.execute("CREATE TABLE mine (x)")
+    db.close()
+    before = queue.read_bytes()
+    refusal = f"relay: {queue} is not a relay queue file (it holds other data)\n"
+    assert _relay(capsys, "queue", "migrate", "-c", str(config)) == (1, "", refusal)
+    assert queue.read_bytes() == before and list(tmp_path.glob("*.bak")) == []
+    assert _relay(capsys, "queue", "list", "-c", str(config)) == (1, "", refusal)  # the same
+
+
+def test_queue_migrate_removes_a_backup_that_does_not_check_clean(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path)
+    queue = tmp_path / "queue.sqlite3"
+    _schema_2_file(queue, [_row(i, "queued", time.time()) for i in range(400)])
+    data = bytearray(queue.read_bytes())
+    page = 4096
+    assert len(data) > 6 * page
+    data[3 * page + 8: 3 * page + 400] = b"\xff" * 392  # a damaged page, header intact
+    queue.write_bytes(bytes(data))
+    code, out, err = _relay(capsys, "queue", "migrate", "-c", str(config))
+    assert (code, out) == (1, "")
+    assert err.startswith("relay: the backup ") and "does not check clean" in err
+    assert "removed it; nothing migrated" in err
+    assert _backups(tmp_path) == [] and _version(queue) == 2
+
+
+@pytest.mark.parametrize("argv", [["queue", "backup", "{missing}/x.bak"],
+                                  ["queue", "migrate", "--backup", "{missing}/x.bak"]])
+def test_a_backup_into_a_missing_folder_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    config = _config(tmp_path)
+    queue = tmp_path / "queue.sqlite3"
+    _schema_2_file(queue, [_row(1, "queued", time.time())])
+    missing = tmp_path / "nonexistent" / "dir"
+    argv = [a.format(missing=missing) for a in argv]
+    code, out, err = _relay(capsys, *argv, "-c", str(config))
+    assert (code, out, err) == (1, "", f"relay: cannot write the backup {missing}/x.bak: No such"
+                                       " file or directory\n")
+    assert _version(queue) == 2

@@ -51,6 +51,16 @@ def fail(message: str, code: int = EXIT_FAILURE) -> int:
     return code
 
 
+def discard_stdout() -> None:
+    """Point standard output at /dev/null: after a write to it failed (a closed pipe, a
+    full disk), what is still buffered goes nowhere instead of failing again, with a
+    traceback, in the interpreter's own flush at exit."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def process_alive(pid: int) -> bool:
     """Is process ``pid`` running (a report from a server that is gone is from an earlier
     run)?"""
@@ -128,6 +138,8 @@ async def migrate_queue(config: Config, *, backup: bool, dest: Path | None = Non
     StoreLockedError while a relay runs on it (a relay of the older version would go on
     writing the old schema)."""
     store = new_store(config, lock=True)
+    if config.queue.url is None:  # refused as `relay serve` refuses it, not "no queue yet"
+        await asyncio.to_thread(maintenance.refuse_foreign, config.queue.path)
     found = plan(await store.schema_version(), store.SCHEMA_VERSION)
     if found.newer:
         raise found.refusal()
@@ -142,9 +154,11 @@ async def migrate_queue(config: Config, *, backup: bool, dest: Path | None = Non
     if backup:
         copy = dest or default_backup(queue, found.found, time.time())
         checked = await asyncio.to_thread(backup_queue, queue, copy)
-        if not checked.ok:
-            raise StoreError(f"the backup {copy} does not check clean ({checked.problems[0]});"
-                             " nothing migrated")
+        if not checked.ok:  # a copy of a damaged queue is no backup: do not leave it
+            with contextlib.suppress(FileNotFoundError):  # to be mistaken for one
+                copy.unlink()
+            raise StoreError(f"the backup {copy} does not check clean ({checked.problems[0]}):"
+                             " removed it; nothing migrated (`relay queue check` the queue)")
     return Migrated(found, await store.migrate(), copy)
 
 

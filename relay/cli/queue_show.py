@@ -34,7 +34,12 @@ AGE_LABELS = ("0-5m", "5-10m", "10-20m", "20-40m", "40-80m", "80m+")
 
 
 def iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    """``ts`` as an ISO date; one no date can show (a queue written by an older relay's
+    import may hold 1e308) says so, rather than ending the command with a traceback."""
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return f"out of range ({ts!r})"
 
 
 def as_dict(m: QueuedMessage) -> dict[str, Any]:

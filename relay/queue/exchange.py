@@ -6,11 +6,16 @@ Pure: lines in, records out, and back. One JSON object per line, in this order:
     {"type": "paused", "account": A, "at": T}                  each paused account
     {"type": "sends", "account": A, "at": [T, ...]}            send times, up to 1000 a line
     {"type": "message", "id": ..., "body": BASE64 | null, ...} each message, arrival order
-    {"type": "end", "messages": N, "sends": N, "paused": N}    the last line: complete
+    {"type": "dedup", "key": K, "message_id": ID, "expires_at": T}  each dedup key (v2)
+    {"type": "event", "id": ..., "webhook": W, "event": ..., ...}   each pending event (v2)
+    {"type": "end", "messages": N, "sends": N, "paused": N, "dedup": N, "events": N}
 
-A file without its end line (or whose counts differ) is incomplete: an interrupted
-export or a truncated copy. Times are Unix seconds as JSON numbers (Python writes a float
-so that it reads back the same), bodies base64. docs/queue.md describes every field.
+The end line is the last: a file without it (or whose counts differ) is incomplete.
+Version 1 files (no dedup or event lines, no such counts) still import.
+
+An interrupted export or a truncated copy lacks the end line. Times are Unix seconds as
+JSON numbers (Python writes a float so that it reads back the same), bodies base64.
+docs/queue.md describes every field.
 """
 
 from __future__ import annotations
@@ -18,21 +23,26 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from relay.queue.types import (
     ExportedAttempt,
+    ExportedDedup,
+    ExportedEvent,
     ExportedMessage,
     MessageState,
     Priority,
     Recipient,
     RecipientState,
+    is_queue_id,
 )
 
 FORMAT = "relay-queue"
-FORMAT_VERSION = 1  # raised when a field changes meaning or a required one is added
+FORMAT_VERSION = 2  # raised when a field changes meaning or a required one is added
 SENDS_PER_LINE = 1000
 
 
@@ -71,9 +81,11 @@ class End:
     messages: int
     sends: int
     paused: int
+    dedup: int = 0  # version 2
+    events: int = 0  # version 2
 
 
-Record = Header | Paused | Sends | ExportedMessage | End
+Record = Header | Paused | Sends | ExportedMessage | ExportedDedup | ExportedEvent | End
 
 
 # -- writing -----------------------------------------------------------------------------
@@ -97,7 +109,19 @@ def sends_line(sends: Sends) -> str:
 
 def end_line(end: End) -> str:
     return _line({"type": "end", "messages": end.messages, "sends": end.sends,
-                  "paused": end.paused})
+                  "paused": end.paused, "dedup": end.dedup, "events": end.events})
+
+
+def dedup_line(d: ExportedDedup) -> str:
+    return _line({"type": "dedup", "key": d.key, "message_id": d.message_id,
+                  "expires_at": d.expires_at})
+
+
+def event_line(e: ExportedEvent) -> str:
+    return _line({"type": "event", "id": e.id, "webhook": e.webhook, "event": e.type,
+                  "body": e.body, "created_at": e.created_at,
+                  "next_attempt_at": e.next_attempt_at, "attempts": e.attempts,
+                  "last_error": e.last_error})
 
 
 def message_line(m: ExportedMessage) -> str:
@@ -225,21 +249,102 @@ def parse_record(text: str, line: int) -> Record:
     if kind == "paused":
         return Paused(_field(obj, "account", str, line),
                       float(_field(obj, "at", _NUMBER, line)))
+    if kind == "dedup":
+        return ExportedDedup(_field(obj, "key", str, line), _field(obj, "message_id", str, line),
+                             float(_field(obj, "expires_at", _NUMBER, line)))
+    if kind == "event":
+        return ExportedEvent(
+            _field(obj, "id", str, line), _field(obj, "webhook", str, line),
+            _field(obj, "event", str, line), _field(obj, "body", str, line),
+            float(_field(obj, "created_at", _NUMBER, line)),
+            float(_field(obj, "next_attempt_at", _NUMBER, line)),
+            _field(obj, "attempts", int, line), _field(obj, "last_error", str, line))
     if kind == "end":
+        v2 = "dedup" in obj or "events" in obj  # a version 1 end line has neither
         return End(_field(obj, "messages", int, line), _field(obj, "sends", int, line),
-                   _field(obj, "paused", int, line))
+                   _field(obj, "paused", int, line),
+                   _field(obj, "dedup", int, line) if v2 else 0,
+                   _field(obj, "events", int, line) if v2 else 0)
     raise ExportFormatError(line, f"unknown record type {kind!r}")
 
 
-_ORDER = {Paused: 0, Sends: 1, ExportedMessage: 2, End: 3}
+# -- what an import refuses, though well formed ------------------------------------------
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: the last second a date prints as
+FUTURE_SKEW_S = 300.0  # a send or arrival time this far ahead of our clock is not a record
+_BREAKS = ("\r", "\n", "\0")
+
+
+def _bad_time(name: str, at: float, now: float | None = None) -> str | None:
+    if not math.isfinite(at) or not 0 <= at <= MAX_TIME:
+        return f"{name!r} is {at!r}: not a time between 1970 and 9999"
+    if now is not None and at > now + FUTURE_SKEW_S:
+        return f"{name!r} is {at!r}: in the future"
+    return None
+
+
+def _broken(name: str, text: str) -> str | None:
+    if any(c in text for c in _BREAKS):
+        return f"{name!r} holds a CR, LF or NUL"
+    return None
+
+
+def _message_problem(m: ExportedMessage, now: float) -> str | None:
+    if not is_queue_id(m.id):
+        return "'id' is not a relay queue id (22 hex digits)"
+    checks = [
+        None if m.recipients else "'recipients' is empty",
+        None if m.attempts >= 0 else f"'attempts' is {m.attempts}: negative",
+        None if m.size >= 0 else f"'size' is {m.size}: negative",
+        None if m.body is not None or m.state.final else
+        f"'body' is null for a {m.state} message: it could never be sent",
+        _bad_time("created_at", m.created_at, now), _bad_time("updated_at", m.updated_at),
+        _bad_time("next_attempt_at", m.next_attempt_at),
+        _broken("sender", m.sender), _broken("account", m.account),
+        *(_broken("recipients", r.address) for r in m.recipients),
+        *(_broken("mail_options", o) for o in m.mail_options),
+        *(_bad_time("attempts_log", a.at) for a in m.attempts_log),
+    ]
+    return next((c for c in checks if c), None)
+
+
+def problem(record: Record, now: float) -> str | None:
+    """Why an import refuses ``record`` (well formed, but a value relay never writes and
+    could not act on safely: an id that is not relay's, a time out of range, a line break
+    that would end an SMTP command early), or None."""
+    if isinstance(record, ExportedMessage):
+        found = _message_problem(record, now)
+        return None if found is None else f"message {record.id!r}: {found}"
+    if isinstance(record, Sends):
+        return next((f"sends of {record.account!r}: {p}" for t in record.times
+                     if (p := _bad_time("at", t, now))), None)
+    if isinstance(record, Paused):
+        return _bad_time("at", record.at)
+    if isinstance(record, ExportedDedup):
+        if not is_queue_id(record.message_id):
+            return "dedup: 'message_id' is not a relay queue id (22 hex digits)"
+        return None if record.key else "dedup: 'key' is empty"
+    if isinstance(record, ExportedEvent):
+        checks = [None if record.id else "'id' is empty", _broken("id", record.id),
+                  None if record.webhook else "'webhook' is empty",
+                  None if record.attempts >= 0 else f"'attempts' is {record.attempts}",
+                  _bad_time("created_at", record.created_at, now),
+                  _bad_time("next_attempt_at", record.next_attempt_at)]
+        found = next((c for c in checks if c), None)
+        return None if found is None else f"event {record.id!r}: {found}"
+    return None
+
+
+_ORDER = {Paused: 0, Sends: 1, ExportedMessage: 2, ExportedDedup: 3, ExportedEvent: 4,
+          End: 5}
 
 
 class ExportReader:
     """The records of an export, read as consumed and checked in order: the header, then
     paused accounts, send times, messages, and the end line with matching counts."""
 
-    def __init__(self, lines: Iterable[str]) -> None:
+    def __init__(self, lines: Iterable[str], *, now: float | None = None) -> None:
         self._lines = iter(lines)
+        self._now = time.time() if now is None else now  # for "in the future"
         self._number = 1
         first = next(self._lines, "")
         if not first.strip():
@@ -247,7 +352,7 @@ class ExportReader:
         self.header = parse_header(first)
         self._next: Record | None = None
         self._stage = 0
-        self.counts = {"messages": 0, "sends": 0, "paused": 0}
+        self.counts = {"messages": 0, "sends": 0, "paused": 0, "dedup": 0, "events": 0}
         self.end: End | None = None
 
     def _peek(self) -> Record | None:
@@ -256,6 +361,8 @@ class ExportReader:
                 self._number += 1
                 if text.strip():
                     self._next = parse_record(text, self._number)
+                    if (why := problem(self._next, self._now)) is not None:
+                        raise ExportFormatError(self._number, why)
                     break
             if self._next is not None:
                 stage = _ORDER[type(self._next)]
@@ -288,6 +395,16 @@ class ExportReader:
             self.counts["messages"] += 1
             yield record
 
+    def dedup(self) -> Iterator[ExportedDedup]:
+        while (record := self._take(ExportedDedup)) is not None:
+            self.counts["dedup"] += 1
+            yield record
+
+    def events(self) -> Iterator[ExportedEvent]:
+        while (record := self._take(ExportedEvent)) is not None:
+            self.counts["events"] += 1
+            yield record
+
     def finish(self) -> End:
         """The end line, checked against what was read; ExportFormatError when the file
         is incomplete or has more after it."""
@@ -299,11 +416,13 @@ class ExportReader:
                                         " the export is incomplete")
             raise ExportFormatError(self._number, "unexpected record before the end line")
         self.end = end
-        found = (self.counts["messages"], self.counts["sends"], self.counts["paused"])
-        if found != (end.messages, end.sends, end.paused):
+        c = self.counts
+        found = (c["messages"], c["sends"], c["paused"], c["dedup"], c["events"])
+        if found != (end.messages, end.sends, end.paused, end.dedup, end.events):
             raise ExportFormatError(self._number, f"the end line counts {end.messages}"
-                                    f" messages, {end.sends} sends, {end.paused} paused;"
-                                    f" the file holds {found[0]}, {found[1]}, {found[2]}")
+                                    f" messages, {end.sends} sends, {end.paused} paused,"
+                                    f" {end.dedup} dedup keys, {end.events} events; the file"
+                                    f" holds {', '.join(map(str, found))}")
         for text in self._lines:
             self._number += 1
             if text.strip():

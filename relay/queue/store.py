@@ -16,6 +16,8 @@ from typing import ClassVar, Protocol
 from relay.queue.filters import MessageFilter, SortKey
 from relay.queue.types import (
     AttemptResult,
+    ExportedDedup,
+    ExportedEvent,
     ExportedMessage,
     MessageState,
     NewEvent,
@@ -258,3 +260,16 @@ class QueueStore(Protocol):
     async def import_sends(self, sends: AsyncIterable[tuple[str, float]]) -> int:
         """Record these send times for rate limits, each as it is (into a queue that has
         its own, they add up: limits stricter, never looser); how many were added."""
+    # The rest of a whole queue for export/import (format 2).
+    def export_dedup(self) -> AsyncGenerator[ExportedDedup, None]:
+        """Every dedup key still in its window (expires_at after now), by key."""
+    async def import_dedup(self, keys: AsyncIterable[ExportedDedup]) -> int:
+        """Record these dedup keys as they are, committed in windows; a key the queue
+        already holds keeps its own message and expiry. How many were added."""
+    def export_events(self) -> AsyncGenerator[ExportedEvent, None]:
+        """Every webhook event still in the outbox (not yet sent or given up), oldest
+        first; a claimed one comes out due now (min(next_attempt_at, now)), unowned."""
+    async def import_events(self, events: AsyncIterable[ExportedEvent]) -> int:
+        """Add these events to the outbox unclaimed, as they are (attempts, due time,
+        last error), committed in windows; an (id, webhook) already there is skipped.
+        How many were added."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,15 @@ def queue_id(millis: int, pid: int, count: int) -> str:
     workers on one queue differ; the counter separates those of one process.
     """
     return f"{millis & 0xFFFFFFFFFFF:011X}{pid & 0xFFFFFF:06X}{count & 0xFFFFF:05X}"
+
+
+QUEUE_ID = re.compile(r"[0-9A-F]{22}")  # what queue_id makes, and nothing else
+
+
+def is_queue_id(text: str) -> bool:
+    """Is ``text`` an id this relay makes (an import refuses any other: ids name files
+    and log lines, so no '/', '..' or line break may come in through one)?"""
+    return QUEUE_ID.fullmatch(text) is not None
 
 
 # Drawn once per process start: relays on several hosts share one PostgreSQL queue, and in
@@ -210,6 +220,31 @@ def unclaimed(message: ExportedMessage, now: float) -> ExportedMessage:
         return message
     state = MessageState.DEFERRED if message.attempts else MessageState.QUEUED
     return replace(message, state=state, next_attempt_at=min(message.next_attempt_at, now))
+
+
+@dataclass(frozen=True)
+class ExportedDedup:
+    """A deduplication key as stored: a resubmission with ``key`` before ``expires_at``
+    is answered with ``message_id`` instead of being queued again."""
+
+    key: str
+    message_id: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class ExportedEvent:
+    """A webhook event still in the outbox, as `relay queue export` writes it (a claim
+    comes out as due now: the importing relay has no such owner)."""
+
+    id: str
+    webhook: str
+    type: str
+    body: str
+    created_at: float
+    next_attempt_at: float
+    attempts: int
+    last_error: str
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """A whole PostgreSQL queue out and in (`relay queue export` / `import`): every message
-with its attempts and body, and the send times kept for rate limits. The same semantics
+with its attempts and body, the send times kept for rate limits, the dedup keys still in
+their window and the webhook events not yet sent. The same semantics
 as the SQLite store's (the migrate branch's relay/queue/sqlite/exchange.py).
 
 A mixin of PostgresStore. An export reads through a server-side cursor in one REPEATABLE
@@ -16,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from relay.errors import StoreError
 from relay.queue.postgres.schema import COLUMNS, recipients_json, row_to_message
-from relay.queue.types import ExportedAttempt, ExportedMessage, unclaimed
+from relay.queue.types import (
+    ExportedAttempt,
+    ExportedDedup,
+    ExportedEvent,
+    ExportedMessage,
+    unclaimed,
+)
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -36,6 +43,7 @@ class Exchange:
         def _conn(self, *, bounded: bool = True
                   ) -> contextlib.AbstractAsyncContextManager[AsyncConnection[Any]]: ...
         def _wake(self, account: str) -> None: ...
+        async def execute(self, statements: list[tuple[str, Sequence[Any]]]) -> list[int]: ...
 
     async def export_messages(self, *, page: int = EXPORT_PAGE
                               ) -> AsyncGenerator[ExportedMessage, None]:
@@ -148,6 +156,57 @@ class Exchange:
             window.append((account, at))
         if window:
             added += await commit()
+        return added
+
+    async def export_dedup(self) -> AsyncGenerator[ExportedDedup, None]:
+        async with self._conn(bounded=False) as conn, conn.transaction(), conn.cursor(
+                name="relay_export_dedup") as rows:
+            await rows.execute("SELECT key, message_id, expires_at FROM dedup"
+                               " WHERE expires_at > %s ORDER BY key", (time.time(),))
+            while batch := await rows.fetchmany(SENDS_WINDOW):
+                for key, message_id, expires_at in batch:
+                    yield ExportedDedup(str(key), str(message_id), float(expires_at))
+
+    async def import_dedup(self, keys: AsyncIterable[ExportedDedup]) -> int:
+        sql = ("INSERT INTO dedup (key, message_id, expires_at) VALUES (%s, %s, %s)"
+               " ON CONFLICT (key) DO NOTHING")  # the queue's own key stays
+        return await self._windows((sql, (d.key, d.message_id, d.expires_at))
+                                   async for d in keys)
+
+    async def export_events(self) -> AsyncGenerator[ExportedEvent, None]:
+        now = time.time()
+        async with self._conn(bounded=False) as conn, conn.transaction(), conn.cursor(
+                name="relay_export_events") as rows:
+            await rows.execute(
+                "SELECT id, webhook, type, body, created_at, next_attempt_at, attempts,"
+                " last_error, owner FROM events ORDER BY created_at, id, webhook")
+            while batch := await rows.fetchmany(EXPORT_PAGE):
+                for (eid, webhook, kind, body, created, due, attempts, error, owner
+                     ) in batch:  # a claim comes out due now: its owner is not imported
+                    yield ExportedEvent(str(eid), str(webhook), str(kind), str(body),
+                                        float(created), float(due if owner is None
+                                                              else min(due, now)),
+                                        int(attempts), str(error))
+
+    async def import_events(self, events: AsyncIterable[ExportedEvent]) -> int:
+        sql = ("INSERT INTO events (id, webhook, type, body, created_at, next_attempt_at,"
+               " attempts, last_error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+               " ON CONFLICT (id, webhook) DO NOTHING")
+        return await self._windows((sql, (e.id, e.webhook, e.type, e.body, e.created_at,
+                                          e.next_attempt_at, e.attempts, e.last_error))
+                                   async for e in events)
+
+    async def _windows(self, statements: AsyncIterable[tuple[str, tuple[Any, ...]]]) -> int:
+        """Run ``statements`` a window at a time, one transaction each; rows changed."""
+        added = 0
+        window: list[tuple[str, Sequence[Any]]] = []
+        async for statement in statements:
+            window.append(statement)
+            if len(window) >= SENDS_WINDOW:
+                added += sum(await self.execute(window))
+                window = []
+        if window:
+            added += sum(await self.execute(window))
         return added
 
 

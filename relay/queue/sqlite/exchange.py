@@ -1,5 +1,6 @@
 """A whole SQLite queue out and in (`relay queue export` / `import`): every message with
-its attempts and body, and the send times kept for rate limits.
+its attempts and body, the send times kept for rate limits, the dedup keys still in
+their window and the webhook events not yet sent.
 
 A mixin of SQLiteStore. An export reads on a connection of its own inside one read
 transaction, so it is one snapshot of a queue a server keeps changing (WAL lets the
@@ -18,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 from relay.errors import StoreError
 from relay.queue.sqlite.schema import COLUMNS, map_sqlite_error, row_to_message
 from relay.queue.sqlite.writer import Import
-from relay.queue.types import ExportedAttempt, ExportedMessage, unclaimed
+from relay.queue.types import (
+    ExportedAttempt,
+    ExportedDedup,
+    ExportedEvent,
+    ExportedMessage,
+    unclaimed,
+)
 
 if TYPE_CHECKING:
     import aiosqlite
@@ -106,6 +113,54 @@ class Exchange:
         window: list[tuple[str, tuple[Any, ...]]] = []
         async for account, at in sends:
             window.append(("INSERT INTO sends (account, at) VALUES (?, ?)", (account, at)))
+            if len(window) >= SENDS_WINDOW:
+                added += sum(await self.execute(window))
+                window = []
+        if window:
+            added += sum(await self.execute(window))
+        return added
+
+    async def export_dedup(self) -> AsyncGenerator[ExportedDedup, None]:
+        async with self._cursor("SELECT key, message_id, expires_at FROM dedup"
+                                " WHERE expires_at > ? ORDER BY key", (time.time(),)) as rows:
+            while batch := await rows.fetchmany(SENDS_WINDOW):
+                for key, message_id, expires_at in batch:
+                    yield ExportedDedup(str(key), str(message_id), float(expires_at))
+
+    async def import_dedup(self, keys: AsyncIterable[ExportedDedup]) -> int:
+        sql = ("INSERT INTO dedup (key, message_id, expires_at) VALUES (?, ?, ?)"
+               " ON CONFLICT(key) DO NOTHING")  # the queue's own key stays
+        return await self._windows((sql, (d.key, d.message_id, d.expires_at))
+                                   async for d in keys)
+
+    async def export_events(self) -> AsyncGenerator[ExportedEvent, None]:
+        now = time.time()
+        async with self._cursor(
+            "SELECT id, webhook, type, body, created_at, next_attempt_at, attempts,"
+            " last_error, owner FROM events ORDER BY created_at, id, webhook", (),
+        ) as rows:
+            while batch := await rows.fetchmany(EXPORT_PAGE):
+                for (eid, webhook, kind, body, created, due, attempts, error, owner
+                     ) in batch:  # a claim comes out due now: its owner is not imported
+                    yield ExportedEvent(str(eid), str(webhook), str(kind), str(body),
+                                        float(created), float(due if owner is None
+                                                              else min(due, now)),
+                                        int(attempts), str(error))
+
+    async def import_events(self, events: AsyncIterable[ExportedEvent]) -> int:
+        sql = ("INSERT INTO events (id, webhook, type, body, created_at, next_attempt_at,"
+               " attempts, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+               " ON CONFLICT(id, webhook) DO NOTHING")
+        return await self._windows((sql, (e.id, e.webhook, e.type, e.body, e.created_at,
+                                          e.next_attempt_at, e.attempts, e.last_error))
+                                   async for e in events)
+
+    async def _windows(self, statements: AsyncIterable[tuple[str, tuple[Any, ...]]]) -> int:
+        """Run ``statements`` a window at a time, one transaction each; rows changed."""
+        added = 0
+        window: list[tuple[str, tuple[Any, ...]]] = []
+        async for statement in statements:
+            window.append(statement)
             if len(window) >= SENDS_WINDOW:
                 added += sum(await self.execute(window))
                 window = []

@@ -48,7 +48,10 @@ def backup(source: Path, dest: Path) -> QueueCheck:
     if dest.exists():
         raise StoreError(f"{dest} already exists; give a new name (a backup never overwrites)")
     partial = dest.with_name(f".{dest.name}.partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # messages are private
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # mail is private
+    except OSError as exc:  # e.g. no such directory
+        raise StoreError(f"cannot write the backup {dest}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
         src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10)
@@ -77,6 +80,24 @@ def backup(source: Path, dest: Path) -> QueueCheck:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
     return check(dest)
+
+
+def refuse_foreign(path: Path) -> None:
+    """StoreError when ``path`` is an SQLite file of other data (tables, and not relay's
+    application_id), as opening it as a queue would be refused; read-only."""
+    if not path.is_file() or not path.stat().st_size:
+        return
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            app_id = db.execute("PRAGMA application_id").fetchone()[0]
+            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from None
+    if tables and app_id != APPLICATION_ID:
+        raise StoreError(f"{path} is not a relay queue file (it holds other data)")
 
 
 def file_version(path: Path) -> int:
