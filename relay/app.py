@@ -36,7 +36,6 @@ from relay.observe.http import build_app, start_http
 from relay.observe.logs import event, log_file_problem
 from relay.observe.metrics import Metrics, exposition_registry, watch_loop_lag
 from relay.observe.webhooks import WebhookSender
-from relay.queue.postgres.store import PostgresStore
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 from relay.queue.types import NewMessage
@@ -116,6 +115,9 @@ def build_store(config: Config, *, role: str = "", lock: bool = True) -> QueueSt
     """The queue the config names: PostgreSQL (queue.url), else the SQLite file."""
     q = config.queue
     if q.url is not None:
+        # Imported only here: psycopg and libpq cost a relay on SQLite ~15 MB of RSS.
+        from relay.queue.postgres.store import PostgresStore
+
         return PostgresStore(q.url, password=q.secret, role=role,
                              connect_timeout=q.connect_timeout,
                              statement_timeout=q.statement_timeout,

@@ -20,7 +20,6 @@ from relay.config.schema import Config
 from relay.errors import StoreError, StoreLockedError
 from relay.printable import escape
 from relay.queue.migrations import SchemaPlan, plan
-from relay.queue.postgres.store import PostgresStore
 from relay.queue.sqlite import maintenance
 from relay.queue.sqlite.maintenance import QueueCheck as QueueCheck
 from relay.queue.sqlite.owners import lock_held
@@ -73,12 +72,14 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def postgres_store(config: Config, *, create: bool = False) -> PostgresStore:
+def postgres_store(config: Config, *, create: bool = False) -> QueueStore:
     """The config's PostgreSQL queue (queue.url), not opened. ``create``: an empty
     database becomes a new queue (`relay queue import` into it); otherwise it is "no
     queue", as a missing SQLite file is."""
     q = config.queue
     assert q.url is not None
+    from relay.queue.postgres.store import PostgresStore  # (only for a PostgreSQL queue)
+
     return PostgresStore(q.url, password=q.secret, connect_timeout=q.connect_timeout,
                          statement_timeout=q.statement_timeout,
                          allow_unsafe_commit=q.allow_unsafe_commit, create=create)
