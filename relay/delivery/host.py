@@ -186,9 +186,13 @@ class HostAccount:
         try:
             if refused_hold_s is not None:
                 with contextlib.suppress(StoreError):
+                    # The host's failures in a row stay as counted (the worker whose login
+                    # this was adds its step next): a floor, not a reset to the first step.
+                    row = (await self.host.store.backoffs()).get(self.name)
+                    failures = decode_reason(*row).failures if row is not None else 1
                     await self.host.store.set_backoff(
                         self.name, self.host.clock() + refused_hold_s,
-                        encode_reason("auth", 1))
+                        encode_reason("auth", failures))
         finally:
             await self._end_turn()
 

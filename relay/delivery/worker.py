@@ -351,6 +351,22 @@ class AccountWorker:
             return None  # this worker probes: one message
         return PROBE_WAIT_S  # another worker probes: its result decides
 
+    async def _after_failure(self, sent: SendResult | DeliveryError, now: float) -> None:
+        """Another worker may have backed the account off meanwhile (this send was held
+        by it, or failed alike): follow that backoff rather than add a step. Not for our
+        own refused login: the row then is the floor this login's end just wrote
+        (HostAccount.end_login); this worker takes the next step itself, counting from
+        the host's failures in a row."""
+        failure = account_error(sent)
+        if self.host is None or failure is None:
+            return
+        with contextlib.suppress(StoreError):
+            shared = await self.host.backoff(fresh=True)
+            if shared is not None and shared.until > now:
+                self._count(shared)
+                if not _refused_login(failure):
+                    self._adopt(shared, now, self.mono())
+
     def _count(self, shared: SharedBackoff) -> None:
         """Failures in a row as the host counts them: whichever worker probes next and
         fails takes the next step (a longer wait), not its own first one again."""
@@ -574,14 +590,7 @@ class AccountWorker:
             return
         now = self.clock()
         self._note_slow_down(sent)
-        if self.host is not None and account_error(sent) is not None:
-            # Another worker may have backed the account off meanwhile (this send was held
-            # by it, or failed alike): follow that backoff rather than add a step.
-            with contextlib.suppress(StoreError):
-                shared = await self.host.backoff(fresh=True)
-                if shared is not None and shared.until > now:
-                    self._count(shared)
-                    self._adopt(shared, now, self.mono())
+        await self._after_failure(sent, now)
         resume_at = self._account_health(sent, now)
         result = settle(message, sent, now=now, policy=self.policy, rng=self.rng,
                         resume_at=resume_at, age_now=self.age_clock(now))
@@ -755,9 +764,7 @@ class AccountWorker:
             if recovered and self.host is not None:
                 self.host.recovered()  # the other workers send again too
             return None
-        refused_login = isinstance(failure, TokenRefused) or (
-            failure.code is not None and login_refused(failure.code, failure.enhanced))
-        if refused_login:  # every refused login counts, also those already inside a backoff
+        if _refused_login(failure):  # every refused login counts, also inside a backoff
             self.metrics.auth_failures.labels(self.name).inc()
         if mono < self.backoff_until:  # another send already backed it off
             return self._wall_at(self.backoff_until)
@@ -898,3 +905,9 @@ class AccountWorker:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+def _refused_login(failure: DeliveryError) -> bool:
+    """The upstream (or the token endpoint) refused this process's login."""
+    return isinstance(failure, TokenRefused) or (
+        failure.code is not None and login_refused(failure.code, failure.enhanced))
