@@ -103,6 +103,29 @@ async def test_the_database_going_away_answers_451_at_once_and_the_relay_recover
     assert b"Subject: after" in upstream.messages[1].data
 
 
+async def test_a_slot_freed_while_the_database_is_away_is_given_back_when_it_returns(
+    tmp_path: Path, own_cluster: Cluster, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """A connection that closes during an outage cannot give its slot back then; it is
+    given back once the database returns, not held (and renewed) until a restart: with
+    max_connections 1 that held slot stopped delivery on every relay (attack a5 #1)."""
+    url = own_cluster.create_database()
+    app = await start_relay(_pg_config(tmp_path, url, {"up": upstream_account(
+        upstream, tmp_path, pool={"max_connections": 1})}))
+    assert (await send(app.smtp_port, message("before")))[0] == 250
+    await wait_until(lambda: len(upstream.messages) == 1, what="the first delivery")
+    own_cluster.stop()
+    await asyncio.sleep(3)  # the idle connection closes (2 s, shared slots) meanwhile
+    own_cluster.start()
+    for _ in range(100):
+        if await app.ready_problem() is None:
+            break
+        await asyncio.sleep(0.1)
+    assert (await send(app.smtp_port, message("after")))[0] == 250
+    await wait_until(lambda: len(upstream.messages) == 2, timeout=10,
+                     what="delivery after the return (the slot was given back)")
+
+
 async def test_an_outcome_of_an_older_claim_by_the_same_owner_is_refused(
         pg_url: str) -> None:
     store = PostgresStore(pg_url, owner="one-owner")

@@ -71,6 +71,10 @@ class HostAccounts:
         self._reading: asyncio.Task[dict[str, tuple[float, str]]] | None = None
         self.lease_s = 300.0  # slot leases (renewed with the claims': Scheduler)
         self.writes: set[asyncio.Task[None]] = set()  # backoff writes under way
+        # Slots whose connection closed while the queue could not be written (a database
+        # outage): still held in the queue, and renewed with this owner's others, so they
+        # would be lost to every process until a restart. Given back once it answers.
+        self.unreturned: set[tuple[str, int]] = set()
 
     def account(self, name: str, most: int) -> HostAccount:
         return HostAccount(self, name, most)
@@ -92,6 +96,12 @@ class HostAccounts:
         if generation == self._generation:
             self._seen, self._seen_at = seen, started
         return seen
+
+    async def give_back_unreturned(self) -> None:
+        """Give back the slots a failed write left held (Scheduler, every watch)."""
+        for account, slot in sorted(self.unreturned):
+            await self.store.give_slot(account, slot)  # StoreError: tried again later
+            self.unreturned.discard((account, slot))
 
     def write(self, account: str, until: float | None, reason: str = "") -> None:
         """Store (``until``) or clear an account's backoff in the background."""
@@ -154,9 +164,12 @@ class HostAccount:
             await asyncio.sleep(SLOT_POLL_S)
 
     async def give_slot(self, slot: int) -> None:
-        """Never raises: a slot that cannot be given back is free when its lease ends."""
-        with contextlib.suppress(StoreError):
+        """Never raises: a slot that cannot be given back now is given back once the
+        queue answers again (HostAccounts.give_back_unreturned)."""
+        try:
             await asyncio.shield(self.host.store.give_slot(self.name, slot))
+        except StoreError:
+            self.host.unreturned.add((self.name, slot))
 
     async def begin_login(self) -> None:
         """Wait for the host's login turn; TemporaryFailure (without a login) while the
@@ -197,9 +210,11 @@ class HostAccount:
             await self._end_turn()
 
     async def _end_turn(self) -> None:
-        with contextlib.suppress(StoreError):
-            await asyncio.shield(self.host.store.give_slot(
-                LOGIN_TURN.format(account=self.name), 0))
+        turn = LOGIN_TURN.format(account=self.name)
+        try:
+            await asyncio.shield(self.host.store.give_slot(turn, 0))
+        except StoreError:  # or no process could log in again until this one restarts
+            self.host.unreturned.add((turn, 0))
 
     # -- the worker's side: backoff and probe -----------------------------------------
     async def backoff(self, *, fresh: bool = False) -> SharedBackoff | None:

@@ -375,6 +375,8 @@ class Scheduler:
 
     async def _watch_once(self) -> None:
         await self._reconcile_clock()
+        if self.hosts is not None and self.hosts.unreturned:
+            await self.hosts.give_back_unreturned()
         await self._renew_leases()
         await self._sweep_leases()
         if not await self.store.changed_elsewhere():
