@@ -434,3 +434,23 @@ async def test_the_same_outcome_written_twice_is_one_outcome(pg_url: str) -> Non
         assert shown is not None and len(shown.attempts_log) == 1
     finally:
         await store.close()
+
+
+def test_the_cli_reads_the_queues_own_password(tmp_path: Path) -> None:
+    """Operator commands load the config without the service's secrets, but a PostgreSQL
+    queue's password_file is what they need to reach the queue at all (attack a5 #2:
+    `relay status` and `queue list` failed with 'no password supplied')."""
+    from relay.cli.common import postgres_store
+    from relay.config.loading import load_config
+
+    secret = tmp_path / "db-password"
+    secret.write_text("s3cret-db\n")
+    path = tmp_path / "relay.yaml"
+    path.write_text("queue:\n  url: postgresql://relay@db.example/relay\n"
+                    f"  password_file: {secret}\n")
+    config = load_config(path, secrets=False)
+    assert config.queue.secret is None  # as the CLI loads it
+    assert "password=s3cret-db" in postgres_store(config).conninfo()
+    secret.unlink()
+    with pytest.raises(StoreError, match=r"queue\.password_file: cannot read"):
+        postgres_store(load_config(path, secrets=False))

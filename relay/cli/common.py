@@ -80,7 +80,15 @@ def postgres_store(config: Config, *, create: bool = False) -> QueueStore:
     assert q.url is not None
     from relay.queue.postgres.store import PostgresStore  # (only for a PostgreSQL queue)
 
-    return PostgresStore(q.url, password=q.secret, connect_timeout=q.connect_timeout,
+    password = q.secret
+    if password is None and (q.password_env or q.password_file):
+        # The CLI reads no account secrets, but the queue's own: without it there is no
+        # queue to show (the operator needs read access to the file or the variable).
+        try:
+            password = q._read_secret()
+        except ValueError as exc:
+            raise StoreError(f"queue.{exc}") from None
+    return PostgresStore(q.url, password=password, connect_timeout=q.connect_timeout,
                          statement_timeout=q.statement_timeout,
                          allow_unsafe_commit=q.allow_unsafe_commit, create=create)
 
