@@ -454,3 +454,36 @@ def test_the_cli_reads_the_queues_own_password(tmp_path: Path) -> None:
     secret.unlink()
     with pytest.raises(StoreError, match=r"queue\.password_file: cannot read"):
         postgres_store(load_config(path, secrets=False))
+
+
+@pytest.mark.parametrize(("setting", "said"), [
+    ("default_transaction_read_only = on", "is read-only"),
+    ("synchronous_commit = off", "now has synchronous_commit = off"),
+])
+async def test_readiness_fails_when_the_database_turns_read_only_or_unsafe(
+        pg_url: str, setting: str, said: str) -> None:
+    """Settings changed under a running relay (ALTER DATABASE, connections reset): the
+    readiness check sees them, not only the start (attack a5 #3, #4)."""
+    import psycopg
+
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        await store.check_writable()
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            name = db.execute("SELECT current_database()").fetchone()
+            assert name is not None
+            db.execute(f'ALTER DATABASE "{name[0]}" SET {setting}')
+            db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                       " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        for _ in range(50):  # the pool notices its connections are gone and reconnects
+            try:
+                await store.check_writable()
+            except StoreError as exc:
+                assert said in str(exc)
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"check_writable passed with {setting}")
+    finally:
+        await store.close()

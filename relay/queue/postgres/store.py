@@ -164,8 +164,11 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
         if isinstance(exc, PoolTimeout):
             return StoreError(f"queue database unavailable: no connection to {self.display}"
                               f" within {self.connect_timeout:g} s")
-        if isinstance(exc, psycopg.errors.DiskFull | psycopg.errors.ReadOnlySqlTransaction):
+        if isinstance(exc, psycopg.errors.DiskFull):
             return StoreFullError(f"queue not writable: {self._mask(str(exc))}")
+        if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):  # 451, not "storage"
+            return StoreError(f"queue database {self.display} is read-only:"
+                              f" {self._mask(str(exc).strip())}")
         if isinstance(exc, psycopg.errors.QueryCanceled):
             return StoreError(f"queue database too slow: {self._mask(str(exc).strip())}")
         detail = self._mask(str(exc).strip().splitlines()[0] if str(exc).strip() else
@@ -328,10 +331,21 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
         return self._pool is not None and not self._pool.closed
 
     async def check_writable(self) -> None:
-        """A round trip on a pooled connection within connect_timeout, to a primary."""
-        rows = await self._fetch("SELECT pg_is_in_recovery()")
-        if rows and rows[0][0]:
+        """A round trip on a pooled connection within connect_timeout, to a primary that
+        takes writes and still syncs commits (settings may change under a running relay:
+        ALTER DATABASE ... SET, then new connections have them)."""
+        rows = await self._fetch("SELECT pg_is_in_recovery(),"
+                                 " current_setting('transaction_read_only'),"
+                                 " current_setting('synchronous_commit')")
+        standby, read_only, commit = rows[0] if rows else (False, "off", "on")
+        if standby:
             raise StoreError(f"queue database {self.display} is a standby (read-only)")
+        if read_only == "on":
+            raise StoreError(f"queue database {self.display} is read-only"
+                             " (default_transaction_read_only)")
+        if str(commit) in UNSAFE_COMMIT and not self.allow_unsafe_commit:
+            raise StoreError(f"queue database {self.display} now has synchronous_commit ="
+                             f" {commit}: a 250 could be lost in a database crash")
 
     def check_file(self) -> None:
         """Nothing to check: there is no file (the database's identity is its URL)."""
