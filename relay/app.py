@@ -306,10 +306,7 @@ class App:
         else:
             for name, worker in self.scheduler.workers.items():
                 self.metrics.account_backoff.labels(name).set(1 if worker.backed_off else 0)
-        for worker in self.scheduler.workers.values():
-            worker.ease_throttle(worker.mono())
-        for name, transport in self.transports.items():
-            self.metrics.connections_open.labels(name).set(transport.open_connections())
+        self.scheduler.refresh_local_gauges()
         with contextlib.suppress(StoreError):
             await self._refresh_quotas(time.time())
 

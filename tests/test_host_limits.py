@@ -19,6 +19,7 @@ from relay.queue.types import MessageState, NewMessage, Priority, new_queue_id
 from tests.conftest import (
     StartRelay,
     message,
+    metric,
     relay_config,
     send,
     upstream_account,
@@ -203,3 +204,20 @@ async def test_after_a_backoff_one_worker_probes_for_the_host(
     # And the steps grow for the host, whichever worker probed last (each continues the
     # count the other stored), up to retry.max_delay.
     assert all(b >= 0.8 * a for a, b in itertools.pairwise(gaps)), gaps
+
+
+async def test_each_worker_reports_its_own_open_connections(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """relay_upstream_connections_open is summed over the workers (multiprocess mode), so
+    each worker sets its own, not only the one that serves /metrics (attack a4 #2: the
+    gauge said 1 while the upstream had 5 connections open)."""
+    upstream.delay("DATA", 1.0)
+    config = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)})
+    a = await start_relay(config, WorkerRole(shared=True, index=0, count=2))
+    b = await start_relay(config, WorkerRole(shared=True, index=1, count=2))
+    sending = asyncio.ensure_future(send(b.smtp_port, message("held at DATA")))
+    await wait_until(lambda: upstream.connections_open >= 1, 5)
+    # Nobody scrapes either here: whichever worker holds the connection sets its gauge.
+    await wait_until(lambda: sum(metric(w, "relay_upstream_connections_open", account="up")
+                                 for w in (a, b)) >= 1, 5, what="a worker's own gauge")
+    assert (await sending)[0] == 250

@@ -374,6 +374,7 @@ class Scheduler:
                 self.metrics.internal_errors.labels("queue_watcher").inc()
 
     async def _watch_once(self) -> None:
+        self.refresh_local_gauges()
         await self._reconcile_clock()
         if self.hosts is not None and self.hosts.unreturned:
             await self.hosts.give_back_unreturned()
@@ -389,6 +390,15 @@ class Scheduler:
                 worker.resume()
             event(log, logging.INFO, "flush", reason="requested by relay queue flush")
         self.wake_all()
+
+    def refresh_local_gauges(self) -> None:
+        """What only this process knows, in every process (not only the one serving
+        /metrics: with workers, each one's gauges are summed): its open upstream
+        connections, and its throttles easing back while idle."""
+        for worker in self.workers.values():
+            worker.ease_throttle(worker.mono())
+        for name, transport in self.transports.items():
+            self.metrics.connections_open.labels(name).set(transport.open_connections())
 
     async def apply_pauses(self) -> None:
         """Tell each worker whether its account is paused in the queue file (by `relay
