@@ -118,15 +118,17 @@ async def test_a_killed_worker_is_restarted_and_nothing_it_held_is_lost(
 async def test_sighup_reaches_every_worker_and_a_bad_file_reaches_none(
         tmp_path: Path, upstream: FakeUpstream) -> None:
     """An unchanged file reloads quietly in every worker: worker 1, which runs with
-    metrics off, compares like with like (a3 #8: a false "metrics changed" note)."""
+    metrics off, compares like with like (a3 #8: a false "metrics changed" note); and
+    `--workers 3` beside a file without `workers` (auto: 2 here) is no "workers changed"
+    (a4 #3)."""
     config = write_config(tmp_path, upstream)
     data = yaml.safe_load(config.read_text())
     data["metrics"] = {"enabled": True, "host": "127.0.0.1", "port": free_port()}
     config.write_text(yaml.safe_dump(data))
-    relay, _ = await _spawn(tmp_path, config)
+    relay, _ = await _spawn(tmp_path, config, workers=3)
     try:
         relay.proc.send_signal(signal.SIGHUP)
-        await wait_until(lambda: sum("relay: reloaded" in x for x in relay.lines) == 2, 20)
+        await wait_until(lambda: sum("relay: reloaded" in x for x in relay.lines) == 3, 20)
         await asyncio.sleep(0.3)  # a note is logged just after its worker's "reloaded"
         assert not any("reload_note" in x for x in relay.lines), relay.stderr
         good = config.read_text()
@@ -135,7 +137,7 @@ async def test_sighup_reaches_every_worker_and_a_bad_file_reaches_none(
         await wait_until(lambda: any("relay.supervisor: reload_rejected" in x
                                      for x in relay.lines), 20)
         await asyncio.sleep(0.5)
-        assert sum("relay: reloaded" in x for x in relay.lines) == 2
+        assert sum("relay: reloaded" in x for x in relay.lines) == 3
         assert not any("relay: reload_rejected" in x for x in relay.lines), relay.stderr
         assert await _stop(relay) == 0
     finally:

@@ -210,7 +210,9 @@ class Supervisor:
             event(log, logging.ERROR, "reload_rejected", reason="the new config is invalid;"
                   " not passed to the workers, which keep the previous one")
             return
-        if resolve_workers(new.workers) != len(self.workers):
+        # The file's own value against the file's at start: `--workers N` on the command
+        # line overrides both, and a reload does not change what the command line said.
+        if resolve_workers(new.workers) != resolve_workers(self.config.workers):
             event(log, logging.WARNING, "reload_note",
                   reason="workers changed: takes effect at the next restart")
         for worker in self.workers:
