@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from relay.config.loading import parse_config
 from relay.config.report import effective_config
@@ -487,3 +488,12 @@ async def test_readiness_fails_when_the_database_turns_read_only_or_unsafe(
             raise AssertionError(f"check_writable passed with {setting}")
     finally:
         await store.close()
+
+
+def test_the_urls_own_options_are_kept_beside_relays() -> None:
+    """queue.url may carry libpq options (search_path...): relay adds its statement
+    timeout after them instead of replacing them (attack a5 #6)."""
+    store = PostgresStore("postgresql://relay@db.example/relay?options=-csearch_path%3Dmail",
+                          statement_timeout=2.0)
+    options = conninfo_to_dict(store.conninfo())["options"]
+    assert "-csearch_path=mail" in str(options) and "statement_timeout=2000" in str(options)

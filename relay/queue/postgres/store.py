@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from relay.delivery.ratelimit import share_for_others
@@ -149,6 +149,10 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
         if self._password is not None:
             extra["password"] = self._password
         try:
+            # The URL's own options (search_path...) are kept, relay's added after them.
+            given = conninfo_to_dict(self.url).get("options")
+            if given:
+                extra["options"] = f"{given} {extra['options']}"
             return make_conninfo(self.url, **extra)
         except psycopg.ProgrammingError as exc:
             raise StoreError(f"queue.url: {self._mask(str(exc))}") from None
