@@ -23,6 +23,7 @@ from relay.cli.common import (
     migrate_queue,
     out,
 )
+from relay.queue.urls import mask_url
 
 STATE_ORDER = ("queued", "deferred", "sending", "held", "delivered", "failed")
 
@@ -74,15 +75,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     done = asyncio.run(migrate_queue(config, backup=not args.no_backup,
                                      dest=Path(args.backup) if args.backup else None))
     found = done.plan
+    where = mask_url(config.queue.url) if config.queue.url else str(config.queue.path)
     if found.new:
-        out(f"no queue yet at {config.queue.path}: nothing to migrate (relay creates it at"
+        out(f"no queue yet at {where}: nothing to migrate (relay creates it at"
             f" schema {found.known})")
     elif not done.applied:
         out(f"queue schema {found.found} is up to date: nothing to migrate")
     else:
         if done.backup is not None:
             out(f"backed up {config.queue.path} (schema {found.found}) to {done.backup}")
-        out(f"migrated {config.queue.path} from schema {found.found} to {done.applied[-1]}"
+        out(f"migrated {where} from schema {found.found} to {done.applied[-1]}"
             f" (applied {', '.join(map(str, done.applied))})")
     return EXIT_OK
 
