@@ -60,11 +60,6 @@ class MessageFilter:
         allowed = frozenset(states)
         return replace(self, states=allowed if self.states is None else self.states & allowed)
 
-    @property
-    def narrowed(self) -> bool:
-        """True when anything but the states narrows it (a bulk action needs a choice)."""
-        return replace(self, states=None) != MessageFilter()
-
     def matches(self, m: QueuedMessage) -> bool:
         """The filter's meaning, one message at a time (stores do the same in a query)."""
         checks = (

@@ -27,7 +27,9 @@ from relay.queue.types import (
     Recipient,
 )
 
-OPERATOR_CHUNK = 5000  # messages per committed window of an operator operation
+# Messages per committed window of an operator operation: no window holds the write lock
+# long enough to make the server's writer wait, and the caller can show progress.
+OPERATOR_CHUNK = 5000
 
 
 class Progress(Protocol):

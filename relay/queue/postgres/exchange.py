@@ -1,7 +1,7 @@
 """A whole PostgreSQL queue out and in (`relay queue export` / `import`): every message
 with its attempts and body, the send times kept for rate limits, the dedup keys still in
 their window and the webhook events not yet sent. The same semantics
-as the SQLite store's (the migrate branch's relay/queue/sqlite/exchange.py).
+as the SQLite store's (relay/queue/sqlite/exchange.py).
 
 A mixin of PostgresStore. An export reads through a server-side cursor in one REPEATABLE
 READ, read-only transaction: one snapshot of a queue the relays keep changing, a page at

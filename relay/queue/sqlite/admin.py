@@ -107,11 +107,6 @@ class OperatorQueries:
         rows = await self._fetch("SELECT data FROM bodies WHERE id=?", (message_id,))
         return bytes(rows[0][0]) if rows else None
 
-    # Operator bulk changes run as set-based statements over windows of this many seq
-    # values, one transaction each: no window holds the write lock long enough to make
-    # the server's writer wait (busy_timeout is 10 s), and the caller can show progress.
-    OPERATOR_CHUNK = OPERATOR_CHUNK
-
     @staticmethod
     def _selection(
         states: Sequence[str], ids: Sequence[str], match: MessageFilter | None

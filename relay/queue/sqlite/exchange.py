@@ -109,16 +109,8 @@ class Exchange:
                     yield str(account), float(at)
 
     async def import_sends(self, sends: AsyncIterable[tuple[str, float]]) -> int:
-        added = 0
-        window: list[tuple[str, tuple[Any, ...]]] = []
-        async for account, at in sends:
-            window.append(("INSERT INTO sends (account, at) VALUES (?, ?)", (account, at)))
-            if len(window) >= SENDS_WINDOW:
-                added += sum(await self.execute(window))
-                window = []
-        if window:
-            added += sum(await self.execute(window))
-        return added
+        return await self._windows(("INSERT INTO sends (account, at) VALUES (?, ?)", (a, t))
+                                   async for a, t in sends)
 
     async def export_dedup(self) -> AsyncGenerator[ExportedDedup, None]:
         async with self._cursor("SELECT key, message_id, expires_at FROM dedup"
