@@ -9,10 +9,10 @@ from collections.abc import Iterable
 from relay.ingest.addresses import recipient_key
 
 
-def dedup_key(fields: list[tuple[str, str]], sender: str, recipients: Iterable[str],
-              user: str | None, account: str) -> str | None:
-    """A fixed-size key for one queue entry of a submission, or None without a
-    Message-ID (or with several: no one message is named).
+def submission_key(fields: list[tuple[str, str]], sender: str, recipients: Iterable[str],
+                   user: str | None) -> str | None:
+    """A fixed-size key for a submission, or None without a Message-ID (or with
+    several: no one message is named); each queue entry's key is ``entry_key`` of it.
 
     A retry of a submission repeats all of it, so the key is the whole submission: the
     Message-ID, the envelope sender and every envelope recipient (sorted; mailboxes
@@ -29,5 +29,9 @@ def dedup_key(fields: list[tuple[str, str]], sender: str, recipients: Iterable[s
     sender_key = recipient_key(sender) if sender else ""
     rcpts = sorted({recipient_key(r) for r in recipients})
     whole = json.dumps([ids[0], sender_key, rcpts, user or ""], ensure_ascii=False)
-    digest = hashlib.sha256(whole.encode("utf-8", "surrogateescape")).hexdigest()
-    return f"{digest}:{account}"
+    return hashlib.sha256(whole.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def entry_key(submission: str, account: str) -> str:
+    """The key of a submission's queue entry for ``account``."""
+    return f"{submission}:{account}"

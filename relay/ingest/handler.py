@@ -33,7 +33,7 @@ from relay.delivery.rules import Facts, Route, decide, route
 from relay.errors import StoreBusyError, StoreError, StoreFullError, StoreReserveError
 from relay.ingest.addresses import recipient_key
 from relay.ingest.auth import ListenerAuth
-from relay.ingest.dedup import dedup_key
+from relay.ingest.dedup import entry_key, submission_key
 from relay.observe.logs import event
 from relay.observe.metrics import Metrics
 from relay.queue.types import Dedup, NewMessage, new_queue_id
@@ -239,19 +239,23 @@ class IngestHandler:
         sender = _reverse_path(envelope.mail_from)
         body = remove_headers(raw, CONTROL_HEADERS)
         split = len(routes) > 1
-        # One queue entry per account; all are committed together before the one 250.
+        # What belongs to the whole message, once; then one queue entry per account, all
+        # committed together before the one 250.
+        priority, options = priority_from_headers(fields), _forwarded_options(envelope)
+        submission = self._submission(fields, sender, envelope.rcpt_tos, user)
         messages = [NewMessage(
             id=new_queue_id(),
             sender=sender,
             recipients=r.recipients,
             account=r.account,
-            priority=priority_from_headers(fields),
+            priority=priority,
             body=body,
             created_at=now,
             not_before=max(now, not_before or now),
-            mail_options=_forwarded_options(envelope),
+            mail_options=options,
             # Each entry's key: the whole submission and the entry's account.
-            dedup=self._dedup(fields, sender, envelope.rcpt_tos, user, r.account),
+            dedup=None if submission is None else Dedup(entry_key(submission[0], r.account),
+                                                        submission[1]),
         ) for r in routes]
         try:
             gone = session.gone if isinstance(session, RelaySession) else None
@@ -289,13 +293,14 @@ class IngestHandler:
             return self.reject("store_unavailable", replies.STORE_FULL)
         return self.reject("store_unavailable", replies.STORE_FAILED)
 
-    def _dedup(self, fields: list[tuple[str, str]], sender: str, recipients: list[str],
-               user: str | None, account: str) -> Dedup | None:
+    def _submission(self, fields: list[tuple[str, str]], sender: str, recipients: list[str],
+                    user: str | None) -> tuple[str, float] | None:
+        """With dedup on: the submission's key and the window (None: no dedup)."""
         window = self.config.dedup.window if self.config.dedup is not None else None
         if window is None:
             return None
-        key = dedup_key(fields, sender, recipients, user, account)
-        return Dedup(key, window) if key is not None else None
+        key = submission_key(fields, sender, recipients, user)
+        return None if key is None else (key, window)
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd's default answers 500 and names the exception class.
