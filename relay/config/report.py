@@ -144,8 +144,6 @@ def effective_config(config: Config, fqdn: str = "") -> dict[str, Any]:
     hostname = effective_hostname(config, fqdn) or LOCAL_LITERAL
     data["hostname"] = hostname
     data["queue"]["min_free"] = format_size(config.queue_min_free)  # the reserve in force
-    if config.queue.url is not None:  # a password written into the URL stays hidden
-        data["queue"]["url"] = mask_url(config.queue.url)
     for name, acc in data["accounts"].items():
         # The merged policy the account runs with, not the keys its block happens to set.
         acc["retry"] = config.retry_for(name).model_dump(mode="json")

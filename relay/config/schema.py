@@ -357,20 +357,7 @@ class QueueConfig(_Frozen):
         return self
 
     def _read_secret(self) -> str | None:
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise ValueError(
-                    f"password_env: environment variable {self.password_env} is not set")
-            return value
-        if self.password_file:
-            try:
-                return self.password_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ValueError(
-                    f"password_file: cannot read {self.password_file}: {exc.strerror}"
-                ) from None
-        return None
+        return _secret_from("password", self.password_env, self.password_file)
 
     @property
     def secret(self) -> str | None:
@@ -771,21 +758,8 @@ class AccountConfig(_Frozen):
                              " auth.mechanism)")
 
     def _read_secret(self) -> str | None:
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise ValueError(
-                    f"password_env: environment variable {self.password_env} is not set"
-                )
-            return value
-        if self.password_file:
-            try:
-                return self.password_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ValueError(
-                    f"password_file: cannot read {self.password_file}: {exc.strerror}"
-                ) from None
-        return self.password
+        secret = _secret_from("password", self.password_env, self.password_file)
+        return self.password if secret is None else secret
 
     @property
     def secret(self) -> str | None:
