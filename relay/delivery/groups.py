@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from relay.delivery.rewrite import Rewrite
+from relay.delivery.rewrite import Rewrite, rewritten
 from relay.delivery.transport import Pace, SendResult, Transport
 from relay.errors import DeliveryError, TemporaryFailure
 
@@ -101,8 +101,7 @@ class GroupTransport:
             member.reserve_send()
             self.last_peer = transport.peer  # for the log line of a failure, too
             try:
-                own_sender, own_body = (sender, body) if member.rewrite is None else (
-                    member.rewrite.apply(sender, body))
+                own_sender, own_body = rewritten(member.rewrite, sender, body)
                 result = await transport.send(own_sender, recipients, own_body, mail_options,
                                               pace=pace)
             except DeliveryError as exc:

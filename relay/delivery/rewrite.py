@@ -35,6 +35,11 @@ class Rewrite:
         return sender, b"".join(added) + remove_headers(body, {"From"})
 
 
+def rewritten(rewrite: Rewrite | None, sender: str, body: bytes) -> tuple[str, bytes]:
+    """What an account with ``rewrite`` (None: none configured) sends for a message."""
+    return (sender, body) if rewrite is None else rewrite.apply(sender, body)
+
+
 def _with_address(value: bytes | None, address: str) -> bytes:
     """``value`` (a From field's) with its address replaced, its display name kept:
     ``"Shop" <news@brand.example>`` -> ``"Shop" <noreply@example.com>``."""

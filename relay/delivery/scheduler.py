@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from relay.config.schema import Config, RetryConfig
+from relay.config.schema import Config, RetryConfig, TimeoutsConfig
 from relay.delivery.bounce import build_dsn, needs_smtputf8
 from relay.delivery.events import event_body, event_types, message_id_of
 from relay.delivery.groups import Group, GroupTransport
@@ -52,6 +52,13 @@ LEASE_SWEEP_S = 30.0  # how often expired leases are looked for (11.14)
 def _retry_policy(cfg: RetryConfig) -> RetryPolicy:
     """The config's merged retry block as the runtime policy: translated here, once."""
     return RetryPolicy(cfg.initial_delay, cfg.max_delay, cfg.max_age, cfg.jitter)
+
+
+def _lease_s(t: TimeoutsConfig) -> float:
+    """A claim's lease: the longest one send may take (connect, EHLO, AUTH, MAIL and RCPT
+    at command timeouts, the data timeout after the dot) and a minute's margin; renewed
+    every third of it while the send goes on."""
+    return t.connect + 4 * t.command + t.data + 60
 
 
 class Scheduler:
@@ -102,7 +109,7 @@ class Scheduler:
         acc = config.accounts[name]
         t = acc.timeouts
         auth = config.auth_backoff_for(name)
-        lease_s = t.connect + 4 * t.command + t.data + 60
+        lease_s = _lease_s(t)
         host = None
         if self.hosts is not None:  # slots are renewed with the longest claim lease
             self.hosts.lease_s = max(self.hosts.lease_s, lease_s)
@@ -146,7 +153,7 @@ class Scheduler:
             name, transport, self.store, _retry_policy(config.retry), RateLimiter([]),
             self.metrics,
             concurrency=sum(m.pool.max_connections for m in members),
-            lease_s=t.connect + 4 * t.command + t.data + 60,
+            lease_s=_lease_s(t),
             clock=self.clock, rng=self.rng, bounce=self._make_bounce,
             events=self._make_events, events_written=lambda: self.events_written(),
             health=self.health.update, monotonic=self.mono, age_clock=self._age_now,

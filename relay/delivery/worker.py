@@ -25,7 +25,7 @@ from relay.delivery.outcome import accepted_so_far, settle
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.refusals import login_refused
 from relay.delivery.retry import RetryPolicy
-from relay.delivery.rewrite import Rewrite
+from relay.delivery.rewrite import Rewrite, rewritten
 from relay.delivery.sync import sync_refusal
 from relay.delivery.throttle import Throttle, named_wait, slow_down_reply
 from relay.delivery.transport import (
@@ -229,8 +229,8 @@ class AccountWorker:
     def resume(self) -> None:
         """End an account-wide backoff now (an operator's `queue flush`)."""
         self.backoff_until = 0.0
-        if isinstance(self.transport, PoolControl):
-            self.transport.end_login_hold()
+        if self._pool is not None:
+            self._pool.end_login_hold()
         self.notify()
         self.wake.set()
 
@@ -395,8 +395,8 @@ class AccountWorker:
         self.backoff_failures = self.auth_failures = 0
         self.backoff_until = 0.0
         self.last_account_error = ""
-        if isinstance(self.transport, PoolControl):
-            self.transport.end_login_hold()
+        if self._pool is not None:
+            self._pool.end_login_hold()
         event(log, logging.INFO, "account_recovered", account=self.name,
               by="another worker")
         if self.health is not None:
@@ -562,9 +562,8 @@ class AccountWorker:
         unsent = False
         try:
             body = await self.store.load_body(message.id)
-            sender, outgoing = message.sender, body  # the bounce quotes what was queued
-            if self.rewrite is not None:
-                sender, outgoing = self.rewrite.apply(sender, body)
+            # What goes out; the bounce quotes what was queued.
+            sender, outgoing = rewritten(self.rewrite, message.sender, body)
             sent = await self.transport.send(
                 sender, message.pending_recipients, outgoing, message.mail_options,
                 pace=functools.partial(self._between, message),
