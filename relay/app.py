@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from relay import __version__
 from relay.config.loading import problem_line
-from relay.config.report import config_warnings
+from relay.config.report import config_warnings, queue_name
 from relay.config.schema import Config, ListenConfig, effective_hostname
 from relay.delivery.host import HostAccounts
 from relay.delivery.maildir import MaildirTransport
@@ -39,7 +39,6 @@ from relay.observe.webhooks import WebhookSender
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.store import QueueStore
 from relay.queue.types import NewMessage
-from relay.queue.urls import mask_url
 from relay.smtp.replies import Reply
 
 log = logging.getLogger("relay")
@@ -125,11 +124,6 @@ def build_store(config: Config, *, role: str = "", lock: bool = True) -> QueueSt
                              allow_unsafe_commit=q.allow_unsafe_commit)
     return SQLiteStore(q.path, commit=q.commit, lock=lock, role=role,
                        min_free=config.queue_min_free)
-
-
-def queue_name(config: Config) -> str:
-    """The queue as logs and the CLI name it (a URL's password masked)."""
-    return mask_url(config.queue.url) if config.queue.url is not None else str(config.queue.path)
 
 
 class App:

@@ -209,6 +209,7 @@ def _migrate_before_serving(config: Config) -> None:
     """`relay serve --migrate`: what `relay queue migrate` does (backup included), logged;
     the start goes on only once the queue is at this relay's schema."""
     from relay.cli.common import migrate_queue
+    from relay.config.report import queue_name
     from relay.observe.logs import event
 
     log = logging.getLogger("relay")
@@ -218,7 +219,7 @@ def _migrate_before_serving(config: Config) -> None:
         event(log, logging.ERROR, "start_failed", reason=str(exc))
         raise
     if done.applied:
-        event(log, logging.INFO, "queue_migrated", queue=str(config.queue.path),
+        event(log, logging.INFO, "queue_migrated", queue=queue_name(config),
               schema_from=done.plan.found, schema_to=done.applied[-1],
               applied=",".join(map(str, done.applied)),
               backup=str(done.backup) if done.backup else None)

@@ -23,7 +23,7 @@ from relay.cli.common import (
     migrate_queue,
     out,
 )
-from relay.queue.urls import mask_url
+from relay.config.report import queue_name
 
 STATE_ORDER = ("queued", "deferred", "sending", "held", "delivered", "failed")
 
@@ -75,7 +75,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     done = asyncio.run(migrate_queue(config, backup=not args.no_backup,
                                      dest=Path(args.backup) if args.backup else None))
     found = done.plan
-    where = mask_url(config.queue.url) if config.queue.url else str(config.queue.path)
+    where = queue_name(config)
     if found.new:
         out(f"no queue yet at {where}: nothing to migrate (relay creates it at"
             f" schema {found.known})")

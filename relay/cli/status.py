@@ -57,13 +57,13 @@ from relay.cli.common import (
     process_alive,
     server_running,
 )
+from relay.config.report import queue_name
 from relay.config.schema import Config
 from relay.delivery.health import AccountHealth, HealthReport, decode
 from relay.delivery.host import decode_reason
 from relay.delivery.ratelimit import share_for_others
 from relay.printable import escape
 from relay.queue.types import MessageState, QueuedMessage
-from relay.queue.urls import mask_url
 
 S = MessageState
 STATES = [str(s) for s in MessageState]
@@ -397,8 +397,7 @@ async def gather(config: Config, now: float) -> Snapshot:
         limits = {name: acc.rate_limit.named_windows()
                   for name, acc in config.accounts.items() if acc.rate_limit.windows()}
         snap = Snapshot(
-            now=now, queue=(str(config.queue.path) if config.queue.url is None
-                            else mask_url(config.queue.url)),
+            now=now, queue=queue_name(config),
             configured=accounts,
             counts=await store.counts(), oldest_by_account=await store.oldest_ready(),
             oldest=min(firsts, key=lambda m: m.created_at, default=None),

@@ -18,6 +18,11 @@ from relay.config.sizes import format_size
 from relay.queue.urls import mask_url
 
 
+def queue_name(config: Config) -> str:
+    """The queue as logs and the CLI name it (a URL's password masked)."""
+    return mask_url(config.queue.url) if config.queue.url is not None else str(config.queue.path)
+
+
 def config_warnings(config: Config, from_environment: Collection[str] = ()) -> list[str]:
     """Things that work but that an operator should know about. ``from_environment``: the
     keys a variable set (``${VAR}`` or ``RELAY_``), which are not literals in the file."""
