@@ -204,9 +204,11 @@ async def test_synchronous_commit_off_is_refused_unless_allowed(
 
 async def test_a_newer_schema_or_a_foreign_database_is_refused(
         pg_cluster: Cluster, pg_url: str) -> None:
+    from relay.queue.postgres.schema import SCHEMA_VERSION
+
     store = PostgresStore(pg_url)
     await store.open()
-    assert await store.schema_version() == 1
+    assert await store.schema_version() == SCHEMA_VERSION
     await store.execute([("INSERT INTO relay_schema (version, name) VALUES (99, 'future')",
                           ())])
     await store.close()
@@ -290,15 +292,16 @@ async def test_an_older_schema_waits_for_migrate_and_migrate_applies_it(
     await first.enqueue(_message(time.time()))
     await first.close()
     # This relay knows one more migration than the database has.
-    monkeypatch.setattr(pg, "MIGRATIONS",
-                        [*pg.MIGRATIONS, (2, "a test step", "CREATE TABLE extra (x int)")])
-    monkeypatch.setattr(pg, "SCHEMA_VERSION", 2)
+    known = pg.SCHEMA_VERSION
+    monkeypatch.setattr(pg, "MIGRATIONS", [*pg.MIGRATIONS,
+                                           (known + 1, "a test step", "CREATE TABLE extra (x int)")])
+    monkeypatch.setattr(pg, "SCHEMA_VERSION", known + 1)
     with pytest.raises(SchemaError, match="older than this relay"):
         await PostgresStore(pg_url).open()
     store = PostgresStore(pg_url)
-    assert await store.schema_version() == 1
-    assert await store.migrate() == [2]
-    assert await store.schema_version() == 2
+    assert await store.schema_version() == known
+    assert await store.migrate() == [known + 1]
+    assert await store.schema_version() == known + 1
     assert await store.migrate() == []
     await store.open()
     try:
@@ -497,3 +500,28 @@ def test_the_urls_own_options_are_kept_beside_relays() -> None:
                           statement_timeout=2.0)
     options = conninfo_to_dict(store.conninfo())["options"]
     assert "-csearch_path=mail" in str(options) and "statement_timeout=2000" in str(options)
+
+
+async def test_a_database_of_the_first_release_migrates_to_group_sends(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Migration 2 (a group message's place in its member's windows) on a database made
+    by migration 1 alone, its messages kept."""
+    from relay.queue.postgres import store as pg
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pg, "MIGRATIONS", pg.MIGRATIONS[:1])
+        patched.setattr(pg, "SCHEMA_VERSION", 1)
+        first = PostgresStore(pg_url)
+        await first.open()
+        await first.enqueue(_message(time.time()))
+        await first.close()
+    store = PostgresStore(pg_url)
+    assert await store.migrate() == [2]
+    await store.open()
+    try:
+        [queued] = await store.list_messages()
+        now = time.time()
+        assert await store.hold_send(queued.id, "up", now, now + 60, ((60.0, 1),))
+        assert not await store.hold_send("other", "up", now, now + 60, ((60.0, 1),))
+    finally:
+        await store.close()

@@ -14,14 +14,16 @@ and From), as to its own mail.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from relay.delivery.rewrite import Rewrite, rewritten
-from relay.delivery.transport import Pace, SendResult, Transport
+from relay.delivery.transport import SENDING, Pace, SendResult, SlotsHeldElsewhere, Transport
 from relay.errors import DeliveryError, TemporaryFailure
+from relay.queue.types import Priority, QueuedMessage
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,19 @@ class Member(Protocol):
     # accounts.NAME.rewrite: a message the member sends goes out as its own mail would.
     rewrite: Rewrite | None
 
-    def may_send(self) -> bool:
-        """Not backing off, not paused, and its rate limits allow one more send now."""
+    def may_send(self, high: bool = False) -> bool:
+        """Not backing off, not paused, and its rate limits allow one more send now, as
+        this process knows them (``high``: of high priority, which may use the share
+        reserve_for_high keeps)."""
+
+    async def take_send(self, message_id: str, high: bool, ended: str | None) -> bool:
+        """What the processes on the queue share, before the message goes through this
+        account: its backoff (one probe at a time across them) and its rate windows over
+        all their sends (the message then holds a place in them until its outcome is
+        recorded). ``ended``: the member it went through before in this attempt."""
+
+    async def let_go(self, message_id: str) -> None:
+        """The message goes back unsent: its place in the member's windows is free."""
 
     def reserve_send(self) -> None:
         """Count one send in the member's rate limits (until ``end_send``)."""
@@ -66,6 +79,24 @@ class Member(Protocol):
 
     def note_reply(self, sent: SendResult | DeliveryError) -> None:
         """What the member's upstream answered: a "slow down" throttles the member."""
+
+
+def combined(done: SendResult | None, result: SendResult) -> SendResult:
+    """What the members of one attempt achieved together: the recipients ``done``
+    (an earlier member's accepted, and its final refusals) and ``result`` (the next
+    member's answer for the rest). Pure."""
+    if done is None:
+        return result
+    refused = {r: e for r, e in done.refused.items() if r not in result.accepted}
+    refused.update(result.refused)
+    return SendResult([*done.accepted, *result.accepted], refused,
+                      result.reply or done.reply, result.peer or done.peer, result.via)
+
+
+def moved_on(result: SendResult) -> list[str]:
+    """The recipients a member refused for account reasons (its quota, a throttle) while
+    it accepted others: they go to the next member in the same attempt. Pure."""
+    return [r for r, e in result.refused.items() if e.account_wide]
 
 
 class GroupTransport:
@@ -91,47 +122,119 @@ class GroupTransport:
     async def send(self, sender: str, recipients: list[str], body: bytes,
                    mail_options: tuple[str, ...], *, pace: Pace | None = None
                    ) -> SendResult:
-        last: DeliveryError | None = None
+        attempt = _Attempt(SENDING.get(), list(recipients), pace)
         paused = () if self._paused is None else await self._paused()
         for name in order(self.group, self._rng):
             member, transport = self._members(name), self._transports.get(name)
             if (member is None or transport is None or name in paused
-                    or not member.may_send()):
+                    or not member.may_send(attempt.high)):
+                continue
+            if not await attempt.hold(name, member):
                 continue
             member.reserve_send()
             self.last_peer = transport.peer  # for the log line of a failure, too
             try:
                 own_sender, own_body = rewritten(member.rewrite, sender, body)
-                result = await transport.send(own_sender, recipients, own_body, mail_options,
-                                              pace=pace)
+                result = await transport.send(own_sender, attempt.pending, own_body,
+                                              mail_options, pace=attempt.paced())
+            except SlotsHeldElsewhere:
+                attempt.tried = False  # nothing went out through it: the next may send
+                continue
             except DeliveryError as exc:
                 exc.via = name
                 member.note_reply(exc)
                 if not exc.account_wide:
-                    raise
+                    return attempt.refused_by(name, exc)  # raises unless some went
                 member.account_failed(exc)
-                last = exc
+                attempt.last = exc
                 continue
             finally:
                 member.end_send()
             member.note_reply(result)
-            refused = next((e for e in result.refused.values() if e.account_wide), None)
-            if refused is not None:  # Gmail's 5.4.5 quota at RCPT: the member's, not ours
-                refused.via = name
-                member.account_failed(refused)
-                if not result.accepted:  # nothing sent: the next member, in this attempt
-                    last = refused
-                    continue
             result.via = name
-            return result
-        if last is not None:
-            raise last  # every member that could send failed account-wide: the group backs off
-        raise TemporaryFailure(
-            f"no account of group {self.name} may send now (each is backing off, paused or"
-            " at its rate limit)", offered=False)
+            if not await attempt.moves_on(member, result):
+                return combined(attempt.done, result)
+        return await attempt.end(self.name)
 
     async def close(self) -> None:
         """The members' transports are closed with their accounts."""
 
     def open_connections(self) -> int:
         return 0  # counted by each member's own transport
+
+
+class _Attempt:
+    """One attempt of a group's message over its members: the recipients still to send,
+    what earlier members delivered, and which member's rate windows hold the message."""
+
+    def __init__(self, message: QueuedMessage | None, pending: list[str],
+                 pace: Pace | None) -> None:
+        self.message = message  # None: not from the queue (nothing to hold)
+        self.high = message is not None and message.priority is Priority.HIGH
+        self.pending = pending
+        self.pace = pace
+        self.done: SendResult | None = None  # what earlier members delivered
+        self.last: DeliveryError | None = None  # the last account-wide failure
+        self.held: Member | None = None  # the member whose windows hold the message
+        self.held_name = ""
+        self.tried = False  # the held member's send happened: it counts in its windows
+
+    async def hold(self, name: str, member: Member) -> bool:
+        """The member takes the message (its backoff and windows across processes); the
+        member before it, if it sent, counts that send from now."""
+        if self.message is not None and not await member.take_send(
+                self.message.id, self.high, self.held_name if self.tried else None):
+            return False
+        self.held, self.held_name, self.tried = member, name, True
+        return True
+
+    def paced(self) -> Pace | None:
+        """A member's pace for its own split transactions, told what the whole attempt
+        delivered so far (earlier members' recipients too), not only its own."""
+        pace, done = self.pace, self.done
+        if pace is None or done is None:
+            return pace
+
+        async def paced(so_far: SendResult) -> None:
+            await pace(combined(done, so_far))
+
+        return paced
+
+    def refused_by(self, name: str, exc: DeliveryError) -> SendResult:
+        """The member refused the whole transaction (not for account reasons): the
+        answer, for the recipients still pending only if earlier members sent others."""
+        if self.done is None:
+            raise exc
+        return combined(self.done, SendResult([], dict.fromkeys(self.pending, exc), via=name))
+
+    async def moves_on(self, member: Member, result: SendResult) -> bool:
+        """The member refused some recipients for account reasons (Gmail's 5.4.5 quota
+        at RCPT: the member's, not ours): it backs off, and they go to the next member.
+        Its answer for the others stands (delivered, or refused by their own server)."""
+        rest = moved_on(result)
+        if not rest:
+            return False
+        self.last = result.refused[rest[0]]
+        self.last.via = result.via
+        member.account_failed(self.last)
+        if len(rest) < len(result.refused) + len(result.accepted):
+            self.done = combined(self.done, result)
+            self.pending = rest
+            if self.pace is not None and self.done.accepted:
+                await self.pace(self.done)  # stored: a crash now resends only the rest
+        return True
+
+    async def end(self, group: str) -> SendResult:
+        """No member (left) may send."""
+        if self.done is not None:  # the rest wait for the next attempt
+            # Counted (finish) as a send of the member the message is held by.
+            return dataclasses.replace(self.done, via=self.held_name) if self.tried \
+                else self.done
+        if self.last is not None:
+            raise self.last  # each member that could send failed account-wide: back off
+        if self.message is not None and self.held is not None:
+            await self.held.let_go(self.message.id)  # it goes back unsent
+            raise SlotsHeldElsewhere()
+        raise TemporaryFailure(
+            f"no account of group {group} may send now (each is backing off, paused or"
+            " at its rate limit)", offered=False)

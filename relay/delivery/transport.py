@@ -10,6 +10,7 @@ from typing import Protocol, runtime_checkable
 
 from relay.errors import DeliveryError, TemporaryFailure
 from relay.printable import escape
+from relay.queue.types import QueuedMessage
 
 
 @dataclass
@@ -106,6 +107,10 @@ class Transcript:
 # around Transport.send; each send runs in a task of its own). None: not recorded.
 TRANSCRIPT: contextvars.ContextVar[Transcript | None] = contextvars.ContextVar(
     "relay_transcript", default=None)
+# The queued message the current task sends (set beside TRANSCRIPT): a group's transport
+# holds it in its member's rate windows by id, at its priority (relay.delivery.groups).
+SENDING: contextvars.ContextVar[QueuedMessage | None] = contextvars.ContextVar(
+    "relay_sending", default=None)
 
 
 class SlotsHeldElsewhere(TemporaryFailure):

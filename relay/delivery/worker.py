@@ -29,6 +29,7 @@ from relay.delivery.rewrite import Rewrite, rewritten
 from relay.delivery.sync import sync_refusal
 from relay.delivery.throttle import Throttle, named_wait, slow_down_reply
 from relay.delivery.transport import (
+    SENDING,
     TRANSCRIPT,
     PoolControl,
     SendResult,
@@ -559,6 +560,7 @@ class AccountWorker:
         body = b""
         transcript = Transcript()
         TRANSCRIPT.set(transcript)  # this task's own: the SMTP edge records into it
+        SENDING.set(message)
         unsent = False
         try:
             body = await self.store.load_body(message.id)
@@ -632,13 +634,43 @@ class AccountWorker:
         self.limiter.reserve(1)
 
     # -- as a member of a group (relay.delivery.groups.Member) --------------------------
-    def may_send(self) -> bool:
-        """Not backing off, not paused, and its rate limits allow one more send now."""
+    def may_send(self, high: bool = False) -> bool:
+        """Not backing off, not paused, and its rate limits allow one more send now (of
+        normal or low priority: not from the share reserve_for_high keeps)."""
         mono = self.mono()
         if self.backoff_failures and (self._group_sends or self.in_flight or self.settling):
             return False  # its backoff ended: one probe at a time, as its own worker sends
         return (not self.paused and mono >= self.backoff_until
-                and self.limiter.available(mono) >= 1 and self.throttle.held(mono) == 0)
+                and self.limiter.available(mono, others=not high) >= 1
+                and self.throttle.held(mono) == 0)
+
+    async def take_send(self, message_id: str, high: bool, ended: str | None) -> bool:
+        """(Group) What the other processes on the queue know of this account: follow
+        the backoff one of them decided, probe only with the host's probe, and hold the
+        message in the account's rate windows as they count them. One process alone:
+        may_send knew it all."""
+        if self.host is None:
+            return True
+        now, mono = self.clock(), self.mono()
+        try:
+            if await self._follow_host(await self.host.backoff(), now, mono) is not None:
+                return False  # another process probes the account
+            if not self.may_send(high):  # a backoff just adopted
+                return False
+            if not self.limiter.limited and ended is None:
+                return True
+            return await self.store.hold_send(
+                message_id, self.name, now, now + self.lease_s, self.limiter.windows,
+                self.limiter.reserve_for_high, high, ended)
+        except StoreError as exc:
+            event(log, logging.ERROR, "queue_error", message_id, account=self.name,
+                  reason=f"cannot hold a group send in the account's limits: {exc}")
+            return False
+
+    async def let_go(self, message_id: str) -> None:
+        if self.host is not None and self.limiter.limited:
+            with contextlib.suppress(StoreError):  # else its lease ends it
+                await self.store.hold_send(message_id, None, self.clock(), 0.0)
 
     def reserve_send(self) -> None:
         self.limiter.reserve(1)

@@ -181,6 +181,19 @@ class QueueStore(Protocol):
         and no other live process holds the probe under lease (the probe is then this
         owner's until ``lease_until``), or the account is not backed off at all. A claim
         takes nothing of an account backed off, or probed by another process."""
+    # A group's message through a member account (routing.groups) counts in that member's
+    # rate windows over every process, as the member's own claims do.
+    async def hold_send(self, message_id: str, account: str | None, now: float,
+                        lease_until: float, windows: Sequence[tuple[float, int]] = (),
+                        reserve_for_high: float = 0.0, high: bool = False,
+                        ended: str | None = None) -> bool:
+        """The group message ``message_id`` (claimed by this owner) is to go through
+        member ``account`` now: if the account's ``windows`` have room for one more send
+        (recorded sends, claims and other group messages held; ``high``: it may use the
+        share reserve_for_high keeps), hold it in them until its outcome is recorded
+        (finish), it moves on, or ``lease_until``; True. Else False, nothing changed.
+        ``ended``: the member it went through before in this attempt, whose send then
+        counts from ``now``. ``account`` None: let go of the hold (recording ``ended``)."""
     async def processes(self) -> list[tuple[int, str]]:
         """(pid, role) of the relay processes on this queue now: 'serve', 'supervisor',
         'worker N' (for `relay status`)."""

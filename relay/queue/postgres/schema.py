@@ -135,6 +135,18 @@ CREATE TABLE events (
 );
 CREATE INDEX events_due ON events (next_attempt_at);
 """),
+    (2, "group sends in flight through a member account", """
+-- A group's message on its way through a member account (routing.groups): held against
+-- that member's rate windows by the relay sending it, from the member's choice until the
+-- outcome is recorded, as the member's own claims are by their 'sending' rows.
+CREATE TABLE group_sends (
+    message_id text PRIMARY KEY,
+    account text NOT NULL,
+    owner text NOT NULL,
+    lease_until double precision NOT NULL
+);
+CREATE INDEX group_sends_account ON group_sends (account);
+"""),
 ]
 SCHEMA_VERSION = check_numbering([number for number, _, _ in MIGRATIONS])
 SCHEMA_TABLE = """

@@ -34,6 +34,10 @@ class HostLimits:
         async def execute(self, statements: list[tuple[str, Sequence[Any]]]) -> list[int]: ...
         def _conn(self, *, bounded: bool = True
                   ) -> contextlib.AbstractAsyncContextManager[AsyncConnection[Any]]: ...
+        @staticmethod
+        async def _room(conn: AsyncConnection[Any], account: str, now: float, limit: int,
+                        windows: Sequence[tuple[float, int]], reserve_for_high: float = 0.0,
+                        exclude: str = "") -> tuple[int, int]: ...
 
     # -- connection slots ---------------------------------------------------------------
     async def take_slot(self, account: str, most: int, lease_until: float, now: float
@@ -106,6 +110,33 @@ class HostLimits:
                                " WHERE account=%s", (self.owner, lease_until, account))
             return True
 
+    # -- a group's message through a member account ------------------------------------
+    async def hold_send(self, message_id: str, account: str | None, now: float,
+                        lease_until: float, windows: Sequence[tuple[float, int]] = (),
+                        reserve_for_high: float = 0.0, high: bool = False,
+                        ended: str | None = None) -> bool:
+        """QueueStore.hold_send: under the member's row lock, as its claims count."""
+        async with self._conn() as conn, conn.transaction():
+            if account is not None:
+                room, others = await self._room(conn, account, now, 1, windows,
+                                                reserve_for_high, exclude=message_id)
+                if (room if high else others) <= 0:
+                    return False
+            if ended is not None:  # its send through the member before counts from now
+                await conn.execute("INSERT INTO sends (account, at, message_id)"
+                                   " VALUES (%s, %s, %s)", (ended, now, message_id))
+            if account is None:
+                await conn.execute("DELETE FROM group_sends WHERE message_id = %s"
+                                   " AND owner = %s", (message_id, self.owner))
+            else:
+                await conn.execute(
+                    "INSERT INTO group_sends (message_id, account, owner, lease_until)"
+                    " VALUES (%s, %s, %s, %s) ON CONFLICT (message_id) DO UPDATE SET"
+                    " account = excluded.account, owner = excluded.owner,"
+                    " lease_until = excluded.lease_until",
+                    (message_id, account, self.owner, lease_until))
+            return True
+
     # -- what dead owners leave ------------------------------------------------------------
     async def _free_held(self, now: float) -> None:
         """Free the slots and probes of owners that are gone or past their lease."""
@@ -115,4 +146,6 @@ class HostLimits:
             ("UPDATE backoffs b SET probe_owner = NULL, probe_until = NULL"
              " WHERE probe_owner IS NOT NULL AND (probe_until < %s OR (probe_owner <> %s"
              f" AND NOT {ALIVE.format(col='b.probe_owner')}))", (now, self.owner)),
+            ("DELETE FROM group_sends g WHERE lease_until < %s OR (owner <> %s AND NOT"
+             f" {ALIVE.format(col='g.owner')})", (now, self.owner)),
         ])

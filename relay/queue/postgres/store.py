@@ -591,24 +591,26 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
     @staticmethod
     async def _room(conn: AsyncConnection[Any], account: str, now: float, limit: int,
                     windows: Sequence[tuple[float, int]], reserve_for_high: float = 0.0,
-                    ) -> tuple[int, int]:
+                    exclude: str = "") -> tuple[int, int]:
         """How many sends the account's windows still allow over every relay: sends
         recorded in each window plus claims not yet finished; and of those, how many
         messages that are not HIGH priority may take (share_for_others). The account's
         row is locked first, so the next claimer counts after this claim commits; the
         counts are one statement, one snapshot (a finish moving a send from 'sending' to
-        sends between two statements would be missed by both)."""
+        sends between two statements would be missed by both). Group messages going
+        through the account count as its claims (group_sends; ``exclude``: the asker)."""
         await conn.execute("INSERT INTO accounts (name) VALUES (%s) ON CONFLICT DO NOTHING",
                            (account,))
         await conn.execute("SELECT 1 FROM accounts WHERE name = %s FOR UPDATE", (account,))
         sent = ", ".join("(SELECT count(*) FROM sends WHERE account = %s AND at > %s)"
                          for _ in windows)
-        params: list[Any] = [account]
+        params: list[Any] = [account, account, now, exclude]
         for span, _ in windows:
             params += [account, now - span]
         cur = await conn.execute(
-            "SELECT (SELECT count(*) FROM messages WHERE state = 'sending' AND account = %s),"
-            f" {sent}", params)
+            "SELECT (SELECT count(*) FROM messages WHERE state = 'sending' AND account = %s)"
+            " + (SELECT count(*) FROM group_sends WHERE account = %s AND lease_until >= %s"
+            f" AND message_id <> %s), {sent}", params)
         row = await cur.fetchone()
         assert row is not None
         in_flight = int(row[0])
@@ -632,7 +634,8 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
             "attempts": a.attempts, "next": a.next_attempt_at, "err": a.last_error,
             "at": a.at, "account": a.account, "outcome": a.outcome, "reply": a.reply,
             "transcript": "\n".join(a.transcript),
-            "delivered": a.state is MessageState.DELIVERED}
+            "delivered": a.state is MessageState.DELIVERED,
+            "claimer": None if a.claim is None else a.claim.owner}
         held = ""
         if a.claim is not None:
             held = " AND state = 'sending' AND owner = %(owner)s"
@@ -656,6 +659,10 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
             " sent AS (INSERT INTO sends (account, at, message_id)"
             " SELECT %(account)s, %(at)s, %(id)s WHERE NOT EXISTS (SELECT 1 FROM sends"
             " WHERE account = %(account)s AND at = %(at)s AND message_id = %(id)s)),"
+            # A group message's hold on its member's windows ends as its send is counted
+            # (only the claim's own: a stale claim leaves the new owner's hold alone).
+            " hold AS (DELETE FROM group_sends WHERE message_id = %(id)s"
+            " AND (%(claimer)s::text IS NULL OR owner = %(claimer)s)),"
             # ...nor is taken for a stale claim's: this very outcome is already recorded.
             " prior AS (SELECT 1 FROM messages WHERE id = %(id)s AND state = %(state)s"
             " AND attempts = %(attempts)s AND updated_at = %(at)s AND owner IS NULL)")

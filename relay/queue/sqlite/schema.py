@@ -156,6 +156,18 @@ CREATE TABLE IF NOT EXISTS backoffs (
     probe_until REAL
 );
 """
+_V7 = """
+-- A group's message on its way through a member account (routing.groups): held against
+-- that member's rate windows by the process sending it, from the member's choice until
+-- the outcome is recorded, as the member's own claims are by their 'sending' rows.
+CREATE TABLE IF NOT EXISTS group_sends (
+    message_id TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    lease_until REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS group_sends_account ON group_sends (account);
+"""
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "messages, bodies, attempts and meta", _V1),
     (2, "send times kept for rate limits", _V2),
@@ -163,6 +175,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (4, "the owner of a claim (several processes on one queue)", _V4),
     (5, "dedup keys, the webhook events outbox, each attempt's transcript", _V5),
     (6, "connection slots and account backoffs shared by the processes on one queue", _V6),
+    (7, "group sends in flight through a member account, held in its rate windows", _V7),
 )
 VERSIONS = tuple(version for version, _, _ in MIGRATIONS)
 SCHEMA_VERSION = check_numbering(VERSIONS)

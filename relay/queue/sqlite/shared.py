@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from relay.queue.sqlite.owners import Owners
-from relay.queue.sqlite.writer import Op, Transact
+from relay.queue.sqlite.writer import Op, Transact, window_room
 
 
 class HostLimits:
@@ -107,11 +107,41 @@ class HostLimits:
         taken: bool = await self._submit(Transact(run=take))
         return taken
 
+    # -- a group's message through a member account ------------------------------------
+    async def hold_send(self, message_id: str, account: str | None, now: float,
+                        lease_until: float, windows: Sequence[tuple[float, int]] = (),
+                        reserve_for_high: float = 0.0, high: bool = False,
+                        ended: str | None = None) -> bool:
+        owner = self.owner
+        spans = tuple(windows)
+
+        def hold(db: sqlite3.Connection) -> bool:
+            if account is not None:
+                room, others = window_room(db, account, now, 1, spans, reserve_for_high,
+                                           exclude=message_id)
+                if (room if high else others) <= 0:
+                    return False
+            if ended is not None:  # its send through the member before counts from now
+                db.execute("INSERT INTO sends (account, at) VALUES (?, ?)", (ended, now))
+            if account is None:
+                db.execute("DELETE FROM group_sends WHERE message_id=? AND owner=?",
+                           (message_id, owner))
+            else:
+                db.execute("INSERT INTO group_sends (message_id, account, owner, lease_until)"
+                           " VALUES (?, ?, ?, ?) ON CONFLICT (message_id) DO UPDATE SET"
+                           " account=excluded.account, owner=excluded.owner,"
+                           " lease_until=excluded.lease_until",
+                           (message_id, account, owner, lease_until))
+            return True
+
+        held: bool = await self._submit(Transact(run=hold))
+        return held
+
     # -- what dead owners leave ------------------------------------------------------------
     def _holders(self) -> str:
         """(SQL) the owners of slots and probes, for requeue_expired's liveness check."""
         return ("SELECT owner FROM slots UNION SELECT probe_owner FROM backoffs"
-                " WHERE probe_owner IS NOT NULL")
+                " WHERE probe_owner IS NOT NULL UNION SELECT owner FROM group_sends")
 
     @staticmethod
     def _free_held(dead: set[str], now: float) -> list[tuple[str, tuple[Any, ...]]]:
@@ -120,11 +150,13 @@ class HostLimits:
             ("DELETE FROM slots WHERE lease_until < ?", (now,)),
             ("UPDATE backoffs SET probe_owner=NULL, probe_until=NULL WHERE probe_until < ?",
              (now,)),
+            ("DELETE FROM group_sends WHERE lease_until < ?", (now,)),
         ]
         for owner in dead:
             statements += [
                 ("DELETE FROM slots WHERE owner=?", (owner,)),
                 ("UPDATE backoffs SET probe_owner=NULL, probe_until=NULL WHERE probe_owner=?",
                  (owner,)),
+                ("DELETE FROM group_sends WHERE owner=?", (owner,)),
             ]
         return statements

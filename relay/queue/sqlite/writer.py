@@ -257,33 +257,48 @@ def _apply_finishes(db: sqlite3.Connection, ops: list[Finish]) -> None:
         "INSERT INTO sends (account, at) VALUES (?, ?)",
         [(op.attempt.account, op.attempt.at) for op in ops],
     )
+    # A group message's hold on its member's windows ends as its send is counted above
+    # (one transaction: the send is never counted twice, nor missed in between). Only the
+    # claim's own: a stale claim's outcome leaves the new owner's hold alone.
+    db.executemany(
+        "DELETE FROM group_sends WHERE message_id=? AND (? IS NULL OR owner=?)",
+        [(a.id, owner, owner) for a in (op.attempt for op in ops)
+         for owner in [None if a.claim is None else a.claim.owner]],
+    )
     # A delivered body is not needed again; failed ones stay for `queue retry`.
     delivered = [(a.id,) for a in accepted if a.state is MessageState.DELIVERED]
     if delivered:
         db.executemany("DELETE FROM bodies WHERE id=?", delivered)
 
 
-def _room(db: sqlite3.Connection, op: ClaimDue) -> tuple[int, int]:
+def window_room(db: sqlite3.Connection, account: str, now: float, limit: int,
+         windows: tuple[tuple[float, int], ...], reserve_for_high: float,
+         exclude: str | None = None) -> tuple[int, int]:
     """How many sends the account's rate windows still allow, counted over every process:
     sends recorded in each window, plus every claim not yet finished (a send counts from
-    its claim to its end, as in relay.delivery.ratelimit). Inside the claim's write
-    transaction, so two workers cannot both take the last place. Two answers: for high
-    priority, and for the rest, which may not use the share reserve_for_high keeps."""
-    room = others = op.limit
-    if not op.windows:
+    its claim to its end, as in relay.delivery.ratelimit), the group messages going
+    through it included (group_sends; ``exclude``: the one asking). Inside the write
+    transaction of the claim, so two workers cannot both take the last place. Two
+    answers: for high priority, and for the rest, which may not use the share
+    reserve_for_high keeps."""
+    room = others = limit
+    if not windows:
         return room, others
-    (in_flight,) = db.execute("SELECT count(*) FROM messages WHERE state='sending'"
-                              " AND account=?", (op.account,)).fetchone()
-    for span, most in op.windows:
+    (in_flight,) = db.execute(
+        "SELECT (SELECT count(*) FROM messages WHERE state='sending' AND account=?)"
+        " + (SELECT count(*) FROM group_sends WHERE account=? AND lease_until>=?"
+        " AND message_id IS NOT ?)", (account, account, now, exclude)).fetchone()
+    for span, most in windows:
         (sent,) = db.execute("SELECT count(*) FROM sends WHERE account=? AND at>?",
-                             (op.account, op.now - span)).fetchone()
+                             (account, now - span)).fetchone()
         room = min(room, most - sent - in_flight)
-        others = min(others, share_for_others(most, op.reserve_for_high) - sent - in_flight)
+        others = min(others, share_for_others(most, reserve_for_high) - sent - in_flight)
     return room, min(room, others)
 
 
 def _claim(db: sqlite3.Connection, op: ClaimDue) -> list[QueuedMessage]:
-    room, others = _room(db, op)
+    room, others = window_room(db, op.account, op.now, op.limit, op.windows,
+                               op.reserve_for_high)
     if room <= 0:
         return []
     params: dict[str, Any] = {"a": op.account, "now": op.now, "n": room,

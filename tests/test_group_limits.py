@@ -1,0 +1,250 @@
+"""Account groups with several processes on one queue (issue 15.2 with issue 13/14): a
+group's message going through a member counts in that member's rate windows as every
+process sees them (QueueStore.hold_send), the member's backoff and probe are the host's,
+and a member that takes some recipients and refuses the rest for account reasons hands
+the rest to the next member within the same attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from relay.delivery.outcome import settle
+from relay.delivery.retry import RetryPolicy
+from relay.delivery.transport import SendResult
+from relay.queue.types import NewMessage, Priority, new_queue_id
+from tests.conftest import (
+    MakeStore,
+    StartRelay,
+    message,
+    send,
+    send_many,
+    upstream_account,
+    wait_until,
+)
+from tests.relayproc import write_config
+from tests.test_groups import _group_config
+from tests.test_workers import _spawn
+from tests.upstream import FakeUpstream
+
+WINDOW = ((60.0, 2),)  # the member's: 2 sends a minute
+
+
+def _message(now: float, account: str, priority: Priority = Priority.NORMAL) -> NewMessage:
+    return NewMessage(id=new_queue_id(), sender="app@example.com",
+                      recipients=("to@example.com",), account=account, priority=priority,
+                      body=b"Subject: x\r\n\r\nhi\r\n", created_at=now, not_before=now)
+
+
+async def test_a_held_group_send_counts_in_the_members_windows_for_every_process(
+        make_store: MakeStore) -> None:
+    a = make_store(lock=False, owner="worker-a")
+    b = make_store(lock=False, owner="worker-b")
+    await a.open()
+    await b.open()
+    try:
+        now = time.time()
+        for _ in range(3):
+            await a.enqueue(_message(now, "group"))
+        await b.enqueue(_message(now, "member"))
+        g1, g2, g3 = await a.claim_due("group", now, 10, lease_s=60)
+        # Worker A sends two group messages through the member: its window is full...
+        assert await a.hold_send(g1.id, "member", now, now + 60, WINDOW)
+        assert await a.hold_send(g2.id, "member", now, now + 60, WINDOW)
+        assert not await a.hold_send(g3.id, "member", now, now + 60, WINDOW)
+        # ...for worker B's own claims of the member too, while both are in flight.
+        assert await b.claim_due("member", now, 10, lease_s=60, windows=WINDOW) == []
+        # The first moves on to another member (its send counts from now); the second
+        # goes back unsent: one place is free again, then none once it is taken.
+        assert await a.hold_send(g1.id, "other", now, now + 60, WINDOW, ended="member")
+        assert await a.hold_send(g2.id, None, now, 0.0)
+        assert await a.hold_send(g3.id, "member", now, now + 60, WINDOW)
+        assert await b.claim_due("member", now, 10, lease_s=60, windows=WINDOW) == []
+        # Its outcome ends the hold and records the send under the member, at once.
+        done = settle(g3, SendResult(accepted=["to@example.com"], reply="250 ok",
+                                     via="member"), now=now + 1,
+                      policy=RetryPolicy(60, 600, 3600), rng=random.Random(1))
+        assert await a.finish(dataclasses.replace(done, account="member"))
+        assert await b.recent_sends("member", now - 1) == [now, now + 1]
+        assert await b.claim_due("member", now + 1, 10, lease_s=60, windows=WINDOW) == []
+        # A window later both sends have left it; the hold of `other` never counted here.
+        assert len(await b.claim_due("member", now + 62, 10, lease_s=60, windows=WINDOW)) == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_high_priority_may_use_the_reserve_and_a_dead_owners_hold_is_freed(
+        make_store: MakeStore) -> None:
+    a = make_store(lock=False, owner="worker-a")
+    b = make_store(lock=False, owner="worker-b")
+    await a.open()
+    await b.open()
+    try:
+        now = time.time()
+        normal, high = _message(now, "group"), _message(now, "group", Priority.HIGH)
+        await a.enqueue(normal)
+        await a.enqueue(high)
+        ten = ((60.0, 10),)  # reserve 20%: 8 for normal mail, 10 for high
+        for _ in range(8):
+            await b.enqueue(_message(now, "member"))
+        assert len(await b.claim_due("member", now, 10, 60, ten, 0.2)) == 8
+        assert not await a.hold_send(normal.id, "member", now, now + 60, ten, 0.2)
+        assert await a.hold_send(high.id, "member", now, now + 60, ten, 0.2, high=True)
+        # Worker A dies: its hold must not keep the member's place for its whole lease.
+        await a.close()
+        await b.requeue_expired(now + 1)
+        assert await b.hold_send(normal.id, "member", now + 1, now + 60, ten, 0.2,
+                                 high=True)
+    finally:
+        await b.close()
+
+
+def _two_account_group(tmp_path: Path, first: FakeUpstream, second: FakeUpstream,
+                       **first_settings: Any) -> Path:
+    path = write_config(tmp_path, first, **first_settings)
+    data = yaml.safe_load(path.read_text())
+    data["accounts"]["spare"] = upstream_account(second, tmp_path)
+    data["routing"] = {"default_account": "mail",
+                       "groups": {"mail": {"accounts": ["up", "spare"]}}}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def test_a_members_rate_limit_holds_across_workers_sending_group_mail(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Two worker processes send a group's mail (first member `up`: 3 a second) and the
+    member's own mail: measured at the upstream, never more than 3 in any second; the
+    rest goes through the second member; each message exactly once."""
+    upstream.delay("DATA", 0.3)  # sends in flight long enough to overlap across workers
+    async with FakeUpstream() as second:
+        config = _two_account_group(tmp_path, upstream, second,
+                                    rate_limit={"per_second": 3})
+        relay, _ = await _spawn(tmp_path, config)
+        try:
+            bodies = [message(f"g{i}") for i in range(24)]
+            bodies += [message(f"own{i}", headers={"X-Account": "up"}) for i in range(6)]
+            replies = await send_many(relay.port, bodies, sessions=16)
+            ids = [text.split()[-1] for code, text in replies if code == 250]
+            assert len(ids) == 30 and len({i[11:17] for i in ids}) == 2, "both received"
+            await _delivered(upstream, second, 30)
+            times = sorted(m.received_at for m in upstream.messages)
+            busiest = max(sum(1 for t in times if s <= t < s + 1.0) for s in times)
+            assert busiest <= 3, times
+            subjects = collections.Counter(
+                line for m in [*upstream.messages, *second.messages]
+                for line in m.data.decode().splitlines() if line.startswith("Subject:"))
+            assert len(subjects) == 30 and set(subjects.values()) == {1}
+            relay.proc.send_signal(signal.SIGTERM)
+            assert await relay.exit_code(within=30) == 0
+        finally:
+            await relay.kill()
+
+
+def _mails(up: FakeUpstream) -> int:
+    return sum(1 for _, verb in up.commands if verb == "MAIL")
+
+
+async def _delivered(first: FakeUpstream, second: FakeUpstream, count: int) -> None:
+    await wait_until(lambda: len(first.messages) + len(second.messages) >= count,
+                     timeout=30, what=f"{count} messages delivered")
+
+
+async def test_a_member_refusing_some_recipients_for_its_quota_hands_the_rest_on(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """Gmail's 5.4.5 for some recipients (it counts recipients in its quota): the first
+    member delivers the others, the rest go through the second member in the same
+    attempt; a recipient refused for itself (5.1.1) stays refused, not retried
+    elsewhere; the message is settled after one attempt, each recipient sent once."""
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(tmp_path, upstream, second))
+        upstream.refuse_rcpt("c@example.com", 550, "5.4.5 Daily user sending quota exceeded")
+        upstream.refuse_rcpt("d@example.com", 550, "5.4.5 Daily user sending quota exceeded")
+        upstream.refuse_rcpt("gone@example.com", 550, "5.1.1 No such user")
+        rcpts = ["a@example.com", "b@example.com", "c@example.com", "d@example.com",
+                 "gone@example.com"]
+        assert (await send(app.smtp_port, message("mixed"), recipients=rcpts))[0] == 250
+        await app.scheduler.run_until_idle()
+        assert [sorted(m.rcpt_tos) for m in upstream.messages] == [
+            ["a@example.com", "b@example.com"]]
+        assert [sorted(m.rcpt_tos) for m in second.messages] == [
+            ["c@example.com", "d@example.com"]]
+        [queued] = await app.store.list_messages()
+        states = {r.address: str(r.state) for r in queued.recipients}
+        assert states == {"a@example.com": "delivered", "b@example.com": "delivered",
+                          "c@example.com": "delivered", "d@example.com": "delivered",
+                          "gone@example.com": "failed"}
+        assert queued.attempts == 1
+        assert app.scheduler.workers["first"].backed_off
+        assert not app.scheduler.workers["mail"].backed_off
+
+
+async def test_when_no_member_takes_the_rest_they_wait_and_the_others_are_not_resent(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(tmp_path, upstream, second))
+        upstream.refuse_rcpt("c@example.com", 550, "5.4.5 Daily user sending quota exceeded")
+        second.password = "changed-at-the-provider"  # the second: every login refused
+        rcpts = ["a@example.com", "c@example.com"]
+        assert (await send(app.smtp_port, message("half"), recipients=rcpts))[0] == 250
+        await app.scheduler.run_until_idle()
+        assert [m.rcpt_tos for m in upstream.messages] == [("a@example.com",)]
+        assert second.messages == []
+        [queued] = await app.store.list_messages()
+        states = {r.address: str(r.state) for r in queued.recipients}
+        assert states == {"a@example.com": "delivered", "c@example.com": "pending"}
+        assert str(queued.state) == "deferred"
+
+
+async def test_a_members_backoff_and_its_one_probe_hold_for_every_worker(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """The first member's quota runs out (5.4.5 at MAIL) in one worker: no worker sends
+    group mail through it while it backs off, and once the backoff ends one send probes
+    it for the host (not one per worker) while the others go through the second."""
+    async with FakeUpstream() as second:
+        config = _two_account_group(tmp_path, upstream, second)
+        data = yaml.safe_load(config.read_text())
+        data["retry"] = {"initial_delay": "3s", "max_delay": "3s", "max_age": "60s",
+                         "jitter": 0}
+        config.write_text(yaml.safe_dump(data))
+        relay, _ = await _spawn(tmp_path, config)
+        try:
+            # Both workers log in to the first member and keep their connections open.
+            replies = await send_many(relay.port, [message(f"before {i}") for i in range(16)],
+                                      sessions=16)
+            assert len({text.split()[-1][11:17] for _, text in replies}) == 2
+            await upstream.wait_for_messages(16)
+            upstream.fail_mail(550, "5.4.5 Daily user sending quota exceeded")
+            assert (await send(relay.port, message("trip")))[0] == 250
+            await _delivered(upstream, second, 17)
+            # The backoff is shared as it is written (in the background) and read (a
+            # view at most 0.1 s old): a send in between may still try the member.
+            await asyncio.sleep(0.5)
+            tried = _mails(upstream)
+            replies = await send_many(relay.port, [message(f"during {i}") for i in range(16)],
+                                      sessions=16)
+            ids = [text.split()[-1] for code, text in replies if code == 250]
+            assert len(ids) == 16 and len({i[11:17] for i in ids}) == 2, "both received"
+            await _delivered(upstream, second, 33)
+            assert _mails(upstream) == tried, "sent through a backed-off member"
+            upstream.faults.mail = None  # the quota is back
+            await asyncio.sleep(3.5)  # the backoff ends
+            upstream.delay("DATA", 1.0)  # the probe takes a while: the others must not pile on
+            replies = await send_many(relay.port, [message(f"after {i}") for i in range(16)],
+                                      sessions=16)
+            assert len({text.split()[-1][11:17] for _, text in replies}) == 2
+            await _delivered(upstream, second, 49)
+            assert len(upstream.messages) == 17  # one probe for the host
+            assert _mails(upstream) == tried + 1
+            relay.proc.send_signal(signal.SIGTERM)
+            assert await relay.exit_code(within=30) == 0
+        finally:
+            await relay.kill()
