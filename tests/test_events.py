@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from relay.app import App, WorkerRole
 from relay.config.loading import parse_config
 from relay.config.report import config_warnings, effective_config, unresolved_secrets
-from relay.delivery.events import retry_delay, signature
+from relay.delivery.events import retry_at, retry_delay, signature
 from relay.delivery.outcome import settle
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import SendResult
@@ -263,6 +263,18 @@ def test_the_documented_verification_accepts_relays_signature_and_nothing_else()
 def test_retries_back_off_exponentially_up_to_the_maximum() -> None:
     assert [retry_delay(n, 5.0, 60.0) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
     assert retry_delay(10_000, 5.0, 600.0) == 600.0
+
+
+def test_an_events_next_post_is_its_backoff_unless_that_is_past_max_age() -> None:
+    """One rule for a failed POST and for a removed webhook's event: the next try is the
+    backoff after this attempt, kept while it falls within max_age of the event's
+    creation, given up (None) once it would fall after."""
+    backoff = {"initial_s": 5.0, "max_s": 60.0, "max_age_s": 100.0}
+    assert retry_at(1, 0.0, 10.0, **backoff) == 15.0
+    assert retry_at(3, 0.0, 60.0, **backoff) == 80.0  # 5 * 2**2
+    assert retry_at(1, 0.0, 95.0, **backoff) == 100.0  # exactly at max_age: kept
+    assert retry_at(1, 0.0, 95.5, **backoff) is None
+    assert retry_at(9, 0.0, 41.0, **backoff) is None  # at most 60 s apart, still past it
 
 
 def test_check_config_names_an_unset_webhook_secret_and_shows_durations_as_text(

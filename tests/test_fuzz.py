@@ -26,7 +26,13 @@ from hypothesis import strategies as st
 
 from relay.app import App
 from relay.delivery.priority import priority_from_headers
-from relay.delivery.routing import CONTROL_HEADERS, RoutingError, choose_account, deferred_until
+from relay.delivery.routing import (
+    CONTROL_HEADERS,
+    RoutingError,
+    choose_account,
+    deferred_until,
+    without_control_headers,
+)
 from relay.queue.types import Priority
 from relay.smtp.data import normalize_newlines
 from relay.smtp.headers import header_end, parse_headers, remove_headers
@@ -149,6 +155,10 @@ def test_structured_header_blocks_parse_exactly(
     wanted = {n.lower() for n in removed}
     stripped = remove_headers(raw, removed)
     assert stripped == header_block([f for f in fs if f.name.lower() not in wanted], body)
+    controlled = any(f.name.lower() in {"x-account", "deferred-delivery"} for f in fs)
+    kept = without_control_headers(raw, parsed)
+    assert kept == remove_headers(raw, CONTROL_HEADERS)
+    assert kept is raw or controlled  # no control field: the very bytes, not a copy
     assert not any(name.lower() in wanted for name, _ in parse_headers(stripped))
     assert remove_headers(stripped, removed) == stripped
 
@@ -201,11 +211,14 @@ def test_random_bytes_never_crash_the_header_code(raw: bytes) -> None:
     assert only_lines_removed(raw, stripped)
     if not any(n.lower() in {"x-account", "deferred-delivery"} for n, _ in parsed):
         assert stripped == raw
+    # The listener's shortcut (no control field parsed: no second scan) changes no byte.
+    assert without_control_headers(raw, parsed) == stripped
 
     # What the listener does: bare CR/LF refused or normalised first, then the control
     # headers removed. None of them may be left for the upstream to read.
     crlf = normalize_newlines(raw)
-    cleaned = remove_headers(crlf, CONTROL_HEADERS)
+    cleaned = without_control_headers(crlf, parse_headers(crlf))
+    assert cleaned == remove_headers(crlf, CONTROL_HEADERS)
     assert only_lines_removed(crlf, cleaned)
     left = {name.lower() for name, _ in parse_headers(cleaned)}
     assert not left & {"x-account", "deferred-delivery"}

@@ -111,6 +111,33 @@ def test_serve_and_accounts_test_still_need_the_secrets(
                 " RELAY_TEST_GMAIL_PASSWORD is not set") in err
 
 
+def test_check_config_names_an_unresolved_queue_password_and_serve_refuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The PostgreSQL queue's password_env/password_file is a secret like an account's:
+    check-config names it as a note (saying who reads it) without connecting, serve
+    refuses to start without it."""
+    monkeypatch.delenv("RELAY_TEST_UNSET_QUEUE_PW", raising=False)
+    unreadable = tmp_path / "missing" / "db.secret"
+    for key, value, note in (
+            ("password_env", "RELAY_TEST_UNSET_QUEUE_PW",
+             "queue.password_env: environment variable RELAY_TEST_UNSET_QUEUE_PW is not"
+             " set here"),
+            ("password_file", str(unreadable), f"queue.password_file: cannot read {unreadable}"
+                                               " here")):
+        config = tmp_path / "relay.yaml"
+        config.write_text(yaml.safe_dump({
+            "queue": {"url": "postgresql://relay@127.0.0.1:1/relay", key: value},
+            "routing": {"default_account": "box"},
+            "accounts": {"box": {"transport": "maildir", "path": str(tmp_path / "box")}}}))
+        assert main(["check-config", "-c", str(config)]) == 0
+        err = capsys.readouterr().err
+        reads = "`relay serve` and the commands that open the queue read it"
+        assert f"note: {note} ({reads})\n" in err, err
+        assert main(["serve", "-c", str(config)]) == 2
+        assert f"config error: queue.{key}: " in capsys.readouterr().err
+
+
 SUBSTITUTED_SECRETS = """\
 queue: {{path: {queue}}}
 routing: {{default_account: gmail}}

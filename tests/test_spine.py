@@ -316,6 +316,27 @@ async def test_x_account_routes_and_is_stripped(
         assert metric(app, "relay_messages_delivered_total", account="a") == 2
 
 
+async def test_without_control_headers_the_message_goes_byte_for_byte(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """No control header: the bytes go upstream exactly as sent (fields that only look
+    like one, folds, tabs, trailing spaces, the names in the body); with X-Account and
+    Deferred-Delivery both, only those fields (and their folded lines) are gone."""
+    app = await start_relay(relay_config(tmp_path, {"a": upstream_account(upstream, tmp_path)}))
+    plain = (b"DKIM-Signature: v=1; a=rsa-sha256;\r\n\tb=abc \r\nX-Account-Id: 7\r\n"
+             b"X-Priority: 1\r\nX-Accounts : a\r\nSubject:  two  spaces\t\r\n"
+             b"From: app@example.com\r\nTo: to@example.com\r\n\r\n"
+             b"X-Account: a\r\nDeferred-Delivery: Mon, 1 Jan 2024 00:00:00 +0000\r\n")
+    assert (await send(app.smtp_port, plain))[0] == 250
+    head = b"Subject: s\r\nFrom: app@example.com\r\n"
+    tail = b"To: to@example.com\r\n\r\nbody\r\n"
+    controlled = (head + b"X-ACCOUNT: a\r\n" + b"Deferred-Delivery: Mon, 1 Jan 2024\r\n"
+                  b" 00:00:00 +0000\r\n" + tail)
+    assert (await send(app.smtp_port, controlled))[0] == 250
+    await upstream.wait_for_messages(2)
+    assert sorted(m.data for m in upstream.messages) == sorted([plain, head + tail])
+
+
 async def test_unknown_x_account_is_refused_and_nothing_queued(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:

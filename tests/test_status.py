@@ -281,6 +281,27 @@ async def test_without_a_running_server_status_says_so(
     await store.close()
 
 
+async def test_a_time_no_date_can_show_does_not_end_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A queue an older relay's import left with created_at 1e308: status shows it as
+    `relay queue show` does, rather than ending with a traceback (OverflowError)."""
+    config = write_config(tmp_path, {"outbox": {"transport": "maildir",
+                                                "path": str(tmp_path / "box")}})
+    queue = tmp_path / "queue.sqlite3"
+    await seed(queue, 1, at=time.time() - 600)
+    store = SQLiteStore(queue, lock=False)
+    await store.open()
+    try:
+        await store.execute([("UPDATE messages SET created_at=1e308", ())])
+    finally:
+        await store.close()
+    data = await Status(config, capsys).json()
+    assert data["oldest_undelivered"]["created_at"] == "out of range (1e+308)"
+    assert "oldest undelivered: SEED0000 (outbox, deferred)" in await Status(config,
+                                                                              capsys).text()
+
+
 async def test_a_report_from_an_earlier_run_is_not_shown_as_current(
     tmp_path: Path, start_relay: StartRelay, capsys: pytest.CaptureFixture[str],
 ) -> None:

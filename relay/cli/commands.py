@@ -52,13 +52,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     named = {note.partition(": ")[0] for note in unresolved}
     for problem in [*unresolved, *(p for p in unresolved_secrets(config)
                                    if p.partition(": ")[0] not in named)]:
-        out(f"note: {problem} (only `relay serve` and `relay accounts test` read it)",
-            file=sys.stderr)
+        out(f"note: {problem} ({_who_reads(problem)} read it)", file=sys.stderr)
     print(yaml.safe_dump(effective_config(config, socket.getfqdn()), sort_keys=False), end="")
     # As YAML comments, so that the output stays a config file one can save and reuse.
     out("# Where each value came from (keys not listed are defaults):")
     out(*(f"#   {key}: {origin}" for key, origin in sorted(sources.items())))
     return EXIT_OK
+
+
+def _who_reads(problem: str) -> str:
+    """The commands that need an unresolved secret: the queue's password is read by every
+    command that opens a PostgreSQL queue, the others only by the two that connect."""
+    if problem.startswith("queue."):
+        return "`relay serve` and the commands that open the queue"
+    return "only `relay serve` and `relay accounts test`"
 
 
 class Reloads:

@@ -36,6 +36,16 @@ def load(args: argparse.Namespace) -> Config:
     return load_config(path, secrets=getattr(args, "needs_secrets", True))
 
 
+def iso(ts: float) -> str:
+    """``ts`` as an ISO date; one no date can show (a queue written by an older relay's
+    import may hold 1e308; inf, nan) says so, rather than ending the command with a
+    traceback."""
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return f"out of range ({ts!r})"
+
+
 def out(*lines: str, file: TextIO | None = None) -> None:
     """Print each of ``lines`` as one line, control characters escaped: what the queue
     holds comes from clients and upstreams, and a CR, LF or ESC sequence in a header

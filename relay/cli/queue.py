@@ -30,12 +30,13 @@ from relay.cli.common import (
     EXIT_USAGE,
     config_path,
     fail,
+    iso,
     out,
     queue_of,
 )
 from relay.cli.filters import STATES, add_filter_options, add_sort_options, message_filter
 from relay.cli.progress import ProgressBar
-from relay.cli.queue_show import as_dict, iso
+from relay.cli.queue_show import as_dict
 from relay.config.durations import format_duration, parse_duration
 from relay.config.loading import load_config_report
 from relay.config.report import unresolved_secrets

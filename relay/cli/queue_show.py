@@ -16,6 +16,7 @@ from relay.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
     fail,
+    iso,
     load,
     open_queue,
     out,
@@ -31,15 +32,6 @@ from relay.smtp.headers import header_end, parse_headers
 # qshape's buckets (minutes, doubling): 0-5m, 5-10m, 10-20m, 20-40m, 40-80m, 80m+.
 AGE_BOUNDS_S = (300.0, 600.0, 1200.0, 2400.0, 4800.0)
 AGE_LABELS = ("0-5m", "5-10m", "10-20m", "20-40m", "40-80m", "80m+")
-
-
-def iso(ts: float) -> str:
-    """``ts`` as an ISO date; one no date can show (a queue written by an older relay's
-    import may hold 1e308) says so, rather than ending the command with a traceback."""
-    try:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-    except (OverflowError, OSError, ValueError):
-        return f"out of range ({ts!r})"
 
 
 def as_dict(m: QueuedMessage) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from typing import Any
 
 from relay.cli.common import (
     EXIT_OK,
+    iso,
     load,
     lock_path,
     open_queue,
@@ -117,7 +118,7 @@ def _shared_health(snap: Snapshot, name: str, h: AccountHealth | None,
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    return None if ts is None else iso(ts)
 
 
 def account_health(snap: Snapshot, name: str) -> dict[str, Any]:

@@ -96,8 +96,12 @@ def _webhook_warnings(config: Config) -> list[str]:
 
 def unresolved_secrets(config: Config) -> list[str]:
     """Secrets this environment could not resolve: fine for the operator commands (they
-    never read them), fatal for `relay serve` and `relay accounts test`, which do."""
+    never read them), fatal for `relay serve` and `relay accounts test`, which do. The
+    PostgreSQL queue's password (``queue.``) is the exception: every command that opens
+    the queue reads it."""
     found: list[tuple[str, str | None, Path | None]] = [
+        ("queue", config.queue.password_env, config.queue.password_file)]
+    found += [
         (f"accounts.{name}", acc.password_env, acc.password_file)
         for name, acc in config.accounts.items() if acc.transport == "smtp"
     ]

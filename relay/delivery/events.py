@@ -73,3 +73,12 @@ def retry_delay(attempts: int, initial_s: float, max_s: float) -> float:
     """After ``attempts`` failed POSTs: initial, doubling, at most max."""
     doublings = min(max(attempts - 1, 0), 30)
     return float(min(initial_s * 2.0**doublings, max_s))
+
+
+def retry_at(attempts: int, created_at: float, now: float, *, initial_s: float,
+             max_s: float, max_age_s: float) -> float | None:
+    """When to POST an event again after its ``attempts``-th failed try (now), backing off
+    from ``initial_s`` to at most ``max_s``; None once that would be more than
+    ``max_age_s`` after ``created_at``: the event is then given up."""
+    at = now + retry_delay(attempts, initial_s, max_s)
+    return None if at - created_at > max_age_s else at

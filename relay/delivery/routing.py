@@ -6,12 +6,24 @@ from collections.abc import Collection
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
-from relay.smtp.headers import get_header
+from relay.smtp.headers import get_header, remove_headers
 
 ACCOUNT_HEADER = "X-Account"
 DEFERRED_HEADER = "Deferred-Delivery"  # RFC 2156
 # Headers that instruct relay and are removed before the message goes upstream.
 CONTROL_HEADERS = {ACCOUNT_HEADER, DEFERRED_HEADER}
+
+
+_CONTROL_NAMES = frozenset(name.lower() for name in CONTROL_HEADERS)
+
+
+def without_control_headers(body: bytes, fields: list[tuple[str, str]]) -> bytes:
+    """The message as it goes upstream: ``body`` without the control headers. ``fields``
+    (parse_headers(body)) names none in most messages: then ``body`` itself, without
+    scanning its header section a second time."""
+    if not any(name.lower() in _CONTROL_NAMES for name, _ in fields):
+        return body
+    return remove_headers(body, CONTROL_HEADERS)
 
 
 class RoutingError(ValueError):

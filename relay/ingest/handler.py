@@ -24,10 +24,10 @@ from aiosmtpd.smtp import (
 from relay.config.schema import Config
 from relay.delivery.priority import priority_from_headers
 from relay.delivery.routing import (
-    CONTROL_HEADERS,
     RoutingError,
     deferred_until,
     requested_account,
+    without_control_headers,
 )
 from relay.delivery.rules import Facts, Route, decide, route
 from relay.errors import StoreBusyError, StoreError, StoreFullError, StoreReserveError
@@ -39,7 +39,7 @@ from relay.observe.metrics import Metrics
 from relay.queue.types import Dedup, NewMessage, new_queue_id
 from relay.smtp import replies
 from relay.smtp.data import has_bare_newline, normalize_newlines
-from relay.smtp.headers import header_section_exceeds, parse_headers, remove_headers
+from relay.smtp.headers import header_section_exceeds, parse_headers
 
 log = logging.getLogger("relay.smtpd")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -237,7 +237,7 @@ class IngestHandler:
         routes, not_before = routed
         now = time.time()
         sender = _reverse_path(envelope.mail_from)
-        body = remove_headers(raw, CONTROL_HEADERS)
+        body = without_control_headers(raw, fields)
         split = len(routes) > 1
         # What belongs to the whole message, once; then one queue entry per account, all
         # committed together before the one 250.

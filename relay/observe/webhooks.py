@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import aiohttp
 
 from relay.config.schema import WebhookConfig
-from relay.delivery.events import SIGNATURE_HEADER, TIMESTAMP_HEADER, retry_delay, signature
+from relay.delivery.events import SIGNATURE_HEADER, TIMESTAMP_HEADER, retry_at, signature
 from relay.errors import StoreError
 from relay.observe.logs import event
 from relay.observe.metrics import Metrics
@@ -43,6 +43,14 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect: {exc.os_error.strerror or type(exc.os_error).__name__}"
     return type(exc).__name__
+
+
+def _retry_at(hook: WebhookConfig, pending: PendingEvent, now: float) -> float | None:
+    """The next POST of ``pending`` after this attempt failed, on ``hook``'s backoff; None:
+    past its max_age, give it up (relay.delivery.events.retry_at)."""
+    return retry_at(pending.attempts + 1, pending.created_at, now,
+                    initial_s=hook.retry_initial, max_s=hook.retry_max,
+                    max_age_s=hook.max_age)
 
 
 class WebhookSender:
@@ -167,8 +175,8 @@ class WebhookSender:
             self.metrics.webhook_deliveries.labels(hook.label, "sent").inc()
             await self._settle(pending, None)
             return
-        retry_at = now + retry_delay(pending.attempts + 1, hook.retry_initial, hook.retry_max)
-        if retry_at - pending.created_at > hook.max_age:
+        again = _retry_at(hook, pending, now)
+        if again is None:
             self.metrics.webhook_deliveries.labels(hook.label, "gave_up").inc()
             event(log, logging.ERROR, "webhook_gave_up", webhook=hook.label,
                   event_id=pending.id, type=pending.type, attempts=pending.attempts + 1,
@@ -178,8 +186,8 @@ class WebhookSender:
         self.metrics.webhook_deliveries.labels(hook.label, "failed").inc()
         event(log, logging.WARNING, "webhook_failed", webhook=hook.label, event_id=pending.id,
               type=pending.type, attempts=pending.attempts + 1, reason=error,
-              retry_in=f"{retry_at - now:.1f}s")
-        await self._settle(pending, retry_at, error)
+              retry_in=f"{again - now:.1f}s")
+        await self._settle(pending, again, error)
 
     async def _orphan(self, pending: PendingEvent) -> None:
         """An event for a webhook not in the config now. Removed by a reload: it waits, on
@@ -190,14 +198,13 @@ class WebhookSender:
         old = self._known.get(pending.webhook)
         if old is not None:
             now = self.clock()
-            retry_at = now + retry_delay(pending.attempts + 1, old.retry_initial,
-                                         old.retry_max)
-            if retry_at - pending.created_at <= old.max_age:
+            again = _retry_at(old, pending, now)
+            if again is not None:
                 event(log, logging.WARNING, "webhook_failed", webhook=pending.webhook,
                       event_id=pending.id, type=pending.type, attempts=pending.attempts + 1,
                       reason=f"{why}; kept until its max_age in case it returns",
-                      retry_in=f"{retry_at - now:.1f}s")
-                await self._settle(pending, retry_at, why)
+                      retry_in=f"{again - now:.1f}s")
+                await self._settle(pending, again, why)
                 return
             why += " since a reload; none returned within max_age"
         self.metrics.webhook_deliveries.labels(pending.webhook, "gave_up").inc()
