@@ -248,3 +248,20 @@ async def test_a_members_backoff_and_its_one_probe_hold_for_every_worker(
             assert await relay.exit_code(within=30) == 0
         finally:
             await relay.kill()
+
+
+async def test_a_members_split_transactions_keep_to_its_rate_limit(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """`452 4.5.3 too many recipients` splits a group's send through a member limited to
+    one a second: the member's limit spaces the transactions, as for its own mail."""
+    upstream.recipient_limit = 2
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(
+            tmp_path, upstream, second, members={"first": {"rate_limit": {"per_second": 1}}}))
+        rcpts = [f"r{i}@example.com" for i in range(4)]
+        assert (await send(app.smtp_port, message("split"), recipients=rcpts))[0] == 250
+        await app.scheduler.run_until_idle()
+        assert sorted(r for m in upstream.messages for r in m.rcpt_tos) == rcpts
+        assert second.messages == []
+        first, then = (m.received_at for m in upstream.messages)
+        assert then - first >= 0.95

@@ -293,8 +293,8 @@ async def test_an_older_schema_waits_for_migrate_and_migrate_applies_it(
     await first.close()
     # This relay knows one more migration than the database has.
     known = pg.SCHEMA_VERSION
-    monkeypatch.setattr(pg, "MIGRATIONS", [*pg.MIGRATIONS,
-                                           (known + 1, "a test step", "CREATE TABLE extra (x int)")])
+    step = (known + 1, "a test step", "CREATE TABLE extra (x int)")
+    monkeypatch.setattr(pg, "MIGRATIONS", [*pg.MIGRATIONS, step])
     monkeypatch.setattr(pg, "SCHEMA_VERSION", known + 1)
     with pytest.raises(SchemaError, match="older than this relay"):
         await PostgresStore(pg_url).open()

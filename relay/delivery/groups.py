@@ -72,6 +72,10 @@ class Member(Protocol):
     def reserve_send(self) -> None:
         """Count one send in the member's rate limits (until ``end_send``)."""
 
+    async def next_transaction(self) -> None:
+        """A further transaction of the send (after 452 "too many recipients"): the one
+        before counts, the next waits for the member's rate limits and is reserved."""
+
     def end_send(self) -> None: ...
 
     def account_failed(self, error: DeliveryError) -> None:
@@ -136,7 +140,7 @@ class GroupTransport:
             try:
                 own_sender, own_body = rewritten(member.rewrite, sender, body)
                 result = await transport.send(own_sender, attempt.pending, own_body,
-                                              mail_options, pace=attempt.paced())
+                                              mail_options, pace=attempt.paced(member))
             except SlotsHeldElsewhere:
                 attempt.tried = False  # nothing went out through it: the next may send
                 continue
@@ -188,15 +192,16 @@ class _Attempt:
         self.held, self.held_name, self.tried = member, name, True
         return True
 
-    def paced(self) -> Pace | None:
-        """A member's pace for its own split transactions, told what the whole attempt
-        delivered so far (earlier members' recipients too), not only its own."""
+    def paced(self, member: Member) -> Pace:
+        """The pace of a member's further transactions (a 452 split): the worker records
+        what the whole attempt delivered so far (earlier members' recipients too, not
+        only this member's), and the member's own rate limits space the transactions."""
         pace, done = self.pace, self.done
-        if pace is None or done is None:
-            return pace
 
         async def paced(so_far: SendResult) -> None:
-            await pace(combined(done, so_far))
+            if pace is not None:
+                await pace(combined(done, so_far))
+            await member.next_transaction()
 
         return paced
 

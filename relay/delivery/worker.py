@@ -627,6 +627,11 @@ class AccountWorker:
             except StoreError as exc:  # the outcome still records them; a crash would not
                 event(log, logging.ERROR, "queue_error", message.id, account=self.name,
                       reason=f"cannot record accepted recipients: {exc}")
+        await self.next_transaction()
+
+    async def next_transaction(self) -> None:
+        """The transaction before ends and counts; wait until the account's limits allow
+        the next, and reserve it (also for a group's send through this account)."""
         self.limiter.complete(self.mono())
         while self.limiter.available(self.mono()) < 1:
             wait = self.limiter.wait_time(self.mono())
