@@ -78,6 +78,9 @@ class Member(Protocol):
 
     def end_send(self) -> None: ...
 
+    def cancel_send(self) -> None:
+        """The send reserved did not happen: it does not count."""
+
     def account_failed(self, error: DeliveryError) -> None:
         """An account-level failure through the group: the member backs off."""
 
@@ -127,15 +130,16 @@ class GroupTransport:
                    mail_options: tuple[str, ...], *, pace: Pace | None = None
                    ) -> SendResult:
         attempt = _Attempt(SENDING.get(), list(recipients), pace)
-        paused = () if self._paused is None else await self._paused()
         for name in order(self.group, self._rng):
             member, transport = self._members(name), self._transports.get(name)
-            if (member is None or transport is None or name in paused
-                    or not member.may_send(attempt.high)):
+            if member is None or transport is None or not member.may_send(attempt.high):
                 continue
-            if not await attempt.hold(name, member):
-                continue
+            # At once, before any await: no other send of this process takes the same
+            # place in the member's limits (or its one probe) meanwhile.
             member.reserve_send()
+            if not await self._takes(attempt, name, member):
+                member.cancel_send()
+                continue
             self.last_peer = transport.peer  # for the log line of a failure, too
             try:
                 own_sender, own_body = rewritten(member.rewrite, sender, body)
@@ -160,6 +164,12 @@ class GroupTransport:
                 return combined(attempt.done, result)
         return await attempt.end(self.name)
 
+    async def _takes(self, attempt: _Attempt, name: str, member: Member) -> bool:
+        """The member is not paused in the queue and takes the message (attempt.hold)."""
+        if attempt.paused is None:  # read once a member may send, and once per attempt
+            attempt.paused = () if self._paused is None else await self._paused()
+        return name not in attempt.paused and await attempt.hold(name, member)
+
     async def close(self) -> None:
         """The members' transports are closed with their accounts."""
 
@@ -182,6 +192,7 @@ class _Attempt:
         self.held: Member | None = None  # the member whose windows hold the message
         self.held_name = ""
         self.tried = False  # the held member's send happened: it counts in its windows
+        self.paused: Collection[str] | None = None  # accounts paused in the queue
 
     async def hold(self, name: str, member: Member) -> bool:
         """The member takes the message (its backoff and windows across processes); the

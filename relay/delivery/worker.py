@@ -650,17 +650,17 @@ class AccountWorker:
                 and self.throttle.held(mono) == 0)
 
     async def take_send(self, message_id: str, high: bool, ended: str | None) -> bool:
-        """(Group) What the other processes on the queue know of this account: follow
-        the backoff one of them decided, probe only with the host's probe, and hold the
-        message in the account's rate windows as they count them. One process alone:
-        may_send knew it all."""
+        """(Group; after may_send and reserve_send) What the other processes on the queue
+        know of this account: follow the backoff one of them decided, probe only with the
+        host's probe, and hold the message in the account's rate windows as they count
+        them. One process alone: may_send knew it all."""
         if self.host is None:
             return True
         now, mono = self.clock(), self.mono()
         try:
             if await self._follow_host(await self.host.backoff(), now, mono) is not None:
                 return False  # another process probes the account
-            if not self.may_send(high):  # a backoff just adopted
+            if self.mono() < self.backoff_until:  # a backoff just adopted
                 return False
             if not self.limiter.limited and ended is None:
                 return True
@@ -684,6 +684,10 @@ class AccountWorker:
     def end_send(self) -> None:
         self._group_sends -= 1
         self.limiter.complete(self.mono())
+
+    def cancel_send(self) -> None:
+        self._group_sends -= 1
+        self.limiter.cancel(1)
 
     def account_failed(self, error: DeliveryError) -> None:
         """A group's send through this account failed for the account: back off."""
