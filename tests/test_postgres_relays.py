@@ -111,3 +111,41 @@ def _claimed_by(url: str, pid: int) -> int:
         row = db.execute("SELECT count(*) FROM messages m JOIN processes p"
                          " ON p.owner = m.owner WHERE p.pid = %s", (pid,)).fetchone()
     return int(row[0]) if row else 0
+
+
+async def test_two_relays_keep_a_group_members_limit_together(
+    tmp_path: Path, pg_url: str, upstream: FakeUpstream, launch: Launch
+) -> None:
+    """Group mail from two relays on one database (issue 15 on 14): the first member's
+    per-second limit holds at its upstream over both, the second member takes the rest,
+    each message once."""
+    upstream.delay("DATA", 0.3)  # sends in flight long enough to overlap across relays
+    async with FakeUpstream() as spare:
+        configs = []
+        for n in range(2):
+            path = _config(tmp_path, upstream, pg_url, n)
+            data = yaml.safe_load(path.read_text())
+            data["accounts"]["up"]["rate_limit"] = {"per_second": 3}
+            data["accounts"]["spare"] = upstream_account(spare, tmp_path)
+            data["routing"] = {"default_account": "mail",
+                               "groups": {"mail": {"accounts": ["up", "spare"]}}}
+            path.write_text(yaml.safe_dump(data))
+            configs.append(path)
+        relays = [await launch(path) for path in configs]
+        for relay in relays:
+            await relay.wait_started()
+        halves = [[message(f"g{k}-{i}") for i in range(12)] for k in range(2)]
+        replies = await asyncio.gather(*(send_many(r.port, part, sessions=4)
+                                         for r, part in zip(relays, halves, strict=True)))
+        assert all(code == 250 for part in replies for code, _ in part), replies
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while len(upstream.messages) + len(spare.messages) < 24:
+            assert loop.time() < deadline, "\n".join(r.stderr[-2000:] for r in relays)
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # nothing more should come
+        subjects = sorted(m.data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0]
+                          for m in [*upstream.messages, *spare.messages])
+        assert subjects == sorted(f"g{k}-{i}".encode() for k in range(2) for i in range(12))
+        assert _most_in_one_second([m.received_at for m in upstream.messages]) <= 3
+        assert upstream.messages and spare.messages
