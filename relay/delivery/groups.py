@@ -134,11 +134,7 @@ class GroupTransport:
             member, transport = self._members(name), self._transports.get(name)
             if member is None or transport is None or not member.may_send(attempt.high):
                 continue
-            # At once, before any await: no other send of this process takes the same
-            # place in the member's limits (or its one probe) meanwhile.
-            member.reserve_send()
             if not await self._takes(attempt, name, member):
-                member.cancel_send()
                 continue
             self.last_peer = transport.peer  # for the log line of a failure, too
             try:
@@ -157,7 +153,9 @@ class GroupTransport:
                 attempt.last = exc
                 continue
             finally:
-                member.end_send()
+                # A send counts in the member's limits from its end; one that never
+                # went out (no connection slot) does not count.
+                (member.end_send if attempt.tried else member.cancel_send)()
             member.note_reply(result)
             result.via = name
             if not await attempt.moves_on(member, result):
@@ -165,10 +163,21 @@ class GroupTransport:
         return await attempt.end(self.name)
 
     async def _takes(self, attempt: _Attempt, name: str, member: Member) -> bool:
-        """The member is not paused in the queue and takes the message (attempt.hold)."""
-        if attempt.paused is None:  # read once a member may send, and once per attempt
-            attempt.paused = () if self._paused is None else await self._paused()
-        return name not in attempt.paused and await attempt.hold(name, member)
+        """The member is not paused in the queue and takes the message (attempt.hold):
+        then one send is reserved in its limits, until member.end_send."""
+        # At once, before any await: no other send of this process takes the same place
+        # in the member's limits (or its one probe) meanwhile.
+        member.reserve_send()
+        try:
+            if attempt.paused is None:  # read once a member may send, once per attempt
+                attempt.paused = () if self._paused is None else await self._paused()
+            if name not in attempt.paused and await attempt.hold(name, member):
+                return True
+        except BaseException:
+            member.cancel_send()
+            raise
+        member.cancel_send()
+        return False
 
     async def close(self) -> None:
         """The members' transports are closed with their accounts."""
