@@ -6,10 +6,17 @@ whose transport is a ``GroupTransport``: for each send it asks each member accou
 the group's order, whether it may send now (not backing off, not paused, under its rate
 limits) and sends through the first that may. An account-level failure (down, AUTH,
 quota: ``DeliveryError.account_wide``) backs that member off and moves the same send on
-to the next member at once; a refusal of a recipient or of the message (4xx, 5xx) is the
-answer, as for any account. ``order`` is pure; the transport only composes the members'
+to the next member at once, and so do the recipients a member refused for account
+reasons while it took the others (its quota running out mid-message); a refusal of a
+recipient or of the message (4xx, 5xx) is the answer, as for any account. ``order``,
+``combined`` and ``moved_on`` are pure; the transport only composes the members'
 transports. The member's own ``rewrite`` applies to what it sends (its envelope sender
 and From), as to its own mail.
+
+With several processes on one queue, a member's limits are the host's: before a send,
+the member follows the backoff any process decided, takes the host's one probe, and
+holds the message in its rate windows as the queue counts them (Member.take_send,
+QueueStore.hold_send) until the outcome is recorded.
 """
 
 from __future__ import annotations
@@ -101,8 +108,8 @@ def combined(done: SendResult | None, result: SendResult) -> SendResult:
 
 
 def moved_on(result: SendResult) -> list[str]:
-    """The recipients a member refused for account reasons (its quota, a throttle) while
-    it accepted others: they go to the next member in the same attempt. Pure."""
+    """The recipients a member refused for account reasons (its quota, a throttle): they
+    go to the next member in the same attempt. Pure."""
     return [r for r, e in result.refused.items() if e.account_wide]
 
 
