@@ -17,9 +17,11 @@ from typing import Any
 
 import yaml
 
+from relay.delivery.groups import combined, moved_on
 from relay.delivery.outcome import settle
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import SendResult
+from relay.errors import PermanentFailure, TemporaryFailure
 from relay.queue.types import NewMessage, Priority, new_queue_id
 from tests.conftest import (
     MakeStore,
@@ -36,6 +38,19 @@ from tests.test_workers import _spawn
 from tests.upstream import FakeUpstream
 
 WINDOW = ((60.0, 2),)  # the member's: 2 sends a minute
+
+
+def test_what_members_of_one_attempt_achieved_together() -> None:
+    quota = TemporaryFailure("550 5.4.5 Daily user sending quota exceeded",
+                             account_reason="quota")
+    gone = PermanentFailure("550 5.1.1 No such user")
+    first = SendResult(["a@x"], {"b@x": quota, "c@x": gone}, "250 ok", "one:25", "first")
+    assert moved_on(first) == ["b@x"]  # the quota's; c@x is refused for itself
+    then = SendResult(["b@x"], {}, "250 queued", "two:25", "second")
+    both = combined(first, then)
+    assert both.accepted == ["a@x", "b@x"] and both.refused == {"c@x": gone}
+    assert (both.reply, both.peer, both.via) == ("250 queued", "two:25", "second")
+    assert combined(None, then) is then
 
 
 def _message(now: float, account: str, priority: Priority = Priority.NORMAL) -> NewMessage:
