@@ -123,6 +123,30 @@ async def test_high_priority_may_use_the_reserve_and_a_dead_owners_hold_is_freed
         await b.close()
 
 
+async def test_a_long_group_send_keeps_its_place_as_its_claim_is_renewed(
+        make_store: MakeStore) -> None:
+    """A send longer than the lease (slow replies, each within its timeout): the claim's
+    renewal renews the place it holds in the member's window, or the other processes
+    would take it while the send is still under way."""
+    a = make_store(lock=False, owner="worker-a")
+    b = make_store(lock=False, owner="worker-b")
+    await a.open()
+    await b.open()
+    try:
+        now = time.time()
+        await a.enqueue(_message(now, "group"))
+        await b.enqueue(_message(now, "member"))
+        (slow,) = await a.claim_due("group", now, 10, lease_s=60)
+        one = ((300.0, 1),)
+        assert await a.hold_send(slow.id, "member", now, now + 60, one)
+        assert await a.renew([slow.id], now + 160) == 1
+        assert await b.claim_due("member", now + 100, 10, lease_s=60, windows=one) == []
+        assert len(await b.claim_due("member", now + 170, 10, lease_s=60, windows=one)) == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
 def _two_account_group(tmp_path: Path, first: FakeUpstream, second: FakeUpstream,
                        **first_settings: Any) -> Path:
     path = write_config(tmp_path, first, **first_settings)

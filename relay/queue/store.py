@@ -111,7 +111,8 @@ class QueueStore(Protocol):
         (then neither bounce nor events are written).
         """
     async def renew(self, ids: Sequence[str], lease_until: float) -> int:
-        """Extend this owner's leases on ``ids`` (sends still under way)."""
+        """Extend this owner's leases on ``ids`` (sends still under way), and the places
+        those held in a member's windows (hold_send) with them."""
     async def record_recipients(self, message_id: str, recipients: Sequence[Recipient]
                                 ) -> None:
         """Store a claimed message's recipients mid-send (some already delivered by one

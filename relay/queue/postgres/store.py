@@ -712,9 +712,12 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
         """Extend this owner's claims on ``ids``; return how many it still holds."""
         if not ids:
             return 0
-        counts = await self.execute([(
-            "UPDATE messages SET lease_until=%s WHERE id = ANY(%s) AND state='sending'"
-            " AND owner=%s", (lease_until, list(ids), self.owner))])
+        counts = await self.execute([
+            ("UPDATE messages SET lease_until=%s WHERE id = ANY(%s) AND state='sending'"
+             " AND owner=%s", (lease_until, list(ids), self.owner)),
+            # A group message's place in its member's windows lasts as long as its claim.
+            ("UPDATE group_sends SET lease_until=%s WHERE message_id = ANY(%s)"
+             " AND owner=%s", (lease_until, list(ids), self.owner))])
         return counts[0]
 
     async def record_recipients(self, message_id: str, recipients: Sequence[Recipient]

@@ -485,8 +485,11 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox,
         counts = await self.execute(
             [("UPDATE messages SET lease_until=? WHERE id=? AND state='sending' AND owner=?",
               (lease_until, i, self.owner)) for i in ids]
+            # A group message's place in its member's windows lasts as long as its claim.
+            + [("UPDATE group_sends SET lease_until=? WHERE message_id=? AND owner=?",
+                (lease_until, i, self.owner)) for i in ids]
         )
-        return sum(counts)
+        return sum(counts[:len(ids)])
 
     async def check_writable(self) -> None:
         """An empty transaction through the writer, and the free-space reserve: raises
