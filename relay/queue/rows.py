@@ -30,8 +30,8 @@ COLUMNS = (
 )
 
 # Every message with its body (NULL once dropped) last, for exported_message.
-EXPORT_MESSAGES_SQL = (f"SELECT {COLUMNS}, (SELECT data FROM bodies WHERE bodies.id ="
-                       " messages.id) FROM messages ORDER BY seq")
+_BODY = "(SELECT data FROM bodies WHERE bodies.id = messages.id)"
+EXPORT_MESSAGES_SQL = f"SELECT {COLUMNS}, {_BODY} FROM messages ORDER BY seq"
 # An attempt record's columns, for attempts_by_message (each store says which messages).
 ATTEMPT_COLUMNS = "message_id, at, account, outcome, reply, transcript"
 # Every outbox event, a claimed one too (its owner: exported_event makes it due now).
