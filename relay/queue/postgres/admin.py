@@ -11,8 +11,9 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from relay.queue import bulk
 from relay.queue.filters import MessageFilter, SortKey
-from relay.queue.postgres.filters import ORDER_BY
+from relay.queue.postgres.filters import ORDER_BY, POSTGRES
 from relay.queue.postgres.filters import where as filter_where
 from relay.queue.postgres.schema import COLUMNS, row_to_message
 from relay.queue.store import OPERATOR_CHUNK, Progress
@@ -131,41 +132,11 @@ class OperatorQueries:
         return {(a, o): int(n) for a, o, n in rows}
 
     # -- bulk changes --------------------------------------------------------------------
-    @staticmethod
-    def _selection(
-        states: Sequence[str], ids: Sequence[str], match: MessageFilter | None
-    ) -> tuple[str, list[Any]]:
-        where, params = filter_where((match or MessageFilter()).within(map(MessageState, states)))
-        if ids:
-            where += " AND id = ANY(%s)"
-            params.append(list(ids))
-        return where, params
-
-    async def _in_windows(
-        self,
-        where: str,
-        params: list[Any],
-        templates: Sequence[tuple[str, tuple[Any, ...]]],
-        progress: Progress | None,
-        chunk: int,
-    ) -> int:
-        """Run each template (``{where}`` filled in) per window of ``chunk`` seq values,
-        one transaction each; sum the last's counts. Parameters: the template's lead,
-        the window's bounds, then ``params``."""
-        rows = await self._fetch(f"SELECT min(seq), max(seq) FROM messages WHERE {where}",
-                                 params)
-        if not rows or rows[0][0] is None:
-            return 0
-        low, high = int(rows[0][0]), int(rows[0][1])
-        window = f"seq BETWEEN %s AND %s AND {where}"
-        done = 0
-        for start in range(low, high + 1, chunk):
-            counts = await self.execute([
-                (t.format(where=window), (*lead, start, start + chunk - 1, *params))
-                for t, lead in templates])
-            done += counts[-1]
-            if progress is not None:
-                progress(done)
+    async def _in_windows(self, where: str, params: list[Any], templates: bulk.Templates,
+                          progress: Progress | None, chunk: int) -> int:
+        """relay.queue.bulk.in_windows; the claimers wake once any message changed."""
+        done = await bulk.in_windows(self._fetch, self.execute, POSTGRES, where, params,
+                                     templates, progress, chunk)
         if done:
             self._wake("*")
         return done
@@ -184,7 +155,7 @@ class OperatorQueries:
         progress: Progress | None = None,
         chunk: int = OPERATOR_CHUNK,
     ) -> int:
-        where, params = self._selection(states, ids, match)
+        where, params = bulk.selection(states, ids, match, POSTGRES)
         if needs_body:
             where += f" AND {BODY_KEPT}"
         sets = "state=%s, lease_until=NULL, owner=NULL, claim_token=NULL, updated_at=%s"
@@ -212,7 +183,7 @@ class OperatorQueries:
         progress: Progress | None = None,
         chunk: int = OPERATOR_CHUNK,
     ) -> int:
-        where, params = self._selection(states, ids, match)
+        where, params = bulk.selection(states, ids, match, POSTGRES)
         templates: list[tuple[str, tuple[Any, ...]]] = [
             ("DELETE FROM bodies WHERE id IN (SELECT id FROM messages WHERE {where})", ()),
             ("DELETE FROM attempts WHERE message_id IN (SELECT id FROM messages WHERE {where})",
@@ -235,7 +206,7 @@ class OperatorQueries:
     ) -> list[tuple[str, str]]:
         """Re-route to ``to_account`` keeping state and due time, each with a 'moved'
         attempts row in the transaction that moves it; (id, from account) of each."""
-        where, params = self._selection(states, ids, match)
+        where, params = bulk.selection(states, ids, match, POSTGRES)
         where += " AND account != %s"
         params.append(to_account)
         reply = "'from ' || account || ' to ' || %s || ' by ' || %s"

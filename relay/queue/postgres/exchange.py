@@ -16,7 +16,17 @@ from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from relay.errors import StoreError
-from relay.queue.postgres.schema import COLUMNS, recipients_json, row_to_message
+from relay.queue.postgres.schema import COLUMNS, recipients_json
+from relay.queue.rows import (
+    ATTEMPT_COLUMNS,
+    DEDUP_COLUMNS,
+    EXPORT_EVENTS_SQL,
+    EXPORT_MESSAGES_SQL,
+    attempts_by_message,
+    exported_dedup,
+    exported_event,
+    exported_message,
+)
 from relay.queue.types import (
     ExportedAttempt,
     ExportedDedup,
@@ -50,22 +60,12 @@ class Exchange:
         now = time.time()
         async with self._conn(bounded=False) as conn, conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            body = "(SELECT data FROM bodies WHERE bodies.id = messages.id)"
             async with conn.cursor(name="relay_export") as rows:
-                await rows.execute(f"SELECT {COLUMNS}, {body} FROM messages ORDER BY seq")
+                await rows.execute(EXPORT_MESSAGES_SQL)
                 while batch := await rows.fetchmany(page):
                     logs = await _attempts(conn, [row[0] for row in batch])
                     for row in batch:
-                        m = row_to_message(row)
-                        yield unclaimed(ExportedMessage(
-                            id=m.id, state=m.state, account=m.account, priority=m.priority,
-                            sender=m.sender, recipients=tuple(m.recipients), size=m.size,
-                            attempts=m.attempts, created_at=m.created_at,
-                            next_attempt_at=m.next_attempt_at, last_error=m.last_error,
-                            updated_at=m.updated_at, mail_options=m.mail_options,
-                            attempts_log=tuple(logs.get(m.id, ())),
-                            body=None if row[-1] is None else bytes(row[-1]),
-                        ), now)
+                        yield exported_message(row, logs, now)
 
     async def import_messages(self, items: AsyncIterable[ExportedMessage], *, merge: bool
                               ) -> tuple[int, int]:
@@ -161,11 +161,11 @@ class Exchange:
     async def export_dedup(self) -> AsyncGenerator[ExportedDedup, None]:
         async with self._conn(bounded=False) as conn, conn.transaction(), conn.cursor(
                 name="relay_export_dedup") as rows:
-            await rows.execute("SELECT key, message_id, expires_at FROM dedup"
+            await rows.execute(f"SELECT {DEDUP_COLUMNS} FROM dedup"
                                " WHERE expires_at > %s ORDER BY key", (time.time(),))
             while batch := await rows.fetchmany(SENDS_WINDOW):
-                for key, message_id, expires_at in batch:
-                    yield ExportedDedup(str(key), str(message_id), float(expires_at))
+                for row in batch:
+                    yield exported_dedup(row)
 
     async def import_dedup(self, keys: AsyncIterable[ExportedDedup]) -> int:
         sql = ("INSERT INTO dedup (key, message_id, expires_at) VALUES (%s, %s, %s)"
@@ -177,16 +177,10 @@ class Exchange:
         now = time.time()
         async with self._conn(bounded=False) as conn, conn.transaction(), conn.cursor(
                 name="relay_export_events") as rows:
-            await rows.execute(
-                "SELECT id, webhook, type, body, created_at, next_attempt_at, attempts,"
-                " last_error, owner FROM events ORDER BY created_at, id, webhook")
+            await rows.execute(EXPORT_EVENTS_SQL)
             while batch := await rows.fetchmany(EXPORT_PAGE):
-                for (eid, webhook, kind, body, created, due, attempts, error, owner
-                     ) in batch:  # a claim comes out due now: its owner is not imported
-                    yield ExportedEvent(str(eid), str(webhook), str(kind), str(body),
-                                        float(created), float(due if owner is None
-                                                              else min(due, now)),
-                                        int(attempts), str(error))
+                for row in batch:
+                    yield exported_event(row, now)
 
     async def import_events(self, events: AsyncIterable[ExportedEvent]) -> int:
         sql = ("INSERT INTO events (id, webhook, type, body, created_at, next_attempt_at,"
@@ -213,12 +207,7 @@ class Exchange:
 async def _attempts(conn: AsyncConnection[Any], ids: list[str]
                     ) -> dict[str, list[ExportedAttempt]]:
     """The attempt records of ``ids``, each message's in order."""
-    found: dict[str, list[ExportedAttempt]] = {}
     cur = await conn.execute(
-        "SELECT message_id, at, account, outcome, reply, transcript FROM attempts"
+        f"SELECT {ATTEMPT_COLUMNS} FROM attempts"
         " WHERE message_id = ANY(%s) ORDER BY at, seq", (ids,))
-    for message_id, at, account, outcome, reply, transcript in await cur.fetchall():
-        lines = tuple(transcript.split("\n")) if transcript else ()
-        found.setdefault(message_id, []).append(
-            ExportedAttempt(at, account, outcome, reply, lines))
-    return found
+    return attempts_by_message(await cur.fetchall())

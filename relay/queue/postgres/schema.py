@@ -8,13 +8,14 @@ stores compare and return the same values. Recipients are jsonb lists of
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable
 
 from psycopg.types.json import Jsonb
 
 from relay.queue.migrations import check_numbering
-from relay.queue.types import MessageState, Priority, QueuedMessage, Recipient, RecipientState
+from relay.queue.rows import COLUMNS as COLUMNS
+from relay.queue.rows import row_to_message as row_to_message  # jsonb comes decoded
+from relay.queue.types import Priority, Recipient
 
 READY = "('queued', 'deferred')"
 SENDS_KEPT_S = 2 * 86400.0  # longer than the longest rate-limit window (per_day)
@@ -156,10 +157,6 @@ CREATE TABLE IF NOT EXISTS relay_schema (
     applied_at timestamptz NOT NULL DEFAULT now()
 )"""
 
-COLUMNS = (
-    "id, state, account, priority, sender, recipients, size, attempts, created_at,"
-    " next_attempt_at, last_error, updated_at, mail_options"
-)
 
 # One range scan of the ready index per priority level, each locking what it takes
 # (FOR UPDATE SKIP LOCKED: rows another relay is claiming are passed over, not waited
@@ -218,21 +215,3 @@ RETURNING {RETURNED}
 
 def recipients_json(recipients: Iterable[Recipient]) -> Jsonb:
     return Jsonb([[r.address, str(r.state), r.reply] for r in recipients])
-
-
-def row_to_message(row: Sequence[Any]) -> QueuedMessage:
-    return QueuedMessage(
-        id=row[0],
-        state=MessageState(row[1]),
-        account=row[2],
-        priority=Priority(row[3]),
-        sender=row[4],
-        recipients=[Recipient(a, RecipientState(s), r) for a, s, r in row[5]],
-        size=int(row[6]),
-        attempts=row[7],
-        created_at=row[8],
-        next_attempt_at=row[9],
-        last_error=row[10],
-        updated_at=row[11],
-        mail_options=tuple(row[12].split()) if row[12] else (),
-    )

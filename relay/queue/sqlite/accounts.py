@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from relay.queue import bulk
 from relay.queue.filters import MessageFilter
+from relay.queue.sqlite.filters import SQLITE
 from relay.queue.sqlite.schema import PAUSED_PREFIX
 from relay.queue.store import OPERATOR_CHUNK, Progress
 
@@ -24,11 +26,7 @@ class AccountControl:
     if TYPE_CHECKING:
         async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]: ...
         async def execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]: ...
-        @staticmethod
-        def _selection(states: Sequence[str], ids: Sequence[str], match: MessageFilter | None
-                       ) -> tuple[str, list[Any]]: ...
-        async def _in_windows(self, where: str, params: list[Any],
-                              templates: Sequence[tuple[str, tuple[Any, ...]]],
+        async def _in_windows(self, where: str, params: list[Any], templates: bulk.Templates,
                               progress: Progress | None, chunk: int) -> int: ...
 
     async def set_paused(self, account: str, paused: bool, at: float) -> None:
@@ -61,7 +59,7 @@ class AccountControl:
         attempts row ('moved', "from A to B by <by>") in the transaction that moves it, so
         `relay queue show` tells it later. Returns (id, from account) of those moved, in
         order of arrival. A message claimed meanwhile is not matched."""
-        where, params = self._selection(states, ids, match)
+        where, params = bulk.selection(states, ids, match, SQLITE)
         where += " AND account != ?"  # moving to where it is would only add a record
         params.append(to_account)
         reply = "'from ' || account || ' to ' || ? || ' by ' || ?"

@@ -11,8 +11,9 @@ import contextlib
 from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from relay.queue import bulk
 from relay.queue.filters import MessageFilter, SortKey
-from relay.queue.sqlite.filters import ORDER_BY
+from relay.queue.sqlite.filters import ORDER_BY, SQLITE
 from relay.queue.sqlite.filters import where as filter_where
 from relay.queue.sqlite.schema import COLUMNS, row_to_message
 from relay.queue.store import OPERATOR_CHUNK, Progress
@@ -107,45 +108,11 @@ class OperatorQueries:
         rows = await self._fetch("SELECT data FROM bodies WHERE id=?", (message_id,))
         return bytes(rows[0][0]) if rows else None
 
-    @staticmethod
-    def _selection(
-        states: Sequence[str], ids: Sequence[str], match: MessageFilter | None
-    ) -> tuple[str, list[Any]]:
-        """``match`` limited to ``states`` (and to ``ids`` when given)."""
-        where, params = filter_where((match or MessageFilter()).within(map(MessageState, states)))
-        if ids:
-            where += f" AND id IN ({','.join('?' * len(ids))})"
-            params.extend(ids)
-        return where, params
-
-    async def _in_windows(
-        self,
-        where: str,
-        params: list[Any],
-        templates: Sequence[tuple[str, tuple[Any, ...]]],
-        progress: Progress | None,
-        chunk: int,
-    ) -> int:
-        """Run each template (``{where}`` filled in) per seq window, in one transaction;
-        sum the last's counts.
-
-        Each template's parameters are its lead (for a SET clause or the values of an
-        INSERT), then the window's and ``params``.
-        """
-        rows = await self._fetch(f"SELECT min(seq), max(seq) FROM messages WHERE {where}", params)
-        if not rows or rows[0][0] is None:
-            return 0
-        low, high = int(rows[0][0]), int(rows[0][1])
-        window = f"seq BETWEEN ? AND ? AND {where}"
-        done = 0
-        for start in range(low, high + 1, chunk):
-            counts = await self.execute([
-                (t.format(where=window), (*lead, start, start + chunk - 1, *params))
-                for t, lead in templates])
-            done += counts[-1]
-            if progress is not None:
-                progress(done)
-        return done
+    async def _in_windows(self, where: str, params: list[Any], templates: bulk.Templates,
+                          progress: Progress | None, chunk: int) -> int:
+        """relay.queue.bulk.in_windows, each window through the writer."""
+        return await bulk.in_windows(self._fetch, self.execute, SQLITE, where, params,
+                                     templates, progress, chunk)
 
     async def update_messages(
         self,
@@ -167,7 +134,7 @@ class OperatorQueries:
         ``reset_failed`` turns a failed message's failed recipients back to pending.
         Bodies are never read.
         """
-        where, params = self._selection(states, ids, match)
+        where, params = bulk.selection(states, ids, match, SQLITE)
         if needs_body:
             where += f" AND {BODY_KEPT}"
         sets = "state=?, lease_until=NULL, owner=NULL, updated_at=?"
@@ -200,7 +167,7 @@ class OperatorQueries:
         chunk: int = OPERATOR_CHUNK,
     ) -> int:
         """Delete matching messages with their bodies and attempts; count them."""
-        where, params = self._selection(states, ids, match)
+        where, params = bulk.selection(states, ids, match, SQLITE)
         templates: list[tuple[str, tuple[Any, ...]]] = [
             ("DELETE FROM bodies WHERE id IN (SELECT id FROM messages WHERE {where})", ()),
             ("DELETE FROM attempts WHERE message_id IN (SELECT id FROM messages WHERE {where})",

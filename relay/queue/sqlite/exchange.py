@@ -11,13 +11,24 @@ goes through the store's writer in windows of messages, one transaction each.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from relay.errors import StoreError
-from relay.queue.sqlite.schema import COLUMNS, map_sqlite_error, row_to_message
+from relay.queue.rows import (
+    ATTEMPT_COLUMNS,
+    DEDUP_COLUMNS,
+    EXPORT_EVENTS_SQL,
+    EXPORT_MESSAGES_SQL,
+    attempts_by_message,
+    exported_dedup,
+    exported_event,
+    exported_message,
+)
+from relay.queue.sqlite.schema import map_sqlite_error
 from relay.queue.sqlite.writer import Import
 from relay.queue.types import (
     ExportedAttempt,
@@ -53,22 +64,11 @@ class Exchange:
         db = await self._connect()
         try:
             await db.execute("BEGIN")  # one read transaction: one snapshot for every query
-            body = "(SELECT data FROM bodies WHERE bodies.id = messages.id)"
-            async with db.execute(f"SELECT {COLUMNS}, {body} FROM messages ORDER BY seq"
-                                  ) as rows:
+            async with db.execute(EXPORT_MESSAGES_SQL) as rows:
                 while batch := await rows.fetchmany(page):
                     logs = await _attempts(db, [row[0] for row in batch])
                     for row in batch:
-                        m = row_to_message(row)
-                        yield unclaimed(ExportedMessage(
-                            id=m.id, state=m.state, account=m.account, priority=m.priority,
-                            sender=m.sender, recipients=tuple(m.recipients), size=m.size,
-                            attempts=m.attempts, created_at=m.created_at,
-                            next_attempt_at=m.next_attempt_at, last_error=m.last_error,
-                            updated_at=m.updated_at, mail_options=m.mail_options,
-                            attempts_log=tuple(logs.get(m.id, ())),
-                            body=None if row[-1] is None else bytes(row[-1]),
-                        ), now)
+                        yield exported_message(row, logs, now, json.loads)
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc) from None
         finally:
@@ -113,11 +113,11 @@ class Exchange:
                                    async for a, t in sends)
 
     async def export_dedup(self) -> AsyncGenerator[ExportedDedup, None]:
-        async with self._cursor("SELECT key, message_id, expires_at FROM dedup"
+        async with self._cursor(f"SELECT {DEDUP_COLUMNS} FROM dedup"
                                 " WHERE expires_at > ? ORDER BY key", (time.time(),)) as rows:
             while batch := await rows.fetchmany(SENDS_WINDOW):
-                for key, message_id, expires_at in batch:
-                    yield ExportedDedup(str(key), str(message_id), float(expires_at))
+                for row in batch:
+                    yield exported_dedup(row)
 
     async def import_dedup(self, keys: AsyncIterable[ExportedDedup]) -> int:
         sql = ("INSERT INTO dedup (key, message_id, expires_at) VALUES (?, ?, ?)"
@@ -127,17 +127,10 @@ class Exchange:
 
     async def export_events(self) -> AsyncGenerator[ExportedEvent, None]:
         now = time.time()
-        async with self._cursor(
-            "SELECT id, webhook, type, body, created_at, next_attempt_at, attempts,"
-            " last_error, owner FROM events ORDER BY created_at, id, webhook", (),
-        ) as rows:
+        async with self._cursor(EXPORT_EVENTS_SQL, ()) as rows:
             while batch := await rows.fetchmany(EXPORT_PAGE):
-                for (eid, webhook, kind, body, created, due, attempts, error, owner
-                     ) in batch:  # a claim comes out due now: its owner is not imported
-                    yield ExportedEvent(str(eid), str(webhook), str(kind), str(body),
-                                        float(created), float(due if owner is None
-                                                              else min(due, now)),
-                                        int(attempts), str(error))
+                for row in batch:
+                    yield exported_event(row, now)
 
     async def import_events(self, events: AsyncIterable[ExportedEvent]) -> int:
         sql = ("INSERT INTO events (id, webhook, type, body, created_at, next_attempt_at,"
@@ -164,14 +157,9 @@ class Exchange:
 async def _attempts(db: aiosqlite.Connection, ids: list[str]
                     ) -> dict[str, list[ExportedAttempt]]:
     """The attempt records of ``ids``, each message's in order."""
-    found: dict[str, list[ExportedAttempt]] = {}
     marks = ",".join("?" * len(ids))
     async with db.execute(
-        "SELECT message_id, at, account, outcome, reply, transcript FROM attempts"
+        f"SELECT {ATTEMPT_COLUMNS} FROM attempts"
         f" WHERE message_id IN ({marks}) ORDER BY at, rowid", ids,
     ) as rows:
-        async for message_id, at, account, outcome, reply, transcript in rows:
-            lines = tuple(transcript.split("\n")) if transcript else ()
-            found.setdefault(message_id, []).append(
-                ExportedAttempt(at, account, outcome, reply, lines))
-    return found
+        return attempts_by_message(await rows.fetchall())

@@ -11,8 +11,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from relay.errors import StoreError, StoreFullError
+from relay.queue import rows
 from relay.queue.migrations import check_numbering
-from relay.queue.types import MessageState, Priority, QueuedMessage, Recipient, RecipientState
+from relay.queue.rows import COLUMNS as COLUMNS
+from relay.queue.types import Priority, QueuedMessage, Recipient
 
 # The same settings for both connections.
 PRAGMAS = (
@@ -195,10 +197,6 @@ def apply_migration(db: sqlite3.Connection, version: int) -> None:
         raise
 
 
-COLUMNS = (
-    "id, state, account, priority, sender, recipients, size, attempts, created_at,"
-    " next_attempt_at, last_error, updated_at, mail_options"
-)
 # SQLite result codes that mean "cannot write now, try later" (sqlite3.h).
 _SQLITE_FULL, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN = 13, 8, 10, 14
 
@@ -208,21 +206,8 @@ def recipients_json(recipients: Iterable[Recipient]) -> str:
 
 
 def row_to_message(row: Sequence[Any]) -> QueuedMessage:
-    return QueuedMessage(
-        id=row[0],
-        state=MessageState(row[1]),
-        account=row[2],
-        priority=Priority(row[3]),
-        sender=row[4],
-        recipients=[Recipient(a, RecipientState(s), r) for a, s, r in json.loads(row[5])],
-        size=row[6],
-        attempts=row[7],
-        created_at=row[8],
-        next_attempt_at=row[9],
-        last_error=row[10],
-        updated_at=row[11],
-        mail_options=tuple(row[12].split()) if row[12] else (),
-    )
+    """relay.queue.rows.row_to_message, the recipients being JSON text in this store."""
+    return rows.row_to_message(row, json.loads)
 
 
 def map_sqlite_error(exc: sqlite3.Error) -> StoreError:
