@@ -177,6 +177,44 @@ async def test_move_reroutes_queued_mail_to_another_account_one_line_each(
         assert "--to: no account named 'nope' (accounts: second, up)" in text
 
 
+async def test_a_stuck_accounts_backlog_moves_to_a_group_and_a_group_is_not_paused(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with FakeUpstream() as second, FakeUpstream() as third:
+        config_path = _config_file(tmp_path, {
+            "up": upstream_account(upstream, tmp_path),
+            "second": upstream_account(second, tmp_path),
+            "third": upstream_account(third, tmp_path)})
+        data = yaml.safe_load(config_path.read_text())
+        data["routing"]["groups"] = {"spread": {"accounts": ["second", "third"],
+                                                "mode": "weighted",
+                                                "weights": {"second": 1, "third": 1}}}
+        config_path.write_text(yaml.safe_dump(data))
+        c = str(config_path)
+        app = await start_relay(load_config(config_path))
+        code, text = await relay_cli(capsys, "accounts", "pause", "spread", "-c", c)
+        assert code == 2
+        assert "'spread' is a group (routing.groups): name one of its accounts" \
+            " (second, third)" in text
+        await relay_cli(capsys, "accounts", "pause", "up", "-c", c)
+        await wait_until(lambda: app.scheduler.workers["up"].paused, what="the pause seen")
+        for i in range(6):
+            assert (await send(app.smtp_port, message(f"stuck {i}")))[0] == 250
+        code, text = await relay_cli(capsys, "queue", "move", "--from", "up", "--to", "spread",
+                                     "--yes", "-c", c)
+        assert code == 0, text
+        assert "6 message(s) moved from up to spread" in text
+        await wait_until(lambda: len(second.messages) + len(third.messages) == 6,
+                         what="the backlog through the group")
+        assert upstream.messages == []
+        code, text = await relay_cli(capsys, "queue", "move", "--from", "up", "--to", "nope",
+                                     "-c", c)
+        assert code == 2
+        assert "--to: no account named 'nope' (accounts: second, third, up; groups: spread)" \
+            in text
+
+
 async def test_backoff_gauge_is_one_while_the_account_backs_off(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
 ) -> None:

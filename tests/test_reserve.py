@@ -142,3 +142,19 @@ async def test_the_views_say_the_reserve_holds_normal_mail(
     shown = await relay("queue", "show", waiting[0].id)
     assert "due now" not in shown.out
     assert "reserved for high priority" in shown.out, shown.out
+
+
+def test_a_reserve_without_a_window_and_an_absurd_weight_are_refused_naming_the_key() -> None:
+    from relay.config.loading import parse_config
+    from relay.errors import ConfigError
+
+    account = {"transport": "maildir", "path": "/tmp/a"}
+    with pytest.raises(ConfigError, match=r"accounts\.a\.rate_limit\.reserve_for_high: keeps a"
+                                          r" share of each rate-limit window, but none is set"):
+        parse_config({"accounts": {"a": {**account, "rate_limit": {"reserve_for_high": "10%"}}},
+                      "routing": {"default_account": "a"}})
+    with pytest.raises(ConfigError, match=r"routing\.groups\.g\.weights\.b"):
+        parse_config({"accounts": {"a": account, "b": account},
+                      "routing": {"default_account": "g", "groups": {"g": {
+                          "accounts": ["a", "b"], "mode": "weighted",
+                          "weights": {"a": 1, "b": 10**30}}}}})

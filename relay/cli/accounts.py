@@ -25,10 +25,18 @@ from relay.queue.ops import MOVABLE, move_to
 from relay.queue.types import MessageState
 
 
-def _known(config: Config, name: str, key: str) -> str | None:
-    if name in config.accounts:
+def _known(config: Config, name: str, key: str, *, group: bool = False) -> str | None:
+    """None if ``name`` is an account (or, with ``group``, a group), else the problem."""
+    if name in config.accounts or (group and name in config.routing.groups):
         return None
-    return f"{key}: no account named {name!r} (accounts: {', '.join(config.accounts)})"
+    members = config.routing.groups.get(name)
+    if members is not None:
+        return (f"{key}: {name!r} is a group (routing.groups): name one of its accounts"
+                f" ({', '.join(members.accounts)})")
+    groups = f"; groups: {', '.join(config.routing.groups)}" if group and \
+        config.routing.groups else ""
+    return (f"{key}: no account named {name!r} (accounts: {', '.join(config.accounts)}"
+            f"{groups})")
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
@@ -114,7 +122,7 @@ def cmd_move(args: argparse.Namespace) -> int:
     source, target = args.account, args.target
     if source == target:
         return fail("--from and --to name the same account", EXIT_USAGE)
-    problem = _known(config, target, "--to")
+    problem = _known(config, target, "--to", group=True)
     if problem:
         return fail(problem, EXIT_USAGE)
     try:
@@ -166,11 +174,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser,
 def add_queue_commands(qsub: Any, common: argparse.ArgumentParser) -> None:
     p = qsub.add_parser("move", parents=[common],
                         help="re-route queued and deferred mail (held with --state held) from one"
-                             " account to another; each keeps its state and due time")
+                             " account to another, or to a group; each keeps its state and"
+                             " due time")
     # --from is the account filter (dest "account"), so message_filter reads it as such.
     p.add_argument("--from", dest="account", required=True, metavar="ACCOUNT",
                    help="the account whose queued mail moves")
-    p.add_argument("--to", dest="target", required=True, metavar="ACCOUNT",
+    p.add_argument("--to", dest="target", required=True, metavar="ACCOUNT|GROUP",
                    help="the account that sends it from now on")
     bulk_options(p, sorted(str(s) for s in MOVABLE), account=False)
     p.set_defaults(func=cmd_move)

@@ -472,6 +472,14 @@ class RateLimitConfig(_Frozen):
     reserve_for_high: Annotated[float, BeforeValidator(_percent), Field(strict=True, ge=0,
                                                                         lt=1)] = 0.0
 
+    @model_validator(mode="after")
+    def _reserve_needs_a_window(self) -> RateLimitConfig:
+        if self.reserve_for_high and not self.named_windows():
+            raise ValueError("reserve_for_high: keeps a share of each rate-limit window, but"
+                             " none is set (per_second, per_minute, per_hour, per_day or"
+                             " per_rolling_day)")
+        return self
+
     def named_windows(self) -> list[tuple[str, float, int]]:
         """(key, window length in seconds, limit) for each limit that is set."""
         return [(key, span, getattr(self, key)) for key, span in WINDOW_SECONDS.items()
@@ -834,7 +842,7 @@ class GroupConfig(_Frozen):
     # failover: the first healthy account under its limits, in list order; weighted:
     # spread by weight among those.
     mode: Literal["failover", "weighted"] = "failover"
-    weights: dict[str, Annotated[WholeNumber, Field(ge=1)]] | None = None
+    weights: dict[str, Annotated[WholeNumber, Field(ge=1, le=1_000_000)]] | None = None
     # None: listen.ack. The members' own `ack` is for mail routed to them by name: a
     # group's message is answered before its member is chosen (at the attempt).
     ack: Ack | None = None

@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from relay.delivery.rewrite import Rewrite, rewritten
-from relay.delivery.transport import SENDING, Pace, SendResult, SlotsHeldElsewhere, Transport
+from relay.delivery.transport import (
+    SENDING,
+    TRANSCRIPT,
+    Pace,
+    SendResult,
+    SlotsHeldElsewhere,
+    Transport,
+)
 from relay.errors import DeliveryError, TemporaryFailure
 from relay.queue.types import Priority, QueuedMessage
 
@@ -91,6 +98,11 @@ class Member(Protocol):
     def account_failed(self, error: DeliveryError) -> None:
         """An account-level failure through the group: the member backs off."""
 
+    def handed_on(self, message: QueuedMessage | None, result: SendResult,
+                  rest: list[str]) -> None:
+        """It delivered some recipients and refused ``rest`` for the account, which go
+        to the next member: logged (the attempt's outcome names the last member)."""
+
     def note_reply(self, sent: SendResult | DeliveryError) -> None:
         """What the member's upstream answered: a "slow down" throttles the member."""
 
@@ -147,7 +159,8 @@ class GroupTransport:
             try:
                 own_sender, own_body = rewritten(member.rewrite, sender, body)
                 result = await transport.send(own_sender, attempt.pending, own_body,
-                                              mail_options, pace=attempt.paced(member))
+                                              mail_options,
+                                              pace=attempt.paced(name, member))
             except SlotsHeldElsewhere:
                 attempt.tried = False  # nothing went out through it: the next may send
                 continue
@@ -208,26 +221,28 @@ class _Attempt:
         self.held: Member | None = None  # the member whose windows hold the message
         self.held_name = ""
         self.tried = False  # the held member's send happened: it counts in its windows
+        self.counted = False  # ...and is counted already (in the queue, by the pace)
         self.paused: Collection[str] | None = None  # accounts paused in the queue
 
     async def hold(self, name: str, member: Member) -> bool:
         """The member takes the message (its backoff and windows across processes); the
         member before it, if it sent, counts that send from now."""
+        ended = self.held_name if self.tried and not self.counted else None
         if self.message is not None and not await member.take_send(
-                self.message.id, self.high, self.held_name if self.tried else None):
+                self.message.id, self.high, ended):
             return False
-        self.held, self.held_name, self.tried = member, name, True
+        self.held, self.held_name, self.tried, self.counted = member, name, True, False
         return True
 
-    def paced(self, member: Member) -> Pace:
+    def paced(self, name: str, member: Member) -> Pace:
         """The pace of a member's further transactions (a 452 split): the worker records
         what the whole attempt delivered so far (earlier members' recipients too, not
         only this member's), and the member's own rate limits space the transactions."""
         pace, done = self.pace, self.done
 
         async def paced(so_far: SendResult) -> None:
-            if pace is not None:
-                await pace(combined(done, so_far))
+            if pace is not None:  # the transaction that ended counts as the member's
+                await pace(combined(done, dataclasses.replace(so_far, via=name)))
             await member.next_transaction()
 
         return paced
@@ -250,10 +265,16 @@ class _Attempt:
         self.last.via = result.via
         member.account_failed(self.last)
         if len(rest) < len(result.refused) + len(result.accepted):
+            transcript = TRANSCRIPT.get()
+            if transcript is not None:  # the outcome names the member that sent last
+                transcript.note(f"{result.via} delivered to {len(result.accepted)} and"
+                                f" refused {len(rest)} for the account: those go on")
+            member.handed_on(self.message, result, rest)
             self.done = combined(self.done, result)
             self.pending = rest
-            if self.pace is not None and self.done.accepted:
-                await self.pace(self.done)  # stored: a crash now resends only the rest
+            if self.pace is not None:  # stored: a crash now resends only the rest
+                await self.pace(self.done)  # (and the member's send is counted)
+                self.counted = True
         return True
 
     async def end(self, group: str) -> SendResult:
@@ -270,3 +291,4 @@ class _Attempt:
         raise TemporaryFailure(
             f"no account of group {group} may send now (each is backing off, paused or"
             " at its rate limit)", offered=False)
+

@@ -331,12 +331,15 @@ class AccountWorker:
             return hold
         return 0.05
 
-    async def _follow_host(self, shared: SharedBackoff | None, now: float, mono: float
-                           ) -> float | None:
+    async def _follow_host(self, shared: SharedBackoff | None, now: float, mono: float,
+                           *, own: bool = True) -> float | None:
         """Take on the account's backoff as the other workers left it (``shared``: until,
         reason), before claiming: adopt a backoff another worker decided, forget one that
         another's probe ended, and once it is over probe only if this worker holds the
-        probe. Returns how long to wait instead of claiming, or None."""
+        probe. ``own``: for a claim of its own mail, which takes the probe only with mail
+        due to send (else a group's send through the account probes it, in whichever
+        process: a probe held with nothing to send would stop them all for its lease).
+        Returns how long to wait instead of claiming, or None."""
         assert self.host is not None
         if shared is None:
             if self.backoff_failures and not self.host.writing:
@@ -348,6 +351,10 @@ class AccountWorker:
             return None
         if mono < self.backoff_until:
             return None  # our own view ends later: wait for it as before
+        if own:
+            due = await self.store.next_due_at(self.name)
+            if due is None or due > now:
+                return None  # nothing to probe with (the claim takes nothing without it)
         if await self.host.take_probe(self.lease_s):
             return None  # this worker probes: one message
         return PROBE_WAIT_S  # another worker probes: its result decides
@@ -617,16 +624,16 @@ class AccountWorker:
         """Before a further transaction of the same send (452 split, retry after a 421).
 
         The recipients accepted so far are stored first, so a crash now resends only the
-        others. Then the transaction before ends here and counts in the rate limit; the
-        next waits its turn and is reserved like a claim, so the upstream never sees more
-        than the configured rate."""
-        if so_far.accepted:
-            try:
-                await self.store.record_recipients(message.id,
-                                                   accepted_so_far(message, so_far))
-            except StoreError as exc:  # the outcome still records them; a crash would not
-                event(log, logging.ERROR, "queue_error", message.id, account=self.name,
-                      reason=f"cannot record accepted recipients: {exc}")
+        others, with the transaction that ended: it counts in the account's windows for
+        every process (``so_far.via``: a group's member's). Then it ends here in this
+        process's rate limit too; the next waits its turn and is reserved like a claim,
+        so the upstream never sees more than the configured rate."""
+        try:
+            await self.store.record_recipients(message.id, accepted_so_far(message, so_far),
+                                               sent=(so_far.via or self.name, self.clock()))
+        except StoreError as exc:  # the outcome still records them; a crash would not
+            event(log, logging.ERROR, "queue_error", message.id, account=self.name,
+                  reason=f"cannot record accepted recipients: {exc}")
         await self.next_transaction()
 
     async def next_transaction(self) -> None:
@@ -654,11 +661,15 @@ class AccountWorker:
         know of this account: follow the backoff one of them decided, probe only with the
         host's probe, and hold the message in the account's rate windows as they count
         them. One process alone: may_send knew it all."""
-        if self.host is None:
-            return True
         now, mono = self.clock(), self.mono()
+        if self.host is None:
+            if ended is not None:  # the member before counts it in the queue, for a restart
+                with contextlib.suppress(StoreError):
+                    await self.store.hold_send(message_id, None, now, 0.0, ended=ended)
+            return True
         try:
-            if await self._follow_host(await self.host.backoff(), now, mono) is not None:
+            if await self._follow_host(await self.host.backoff(), now, mono,
+                                       own=False) is not None:
                 return False  # another process probes the account
             if self.mono() < self.backoff_until:  # a backoff just adopted
                 return False
@@ -688,6 +699,16 @@ class AccountWorker:
     def cancel_send(self) -> None:
         self._group_sends -= 1
         self.limiter.cancel(1)
+
+    def handed_on(self, message: QueuedMessage | None, result: SendResult,
+                  rest: list[str]) -> None:
+        event(log, logging.INFO, "group_handed_on", None if message is None else message.id,
+              account=self.name, relay=result.peer,
+              delivered=",".join(f"<{a}>" for a in result.accepted) or None,
+              failed=",".join(f"<{a}>" for a, e in result.refused.items()
+                              if a not in rest and not e.temporary) or None,
+              rest=",".join(f"<{a}>" for a in rest),
+              reason=result.refused[rest[0]].reply_text())
 
     def account_failed(self, error: DeliveryError) -> None:
         """A group's send through this account failed for the account: back off."""

@@ -720,12 +720,15 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
              " AND owner=%s", (lease_until, list(ids), self.owner))])
         return counts[0]
 
-    async def record_recipients(self, message_id: str, recipients: Sequence[Recipient]
-                                ) -> None:
+    async def record_recipients(self, message_id: str, recipients: Sequence[Recipient],
+                                sent: tuple[str, float] | None = None) -> None:
         """Mid-send progress: only while this owner still holds the message."""
+        counted: list[tuple[str, Sequence[Any]]] = [
+            ("INSERT INTO sends (account, at, message_id) VALUES (%s, %s, %s)",
+             (*sent, message_id))] if sent else []
         await self.execute([(
             "UPDATE messages SET recipients=%s WHERE id=%s AND state='sending' AND owner=%s",
-            (recipients_json(recipients), message_id, self.owner))])
+            (recipients_json(recipients), message_id, self.owner)), *counted])
 
     async def requeue(self, ids: Sequence[str], now: float, *, due_at: float | None = None
                       ) -> None:

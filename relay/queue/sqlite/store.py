@@ -503,11 +503,12 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox,
         counts: list[int] = await self._submit(Statements(statements=statements))
         return counts
 
-    async def record_recipients(self, message_id: str, recipients: Sequence[Recipient]
-                                ) -> None:
+    async def record_recipients(self, message_id: str, recipients: Sequence[Recipient],
+                                sent: tuple[str, float] | None = None) -> None:
         """Mid-send progress: only while the message is still claimed ('sending')."""
+        counted = [("INSERT INTO sends (account, at) VALUES (?, ?)", sent)] if sent else []
         await self.execute([("UPDATE messages SET recipients=? WHERE id=? AND state='sending'",
-                             (recipients_json(recipients), message_id))])
+                             (recipients_json(recipients), message_id)), *counted])
 
     async def requeue(self, ids: Sequence[str], now: float, *, due_at: float | None = None
                       ) -> None:
