@@ -68,8 +68,9 @@ def test_a_conflicting_or_bad_key_is_named(keys: dict[str, Any], problem: str) -
 
 def test_reserve_for_high_takes_a_percentage_or_a_fraction() -> None:
     for value in ("10%", 0.1, "0.1"):
+        limits = {"per_minute": 10, "reserve_for_high": value}
         acc = parse_config(_account(host="smtp.example.com",
-                                    rate_limit={"reserve_for_high": value})).accounts["a"]
+                                    rate_limit=limits)).accounts["a"]
         assert acc.rate_limit.reserve_for_high == pytest.approx(0.1)
 
 
