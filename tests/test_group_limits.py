@@ -77,21 +77,25 @@ async def test_a_held_group_send_counts_in_the_members_windows_for_every_process
         assert not await a.hold_send(g3.id, "member", now, now + 60, WINDOW)
         # ...for worker B's own claims of the member too, while both are in flight.
         assert await b.claim_due("member", now, 10, lease_s=60, windows=WINDOW) == []
-        # The first moves on to another member (its send counts from now); the second
-        # goes back unsent: one place is free again, then none once it is taken.
-        assert await a.hold_send(g1.id, "other", now, now + 60, WINDOW, ended="member")
+        # The first moves on to another member, the second goes back unsent: their places
+        # are free; the third and worker B's own message of the member fill the window.
+        assert await a.hold_send(g1.id, "other", now, now + 60, WINDOW)
         assert await a.hold_send(g2.id, None, now, 0.0)
         assert await a.hold_send(g3.id, "member", now, now + 60, WINDOW)
-        assert await b.claim_due("member", now, 10, lease_s=60, windows=WINDOW) == []
-        # Its outcome ends the hold and records the send under the member, at once.
+        assert len(await b.claim_due("member", now, 10, lease_s=60, windows=WINDOW)) == 1
+        assert not await a.hold_send(g2.id, "member", now, now + 60, WINDOW)
+        # A transaction that ends mid-attempt is counted with the progress stored.
+        await a.record_recipients(g1.id, g1.recipients, sent=("other", now))
+        assert await b.recent_sends("other", now - 1) == [now]
+        # The outcome ends the hold and counts the send under the member, at once.
         done = settle(g3, SendResult(accepted=["to@example.com"], reply="250 ok",
                                      via="member"), now=now + 1,
                       policy=RetryPolicy(60, 600, 3600), rng=random.Random(1))
         assert await a.finish(dataclasses.replace(done, account="member"))
-        assert await b.recent_sends("member", now - 1) == [now, now + 1]
-        assert await b.claim_due("member", now + 1, 10, lease_s=60, windows=WINDOW) == []
-        # A window later both sends have left it; the hold of `other` never counted here.
-        assert len(await b.claim_due("member", now + 62, 10, lease_s=60, windows=WINDOW)) == 1
+        assert await b.recent_sends("member", now - 1) == [now + 1]
+        assert not await a.hold_send(g2.id, "member", now + 1, now + 60, WINDOW)
+        # A window later that send has left it (B's own is still under way): room for one.
+        assert await a.hold_send(g2.id, "member", now + 62, now + 120, WINDOW)
     finally:
         await a.close()
         await b.close()
@@ -224,6 +228,10 @@ async def test_a_member_refusing_some_recipients_for_its_quota_hands_the_rest_on
         assert queued.attempts == 1
         assert app.scheduler.workers["first"].backed_off
         assert not app.scheduler.workers["mail"].backed_off
+        # Each member's transaction counts once in its windows (for every process and
+        # across a restart): the outcome counts the second's, the attempt the first's.
+        assert len(await app.store.recent_sends("first", 0)) == 1
+        assert len(await app.store.recent_sends("second", 0)) == 1
 
 
 async def test_when_no_member_takes_the_rest_they_wait_and_the_others_are_not_resent(
@@ -241,6 +249,8 @@ async def test_when_no_member_takes_the_rest_they_wait_and_the_others_are_not_re
         states = {r.address: str(r.state) for r in queued.recipients}
         assert states == {"a@example.com": "delivered", "c@example.com": "pending"}
         assert str(queued.state) == "deferred"
+        assert len(await app.store.recent_sends("first", 0)) == 1
+        assert len(await app.store.recent_sends("second", 0)) == 1
 
 
 async def test_a_members_backoff_and_its_one_probe_hold_for_every_worker(

@@ -74,14 +74,19 @@ class Member(Protocol):
         this process knows them (``high``: of high priority, which may use the share
         reserve_for_high keeps)."""
 
-    async def take_send(self, message_id: str, high: bool, ended: str | None) -> bool:
+    async def take_send(self, message_id: str, high: bool) -> bool:
         """What the processes on the queue share, before the message goes through this
         account: its backoff (one probe at a time across them) and its rate windows over
         all their sends (the message then holds a place in them until its outcome is
-        recorded). ``ended``: the member it went through before in this attempt."""
+        recorded)."""
 
     async def let_go(self, message_id: str) -> None:
         """The message goes back unsent: its place in the member's windows is free."""
+
+    async def store_progress(self, message: QueuedMessage, so_far: SendResult | None,
+                             *, count: bool) -> None:
+        """Store the recipients delivered so far; ``count``: and one send of the member
+        now (one its outcome will not count: the attempt ended with another member)."""
 
     def reserve_send(self) -> None:
         """Count one send in the member's rate limits (until ``end_send``)."""
@@ -149,6 +154,16 @@ class GroupTransport:
                    mail_options: tuple[str, ...], *, pace: Pace | None = None
                    ) -> SendResult:
         attempt = _Attempt(SENDING.get(), list(recipients), pace)
+        try:
+            result = await self._send(attempt, sender, body, mail_options)
+        except DeliveryError as exc:
+            await attempt.count_others(exc.via, attempt.done)
+            raise
+        await attempt.count_others(result.via, result)
+        return result
+
+    async def _send(self, attempt: _Attempt, sender: str, body: bytes,
+                    mail_options: tuple[str, ...]) -> SendResult:
         for name in order(self.group, self._rng):
             member, transport = self._members(name), self._transports.get(name)
             if member is None or transport is None or not member.may_send(attempt.high):
@@ -166,6 +181,7 @@ class GroupTransport:
                 continue
             except DeliveryError as exc:
                 exc.via = name
+                attempt.sent[name] = member
                 member.note_reply(exc)
                 if not exc.account_wide:
                     return attempt.refused_by(name, exc)  # raises unless some went
@@ -176,6 +192,7 @@ class GroupTransport:
                 # A send counts in the member's limits from its end; one that never
                 # went out (no connection slot) does not count.
                 (member.end_send if attempt.tried else member.cancel_send)()
+            attempt.sent[name] = member
             member.note_reply(result)
             result.via = name
             if not await attempt.moves_on(member, result):
@@ -220,18 +237,18 @@ class _Attempt:
         self.last: DeliveryError | None = None  # the last account-wide failure
         self.held: Member | None = None  # the member whose windows hold the message
         self.held_name = ""
-        self.tried = False  # the held member's send happened: it counts in its windows
-        self.counted = False  # ...and is counted already (in the queue, by the pace)
+        self.tried = False  # the held member's send happened
+        # Members whose send happened: the outcome counts the last one's in its windows,
+        # count_others the rest (once each, when the attempt ends).
+        self.sent: dict[str, Member] = {}
         self.paused: Collection[str] | None = None  # accounts paused in the queue
 
     async def hold(self, name: str, member: Member) -> bool:
-        """The member takes the message (its backoff and windows across processes); the
-        member before it, if it sent, counts that send from now."""
-        ended = self.held_name if self.tried and not self.counted else None
-        if self.message is not None and not await member.take_send(
-                self.message.id, self.high, ended):
+        """The member takes the message (its backoff and windows across processes)."""
+        if self.message is not None and not await member.take_send(self.message.id,
+                                                                    self.high):
             return False
-        self.held, self.held_name, self.tried, self.counted = member, name, True, False
+        self.held, self.held_name, self.tried = member, name, True
         return True
 
     def paced(self, name: str, member: Member) -> Pace:
@@ -272,15 +289,24 @@ class _Attempt:
             member.handed_on(self.message, result, rest)
             self.done = combined(self.done, result)
             self.pending = rest
-            if self.pace is not None:  # stored: a crash now resends only the rest
-                await self.pace(self.done)  # (and the member's send is counted)
-                self.counted = True
+            if self.message is not None:  # stored: a crash now resends only the rest
+                await member.store_progress(self.message, self.done, count=False)
         return True
+
+    async def count_others(self, via: str, so_far: SendResult | None) -> None:
+        """The attempt ended with ``via``'s answer, which its outcome counts: each other
+        member it went through counts its send now, once (stored with what the attempt
+        delivered ``so_far``, as each progress is)."""
+        if self.message is None:
+            return
+        for name, member in self.sent.items():
+            if name != via:
+                await member.store_progress(self.message, so_far, count=True)
 
     async def end(self, group: str) -> SendResult:
         """No member (left) may send."""
         if self.done is not None:  # the rest wait for the next attempt
-            # Counted (finish) as a send of the member the message is held by.
+            # The outcome names (and counts) the member the message is held by.
             return dataclasses.replace(self.done, via=self.held_name) if self.tried \
                 else self.done
         if self.last is not None:

@@ -656,37 +656,49 @@ class AccountWorker:
                 and self.limiter.available(mono, others=not high) >= 1
                 and self.throttle.held(mono) == 0)
 
-    async def take_send(self, message_id: str, high: bool, ended: str | None) -> bool:
+    async def take_send(self, message_id: str, high: bool) -> bool:
         """(Group; after may_send and reserve_send) What the other processes on the queue
-        know of this account: follow the backoff one of them decided, probe only with the
-        host's probe, and hold the message in the account's rate windows as they count
-        them. One process alone: may_send knew it all."""
-        now, mono = self.clock(), self.mono()
+        know of this account: hold the message in the account's rate windows as they
+        count them, then follow the backoff one of them decided and probe only with the
+        host's probe (taken last: a probe taken for a send that then found no room would
+        stop every process's probe for its lease). One process alone: may_send knew it
+        all."""
         if self.host is None:
-            if ended is not None:  # the member before counts it in the queue, for a restart
-                with contextlib.suppress(StoreError):
-                    await self.store.hold_send(message_id, None, now, 0.0, ended=ended)
             return True
+        now, mono = self.clock(), self.mono()
         try:
-            if await self._follow_host(await self.host.backoff(), now, mono,
-                                       own=False) is not None:
-                return False  # another process probes the account
-            if self.mono() < self.backoff_until:  # a backoff just adopted
+            if self.limiter.limited and not await self.store.hold_send(
+                    message_id, self.name, now, now + self.lease_s, self.limiter.windows,
+                    self.limiter.reserve_for_high, high):
                 return False
-            if not self.limiter.limited and ended is None:
+            if await self._follow_host(await self.host.backoff(), now, mono,
+                                       own=False) is None \
+                    and self.mono() >= self.backoff_until:  # (not a backoff just adopted)
                 return True
-            return await self.store.hold_send(
-                message_id, self.name, now, now + self.lease_s, self.limiter.windows,
-                self.limiter.reserve_for_high, high, ended)
         except StoreError as exc:
             event(log, logging.ERROR, "queue_error", message_id, account=self.name,
                   reason=f"cannot hold a group send in the account's limits: {exc}")
-            return False
+        await self.let_go(message_id)  # another process probes it, or it backs off
+        return False
 
     async def let_go(self, message_id: str) -> None:
         if self.host is not None and self.limiter.limited:
             with contextlib.suppress(StoreError):  # else its lease ends it
                 await self.store.hold_send(message_id, None, self.clock(), 0.0)
+
+    async def store_progress(self, message: QueuedMessage, so_far: SendResult | None,
+                             *, count: bool) -> None:
+        """(Group) Store the recipients delivered so far (a crash then resends only the
+        others), and with ``count`` one send of this account at this moment (a send of
+        the attempt that its outcome, which counts the last member's, does not)."""
+        recipients = message.recipients if so_far is None else accepted_so_far(message,
+                                                                                so_far)
+        try:
+            await self.store.record_recipients(
+                message.id, recipients, sent=(self.name, self.clock()) if count else None)
+        except StoreError as exc:  # the outcome still records them; a crash would not
+            event(log, logging.ERROR, "queue_error", message.id, account=self.name,
+                  reason=f"cannot record a group send's progress: {exc}")
 
     def reserve_send(self) -> None:
         self.limiter.reserve(1)

@@ -188,15 +188,13 @@ class QueueStore(Protocol):
     # rate windows over every process, as the member's own claims do.
     async def hold_send(self, message_id: str, account: str | None, now: float,
                         lease_until: float, windows: Sequence[tuple[float, int]] = (),
-                        reserve_for_high: float = 0.0, high: bool = False,
-                        ended: str | None = None) -> bool:
+                        reserve_for_high: float = 0.0, high: bool = False) -> bool:
         """The group message ``message_id`` (claimed by this owner) is to go through
         member ``account`` now: if the account's ``windows`` have room for one more send
         (recorded sends, claims and other group messages held; ``high``: it may use the
         share reserve_for_high keeps), hold it in them until its outcome is recorded
         (finish), it moves on, or ``lease_until``; True. Else False, nothing changed.
-        ``ended``: the member it went through before in this attempt, whose send then
-        counts from ``now``. ``account`` None: let go of the hold (recording ``ended``)."""
+        ``account`` None: let go of the hold."""
     async def processes(self) -> list[tuple[int, str]]:
         """(pid, role) of the relay processes on this queue now: 'serve', 'supervisor',
         'worker N' (for `relay status`)."""

@@ -113,8 +113,7 @@ class HostLimits:
     # -- a group's message through a member account ------------------------------------
     async def hold_send(self, message_id: str, account: str | None, now: float,
                         lease_until: float, windows: Sequence[tuple[float, int]] = (),
-                        reserve_for_high: float = 0.0, high: bool = False,
-                        ended: str | None = None) -> bool:
+                        reserve_for_high: float = 0.0, high: bool = False) -> bool:
         """QueueStore.hold_send: under the member's row lock, as its claims count."""
         async with self._conn() as conn, conn.transaction():
             if account is not None:
@@ -122,9 +121,6 @@ class HostLimits:
                                                 reserve_for_high, exclude=message_id)
                 if (room if high else others) <= 0:
                     return False
-            if ended is not None:  # its send through the member before counts from now
-                await conn.execute("INSERT INTO sends (account, at, message_id)"
-                                   " VALUES (%s, %s, %s)", (ended, now, message_id))
             if account is None:
                 await conn.execute("DELETE FROM group_sends WHERE message_id = %s"
                                    " AND owner = %s", (message_id, self.owner))

@@ -662,7 +662,7 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
             # A group message's hold on its member's windows ends as its send is counted
             # (only the claim's own: a stale claim leaves the new owner's hold alone).
             " hold AS (DELETE FROM group_sends WHERE message_id = %(id)s"
-            " AND (%(claimer)s::text IS NULL OR owner = %(claimer)s)),"
+            " AND owner = coalesce(%(claimer)s::text, owner)),"
             # ...nor is taken for a stale claim's: this very outcome is already recorded.
             " prior AS (SELECT 1 FROM messages WHERE id = %(id)s AND state = %(state)s"
             " AND attempts = %(attempts)s AND updated_at = %(at)s AND owner IS NULL)")

@@ -110,8 +110,7 @@ class HostLimits:
     # -- a group's message through a member account ------------------------------------
     async def hold_send(self, message_id: str, account: str | None, now: float,
                         lease_until: float, windows: Sequence[tuple[float, int]] = (),
-                        reserve_for_high: float = 0.0, high: bool = False,
-                        ended: str | None = None) -> bool:
+                        reserve_for_high: float = 0.0, high: bool = False) -> bool:
         owner = self.owner
         spans = tuple(windows)
 
@@ -121,8 +120,6 @@ class HostLimits:
                                            exclude=message_id)
                 if (room if high else others) <= 0:
                     return False
-            if ended is not None:  # its send through the member before counts from now
-                db.execute("INSERT INTO sends (account, at) VALUES (?, ?)", (ended, now))
             if account is None:
                 db.execute("DELETE FROM group_sends WHERE message_id=? AND owner=?",
                            (message_id, owner))

@@ -486,8 +486,8 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox,
             [("UPDATE messages SET lease_until=? WHERE id=? AND state='sending' AND owner=?",
               (lease_until, i, self.owner)) for i in ids]
             # A group message's place in its member's windows lasts as long as its claim.
-            + [("UPDATE group_sends SET lease_until=? WHERE message_id=? AND owner=?",
-                (lease_until, i, self.owner)) for i in ids]
+            + [("UPDATE group_sends SET lease_until=? WHERE owner=? AND message_id IN"
+                f" ({','.join('?' * len(ids))})", (lease_until, self.owner, *ids))]
         )
         return sum(counts[:len(ids)])
 

@@ -261,9 +261,9 @@ def _apply_finishes(db: sqlite3.Connection, ops: list[Finish]) -> None:
     # (one transaction: the send is never counted twice, nor missed in between). Only the
     # claim's own: a stale claim's outcome leaves the new owner's hold alone.
     db.executemany(
-        "DELETE FROM group_sends WHERE message_id=? AND (? IS NULL OR owner=?)",
-        [(a.id, owner, owner) for a in (op.attempt for op in ops)
-         for owner in [None if a.claim is None else a.claim.owner]],
+        "DELETE FROM group_sends WHERE message_id=? AND owner=coalesce(?, owner)",
+        [(op.attempt.id, None if op.attempt.claim is None else op.attempt.claim.owner)
+         for op in ops],
     )
     # A delivered body is not needed again; failed ones stay for `queue retry`.
     delivered = [(a.id,) for a in accepted if a.state is MessageState.DELIVERED]
@@ -272,8 +272,8 @@ def _apply_finishes(db: sqlite3.Connection, ops: list[Finish]) -> None:
 
 
 def window_room(db: sqlite3.Connection, account: str, now: float, limit: int,
-         windows: tuple[tuple[float, int], ...], reserve_for_high: float,
-         exclude: str | None = None) -> tuple[int, int]:
+                windows: tuple[tuple[float, int], ...], reserve_for_high: float,
+                exclude: str | None = None) -> tuple[int, int]:
     """How many sends the account's rate windows still allow, counted over every process:
     sends recorded in each window, plus every claim not yet finished (a send counts from
     its claim to its end, as in relay.delivery.ratelimit), the group messages going
