@@ -314,3 +314,32 @@ async def test_a_members_split_transactions_keep_to_its_rate_limit(
         assert second.messages == []
         first, then = (m.received_at for m in upstream.messages)
         assert then - first >= 0.95
+
+
+async def test_a_named_wait_holds_every_worker(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """`451 4.7.0 Try again in 4 seconds` to one worker: no worker sends through that
+    account (its own mail or a group's) until the wait has passed; then it is used again."""
+    async with FakeUpstream() as second:
+        config = _two_account_group(tmp_path, upstream, second)
+        relay, _ = await _spawn(tmp_path, config)
+        try:
+            upstream.fail_data(451, "4.7.0 Try again in 4 seconds", times=1)
+            assert (await send(relay.port, message("told")))[0] == 250
+            await _delivered(upstream, second, 1)  # through the second, in the same attempt
+            told = time.monotonic()
+            await asyncio.sleep(0.5)  # the wait is shared as it is written (background)
+            tried = _mails(upstream)
+            bodies = [message(f"g{i}") for i in range(8)]
+            bodies += [message(f"own{i}", headers={"X-Account": "up"}) for i in range(8)]
+            replies = await send_many(relay.port, bodies, sessions=16)
+            assert len({text.split()[-1][11:17] for _, text in replies}) == 2, "both received"
+            await _delivered(upstream, second, 9)  # the group's, through the second
+            while time.monotonic() - told < 3.5:
+                assert _mails(upstream) == tried, "sent during the named wait"
+                await asyncio.sleep(0.1)
+            await _delivered(upstream, second, 17)  # the account's own, after the wait
+            assert len(upstream.messages) == 8
+            relay.proc.send_signal(signal.SIGTERM)
+            assert await relay.exit_code(within=30) == 0
+        finally:
+            await relay.kill()
