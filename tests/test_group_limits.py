@@ -22,11 +22,13 @@ from relay.delivery.outcome import settle
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import SendResult
 from relay.errors import PermanentFailure, TemporaryFailure
+from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.types import NewMessage, Priority, new_queue_id
 from tests.conftest import (
     MakeStore,
     StartRelay,
     message,
+    relay_config,
     send,
     send_many,
     upstream_account,
@@ -343,3 +345,27 @@ async def test_a_named_wait_holds_every_worker(tmp_path: Path, upstream: FakeUps
             assert await relay.exit_code(within=30) == 0
         finally:
             await relay.kill()
+
+
+async def test_a_shutdown_mid_split_keeps_the_recipients_already_delivered(
+        tmp_path: Path, start_relay: StartRelay) -> None:
+    """A 452 split waiting for the account's next window when relay stops: the attempt is
+    recorded as interrupted, but the recipients its first transactions delivered stay
+    delivered (they were being made pending again, and resent after the restart)."""
+    async with FakeUpstream(recipient_limit=2) as up:
+        app = await start_relay(relay_config(
+            tmp_path, {"up": upstream_account(up, tmp_path, rate_limit={"per_minute": 2})}))
+        rcpts = [f"r{i}@example.com" for i in range(6)]
+        assert (await send(app.smtp_port, message("split"), recipients=rcpts))[0] == 250
+        await up.wait_for_messages(2)  # two transactions; the third waits a minute
+        await asyncio.sleep(0.3)
+        await app.shutdown(grace=0.5)
+        store = SQLiteStore(tmp_path / "queue.sqlite3")
+        await store.open()
+        try:
+            [queued] = await store.list_messages()
+        finally:
+            await store.close()
+        states = {r.address: str(r.state) for r in queued.recipients}
+        assert states == {**{r: "delivered" for r in rcpts[:4]},
+                          **{r: "pending" for r in rcpts[4:]}}

@@ -628,8 +628,11 @@ class AccountWorker:
         every process (``so_far.via``: a group's member's). Then it ends here in this
         process's rate limit too; the next waits its turn and is reserved like a claim,
         so the upstream never sees more than the configured rate."""
+        # Kept in the claimed message too: an outcome written from it (shutdown cutting the
+        # send off: interrupted) must not make the delivered ones pending again.
+        message.recipients = accepted_so_far(message, so_far)
         try:
-            await self.store.record_recipients(message.id, accepted_so_far(message, so_far),
+            await self.store.record_recipients(message.id, message.recipients,
                                                sent=(so_far.via or self.name, self.clock()))
         except StoreError as exc:  # the outcome still records them; a crash would not
             event(log, logging.ERROR, "queue_error", message.id, account=self.name,
@@ -691,11 +694,12 @@ class AccountWorker:
         """(Group) Store the recipients delivered so far (a crash then resends only the
         others), and with ``count`` one send of this account at this moment (a send of
         the attempt that its outcome, which counts the last member's, does not)."""
-        recipients = message.recipients if so_far is None else accepted_so_far(message,
-                                                                                so_far)
+        if so_far is not None:  # kept in the claimed message too (see _between)
+            message.recipients = accepted_so_far(message, so_far)
         try:
             await self.store.record_recipients(
-                message.id, recipients, sent=(self.name, self.clock()) if count else None)
+                message.id, message.recipients,
+                sent=(self.name, self.clock()) if count else None)
         except StoreError as exc:  # the outcome still records them; a crash would not
             event(log, logging.ERROR, "queue_error", message.id, account=self.name,
                   reason=f"cannot record a group send's progress: {exc}")
