@@ -525,3 +525,14 @@ async def test_a_database_of_the_first_release_migrates_to_group_sends(
         assert not await store.hold_send("other", "up", now, now + 60, ((60.0, 1),))
     finally:
         await store.close()
+
+
+async def test_a_new_empty_database_is_migrated_by_migrate(pg_url: str) -> None:
+    """`relay queue migrate` / `relay serve --migrate` on a database relay never used
+    (a new deployment keeping `--migrate` in its args): everything is applied."""
+    from relay.queue.postgres.schema import SCHEMA_VERSION
+
+    store = PostgresStore(pg_url)
+    assert await store.schema_version() == 0
+    assert await store.migrate() == list(range(1, SCHEMA_VERSION + 1))
+    assert await store.schema_version() == SCHEMA_VERSION

@@ -253,16 +253,21 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
                 " queue.allow_unsafe_commit: true to accept that")
 
     async def schema_version(self) -> int:
-        """The highest migration applied (0: an empty database), read-only, open or not."""
-        sql = ("SELECT CASE WHEN to_regclass('relay_schema') IS NULL THEN 0 ELSE"
-               " (SELECT coalesce(max(version), 0) FROM relay_schema) END")
+        """The highest migration applied (0: an empty database), read-only, open or not.
+        Two statements: PostgreSQL resolves a table named in a statement before running
+        it, so one that reads relay_schema fails on a database without it."""
+        exists = "SELECT to_regclass('relay_schema') IS NOT NULL"
+        sql = "SELECT coalesce(max(version), 0) FROM relay_schema"
         if self._pool is not None:
-            rows = await self._fetch(sql)
-            return int(rows[0][0])
+            if not (await self._fetch(exists))[0][0]:
+                return 0
+            return int((await self._fetch(sql))[0][0])
         try:
             async with await AsyncConnection.connect(self.conninfo(), autocommit=True) as conn:
-                cur = await conn.execute(sql)
-                row = await cur.fetchone()
+                row = await (await conn.execute(exists)).fetchone()
+                if not row or not row[0]:
+                    return 0
+                row = await (await conn.execute(sql)).fetchone()
         except (psycopg.Error, OSError) as exc:
             raise self._error(exc) from None
         return int(row[0]) if row else 0
