@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import random
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,30 @@ async def test_a_long_group_send_keeps_its_place_as_its_claim_is_renewed(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_splits_next_transaction_fits_when_the_window_has_room(
+        make_store: MakeStore) -> None:
+    """window_open: the send's own claim counts as the transaction in flight; the ones
+    it ended are in the sends; normal mail keeps out of the share for high."""
+    store = make_store(lock=False, owner="worker-a")
+    await store.open()
+    try:
+        now = time.time()
+        await store.enqueue(_message(now, "member"))
+        (own,) = await store.claim_due("member", now, 10, lease_s=60)
+        three = ((60.0, 3),)
+        assert await store.window_open("member", now, three)  # 0 sent + itself: fits
+        await store.record_recipients(own.id, own.recipients, sent=("member", now))
+        assert await store.window_open("member", now, three)  # 1 sent + itself
+        await store.record_recipients(own.id, own.recipients, sent=("member", now))
+        assert await store.window_open("member", now, three, 0.4, high=True)  # 2 + itself
+        assert not await store.window_open("member", now, three, 0.4)  # normal: 2 of 3
+        await store.record_recipients(own.id, own.recipients, sent=("member", now))
+        assert not await store.window_open("member", now, three, high=True)
+        assert await store.window_open("member", now + 61, three)
+    finally:
+        await store.close()
 
 
 def _two_account_group(tmp_path: Path, first: FakeUpstream, second: FakeUpstream,
@@ -369,3 +394,45 @@ async def test_a_shutdown_mid_split_keeps_the_recipients_already_delivered(
         states = {r.address: str(r.state) for r in queued.recipients}
         assert states == {**{r: "delivered" for r in rcpts[:4]},
                           **{r: "pending" for r in rcpts[4:]}}
+
+
+async def test_a_splits_later_transactions_keep_the_reserve_for_high(
+        tmp_path: Path, start_relay: StartRelay) -> None:
+    """per_minute 4 with half kept for high priority: a normal message split in four
+    transactions sends two now, and the other two wait (they were all sent at once)."""
+    async with FakeUpstream(recipient_limit=2) as up:
+        app = await start_relay(relay_config(tmp_path, {"up": upstream_account(
+            up, tmp_path, rate_limit={"per_minute": 4, "reserve_for_high": "50%"})}))
+        rcpts = [f"r{i}@example.com" for i in range(8)]
+        assert (await send(app.smtp_port, message("normal"), recipients=rcpts))[0] == 250
+        await up.wait_for_messages(2)
+        await asyncio.sleep(1.0)
+        assert len(up.messages) == 2
+
+
+async def test_a_splits_later_transactions_keep_the_window_across_workers(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """per_minute 3, two recipients per transaction, two workers, two sends of the
+    account this minute by another process: a group's six-recipient message takes the
+    last place with its first transaction, and its later ones wait for the window (they
+    were counted only in this process's own limiter)."""
+    upstream.recipient_limit = 2
+    async with FakeUpstream() as second:
+        config = _two_account_group(tmp_path, upstream, second,
+                                    rate_limit={"per_minute": 3})
+        relay, _ = await _spawn(tmp_path, config)
+        try:
+            # Two sends of the account in this minute, by another process (as another
+            # worker or relay records them): one place is left.
+            with sqlite3.connect(tmp_path / "queue.sqlite3") as db:
+                db.executemany("INSERT INTO sends (account, at) VALUES ('up', ?)",
+                               [(time.time(),), (time.time(),)])
+            rcpts = [f"r{i}@example.com" for i in range(6)]
+            assert (await send(relay.port, message("split"), recipients=rcpts))[0] == 250
+            await upstream.wait_for_messages(1)
+            await asyncio.sleep(2.0)
+            assert len(upstream.messages) == 1, "a later transaction passed the window"
+            relay.proc.send_signal(signal.SIGTERM)
+            assert await relay.exit_code(within=30) == 0
+        finally:
+            await relay.kill()

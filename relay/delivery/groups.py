@@ -91,7 +91,7 @@ class Member(Protocol):
     def reserve_send(self) -> None:
         """Count one send in the member's rate limits (until ``end_send``)."""
 
-    async def next_transaction(self) -> None:
+    async def next_transaction(self, high: bool) -> None:
         """A further transaction of the send (after 452 "too many recipients"): the one
         before counts, the next waits for the member's rate limits and is reserved."""
 
@@ -255,12 +255,12 @@ class _Attempt:
         """The pace of a member's further transactions (a 452 split): the worker records
         what the whole attempt delivered so far (earlier members' recipients too, not
         only this member's), and the member's own rate limits space the transactions."""
-        pace, done = self.pace, self.done
+        pace, done, high = self.pace, self.done, self.high
 
         async def paced(so_far: SendResult) -> None:
             if pace is not None:  # the transaction that ended counts as the member's
                 await pace(combined(done, dataclasses.replace(so_far, via=name)))
-            await member.next_transaction()
+            await member.next_transaction(high)
 
         return paced
 

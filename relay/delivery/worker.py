@@ -13,6 +13,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import random
 import time
@@ -59,6 +60,8 @@ INTERRUPTED = "interrupted by shutdown; may have been delivered"
 # How often a further transaction waiting for the rate limit looks again (a send under
 # way that ends does not wake it).
 _PACE_POLL_S = 0.05
+# A split's next transaction waiting for the windows the other processes share too.
+_SHARED_PACE_POLL_S = 0.25
 # While another worker probes an account whose backoff ended, how often to look again.
 PROBE_WAIT_S = 0.25
 # After giving a message back because the other workers held every connection slot, how
@@ -637,16 +640,30 @@ class AccountWorker:
         except StoreError as exc:  # the outcome still records them; a crash would not
             event(log, logging.ERROR, "queue_error", message.id, account=self.name,
                   reason=f"cannot record accepted recipients: {exc}")
-        await self.next_transaction()
+        await self.next_transaction(message.priority is Priority.HIGH)
 
-    async def next_transaction(self) -> None:
+    async def next_transaction(self, high: bool) -> None:
         """The transaction before ends and counts; wait until the account's limits allow
-        the next, and reserve it (also for a group's send through this account)."""
+        the next (``high``: from the share reserve_for_high keeps too), as this process
+        and then as every process on the queue counts them, and reserve it (also for a
+        group's send through this account)."""
         self.limiter.complete(self.mono())
-        while self.limiter.available(self.mono()) < 1:
-            wait = self.limiter.wait_time(self.mono())
+        while self.limiter.available(self.mono(), others=not high) < 1:
+            wait = self.limiter.wait_time(self.mono(), others=not high)
             await asyncio.sleep(min(wait, _PACE_POLL_S))
         self.limiter.reserve(1)
+        if self.host is None or not self.limiter.limited:
+            return
+        try:
+            # Polled: the other processes' sends end there, not here (no event to await).
+            for _ in itertools.count():
+                if await self.store.window_open(self.name, self.clock(), self.limiter.windows,
+                                                self.limiter.reserve_for_high, high):
+                    break
+                await asyncio.sleep(_SHARED_PACE_POLL_S)
+        except StoreError as exc:  # this process's own limits held it: go on
+            event(log, logging.ERROR, "queue_error", account=self.name,
+                  reason=f"cannot read the account's windows: {exc}")
 
     # -- as a member of a group (relay.delivery.groups.Member) --------------------------
     def may_send(self, high: bool = False) -> bool:

@@ -195,6 +195,11 @@ class QueueStore(Protocol):
         share reserve_for_high keeps), hold it in them until its outcome is recorded
         (finish), it moves on, or ``lease_until``; True. Else False, nothing changed.
         ``account`` None: let go of the hold."""
+    async def window_open(self, account: str, now: float, windows: Sequence[tuple[float, int]],
+                          reserve_for_high: float = 0.0, high: bool = False) -> bool:
+        """One more transaction of a send under way (a 452 split; its claim or hold
+        counts as the one in flight) fits ``account``'s windows as every process counts
+        them (``high``: it may use the share reserve_for_high keeps)."""
     async def processes(self) -> list[tuple[int, str]]:
         """(pid, role) of the relay processes on this queue now: 'serve', 'supervisor',
         'worker N' (for `relay status`)."""

@@ -133,6 +133,13 @@ class HostLimits:
                     (message_id, account, self.owner, lease_until))
             return True
 
+    async def window_open(self, account: str, now: float, windows: Sequence[tuple[float, int]],
+                          reserve_for_high: float = 0.0, high: bool = False) -> bool:
+        """QueueStore.window_open: under the account's row lock, as its claims count."""
+        async with self._conn() as conn, conn.transaction():
+            room, others = await self._room(conn, account, now, 1, windows, reserve_for_high)
+        return (room if high else others) >= 0
+
     # -- what dead owners leave ------------------------------------------------------------
     async def _free_held(self, now: float) -> None:
         """Free the slots and probes of owners that are gone or past their lease."""

@@ -134,6 +134,17 @@ class HostLimits:
         held: bool = await self._submit(Transact(run=hold))
         return held
 
+    async def window_open(self, account: str, now: float, windows: Sequence[tuple[float, int]],
+                          reserve_for_high: float = 0.0, high: bool = False) -> bool:
+        spans = tuple(windows)
+
+        def look(db: sqlite3.Connection) -> bool:
+            room, others = window_room(db, account, now, 1, spans, reserve_for_high)
+            return (room if high else others) >= 0
+
+        opened: bool = await self._submit(Transact(run=look))
+        return opened
+
     # -- what dead owners leave ------------------------------------------------------------
     def _holders(self) -> str:
         """(SQL) the owners of slots and probes, for requeue_expired's liveness check."""
