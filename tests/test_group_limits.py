@@ -414,8 +414,9 @@ async def test_a_splits_later_transactions_keep_the_window_across_workers(
         tmp_path: Path, upstream: FakeUpstream) -> None:
     """per_minute 3, two recipients per transaction, two workers, two sends of the
     account this minute by another process: a group's six-recipient message takes the
-    last place with its first transaction, and its later ones wait for the window (they
-    were counted only in this process's own limiter)."""
+    last place with its first transaction, and its later ones do not pass the window
+    (they were counted only in this process's own limiter): they go through the second
+    member."""
     upstream.recipient_limit = 2
     async with FakeUpstream() as second:
         config = _two_account_group(tmp_path, upstream, second,
@@ -430,9 +431,31 @@ async def test_a_splits_later_transactions_keep_the_window_across_workers(
             rcpts = [f"r{i}@example.com" for i in range(6)]
             assert (await send(relay.port, message("split"), recipients=rcpts))[0] == 250
             await upstream.wait_for_messages(1)
-            await asyncio.sleep(2.0)
+            await _delivered(upstream, second, 2)
+            await asyncio.sleep(0.5)
             assert len(upstream.messages) == 1, "a later transaction passed the window"
+            assert sorted(second.messages[0].rcpt_tos) == rcpts[2:]
             relay.proc.send_signal(signal.SIGTERM)
             assert await relay.exit_code(within=30) == 0
         finally:
             await relay.kill()
+
+
+async def test_a_split_at_its_members_limit_hands_the_rest_to_the_next_member(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """Two recipients a transaction and two transactions a minute at the first member:
+    the third transaction's recipients go through the second member at once, in the same
+    attempt, instead of waiting for the first member's next minute."""
+    upstream.recipient_limit = 2
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(
+            tmp_path, upstream, second, members={"first": {"rate_limit": {"per_minute": 2}}}))
+        rcpts = [f"r{i}@example.com" for i in range(6)]
+        assert (await send(app.smtp_port, message("split"), recipients=rcpts))[0] == 250
+        await second.wait_for_messages(1, timeout=5)
+        await app.scheduler.run_until_idle()
+        assert sorted(r for m in upstream.messages for r in m.rcpt_tos) == rcpts[:4]
+        assert sorted(second.messages[0].rcpt_tos) == rcpts[4:]
+        [queued] = await app.store.list_messages()
+        assert (str(queued.state), queued.attempts) == ("delivered", 1)
+        assert not app.scheduler.workers["first"].backed_off  # busy, not failing

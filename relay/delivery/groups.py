@@ -91,9 +91,10 @@ class Member(Protocol):
     def reserve_send(self) -> None:
         """Count one send in the member's rate limits (until ``end_send``)."""
 
-    async def next_transaction(self, high: bool) -> None:
+    async def next_transaction(self, high: bool, *, most: float = float("inf")) -> bool:
         """A further transaction of the send (after 452 "too many recipients"): the one
-        before counts, the next waits for the member's rate limits and is reserved."""
+        before counts, the next is reserved; False if it cannot go within ``most``
+        seconds."""
 
     def end_send(self) -> None: ...
 
@@ -110,6 +111,22 @@ class Member(Protocol):
 
     def note_reply(self, sent: SendResult | DeliveryError) -> None:
         """What the member's upstream answered: a "slow down" throttles the member."""
+
+
+# How long a member's split send waits for its limits to allow the next transaction
+# before the recipients left go to the next member (a per-second limit: the wait; a
+# per-minute one: the next member).
+SPLIT_WAIT_S = 2.0
+
+
+class MemberBusy(TemporaryFailure):
+    """A member cannot take a split send's next transaction now: the recipients left go
+    to the next member (relay.delivery.groups._Attempt.moves_on), and the member is not
+    backed off for it."""
+
+    def __init__(self, member: str) -> None:
+        super().__init__(f"{member} may not send the next transaction now (paused, backing"
+                         " off or at its rate limit)", account_reason="busy")
 
 
 def combined(done: SendResult | None, result: SendResult) -> SendResult:
@@ -260,7 +277,10 @@ class _Attempt:
         async def paced(so_far: SendResult) -> None:
             if pace is not None:  # the transaction that ended counts as the member's
                 await pace(combined(done, dataclasses.replace(so_far, via=name)))
-            await member.next_transaction(high)
+            if not await member.next_transaction(high, most=SPLIT_WAIT_S):
+                # Paused, backing off or at its limits for longer: the rest go to the
+                # next member now rather than wait here (for up to a window).
+                raise MemberBusy(name)
 
         return paced
 
@@ -280,7 +300,8 @@ class _Attempt:
             return False
         self.last = result.refused[rest[0]]
         self.last.via = result.via
-        member.account_failed(self.last)
+        if not isinstance(self.last, MemberBusy):
+            member.account_failed(self.last)
         if len(rest) < len(result.refused) + len(result.accepted):
             transcript = TRANSCRIPT.get()
             if transcript is not None:  # the outcome names the member that sent last

@@ -13,7 +13,6 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import itertools
 import logging
 import random
 import time
@@ -642,28 +641,49 @@ class AccountWorker:
                   reason=f"cannot record accepted recipients: {exc}")
         await self.next_transaction(message.priority is Priority.HIGH)
 
-    async def next_transaction(self, high: bool) -> None:
+    async def next_transaction(self, high: bool, *, most: float = float("inf")) -> bool:
         """The transaction before ends and counts; wait until the account's limits allow
         the next (``high``: from the share reserve_for_high keeps too), as this process
         and then as every process on the queue counts them, and reserve it (also for a
-        group's send through this account)."""
+        group's send through this account). ``most``: how long it may wait (a group's
+        member: another member may take the rest); False, reserved all the same, when
+        the next transaction cannot go within that (limits, a pause, a backoff, a wait
+        the server named)."""
         self.limiter.complete(self.mono())
-        while self.limiter.available(self.mono(), others=not high) < 1:
-            wait = self.limiter.wait_time(self.mono(), others=not high)
-            await asyncio.sleep(min(wait, _PACE_POLL_S))
+        deadline = self.mono() + most
+        while (held := self._held_for(high, member=most < float("inf"))) > 0:
+            if self.mono() + held > deadline:
+                self.limiter.reserve(1)  # (its end counts it: one more, never one less)
+                return False
+            await asyncio.sleep(min(held, _PACE_POLL_S))
         self.limiter.reserve(1)
         if self.host is None or not self.limiter.limited:
-            return
+            return True
         try:
             # Polled: the other processes' sends end there, not here (no event to await).
-            for _ in itertools.count():
-                if await self.store.window_open(self.name, self.clock(), self.limiter.windows,
-                                                self.limiter.reserve_for_high, high):
-                    break
+            while not await self.store.window_open(self.name, self.clock(),
+                                                   self.limiter.windows,
+                                                   self.limiter.reserve_for_high, high):
+                if self.mono() + _SHARED_PACE_POLL_S > deadline:
+                    return False
                 await asyncio.sleep(_SHARED_PACE_POLL_S)
         except StoreError as exc:  # this process's own limits held it: go on
             event(log, logging.ERROR, "queue_error", account=self.name,
                   reason=f"cannot read the account's windows: {exc}")
+        return True
+
+    def _held_for(self, high: bool, *, member: bool) -> float:
+        """How long this account's next transaction must wait for its rate limits (inf:
+        until a send under way ends); as a group's member, also while it is paused,
+        backs off or holds for a wait the server named (the group has other members;
+        its own send under way finishes as it would have)."""
+        mono = self.mono()
+        held = self.limiter.wait_time(mono, others=not high)
+        if not member:
+            return held
+        if self.paused:
+            return float("inf")
+        return max(held, self.backoff_until - mono, self.throttle.held(mono))
 
     # -- as a member of a group (relay.delivery.groups.Member) --------------------------
     def may_send(self, high: bool = False) -> bool:
