@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from relay.cli.commands import main
+from relay.config.loading import load_config
 from relay.delivery.groups import combined, moved_on
 from relay.delivery.outcome import settle
 from relay.delivery.retry import RetryPolicy
@@ -459,3 +461,42 @@ async def test_a_split_at_its_members_limit_hands_the_rest_to_the_next_member(
         [queued] = await app.store.list_messages()
         assert (str(queued.state), queued.attempts) == ("delivered", 1)
         assert not app.scheduler.workers["first"].backed_off  # busy, not failing
+        # Each transaction counted once: two at the first member, one at the second.
+        assert len(await app.store.recent_sends("first", 0)) == 2
+        assert len(await app.store.recent_sends("second", 0)) == 1
+
+
+async def test_queue_flush_ends_a_named_wait(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """"Try again in 2 hours" holds the account (an hour at most), until an operator's
+    `relay queue flush`: then it sends again (it stayed held for the hour)."""
+    path = write_config(tmp_path, upstream)
+    app = await start_relay(load_config(path))
+    upstream.fail_data(451, "4.7.0 Try again in 2 hours", times=1)
+    assert (await send(app.smtp_port, message("told")))[0] == 250
+    worker = app.scheduler.workers["up"]
+    await wait_until(lambda: worker.throttle.held(worker.mono()) > 0, what="the wait")
+    assert (await send(app.smtp_port, message("held")))[0] == 250
+    await asyncio.sleep(0.5)
+    assert upstream.messages == []
+    assert await asyncio.to_thread(main, ["queue", "flush", "-c", str(path)]) == 0
+    await upstream.wait_for_messages(2, timeout=10)
+
+
+async def test_a_group_send_cut_off_by_shutdown_counts_as_its_members(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """The interrupted attempt names the member it was going through, so the send (which
+    may have arrived) counts in that member's window after the restart."""
+    upstream.delay("DATA", 5.0)
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(tmp_path, upstream, second))
+        assert (await send(app.smtp_port, message("cut")))[0] == 250
+        await wait_until(lambda: _mails(upstream) == 1, what="the send under way")
+        await app.shutdown(grace=0.3)
+        store = SQLiteStore(tmp_path / "queue.sqlite3")
+        await store.open()
+        try:
+            assert len(await store.recent_sends("first", 0)) == 1
+            assert await store.recent_sends("mail", 0) == []
+        finally:
+            await store.close()

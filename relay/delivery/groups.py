@@ -162,6 +162,7 @@ class GroupTransport:
         self._members = members
         self._rng = rng
         self.last_peer = ""
+        self._through: dict[str, str] = {}  # message id -> the member sending it now
 
     @property
     def peer(self) -> str:
@@ -171,13 +172,22 @@ class GroupTransport:
                    mail_options: tuple[str, ...], *, pace: Pace | None = None
                    ) -> SendResult:
         attempt = _Attempt(SENDING.get(), list(recipients), pace)
+        attempt.through = self._through
         try:
             result = await self._send(attempt, sender, body, mail_options)
         except DeliveryError as exc:
+            attempt.ended()
             await attempt.count_others(exc.via, attempt.done)
             raise
+        # (Cancelled, by a shutdown: still named, for the interrupted attempt's record.)
+        attempt.ended()
         await attempt.count_others(result.via, result)
         return result
+
+    def sending_through(self, message_id: str) -> str | None:
+        """The member a message is being sent through now (shutdown cutting it off
+        records the attempt as that member's: it counts in its windows)."""
+        return self._through.get(message_id)
 
     async def _send(self, attempt: _Attempt, sender: str, body: bytes,
                     mail_options: tuple[str, ...]) -> SendResult:
@@ -258,6 +268,8 @@ class _Attempt:
         # Members whose send happened: the outcome counts the last one's in its windows,
         # count_others the rest (once each, when the attempt ends).
         self.sent: dict[str, Member] = {}
+        self.counted: set[str] = set()  # ...unless counted already (a split's pace)
+        self.through: dict[str, str] = {}  # the transport's: message id -> member
         self.paused: Collection[str] | None = None  # accounts paused in the queue
 
     async def hold(self, name: str, member: Member) -> bool:
@@ -266,6 +278,9 @@ class _Attempt:
                                                                     self.high):
             return False
         self.held, self.held_name, self.tried = member, name, True
+        self.counted.discard(name)
+        if self.message is not None:
+            self.through[self.message.id] = name
         return True
 
     def paced(self, name: str, member: Member) -> Pace:
@@ -279,7 +294,9 @@ class _Attempt:
                 await pace(combined(done, dataclasses.replace(so_far, via=name)))
             if not await member.next_transaction(high, most=SPLIT_WAIT_S):
                 # Paused, backing off or at its limits for longer: the rest go to the
-                # next member now rather than wait here (for up to a window).
+                # next member now rather than wait here (for up to a window). Its last
+                # transaction was counted just now (the pace): not again.
+                self.counted.add(name)
                 raise MemberBusy(name)
 
         return paced
@@ -314,6 +331,10 @@ class _Attempt:
                 await member.store_progress(self.message, self.done, count=False)
         return True
 
+    def ended(self) -> None:
+        if self.message is not None:
+            self.through.pop(self.message.id, None)
+
     async def count_others(self, via: str, so_far: SendResult | None) -> None:
         """The attempt ended with ``via``'s answer, which its outcome counts: each other
         member it went through counts its send now, once (stored with what the attempt
@@ -321,7 +342,7 @@ class _Attempt:
         if self.message is None:
             return
         for name, member in self.sent.items():
-            if name != via:
+            if name != via and name not in self.counted:
                 await member.store_progress(self.message, so_far, count=True)
 
     async def end(self, group: str) -> SendResult:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from relay.delivery.bounce import should_bounce
+from relay.delivery.groups import GroupTransport
 from relay.delivery.health import AccountHealth, HealthHook
 from relay.delivery.host import HostAccount, SharedBackoff
 from relay.delivery.outcome import accepted_so_far, settle
@@ -230,8 +231,10 @@ class AccountWorker:
         return self.mono() < self.backoff_until
 
     def resume(self) -> None:
-        """End an account-wide backoff now (an operator's `queue flush`)."""
+        """End an account-wide backoff now (an operator's `queue flush`), and a wait the
+        server named."""
         self.backoff_until = 0.0
+        self.throttle.hold_until = 0.0
         if self._pool is not None:
             self._pool.end_login_hold()
         self.notify()
@@ -1007,6 +1010,9 @@ class AccountWorker:
         for message in messages:
             result = settle(message, error, now=now, policy=self.policy, rng=self.rng,
                             age_now=self.age_clock(now))
+            if isinstance(self.transport, GroupTransport):  # its member's send, and window
+                member = self.transport.sending_through(message.id)
+                result = dataclasses.replace(result, account=member or self.name)
             results.append(result)
             event(log, logging.WARNING, "interrupted", message.id, account=self.name,
                   relay=self.transport.peer, attempt=result.attempts, reason=INTERRUPTED,
