@@ -500,3 +500,24 @@ async def test_a_group_send_cut_off_by_shutdown_counts_as_its_members(
             assert await store.recent_sends("mail", 0) == []
         finally:
             await store.close()
+
+
+async def test_a_hand_on_at_a_busy_member_leaves_its_reserve_for_high(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """per_minute 4, half kept for high: a normal group message's split takes the two
+    normal places and hands the rest on; two high messages then go at once (the second
+    waited a minute: the hand-on counted its last transaction twice in this process)."""
+    upstream.recipient_limit = 2
+    async with FakeUpstream() as second:
+        app = await start_relay(_group_config(
+            tmp_path, upstream, second,
+            members={"first": {"rate_limit": {"per_minute": 4, "reserve_for_high": "50%"}}}))
+        rcpts = [f"r{i}@example.com" for i in range(8)]
+        assert (await send(app.smtp_port, message("normal"), recipients=rcpts))[0] == 250
+        await second.wait_for_messages(1, timeout=5)
+        await app.scheduler.run_until_idle()
+        assert len(upstream.messages) == 2
+        for i in range(2):
+            urgent = message(f"urgent{i}", headers={"X-Account": "first", "X-Priority": "1"})
+            assert (await send(app.smtp_port, urgent))[0] == 250
+        await upstream.wait_for_messages(4, timeout=5)

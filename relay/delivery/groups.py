@@ -217,8 +217,12 @@ class GroupTransport:
                 continue
             finally:
                 # A send counts in the member's limits from its end; one that never
-                # went out (no connection slot) does not count.
-                (member.end_send if attempt.tried else member.cancel_send)()
+                # went out (no connection slot) does not count, nor one whose last
+                # transaction was counted as it handed the rest on (MemberBusy).
+                if attempt.tried and name not in attempt.counted:
+                    member.end_send()
+                else:
+                    member.cancel_send()
             attempt.sent[name] = member
             member.note_reply(result)
             result.via = name

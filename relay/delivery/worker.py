@@ -649,15 +649,15 @@ class AccountWorker:
         the next (``high``: from the share reserve_for_high keeps too), as this process
         and then as every process on the queue counts them, and reserve it (also for a
         group's send through this account). ``most``: how long it may wait (a group's
-        member: another member may take the rest); False, reserved all the same, when
-        the next transaction cannot go within that (limits, a pause, a backoff, a wait
-        the server named)."""
+        member: another member may take the rest); False when the next transaction
+        cannot go within that (limits, a pause, a backoff, a wait the server named):
+        the one before is counted, and the send's end gives back what was reserved
+        (GroupTransport: cancel_send)."""
         self.limiter.complete(self.mono())
         deadline = self.mono() + most
         while (held := self._held_for(high, member=most < float("inf"))) > 0:
             if self.mono() + held > deadline:
-                self.limiter.reserve(1)  # (its end counts it: one more, never one less)
-                return False
+                return False  # (nothing reserved: the send's end is then a cancel)
             await asyncio.sleep(min(held, _PACE_POLL_S))
         self.limiter.reserve(1)
         if self.host is None or not self.limiter.limited:
