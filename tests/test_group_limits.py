@@ -521,3 +521,20 @@ async def test_a_hand_on_at_a_busy_member_leaves_its_reserve_for_high(
             urgent = message(f"urgent{i}", headers={"X-Account": "first", "X-Priority": "1"})
             assert (await send(app.smtp_port, urgent))[0] == 250
         await upstream.wait_for_messages(4, timeout=5)
+
+
+async def test_an_attempt_that_never_reached_the_upstream_is_not_counted(
+        tmp_path: Path, start_relay: StartRelay) -> None:
+    """Connection refused: the message is deferred, no attempt counted, and no send in
+    the account's windows (it showed as used in `relay accounts quota` and held real
+    mail back)."""
+    async with FakeUpstream() as up:
+        account = upstream_account(up, tmp_path, rate_limit={"per_minute": 5})
+    # (the upstream is gone: its port refuses connections)
+    app = await start_relay(relay_config(tmp_path, {"up": account}))
+    assert (await send(app.smtp_port, message("nowhere")))[0] == 250
+    await wait_until(lambda: app.scheduler.workers["up"].backed_off, what="the backoff")
+    await app.scheduler.run_until_idle()
+    [queued] = await app.store.list_messages()
+    assert (str(queued.state), queued.attempts) == ("deferred", 0)
+    assert await app.store.recent_sends("up", 0) == []

@@ -76,6 +76,7 @@ def settle(
         outcome=outcome,
         reply=reply,
         claim=message.claim,
+        offered=offered,
     )
 
 

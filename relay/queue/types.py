@@ -176,6 +176,9 @@ class AttemptResult:
     # the message's dedup key, to forget with the outcome (the submission was refused,
     # not accepted, so a retry is tried again).
     forget_dedup: str | None = None
+    # The message reached the upstream (False: no connection, or the login was held
+    # back): only then does the attempt count in the account's rate windows.
+    offered: bool = True
 
 
 @dataclass(frozen=True)

@@ -640,7 +640,7 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
             "at": a.at, "account": a.account, "outcome": a.outcome, "reply": a.reply,
             "transcript": "\n".join(a.transcript),
             "delivered": a.state is MessageState.DELIVERED,
-            "claimer": None if a.claim is None else a.claim.owner}
+            "claimer": None if a.claim is None else a.claim.owner, "offered": a.offered}
         held = ""
         if a.claim is not None:
             held = " AND state = 'sending' AND owner = %(owner)s"
@@ -662,7 +662,8 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
             # Once per attempt: the same finish again (its first commit's reply was lost
             # with the connection, and the worker retried) neither counts the send twice...
             " sent AS (INSERT INTO sends (account, at, message_id)"
-            " SELECT %(account)s, %(at)s, %(id)s WHERE NOT EXISTS (SELECT 1 FROM sends"
+            " SELECT %(account)s, %(at)s, %(id)s WHERE %(offered)s AND NOT EXISTS"
+            " (SELECT 1 FROM sends"
             " WHERE account = %(account)s AND at = %(at)s AND message_id = %(id)s)),"
             # A group message's hold on its member's windows ends as its send is counted
             # (only the claim's own: a stale claim leaves the new owner's hold alone).

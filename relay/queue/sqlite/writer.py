@@ -255,7 +255,7 @@ def _apply_finishes(db: sqlite3.Connection, ops: list[Finish]) -> None:
     )
     db.executemany(
         "INSERT INTO sends (account, at) VALUES (?, ?)",
-        [(op.attempt.account, op.attempt.at) for op in ops],
+        [(op.attempt.account, op.attempt.at) for op in ops if op.attempt.offered],
     )
     # A group message's hold on its member's windows ends as its send is counted above
     # (one transaction: the send is never counted twice, nor missed in between). Only the
