@@ -288,12 +288,16 @@ async def test_the_immediate_attempt_keeps_the_share_reserved_for_high_priority(
     app = await start_relay(relay_config(
         tmp_path, {"up": upstream_account(upstream, tmp_path, rate_limit={
             "per_minute": 4, "reserve_for_high": "50%"})},
-        listen={**SYNC, "sync_timeout": "15s"}))  # (a loaded CI machine: not 2 s)
+        listen=SYNC))
     for n in range(3):
         assert (await send(app.smtp_port, message(f"normal {n}")))[0] == 250
     assert len(upstream.messages) == 2
     assert (await send(app.smtp_port, message("urgent", headers={"X-Priority": "1"})))[0] == 250
-    assert len(upstream.messages) == 3 and b"Subject: urgent" in upstream.messages[2].data
+    # At once: by the session's own attempt, or by the account's worker when its claim
+    # (which takes high priority first) was under way at that moment (a race a loaded
+    # machine shows): either way within the window the normal mail filled.
+    await upstream.wait_for_messages(3, timeout=5)
+    assert b"Subject: urgent" in upstream.messages[2].data
     states = sorted(str(r.state) for r in await app.store.list_messages())
     assert states == ["delivered", "delivered", "delivered", "queued"]
 
