@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from relay.app import App, WorkerRole
 from relay.config.loading import parse_config
 from relay.config.schema import Config
+from relay.queue.types import NewMessage, Priority, new_queue_id
 from tests.upstream import FakeUpstream
 from tests.webhook import WebhookReceiver
 
@@ -156,6 +157,14 @@ def message(subject: str = "test", *, headers: dict[str, str] | None = None,
     lines = [f"Subject: {subject}", "From: app@example.com", "To: to@example.com"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+
+
+def new_message(now: float, account: str = "up",
+                priority: Priority = Priority.NORMAL) -> NewMessage:
+    """A small message to enqueue straight into a store (tests of the store itself)."""
+    return NewMessage(id=new_queue_id(), sender="app@example.com",
+                      recipients=("to@example.com",), account=account, priority=priority,
+                      body=b"Subject: x\r\n\r\nhi\r\n", created_at=now, not_before=now)
 
 
 def metric(app: App, name: str, **labels: str) -> float:

@@ -24,12 +24,13 @@ from relay.delivery.transport import SendResult
 from relay.errors import TemporaryFailure
 from relay.queue.sqlite.schema import SCHEMA_VERSION
 from relay.queue.sqlite.store import SQLiteStore
-from relay.queue.types import MessageState, NewMessage, Priority, new_queue_id, queue_id
+from relay.queue.types import MessageState, new_queue_id, queue_id
 from tests.conftest import (
     MakeStore,
     StartRelay,
     message,
     metric,
+    new_message,
     relay_config,
     send,
     upstream_account,
@@ -40,11 +41,6 @@ from tests.upstream import FakeUpstream
 POLICY = RetryPolicy(60, 600, 3600)
 
 
-def _message(now: float) -> NewMessage:
-    return NewMessage(id=new_queue_id(), sender="app@example.com",
-                      recipients=("to@example.com",), account="up", priority=Priority.NORMAL,
-                      body=b"Subject: x\r\n\r\nhi\r\n", created_at=now, not_before=now)
-
 
 async def test_an_outcome_is_recorded_only_by_the_claims_owner(make_store: MakeStore) -> None:
     a = make_store(lock=False, owner="worker-a")
@@ -53,7 +49,7 @@ async def test_an_outcome_is_recorded_only_by_the_claims_owner(make_store: MakeS
     await b.open()
     try:
         now = time.time()
-        await a.enqueue(_message(now))
+        await a.enqueue(new_message(now))
         (by_a,) = await a.claim_due("up", now, 10, lease_s=1)
         # A's lease runs out (a stalled send); B takes the message over and delivers it.
         assert await b.requeue_expired(now + 2) == 1
@@ -81,7 +77,7 @@ async def test_a_live_owners_lease_is_renewed_and_not_swept(make_store: MakeStor
     await b.open()
     try:
         now = time.time()
-        await a.enqueue(_message(now))
+        await a.enqueue(new_message(now))
         (claimed,) = await a.claim_due("up", now, 10, lease_s=1)
         assert await b.renew([claimed.id], now + 60) == 0, "only the owner renews"
         assert await a.renew([claimed.id], now + 60) == 1
@@ -120,7 +116,7 @@ async def test_start_up_requeues_only_claims_whose_owner_is_gone(
     try:
         now = time.time()
         for _ in range(3):
-            await store.enqueue(_message(now))
+            await store.enqueue(new_message(now))
         other = await asyncio.create_subprocess_exec(
             sys.executable, "-c", CLAIMER, str(path), stdout=asyncio.subprocess.PIPE)
         try:
@@ -189,7 +185,7 @@ async def test_a_queue_file_from_before_owners_gains_the_column(tmp_path: Path) 
     path = tmp_path / "queue.sqlite3"
     store = SQLiteStore(path, lock=False)
     await store.open()
-    await store.enqueue(_message(time.time()))
+    await store.enqueue(new_message(time.time()))
     await store.execute([("ALTER TABLE messages DROP COLUMN owner", ()),
                          ("ALTER TABLE attempts DROP COLUMN transcript", ()),
                          ("DROP TABLE dedup", ()), ("DROP TABLE events", ()),
@@ -236,7 +232,7 @@ async def test_a_rate_window_is_checked_in_the_claim_across_processes(
     try:
         now = time.time()
         for _ in range(10):
-            await a.enqueue(_message(now))
+            await a.enqueue(new_message(now))
         per_second = ((1.0, 3),)
         first = await a.claim_due("up", now, 10, lease_s=30, windows=per_second)
         assert len(first) == 3

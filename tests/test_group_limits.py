@@ -26,11 +26,12 @@ from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import SendResult
 from relay.errors import PermanentFailure, TemporaryFailure
 from relay.queue.sqlite.store import SQLiteStore
-from relay.queue.types import NewMessage, Priority, new_queue_id
+from relay.queue.types import Priority
 from tests.conftest import (
     MakeStore,
     StartRelay,
     message,
+    new_message,
     relay_config,
     send,
     send_many,
@@ -58,11 +59,6 @@ def test_what_members_of_one_attempt_achieved_together() -> None:
     assert combined(None, then) is then
 
 
-def _message(now: float, account: str, priority: Priority = Priority.NORMAL) -> NewMessage:
-    return NewMessage(id=new_queue_id(), sender="app@example.com",
-                      recipients=("to@example.com",), account=account, priority=priority,
-                      body=b"Subject: x\r\n\r\nhi\r\n", created_at=now, not_before=now)
-
 
 async def test_a_held_group_send_counts_in_the_members_windows_for_every_process(
         make_store: MakeStore) -> None:
@@ -73,8 +69,8 @@ async def test_a_held_group_send_counts_in_the_members_windows_for_every_process
     try:
         now = time.time()
         for _ in range(3):
-            await a.enqueue(_message(now, "group"))
-        await b.enqueue(_message(now, "member"))
+            await a.enqueue(new_message(now, "group"))
+        await b.enqueue(new_message(now, "member"))
         g1, g2, g3 = await a.claim_due("group", now, 10, lease_s=60)
         # Worker A sends two group messages through the member: its window is full...
         assert await a.hold_send(g1.id, "member", now, now + 60, WINDOW)
@@ -114,12 +110,12 @@ async def test_high_priority_may_use_the_reserve_and_a_dead_owners_hold_is_freed
     await b.open()
     try:
         now = time.time()
-        normal, high = _message(now, "group"), _message(now, "group", Priority.HIGH)
+        normal, high = new_message(now, "group"), new_message(now, "group", Priority.HIGH)
         await a.enqueue(normal)
         await a.enqueue(high)
         ten = ((60.0, 10),)  # reserve 20%: 8 for normal mail, 10 for high
         for _ in range(8):
-            await b.enqueue(_message(now, "member"))
+            await b.enqueue(new_message(now, "member"))
         assert len(await b.claim_due("member", now, 10, 60, ten, 0.2)) == 8
         assert not await a.hold_send(normal.id, "member", now, now + 60, ten, 0.2)
         assert await a.hold_send(high.id, "member", now, now + 60, ten, 0.2, high=True)
@@ -143,8 +139,8 @@ async def test_a_long_group_send_keeps_its_place_as_its_claim_is_renewed(
     await b.open()
     try:
         now = time.time()
-        await a.enqueue(_message(now, "group"))
-        await b.enqueue(_message(now, "member"))
+        await a.enqueue(new_message(now, "group"))
+        await b.enqueue(new_message(now, "member"))
         (slow,) = await a.claim_due("group", now, 10, lease_s=60)
         one = ((300.0, 1),)
         assert await a.hold_send(slow.id, "member", now, now + 60, one)
@@ -164,7 +160,7 @@ async def test_a_splits_next_transaction_fits_when_the_window_has_room(
     await store.open()
     try:
         now = time.time()
-        await store.enqueue(_message(now, "member"))
+        await store.enqueue(new_message(now, "member"))
         (own,) = await store.claim_due("member", now, 10, lease_s=60)
         three = ((60.0, 3),)
         assert await store.window_open("member", now, three)  # 0 sent + itself: fits

@@ -15,23 +15,18 @@ from pathlib import Path
 
 from relay.app import WorkerRole
 from relay.queue.sqlite.store import SQLiteStore
-from relay.queue.types import MessageState, NewMessage, Priority, new_queue_id
+from relay.queue.types import MessageState
 from tests.conftest import (
     StartRelay,
     message,
     metric,
+    new_message,
     relay_config,
     send,
     upstream_account,
     wait_until,
 )
 from tests.upstream import FakeUpstream
-
-
-def _message(now: float) -> NewMessage:
-    return NewMessage(id=new_queue_id(), sender="app@example.com",
-                      recipients=("to@example.com",), account="up", priority=Priority.NORMAL,
-                      body=b"Subject: x\r\n\r\nhi\r\n", created_at=now, not_before=now)
 
 
 async def _two(path: Path) -> tuple[SQLiteStore, SQLiteStore]:
@@ -94,7 +89,7 @@ async def test_a_backoff_stops_every_processs_claims_and_one_probes(tmp_path: Pa
     try:
         now = time.time()
         for _ in range(4):
-            await a.enqueue(_message(now))
+            await a.enqueue(new_message(now))
         await a.set_backoff("up", now + 60, "auth")
         assert await b.backoffs() == {"up": (now + 60, "auth")}
         assert await b.claim_due("up", now, 10, lease_s=30) == [], "backed off for all"

@@ -26,10 +26,11 @@ from relay.delivery.retry import RetryPolicy
 from relay.delivery.transport import SendResult
 from relay.errors import SchemaError, StoreError
 from relay.queue.postgres.store import PostgresStore
-from relay.queue.types import MessageState, NewMessage, Priority, new_queue_id
+from relay.queue.types import MessageState
 from tests.conftest import (
     StartRelay,
     message,
+    new_message,
     relay_config,
     send,
     upstream_account,
@@ -40,12 +41,6 @@ from tests.upstream import FakeUpstream
 
 POLICY = RetryPolicy(60, 600, 3600)
 
-
-def _message(now: float, account: str = "up") -> NewMessage:
-    return NewMessage(id=new_queue_id(), sender="app@example.com",
-                      recipients=("to@example.com",), account=account,
-                      priority=Priority.NORMAL, body=b"Subject: x\r\n\r\nhi\r\n",
-                      created_at=now, not_before=now)
 
 
 @pytest.fixture
@@ -133,7 +128,7 @@ async def test_an_outcome_of_an_older_claim_by_the_same_owner_is_refused(
     await store.open()
     try:
         now = time.time()
-        await store.enqueue(_message(now))
+        await store.enqueue(new_message(now))
         (first,) = await store.claim_due("up", now, 10, lease_s=1)
         # Its lease runs out (the database was away); the message is claimed again by the
         # same owner, whose older send then ends and reports.
@@ -161,7 +156,7 @@ async def test_a_rate_window_holds_across_concurrent_claimers(pg_url: str) -> No
     try:
         now = time.time()
         for _ in range(30):
-            await stores[0].enqueue(_message(now))
+            await stores[0].enqueue(new_message(now))
         window = ((60.0, 7),)
         rounds = await asyncio.gather(*(s.claim_due("up", now, 5, lease_s=30, windows=window)
                                         for s in stores for _ in range(4)))
@@ -180,7 +175,7 @@ async def test_mail_queued_by_one_relay_wakes_the_others(pg_url: str) -> None:
     await b.open()
     try:
         await asyncio.sleep(0.2)  # b's LISTEN connection is up
-        await a.enqueue(_message(time.time(), account="billing"))
+        await a.enqueue(new_message(time.time(), account="billing"))
         await wait_until(lambda: "billing" in woken, timeout=5, what="b's wake-up")
         await a.set_paused("billing", True, time.time())  # an operator's change: all look
         await b.changed_elsewhere()
@@ -289,7 +284,7 @@ async def test_an_older_schema_waits_for_migrate_and_migrate_applies_it(
 
     first = PostgresStore(pg_url)
     await first.open()
-    await first.enqueue(_message(time.time()))
+    await first.enqueue(new_message(time.time()))
     await first.close()
     # This relay knows one more migration than the database has.
     known = pg.SCHEMA_VERSION
@@ -317,7 +312,7 @@ async def test_export_and_import_move_a_whole_queue(pg_cluster: Cluster, pg_url:
     try:
         now = time.time()
         for _ in range(3):
-            await source.enqueue(_message(now))
+            await source.enqueue(new_message(now))
         first, second = await source.claim_due("up", now, 2, lease_s=30)
         await source.finish(settle(first, SendResult(accepted=["to@example.com"],
                                                      reply="250 ok"),
@@ -406,7 +401,7 @@ async def test_pruning_removes_old_delivered_records_and_send_times(pg_url: str)
         now = time.time()
         day = 86400.0
         for age in (10 * day, 9 * day, 1 * day):
-            await store.enqueue(_message(now - age))
+            await store.enqueue(new_message(now - age))
         for m in await store.claim_due("up", now, 10, lease_s=60):
             await store.finish(settle(m, SendResult(accepted=["to@example.com"], reply="250"),
                                       now=m.created_at, policy=POLICY, rng=random.Random(1)))
@@ -427,7 +422,7 @@ async def test_the_same_outcome_written_twice_is_one_outcome(pg_url: str) -> Non
     await store.open()
     try:
         now = time.time()
-        await store.enqueue(_message(now))
+        await store.enqueue(new_message(now))
         (m,) = await store.claim_due("up", now, 10, lease_s=30)
         done = settle(m, SendResult(accepted=["to@example.com"], reply="250 ok"), now=now,
                       policy=POLICY, rng=random.Random(1))
@@ -513,7 +508,7 @@ async def test_a_database_of_the_first_release_migrates_to_group_sends(
         patched.setattr(pg, "SCHEMA_VERSION", 1)
         first = PostgresStore(pg_url)
         await first.open()
-        await first.enqueue(_message(time.time()))
+        await first.enqueue(new_message(time.time()))
         await first.close()
     store = PostgresStore(pg_url)
     assert await store.migrate() == [2]

@@ -12,13 +12,7 @@ from __future__ import annotations
 import time
 
 from relay.queue.postgres.store import PostgresStore
-from relay.queue.types import NewMessage, Priority, new_queue_id
-
-
-def _message(now: float) -> NewMessage:
-    return NewMessage(id=new_queue_id(), sender="app@example.com",
-                      recipients=("to@example.com",), account="up", priority=Priority.NORMAL,
-                      body=b"Subject: x\r\n\r\nhi\r\n", created_at=now, not_before=now)
+from tests.conftest import new_message
 
 
 async def _two(url: str) -> tuple[PostgresStore, PostgresStore]:
@@ -80,7 +74,7 @@ async def test_a_backoff_stops_every_processs_claims_and_one_probes(pg_url: str)
     try:
         now = time.time()
         for _ in range(4):
-            await a.enqueue(_message(now))
+            await a.enqueue(new_message(now))
         await a.set_backoff("up", now + 60, "auth")
         assert await b.backoffs() == {"up": (now + 60, "auth")}
         assert await b.claim_due("up", now, 10, lease_s=30) == [], "backed off for all"

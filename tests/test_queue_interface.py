@@ -16,13 +16,7 @@ from relay.delivery.transport import SendResult
 from relay.errors import PermanentFailure
 from relay.queue.store import QueueStore
 from relay.queue.types import Claim, MessageState, NewMessage, Priority, new_queue_id
-from tests.conftest import MakeStore
-
-
-def _message(now: float) -> NewMessage:
-    return NewMessage(id=new_queue_id(), sender="app@example.com",
-                      recipients=("to@example.com",), account="up", priority=Priority.NORMAL,
-                      body=b"Subject: x\r\n\r\nhi\r\n", created_at=now, not_before=now)
+from tests.conftest import MakeStore, new_message
 
 
 async def test_a_claim_names_its_owner_and_lease_and_the_result_settles_it(
@@ -31,7 +25,7 @@ async def test_a_claim_names_its_owner_and_lease_and_the_result_settles_it(
     await store.open()
     try:
         now = time.time()
-        await store.enqueue(_message(now))
+        await store.enqueue(new_message(now))
         (claimed,) = await store.claim_due("up", now, 10, lease_s=30)
         assert claimed.claim == Claim("host-a:1", now + 30)
         result = settle(claimed, SendResult(accepted=["to@example.com"], reply="250 ok"),
@@ -91,18 +85,18 @@ async def test_a_bounce_is_queued_with_the_outcome_that_causes_it_or_not_at_all(
     await b.open()
     try:
         now = time.time()
-        await a.enqueue(_message(now))
+        await a.enqueue(new_message(now))
         (stale,) = await a.claim_due("up", now, 10, lease_s=1)
         assert await b.requeue_expired(now + 2) == 1
         (held,) = await b.claim_due("up", now + 2, 10, lease_s=30)
         failed = settle(stale, PermanentFailure("550 5.1.1 no such user"), now=now + 3,
                         policy=RetryPolicy(60, 600, 3600), rng=random.Random(1))
-        late_bounce = _message(now + 3)
+        late_bounce = new_message(now + 3)
         assert not await a.finish(failed, late_bounce)
         assert await a.get(late_bounce.id) is None, "no bounce without its outcome"
         failed = settle(held, PermanentFailure("550 5.1.1 no such user"), now=now + 4,
                         policy=RetryPolicy(60, 600, 3600), rng=random.Random(1))
-        bounce = _message(now + 4)
+        bounce = new_message(now + 4)
         assert await b.finish(failed, bounce)
         assert await b.state_of(held.id) is MessageState.FAILED
         assert await b.body_if_kept(held.id) is not None, "a failed body stays for retry"

@@ -12,16 +12,18 @@ import pytest
 
 from relay.config.loading import load_config
 from relay.delivery.ratelimit import RateLimiter, share_for_others
-from relay.queue.types import NewMessage, Priority, new_queue_id
-from tests.conftest import MakeStore, StartRelay, message, relay_config, send_many, upstream_account
+from relay.queue.types import Priority
+from tests.conftest import (
+    MakeStore,
+    StartRelay,
+    message,
+    new_message,
+    relay_config,
+    send_many,
+    upstream_account,
+)
 from tests.test_queue_cli import Relay, write_config
 from tests.upstream import FakeUpstream
-
-
-def _message(now: float, priority: Priority) -> NewMessage:
-    return NewMessage(id=new_queue_id(), sender="app@example.com",
-                      recipients=("to@example.com",), account="up", priority=priority,
-                      body=b"Subject: x\r\n\r\nhi\r\n", created_at=now, not_before=now)
 
 
 def test_the_share_for_others_rounds_down_but_never_to_zero() -> None:
@@ -51,7 +53,7 @@ async def test_two_workers_claims_keep_the_reserve(make_store: MakeStore) -> Non
     try:
         now = time.time()
         for _ in range(20):
-            await a.enqueue(_message(now, Priority.LOW))
+            await a.enqueue(new_message(now, priority=Priority.LOW))
         per_minute = ((60.0, 10),)
         first = await a.claim_due("up", now, 6, lease_s=30, windows=per_minute,
                                   reserve_for_high=0.2)
@@ -60,7 +62,7 @@ async def test_two_workers_claims_keep_the_reserve(make_store: MakeStore) -> Non
         assert (len(first), len(second)) == (6, 2)
         assert await a.claim_due("up", now, 6, lease_s=30, windows=per_minute,
                                  reserve_for_high=0.2) == []
-        urgent = _message(now + 1, Priority.HIGH)
+        urgent = new_message(now + 1, priority=Priority.HIGH)
         await b.enqueue(dataclasses.replace(urgent, not_before=now))
         claimed = await b.claim_due("up", now + 1, 6, lease_s=30, windows=per_minute,
                                     reserve_for_high=0.2)
@@ -80,10 +82,11 @@ async def test_claiming_one_message_by_id_keeps_the_reserve_too(make_store: Make
         now = time.time()
         per_minute = ((60.0, 10),)
         for _ in range(8):
-            await store.enqueue(_message(now, Priority.LOW))
+            await store.enqueue(new_message(now, priority=Priority.LOW))
         assert len(await store.claim_due("up", now, 10, lease_s=30, windows=per_minute,
                                          reserve_for_high=0.2)) == 8
-        normal, high = _message(now, Priority.NORMAL), _message(now, Priority.HIGH)
+        normal = new_message(now, priority=Priority.NORMAL)
+        high = new_message(now, priority=Priority.HIGH)
         await store.enqueue(normal)
         await store.enqueue(high)
         assert await store.claim_message("up", normal.id, now, 30, per_minute, 0.2) is None
