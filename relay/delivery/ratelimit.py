@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+from relay.delivery.throttle import scaled
+
 # Float tolerance: waiting exactly wait_time() must make the next send allowed.
 _EPSILON = 1e-6
 # Sends are recorded when they end, at or after their arrival upstream; each window is
@@ -43,11 +45,8 @@ class RateLimiter:
         # Adaptive throttling (relay.delivery.throttle): the share of each limit in use.
         self.factor = 1.0
 
-    def _scaled(self, limit: int) -> int:
-        return limit if self.factor >= 1.0 else max(1, int(limit * self.factor + 1e-9))
-
     def _limit(self, limit: int, others: bool) -> int:
-        limit = self._scaled(limit)
+        limit = scaled(limit, self.factor)
         return share_for_others(limit, self.reserve_for_high) if others else limit
 
     @property
@@ -59,7 +58,7 @@ class RateLimiter:
         """(seconds, limit) of each window, safety margin included: what a claim checks
         against the queue's record of every process's sends (QueueStore.claim_due), at
         the throttle's factor."""
-        return [(w, self._scaled(n)) for w, n, _ in self._windows]
+        return [(w, scaled(n, self.factor)) for w, n, _ in self._windows]
 
     def _prune(self, now: float) -> None:
         for window, _, sent in self._windows:

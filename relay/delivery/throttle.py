@@ -108,4 +108,9 @@ class Throttle:
 
     def scale(self, count: int) -> int:
         """A connection count or window limit at the current factor (at least 1)."""
-        return max(1, int(count * self.factor + 1e-9))
+        return scaled(count, self.factor)
+
+
+def scaled(count: int, factor: float) -> int:
+    """``count`` (connections, a window's limit) at ``factor``: rounded down, at least 1."""
+    return count if factor >= 1.0 else max(1, int(count * factor + 1e-9))
