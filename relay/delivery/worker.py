@@ -399,10 +399,8 @@ class AccountWorker:
         event(log, logging.INFO, "account_backoff_shared", account=self.name, why=shared.why,
               until=_iso(until))
         self._unclaim_ready(now, due_at=until)
-        if self.health is not None:
-            self.health(AccountHealth(self.name, until, self.backoff_failures,
-                                      self.last_account_error, shared.why == "auth",
-                                      shared.why))
+        self._publish(AccountHealth(self.name, until, self.backoff_failures,
+                                    self.last_account_error, shared.why == "auth", shared.why))
 
     def _forget_backoff(self) -> None:
         self.backoff_failures = self.auth_failures = 0
@@ -412,8 +410,7 @@ class AccountWorker:
             self._pool.end_login_hold()
         event(log, logging.INFO, "account_recovered", account=self.name,
               by="another worker")
-        if self.health is not None:
-            self.health(AccountHealth(self.name, self.clock(), 0))
+        self._publish(AccountHealth(self.name, self.clock(), 0))
 
     def _rest_paused(self, now: float, notices: int) -> None:
         """Paused: give back what was claimed before the pause was seen, unsent, and
@@ -633,16 +630,24 @@ class AccountWorker:
         every process (``so_far.via``: a group's member's). Then it ends here in this
         process's rate limit too; the next waits its turn and is reserved like a claim,
         so the upstream never sees more than the configured rate."""
-        # Kept in the claimed message too: an outcome written from it (shutdown cutting the
-        # send off: interrupted) must not make the delivered ones pending again.
-        message.recipients = accepted_so_far(message, so_far)
+        await self._record_progress(message, so_far, so_far.via or self.name)
+        await self.next_transaction(message.priority is Priority.HIGH)
+
+    async def _record_progress(self, message: QueuedMessage, so_far: SendResult | None,
+                               sent_by: str | None) -> None:
+        """Store the recipients delivered ``so_far`` and, with ``sent_by``, one send of
+        that account now. Kept in the claimed message too: an outcome written from it
+        (shutdown cutting the send off: interrupted) must not make the delivered ones
+        pending again."""
+        if so_far is not None:
+            message.recipients = accepted_so_far(message, so_far)
         try:
-            await self.store.record_recipients(message.id, message.recipients,
-                                               sent=(so_far.via or self.name, self.clock()))
+            await self.store.record_recipients(
+                message.id, message.recipients,
+                sent=None if sent_by is None else (sent_by, self.clock()))
         except StoreError as exc:  # the outcome still records them; a crash would not
             event(log, logging.ERROR, "queue_error", message.id, account=self.name,
                   reason=f"cannot record accepted recipients: {exc}")
-        await self.next_transaction(message.priority is Priority.HIGH)
 
     async def next_transaction(self, high: bool, *, most: float = float("inf")) -> bool:
         """The transaction before ends and counts; wait until the account's limits allow
@@ -734,15 +739,7 @@ class AccountWorker:
         """(Group) Store the recipients delivered so far (a crash then resends only the
         others), and with ``count`` one send of this account at this moment (a send of
         the attempt that its outcome, which counts the last member's, does not)."""
-        if so_far is not None:  # kept in the claimed message too (see _between)
-            message.recipients = accepted_so_far(message, so_far)
-        try:
-            await self.store.record_recipients(
-                message.id, message.recipients,
-                sent=(self.name, self.clock()) if count else None)
-        except StoreError as exc:  # the outcome still records them; a crash would not
-            event(log, logging.ERROR, "queue_error", message.id, account=self.name,
-                  reason=f"cannot record a group send's progress: {exc}")
+        await self._record_progress(message, so_far, self.name if count else None)
 
     def reserve_send(self) -> None:
         self.limiter.reserve(1)
@@ -907,9 +904,8 @@ class AccountWorker:
         # Claimed-ahead messages go back to the queue, due when the account resumes: while
         # it backs off, 'sending' means a connection carries the message now (11.13).
         self._unclaim_ready(now, due_at=resume_at)
-        if self.health is not None:
-            self._publish(AccountHealth(self.name, resume_at, self.backoff_failures,
-                                        self.last_account_error, auth, reason))
+        self._publish(AccountHealth(self.name, resume_at, self.backoff_failures,
+                                    self.last_account_error, auth, reason))
         return resume_at
 
     def _note_slow_down(self, sent: SendResult | DeliveryError) -> None:
