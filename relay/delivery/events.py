@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Sequence
 
 from relay.queue.types import AttemptResult, MessageState, QueuedMessage
 
@@ -54,12 +53,6 @@ def event_body(*, event_id: str, kind: str, message: QueuedMessage, result: Atte
     # ASCII only (json's \u escapes): whatever text a header or reply holds, the
     # document can be stored and sent as it is.
     return json.dumps(document, separators=(",", ":"), sort_keys=True)
-
-
-def message_id_of(fields: Sequence[tuple[str, str]]) -> str | None:
-    """The Message-ID header's value, if the message has exactly one."""
-    ids = [v.strip() for k, v in fields if k.lower() == "message-id"]
-    return ids[0] if len(ids) == 1 else None
 
 
 def signature(secret: str, timestamp: str, body: str) -> str:

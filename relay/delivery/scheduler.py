@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from relay.config.schema import Config, RetryConfig, TimeoutsConfig
 from relay.delivery.bounce import build_dsn, needs_smtputf8
-from relay.delivery.events import event_body, event_types, message_id_of
+from relay.delivery.events import event_body, event_types
 from relay.delivery.groups import Group, GroupTransport
 from relay.delivery.health import AccountHealth, HealthPublisher, decode
 from relay.delivery.host import HostAccounts
@@ -39,7 +39,7 @@ from relay.queue.types import (
     Recipient,
     new_queue_id,
 )
-from relay.smtp.headers import parse_headers
+from relay.smtp.headers import message_id_of, parse_headers
 from relay.smtp.replies import Reply
 
 log = logging.getLogger("relay.delivery")

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable
 
 from relay.ingest.addresses import recipient_key
+from relay.smtp.headers import message_id_of
 
 
 def submission_key(fields: list[tuple[str, str]], sender: str, recipients: Iterable[str],
@@ -23,12 +24,12 @@ def submission_key(fields: list[tuple[str, str]], sender: str, recipients: Itera
     entry of a message split by routing rules is one key, found again by a resubmission
     that reaches that account. The submission is hashed (a long or odd header cannot make
     the key table's index large); the account follows it as given."""
-    ids = [value.strip() for name, value in fields if name.lower() == "message-id"]
-    if len(ids) != 1 or not ids[0]:
+    message_id = message_id_of(fields)
+    if not message_id:
         return None
     sender_key = recipient_key(sender) if sender else ""
     rcpts = sorted({recipient_key(r) for r in recipients})
-    whole = json.dumps([ids[0], sender_key, rcpts, user or ""], ensure_ascii=False)
+    whole = json.dumps([message_id, sender_key, rcpts, user or ""], ensure_ascii=False)
     return hashlib.sha256(whole.encode("utf-8", "surrogateescape")).hexdigest()
 
 

@@ -7,6 +7,7 @@ it came, so signatures (DKIM) made by the application stay valid.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 # RFC 5322 2.2: field-name is printable US-ASCII except ':'.
 _FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
@@ -63,6 +64,12 @@ def header_section_exceeds(body: bytes, limit: int) -> bool:
     # False at the first line that ends the section before the limit.
     return all(line.startswith(_FOLD) or _FIELD.match(line)
                for line in _lines(body[: limit + 1]))
+
+
+def message_id_of(fields: Sequence[tuple[str, str]]) -> str | None:
+    """The Message-ID header's value, if the message has exactly one."""
+    ids = [v.strip() for k, v in fields if k.lower() == "message-id"]
+    return ids[0] if len(ids) == 1 else None
 
 
 def get_header(fields: list[tuple[str, str]], name: str) -> str | None:
