@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from relay.cli.common import (
     EXIT_PIPE,
     EXIT_USAGE,
     config_path,
+    discard_stdout,
     fail,
     out,
     workers_arg,
@@ -357,10 +357,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _reader_gone() -> int:
-    """Exit code after a closed pipe; what is still buffered for it goes nowhere, so that
-    the interpreter's own flush at exit does not fail again with a traceback."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+    """Exit code after a closed pipe (what is still buffered for it goes nowhere)."""
+    discard_stdout()
     return EXIT_PIPE

@@ -386,9 +386,10 @@ async def gather(config: Config, now: float) -> Snapshot:
     running = not shared and server_running(config.queue.path)
     store = await open_queue(config)
     try:
+        processes = await store.processes()  # one read: the snapshot and `running` agree
         if shared:
             running = any(role == "serve" or role.startswith("worker ")
-                          for _, role in await store.processes())
+                          for _, role in processes)
         firsts = [m for s in UNDELIVERED
                   for m in await store.list_messages(state=str(s), limit=1)]
         accounts = [*config.accounts, *config.routing.groups]  # a group's mail is its own
@@ -415,7 +416,7 @@ async def gather(config: Config, now: float) -> Snapshot:
                       for name in limits},
             sends={name: await store.recent_sends(name, now - max(w for _, w, _ in wins))
                    for name, wins in limits.items()},
-            processes=await store.processes(),
+            processes=processes,
             backoffs=await store.backoffs(),
         )
     finally:
