@@ -259,6 +259,8 @@ CLAIM_HIGH_SQL = _claim_sql([Priority.HIGH])
 CLAIM_ONE_SQL = (
     "UPDATE messages SET state='sending', lease_until=:lease, owner=:owner, updated_at=:now"
     f" WHERE id=:id AND account=:a AND state IN {READY} AND next_attempt_at<=:now"
+    # :any false: only high priority may take the share reserve_for_high keeps.
+    f" AND (:any OR priority={int(Priority.HIGH)})"
     f" AND NOT EXISTS (SELECT 1 FROM meta WHERE key = '{PAUSED_PREFIX}' || :a)"
     f"{_NOT_BACKED_OFF}"
     f" RETURNING {COLUMNS}"

@@ -31,7 +31,6 @@ from relay.queue.types import (
     NewEvent,
     NewMessage,
     PendingEvent,
-    Priority,
     QueuedMessage,
     Recipient,
 )
@@ -306,11 +305,7 @@ def _claim(db: sqlite3.Connection, op: ClaimDue) -> list[QueuedMessage]:
                               "id": op.message_id}
     rows = []
     if op.message_id is not None:  # one by id (ack: after_upstream), on the same shares
-        found = db.execute("SELECT priority FROM messages WHERE id=?",
-                           (op.message_id,)).fetchone()
-        if found is None or (found[0] != int(Priority.HIGH) and others <= 0):
-            return []
-        rows = db.execute(CLAIM_ONE_SQL, params).fetchall()
+        rows = db.execute(CLAIM_ONE_SQL, {**params, "any": others > 0}).fetchall()
     else:
         if others < room:  # high priority first, up to the whole room; the rest up to theirs
             rows = db.execute(CLAIM_HIGH_SQL, params).fetchall()
