@@ -1,5 +1,6 @@
 """What the relays on one database share about each upstream account: its connection
-slots (pool.max_connections across relays) and its backoff with one probe at a time.
+slots (pool.max_connections across relays), its backoff with one probe at a time, and
+the places group mail holds in its rate windows (hold_send; window_open for a split send).
 
 A mixin of PostgresStore, with the SQLite store's semantics (relay/queue/sqlite/shared.py).
 A slot or a probe is a row with an owner and a lease; it is free again when its owner
@@ -115,22 +116,21 @@ class HostLimits:
                         lease_until: float, windows: Sequence[tuple[float, int]] = (),
                         reserve_for_high: float = 0.0, high: bool = False) -> bool:
         """QueueStore.hold_send: under the member's row lock, as its claims count."""
+        if account is None:
+            await self.execute([("DELETE FROM group_sends WHERE message_id = %s"
+                                 " AND owner = %s", (message_id, self.owner))])
+            return True
         async with self._conn() as conn, conn.transaction():
-            if account is not None:
-                room, others = await self._room(conn, account, now, 1, windows,
-                                                reserve_for_high, exclude=message_id)
-                if (room if high else others) <= 0:
-                    return False
-            if account is None:
-                await conn.execute("DELETE FROM group_sends WHERE message_id = %s"
-                                   " AND owner = %s", (message_id, self.owner))
-            else:
-                await conn.execute(
-                    "INSERT INTO group_sends (message_id, account, owner, lease_until)"
-                    " VALUES (%s, %s, %s, %s) ON CONFLICT (message_id) DO UPDATE SET"
-                    " account = excluded.account, owner = excluded.owner,"
-                    " lease_until = excluded.lease_until",
-                    (message_id, account, self.owner, lease_until))
+            room, others = await self._room(conn, account, now, 1, windows,
+                                            reserve_for_high, exclude=message_id)
+            if (room if high else others) <= 0:
+                return False
+            await conn.execute(
+                "INSERT INTO group_sends (message_id, account, owner, lease_until)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (message_id) DO UPDATE SET"
+                " account = excluded.account, owner = excluded.owner,"
+                " lease_until = excluded.lease_until",
+                (message_id, account, self.owner, lease_until))
             return True
 
     async def window_open(self, account: str, now: float, windows: Sequence[tuple[float, int]],

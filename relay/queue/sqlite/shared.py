@@ -1,5 +1,6 @@
 """What the processes on one queue share about each upstream account: its connection
-slots (pool.max_connections across processes) and its backoff with one probe at a time.
+slots (pool.max_connections across processes), its backoff with one probe at a time, and
+the places group mail holds in its rate windows (hold_send; window_open for a split send).
 
 A mixin of SQLiteStore. A slot or a probe is a row with an owner (QueueStore.owner) and a
 lease; it is free again when its owner gives it back, when its lease runs out, or at once
@@ -115,20 +116,19 @@ class HostLimits:
         spans = tuple(windows)
 
         def hold(db: sqlite3.Connection) -> bool:
-            if account is not None:
-                room, others = window_room(db, account, now, 1, spans, reserve_for_high,
-                                           exclude=message_id)
-                if (room if high else others) <= 0:
-                    return False
             if account is None:
                 db.execute("DELETE FROM group_sends WHERE message_id=? AND owner=?",
                            (message_id, owner))
-            else:
-                db.execute("INSERT INTO group_sends (message_id, account, owner, lease_until)"
-                           " VALUES (?, ?, ?, ?) ON CONFLICT (message_id) DO UPDATE SET"
-                           " account=excluded.account, owner=excluded.owner,"
-                           " lease_until=excluded.lease_until",
-                           (message_id, account, owner, lease_until))
+                return True
+            room, others = window_room(db, account, now, 1, spans, reserve_for_high,
+                                       exclude=message_id)
+            if (room if high else others) <= 0:
+                return False
+            db.execute("INSERT INTO group_sends (message_id, account, owner, lease_until)"
+                       " VALUES (?, ?, ?, ?) ON CONFLICT (message_id) DO UPDATE SET"
+                       " account=excluded.account, owner=excluded.owner,"
+                       " lease_until=excluded.lease_until",
+                       (message_id, account, owner, lease_until))
             return True
 
         held: bool = await self._submit(Transact(run=hold))
