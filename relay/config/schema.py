@@ -945,20 +945,11 @@ class WebhookConfig(_Frozen):
             raise ValueError("retry_max: must be at least retry_initial")
         if not (info.context or {}).get("secrets", True):
             return self
-        if self.secret_env:
-            value = os.environ.get(self.secret_env)
-            if not value:
-                raise ValueError(f"secret_env: environment variable {self.secret_env} is not"
-                                 " set")
-            self._secret = value
-        elif self.secret_file:
-            try:
-                self._secret = self.secret_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ValueError(f"secret_file: cannot read {self.secret_file}:"
-                                 f" {exc.strerror}") from None
-            if not self._secret:
-                raise ValueError(f"secret_file: {self.secret_file} is empty")
+        self._secret = _secret_from("secret", self.secret_env, self.secret_file) or ""
+        if not self._secret:  # (an empty one signs nothing anyone could check)
+            raise ValueError(
+                f"secret_env: environment variable {self.secret_env} is not set"
+                if self.secret_env else f"secret_file: {self.secret_file} is empty")
         return self
 
     @property
