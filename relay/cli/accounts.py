@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from relay.cli.common import EXIT_OK, EXIT_USAGE, fail, load, open_queue, out
+from relay.cli.common import EXIT_OK, EXIT_USAGE, fail, iso, load, open_queue, out
 from relay.cli.filters import message_filter
 from relay.cli.queue import bulk, bulk_options
-from relay.cli.status import rate_use
+from relay.cli.status import rate_limits, rate_use, recent_sends
 from relay.config.schema import Config
 from relay.queue.ops import MOVABLE, move_to
 from relay.queue.types import MessageState
@@ -74,14 +74,12 @@ def cmd_quota(args: argparse.Namespace) -> int:
     the queue file (every process's), and when its next slot opens."""
     config = load(args)
     now = time.time()
-    limited = {name: acc.rate_limit.named_windows() for name, acc in config.accounts.items()
-               if acc.rate_limit.windows()}
+    limited = rate_limits(config)
 
     async def run() -> dict[str, list[float]]:
         store = await open_queue(config)
         try:
-            return {name: await store.recent_sends(name, now - max(w for _, w, _ in wins))
-                    for name, wins in limited.items()}
+            return await recent_sends(store, limited, now)
         finally:
             await store.close()
 
@@ -90,9 +88,7 @@ def cmd_quota(args: argparse.Namespace) -> int:
                           config.accounts[name].rate_limit.reserve_for_high)
            for name, wins in limited.items()}
     if args.json:
-        print(json.dumps({"generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                        time.gmtime(now)),
-                          "accounts": use}, indent=2))
+        print(json.dumps({"generated_at": iso(now), "accounts": use}, indent=2))
         return EXIT_OK
     for name in config.accounts:
         if name not in use:

@@ -64,6 +64,7 @@ from relay.delivery.health import AccountHealth, HealthReport, decode
 from relay.delivery.host import decode_reason
 from relay.delivery.ratelimit import share_for_others
 from relay.printable import escape
+from relay.queue.store import QueueStore
 from relay.queue.types import MessageState, QueuedMessage
 
 S = MessageState
@@ -381,6 +382,19 @@ def render(summary: dict[str, Any]) -> str:
 
 
 # -- I/O ----------------------------------------------------------------------------------
+def rate_limits(config: Config) -> dict[str, list[tuple[str, float, int]]]:
+    """Each rate-limited account's windows: (key, seconds, limit)."""
+    return {name: acc.rate_limit.named_windows() for name, acc in config.accounts.items()
+            if acc.rate_limit.windows()}
+
+
+async def recent_sends(store: QueueStore, limits: dict[str, list[tuple[str, float, int]]],
+                       now: float) -> dict[str, list[float]]:
+    """The send times recorded in each account's longest window, by every process."""
+    return {name: await store.recent_sends(name, now - max(w for _, w, _ in wins))
+            for name, wins in limits.items()}
+
+
 async def gather(config: Config, now: float) -> Snapshot:
     shared = config.queue.url is not None  # PostgreSQL: relays on any host, no lock file
     running = not shared and server_running(config.queue.path)
@@ -396,8 +410,7 @@ async def gather(config: Config, now: float) -> Snapshot:
         attempts = {w: await store.attempt_counts(accounts, now - span) for w, span in WINDOWS}
         report = decode(await store.read_health())
         flush = await store.flush_requested()
-        limits = {name: acc.rate_limit.named_windows()
-                  for name, acc in config.accounts.items() if acc.rate_limit.windows()}
+        limits = rate_limits(config)
         snap = Snapshot(
             now=now, queue=queue_name(config),
             configured=accounts,
@@ -414,8 +427,7 @@ async def gather(config: Config, now: float) -> Snapshot:
             limits=limits,
             reserves={name: config.accounts[name].rate_limit.reserve_for_high
                       for name in limits},
-            sends={name: await store.recent_sends(name, now - max(w for _, w, _ in wins))
-                   for name, wins in limits.items()},
+            sends=await recent_sends(store, limits, now),
             processes=processes,
             backoffs=await store.backoffs(),
         )
