@@ -1,7 +1,9 @@
 """What the processes on one queue share about an account (issue 13): connection slots
 (pool.max_connections across workers) and the account's backoff with one probe at a time.
 
-Two stores on one file stand for two workers (each its own owner and liveness file);
+Each store-level test runs on both stores (``make_store``: one SQLite file, or one
+PostgreSQL database, where two stores stand for two relays). Two stores on one file stand
+for two workers (each its own owner and liveness file);
 closing one is its process gone (its liveness file goes with it, as with SIGKILL, see
 tests/test_claims.py).
 """
@@ -12,11 +14,13 @@ import asyncio
 import itertools
 import time
 from pathlib import Path
+from typing import Any
 
 from relay.app import WorkerRole
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.types import MessageState
 from tests.conftest import (
+    MakeStore,
     StartRelay,
     message,
     metric,
@@ -29,16 +33,16 @@ from tests.conftest import (
 from tests.upstream import FakeUpstream
 
 
-async def _two(path: Path) -> tuple[SQLiteStore, SQLiteStore]:
-    a = SQLiteStore(path, lock=False, owner="worker-a")
-    b = SQLiteStore(path, lock=False, owner="worker-b")
+async def _two(make_store: MakeStore) -> tuple[Any, Any]:
+    a = make_store(lock=False, owner="worker-a")
+    b = make_store(lock=False, owner="worker-b")
     await a.open()
     await b.open()
     return a, b
 
 
-async def test_connection_slots_hold_across_processes_and_come_back(tmp_path: Path) -> None:
-    a, b = await _two(tmp_path / "queue.sqlite3")
+async def test_connection_slots_hold_across_processes_and_come_back(make_store: MakeStore) -> None:
+    a, b = await _two(make_store)
     try:
         now = time.time()
         assert await a.take_slot("up", 2, now + 30, now) == 0
@@ -59,9 +63,8 @@ async def test_connection_slots_hold_across_processes_and_come_back(tmp_path: Pa
         await b.close()
 
 
-async def test_a_dead_owners_slots_and_probe_are_free_at_once(tmp_path: Path) -> None:
-    path = tmp_path / "queue.sqlite3"
-    a, b = await _two(path)
+async def test_a_dead_owners_slots_and_probe_are_free_at_once(make_store: MakeStore) -> None:
+    a, b = await _two(make_store)
     try:
         now = time.time()
         assert await a.take_slot("up", 1, now + 3600, now) == 0
@@ -73,7 +76,7 @@ async def test_a_dead_owners_slots_and_probe_are_free_at_once(tmp_path: Path) ->
         assert await b.take_slot("up", 1, now + 3600, now) == 0
         assert await b.take_probe("up", now + 3600, now)
         # requeue_expired (the supervisor, when a worker dies) frees them as well.
-        c = SQLiteStore(path, lock=False, owner="worker-c")
+        c = make_store(lock=False, owner="worker-c")
         await c.open()
         await c.take_slot("other", 1, now + 3600, now)
         await c.close()
@@ -84,8 +87,8 @@ async def test_a_dead_owners_slots_and_probe_are_free_at_once(tmp_path: Path) ->
         await b.close()
 
 
-async def test_a_backoff_stops_every_processs_claims_and_one_probes(tmp_path: Path) -> None:
-    a, b = await _two(tmp_path / "queue.sqlite3")
+async def test_a_backoff_stops_every_processs_claims_and_one_probes(make_store: MakeStore) -> None:
+    a, b = await _two(make_store)
     try:
         now = time.time()
         for _ in range(4):
@@ -120,8 +123,8 @@ async def test_a_backoff_stops_every_processs_claims_and_one_probes(tmp_path: Pa
         await b.close()
 
 
-async def test_queue_flush_ends_every_shared_backoff(tmp_path: Path) -> None:
-    a, b = await _two(tmp_path / "queue.sqlite3")
+async def test_queue_flush_ends_every_shared_backoff(make_store: MakeStore) -> None:
+    a, b = await _two(make_store)
     try:
         now = time.time()
         await a.set_backoff("up", now + 600, "quota")
