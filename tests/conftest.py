@@ -343,6 +343,24 @@ def make_store(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) 
     return postgres
 
 
+# Two stores on one queue, opened: two worker processes (SQLite) or two relays
+# (PostgreSQL), each its own owner. Closing one in the test is its process gone.
+TwoWorkers = tuple[Any, Any]
+
+
+@pytest.fixture
+async def two_workers(make_store: MakeStore) -> AsyncIterator[TwoWorkers]:
+    a = make_store(lock=False, owner="worker-a")
+    b = make_store(lock=False, owner="worker-b")
+    await a.open()
+    await b.open()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
 def queue_section(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
                   ) -> dict[str, Any]:
     """The config's queue block for this test's store kind."""

@@ -28,6 +28,7 @@ from relay.queue.types import MessageState, new_queue_id, queue_id
 from tests.conftest import (
     MakeStore,
     StartRelay,
+    TwoWorkers,
     message,
     metric,
     new_message,
@@ -42,51 +43,37 @@ POLICY = RetryPolicy(60, 600, 3600)
 
 
 
-async def test_an_outcome_is_recorded_only_by_the_claims_owner(make_store: MakeStore) -> None:
-    a = make_store(lock=False, owner="worker-a")
-    b = make_store(lock=False, owner="worker-b")
-    await a.open()
-    await b.open()
-    try:
-        now = time.time()
-        await a.enqueue(new_message(now))
-        (by_a,) = await a.claim_due("up", now, 10, lease_s=1)
-        # A's lease runs out (a stalled send); B takes the message over and delivers it.
-        assert await b.requeue_expired(now + 2) == 1
-        (by_b,) = await b.claim_due("up", now + 2, 10, lease_s=30)
-        assert by_b.claim is not None and by_b.claim.owner == "worker-b"
-        late = settle(by_a, TemporaryFailure("451 4.3.0 try later"), now=now + 3,
-                      policy=POLICY, rng=random.Random(1))
-        assert not await a.finish(late), "a stale owner's outcome must be refused"
-        row = await b.get(by_b.id)
-        assert row is not None and row.state is MessageState.SENDING and row.attempts == 0
-        done = settle(by_b, SendResult(accepted=["to@example.com"], reply="250 ok"),
-                      now=now + 4, policy=POLICY, rng=random.Random(1))
-        assert await b.finish(done)
-        assert await b.state_of(by_b.id) is MessageState.DELIVERED
-        assert await b.recent_sends("up", now) == [now + 3, now + 4]  # both sends count
-    finally:
-        await a.close()
-        await b.close()
+async def test_an_outcome_is_recorded_only_by_the_claims_owner(two_workers: TwoWorkers) -> None:
+    a, b = two_workers
+    now = time.time()
+    await a.enqueue(new_message(now))
+    (by_a,) = await a.claim_due("up", now, 10, lease_s=1)
+    # A's lease runs out (a stalled send); B takes the message over and delivers it.
+    assert await b.requeue_expired(now + 2) == 1
+    (by_b,) = await b.claim_due("up", now + 2, 10, lease_s=30)
+    assert by_b.claim is not None and by_b.claim.owner == "worker-b"
+    late = settle(by_a, TemporaryFailure("451 4.3.0 try later"), now=now + 3,
+                  policy=POLICY, rng=random.Random(1))
+    assert not await a.finish(late), "a stale owner's outcome must be refused"
+    row = await b.get(by_b.id)
+    assert row is not None and row.state is MessageState.SENDING and row.attempts == 0
+    done = settle(by_b, SendResult(accepted=["to@example.com"], reply="250 ok"),
+                  now=now + 4, policy=POLICY, rng=random.Random(1))
+    assert await b.finish(done)
+    assert await b.state_of(by_b.id) is MessageState.DELIVERED
+    assert await b.recent_sends("up", now) == [now + 3, now + 4]  # both sends count
 
 
-async def test_a_live_owners_lease_is_renewed_and_not_swept(make_store: MakeStore) -> None:
-    a = make_store(lock=False, owner="worker-a")
-    b = make_store(lock=False, owner="worker-b")
-    await a.open()
-    await b.open()
-    try:
-        now = time.time()
-        await a.enqueue(new_message(now))
-        (claimed,) = await a.claim_due("up", now, 10, lease_s=1)
-        assert await b.renew([claimed.id], now + 60) == 0, "only the owner renews"
-        assert await a.renew([claimed.id], now + 60) == 1
-        assert await b.requeue_expired(now + 30) == 0
-        assert await b.recover(now + 30) == 0
-        assert await a.state_of(claimed.id) is MessageState.SENDING
-    finally:
-        await a.close()
-        await b.close()
+async def test_a_live_owners_lease_is_renewed_and_not_swept(two_workers: TwoWorkers) -> None:
+    a, b = two_workers
+    now = time.time()
+    await a.enqueue(new_message(now))
+    (claimed,) = await a.claim_due("up", now, 10, lease_s=1)
+    assert await b.renew([claimed.id], now + 60) == 0, "only the owner renews"
+    assert await a.renew([claimed.id], now + 60) == 1
+    assert await b.requeue_expired(now + 30) == 0
+    assert await b.recover(now + 30) == 0
+    assert await a.state_of(claimed.id) is MessageState.SENDING
 
 
 CLAIMER = """
@@ -222,29 +209,22 @@ async def test_a_killed_process_leaves_no_liveness_file_after_the_next_start(
 
 
 async def test_a_rate_window_is_checked_in_the_claim_across_processes(
-        make_store: MakeStore) -> None:
+        two_workers: TwoWorkers) -> None:
     """Two workers claiming for one account: together never more than the window allows,
     a send counting from its claim to its end (then by the time it ended)."""
-    a = make_store(lock=False, owner="worker-a")
-    b = make_store(lock=False, owner="worker-b")
-    await a.open()
-    await b.open()
-    try:
-        now = time.time()
-        for _ in range(10):
-            await a.enqueue(new_message(now))
-        per_second = ((1.0, 3),)
-        first = await a.claim_due("up", now, 10, lease_s=30, windows=per_second)
-        assert len(first) == 3
-        assert await b.claim_due("up", now, 10, lease_s=30, windows=per_second) == []
-        for m in first:  # they end at now + 0.2: in the window until now + 1.2
-            await a.finish(settle(m, SendResult(accepted=["to@example.com"], reply="250 ok"),
-                                  now=now + 0.2, policy=POLICY, rng=random.Random(1)))
-        assert await b.claim_due("up", now + 0.5, 10, lease_s=30, windows=per_second) == []
-        later = await b.claim_due("up", now + 1.3, 10, lease_s=30, windows=per_second)
-        assert len(later) == 3
-        # Without windows (an account with no rate limit) nothing is held back.
-        assert len(await a.claim_due("up", now + 1.3, 10, lease_s=30)) == 4
-    finally:
-        await a.close()
-        await b.close()
+    a, b = two_workers
+    now = time.time()
+    for _ in range(10):
+        await a.enqueue(new_message(now))
+    per_second = ((1.0, 3),)
+    first = await a.claim_due("up", now, 10, lease_s=30, windows=per_second)
+    assert len(first) == 3
+    assert await b.claim_due("up", now, 10, lease_s=30, windows=per_second) == []
+    for m in first:  # they end at now + 0.2: in the window until now + 1.2
+        await a.finish(settle(m, SendResult(accepted=["to@example.com"], reply="250 ok"),
+                              now=now + 0.2, policy=POLICY, rng=random.Random(1)))
+    assert await b.claim_due("up", now + 0.5, 10, lease_s=30, windows=per_second) == []
+    later = await b.claim_due("up", now + 1.3, 10, lease_s=30, windows=per_second)
+    assert len(later) == 3
+    # Without windows (an account with no rate limit) nothing is held back.
+    assert len(await a.claim_due("up", now + 1.3, 10, lease_s=30)) == 4

@@ -26,6 +26,7 @@ from relay.queue.types import NewEvent, NewMessage, Priority, new_queue_id
 from tests.conftest import (
     MakeStore,
     StartRelay,
+    TwoWorkers,
     message,
     metric,
     relay_config,
@@ -297,47 +298,40 @@ def test_check_config_names_an_unset_webhook_secret_and_shows_durations_as_text(
 
 
 async def test_events_are_written_only_with_the_outcome_and_claimed_by_one_owner(
-    make_store: MakeStore,
+    two_workers: TwoWorkers,
 ) -> None:
     """Store level (both stores), two owners on one queue: a stale owner's refused outcome writes
     no event; an outbox row claimed by one owner is not claimed by the other until its
     lease ends; settling is the holder's alone."""
-    a = make_store(lock=False, owner="worker-a")
-    b = make_store(lock=False, owner="worker-b")
-    await a.open()
-    await b.open()
-    try:
-        now = time.time()
-        new = NewMessage(id=new_queue_id(), sender="s@example.com", recipients=("r@example.com",),
-                         account="up", priority=Priority.NORMAL, body=b"x", created_at=now,
-                         not_before=now)
-        await a.enqueue(new)
-        (by_a,) = await a.claim_due("up", now, 1, lease_s=1)
-        assert await b.requeue_expired(now + 2) == 1
-        (by_b,) = await b.claim_due("up", now + 2, 1, lease_s=30)
-        policy = RetryPolicy(60, 600, 3600)
-        sent = SendResult(accepted=["r@example.com"], reply="250 ok")
-        late = settle(by_a, sent, now=now + 3, policy=policy, rng=random.Random(1))
-        event = NewEvent("e1", "test", "delivered", "{}", now + 3)
-        assert not await a.finish(late, events=[event])
-        assert await a.next_event_at() is None  # refused outcome: no event
-        done = settle(by_b, sent, now=now + 4, policy=policy, rng=random.Random(1))
-        assert await b.finish(done, events=[NewEvent("e2", "test", "delivered", "{}", now + 4)])
-        (held,) = await a.claim_events(now + 5, 10, lease_s=10)
-        assert held.id == "e2" and held.claim.owner == "worker-a"
-        assert await b.claim_events(now + 6, 10, lease_s=10) == []
-        assert not await b.settle_event(held, retry_at=None)  # not b's to settle
-        (taken,) = await b.claim_events(now + 16, 10, lease_s=10)  # a's lease ran out
-        assert not await a.settle_event(held, retry_at=None)
-        assert await b.settle_event(taken, retry_at=now + 30, error="HTTP 500")
-        assert await a.next_event_at() == now + 30
-        (again,) = await a.claim_events(now + 30, 10, lease_s=10)
-        assert again.attempts == 1
-        assert await a.settle_event(again, retry_at=None)
-        assert await a.next_event_at() is None
-    finally:
-        await a.close()
-        await b.close()
+    a, b = two_workers
+    now = time.time()
+    new = NewMessage(id=new_queue_id(), sender="s@example.com", recipients=("r@example.com",),
+                     account="up", priority=Priority.NORMAL, body=b"x", created_at=now,
+                     not_before=now)
+    await a.enqueue(new)
+    (by_a,) = await a.claim_due("up", now, 1, lease_s=1)
+    assert await b.requeue_expired(now + 2) == 1
+    (by_b,) = await b.claim_due("up", now + 2, 1, lease_s=30)
+    policy = RetryPolicy(60, 600, 3600)
+    sent = SendResult(accepted=["r@example.com"], reply="250 ok")
+    late = settle(by_a, sent, now=now + 3, policy=policy, rng=random.Random(1))
+    event = NewEvent("e1", "test", "delivered", "{}", now + 3)
+    assert not await a.finish(late, events=[event])
+    assert await a.next_event_at() is None  # refused outcome: no event
+    done = settle(by_b, sent, now=now + 4, policy=policy, rng=random.Random(1))
+    assert await b.finish(done, events=[NewEvent("e2", "test", "delivered", "{}", now + 4)])
+    (held,) = await a.claim_events(now + 5, 10, lease_s=10)
+    assert held.id == "e2" and held.claim.owner == "worker-a"
+    assert await b.claim_events(now + 6, 10, lease_s=10) == []
+    assert not await b.settle_event(held, retry_at=None)  # not b's to settle
+    (taken,) = await b.claim_events(now + 16, 10, lease_s=10)  # a's lease ran out
+    assert not await a.settle_event(held, retry_at=None)
+    assert await b.settle_event(taken, retry_at=now + 30, error="HTTP 500")
+    assert await a.next_event_at() == now + 30
+    (again,) = await a.claim_events(now + 30, 10, lease_s=10)
+    assert again.attempts == 1
+    assert await a.settle_event(again, retry_at=None)
+    assert await a.next_event_at() is None
 
 
 async def test_two_owners_claiming_the_outbox_at_once_never_take_one_event_twice(

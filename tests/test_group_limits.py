@@ -30,6 +30,7 @@ from relay.queue.types import Priority
 from tests.conftest import (
     MakeStore,
     StartRelay,
+    TwoWorkers,
     message,
     new_message,
     relay_config,
@@ -61,45 +62,38 @@ def test_what_members_of_one_attempt_achieved_together() -> None:
 
 
 async def test_a_held_group_send_counts_in_the_members_windows_for_every_process(
-        make_store: MakeStore) -> None:
-    a = make_store(lock=False, owner="worker-a")
-    b = make_store(lock=False, owner="worker-b")
-    await a.open()
-    await b.open()
-    try:
-        now = time.time()
-        for _ in range(3):
-            await a.enqueue(new_message(now, "group"))
-        await b.enqueue(new_message(now, "member"))
-        g1, g2, g3 = await a.claim_due("group", now, 10, lease_s=60)
-        # Worker A sends two group messages through the member: its window is full...
-        assert await a.hold_send(g1.id, "member", now, now + 60, WINDOW)
-        assert await a.hold_send(g2.id, "member", now, now + 60, WINDOW)
-        assert not await a.hold_send(g3.id, "member", now, now + 60, WINDOW)
-        # ...for worker B's own claims of the member too, while both are in flight.
-        assert await b.claim_due("member", now, 10, lease_s=60, windows=WINDOW) == []
-        # The first moves on to another member, the second goes back unsent: their places
-        # are free; the third and worker B's own message of the member fill the window.
-        assert await a.hold_send(g1.id, "other", now, now + 60, WINDOW)
-        assert await a.hold_send(g2.id, None, now, 0.0)
-        assert await a.hold_send(g3.id, "member", now, now + 60, WINDOW)
-        assert len(await b.claim_due("member", now, 10, lease_s=60, windows=WINDOW)) == 1
-        assert not await a.hold_send(g2.id, "member", now, now + 60, WINDOW)
-        # A transaction that ends mid-attempt is counted with the progress stored.
-        await a.record_recipients(g1.id, g1.recipients, sent=("other", now))
-        assert await b.recent_sends("other", now - 1) == [now]
-        # The outcome ends the hold and counts the send under the member, at once.
-        done = settle(g3, SendResult(accepted=["to@example.com"], reply="250 ok",
-                                     via="member"), now=now + 1,
-                      policy=RetryPolicy(60, 600, 3600), rng=random.Random(1))
-        assert await a.finish(dataclasses.replace(done, account="member"))
-        assert await b.recent_sends("member", now - 1) == [now + 1]
-        assert not await a.hold_send(g2.id, "member", now + 1, now + 60, WINDOW)
-        # A window later that send has left it (B's own is still under way): room for one.
-        assert await a.hold_send(g2.id, "member", now + 62, now + 120, WINDOW)
-    finally:
-        await a.close()
-        await b.close()
+        two_workers: TwoWorkers) -> None:
+    a, b = two_workers
+    now = time.time()
+    for _ in range(3):
+        await a.enqueue(new_message(now, "group"))
+    await b.enqueue(new_message(now, "member"))
+    g1, g2, g3 = await a.claim_due("group", now, 10, lease_s=60)
+    # Worker A sends two group messages through the member: its window is full...
+    assert await a.hold_send(g1.id, "member", now, now + 60, WINDOW)
+    assert await a.hold_send(g2.id, "member", now, now + 60, WINDOW)
+    assert not await a.hold_send(g3.id, "member", now, now + 60, WINDOW)
+    # ...for worker B's own claims of the member too, while both are in flight.
+    assert await b.claim_due("member", now, 10, lease_s=60, windows=WINDOW) == []
+    # The first moves on to another member, the second goes back unsent: their places
+    # are free; the third and worker B's own message of the member fill the window.
+    assert await a.hold_send(g1.id, "other", now, now + 60, WINDOW)
+    assert await a.hold_send(g2.id, None, now, 0.0)
+    assert await a.hold_send(g3.id, "member", now, now + 60, WINDOW)
+    assert len(await b.claim_due("member", now, 10, lease_s=60, windows=WINDOW)) == 1
+    assert not await a.hold_send(g2.id, "member", now, now + 60, WINDOW)
+    # A transaction that ends mid-attempt is counted with the progress stored.
+    await a.record_recipients(g1.id, g1.recipients, sent=("other", now))
+    assert await b.recent_sends("other", now - 1) == [now]
+    # The outcome ends the hold and counts the send under the member, at once.
+    done = settle(g3, SendResult(accepted=["to@example.com"], reply="250 ok",
+                                 via="member"), now=now + 1,
+                  policy=RetryPolicy(60, 600, 3600), rng=random.Random(1))
+    assert await a.finish(dataclasses.replace(done, account="member"))
+    assert await b.recent_sends("member", now - 1) == [now + 1]
+    assert not await a.hold_send(g2.id, "member", now + 1, now + 60, WINDOW)
+    # A window later that send has left it (B's own is still under way): room for one.
+    assert await a.hold_send(g2.id, "member", now + 62, now + 120, WINDOW)
 
 
 async def test_high_priority_may_use_the_reserve_and_a_dead_owners_hold_is_freed(
@@ -129,27 +123,20 @@ async def test_high_priority_may_use_the_reserve_and_a_dead_owners_hold_is_freed
 
 
 async def test_a_long_group_send_keeps_its_place_as_its_claim_is_renewed(
-        make_store: MakeStore) -> None:
+        two_workers: TwoWorkers) -> None:
     """A send longer than the lease (slow replies, each within its timeout): the claim's
     renewal renews the place it holds in the member's window, or the other processes
     would take it while the send is still under way."""
-    a = make_store(lock=False, owner="worker-a")
-    b = make_store(lock=False, owner="worker-b")
-    await a.open()
-    await b.open()
-    try:
-        now = time.time()
-        await a.enqueue(new_message(now, "group"))
-        await b.enqueue(new_message(now, "member"))
-        (slow,) = await a.claim_due("group", now, 10, lease_s=60)
-        one = ((300.0, 1),)
-        assert await a.hold_send(slow.id, "member", now, now + 60, one)
-        assert await a.renew([slow.id], now + 160) == 1
-        assert await b.claim_due("member", now + 100, 10, lease_s=60, windows=one) == []
-        assert len(await b.claim_due("member", now + 170, 10, lease_s=60, windows=one)) == 1
-    finally:
-        await a.close()
-        await b.close()
+    a, b = two_workers
+    now = time.time()
+    await a.enqueue(new_message(now, "group"))
+    await b.enqueue(new_message(now, "member"))
+    (slow,) = await a.claim_due("group", now, 10, lease_s=60)
+    one = ((300.0, 1),)
+    assert await a.hold_send(slow.id, "member", now, now + 60, one)
+    assert await a.renew([slow.id], now + 160) == 1
+    assert await b.claim_due("member", now + 100, 10, lease_s=60, windows=one) == []
+    assert len(await b.claim_due("member", now + 170, 10, lease_s=60, windows=one)) == 1
 
 
 async def test_a_splits_next_transaction_fits_when_the_window_has_room(

@@ -16,6 +16,7 @@ from relay.queue.types import Priority
 from tests.conftest import (
     MakeStore,
     StartRelay,
+    TwoWorkers,
     message,
     new_message,
     relay_config,
@@ -43,33 +44,26 @@ def test_the_limiter_holds_others_at_their_share_and_lets_high_use_the_rest() ->
     assert limiter.available(10.0) == 2 and limiter.wait_time(10.0) == 0
 
 
-async def test_two_workers_claims_keep_the_reserve(make_store: MakeStore) -> None:
+async def test_two_workers_claims_keep_the_reserve(two_workers: TwoWorkers) -> None:
     """In the claim's transaction (both stores): what two workers claim of low priority
     together stays within the share; a high message claimed after them still finds room."""
-    a = make_store(lock=False, owner="worker-a")
-    b = make_store(lock=False, owner="worker-b")
-    await a.open()
-    await b.open()
-    try:
-        now = time.time()
-        for _ in range(20):
-            await a.enqueue(new_message(now, priority=Priority.LOW))
-        per_minute = ((60.0, 10),)
-        first = await a.claim_due("up", now, 6, lease_s=30, windows=per_minute,
-                                  reserve_for_high=0.2)
-        second = await b.claim_due("up", now, 6, lease_s=30, windows=per_minute,
-                                   reserve_for_high=0.2)
-        assert (len(first), len(second)) == (6, 2)
-        assert await a.claim_due("up", now, 6, lease_s=30, windows=per_minute,
-                                 reserve_for_high=0.2) == []
-        urgent = new_message(now + 1, priority=Priority.HIGH)
-        await b.enqueue(dataclasses.replace(urgent, not_before=now))
-        claimed = await b.claim_due("up", now + 1, 6, lease_s=30, windows=per_minute,
-                                    reserve_for_high=0.2)
-        assert [m.id for m in claimed] == [urgent.id]  # high first, and only high fits
-    finally:
-        await a.close()
-        await b.close()
+    a, b = two_workers
+    now = time.time()
+    for _ in range(20):
+        await a.enqueue(new_message(now, priority=Priority.LOW))
+    per_minute = ((60.0, 10),)
+    first = await a.claim_due("up", now, 6, lease_s=30, windows=per_minute,
+                              reserve_for_high=0.2)
+    second = await b.claim_due("up", now, 6, lease_s=30, windows=per_minute,
+                               reserve_for_high=0.2)
+    assert (len(first), len(second)) == (6, 2)
+    assert await a.claim_due("up", now, 6, lease_s=30, windows=per_minute,
+                             reserve_for_high=0.2) == []
+    urgent = new_message(now + 1, priority=Priority.HIGH)
+    await b.enqueue(dataclasses.replace(urgent, not_before=now))
+    claimed = await b.claim_due("up", now + 1, 6, lease_s=30, windows=per_minute,
+                                reserve_for_high=0.2)
+    assert [m.id for m in claimed] == [urgent.id]  # high first, and only high fits
 
 
 async def test_claiming_one_message_by_id_keeps_the_reserve_too(make_store: MakeStore
