@@ -15,7 +15,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import aiosmtplib
@@ -137,14 +137,22 @@ async def _starttls(client: aiosmtplib.SMTP, within: float) -> None:
     transcript = TRANSCRIPT.get()
     if transcript is not None:
         transcript.client("STARTTLS")
+    await _noted(transcript, client.starttls(timeout=within))
+
+
+async def _noted(transcript: Transcript | None,
+                 reply: Awaitable[aiosmtplib.SMTPResponse]) -> aiosmtplib.SMTPResponse:
+    """Await a command's reply (or a greeting), noting it, or the refusal, in the
+    transcript."""
     try:
-        response = await client.starttls(timeout=within)
+        response = await reply
     except aiosmtplib.SMTPResponseException as exc:
         if transcript is not None:
             transcript.server(exc.code, exc.message)
         raise
     if transcript is not None:
         transcript.server(response.code, response.message)
+    return response
 
 
 class _Replace(Exception):
@@ -789,11 +797,4 @@ class UpstreamPool:
 async def _greeted(client: aiosmtplib.SMTP, connect_s: float,
                    transcript: Transcript | None) -> None:
     """Connect and read the greeting, noting it (or the refusal) in the transcript."""
-    try:
-        greeting = await client.connect(timeout=connect_s)
-    except aiosmtplib.SMTPResponseException as exc:  # a refusal at the greeting
-        if transcript is not None:
-            transcript.server(exc.code, exc.message)
-        raise
-    if transcript is not None:
-        transcript.server(greeting.code, greeting.message)
+    await _noted(transcript, client.connect(timeout=connect_s))
