@@ -95,6 +95,10 @@ def sendmail(argv: Sequence[str], stdin: BinaryIO, *, prog: str = "sendmail") ->
         return _fail(f"{exc} (sendmail --help lists the options)", EX_USAGE)
     except Refused as exc:
         return _fail(str(exc), exc.code)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            out(f"sendmail: config error: {problem}", file=sys.stderr)
+        return EX_CONFIG
     except KeyboardInterrupt:
         return _fail("interrupted: nothing was submitted", EX_TEMPFAIL)
 
@@ -140,12 +144,7 @@ def run(invocation: Invocation, stdin: BinaryIO) -> int:
     path = config_path(invocation)
     if invocation.mode in (Mode.LIST, Mode.FLUSH):
         return _queue_command(invocation, path)
-    try:  # never the service's secrets: any user may run sendmail
-        config = load_config(path, secrets=False)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            out(f"sendmail: config error: {problem}", file=sys.stderr)
-        return EX_CONFIG
+    config = load_config(path, secrets=False)  # not the service's secrets: any user runs it
     prepared, options = _message(invocation, config, stdin)
     return _submit(invocation, config, prepared, options)
 
@@ -161,10 +160,6 @@ def _queue_command(invocation: Invocation, path: str | None) -> int:
         return relay_main(["queue", "flush", *config])
     try:
         waiting = asyncio.run(_count_waiting(load_config(path, secrets=False)))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            out(f"sendmail: config error: {problem}", file=sys.stderr)
-        return EX_CONFIG
     except StoreError as exc:
         raise Refused(EX_TEMPFAIL, str(exc)) from None
     if not waiting:
