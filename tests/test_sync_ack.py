@@ -123,6 +123,37 @@ async def test_a_550_from_the_upstream_is_the_answer_to_data(
     assert len(upstream.messages) == 1  # already there: delivered before the answer
 
 
+@pytest.mark.usefixtures("each_store")
+async def test_the_answer_waits_for_the_send_the_worker_loop_claimed_first(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The account's own loop, woken by the commit (PostgreSQL's notice, an outcome just
+    recorded), may claim the message in the moment before the session's claim: the
+    session still answers with that send's outcome (CI once saw 250 before delivery)."""
+    upstream.refuse_rcpt("nobody@example.com", 550, "5.1.1 User unknown")
+    upstream.delay("RCPT", 0.3)  # the loop's send is still under way at the session's claim
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                                         listen=SYNC))
+    worker = app.scheduler.workers["up"]
+    claim_message = app.store.claim_message
+    lost = []
+
+    async def loop_first(owner: str, message_id: str, *args: object) -> object:
+        worker.notify()  # the interleaving CI met, made certain: the loop claims first
+        await wait_until(lambda: message_id in worker.in_flight, what="the loop's claim")
+        claimed = await claim_message(owner, message_id, *args)  # type: ignore[arg-type]
+        lost.append(claimed is None)
+        return claimed
+
+    monkeypatch.setattr(app.store, "claim_message", loop_first)
+    assert await send(app.smtp_port, message("refused"), recipients=["nobody@example.com"]) == (
+        550, "5.1.1 User unknown")
+    code, _text = await send(app.smtp_port, message("fine"))
+    assert code == 250 and len(upstream.messages) == 1  # delivered before the answer
+    assert lost == [True, True]  # both were the loop's sends
+
+
 async def test_a_refusal_after_the_dot_is_passed_on_too(
     tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
 ) -> None:

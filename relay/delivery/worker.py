@@ -191,6 +191,7 @@ class AccountWorker:
         self.recording: set[str] = set()  # ids whose outcome is being written
         self.ready: collections.deque[QueuedMessage] = collections.deque()  # claimed, unsent
         self.waiters: dict[str, SyncWaiter] = {}  # ack: after_upstream sessions, by id
+        self._claiming: set[asyncio.Future[None]] = set()  # claim_due commits under way
         # Claim-ahead depth: one pool's worth, but not for rate-limited accounts (it would
         # spend their budget early and gain nothing at their pace).
         self.prefetch = 0 if limiter.limited else concurrency
@@ -431,12 +432,16 @@ class AccountWorker:
         # reserve a further transaction (_between), and both would fit the same room.
         self.limiter.reserve(allowed)  # each counts until its send ends (_deliver)
         batch: list[QueuedMessage] = []
+        claiming = asyncio.get_running_loop().create_future()
+        self._claiming.add(claiming)  # deliver_now waits for it (_sending_here)
         try:
             batch = await self.store.claim_due(self.name, now, allowed, self.lease_s,
                                                self.limiter.windows,
                                                self.limiter.reserve_for_high)
         finally:
             self.limiter.cancel(allowed - len(batch))
+            self._claiming.discard(claiming)
+            claiming.set_result(None)
         if not batch:
             return False
         if self.mono() < self.backoff_until:
@@ -502,14 +507,15 @@ class AccountWorker:
             finally:
                 if message is None:
                     self.limiter.cancel(1)
-            if message is None:
-                return None
-            if self.backed_off or self._stopping:  # changed while the claim committed
-                self._unclaim([message.id], self.clock(),
-                              due_at=self.resume_at if self.backed_off else None)
-                return None
-            self.idle.clear()
-            self._start(message)
+            if message is not None:
+                if self.backed_off or self._stopping:  # changed while the claim committed
+                    self._unclaim([message.id], self.clock(),
+                                  due_at=self.resume_at if self.backed_off else None)
+                    return None
+                self.idle.clear()
+                self._start(message)
+            elif not await self._sending_here(new.id):
+                return None  # another process has it, or its outcome is already written
             try:
                 async with asyncio.timeout(within):
                     return await asyncio.shield(waiter.future)
@@ -520,6 +526,17 @@ class AccountWorker:
             if gone is not None:
                 gone.remove_done_callback(left)
             del self.waiters[new.id]
+
+    async def _sending_here(self, message_id: str) -> bool:
+        """Whether this worker's own loop claimed the message (woken by its commit, in
+        the moment before deliver_now's claim) and has not begun writing its outcome: the
+        session's waiter then gets that send's outcome like its own. Claims of this
+        worker still being committed are waited for first."""
+        if self._claiming:
+            await asyncio.wait(list(self._claiming))
+        if message_id in self.recording:
+            return False  # its outcome may have been looked up before the waiter existed
+        return message_id in self.in_flight or any(m.id == message_id for m in self.ready)
 
     def held(self) -> list[str]:
         """Messages this worker is sending, has claimed ahead or is recording."""
