@@ -375,3 +375,23 @@ async def test_a_terminal_is_asked_before_a_move(two: Relay) -> None:
     code, seen = await asyncio.to_thread(_on_a_terminal, news, None)
     assert code == 0 and b"[y/N]" not in seen  # --yes: no question
     assert b"1 message(s) moved from outbox to spare" in seen
+
+
+async def test_a_forced_delete_mid_send_is_logged_as_a_delete_not_a_lost_lease(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    config_path = _config_file(tmp_path, {"up": upstream_account(upstream, tmp_path)})
+    app = await start_relay(load_config(config_path))
+    upstream.delay("DATA", 1.0)  # the send is under way while the operator deletes it
+    code, text = await send(app.smtp_port, message("unwanted"))
+    assert code == 250, text
+    mid = text.split()[-1]
+    await wait_until(lambda: bool(upstream.times_of("DATA")), what="the send under way")
+    code, text = await relay_cli(capsys, "queue", "delete", mid, "--force", "-c",
+                                 str(config_path))
+    assert (code, text) == (0, f"{mid}: deleted\n")
+    await wait_until(lambda: "outcome_dropped" in caplog.text, what="the outcome dropped")
+    (line,) = [r.getMessage() for r in caplog.records if "outcome_dropped" in r.getMessage()]
+    assert "deleted while being sent" in line and "lease" not in line
+    assert await app.store.get(mid) is None  # and the outcome did not bring it back

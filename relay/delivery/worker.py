@@ -846,8 +846,7 @@ class AccountWorker:
         # holds the claim.
         if not await self._write(result, bounce, events):
             event(log, logging.WARNING, "outcome_dropped", message.id, account=self.name,
-                  reason="its lease ran out and another worker claimed it; that worker's"
-                  " outcome stands")
+                  outcome=result.outcome, reason=await self._why_dropped(message.id))
             return None
         if events and self.events_written is not None:
             self.events_written()
@@ -857,6 +856,13 @@ class AccountWorker:
                   to=f"<{message.sender}>", failed=len(failed))
             self.notify()  # a bounce goes through the failed message's own account
         return refusal
+
+    async def _why_dropped(self, message_id: str) -> str:
+        """Why the claim no longer held: an operator's forced delete, or a lost lease."""
+        with contextlib.suppress(StoreError):  # the reason is for the log only
+            if await self.store.state_of(message_id) is None:
+                return "it was deleted while being sent (relay queue delete --force)"
+        return "its lease ran out and another worker claimed it; that worker's outcome stands"
 
     async def _write(self, result: AttemptResult, bounce: NewMessage | None = None,
                      events: list[NewEvent] | None = None) -> bool:
