@@ -130,7 +130,10 @@ async def test_queue_flush_ends_every_shared_backoff(make_store: MakeStore) -> N
         await a.set_backoff("up", now + 600, "quota")
         await a.set_backoff("other", now + 600, "auth")
         await b.request_flush(now)
-        assert await a.backoffs() == {}
+        assert await a.backoffs() == {"up": (now, "quota"), "other": (now, "auth")}
+        # Ended, and the next send is one probe for the host, not one per process.
+        assert await a.take_probe("up", now + 60, now + 1)
+        assert not await b.take_probe("up", now + 60, now + 1)
     finally:
         await a.close()
         await b.close()
@@ -202,6 +205,31 @@ async def test_after_a_backoff_one_worker_probes_for_the_host(
     # And the steps grow for the host, whichever worker probed last (each continues the
     # count the other stored), up to retry.max_delay.
     assert all(b >= 0.8 * a for a, b in itertools.pairwise(gaps)), gaps
+
+
+async def test_after_a_flush_one_worker_probes_for_the_host(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """`relay queue flush` ends a quota backoff for both workers; the upstream still
+    refuses, and it sees one probe from the host, not one (or a pool's worth) from each
+    worker. (A login refused is one at a time anyway: the host's login turn.)"""
+    upstream.reply_to("MAIL", 550, "5.4.5 Daily user sending quota exceeded", times=100)
+    config = relay_config(tmp_path, {"up": upstream_account(
+        upstream, tmp_path, pool={"max_connections": 4})},
+        retry={"initial_delay": "1h", "max_delay": "1h", "max_age": "1d", "jitter": 0})
+    a = await start_relay(config, WorkerRole(shared=True, index=0, count=2))
+    b = await start_relay(config, WorkerRole(shared=True, index=1, count=2))
+    for app in (a, b):
+        for i in range(3):
+            assert (await send(app.smtp_port, message(f"m{i}")))[0] == 250
+    workers = [app.scheduler.workers["up"] for app in (a, b)]
+    await wait_until(lambda: all(w.backed_off for w in workers), what="both backed off")
+    await asyncio.sleep(0.3)
+    before = len(upstream.times_of("MAIL"))
+    upstream.delay("MAIL", 1.0)  # the probe is under way while the other worker looks
+    await a.store.request_flush(time.time())  # what `relay queue flush` does
+    await asyncio.sleep(2.0)  # both workers saw the flush (each polls every 0.5 s)
+    assert len(upstream.times_of("MAIL")) == before + 1
+    assert all(w.backed_off for w in workers)  # the probe failed: a step for the host
 
 
 async def test_each_worker_reports_its_own_open_connections(

@@ -838,11 +838,12 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
                              (key, value))])
 
     async def request_flush(self, at: float) -> None:
-        """Also ends every account's backoff, for every relay (the shared rows go)."""
+        """Also ends every account's backoff, for every relay. The rows stay, ended: the
+        next send is one probe for all relays (take_probe), not one per relay."""
         await self.execute([
             ("INSERT INTO meta (key, value) VALUES (%s, %s)"
              " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (FLUSH_KEY, repr(at))),
-            ("DELETE FROM backoffs", ())])
+            ("UPDATE backoffs SET until = LEAST(until, %s)", (at,))])
         self._wake("*")
 
     async def flush_requested(self) -> str | None:

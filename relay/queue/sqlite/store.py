@@ -676,11 +676,12 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox,
         )
 
     async def request_flush(self, at: float) -> None:
-        """Also ends every account's backoff, for every process (the shared rows go)."""
+        """Also ends every account's backoff, for every process. The rows stay, ended: the
+        next send is one probe for the host (take_probe), not one per process."""
         await self.execute(
             [("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE"
               " SET value=excluded.value", (FLUSH_KEY, repr(at))),
-             ("DELETE FROM backoffs", ())])
+             ("UPDATE backoffs SET until = min(until, ?)", (at,))])
 
     async def flush_requested(self) -> str | None:
         return await self.get_meta(FLUSH_KEY)
