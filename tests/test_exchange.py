@@ -53,7 +53,7 @@ def _id(name: str) -> str:
     return name.encode().hex().upper().rjust(22, "0")
 
 
-def _config(tmp_path: Path, name: str, *, spare: bool = True,
+def _config(tmp_path: Path, name: str, *, spare: bool = True, spare_group: bool = False,
             webhooks: tuple[str, ...] = ()) -> Path:
     path = tmp_path / f"{name}.yaml"
     secret = tmp_path / "hook.secret"
@@ -67,7 +67,8 @@ def _config(tmp_path: Path, name: str, *, spare: bool = True,
         "metrics": {"enabled": False},
         "queue": {"path": str(tmp_path / f"{name}.sqlite3")},
         "accounts": accounts,
-        "routing": {"default_account": "outbox"},
+        "routing": {"default_account": "outbox", "groups": {
+            "spare": {"accounts": ["outbox"], "mode": "failover"}} if spare_group else {}},
         "events": {"webhooks": [{"url": "http://127.0.0.1:9/events", "name": hook,
                                  "secret_file": str(secret)} for hook in webhooks]},
     }))
@@ -354,6 +355,20 @@ async def test_import_into_a_queue_with_mail_needs_merge_and_skips_known_ids(
     assert mine[0][1] == "queued" and len(dump["messages"]) == 9  # D stayed as it was
     # The queue's own dedup key stays as it was too.
     assert (("app:k1", _id("MINE"), NOW + 60) in dump["dedup"]) and len(dump["dedup"]) == 2
+
+
+async def test_import_notes_no_missing_account_for_mail_to_a_group_the_config_has(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Mail queued for "spare" waits for nothing where "spare" is a group (X-Account and
+    rules may name a group; its mail is queued under the group's name)."""
+    src = _config(tmp_path, "src")
+    dst = _config(tmp_path, "dst", spare=False, spare_group=True, webhooks=("hook", "audit"))
+    await _seed(tmp_path / "src.sqlite3")
+    export = tmp_path / "queue.jsonl"
+    assert await asyncio.to_thread(main, ["queue", "export", str(export), "-c", str(src)]) == 0
+    code, out, err = await asyncio.to_thread(_relay, capsys, "queue", "import", str(export),
+                                             "-c", str(dst))
+    assert (code, err) == (0, "") and out.startswith("imported 8 messages")
 
 
 async def test_the_store_refuses_to_import_into_a_queue_with_mail_unless_merging(

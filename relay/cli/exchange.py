@@ -221,9 +221,9 @@ def _check_all(path: Path, now: float) -> None:
 
 
 def _unrouted(counts: dict[tuple[str, str], int], config: Config) -> list[str]:
-    """Accounts with mail still to send that this config does not have."""
+    """Accounts (or groups) with mail still to send that this config does not have."""
     return sorted({account for (account, state), n in counts.items()
-                   if n and not MessageState(state).final} - set(config.accounts))
+                   if n and not MessageState(state).final} - config.destinations)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
