@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from relay.errors import StoreError
+from relay.queue.bulk import EXPORT_PAGE, ROWS_WINDOW, message_windows, statement_windows
 from relay.queue.postgres.schema import COLUMNS, recipients_json
 from relay.queue.rows import (
     ATTEMPT_COLUMNS,
@@ -32,16 +33,10 @@ from relay.queue.types import (
     ExportedDedup,
     ExportedEvent,
     ExportedMessage,
-    unclaimed,
 )
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
-
-EXPORT_PAGE = 100  # messages (with bodies) per fetch
-IMPORT_WINDOW = 500  # messages per committed transaction of an import...
-IMPORT_WINDOW_BYTES = 16 * 1024 * 1024  # ...or fewer, once their bodies reach this
-SENDS_WINDOW = 5000
 
 
 class Exchange:
@@ -74,28 +69,13 @@ class Exchange:
         if not merge and await self._fetch("SELECT 1 FROM messages LIMIT 1"):
             raise StoreError("the queue already holds messages: import into an empty queue,"
                              " or merge into this one (--merge)")
-        now = time.time()
-        done = [0, 0]
-        window: list[ExportedMessage] = []
-        size = 0
-
-        async def commit() -> None:
+        done = skipped = 0
+        async for window in message_windows(items, time.time()):
             imported = await self._import_window(window)
-            done[0] += imported
-            done[1] += len(window) - imported
-            window.clear()
-
-        async for item in items:
-            window.append(unclaimed(item, now))
-            size += len(item.body or b"")
-            if len(window) >= IMPORT_WINDOW or size >= IMPORT_WINDOW_BYTES:
-                await commit()
-                size = 0
-        if window:
-            await commit()
-        if done[0]:
+            done, skipped = done + imported, skipped + len(window) - imported
+        if done:
             self._wake("*")
-        return done[0], done[1]
+        return done, skipped
 
     async def _import_window(self, window: list[ExportedMessage]) -> int:
         imported = 0
@@ -127,7 +107,7 @@ class Exchange:
         async with self._conn(bounded=False) as conn, conn.transaction(), conn.cursor(
                 name="relay_export_sends") as rows:
             await rows.execute("SELECT account, at FROM sends ORDER BY account, at")
-            while batch := await rows.fetchmany(SENDS_WINDOW):
+            while batch := await rows.fetchmany(ROWS_WINDOW):
                 for account, at in batch:
                     yield str(account), float(at)
 
@@ -151,7 +131,7 @@ class Exchange:
             return len(rows)
 
         async for account, at in sends:
-            if len(window) >= SENDS_WINDOW and window[-1] != (account, at):
+            if len(window) >= ROWS_WINDOW and window[-1] != (account, at):
                 added += await commit()
             window.append((account, at))
         if window:
@@ -163,15 +143,15 @@ class Exchange:
                 name="relay_export_dedup") as rows:
             await rows.execute(f"SELECT {DEDUP_COLUMNS} FROM dedup"
                                " WHERE expires_at > %s ORDER BY key", (time.time(),))
-            while batch := await rows.fetchmany(SENDS_WINDOW):
+            while batch := await rows.fetchmany(ROWS_WINDOW):
                 for row in batch:
                     yield exported_dedup(row)
 
     async def import_dedup(self, keys: AsyncIterable[ExportedDedup]) -> int:
         sql = ("INSERT INTO dedup (key, message_id, expires_at) VALUES (%s, %s, %s)"
                " ON CONFLICT (key) DO NOTHING")  # the queue's own key stays
-        return await self._windows((sql, (d.key, d.message_id, d.expires_at))
-                                   async for d in keys)
+        rows = ((sql, (d.key, d.message_id, d.expires_at)) async for d in keys)
+        return await statement_windows(rows, self.execute)
 
     async def export_events(self) -> AsyncGenerator[ExportedEvent, None]:
         now = time.time()
@@ -186,22 +166,9 @@ class Exchange:
         sql = ("INSERT INTO events (id, webhook, type, body, created_at, next_attempt_at,"
                " attempts, last_error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
                " ON CONFLICT (id, webhook) DO NOTHING")
-        return await self._windows((sql, (e.id, e.webhook, e.type, e.body, e.created_at,
-                                          e.next_attempt_at, e.attempts, e.last_error))
-                                   async for e in events)
-
-    async def _windows(self, statements: AsyncIterable[tuple[str, tuple[Any, ...]]]) -> int:
-        """Run ``statements`` a window at a time, one transaction each; rows changed."""
-        added = 0
-        window: list[tuple[str, Sequence[Any]]] = []
-        async for statement in statements:
-            window.append(statement)
-            if len(window) >= SENDS_WINDOW:
-                added += sum(await self.execute(window))
-                window = []
-        if window:
-            added += sum(await self.execute(window))
-        return added
+        rows = ((sql, (e.id, e.webhook, e.type, e.body, e.created_at, e.next_attempt_at,
+                        e.attempts, e.last_error)) async for e in events)
+        return await statement_windows(rows, self.execute)
 
 
 async def _attempts(conn: AsyncConnection[Any], ids: list[str]
