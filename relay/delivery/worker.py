@@ -27,8 +27,9 @@ from relay.delivery.outcome import accepted_so_far, settle
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.rewrite import Rewrite, rewritten
+from relay.delivery.slowdown import SlowDown
 from relay.delivery.sync import sync_refusal
-from relay.delivery.throttle import Throttle, named_wait, slow_down_reply
+from relay.delivery.throttle import Throttle
 from relay.delivery.transport import (
     SENDING,
     TRANSCRIPT,
@@ -102,7 +103,7 @@ class SyncWaiter:
             self.settle(None)
 
 
-class AccountWorker(AccountBackoff):
+class AccountWorker(SlowDown, AccountBackoff):
     """Delivers one account's messages with at most ``concurrency`` sends at once."""
 
     def __init__(
@@ -758,45 +759,6 @@ class AccountWorker(AccountBackoff):
                   reason="outcome not written at shutdown; the message will be tried again"
                          " after a restart")
             raise
-
-    def _note_slow_down(self, sent: SendResult | DeliveryError) -> None:
-        """A "slow down" reply (relay.delivery.throttle) to this send: halve the account's
-        connections and rate for a cool-down, and hold claims for a wait it names. A reply
-        through a group's member (``via``) throttled that member (GroupTransport), not the
-        group: one member's named wait must not hold the others."""
-        if sent.via and sent.via != self.name:
-            return
-        errors = [sent] if isinstance(sent, DeliveryError) else list(sent.refused.values())
-        slow = next((e for e in errors if slow_down_reply(e.code, e.enhanced, e.reason)), None)
-        if slow is None:
-            return
-        mono = self.mono()
-        wait = named_wait(slow.reason)
-        if wait and self.host is not None:
-            # The wait is the account's, not this process's: every worker holds its
-            # claims (and group sends through it) until then, as for a backoff, and one
-            # send probes it after.
-            self.host.backed_off(self._wall_at(mono + wait), "throttle",
-                                 max(1, self.backoff_failures))
-        if self.throttle.slow_down(mono, wait):  # one line per change, not per message
-            self._throttle_changed()
-            event(log, logging.WARNING, "account_throttled", account=self.name,
-                  factor=f"{self.throttle.factor:g}", connections=self._capacity(),
-                  reason=slow.reply_text(), wait=f"{wait:g}s" if wait else None)
-            self._trim_ready(self.clock())
-
-    def ease_throttle(self, mono: float) -> None:
-        """Additive increase: the steps due by ``mono`` (also while idle: the gauges)."""
-        if self.throttle.ease(mono):
-            self._throttle_changed()
-            event(log, logging.INFO, "account_throttle_eased", account=self.name,
-                  factor=f"{self.throttle.factor:g}", connections=self._capacity())
-
-    def _throttle_changed(self) -> None:
-        """The new factor to the limiter, the gauge and the report `relay status` reads."""
-        self.limiter.factor = self.throttle.factor
-        self.metrics.throttle_factor.labels(self.name).set(self.throttle.factor)
-        self._publish(self._health or AccountHealth(self.name, 0.0, 0))
 
     def _report(self, message: QueuedMessage, result: AttemptResult,
                 sent: SendResult | DeliveryError, duration: float) -> None:
