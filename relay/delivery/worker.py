@@ -4,6 +4,11 @@ Each account has its own worker, so an account that is down, slow or throttled n
 holds up another. A worker sleeps on an asyncio.Event until a message arrives, a send
 finishes, or the next deferred message or rate-limit window comes due; it keeps the
 account's state (backoff, rate limiter, health) and applies the pure policy modules.
+
+The worker's other roles are mixins of their own modules, each declaring the attributes
+it reads: the account's backoff and the one the workers share (relay.delivery.backoff),
+its answer to "slow down" replies (relay.delivery.slowdown), and its part as a group's
+member (relay.delivery.member).
 """
 
 from __future__ import annotations
