@@ -12,20 +12,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import random
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from relay.delivery.health import AccountHealth, HealthHook
-from relay.delivery.host import HostAccount, SharedBackoff
+from relay.delivery.account import AccountState
+from relay.delivery.health import AccountHealth
+from relay.delivery.host import SharedBackoff
 from relay.delivery.refusals import login_refused
-from relay.delivery.retry import RetryPolicy
-from relay.delivery.throttle import Throttle
-from relay.delivery.transport import PoolControl, SendResult, Transport
+from relay.delivery.transport import SendResult
 from relay.errors import DeliveryError, StoreError, TokenRefused
 from relay.observe.logs import event, iso_time
-from relay.observe.metrics import Metrics
-from relay.queue.store import QueueStore
 
 log = logging.getLogger("relay.delivery")
 # While another worker probes an account whose backoff ended, how often to look again.
@@ -60,32 +54,8 @@ def _refused_login(failure: DeliveryError) -> bool:
         failure.code is not None and login_refused(failure.code, failure.enhanced))
 
 
-class AccountBackoff:
-    """The account-wide backoff of an AccountWorker (which sets these attributes)."""
-
-    name: str
-    transport: Transport
-    store: QueueStore
-    policy: RetryPolicy
-    auth_policy: RetryPolicy  # after a refused login: its own, longer floor
-    metrics: Metrics
-    rng: random.Random
-    lease_s: float
-    clock: Callable[[], float]  # wall time: what is stored and published
-    mono: Callable[[], float]  # the backoff itself: immune to clock jumps
-    host: HostAccount | None
-    health: HealthHook | None
-    throttle: Throttle
-    _pool: PoolControl | None
-    _health: AccountHealth | None  # the last published
-    backoff_until: float  # monotonic
-    resume_at: float  # the same instant in wall time, as stored in due times
-    backoff_failures: int
-    auth_failures: int
-    last_account_error: str
-
-    if TYPE_CHECKING:
-        def _unclaim_ready(self, now: float, due_at: float | None = None) -> None: ...
+class AccountBackoff(AccountState):
+    """The account-wide backoff of an AccountWorker."""
 
     def _account_health(self, sent: SendResult | DeliveryError, now: float) -> float | None:
         """Back the account off on account-wide failures; return when it resumes (wall)."""

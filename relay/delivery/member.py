@@ -2,58 +2,28 @@
 may take a group's send now, holding that send in the account's limits and backoff as
 every process on the queue counts them, and what the send's replies mean for the account.
 
-A mixin of AccountWorker (relay.delivery.worker), which sets these attributes; the
+A mixin of AccountWorker (relay.delivery.worker), over relay.delivery.account; the
 backoff and throttle it applies are the account's own (relay.delivery.backoff,
 relay.delivery.slowdown), so a group's send and the account's own mail see the same.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from relay.delivery.account import AccountState
 from relay.delivery.backoff import account_error
-from relay.delivery.host import HostAccount, SharedBackoff
-from relay.delivery.ratelimit import RateLimiter
-from relay.delivery.throttle import Throttle
 from relay.delivery.transport import SendResult
 from relay.errors import DeliveryError, StoreError
 from relay.observe.logs import event
-from relay.queue.store import QueueStore
 from relay.queue.types import QueuedMessage
 
 log = logging.getLogger("relay.delivery")
 
 
-class GroupMember:
+class GroupMember(AccountState):
     """The Member role of an AccountWorker, which the group's transport calls."""
-
-    name: str
-    store: QueueStore
-    limiter: RateLimiter
-    lease_s: float
-    clock: Callable[[], float]
-    mono: Callable[[], float]
-    host: HostAccount | None
-    throttle: Throttle
-    paused: bool
-    backoff_until: float  # monotonic
-    backoff_failures: int
-    in_flight: dict[str, asyncio.Task[None]]
-    settling: set[asyncio.Task[None]]
-    _group_sends: int  # sends of a group through this account under way
-
-    if TYPE_CHECKING:
-        async def _follow_host(self, shared: SharedBackoff | None, now: float, mono: float,
-                               *, own: bool = True) -> float | None: ...
-        def _account_health(self, sent: SendResult | DeliveryError,
-                            now: float) -> float | None: ...
-        def _note_slow_down(self, sent: SendResult | DeliveryError) -> None: ...
-        async def _record_progress(self, message: QueuedMessage, so_far: SendResult | None,
-                                   sent_by: str | None) -> None: ...
 
     def may_send(self, high: bool = False) -> bool:
         """Not backing off, not paused, and its rate limits allow one more send now (of

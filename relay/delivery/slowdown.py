@@ -2,46 +2,26 @@
 connections and a lower rate for a cool-down, a hold for a wait the server named, and
 the way back up while the replies stay away.
 
-A mixin of AccountWorker (relay.delivery.worker), which sets these attributes; a group's
+A mixin of AccountWorker (relay.delivery.worker), over relay.delivery.account; a group's
 send through the account comes here too (relay.delivery.member: note_reply).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from relay.delivery.account import AccountState
 from relay.delivery.health import AccountHealth
-from relay.delivery.host import HostAccount
-from relay.delivery.ratelimit import RateLimiter
-from relay.delivery.throttle import Throttle, named_wait, slow_down_reply
+from relay.delivery.throttle import named_wait, slow_down_reply
 from relay.delivery.transport import SendResult
 from relay.errors import DeliveryError
 from relay.observe.logs import event
-from relay.observe.metrics import Metrics
 
 log = logging.getLogger("relay.delivery")
 
 
-class SlowDown:
+class SlowDown(AccountState):
     """The throttle of an AccountWorker: its factor scales the pool and the rate limits."""
-
-    name: str
-    limiter: RateLimiter
-    metrics: Metrics
-    clock: Callable[[], float]
-    mono: Callable[[], float]
-    host: HostAccount | None
-    throttle: Throttle
-    backoff_failures: int
-    _health: AccountHealth | None  # the last published
-
-    if TYPE_CHECKING:
-        def _capacity(self) -> int: ...
-        def _trim_ready(self, now: float) -> None: ...
-        def _wall_at(self, mono_at: float) -> float: ...
-        def _publish(self, health: AccountHealth) -> None: ...
 
     def _note_slow_down(self, sent: SendResult | DeliveryError) -> None:
         """A "slow down" reply (relay.delivery.throttle) to this send: halve the account's

@@ -5,10 +5,10 @@ holds up another. A worker sleeps on an asyncio.Event until a message arrives, a
 finishes, or the next deferred message or rate-limit window comes due; it keeps the
 account's state (backoff, rate limiter, health) and applies the pure policy modules.
 
-The worker's other roles are mixins of their own modules, each declaring the attributes
-it reads: the account's backoff and the one the workers share (relay.delivery.backoff),
-its answer to "slow down" replies (relay.delivery.slowdown), and its part as a group's
-member (relay.delivery.member).
+The worker's other roles are mixins of their own modules: the account's backoff and the
+one the workers share (relay.delivery.backoff), its answer to "slow down" replies
+(relay.delivery.slowdown), and its part as a group's member (relay.delivery.member); the
+attributes they read are declared once, in relay.delivery.account.
 """
 
 from __future__ import annotations
