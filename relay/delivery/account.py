@@ -1,5 +1,5 @@
 """What an account's worker holds that its roles read (relay.delivery.backoff, slowdown,
-member): declared once here, so that each role, a mixin of AccountWorker
+member, pacing): declared once here, so that each role, a mixin of AccountWorker
 (relay.delivery.worker), is type-checked against the worker it becomes part of.
 
 AccountWorker.__init__ sets every attribute; the methods are the worker's and its roles'
@@ -59,6 +59,7 @@ class AccountState:
         def _capacity(self) -> int: ...
         def _trim_ready(self, now: float) -> None: ...
         def _unclaim_ready(self, now: float, due_at: float | None = None) -> None: ...
+        # The pacing's (relay.delivery.pacing)
         async def _record_progress(self, message: QueuedMessage, so_far: SendResult | None,
                                    sent_by: str | None) -> None: ...
         # The backoff's (relay.delivery.backoff)
