@@ -23,7 +23,9 @@ LAYER = {
     "relay.delivery.maildir": EDGE, "relay.observe": EDGE,
     "relay.app": ORCHESTRATION, "relay.delivery.scheduler": ORCHESTRATION,
     "relay.delivery.health": ORCHESTRATION, "relay.delivery.worker": ORCHESTRATION,
-    "relay.delivery.host": ORCHESTRATION,
+    "relay.delivery.host": ORCHESTRATION, "relay.delivery.backoff": ORCHESTRATION,
+    "relay.delivery.slowdown": ORCHESTRATION, "relay.delivery.member": ORCHESTRATION,
+    "relay.delivery.account": ORCHESTRATION, "relay.delivery.pacing": ORCHESTRATION,
     "relay.cli": ENTRY, "relay.bench": ENTRY, "relay.supervisors": ENTRY,
     "relay.__main__": ENTRY, "relay": ENTRY,
 }

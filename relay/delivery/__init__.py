@@ -2,5 +2,7 @@
 priority, retry, rate limits, outcomes, bounces, account refusals).
 
 Transports are edges in their own modules (``smtp/``, ``maildir``); policy modules stay
-pure (time passed in). The scheduler and health reporter are orchestration.
+pure (time passed in). The scheduler, the account worker (worker, with its roles in
+backoff, slowdown, member and pacing over account) and the health reporter are
+orchestration.
 """

@@ -4,6 +4,12 @@ Each account has its own worker, so an account that is down, slow or throttled n
 holds up another. A worker sleeps on an asyncio.Event until a message arrives, a send
 finishes, or the next deferred message or rate-limit window comes due; it keeps the
 account's state (backoff, rate limiter, health) and applies the pure policy modules.
+
+The worker's other roles are mixins of their own modules: the account's backoff and the
+one the workers share (relay.delivery.backoff), its answer to "slow down" replies
+(relay.delivery.slowdown), its part as a group's member (relay.delivery.member), and the
+pace of a send's further transactions (relay.delivery.pacing); the attributes they read
+are declared once, in relay.delivery.account.
 """
 
 from __future__ import annotations
@@ -18,17 +24,20 @@ import random
 import time
 from collections.abc import Callable
 
+from relay.delivery.backoff import AccountBackoff
 from relay.delivery.bounce import should_bounce
 from relay.delivery.groups import GroupTransport
 from relay.delivery.health import AccountHealth, HealthHook
-from relay.delivery.host import HostAccount, SharedBackoff
-from relay.delivery.outcome import accepted_so_far, settle
+from relay.delivery.host import HostAccount
+from relay.delivery.member import GroupMember
+from relay.delivery.outcome import settle
+from relay.delivery.pacing import Pacing
 from relay.delivery.ratelimit import RateLimiter
-from relay.delivery.refusals import login_refused
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.rewrite import Rewrite, rewritten
+from relay.delivery.slowdown import SlowDown
 from relay.delivery.sync import sync_refusal
-from relay.delivery.throttle import Throttle, named_wait, slow_down_reply
+from relay.delivery.throttle import Throttle
 from relay.delivery.transport import (
     SENDING,
     TRANSCRIPT,
@@ -38,8 +47,8 @@ from relay.delivery.transport import (
     Transcript,
     Transport,
 )
-from relay.errors import DeliveryError, StoreError, TemporaryFailure, TokenRefused
-from relay.observe.logs import event
+from relay.errors import DeliveryError, StoreError, TemporaryFailure
+from relay.observe.logs import event, iso_time
 from relay.observe.metrics import Metrics
 from relay.queue.store import QueueStore
 from relay.queue.types import (
@@ -57,13 +66,6 @@ from relay.smtp.replies import Reply
 log = logging.getLogger("relay.delivery")
 _FINISH_RETRY_S = 1.0
 INTERRUPTED = "interrupted by shutdown; may have been delivered"
-# How often a further transaction waiting for the rate limit looks again (a send under
-# way that ends does not wake it).
-_PACE_POLL_S = 0.05
-# A split's next transaction waiting for the windows the other processes share too.
-_SHARED_PACE_POLL_S = 0.25
-# While another worker probes an account whose backoff ended, how often to look again.
-PROBE_WAIT_S = 0.25
 # After giving a message back because the other workers held every connection slot, how
 # long this worker claims nothing more of the account (they deliver meanwhile).
 SLOTS_WAIT_S = 1.0
@@ -75,28 +77,6 @@ Events = Callable[[QueuedMessage, AttemptResult, NewMessage | None, bytes], list
 
 def _addresses(recipients: list[Recipient]) -> str:
     return ",".join(f"<{r.address}>" for r in recipients)
-
-
-def backoff_reason(error: DeliveryError) -> str:
-    """The label for relay_account_backoffs_total: a fixed, small set."""
-    if error.account_reason is not None:
-        return error.account_reason
-    if login_refused(error.code or 0, error.enhanced):
-        return "auth"
-    return "refused" if error.code is not None else "connect"
-
-
-def account_error(sent: SendResult | DeliveryError) -> DeliveryError | None:
-    """The failure that concerns the whole account, if any: the attempt's own error, or a
-    recipient's refusal that is a quota or throttle (Gmail's 5.4.5 at RCPT): the other
-    recipients and messages would get the same answer. Not a group's result (``via``):
-    such a refusal was its member's, which backed off (relay.delivery.groups); the group
-    backs off only when it raises, no member being able to send."""
-    if isinstance(sent, DeliveryError):
-        return sent if sent.account_wide else None
-    if sent.via:
-        return None
-    return next((e for e in sent.refused.values() if e.account_wide), None)
 
 
 class SyncWaiter:
@@ -126,11 +106,7 @@ class SyncWaiter:
             self.settle(None)
 
 
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-class AccountWorker:
+class AccountWorker(Pacing, GroupMember, SlowDown, AccountBackoff):
     """Delivers one account's messages with at most ``concurrency`` sends at once."""
 
     def __init__(
@@ -273,10 +249,6 @@ class AccountWorker:
             return self.throttle.scale(max(1, min(self.concurrency, self._pool.capacity)))
         return self.throttle.scale(self.concurrency)
 
-    def _wall_at(self, mono_at: float) -> float:
-        """The wall-clock time (for storing) of a monotonic instant."""
-        return self.clock() + (mono_at - self.mono())
-
     async def _dispatch(self) -> float | None:
         """Start what may go now; return how long to sleep (None: until woken)."""
         now = self.clock()
@@ -336,82 +308,6 @@ class AccountWorker:
                 self._held = True
             return hold
         return 0.05
-
-    async def _follow_host(self, shared: SharedBackoff | None, now: float, mono: float,
-                           *, own: bool = True) -> float | None:
-        """Take on the account's backoff as the other workers left it (``shared``: until,
-        reason), before claiming: adopt a backoff another worker decided, forget one that
-        another's probe ended, and once it is over probe only if this worker holds the
-        probe. ``own``: for a claim of its own mail, which takes the probe only with mail
-        due to send (else a group's send through the account probes it, in whichever
-        process: a probe held with nothing to send would stop them all for its lease).
-        Returns how long to wait instead of claiming, or None."""
-        assert self.host is not None
-        if shared is None:
-            if self.backoff_failures and not self.host.writing:
-                self._forget_backoff()  # another worker's probe got through, or a flush
-            return None
-        self._count(shared)  # one send at a time, and the next step as the host's
-        if shared.until > now:
-            self._adopt(shared, now, mono)
-            return None
-        if mono < self.backoff_until:
-            return None  # our own view ends later: wait for it as before
-        if own:
-            due = await self.store.next_due_at(self.name)
-            if due is None or due > now:
-                return None  # nothing to probe with (the claim takes nothing without it)
-        if await self.host.take_probe(self.lease_s):
-            return None  # this worker probes: one message
-        return PROBE_WAIT_S  # another worker probes: its result decides
-
-    async def _after_failure(self, sent: SendResult | DeliveryError, now: float) -> None:
-        """Another worker may have backed the account off meanwhile (this send was held
-        by it, or failed alike): follow that backoff rather than add a step. Not for our
-        own refused login: the row then is the floor this login's end just wrote
-        (HostAccount.end_login); this worker takes the next step itself, counting from
-        the host's failures in a row."""
-        failure = account_error(sent)
-        if self.host is None or failure is None:
-            return
-        with contextlib.suppress(StoreError):
-            shared = await self.host.backoff(fresh=True)
-            if shared is not None and shared.until > now:
-                self._count(shared)
-                if not _refused_login(failure):
-                    self._adopt(shared, now, self.mono())
-
-    def _count(self, shared: SharedBackoff) -> None:
-        """Failures in a row as the host counts them: whichever worker probes next and
-        fails takes the next step (a longer wait), not its own first one again."""
-        self.backoff_failures = max(self.backoff_failures, shared.failures)
-        if shared.why == "auth":
-            self.auth_failures = max(self.auth_failures, shared.failures)
-
-    def _adopt(self, shared: SharedBackoff, now: float, mono: float) -> None:
-        """Back off until ``shared.until`` (wall) as another worker decided, without a
-        step of our own: no count, no new delay."""
-        until = shared.until
-        if mono + (until - now) <= self.backoff_until + 0.5:  # ours, or no later than ours
-            return
-        self.backoff_until = mono + (until - now)
-        self.resume_at = until
-        self.last_account_error = self.last_account_error or shared.why
-        event(log, logging.INFO, "account_backoff_shared", account=self.name, why=shared.why,
-              until=_iso(until))
-        self._unclaim_ready(now, due_at=until)
-        self._publish(AccountHealth(self.name, until, self.backoff_failures,
-                                    self.last_account_error, shared.why == "auth", shared.why))
-
-    def _forget_backoff(self) -> None:
-        self.backoff_failures = self.auth_failures = 0
-        self.backoff_until = 0.0
-        self.last_account_error = ""
-        if self._pool is not None:
-            self._pool.end_login_hold()
-        event(log, logging.INFO, "account_recovered", account=self.name,
-              by="another worker")
-        self._publish(AccountHealth(self.name, self.clock(), 0))
 
     def _rest_paused(self, now: float, notices: int) -> None:
         """Paused: give back what was claimed before the pause was seen, unsent, and
@@ -639,176 +535,6 @@ class AccountWorker:
         task.add_done_callback(self._recorded)
         task.add_done_callback(lambda _: self.recording.discard(message.id))
 
-    async def _between(self, message: QueuedMessage, so_far: SendResult) -> None:
-        """Before a further transaction of the same send (452 split, retry after a 421).
-
-        The recipients accepted so far are stored first, so a crash now resends only the
-        others, with the transaction that ended: it counts in the account's windows for
-        every process (``so_far.via``: a group's member's). Then it ends here in this
-        process's rate limit too; the next waits its turn and is reserved like a claim,
-        so the upstream never sees more than the configured rate."""
-        await self._record_progress(message, so_far, so_far.via or self.name)
-        await self.next_transaction(message.priority is Priority.HIGH)
-
-    async def _record_progress(self, message: QueuedMessage, so_far: SendResult | None,
-                               sent_by: str | None) -> None:
-        """Store the recipients delivered ``so_far`` and, with ``sent_by``, one send of
-        that account now. Kept in the claimed message too: an outcome written from it
-        (shutdown cutting the send off: interrupted) must not make the delivered ones
-        pending again."""
-        if so_far is not None:
-            message.recipients = accepted_so_far(message, so_far)
-        try:
-            await self.store.record_recipients(
-                message.id, message.recipients,
-                sent=None if sent_by is None else (sent_by, self.clock()))
-        except StoreError as exc:  # the outcome still records them; a crash would not
-            event(log, logging.ERROR, "queue_error", message.id, account=self.name,
-                  reason=f"cannot record accepted recipients: {exc}")
-
-    async def next_transaction(self, high: bool, *, most: float = float("inf")) -> bool:
-        """The transaction before ends and counts; wait until the account's limits allow
-        the next (``high``: from the share reserve_for_high keeps too), as this process
-        and then as every process on the queue counts them, and reserve it (also for a
-        group's send through this account). ``most``: how long it may wait (a group's
-        member: another member may take the rest); False when the next transaction
-        cannot go within that (limits, a pause, a backoff, a wait the server named):
-        the one before is counted, and the send's end gives back what was reserved
-        (GroupTransport: cancel_send)."""
-        self.limiter.complete(self.mono())
-        deadline = self.mono() + most
-        while (held := self._held_for(high, member=most < float("inf"))) > 0:
-            if self.mono() + held > deadline:
-                return False  # (nothing reserved: the send's end is then a cancel)
-            await asyncio.sleep(min(held, _PACE_POLL_S))
-        self.limiter.reserve(1)
-        if self.host is None or not self.limiter.limited:
-            return True
-        try:
-            # Polled: the other processes' sends end there, not here (no event to await).
-            while not await self.store.window_open(self.name, self.clock(),
-                                                   self.limiter.windows,
-                                                   self.limiter.reserve_for_high, high):
-                if self.mono() + _SHARED_PACE_POLL_S > deadline:
-                    return False
-                await asyncio.sleep(_SHARED_PACE_POLL_S)
-        except StoreError as exc:  # this process's own limits held it: go on
-            event(log, logging.ERROR, "queue_error", account=self.name,
-                  reason=f"cannot read the account's windows: {exc}")
-        return True
-
-    def _held_for(self, high: bool, *, member: bool) -> float:
-        """How long this account's next transaction must wait for its rate limits (inf:
-        until a send under way ends); as a group's member, also while it is paused,
-        backs off or holds for a wait the server named (the group has other members;
-        its own send under way finishes as it would have)."""
-        mono = self.mono()
-        held = self.limiter.wait_time(mono, others=not high)
-        if not member:
-            return held
-        if self.paused:
-            return float("inf")
-        return max(held, self.backoff_until - mono, self.throttle.held(mono))
-
-    # -- as a member of a group (relay.delivery.groups.Member) --------------------------
-    def may_send(self, high: bool = False) -> bool:
-        """Not backing off, not paused, and its rate limits allow one more send now (of
-        normal or low priority: not from the share reserve_for_high keeps)."""
-        mono = self.mono()
-        if self.backoff_failures and (self._group_sends or self.in_flight or self.settling):
-            return False  # its backoff ended: one probe at a time, as its own worker sends
-        return (not self.paused and mono >= self.backoff_until
-                and self.limiter.available(mono, others=not high) >= 1
-                and self.throttle.held(mono) == 0)
-
-    async def take_send(self, message_id: str, high: bool) -> bool:
-        """(Group; after may_send and reserve_send) What the other processes on the queue
-        know of this account: hold the message in the account's rate windows as they
-        count them, then follow the backoff one of them decided and probe only with the
-        host's probe (taken last: a probe taken for a send that then found no room would
-        stop every process's probe for its lease). One process alone: may_send knew it
-        all."""
-        if self.host is None:
-            return True
-        now, mono = self.clock(), self.mono()
-        try:
-            if self.limiter.limited and not await self.store.hold_send(
-                    message_id, self.name, now, now + self.lease_s, self.limiter.windows,
-                    self.limiter.reserve_for_high, high):
-                return False
-            if await self._follow_host(await self.host.backoff(), now, mono,
-                                       own=False) is None \
-                    and self.mono() >= self.backoff_until:  # (not a backoff just adopted)
-                return True
-        except StoreError as exc:
-            event(log, logging.ERROR, "queue_error", message_id, account=self.name,
-                  reason=f"cannot hold a group send in the account's limits: {exc}")
-        await self.let_go(message_id)  # another process probes it, or it backs off
-        return False
-
-    async def let_go(self, message_id: str) -> None:
-        if self.host is not None and self.limiter.limited:
-            with contextlib.suppress(StoreError):  # else its lease ends it
-                await self.store.hold_send(message_id, None, self.clock(), 0.0)
-
-    async def store_progress(self, message: QueuedMessage, so_far: SendResult | None,
-                             *, count: bool) -> None:
-        """(Group) Store the recipients delivered so far (a crash then resends only the
-        others), and with ``count`` one send of this account at this moment (a send of
-        the attempt that its outcome, which counts the last member's, does not)."""
-        await self._record_progress(message, so_far, self.name if count else None)
-
-    def reserve_send(self) -> None:
-        self.limiter.reserve(1)
-        self._group_sends += 1
-
-    def end_send(self) -> None:
-        self._group_sends -= 1
-        self.limiter.complete(self.mono())
-
-    def cancel_send(self) -> None:
-        self._group_sends -= 1
-        self.limiter.cancel(1)
-
-    def handed_on(self, message: QueuedMessage | None, result: SendResult,
-                  rest: list[str]) -> None:
-        event(log, logging.INFO, "group_handed_on", None if message is None else message.id,
-              account=self.name, relay=result.peer,
-              delivered=",".join(f"<{a}>" for a in result.accepted) or None,
-              failed=",".join(f"<{a}>" for a, e in result.refused.items()
-                              if a not in rest and not e.temporary) or None,
-              rest=",".join(f"<{a}>" for a in rest),
-              reason=result.refused[rest[0]].reply_text())
-
-    def account_failed(self, error: DeliveryError) -> None:
-        """A group's send through this account failed for the account: back off."""
-        self._account_health(error, self.clock())
-
-    def note_reply(self, sent: SendResult | DeliveryError) -> None:
-        """A group's send through this account: a "slow down" throttles this account, and
-        a send that got through is its recovery (failures reset, as for its own sends)."""
-        self._note_slow_down(sent)
-        if isinstance(sent, SendResult) and self.backoff_failures and account_error(sent) is None:
-            self._account_health(sent, self.clock())
-
-    def restore_backoff(self, health: AccountHealth, now: float) -> None:
-        """Go on with the backoff a previous run stored (``health``, wall time): after a
-        restart the account still probes one at a time, not a pool's worth at once, and a
-        refused login is not tried again before its backoff ends (a crash loop would
-        otherwise lock the account)."""
-        if health.failures <= 0:
-            return
-        self.backoff_failures = health.failures
-        self.auth_failures = health.failures if health.auth else 0
-        self.last_account_error = health.last_error
-        remaining = health.backoff_until - now
-        if remaining > 0:
-            self.backoff_until = self.mono() + remaining
-            self.resume_at = health.backoff_until
-        event(log, logging.WARNING, "account_backoff_restored", account=self.name,
-              reason=health.last_error, why=health.reason or None,
-              until=_iso(max(health.backoff_until, now)))
-
     def _recorded(self, task: asyncio.Task[None]) -> None:
         self.settling.discard(task)
         self._start_ready()
@@ -885,97 +611,6 @@ class AccountWorker:
                          " after a restart")
             raise
 
-    def _account_health(self, sent: SendResult | DeliveryError, now: float) -> float | None:
-        """Back the account off on account-wide failures; return when it resumes (wall)."""
-        mono = self.mono()
-        failure = account_error(sent)
-        if failure is None:
-            recovered = self.backoff_failures > 0
-            if recovered:
-                event(log, logging.INFO, "account_recovered", account=self.name)
-            self.backoff_failures = 0
-            self.auth_failures = 0
-            self.last_account_error = ""
-            if recovered and self.health is not None:
-                self._publish(AccountHealth(self.name, self._wall_at(self.backoff_until), 0))
-            if recovered and self.host is not None:
-                self.host.recovered()  # the other workers send again too
-            return None
-        if _refused_login(failure):  # every refused login counts, also inside a backoff
-            self.metrics.auth_failures.labels(self.name).inc()
-        if mono < self.backoff_until:  # another send already backed it off
-            return self._wall_at(self.backoff_until)
-        reason = backoff_reason(failure)
-        auth = reason == "auth"
-        self.backoff_failures += 1
-        if auth:  # its own floor: a provider locks an account after a few failed logins
-            self.auth_failures += 1
-            delay = self.auth_policy.next_delay(self.auth_failures, self.rng)
-        else:
-            delay = self.policy.next_delay(self.backoff_failures, self.rng)
-        self.backoff_until = mono + delay
-        resume_at = self.resume_at = now + delay
-        self.last_account_error = failure.reply_text()
-        self.metrics.account_backoffs.labels(self.name, reason).inc()
-        if self.host is not None:
-            self.host.backed_off(resume_at, reason,
-                                 self.auth_failures if auth else self.backoff_failures)
-        event(log, logging.ERROR if auth else logging.WARNING,
-              "account_auth_failed" if auth else "account_backoff", account=self.name,
-              relay=self.transport.peer, reason=failure.reply_text(), why=reason,
-              until=_iso(resume_at))
-        # Claimed-ahead messages go back to the queue, due when the account resumes: while
-        # it backs off, 'sending' means a connection carries the message now (11.13).
-        self._unclaim_ready(now, due_at=resume_at)
-        self._publish(AccountHealth(self.name, resume_at, self.backoff_failures,
-                                    self.last_account_error, auth, reason))
-        return resume_at
-
-    def _note_slow_down(self, sent: SendResult | DeliveryError) -> None:
-        """A "slow down" reply (relay.delivery.throttle) to this send: halve the account's
-        connections and rate for a cool-down, and hold claims for a wait it names. A reply
-        through a group's member (``via``) throttled that member (GroupTransport), not the
-        group: one member's named wait must not hold the others."""
-        if sent.via and sent.via != self.name:
-            return
-        errors = [sent] if isinstance(sent, DeliveryError) else list(sent.refused.values())
-        slow = next((e for e in errors if slow_down_reply(e.code, e.enhanced, e.reason)), None)
-        if slow is None:
-            return
-        mono = self.mono()
-        wait = named_wait(slow.reason)
-        if wait and self.host is not None:
-            # The wait is the account's, not this process's: every worker holds its
-            # claims (and group sends through it) until then, as for a backoff, and one
-            # send probes it after.
-            self.host.backed_off(self._wall_at(mono + wait), "throttle",
-                                 max(1, self.backoff_failures))
-        if self.throttle.slow_down(mono, wait):  # one line per change, not per message
-            self._throttle_changed()
-            event(log, logging.WARNING, "account_throttled", account=self.name,
-                  factor=f"{self.throttle.factor:g}", connections=self._capacity(),
-                  reason=slow.reply_text(), wait=f"{wait:g}s" if wait else None)
-            self._trim_ready(self.clock())
-
-    def ease_throttle(self, mono: float) -> None:
-        """Additive increase: the steps due by ``mono`` (also while idle: the gauges)."""
-        if self.throttle.ease(mono):
-            self._throttle_changed()
-            event(log, logging.INFO, "account_throttle_eased", account=self.name,
-                  factor=f"{self.throttle.factor:g}", connections=self._capacity())
-
-    def _throttle_changed(self) -> None:
-        """The new factor to the limiter, the gauge and the report `relay status` reads."""
-        self.limiter.factor = self.throttle.factor
-        self.metrics.throttle_factor.labels(self.name).set(self.throttle.factor)
-        self._publish(self._health or AccountHealth(self.name, 0.0, 0))
-
-    def _publish(self, health: AccountHealth) -> None:
-        """Tell `relay status` (through the scheduler's health hook), with the throttle."""
-        self._health = dataclasses.replace(health, throttle=self.throttle.factor)
-        if self.health is not None:
-            self.health(self._health)
-
     def _report(self, message: QueuedMessage, result: AttemptResult,
                 sent: SendResult | DeliveryError, duration: float) -> None:
         account = result.account  # a group's member, or this account
@@ -995,7 +630,7 @@ class AccountWorker:
             self.metrics.deferred.labels(account).inc()
             event(log, logging.WARNING, "deferred", message.id, account=account, relay=peer,
                   attempt=result.attempts, reason=result.last_error,
-                  next_attempt=_iso(result.next_attempt_at), worker=self.process)
+                  next_attempt=iso_time(result.next_attempt_at), worker=self.process)
         else:
             self.metrics.failed.labels(account).inc()
             event(log, logging.WARNING, "failed", message.id, account=account, relay=peer,
@@ -1035,7 +670,7 @@ class AccountWorker:
             results.append(result)
             event(log, logging.WARNING, "interrupted", message.id, account=self.name,
                   relay=self.transport.peer, attempt=result.attempts, reason=INTERRUPTED,
-                  next_attempt=_iso(result.next_attempt_at))
+                  next_attempt=iso_time(result.next_attempt_at))
         return results
 
     def stop_claiming(self) -> None:
@@ -1050,9 +685,3 @@ class AccountWorker:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-
-def _refused_login(failure: DeliveryError) -> bool:
-    """The upstream (or the token endpoint) refused this process's login."""
-    return isinstance(failure, TokenRefused) or (
-        failure.code is not None and login_refused(failure.code, failure.enhanced))

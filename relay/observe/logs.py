@@ -37,6 +37,11 @@ def event(logger: logging.Logger, level: int, name: str, queue_id: str | None = 
                extra={"event": name, "queue_id": queue_id, "fields": fields})
 
 
+def iso_time(ts: float) -> str:
+    """An event's time field (until=, next_attempt=): UTC to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
 class TextFormatter(logging.Formatter):
     """The text format; a message not made by event() (a library's, a config warning) is
     escaped here, so no log line carries a raw control character. Tracebacks keep their
