@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -182,6 +183,14 @@ class App:
         instead (committed first: nothing is lost; a split message is not tried first).
         ``gone`` resolves when the client closed its side or the connection ended: the
         wait for the upstream ends with it."""
+        # ack: after_upstream, and the account may send now: the message is queued held
+        # (due only after sync_timeout) for this session's claim, so that no other
+        # process's delivery loop takes it in between (the client would get 250 and a
+        # bounce instead of the refusal). A hold not claimed after all is released.
+        held_until = 0.0
+        if len(messages) == 1 and self._sync(messages[0]):
+            held_until = messages[0].created_at + self.config.listen.sync_timeout
+            messages = [dataclasses.replace(messages[0], not_before=held_until)]
         self._committing += 1
         self._answered.clear()
         try:
@@ -200,14 +209,21 @@ class App:
             if message.account in self._waiting:
                 at, count = self._waiting[message.account]
                 self._waiting[message.account] = (at, count + 1)
-            if (len(messages) == 1 and self.role.delivers
-                    and self.config.ack_for(message.account) == "after_upstream"
-                    and message.not_before <= message.created_at):  # not Deferred-Delivery
+            if held_until:
                 refusal = await self.scheduler.deliver_now(message,
                                                            self.config.listen.sync_timeout,
-                                                           gone)
+                                                           gone, held_until)
             self.scheduler.notify(message.account)
         return queued, refusal
+
+    def _sync(self, message: NewMessage) -> bool:
+        """Whether the message gets an immediate attempt before DATA is answered: ack
+        after_upstream, not Deferred-Delivery, and its account's worker here may send now
+        (a slot, room in its rate limit, no backoff or pause)."""
+        return (self.role.delivers
+                and self.config.ack_for(message.account) == "after_upstream"
+                and message.not_before <= message.created_at
+                and self.scheduler.may_send_now(message.account, message.priority))
 
     async def _admit(self, account: str) -> bool:
         """rate_limit.on_limit: reject — refuse while the backlog exceeds a window's worth."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiosmtplib
 import pytest
 
+from relay.app import WorkerRole
 from relay.config.loading import parse_config
 from relay.config.report import config_warnings
 from relay.delivery.sync import sync_refusal
@@ -140,6 +142,9 @@ async def test_the_answer_waits_for_the_send_the_worker_loop_claimed_first(
     lost = []
 
     async def loop_first(owner: str, message_id: str, *args: object) -> object:
+        # The session's hold on it ends (claim_message's last argument: held_until), as a
+        # `relay queue flush` at that moment would end it.
+        await app.store.release_hold(message_id, float(args[-1]), time.time())  # type: ignore[arg-type]
         worker.notify()  # the interleaving CI met, made certain: the loop claims first
         await wait_until(lambda: message_id in worker.in_flight, what="the loop's claim")
         claimed = await claim_message(owner, message_id, *args)  # type: ignore[arg-type]
@@ -152,6 +157,130 @@ async def test_the_answer_waits_for_the_send_the_worker_loop_claimed_first(
     code, _text = await send(app.smtp_port, message("fine"))
     assert code == 250 and len(upstream.messages) == 1  # delivered before the answer
     assert lost == [True, True]  # both were the loop's sends
+
+
+@pytest.mark.usefixtures("each_store")
+@pytest.mark.parametrize("phase", ["recorded", "recording"])
+async def test_a_refusal_the_loops_send_wrote_while_the_session_claimed_is_the_answer(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch, phase: str,
+) -> None:
+    """The loop's send of the message wrote its outcome (or was writing it) while the
+    session's own claim committed slowly. That write took the session's waiter, so it
+    queued no bounce: the refusal must then be the answer. (It was 250 with neither:
+    the sender never learned; found by an attack under load, 54 of 100.)"""
+    upstream.refuse_rcpt("nobody@example.com", 550, "5.1.1 User unknown")
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                                         listen=SYNC, bounces={"enabled": True}))
+    worker = app.scheduler.workers["up"]
+    claim_message = app.store.claim_message
+
+    async def until(condition: Callable[[], bool]) -> None:  # states of a few steps
+        for _ in range(1_000_000):
+            if condition():
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(f"never reached: {phase}")
+
+    async def slow_commit(owner: str, message_id: str, *args: object) -> object:
+        await app.store.release_hold(message_id, float(args[-1]), time.time())  # type: ignore[arg-type]
+        worker.notify()  # the loop claims it first and sends it...
+        await until(lambda: message_id in worker.in_flight or message_id in worker.recording)
+        if phase == "recorded":  # ...and writes the outcome before this commit returns
+            await until(lambda: message_id not in worker.in_flight
+                        and message_id not in worker.recording)
+        else:
+            await until(lambda: message_id in worker.recording)
+        return await claim_message(owner, message_id, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(app.store, "claim_message", slow_commit)
+    assert await send(app.smtp_port, message("refused"), recipients=["nobody@example.com"]) == (
+        550, "5.1.1 User unknown")
+    await app.scheduler.run_until_idle()
+    assert [r.state for r in await app.store.list_messages()] == [MessageState.FAILED]
+    assert upstream.messages == []  # and no bounce: the client has its answer
+
+
+async def test_a_slow_claim_of_the_loops_does_not_hold_the_answer_past_sync_timeout(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop's claim (which took the message) returns 3 s late (an fsync under load, a
+    lock wait): the session waits for it only until sync_timeout, then answers 250."""
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                                         listen={"ack": "after_upstream", "sync_timeout": "1s"}))
+    worker = app.scheduler.workers["up"]
+    claim_due, claim_message = app.store.claim_due, app.store.claim_message
+
+    async def slow_claim_due(*args: object, **kwargs: object) -> object:
+        batch = await claim_due(*args, **kwargs)  # type: ignore[arg-type]
+        if batch:
+            await asyncio.sleep(3.0)
+        return batch
+
+    async def loop_first(owner: str, message_id: str, *args: object) -> object:
+        await app.store.release_hold(message_id, float(args[-1]), time.time())  # type: ignore[arg-type]
+        worker.notify()
+        await wait_until(lambda: bool(worker._claiming), what="the loop's claim")
+        await asyncio.sleep(0.2)  # it has taken the row
+        return await claim_message(owner, message_id, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(app.store, "claim_due", slow_claim_due)
+    monkeypatch.setattr(app.store, "claim_message", loop_first)
+    started = time.monotonic()
+    code, _text = await send(app.smtp_port, message("slow claim"))
+    assert code == 250 and time.monotonic() - started < 2.5  # not the claim's 3 s
+    await upstream.wait_for_messages(1)  # and the loop sends it once its claim returns
+
+
+@pytest.mark.usefixtures("each_store")
+async def test_with_two_workers_the_refusal_is_still_the_answer(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other worker's delivery loop, woken by the commit, must not take the message
+    before the session that received it: it is queued held for that session's claim.
+    (Before, about 3 in 5 refusals became 250 and a bounce with two workers under load.)"""
+    upstream.refuse_rcpt("nobody@example.com", 550, "5.1.1 User unknown")
+    config = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                          listen=SYNC, bounces={"enabled": True})
+    a = await start_relay(config, WorkerRole(shared=True, index=0, count=2))
+    b = await start_relay(config, WorkerRole(shared=True, index=1, count=2))
+    other = b.scheduler.workers["up"]
+    claim_message = a.store.claim_message
+
+    async def other_looks_first(*args: object) -> object:
+        other.notify()  # the other worker's loop looks for due mail first, as under load
+        await asyncio.sleep(0.3)
+        return await claim_message(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(a.store, "claim_message", other_looks_first)
+    for n in range(3):
+        reply = await send(a.smtp_port, message(f"refused {n}"),
+                           recipients=["nobody@example.com"])
+        assert reply == (550, "5.1.1 User unknown"), n
+    assert (await send(a.smtp_port, message("fine")))[0] == 250
+    assert len(upstream.messages) == 1  # the fine one, and no bounce
+
+
+async def test_a_held_message_its_session_could_not_claim_goes_from_the_queue_at_once(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The session's claim finds no room (another process's sends filled the window at
+    that moment): 250, and the message is due now, not after its hold (sync_timeout)."""
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                                         listen={"ack": "after_upstream",
+                                                 "sync_timeout": "30s"}))
+
+    async def no_room(*args: object) -> None:
+        return None
+
+    monkeypatch.setattr(app.store, "claim_message", no_room)
+    started = time.monotonic()
+    assert (await send(app.smtp_port, message("no room")))[0] == 250
+    await upstream.wait_for_messages(1, timeout=10)  # from the queue, by the loop
+    assert time.monotonic() - started < 10  # not the 30 s hold
 
 
 async def test_a_refusal_after_the_dot_is_passed_on_too(
@@ -329,7 +458,12 @@ async def test_the_immediate_attempt_keeps_the_share_reserved_for_high_priority(
     # machine shows): either way within the window the normal mail filled.
     await upstream.wait_for_messages(3, timeout=5)
     assert b"Subject: urgent" in upstream.messages[2].data
-    states = sorted(str(r.state) for r in await app.store.list_messages())
+    # The worker's send may be still recording its outcome ('sending') for a moment.
+    for _ in range(100):
+        states = sorted(str(r.state) for r in await app.store.list_messages())
+        if "sending" not in states:
+            break
+        await asyncio.sleep(0.05)
     assert states == ["delivered", "delivered", "delivered", "queued"]
 
 

@@ -106,6 +106,13 @@ class SyncWaiter:
             self.settle(None)
 
 
+async def _answer(waiter: SyncWaiter) -> Reply | None:
+    """Stop waiting: None (250) at once, unless the outcome's write already took the
+    waiter to pass a refusal on (no bounce then): that refusal, in moments."""
+    waiter.abandon()
+    return await waiter.future
+
+
 class AccountWorker(Pacing, GroupMember, SlowDown, AccountBackoff):
     """Delivers one account's messages with at most ``concurrency`` sends at once."""
 
@@ -373,19 +380,31 @@ class AccountWorker(Pacing, GroupMember, SlowDown, AccountBackoff):
         self.carrying[message.id] = message
         task.add_done_callback(functools.partial(self._done, message.id))
 
+    def may_send_now(self, priority: Priority) -> bool:
+        """Whether a message just received could be sent at once (ack: after_upstream):
+        a free slot, room in the rate limit (with reserve_for_high for all but HIGH), no
+        backoff, pause or shutdown. This process's view: the claim checks the queue's."""
+        others = priority is not Priority.HIGH  # may not use the share kept for high
+        return not (self._stopping or self.paused or self.backed_off or self._slots() <= 0
+                    or self.limiter.available(self.mono(), others=others) < 1)
+
     async def deliver_now(self, new: NewMessage, within: float,
-                          gone: asyncio.Future[None] | None = None) -> Reply | None:
+                          gone: asyncio.Future[None] | None = None,
+                          held_until: float = 0.0) -> Reply | None:
         """ack: after_upstream: claim the message just committed and send it at once, if
-        the account may send now (slot, rate limit with its reserve_for_high, no backoff
-        or pause). The refusal to pass on if its outcome comes within ``within`` seconds;
-        None: answer 250 (it was delivered, deferred, is still being sent, or waits in the
-        queue as usual). ``gone`` resolving (the client closed its side or the connection
-        ended) or stop() ends the wait: 250 at once, and a refusal then bounces."""
-        others = new.priority is not Priority.HIGH  # may not use the share kept for high
-        if (self._stopping or self.paused or self.backed_off or self._slots() <= 0
-                or self.limiter.available(self.mono(), others=others) < 1
-                or (gone is not None and gone.done())):
+        the account may send now (may_send_now). The refusal to pass on if its outcome
+        comes within ``within`` seconds; None: answer 250 (it was delivered, deferred, is
+        still being sent, or waits in the queue as usual). ``held_until``: the message was
+        queued due then, so that no other process's loop takes it first; if this session
+        does not claim it, it is made due now (release_hold). ``gone`` resolving (the
+        client closed its side or the connection ended) or stop() ends the wait: 250 at
+        once, and a refusal then bounces."""
+        if not self.may_send_now(new.priority) or (gone is not None and gone.done()):
+            await self._release(new.id, held_until)
             return None
+        # From here the outcome's write may take the waiter (and then send no bounce),
+        # so every way out goes through it: _answer, never a bare None.
+        deadline = asyncio.get_running_loop().time() + within
         waiter = self.waiters[new.id] = SyncWaiter(new.dedup.key if new.dedup else None)
 
         def left(_: asyncio.Future[None]) -> None:
@@ -399,7 +418,7 @@ class AccountWorker(Pacing, GroupMember, SlowDown, AccountBackoff):
             try:
                 message = await self.store.claim_message(
                     self.name, new.id, self.clock(), self.lease_s, self.limiter.windows,
-                    self.limiter.reserve_for_high)
+                    self.limiter.reserve_for_high, held_until)
             finally:
                 if message is None:
                     self.limiter.cancel(1)
@@ -407,29 +426,42 @@ class AccountWorker(Pacing, GroupMember, SlowDown, AccountBackoff):
                 if self.backed_off or self._stopping:  # changed while the claim committed
                     self._unclaim([message.id], self.clock(),
                                   due_at=self.resume_at if self.backed_off else None)
-                    return None
+                    return await _answer(waiter)
                 self.idle.clear()
                 self._start(message)
-            elif not await self._sending_here(new.id):
-                return None  # another process has it, or its outcome is already written
+            elif not await self._sending_here(new.id, deadline):
+                # Another process has it, or a window is full (then it goes from the queue:
+                # due now), or this worker's send of it is already writing its outcome,
+                # which may have taken the waiter with a refusal.
+                await self._release(new.id, held_until)
+                return await _answer(waiter)
             try:
-                async with asyncio.timeout(within):
+                async with asyncio.timeout_at(deadline):
                     return await asyncio.shield(waiter.future)
             except TimeoutError:
-                waiter.abandon()
-            return await waiter.future  # None, or the refusal being written: moments
+                pass
+            return await _answer(waiter)
         finally:
             if gone is not None:
                 gone.remove_done_callback(left)
             del self.waiters[new.id]
 
-    async def _sending_here(self, message_id: str) -> bool:
+    async def _release(self, message_id: str, held_until: float) -> None:
+        """Not claimed by its session after all: a held message is due now. Never raises:
+        the session's answer must not be lost to it, and the hold ends by itself."""
+        if held_until:
+            with contextlib.suppress(StoreError):
+                await self.store.release_hold(message_id, held_until, self.clock())
+
+    async def _sending_here(self, message_id: str, deadline: float) -> bool:
         """Whether this worker's own loop claimed the message (woken by its commit, in
         the moment before deliver_now's claim) and has not begun writing its outcome: the
         session's waiter then gets that send's outcome like its own. Claims of this
-        worker still being committed are waited for first."""
+        worker still being committed are waited for first, until ``deadline`` (loop
+        time: the session's sync_timeout)."""
         if self._claiming:
-            await asyncio.wait(list(self._claiming))
+            left = deadline - asyncio.get_running_loop().time()
+            await asyncio.wait(list(self._claiming), timeout=max(0.0, left))
         if message_id in self.recording:
             return False  # its outcome may have been looked up before the waiter existed
         return message_id in self.in_flight or any(m.id == message_id for m in self.ready)

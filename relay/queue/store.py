@@ -94,11 +94,17 @@ class QueueStore(Protocol):
     async def claim_message(
         self, account: str, message_id: str, now: float, lease_s: float,
         windows: Sequence[tuple[float, int]] = (), reserve_for_high: float = 0.0,
+        held_until: float = 0.0,
     ) -> QueuedMessage | None:
         """Claim one message of ``account`` by id on claim_due's terms (ready and due, the
         account not paused, room in ``windows``): the process that received it sends it
-        at once (ack: after_upstream). None when it is not claimable now (another process
-        claimed it first, or a rate window is full); it then waits in the queue as usual."""
+        at once (ack: after_upstream). ``held_until``: the message was queued due then,
+        held for this claim (no other process's claim takes it meanwhile), and counts as
+        due now. None when it is not claimable now (another process claimed it first, or
+        a rate window is full); it then waits in the queue as usual."""
+    async def release_hold(self, message_id: str, held_until: float, now: float) -> None:
+        """The held message (claim_message's ``held_until``) was not claimed by its
+        session after all: due at ``now`` instead, for every process's claims."""
     async def finish(self, result: AttemptResult, bounce: NewMessage | None = None,
                      events: Sequence[NewEvent] = ()) -> bool:
         """Settle ``result.claim``: record the attempt (with ``result.transcript``), queue

@@ -202,11 +202,17 @@ CLAIM_HIGH_SQL = _claim_sql([Priority.HIGH])
 # One message by id (ack: after_upstream), on CLAIM_SQL's conditions; %(any)s false: only
 # if it is HIGH priority (the others' share of a window is used up). A concurrent claim of
 # the same row waits for this one, then finds it no longer ready.
+# A message held for its session's claim (ack: after_upstream) that the session did not
+# claim after all: due now. Only while still held as queued (not claimed, moved or retried).
+RELEASE_HOLD_SQL = ("UPDATE messages SET next_attempt_at = %s WHERE id = %s AND state = 'queued'"
+                    " AND next_attempt_at = %s AND attempts = 0 RETURNING account")
+
 CLAIM_ONE_SQL = f"""
 UPDATE messages m SET state = 'sending', lease_until = %(lease)s, owner = %(owner)s,
     claim_token = %(token)s, updated_at = %(now)s
 WHERE m.id = %(id)s AND m.account = %(a)s AND m.state IN {READY}
-  AND m.next_attempt_at <= %(now)s AND (%(any)s OR m.priority = {int(Priority.HIGH)})
+  AND m.next_attempt_at <= GREATEST(%(now)s, %(held)s)
+  AND (%(any)s OR m.priority = {int(Priority.HIGH)})
   AND NOT EXISTS (SELECT 1 FROM paused WHERE paused.account = %(a)s)
   AND {NOT_BACKED_OFF}
 RETURNING {RETURNED}

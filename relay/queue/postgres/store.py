@@ -52,6 +52,7 @@ from relay.queue.postgres.schema import (
     MIGRATIONS,
     PRUNE_LOCK,
     READY,
+    RELEASE_HOLD_SQL,
     REPORT_LOCK,
     SCHEMA_TABLE,
     SCHEMA_VERSION,
@@ -569,13 +570,15 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
     async def claim_message(
         self, account: str, message_id: str, now: float, lease_s: float,
         windows: Sequence[tuple[float, int]] = (), reserve_for_high: float = 0.0,
+        held_until: float = 0.0,
     ) -> QueuedMessage | None:
         """One message by id on claim_due's terms (ack: after_upstream); None when it is
         not claimable now (another relay has it, a window is full, not due, paused)."""
         token = secrets.token_hex(8)
         lease = now + lease_s
         params: dict[str, Any] = {"a": account, "now": now, "lease": lease, "id": message_id,
-                                  "owner": self.owner, "token": token, "any": True}
+                                  "owner": self.owner, "token": token, "any": True,
+                                  "held": held_until}
         async with self._conn() as conn:
             if not windows:
                 rows = await (await conn.execute(CLAIM_ONE_SQL, params)).fetchall()
@@ -592,6 +595,11 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
         message = row_to_message(rows[0])
         message.claim = Claim(self.owner, lease, token)
         return message
+
+    async def release_hold(self, message_id: str, held_until: float, now: float) -> None:
+        rows = await self._fetch(RELEASE_HOLD_SQL, (now, message_id, held_until))
+        for (account,) in rows:
+            self._wake(str(account))
 
     @staticmethod
     async def _room(conn: AsyncConnection[Any], account: str, now: float, limit: int,

@@ -256,9 +256,14 @@ CLAIM_SQL = _claim_sql(Priority)
 # (rate_limit.reserve_for_high).
 CLAIM_HIGH_SQL = _claim_sql([Priority.HIGH])
 # One message by id (ack: after_upstream), on the same conditions as CLAIM_SQL.
+# A message held for its session's claim (ack: after_upstream) that the session did not
+# claim after all: due now. Only while still held as queued (not claimed, moved or retried).
+RELEASE_HOLD_SQL = ("UPDATE messages SET next_attempt_at=? WHERE id=? AND state='queued'"
+                    " AND next_attempt_at=? AND attempts=0")
+
 CLAIM_ONE_SQL = (
     "UPDATE messages SET state='sending', lease_until=:lease, owner=:owner, updated_at=:now"
-    f" WHERE id=:id AND account=:a AND state IN {READY} AND next_attempt_at<=:now"
+    f" WHERE id=:id AND account=:a AND state IN {READY} AND next_attempt_at<=max(:now, :held)"
     # :any false: only high priority may take the share reserve_for_high keeps.
     f" AND (:any OR priority={int(Priority.HIGH)})"
     f" AND NOT EXISTS (SELECT 1 FROM meta WHERE key = '{PAUSED_PREFIX}' || :a)"

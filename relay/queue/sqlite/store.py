@@ -54,6 +54,7 @@ from relay.queue.sqlite.schema import (
     HEALTH_KEY,
     PRAGMAS,
     READY,
+    RELEASE_HOLD_SQL,
     SCHEMA_VERSION,
     apply_migration,
     map_sqlite_error,
@@ -458,13 +459,17 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox,
     async def claim_message(
         self, account: str, message_id: str, now: float, lease_s: float,
         windows: Sequence[tuple[float, int]] = (), reserve_for_high: float = 0.0,
+        held_until: float = 0.0,
     ) -> QueuedMessage | None:
         claimed: list[QueuedMessage] = await self._submit(
             ClaimDue(account=account, now=now, limit=1, lease_s=lease_s, owner=self.owner,
                      windows=tuple(windows), message_id=message_id,
-                     reserve_for_high=reserve_for_high)
+                     reserve_for_high=reserve_for_high, held_until=held_until)
         )
         return claimed[0] if claimed else None
+
+    async def release_hold(self, message_id: str, held_until: float, now: float) -> None:
+        await self.execute([(RELEASE_HOLD_SQL, (now, message_id, held_until))])
 
     async def finish(self, result: AttemptResult, bounce: NewMessage | None = None,
                      events: Sequence[NewEvent] = ()) -> bool:

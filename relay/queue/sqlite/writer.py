@@ -59,6 +59,7 @@ class ClaimDue(Op):
     windows: tuple[tuple[float, int], ...] = field(default=(), kw_only=True)
     message_id: str | None = field(default=None, kw_only=True)  # just this one (limit 1)
     reserve_for_high: float = field(default=0.0, kw_only=True)
+    held_until: float = field(default=0.0, kw_only=True)  # with message_id: due till then
 
 
 @dataclass
@@ -305,7 +306,8 @@ def _claim(db: sqlite3.Connection, op: ClaimDue) -> list[QueuedMessage]:
                               "id": op.message_id}
     rows = []
     if op.message_id is not None:  # one by id (ack: after_upstream), on the same shares
-        rows = db.execute(CLAIM_ONE_SQL, {**params, "any": others > 0}).fetchall()
+        rows = db.execute(CLAIM_ONE_SQL, {**params, "any": others > 0,
+                                          "held": op.held_until}).fetchall()
     else:
         if others < room:  # high priority first, up to the whole room; the rest up to theirs
             rows = db.execute(CLAIM_HIGH_SQL, params).fetchall()
