@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from relay.app import WorkerRole
 from relay.queue.sqlite.store import SQLiteStore
 from relay.queue.types import MessageState
@@ -207,12 +209,16 @@ async def test_after_a_backoff_one_worker_probes_for_the_host(
     assert all(b >= 0.8 * a for a, b in itertools.pairwise(gaps)), gaps
 
 
+@pytest.mark.parametrize("refusal", [(550, "5.4.5 Daily user sending quota exceeded"),
+                                     (451, "4.7.0 Try again in 2 hours")])
 async def test_after_a_flush_one_worker_probes_for_the_host(
-        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay) -> None:
-    """`relay queue flush` ends a quota backoff for both workers; the upstream still
-    refuses, and it sees one probe from the host, not one (or a pool's worth) from each
-    worker. (A login refused is one at a time anyway: the host's login turn.)"""
-    upstream.reply_to("MAIL", 550, "5.4.5 Daily user sending quota exceeded", times=100)
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+        refusal: tuple[int, str]) -> None:
+    """`relay queue flush` ends a quota backoff (or a wait the server named) for both
+    workers; the upstream still refuses, and it sees one probe from the host, not one (or
+    a pool's worth) from each worker. (A login refused is one at a time anyway: the host's
+    login turn.) A named wait told again is no recovery: it holds every worker again."""
+    upstream.reply_to("MAIL", *refusal, times=100)
     config = relay_config(tmp_path, {"up": upstream_account(
         upstream, tmp_path, pool={"max_connections": 4})},
         retry={"initial_delay": "1h", "max_delay": "1h", "max_age": "1d", "jitter": 0})
@@ -222,14 +228,19 @@ async def test_after_a_flush_one_worker_probes_for_the_host(
         for i in range(3):
             assert (await send(app.smtp_port, message(f"m{i}")))[0] == 250
     workers = [app.scheduler.workers["up"] for app in (a, b)]
-    await wait_until(lambda: all(w.backed_off for w in workers), what="both backed off")
+
+    def held(w: Any) -> bool:
+        return bool(w.backed_off or w.throttle.held(w.mono()))
+
+    await wait_until(lambda: all(held(w) for w in workers), what="both held")
     await asyncio.sleep(0.3)
     before = len(upstream.times_of("MAIL"))
     upstream.delay("MAIL", 1.0)  # the probe is under way while the other worker looks
     await a.store.request_flush(time.time())  # what `relay queue flush` does
     await asyncio.sleep(2.0)  # both workers saw the flush (each polls every 0.5 s)
     assert len(upstream.times_of("MAIL")) == before + 1
-    assert all(w.backed_off for w in workers)  # the probe failed: a step for the host
+    await asyncio.sleep(0.5)  # the other worker reads the shared row again
+    assert all(held(w) for w in workers)  # the probe failed: held again, for the host
 
 
 async def test_each_worker_reports_its_own_open_connections(

@@ -21,6 +21,7 @@ from tests.conftest import (
     relay_config,
     send,
     upstream_account,
+    wait_until,
 )
 from tests.upstream import FakeUpstream
 
@@ -160,3 +161,26 @@ async def test_a_slow_down_421_throttles_the_account_and_is_not_resent_at_once(
     await app.scheduler.run_until_idle()
     [queued] = await app.store.list_messages()
     assert str(queued.state) == "delivered" and queued.attempts == 2
+
+
+async def test_a_named_wait_ended_by_a_flush_is_probed_by_one_send(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """After `relay queue flush` ends "try again in 2 hours", one message tries (as after
+    a backoff), not the throttled pool's worth; told again, the account is held again and
+    is not reported recovered."""
+    upstream.reply_to("MAIL", 451, "4.7.0 Try again in 2 hours", times=100)
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(
+        upstream, tmp_path, pool={"max_connections": 4})}))
+    for i in range(6):
+        assert (await send(app.smtp_port, message(f"m{i}")))[0] == 250
+    worker = app.scheduler.workers["up"]
+    await wait_until(lambda: worker.throttle.held(worker.mono()) > 0, what="the wait")
+    await asyncio.sleep(0.3)
+    before = len(upstream.times_of("MAIL"))
+    await app.store.request_flush(time.time())  # what `relay queue flush` does...
+    worker.resume()  # ...and the server does once it sees it
+    await wait_until(lambda: len(upstream.times_of("MAIL")) > before, what="the probe")
+    await asyncio.sleep(1.0)
+    assert len(upstream.times_of("MAIL")) == before + 1
+    assert worker.throttle.held(worker.mono()) > 0 and worker.backoff_failures

@@ -62,6 +62,8 @@ class AccountBackoff(AccountState):
         mono = self.mono()
         failure = account_error(sent)
         if failure is None:
+            if self.throttle.held(mono):
+                return None  # a wait the server named ("try again in 2 hours"): no recovery
             recovered = self.backoff_failures > 0
             if recovered:
                 event(log, logging.INFO, "account_recovered", account=self.name)

@@ -36,12 +36,16 @@ class SlowDown(AccountState):
             return
         mono = self.mono()
         wait = named_wait(slow.reason)
+        if wait:
+            # Once it ends (or a flush ends it), one send at a time until one gets through
+            # (_slots), as after a backoff: not a pool's worth told the same again.
+            self.backoff_failures = max(1, self.backoff_failures)
         if wait and self.host is not None:
             # The wait is the account's, not this process's: every worker holds its
             # claims (and group sends through it) until then, as for a backoff, and one
             # send probes it after.
             self.host.backed_off(self._wall_at(mono + wait), "throttle",
-                                 max(1, self.backoff_failures))
+                                 self.backoff_failures)
         if self.throttle.slow_down(mono, wait):  # one line per change, not per message
             self._throttle_changed()
             event(log, logging.WARNING, "account_throttled", account=self.name,
