@@ -395,3 +395,26 @@ async def test_a_forced_delete_mid_send_is_logged_as_a_delete_not_a_lost_lease(
     (line,) = [r.getMessage() for r in caplog.records if "outcome_dropped" in r.getMessage()]
     assert "deleted while being sent" in line and "lease" not in line
     assert await app.store.get(mid) is None  # and the outcome did not bring it back
+
+
+async def test_a_forced_delete_mid_split_stops_the_transactions_still_to_come(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], start_relay: StartRelay,
+) -> None:
+    """6 recipients, 2 a transaction (452 too many recipients): deleted during the first
+    transaction, the send stops there; the other four do not get it."""
+    async with FakeUpstream(recipient_limit=2) as upstream:
+        config_path = _config_file(tmp_path, {"up": upstream_account(upstream, tmp_path)})
+        app = await start_relay(load_config(config_path))
+        upstream.delay("DATA", 1.0)
+        rcpts = [f"r{i}@example.com" for i in range(6)]
+        code, text = await send(app.smtp_port, message("unwanted"), recipients=rcpts)
+        assert code == 250, text
+        mid = text.split()[-1]
+        await wait_until(lambda: bool(upstream.times_of("DATA")), what="the first transaction")
+        code, _ = await relay_cli(capsys, "queue", "delete", mid, "--force", "-c",
+                                  str(config_path))
+        assert code == 0
+        await upstream.wait_for_messages(1)  # the transaction under way ends
+        await asyncio.sleep(1.5)  # (the next would have begun at once)
+        assert len(upstream.times_of("MAIL")) == 1
+        assert await app.store.get(mid) is None

@@ -16,7 +16,7 @@ import logging
 from relay.delivery.account import AccountState
 from relay.delivery.outcome import accepted_so_far
 from relay.delivery.transport import SendResult
-from relay.errors import StoreError
+from relay.errors import StoreError, TemporaryFailure
 from relay.observe.logs import event
 from relay.queue.types import Priority, QueuedMessage
 
@@ -39,24 +39,29 @@ class Pacing(AccountState):
         every process (``so_far.via``: a group's member's). Then it ends here in this
         process's rate limit too; the next waits its turn and is reserved like a claim,
         so the upstream never sees more than the configured rate."""
-        await self._record_progress(message, so_far, so_far.via or self.name)
+        if not await self._record_progress(message, so_far, so_far.via or self.name):
+            # Deleted mid-send (`relay queue delete --force`), or another process took
+            # it: no further transaction (the rest stay unsent; the outcome is dropped).
+            raise TemporaryFailure("not sending the rest: this worker no longer holds the"
+                                   " message (deleted while being sent?)")
         await self.next_transaction(message.priority is Priority.HIGH)
 
     async def _record_progress(self, message: QueuedMessage, so_far: SendResult | None,
-                               sent_by: str | None) -> None:
+                               sent_by: str | None) -> bool:
         """Store the recipients delivered ``so_far`` and, with ``sent_by``, one send of
         that account now. Kept in the claimed message too: an outcome written from it
         (shutdown cutting the send off: interrupted) must not make the delivered ones
-        pending again."""
+        pending again. False when this worker no longer holds the message."""
         if so_far is not None:
             message.recipients = accepted_so_far(message, so_far)
         try:
-            await self.store.record_recipients(
+            return await self.store.record_recipients(
                 message.id, message.recipients,
                 sent=None if sent_by is None else (sent_by, self.clock()))
         except StoreError as exc:  # the outcome still records them; a crash would not
             event(log, logging.ERROR, "queue_error", message.id, account=self.name,
                   reason=f"cannot record accepted recipients: {exc}")
+            return True
 
     async def next_transaction(self, high: bool, *, most: float = float("inf")) -> bool:
         """The transaction before ends and counts; wait until the account's limits allow

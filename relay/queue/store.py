@@ -120,11 +120,13 @@ class QueueStore(Protocol):
         """Extend this owner's leases on ``ids`` (sends still under way), and the places
         those held in a member's windows (hold_send) with them."""
     async def record_recipients(self, message_id: str, recipients: Sequence[Recipient],
-                                sent: tuple[str, float] | None = None) -> None:
+                                sent: tuple[str, float] | None = None) -> bool:
         """Store a claimed message's recipients mid-send (some already delivered by one
         transaction of several), so that a crash resends only the others. ``sent``:
         (account, at) of the transaction that just ended, which counts in the account's
-        rate windows from then on (the outcome counts only the last one)."""
+        rate windows from then on (the outcome counts only the last one). False when
+        this owner no longer holds the message (deleted with `relay queue delete
+        --force`, or its lease ran out and another process took it): the send stops."""
     async def requeue(self, ids: Sequence[str], now: float, *, due_at: float | None = None
                       ) -> None: ...
     async def requeue_expired(self, now: float, *, keep: Sequence[str] = ()) -> int:

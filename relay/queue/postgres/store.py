@@ -735,14 +735,15 @@ class PostgresStore(OperatorQueries, HostLimits, Exchange, Outbox):
         return counts[0]
 
     async def record_recipients(self, message_id: str, recipients: Sequence[Recipient],
-                                sent: tuple[str, float] | None = None) -> None:
+                                sent: tuple[str, float] | None = None) -> bool:
         """Mid-send progress: only while this owner still holds the message."""
         counted: list[tuple[str, Sequence[Any]]] = [
             ("INSERT INTO sends (account, at, message_id) VALUES (%s, %s, %s)",
              (*sent, message_id))] if sent else []
-        await self.execute([(
+        counts = await self.execute([(
             "UPDATE messages SET recipients=%s WHERE id=%s AND state='sending' AND owner=%s",
             (recipients_json(recipients), message_id, self.owner)), *counted])
+        return counts[0] == 1
 
     async def requeue(self, ids: Sequence[str], now: float, *, due_at: float | None = None
                       ) -> None:

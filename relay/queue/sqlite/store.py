@@ -509,11 +509,13 @@ class SQLiteStore(Pruning, OperatorQueries, AccountControl, Exchange, Outbox,
         return counts
 
     async def record_recipients(self, message_id: str, recipients: Sequence[Recipient],
-                                sent: tuple[str, float] | None = None) -> None:
-        """Mid-send progress: only while the message is still claimed ('sending')."""
+                                sent: tuple[str, float] | None = None) -> bool:
+        """Mid-send progress: only while this owner still holds the message."""
         counted = [("INSERT INTO sends (account, at) VALUES (?, ?)", sent)] if sent else []
-        await self.execute([("UPDATE messages SET recipients=? WHERE id=? AND state='sending'",
-                             (recipients_json(recipients), message_id)), *counted])
+        counts = await self.execute([(
+            "UPDATE messages SET recipients=? WHERE id=? AND state='sending' AND owner=?",
+            (recipients_json(recipients), message_id, self.owner)), *counted])
+        return counts[0] == 1
 
     async def requeue(self, ids: Sequence[str], now: float, *, due_at: float | None = None
                       ) -> None:
