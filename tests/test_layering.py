@@ -26,6 +26,7 @@ LAYER = {
     "relay.delivery.host": ORCHESTRATION, "relay.delivery.backoff": ORCHESTRATION,
     "relay.delivery.slowdown": ORCHESTRATION, "relay.delivery.member": ORCHESTRATION,
     "relay.delivery.account": ORCHESTRATION, "relay.delivery.pacing": ORCHESTRATION,
+    "relay.delivery.recording": ORCHESTRATION,
     "relay.cli": ENTRY, "relay.bench": ENTRY, "relay.supervisors": ENTRY,
     "relay.__main__": ENTRY, "relay": ENTRY,
 }

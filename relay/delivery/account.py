@@ -1,5 +1,5 @@
 """What an account's worker holds that its roles read (relay.delivery.backoff, slowdown,
-member, pacing): declared once here, so that each role, a mixin of AccountWorker
+member, pacing, recording): declared once here, so that each role, a mixin of AccountWorker
 (relay.delivery.worker), is type-checked against the worker it becomes part of.
 
 AccountWorker.__init__ sets every attribute; the methods are the worker's and its roles'
@@ -17,12 +17,18 @@ from relay.delivery.health import AccountHealth, HealthHook
 from relay.delivery.host import HostAccount, SharedBackoff
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
+from relay.delivery.sync import SyncWaiter
 from relay.delivery.throttle import Throttle
 from relay.delivery.transport import PoolControl, SendResult, Transport
 from relay.errors import DeliveryError
 from relay.observe.metrics import Metrics
 from relay.queue.store import QueueStore
-from relay.queue.types import QueuedMessage
+from relay.queue.types import AttemptResult, NewEvent, NewMessage, QueuedMessage, Recipient
+
+# Builds the bounce for a message's newly failed recipients (None: no bounce).
+Bounce = Callable[[QueuedMessage, list[Recipient], bytes], NewMessage | None]
+# Builds the webhook events of an outcome (message, result, its bounce, the body).
+Events = Callable[[QueuedMessage, AttemptResult, NewMessage | None, bytes], list[NewEvent]]
 
 
 class AccountState:
@@ -53,9 +59,15 @@ class AccountState:
     _pool: PoolControl | None
     _health: AccountHealth | None  # the last published
     _group_sends: int  # sends of a group through this account under way
+    bounce: Bounce | None
+    events: Events | None  # the outcome's webhook events, written with it
+    events_written: Callable[[], None] | None  # told once they are committed
+    process: int | None  # which worker process this is (--workers N), for the log
+    waiters: dict[str, SyncWaiter]  # ack: after_upstream sessions, by message id
 
     if TYPE_CHECKING:
         # The worker's (relay.delivery.worker)
+        def notify(self) -> None: ...
         def _capacity(self) -> int: ...
         def _trim_ready(self, now: float) -> None: ...
         def _unclaim_ready(self, now: float, due_at: float | None = None) -> None: ...

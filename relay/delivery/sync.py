@@ -1,4 +1,5 @@
-"""ack: after_upstream: which outcome of the first attempt the listener passes on. Pure.
+"""ack: after_upstream: which outcome of the first attempt the listener passes on
+(sync_refusal, pure), and the session's side of the wait for it (SyncWaiter).
 
 The message is committed before the attempt, so the listener may answer anything without
 losing it. Only a permanent refusal of every recipient is passed on, with the upstream's
@@ -8,6 +9,7 @@ delivery, a partial one, a temporary failure or no outcome in time is `250` as u
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from relay.delivery.transport import SendResult
@@ -38,3 +40,37 @@ def sync_refusal(sent: SendResult | DeliveryError, result: AttemptResult) -> Rep
     enhanced = error.enhanced if error.enhanced and _ENHANCED.match(error.enhanced) else "5.0.0"
     text = " ".join(_UNSAFE.sub(" ", error.reason).split())[:MAX_TEXT] or "Refused upstream"
     return Reply(code, enhanced, text)
+
+
+class SyncWaiter:
+    """A listener session waiting for a message's first outcome (ack: after_upstream).
+
+    ``refusing``: the outcome will be passed on as a refusal, so no bounce is queued;
+    ``abandoned``: the session answered 250 without it (sync_timeout, the client left,
+    shutdown), so a refusal bounces as usual. One excludes the other (set without an
+    await in between). ``dedup_key``: the message's, forgotten with a refusal passed on
+    (the client was told 5xx: nothing was accepted, a retry is a new submission)."""
+
+    def __init__(self, dedup_key: str | None = None) -> None:
+        self.future: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
+        self.refusing = False
+        self.abandoned = False
+        self.dedup_key = dedup_key
+
+    def settle(self, reply: Reply | None) -> None:
+        if not self.future.done():
+            self.future.set_result(reply)
+
+    def abandon(self) -> None:
+        """Answer 250 now unless a refusal is already being written (it then comes in
+        moments); the outcome is then handled as for any queued message."""
+        if not self.refusing:
+            self.abandoned = True
+            self.settle(None)
+
+
+async def answer_now(waiter: SyncWaiter) -> Reply | None:
+    """Stop waiting: None (250) at once, unless the outcome's write already took the
+    waiter to pass a refusal on (no bounce then): that refusal, in moments."""
+    waiter.abandon()
+    return await waiter.future

@@ -8,8 +8,9 @@ account's state (backoff, rate limiter, health) and applies the pure policy modu
 The worker's other roles are mixins of their own modules: the account's backoff and the
 one the workers share (relay.delivery.backoff), its answer to "slow down" replies
 (relay.delivery.slowdown), its part as a group's member (relay.delivery.member), and the
-pace of a send's further transactions (relay.delivery.pacing); the attributes they read
-are declared once, in relay.delivery.account.
+pace of a send's further transactions (relay.delivery.pacing), and the writing of each
+send's outcome (relay.delivery.recording); the attributes they read are declared once,
+in relay.delivery.account.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import random
 import time
 from collections.abc import Callable
 
+from relay.delivery.account import Bounce, Events
 from relay.delivery.backoff import AccountBackoff
-from relay.delivery.bounce import should_bounce
 from relay.delivery.groups import GroupTransport
 from relay.delivery.health import AccountHealth, HealthHook
 from relay.delivery.host import HostAccount
@@ -33,10 +34,11 @@ from relay.delivery.member import GroupMember
 from relay.delivery.outcome import settle
 from relay.delivery.pacing import Pacing
 from relay.delivery.ratelimit import RateLimiter
+from relay.delivery.recording import FINISH_RETRY_S, Recording
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.rewrite import Rewrite, rewritten
 from relay.delivery.slowdown import SlowDown
-from relay.delivery.sync import sync_refusal
+from relay.delivery.sync import SyncWaiter, answer_now
 from relay.delivery.throttle import Throttle
 from relay.delivery.transport import (
     SENDING,
@@ -53,67 +55,24 @@ from relay.observe.metrics import Metrics
 from relay.queue.store import QueueStore
 from relay.queue.types import (
     AttemptResult,
-    MessageState,
-    NewEvent,
     NewMessage,
     Priority,
     QueuedMessage,
-    Recipient,
-    RecipientState,
 )
 from relay.smtp.replies import Reply
 
 log = logging.getLogger("relay.delivery")
-_FINISH_RETRY_S = 1.0
 INTERRUPTED = "interrupted by shutdown; may have been delivered"
 # After giving a message back because the other workers held every connection slot, how
 # long this worker claims nothing more of the account (they deliver meanwhile).
 SLOTS_WAIT_S = 1.0
-# Builds the bounce for a message's newly failed recipients (None: no bounce).
-Bounce = Callable[[QueuedMessage, list[Recipient], bytes], NewMessage | None]
-# Builds the webhook events of an outcome (message, result, its bounce, the body).
-Events = Callable[[QueuedMessage, AttemptResult, NewMessage | None, bytes], list[NewEvent]]
 
 
-def _addresses(recipients: list[Recipient]) -> str:
-    return ",".join(f"<{r.address}>" for r in recipients)
 
 
-class SyncWaiter:
-    """A listener session waiting for a message's first outcome (ack: after_upstream).
-
-    ``refusing``: the outcome will be passed on as a refusal, so no bounce is queued;
-    ``abandoned``: the session answered 250 without it (sync_timeout, the client left,
-    shutdown), so a refusal bounces as usual. One excludes the other (set without an
-    await in between). ``dedup_key``: the message's, forgotten with a refusal passed on
-    (the client was told 5xx: nothing was accepted, a retry is a new submission)."""
-
-    def __init__(self, dedup_key: str | None = None) -> None:
-        self.future: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
-        self.refusing = False
-        self.abandoned = False
-        self.dedup_key = dedup_key
-
-    def settle(self, reply: Reply | None) -> None:
-        if not self.future.done():
-            self.future.set_result(reply)
-
-    def abandon(self) -> None:
-        """Answer 250 now unless a refusal is already being written (it then comes in
-        moments); the outcome is then handled as for any queued message."""
-        if not self.refusing:
-            self.abandoned = True
-            self.settle(None)
 
 
-async def _answer(waiter: SyncWaiter) -> Reply | None:
-    """Stop waiting: None (250) at once, unless the outcome's write already took the
-    waiter to pass a refusal on (no bounce then): that refusal, in moments."""
-    waiter.abandon()
-    return await waiter.future
-
-
-class AccountWorker(Pacing, GroupMember, SlowDown, AccountBackoff):
+class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
     """Delivers one account's messages with at most ``concurrency`` sends at once."""
 
     def __init__(
@@ -231,11 +190,11 @@ class AccountWorker(Pacing, GroupMember, SlowDown, AccountBackoff):
                 timeout = await self._dispatch()
             except StoreError as exc:
                 event(log, logging.ERROR, "queue_error", account=self.name, reason=str(exc))
-                timeout = _FINISH_RETRY_S
+                timeout = FINISH_RETRY_S
             except Exception:  # a bug: log, count, and go on rather than stop delivering
                 log.exception("account worker %s failed; restarting it", self.name)
                 self.metrics.internal_errors.labels("account_worker").inc()
-                timeout = _FINISH_RETRY_S
+                timeout = FINISH_RETRY_S
             if self._stopping:
                 break
             if timeout is None or timeout > 0:
@@ -403,7 +362,7 @@ class AccountWorker(Pacing, GroupMember, SlowDown, AccountBackoff):
             await self._release(new.id, held_until)
             return None
         # From here the outcome's write may take the waiter (and then send no bounce),
-        # so every way out goes through it: _answer, never a bare None.
+        # so every way out goes through it: answer_now, never a bare None.
         deadline = asyncio.get_running_loop().time() + within
         waiter = self.waiters[new.id] = SyncWaiter(new.dedup.key if new.dedup else None)
 
@@ -426,7 +385,7 @@ class AccountWorker(Pacing, GroupMember, SlowDown, AccountBackoff):
                 if self.backed_off or self._stopping:  # changed while the claim committed
                     self._unclaim([message.id], self.clock(),
                                   due_at=self.resume_at if self.backed_off else None)
-                    return await _answer(waiter)
+                    return await answer_now(waiter)
                 self.idle.clear()
                 self._start(message)
             elif not await self._sending_here(new.id, deadline):
@@ -434,13 +393,13 @@ class AccountWorker(Pacing, GroupMember, SlowDown, AccountBackoff):
                 # due now), or this worker's send of it is already writing its outcome,
                 # which may have taken the waiter with a refusal.
                 await self._release(new.id, held_until)
-                return await _answer(waiter)
+                return await answer_now(waiter)
             try:
                 async with asyncio.timeout_at(deadline):
                     return await asyncio.shield(waiter.future)
             except TimeoutError:
                 pass
-            return await _answer(waiter)
+            return await answer_now(waiter)
         finally:
             if gone is not None:
                 gone.remove_done_callback(left)
@@ -571,121 +530,6 @@ class AccountWorker(Pacing, GroupMember, SlowDown, AccountBackoff):
         self.settling.discard(task)
         self._start_ready()
         self.wake.set()
-
-    async def _record(self, message: QueuedMessage, result: AttemptResult,
-                      sent: SendResult | DeliveryError, duration: float, body: bytes) -> None:
-        waiter = self.waiters.get(message.id)
-        refusal = None
-        try:
-            refusal = await self._record_outcome(message, result, sent, duration, body, waiter)
-        finally:
-            if waiter is not None:  # None if the write was given up: 250, the row stays
-                waiter.settle(refusal)
-
-    async def _record_outcome(self, message: QueuedMessage, result: AttemptResult,
-                              sent: SendResult | DeliveryError, duration: float, body: bytes,
-                              waiter: SyncWaiter | None) -> Reply | None:
-        """Write the outcome (and its bounce); the refusal a waiting session passes on."""
-        was_pending = set(message.pending_recipients)
-        failed = [r for r in result.recipients
-                  if r.state is RecipientState.FAILED and r.address in was_pending]
-        refusal = None
-        if waiter is not None and not waiter.abandoned:
-            refusal = sync_refusal(sent, result)
-            waiter.refusing = refusal is not None  # the client gets it: no bounce
-            if refusal is not None and waiter.dedup_key is not None:
-                result = dataclasses.replace(result, forget_dedup=waiter.dedup_key)
-        bounce = None
-        # Never to <>: a bounce is sent from <>, so a bounce never causes another.
-        if self.bounce is not None and refusal is None and should_bounce(message.sender, failed):
-            bounce = self.bounce(message, failed, body)
-        events = self.events(message, result, bounce, body) if self.events else []
-        # The outcome, its bounce and its events in one commit, if this process still
-        # holds the claim.
-        if not await self._write(result, bounce, events):
-            event(log, logging.WARNING, "outcome_dropped", message.id, account=self.name,
-                  outcome=result.outcome, reason=await self._why_dropped(message.id))
-            return None
-        if events and self.events_written is not None:
-            self.events_written()
-        self._report(message, result, sent, duration)
-        if bounce is not None:
-            event(log, logging.INFO, "bounced", message.id, bounce_id=bounce.id,
-                  to=f"<{message.sender}>", failed=len(failed))
-            self.notify()  # a bounce goes through the failed message's own account
-        return refusal
-
-    async def _why_dropped(self, message_id: str) -> str:
-        """Why the claim no longer held: an operator's forced delete, or a lost lease."""
-        with contextlib.suppress(StoreError):  # the reason is for the log only
-            if await self.store.state_of(message_id) is None:
-                return "it was deleted while being sent (relay queue delete --force)"
-        return "its lease ran out and another worker claimed it; that worker's outcome stands"
-
-    async def _write(self, result: AttemptResult, bounce: NewMessage | None = None,
-                     events: list[NewEvent] | None = None) -> bool:
-        try:
-            while True:
-                try:
-                    return await self.store.finish(result, bounce, events or ())
-                except StoreError as exc:
-                    event(log, logging.ERROR, "queue_error", result.id, account=self.name,
-                          reason=f"cannot record outcome, will retry: {exc}")
-                    await asyncio.sleep(_FINISH_RETRY_S)
-        except asyncio.CancelledError:
-            # Shutdown gave up on this write: the row stays 'sending' and is tried again
-            # after a restart. Say what happened, so an operator knows it may be a repeat.
-            sent = ",".join(r.address for r in result.recipients
-                            if r.state is RecipientState.DELIVERED)
-            event(log, logging.ERROR, "outcome_lost", result.id, account=self.name,
-                  outcome=result.outcome, reply=result.reply, delivered_to=sent or None,
-                  reason="outcome not written at shutdown; the message will be tried again"
-                         " after a restart")
-            raise
-
-    def _report(self, message: QueuedMessage, result: AttemptResult,
-                sent: SendResult | DeliveryError, duration: float) -> None:
-        account = result.account  # a group's member, or this account
-        peer = sent.peer if isinstance(sent, SendResult) else self.transport.peer
-        if not (isinstance(sent, DeliveryError) and sent.account_wide):
-            # Every attempt that reached a transaction, failed ones too (the slow cases).
-            self.metrics.delivery_duration.labels(account).observe(duration)
-        if result.state is MessageState.DELIVERED:
-            self.metrics.delivered.labels(account).inc()
-            self.metrics.queue_delay.labels(account).observe(result.at - message.created_at)
-            event(log, logging.INFO, "delivered", message.id, account=account, relay=peer,
-                  delay=f"{result.at - message.created_at:.3f}", attempt=result.attempts,
-                  reply=result.reply,
-                  failed_recipients=sum(r.state == "failed" for r in result.recipients) or None,
-                  worker=self.process)
-        elif result.state is MessageState.DEFERRED:
-            self.metrics.deferred.labels(account).inc()
-            event(log, logging.WARNING, "deferred", message.id, account=account, relay=peer,
-                  attempt=result.attempts, reason=result.last_error,
-                  next_attempt=iso_time(result.next_attempt_at), worker=self.process)
-        else:
-            self.metrics.failed.labels(account).inc()
-            event(log, logging.WARNING, "failed", message.id, account=account, relay=peer,
-                  attempt=result.attempts, reason=result.last_error, worker=self.process)
-        if result.outcome == "partial":
-            self._report_recipients(message, result, peer)
-
-    def _report_recipients(self, message: QueuedMessage, result: AttemptResult,
-                           peer: str) -> None:
-        """A mixed attempt: a line for each kind the message's own line does not show,
-        so a recipient refused for good is in the log when it happens, not at the end."""
-        tried = set(message.pending_recipients)
-        now = [r for r in result.recipients if r.address in tried]
-        delivered = [r for r in now if r.state is RecipientState.DELIVERED]
-        failed = [r for r in now if r.state is RecipientState.FAILED]
-        if delivered and result.state is not MessageState.DELIVERED:
-            event(log, logging.INFO, "recipients_delivered", message.id, account=self.name,
-                  relay=peer, attempt=result.attempts, to=_addresses(delivered),
-                  reply=delivered[0].reply)
-        if failed:
-            event(log, logging.WARNING, "recipients_failed", message.id, account=self.name,
-                  relay=peer, attempt=result.attempts, to=_addresses(failed),
-                  reason="; ".join(f"<{r.address}>: {r.reply}" for r in failed)[:1000])
 
     def interrupted(self, messages: list[QueuedMessage], now: float) -> list[AttemptResult]:
         """Sends shutdown cut off (their grace ran out): each is an attempt with its reason,
