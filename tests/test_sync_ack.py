@@ -20,7 +20,7 @@ from relay.config.loading import parse_config
 from relay.config.report import config_warnings
 from relay.delivery.sync import sync_refusal
 from relay.delivery.transport import SendResult
-from relay.errors import ConfigError, PermanentFailure, TemporaryFailure
+from relay.errors import ConfigError, PermanentFailure, StoreError, TemporaryFailure
 from relay.queue.types import (
     AttemptResult,
     MessageState,
@@ -281,6 +281,39 @@ async def test_a_held_message_its_session_could_not_claim_goes_from_the_queue_at
     assert (await send(app.smtp_port, message("no room")))[0] == 250
     await upstream.wait_for_messages(1, timeout=10)  # from the queue, by the loop
     assert time.monotonic() - started < 10  # not the 30 s hold
+
+
+async def test_no_immediate_attempt_while_a_wait_the_server_named_holds(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+) -> None:
+    """"Try again in 2 hours" holds the account: a new message is answered 250 and waits
+    in the queue; the session sends nothing (it sent each one, told to wait again)."""
+    upstream.reply_to("MAIL", 451, "4.7.0 Try again in 2 hours", times=100)
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                                         listen=SYNC))
+    worker = app.scheduler.workers["up"]
+    assert (await send(app.smtp_port, message("told")))[0] == 250
+    await wait_until(lambda: worker.throttle.held(worker.mono()) > 0, what="the wait")
+    for n in range(4):
+        assert (await send(app.smtp_port, message(f"held {n}")))[0] == 250
+    await asyncio.sleep(0.3)
+    assert len(upstream.times_of("MAIL")) == 1
+
+
+async def test_a_queue_error_at_the_sessions_claim_ends_the_hold_at_once(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)},
+                                         listen={"ack": "after_upstream",
+                                                 "sync_timeout": "30s"}))
+
+    async def broken(*args: object) -> None:
+        raise StoreError("database is locked")
+
+    monkeypatch.setattr(app.store, "claim_message", broken)
+    assert (await send(app.smtp_port, message("claim failed")))[0] == 250
+    await upstream.wait_for_messages(1, timeout=10)  # from the queue, not after 30 s
 
 
 async def test_a_refusal_after_the_dot_is_passed_on_too(

@@ -342,10 +342,15 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
     def may_send_now(self, priority: Priority) -> bool:
         """Whether a message just received could be sent at once (ack: after_upstream):
         a free slot, room in the rate limit (with reserve_for_high for all but HIGH), no
-        backoff, pause or shutdown. This process's view: the claim checks the queue's."""
+        backoff, wait the server named, pause or shutdown. This process's view: the claim
+        checks the queue's."""
         others = priority is not Priority.HIGH  # may not use the share kept for high
-        return not (self._stopping or self.paused or self.backed_off or self._slots() <= 0
+        return not (self._stopping or self.paused or self._held_back() or self._slots() <= 0
                     or self.limiter.available(self.mono(), others=others) < 1)
+
+    def _held_back(self) -> bool:
+        """Backing off, or holding for a wait the server named ("try again in 2 hours")."""
+        return self.backed_off or self.throttle.held(self.mono()) > 0
 
     async def deliver_now(self, new: NewMessage, within: float,
                           gone: asyncio.Future[None] | None = None,
@@ -378,11 +383,16 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
                 message = await self.store.claim_message(
                     self.name, new.id, self.clock(), self.lease_s, self.limiter.windows,
                     self.limiter.reserve_for_high, held_until)
+            except StoreError as exc:  # it goes from the queue as usual: due now
+                event(log, logging.WARNING, "sync_attempt_skipped", new.id, account=self.name,
+                      reason=str(exc))
+                await self._release(new.id, held_until)
+                return await answer_now(waiter)
             finally:
                 if message is None:
                     self.limiter.cancel(1)
             if message is not None:
-                if self.backed_off or self._stopping:  # changed while the claim committed
+                if self._held_back() or self._stopping:  # changed while the claim committed
                     self._unclaim([message.id], self.clock(),
                                   due_at=self.resume_at if self.backed_off else None)
                     return await answer_now(waiter)
