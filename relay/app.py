@@ -315,7 +315,7 @@ class App:
                     self.metrics.account_backoff.labels(name).set(1 if until > now else 0)
         else:
             for name, worker in self.scheduler.workers.items():
-                self.metrics.account_backoff.labels(name).set(1 if worker.backed_off else 0)
+                self.metrics.account_backoff.labels(name).set(1 if worker.held_back else 0)
         self.scheduler.refresh_local_gauges()
         with contextlib.suppress(StoreError):
             await self._refresh_quotas(time.time())

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from relay.cli.commands import main
@@ -32,6 +33,7 @@ from tests.conftest import (
     StartRelay,
     TwoWorkers,
     message,
+    metric,
     new_message,
     relay_config,
     send,
@@ -464,6 +466,30 @@ async def test_queue_flush_ends_a_named_wait(
     assert upstream.messages == []
     assert await asyncio.to_thread(main, ["queue", "flush", "-c", str(path)]) == 0
     await upstream.wait_for_messages(2, timeout=10)
+
+
+async def test_one_process_shows_a_named_wait_as_the_workers_do(
+        tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`relay status` and relay_account_backoff during "try again in 2 hours" with one
+    process: the wait and its end, as with several workers (it said "ok; slowed")."""
+    path = write_config(tmp_path, upstream)
+    app = await start_relay(load_config(path))
+    upstream.reply_to("MAIL", 451, "4.7.0 Try again in 2 hours", times=10)
+    assert (await send(app.smtp_port, message("told")))[0] == 250
+    worker = app.scheduler.workers["up"]
+    await wait_until(lambda: worker.throttle.held(worker.mono()) > 0, what="the wait")
+    await app.refresh_gauges()
+    assert metric(app, "relay_account_backoff", account="up") == 1
+    want = "failing (1 in a row): 451 4.7.0 Try again in 2 hours; backing off until"
+    for _ in range(50):  # the report is written in the background
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, ["status", "-c", str(path)]) == 0
+        text = capsys.readouterr().out
+        if want in text:
+            break
+        await asyncio.sleep(0.1)
+    assert want in text
 
 
 async def test_a_group_send_cut_off_by_shutdown_counts_as_its_members(

@@ -46,6 +46,10 @@ class SlowDown(AccountState):
             # send probes it after.
             self.host.backed_off(self._wall_at(mono + wait), "throttle",
                                  self.backoff_failures)
+        elif wait:  # one process: `relay status` shows the wait as the shared row would
+            self._publish(AccountHealth(self.name, self._wall_at(mono + wait),
+                                        self.backoff_failures, slow.reply_text(),
+                                        reason="throttle"))
         if self.throttle.slow_down(mono, wait):  # one line per change, not per message
             self._throttle_changed()
             event(log, logging.WARNING, "account_throttled", account=self.name,

@@ -345,10 +345,11 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
         backoff, wait the server named, pause or shutdown. This process's view: the claim
         checks the queue's."""
         others = priority is not Priority.HIGH  # may not use the share kept for high
-        return not (self._stopping or self.paused or self._held_back() or self._slots() <= 0
+        return not (self._stopping or self.paused or self.held_back or self._slots() <= 0
                     or self.limiter.available(self.mono(), others=others) < 1)
 
-    def _held_back(self) -> bool:
+    @property
+    def held_back(self) -> bool:
         """Backing off, or holding for a wait the server named ("try again in 2 hours")."""
         return self.backed_off or self.throttle.held(self.mono()) > 0
 
@@ -392,7 +393,7 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
                 if message is None:
                     self.limiter.cancel(1)
             if message is not None:
-                if self._held_back() or self._stopping:  # changed while the claim committed
+                if self.held_back or self._stopping:  # changed while the claim committed
                     self._unclaim([message.id], self.clock(),
                                   due_at=self.resume_at if self.backed_off else None)
                     return await answer_now(waiter)
