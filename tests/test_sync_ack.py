@@ -566,3 +566,16 @@ async def test_a_groups_mail_is_answered_per_the_groups_ack_not_a_members(
                                              body="refuse-me\r\n")) == refused
     assert (await send(app.smtp_port, message("b", headers={"X-Account": "plain"},
                                               body="refuse-me\r\n")))[0] == 250
+
+
+def test_queue_show_names_the_hold_of_a_message_waiting_for_its_session() -> None:
+    """A message held for its session's claim is not the client's Deferred-Delivery."""
+    from relay.delivery.waiting import why_waiting
+
+    now = 1000.0
+    held = why_waiting(MessageState.QUEUED, 0, now, now + 2.0, now, sync_hold_s=2.0)
+    assert [(r.kind, r.until) for r in held] == [("sync-hold", now + 2.0)]
+    later = why_waiting(MessageState.QUEUED, 0, now, now + 3600.0, now, sync_hold_s=2.0)
+    assert [r.kind for r in later] == ["deferred-delivery"]
+    assert [r.kind for r in why_waiting(MessageState.QUEUED, 0, now, now + 2.0, now)] == [
+        "deferred-delivery"]  # an account answered after_commit: no hold

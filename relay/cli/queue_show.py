@@ -90,7 +90,10 @@ async def _read(config: Config, message_id: str, now: float) -> Shown:
                               message.next_attempt_at, now, backoff_until=backoff,
                               rate_wait_s=rate_wait, reserved=reserved,
                               last_error=message.last_error,
-                              paused=message.account in await store.paused_accounts())
+                              paused=message.account in await store.paused_accounts(),
+                              sync_hold_s=(config.listen.sync_timeout
+                                           if config.ack_for(message.account)
+                                           == "after_upstream" else 0.0))
         return Shown(message, body, reasons)
     finally:
         await store.close()

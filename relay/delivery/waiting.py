@@ -16,7 +16,8 @@ S = MessageState
 class Reason:
     """One thing holding a message back, and until when (None: until someone acts)."""
 
-    # held | deferred-delivery | retry-delay | paused | account-backoff | rate-limit | sending
+    # held | deferred-delivery | sync-hold | retry-delay | paused | account-backoff |
+    # rate-limit | sending
     kind: str
     until: float | None
     text: str
@@ -34,13 +35,15 @@ def why_waiting(
     last_error: str = "",
     paused: bool = False,
     reserved: bool = False,
+    sync_hold_s: float = 0.0,
 ) -> list[Reason]:
     """Everything that keeps the message from its next attempt now; empty when it is due
     (the next free worker takes it). An account backoff is named while it lasts (the
     scheduler defers the account's messages to its end, so the times often coincide);
     a rate limit only when it lasts beyond the message's own time (``reserved``: only
-    because the rest of the window is kept for high priority). Final messages wait for
-    nothing."""
+    because the rest of the window is kept for high priority). ``sync_hold_s``: with ack:
+    after_upstream, how long a new message is held for its session's immediate attempt
+    (listen.sync_timeout). Final messages wait for nothing."""
     if state.final:
         return []
     if state is S.HELD:
@@ -53,8 +56,14 @@ def why_waiting(
         # upstream counts no attempt, but leaves its error and 'deferred'): the client's.
         if (attempts == 0 and state is S.QUEUED and not last_error
                 and next_attempt_at > created_at):
-            reasons.append(Reason("deferred-delivery", next_attempt_at,
-                                  "the client asked for a later delivery (Deferred-Delivery)"))
+            if next_attempt_at - created_at <= sync_hold_s:
+                reasons.append(Reason("sync-hold", next_attempt_at,
+                                      "held for its session's immediate attempt (ack:"
+                                      " after_upstream); it goes from the queue by then"))
+            else:
+                reasons.append(Reason(
+                    "deferred-delivery", next_attempt_at,
+                    "the client asked for a later delivery (Deferred-Delivery)"))
         else:
             reasons.append(Reason("retry-delay", next_attempt_at,
                                   f"retry delay after attempt {attempts}"))
