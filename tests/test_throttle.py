@@ -184,3 +184,38 @@ async def test_a_named_wait_ended_by_a_flush_is_probed_by_one_send(
     await asyncio.sleep(1.0)
     assert len(upstream.times_of("MAIL")) == before + 1
     assert worker.throttle.held(worker.mono()) > 0 and worker.backoff_failures
+
+
+async def test_a_wait_named_at_the_greeting_is_the_backoffs_length(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """"421 4.7.0 Try again in 2 hours" at the greeting is account-wide (a backoff step)
+    and names a wait: the backoff lasts the wait (an hour at most), so `relay status`
+    and a restart see it, not the retry policy's first step (100 ms here)."""
+    upstream.greeting(421, "4.7.0 Try again in 2 hours")
+    app = await start_relay(relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)}))
+    assert (await send(app.smtp_port, message("told")))[0] == 250
+    worker = app.scheduler.workers["up"]
+    await wait_until(lambda: worker.backed_off, what="the backoff")
+    assert worker.backoff_until - worker.mono() > 3000
+
+
+async def test_a_flushed_wait_does_not_come_back_after_a_restart(
+    tmp_path: Path, upstream: FakeUpstream, start_relay: StartRelay
+) -> None:
+    """The flush ends the wait in the published health too: a restart (which restores a
+    backoff from it) must not hold the account for the rest of the hour."""
+    upstream.reply_to("MAIL", 451, "4.7.0 Try again in 2 hours", times=1)
+    config = relay_config(tmp_path, {"up": upstream_account(upstream, tmp_path)})
+    app = await start_relay(config)
+    _code, text = await send(app.smtp_port, message("told"))
+    worker = app.scheduler.workers["up"]
+    await wait_until(lambda: worker.throttle.held(worker.mono()) > 0, what="the wait")
+    await app.store.delete_messages(states=["deferred"], ids=[text.split()[-1]])
+    await app.store.request_flush(time.time())  # `relay queue flush`, nothing to probe with
+    worker.resume()
+    await asyncio.sleep(0.5)  # the health report is written in the background
+    await app.shutdown()
+    app = await start_relay(config)
+    assert (await send(app.smtp_port, message("after the restart")))[0] == 250
+    await upstream.wait_for_messages(1, timeout=5)

@@ -87,6 +87,9 @@ class AccountBackoff(AccountState):
             delay = self.auth_policy.next_delay(self.auth_failures, self.rng)
         else:
             delay = self.policy.next_delay(self.backoff_failures, self.rng)
+        # Not before a wait the server named in the same reply ("421 4.7.0 Try again in
+        # 2 hours" at the greeting): published, and restored after a restart, as one.
+        delay = max(delay, self.throttle.held(mono))
         self.backoff_until = mono + delay
         resume_at = self.resume_at = now + delay
         self.last_account_error = failure.reply_text()

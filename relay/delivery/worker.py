@@ -180,6 +180,10 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
         self.throttle.hold_until = 0.0
         if self._pool is not None:
             self._pool.end_login_hold()
+        now = self.clock()
+        if self._health is not None and self._health.backoff_until > now:
+            # Ended in the report too: a restart must not restore what the flush ended.
+            self._publish(dataclasses.replace(self._health, backoff_until=now))
         self.notify()
         self.wake.set()
 
