@@ -57,6 +57,17 @@ def _refused_login(failure: DeliveryError) -> bool:
 class AccountBackoff(AccountState):
     """The account-wide backoff of an AccountWorker."""
 
+    @property
+    def backed_off(self) -> bool:
+        return self.mono() < self.backoff_until
+
+    @property
+    def held_back(self) -> bool:
+        """Backing off, or holding for a wait the server named ("try again in 2 hours"):
+        nothing of the account may go now (its own claims, a session's immediate attempt,
+        a group's send through it)."""
+        return self.backed_off or self.throttle.held(self.mono()) > 0
+
     def _account_health(self, sent: SendResult | DeliveryError, now: float) -> float | None:
         """Back the account off on account-wide failures; return when it resumes (wall)."""
         mono = self.mono()

@@ -28,12 +28,10 @@ class GroupMember(AccountState):
     def may_send(self, high: bool = False) -> bool:
         """Not backing off, not paused, and its rate limits allow one more send now (of
         normal or low priority: not from the share reserve_for_high keeps)."""
-        mono = self.mono()
         if self.backoff_failures and (self._group_sends or self.in_flight or self.settling):
             return False  # its backoff ended: one probe at a time, as its own worker sends
-        return (not self.paused and mono >= self.backoff_until
-                and self.limiter.available(mono, others=not high) >= 1
-                and self.throttle.held(mono) == 0)
+        return (not self.paused and not self.held_back
+                and self.limiter.available(self.mono(), others=not high) >= 1)
 
     async def take_send(self, message_id: str, high: bool) -> bool:
         """(Group; after may_send and reserve_send) What the other processes on the queue

@@ -169,10 +169,6 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
             self.notify()
             self.wake.set()
 
-    @property
-    def backed_off(self) -> bool:
-        return self.mono() < self.backoff_until
-
     def resume(self) -> None:
         """End an account-wide backoff now (an operator's `queue flush`), and a wait the
         server named."""
@@ -351,11 +347,6 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
         others = priority is not Priority.HIGH  # may not use the share kept for high
         return not (self._stopping or self.paused or self.held_back or self._slots() <= 0
                     or self.limiter.available(self.mono(), others=others) < 1)
-
-    @property
-    def held_back(self) -> bool:
-        """Backing off, or holding for a wait the server named ("try again in 2 hours")."""
-        return self.backed_off or self.throttle.held(self.mono()) > 0
 
     async def deliver_now(self, new: NewMessage, within: float,
                           gone: asyncio.Future[None] | None = None,
