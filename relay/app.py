@@ -189,7 +189,7 @@ class App:
         # bounce instead of the refusal). A hold not claimed after all is released.
         held_until = 0.0
         if len(messages) == 1 and self._sync(messages[0]):
-            held_until = messages[0].created_at + self.config.listen.sync_timeout
+            held_until = messages[0].created_at + self.config.sync_hold(messages[0].account)
             messages = [dataclasses.replace(messages[0], not_before=held_until)]
         self._committing += 1
         self._answered.clear()
@@ -220,8 +220,7 @@ class App:
         """Whether the message gets an immediate attempt before DATA is answered: ack
         after_upstream, not Deferred-Delivery, and its account's worker here may send now
         (a slot, room in its rate limit, no backoff or pause)."""
-        return (self.role.delivers
-                and self.config.ack_for(message.account) == "after_upstream"
+        return (self.role.delivers and self.config.sync_hold(message.account) > 0
                 and message.not_before <= message.created_at
                 and self.scheduler.may_send_now(message.account, message.priority))
 

@@ -91,9 +91,7 @@ async def _read(config: Config, message_id: str, now: float) -> Shown:
                               rate_wait_s=rate_wait, reserved=reserved,
                               last_error=message.last_error,
                               paused=message.account in await store.paused_accounts(),
-                              sync_hold_s=(config.listen.sync_timeout
-                                           if config.ack_for(message.account)
-                                           == "after_upstream" else 0.0))
+                              sync_hold_s=config.sync_hold(message.account))
         return Shown(message, body, reasons)
     finally:
         await store.close()

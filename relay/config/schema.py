@@ -1129,6 +1129,11 @@ class Config(_Frozen):
         own = self.accounts.get(account) or self.routing.groups.get(account)
         return (own.ack if own is not None and own.ack else None) or self.listen.ack
 
+    def sync_hold(self, account: str) -> float:
+        """How long a new message for ``account`` is queued held for its session's
+        immediate attempt (ack: after_upstream: listen.sync_timeout), else 0."""
+        return self.listen.sync_timeout if self.ack_for(account) == "after_upstream" else 0.0
+
     def auth_backoff_for(self, account: str) -> AuthBackoffConfig:
         """The account's own auth_backoff, or the top-level one."""
         return self.accounts[account].auth_backoff or self.auth_backoff
