@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -119,6 +120,11 @@ class RelayProcess:
             raise AssertionError(f"relay still running after {within}s:\n{self.stderr}") from None
         await self.finish_reading()
         return code
+
+    async def stop(self, within: float = 30) -> int:
+        """SIGTERM, as an operator stops it; its exit code (see exit_code)."""
+        self.proc.send_signal(signal.SIGTERM)
+        return await self.exit_code(within)
 
     async def finish_reading(self) -> None:
         with contextlib.suppress(TimeoutError):

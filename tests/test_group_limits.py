@@ -10,7 +10,6 @@ import asyncio
 import collections
 import dataclasses
 import random
-import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -200,8 +199,7 @@ async def test_a_members_rate_limit_holds_across_workers_sending_group_mail(
                 line for m in [*upstream.messages, *second.messages]
                 for line in m.data.decode().splitlines() if line.startswith("Subject:"))
             assert len(subjects) == 30 and set(subjects.values()) == {1}
-            relay.proc.send_signal(signal.SIGTERM)
-            assert await relay.exit_code(within=30) == 0
+            assert await relay.stop() == 0
         finally:
             await relay.kill()
 
@@ -307,8 +305,7 @@ async def test_a_members_backoff_and_its_one_probe_hold_for_every_worker(
             await _delivered(upstream, second, 49)
             assert len(upstream.messages) == 17  # one probe for the host
             assert _mails(upstream) == tried + 1
-            relay.proc.send_signal(signal.SIGTERM)
-            assert await relay.exit_code(within=30) == 0
+            assert await relay.stop() == 0
         finally:
             await relay.kill()
 
@@ -353,8 +350,7 @@ async def test_a_named_wait_holds_every_worker(tmp_path: Path, upstream: FakeUps
                 await asyncio.sleep(0.1)
             await _delivered(upstream, second, 17)  # the account's own, after the wait
             assert len(upstream.messages) == 8
-            relay.proc.send_signal(signal.SIGTERM)
-            assert await relay.exit_code(within=30) == 0
+            assert await relay.stop() == 0
         finally:
             await relay.kill()
 
@@ -422,8 +418,7 @@ async def test_a_splits_later_transactions_keep_the_window_across_workers(
             await asyncio.sleep(0.5)
             assert len(upstream.messages) == 1, "a later transaction passed the window"
             assert sorted(second.messages[0].rcpt_tos) == rcpts[2:]
-            relay.proc.send_signal(signal.SIGTERM)
-            assert await relay.exit_code(within=30) == 0
+            assert await relay.stop() == 0
         finally:
             await relay.kill()
 

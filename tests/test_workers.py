@@ -45,9 +45,6 @@ async def _spawn(tmp_path: Path, config: Path, workers: int = 2) -> tuple[RelayP
     return relay, [int(p) for p in found[0].group(2).split(",")]
 
 
-async def _stop(relay: RelayProcess) -> int:
-    relay.proc.send_signal(signal.SIGTERM)
-    return await relay.exit_code(within=30)
 
 
 async def wait_until_async(check: Callable[[], Awaitable[bool]], timeout: float) -> None:
@@ -95,7 +92,7 @@ async def test_two_workers_share_the_port_and_deliver_each_message_once(
         processes = json.loads(out)["server"]["processes"]
         assert sorted((p["role"], p["pid"]) for p in processes) == [
             ("supervisor", relay.proc.pid), ("worker 0", pids[0]), ("worker 1", pids[1])]
-        assert await _stop(relay) == 0
+        assert await relay.stop() == 0
         assert sum("relay: stopped" in x for x in relay.lines) == 2
     finally:
         await relay.kill()
@@ -128,7 +125,7 @@ async def test_a_killed_worker_is_restarted_and_nothing_it_held_is_lost(
                    for x in relay.lines), relay.stderr
         # What it was sending went back to the queue when the parent saw it die.
         assert re.search(r"supervisor: recovered count=[1-9]", relay.stderr), relay.stderr
-        assert await _stop(relay) == 0
+        assert await relay.stop() == 0
     finally:
         await relay.kill()
 
@@ -157,7 +154,7 @@ async def test_sighup_reaches_every_worker_and_a_bad_file_reaches_none(
         await asyncio.sleep(0.5)
         assert sum("relay: reloaded" in x for x in relay.lines) == 3
         assert not any("relay: reload_rejected" in x for x in relay.lines), relay.stderr
-        assert await _stop(relay) == 0
+        assert await relay.stop() == 0
     finally:
         await relay.kill()
 
@@ -222,7 +219,7 @@ async def test_one_metrics_endpoint_counts_every_worker_and_the_queue_once(
         assert "relay_messages_received_total 30.0" in text  # both workers' counters, summed
         assert 'relay_messages_delivered_total{account="up"} 30.0' in text
         assert (await scrape("/readyz"))[0] == 200
-        assert await _stop(relay) == 0
+        assert await relay.stop() == 0
     finally:
         await relay.kill()
 
@@ -249,7 +246,7 @@ async def test_queue_commands_act_while_several_workers_run(
         assert await queue("release", *ids) == 0  # due now: the deliverer sends them
         await upstream.wait_for_messages(6, timeout=20)
         assert sorted(_subjects(upstream)) == sorted(f"h{i}".encode() for i in range(6))
-        assert await _stop(relay) == 0
+        assert await relay.stop() == 0
     finally:
         await relay.kill()
 
@@ -273,7 +270,7 @@ async def test_rate_limit_and_max_connections_hold_across_workers(
         busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
         assert busiest <= 5, times
         assert upstream.connections_open_peak <= 2
-        assert await _stop(relay) == 0
+        assert await relay.stop() == 0
     finally:
         await relay.kill()
 
@@ -381,7 +378,7 @@ async def test_max_connections_holds_across_three_delivering_workers(
         assert upstream.connections_open_peak <= 2
         await wait_until(lambda: sum(" delivered " in x for x in relay.lines) == 20, 10)
         assert len(_deliverers(relay)) >= 2, relay.stderr
-        assert await _stop(relay) == 0
+        assert await relay.stop() == 0
     finally:
         await relay.kill()
 
@@ -408,7 +405,7 @@ async def test_a_refused_login_costs_one_failed_login_per_backoff_step_for_the_h
         await upstream.wait_for_messages(15, timeout=20)
         await asyncio.sleep(0.5)
         assert sorted(_subjects(upstream)) == sorted(f"a{i}".encode() for i in range(15))
-        assert await _stop(relay) == 0
+        assert await relay.stop() == 0
     finally:
         await relay.kill()
 
@@ -438,7 +435,7 @@ async def test_a_worker_killed_mid_send_leaves_its_slot_and_claims_to_the_others
         assert sorted(_subjects(upstream)) == sorted(f"x{i}".encode() for i in range(8))
         assert upstream.sessions_by_login_peak["user"] == 1
         assert all(f":{victim}:" not in owner for owner in _slot_owners(config))
-        assert await _stop(relay) == 0
+        assert await relay.stop() == 0
     finally:
         await relay.kill()
 
@@ -484,7 +481,7 @@ async def test_a_backoff_shows_once_in_status_and_the_gauge_and_flush_ends_it_fo
             lambda: gauge_is(gauge, 'relay_account_backoff{account="up"} 0.0'), 10)
         health = json.loads(await relay_cli("status", "--json"))["accounts"]["up"]["health"]
         assert health["state"] == "ok"
-        assert await _stop(relay) == 0
+        assert await relay.stop() == 0
     finally:
         await relay.kill()
 
