@@ -68,9 +68,8 @@ class SyncWaiter:
             self.abandoned = True
             self.settle(None)
 
-
-async def answer_now(waiter: SyncWaiter) -> Reply | None:
-    """Stop waiting: None (250) at once, unless the outcome's write already took the
-    waiter to pass a refusal on (no bounce then): that refusal, in moments."""
-    waiter.abandon()
-    return await waiter.future
+    async def answer_now(self) -> Reply | None:
+        """Stop waiting: None (250) at once, unless the outcome's write already took this
+        waiter to pass a refusal on (no bounce then): that refusal, in moments."""
+        self.abandon()
+        return await self.future

@@ -38,7 +38,7 @@ from relay.delivery.recording import FINISH_RETRY_S, Recording
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.rewrite import Rewrite, rewritten
 from relay.delivery.slowdown import SlowDown
-from relay.delivery.sync import SyncWaiter, answer_now
+from relay.delivery.sync import SyncWaiter
 from relay.delivery.throttle import Throttle
 from relay.delivery.transport import (
     SENDING,
@@ -363,7 +363,7 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
             await self._release(new.id, held_until)
             return None
         # From here the outcome's write may take the waiter (and then send no bounce),
-        # so every way out goes through it: answer_now, never a bare None.
+        # so every way out goes through it: waiter.answer_now(), never a bare None.
         deadline = asyncio.get_running_loop().time() + within
         waiter = self.waiters[new.id] = SyncWaiter(new.dedup.key if new.dedup else None)
 
@@ -383,7 +383,7 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
                 event(log, logging.WARNING, "sync_attempt_skipped", new.id, account=self.name,
                       reason=str(exc))
                 await self._release(new.id, held_until)
-                return await answer_now(waiter)
+                return await waiter.answer_now()
             finally:
                 if message is None:
                     self.limiter.cancel(1)
@@ -391,7 +391,7 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
                 if self.held_back or self._stopping:  # changed while the claim committed
                     self._unclaim([message.id], self.clock(),
                                   due_at=self.resume_at if self.backed_off else None)
-                    return await answer_now(waiter)
+                    return await waiter.answer_now()
                 self.idle.clear()
                 self._start(message)
             elif not await self._sending_here(new.id, deadline):
@@ -399,13 +399,13 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
                 # due now), or this worker's send of it is already writing its outcome,
                 # which may have taken the waiter with a refusal.
                 await self._release(new.id, held_until)
-                return await answer_now(waiter)
+                return await waiter.answer_now()
             try:
                 async with asyncio.timeout_at(deadline):
                     return await asyncio.shield(waiter.future)
             except TimeoutError:
                 pass
-            return await answer_now(waiter)
+            return await waiter.answer_now()
         finally:
             if gone is not None:
                 gone.remove_done_callback(left)
