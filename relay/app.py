@@ -187,8 +187,8 @@ class App:
         # (due only after sync_timeout) for this session's claim, so that no other
         # process's delivery loop takes it in between (the client would get 250 and a
         # bounce instead of the refusal). A hold not claimed after all is released.
-        held_until = 0.0
-        if len(messages) == 1 and self._sync(messages[0]):
+        sync = len(messages) == 1 and self._sync(messages[0])
+        if sync:
             held_until = messages[0].created_at + self.config.sync_hold(messages[0].account)
             messages = [dataclasses.replace(messages[0], not_before=held_until)]
         self._committing += 1
@@ -209,10 +209,10 @@ class App:
             if message.account in self._waiting:
                 at, count = self._waiting[message.account]
                 self._waiting[message.account] = (at, count + 1)
-            if held_until:
+            if sync:
                 refusal = await self.scheduler.deliver_now(message,
                                                            self.config.listen.sync_timeout,
-                                                           gone, held_until)
+                                                           gone)
             self.scheduler.notify(message.account)
         return queued, refusal
 

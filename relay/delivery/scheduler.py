@@ -294,8 +294,7 @@ class Scheduler:
         return worker is not None and worker.may_send_now(priority)
 
     async def deliver_now(self, message: NewMessage, within: float,
-                          gone: asyncio.Future[None] | None = None,
-                          held_until: float = 0.0) -> Reply | None:
+                          gone: asyncio.Future[None] | None = None) -> Reply | None:
         """ack: after_upstream: the account's worker sends the message (just committed) at
         once; the refusal to pass on to the client, or None for 250 (see
         AccountWorker.deliver_now). Never raises: the message is committed whatever
@@ -305,7 +304,7 @@ class Scheduler:
         if worker is None:  # (removed by a reload meanwhile: the hold ends by itself)
             return None
         try:
-            return await worker.deliver_now(message, within, gone, held_until)
+            return await worker.deliver_now(message, within, gone)
         except StoreError as exc:
             event(log, logging.WARNING, "sync_attempt_skipped", message.id, account=account,
                   reason=str(exc))

@@ -349,18 +349,17 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
                     or self.limiter.available(self.mono(), others=others) < 1)
 
     async def deliver_now(self, new: NewMessage, within: float,
-                          gone: asyncio.Future[None] | None = None,
-                          held_until: float = 0.0) -> Reply | None:
+                          gone: asyncio.Future[None] | None = None) -> Reply | None:
         """ack: after_upstream: claim the message just committed and send it at once, if
         the account may send now (may_send_now). The refusal to pass on if its outcome
         comes within ``within`` seconds; None: answer 250 (it was delivered, deferred, is
-        still being sent, or waits in the queue as usual). ``held_until``: the message was
-        queued due then, so that no other process's loop takes it first; if this session
-        does not claim it, it is made due now (release_hold). ``gone`` resolving (the
-        client closed its side or the connection ended) or stop() ends the wait: 250 at
-        once, and a refusal then bounces."""
+        still being sent, or waits in the queue as usual). The message was queued held
+        (due at ``new.not_before``: App._submit), so that no other process's loop takes
+        it first; if this session does not claim it, it is made due now (release_hold).
+        ``gone`` resolving (the client closed its side or the connection ended) or stop()
+        ends the wait: 250 at once, and a refusal then bounces."""
         if not self.may_send_now(new.priority) or (gone is not None and gone.done()):
-            await self._release(new.id, held_until)
+            await self._release(new)
             return None
         # From here the outcome's write may take the waiter (and then send no bounce),
         # so every way out goes through it: waiter.answer_now(), never a bare None.
@@ -378,11 +377,11 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
             try:
                 message = await self.store.claim_message(
                     self.name, new.id, self.clock(), self.lease_s, self.limiter.windows,
-                    self.limiter.reserve_for_high, held_until)
+                    self.limiter.reserve_for_high, new.not_before)
             except StoreError as exc:  # it goes from the queue as usual: due now
                 event(log, logging.WARNING, "sync_attempt_skipped", new.id, account=self.name,
                       reason=str(exc))
-                await self._release(new.id, held_until)
+                await self._release(new)
                 return await waiter.answer_now()
             finally:
                 if message is None:
@@ -398,7 +397,7 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
                 # Another process has it, or a window is full (then it goes from the queue:
                 # due now), or this worker's send of it is already writing its outcome,
                 # which may have taken the waiter with a refusal.
-                await self._release(new.id, held_until)
+                await self._release(new)
                 return await waiter.answer_now()
             try:
                 async with asyncio.timeout_at(deadline):
@@ -411,12 +410,11 @@ class AccountWorker(Recording, Pacing, GroupMember, SlowDown, AccountBackoff):
                 gone.remove_done_callback(left)
             del self.waiters[new.id]
 
-    async def _release(self, message_id: str, held_until: float) -> None:
-        """Not claimed by its session after all: a held message is due now. Never raises:
-        the session's answer must not be lost to it, and the hold ends by itself."""
-        if held_until:
-            with contextlib.suppress(StoreError):
-                await self.store.release_hold(message_id, held_until, self.clock())
+    async def _release(self, new: NewMessage) -> None:
+        """Not claimed by its session after all: the held message is due now. Never
+        raises: the session's answer must not be lost to it, and the hold ends by itself."""
+        with contextlib.suppress(StoreError):
+            await self.store.release_hold(new.id, new.not_before, self.clock())
 
     async def _sending_here(self, message_id: str, deadline: float) -> bool:
         """Whether this worker's own loop claimed the message (woken by its commit, in
